@@ -1,0 +1,58 @@
+"""dls-proto: the dls wire protocol, one of the two contracts between dls packages.
+
+Everything a peer needs is exported here; other packages import only from this
+module, never from its submodules.
+"""
+
+from .__about__ import __version__
+from .codec import encode
+from .connection import DEFAULT_MAX_FRAME, NEED_DATA, Connection, NeedData, Role, State, choose_version
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .messages import (
+    ALL_THREADS,
+    FRAME_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    HELLO_MAGIC,
+    MESSAGES,
+    PROTOCOL_VERSIONS,
+    WAIT_FOREVER,
+    ConnectionClosed,
+    Echo,
+    EchoReply,
+    Error,
+    ErrorCode,
+    Event,
+    Granted,
+    Hello,
+    HolderState,
+    InfoGet,
+    InfoPut,
+    InfoSnapshot,
+    Kind,
+    Lock,
+    LockFlag,
+    Mechanism,
+    Message,
+    Mode,
+    RefuseReason,
+    Refused,
+    Status,
+    StatusReply,
+    UnknownMessage,
+    Unlock,
+    UnlockAll,
+    Unlocked,
+    Waiting,
+    Welcome,
+)
+
+__all__ = [
+    "ALL_THREADS", "DEFAULT_MAX_FRAME", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
+    "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
+    "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
+    "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",
+    "ProtocolError", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "State", "Status",
+    "StatusReply", "UnknownMessage", "Unlock", "UnlockAll", "Unlocked", "Waiting", "Welcome",
+    "__version__", "choose_version", "encode",
+]

@@ -1,0 +1,204 @@
+"""A sans-IO dls connection: bytes in, events out; events in, bytes out.
+
+The socket code around it stays a few lines, and every rule of the
+conversation (who speaks first, which messages each side may send, how big a
+frame may be) is enforced here, once, for the daemon, the client and the tests.
+
+The conversation: the client sends Hello; the server answers Welcome (or Error
+and closes); from then on the client sends requests and the server replies.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+from .codec import DECODERS, ENCODERS, HEADER_STRUCT
+from .errors import LocalProtocolError, RemoteProtocolError
+from .messages import (
+    FRAME_VERSION,
+    HEADER_SIZE,
+    PROTOCOL_VERSIONS,
+    REPLIES,
+    REQUESTS,
+    ConnectionClosed,
+    Error,
+    Event,
+    Hello,
+    Kind,
+    Message,
+    UnknownMessage,
+    Welcome,
+)
+
+#: Default largest frame body either side accepts (bytes).
+DEFAULT_MAX_FRAME: Final = 64 * 1024
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    OPENING = "opening"  # client: nothing sent yet; server: waiting for Hello
+    GREETING = "greeting"  # client: Hello sent; server: Hello received, Welcome owed
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class NeedData:
+    """Sentinel: no complete event yet; feed more bytes."""
+
+
+NEED_DATA: Final = NeedData()
+
+_REQUEST_KINDS = frozenset(int(k) for k in (Kind.LOCK, Kind.UNLOCK, Kind.UNLOCK_ALL, Kind.STATUS,
+                                            Kind.INFO_PUT, Kind.INFO_GET, Kind.ECHO))
+_REPLY_KINDS = frozenset(int(k) for k in (Kind.GRANTED, Kind.REFUSED, Kind.WAITING, Kind.STATUS_REPLY,
+                                          Kind.INFO_SNAPSHOT, Kind.ECHO_REPLY, Kind.UNLOCKED, Kind.ERROR))
+
+
+def choose_version(hello: Hello, supported: tuple[int, int] = PROTOCOL_VERSIONS) -> int | None:
+    """The highest version both sides speak, or None when there is none."""
+    high = min(hello.max_version, supported[1])
+    low = max(hello.min_version, supported[0])
+    return high if high >= low else None
+
+
+class Connection:
+    """One side of one dls conversation."""
+
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.role = role
+        self.max_frame = max_frame
+        self.state = State.OPENING
+        self.version: int | None = None
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._eof = False
+        if role is Role.CLIENT:
+            self._may_send: frozenset[type[Any]] = frozenset({Hello})
+            self._may_receive: frozenset[int] = frozenset({int(Kind.WELCOME), int(Kind.ERROR)})
+        else:
+            self._may_send = frozenset({Error})
+            self._may_receive = frozenset({int(Kind.HELLO)})
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; b"" means the peer closed."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("data received after the end of the stream")
+        if self._pos >= len(self._buf):
+            self._buf = data
+            self._pos = 0
+        elif isinstance(self._buf, bytearray):
+            del self._buf[: self._pos]
+            self._buf += data
+            self._pos = 0
+        else:
+            self._buf = bytearray(memoryview(self._buf)[self._pos :]) + data
+            self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete event, NEED_DATA, or ConnectionClosed at a clean end."""
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            return self._short(avail)
+        length, version, kind, _reserved, rid = HEADER_STRUCT.unpack_from(buf, pos)
+        if version != FRAME_VERSION:
+            raise RemoteProtocolError(f"frame version {version}, this side speaks {FRAME_VERSION}")
+        if length > self.max_frame:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        end = pos + HEADER_SIZE + length
+        if end > len(buf):
+            return self._short(avail)
+        self._pos = end
+        if kind not in self._may_receive:
+            return self._unexpected(kind, rid)
+        try:
+            event: Message = DECODERS[kind](rid, buf, pos + HEADER_SIZE, length)
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"{Kind(kind).name} with text that is not UTF-8: {exc}") from None
+        if self.state is not State.READY:
+            self._received_in_greeting(event)
+        return event
+
+    def _short(self, avail: int) -> Event | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if avail:
+            raise RemoteProtocolError(f"connection closed in the middle of a frame ({avail} bytes pending)")
+        self.state = State.CLOSED
+        return ConnectionClosed()
+
+    def _unexpected(self, kind: int, rid: int) -> UnknownMessage:
+        if kind not in DECODERS or self.state is not State.READY:
+            if self.state is State.READY:
+                return UnknownMessage(rid, kind)
+            raise RemoteProtocolError(f"message kind 0x{kind:02x} where {self._expected()} was expected")
+        raise RemoteProtocolError(f"{Kind(kind).name} may not be sent by the {self._peer_name()}")
+
+    def _expected(self) -> str:
+        return "Hello" if self.role is Role.SERVER else "Welcome"
+
+    def _peer_name(self) -> str:
+        return "server" if self.role is Role.CLIENT else "client"
+
+    def _received_in_greeting(self, event: Message) -> None:
+        if isinstance(event, Hello):
+            self.state = State.GREETING
+            self._may_send = frozenset({Welcome, Error})
+            self._may_receive = frozenset()
+        elif isinstance(event, Welcome):
+            if not PROTOCOL_VERSIONS[0] <= event.version <= PROTOCOL_VERSIONS[1]:
+                raise RemoteProtocolError(f"server chose version {event.version}, not one we offered")
+            self._open(event.version)
+        # An Error during the greeting leaves the state: the server closes next.
+
+    def _open(self, version: int) -> None:
+        self.state = State.READY
+        self.version = version
+        if self.role is Role.CLIENT:
+            self._may_send = REQUESTS
+            self._may_receive = _REPLY_KINDS
+        else:
+            self._may_send = REPLIES
+            self._may_receive = _REQUEST_KINDS
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, event: Message) -> bytes:
+        """The bytes to write for one event; raises LocalProtocolError if not allowed now."""
+        cls = type(event)
+        if cls not in self._may_send:
+            raise LocalProtocolError(f"the {self.role.value} may not send {cls.__name__} in state {self.state.value}")
+        try:
+            data = ENCODERS[cls](event)
+        except Exception as exc:  # struct.error, AttributeError, UnicodeError: a bad field value
+            raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from None
+        if len(data) - HEADER_SIZE > self.max_frame:
+            raise LocalProtocolError(f"{cls.__name__} of {len(data)} bytes exceeds the frame limit of {self.max_frame}")
+        if self.state is not State.READY:
+            self._sent_in_greeting(event)
+        return data
+
+    def _sent_in_greeting(self, event: Message) -> None:
+        if isinstance(event, Hello):
+            self.state = State.GREETING
+            self._may_send = frozenset()
+        elif isinstance(event, Welcome):
+            self._open(event.version)
+        elif isinstance(event, Error) and self.role is Role.SERVER:
+            self.state = State.CLOSED
+            self._may_send = frozenset()

@@ -1,0 +1,448 @@
+"""Every message of the dls protocol: its construct definition and its event class.
+
+The construct definitions below are the specification of the bytes on the wire
+(network byte order). Each message body is a fixed part followed by its
+variable fields; the lengths of the variable fields sit in the fixed part, so
+that one ``struct`` call decodes a body on the hot path (see ``codec``).
+
+Events are immutable named tuples whose first field is the request id carried
+in the frame header: a reply names the request it answers, which lets many
+threads share one connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+from construct import (
+    Bytes,
+    Const,
+    Construct,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64sb,
+    Int64ub,
+    Rebuild,
+    StringEncoded,
+    Struct,
+    this,
+)
+
+#: The frame format version, the second field of every frame header.
+FRAME_VERSION = 1
+#: Protocol versions this package speaks, negotiated in Hello/Welcome.
+PROTOCOL_VERSIONS = (1, 1)
+#: Magic that opens every Hello, so that a stray client is recognised at once.
+HELLO_MAGIC = b"jDLS"
+#: A lock request's ``timeout_ms`` meaning "wait as long as it takes".
+WAIT_FOREVER = 0xFFFFFFFF
+#: An ``UnlockAll`` thread id meaning "every thread of the client".
+ALL_THREADS = 0xFFFFFFFFFFFFFFFF
+
+#: Frame header: body length, frame version, message kind, reserved (zero), request id.
+HEADER = Struct(
+    "length" / Int32ub,
+    "version" / Int8ub,
+    "kind" / Int8ub,
+    "reserved" / Int16ub,
+    "request_id" / Int32ub,
+)
+HEADER_SIZE = 12
+
+
+class Mode(enum.IntEnum):
+    """The six DLM lock modes; jBASE's READ lock is PR and its WRITE lock EX."""
+
+    NL = 0
+    CR = 1
+    CW = 2
+    PR = 3
+    PW = 4
+    EX = 5
+
+
+class LockFlag(enum.IntFlag):
+    """Per-request options of a Lock message."""
+
+    NONE = 0
+    NO_INTERIM = 1  # the client's JDLS WAIT: no interim Waiting messages
+    OSLOCK = 2  # take the record lock as an OS file lock on the server
+    BINARY = 4  # a binary (file, execution) lock rather than a record lock
+
+
+class RefuseReason(enum.IntEnum):
+    """Why a lock was not granted."""
+
+    BUSY = 1  # held by another owner and the request would not wait
+    TIMEOUT = 2  # waited as long as the request allowed
+    CANCELLED = 3  # the client gave up on it
+    DEADLOCK = 4  # granting it would close a cycle of waiters
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of an Error reply; the reason text says the rest."""
+
+    PROTOCOL = 1
+    VERSION = 2
+    UNKNOWN_MESSAGE = 3
+    LIMIT = 4
+    GROUP_FULL = 5
+    NOT_HELD = 6
+    BAD_REQUEST = 7
+    INTERNAL = 8
+
+
+class Mechanism(enum.IntEnum):
+    """The lock mechanism a lock server uses, told in Welcome."""
+
+    TABLE = 1  # the shared-memory lock table
+    OSLOCKS = 2  # OS file locks under the lock-file directories
+
+
+class HolderState(enum.IntEnum):
+    """Answer of a lock status query."""
+
+    FREE = 0
+    MINE = 1
+    OTHER = 2
+
+
+class Kind(enum.IntEnum):
+    """Message kind codes, the third field of the frame header."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    LOCK = 0x10
+    UNLOCK = 0x11
+    UNLOCK_ALL = 0x12
+    STATUS = 0x13
+    INFO_PUT = 0x14
+    INFO_GET = 0x15
+    ECHO = 0x16
+    GRANTED = 0x20
+    REFUSED = 0x21
+    WAITING = 0x22
+    STATUS_REPLY = 0x23
+    INFO_SNAPSHOT = 0x24
+    ECHO_REPLY = 0x25
+    UNLOCKED = 0x26
+    ERROR = 0x2F
+
+
+def _text(name: str, prefix: Construct[int, int]) -> tuple[Construct[Any, Any], Construct[Any, Any]]:
+    """A UTF-8 string field as (length field for the fixed part, data field)."""
+    length = f"{name}_len" / Rebuild(prefix, lambda ctx: len(ctx[name].encode("utf-8")))
+    data = name / StringEncoded(Bytes(this[f"{name}_len"]), "utf8")
+    return length, data
+
+
+def _blob(name: str, prefix: Construct[int, int]) -> tuple[Construct[Any, Any], Construct[Any, Any]]:
+    """A bytes field as (length field for the fixed part, data field)."""
+    length = f"{name}_len" / Rebuild(prefix, lambda ctx: len(ctx[name]))
+    data = name / Bytes(this[f"{name}_len"])
+    return length, data
+
+
+#: The owner of a lock, as told in Refused, Waiting and StatusReply.
+_HOLDER_FIXED = (
+    "holder_mode" / Int8ub,
+    "holder_pid" / Int32ub,
+    "holder_port" / Int32ub,
+    "holder_client_pid" / Int32ub,
+    "holder_thread" / Int64ub,
+)
+
+_host_len, _host = _text("host", Int8ub)
+_program_len, _program = _text("program", Int8ub)
+HELLO = Struct(
+    "magic" / Const(HELLO_MAGIC),
+    "min_version" / Int8ub,
+    "max_version" / Int8ub,
+    "flags" / Int16ub,
+    "port" / Int32ub,
+    "pid" / Int32ub,
+    "thread_id" / Int64ub,
+    _host_len,
+    _program_len,
+    _host,
+    _program,
+)
+
+_peer_len, _peer = _text("peer", Int8ub)
+_server_host_len, _server_host = _text("server_host", Int8ub)
+WELCOME = Struct(
+    "version" / Int8ub,
+    "mechanism" / Int8ub,
+    "flags" / Int16ub,
+    "server_pid" / Int32ub,
+    "max_frame" / Int32ub,
+    _peer_len,
+    _server_host_len,
+    _peer,
+    _server_host,
+)
+
+_key_len, _key = _blob("key", Int16ub)
+_path_len, _path = _text("path", Int16ub)
+LOCK = Struct(
+    "mode" / Int8ub,
+    "flags" / Int8ub,
+    "timeout_ms" / Int32ub,
+    "thread_id" / Int64ub,
+    "inode" / Int64ub,
+    "device" / Int64sb,
+    _key_len,
+    _path_len,
+    _key,
+    _path,
+)
+
+UNLOCK = Struct("handle" / Int64ub)
+UNLOCK_ALL = Struct("thread_id" / Int64ub)
+STATUS = Struct(
+    "thread_id" / Int64ub,
+    "inode" / Int64ub,
+    "device" / Int64sb,
+    _key_len,
+    _key,
+)
+
+_payload_len, _payload = _blob("payload", Int32ub)
+INFO_PUT = Struct(_payload_len, _payload)
+INFO_GET = Struct("flags" / Int16ub)
+_data_len, _data = _blob("data", Int16ub)
+ECHO = Struct(_data_len, _data)
+
+GRANTED = Struct("handle" / Int64ub, "mode" / Int8ub, "value" / Int32ub)
+_ip_len, _ip = _text("holder_ip", Int8ub)
+REFUSED = Struct("reason" / Int8ub, *_HOLDER_FIXED, _ip_len, _ip)
+WAITING = Struct("waited_ms" / Int32ub, *_HOLDER_FIXED, _ip_len, _ip)
+STATUS_REPLY = Struct("state" / Int8ub, *_HOLDER_FIXED, _ip_len, _ip)
+INFO_SNAPSHOT = Struct(_payload_len, _payload)
+ECHO_REPLY = Struct(_data_len, _data)
+UNLOCKED = Struct("count" / Int32ub)
+_reason_len, _reason = _text("reason", Int16ub)
+ERROR = Struct("code" / Int16ub, _reason_len, _reason)
+
+
+class Hello(NamedTuple):
+    """Client to server, first: who the client is and which versions it speaks."""
+
+    request_id: int
+    min_version: int
+    max_version: int
+    flags: int
+    port: int
+    pid: int
+    thread_id: int
+    host: str
+    program: str
+
+
+class Welcome(NamedTuple):
+    """Server to client: the chosen version and how this lock server works."""
+
+    request_id: int
+    version: int
+    mechanism: int
+    flags: int
+    server_pid: int
+    max_frame: int
+    peer: str
+    server_host: str
+
+
+class Lock(NamedTuple):
+    """Take a record lock on (inode, device, key); ``path`` travels for display only."""
+
+    request_id: int
+    mode: int
+    flags: int
+    timeout_ms: int
+    thread_id: int
+    inode: int
+    device: int
+    key: bytes
+    path: str
+
+
+class Unlock(NamedTuple):
+    """Release the lock a Granted named; answered only if it fails."""
+
+    request_id: int
+    handle: int
+
+
+class UnlockAll(NamedTuple):
+    """Release every lock of one thread, or of all threads (ALL_THREADS)."""
+
+    request_id: int
+    thread_id: int
+
+
+class Status(NamedTuple):
+    """Ask who holds a record lock, without taking it."""
+
+    request_id: int
+    thread_id: int
+    inode: int
+    device: int
+    key: bytes
+
+
+class InfoPut(NamedTuple):
+    """The client's lock information, for the lock server to keep in proc/info."""
+
+    request_id: int
+    payload: bytes
+
+
+class InfoGet(NamedTuple):
+    """Ask for an information snapshot of the service (locks and proc/info)."""
+
+    request_id: int
+    flags: int
+
+
+class Echo(NamedTuple):
+    """A test string to be sent back, for connection tests."""
+
+    request_id: int
+    data: bytes
+
+
+class Granted(NamedTuple):
+    """The lock is held; ``handle`` names it for Unlock."""
+
+    request_id: int
+    handle: int
+    mode: int
+    value: int
+
+
+class Refused(NamedTuple):
+    """The lock was not granted, and who holds it."""
+
+    request_id: int
+    reason: int
+    holder_mode: int
+    holder_pid: int
+    holder_port: int
+    holder_client_pid: int
+    holder_thread: int
+    holder_ip: str
+
+
+class Waiting(NamedTuple):
+    """Interim message: the request still waits, behind this holder."""
+
+    request_id: int
+    waited_ms: int
+    holder_mode: int
+    holder_pid: int
+    holder_port: int
+    holder_client_pid: int
+    holder_thread: int
+    holder_ip: str
+
+
+class StatusReply(NamedTuple):
+    """Answer to Status."""
+
+    request_id: int
+    state: int
+    holder_mode: int
+    holder_pid: int
+    holder_port: int
+    holder_client_pid: int
+    holder_thread: int
+    holder_ip: str
+
+
+class InfoSnapshot(NamedTuple):
+    """Answer to InfoGet: a UTF-8 JSON document (see dls-shm's info format)."""
+
+    request_id: int
+    payload: bytes
+
+
+class EchoReply(NamedTuple):
+    """Answer to Echo."""
+
+    request_id: int
+    data: bytes
+
+
+class Unlocked(NamedTuple):
+    """Answer to UnlockAll: how many locks were released."""
+
+    request_id: int
+    count: int
+
+
+class Error(NamedTuple):
+    """A request failed, or the conversation is over; ``code`` is an ErrorCode."""
+
+    request_id: int
+    code: int
+    reason: str
+
+
+class UnknownMessage(NamedTuple):
+    """A well-formed frame of a kind this side does not know; it was skipped."""
+
+    request_id: int
+    kind: int
+
+
+class ConnectionClosed(NamedTuple):
+    """The peer closed the connection cleanly, between frames."""
+
+
+#: Every message: kind, construct definition, event class.
+MESSAGES: tuple[tuple[Kind, Struct[Any, Any], type[Any]], ...] = (
+    (Kind.HELLO, HELLO, Hello),
+    (Kind.WELCOME, WELCOME, Welcome),
+    (Kind.LOCK, LOCK, Lock),
+    (Kind.UNLOCK, UNLOCK, Unlock),
+    (Kind.UNLOCK_ALL, UNLOCK_ALL, UnlockAll),
+    (Kind.STATUS, STATUS, Status),
+    (Kind.INFO_PUT, INFO_PUT, InfoPut),
+    (Kind.INFO_GET, INFO_GET, InfoGet),
+    (Kind.ECHO, ECHO, Echo),
+    (Kind.GRANTED, GRANTED, Granted),
+    (Kind.REFUSED, REFUSED, Refused),
+    (Kind.WAITING, WAITING, Waiting),
+    (Kind.STATUS_REPLY, STATUS_REPLY, StatusReply),
+    (Kind.INFO_SNAPSHOT, INFO_SNAPSHOT, InfoSnapshot),
+    (Kind.ECHO_REPLY, ECHO_REPLY, EchoReply),
+    (Kind.UNLOCKED, UNLOCKED, Unlocked),
+    (Kind.ERROR, ERROR, Error),
+)
+
+Message = (
+    Hello
+    | Welcome
+    | Lock
+    | Unlock
+    | UnlockAll
+    | Status
+    | InfoPut
+    | InfoGet
+    | Echo
+    | Granted
+    | Refused
+    | Waiting
+    | StatusReply
+    | InfoSnapshot
+    | EchoReply
+    | Unlocked
+    | Error
+)
+Event = Message | UnknownMessage | ConnectionClosed
+
+#: What a client may send once the conversation is open, and what a server may.
+REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo})
+REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error})

@@ -1,0 +1,49 @@
+"""dls-shm: the lock table in SysV shared memory, one of the two contracts between dls packages.
+
+Other packages import from here only: the table, its layout, the instance
+naming, the lock modes and the doorbells waiters sleep on.
+"""
+
+from . import modes
+from .__about__ import __version__
+from .doorbell import Doorbell, ring
+from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
+from .layout import (
+    DEFAULT_PER_GROUP,
+    DEFAULT_RECORDS,
+    KEY_MAX,
+    LOCAL_IP,
+    Geometry,
+    Header,
+    Slot,
+    SlotState,
+    TableFlag,
+    geometry_for,
+    next_prime,
+    pack_ip,
+    unpack_ip,
+)
+from .table import (
+    RECHECK_INTERVAL,
+    Conflict,
+    Entry,
+    Grant,
+    GroupFull,
+    Holder,
+    LockTable,
+    NotHeld,
+    Owner,
+    Queued,
+    TableError,
+    TableMissing,
+    owner_gone,
+    resource_value,
+)
+
+__all__ = [
+    "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
+    "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
+    "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",
+    "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
+    "ring", "unpack_ip",
+]

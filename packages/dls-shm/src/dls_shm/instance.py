@@ -1,0 +1,74 @@
+"""An instance of the lock service, named by its release directory (JBCRELEASEDIR).
+
+Everything of one instance derives from that directory: the table's IPC key,
+pid files, logs, the error trace and the proc/info directory. Two instances
+with different directories never meet, which is how a primary and a secondary
+service, or many test runs, share one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The release directory used when JBCRELEASEDIR is not set.
+DEFAULT_RELEASE_DIR = "/var/tmp/dls"
+#: Environment variable that overrides the derived IPC key (decimal or 0x hex).
+IPC_KEY_VARIABLE = "DLS_IPC_KEY"
+
+
+def ipc_key_for(root: Path) -> int:
+    """A positive 31-bit SysV key from the directory's real path (an ftok that needs no inode)."""
+    key = zlib.crc32(b"dls-table:" + os.fsencode(os.path.realpath(root))) & 0x7FFFFFFF
+    return key or 1
+
+
+@dataclass(frozen=True)
+class Instance:
+    root: Path
+    key: int
+
+    @classmethod
+    def from_environment(cls, root: str | os.PathLike[str] | None = None) -> Instance:
+        """The instance of ``root``, else of $JBCRELEASEDIR, else of the default directory."""
+        path = Path(root or os.environ.get("JBCRELEASEDIR") or DEFAULT_RELEASE_DIR).absolute()
+        override = os.environ.get(IPC_KEY_VARIABLE)
+        if override:
+            try:
+                key = int(override, 0)
+            except ValueError:
+                raise ValueError(f"{IPC_KEY_VARIABLE}={override!r} is not a number") from None
+            if not 0 < key < 1 << 31:
+                raise ValueError(f"{IPC_KEY_VARIABLE}={override!r} must be between 1 and 2147483647")
+        else:
+            key = ipc_key_for(path)
+        return cls(path, key)
+
+    @property
+    def info_dir(self) -> Path:
+        return self.root / "proc" / "info"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "jdls.log"
+
+    @property
+    def error_trace(self) -> Path:
+        return self.root / "tmp" / "jbase_error_trace"
+
+    def pid_file(self, role: str) -> Path:
+        return self.run_dir / f"jdls-{role}.pid"
+
+    def make_dirs(self) -> None:
+        for d in (self.info_dir, self.run_dir, self.log_dir, self.error_trace.parent):
+            d.mkdir(parents=True, exist_ok=True)

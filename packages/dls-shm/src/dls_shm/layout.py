@@ -1,0 +1,210 @@
+"""The lock table's layout in shared memory: the contract between every process that maps it.
+
+One SysV segment holds a header page followed by G groups. A group is an array
+of N 32-bit resource values (0 marks a free slot) followed by its N slots; the
+values come first so that one ``unpack_from`` answers "is this resource in the
+group, and where is a free slot" on the lock path. A lock's group is its value
+mod G, G being prime so that values spread over the groups.
+
+Everything is native byte order: the table never leaves its host.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from typing import NamedTuple
+
+MAGIC = b"DLSTABLE"
+LAYOUT_VERSION = 1
+HEADER_SIZE = 4096
+#: Longest record key kept verbatim; longer keys keep a prefix and a digest.
+KEY_MAX = 120
+KEY_DIGEST = 16
+#: Largest slot index a handle can carry.
+INDEX_BITS = 24
+
+DEFAULT_RECORDS = 13000
+DEFAULT_PER_GROUP = 50
+
+
+class SlotState(enum.IntEnum):
+    FREE = 0
+    GRANTED = 1
+    WAITING = 2
+
+
+class SlotFlag(enum.IntFlag):
+    NONE = 0
+    LONG_KEY = 1  # the stored key is a prefix plus a digest of the real key
+
+
+class TableFlag(enum.IntFlag):
+    NONE = 0
+    PORT_OWNERS = 1  # jdls -P: owners are ports rather than process ids
+    TIMESTAMPS = 2  # jdls -T: the display shows each lock's age
+
+
+#: Header fields, in order. Counters and times are updated in place.
+HEADER_FIELDS = (
+    ("magic", "8s"),
+    ("layout_version", "H"),
+    ("header_size", "H"),
+    ("flags", "I"),
+    ("ngroups", "I"),
+    ("per_group", "I"),
+    ("slot_size", "I"),
+    ("key_max", "I"),
+    ("total_size", "Q"),
+    ("created", "d"),
+    ("monitor_pid", "i"),
+    ("listener_pid", "i"),
+    ("last_ran", "d"),
+    ("last_tidy", "d"),
+    ("tidy_period", "I"),
+    ("semid", "i"),
+    ("lock_retries", "Q"),
+    ("tidy_ops", "Q"),
+    ("ticket", "Q"),
+    ("cpu_user", "d"),
+    ("cpu_system", "d"),
+)
+HEADER_STRUCT = struct.Struct("=" + "".join(f for _, f in HEADER_FIELDS))
+HEADER_OFFSETS = {}
+_off = 0
+for _name, _fmt in HEADER_FIELDS:
+    HEADER_OFFSETS[_name] = _off
+    _off += struct.calcsize("=" + _fmt)
+assert HEADER_STRUCT.size <= HEADER_SIZE
+
+
+class Header(NamedTuple):
+    magic: bytes
+    layout_version: int
+    header_size: int
+    flags: int
+    ngroups: int
+    per_group: int
+    slot_size: int
+    key_max: int
+    total_size: int
+    created: float
+    monitor_pid: int
+    listener_pid: int
+    last_ran: float
+    last_tidy: float
+    tidy_period: int
+    semid: int
+    lock_retries: int
+    tidy_ops: int
+    ticket: int
+    cpu_user: float
+    cpu_system: float
+
+
+assert Header._fields == tuple(n for n, _ in HEADER_FIELDS)
+
+#: A slot: ticket, state, mode, flags, key length, queued count, owner (pid, port,
+#: client pid, client ip, thread), file (inode, device), timestamp, doorbell, key.
+SLOT_STRUCT = struct.Struct(f"=QBBBxHHiII16sQQqdQ{KEY_MAX}s")
+SLOT_SIZE = SLOT_STRUCT.size
+#: The leading part of a slot that unlock checks: ticket, state, mode, flags, key length, queued.
+SLOT_HEAD = struct.Struct("=QBBBxHH")
+SLOT_QUEUED_OFFSET = 14
+SLOT_MODE_OFFSET = 9
+
+
+class Slot(NamedTuple):
+    """One slot as stored, decoded."""
+
+    ticket: int
+    state: int
+    mode: int
+    flags: int
+    key_len: int
+    queued: int
+    pid: int
+    port: int
+    client_pid: int
+    ip: bytes
+    thread: int
+    inode: int
+    device: int
+    timestamp: float
+    doorbell: int
+    key: bytes
+
+
+class Geometry(NamedTuple):
+    """Sizes derived from the header, with the offsets the hot path needs."""
+
+    ngroups: int
+    per_group: int
+
+    @property
+    def values_size(self) -> int:
+        return 4 * self.per_group
+
+    @property
+    def group_size(self) -> int:
+        return self.values_size + SLOT_SIZE * self.per_group
+
+    @property
+    def total_size(self) -> int:
+        return HEADER_SIZE + self.ngroups * self.group_size
+
+    @property
+    def locks(self) -> int:
+        return self.ngroups * self.per_group
+
+    def group_offset(self, group: int) -> int:
+        return HEADER_SIZE + group * self.group_size
+
+    def slot_offset(self, index: int) -> int:
+        group, pos = divmod(index, self.per_group)
+        return self.group_offset(group) + self.values_size + pos * SLOT_SIZE
+
+    def value_offset(self, index: int) -> int:
+        group, pos = divmod(index, self.per_group)
+        return self.group_offset(group) + 4 * pos
+
+
+def next_prime(n: int) -> int:
+    """The smallest prime at or above n (n >= 2 gives at least 2)."""
+    candidate = max(2, n)
+    while any(candidate % d == 0 for d in range(2, int(candidate**0.5) + 1)):
+        candidate += 1
+    return candidate
+
+
+def geometry_for(records: int, per_group: int) -> Geometry:
+    """Sizing as jDLS does it: groups of ``per_group`` locks, the group count a prime.
+
+    13000 records in groups of 50 needs 260 groups, rounded up to the prime 263:
+    13150 locks.
+    """
+    if records < 1 or per_group < 1:
+        raise ValueError(f"table size {records},{per_group}: both must be at least 1")
+    geometry = Geometry(next_prime(-(-records // per_group)), per_group)
+    if geometry.locks >= 1 << INDEX_BITS:
+        raise ValueError(f"table size {records},{per_group}: at most {(1 << INDEX_BITS) - 1} locks")
+    return geometry
+
+
+def pack_ip(text: str) -> bytes:
+    """An IPv4 or IPv6 address as the 16 bytes a slot keeps (IPv4 mapped into IPv6)."""
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+def unpack_ip(packed: bytes) -> str:
+    """The text form of a slot's address: dotted for IPv4, as jDLS prints it."""
+    addr = ipaddress.IPv6Address(packed)
+    mapped = addr.ipv4_mapped
+    return str(mapped) if mapped is not None else str(addr)
+
+
+LOCAL_IP = pack_ip("0.0.0.0")

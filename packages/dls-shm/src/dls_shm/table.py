@@ -1,0 +1,696 @@
+"""The lock table: lock, unlock, wait, scan and tidy in SysV shared memory.
+
+One semaphore guards the whole table. It is taken with SEM_UNDO, so a process
+killed while holding it gives it back; writes are ordered so that such a death
+leaves the table consistent (a slot's value, which marks it used, is written
+last when a lock is added and cleared first when it is removed).
+
+The lock path is kept to one semaphore round trip and three struct calls when
+the resource is not already in the table; everything else (conflicts, waiters,
+conversions, dead owners) takes the slow path under the same semaphore.
+
+Waiting: a request that must wait is recorded as a WAITING slot, behind the
+locks it conflicts with, in FIFO order (a request never overtakes an earlier
+incompatible waiter). The waiter sleeps on its doorbell; whoever frees or
+cancels a lock rings the waiters that can now be granted, after letting go of
+the semaphore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import psutil
+import sysv_ipc
+
+from . import doorbell, modes
+from .layout import (
+    HEADER_FIELDS,
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    INDEX_BITS,
+    KEY_DIGEST,
+    KEY_MAX,
+    LAYOUT_VERSION,
+    MAGIC,
+    SLOT_HEAD,
+    SLOT_SIZE,
+    SLOT_STRUCT,
+    Geometry,
+    Header,
+    Slot,
+    SlotFlag,
+    SlotState,
+)
+
+#: Longest a waiter sleeps between looks at the table even if never rung: a
+#: safety net for a ring lost with a process killed between unlock and ring.
+RECHECK_INTERVAL = 1.0
+#: Slack allowed between a lock's timestamp and its owner's start time before
+#: the owner is taken for a different process that reused the pid.
+PID_REUSE_SLACK = 1.0
+
+_INDEX_MASK = (1 << INDEX_BITS) - 1
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_BYTE = struct.Struct("=B")
+_H = struct.Struct("=H")
+_STATE_OFFSET = 8
+_QUEUED_OFFSET = 14
+_MODE_OFFSET = 9
+_TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
+
+
+class TableError(Exception):
+    """The table cannot do what was asked; the message says why."""
+
+
+class TableMissing(TableError):
+    """No table exists for this key (the monitor is not running, or it was removed)."""
+
+
+class GroupFull(TableError):
+    """Every slot of the resource's group is in use."""
+
+
+class NotHeld(TableError):
+    """The handle names no lock (or no waiting request) of this table any more."""
+
+
+class Owner(NamedTuple):
+    """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
+    remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for."""
+
+    pid: int
+    thread: int
+    port: int
+    client_pid: int
+    ip: bytes
+
+
+class Holder(NamedTuple):
+    """The owner of a conflicting lock, as reported to a refused requester."""
+
+    mode: int
+    pid: int
+    port: int
+    client_pid: int
+    thread: int
+    ip: bytes
+
+
+class Grant(NamedTuple):
+    handle: int
+    mode: int
+    value: int
+
+
+class Conflict(NamedTuple):
+    """Not granted and not queued: the request would have had to wait."""
+
+    holder: Holder
+
+
+class Queued(NamedTuple):
+    """Not granted yet: the request waits in the table under ``handle``."""
+
+    handle: int
+    holder: Holder
+
+
+class Entry(NamedTuple):
+    """A used slot, as ``scan`` reports it."""
+
+    index: int
+    group: int
+    value: int
+    slot: Slot
+
+
+def stored_key(key: bytes) -> tuple[bytes, int]:
+    """The key as a slot keeps it: verbatim, or a prefix and a digest when too long."""
+    if len(key) <= KEY_MAX:
+        return key, 0
+    digest = hashlib.blake2b(key, digest_size=KEY_DIGEST).digest()
+    return key[: KEY_MAX - KEY_DIGEST] + digest, SlotFlag.LONG_KEY
+
+
+def resource_value(inode: int, device: int, key: bytes) -> int:
+    """The 32-bit value of a resource (never 0, which marks a free slot)."""
+    return zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
+
+
+def owner_gone(pid: int, since: float) -> bool:
+    """True when the process that took a lock at ``since`` no longer exists.
+
+    A live process that started after the lock was taken is a stranger that
+    reused the pid; a zombie is as good as gone.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return bool(proc.create_time() > since + PID_REUSE_SLACK)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def _surely_dead(pid: int) -> bool:
+    """The cheap check used while a request is blocked: no process has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _holder(slot: Slot) -> Holder:
+    return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
+
+
+class LockTable:
+    """A process's view of one lock table. Not to be shared between threads for
+    waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
+
+    def __init__(self, shm: sysv_ipc.SharedMemory, sem: sysv_ipc.Semaphore) -> None:
+        self._shm = shm
+        self._sem = sem
+        self._mv = memoryview(shm)
+        header = self.header()
+        if header.magic != MAGIC:
+            raise TableError(f"shared memory 0x{shm.key:08x} is not a dls lock table")
+        if header.layout_version != LAYOUT_VERSION or header.slot_size != SLOT_SIZE or header.key_max != KEY_MAX:
+            raise TableError(
+                f"lock table layout version {header.layout_version} (slot {header.slot_size} bytes); "
+                f"this dls-shm reads version {LAYOUT_VERSION} (slot {SLOT_SIZE} bytes)"
+            )
+        self.geometry = Geometry(header.ngroups, header.per_group)
+        self.key = shm.key
+        self._ngroups = header.ngroups
+        self._per_group = header.per_group
+        self._group_size = self.geometry.group_size
+        self._values_size = self.geometry.values_size
+        self._vals = struct.Struct(f"={header.per_group}I")
+        self._local = threading.local()
+
+    # -- creating, attaching, removing --------------------------------------------
+
+    @classmethod
+    def create(
+        cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = 0o666
+    ) -> tuple[LockTable, bool]:
+        """Create the table, or attach the existing one as it is: (table, created)."""
+        try:
+            sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode, 0)
+        except sysv_ipc.ExistentialError:
+            return cls.attach(key), False
+        try:
+            shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, geometry.total_size, init_character=b"\0")
+        except sysv_ipc.ExistentialError:
+            sem.remove()
+            raise TableError(
+                f"shared memory with key 0x{key:08x} exists without its semaphore: remove it (jdls -K)"
+            ) from None
+        except sysv_ipc.Error as exc:
+            sem.remove()
+            raise TableError(f"cannot create a lock table of {geometry.total_size} bytes: {exc}") from None
+        values = {name: 0 for name in Header._fields}
+        values.update(
+            magic=MAGIC, layout_version=LAYOUT_VERSION, header_size=HEADER_SIZE, flags=flags,
+            ngroups=geometry.ngroups, per_group=geometry.per_group, slot_size=SLOT_SIZE, key_max=KEY_MAX,
+            total_size=geometry.total_size, created=time.time(), tidy_period=tidy_period, semid=sem.id,
+            cpu_user=0.0, cpu_system=0.0, last_ran=0.0, last_tidy=0.0,
+        )
+        mv = memoryview(shm)
+        HEADER_STRUCT.pack_into(mv, 0, *(values[name] for name in Header._fields))
+        mv.release()
+        sem.release()  # the table is ready: open the gate
+        sem.undo = True
+        return cls(shm, sem), True
+
+    @classmethod
+    def attach(cls, key: int, *, wait: float = 5.0) -> LockTable:
+        """Attach an existing table; TableMissing when there is none."""
+        try:
+            shm = sysv_ipc.SharedMemory(key)
+            sem = sysv_ipc.Semaphore(key)
+        except sysv_ipc.ExistentialError:
+            raise TableMissing(f"no lock table with key 0x{key:08x} (is the jdls monitor running?)") from None
+        except sysv_ipc.PermissionsError as exc:
+            raise TableError(f"lock table 0x{key:08x}: {exc}") from None
+        sem.undo = True
+        # A creator still writing the header holds the gate: wait for it once.
+        try:
+            sem.acquire(wait)
+            sem.release()
+        except sysv_ipc.BusyError:
+            raise TableError(f"lock table 0x{key:08x} stayed locked for {wait} seconds") from None
+        return cls(shm, sem)
+
+    @staticmethod
+    def exists(key: int) -> bool:
+        try:
+            sysv_ipc.SharedMemory(key).detach()
+            return True
+        except sysv_ipc.ExistentialError:
+            return False
+
+    def close(self) -> None:
+        """Detach from the table (the table itself stays)."""
+        self._mv.release()
+        try:
+            self._shm.detach()
+        except sysv_ipc.Error:
+            pass
+
+    def remove(self) -> None:
+        """Remove the table's shared memory and semaphore (jdls -K)."""
+        self._mv.release()
+        for resource in (self._sem, self._shm):
+            try:
+                resource.remove()
+            except sysv_ipc.ExistentialError:
+                pass
+        try:
+            self._shm.detach()
+        except sysv_ipc.Error:
+            pass
+
+    @property
+    def semaphore_ids(self) -> tuple[int, ...]:
+        return (self._sem.id,)
+
+    @property
+    def shm_id(self) -> int:
+        return int(self._shm.id)
+
+    @property
+    def attached(self) -> int:
+        """Processes attached to the table's shared memory (this one included)."""
+        return int(sysv_ipc.SharedMemory(self.key).number_attached)
+
+    # -- header ----------------------------------------------------------------
+
+    def header(self) -> Header:
+        return Header._make(HEADER_STRUCT.unpack_from(self._mv, 0))
+
+    def set_header(self, **fields: float) -> None:
+        """Write some header fields in place (pids, times, settings)."""
+        fmt = dict(HEADER_FIELDS)
+        for name, value in fields.items():
+            struct.pack_into("=" + fmt[name], self._mv, HEADER_OFFSETS[name], value)
+
+    def _bump(self, name: str, by: int = 1) -> None:
+        off = HEADER_OFFSETS[name]
+        _U64.pack_into(self._mv, off, _U64.unpack_from(self._mv, off)[0] + by)
+
+    def _next_ticket(self) -> int:
+        off = HEADER_OFFSETS["ticket"]
+        ticket: int = _U64.unpack_from(self._mv, off)[0] + 1
+        _U64.pack_into(self._mv, off, ticket)
+        return ticket
+
+    # -- locking ---------------------------------------------------------------
+
+    def lock(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+    ) -> Grant | Conflict | Queued:
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
+        if len(key) > KEY_MAX:
+            key, kflags = stored_key(key)
+        else:
+            kflags = 0
+        value = zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
+        group = value % self._ngroups
+        goff = HEADER_SIZE + group * self._group_size
+        mv = self._mv
+        self._acquire()
+        try:
+            vals = self._vals.unpack_from(mv, goff)
+            if value in vals:
+                result, tokens = self._lock_slow(owner, inode, device, key, kflags, mode, wait_token, value, group)
+            else:
+                try:
+                    pos = vals.index(0)
+                except ValueError:
+                    raise self._full(group) from None
+                ticket = self._next_ticket()
+                SLOT_STRUCT.pack_into(
+                    mv, goff + self._values_size + pos * SLOT_SIZE, ticket, 1, mode, kflags, len(key), 0,
+                    owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device,
+                    time.time(), 0, key,
+                )
+                _U32.pack_into(mv, goff + 4 * pos, value)
+                return Grant(ticket << INDEX_BITS | (group * self._per_group + pos), mode, value)
+        finally:
+            self._sem.release()
+        _ring(tokens)
+        return result
+
+    def retry(self, handle: int) -> Grant | Queued:
+        """Look again at a queued request: granted now, or still queued (behind whom)."""
+        self._acquire()
+        try:
+            result, tokens = self._retry_locked(handle)
+        finally:
+            self._sem.release()
+        _ring(tokens)
+        return result
+
+    def cancel(self, handle: int) -> bool:
+        """Withdraw a queued request; False when it was no longer queued."""
+        self._acquire()
+        try:
+            index = handle & _INDEX_MASK
+            slot = self._slot(index)
+            if slot.ticket != handle >> INDEX_BITS or slot.state != SlotState.WAITING:
+                return False
+            group = index // self._per_group
+            value = self._value(index)
+            self._free(index)
+            tokens = self._settle(group, value, slot)
+        finally:
+            self._sem.release()
+        _ring(tokens)
+        return True
+
+    def unlock(self, handle: int) -> None:
+        """Release a granted lock; NotHeld when the handle names none."""
+        index = handle & _INDEX_MASK
+        if index >= self._ngroups * self._per_group:
+            raise NotHeld(f"handle {handle:#x} names no slot of this table")
+        group, pos = divmod(index, self._per_group)
+        goff = HEADER_SIZE + group * self._group_size
+        soff = goff + self._values_size + pos * SLOT_SIZE
+        mv = self._mv
+        tokens: list[int] = []
+        self._acquire()
+        try:
+            ticket, state, _mode, _flags, _klen, queued = SLOT_HEAD.unpack_from(mv, soff)
+            if ticket != handle >> INDEX_BITS or state != 1:
+                raise NotHeld(f"handle {handle:#x} holds no lock")
+            value = _U32.unpack_from(mv, goff + 4 * pos)[0]
+            _U32.pack_into(mv, goff + 4 * pos, 0)
+            _BYTE.pack_into(mv, soff + _STATE_OFFSET, 0)
+            if queued:
+                tokens = self._settle(group, value, self._slot(index))
+        finally:
+            self._sem.release()
+        if tokens:
+            _ring(tokens)
+
+    def acquire(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, timeout: float | None = None,
+        on_wait: Callable[[Holder], None] | None = None,
+    ) -> Grant | Conflict:
+        """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
+
+        ``on_wait`` is called once when the request starts waiting, with the holder.
+        """
+        if timeout is not None and timeout <= 0:
+            result = self.lock(owner, inode, device, key, mode)
+            assert not isinstance(result, Queued)
+            return result
+        bell = self.doorbell()
+        result = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
+        if not isinstance(result, Queued):
+            return result
+        if on_wait is not None:
+            on_wait(result.holder)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queued: Grant | Queued = result
+        try:
+            while isinstance(queued, Queued):
+                pause = RECHECK_INTERVAL
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                    if pause <= 0:
+                        self.cancel(queued.handle)
+                        return Conflict(queued.holder)
+                bell.wait(pause)
+                queued = self.retry(queued.handle)
+        except BaseException:
+            if isinstance(queued, Queued):
+                self.cancel(queued.handle)
+            raise
+        return queued
+
+    def doorbell(self) -> doorbell.Doorbell:
+        """This thread's doorbell, made on first use."""
+        bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
+        if bell is None or self._local.pid != os.getpid():
+            bell = self._local.bell = doorbell.Doorbell()
+            self._local.pid = os.getpid()
+        return bell
+
+    def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
+        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+        key, _ = stored_key(key)
+        value = resource_value(inode, device, key)
+        group = value % self._ngroups
+        self._acquire()
+        try:
+            granted, _waiting = self._matching(group, value, inode, device, key)
+        finally:
+            self._sem.release()
+        for _pos, slot in granted:
+            if slot.pid == owner.pid and slot.thread == owner.thread:
+                return 1, _holder(slot)
+        if granted:
+            return 2, _holder(granted[0][1])
+        return 0, None
+
+    def release_owner(self, pid: int, thread: int | None = None) -> int:
+        """Free every lock and queued request of a process (or of one of its threads)."""
+        return self._sweep(lambda slot: slot.pid == pid and (thread is None or slot.thread == thread))
+
+    def tidy(self, gone: Callable[[int, float], bool] = owner_gone) -> int:
+        """Free the locks of owners that no longer exist; counted in the header."""
+        freed = self._sweep(lambda slot: gone(slot.pid, slot.timestamp))
+        self._acquire()
+        try:
+            self._bump("tidy_ops", freed)
+            self.set_header(last_tidy=time.time())
+        finally:
+            self._sem.release()
+        return freed
+
+    def scan(self) -> Iterator[Entry]:
+        """Every used slot, a consistent snapshot taken group by group."""
+        mv = self._mv
+        for group in range(self._ngroups):
+            goff = HEADER_SIZE + group * self._group_size
+            self._acquire()
+            try:
+                vals = self._vals.unpack_from(mv, goff)
+                found = [
+                    Entry(group * self._per_group + pos, group, value,
+                          Slot._make(SLOT_STRUCT.unpack_from(mv, goff + self._values_size + pos * SLOT_SIZE)))
+                    for pos, value in enumerate(vals) if value
+                ]
+            finally:
+                self._sem.release()
+            yield from found
+
+    # -- the slow path (semaphore held) ----------------------------------------------
+
+    def _acquire(self) -> None:
+        try:
+            self._sem.acquire()
+        except sysv_ipc.ExistentialError:
+            raise TableMissing(f"lock table 0x{self.key:08x} was removed") from None
+
+    def _full(self, group: int) -> GroupFull:
+        return GroupFull(
+            f"lock group {group} is full ({self._per_group} locks): start the table larger (jdls -K, then -s)"
+        )
+
+    def _slot(self, index: int) -> Slot:
+        return Slot._make(SLOT_STRUCT.unpack_from(self._mv, self.geometry.slot_offset(index)))
+
+    def _value(self, index: int) -> int:
+        return int(_U32.unpack_from(self._mv, self.geometry.value_offset(index))[0])
+
+    def _free(self, index: int) -> None:
+        _U32.pack_into(self._mv, self.geometry.value_offset(index), 0)
+        _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _STATE_OFFSET, 0)
+
+    def _matching(
+        self, group: int, value: int, inode: int, device: int, key: bytes
+    ) -> tuple[list[tuple[int, Slot]], list[tuple[int, Slot]]]:
+        """Granted and waiting slots of one resource, waiters in ticket (FIFO) order."""
+        goff = HEADER_SIZE + group * self._group_size
+        vals = self._vals.unpack_from(self._mv, goff)
+        granted: list[tuple[int, Slot]] = []
+        waiting: list[tuple[int, Slot]] = []
+        pos = -1
+        while True:
+            try:
+                pos = vals.index(value, pos + 1)
+            except ValueError:
+                break
+            slot = Slot._make(SLOT_STRUCT.unpack_from(self._mv, goff + self._values_size + pos * SLOT_SIZE))
+            if slot.inode != inode or slot.device != device or slot.key[: slot.key_len] != key:
+                continue  # another resource with the same value
+            index = group * self._per_group + pos
+            (granted if slot.state == SlotState.GRANTED else waiting).append((index, slot))
+        waiting.sort(key=lambda item: item[1].ticket)
+        return granted, waiting
+
+    def _blocker(
+        self, pid: int, thread: int, mode: int, ticket: int | None,
+        granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
+    ) -> tuple[int, Slot] | None:
+        """The first lock or earlier waiter that keeps this request from being granted."""
+        for item in granted:
+            slot = item[1]
+            if not (slot.pid == pid and slot.thread == thread) and not modes.compatible(mode, slot.mode):
+                return item
+        if any(s.pid == pid and s.thread == thread for _, s in granted):
+            return None  # a conversion goes before the queue
+        for item in waiting:
+            slot = item[1]
+            if ticket is not None and slot.ticket >= ticket:
+                break
+            if not modes.compatible(mode, slot.mode):
+                return item
+        return None
+
+    def _reclaim_if_dead(self, item: tuple[int, Slot]) -> bool:
+        """Free a blocking slot whose process is gone; counted as a tidy-up."""
+        index, slot = item
+        if not _surely_dead(slot.pid):
+            return False
+        self._free(index)
+        self._bump("tidy_ops")
+        return True
+
+    def _lock_slow(
+        self, owner: Owner, inode: int, device: int, key: bytes, kflags: int, mode: int,
+        wait_token: int, value: int, group: int,
+    ) -> tuple[Grant | Conflict | Queued, list[int]]:
+        while True:
+            granted, waiting = self._matching(group, value, inode, device, key)
+            blocker = self._blocker(owner.pid, owner.thread, mode, None, granted, waiting)
+            if blocker is None or not self._reclaim_if_dead(blocker):
+                break
+        mine = [item for item in granted if item[1].pid == owner.pid and item[1].thread == owner.thread]
+        if blocker is None and mine:
+            index, slot = mine[0]
+            _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
+            # A conversion down may let waiters in.
+            return Grant(slot.ticket << INDEX_BITS | index, mode, value), self._settle(group, value, slot)
+        if blocker is not None and not wait_token:
+            return Conflict(_holder(blocker[1])), []
+        state = SlotState.GRANTED if blocker is None else SlotState.WAITING
+        index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token)
+        if blocker is None:
+            return Grant(ticket << INDEX_BITS | index, mode, value), []
+        self._requeue(group, value, inode, device, key)
+        return Queued(ticket << INDEX_BITS | index, _holder(blocker[1])), []
+
+    def _new_slot(
+        self, group: int, value: int, owner: Owner, inode: int, device: int, key: bytes, kflags: int,
+        mode: int, state: int, token: int,
+    ) -> tuple[int, int]:
+        goff = HEADER_SIZE + group * self._group_size
+        vals = self._vals.unpack_from(self._mv, goff)
+        try:
+            pos = vals.index(0)
+        except ValueError:
+            raise self._full(group) from None
+        ticket = self._next_ticket()
+        SLOT_STRUCT.pack_into(
+            self._mv, goff + self._values_size + pos * SLOT_SIZE, ticket, state, mode, kflags, len(key), 0,
+            owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device, time.time(),
+            token, key,
+        )
+        _U32.pack_into(self._mv, goff + 4 * pos, value)
+        return group * self._per_group + pos, ticket
+
+    def _retry_locked(self, handle: int) -> tuple[Grant | Queued, list[int]]:
+        index = handle & _INDEX_MASK
+        me = self._slot(index)
+        if me.ticket != handle >> INDEX_BITS or me.state != SlotState.WAITING:
+            raise NotHeld(f"handle {handle:#x} is not a queued request (tidied away?)")
+        group = index // self._per_group
+        value = self._value(index)
+        key = me.key[: me.key_len]
+        while True:
+            granted, waiting = self._matching(group, value, me.inode, me.device, key)
+            blocker = self._blocker(me.pid, me.thread, me.mode, me.ticket, granted, waiting)
+            if blocker is None or not self._reclaim_if_dead(blocker):
+                break
+        if blocker is not None:
+            self._bump("lock_retries")
+            return Queued(handle, _holder(blocker[1])), []
+        mine = [item for item in granted if item[1].pid == me.pid and item[1].thread == me.thread]
+        if mine:  # a conversion: the held lock takes the new mode, the request goes
+            held_index, held = mine[0]
+            _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
+            self._free(index)
+            grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value)
+        else:
+            soff = self.geometry.slot_offset(index)
+            _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, SlotState.GRANTED)
+            struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
+            grant = Grant(handle, me.mode, value)
+        return grant, self._settle(group, value, me)
+
+    def _settle(self, group: int, value: int, like: Slot) -> list[int]:
+        """After a change to a resource: recount its queue, and name the waiters to ring."""
+        key = like.key[: like.key_len]
+        granted, waiting = self._requeue(group, value, like.inode, like.device, key)
+        tokens = []
+        for pos, (_index, slot) in enumerate(waiting):
+            if slot.doorbell and self._blocker(slot.pid, slot.thread, slot.mode, slot.ticket,
+                                               granted, waiting[:pos]) is None:
+                tokens.append(slot.doorbell)
+        return tokens
+
+    def _requeue(
+        self, group: int, value: int, inode: int, device: int, key: bytes
+    ) -> tuple[list[tuple[int, Slot]], list[tuple[int, Slot]]]:
+        """Write each held lock's count of queued requests (the display's 'queued')."""
+        granted, waiting = self._matching(group, value, inode, device, key)
+        for index, slot in granted:
+            if slot.queued != len(waiting):
+                _H.pack_into(self._mv, self.geometry.slot_offset(index) + _QUEUED_OFFSET, min(len(waiting), 0xFFFF))
+        return granted, waiting
+
+    def _sweep(self, doomed: Callable[[Slot], bool]) -> int:
+        """Free every slot ``doomed`` picks, ringing the waiters that can go on."""
+        freed = 0
+        for entry in list(self.scan()):
+            if not doomed(entry.slot):
+                continue
+            tokens: list[int] = []
+            self._acquire()
+            try:
+                slot = self._slot(entry.index)
+                if slot.ticket != entry.slot.ticket or self._value(entry.index) != entry.value:
+                    continue  # changed since the scan
+                self._free(entry.index)
+                freed += 1
+                tokens = self._settle(entry.group, entry.value, slot)
+            finally:
+                self._sem.release()
+            _ring(tokens)
+        return freed
+
+
+def _ring(tokens: list[int]) -> None:
+    for token in tokens:
+        doorbell.ring(token)
