@@ -67,7 +67,11 @@ def choose_version(hello: Hello, supported: tuple[int, int] = PROTOCOL_VERSIONS)
 
 
 class Connection:
-    """One side of one dls conversation."""
+    """One side of one dls conversation.
+
+    ``max_frame`` bounds the frames this side accepts: each side protects
+    itself, and tells its limit to the peer (Welcome carries the server's).
+    """
 
     def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.role = role
@@ -79,7 +83,7 @@ class Connection:
         self._eof = False
         if role is Role.CLIENT:
             self._may_send: frozenset[type[Any]] = frozenset({Hello})
-            self._may_receive: frozenset[int] = frozenset({int(Kind.WELCOME), int(Kind.ERROR)})
+            self._may_receive: frozenset[int] = frozenset()  # nothing before our Hello
         else:
             self._may_send = frozenset({Error})
             self._may_receive = frozenset({int(Kind.HELLO)})
@@ -187,8 +191,6 @@ class Connection:
             data = ENCODERS[cls](event)
         except Exception as exc:  # struct.error, AttributeError, UnicodeError: a bad field value
             raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from None
-        if len(data) - HEADER_SIZE > self.max_frame:
-            raise LocalProtocolError(f"{cls.__name__} of {len(data)} bytes exceeds the frame limit of {self.max_frame}")
         if self.state is not State.READY:
             self._sent_in_greeting(event)
         return data
@@ -197,6 +199,7 @@ class Connection:
         if isinstance(event, Hello):
             self.state = State.GREETING
             self._may_send = frozenset()
+            self._may_receive = frozenset({int(Kind.WELCOME), int(Kind.ERROR)})
         elif isinstance(event, Welcome):
             self._open(event.version)
         elif isinstance(event, Error) and self.role is Role.SERVER:

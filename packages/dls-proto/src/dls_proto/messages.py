@@ -379,7 +379,7 @@ class Unlocked(NamedTuple):
     """Answer to UnlockAll: how many locks were released."""
 
     request_id: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, as the field is named
 
 
 class Error(NamedTuple):

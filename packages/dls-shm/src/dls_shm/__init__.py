@@ -4,7 +4,7 @@ Other packages import from here only: the table, its layout, the instance
 naming, the lock modes and the doorbells waiters sleep on.
 """
 
-from . import modes
+from . import info, modes
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
@@ -45,5 +45,5 @@ __all__ = [
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
     "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
-    "ring", "unpack_ip",
+    "info", "ring", "unpack_ip",
 ]

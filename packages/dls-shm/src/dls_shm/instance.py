@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: The release directory used when JBCRELEASEDIR is not set.
-DEFAULT_RELEASE_DIR = "/var/tmp/dls"
+DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, not a temp file
 #: Environment variable that overrides the derived IPC key (decimal or 0x hex).
 IPC_KEY_VARIABLE = "DLS_IPC_KEY"
 

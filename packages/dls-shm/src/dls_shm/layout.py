@@ -207,4 +207,4 @@ def unpack_ip(packed: bytes) -> str:
     return str(mapped) if mapped is not None else str(addr)
 
 
-LOCAL_IP = pack_ip("0.0.0.0")
+LOCAL_IP = pack_ip("0.0.0.0")  # noqa: S104 - how jDLS shows a local process, not a bind address

@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
 import sysv_ipc
@@ -129,15 +129,19 @@ class Queued(NamedTuple):
 class Entry(NamedTuple):
     """A used slot, as ``scan`` reports it."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the slot's number
     group: int
     value: int
     slot: Slot
 
 
 def stored_key(key: bytes) -> tuple[bytes, int]:
-    """The key as a slot keeps it: verbatim, or a prefix and a digest when too long."""
-    if len(key) <= KEY_MAX:
+    """The key as a slot keeps it: verbatim, or a prefix and a digest when too long.
+
+    A key of exactly KEY_MAX bytes is digested too, so that a stored key of
+    that length is always a digest and never equal to a verbatim key.
+    """
+    if len(key) < KEY_MAX:
         return key, 0
     digest = hashlib.blake2b(key, digest_size=KEY_DIGEST).digest()
     return key[: KEY_MAX - KEY_DIGEST] + digest, SlotFlag.LONG_KEY
@@ -166,14 +170,23 @@ def owner_gone(pid: int, since: float) -> bool:
 
 
 def _surely_dead(pid: int) -> bool:
-    """The cheap check used while a request is blocked: no process has this pid."""
+    """The cheap check used while a request is blocked: no process has this pid, or a zombie.
+
+    A zombie counts as dead: its parent may be the very process waiting for
+    the lock, unable to reap it while it waits.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return False
-    return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def _holder(slot: Slot) -> Holder:
@@ -226,7 +239,7 @@ class LockTable:
         except sysv_ipc.Error as exc:
             sem.remove()
             raise TableError(f"cannot create a lock table of {geometry.total_size} bytes: {exc}") from None
-        values = {name: 0 for name in Header._fields}
+        values: dict[str, Any] = dict.fromkeys(Header._fields, 0)
         values.update(
             magic=MAGIC, layout_version=LAYOUT_VERSION, header_size=HEADER_SIZE, flags=flags,
             ngroups=geometry.ngroups, per_group=geometry.per_group, slot_size=SLOT_SIZE, key_max=KEY_MAX,
@@ -299,7 +312,7 @@ class LockTable:
     @property
     def attached(self) -> int:
         """Processes attached to the table's shared memory (this one included)."""
-        return int(sysv_ipc.SharedMemory(self.key).number_attached)
+        return int(self._shm.number_attached)
 
     # -- header ----------------------------------------------------------------
 
@@ -328,7 +341,7 @@ class LockTable:
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
     ) -> Grant | Conflict | Queued:
         """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
-        if len(key) > KEY_MAX:
+        if len(key) >= KEY_MAX:
             key, kflags = stored_key(key)
         else:
             kflags = 0
@@ -371,6 +384,8 @@ class LockTable:
 
     def cancel(self, handle: int) -> bool:
         """Withdraw a queued request; False when it was no longer queued."""
+        if handle & _INDEX_MASK >= self.geometry.locks:
+            return False
         self._acquire()
         try:
             index = handle & _INDEX_MASK
@@ -622,6 +637,8 @@ class LockTable:
 
     def _retry_locked(self, handle: int) -> tuple[Grant | Queued, list[int]]:
         index = handle & _INDEX_MASK
+        if index >= self.geometry.locks:
+            raise NotHeld(f"handle {handle:#x} names no slot of this table")
         me = self._slot(index)
         if me.ticket != handle >> INDEX_BITS or me.state != SlotState.WAITING:
             raise NotHeld(f"handle {handle:#x} is not a queued request (tidied away?)")

@@ -1,0 +1,212 @@
+"""One connection to one lock service, shared by all threads of a process.
+
+There is no reader thread: whichever thread needs a reply and finds the socket
+free reads it, delivering what belongs to others into their mailboxes (the
+leader/follower pattern). A lone thread therefore pays one ``send`` and one
+``recv`` per request, and a thread whose lock waits on the server does not
+keep other threads from getting their answers: while it reads, it hands theirs
+over as they come.
+
+Replies for requests nobody awaits (an Unlock is not answered unless it fails)
+go to ``unsolicited``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from dls_proto import (
+    Connection,
+    ConnectionClosed,
+    Error,
+    Hello,
+    Message,
+    NeedData,
+    RemoteProtocolError,
+    Role,
+    UnknownMessage,
+    Waiting,
+    Welcome,
+)
+
+from .config import Server
+from .errors import AcknowledgementTimeout, ServiceUnavailable
+
+#: Largest frame this client accepts (information snapshots can be large).
+CLIENT_MAX_FRAME = 16 * 1024 * 1024
+CONNECT_TIMEOUT = 5.0
+
+
+class Channel:
+    def __init__(
+        self, server: Server, hello: Hello, *, ack_timeout: float | None,
+        unsolicited: Callable[[Message], None],
+    ) -> None:
+        self.server = server
+        self.ack_timeout = ack_timeout
+        self._unsolicited = unsolicited
+        try:
+            self.sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise ServiceUnavailable(
+                f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
+            ) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.sock.settimeout(None)
+        # A kernel receive timeout keeps the socket blocking (one syscall per recv)
+        # and still lets a reader notice silence.
+        slice_ = 1.0 if ack_timeout is None else min(ack_timeout, 1.0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(slice_),
+                                                                                int(slice_ % 1 * 1e6)))
+        self.conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._mail: dict[int, list[Message]] = {}
+        self._followers = 0
+        self.failure: ServiceUnavailable | None = None
+        self.welcome = self._greet(hello)
+
+    def _greet(self, hello: Hello) -> Welcome:
+        self.send(hello)
+        reply = self.expect(hello.request_id)
+        if isinstance(reply, Error):
+            self.close()
+            raise ServiceUnavailable(f"lock service {self.server} refused the connection: {reply.reason}")
+        if not isinstance(reply, Welcome):
+            self.close()
+            raise ServiceUnavailable(f"lock service {self.server} answered Hello with {type(reply).__name__}")
+        return reply
+
+    def next_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
+
+    def send(self, message: Message) -> None:
+        """Send a message; if it expects replies, ``expect`` its request id afterwards."""
+        if self.failure is not None:
+            raise self.failure
+        with self._send_lock:
+            try:
+                self.sock.sendall(self.conn.send(message))
+            except OSError as exc:
+                raise self._fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
+
+    def request(self, message: Message) -> Message:
+        """Send a request and return its first reply."""
+        rid = message.request_id
+        self.register(rid)
+        self.send(message)
+        return self.expect(rid)
+
+    def register(self, rid: int) -> None:
+        """Announce that replies to ``rid`` will be awaited (call before sending)."""
+        self._mail[rid] = []
+
+    def expect(self, rid: int) -> Message:
+        """The next message for request ``rid``; AcknowledgementTimeout after ack_timeout of silence."""
+        deadline = None if self.ack_timeout is None else time.monotonic() + self.ack_timeout
+        box = self._mail.setdefault(rid, [])
+        while True:
+            if box:
+                message = box.pop(0)
+                if not box and not _interim(message):
+                    self._mail.pop(rid, None)
+                return message
+            if self.failure is not None:
+                self._mail.pop(rid, None)
+                raise self.failure
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    self._read(rid, box, deadline)
+                finally:
+                    self._read_lock.release()
+                    if self._followers:
+                        with self._cond:
+                            self._cond.notify_all()
+            else:
+                with self._cond:
+                    self._followers += 1
+                    try:
+                        self._cond.wait_for(lambda: bool(box) or not self._read_lock.locked()
+                                            or self.failure is not None,
+                                            None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    finally:
+                        self._followers -= 1
+            if not box and deadline is not None and time.monotonic() >= deadline:
+                self._mail.pop(rid, None)
+                raise AcknowledgementTimeout(
+                    f"lock service {self.server} did not answer within {self.ack_timeout:g} seconds"
+                )
+
+    def _read(self, rid: int, box: list[Message], deadline: float | None) -> None:
+        """Read until a message for ``rid`` arrives, the deadline passes, or the service is lost."""
+        conn = self.conn
+        while not box:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise self._fail(f"lock service {self.server} sent bad data: {exc}") from None
+            if isinstance(event, NeedData):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    continue  # a receive-timeout slice passed; look at the deadline
+                except OSError as exc:
+                    raise self._fail(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
+                if not data:
+                    raise self._fail(f"lock service {self.server} closed the connection")
+                conn.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise self._fail(f"lock service {self.server} closed the connection")
+            if isinstance(event, UnknownMessage):
+                continue
+            target = event.request_id
+            if target == rid:
+                box.append(event)
+                return
+            other = self._mail.get(target)
+            if other is None:
+                self._unsolicited(event)
+            else:
+                other.append(event)
+                if self._followers:
+                    with self._cond:
+                        self._cond.notify_all()
+
+    def _fail(self, message: str) -> ServiceUnavailable:
+        if self.failure is None:
+            self.failure = ServiceUnavailable(message)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        with self._cond:
+            self._cond.notify_all()
+        return self.failure
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.failure is None:
+            self.failure = ServiceUnavailable(f"connection to lock service {self.server} was closed")
+
+
+def _interim(message: Message) -> bool:
+    return isinstance(message, Waiting)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+

@@ -1,0 +1,266 @@
+"""The client API: record locks through the lock service named by JDLS.
+
+A process keeps one connection for its whole life (``get_client()``); every
+thread uses it. Locking waits for the grant; unlocking does not wait for an
+answer, because a release cannot be refused to its owner and the stream keeps
+it in order before the next request: a lock/unlock cycle costs one round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import NamedTuple
+
+from dls_proto import (
+    ALL_THREADS,
+    PROTOCOL_VERSIONS,
+    WAIT_FOREVER,
+    Echo,
+    EchoReply,
+    Error,
+    Granted,
+    Hello,
+    Lock,
+    LockFlag,
+    Message,
+    Mode,
+    Refused,
+    RefuseReason,
+    Status,
+    StatusReply,
+    Unlock,
+    UnlockAll,
+    Unlocked,
+    Waiting,
+)
+
+from . import identity, trace
+from .channel import Channel
+from .config import Config
+from .errors import (
+    DlsError,
+    Holder,
+    LockCancelled,
+    LockRefused,
+    LockTimeout,
+    RequestFailed,
+    ServiceUnavailable,
+)
+
+#: The device number of every record lock sent to the service: device numbers of
+#: a shared file differ from host to host, so only the inode names the file.
+REMOTE_DEVICE = -1
+
+Key = str | bytes
+
+
+class FileRef(NamedTuple):
+    """A file as the lock service knows it: its inode, and its name for display."""
+
+    inode: int
+    path: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> FileRef:
+        try:
+            return cls(os.stat(path).st_ino, os.fspath(path))
+        except OSError as exc:
+            raise DlsError(f"cannot lock records of {os.fspath(path)!r}: {exc.strerror}") from None
+
+
+FileLike = FileRef | str | os.PathLike[str]
+
+
+class HeldLock:
+    """A granted lock. Release it with ``release()`` or by leaving its ``with`` block."""
+
+    __slots__ = ("client", "file", "handle", "key", "mode", "released", "value")
+
+    def __init__(self, client: Client, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
+        self.client = client
+        self.handle = handle
+        self.file = file
+        self.key = key
+        self.mode = mode
+        self.value = value
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.unlock(self.handle)
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}>"
+
+
+def _key_bytes(key: Key) -> bytes:
+    return key if isinstance(key, bytes) else key.encode("utf-8")
+
+
+def _holder(reply: Refused | Waiting | StatusReply) -> Holder:
+    return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
+                  reply.holder_thread, reply.holder_ip)
+
+
+class Client:
+    """A connection to the lock service, made on first use and kept."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else (Config.from_environment() or Config())
+        self.port = identity.port_number()
+        self._channel: Channel | None = None
+        self._connect_lock = threading.Lock()
+        self._flags = LockFlag.NO_INTERIM if self.config.wait else LockFlag.NONE
+        self.trace = trace.Tracer(self.config)
+        #: Errors the service reported for requests nobody waited for (a failed unlock).
+        self.async_errors: list[Error] = []
+
+    # -- connection ------------------------------------------------------------------
+
+    @property
+    def channel(self) -> Channel:
+        channel = self._channel
+        if channel is None:
+            with self._connect_lock:
+                channel = self._channel
+                if channel is None:
+                    channel = self._channel = self._connect()
+        return channel
+
+    def _connect(self) -> Channel:
+        server = self.config.server
+        self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
+        hello = Hello(0, PROTOCOL_VERSIONS[0], PROTOCOL_VERSIONS[1], 0, self.port, os.getpid(),
+                      identity.thread_id(), identity.host_name(), identity.program_name())
+        try:
+            return Channel(server, hello, ack_timeout=None if self.config.wait else self.config.timeout,
+                           unsolicited=self._unsolicited)
+        except ServiceUnavailable as exc:
+            self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
+            raise
+
+    def _unsolicited(self, message: Message) -> None:
+        if isinstance(message, Error):
+            self.async_errors.append(message)
+            self.trace.error(f"Client: lock service reported for request {message.request_id}: {message.reason}")
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- locks -----------------------------------------------------------------------
+
+    def lock(
+        self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+        on_wait: Callable[[Holder], None] | None = None,
+    ) -> HeldLock:
+        """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
+
+        Raises LockRefused (held, not waiting), LockTimeout, ServiceUnavailable,
+        RequestFailed. ``on_wait`` is called with the holder whenever the service
+        reports the request still waits.
+        """
+        ref = file if isinstance(file, FileRef) else FileRef.of(file)
+        kb = _key_bytes(key)
+        if not wait:
+            limit = 0
+        elif timeout is None:
+            limit = WAIT_FOREVER
+        else:
+            limit = min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
+        channel = self.channel
+        rid = channel.next_id()
+        channel.register(rid)
+        channel.send(Lock(rid, mode, self._flags, limit, identity.thread_id(), ref.inode, REMOTE_DEVICE, kb,
+                          ref.path))
+        reply = channel.expect(rid)
+        while type(reply) is Waiting:
+            if on_wait is not None:
+                on_wait(_holder(reply))
+            reply = channel.expect(rid)
+        if type(reply) is Granted:
+            return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
+        raise self._failure(reply, f"{ref.path} {kb.decode('utf-8', 'replace')}")
+
+    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
+        """Take a record lock only if it is free now (LockRefused otherwise)."""
+        return self.lock(file, key, mode, wait=False)
+
+    def unlock(self, handle: int) -> None:
+        """Release a lock by its handle; a failure is reported later (``async_errors``)."""
+        channel = self.channel
+        channel.send(Unlock(channel.next_id(), handle))
+
+    def release_all(self, *, all_threads: bool = True) -> int:
+        """Release every lock of this process (or of the calling thread); how many were held."""
+        thread = ALL_THREADS if all_threads else identity.thread_id()
+        channel = self.channel
+        reply = channel.request(UnlockAll(channel.next_id(), thread))
+        if isinstance(reply, Unlocked):
+            return reply.count
+        raise self._failure(reply, "release of all locks")
+
+    def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
+        """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""
+        ref = file if isinstance(file, FileRef) else FileRef.of(file)
+        channel = self.channel
+        reply = channel.request(Status(channel.next_id(), identity.thread_id(), ref.inode, REMOTE_DEVICE,
+                                       _key_bytes(key)))
+        if isinstance(reply, StatusReply):
+            return reply.state, (_holder(reply) if reply.state else None)
+        raise self._failure(reply, "lock status")
+
+    def echo(self, data: bytes) -> tuple[bytes, float]:
+        """Send ``data`` through the service and back: (what came back, seconds taken)."""
+        channel = self.channel
+        start = time.perf_counter()
+        reply = channel.request(Echo(channel.next_id(), data))
+        if isinstance(reply, EchoReply):
+            return reply.data, time.perf_counter() - start
+        raise self._failure(reply, "echo")
+
+    @staticmethod
+    def _failure(reply: Message, what: str) -> DlsError:
+        if isinstance(reply, Refused):
+            holder = _holder(reply)
+            if reply.reason == RefuseReason.TIMEOUT:
+                return LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
+            if reply.reason == RefuseReason.CANCELLED:
+                return LockCancelled(f"{what}: request cancelled", holder)
+            return LockRefused(f"{what}: held by {holder.describe()}", holder)
+        if isinstance(reply, Error):
+            return RequestFailed(f"{what}: {reply.reason}", reply.code)
+        return DlsError(f"{what}: unexpected answer {type(reply).__name__}")
+
+
+_process_client: Client | None = None
+_process_pid = 0
+_process_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """This process's client, connected on first use (a forked child gets its own)."""
+    global _process_client, _process_pid
+    with _process_lock:
+        if _process_client is None or _process_pid != os.getpid():
+            _process_client = Client()
+            _process_pid = os.getpid()
+        return _process_client

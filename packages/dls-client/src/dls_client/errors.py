@@ -1,0 +1,59 @@
+"""The exceptions of dls-client: one hierarchy, so callers catch as broadly as they need."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Holder(NamedTuple):
+    """Who holds a lock another request wanted."""
+
+    mode: int
+    pid: int
+    port: int
+    client_pid: int
+    thread: int
+    ip: str
+
+    def describe(self) -> str:
+        return f"port {self.port}, pid {self.client_pid} on {self.ip} (lock server pid {self.pid})"
+
+
+class DlsError(Exception):
+    """Base of every dls-client error."""
+
+
+class ConfigurationError(DlsError):
+    """The JDLS variable (or an argument) is not valid; the message names the option."""
+
+
+class ServiceUnavailable(DlsError):
+    """No lock service could be reached, or the one in use was lost."""
+
+
+class AcknowledgementTimeout(ServiceUnavailable):
+    """The service said nothing for TIMEOUT seconds while a request was outstanding."""
+
+
+class LockRefused(DlsError):
+    """The lock is held by another owner and the request would not wait."""
+
+    def __init__(self, message: str, holder: Holder) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class LockTimeout(LockRefused):
+    """The request waited as long as it was allowed to."""
+
+
+class LockCancelled(LockRefused):
+    """The request was withdrawn (release-all while it waited)."""
+
+
+class RequestFailed(DlsError):
+    """The service answered with an error (limit reached, group full, bad request...)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,37 @@
+"""What a lock server inherits from the listener that forked it.
+
+The listener builds one ServerContext and hands it to every lock server it
+forks; a lock server needs nothing else from its parent, which is why stopping
+or restarting the listener does not disturb it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from dls_shm import Instance, LockTable
+
+#: Defaults of the limits below; each has a jdls long option.
+DEFAULT_MAX_FRAME = 64 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
+#: Seconds between interim Waiting messages to a client whose request waits.
+DEFAULT_INTERIM_PERIOD = 5.0
+
+
+@dataclass
+class Limits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_locks_per_client: int = DEFAULT_MAX_LOCKS_PER_CLIENT
+    interim_period: float = DEFAULT_INTERIM_PERIOD
+
+
+@dataclass
+class ServerContext:
+    instance: Instance
+    table: LockTable | None
+    log: logging.Logger
+    limits: Limits = field(default_factory=Limits)
+    port_owners: bool = False  # jdls -P

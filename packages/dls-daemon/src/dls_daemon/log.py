@@ -1,0 +1,75 @@
+"""Logging of the jdls processes: one log file per instance, errors also in the error trace.
+
+Monitor, listener and lock servers of one instance all append to the same
+``log/jdls.log``; each line carries the pid and the role so the processes can
+be told apart. Errors are also appended to the instance's ``jbase_error_trace``,
+where jBASE sites look first when something went wrong. Every process
+configures logging itself after it has forked, so nothing here is shared
+between processes but the files, which are opened in append mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from dls_shm import Instance
+
+#: The root of the daemon's loggers; lock servers log under ``jdls.server``.
+LOGGER = "jdls"
+FORMAT = "%(asctime)s %(process)d %(role)s %(levelname)s %(message)s"
+
+_role = "jdls"
+
+
+class _RoleFilter(logging.Filter):
+    """Stamps each record with the role of the process that wrote it (changed by ``set_role`` after a fork)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _role
+        return True
+
+
+def set_role(role: str) -> None:
+    """Name this process in log lines from now on (a forked lock server is no longer the listener)."""
+    global _role
+    _role = role
+
+
+def setup(instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False) -> logging.Logger:
+    """Send the ``jdls`` loggers to the instance's log file (and stderr in the foreground).
+
+    ``verbosity`` 0 logs INFO and above, 1 or more DEBUG.
+    """
+    set_role(role)
+    instance.make_dirs()
+    logger = logging.getLogger(LOGGER)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
+    logger.propagate = False
+    formatter = logging.Formatter(FORMAT)
+    role_filter = _RoleFilter()
+    handlers: list[logging.Handler] = [logging.FileHandler(instance.log_file, encoding="utf-8")]
+    trace = logging.FileHandler(instance.error_trace, encoding="utf-8")
+    trace.setLevel(logging.ERROR)
+    handlers.append(trace)
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(role_filter)
+        logger.addHandler(handler)
+    return logger
+
+
+def get(name: str | None = None) -> logging.Logger:
+    """The daemon's logger, or one of its children (``get("server")`` is ``jdls.server``)."""
+    return logging.getLogger(LOGGER if name is None else f"{LOGGER}.{name}")
+
+
+def flush() -> None:
+    """Flush every handler: a forked process leaves with ``os._exit``, which flushes nothing."""
+    for handler in logging.getLogger(LOGGER).handlers:
+        handler.flush()

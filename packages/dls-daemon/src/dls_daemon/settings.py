@@ -1,0 +1,49 @@
+"""What ``jdls -i`` asked for, as the monitor and the listener need it.
+
+The daemons take this plain record rather than argparse's namespace, so they
+can be started and tested without a command line, and so the command line can
+change its spelling without touching them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dls_shm import DEFAULT_PER_GROUP, DEFAULT_RECORDS, Geometry, Instance, TableFlag, geometry_for
+
+DEFAULT_PORT = 50002
+DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
+#: jDLS tidies orphaned locks every five minutes unless told otherwise (-t).
+DEFAULT_TIDY_MINUTES = 5
+#: How long a stop waits for a process to go before it is killed.
+DEFAULT_STOP_TIMEOUT = 5.0
+#: How long ``jdls -ib`` waits for a started daemon to say it is ready.
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    instance: Instance
+    #: Table size as -s gave it (records, locks per group); None when not given.
+    size: tuple[int, int] | None = None
+    tidy_seconds: int = DEFAULT_TIDY_MINUTES * 60
+    port_owners: bool = False  # -P
+    timestamps: bool = False  # -T
+    bind: str = DEFAULT_BIND
+    port: int = DEFAULT_PORT
+    verbosity: int = 0
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+    @property
+    def geometry(self) -> Geometry:
+        records, per_group = self.size or (DEFAULT_RECORDS, DEFAULT_PER_GROUP)
+        return geometry_for(records, per_group)
+
+    @property
+    def table_flags(self) -> int:
+        flags = TableFlag.NONE
+        if self.port_owners:
+            flags |= TableFlag.PORT_OWNERS
+        if self.timestamps:
+            flags |= TableFlag.TIMESTAMPS
+        return int(flags)

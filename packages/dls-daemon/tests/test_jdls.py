@@ -1,0 +1,408 @@
+"""jdls with real processes: start, refuse, display, stop, remove, signals, lock servers.
+
+Every test gets its own instance from the ``service`` fixture (conftest.py),
+whose teardown fails the test if a process or IPC resource is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psutil
+import pytest
+from dls_daemon.cli import main
+from dls_proto import NEED_DATA, Connection, Granted, Hello, Lock, Role, Welcome
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def started(service, *args: str) -> tuple[int, int]:
+    """Start monitor and listener in the background; their pids."""
+    result = service.jdls("-ib", *args)
+    assert result.returncode == 0, result.stderr
+    monitor, listener = service.pid("monitor"), service.pid("listener")
+    assert monitor and listener
+    return monitor, listener
+
+
+def server_pids(service) -> set[int]:
+    directory = service.root / "run" / "servers"
+    return {int(p.stem) for p in directory.glob("*.pid")} if directory.exists() else set()
+
+
+def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
+    sock.settimeout(5)
+    while True:
+        event = conn.next_event()
+        if isinstance(event, kind):
+            return event
+        assert event is NEED_DATA, f"unexpected {event!r}"
+        data = sock.recv(65536)
+        assert data, "the lock server closed the connection"
+        conn.receive_data(data)
+
+
+def handshake(sock: socket.socket) -> tuple[Connection, Welcome]:
+    """Say Hello as a client on port 4242 would; the connection and the lock server's Welcome."""
+    conn = Connection(Role.CLIENT)
+    sock.sendall(conn.send(Hello(1, 1, 1, 0, 4242, os.getpid(), 1, "test-host", "pytest")))
+    return conn, receive(sock, conn, Welcome)
+
+
+# -- start, display, stop, remove ----------------------------------------------------
+
+
+def test_start_display_stop_remove(service):
+    result = service.jdls("-ibs13000,50")
+    assert result.returncode == 0, result.stderr
+    monitor, listener = service.pid("monitor"), service.pid("listener")
+    assert f"lock monitor started at pid {monitor}" in result.stdout
+    assert f"lock listener started at pid {listener} on 0.0.0.0:{service.port}" in result.stdout
+    assert not gone(monitor) and not gone(listener)
+
+    shown = service.jdls("-dvL")
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"Lock monitor at pid:    {monitor} - Active" in out
+    assert f"Lock listener at pid:   {listener} - Active" in out
+    assert "Program started:" in out
+    assert "13150 locks maximum in 263 groups of 50 locks/group" in out
+    assert "0 locks currently in use" in out
+    header = service.header()
+    assert (header.monitor_pid, header.listener_pid, header.ngroups, header.per_group) == (monitor, listener, 263, 50)
+
+    stop = service.jdls("-k")
+    assert stop.returncode == 0, stop.stderr
+    assert "waiting up to 5 s for lock listener" in stop.stdout
+    assert "waiting up to 5 s for lock monitor" in stop.stdout
+    assert gone(monitor) and gone(listener)
+    assert service.processes() == []
+    assert not service.instance.pid_file("monitor").exists()
+    assert not service.instance.pid_file("listener").exists()
+    assert "Inactive" in service.jdls("-d").stdout
+
+    remove = service.jdls("-K")
+    assert remove.returncode == 0, remove.stderr
+    assert "removed lock table" in remove.stdout
+    assert service.ipc_left() == []
+    again = service.jdls("-K")
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
+
+
+def test_start_returns_with_its_output_pipes_closed(service):
+    """The daemons must not keep the caller's stdout/stderr open, or `$(jdls -ib)` would hang."""
+    proc = service.popen("-ib")
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "lock listener started" in out
+
+
+def test_second_start_refuses(service):
+    monitor, _ = started(service)
+    again = service.jdls("-ib")
+    assert again.returncode == 1
+    assert f"lock monitor already running at pid {monitor}" in again.stderr
+    assert service.pid("monitor") == monitor
+
+
+def test_monitor_and_listener_started_and_stopped_apart(service):
+    result = service.jdls("-ibA")
+    assert result.returncode == 0, result.stderr
+    monitor = service.pid("monitor")
+    assert "lock monitor started" in result.stdout and "listener" not in result.stdout
+
+    result = service.jdls("-ibD")
+    assert result.returncode == 0, result.stderr
+    listener = service.pid("listener")
+    assert f"lock table 0x{service.instance.key:08x}" in result.stdout
+
+    stop = service.jdls("-kD")
+    assert stop.returncode == 0, stop.stderr
+    assert gone(listener)
+    assert not gone(monitor)
+    header = service.header()
+    assert header.monitor_pid == monitor and header.listener_pid == 0
+    assert f"Lock monitor at pid:    {monitor} - Active" in service.jdls("-d").stdout
+
+
+def test_listener_alone_uses_os_file_locks(service):
+    result = service.jdls("-ibD")
+    assert result.returncode == 0, result.stderr
+    assert "OS file locks" in result.stdout
+    shown = service.jdls("-d").stdout
+    assert "Lock monitor at pid:    0 - Inactive" in shown
+    assert "OS file locks" in shown
+    assert service.ipc_left() == []
+
+
+def test_existing_table_is_attached_as_it_is(service):
+    assert service.jdls("-ibA", "-s", "100,7").returncode == 0
+    assert service.jdls("-kA").returncode == 0
+    again = service.jdls("-ibA", "-s13000,50")
+    assert again.returncode == 0, again.stderr
+    assert "attached lock table" in again.stdout
+    assert "119 locks in 17 groups of 7" in again.stdout
+    assert "is ignored" in again.stderr
+    assert "is ignored" in (service.root / "log" / "jdls.log").read_text()
+
+
+# -- failures and usage ----------------------------------------------------------------
+
+
+def test_port_in_use_fails_clearly_and_starts_nothing(service):
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", service.port))
+        holder.listen()
+        result = service.jdls("-ib")
+    assert result.returncode == 1
+    assert f"cannot listen on 0.0.0.0:{service.port}: Address already in use" in result.stderr
+    assert service.processes() == []
+    assert service.ipc_left() == []
+
+
+def test_bad_table_size_names_the_value(service):
+    result = service.jdls("-i", "-s", "10")
+    assert result.returncode == 2
+    assert "usage: jdls" in result.stderr
+    assert "'10'" in result.stderr
+    assert service.processes() == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [], ["-x"], ["-i", "-k"], ["-k", "-b"], ["-iAD"], ["-is", "0,50"], ["-is", "a,b"], ["-is", "1,2,3"],
+        ["-it", "0"], ["-d", "-s", "1,1"], ["-KA"], ["-kL"], ["-i", "--port", "70000"],
+    ],
+)
+def test_wrong_options_exit_2_with_usage(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: jdls" in err
+
+
+def test_wrong_option_as_a_program(service):
+    result = service.jdls("-iq")
+    assert result.returncode == 2
+    assert "usage: jdls" in result.stderr and "'q'" in result.stderr
+
+
+def test_bad_port_variable(service):
+    service.env["JDLS_PORT"] = "fifty"
+    result = service.jdls("-ib")
+    assert result.returncode == 2
+    assert "JDLS_PORT" in result.stderr
+
+
+def test_remove_refuses_while_running(service):
+    monitor, _ = started(service)
+    result = service.jdls("-K")
+    assert result.returncode == 1
+    assert f"lock monitor (pid {monitor})" in result.stderr
+    assert service.ipc_left() == ["shared memory", "semaphore"]
+
+
+def test_stop_when_nothing_runs(service):
+    result = service.jdls("-k")
+    assert result.returncode == 0
+    assert "lock listener is not running" in result.stdout
+    assert "lock monitor is not running" in result.stdout
+
+
+def test_stale_pid_files_are_ignored_and_cleaned(service):
+    run = service.root / "run"
+    (run / "servers").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "jdls-monitor.pid").write_text(f"{dead.pid}\n1.0\n")
+    (run / "servers" / f"{os.getpid()}.pid").write_text(f"{os.getpid()}\n1.0\n")  # live pid, wrong start time
+    monitor, _ = started(service)
+    assert monitor != dead.pid
+    assert service.jdls("-k").returncode == 0
+    assert not (run / "servers" / f"{os.getpid()}.pid").exists()
+    assert not gone(os.getpid())
+
+
+def test_stop_kills_what_ignores_sigterm(service):
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == "ready\n"
+        servers = service.root / "run" / "servers"
+        servers.mkdir(parents=True)
+        (servers / f"{stubborn.pid}.pid").write_text(f"{stubborn.pid}\n{psutil.Process(stubborn.pid).create_time()}\n")
+        result = service.jdls("-k", "--stop-timeout", "0.3")
+        assert result.returncode == 0, result.stderr
+        assert f"lock server (pid {stubborn.pid}) did not stop within 0.3 s: killing" in result.stdout
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert not (servers / f"{stubborn.pid}.pid").exists()
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+
+
+# -- signals and the foreground --------------------------------------------------------
+
+
+def test_sigterm_stops_background_daemons_cleanly(service):
+    monitor, listener = started(service)
+    os.kill(listener, signal.SIGTERM)
+    wait_for(lambda: gone(listener), what="the listener to stop")
+    os.kill(monitor, signal.SIGTERM)
+    wait_for(lambda: gone(monitor), what="the monitor to stop")
+    assert not service.instance.pid_file("monitor").exists()
+    assert not service.instance.pid_file("listener").exists()
+    header = service.header()  # the table stays: only -K removes it
+    assert (header.monitor_pid, header.listener_pid) == (0, 0)
+    log = (service.root / "log" / "jdls.log").read_text()
+    assert "monitor stopped" in log and "listener stopped" in log
+
+
+def test_foreground_runs_monitor_and_listener_until_sigterm(service):
+    proc = service.popen("-i", "--foreground")
+    try:
+        assert proc.stdout is not None
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        assert "lock monitor started" in first and "lock listener started" in second, proc.stderr
+        monitor, listener = service.pid("monitor"), service.pid("listener")
+        assert monitor == proc.pid
+        assert psutil.Process(listener).ppid() == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert gone(listener)
+        assert service.processes() == []
+        assert service.header().monitor_pid == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_monitor_tidies_orphaned_locks(service):
+    assert service.jdls("-ibA", "--tidy-seconds", "1").returncode == 0
+    code = (
+        "import os; from dls_shm import *; t = LockTable.attach(Instance.from_environment().key); "
+        "t.lock(Owner(os.getpid(), 1, 0, os.getpid(), LOCAL_IP), 7, 8, b'ORPHAN', modes.EX)"
+    )
+    subprocess.run([sys.executable, "-c", code], env=service.env, check=True)
+    table = service.table()
+    assert len(list(table.scan())) == 1
+    wait_for(lambda: not list(table.scan()), timeout=5, what="the monitor to tidy the orphaned lock")
+    assert table.header().tidy_ops >= 1
+    table.close()
+
+
+# -- lock servers ------------------------------------------------------------------------
+
+
+def test_connection_forks_a_lock_server_that_ends_with_its_client(service):
+    _, listener = started(service)
+    with socket.create_connection(("127.0.0.1", service.port)) as client:
+        wait_for(lambda: server_pids(service), what="a lock server pid file")
+        (server,) = server_pids(service)
+        assert psutil.Process(server).ppid() == listener
+        _, welcome = handshake(client)
+        assert welcome.server_pid == server
+    wait_for(lambda: gone(server) and not server_pids(service), what="the lock server to end")
+
+
+def test_stopping_the_listener_leaves_lock_servers_serving(service):
+    monitor, listener = started(service)
+    with socket.create_connection(("127.0.0.1", service.port)) as client:
+        wait_for(lambda: server_pids(service), what="a lock server pid file")
+        (server,) = server_pids(service)
+        assert service.jdls("-kD").returncode == 0
+        assert gone(listener) and not gone(server) and not gone(monitor)
+        assert handshake(client)[1].server_pid == server  # still serving its client
+        assert service.jdls("-ibD").returncode == 0  # a new listener; the old lock server goes on
+        assert not gone(server)
+        stop = service.jdls("-k")
+        assert stop.returncode == 0, stop.stderr
+        assert f"lock server (pid {server})" in stop.stdout
+        assert gone(server)
+
+
+def test_stop_frees_the_locks_of_the_lock_servers_it_kills(service):
+    started(service)
+    with socket.create_connection(("127.0.0.1", service.port)) as client:
+        conn, welcome = handshake(client)
+        client.sendall(conn.send(Lock(2, 5, 0, 0, 1, 11, 12, b"REC1", "/data/FILE")))
+        receive(client, conn, Granted)
+        shown = service.jdls("-dL").stdout
+        assert f"{welcome.server_pid}\tWRITE\t4242" in shown and "127.0.0.1\tREC1" in shown
+        assert "1 locks currently in use" in shown
+        assert service.jdls("-k").returncode == 0
+    assert gone(welcome.server_pid)
+    table = service.table()
+    try:
+        assert list(table.scan()) == []  # the stopping monitor tidied the killed lock server's lock
+    finally:
+        table.close()
+
+
+def test_foreground_listener_alone_stops_on_sigint(service):
+    proc = service.popen("-iD")
+    try:
+        assert proc.stdout is not None
+        assert "lock listener started" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert service.processes() == []
+        assert not service.instance.pid_file("listener").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_remove_refuses_while_the_table_is_attached(service):
+    assert service.jdls("-ibA").returncode == 0
+    assert service.jdls("-kA").returncode == 0
+    table = service.table()
+    try:
+        result = service.jdls("-K")
+        assert result.returncode == 1
+        assert "1 other process(es) still attached" in result.stderr
+    finally:
+        table.close()
+    assert service.ipc_left() == ["shared memory", "semaphore"]
+
+
+def test_remove_refuses_while_a_lock_server_runs(service):
+    started(service)
+    with socket.create_connection(("127.0.0.1", service.port)):
+        wait_for(lambda: server_pids(service), what="a lock server pid file")
+        (server,) = server_pids(service)
+        assert service.jdls("-kD").returncode == 0
+        assert service.jdls("-kA").returncode == 0
+        result = service.jdls("-K")
+        assert result.returncode == 1
+        assert f"lock server (pid {server})" in result.stderr
+    wait_for(lambda: gone(server), what="the lock server to end with its client")

@@ -1,0 +1,572 @@
+"""The sans-IO connection: who speaks first, the greeting, framing, limits and malformed input."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Any
+
+import pytest
+from dls_proto import (
+    DEFAULT_MAX_FRAME,
+    NEED_DATA,
+    PROTOCOL_VERSIONS,
+    Connection,
+    ConnectionClosed,
+    Echo,
+    EchoReply,
+    Error,
+    ErrorCode,
+    Granted,
+    Hello,
+    InfoGet,
+    InfoPut,
+    InfoSnapshot,
+    Kind,
+    LocalProtocolError,
+    Lock,
+    ProtocolError,
+    Refused,
+    RemoteProtocolError,
+    Role,
+    State,
+    Status,
+    StatusReply,
+    UnknownMessage,
+    Unlock,
+    UnlockAll,
+    Unlocked,
+    Waiting,
+    Welcome,
+    choose_version,
+    encode,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+HELLO = Hello(0, 1, 1, 0, 7001, 4242, 1, "client-host", "jsh")
+WELCOME = Welcome(0, 1, 1, 0, 99, DEFAULT_MAX_FRAME, "127.0.0.1", "server-host")
+LOCK = Lock(1, 5, 0, 1000, 1, 42, 7, b"CUST*1", "/data/CUST")
+GRANTED = Granted(1, 0x100000003, 5, 12345)
+
+REQUESTS = [
+    LOCK,
+    Unlock(2, 0x100000003),
+    UnlockAll(3, 1),
+    Status(4, 1, 42, 7, b"CUST*1"),
+    InfoPut(5, b"{}"),
+    InfoGet(6, 0),
+    Echo(7, b"ping"),
+]
+REPLIES = [
+    GRANTED,
+    Refused(1, 1, 5, 10, 7002, 11, 2, "10.0.0.1"),
+    Waiting(1, 500, 5, 10, 7002, 11, 2, "10.0.0.1"),
+    StatusReply(4, 2, 5, 10, 7002, 11, 2, "10.0.0.1"),
+    InfoSnapshot(6, b"{}"),
+    EchoReply(7, b"ping"),
+    Unlocked(3, 2),
+    Error(2, ErrorCode.NOT_HELD, "not held"),
+]
+UNKNOWN_KIND = 0x7E
+
+
+def name(event: Any) -> str:
+    return type(event).__name__
+
+
+def frame(kind: int, body: bytes = b"", rid: int = 0, *, version: int = 1, length: int | None = None) -> bytes:
+    """A frame built by hand, so that it can break the rules."""
+    return struct.pack(">IBBHI", len(body) if length is None else length, version, kind, 0, rid) + body
+
+
+def open_pair(*, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Connection, Connection]:
+    client = Connection(Role.CLIENT, max_frame=max_frame)
+    server = Connection(Role.SERVER, max_frame=max_frame)
+    server.receive_data(client.send(HELLO))
+    assert server.next_event() == HELLO
+    client.receive_data(server.send(WELCOME))
+    assert client.next_event() == WELCOME
+    return client, server
+
+
+def drain(conn: Connection) -> list[Any]:
+    events = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+        if isinstance(event, ConnectionClosed):
+            return events
+
+
+# -- who speaks first --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", [*REQUESTS, WELCOME, *REPLIES], ids=name)
+def test_client_must_send_hello_first(event: Any) -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="may not send"):
+        client.send(event)
+    assert client.state is State.OPENING
+    assert client.send(HELLO) == encode(HELLO)
+    assert client.state is State.GREETING
+
+
+@pytest.mark.parametrize("event", [*REQUESTS, HELLO], ids=name)
+def test_client_may_not_send_before_welcome(event: Any) -> None:
+    client = Connection(Role.CLIENT)
+    client.send(HELLO)
+    with pytest.raises(LocalProtocolError):
+        client.send(event)
+
+
+@pytest.mark.parametrize("event", [*REQUESTS, WELCOME, *REPLIES], ids=name)
+def test_server_receiving_anything_but_hello_first(event: Any) -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode(event))
+    with pytest.raises(RemoteProtocolError, match="Hello"):
+        server.next_event()
+
+
+def test_server_receiving_an_unknown_kind_first() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(frame(UNKNOWN_KIND, b"xyz"))
+    with pytest.raises(RemoteProtocolError, match="0x7e"):
+        server.next_event()
+
+
+@pytest.mark.parametrize("event", [WELCOME, *REPLIES[:-1]], ids=name)
+def test_server_may_not_speak_before_hello(event: Any) -> None:
+    server = Connection(Role.SERVER)
+    with pytest.raises(LocalProtocolError):
+        server.send(event)
+    assert server.state is State.OPENING
+
+
+def test_server_may_refuse_before_hello_and_is_then_closed() -> None:
+    server = Connection(Role.SERVER)
+    data = server.send(Error(0, ErrorCode.LIMIT, "too many clients"))
+    assert data == encode(Error(0, ErrorCode.LIMIT, "too many clients"))
+    assert server.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        server.send(WELCOME)
+
+
+def test_client_rejects_a_welcome_it_did_not_ask_for() -> None:
+    """A server may speak only after the client's Hello: a Welcome before it breaks the protocol."""
+    client = Connection(Role.CLIENT)
+    client.receive_data(encode(WELCOME))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+    # ... and in no case may the client then skip its Hello.
+    with pytest.raises(LocalProtocolError):
+        client.send(LOCK)
+
+
+def test_server_rejects_requests_pipelined_behind_hello() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode(HELLO) + encode(LOCK))
+    assert server.next_event() == HELLO
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+# -- the greeting and version negotiation --------------------------------------------------------------
+
+
+def test_full_greeting_then_requests_and_replies() -> None:
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER)
+    assert (client.state, server.state) == (State.OPENING, State.OPENING)
+    assert client.version is None and server.version is None
+
+    server.receive_data(client.send(HELLO))
+    assert client.state is State.GREETING
+    hello = server.next_event()
+    assert hello == HELLO
+    assert server.state is State.GREETING
+    assert server.next_event() is NEED_DATA
+
+    assert isinstance(hello, Hello)
+    version = choose_version(hello)
+    assert version == 1
+    welcome = WELCOME._replace(version=version)
+    client.receive_data(server.send(welcome))
+    assert server.state is State.READY and server.version == 1
+    assert client.next_event() == welcome
+    assert client.state is State.READY and client.version == 1
+
+    for request in REQUESTS:
+        server.receive_data(client.send(request))
+        assert server.next_event() == request
+    for reply in REPLIES:
+        client.receive_data(server.send(reply))
+        assert client.next_event() == reply
+    # the greeting messages are over once the conversation is open
+    with pytest.raises(LocalProtocolError):
+        client.send(HELLO)
+    with pytest.raises(LocalProtocolError):
+        server.send(WELCOME)
+    with pytest.raises(LocalProtocolError):
+        client.send(GRANTED)
+    with pytest.raises(LocalProtocolError):
+        server.send(LOCK)
+    # an Error reply does not end an open conversation
+    server.send(Error(9, ErrorCode.BAD_REQUEST, "no"))
+    assert server.state is State.READY
+
+
+@pytest.mark.parametrize(
+    ("offered", "supported", "chosen"),
+    [
+        ((1, 1), (1, 1), 1),
+        ((1, 3), (1, 1), 1),
+        ((1, 3), (2, 5), 3),
+        ((2, 7), (1, 4), 4),
+        ((3, 3), (1, 5), 3),
+        ((2, 3), (1, 1), None),
+        ((1, 1), (2, 3), None),
+        ((5, 9), (1, 4), None),
+    ],
+)
+def test_choose_version(offered: tuple[int, int], supported: tuple[int, int], chosen: int | None) -> None:
+    hello = HELLO._replace(min_version=offered[0], max_version=offered[1])
+    assert choose_version(hello, supported) == chosen
+
+
+def test_choose_version_defaults_to_this_package() -> None:
+    assert choose_version(HELLO) == PROTOCOL_VERSIONS[1]
+    too_new = HELLO._replace(min_version=PROTOCOL_VERSIONS[1] + 1, max_version=PROTOCOL_VERSIONS[1] + 5)
+    assert choose_version(too_new) is None
+
+
+def test_no_common_version_the_server_refuses_and_closes() -> None:
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER)
+    too_new = HELLO._replace(min_version=2, max_version=3)
+    server.receive_data(client.send(too_new))
+    hello = server.next_event()
+    assert isinstance(hello, Hello)
+    assert choose_version(hello) is None
+    refusal = Error(0, ErrorCode.VERSION, "this server speaks version 1 only")
+    client.receive_data(server.send(refusal))
+    assert server.state is State.CLOSED
+    assert client.next_event() == refusal
+    assert client.state is State.GREETING  # nothing is open
+    with pytest.raises(LocalProtocolError):
+        client.send(LOCK)
+    client.receive_data(b"")
+    assert client.next_event() == ConnectionClosed()
+    assert client.state is State.CLOSED
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_client_rejects_a_version_it_did_not_offer(version: int) -> None:
+    client = Connection(Role.CLIENT)
+    client.send(HELLO)
+    client.receive_data(encode(WELCOME._replace(version=version)))
+    with pytest.raises(RemoteProtocolError, match=f"version {version}"):
+        client.next_event()
+
+
+# -- framing -------------------------------------------------------------------------------------------
+
+
+def test_frames_split_byte_by_byte() -> None:
+    client, server = open_pair()
+    stream = b"".join(encode(r) for r in REQUESTS)
+    events = []
+    for i in range(len(stream)):
+        server.receive_data(stream[i : i + 1])
+        events.extend(drain(server))
+        assert server.buffered < 64
+    assert events == REQUESTS
+    assert server.buffered == 0
+
+    stream = b"".join(encode(r) for r in REPLIES)
+    events = []
+    for i in range(len(stream)):
+        client.receive_data(stream[i : i + 1])
+        events.extend(drain(client))
+    assert events == REPLIES
+
+
+def test_greeting_split_byte_by_byte() -> None:
+    server = Connection(Role.SERVER)
+    data = encode(HELLO)
+    for b in data[:-1]:
+        server.receive_data(bytes([b]))
+        assert server.next_event() is NEED_DATA
+        assert server.state is State.OPENING
+    server.receive_data(data[-1:])
+    assert server.next_event() == HELLO
+
+
+def test_several_frames_in_one_chunk() -> None:
+    _client, server = open_pair()
+    stream = b"".join(encode(r) for r in REQUESTS)
+    server.receive_data(stream + encode(LOCK)[:5])
+    assert drain(server) == REQUESTS
+    assert server.buffered == 5
+    server.receive_data(encode(LOCK)[5:] + encode(LOCK))
+    assert drain(server) == [LOCK, LOCK]
+    assert server.buffered == 0
+
+
+@given(cuts=st.lists(st.integers(0, 400), max_size=12))
+@settings(max_examples=100, deadline=None)
+def test_any_split_decodes_the_same(cuts: list[int]) -> None:
+    _client, server = open_pair()
+    stream = b"".join(encode(r) for r in REQUESTS)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    events = []
+    for start, end in itertools.pairwise(bounds):
+        server.receive_data(stream[start:end])
+        events.extend(drain(server))
+    assert events == REQUESTS
+
+
+# -- limits and malformed frames -------------------------------------------------------------------------
+
+
+def test_frame_over_max_frame_is_refused_from_its_header() -> None:
+    _client, server = open_pair()
+    server.receive_data(frame(Kind.ECHO, length=70000)[:12])  # the header alone is enough
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert "70000" in str(info.value)
+    assert str(DEFAULT_MAX_FRAME) in str(info.value)
+
+
+def test_max_frame_boundary() -> None:
+    _client, server = open_pair(max_frame=100)
+    at_limit = Echo(1, b"x" * 98)  # body 2 + 98 = 100
+    server.receive_data(encode(at_limit))
+    assert server.next_event() == at_limit
+    server.receive_data(encode(Echo(2, b"x" * 99)))
+    with pytest.raises(RemoteProtocolError, match=r"101 bytes.*limit of 100"):
+        server.next_event()
+
+
+def test_client_limits_what_the_server_sends() -> None:
+    client, _server = open_pair(max_frame=50)
+    client.receive_data(encode(InfoSnapshot(1, b"{" + b" " * 60 + b"}")))
+    with pytest.raises(RemoteProtocolError, match="limit of 50"):
+        client.next_event()
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_wrong_frame_version(version: int) -> None:
+    server = Connection(Role.SERVER)
+    data = bytearray(encode(HELLO))
+    data[4] = version
+    server.receive_data(bytes(data))
+    with pytest.raises(RemoteProtocolError, match=f"frame version {version}"):
+        server.next_event()
+
+
+@pytest.mark.parametrize("side", ["opening", "ready"])
+@given(garbage=st.binary(min_size=1, max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_random_garbage(side: str, garbage: bytes) -> None:
+    """Garbage yields events, NEED_DATA or RemoteProtocolError, nothing else, and never hangs."""
+    server = Connection(Role.SERVER) if side == "opening" else open_pair()[1]
+    server.receive_data(garbage)
+    try:
+        for _ in range(len(garbage)):
+            event = server.next_event()
+            if event is NEED_DATA:
+                break
+            assert isinstance(event, (Hello, UnknownMessage, *(type(r) for r in REQUESTS)))
+        server.receive_data(b"")
+        while not isinstance(server.next_event(), ConnectionClosed):
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+@given(garbage=st.binary(min_size=1, max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_random_garbage_to_a_client(garbage: bytes) -> None:
+    client, _server = open_pair()
+    client.receive_data(garbage)
+    try:
+        for _ in range(len(garbage)):
+            if client.next_event() is NEED_DATA:
+                break
+    except RemoteProtocolError:
+        pass
+
+
+def test_garbage_that_looks_like_text_is_refused() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 12, 13, 30])
+def test_half_a_frame_then_eof(cut: int) -> None:
+    _client, server = open_pair()
+    data = encode(LOCK)
+    assert cut < len(data)
+    server.receive_data(data[:cut])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match=f"{cut} bytes pending"):
+        server.next_event()
+
+
+def test_clean_eof() -> None:
+    client, server = open_pair()
+    server.receive_data(encode(LOCK))
+    server.receive_data(b"")
+    assert server.next_event() == LOCK
+    assert server.next_event() == ConnectionClosed()
+    assert server.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        server.receive_data(b"more")
+    fresh = Connection(Role.SERVER)
+    fresh.receive_data(b"")
+    assert fresh.next_event() == ConnectionClosed()
+    client.receive_data(b"")
+    assert client.next_event() == ConnectionClosed()
+
+
+def test_unknown_kind_when_ready_is_skipped() -> None:
+    client, server = open_pair()
+    server.receive_data(frame(UNKNOWN_KIND, b"future stuff", rid=77) + frame(0x1F, rid=78) + encode(LOCK))
+    assert server.next_event() == UnknownMessage(77, UNKNOWN_KIND)
+    assert server.next_event() == UnknownMessage(78, 0x1F)
+    assert server.next_event() == LOCK
+    assert server.state is State.READY
+    client.receive_data(frame(0x3F, b"\x00" * 40, rid=5) + encode(GRANTED))
+    assert client.next_event() == UnknownMessage(5, 0x3F)
+    assert client.next_event() == GRANTED
+
+
+def test_unknown_kind_split_across_chunks() -> None:
+    _client, server = open_pair()
+    data = frame(UNKNOWN_KIND, b"0123456789", rid=3) + encode(LOCK)
+    server.receive_data(data[:15])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(data[15:])
+    assert drain(server) == [UnknownMessage(3, UNKNOWN_KIND), LOCK]
+
+
+@pytest.mark.parametrize("event", [*REPLIES, HELLO, WELCOME], ids=name)
+def test_server_receiving_a_reply_kind(event: Any) -> None:
+    _client, server = open_pair()
+    server.receive_data(encode(event))
+    with pytest.raises(RemoteProtocolError, match="may not be sent by the client"):
+        server.next_event()
+
+
+@pytest.mark.parametrize("event", [*REQUESTS, HELLO, WELCOME], ids=name)
+def test_client_receiving_a_request_kind(event: Any) -> None:
+    client, _server = open_pair()
+    client.receive_data(encode(event))
+    with pytest.raises(RemoteProtocolError, match="may not be sent by the server"):
+        client.next_event()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        LOCK._replace(mode=300),
+        LOCK._replace(request_id=-1),
+        LOCK._replace(request_id=1 << 32),
+        LOCK._replace(timeout_ms=1 << 32),
+        LOCK._replace(thread_id=1 << 64),
+        LOCK._replace(device=1 << 63),
+        LOCK._replace(key="text, not bytes"),
+        LOCK._replace(path=b"bytes, not text"),
+        LOCK._replace(path="\udc80"),  # a lone surrogate has no UTF-8 form
+        Unlock(1, -1),
+        UnlockAll(1, 1 << 64),
+        Echo(1, b"x" * 65536),
+    ],
+    ids=lambda e: f"{name(e)}-{e!r:.60}",
+)
+def test_field_out_of_range_on_send(event: Any) -> None:
+    client, _server = open_pair()
+    with pytest.raises(LocalProtocolError, match=f"cannot encode {name(event)}"):
+        client.send(event)
+    assert client.state is State.READY
+
+
+@pytest.mark.parametrize(
+    "event",
+    [HELLO._replace(host="h" * 256), HELLO._replace(program="\u00e9" * 128), HELLO._replace(pid=-5)],
+    ids=["host", "program", "pid"],
+)
+def test_bad_hello_is_not_sent_and_leaves_the_state(event: Hello) -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError):
+        client.send(event)
+    assert client.state is State.OPENING
+    client.send(HELLO._replace(host="h" * 255))
+    assert client.state is State.GREETING
+
+
+def test_bad_utf8_in_a_text_field() -> None:
+    client, server = open_pair()
+    # Error: code 7, reason_len 2, reason ff fe
+    client.receive_data(frame(Kind.ERROR, bytes.fromhex("0007 0002 fffe"), rid=4))
+    with pytest.raises(RemoteProtocolError, match="UTF-8"):
+        client.next_event()
+    good = encode(LOCK._replace(path="ab"))
+    bad = good[:-2] + b"\xc3\x28"
+    server.receive_data(bad)
+    with pytest.raises(RemoteProtocolError, match="LOCK with text that is not UTF-8"):
+        server.next_event()
+
+
+def test_bad_utf8_in_hello() -> None:
+    server = Connection(Role.SERVER)
+    data = encode(HELLO._replace(host="abc"))
+    start = data.index(b"abc")
+    server.receive_data(data[:start] + b"a\xffc" + data[start + 3 :])
+    with pytest.raises(RemoteProtocolError, match="UTF-8"):
+        server.next_event()
+
+
+def test_lock_key_longer_than_65535() -> None:
+    client, _server = open_pair()
+    with pytest.raises(LocalProtocolError, match="cannot encode Lock"):
+        client.send(LOCK._replace(key=b"k" * 65536))
+    assert len(client.send(LOCK._replace(key=b"k" * 65535))) > 65535
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        (Kind.UNLOCK, b"\x00" * 7, "at least 8"),
+        (Kind.UNLOCK, b"\x00" * 9, "8 expected"),
+        (Kind.UNLOCK_ALL, b"", "at least 8"),
+        (Kind.ECHO, bytes.fromhex("000a") + b"short", "do not add up"),
+        (Kind.ECHO, bytes.fromhex("0001") + b"long", "do not add up"),
+        (Kind.LOCK, b"\x05" * 10, "at least"),
+    ],
+)
+def test_malformed_request_bodies(kind: int, body: bytes, message: str) -> None:
+    _client, server = open_pair()
+    server.receive_data(frame(kind, body))
+    with pytest.raises(RemoteProtocolError, match=message):
+        server.next_event()
+
+
+def test_hello_with_bad_magic() -> None:
+    server = Connection(Role.SERVER)
+    data = encode(HELLO).replace(b"jDLS", b"HTTP")
+    server.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match="magic"):
+        server.next_event()
+
+
+def test_error_classes() -> None:
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)

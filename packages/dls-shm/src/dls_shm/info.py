@@ -1,0 +1,88 @@
+"""The lock-information files in proc/info, and the JSON form of table entries.
+
+The table knows inodes and keys; only a client knows file names. Clients (or
+their lock servers) write what they know to ``proc/info/<port>`` as one JSON
+document, and the utilities join it with the table. Both sides of that join
+use this module, so the format lives in one place.
+
+A document: {"format": 1, "port", "pid", "ip", "host", "server_pid",
+"updated", "files": [{"path", "inode"}], "locks": [{"path", "inode", "key",
+"mode", "state"}], "stats": {...}}. Unknown fields are kept and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import modes
+from .instance import Instance
+from .layout import SlotFlag, SlotState, unpack_ip
+from .table import Entry
+
+FORMAT = 1
+
+
+def info_path(instance: Instance, port: int) -> Path:
+    return instance.info_dir / str(port)
+
+
+def write(instance: Instance, port: int, document: dict[str, Any]) -> Path:
+    """Replace the port's information file atomically (readers never see half of it)."""
+    document = {**document, "format": FORMAT, "port": port}
+    path = info_path(instance, port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{port}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
+    """Every readable information document of the instance, by port order."""
+    try:
+        names = sorted(os.listdir(instance.info_dir), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith("."):
+            continue
+        try:
+            document = json.loads((instance.info_dir / name).read_text())
+        except (OSError, ValueError):
+            continue  # being replaced, or not ours
+        if isinstance(document, dict):
+            yield document
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """A table entry as plain JSON values (for snapshots and dls-dump --json)."""
+    s = entry.slot
+    return {
+        "index": entry.index,
+        "group": entry.group,
+        "value": entry.value,
+        "state": SlotState(s.state).name.lower(),
+        "mode": modes.NAMES[s.mode],
+        "pid": s.pid,
+        "port": s.port,
+        "client_pid": s.client_pid,
+        "ip": unpack_ip(s.ip),
+        "thread": s.thread,
+        "inode": s.inode,
+        "device": s.device,
+        "queued": s.queued,
+        "timestamp": s.timestamp,
+        "key": s.key[: s.key_len].decode("utf-8", "backslashreplace"),
+        "long_key": bool(s.flags & SlotFlag.LONG_KEY),
+    }

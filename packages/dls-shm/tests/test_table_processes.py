@@ -1,0 +1,292 @@
+"""The lock table between real processes: killed owners, a killed semaphore holder, waking waiters,
+timeouts and mutual exclusion under contention.
+
+Children are forked (the table is inherited), end with ``os._exit`` and are reaped by the test or, at the
+latest, by the ``children`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dls_shm.table
+import psutil
+import pytest
+from dls_shm import (
+    LOCAL_IP,
+    RECHECK_INTERVAL,
+    Conflict,
+    Grant,
+    Holder,
+    LockTable,
+    Owner,
+    Queued,
+    SlotState,
+    owner_gone,
+)
+
+EX, PR = 5, 3
+INODE, DEVICE, KEY = 77, 3, b"ORDERS*1001"
+
+
+def me(thread: int = 1) -> Owner:
+    """This process as an owner (called in the child, it is the child)."""
+    return Owner(os.getpid(), thread, 0, os.getpid(), LOCAL_IP)
+
+
+def holder(pid: int, mode: int = EX, thread: int = 1) -> Holder:
+    return Holder(mode, pid, 0, pid, thread, LOCAL_IP)
+
+
+def hold_until_told(table: LockTable, locked: Any, release: Any, mode: int = EX) -> int:
+    """Child body: take the lock, say so, keep it until told, then unlock."""
+    g = table.lock(me(), INODE, DEVICE, KEY, mode)
+    if not isinstance(g, Grant):
+        return 3
+    locked.send()
+    release.recv(timeout=60)
+    table.unlock(g.handle)
+    return 0
+
+
+def hold_forever(table: LockTable, locked: Any) -> int:
+    g = table.lock(me(), INODE, DEVICE, KEY, EX)
+    if not isinstance(g, Grant):
+        return 3
+    locked.send()
+    time.sleep(120)
+    return 4
+
+
+def used(table: LockTable) -> list[Any]:
+    return [e.slot for e in table.scan()]
+
+
+# -- dead owners -----------------------------------------------------------------------------------------
+
+
+def test_a_killed_owner_s_lock_is_reclaimed(table: LockTable, children: Any, pipes: Any) -> None:
+    locked = pipes()
+    pid = children.fork(lambda: hold_forever(table, locked))
+    locked.recv()
+    assert table.lock(me(), INODE, DEVICE, KEY, EX) == Conflict(holder(pid))
+    assert children.kill(pid) == -signal.SIGKILL
+    start = time.monotonic()
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=5)
+    elapsed = time.monotonic() - start
+    assert isinstance(result, Grant)
+    assert elapsed < 0.5
+    assert [(s.pid, s.state) for s in used(table)] == [(os.getpid(), SlotState.GRANTED)]
+    assert table.header().tidy_ops == 1
+
+
+@pytest.mark.slow
+def test_an_owner_killed_while_we_wait_is_reclaimed(table: LockTable, children: Any, pipes: Any) -> None:
+    """Nobody rings for a killed holder: the waiter finds it dead at its next look at the table."""
+    locked = pipes()
+    pid = children.fork(lambda: hold_forever(table, locked))
+    locked.recv()
+    killer = threading.Timer(0.3, children.kill, (pid,))
+    killer.start()
+    try:
+        start = time.monotonic()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        killer.join()
+    assert isinstance(result, Grant)
+    assert elapsed < 0.3 + RECHECK_INTERVAL + 0.5
+    assert [s.pid for s in used(table)] == [os.getpid()]
+
+
+@pytest.mark.slow
+def test_a_killed_owner_not_yet_reaped_is_reclaimed(table: LockTable, children: Any, pipes: Any) -> None:
+    """A killed holder whose parent has not reaped it yet (a zombie) holds nothing: its lock is reclaimed.
+
+    Here the waiter is the dead holder's own parent, which cannot reap it while it waits.
+    """
+    locked = pipes()
+    pid = children.fork(lambda: hold_forever(table, locked))
+    locked.recv()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert owner_gone(pid, time.time())  # the table's own idea of a gone owner
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=RECHECK_INTERVAL + 0.5)
+    assert isinstance(result, Grant), result
+    assert children.wait(pid) == -signal.SIGKILL
+
+
+def test_tidy_frees_the_locks_of_a_dead_process(table: LockTable, children: Any) -> None:
+    def take_and_leave() -> int:
+        for key in (b"A", b"B", b"C"):
+            if not isinstance(table.lock(me(), INODE, DEVICE, key, EX), Grant):
+                return 3
+        return 0  # exits without unlocking
+
+    pid = children.fork(take_and_leave)
+    assert children.wait(pid) == 0
+    assert sorted(s.pid for s in used(table)) == [pid] * 3
+    table.lock(me(), INODE, DEVICE, b"mine", EX)
+    assert table.tidy() == 3
+    assert [s.pid for s in used(table)] == [os.getpid()]
+    assert table.header().tidy_ops == 3
+
+
+def test_owner_gone(children: Any) -> None:
+    pid = children.fork(lambda: 0)
+    assert children.wait(pid) == 0
+    assert owner_gone(pid, time.time())  # no such process (unless the pid was reused within microseconds)
+    started = psutil.Process().create_time()
+    assert not owner_gone(os.getpid(), time.time())
+    assert not owner_gone(os.getpid(), started)
+    assert owner_gone(os.getpid(), started - 60)  # a process younger than the lock reused the pid
+
+
+# -- the semaphore ------------------------------------------------------------------------------------------
+
+
+def test_a_process_killed_holding_the_semaphore_does_not_wedge_the_table(
+    table: LockTable, children: Any, pipes: Any
+) -> None:
+    held, go = pipes(), pipes()
+
+    def take_semaphore_and_die() -> int:
+        table._sem.acquire()
+        held.send()
+        go.recv(timeout=60)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 5
+
+    pid = children.fork(take_semaphore_and_die)
+    held.recv()
+    assert table._sem.value == 0  # the child holds the table
+    go.send()
+    assert children.wait(pid) == -signal.SIGKILL
+    assert table._sem.value == 1  # SEM_UNDO gave it back (checked first: a wedged lock() would hang)
+    start = time.monotonic()
+    result = table.lock(me(), INODE, DEVICE, KEY, EX)
+    assert isinstance(result, Grant)
+    assert time.monotonic() - start < 1.0
+    table.unlock(result.handle)
+
+
+# -- waiting --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_waiter_is_woken_promptly_and_does_not_poll(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the holder's ring can wake the waiter within this test, not its safety-net recheck.
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    locked, waiting, unlocked = pipes(), pipes(), pipes()
+
+    def hold_then_unlock() -> int:
+        g = table.lock(me(), INODE, DEVICE, KEY, EX)
+        if not isinstance(g, Grant):
+            return 3
+        locked.send()
+        waiting.recv(timeout=60)
+        time.sleep(2.0)
+        at = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+        table.unlock(g.handle)
+        unlocked.send(struct.pack("=d", at))
+        return 0
+
+    pid = children.fork(hold_then_unlock)
+    locked.recv()
+    seen: list[Holder] = []
+
+    def on_wait(h: Holder) -> None:
+        seen.append(h)
+        waiting.send()
+
+    cpu = time.thread_time()
+    start = time.monotonic()
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=30, on_wait=on_wait)
+    granted_at = time.monotonic()
+    cpu = time.thread_time() - cpu
+    unlocked_at = struct.unpack("=d", unlocked.recv(8))[0]
+    assert isinstance(result, Grant)
+    assert seen == [holder(pid)]
+    assert granted_at - start >= 1.9
+    assert 0 <= granted_at - unlocked_at < 0.5, f"woken {granted_at - unlocked_at:.3f} s after the unlock"
+    assert cpu < 0.2, f"{cpu:.3f} s of CPU time spent waiting {granted_at - start:.1f} s"
+    assert children.wait(pid) == 0
+    table.unlock(result.handle)
+
+
+def test_a_shared_waiter_is_woken_by_the_last_reader(table: LockTable, children: Any, pipes: Any) -> None:
+    locked, release = pipes(), pipes()
+    pids = [children.fork(lambda: hold_until_told(table, locked, release, PR)) for _ in range(2)]
+    locked.recv(2)
+    bell_owner = me()
+    result = table.lock(bell_owner, INODE, DEVICE, KEY, EX, wait_token=table.doorbell().token)
+    assert isinstance(result, Queued)
+    release.send(b"..")
+    for pid in pids:
+        assert children.wait(pid) == 0
+    assert table.doorbell().wait(1.0)
+    assert isinstance(table.retry(result.handle), Grant)
+
+
+@pytest.mark.slow
+def test_acquire_with_a_timeout_gives_up(table: LockTable, children: Any, pipes: Any) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(lambda: hold_until_told(table, locked, release))
+    locked.recv()
+    start = time.monotonic()
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=0.6)
+    elapsed = time.monotonic() - start
+    assert result == Conflict(holder(pid))
+    assert 0.55 <= elapsed < 1.5
+    # the request was withdrawn: only the child's lock is left, with nobody queued behind it
+    assert [(s.pid, s.state, s.queued) for s in used(table)] == [(pid, SlotState.GRANTED, 0)]
+    start = time.monotonic()
+    assert table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=0) == Conflict(holder(pid))
+    assert time.monotonic() - start < 0.1
+    release.send()
+    assert children.wait(pid) == 0
+    assert used(table) == []
+
+
+# -- mutual exclusion --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mutual_exclusion_under_contention(table: LockTable, children: Any, pipes: Any, tmp_path: Path) -> None:
+    workers, rounds = 4, 300
+    counter = tmp_path / "counter"
+    counter.write_bytes(b"0")
+    start = pipes()
+
+    def worker() -> int:
+        owner = me()
+        fd = os.open(counter, os.O_RDWR)
+        start.recv(timeout=60)
+        for _ in range(rounds):
+            g = table.acquire(owner, INODE, DEVICE, b"COUNTER", EX, timeout=60)
+            if not isinstance(g, Grant):
+                return 3
+            n = int(os.pread(fd, 32, 0))
+            os.sched_yield()  # invite the others into the window a broken lock would leave open
+            os.pwrite(fd, b"%d" % (n + 1), 0)  # the number only grows: no truncation needed
+            table.unlock(g.handle)
+        os.close(fd)
+        return 0
+
+    pids = [children.fork(worker) for _ in range(workers)]
+    start.send(b"." * workers)
+    codes = [children.wait(pid, timeout=100) for pid in pids]
+    assert codes == [0] * workers
+    assert int(counter.read_bytes()) == workers * rounds
+    assert used(table) == []
