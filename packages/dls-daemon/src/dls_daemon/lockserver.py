@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -454,6 +455,20 @@ class LockServer:
         return count
 
 
+class Stopped(ClientGone):
+    """SIGTERM: the operator stops the service (jdls -k); release and go."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the release short
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> int:
-    """Serve one client connection until it goes away; release its locks; return an exit status."""
+    """Serve one client connection until it goes away; release its locks; return an exit status.
+
+    SIGTERM ends the conversation like a client leaving: the handler raises in
+    the main loop, whose ``finally`` releases the client's locks.
+    """
+    signal.signal(signal.SIGTERM, _stop)
     return LockServer(sock, (peer[0], peer[1]), ctx).run()

@@ -1,0 +1,191 @@
+"""The rows of show-item-locks: lock table entries joined with the proc/info documents.
+
+Pure functions, no IPC and no sockets: the local table and a remote snapshot
+both arrive here in the same JSON form (``dls_shm.info.entry_json`` entries and
+info documents), so one piece of code decides what an operator sees wherever
+the data came from, and the tests can feed it plain data.
+
+Why a join at all: the table knows only a file's inode, never its name; the
+name is known only to the client that opened the file, which writes it to
+proc/info under its port. So a lock's FILENAME is found by (port, inode) in the
+documents, and when no document names it the inode itself is shown.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, TypedDict
+
+from dls_shm import KEY_MAX, modes
+
+#: Column titles, as jDLS's SHOW-ITEM-LOCKS prints them.
+COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID")
+#: What the PORT/-PID column shows for a held lock nobody waits for.
+NO_WAITERS = "---"
+#: What the PORT/-PID column shows for a request that waits on a lock no longer held.
+WAITING = "waiting"
+#: A long key keeps this many leading bytes verbatim in its slot (the rest is a digest of the
+#: whole key, see dls_shm's layout): the part that can be shown or matched against proc/info.
+LONG_KEY_PREFIX = KEY_MAX - 16
+
+Document = Mapping[str, Any]
+
+
+class Row(TypedDict):
+    """One line of the display; also the object ``--json`` prints."""
+
+    ipaddr: str
+    port: int
+    pid: int
+    filename: str
+    key: str
+    lock: str
+    value: int
+    mode: str
+    state: str
+    waiters: list[int]
+    inode: int
+    device: int
+    server_pid: int
+    thread: int
+
+
+class SnapshotError(ValueError):
+    """The lock entries or documents are not in the form this version reads."""
+
+
+def inode_name(inode: int) -> str:
+    """How a file without a known name is shown: its inode, zero padded as jDLS prints it."""
+    return f"inode {inode:08d}"
+
+
+def lock_label(value: int, mode: str) -> str:
+    """The LOCK# column: the resource's 32-bit value and the mode's letter (W for EX, R for PR)."""
+    return f"0x{value:08x},{modes.LETTERS[modes.parse(mode)]}"
+
+
+class _Names:
+    """File names and full record keys that the info documents give, by (port, inode)."""
+
+    def __init__(self, documents: Iterable[Document]) -> None:
+        self.paths: dict[tuple[int, int], str] = {}
+        self.keys: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for doc in documents:
+            port = doc.get("port")
+            if not isinstance(port, int):
+                continue  # not a document of a port: nothing to join on
+            for item in [*_items(doc, "files"), *_items(doc, "locks")]:
+                inode, path = item.get("inode"), item.get("path")
+                if isinstance(inode, int) and isinstance(path, str) and path:
+                    self.paths.setdefault((port, inode), path)
+            for item in _items(doc, "locks"):
+                inode, key = item.get("inode"), item.get("key")
+                if isinstance(inode, int) and isinstance(key, str):
+                    self.keys[(port, inode)].append(key)
+
+    def filename(self, port: int, inode: int) -> str:
+        return self.paths.get((port, inode)) or inode_name(inode)
+
+    def key(self, port: int, inode: int, stored: str, long_key: bool) -> str:
+        """The record key to show. A long key's slot holds only a prefix and a digest:
+        the full key comes from the client's document when it names one with that prefix."""
+        if not long_key:
+            return stored
+        prefix = stored.encode("utf-8", "surrogatepass")[:LONG_KEY_PREFIX]
+        for full in self.keys.get((port, inode), ()):
+            data = full.encode("utf-8", "surrogatepass")
+            if len(data) >= KEY_MAX and data.startswith(prefix):
+                return full
+        return prefix.decode("utf-8", "ignore") + "..."
+
+
+def _items(doc: Document, name: str) -> list[Mapping[str, Any]]:
+    value = doc.get(name)
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+def _resource(entry: Document) -> tuple[int, int, int, str]:
+    """What makes two slots the same lock: value, file and key (values can collide)."""
+    return entry["value"], entry["inode"], entry["device"], entry["key"]
+
+
+def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list[Row]:
+    """One row per held lock, sorted by file name then key; waiters go in the holders' rows.
+
+    A waiting request whose resource has no holder at this instant (the holder
+    just left and the waiter has not yet woken) gets a row of its own marked
+    ``waiting``, so that no slot of the table is hidden from the operator.
+    """
+    names = _Names(documents)
+    by_resource: dict[tuple[int, int, int, str], list[Document]] = defaultdict(list)
+    try:
+        for entry in locks:
+            by_resource[_resource(entry)].append(entry)
+        rows: list[Row] = []
+        for entries in by_resource.values():
+            held = [e for e in entries if e["state"] == "granted"]
+            queue = sorted((e for e in entries if e["state"] == "waiting"), key=lambda e: (e["timestamp"], e["index"]))
+            waiters = [int(e["port"]) for e in queue]
+            if held:
+                rows.extend(_row(e, names, waiters) for e in held)
+            else:
+                rows.extend(_row(e, names, []) for e in queue)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SnapshotError(f"lock entry not understood: {exc!r}") from None
+    rows.sort(key=lambda r: (r["filename"], r["key"], r["port"], r["pid"]))
+    return rows
+
+
+def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
+    port, inode = int(entry["port"]), int(entry["inode"])
+    # A lock server holds a remote client's lock under its own pid: show the client's.
+    client_pid = int(entry.get("client_pid") or 0) or int(entry["pid"])
+    return Row(
+        ipaddr=str(entry["ip"]),
+        port=port,
+        pid=client_pid,
+        filename=names.filename(port, inode),
+        key=names.key(port, inode, str(entry["key"]), bool(entry.get("long_key"))),
+        lock=lock_label(int(entry["value"]), str(entry["mode"])),
+        value=int(entry["value"]),
+        mode=str(entry["mode"]),
+        state=str(entry["state"]),
+        waiters=waiters,
+        inode=inode,
+        device=int(entry["device"]),
+        server_pid=int(entry["pid"]),
+        thread=int(entry.get("thread") or 0),
+    )
+
+
+def select_rows(
+    rows: Iterable[Row], *, file: str | None = None, key: str | None = None, port: int | None = None
+) -> list[Row]:
+    """The rows an operator asked for: file name containing ``file``, exactly ``key``, and
+    ``port`` holding the lock or waiting for it (so one port's whole story shows)."""
+    return [
+        r for r in rows
+        if (file is None or file in r["filename"])
+        and (key is None or r["key"] == key)
+        and (port is None or r["port"] == port or port in r["waiters"])
+    ]
+
+
+def waiters_column(row: Row) -> str:
+    if row["state"] == "waiting":
+        return WAITING
+    return ",".join(str(p) for p in row["waiters"]) or NO_WAITERS
+
+
+def format_rows(rows: Iterable[Row]) -> list[str]:
+    """The column titles and one line per row, tab separated as jDLS printed them
+    (a record key may contain spaces; a tab keeps ``cut -f`` and ``awk -F'\\t'`` working)."""
+    lines = ["\t".join(COLUMNS)]
+    for r in rows:
+        lines.append("\t".join(
+            (r["ipaddr"], str(r["port"]), str(r["pid"]), r["filename"], r["key"], r["lock"], waiters_column(r))
+        ))
+    return lines

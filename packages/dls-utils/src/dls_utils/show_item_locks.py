@@ -1,0 +1,183 @@
+"""``show-item-locks`` (``SHOW-ITEM-LOCKS``): who holds which record lock, and who waits for it.
+
+The lock table alone cannot answer an operator's question, as it knows a
+file only by its inode; the clients' proc/info documents know the names. This
+tool joins the two (see ``rows``) and prints one line per held lock.
+
+Where the data comes from, in order: ``--server``; else ``--local``; else the
+SERVER of $JDLS, since a process configured for a remote lock service should
+see that service's locks; else the table of the local instance
+($JBCRELEASEDIR). The remote way asks the service for a snapshot over the
+wire protocol (see ``remote``), so it works from any application server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from dls_shm import Instance, LockTable, TableError, TableMissing, info
+
+from .remote import DEFAULT_PORT, RemoteError, Server, fetch_snapshot, parse_server, server_from_jdls
+from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
+
+PROG = "show-item-locks"
+NO_LOCKS = "(no record locks)"
+
+EPILOG = f"""\
+columns:
+  IPADDR     the client's address: 0.0.0.0 for a process locking directly in the
+             table, 127.0.0.1 for a local process going through the listener,
+             else the address of the remote client
+  PORT, PID  the client's port number and process id
+  FILENAME   from the client's proc/info document, else the file's inode
+  LOCK#      the lock's 32-bit value and mode letter (W write/EX, R read/PR)
+  PORT/-PID  the ports queued for the lock, or ---
+
+source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
+(port {DEFAULT_PORT} when not given), else the lock table of $JBCRELEASEDIR.
+"""
+
+
+def _port_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a port number (0 or more)")
+    return int(text)
+
+
+def _server(text: str) -> Server:
+    try:
+        return parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Show the record locks of a dls lock service: who holds each one, on which file and "
+        "record, and which ports wait for it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--file", metavar="PATH", help="only locks whose file name contains PATH")
+    parser.add_argument("--key", metavar="KEY", help="only locks of exactly this record key")
+    parser.add_argument("--port", metavar="N", type=_port_number,
+                        help="only locks that port N holds or waits for")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--server", metavar="HOST[,PORT]", type=_server,
+                        help=f"ask the lock service on HOST (port {DEFAULT_PORT} unless given) over TCP")
+    source.add_argument("--local", action="store_true",
+                        help="read the local lock table even when $JDLS names a server")
+    return parser
+
+
+class Failure(Exception):
+    """Why no display can be made; printed as ``show-item-locks: <message>``, exit 1."""
+
+
+def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
+    """Heading, lock entries and info documents of the local instance."""
+    try:
+        instance = Instance.from_environment()
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    try:
+        table = LockTable.attach(instance.key)
+    except TableMissing:
+        raise Failure(f"no lock table for JBCRELEASEDIR={instance.root} (is jdls running?)") from None
+    except TableError as exc:
+        raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
+    try:
+        locks = [info.entry_json(e) for e in table.scan()]
+    except TableError as exc:
+        raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
+    finally:
+        table.close()
+    documents = list(info.read_all(instance))
+    heading = (f"{PROG} information retrieved from the lock table and proc/info of "
+               f"JBCRELEASEDIR={instance.root} on host {socket.gethostname()}")
+    return heading, locks, documents, None
+
+
+def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
+    """Heading, lock entries and info documents of a lock service, from its snapshot."""
+    try:
+        snapshot = fetch_snapshot(server)
+    except RemoteError as exc:
+        raise Failure(str(exc)) from None
+    locks, documents = snapshot.get("locks", []), snapshot.get("info", [])
+    if not isinstance(locks, list) or not isinstance(documents, list):
+        raise Failure(f"the lock service at {server} sent a snapshot without lists of locks and info")
+    documents = [d for d in documents if isinstance(d, dict)]
+    host = snapshot.get("host") or server.host
+    heading = (f"{PROG} information retrieved from the lock table and proc/info of the lock service "
+               f"at {server} on host {host}")
+    note = None
+    if snapshot.get("mechanism") == "oslocks":
+        note = "(the service uses OS file locks: its record locks are not in a lock table)"
+    return heading, locks, documents, note
+
+
+def _source(args: argparse.Namespace) -> Server | None:
+    """The server to ask, or None for the local table."""
+    if args.server is not None:
+        return args.server  # type: ignore[no-any-return]
+    if args.local:
+        return None
+    jdls = os.environ.get("JDLS")
+    if jdls is None:
+        return None
+    try:
+        return server_from_jdls(jdls)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+
+
+def render(heading: str, rows: Sequence[Row], note: str | None = None) -> list[str]:
+    """The text display: heading, a blank line, then the columns (or a word that there are none)."""
+    lines = [heading, ""]
+    if note:
+        lines.append(note)
+    if rows:
+        lines.extend(format_rows(rows))
+    else:
+        lines.append(NO_LOCKS)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), -h (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        server = _source(args)
+        heading, locks, documents, note = _remote(server) if server is not None else _local()
+        try:
+            rows = build_rows(locks, documents)
+        except SnapshotError as exc:
+            raise Failure(str(exc)) from None
+    except Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
+    text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (head, less) has had enough: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""show-item-locks --server against a real jdls: the snapshot travels over the wire protocol.
+
+The daemon runs as a real program (``python -m dls_daemon``) on a free port
+with a private JBCRELEASEDIR; clients are raw dls-proto sockets, so that this
+test also says exactly what a client sends. Teardown stops (-k) and removes
+(-K) the service and fails if IPC or a process of it is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+from dls_proto import (
+    NEED_DATA,
+    WAIT_FOREVER,
+    Connection,
+    Echo,
+    EchoReply,
+    Granted,
+    Hello,
+    InfoPut,
+    Lock,
+    LockFlag,
+    Mode,
+    Role,
+    Welcome,
+)
+from dls_shm import Instance, resource_value
+from dls_utils.show_item_locks import main
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+KEY = "USD163170001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    root: Path
+    port: int
+    env: dict[str, str]
+    instance: Instance
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE or "dls_daemon" not in (proc.info["cmdline"] or []):
+                    continue
+                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+
+@pytest.fixture
+def service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ipc_left: Callable[[int], list[str]]
+) -> Iterator[Service]:
+    root = tmp_path / "service"
+    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS")}
+    env["JBCRELEASEDIR"] = str(root)
+    # show-item-locks itself must not find a table or JDLS of its own by accident.
+    for name in ("JDLS", "DLS_IPC_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JBCRELEASEDIR", str(tmp_path / "elsewhere"))
+    svc = Service(root, free_port(), env, Instance.from_environment(root))
+    assert not ipc_left(svc.instance.key)
+    started = svc.jdls("-ib", "--port", str(svc.port))
+    try:
+        assert started.returncode == 0, started.stderr
+        yield svc
+    finally:
+        for sock in svc.sockets:
+            sock.close()
+        stop = svc.jdls("-k")
+        remove = svc.jdls("-K")
+        leftovers = svc.processes()
+        for proc in leftovers:  # never leave them to the next run, but still fail
+            proc.kill()
+        left = ipc_left(svc.instance.key)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not leftovers, f"processes left after jdls -k: {leftovers}"
+        assert not left, f"IPC left after jdls -K: {left}"
+
+
+def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
+    sock.settimeout(10)
+    while True:
+        event = conn.next_event()
+        if isinstance(event, kind):
+            return event
+        assert event is NEED_DATA, f"unexpected {event!r}"
+        data = sock.recv(65536)
+        assert data, "the lock server closed the connection"
+        conn.receive_data(data)
+
+
+def client(svc: Service, port: int) -> tuple[socket.socket, Connection, Welcome]:
+    """A connected client that says it is ``port``: the socket, its connection and the Welcome."""
+    sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+    svc.sockets.append(sock)
+    conn = Connection(Role.CLIENT)
+    sock.sendall(conn.send(Hello(1, 1, 1, 0, port, os.getpid(), 1, "test-host", "pytest")))
+    return sock, conn, receive(sock, conn, Welcome)
+
+
+def describe(sock: socket.socket, conn: Connection, path: Path) -> None:
+    """Send the client's lock information, and wait until the lock server has written it."""
+    document = {"files": [{"path": str(path), "inode": path.stat().st_ino}], "locks": []}
+    sock.sendall(conn.send(InfoPut(8, json.dumps(document).encode())))
+    sock.sendall(conn.send(Echo(9, b"sync")))
+    receive(sock, conn, EchoReply)
+
+
+def snapshot_rows(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, Any]]:
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    return rows
+
+
+def test_a_lock_through_the_listener(service: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "FBNK.ACCOUNT"
+    data.write_text("")
+    inode = data.stat().st_ino
+    sock, conn, welcome = client(service, 4)
+    sock.sendall(conn.send(Lock(2, Mode.EX, 0, 0, 1, inode, -1, KEY.encode(), str(data))))
+    receive(sock, conn, Granted)
+    describe(sock, conn, data)
+    lock_no = f"0x{resource_value(inode, -1, KEY.encode()):08x},W"
+    server = f"127.0.0.1,{service.port}"
+
+    assert main(["--server", server]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"show-item-locks information retrieved from the lock table and proc/info of the "
+                               f"lock service at {server} on host ")
+    assert lines[2:] == [
+        "IPADDR\tPORT\tPID\tFILENAME\tRECORD KEY\tLOCK#\tPORT/-PID",
+        f"127.0.0.1\t4\t{os.getpid()}\t{data}\t{KEY}\t{lock_no}\t---",
+    ]
+    (row,) = snapshot_rows(capsys, "--server", server)
+    assert row["server_pid"] == welcome.server_pid != os.getpid()
+
+    # A second client waits for the lock: its port shows in the holder's row.
+    sock2, conn2, _ = client(service, 5)
+    sock2.sendall(conn2.send(Lock(2, Mode.EX, LockFlag.NO_INTERIM, WAIT_FOREVER, 1, inode, -1, KEY.encode(),
+                                  str(data))))
+    deadline = time.monotonic() + 10
+    while (rows := snapshot_rows(capsys, "--server", server))[0]["waiters"] != [5]:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+    assert len(rows) == 1 and rows[0]["port"] == 4
+
+    # JDLS's SERVER is used when no --server is given.
+    monkeypatch.setenv("JDLS", f"SERVER=127.0.0.1,{service.port}")
+    assert [r["port"] for r in snapshot_rows(capsys)] == [4]
+    assert [r["port"] for r in snapshot_rows(capsys, "--file", "CUSTOMER")] == []

@@ -1,0 +1,201 @@
+"""The lock/unlock benchmark: dls figures beside the floors they cannot beat, from one run.
+
+The machine is shared and noisy, so every figure is compared with a floor
+measured in the same run, and the ratio is what to read:
+
+- remote cycles (lock then unlock through the real daemon over loopback TCP),
+  one client, then eight client processes at once; floor: a plain Python TCP
+  echo round trip over loopback;
+- local cycles (lock then unlock directly in the shared-memory table); floor:
+  fcntl.lockf lock then unlock on a local file.
+
+Usage: ./dev bench [--seconds S]   (figures, not a test: nothing is asserted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+from dls_client import Client, FileRef
+from dls_shm import LOCAL_IP, Instance, LockTable, Owner, geometry_for
+
+KEY = b"USD163170001"
+FILE = FileRef(1483651, "ac/FBNK.ACCOUNT")
+
+
+def timed(body: Callable[[int], None], seconds: float) -> float:
+    """Operations per second of ``body(n)`` (which runs n operations), over about ``seconds``."""
+    n = 200
+    while True:  # grow the batch until it takes a measurable time
+        start = time.perf_counter()
+        body(n)
+        elapsed = time.perf_counter() - start
+        if elapsed > seconds / 10:
+            break
+        n *= 4
+    total, spent = 0, 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        body(n)
+        spent += time.perf_counter() - start
+        total += n
+    return total / spent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- floors ------------------------------------------------------------------------
+
+
+def echo_floor(seconds: float) -> float:
+    """Round trips per second of a plain Python TCP echo over loopback (a forked echo server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    pid = os.fork()
+    if pid == 0:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(4096):
+            conn.sendall(data)
+        os._exit(0)
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message = b"x" * 60  # about the size of a Lock frame
+
+    def body(n: int) -> None:
+        for _ in range(n):
+            sock.sendall(message)
+            sock.recv(4096)
+
+    try:
+        return timed(body, seconds)
+    finally:
+        sock.close()
+        listener.close()
+        os.waitpid(pid, 0)
+
+
+def lockf_floor(seconds: float, directory: str) -> float:
+    """Lock+unlock cycles per second of fcntl.lockf on a local file."""
+    fd = os.open(os.path.join(directory, "lockf-floor"), os.O_RDWR | os.O_CREAT, 0o600)
+
+    def body(n: int) -> None:
+        for _ in range(n):
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, 5)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 5)
+
+    try:
+        return timed(body, seconds)
+    finally:
+        os.close(fd)
+
+
+# -- dls ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def service(root: str) -> Iterator[int]:
+    """A real daemon (monitor, listener) in its own instance, stopped and removed afterwards."""
+    port = free_port()
+    env = {**os.environ, "JBCRELEASEDIR": root}
+    jdls = [sys.executable, "-m", "dls_daemon"]
+    subprocess.run([*jdls, "-ibs13000,50", "--port", str(port)], env=env, check=True, stdout=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        subprocess.run([*jdls, "-k"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.run([*jdls, "-K"], env=env, stdout=subprocess.DEVNULL)
+
+
+def remote_cycles(client: Client, key: bytes) -> Callable[[int], None]:
+    def body(n: int) -> None:
+        lock = client.lock
+        for _ in range(n):
+            lock(FILE, key).release()
+
+    return body
+
+
+def remote_worker(port: int, index: int, seconds: float, results: multiprocessing.Queue[float]) -> None:
+    os.environ["JDLS"] = f"SERVER=127.0.0.1,{port}"
+    client = Client()
+    client.lock(FILE, b"warm-up").release()
+    results.put(timed(remote_cycles(client, KEY + b"%d" % index), seconds))
+    client.close()
+
+
+def remote_parallel(port: int, processes: int, seconds: float) -> float:
+    ctx = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue[float] = ctx.Queue()
+    workers = [ctx.Process(target=remote_worker, args=(port, i, seconds, results)) for i in range(processes)]
+    for w in workers:
+        w.start()
+    total = sum(results.get(timeout=seconds * 20 + 30) for _ in workers)
+    for w in workers:
+        w.join()
+    return total
+
+
+def local_cycles(root: str, seconds: float) -> float:
+    table = LockTable.attach(Instance.from_environment(root).key)
+    owner = Owner(os.getpid(), 1, os.getpid(), os.getpid(), LOCAL_IP)
+
+    def body(n: int) -> None:
+        lock, unlock = table.lock, table.unlock
+        for _ in range(n):
+            unlock(lock(owner, FILE.inode, -1, KEY, 5).handle)  # type: ignore[union-attr]
+
+    try:
+        return timed(body, seconds)
+    finally:
+        table.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per figure (default 2)")
+    args = parser.parse_args(argv)
+    s = args.seconds
+    with tempfile.TemporaryDirectory(prefix="dls-bench-") as root:
+        print(f"dls benchmark: {os.cpu_count()} cores, {s:g} s per figure; ratio = figure / floor of this run")
+        echo = echo_floor(s)
+        lockf = lockf_floor(s, root)
+        with service(root) as port:
+            os.environ["JDLS"] = f"SERVER=127.0.0.1,{port}"
+            client = Client()
+            client.lock(FILE, b"warm-up").release()
+            one = timed(remote_cycles(client, KEY), s)
+            client.close()
+            eight = remote_parallel(port, 8, s)
+            local = local_cycles(root, s)
+        _ = geometry_for  # the table is sized by the daemon (-s13000,50)
+    rows = [
+        ("TCP echo round trips (floor)", echo, None),
+        ("remote lock+unlock, 1 client", one, echo),
+        ("remote lock+unlock, 8 client processes", eight, echo),
+        ("fcntl.lockf lock+unlock (floor)", lockf, None),
+        ("local table lock+unlock", local, lockf),
+    ]
+    for name, value, floor in rows:
+        ratio = f"{value / floor:5.2f} of floor" if floor else ""
+        print(f"  {name:<42} {value:>11,.0f} /s  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
