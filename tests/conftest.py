@@ -47,14 +47,6 @@ def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = 
         time.sleep(poll)
 
 
-def alive(pid: int) -> bool:
-    """A process with this pid exists and is not a zombie."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _within(path: str, root: Path) -> bool:
     return path == str(root) or path.startswith(str(root) + os.sep)
 

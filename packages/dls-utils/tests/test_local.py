@@ -62,9 +62,9 @@ def test_the_guides_three_ports(guide: Any, capsys: pytest.CaptureFixture[str]) 
     assert lines[1:] == [
         "",
         "IPADDR\tPORT\tPID\tFILENAME\tRECORD KEY\tLOCK#\tPORT/-PID",
-        f"0.0.0.0\t2\t15071\t{PATH}\t32549\t{lock_no('32549')}\t---",
-        f"10.44.1.55\t1000\t15031\t{PATH}\t33537\t{lock_no('33537')}\t---",
-        f"127.0.0.1\t4\t15112\t{PATH}\tUSD163170001\t{lock_no('USD163170001')}\t---",
+        f"0.0.0.0\t2\t{ME}\t{PATH}\t32549\t{lock_no('32549')}\t---",
+        f"10.44.1.55\t1000\t{ME}\t{PATH}\t33537\t{lock_no('33537')}\t---",
+        f"127.0.0.1\t4\t{ME}\t{PATH}\tUSD163170001\t{lock_no('USD163170001')}\t---",
     ]
 
 
@@ -73,12 +73,12 @@ def test_json(guide: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, err
     rows = json.loads("\n".join(lines))
     assert [(r["ipaddr"], r["port"], r["pid"], r["filename"], r["key"], r["lock"], r["waiters"]) for r in rows] == [
-        ("0.0.0.0", 2, 15071, PATH, "32549", lock_no("32549"), []),
-        ("10.44.1.55", 1000, 15031, PATH, "33537", lock_no("33537"), []),
-        ("127.0.0.1", 4, 15112, PATH, "USD163170001", lock_no("USD163170001"), []),
+        ("0.0.0.0", 2, ME, PATH, "32549", lock_no("32549"), []),
+        ("10.44.1.55", 1000, ME, PATH, "33537", lock_no("33537"), []),
+        ("127.0.0.1", 4, ME, PATH, "USD163170001", lock_no("USD163170001"), []),
     ]
-    assert {(r["server_pid"], r["mode"], r["state"], r["inode"], r["device"]) for r in rows} == {
-        (ME, "EX", "granted", INODE, DEVICE)}
+    assert [r["client_pid"] for r in rows] == [15071, 15031, 15112]
+    assert {(r["mode"], r["state"], r["inode"], r["device"]) for r in rows} == {("EX", "granted", INODE, DEVICE)}
 
 
 def test_a_waiter_shows_in_the_holders_row(guide: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,10 +90,10 @@ def test_a_waiter_shows_in_the_holders_row(guide: Any, capsys: pytest.CaptureFix
             assert isinstance(queued, Queued), queued
         code, lines, err = run(capsys, "--key", "33537")
         assert code == 0, err
-        assert lines[3:] == [f"10.44.1.55\t1000\t15031\t{PATH}\t33537\t{lock_no('33537')}\t7,8"]
+        assert lines[3:] == [f"10.44.1.55\t1000\t{ME}\t{PATH}\t33537\t{lock_no('33537')}\t7,8"]
         # A waiting port finds the lock it waits for.
         code, lines, err = run(capsys, "--port", "8")
-        assert lines[3:] == [f"10.44.1.55\t1000\t15031\t{PATH}\t33537\t{lock_no('33537')}\t7,8"]
+        assert lines[3:] == [f"10.44.1.55\t1000\t{ME}\t{PATH}\t33537\t{lock_no('33537')}\t7,8"]
     finally:
         for bell in bells:
             bell.close()
@@ -104,7 +104,7 @@ def test_read_locks_and_filters(guide: Any, capsys: pytest.CaptureFixture[str]) 
     info.write(guide.instance, 9, {"files": [{"path": "cu/FBNK.CUSTOMER", "inode": 77}], "locks": []})
     code, lines, _ = run(capsys, "--file", "CUSTOMER")
     assert code == 0
-    assert lines[3:] == [f"0.0.0.0\t9\t909\tcu/FBNK.CUSTOMER\tCUST1\t{lock_no('CUST1', 'R', 77)}\t---"]
+    assert lines[3:] == [f"0.0.0.0\t9\t{ME}\tcu/FBNK.CUSTOMER\tCUST1\t{lock_no('CUST1', 'R', 77)}\t---"]
     _, lines, _ = run(capsys, "--file", "ACCOUNT")
     assert [line.split("\t")[1] for line in lines[3:]] == ["2", "1000", "4"]
     _, lines, _ = run(capsys, "--port", "1000")

@@ -160,10 +160,11 @@ def test_a_lock_through_the_listener(service: Service, tmp_path: Path, capsys: p
                                f"lock service at {server} on host ")
     assert lines[2:] == [
         "IPADDR\tPORT\tPID\tFILENAME\tRECORD KEY\tLOCK#\tPORT/-PID",
-        f"127.0.0.1\t4\t{os.getpid()}\t{data}\t{KEY}\t{lock_no}\t---",
+        f"127.0.0.1\t4\t{welcome.server_pid}\t{data}\t{KEY}\t{lock_no}\t---",
     ]
     (row,) = snapshot_rows(capsys, "--server", server)
-    assert row["server_pid"] == welcome.server_pid != os.getpid()
+    assert row["pid"] == welcome.server_pid != os.getpid()
+    assert row["client_pid"] == os.getpid()
 
     # A second client waits for the lock: its port shows in the holder's row.
     sock2, conn2, _ = client(service, 5)

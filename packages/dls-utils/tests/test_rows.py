@@ -67,7 +67,7 @@ def test_a_name_is_matched_by_port_and_inode() -> None:
 def test_a_lock_server_pid_falls_back_when_no_client_pid() -> None:
     e = entry(1, 5, 0, "10.0.0.9", "K", pid=777)
     (row,) = build_rows([e], [])
-    assert row["pid"] == 777 and row["server_pid"] == 777
+    assert row["pid"] == 777 and row["client_pid"] == 777
 
 
 def test_waiters_are_shown_in_the_holders_row_in_queue_order() -> None:

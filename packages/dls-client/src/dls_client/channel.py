@@ -45,11 +45,12 @@ CONNECT_TIMEOUT = 5.0
 class Channel:
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
-        unsolicited: Callable[[Message], None],
+        unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
         self._unsolicited = unsolicited
+        self._on_failure = on_failure
         try:
             self.sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
@@ -190,6 +191,8 @@ class Channel:
                 self.sock.close()
             except OSError:
                 pass
+            if self._on_failure is not None:
+                self._on_failure(f"Client: {message}")
         with self._cond:
             self._cond.notify_all()
         return self.failure

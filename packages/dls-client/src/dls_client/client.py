@@ -145,7 +145,7 @@ class Client:
                       identity.thread_id(), identity.host_name(), identity.program_name())
         try:
             return Channel(server, hello, ack_timeout=None if self.config.wait else self.config.timeout,
-                           unsolicited=self._unsolicited)
+                           unsolicited=self._unsolicited, on_failure=self.trace.error)
         except ServiceUnavailable as exc:
             self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
             raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -135,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(command: str, arguments: list[str]) -> int:
     try:
-        child = subprocess.Popen([command, *arguments], preexec_fn=_die_with_parent)  # noqa: PLW1509
+        child = subprocess.Popen([command, *arguments], preexec_fn=_die_with_parent)
     except FileNotFoundError:
         print(f"dls-lock: {command}: command not found", file=sys.stderr)
         return 127

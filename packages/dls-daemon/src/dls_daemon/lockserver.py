@@ -194,10 +194,7 @@ class LockServer:
         limit = self.ctx.limits.max_locks_per_client
         token = self._doorbell().token
         while True:
-            if self.pending:
-                self._wait_with_pending()
-            else:
-                receive(recv(65536))
+            # Events first: bytes that came with the Hello are already buffered.
             while True:
                 event = next_event()
                 kind = type(event)
@@ -230,6 +227,10 @@ class LockServer:
                     break
                 else:
                     handle(event)  # type: ignore[arg-type]
+            if self.pending:
+                self._wait_with_pending()
+            else:
+                receive(recv(65536))
 
     def _wait_with_pending(self) -> None:
         """Sleep on the socket and the doorbell until either speaks or a timer is due."""

@@ -47,7 +47,7 @@ class Row(TypedDict):
     waiters: list[int]
     inode: int
     device: int
-    server_pid: int
+    client_pid: int
     thread: int
 
 
@@ -141,12 +141,14 @@ def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list
 
 def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
     port, inode = int(entry["port"]), int(entry["inode"])
-    # A lock server holds a remote client's lock under its own pid: show the client's.
-    client_pid = int(entry.get("client_pid") or 0) or int(entry["pid"])
+    # As jDLS shows it: PID is the process holding the lock in the table, which for a
+    # client served through the listener is its lock server; the client's own pid
+    # is client_pid.
+    pid = int(entry["pid"])
     return Row(
         ipaddr=str(entry["ip"]),
         port=port,
-        pid=client_pid,
+        pid=pid,
         filename=names.filename(port, inode),
         key=names.key(port, inode, str(entry["key"]), bool(entry.get("long_key"))),
         lock=lock_label(int(entry["value"]), str(entry["mode"])),
@@ -156,7 +158,7 @@ def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
         waiters=waiters,
         inode=inode,
         device=int(entry["device"]),
-        server_pid=int(entry["pid"]),
+        client_pid=int(entry.get("client_pid") or 0) or pid,
         thread=int(entry.get("thread") or 0),
     )
 
