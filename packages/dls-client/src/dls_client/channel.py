@@ -33,6 +33,7 @@ from dls_proto import (
     Waiting,
     Welcome,
 )
+from dls_proto.transport import SpinningReader
 
 from .config import Server
 from .errors import AcknowledgementTimeout, ServiceUnavailable
@@ -66,6 +67,7 @@ class Channel:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(slice_),
                                                                                 int(slice_ % 1 * 1e6)))
         self.conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        self._read_socket = SpinningReader(self.sock).read
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -158,7 +160,7 @@ class Channel:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
                 try:
-                    data = self.sock.recv(65536)
+                    data = self._read_socket()
                 except BlockingIOError:
                     continue  # a receive-timeout slice passed; look at the deadline
                 except OSError as exc:

@@ -54,6 +54,7 @@ from dls_proto import (
     Welcome,
     choose_version,
 )
+from dls_proto.transport import SpinningReader
 from dls_shm import (
     RECHECK_INTERVAL,
     Conflict,
@@ -180,7 +181,7 @@ class LockServer:
     def _loop(self) -> None:
         """The hot loop: Lock and Unlock are handled inline, everything else by ``_handle``."""
         conn = self.conn
-        recv = self.sock.recv
+        read = SpinningReader(self.sock).read
         sendall = self.sock.sendall
         receive = conn.receive_data
         next_event = conn.next_event
@@ -230,7 +231,7 @@ class LockServer:
             if self.pending:
                 self._wait_with_pending()
             else:
-                receive(recv(65536))
+                receive(read())
 
     def _wait_with_pending(self) -> None:
         """Sleep on the socket and the doorbell until either speaks or a timer is due."""

@@ -1,0 +1,79 @@
+"""SpinningReader with real sockets: polls when it pays, sleeps otherwise, never loses data."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from dls_proto import transport
+from dls_proto.transport import SpinningReader
+
+
+@pytest.fixture
+def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with a core to spare, whatever the test run around it is doing."""
+    monkeypatch.setattr(transport, "_runnable", lambda: 1)
+
+
+@pytest.fixture
+def pair() -> object:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_data_already_there_is_read_by_the_poll(pair: tuple[socket.socket, socket.socket],
+                                                 idle_machine: None) -> None:
+    a, b = pair
+    b.sendall(b"granted")
+    reader = SpinningReader(a)
+    assert reader.read() == b"granted"
+    assert reader._misses == 0
+
+
+def test_no_data_during_the_poll_falls_back_to_a_sleeping_recv(pair: tuple[socket.socket, socket.socket],
+                                                                idle_machine: None) -> None:
+    a, b = pair
+    threading.Timer(0.05, b.sendall, (b"late",)).start()
+    reader = SpinningReader(a)
+    start = time.monotonic()
+    assert reader.read() == b"late"
+    assert time.monotonic() - start >= 0.04
+    assert reader._misses == 1
+
+
+def test_it_rests_after_polls_that_keep_finding_nothing(pair: tuple[socket.socket, socket.socket],
+                                                        monkeypatch: pytest.MonkeyPatch, idle_machine: None) -> None:
+    a, b = pair
+    reader = SpinningReader(a)
+    polls = 0
+    real_poll = reader._poll
+
+    def counting_poll() -> bytes | None:
+        nonlocal polls
+        polls += 1
+        return real_poll()
+
+    monkeypatch.setattr(reader, "_poll", counting_poll)
+    for _ in range(transport.MISSES + 5):
+        threading.Timer(0.002, b.sendall, (b"x",)).start()
+        assert reader.read() == b"x"
+    assert polls == transport.MISSES  # then it rested
+    assert reader._rest == transport.REST - 5
+
+
+def test_no_poll_while_the_machine_has_no_core_to_spare(pair: tuple[socket.socket, socket.socket],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    monkeypatch.setattr(transport, "_runnable", lambda: transport._CORES + 3)
+    reader = SpinningReader(a)
+    monkeypatch.setattr(reader, "_poll", lambda: pytest.fail("polled on a busy machine"))
+    b.sendall(b"y")
+    assert reader.read() == b"y"
+
+
+def test_runnable_reads_the_kernels_count() -> None:
+    assert transport._runnable() >= 1  # this process is running while it asks
