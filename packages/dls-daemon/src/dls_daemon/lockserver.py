@@ -227,7 +227,11 @@ class LockServer:
                 elif event is NEED_DATA:
                     break
                 else:
-                    handle(event)  # type: ignore[arg-type]
+                    try:
+                        handle(event)  # type: ignore[arg-type]
+                    except TableError as exc:  # no table (OS-lock mode), or it was removed
+                        self.log.error("client %s: %s", self._who(), exc)
+                        self._send(Error(getattr(event, "request_id", 0), ErrorCode.INTERNAL, str(exc)))
             if self.pending:
                 self._wait_with_pending()
             else:
