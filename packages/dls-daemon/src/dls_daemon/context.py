@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dls_shm import Instance, LockTable
 
@@ -18,6 +19,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
 #: Seconds between interim Waiting messages to a client whose request waits.
 DEFAULT_INTERIM_PERIOD = 5.0
+#: Clients served at once by one listener.
+DEFAULT_MAX_CLIENTS = 1000
+#: Longest a client host may vanish without a word before its locks are released (seconds).
+DEFAULT_DEAD_CLIENT_BOUND = 15.0
+#: Where OS file locks live when there is no table (record locks; binary locks).
+DEFAULT_LOCK_DIR = "/tmp/jbase"  # noqa: S108 - the place jDLS documents
+DEFAULT_BINARY_LOCK_DIR = "/tmp/jbase_lock"  # noqa: S108 - the place jDLS documents
 
 
 @dataclass
@@ -26,6 +34,8 @@ class Limits:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_locks_per_client: int = DEFAULT_MAX_LOCKS_PER_CLIENT
     interim_period: float = DEFAULT_INTERIM_PERIOD
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    dead_client_bound: float = DEFAULT_DEAD_CLIENT_BOUND
 
 
 @dataclass
@@ -35,3 +45,5 @@ class ServerContext:
     log: logging.Logger
     limits: Limits = field(default_factory=Limits)
     port_owners: bool = False  # jdls -P
+    lock_dir: Path = Path(DEFAULT_LOCK_DIR)
+    binary_lock_dir: Path = Path(DEFAULT_BINARY_LOCK_DIR)
