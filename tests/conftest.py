@@ -206,7 +206,8 @@ def make_service(tmp_path: Path) -> Service:
     root = tmp_path / "release"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-    env.update(JBCRELEASEDIR=str(root), JDLS=f"SERVER=127.0.0.1,{port}")
+    env.update(JBCRELEASEDIR=str(root), JDLS=f"SERVER=127.0.0.1,{port}", JDLS_LOCK_DIR=str(root / "jbase"),
+               JDLS_BINARY_LOCK_DIR=str(root / "jbase_lock"))
     return Service(root, port, env, Instance.from_environment(root))
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-from dls_client import Client, Config, LockRefused, RequestFailed, Server, ServiceUnavailable
+from dls_client import Client, Config, LockRefused, Server, ServiceUnavailable
 from dls_proto import Connection, Hello, Role
 
 if TYPE_CHECKING:
@@ -414,26 +414,3 @@ def test_client_only_install_locks_through_the_service(service: Service, tmp_pat
     assert used.returncode == 0, used.stderr
     assert "locked and released" in used.stdout and str(venv) in used.stdout, used.stdout
     service.wait_for_log(r" server INFO client 127\.0\.0\.1:\d+ \(port \d+, pid \d+\) closed: end of stream")
-
-
-def test_a_listener_without_a_table_refuses_requests_clearly(tmp_path: Path) -> None:
-    """-ibD with no monitor: the OS file-lock mechanism is issue 3; until then each request gets an error."""
-    root = tmp_path / "release"
-    env = {**os.environ, "JBCRELEASEDIR": str(root)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    jdls = [sys.executable, "-m", "dls_daemon"]
-    subprocess.run([*jdls, "-ibD", "--port", str(port)], env=env, check=True, capture_output=True)
-    try:
-        client = Client(Config(server=Server("127.0.0.1", port)))
-        data = tmp_path / "F"
-        data.write_text("")
-        with pytest.raises(RequestFailed, match="no lock table"):
-            client.lock(data, "K")
-        with pytest.raises(RequestFailed, match="no lock table"):
-            client.status(data, "K")
-        assert client.echo(b"still here")[0] == b"still here"
-        client.close()
-    finally:
-        subprocess.run([*jdls, "-k"], env=env, capture_output=True)

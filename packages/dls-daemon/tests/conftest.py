@@ -93,7 +93,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
     root = tmp_path / "release"
     env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT")}
     port = free_port()
-    env.update(JBCRELEASEDIR=str(root), JDLS_PORT=str(port))
+    env.update(JBCRELEASEDIR=str(root), JDLS_PORT=str(port), JDLS_LOCK_DIR=str(tmp_path / "jbase"),
+               JDLS_BINARY_LOCK_DIR=str(tmp_path / "jbase_lock"))
     svc = Service(root, port, env, Instance.from_environment(root))
     yield svc
     stop = svc.jdls("-k")

@@ -1,12 +1,18 @@
-"""The ``jdls`` (``jDLS``) command line: start, stop, remove and display a lock service.
+"""The ``jdls`` (``jDLS``) command line: start, stop, remove, display and test a lock service.
 
 The short options are jDLS's, so existing scripts and habits keep working,
-including combined flags such as ``-ibs13000,50`` or ``-dvL``. What jDLS did
-not need on a single service per machine (the port, the address to listen on,
-running in the foreground for a supervisor) are long options.
+including combined flags such as ``-ibs13000,50``, ``-dvL`` or ``-Cteststring``.
+What jDLS did not need on a single service per machine (the port, the address
+to listen on, running in the foreground for a supervisor, the lock-file
+directories, the limits) are long options.
+
+Every option is checked against the action it comes with, and against ``-A``
+and ``-D`` (an option of the listener makes no sense with ``-A``, one of the
+table with ``-D``): a combination that would be silently ignored is a usage
+error (exit 2) instead, because an operator who typed it meant something.
 
 The command line only parses and checks; the work is done by ``daemon``
-(start), ``stop`` (stop, remove) and ``display``.
+(start), ``stop`` (stop, remove) and ``display`` (display, connection test).
 """
 
 from __future__ import annotations
@@ -14,17 +20,54 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
 
 from dls_shm import Instance, geometry_for
 
 from .__about__ import __version__
+from .context import (
+    DEFAULT_BINARY_LOCK_DIR,
+    DEFAULT_DEAD_CLIENT_BOUND,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_LOCK_DIR,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_LOCKS_PER_CLIENT,
+    Limits,
+)
 from .daemon import start
-from .display import display
+from .display import connection_test, display
 from .roles import LISTENER, MONITOR, ROLES
 from .settings import DEFAULT_BIND, DEFAULT_PORT, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .stop import remove_ipc, stop_roles
 
 PORT_VARIABLE = "JDLS_PORT"
+#: Environment defaults of --lock-dir and --binary-lock-dir.
+LOCK_DIR_VARIABLE = "JDLS_LOCK_DIR"
+BINARY_LOCK_DIR_VARIABLE = "JDLS_BINARY_LOCK_DIR"
+#: The client's configuration variable, which ``-C`` tests (SERVER=host{,port}).
+CLIENT_VARIABLE = "JDLS"
+#: The host ``-C`` connects to when neither --host nor JDLS names one.
+DEFAULT_TEST_HOST = "127.0.0.1"
+#: Smallest frame limit that still lets every message of the protocol through (a Hello with long names).
+MIN_FRAME = 1024
+MAX_FRAME = 64 * 1024 * 1024
+UNIT_FILE = "dls-daemon.service"
+
+DESCRIPTION = """\
+The dls lock service: the lock monitor (owner of the shared memory lock table,
+tidies orphaned locks) and the lock listener (one lock server process per
+remote client).
+
+  jdls -i {-bPTAD} {-s r,g} {-t nn}   start
+  jdls -k {-AD}                       stop
+  jdls -K {-o}                        remove the lock table (IPC resources)
+  jdls -d {-v} {-L}                   display the service and its table
+  jdls -C teststring                  test a client connection
+"""
 
 EPILOG = f"""\
 examples:
@@ -32,13 +75,29 @@ examples:
                       13000 locks in groups of 50 (263 groups, the next prime: 13150 locks)
   jdls -ibD           start the listener only (no table: OS file locks)
   jdls -kD            stop the listener only (lock servers and their clients go on)
+  jdls -kA; jdls -ibA stop and start the monitor only (listener and lock servers go on)
   jdls -k             stop everything: listener, lock servers, monitor
   jdls -K             remove the lock table's shared memory and semaphore
+  jdls -K -o          remove it even though processes still have it attached
   jdls -dvL           show the service, the table header and every lock
+  jdls -Chello        connect as a client would and have 'hello' echoed
 
-The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log);
-the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
+-o (override, with -K only): the jDLS guide lists it without saying what it does.
+  Here it removes the lock table even while processes of the service run or other
+  processes have it attached. They are named first; they keep their mapping but get
+  errors on their next lock, and new processes no longer see the table. Meant for an
+  operator clearing up after a crash; stop the service first when you can.
+
+-C teststring: connects to --host/--port, else to the SERVER of ${CLIENT_VARIABLE} (the client's
+  configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
+  {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
+
+The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
+tmp/jbase_error_trace); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
+Exit status: 0 done, 1 failed (the reason is printed), 2 usage error.
 """
+
+N = TypeVar("N", int, float)
 
 
 def _table_size(text: str) -> tuple[int, int]:
@@ -60,51 +119,45 @@ def _table_size(text: str) -> tuple[int, int]:
     return records, per_group
 
 
-def _minutes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid tidy period {text!r}: expected a number of minutes (1 or more)")
-    return value
+def _shown(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid tidy period {text!r}: expected a number of seconds (1 or more)")
-    return value
+def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None) -> Callable[[str], N]:
+    """An argparse type: a number of ``kind`` from ``low`` (to ``high``), the error naming ``what``."""
+
+    def parse(text: str) -> N:
+        bounds = f"{_shown(low)} to {_shown(high)}" if high is not None else f"{_shown(low)} or more"
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}") from None
+        if not value >= low or (high is not None and value > high):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}")
+        return value
+
+    return parse
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: expected a positive number of seconds")
-    return value
+_minutes = _number(int, "tidy period (minutes)", 1)
+_seconds = _number(int, "tidy period (seconds)", 1)
+_timeout = _number(float, "timeout (seconds)", 0.001)
+_port = _number(int, "port", 0, 65535)
+_frame = _number(int, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
+_count = _number(int, "count", 1)
+_bound = _number(float, "dead-client bound (seconds)", 1.0)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0..65535 (0: any free port)")
-    return value
+def _directory(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("invalid directory '': expected a path")
+    return Path(text).absolute()
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jdls",
-        description="The dls lock service: the lock monitor (owner of the shared memory lock table) and the "
-        "lock listener (one lock server process per remote client).",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,63 +167,139 @@ def get_parser() -> argparse.ArgumentParser:
     action.add_argument("-k", dest="action", action="store_const", const="stop",
                         help="stop the monitor and the listener (and, without -A/-D, every lock server)")
     action.add_argument("-K", dest="action", action="store_const", const="remove",
-                        help="remove the lock table's IPC resources (shared memory and semaphore)")
+                        help="remove the lock table's IPC resources (shared memory and semaphore); refuses "
+                        "while anything uses them unless -o")
     action.add_argument("-d", dest="action", action="store_const", const="display",
                         help="display the service and its lock table (-v: header details, -L: the locks)")
-    parser.add_argument("-A", dest="monitor_only", action="store_true",
-                        help="the lock monitor (arbiter) only: do not start/stop the listener")
-    parser.add_argument("-D", dest="listener_only", action="store_true",
-                        help="the distributed lock listener only: do not start/stop the monitor")
-    parser.add_argument("-b", dest="background", action="store_true",
-                        help="with -i: run in the background (the normal way)")
-    parser.add_argument("-s", dest="size", metavar="r,g", type=_table_size,
-                        help="with -i: a table of r record locks in groups of g locks "
-                        "(the group count is rounded up to a prime)")
-    parser.add_argument("-t", dest="tidy_minutes", metavar="nn", type=_minutes,
-                        help=f"with -i: tidy orphaned locks every nn minutes (default {DEFAULT_TIDY_MINUTES})")
-    parser.add_argument("-P", dest="port_owners", action="store_true",
-                        help="with -i: locks are owned by port numbers rather than process ids")
-    parser.add_argument("-T", dest="timestamps", action="store_true",
-                        help="with -i: time-stamp every lock (shown by -dL)")
-    parser.add_argument("-L", dest="locks", action="store_true", help="with -d: list every lock")
-    parser.add_argument("-v", dest="verbose", action="count", default=0,
-                        help="with -d: show the whole table header; with -i: log more (debug)")
-    parser.add_argument("--port", type=_port, default=None,
-                        help=f"with -i: TCP port to listen on (default ${PORT_VARIABLE}, else {DEFAULT_PORT})")
-    parser.add_argument("--bind", metavar="ADDR", default=None,
-                        help=f"with -i: address to listen on (default {DEFAULT_BIND})")
-    parser.add_argument("--foreground", action="store_true",
-                        help="with -i: stay in the foreground (for a supervisor), even with -b")
-    parser.add_argument("--tidy-seconds", type=_seconds, default=None, metavar="N",
-                        help="with -i: tidy period in seconds, overriding -t (for tests and tuning)")
-    parser.add_argument("--stop-timeout", type=_timeout, default=DEFAULT_STOP_TIMEOUT, metavar="S",
-                        help="seconds to wait for a process to stop before killing it "
-                        f"(default {DEFAULT_STOP_TIMEOUT:g})")
+    action.add_argument("-C", dest="test_string", metavar="teststring",
+                        help="test a client connection: connect, greet and have teststring echoed back")
+    action.add_argument("--unit", dest="action", action="store_const", const="unit",
+                        help=f"print the systemd unit file shipped with dls-daemon ({UNIT_FILE})")
+    start_opts = parser.add_argument_group("with -i (start)")
+    start_opts.add_argument("-b", dest="background", action="store_true",
+                            help="run in the background (the normal way)")
+    start_opts.add_argument("-s", dest="size", metavar="r,g", type=_table_size,
+                            help="a table of r record locks in groups of g locks (the group count is rounded up "
+                            "to a prime); an existing table is attached as it is")
+    start_opts.add_argument("-t", dest="tidy_minutes", metavar="nn", type=_minutes,
+                            help=f"tidy orphaned locks every nn minutes (default {DEFAULT_TIDY_MINUTES})")
+    start_opts.add_argument("-P", dest="port_owners", action="store_true",
+                            help="port based locks: a lock belongs to a port number and thread rather than a "
+                            "process id and thread (set when the table is created)")
+    start_opts.add_argument("-T", dest="timestamps", action="store_true",
+                            help="time-stamp every lock: -dL then shows each lock's age (set when the table is "
+                            "created)")
+    start_opts.add_argument("--port", type=_port, default=None,
+                            help=f"TCP port to listen on, with -C to connect to (default ${PORT_VARIABLE}, "
+                            f"else {DEFAULT_PORT})")
+    start_opts.add_argument("--bind", metavar="ADDR", default=None,
+                            help=f"address to listen on (default {DEFAULT_BIND})")
+    start_opts.add_argument("--foreground", action="store_true",
+                            help="stay in the foreground (for a supervisor such as systemd), even with -b")
+    start_opts.add_argument("--tidy-seconds", type=_seconds, default=None, metavar="N",
+                            help="tidy period in seconds, overriding -t (for tests and tuning)")
+    start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
+                            help=f"where OS file locks of records are kept without a table "
+                            f"(default ${LOCK_DIR_VARIABLE}, else {DEFAULT_LOCK_DIR})")
+    start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
+                            help=f"where OS file locks of binary locks are kept, made on first use "
+                            f"(default ${BINARY_LOCK_DIR_VARIABLE}, else {DEFAULT_BINARY_LOCK_DIR})")
+    start_opts.add_argument("--max-frame", type=_frame, default=None, metavar="BYTES",
+                            help=f"largest message a client may send (default {DEFAULT_MAX_FRAME})")
+    start_opts.add_argument("--handshake-timeout", type=_timeout, default=None, metavar="S",
+                            help="seconds a new connection has to say Hello "
+                            f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    start_opts.add_argument("--max-clients", type=_count, default=None, metavar="N",
+                            help=f"clients served at once; one more is told so and closed (default "
+                            f"{DEFAULT_MAX_CLIENTS})")
+    start_opts.add_argument("--max-locks", type=_count, default=None, metavar="N",
+                            help=f"locks one client may hold (default {DEFAULT_MAX_LOCKS_PER_CLIENT})")
+    start_opts.add_argument("--dead-client", type=_bound, default=None, metavar="S",
+                            help="longest a client host may vanish without a word before its locks are "
+                            f"released (default {DEFAULT_DEAD_CLIENT_BOUND:g} s)")
+    start_opts.add_argument("--syslog", action="store_true",
+                            help="log to syslog (/dev/log) too, besides the instance's log file")
+    both = parser.add_argument_group("with -i or -k")
+    both.add_argument("-A", dest="monitor_only", action="store_true",
+                      help="the lock monitor (arbiter) only: do not start/stop the listener")
+    both.add_argument("-D", dest="listener_only", action="store_true",
+                      help="the distributed lock listener only: do not start/stop the monitor")
+    both.add_argument("--stop-timeout", type=_timeout, default=None, metavar="S",
+                      help="seconds to wait for a process to stop before killing it "
+                      f"(default {DEFAULT_STOP_TIMEOUT:g})")
+    other = parser.add_argument_group("with -K, -d, -C")
+    other.add_argument("-o", dest="override", action="store_true",
+                       help="with -K: override, remove the table even while processes use it (they are named)")
+    other.add_argument("-L", dest="locks", action="store_true", help="with -d: list every lock")
+    other.add_argument("-v", dest="verbose", action="count", default=0,
+                       help="with -d: the whole table header (-vv: and its IPC key and id); with -C: more "
+                       "detail; with -i: log debug messages")
+    other.add_argument("--host", default=None,
+                       help=f"with -C: the host to connect to (default: from ${CLIENT_VARIABLE}, else "
+                       f"{DEFAULT_TEST_HOST})")
     parser.add_argument("--version", action="version", version=f"%(prog)s (dls-daemon) {__version__}")
     return parser
 
 
+#: Where each option makes sense: the actions it goes with.
+ALLOWED: dict[str, frozenset[str]] = {
+    **{o: frozenset({"start"}) for o in (
+        "-b", "-s", "-t", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
+        "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
+        "--dead-client", "--syslog",
+    )},
+    "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
+    "--stop-timeout": frozenset({"start", "stop"}),
+    "--port": frozenset({"start", "test"}), "--host": frozenset({"test"}),
+    "-o": frozenset({"remove"}), "-L": frozenset({"display"}), "-v": frozenset({"start", "display", "test"}),
+}
+#: Options of the table and the monitor: meaningless with -D, which starts neither.
+MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds")
+#: Options of the listener: meaningless with -A, which does not start it.
+LISTENER_OPTIONS = (
+    "--port", "--bind", "--lock-dir", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
+    "--max-locks", "--dead-client",
+)
+ACTION_NAMES = {"start": "-i", "stop": "-k", "remove": "-K", "display": "-d", "test": "-C", "unit": "--unit"}
+
+
+def _given(args: argparse.Namespace) -> dict[str, bool]:
+    return {
+        "-b": args.background, "-s": args.size is not None, "-t": args.tidy_minutes is not None,
+        "-P": args.port_owners, "-T": args.timestamps, "--bind": args.bind is not None,
+        "--foreground": args.foreground, "--tidy-seconds": args.tidy_seconds is not None,
+        "--lock-dir": args.lock_dir is not None, "--binary-lock-dir": args.binary_lock_dir is not None,
+        "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
+        "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
+        "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
+        "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
+        "--port": args.port is not None, "--host": args.host is not None, "-o": args.override,
+        "-L": args.locks, "-v": args.verbose > 0,
+    }
+
+
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; parser.error (exit 2) on the first wrong one."""
-    start_only = {
-        "-b": args.background, "-s": args.size is not None, "-t": args.tidy_minutes is not None,
-        "-P": args.port_owners, "-T": args.timestamps, "--foreground": args.foreground,
-        "--tidy-seconds": args.tidy_seconds is not None, "--port": args.port is not None,
-        "--bind": args.bind is not None,
-    }
-    if args.action != "start":
-        for option, given in start_only.items():
-            if given:
-                parser.error(f"{option} applies only to -i")
-    if args.action != "display" and args.locks:
-        parser.error("-L applies only to -d")
+    if args.test_string is not None:
+        args.action = "test"
+    given = {option for option, present in _given(args).items() if present}
+    for option in sorted(given):
+        allowed = ALLOWED[option]
+        if args.action not in allowed:
+            names = " and ".join(ACTION_NAMES[a] for a in ("start", "stop", "remove", "display", "test")
+                                 if a in allowed)
+            parser.error(f"{option} applies only to {names}, not to {ACTION_NAMES[args.action]}")
     if args.monitor_only and args.listener_only:
         parser.error("-A and -D exclude each other (neither means both)")
-    if args.action in ("remove", "display") and (args.monitor_only or args.listener_only):
-        parser.error("-A and -D apply only to -i and -k")
-    if args.action == "remove" and args.verbose:
-        parser.error("-v applies only to -i and -d")
-    if args.port is None and args.action == "start":
+    if args.action == "start" and args.listener_only:
+        for option in MONITOR_OPTIONS:
+            if option in given:
+                parser.error(f"{option} concerns the lock table and its monitor, which -D does not start")
+    if args.action == "start" and args.monitor_only:
+        for option in LISTENER_OPTIONS:
+            if option in given:
+                parser.error(f"{option} concerns the lock listener, which -A does not start")
+    if args.action in ("start", "test") and args.port is None and not (args.action == "test" and _jdls_server()):
         env = os.environ.get(PORT_VARIABLE)
         if env:
             try:
@@ -179,6 +308,41 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 parser.error(f"{PORT_VARIABLE}: {exc}")
         else:
             args.port = DEFAULT_PORT
+    if args.action == "test":
+        try:
+            args.host, args.port = _test_target(args.host, args.port)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
+def _jdls_server() -> bool:
+    """True when the client's JDLS variable is set (it then names the server -C tests)."""
+    return os.environ.get(CLIENT_VARIABLE) is not None
+
+
+def _test_target(host: str | None, port: int | None) -> tuple[str, int]:
+    """Where ``-C`` connects: --host/--port, else JDLS's SERVER=host{,port}, else the local service."""
+    text = os.environ.get(CLIENT_VARIABLE)
+    jdls_host, jdls_port = None, None
+    if text is not None:
+        jdls_host, jdls_port = "localhost", DEFAULT_PORT
+        tokens = [t.strip() for t in text.split(",")]
+        for i, token in enumerate(tokens):
+            name, eq, value = token.partition("=")
+            if name.strip().upper() != "SERVER" or not eq:
+                continue
+            if not value.strip():
+                raise ValueError(f"{CLIENT_VARIABLE}: SERVER= names no host")
+            jdls_host = value.strip()
+            following = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if following.isdigit():
+                if not 0 < int(following) < 65536:
+                    raise ValueError(f"{CLIENT_VARIABLE}: SERVER port {following!r} is not 1 to 65535")
+                jdls_port = int(following)
+            break
+    chosen_host = host or jdls_host or DEFAULT_TEST_HOST
+    chosen_port = port if port is not None else (jdls_port if jdls_port is not None else DEFAULT_PORT)
+    return chosen_host, chosen_port
 
 
 def _roles(args: argparse.Namespace) -> tuple[str, ...]:
@@ -189,6 +353,36 @@ def _roles(args: argparse.Namespace) -> tuple[str, ...]:
     return ROLES
 
 
+def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
+    """The Settings of ``jdls -i``, defaults filled in."""
+    limits = Limits()
+    if args.max_frame is not None:
+        limits.max_frame = args.max_frame
+    if args.handshake_timeout is not None:
+        limits.handshake_timeout = args.handshake_timeout
+    if args.max_clients is not None:
+        limits.max_clients = args.max_clients
+    if args.max_locks is not None:
+        limits.max_locks_per_client = args.max_locks
+    if args.dead_client is not None:
+        limits.dead_client_bound = args.dead_client
+    tidy = args.tidy_seconds or (args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60
+    return Settings(
+        instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
+        bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
+        stop_timeout=args.stop_timeout or DEFAULT_STOP_TIMEOUT, limits=limits,
+        lock_dir=args.lock_dir or Path(os.environ.get(LOCK_DIR_VARIABLE) or DEFAULT_LOCK_DIR),
+        binary_lock_dir=args.binary_lock_dir or Path(os.environ.get(BINARY_LOCK_DIR_VARIABLE)
+                                                     or DEFAULT_BINARY_LOCK_DIR),
+        syslog=args.syslog,
+    )
+
+
+def unit_file() -> str:
+    """The systemd unit shipped in the package (dls_daemon/data/dls-daemon.service)."""
+    return resources.files("dls_daemon").joinpath("data", UNIT_FILE).read_text(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_parser()
     try:
@@ -196,21 +390,22 @@ def main(argv: list[str] | None = None) -> int:
         _check(parser, args)
     except SystemExit as exc:  # usage errors (2), -h and --version (0)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.action == "unit":
+        sys.stdout.write(unit_file())
+        return 0
+    if args.action == "test":
+        return connection_test(args.host, args.port, args.test_string, verbose=args.verbose > 0)
     try:
         instance = Instance.from_environment()
     except ValueError as exc:
         print(f"jdls: {exc}", file=sys.stderr)
         return 2
     if args.action == "start":
-        tidy = args.tidy_seconds or (args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60
-        settings = Settings(
-            instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
-            bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose, stop_timeout=args.stop_timeout,
-        )
+        settings = settings_from(args, instance)
         return start(settings, _roles(args), background=args.background and not args.foreground)
     if args.action == "stop":
         roles = _roles(args)
-        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
+        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout or DEFAULT_STOP_TIMEOUT)
     if args.action == "remove":
-        return remove_ipc(instance)
-    return display(instance, verbose=args.verbose > 0, locks=args.locks)
+        return remove_ipc(instance, override=args.override)
+    return display(instance, verbose=args.verbose, locks=args.locks)

@@ -86,7 +86,8 @@ def _roll_back(settings: Settings, started: list[str], out: TextIO) -> None:
 def run_daemon(role: str, settings: Settings, report: Report, *, foreground: bool = False) -> int:
     """The life of one daemon process: set up logging, start, run; its exit status."""
     try:
-        logger = daemon_log.setup(settings.instance, role, verbosity=settings.verbosity, to_stderr=foreground)
+        logger = daemon_log.setup(settings.instance, role, verbosity=settings.verbosity, to_stderr=foreground,
+                                  syslog=settings.syslog)
     except OSError as exc:
         report.fail(f"{LABELS[role]}: cannot write its log: {exc}")
         return 1
@@ -141,7 +142,8 @@ def run_foreground(settings: Settings, roles: tuple[str, ...]) -> int:
     if roles != ROLES:
         return run_daemon(roles[0], settings, report, foreground=True)
     try:
-        logger = daemon_log.setup(settings.instance, MONITOR, verbosity=settings.verbosity, to_stderr=True)
+        logger = daemon_log.setup(settings.instance, MONITOR, verbosity=settings.verbosity, to_stderr=True,
+                                  syslog=settings.syslog)
     except OSError as exc:
         report.fail(f"cannot write the log: {exc}")
         return 1

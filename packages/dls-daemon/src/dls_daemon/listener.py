@@ -9,6 +9,14 @@ The lock mechanism is chosen once, at start: the table if the monitor made
 one, otherwise OS file locks. Switching later would let two clients of one
 record lock it through different mechanisms without seeing each other.
 
+Limits come from the command line into the ServerContext: frame size,
+handshake timeout, locks per client and the dead-client bound are the lock
+server's to enforce; the number of clients is the listener's. A client over
+that limit is accepted only to be told so (a dls-proto Error naming the limit)
+and closed, and the log says so: a refusal the client can read beats a
+connection that hangs in the backlog. Lock servers still running from an
+earlier listener count too.
+
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
 it after the listener has gone. The listener writes it right after the fork
 and removes it when it reaps the child, the child writes it again when it
@@ -28,12 +36,13 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from dls_shm import LockTable, TableError, TableFlag, TableMissing
+from dls_proto import Error, ErrorCode, encode
+from dls_shm import LockTable, TableError, TableMissing
 
 from . import lockserver, pidfile
 from . import log as daemon_log
 from .context import ServerContext
-from .pidfile import AlreadyRunning, HeldPidFile, server_pid_file, servers_dir
+from .pidfile import AlreadyRunning, HeldPidFile, PidRecord, server_pid_file, servers_dir
 from .report import Report
 from .settings import Settings
 from .signals import SignalWatch, block, unblock
@@ -44,6 +53,10 @@ EXIT_CRASHED = 70
 BACKLOG = 128
 #: Seconds to wait after accept fails for want of resources.
 ACCEPT_PAUSE = 0.1
+#: A refused client gets this long to read its Error before the connection is dropped.
+REFUSAL_LINGER = 2.0
+#: At most this many refused connections linger at once; beyond that they are closed at once.
+MAX_LINGERING = 64
 
 
 def where(address: str, port: int) -> str:
@@ -84,6 +97,10 @@ class Listener:
         self.signals: SignalWatch | None = None
         self.ctx: ServerContext | None = None
         self.children: set[int] = set()
+        #: Lock servers of an earlier listener still running at start: they count against --max-clients.
+        self.adopted: list[PidRecord] = []
+        #: Refused connections, given a moment to read their Error: socket -> when to drop it.
+        self.lingering: dict[socket.socket, float] = {}
 
     # -- start --------------------------------------------------------------------
 
@@ -110,16 +127,58 @@ class Listener:
             return self._fail(report, f"cannot use the lock table: {exc}")
         port_owners = settings.port_owners
         if self.table is not None:
-            port_owners = bool(self.table.header().flags & TableFlag.PORT_OWNERS)
+            port_owners = self.table.port_owners
+            if settings.port_owners and not port_owners:
+                warning = "the lock table exists without -P: its locks stay process based, -P is ignored"
+                self.log.warning(warning)
+                report.warn(warning)
             self.table.set_header(listener_pid=os.getpid())
             mechanism = f"lock table 0x{self.instance.key:08x}"
         else:
-            mechanism = "OS file locks (no lock table)"
-        self.ctx = ServerContext(self.instance, self.table, daemon_log.get("server"), port_owners=port_owners)
+            mechanism = f"OS file locks in {settings.lock_dir} (no lock table)"
+        problem = self._make_lock_dirs()
+        if problem is not None:
+            return self._fail(report, problem)
+        self.ctx = ServerContext(
+            self.instance, self.table, daemon_log.get("server"), limits=settings.limits, port_owners=port_owners,
+            lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir,
+        )
         servers_dir(self.instance).mkdir(parents=True, exist_ok=True)
-        self.log.info("listener started on %s, locks in %s", where(settings.bind, bound), mechanism)
+        self.adopted = [r for r in map(pidfile.read, servers_dir(self.instance).glob("*.pid"))
+                        if r is not None and r.alive()]
+        limits = settings.limits
+        self.log.info(
+            "listener started on %s, locks in %s; limits: %d clients, %d locks per client, frames of %d bytes, "
+            "handshake %g s, dead client %g s%s", where(settings.bind, bound), mechanism, limits.max_clients,
+            limits.max_locks_per_client, limits.max_frame, limits.handshake_timeout, limits.dead_client_bound,
+            f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
+        )
         report.ready(f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}: {mechanism}")
         return True
+
+    def _make_lock_dirs(self) -> str | None:
+        """The record-lock directory exists when record locks are OS file locks (no table), or why not.
+
+        Made at start so that a listener that could not lock anything fails at once; one it
+        creates is made like /tmp (mode 1777): local processes of every user lock there. The
+        binary-lock directory is made on first use only, so that a service that never takes a
+        binary lock leaves nothing behind.
+        """
+        wanted = [self.settings.lock_dir] if self.table is None else []
+        for directory in wanted:
+            try:
+                if not directory.is_dir():
+                    directory.mkdir(parents=True)
+                    directory.chmod(0o1777)
+            except FileExistsError:
+                pass  # made meanwhile by another listener, or a file is in the way: the check below tells
+            except OSError as exc:
+                return f"cannot use the lock directory {directory}: {exc.strerror or exc}"
+            if not directory.is_dir():
+                return f"cannot use the lock directory {directory}: not a directory"
+            if not os.access(directory, os.W_OK | os.X_OK):
+                return f"cannot use the lock directory {directory}: not writable"
+        return None
 
     def _fail(self, report: Report, text: str) -> bool:
         self.log.error(text)
@@ -135,7 +194,11 @@ class Listener:
         sock_fd = self.sock.fileno()
         try:
             while True:
-                readable, _, _ = select.select([sock_fd, self.signals.fileno()], [], [])
+                timeout = None
+                if self.lingering:
+                    timeout = max(0.0, min(self.lingering.values()) - time.monotonic())
+                watched: list[int | socket.socket] = [sock_fd, self.signals.fileno(), *self.lingering]
+                readable, _, _ = select.select(watched, [], [], timeout)
                 signals = self.signals.take()
                 if signals & set(STOP_SIGNALS):
                     names = ", ".join(signal.Signals(s).name for s in sorted(signals & set(STOP_SIGNALS)))
@@ -145,9 +208,60 @@ class Listener:
                     self.reap()
                 if sock_fd in readable:
                     self._accept_all()
+                if self.lingering:
+                    self._drain_lingering(readable)
         finally:
             self._stop()
         return 0
+
+    # -- the client limit -----------------------------------------------------------
+
+    def clients(self) -> int:
+        """Lock servers running now: this listener's children and those of an earlier listener."""
+        if self.adopted:
+            self.adopted = [r for r in self.adopted if r.alive()]
+        return len(self.children) + len(self.adopted)
+
+    def _over_limit(self) -> bool:
+        limit = self.settings.limits.max_clients
+        if len(self.children) + len(self.adopted) < limit:
+            return False
+        self.reap()  # one that has just ended must not cost a client its place
+        return self.clients() >= limit
+
+    def _refuse(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """Tell a client over the limit so, in a dls-proto Error, and let it go."""
+        limit = self.settings.limits.max_clients
+        reason = f"limit of {limit} clients reached"
+        self.log.warning("refused connection from %s: %s", where(*peer), reason)
+        try:
+            conn.setblocking(False)
+            conn.send(encode(Error(0, ErrorCode.LIMIT, reason)))  # a few bytes: they fit the socket buffer
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        if len(self.lingering) >= MAX_LINGERING:
+            conn.close()
+            return
+        # Read (and drop) its Hello until it closes: closing with unread bytes would reset the
+        # connection and could take the Error with it.
+        self.lingering[conn] = time.monotonic() + REFUSAL_LINGER
+
+    def _drain_lingering(self, readable: list[int | socket.socket]) -> None:
+        now = time.monotonic()
+        for conn, until in list(self.lingering.items()):
+            done = now >= until
+            if conn in readable:
+                try:
+                    done = done or not conn.recv(65536)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    done = True
+            if done:
+                del self.lingering[conn]
+                conn.close()
 
     def _accept_all(self) -> None:
         assert self.sock is not None
@@ -165,8 +279,12 @@ class Listener:
                 self.log.log(level, "accept failed: %s", exc)
                 time.sleep(ACCEPT_PAUSE)
                 return
+            peer = (str(addr[0]), int(addr[1]))
+            if self._over_limit():
+                self._refuse(conn, peer)
+                continue
             try:
-                self._fork_server(conn, (str(addr[0]), int(addr[1])))
+                self._fork_server(conn, peer)
             finally:
                 conn.close()
 
@@ -230,6 +348,10 @@ class Listener:
             self.pidfile.close_in_child()
             self.pidfile = None
         self.children.clear()
+        self.adopted.clear()
+        for conn in self.lingering:
+            conn.close()
+        self.lingering.clear()
 
     def reap(self) -> None:
         """Collect every lock server that has ended, and its pid file if it left one."""
@@ -265,6 +387,9 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        for conn in self.lingering:
+            conn.close()
+        self.lingering.clear()
         if self.table is not None:
             self.table.close()
             self.table = None

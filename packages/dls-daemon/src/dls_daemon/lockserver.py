@@ -1,12 +1,26 @@
 """A lock server: one process, one thread, one client connection.
 
-It takes locks in the table on its client's behalf, answers its queries, and
-when the client goes away (EOF, a reset, a dead host found by keepalive, or
-garbage on the wire) it releases everything the client held and exits.
+It takes locks on its client's behalf, answers its queries, and when the
+client goes away (EOF, a reset, a dead host, or garbage on the wire) it
+releases everything the client held and exits. A client host that vanishes
+without a word is given up within the dead-client bound (``--dead-client``,
+15 s by default): TCP keepalive finds it while the connection is idle, and
+TCP_USER_TIMEOUT while something sent to it (an interim message, say) goes
+unacknowledged.
+
+Locks are taken through a backend (see ``backends``): the lock table when the
+listener found one, OS file locks when it did not (``jdls -ibD`` alone; the
+Welcome then says Mechanism.OSLOCKS). A Lock flagged OSLOCK is an OS record
+lock and one flagged BINARY an OS binary lock whatever the main mechanism. OS
+locks are ``fcntl`` locks, held by this process for its client, so they go
+when it goes, however it goes.
 
 It sleeps in ``recv`` while no request of its client waits; while some do, it
-sleeps in ``select`` on the socket and its doorbell, so a waiting request
-neither blocks the client's other requests nor costs CPU.
+sleeps in ``select`` on the socket and its doorbell until one of them speaks
+or a timer is due (a deadline, an interim message, or the next look at a
+request waiting for an OS lock, which cannot ring: 50 ms, growing to 250 ms),
+so a waiting request neither blocks the client's other requests nor costs
+more than a few system calls a second.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,13 +71,11 @@ from dls_proto import (
 )
 from dls_proto.transport import SpinningReader
 from dls_shm import (
-    RECHECK_INTERVAL,
     Conflict,
     Doorbell,
     Grant,
     GroupFull,
     Holder,
-    LockTable,
     NotHeld,
     Owner,
     Queued,
@@ -72,10 +85,26 @@ from dls_shm import (
 )
 
 from . import info
+from .backends import Backend, os_backend, table_backend
 from .context import ServerContext
 
-#: TCP keepalive: first probe after this idle time, then every interval, give up after count.
-KEEPALIVE = (5, 2, 5)  # a silent dead host is found within about 15 s
+#: TCP keepalive probes a silent client gets before it is given up (the times follow from the bound).
+KEEPALIVE_PROBES = 5
+#: The shortest time data sent to a client may stay unacknowledged (ms), however long it was silent.
+MIN_USER_TIMEOUT_MS = 1000
+#: struct tcp_info (Linux): tcpi_last_ack_recv, milliseconds since the peer last acknowledged anything.
+_TCP_INFO_SIZE = 104
+_LAST_ACK_RECV = struct.Struct("=I")
+_LAST_ACK_RECV_OFFSET = 56
+
+
+def keepalive_for(bound: float) -> tuple[int, int, int]:
+    """TCP keepalive (idle, interval, count) in whole seconds that gives up on a silent client within
+    ``bound`` seconds (the dead-client bound; 15 s gives jDLS-like 5 s idle, then 5 probes 2 s apart)."""
+    whole = max(2, int(bound))
+    idle = max(1, whole // 3)
+    interval = max(1, (whole - idle) // KEEPALIVE_PROBES)
+    return idle, interval, max(1, (whole - idle) // interval)
 
 
 class ClientGone(Exception):
@@ -90,6 +119,9 @@ class _Pending:
     started: float
     deadline: float | None
     next_interim: float | None
+    backend: Backend
+    interval: float  # pause before the next look when not rung
+    retry_at: float
 
 
 class LockServer:
@@ -101,19 +133,31 @@ class LockServer:
         self.conn = Connection(Role.SERVER, max_frame=ctx.limits.max_frame)
         self.pid = os.getpid()
         self.hello: Hello | None = None
-        self.held: dict[int, int] = {}  # wire handle (= table handle) -> thread id
+        self.held: dict[int, int] = {}  # wire handle (= backend handle) -> thread id, every backend
+        self.routes: dict[int, Backend] = {}  # handle -> backend, for handles not of the main backend
         self.pending: dict[int, _Pending] = {}  # request id -> waiting request
         self.owners: dict[int, Owner] = {}
         self._bell: Doorbell | None = None
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: str | None = None
+        #: The connection's mechanism: the table if the listener has one, else OS record locks.
+        self.main = table_backend(ctx.table) if ctx.table is not None else os_backend(ctx.lock_dir)
+        self._os: dict[bool, Backend] = {} if ctx.table is not None else {False: self.main}  # binary? -> backend
 
-    @property
-    def table(self) -> LockTable:
-        table = self.ctx.table
-        if table is None:
-            raise TableError("this lock server has no lock table (OS file locks are not served yet)")
-        return table
+    def _os_backend(self, binary: bool) -> Backend:
+        backend = self._os.get(binary)
+        if backend is None:
+            backend = self._os[binary] = os_backend(self.ctx.binary_lock_dir if binary else self.ctx.lock_dir,
+                                                    binary=binary)
+        return backend
+
+    def backend_for(self, flags: int) -> Backend:
+        """Which mechanism serves a Lock with these flags (see ``backends``)."""
+        if flags & LockFlag.BINARY:
+            return self._os_backend(True)
+        if flags & LockFlag.OSLOCK:
+            return self._os_backend(False)
+        return self.main
 
     # -- the conversation ------------------------------------------------------
 
@@ -127,9 +171,12 @@ class LockServer:
         except RemoteProtocolError as exc:
             self.log.warning("closing connection from %s: %s", self._who(), exc)
             self._send_quietly(Error(0, ErrorCode.PROTOCOL, str(exc)))
-        except TimeoutError:
-            self.log.warning("closing connection from %s: no Hello within %s s", self._who(),
-                             self.ctx.limits.handshake_timeout)
+        except TimeoutError as exc:
+            if self.hello is None:
+                self.log.warning("closing connection from %s: no Hello within %s s", self._who(),
+                                 self.ctx.limits.handshake_timeout)
+            else:  # keepalive or unacknowledged data: the client's host is gone
+                self.log.info("connection from %s lost: %s", self._who(), exc)
         except (ConnectionError, OSError) as exc:
             self.log.info("connection from %s lost: %s", self._who(), exc)
         finally:
@@ -140,13 +187,18 @@ class LockServer:
         return 0
 
     def _configure_socket(self) -> None:
+        """No Nagle; and a client host that vanishes without a word is given up within the dead-client
+        bound: by keepalive while the connection is idle, by TCP_USER_TIMEOUT while data sent to it
+        (an interim Waiting message, say) stays unacknowledged."""
         sock = self.sock
+        bound = self.ctx.limits.dead_client_bound
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        idle, interval, count = KEEPALIVE
+        idle, interval, count = keepalive_for(bound)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(MIN_USER_TIMEOUT_MS, int(bound * 1000)))
 
     def _who(self) -> str:
         hello = self.hello
@@ -165,8 +217,7 @@ class LockServer:
                              f"client speaks versions {event.min_version}..{event.max_version}, server speaks 1..1"))
             raise ClientGone("no common protocol version")
         self.hello = event
-        mechanism = Mechanism.TABLE if self.ctx.table is not None else Mechanism.OSLOCKS
-        self._send(Welcome(event.request_id, version, mechanism, 0, self.pid, self.ctx.limits.max_frame,
+        self._send(Welcome(event.request_id, version, self.main.mechanism, 0, self.pid, self.ctx.limits.max_frame,
                            self.peer[0], socket.gethostname()))
         self.log.info("client %s connected", self._who())
 
@@ -179,7 +230,7 @@ class LockServer:
             self.conn.receive_data(self.sock.recv(65536))
 
     def _loop(self) -> None:
-        """The hot loop: Lock and Unlock are handled inline, everything else by ``_handle``."""
+        """The hot loop: Lock and Unlock of the main backend are handled inline, everything else by ``_handle``."""
         conn = self.conn
         read = SpinningReader(self.sock).read
         sendall = self.sock.sendall
@@ -188,10 +239,12 @@ class LockServer:
         send = conn.send
         handle = self._handle
         held = self.held
+        routes = self.routes
         owners = self.owners
-        table = self.ctx.table
-        lock = table.lock if table is not None else None
-        unlock = table.unlock if table is not None else None
+        lock = self.main.ops.lock
+        unlock = self.main.ops.unlock
+        # Flags that send a Lock to another backend than the main one.
+        routed = int(LockFlag.BINARY) | (int(LockFlag.OSLOCK) if self._os.get(False) is not self.main else 0)
         limit = self.ctx.limits.max_locks_per_client
         token = self._doorbell().token
         while True:
@@ -199,7 +252,8 @@ class LockServer:
             while True:
                 event = next_event()
                 kind = type(event)
-                if kind is Lock and lock is not None and len(held) < limit and event.mode <= 5:  # type: ignore[union-attr]
+                if (kind is Lock and len(held) < limit and event.mode <= 5  # type: ignore[union-attr]
+                        and not event.flags & routed):  # type: ignore[union-attr]
                     req: Lock = event  # type: ignore[assignment]
                     owner = owners.get(req.thread_id) or self._owner(req.thread_id)
                     try:
@@ -213,7 +267,7 @@ class LockServer:
                         sendall(send(Granted(req.request_id, result.handle, result.mode, result.value)))
                     else:
                         self._not_granted(req, result)
-                elif kind is Unlock and unlock is not None:
+                elif kind is Unlock and not routes:  # with other backends' handles about: the slow way
                     h = event.handle  # type: ignore[union-attr]
                     if held.pop(h, None) is None:
                         self._send(Error(event.request_id, ErrorCode.NOT_HELD,  # type: ignore[union-attr]
@@ -229,7 +283,7 @@ class LockServer:
                 else:
                     try:
                         handle(event)  # type: ignore[arg-type]
-                    except TableError as exc:  # no table (OS-lock mode), or it was removed
+                    except TableError as exc:  # the table was removed, or a lock file cannot be used
                         self.log.error("client %s: %s", self._who(), exc)
                         self._send(Error(getattr(event, "request_id", 0), ErrorCode.INTERNAL, str(exc)))
             if self.pending:
@@ -238,26 +292,33 @@ class LockServer:
                 receive(read())
 
     def _wait_with_pending(self) -> None:
-        """Sleep on the socket and the doorbell until either speaks or a timer is due."""
+        """Sleep on the socket and the doorbell until either speaks or a timer is due.
+
+        A ring makes every waiting request be looked at; otherwise a request is
+        looked at when one of its timers is due (its next look, its deadline, its
+        next interim message), even while the client keeps the socket busy.
+        """
         now = time.monotonic()
-        due = min([now + RECHECK_INTERVAL, *self._timers()])
+        due = min(self._due(p) for p in self.pending.values())
         bell = self._doorbell()
         watched: list[Any] = [self.sock, bell]
         readable, _, _ = select.select(watched, [], [], max(0.0, due - now))
-        if bell in readable or not readable:
+        rung = bell in readable
+        if rung:
             bell.drain()
-            self._retry_pending()
+        self._retry_pending(rung)
         if self.sock in readable:
             self.conn.receive_data(self.sock.recv(65536))
 
-    def _timers(self) -> list[float]:
-        out = []
-        for p in self.pending.values():
-            if p.deadline is not None:
-                out.append(p.deadline)
-            if p.next_interim is not None:
-                out.append(p.next_interim)
-        return out
+    @staticmethod
+    def _due(p: _Pending) -> float:
+        """When a waiting request must next be looked at without being rung."""
+        due = p.retry_at
+        if p.deadline is not None and p.deadline < due:
+            due = p.deadline
+        if p.next_interim is not None and p.next_interim < due:
+            due = p.next_interim
+        return due
 
     def _send(self, message: Message) -> None:
         self.sock.sendall(self.conn.send(message))
@@ -309,7 +370,7 @@ class LockServer:
         return owner
 
     def _lock(self, req: Lock) -> None:
-        """A Lock the hot loop left: checks that failed, or the slow way round."""
+        """A Lock the hot loop left: checks that failed, another backend, or the slow way round."""
         if req.mode > 5:
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"lock mode {req.mode} is not one of 0..5"))
             return
@@ -319,44 +380,55 @@ class LockServer:
             self._send(Error(req.request_id, ErrorCode.LIMIT, f"limit of {limit} locks per client reached"))
             return
         try:
-            result = self.table.lock(self._owner(req.thread_id), req.inode, req.device, req.key, req.mode,
-                                     wait_token=self._doorbell().token if req.timeout_ms else 0)
+            backend = self.backend_for(req.flags)
+            result = backend.ops.lock(self._owner(req.thread_id), req.inode, req.device, req.key, req.mode,
+                                      wait_token=self._doorbell().token if req.timeout_ms else 0)
         except TableError as exc:
             self._table_error(req, exc)
             return
         if type(result) is Grant:
-            self.held[result.handle] = req.thread_id
+            self._granted(result, req.thread_id, backend)
             self._send(Granted(req.request_id, result.handle, result.mode, result.value))
         else:
-            self._not_granted(req, result)
+            self._not_granted(req, result, backend)
 
-    def _not_granted(self, req: Lock, result: Grant | Conflict | Queued) -> None:
+    def _granted(self, grant: Grant, thread: int, backend: Backend) -> None:
+        self.held[grant.handle] = thread
+        if backend is not self.main:
+            self.routes[grant.handle] = backend
+
+    def _not_granted(self, req: Lock, result: Grant | Conflict | Queued, backend: Backend | None = None) -> None:
         if isinstance(result, Conflict):
             self._send(self._refusal(req.request_id, RefuseReason.BUSY, result.holder))
         else:
             assert isinstance(result, Queued)
-            self._queue(req, result)
+            self._queue(req, result, backend or self.main)
 
     def _table_error(self, req: Lock, exc: TableError) -> None:
         self.log.error("client %s: %s", self._who(), exc)
         code = ErrorCode.GROUP_FULL if isinstance(exc, GroupFull) else ErrorCode.INTERNAL
         self._send(Error(req.request_id, code, str(exc)))
 
-    def _queue(self, req: Lock, queued: Queued) -> None:
+    def _queue(self, req: Lock, queued: Queued, backend: Backend) -> None:
         now = time.monotonic()
         deadline = None if req.timeout_ms == WAIT_FOREVER else now + req.timeout_ms / 1000
         interim = not req.flags & LockFlag.NO_INTERIM
         pending = _Pending(req, queued.handle, queued.holder, now, deadline,
-                           now + self.ctx.limits.interim_period if interim else None)
+                           now + self.ctx.limits.interim_period if interim else None,
+                           backend, backend.retry_first, now + backend.retry_first)
         self.pending[req.request_id] = pending
         if interim:
             self._send(self._waiting(pending, now))
 
-    def _retry_pending(self) -> None:
+    def _retry_pending(self, rung: bool = True) -> None:
+        """Look at the waiting requests: every one when the doorbell rang, else those with a timer due."""
         now = time.monotonic()
         for rid, p in list(self.pending.items()):
+            if not rung and now < self._due(p):
+                continue
+            ops = p.backend.ops
             try:
-                result = self.table.retry(p.handle)
+                result = ops.retry(p.handle)
             except NotHeld:
                 # Tidied away under us: take the request again from the top.
                 del self.pending[rid]
@@ -364,17 +436,38 @@ class LockServer:
                 continue
             if isinstance(result, Grant):
                 del self.pending[rid]
-                self.held[result.handle] = p.request.thread_id
-                self._send(Granted(rid, result.handle, result.mode, result.value))
+                self._granted(result, p.request.thread_id, p.backend)
+                self._send_unsolicited(Granted(rid, result.handle, result.mode, result.value))
                 continue
             p.holder = result.holder
+            if now >= p.retry_at:
+                p.interval = p.backend.next_retry(p.interval)
+                p.retry_at = now + p.interval
             if p.deadline is not None and now >= p.deadline:
                 del self.pending[rid]
-                self.table.cancel(p.handle)
-                self._send(self._refusal(rid, RefuseReason.TIMEOUT, p.holder))
+                ops.cancel(p.handle)
+                self._send_unsolicited(self._refusal(rid, RefuseReason.TIMEOUT, p.holder))
             elif p.next_interim is not None and now >= p.next_interim:
                 p.next_interim = now + self.ctx.limits.interim_period
-                self._send(self._waiting(p, now))
+                self._send_unsolicited(self._waiting(p, now))
+
+    def _send_unsolicited(self, message: Message) -> None:
+        """Send what the client did not just ask for (an answer after a wait, an interim message).
+
+        The client may have been silent for a while, and keepalive does not probe
+        while data is unacknowledged; so what is sent now may stay unacknowledged
+        only for what is left of the dead-client bound since the client last
+        acknowledged anything (TCP_USER_TIMEOUT counts from the send).
+        """
+        bound_ms = int(self.ctx.limits.dead_client_bound * 1000)
+        try:
+            tcp_info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            silent = _LAST_ACK_RECV.unpack_from(tcp_info, _LAST_ACK_RECV_OFFSET)[0]
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                 max(MIN_USER_TIMEOUT_MS, bound_ms - silent))
+        except (OSError, struct.error):
+            pass  # not TCP, or no tcp_info: the bound set at the start applies
+        self._send(message)
 
     def _unlock(self, req: Unlock) -> None:
         handle = req.handle
@@ -382,7 +475,7 @@ class LockServer:
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, f"lock handle {handle:#x} is not held"))
             return
         try:
-            self.table.unlock(handle)
+            self.routes.pop(handle, self.main).ops.unlock(handle)
         except NotHeld as exc:
             self.log.warning("client %s: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, str(exc)))
@@ -392,20 +485,28 @@ class LockServer:
         for rid, p in list(self.pending.items()):
             if thread is None or p.request.thread_id == thread:
                 del self.pending[rid]
-                self.table.cancel(p.handle)
+                p.backend.ops.cancel(p.handle)
                 self._send(self._refusal(rid, RefuseReason.CANCELLED, p.holder))
         for handle, owner_thread in list(self.held.items()):
             if thread is None or owner_thread == thread:
                 del self.held[handle]
                 try:
-                    self.table.unlock(handle)
+                    self.routes.pop(handle, self.main).ops.unlock(handle)
                     count += 1
                 except NotHeld:
                     pass
         return count
 
     def _status(self, req: Status) -> None:
-        state, holder = self.table.status(self._owner(req.thread_id), req.inode, req.device, req.key)
+        """Who holds a record lock. Status carries no flags: with a table, a record lock free there is
+        also looked for among OS record locks (those of OSLOCKS clients)."""
+        owner = self._owner(req.thread_id)
+        state, holder = self.main.ops.status(owner, req.inode, req.device, req.key)
+        if holder is None and self.main.mechanism == Mechanism.TABLE:
+            try:
+                state, holder = self._os_backend(False).ops.status(owner, req.inode, req.device, req.key)
+            except TableError as exc:  # an unreadable lock file must not spoil the table's answer
+                self.log.warning("client %s: status of OS locks: %s", self._who(), exc)
         if holder is None:
             self._send(StatusReply(req.request_id, state, 0, 0, 0, 0, 0, ""))
         else:
@@ -436,23 +537,31 @@ class LockServer:
 
     def release_everything(self) -> int:
         """Free every lock and request of this client, whatever state the conversation is in."""
-        if self.ctx.table is None:
-            return 0
         count = 0
         try:
             for p in self.pending.values():
-                self.table.cancel(p.handle)
+                try:
+                    p.backend.ops.cancel(p.handle)
+                except TableError as exc:
+                    self.log.error("cancelling a request of %s: %s", self._who(), exc)
             self.pending.clear()
             for handle in self.held:
                 try:
-                    self.table.unlock(handle)
+                    self.routes.get(handle, self.main).ops.unlock(handle)
                     count += 1
                 except NotHeld:
                     pass
+                except TableError as exc:
+                    self.log.error("releasing a lock of %s: %s", self._who(), exc)
             self.held.clear()
-            count += self.table.release_owner(self.pid)  # the safety net: anything we lost track of
-        except TableError as exc:
-            self.log.error("releasing the locks of %s: %s", self._who(), exc)
+            self.routes.clear()
+            if self.main.mechanism == Mechanism.TABLE:
+                try:
+                    count += self.main.ops.release_owner(self.pid)  # the safety net: anything we lost track of
+                except TableError as exc:
+                    self.log.error("releasing the locks of %s: %s", self._who(), exc)
+            for backend in self._os.values():  # closing the lock files drops any OS lock left
+                count += backend.close()
         finally:
             if self.info_path:
                 info.remove_client_info(self.info_path)

@@ -6,11 +6,17 @@ be told apart. Errors are also appended to the instance's ``jbase_error_trace``,
 where jBASE sites look first when something went wrong. Every process
 configures logging itself after it has forked, so nothing here is shared
 between processes but the files, which are opened in append mode.
+
+With ``--syslog`` the same lines also go to the system log (facility daemon,
+ident ``jdls``) through ``/dev/log``, when the system has one; otherwise the
+log file says that syslog is not available and logging goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 
 from dls_shm import Instance
@@ -18,6 +24,11 @@ from dls_shm import Instance
 #: The root of the daemon's loggers; lock servers log under ``jdls.server``.
 LOGGER = "jdls"
 FORMAT = "%(asctime)s %(process)d %(role)s %(levelname)s %(message)s"
+#: Syslog adds the time itself; the ident and pid come first, as syslog tools expect.
+SYSLOG_FORMAT = "jdls[%(process)d]: %(role)s %(levelname)s %(message)s"
+#: The local syslog socket; $JDLS_SYSLOG_SOCKET names another (tests, containers).
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_VARIABLE = "JDLS_SYSLOG_SOCKET"
 
 _role = "jdls"
 
@@ -36,8 +47,27 @@ def set_role(role: str) -> None:
     _role = role
 
 
-def setup(instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False) -> logging.Logger:
-    """Send the ``jdls`` loggers to the instance's log file (and stderr in the foreground).
+def syslog_socket() -> str:
+    return os.environ.get(SYSLOG_VARIABLE) or SYSLOG_SOCKET
+
+
+def _syslog_handler() -> tuple[logging.Handler | None, str | None]:
+    """A handler for the local syslog, or None and why there is none."""
+    address = syslog_socket()
+    if not os.path.exists(address):
+        return None, f"syslog not available: {address} does not exist"
+    try:
+        handler = logging.handlers.SysLogHandler(address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError as exc:
+        return None, f"syslog not available: {address}: {exc.strerror or exc}"
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    return handler, None
+
+
+def setup(
+    instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False, syslog: bool = False,
+) -> logging.Logger:
+    """Send the ``jdls`` loggers to the instance's log file (and stderr in the foreground, and syslog).
 
     ``verbosity`` 0 logs INFO and above, 1 or more DEBUG.
     """
@@ -61,6 +91,13 @@ def setup(instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool 
         handler.setFormatter(formatter)
         handler.addFilter(role_filter)
         logger.addHandler(handler)
+    if syslog:
+        system, why_not = _syslog_handler()
+        if system is not None:
+            system.addFilter(role_filter)
+            logger.addHandler(system)
+        else:
+            logger.warning("%s: logging to %s only", why_not, instance.log_file)
     return logger
 
 

@@ -1,8 +1,10 @@
 """The lock monitor: owns the lock table's life and frees the locks of processes that died.
 
 It creates the table (or attaches the one that is there: a table in use is
-never resized under its users), keeps the header's pid, "last ran" time and CPU
-figures current, and every tidy period frees the locks whose owner is gone.
+never resized under its users), keeps in the header what ``jdls -dvL`` shows of
+it (its pid, the tidy period, "last ran" at most a second old, its own CPU
+time; the table itself counts tidy-ups, their time and lock retries), and
+every tidy period frees the locks whose owner is gone.
 It tidies once more when it starts on an existing table and when it stops,
 because locks orphaned while no monitor ran (for instance lock servers killed
 by ``jdls -k``) would otherwise wait a whole period or outlive the service.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -70,7 +71,8 @@ class Monitor:
                 self.log.warning(warning)
                 report.warn(warning)
             self._tidy("on start")
-        table.set_header(monitor_pid=os.getpid(), tidy_period=self.settings.tidy_seconds, last_ran=time.time())
+        table.set_header(monitor_pid=os.getpid(), tidy_period=self.settings.tidy_seconds)
+        self._tick()
         how = "created" if created else "attached"
         self.log.info("monitor started: %s %s, tidy every %d s", how, describe_table(table), self.settings.tidy_seconds)
         report.ready(f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}")
@@ -140,9 +142,10 @@ class Monitor:
         return status
 
     def _tick(self) -> None:
+        """What -dvL shows of the monitor itself: when it last ran, and the CPU it has used."""
         assert self.table is not None
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.table.set_header(last_ran=time.time(), cpu_user=usage.ru_utime, cpu_system=usage.ru_stime)
+        cpu = os.times()
+        self.table.set_header(last_ran=time.time(), cpu_user=cpu.user, cpu_system=cpu.system)
 
     def _tidy(self, why: str) -> None:
         assert self.table is not None

@@ -7,9 +7,12 @@ change its spelling without touching them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from dls_shm import DEFAULT_PER_GROUP, DEFAULT_RECORDS, Geometry, Instance, TableFlag, geometry_for
+
+from .context import DEFAULT_BINARY_LOCK_DIR, DEFAULT_LOCK_DIR, Limits
 
 DEFAULT_PORT = 50002
 DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
@@ -33,6 +36,13 @@ class Settings:
     port: int = DEFAULT_PORT
     verbosity: int = 0
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    #: What one client may ask of a lock server, and how many clients the listener serves.
+    limits: Limits = field(default_factory=Limits)
+    #: Where the OS file-lock mechanism keeps record locks, and binary locks.
+    lock_dir: Path = Path(DEFAULT_LOCK_DIR)
+    binary_lock_dir: Path = Path(DEFAULT_BINARY_LOCK_DIR)
+    #: Log to syslog too (--syslog).
+    syslog: bool = False
 
     @property
     def geometry(self) -> Geometry:

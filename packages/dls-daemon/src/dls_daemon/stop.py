@@ -12,7 +12,10 @@ process: lock servers keep serving their clients.
 
 ``-K`` refuses while anything could still be using the table, because
 removing a SysV segment in use only hides it: its users would go on locking in
-a table that new processes can no longer see.
+a table that new processes can no longer see. It names what holds it; ``-K -o``
+(override, a choice of dls: the jDLS guide lists ``-o`` without saying what
+it does) removes the table all the same, after naming them, once the monitor
+and the listener are stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .roles import LABELS, LISTENER, MONITOR, ROLES
 POLL = 0.02
 #: Linux's list of SysV shared memory segments, with their attach counts.
 SHM_LIST = Path("/proc/sysvipc/shm")
+PROC = Path("/proc")
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,49 @@ def attachments(shm_id: int) -> int | None:
     return None
 
 
-def remove_ipc(instance: Instance, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """``jdls -K``: remove the table's shared memory and semaphore; the exit status."""
+def attached_processes(shm_id: int) -> list[str]:
+    """The processes (other than this one) that have the segment mapped, as "pid (name)": Linux names
+    SysV mappings ``/SYSV<key>`` in /proc/<pid>/maps, with the segment id in the inode column. Processes
+    of other users whose maps cannot be read are not found."""
+    found = []
+    me = os.getpid()
+    for proc in PROC.iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            with open(proc / "maps", encoding="ascii", errors="replace") as maps:
+                hit = any(
+                    len(fields) >= 6 and fields[5].startswith("/SYSV") and fields[4] == str(shm_id)
+                    for fields in (line.split() for line in maps)
+                )
+            if hit:
+                found.append(f"{proc.name} ({_process_name(proc)})")
+        except OSError:
+            continue
+    return found
+
+
+def _process_name(proc: Path) -> str:
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+        return cmdline.decode(errors="replace")[:60] or (proc / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def remove_ipc(
+    instance: Instance, *, override: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+) -> int:
+    """``jdls -K``: remove the table's shared memory and semaphore; the exit status.
+
+    It refuses while the monitor or the listener runs (stop them first: a
+    monitor would go on tending a table nobody else sees), and while lock
+    servers run or other processes have the table attached, naming them.
+    ``override`` (``-K -o``) names those and removes the table anyway: for an
+    operator clearing up after a crash, when they are known to be stuck or about
+    to go. They keep their mapping but get errors on their next lock, and new
+    processes see no table.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     key = instance.key
@@ -176,11 +221,14 @@ def remove_ipc(instance: Instance, out: TextIO | None = None, err: TextIO | None
             print(f"jdls: cannot remove the lock table while the {target} runs: stop it first (jdls -k)",
                   file=err)
             return 1
+    users: list[str] = []
     servers = running_servers(instance)
     if servers:
-        print(f"jdls: cannot remove the lock table while {_names(servers)} run: stop them first (jdls -k)",
-              file=err)
-        return 1
+        users.append(f"{_names(servers)} run")
+        if not override:
+            print(f"jdls: cannot remove the lock table while {_names(servers)} run: stop them first (jdls -k), "
+                  "or remove it anyway with jdls -K -o", file=err)
+            return 1
     try:
         table = LockTable.attach(key)
     except TableMissing:
@@ -191,10 +239,17 @@ def remove_ipc(instance: Instance, out: TextIO | None = None, err: TextIO | None
         return 1
     others = (attachments(table.shm_id) or 1) - 1
     if others > 0:
-        table.close()
-        print(f"jdls: cannot remove the lock table 0x{key:08x}: {others} other process(es) still attached",
-              file=err)
-        return 1
+        named = attached_processes(table.shm_id)
+        which = f": {', '.join(named)}" if named else ""
+        if not override:
+            table.close()
+            print(f"jdls: cannot remove the lock table 0x{key:08x}: {others} other process(es) still attached"
+                  f"{which} (jdls -K -o removes it anyway)", file=err)
+            return 1
+        users.append(f"{others} other process(es) have it attached{which}")
+    if users:
+        print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
+              "they get errors on their next lock", file=err)
     shm_id, sem_ids = table.shm_id, table.semaphore_ids
     table.remove()
     sems = ", ".join(str(s) for s in sem_ids)

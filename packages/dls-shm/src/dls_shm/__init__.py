@@ -23,6 +23,7 @@ from .layout import (
     pack_ip,
     unpack_ip,
 )
+from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
 from .table import (
     RECHECK_INTERVAL,
     Conflict,
@@ -41,6 +42,7 @@ from .table import (
 )
 
 __all__ = [
+    "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
     "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",

@@ -9,6 +9,11 @@ The lock path is kept to one semaphore round trip and three struct calls when
 the resource is not already in the table; everything else (conflicts, waiters,
 conversions, dead owners) takes the slow path under the same semaphore.
 
+Owners: a lock belongs to (pid, thread), or to (port, thread) in a table created
+with TableFlag.PORT_OWNERS (``jdls -P``); that identity decides conflicts,
+re-entrancy and conversions. Only the slow path looks at it: the fast path
+runs when no slot of the resource exists, so no owner needs comparing.
+
 Waiting: a request that must wait is recorded as a WAITING slot, behind the
 locks it conflicts with, in FIFO order (a request never overtakes an earlier
 incompatible waiter). The waiter sleeps on its doorbell; whoever frees or
@@ -19,6 +24,7 @@ the semaphore.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import struct
 import threading
@@ -49,6 +55,7 @@ from .layout import (
     Slot,
     SlotFlag,
     SlotState,
+    TableFlag,
 )
 
 #: Longest a waiter sleeps between looks at the table even if never rung: a
@@ -67,6 +74,9 @@ _STATE_OFFSET = 8
 _QUEUED_OFFSET = 14
 _MODE_OFFSET = 9
 _TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
+#: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread) with jdls -P.
+_BY_PID = operator.attrgetter("pid", "thread")
+_BY_PORT = operator.attrgetter("port", "thread")
 
 
 class TableError(Exception):
@@ -87,7 +97,8 @@ class NotHeld(TableError):
 
 class Owner(NamedTuple):
     """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
-    remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for."""
+    remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
+    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS."""
 
     pid: int
     thread: int
@@ -217,6 +228,11 @@ class LockTable:
         self._values_size = self.geometry.values_size
         self._vals = struct.Struct(f"={header.per_group}I")
         self._local = threading.local()
+        #: The owner identity used for conflicts and re-entrancy, fixed when the table was created:
+        #: with PORT_OWNERS (jdls -P) two lock requests of one port and thread are the same owner,
+        #: whichever process (a reconnected client's new lock server, say) sends them.
+        self.port_owners = bool(header.flags & TableFlag.PORT_OWNERS)
+        self._ident: Callable[[Any], tuple[int, int]] = _BY_PORT if self.port_owners else _BY_PID
 
     # -- creating, attaching, removing --------------------------------------------
 
@@ -480,8 +496,9 @@ class LockTable:
             granted, _waiting = self._matching(group, value, inode, device, key)
         finally:
             self._sem.release()
+        me = self._ident(owner)
         for _pos, slot in granted:
-            if slot.pid == owner.pid and slot.thread == owner.thread:
+            if self._ident(slot) == me:
                 return 1, _holder(slot)
         if granted:
             return 2, _holder(granted[0][1])
@@ -565,15 +582,16 @@ class LockTable:
         return granted, waiting
 
     def _blocker(
-        self, pid: int, thread: int, mode: int, ticket: int | None,
+        self, me: tuple[int, int], mode: int, ticket: int | None,
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
-        """The first lock or earlier waiter that keeps this request from being granted."""
+        """The first lock or earlier waiter that keeps the request of owner ``me`` from being granted."""
+        ident = self._ident
         for item in granted:
             slot = item[1]
-            if not (slot.pid == pid and slot.thread == thread) and not modes.compatible(mode, slot.mode):
+            if ident(slot) != me and not modes.compatible(mode, slot.mode):
                 return item
-        if any(s.pid == pid and s.thread == thread for _, s in granted):
+        if any(ident(s) == me for _, s in granted):
             return None  # a conversion goes before the queue
         for item in waiting:
             slot = item[1]
@@ -596,12 +614,13 @@ class LockTable:
         self, owner: Owner, inode: int, device: int, key: bytes, kflags: int, mode: int,
         wait_token: int, value: int, group: int,
     ) -> tuple[Grant | Conflict | Queued, list[int]]:
+        me = self._ident(owner)
         while True:
             granted, waiting = self._matching(group, value, inode, device, key)
-            blocker = self._blocker(owner.pid, owner.thread, mode, None, granted, waiting)
+            blocker = self._blocker(me, mode, None, granted, waiting)
             if blocker is None or not self._reclaim_if_dead(blocker):
                 break
-        mine = [item for item in granted if item[1].pid == owner.pid and item[1].thread == owner.thread]
+        mine = [item for item in granted if self._ident(item[1]) == me]
         if blocker is None and mine:
             index, slot = mine[0]
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
@@ -645,15 +664,16 @@ class LockTable:
         group = index // self._per_group
         value = self._value(index)
         key = me.key[: me.key_len]
+        who = self._ident(me)
         while True:
             granted, waiting = self._matching(group, value, me.inode, me.device, key)
-            blocker = self._blocker(me.pid, me.thread, me.mode, me.ticket, granted, waiting)
+            blocker = self._blocker(who, me.mode, me.ticket, granted, waiting)
             if blocker is None or not self._reclaim_if_dead(blocker):
                 break
         if blocker is not None:
             self._bump("lock_retries")
             return Queued(handle, _holder(blocker[1])), []
-        mine = [item for item in granted if item[1].pid == me.pid and item[1].thread == me.thread]
+        mine = [item for item in granted if self._ident(item[1]) == who]
         if mine:  # a conversion: the held lock takes the new mode, the request goes
             held_index, held = mine[0]
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
@@ -672,7 +692,7 @@ class LockTable:
         granted, waiting = self._requeue(group, value, like.inode, like.device, key)
         tokens = []
         for pos, (_index, slot) in enumerate(waiting):
-            if slot.doorbell and self._blocker(slot.pid, slot.thread, slot.mode, slot.ticket,
+            if slot.doorbell and self._blocker(self._ident(slot), slot.mode, slot.ticket,
                                                granted, waiting[:pos]) is None:
                 tokens.append(slot.doorbell)
         return tokens

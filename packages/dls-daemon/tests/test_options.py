@@ -1,0 +1,459 @@
+"""Every option of jdls beyond the basics: usage errors, -C, -K -o, -P, -T, -kA/-ibA, the limits, the
+lock-file directories, syslog and the systemd unit.
+
+Real processes throughout; every test that starts a service gets its own instance and port from the
+``service`` fixture (conftest.py), whose teardown runs -k and -K and fails if anything is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+from dls_client import Client, Config, RequestFailed, Server
+from dls_daemon.cli import main, unit_file
+from dls_proto import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Echo,
+    Error,
+    ErrorCode,
+    Granted,
+    Hello,
+    Lock,
+    Refused,
+    RefuseReason,
+    Role,
+    Welcome,
+)
+from dls_shm import TableFlag
+
+T = TypeVar("T")
+EX = 5
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def log_of(service) -> str:
+    return (service.root / "log" / "jdls.log").read_text()
+
+
+def start(service, *args: str) -> None:
+    result = service.jdls(*args)
+    assert result.returncode == 0, result.stderr
+
+
+def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
+    sock.settimeout(5)
+    while True:
+        event = conn.next_event()
+        if isinstance(event, kind):
+            return event
+        assert event is NEED_DATA, f"unexpected {event!r}"
+        data = sock.recv(65536)
+        conn.receive_data(data)
+        if not data:
+            event = conn.next_event()
+            assert isinstance(event, kind), f"closed: {event!r}"
+            return event
+
+
+def hello(sock: socket.socket, port: int = 4242, thread: int = 1) -> tuple[Connection, Welcome | Error]:
+    conn = Connection(Role.CLIENT)
+    sock.sendall(conn.send(Hello(1, 1, 1, 0, port, os.getpid(), thread, "test-host", "pytest")))
+    return conn, receive(sock, conn, Welcome | Error)  # type: ignore[arg-type]
+
+
+def lock(sock: socket.socket, conn: Connection, rid: int, key: bytes, thread: int = 1) -> Granted | Refused | Error:
+    sock.sendall(conn.send(Lock(rid, EX, 0, 0, thread, 11, -1, key, "/data/FILE")))
+    return receive(sock, conn, Granted | Refused | Error)  # type: ignore[arg-type]
+
+
+def connect(service) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", service.port), timeout=5)
+
+
+# -- usage --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["-Cx", "-i"], "not allowed with"),
+        (["-Cx", "-b"], "-b applies only to -i, not to -C"),
+        (["-Cx", "-L"], "-L applies only to -d, not to -C"),
+        (["-Cx", "-A"], "-A applies only to -i and -k, not to -C"),
+        (["-C"], "expected one argument"),
+        (["-K", "-v"], "-v applies only to -i and -d and -C, not to -K"),
+        (["-k", "-o"], "-o applies only to -K, not to -k"),
+        (["-io"], "-o applies only to -K"),
+        (["-dvo"], "-o applies only to -K"),
+        (["-d", "--port", "5000"], "--port applies only to -i and -C"),
+        (["-k", "--host", "h"], "--host applies only to -C"),
+        (["-i", "--host", "h"], "--host applies only to -C"),
+        (["-ibD", "-s", "100,10"], "-s concerns the lock table and its monitor, which -D does not start"),
+        (["-ibDT"], "-T concerns the lock table"),
+        (["-ibD", "-t5"], "-t concerns the lock table"),
+        (["-ibD", "--tidy-seconds", "1"], "--tidy-seconds concerns the lock table"),
+        (["-ibA", "--port", "5000"], "--port concerns the lock listener, which -A does not start"),
+        (["-ibA", "--max-clients", "3"], "--max-clients concerns the lock listener"),
+        (["-ibA", "--lock-dir", "/tmp/x"], "--lock-dir concerns the lock listener"),
+        (["-i", "--max-frame", "10"], "invalid frame size (bytes) '10': expected 1024 to 67108864"),
+        (["-i", "--max-clients", "0"], "invalid count '0'"),
+        (["-i", "--max-locks", "many"], "invalid count 'many'"),
+        (["-i", "--dead-client", "0.5"], "invalid dead-client bound (seconds) '0.5'"),
+        (["-i", "--handshake-timeout", "-1"], "invalid timeout (seconds) '-1'"),
+        (["-i", "--handshake-timeout", "nan"], "invalid timeout (seconds) 'nan'"),
+        (["-i", "--lock-dir", ""], "invalid directory ''"),
+        (["-k", "--lock-dir", "/tmp/x"], "--lock-dir applies only to -i, not to -k"),
+        (["-k", "--syslog"], "--syslog applies only to -i"),
+        (["-d", "--stop-timeout", "1"], "--stop-timeout applies only to -i and -k"),
+        (["--unit", "-v"], "-v applies only to -i and -d and -C, not to --unit"),
+        (["--unit", "-K"], "not allowed with"),
+        (["-kAD"], "-A and -D exclude each other"),
+        (["-b"], "one of the arguments"),
+    ],
+)
+def test_combinations_that_make_no_sense_exit_2(argv: list[str], says: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: jdls" in err
+    assert says in err
+
+
+def test_help_names_every_option_and_what_o_means(capsys) -> None:
+    assert main(["-h"]) == 0
+    out = capsys.readouterr().out
+    for option in ("-i", "-k", "-K", "-d", "-C teststring", "-b", "-s r,g", "-t nn", "-P", "-T", "-A", "-D", "-o",
+                   "-L", "-v", "--port", "--bind", "--foreground", "--lock-dir", "--binary-lock-dir", "--max-frame",
+                   "--handshake-timeout", "--max-clients", "--max-locks", "--dead-client", "--syslog", "--host"):
+        assert f"  {option}" in out, option
+    assert "-o (override, with -K only)" in out
+
+
+def test_the_systemd_unit_is_shipped(capsys) -> None:
+    text = unit_file()
+    assert "ExecStart=jdls -i --foreground\n" in text
+    assert "ExecStop=jdls -k\n" in text
+    assert "Environment=JBCRELEASEDIR=/var/lib/dls\n" in text
+    assert "[Install]" in text
+    assert main(["--unit"]) == 0
+    assert capsys.readouterr().out == text
+    import dls_daemon
+
+    assert (Path(dls_daemon.__file__).parent / "data" / "dls-daemon.service").is_file()
+
+
+# -- -C: the connection test ------------------------------------------------------------------------
+
+
+def test_connection_test_echoes_through_a_lock_server(service) -> None:
+    start(service, "-ib")
+    result = service.jdls("-Chello world")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Client: Using host '127.0.0.1', service '{service.port}'"
+    assert lines[1].startswith("Client: connected to lock server pid ")
+    assert "(protocol version 1, shared memory lock table)" in lines[1]
+    assert lines[2].startswith("Client: received 'hello world' in ") and lines[2].endswith(" ms (round trip)")
+    # The JDLS variable, as a client would use it, names the server when --host/--port do not.
+    service.env["JDLS"] = f"SERVER=localhost,{service.port}"
+    service.env["JDLS_PORT"] = "1"
+    via_jdls = service.jdls("-Cping", "-v")
+    assert via_jdls.returncode == 0, via_jdls.stderr
+    assert f"Client: Using host 'localhost', service '{service.port}'" in via_jdls.stdout
+    assert "its largest frame is 65536 bytes" in via_jdls.stdout
+    explicit = service.jdls("-C", "x", "--host", "127.0.0.1", "--port", str(service.port))
+    assert explicit.returncode == 0 and "received 'x'" in explicit.stdout
+
+
+def test_connection_test_when_nothing_listens(service) -> None:
+    result = service.jdls("-Cteststring")  # nothing started on this port
+    assert result.returncode == 1
+    assert result.stdout == f"Client: Using host '127.0.0.1', service '{service.port}'\n"
+    assert result.stderr.splitlines() == [
+        "Client: Unable to allocate socket",
+        f"Client: connection failed for host '127.0.0.1', service '{service.port}', error Connection refused",
+    ]
+    service.env["JDLS"] = ""  # set but empty: localhost, port 50002 (the port given here overrides it)
+    named = service.jdls("-Cx", "--port", str(service.port))
+    assert named.returncode == 1
+    assert f"Client: Using host 'localhost', service '{service.port}'" in named.stdout
+    service.env["JDLS"] = "SERVER="
+    assert service.jdls("-Cx").returncode == 2
+
+
+# -- limits ---------------------------------------------------------------------------------------------
+
+
+def test_the_client_over_the_limit_is_told_and_logged(service) -> None:
+    start(service, "-ib", "--max-clients", "1")
+    with connect(service) as first:
+        _, welcome = hello(first)
+        assert isinstance(welcome, Welcome)
+        with connect(service) as second:
+            conn, refused = hello(second)
+            assert refused == Error(0, ErrorCode.LIMIT, "limit of 1 clients reached")
+            assert isinstance(receive(second, conn, ConnectionClosed), ConnectionClosed)
+        tested = service.jdls("-Cx")
+        assert tested.returncode == 1
+        assert "answered with an error: limit of 1 clients reached" in tested.stderr
+        assert "refused connection from 127.0.0.1:" in log_of(service)
+        assert log_of(service).count(": limit of 1 clients reached") == 2
+    wait_for(lambda: service.jdls("-Cx").returncode == 0, what="the freed place to be taken")
+
+
+def test_lock_servers_of_an_earlier_listener_count_against_the_limit(service) -> None:
+    start(service, "-ib", "--max-clients", "1")
+    with connect(service) as first:
+        assert isinstance(hello(first)[1], Welcome)
+        start(service, "-kD")
+        start(service, "-ibD", "--max-clients", "1")
+        assert "1 lock server(s) of an earlier listener still serving" in log_of(service)
+        with connect(service) as second:
+            assert hello(second)[1] == Error(0, ErrorCode.LIMIT, "limit of 1 clients reached")
+
+
+def test_the_lock_limit_per_client(service, tmp_path: Path) -> None:
+    start(service, "-ib", "--max-locks", "2")
+    data = tmp_path / "FILE"
+    data.write_text("records")
+    with Client(Config(Server("127.0.0.1", service.port))) as client:
+        held = [client.lock(data, "K1"), client.lock(data, "K2")]
+        with pytest.raises(RequestFailed) as refused:
+            client.lock(data, "K3")
+        assert refused.value.code == ErrorCode.LIMIT
+        assert "limit of 2 locks per client" in str(refused.value)
+        held[0].release()
+        client.lock(data, "K3").release()  # room again
+    wait_for(lambda: "over the limit of 2 locks" in log_of(service), what="the log to name the limit")
+
+
+def test_frame_limit_and_handshake_timeout(service) -> None:
+    start(service, "-ib", "--max-frame", "2048", "--handshake-timeout", "0.3")
+    with connect(service) as sock:
+        conn, welcome = hello(sock)
+        assert isinstance(welcome, Welcome) and welcome.max_frame == 2048
+        sock.sendall(conn.send(Echo(2, b"x" * 4000)))
+        error = receive(sock, conn, Error)
+        assert error.code == ErrorCode.PROTOCOL and "exceeds the limit of 2048" in error.reason
+    with connect(service) as silent:
+        started = time.monotonic()
+        silent.settimeout(5)
+        assert silent.recv(100) == b""  # closed for want of a Hello
+        assert time.monotonic() - started < 3
+    wait_for(lambda: "no Hello within 0.3 s" in log_of(service), what="the log to say why")
+
+
+def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> None:
+    locks, binary = tmp_path / "jbase", tmp_path / "jbase_lock"
+    result = service.jdls("-ibD", "--lock-dir", str(locks), "--binary-lock-dir", str(binary), "--dead-client", "7",
+                          "--max-clients", "9", "--max-locks", "5", "--max-frame", "4096", "--handshake-timeout", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"OS file locks in {locks} (no lock table)" in result.stdout
+    assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o1777
+    assert not binary.exists()  # made on first use only
+    assert ("limits: 9 clients, 5 locks per client, frames of 4096 bytes, handshake 2 s, dead client 7 s"
+            in log_of(service))
+
+
+def test_an_unusable_lock_directory_fails_the_start(service, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = service.jdls("-ibD", "--lock-dir", str(blocker / "jbase"))
+    assert result.returncode == 1
+    assert f"cannot use the lock directory {blocker / 'jbase'}" in result.stderr
+    assert service.processes() == []
+
+
+# -- syslog -----------------------------------------------------------------------------------------
+
+
+def test_syslog(service, tmp_path: Path) -> None:
+    address = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslogd:
+        syslogd.bind(address)
+        syslogd.settimeout(5)
+        service.env["JDLS_SYSLOG_SOCKET"] = address
+        start(service, "-ib", "--syslog")
+        received = []
+        while not any(b"listener started" in m for m in received):
+            received.append(syslogd.recv(4096))
+    monitor = service.pid("monitor")
+    # <30> is facility daemon (3 * 8), priority info (6).
+    assert any(m.startswith(f"<30>jdls[{monitor}]: monitor INFO monitor started".encode()) for m in received), received
+    assert "listener started" in log_of(service)  # the log file as well
+
+
+def test_syslog_missing_is_said_in_the_log(service, tmp_path: Path) -> None:
+    service.env["JDLS_SYSLOG_SOCKET"] = str(tmp_path / "no-such-socket")
+    start(service, "-ibA", "--syslog")
+    assert f"syslog not available: {tmp_path / 'no-such-socket'} does not exist" in log_of(service)
+
+
+# -- -K -o ----------------------------------------------------------------------------------------------
+
+
+def test_remove_override_names_and_removes(service) -> None:
+    start(service, "-ibA")
+    refused = service.jdls("-K", "-o")
+    assert refused.returncode == 1 and "lock monitor" in refused.stderr  # never under a running monitor
+    start(service, "-kA")
+    table = service.table()
+    try:
+        kept = service.jdls("-K")
+        assert kept.returncode == 1
+        assert f"1 other process(es) still attached: {os.getpid()} (" in kept.stderr
+        assert "jdls -K -o removes it anyway" in kept.stderr
+        removed = service.jdls("-K", "-o")
+        assert removed.returncode == 0, removed.stderr
+        assert "removed lock table" in removed.stdout
+        assert f"warning: removing the lock table 0x{service.instance.key:08x} although 1 other process(es)" \
+            in removed.stderr and f"{os.getpid()} (" in removed.stderr
+        assert service.ipc_left() == []
+    finally:
+        table.close()
+
+
+def test_remove_override_with_a_lock_server_left(service) -> None:
+    start(service, "-ib")
+    with connect(service) as sock:
+        conn, welcome = hello(sock)
+        assert isinstance(welcome, Welcome)
+        assert isinstance(lock(sock, conn, 2, b"REC"), Granted)
+        start(service, "-kD")
+        start(service, "-kA")
+        assert service.jdls("-K").returncode == 1
+        removed = service.jdls("-Ko")
+        assert removed.returncode == 0, removed.stderr
+        assert f"lock server (pid {welcome.server_pid}) run" in removed.stderr
+        assert service.ipc_left() == []
+        reply = lock(sock, conn, 3, b"REC2")  # the lock server tells its client the table is gone
+        assert isinstance(reply, Error) and "was removed" in reply.reason
+    wait_for(lambda: gone(welcome.server_pid), what="the lock server to end with its client")
+
+
+# -- -P and -T ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port_based", [True, False])
+def test_port_based_owners(service, port_based: bool) -> None:
+    start(service, "-ibP" if port_based else "-ib")
+    assert bool(service.header().flags & TableFlag.PORT_OWNERS) is port_based
+    shown = service.jdls("-dv").stdout
+    assert ("IPC semaphores based on PORT number" if port_based else "IPC semaphores based on THREAD id") in shown
+    with connect(service) as a, connect(service) as b, connect(service) as c:
+        conn_a, welcome_a = hello(a, port=1000)
+        conn_b, welcome_b = hello(b, port=1000)  # the same port and thread, through another lock server
+        conn_c, _ = hello(c, port=1001)
+        assert isinstance(welcome_a, Welcome) and isinstance(welcome_b, Welcome)
+        assert welcome_a.server_pid != welcome_b.server_pid
+        first = lock(a, conn_a, 2, b"33537")
+        assert isinstance(first, Granted)
+        second = lock(b, conn_b, 2, b"33537")
+        if port_based:
+            assert isinstance(second, Granted) and second.handle == first.handle
+        else:
+            assert isinstance(second, Refused) and second.reason == RefuseReason.BUSY
+        other = lock(c, conn_c, 2, b"33537")
+        assert isinstance(other, Refused) and other.holder_port == 1000
+
+
+def test_time_stamped_locks_show_their_age(service) -> None:
+    start(service, "-ibT")
+    assert service.header().flags & TableFlag.TIMESTAMPS
+    with connect(service) as sock:
+        conn, _ = hello(sock)
+        assert isinstance(lock(sock, conn, 2, b"OLD"), Granted)
+        time.sleep(1.2)
+        shown = service.jdls("-dvL").stdout
+    assert "Locking mechanism:      IPC semaphores based on THREAD id, locks time stamped" in shown
+    lines = shown.splitlines()
+    header = lines.index("Record locks outstanding") + 2
+    assert lines[header].split("\t")[-1] == "age"
+    row = lines[header + 1].split("\t")
+    assert row[-2] == "OLD" and row[-1] in ("00:01", "00:02", "00:03")
+
+
+def test_a_table_without_timestamps_has_no_age_column(service) -> None:
+    start(service, "-ibA")
+    shown = service.jdls("-dL").stdout
+    assert "Group\tvalue\tpid\ttype\tport\ti-node\tdev\tqueued\tipaddr\tkey\n" in shown
+
+
+# -- the monitor stopped and started under a working listener ------------------------------------------
+
+
+def test_monitor_restarted_while_a_client_holds_a_lock(service, tmp_path: Path) -> None:
+    start(service, "-ib")
+    monitor, listener = service.pid("monitor"), service.pid("listener")
+    assert monitor and listener
+    data = tmp_path / "FILE"
+    data.write_text("records")
+    with Client(Config(Server("127.0.0.1", service.port))) as client:
+        held = client.lock(data, "HELD")
+        [server] = {e.slot.pid for e in _scan(service)}
+        start(service, "-kA")
+        assert gone(monitor) and not gone(listener) and not gone(server)
+        assert service.header().monitor_pid == 0
+        shown = service.jdls("-d").stdout
+        assert f"Lock monitor at pid:    {monitor} - Inactive" not in shown  # the header says 0 now
+        assert "Lock monitor at pid:    0 - Inactive" in shown
+        assert f"Lock listener at pid:   {listener} - Active" in shown
+        during = client.lock(data, "WHILE-NO-MONITOR")  # the lock server carries on
+        restarted = service.jdls("-ibA")
+        assert restarted.returncode == 0, restarted.stderr
+        assert "attached lock table" in restarted.stdout
+        new_monitor = service.pid("monitor")
+        assert new_monitor and new_monitor != monitor
+        header = service.header()
+        assert (header.monitor_pid, header.listener_pid) == (new_monitor, listener)
+        shown = service.jdls("-dvL").stdout
+        assert f"Lock monitor at pid:    {new_monitor} - Active" in shown
+        assert "2 locks currently in use" in shown
+        assert "\tHELD" in shown and "\tWHILE-NO-MONITOR" in shown  # the start-up tidy kept a live owner's locks
+        assert client.status(data, "HELD")[0] == 1
+        held.release()
+        during.release()
+        client.lock(data, "AFTER").release()
+        assert not gone(server) and not gone(listener)
+
+
+def _scan(service) -> list:
+    table = service.table()
+    try:
+        return list(table.scan())
+    finally:
+        table.close()
+
+
+def test_monitor_header_keeps_time_and_cpu(service) -> None:
+    start(service, "-ibA")
+    first = service.header()
+    assert first.monitor_pid == service.pid("monitor") and first.tidy_period == 300
+    wait_for(lambda: service.header().last_ran > first.last_ran, timeout=3, what="the monitor's tick")
+    header = service.header()
+    assert time.time() - header.last_ran < 2.5
+    proc = psutil.Process(header.monitor_pid)
+    times = proc.cpu_times()
+    assert 0 <= header.cpu_user <= times.user + 0.05 and 0 <= header.cpu_system <= times.system + 0.05

@@ -1,0 +1,438 @@
+"""OS file locks: the lock mechanism of a lock service that has no lock table.
+
+When the listener runs without the monitor (``jdls -ibD``) there is no shared
+memory, and a record lock is a POSIX (``fcntl``) lock taken by the process that
+serves it. The files and the bytes locked are a contract, like the table layout:
+every process that takes OS locks must name them the same way.
+
+- One lock file per file locked: ``jlock_%08x_%08x`` (inode, device) in a lock
+  directory (``/tmp/jbase`` for record locks, ``/tmp/jbase_lock`` for binary
+  locks by default). A negative device is shown as its 32-bit two's complement,
+  so the device -1 of every remote lock gives ``ffffffff``. Lock files are never
+  removed: unlinking a file that another process has open would let two owners
+  lock two different inodes under one name.
+- One byte per record key: the byte at offset :func:`key_offset` (a 64-bit
+  BLAKE2b digest of the key, cut to 62 bits so that it is a valid ``off_t``), so
+  different keys of one file lock independently. Two keys whose digests collide
+  share a byte: they exclude each other needlessly, but never both hold
+  incompatible locks.
+
+Modes. ``fcntl`` has two lock types, so the six DLM modes are mapped:
+NL takes no OS lock (it is granted and kept, but excludes nobody); CR and PR take
+a read lock; CW, PW and EX a write lock. Read locks are shared, a write lock
+excludes every other lock. For jBASE's READ (PR) and WRITE (EX) locks this is
+exact; for the other modes it is stricter than the DLM matrix (CR with CW or PW,
+and CW with CW, are refused although the DLM allows them), never looser. The
+finer DLM compatibility needs the lock table.
+
+Owners. ``fcntl`` locks belong to a process, not to a thread or a descriptor: the
+kernel never makes a process wait for its own locks, and drops them all when the
+process dies, however it dies, which is exactly the release jDLS relies on. The
+threads of one process therefore share its OS locks, so this class keeps its own
+record of which owner (pid, thread) holds what, refuses a conflicting request of
+another thread of the same process as the table would (the holder it names is
+then that thread, with its port, client pid and address), and takes for each
+byte the strongest OS lock its owners need. An owner of another process is
+known only by the pid ``F_GETLK`` gives: port, client pid and thread are 0 and
+the address 0.0.0.0.
+
+Waiting. There is no descriptor to wait on for an ``fcntl`` lock, and a blocking
+``F_SETLKW`` would stop a single-threaded lock server. A request that must wait
+is recorded (``Queued``) and tried again by :meth:`OsLocks.retry`; the caller
+polls it on a short timer (:data:`RETRY_FIRST`, doubling up to :data:`RETRY_MAX`),
+which costs a system call or two per look and keeps the CPU near idle. When the
+lock is released by another owner of this process, the waiters' doorbells are
+rung at once, as the table does. The order in which waiters get a lock is not
+guaranteed (no FIFO): it depends on who looks first after a release, and a
+steady stream of readers can hold off a writer.
+
+Caveats. An ``OsLocks`` belongs to the process that made it (a forked child does
+not inherit ``fcntl`` locks; make a new one there). Closing any descriptor of a
+file releases every lock the process holds on it, so a lock file stays open
+while this object holds or waits for a lock on it, and is only ever opened
+through this object. A lock file removed behind the service's back (a /tmp
+cleaner) separates the locks taken before from those taken after.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import struct
+import threading
+from pathlib import Path
+
+from . import doorbell
+from .layout import LOCAL_IP
+from .table import Conflict, Grant, Holder, NotHeld, Owner, Queued, TableError, resource_value, stored_key
+
+#: Name of the lock file of (inode, device).
+LOCK_FILE_FORMAT = "jlock_%08x_%08x"
+#: The lock byte of a key is its 64-bit digest cut to this many bits (off_t is signed).
+OFFSET_BITS = 62
+#: Every handle of an OS lock has this bit set; no lock-table handle has it.
+HANDLE_TAG = 1 << 63
+#: A polling waiter looks again after RETRY_FIRST seconds, then twice as long each time up to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 0.25
+
+#: The OS lock a mode needs: 0 none (NL), 1 a read lock (CR, PR), 2 a write lock (CW, PW, EX).
+NONE, READ, WRITE = 0, 1, 2
+OS_CLASS = (NONE, READ, WRITE, READ, WRITE, WRITE)
+#: The mode reported for a holder known only by its OS lock: PR for a read lock, EX for a write lock.
+_REPORTED = {READ: 3, WRITE: 5}
+_LOCKF = (fcntl.LOCK_UN, fcntl.LOCK_SH | fcntl.LOCK_NB, fcntl.LOCK_EX | fcntl.LOCK_NB)
+_FCNTL_TYPE = (fcntl.F_UNLCK, fcntl.F_RDLCK, fcntl.F_WRLCK)
+#: struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (32 bytes with padding).
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_SIZE = 32
+_OFFSET_MASK = (1 << OFFSET_BITS) - 1
+_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+#: Handles are unique in the process, across every OsLocks of it.
+_handles = itertools.count(1)
+
+
+class OsLockError(TableError):
+    """A lock file cannot be opened or locked (permissions, no space, no locks left)."""
+
+
+def lock_file_name(inode: int, device: int) -> str:
+    """``jlock_XXXXXXXX_YYYYYYYY``: inode and device in hexadecimal; a negative device as 32 bits (-1: ffffffff)."""
+    return LOCK_FILE_FORMAT % (inode, device & 0xFFFFFFFF if device < 0 else device)
+
+
+def key_offset(key: bytes) -> int:
+    """The byte of a lock file that stands for ``key``."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & _OFFSET_MASK
+
+
+def compatible(requested: int, held: int) -> bool:
+    """True when OS locks let ``requested`` be granted while another owner holds ``held`` (modes 0..5)."""
+    return OS_CLASS[requested] + OS_CLASS[held] <= 2
+
+
+class _File:
+    __slots__ = ("fd", "name", "resources")
+
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.resources = 0
+
+
+class _Resource:
+    """One byte of one lock file: who of this process holds it, who waits, which OS lock is taken."""
+
+    __slots__ = ("file", "holders", "level", "offset", "waiters")
+
+    def __init__(self, file: _File, offset: int) -> None:
+        self.file = file
+        self.offset = offset
+        self.level = NONE
+        self.holders: dict[tuple[int, int], _Record] = {}
+        self.waiters: dict[int, _Record] = {}
+
+
+class _Record:
+    """A lock held, or a request waiting, in this process."""
+
+    __slots__ = ("handle", "mode", "owner", "resource", "token", "value")
+
+    def __init__(self, handle: int, resource: _Resource, owner: Owner, mode: int, value: int, token: int) -> None:
+        self.handle = handle
+        self.resource = resource
+        self.owner = owner
+        self.mode = mode
+        self.value = value
+        self.token = token
+
+    @property
+    def holder(self) -> Holder:
+        o = self.owner
+        return Holder(self.mode, o.pid, o.port, o.client_pid, o.thread, o.ip)
+
+
+class OsLocks:
+    """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
+
+    The same calls and answers as LockTable: ``lock`` gives a Grant, a Conflict,
+    or with a ``wait_token`` a Queued request to ``retry`` (see the module for how
+    waiting works); ``unlock``, ``cancel``, ``status``, ``release_owner``. Safe to
+    share between the threads of the process that made it. The directory is made
+    when the first lock needs it; lock files are made ``file_mode`` (default
+    readable and writable by all, whatever the umask) so that every user's
+    processes can lock them.
+    """
+
+    #: How a caller polls a queued request (seconds): first look, and the longest pause between looks.
+    retry_first = RETRY_FIRST
+    retry_max = RETRY_MAX
+
+    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = 0o666) -> None:
+        self.directory = Path(directory)
+        self._prefix = os.path.join(os.fspath(directory), "")  # joined by hand: pathlib is slow on this path
+        self.file_mode = file_mode
+        self.pid = os.getpid()
+        self._files: dict[str, _File] = {}
+        self._resources: dict[tuple[str, int], _Resource] = {}
+        self._held: dict[int, _Record] = {}
+        self._waiting: dict[int, _Record] = {}
+        self._mutex = threading.RLock()
+
+    def path_of(self, inode: int, device: int) -> Path:
+        """The lock file of (inode, device)."""
+        return self.directory / lock_file_name(inode, device)
+
+    # -- the table's calls -------------------------------------------------------
+
+    def lock(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+    ) -> Grant | Conflict | Queued:
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued (to retry)."""
+        if not 0 <= mode < len(OS_CLASS):
+            raise ValueError(f"lock mode {mode} is not one of 0..5")
+        if os.getpid() != self.pid:
+            raise OsLockError(f"these OS locks belong to process {self.pid}: make a new OsLocks in a forked child")
+        name = lock_file_name(inode, device)
+        offset = key_offset(key)
+        value = resource_value(inode, device, stored_key(key)[0])
+        with self._mutex:
+            res = self._resource(name, offset)
+            try:
+                me = (owner.pid, owner.thread)
+                blocker = self._take(res, me, mode)
+                if blocker is None:
+                    return self._grant(res, me, owner, mode, value, 0)
+                if not wait_token:
+                    return Conflict(blocker)
+                handle = HANDLE_TAG | next(_handles)
+                record = _Record(handle, res, owner, mode, value, wait_token)
+                res.waiters[handle] = record
+                self._waiting[handle] = record
+                return Queued(handle, blocker)
+            finally:
+                self._forget_if_unused(res)
+
+    def retry(self, handle: int) -> Grant | Queued:
+        """Try a queued request again: granted now, or still queued (behind whom)."""
+        with self._mutex:
+            record = self._waiting.get(handle)
+            if record is None:
+                raise NotHeld(f"handle {handle:#x} is not a queued OS lock request")
+            res = record.resource
+            me = (record.owner.pid, record.owner.thread)
+            blocker = self._take(res, me, record.mode)
+            if blocker is not None:
+                return Queued(handle, blocker)
+            del self._waiting[handle]
+            del res.waiters[handle]
+            return self._grant(res, me, record.owner, record.mode, record.value, handle)
+
+    def cancel(self, handle: int) -> bool:
+        """Withdraw a queued request; False when it was no longer queued."""
+        with self._mutex:
+            record = self._waiting.pop(handle, None)
+            if record is None:
+                return False
+            del record.resource.waiters[handle]
+            self._forget_if_unused(record.resource)
+            return True
+
+    def unlock(self, handle: int) -> None:
+        """Release a granted lock; NotHeld when the handle names none."""
+        with self._mutex:
+            record = self._held.pop(handle, None)
+            if record is None:
+                raise NotHeld(f"handle {handle:#x} holds no OS lock")
+            tokens = self._drop(record)
+        for token in tokens:
+            doorbell.ring(token)
+
+    def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
+        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder). Makes no file."""
+        name = lock_file_name(inode, device)
+        offset = key_offset(key)
+        me = (owner.pid, owner.thread)
+        with self._mutex:
+            res = self._resources.get((name, offset))
+            if res is not None and res.holders:
+                mine = res.holders.get(me)
+                if mine is not None:
+                    return 1, mine.holder
+                return 2, next(iter(res.holders.values())).holder
+            file = self._files.get(name)
+            if file is not None:
+                return (0, None) if (h := _os_holder(file.fd, offset, WRITE)) is None else (2, h)
+            # No descriptor of this file is open in this process, so none holds a lock that closing could drop.
+            try:
+                fd = os.open(self._prefix + name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # F_GETLK only
+            except FileNotFoundError:
+                return 0, None
+            except OSError as exc:
+                raise OsLockError(f"cannot open lock file {self.directory / name}: {exc.strerror}") from None
+            try:
+                h = _os_holder(fd, offset, WRITE)
+            finally:
+                os.close(fd)
+            return (0, None) if h is None else (2, h)
+
+    def release_owner(self, pid: int, thread: int | None = None) -> int:
+        """Free every lock and queued request of an owner process (or one of its threads); how many."""
+        tokens: list[int] = []
+        count = 0
+        with self._mutex:
+            for handle, record in list(self._waiting.items()):
+                if record.owner.pid == pid and (thread is None or record.owner.thread == thread):
+                    self.cancel(handle)
+                    count += 1
+            for handle, record in list(self._held.items()):
+                if record.owner.pid == pid and (thread is None or record.owner.thread == thread):
+                    del self._held[handle]
+                    tokens += self._drop(record)
+                    count += 1
+        for token in set(tokens):
+            doorbell.ring(token)
+        return count
+
+    def close(self) -> int:
+        """Release every lock and request of this object and close its lock files; how many there were."""
+        with self._mutex:
+            count = len(self._held) + len(self._waiting)
+            for record in list(self._waiting.values()):
+                self.cancel(record.handle)
+            for record in list(self._held.values()):
+                del self._held[record.handle]
+                self._drop(record)
+            for file in self._files.values():  # none should be left; closing drops whatever is
+                os.close(file.fd)
+            self._files.clear()
+            self._resources.clear()
+        return count
+
+    def held(self) -> int:
+        """How many locks this object holds."""
+        return len(self._held)
+
+    # -- inside (mutex held) -----------------------------------------------------
+
+    def _take(self, res: _Resource, me: tuple[int, int], mode: int) -> Holder | None:
+        """Give ``me`` the OS lock ``mode`` needs on ``res``, or return who stands in the way."""
+        needed = OS_CLASS[mode]
+        for who, record in res.holders.items():
+            if who != me:
+                if not compatible(mode, record.mode):
+                    return record.holder
+                needed = max(needed, OS_CLASS[record.mode])
+        if needed <= res.level:
+            if needed < res.level:  # a conversion down: giving up never fails
+                self._set(res, needed)
+            return None
+        for _ in range(3):
+            if self._set(res, needed):
+                return None
+            holder = _os_holder(res.file.fd, res.offset, needed)
+            if holder is not None:
+                return holder
+            # Released between the two calls: try again.
+        return Holder(_REPORTED[needed], 0, 0, 0, 0, LOCAL_IP)
+
+    def _set(self, res: _Resource, level: int) -> bool:
+        """Put the OS lock of ``res`` at ``level``; False when another process holds a conflicting one."""
+        try:
+            fcntl.lockf(res.file.fd, _LOCKF[level], 1, res.offset, os.SEEK_SET)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise OsLockError(
+                f"cannot lock {self.directory / res.file.name} at byte {res.offset}: {exc.strerror}"
+            ) from None
+        res.level = level
+        return True
+
+    def _grant(self, res: _Resource, me: tuple[int, int], owner: Owner, mode: int, value: int,
+               handle: int) -> Grant:
+        mine = res.holders.get(me)
+        if mine is not None:  # a conversion: the lock held takes the new mode
+            mine.mode = mode
+            return Grant(mine.handle, mode, value)
+        record = _Record(handle or HANDLE_TAG | next(_handles), res, owner, mode, value, 0)
+        res.holders[me] = record
+        self._held[record.handle] = record
+        return Grant(record.handle, mode, value)
+
+    def _drop(self, record: _Record) -> list[int]:
+        """Take a released lock out of its resource; the doorbells of the waiters to ring."""
+        res = record.resource
+        del res.holders[(record.owner.pid, record.owner.thread)]
+        level = max((OS_CLASS[r.mode] for r in res.holders.values()), default=NONE)
+        if level < res.level:
+            self._set(res, level)
+        tokens = list({w.token for w in res.waiters.values() if w.token})
+        self._forget_if_unused(res)
+        return tokens
+
+    def _resource(self, name: str, offset: int) -> _Resource:
+        res = self._resources.get((name, offset))
+        if res is None:
+            file = self._files.get(name)
+            if file is None:
+                file = self._files[name] = _File(name, self._open(name))
+            res = self._resources[(name, offset)] = _Resource(file, offset)
+            file.resources += 1
+        return res
+
+    def _forget_if_unused(self, res: _Resource) -> None:
+        if res.holders or res.waiters:
+            return
+        if res.level:
+            self._set(res, NONE)
+        del self._resources[(res.file.name, res.offset)]
+        file = res.file
+        file.resources -= 1
+        if not file.resources:  # no lock of this process on the file: closing drops nothing
+            del self._files[file.name]
+            os.close(file.fd)
+
+    def _open(self, name: str) -> int:
+        path = self._prefix + name
+        for _ in range(3):
+            try:
+                return os.open(path, _OPEN_FLAGS)  # the usual case: the file was made long ago
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise OsLockError(f"cannot open lock file {path}: {exc.strerror}") from None
+            try:
+                fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, self.file_mode)
+            except FileExistsError:  # made by another process meanwhile
+                continue
+            except FileNotFoundError:  # no directory yet: make it and try again
+                try:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OsLockError(f"cannot make the lock directory {self.directory}: {exc.strerror}") from None
+                continue
+            except OSError as exc:
+                raise OsLockError(f"cannot open lock file {path}: {exc.strerror}") from None
+            try:
+                os.fchmod(fd, self.file_mode)  # whatever the umask
+            except OSError:
+                pass
+            return fd
+        raise OsLockError(f"cannot open lock file {path}: it keeps appearing and disappearing")
+
+
+def _os_holder(fd: int, offset: int, level: int) -> Holder | None:
+    """The process whose OS lock on byte ``offset`` would block a lock of ``level`` (F_GETLK), or None."""
+    probe = _FLOCK.pack(_FCNTL_TYPE[level], os.SEEK_SET, offset, 1, 0).ljust(_FLOCK_SIZE, b"\0")
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+    except OSError as exc:
+        raise OsLockError(f"cannot ask who locks byte {offset}: {exc.strerror}") from None
+    kind, _whence, _start, _length, pid = _FLOCK.unpack_from(answer)
+    if kind == fcntl.F_UNLCK:
+        return None
+    return Holder(_REPORTED[READ if kind == fcntl.F_RDLCK else WRITE], pid, 0, 0, 0, LOCAL_IP)

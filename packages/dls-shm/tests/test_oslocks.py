@@ -1,0 +1,404 @@
+"""OS file locks (``OsLocks``): the lock mechanism without a table, in one process and between processes.
+
+In one process the owners are threads (told apart by OsLocks itself, as fcntl
+cannot); between processes they are forked children holding real fcntl locks,
+reaped by the test or at the latest by the ``children`` fixture. Every lock
+directory is under tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from dls_shm import (
+    LOCAL_IP,
+    Conflict,
+    Doorbell,
+    Grant,
+    Holder,
+    NotHeld,
+    OsLockError,
+    OsLocks,
+    Owner,
+    Queued,
+    key_offset,
+    lock_file_name,
+    modes,
+    resource_value,
+)
+from dls_shm.oslocks import OS_CLASS, compatible
+
+if TYPE_CHECKING:
+    from conftest import Children, Pipe  # the fixtures' classes, in this directory's conftest.py
+
+NL, CR, CW, PR, PW, EX = range(6)
+INODE, DEVICE, KEY = 0x1234, -1, b"ORDERS*1001"
+FILE = "jlock_00001234_ffffffff"
+IP = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 7])
+
+
+def owner(thread: int = 1, *, port: int = 0, client_pid: int = 0, ip: bytes = LOCAL_IP) -> Owner:
+    """An owner in this process (called in a child, in the child)."""
+    return Owner(os.getpid(), thread, port, client_pid, ip)
+
+
+def foreign(pid: int, mode: int = EX) -> Holder:
+    """A holder in another process, as F_GETLK shows it."""
+    return Holder(mode, pid, 0, 0, 0, LOCAL_IP)
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    return tmp_path / "jbase"
+
+
+@pytest.fixture
+def locks(lock_dir: Path) -> Iterator[OsLocks]:
+    made = OsLocks(lock_dir)
+    yield made
+    made.close()
+
+
+def open_lock_files(lock_dir: Path) -> int:
+    """Descriptors of this process open on files of ``lock_dir``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(lock_dir) + os.sep)
+        except OSError:
+            pass
+    return count
+
+
+# -- names and mapping ----------------------------------------------------------------------
+
+
+def test_lock_file_names_are_inode_and_device_in_hex_with_minus_one_as_ffffffff() -> None:
+    assert lock_file_name(0x7B, -1) == "jlock_0000007b_ffffffff"
+    assert lock_file_name(0x12345678, 0x801) == "jlock_12345678_00000801"
+    assert lock_file_name(1, -2) == "jlock_00000001_fffffffe"
+    assert lock_file_name(0x1_0000_0001, 5) == "jlock_100000001_00000005"  # wide inodes are not cut
+
+
+def test_key_offsets_are_stable_distinct_and_valid_file_offsets() -> None:
+    offsets = {key_offset(b"K%d" % i) for i in range(10_000)}
+    assert len(offsets) == 10_000
+    assert all(0 <= o < 1 << 62 for o in offsets)
+    assert key_offset(b"USD163170001") == key_offset(b"USD163170001")
+    assert key_offset(b"x" * 5000) != key_offset(b"x" * 4999)
+
+
+def test_the_os_mapping_is_never_looser_than_the_dlm_matrix() -> None:
+    assert OS_CLASS == (0, 1, 2, 1, 2, 2)
+    for requested in range(6):
+        for held in range(6):
+            if compatible(requested, held):
+                assert modes.compatible(requested, held), (modes.NAMES[requested], modes.NAMES[held])
+    # What jBASE uses is exact: READ (PR) is shared, WRITE (EX) excludes, NL excludes nobody.
+    assert compatible(PR, PR) and compatible(CR, PR) and compatible(NL, EX) and compatible(EX, NL)
+    assert not compatible(EX, PR) and not compatible(PR, EX) and not compatible(EX, EX)
+    # Stricter than the DLM where fcntl has no finer lock.
+    assert modes.compatible(CW, CW) and not compatible(CW, CW)
+    assert modes.compatible(CR, PW) and not compatible(CR, PW)
+
+
+# -- one process, several threads -----------------------------------------------------------
+
+
+def test_a_lock_makes_its_directory_and_lock_file(locks: OsLocks, lock_dir: Path) -> None:
+    assert not lock_dir.exists()
+    g = locks.lock(owner(), INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant) and g.mode == EX
+    assert g.value == resource_value(INODE, DEVICE, KEY)
+    assert [p.name for p in lock_dir.iterdir()] == [FILE]
+    assert locks.path_of(INODE, DEVICE) == lock_dir / FILE
+    assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o666
+    locks.unlock(g.handle)
+    assert (lock_dir / FILE).exists(), "lock files are never removed"
+
+
+def test_exclusive_excludes_another_thread_which_is_told_who_holds_it(locks: OsLocks) -> None:
+    a = owner(1, port=51, client_pid=4242, ip=IP)
+    g = locks.lock(a, INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant)
+    refused = locks.lock(owner(2), INODE, DEVICE, KEY, PR)
+    assert refused == Conflict(Holder(EX, os.getpid(), 51, 4242, 1, IP))
+    assert isinstance(locks.lock(owner(2), INODE, DEVICE, b"another key", EX), Grant)
+    assert isinstance(locks.lock(owner(2), INODE + 1, DEVICE, KEY, EX), Grant)
+    locks.unlock(g.handle)
+    assert isinstance(locks.lock(owner(2), INODE, DEVICE, KEY, EX), Grant)
+
+
+def test_readers_share_and_a_writer_waits_for_all_of_them(locks: OsLocks) -> None:
+    r1 = locks.lock(owner(1), INODE, DEVICE, KEY, PR)
+    r2 = locks.lock(owner(2), INODE, DEVICE, KEY, CR)
+    assert isinstance(r1, Grant) and isinstance(r2, Grant) and r1.handle != r2.handle
+    assert isinstance(locks.lock(owner(3), INODE, DEVICE, KEY, EX), Conflict)
+    locks.unlock(r1.handle)
+    assert isinstance(locks.lock(owner(3), INODE, DEVICE, KEY, PW), Conflict)
+    locks.unlock(r2.handle)
+    assert isinstance(locks.lock(owner(3), INODE, DEVICE, KEY, EX), Grant)
+
+
+def test_a_null_lock_excludes_nobody(locks: OsLocks) -> None:
+    n = locks.lock(owner(1), INODE, DEVICE, KEY, NL)
+    assert isinstance(n, Grant)
+    assert isinstance(locks.lock(owner(2), INODE, DEVICE, KEY, EX), Grant)
+    assert locks.status(owner(1), INODE, DEVICE, KEY)[0] == 1
+
+
+def test_a_second_request_of_one_thread_converts_its_lock(locks: OsLocks) -> None:
+    g = locks.lock(owner(1), INODE, DEVICE, KEY, PR)
+    assert isinstance(g, Grant)
+    up = locks.lock(owner(1), INODE, DEVICE, KEY, EX)
+    assert up == Grant(g.handle, EX, g.value)
+    assert isinstance(locks.lock(owner(2), INODE, DEVICE, KEY, PR), Conflict)
+    down = locks.lock(owner(1), INODE, DEVICE, KEY, PR)
+    assert down == Grant(g.handle, PR, g.value)
+    r = locks.lock(owner(2), INODE, DEVICE, KEY, PR)
+    assert isinstance(r, Grant)
+    assert locks.lock(owner(1), INODE, DEVICE, KEY, EX) == Conflict(Holder(PR, os.getpid(), 0, 0, 2, LOCAL_IP))
+    assert locks.held() == 2
+
+
+def test_a_queued_request_is_granted_by_retry_and_rung_when_a_thread_releases(locks: OsLocks) -> None:
+    bell = Doorbell()
+    try:
+        g = locks.lock(owner(1), INODE, DEVICE, KEY, EX)
+        assert isinstance(g, Grant)
+        q = locks.lock(owner(2), INODE, DEVICE, KEY, EX, wait_token=bell.token)
+        assert isinstance(q, Queued) and q.holder.thread == 1
+        assert locks.retry(q.handle) == q
+        assert not bell.wait(0)
+        locks.unlock(g.handle)
+        assert bell.wait(5.0), "the waiter's doorbell was not rung"
+        granted = locks.retry(q.handle)
+        assert granted == Grant(q.handle, EX, g.value)
+        with pytest.raises(NotHeld):
+            locks.retry(q.handle)
+        locks.unlock(q.handle)
+    finally:
+        bell.close()
+
+
+def test_a_cancelled_request_is_gone(locks: OsLocks, lock_dir: Path) -> None:
+    g = locks.lock(owner(1), INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant)
+    q = locks.lock(owner(2), INODE, DEVICE, KEY, PR, wait_token=99)
+    assert isinstance(q, Queued)
+    assert locks.cancel(q.handle) is True
+    assert locks.cancel(q.handle) is False
+    with pytest.raises(NotHeld):
+        locks.retry(q.handle)
+    with pytest.raises(NotHeld):
+        locks.unlock(q.handle)
+
+
+def test_unlock_of_what_is_not_held(locks: OsLocks) -> None:
+    with pytest.raises(NotHeld):
+        locks.unlock(1 << 63 | 12345)
+    g = locks.lock(owner(), INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant)
+    locks.unlock(g.handle)
+    with pytest.raises(NotHeld):
+        locks.unlock(g.handle)
+
+
+def test_status_free_mine_and_another_thread(locks: OsLocks, lock_dir: Path) -> None:
+    assert locks.status(owner(1), INODE, DEVICE, KEY) == (0, None)
+    assert not lock_dir.exists(), "status makes no directory or file"
+    g = locks.lock(owner(1, port=7), INODE, DEVICE, KEY, PR)
+    assert isinstance(g, Grant)
+    assert locks.status(owner(1), INODE, DEVICE, KEY) == (1, Holder(PR, os.getpid(), 7, 0, 1, LOCAL_IP))
+    assert locks.status(owner(2), INODE, DEVICE, KEY) == (2, Holder(PR, os.getpid(), 7, 0, 1, LOCAL_IP))
+    assert locks.status(owner(2), INODE, DEVICE, b"other") == (0, None)
+
+
+def test_release_owner_frees_one_thread_or_all_and_close_lets_go_of_every_file(
+        locks: OsLocks, lock_dir: Path) -> None:
+    for i in range(3):
+        assert isinstance(locks.lock(owner(1), INODE + i, DEVICE, KEY, EX), Grant)
+    assert isinstance(locks.lock(owner(2), INODE + 9, DEVICE, KEY, EX), Grant)
+    assert isinstance(locks.lock(owner(2), INODE, DEVICE, KEY, EX, wait_token=5), Queued)
+    assert open_lock_files(lock_dir) == 4
+    assert locks.release_owner(os.getpid() + 1) == 0
+    assert locks.release_owner(os.getpid(), 1) == 3
+    assert locks.held() == 1
+    assert locks.release_owner(os.getpid()) == 2  # a lock and a queued request
+    assert locks.held() == 0
+    assert open_lock_files(lock_dir) == 0, "a lock file stayed open with nothing held on it"
+    assert isinstance(locks.lock(owner(3), INODE, DEVICE, KEY, EX), Grant)
+    assert open_lock_files(lock_dir) == 1
+    assert locks.close() == 1
+    assert open_lock_files(lock_dir) == 0
+
+
+def test_a_lock_file_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    locks = OsLocks(blocker / "jbase")
+    with pytest.raises(OsLockError, match=r"cannot open lock file .*not-a-directory.*: Not a directory"):
+        locks.lock(owner(), INODE, DEVICE, KEY, EX)
+    assert locks.close() == 0
+
+
+def test_lock_files_are_made_writable_by_all_whatever_the_umask(lock_dir: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        locks = OsLocks(lock_dir)
+        g = locks.lock(owner(), INODE, DEVICE, KEY, EX)
+        assert isinstance(g, Grant)
+        assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o666
+        locks.close()
+    finally:
+        os.umask(old)
+
+
+# -- between processes ------------------------------------------------------------------------
+
+
+def hold(lock_dir: Path, locked: Pipe, release: Pipe, mode: int = EX, key: bytes = KEY) -> Callable[[], int]:
+    """A child body: take the lock in a fresh OsLocks, say so, keep it until told (or killed)."""
+
+    def body() -> int:
+        locks = OsLocks(lock_dir)
+        g = locks.lock(owner(), INODE, DEVICE, key, mode)
+        if not isinstance(g, Grant):
+            return 3
+        locked.send()
+        release.recv(timeout=60)
+        locks.unlock(g.handle)
+        locks.close()
+        return 0
+
+    return body
+
+
+def test_another_process_is_refused_and_told_the_holders_pid(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    assert locks.lock(owner(), INODE, DEVICE, KEY, PR) == Conflict(foreign(pid, EX))
+    assert locks.status(owner(), INODE, DEVICE, KEY) == (2, foreign(pid, EX))
+    # Another key of the same file, and the same key of another file, are free.
+    g = locks.lock(owner(), INODE, DEVICE, b"ORDERS*1002", EX)
+    assert isinstance(g, Grant)
+    assert isinstance(locks.lock(owner(), INODE, 5, KEY, EX), Grant)
+    release.send()
+    assert children.wait(pid) == 0
+    assert isinstance(locks.lock(owner(), INODE, DEVICE, KEY, EX), Grant)
+
+
+def test_readers_in_two_processes_share_and_a_writer_is_refused_by_either(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, PR))
+    locked.recv()
+    mine = locks.lock(owner(), INODE, DEVICE, KEY, PR)
+    assert isinstance(mine, Grant)
+    # Converting up is refused because of the other reader; my read lock stays.
+    assert locks.lock(owner(), INODE, DEVICE, KEY, EX) == Conflict(foreign(pid, PR))
+    assert locks.status(owner(), INODE, DEVICE, KEY)[0] == 1
+    release.send()
+    assert children.wait(pid) == 0
+
+    def writer() -> int:
+        other = OsLocks(lock_dir)
+        result = other.lock(owner(), INODE, DEVICE, KEY, EX)
+        return 0 if result == Conflict(foreign(os.getppid(), PR)) else 4
+
+    assert children.wait(children.fork(writer)) == 0, "my read lock did not survive the refused conversion"
+    assert locks.lock(owner(), INODE, DEVICE, KEY, EX) == Grant(mine.handle, EX, mine.value)
+
+
+def test_a_waiter_polled_until_its_deadline_is_still_queued_then_cancelled(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    q = locks.lock(owner(), INODE, DEVICE, KEY, EX, wait_token=1)
+    assert q == Queued(q.handle, foreign(pid, EX))  # type: ignore[union-attr]
+    deadline = time.monotonic() + 0.3
+    pause, looks = locks.retry_first, 0
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, locks.retry_max)
+        assert locks.retry(q.handle) == q
+        looks += 1
+    assert 2 <= looks <= 6
+    assert locks.cancel(q.handle)
+    release.send()
+    assert children.wait(pid) == 0
+
+
+def test_a_waiter_gets_the_lock_soon_after_the_other_process_releases(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    q = locks.lock(owner(), INODE, DEVICE, KEY, EX, wait_token=1)
+    assert isinstance(q, Queued)
+    release.send()
+    assert children.wait(pid) == 0
+    assert isinstance(locks.retry(q.handle), Grant)
+
+
+def test_the_kernel_frees_the_locks_of_a_process_killed_with_sigkill(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    q = locks.lock(owner(), INODE, DEVICE, KEY, EX, wait_token=1)
+    assert isinstance(q, Queued) and q.holder.pid == pid
+    assert children.kill(pid) == -signal.SIGKILL
+    assert isinstance(locks.retry(q.handle), Grant), "the lock of a killed process was not freed"
+    assert [p.name for p in lock_dir.iterdir()] == [FILE]
+
+
+def test_the_lock_of_a_process_excludes_every_other_process_not_its_own_threads_only(
+        lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    """Two children each take the lock in turn with two threads' worth of owners: never both at once."""
+    locked, release = pipes(), pipes()
+    first = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    results = pipes()
+
+    def rival() -> int:
+        mine = OsLocks(lock_dir)
+        outcome = [mine.lock(owner(t), INODE, DEVICE, KEY, mode) for t, mode in ((1, EX), (2, PR), (3, NL))]
+        ok = (isinstance(outcome[0], Conflict) and outcome[0].holder.pid == first
+              and isinstance(outcome[1], Conflict) and isinstance(outcome[2], Grant))
+        results.send(b"y" if ok else b"n")
+        return 0
+
+    assert children.wait(children.fork(rival)) == 0
+    assert results.recv() == b"y"
+    release.send()
+    assert children.wait(first) == 0
+
+
+def test_a_forked_child_cannot_use_its_parents_os_locks(
+        locks: OsLocks, children: Children, pipes: Callable[[], Pipe]) -> None:
+    """fcntl locks are not inherited: a child must not believe it holds what its parent holds."""
+    assert isinstance(locks.lock(owner(), INODE, DEVICE, KEY, EX), Grant)
+    answer = pipes()
+
+    def child() -> int:
+        try:
+            locks.lock(owner(), INODE, DEVICE, b"other", EX)
+        except OsLockError as exc:
+            answer.send(b"y" if "make a new OsLocks" in str(exc) else b"n")
+            return 0
+        answer.send(b"n")
+        return 0
+
+    assert children.wait(children.fork(child)) == 0
+    assert answer.recv() == b"y"
