@@ -457,3 +457,14 @@ def test_monitor_header_keeps_time_and_cpu(service) -> None:
     proc = psutil.Process(header.monitor_pid)
     times = proc.cpu_times()
     assert 0 <= header.cpu_user <= times.user + 0.05 and 0 <= header.cpu_system <= times.system + 0.05
+
+
+def test_a_short_tidy_period_in_fractions_of_a_minute(service) -> None:
+    """-t takes minutes as jDLS does; fractions let an operator tidy every few seconds (0.05 = 3 s)."""
+    result = service.jdls("-ibA", "-t", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert service.header().tidy_period == 3
+    display = service.jdls("-dv")
+    assert "Tidy-up time:           3 seconds" in display.stdout, display.stdout
+    refused = service.jdls("-ibA", "-t", "0")
+    assert refused.returncode == 2 and "tidy period (minutes)" in refused.stderr

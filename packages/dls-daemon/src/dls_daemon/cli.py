@@ -139,7 +139,8 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None) 
     return parse
 
 
-_minutes = _number(int, "tidy period (minutes)", 1)
+#: Minutes as jDLS takes them, fractions allowed (-t 0.05 tidies every 3 s), at least one second.
+_minutes = _number(float, "tidy period (minutes)", 1 / 60)
 _seconds = _number(int, "tidy period (seconds)", 1)
 _timeout = _number(float, "timeout (seconds)", 0.001)
 _port = _number(int, "port", 0, 65535)
@@ -182,7 +183,8 @@ def get_parser() -> argparse.ArgumentParser:
                             help="a table of r record locks in groups of g locks (the group count is rounded up "
                             "to a prime); an existing table is attached as it is")
     start_opts.add_argument("-t", dest="tidy_minutes", metavar="nn", type=_minutes,
-                            help=f"tidy orphaned locks every nn minutes (default {DEFAULT_TIDY_MINUTES})")
+                            help=f"tidy orphaned locks every nn minutes, fractions allowed "
+                            f"(default {DEFAULT_TIDY_MINUTES})")
     start_opts.add_argument("-P", dest="port_owners", action="store_true",
                             help="port based locks: a lock belongs to a port number and thread rather than a "
                             "process id and thread (set when the table is created)")
@@ -366,7 +368,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         limits.max_locks_per_client = args.max_locks
     if args.dead_client is not None:
         limits.dead_client_bound = args.dead_client
-    tidy = args.tidy_seconds or (args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60
+    tidy = args.tidy_seconds or max(1, round((args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60))
     return Settings(
         instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
         bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
