@@ -8,7 +8,7 @@
 from dls_proto import Mode
 
 from .__about__ import __version__
-from .client import REMOTE_DEVICE, Client, FileRef, HeldLock, get_client
+from .client import REMOTE_DEVICE, Client, FileRef, HeldLock, LocalBinaryLock, get_client
 from .config import DEFAULT_PORT, Config, Server, parse
 from .errors import (
     AcknowledgementTimeout,
@@ -24,6 +24,6 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
-    "DlsError", "FileRef", "HeldLock", "Holder", "LockCancelled", "LockRefused", "LockTimeout", "Mode",
-    "RequestFailed", "Server", "ServiceUnavailable", "__version__", "get_client", "parse",
+    "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LockCancelled", "LockRefused", "LockTimeout",
+    "Mode", "RequestFailed", "Server", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]

@@ -8,12 +8,15 @@ it in order before the next request: a lock/unlock cycle costs one round trip.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from dls_proto import (
     ALL_THREADS,
@@ -55,7 +58,17 @@ from .errors import (
 #: a shared file differ from host to host, so only the inode names the file.
 REMOTE_DEVICE = -1
 
+#: Where execution locks are taken on the local host when JDLS has no BINARY.
+BINARY_LOCK_DIR_VARIABLE = "JDLS_BINARY_LOCK_DIR"
+DEFAULT_BINARY_LOCK_DIR = "/tmp/jbase_lock"  # noqa: S108 - jBASE's shared lock directory, as the daemon's
+#: Execution locks are numbered 0 to 255, as jBASE's.
+EXECUTION_LOCKS = range(256)
+
 Key = str | bytes
+LockKind = Literal["internal", "external"]
+#: Which record-lock kinds each JDLS LOCK= value sends to the service.
+_KINDS_OF = {"ALL": frozenset(("internal", "external")), "INTERNAL": frozenset(("internal",)),
+             "EXTERNAL": frozenset(("external",))}
 
 
 class FileRef(NamedTuple):
@@ -121,7 +134,12 @@ class Client:
         self.port = identity.port_number()
         self._channel: Channel | None = None
         self._connect_lock = threading.Lock()
-        self._flags = LockFlag.NO_INTERIM if self.config.wait else LockFlag.NONE
+        flags = LockFlag.NO_INTERIM if self.config.wait else LockFlag.NONE
+        if self.config.oslocks:
+            flags |= LockFlag.OSLOCK  # the server takes the record locks as OS file locks
+        self._flags = flags
+        #: The record-lock kinds JDLS LOCK= sends to the service.
+        self._kinds = _KINDS_OF[self.config.lock]
         self.trace = trace.Tracer(self.config)
         #: Errors the service reported for requests nobody waited for (a failed unlock).
         self.async_errors: list[Error] = []
@@ -170,14 +188,19 @@ class Client:
 
     def lock(
         self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
-        on_wait: Callable[[Holder], None] | None = None,
+        on_wait: Callable[[Holder], None] | None = None, kind: LockKind = "internal",
     ) -> HeldLock:
         """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
 
         Raises LockRefused (held, not waiting), LockTimeout, ServiceUnavailable,
         RequestFailed. ``on_wait`` is called with the holder whenever the service
-        reports the request still waits.
+        reports the request still waits. ``kind`` says whose lock it is: "internal"
+        (the application's own records, the default) or "external" (one an external
+        database driver would otherwise take with its own lock handler); a kind that
+        JDLS ``LOCK=`` does not send to the service raises DlsError, nothing is sent.
         """
+        if kind not in self._kinds:
+            raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
         kb = _key_bytes(key)
         if not wait:
@@ -199,6 +222,71 @@ class Client:
         if type(reply) is Granted:
             return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
         raise self._failure(reply, f"{ref.path} {kb.decode('utf-8', 'replace')}")
+
+    def _kind_refused(self, kind: str) -> Exception:
+        if kind not in ("internal", "external"):
+            return ValueError(f"lock kind {kind!r} is not 'internal' or 'external'")
+        return DlsError(f"record locks of kind {kind!r} are not handled by the lock service "
+                        f"(JDLS LOCK={self.config.lock}); the caller's own lock handler must take them")
+
+    def binary_lock(
+        self, file: FileLike, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | LocalBinaryLock:
+        """Take a binary (file-level) lock on ``file``.
+
+        Without JDLS BINARY it is an OS file lock on the file itself on this host
+        (LocalBinaryLock); with BINARY it is sent to the service (HeldLock, key
+        b"", flagged BINARY) so that every host respects it.
+        """
+        if self.config.binary:
+            ref = file if isinstance(file, FileRef) else FileRef.of(file)
+            return self._service_binary_lock(ref, b"", mode, wait, timeout)
+        path = file.path if isinstance(file, FileRef) else os.fspath(file)
+        return LocalBinaryLock.take(path, mode, wait=wait, timeout=timeout, create=False)
+
+    def execution_lock(
+        self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | LocalBinaryLock:
+        """Take execution lock ``number`` (0 to 255).
+
+        Without JDLS BINARY it is an OS file lock on ``execution_lock_NNN`` in
+        $JDLS_BINARY_LOCK_DIR (default /tmp/jbase_lock, made on first use); with
+        BINARY it goes to the service as the binary lock of key b"EXECnnn" on the
+        pseudo file of inode 0 named "execution lock NNN" (the inode 0 is never a
+        real file's, so it cannot collide with a file lock).
+        """
+        if isinstance(number, bool) or not isinstance(number, int) or number not in EXECUTION_LOCKS:
+            raise ValueError(f"execution lock number {number!r} is not in the range 0 to 255")
+        if self.config.binary:
+            ref = FileRef(0, f"execution lock {number:03d}")
+            return self._service_binary_lock(ref, b"EXEC%03d" % number, mode, wait, timeout)
+        directory = os.environ.get(BINARY_LOCK_DIR_VARIABLE) or DEFAULT_BINARY_LOCK_DIR
+        try:
+            os.makedirs(directory, mode=0o777, exist_ok=True)
+        except OSError as exc:
+            raise DlsError(f"cannot make the binary lock directory {directory!r}: {exc.strerror}") from None
+        path = os.path.join(directory, f"execution_lock_{number:03d}")
+        return LocalBinaryLock.take(path, mode, wait=wait, timeout=timeout, create=True)
+
+    def _service_binary_lock(self, ref: FileRef, kb: bytes, mode: int, wait: bool,
+                             timeout: float | None) -> HeldLock:
+        if not wait:
+            limit = 0
+        elif timeout is None:
+            limit = WAIT_FOREVER
+        else:
+            limit = min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
+        channel = self.channel
+        rid = channel.next_id()
+        channel.register(rid)
+        channel.send(Lock(rid, mode, self._flags | LockFlag.BINARY, limit, identity.thread_id(), ref.inode,
+                          REMOTE_DEVICE, kb, ref.path))
+        reply = channel.expect(rid)
+        while type(reply) is Waiting:
+            reply = channel.expect(rid)
+        if type(reply) is Granted:
+            return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
+        raise self._failure(reply, f"binary lock {ref.path}")
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
@@ -249,6 +337,87 @@ class Client:
         if isinstance(reply, Error):
             return RequestFailed(f"{what}: {reply.reason}", reply.code)
         return DlsError(f"{what}: unexpected answer {type(reply).__name__}")
+
+
+# -- local binary locks ------------------------------------------------------------
+
+#: Open-file-description locks where the OS has them (Linux): owned by the open
+#: file, so two locks of one process exclude each other and closing another
+#: descriptor of the file does not drop them; they conflict with POSIX fcntl locks.
+_SETLK = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
+_SETLKW = getattr(fcntl, "F_OFD_SETLKW", fcntl.F_SETLKW)
+_FLOCK = "hhqqi4x"  # struct flock (l_type, l_whence, l_start, l_len, l_pid) on 64-bit Linux
+_BUSY = (errno.EAGAIN, errno.EACCES)
+
+
+class LocalBinaryLock:
+    """A binary lock taken as an OS file lock (fcntl, the whole file) on this host."""
+
+    __slots__ = ("fd", "mode", "path", "released")
+
+    def __init__(self, fd: int, path: str, mode: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.mode = mode
+        self.released = False
+
+    @classmethod
+    def take(cls, path: str, mode: int, *, wait: bool, timeout: float | None, create: bool) -> LocalBinaryLock:
+        """Lock ``path`` whole: shared for NL, CR and PR, exclusive for CW, PW and EX."""
+        shared = mode in (Mode.NL, Mode.CR, Mode.PR)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            try:
+                fd = os.open(path, flags, 0o666)
+            except PermissionError:
+                if not shared:
+                    raise
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise DlsError(f"cannot take the binary lock of {path!r}: {exc.strerror}") from None
+        arg = struct.pack(_FLOCK, fcntl.F_RDLCK if shared else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        deadline = None if timeout is None or not wait else time.monotonic() + timeout
+        pause = 0.005
+        try:
+            while True:
+                try:
+                    fcntl.fcntl(fd, _SETLKW if wait and deadline is None else _SETLK, arg)
+                    return cls(fd, path, mode)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _BUSY:
+                        raise DlsError(f"cannot take the binary lock of {path!r}: {exc.strerror}") from None
+                if not wait:
+                    raise LockRefused(f"binary lock {path}: held by another process on this host", _LOCAL_HOLDER)
+                assert deadline is not None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeout(f"binary lock {path}: still held by another process on this host "
+                                      "when the wait ended", _LOCAL_HOLDER)
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            os.close(self.fd)  # closing the descriptor releases its lock
+
+    def __enter__(self) -> LocalBinaryLock:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<LocalBinaryLock {self.path} {Mode(self.mode).name}>"
+
+
+#: The holder reported for a local binary lock: the OS does not say who (pid 0).
+_LOCAL_HOLDER = Holder(0, 0, 0, 0, 0, "this host")
 
 
 _process_client: Client | None = None

@@ -1,0 +1,88 @@
+"""dls-test: test the JDLS configuration of this host against the lock service (jDLS's ``-C teststring``).
+
+It reads JDLS as every client process would, connects, sends the test string
+through the service and back, and prints what it used and what the service
+said about itself. Only dls-client is needed, so it runs on an application
+server.
+
+Exit status: 0 when the string came back; 1 when the service cannot be
+reached (or answered wrongly); 78 for a bad JDLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from dls_proto import Mechanism
+
+from .__about__ import __version__
+from .client import Client
+from .config import DEFAULT_HOST, DEFAULT_PORT, Config
+from .errors import ConfigurationError, DlsError, ServiceUnavailable
+
+EX_FAILED = 1
+EX_CONFIG = 78
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dls-test",
+        description="Test the JDLS configuration: echo TESTSTRING through the lock service JDLS names and "
+        "print what was used and what came back (as jDLS -C teststring).",
+        epilog="Exit status: 0 the string came back; 1 the service cannot be reached; 78 bad JDLS.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"dls-test {__version__}")
+    parser.add_argument("teststring", metavar="TESTSTRING", nargs="?", default="teststring",
+                        help="the string to echo (default: teststring)")
+    return parser
+
+
+def _mechanism(value: int) -> str:
+    try:
+        return Mechanism(value).name
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        config = Config.from_environment()
+    except ConfigurationError as exc:
+        print(f"dls-test: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if config is None:
+        print(f"Client: JDLS is not set; testing the default of a set but empty JDLS, "
+              f"{DEFAULT_HOST},{DEFAULT_PORT}", flush=True)
+        config = Config()
+    server = config.server
+    print(f"Client: Using host '{server.host}', service '{server.port}'", flush=True)
+    client = Client(config)
+    try:
+        data, seconds = client.echo(os.fsencode(args.teststring))
+        welcome = client.channel.welcome
+    except ServiceUnavailable as exc:
+        print("Client: unable to connect to distributed lock service, locks not enabled", flush=True)
+        print(f"Client: {exc}", flush=True)
+        return EX_FAILED
+    except DlsError as exc:
+        print(f"Client: echo failed: {exc}", flush=True)
+        return EX_FAILED
+    finally:
+        client.close()
+    text = os.fsdecode(data)
+    print(f"Client: echoed '{args.teststring}', received '{text}' in {seconds * 1000:.3f} ms")
+    print(f"Client: lock server pid {welcome.server_pid} on {welcome.server_host or server.host}, "
+          f"mechanism {_mechanism(welcome.mechanism)}, protocol version {welcome.version}")
+    print(f"Client: the lock server sees this client as {welcome.peer}")
+    if text != args.teststring:
+        print("Client: the string came back changed", flush=True)
+        return EX_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

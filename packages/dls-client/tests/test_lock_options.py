@@ -1,0 +1,321 @@
+"""JDLS OSLOCKS, BINARY and LOCK= against a real lock service (and, for local binary locks, none at all).
+
+Each test that needs a service starts its own ``jdls -ib`` with JBCRELEASEDIR,
+JDLS_LOCK_DIR and JDLS_BINARY_LOCK_DIR under ``tmp_path``, and at the end stops
+it (``-k``), removes its table (``-K``) and fails if a process or IPC resource
+of the instance is left. No file is made outside ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from dls_client import Client, Config, DlsError, LockRefused, Mode, Server
+from dls_client.client import LocalBinaryLock
+from dls_shm import Instance
+
+KEY = "USD163170001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    root: Path
+    lock_dir: Path
+    binary_lock_dir: Path
+    port: int
+    env: dict[str, str]
+    key: int
+
+    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def config(self, **options: object) -> Config:
+        return Config(server=Server("127.0.0.1", self.port), **options)  # type: ignore[arg-type]
+
+    def jdls_value(self, *options: str) -> str:
+        return ",".join([f"SERVER=127.0.0.1,{self.port}", *options])
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["status"]):
+            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def ipc_left(self) -> list[str]:
+        hexkey = f"0x{self.key:08x}"
+        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
+        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
+
+
+@pytest.fixture
+def local_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    """JBCRELEASEDIR, JDLS_LOCK_DIR and JDLS_BINARY_LOCK_DIR of this process, all under tmp_path."""
+    root, lock_dir, binary_dir = tmp_path / "release", tmp_path / "jbase", tmp_path / "jbase_lock"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.setenv("JDLS_LOCK_DIR", str(lock_dir))
+    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(binary_dir))
+    monkeypatch.delenv("JDLS", raising=False)
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    return root, lock_dir, binary_dir
+
+
+@pytest.fixture
+def daemon(local_dirs: tuple[Path, Path, Path]) -> Iterator[Daemon]:
+    root, lock_dir, binary_dir = local_dirs
+    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS", "JBCPORTNO")}
+    svc = Daemon(root, lock_dir, binary_dir, free_port(), env, Instance.from_environment(root).key)
+    try:
+        for _ in range(5):
+            started = svc.jdls("-ib", "--port", str(svc.port))
+            if started.returncode == 0 or "cannot listen" not in started.stderr:
+                break
+            svc.port = free_port()
+        assert started.returncode == 0, started.stderr
+        yield svc
+    finally:
+        stop, remove = svc.jdls("-k"), svc.jdls("-K")
+        left = svc.processes()
+        for proc in left:
+            proc.kill()
+        ipc = svc.ipc_left()
+        if ipc:
+            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
+            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not left, f"processes of the instance left: {left}"
+        assert not ipc, f"IPC left: {ipc}"
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "FBNK.ACCOUNT"
+    path.touch()
+    return path
+
+
+#: A second process: takes the lock the code describes, says "locked", holds it until its stdin closes.
+HOLDER = textwrap.dedent("""
+    import sys
+    from dls_client import Client, Config
+    client = Client(Config.from_environment() or Config())
+    held = {what}
+    print("locked", type(held).__name__, flush=True)
+    sys.stdin.read()
+    held.release()
+    client.close()
+""")
+
+
+class Holding:
+    def __init__(self, what: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(what=what)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self.line = self.proc.stdout.readline().strip()
+        if not self.line.startswith("locked"):
+            self.proc.kill()
+            raise AssertionError(f"holder failed: {self.line!r} {self.proc.communicate()[1]}")
+
+    def __enter__(self) -> Holding:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _, err = self.proc.communicate("", timeout=30)
+        assert self.proc.returncode == 0, err
+
+
+def child_env(jdls: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("JDLS", None)
+    if jdls is not None:
+        env["JDLS"] = jdls
+    return env
+
+
+# -- OSLOCKS ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_oslocks_record_locks_are_os_file_locks_on_the_server(daemon: Daemon, data: Path) -> None:
+    client = Client(daemon.config(oslocks=True))
+    try:
+        with client.lock(data, KEY):
+            names = [p.name for p in daemon.lock_dir.iterdir()] if daemon.lock_dir.exists() else []
+            assert any(name.startswith("jlock_") for name in names), names
+            other = Client(daemon.config(oslocks=True))
+            try:
+                with pytest.raises(LockRefused):
+                    other.try_lock(data, KEY)
+            finally:
+                other.close()
+        again = Client(daemon.config(oslocks=True))
+        try:
+            again.try_lock(data, KEY).release()  # free once released
+        finally:
+            again.close()
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_oslocks_clients_exclude_each_other_across_processes(daemon: Daemon, data: Path) -> None:
+    with Holding(f"client.lock({str(data)!r}, {KEY!r})", child_env(daemon.jdls_value("OSLOCKS"))):
+        client = Client(daemon.config(oslocks=True))
+        try:
+            with pytest.raises(LockRefused):
+                client.try_lock(data, KEY)
+        finally:
+            client.close()
+
+
+# -- BINARY ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_binary_sends_file_locks_to_the_service(daemon: Daemon, data: Path) -> None:
+    env = child_env(daemon.jdls_value("BINARY"))
+    with Holding(f"client.binary_lock({str(data)!r})", env) as holding:
+        assert holding.line == "locked HeldLock"
+        names = [p.name for p in daemon.binary_lock_dir.iterdir()]
+        assert any(name.startswith("jlock_") for name in names), names
+        client = Client(daemon.config(binary=True))
+        try:
+            with pytest.raises(LockRefused):
+                client.binary_lock(data, wait=False)
+            # the local OS knows nothing of it: the lock is the service's
+            LocalBinaryLock.take(str(data), Mode.EX, wait=False, timeout=None, create=False).release()
+        finally:
+            client.close()
+    client = Client(daemon.config(binary=True))
+    try:
+        with client.binary_lock(data, wait=False) as held:
+            assert held.key == b""
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_binary_sends_execution_locks_to_the_service(daemon: Daemon) -> None:
+    with Holding("client.execution_lock(7)", child_env(daemon.jdls_value("BINARY"))):
+        client = Client(daemon.config(binary=True))
+        try:
+            with pytest.raises(LockRefused):
+                client.execution_lock(7, wait=False)
+            with client.execution_lock(8, wait=False) as held:  # another number is another lock
+                assert held.key == b"EXEC008"
+                assert held.file.inode == 0 and held.file.path == "execution lock 008"
+        finally:
+            client.close()
+    assert not (daemon.binary_lock_dir / "execution_lock_007").exists()  # nothing local
+
+
+def test_without_binary_file_locks_are_local_and_exclude_across_processes(local_dirs: tuple[Path, Path, Path],
+                                                                          data: Path) -> None:
+    # no daemon at all, and JDLS names a port nobody listens on: nothing may go to a service
+    jdls = f"SERVER=127.0.0.1,{free_port()}"
+    client = Client(Config(server=Server("127.0.0.1", free_port())))
+    with Holding(f"client.binary_lock({str(data)!r})", child_env(jdls)) as holding:
+        assert holding.line == "locked LocalBinaryLock"
+        with pytest.raises(LockRefused):
+            client.binary_lock(data, wait=False)
+        with pytest.raises(LockRefused):
+            client.binary_lock(data, timeout=0.2)
+        with pytest.raises(LockRefused):
+            client.binary_lock(data, Mode.PR, wait=False)
+    with client.binary_lock(data, wait=False) as held:
+        assert isinstance(held, LocalBinaryLock)
+        with pytest.raises(LockRefused):  # a second lock of the same process is excluded too
+            client.binary_lock(data, wait=False)
+    assert client._channel is None  # never connected
+
+
+def test_shared_local_binary_locks_share(local_dirs: tuple[Path, Path, Path], data: Path) -> None:
+    client = Client(Config(server=Server("127.0.0.1", free_port())))
+    with client.binary_lock(data, Mode.PR), client.binary_lock(data, Mode.PR, wait=False):
+        with pytest.raises(LockRefused):
+            client.binary_lock(data, Mode.EX, wait=False)
+
+
+def test_without_binary_execution_locks_are_local_files(local_dirs: tuple[Path, Path, Path]) -> None:
+    _, _, binary_dir = local_dirs
+    assert not binary_dir.exists()
+    client = Client(Config(server=Server("127.0.0.1", free_port())))
+    with Holding("client.execution_lock(255)", child_env(f"SERVER=127.0.0.1,{free_port()}")) as holding:
+        assert holding.line == "locked LocalBinaryLock"
+        assert (binary_dir / "execution_lock_255").exists()
+        with pytest.raises(LockRefused):
+            client.execution_lock(255, wait=False)
+        client.execution_lock(0, wait=False).release()
+    with client.execution_lock(255, wait=False):
+        pass
+    assert client._channel is None
+
+
+@pytest.mark.parametrize("number", [-1, 256, 1000, True, 3.0, "7"])
+def test_execution_lock_numbers_are_0_to_255(number: object) -> None:
+    client = Client(Config(binary=True, server=Server("127.0.0.1", free_port())))
+    with pytest.raises(ValueError, match="0 to 255"):
+        client.execution_lock(number)  # type: ignore[arg-type]
+
+
+# -- LOCK= -----------------------------------------------------------------------------
+
+
+def test_lock_internal_refuses_external_locks_without_asking_the_service(data: Path) -> None:
+    client = Client(Config(lock="INTERNAL", server=Server("127.0.0.1", free_port())))
+    with pytest.raises(DlsError) as refused:
+        client.lock(data, KEY, kind="external")
+    assert str(refused.value) == ("record locks of kind 'external' are not handled by the lock service "
+                                  "(JDLS LOCK=INTERNAL); the caller's own lock handler must take them")
+    assert client._channel is None
+
+
+def test_lock_external_refuses_internal_locks(data: Path) -> None:
+    client = Client(Config(lock="EXTERNAL", server=Server("127.0.0.1", free_port())))
+    with pytest.raises(DlsError, match=r"kind 'internal'.*LOCK=EXTERNAL"):
+        client.lock(data, KEY)
+
+
+def test_unknown_lock_kind_is_refused(data: Path) -> None:
+    client = Client(Config(server=Server("127.0.0.1", free_port())))
+    with pytest.raises(ValueError, match="'both'"):
+        client.lock(data, KEY, kind="both")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_lock_all_sends_both_kinds_and_internal_sends_internal(daemon: Daemon, data: Path) -> None:
+    client = Client(daemon.config(lock="ALL"))
+    internal_only = Client(daemon.config(lock="INTERNAL"))
+    try:
+        with client.lock(data, KEY, kind="external"):
+            with pytest.raises(LockRefused):
+                internal_only.try_lock(data, KEY)
+        with client.lock(data, KEY, kind="internal"):
+            pass
+        internal_only.lock(data, KEY, kind="internal").release()
+    finally:
+        client.close()
+        internal_only.close()

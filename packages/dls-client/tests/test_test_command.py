@@ -1,0 +1,173 @@
+"""dls-test, the connection test of JDLS (jDLS's ``-C teststring``), as a real program and in-process.
+
+The service is a real ``jdls -ib`` of the test's own (JBCRELEASEDIR, JDLS_LOCK_DIR
+and JDLS_BINARY_LOCK_DIR under ``tmp_path``), stopped (``-k``) and removed
+(``-K``) at the end; the test fails if a process or IPC resource is left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from dls_client import ServiceUnavailable, test_command
+from dls_shm import Instance
+
+DLS_TEST = str(Path(sys.executable).parent / "dls-test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    root: Path
+    port: int
+    env: dict[str, str]
+    key: int
+
+    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["status"]):
+            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def ipc_left(self) -> list[str]:
+        hexkey = f"0x{self.key:08x}"
+        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
+        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's and its children's environment, every directory under tmp_path and no JDLS."""
+    monkeypatch.setenv("JBCRELEASEDIR", str(tmp_path / "release"))
+    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
+    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
+    for name in ("JDLS", "JBCPORTNO", "DLS_IPC_KEY", "JDLS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def daemon(env: dict[str, str]) -> Iterator[Daemon]:
+    root = Path(env["JBCRELEASEDIR"])
+    svc = Daemon(root, free_port(), dict(env), Instance.from_environment(root).key)
+    try:
+        for _ in range(5):
+            started = svc.jdls("-ib", "--port", str(svc.port))
+            if started.returncode == 0 or "cannot listen" not in started.stderr:
+                break
+            svc.port = free_port()
+        assert started.returncode == 0, started.stderr
+        yield svc
+    finally:
+        stop, remove = svc.jdls("-k"), svc.jdls("-K")
+        left = svc.processes()
+        for proc in left:
+            proc.kill()
+        ipc = svc.ipc_left()
+        if ipc:
+            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
+            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not left, f"processes of the instance left: {left}"
+        assert not ipc, f"IPC left: {ipc}"
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DLS_TEST, *args], env=env, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_echoes_through_the_service_and_says_what_it_used(daemon: Daemon, env: dict[str, str]) -> None:
+    done = run({**env, "JDLS": f"SERVER=127.0.0.1,{daemon.port}"}, "hello jdls")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"Client: Using host '127.0.0.1', service '{daemon.port}'"
+    assert "received 'hello jdls'" in lines[1] and lines[1].endswith(" ms")
+    # the lock server served this connection only and has gone: its pid is a process's, not ours
+    assert re.fullmatch(r"Client: lock server pid [1-9]\d* on \S+, mechanism TABLE, protocol version \d+", lines[2])
+    assert lines[3] == "Client: the lock server sees this client as 127.0.0.1"
+
+
+@pytest.mark.slow
+def test_default_test_string(daemon: Daemon, env: dict[str, str]) -> None:
+    done = run({**env, "JDLS": f"SERVER=127.0.0.1,{daemon.port}"})
+    assert done.returncode == 0, done.stderr
+    assert "echoed 'teststring', received 'teststring'" in done.stdout
+
+
+def test_unreachable_service_prints_the_guides_messages(env: dict[str, str]) -> None:
+    port = free_port()
+    done = run({**env, "JDLS": f"SERVER=127.0.0.1,{port}"})
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"Client: Using host '127.0.0.1', service '{port}'",
+        "Client: unable to connect to distributed lock service, locks not enabled",
+        f"Client: connection failed for host '127.0.0.1', service '{port}', error Connection refused",
+    ]
+    assert (Path(env["JBCRELEASEDIR"]) / "tmp" / "jbase_error_trace").exists()  # the failure is traced
+
+
+def test_bad_jdls_is_refused_by_name(env: dict[str, str]) -> None:
+    done = run({**env, "JDLS": "SERVER=127.0.0.1,99999"})
+    assert done.returncode == 78
+    assert done.stdout == ""
+    assert done.stderr == "dls-test: JDLS SERVER: port '99999' is not a number from 1 to 65535\n"
+    done = run({**env, "JDLS": "TIMEOUT=soon"})
+    assert done.returncode == 78
+    assert "JDLS TIMEOUT: 'soon' is not a positive number of seconds" in done.stderr
+
+
+def test_unset_jdls_tests_localhost_50002(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    used = []
+
+    class Unreachable:
+        def __init__(self, config: object) -> None:
+            used.append(config)
+
+        def echo(self, data: bytes) -> tuple[bytes, float]:
+            raise ServiceUnavailable("connection failed for host 'localhost', service '50002', error "
+                                     "Connection refused")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(test_command, "Client", Unreachable)
+    assert test_command.main([]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Client: JDLS is not set; testing the default of a set but empty JDLS, localhost,50002"
+    assert out[1] == "Client: Using host 'localhost', service '50002'"
+    assert out[2] == "Client: unable to connect to distributed lock service, locks not enabled"
+    assert out[3].startswith("Client: connection failed for host 'localhost', service '50002'")
+    assert len(used) == 1
+
+
+def test_parser() -> None:
+    assert test_command.get_parser().parse_args([]).teststring == "teststring"
+    assert test_command.get_parser().parse_args(["abc"]).teststring == "abc"
