@@ -21,9 +21,11 @@ from .errors import (
     RequestFailed,
     ServiceUnavailable,
 )
+from .local import LocalClient, LocalHeldLock
 
 __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
-    "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LockCancelled", "LockRefused", "LockTimeout",
+    "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
+    "LockCancelled", "LockRefused", "LockTimeout",
     "Mode", "RequestFailed", "Server", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]

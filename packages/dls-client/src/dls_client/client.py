@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from dls_proto import (
     ALL_THREADS,
@@ -420,16 +420,27 @@ class LocalBinaryLock:
 _LOCAL_HOLDER = Holder(0, 0, 0, 0, 0, "this host")
 
 
-_process_client: Client | None = None
+if TYPE_CHECKING:
+    from .local import LocalClient
+
+_process_client: Client | LocalClient | None = None
 _process_pid = 0
 _process_lock = threading.Lock()
 
 
-def get_client() -> Client:
-    """This process's client, connected on first use (a forked child gets its own)."""
+def get_client() -> Client | LocalClient:
+    """This process's client, connected on first use (a forked child gets its own).
+
+    With JDLS unset on a host whose lock table exists and with dls-shm installed
+    (``dls-client[local]``), a LocalClient locking directly in the table (shown as
+    0.0.0.0); otherwise a Client through the listener JDLS names (see dls_client.local).
+    """
     global _process_client, _process_pid
     with _process_lock:
         if _process_client is None or _process_pid != os.getpid():
-            _process_client = Client()
+            from .local import LocalClient, local_table_key
+
+            key = local_table_key() if "JDLS" not in os.environ else None
+            _process_client = Client() if key is None else LocalClient(key)
             _process_pid = os.getpid()
         return _process_client

@@ -1,0 +1,246 @@
+"""Local direct locking: record locks taken straight in the lock table of this host.
+
+On the lock server itself a process need not go through the listener: with
+``dls-client[local]`` installed (it brings dls-shm) it can take its locks in the
+instance's shared table directly, as jDLS's local processes do. Such a lock
+shows in the table with the address 0.0.0.0 and the process's own pid; a
+process that goes through the listener to the service on its own host shows as
+127.0.0.1 instead, and a remote client with its address.
+
+Which one ``get_client()`` gives:
+
+- JDLS not set, dls-shm importable and the table of the instance (named by
+  JBCRELEASEDIR, or DLS_IPC_KEY) present: a ``LocalClient``, direct locking;
+- otherwise the remote ``Client`` as always: with JDLS set, through the
+  listener it names (even when that is this host: set ``JDLS`` to go through
+  the listener, leave it unset to lock directly).
+
+Both kinds name a record the same way (the file's inode, device -1 and the
+key), so local and remote owners respect each other's locks. A local owner
+is (pid, thread); when its process dies without releasing, the first request
+that blocks on one of its locks reclaims it, as for any dead owner.
+
+dls-shm is imported here only, and only when a LocalClient is made, so
+dls-client works without it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from dls_proto import ErrorCode, Mode
+
+from . import identity
+from .client import REMOTE_DEVICE, Client, FileLike, FileRef, HeldLock, Key, LocalBinaryLock, _key_bytes
+from .config import Config
+from .errors import (
+    Holder,
+    LockCancelled,
+    LockRefused,
+    LockTimeout,
+    RequestFailed,
+    ServiceUnavailable,
+)
+
+if TYPE_CHECKING:
+    import dls_shm
+
+#: The address a process locking directly in the table shows with.
+LOCAL_ADDRESS = "0.0.0.0"  # noqa: S104 - how jDLS shows a local process, not a bind address
+
+
+def local_table_key() -> int | None:
+    """The IPC key of this host's lock table when direct locking is possible, else None.
+
+    None when dls-shm is not installed, the instance's settings are invalid, or
+    no table of the instance exists (no lock service on this host).
+    """
+    try:
+        import dls_shm
+    except ImportError:
+        return None
+    try:
+        key = dls_shm.Instance.from_environment().key
+    except ValueError:
+        return None
+    return key if dls_shm.LockTable.exists(key) else None
+
+
+def _holder(holder: dls_shm.Holder) -> Holder:
+    import dls_shm
+
+    return Holder(holder.mode, holder.pid, holder.port, holder.client_pid, holder.thread,
+                  dls_shm.unpack_ip(holder.ip))
+
+
+class LocalHeldLock:
+    """A lock granted in the table. Release it with ``release()`` or by leaving its ``with`` block."""
+
+    __slots__ = ("client", "file", "handle", "key", "mode", "released", "value")
+
+    def __init__(self, client: LocalClient, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
+        self.client = client
+        self.handle = handle
+        self.file = file
+        self.key = key
+        self.mode = mode
+        self.value = value
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.unlock(self.handle)
+
+    def __enter__(self) -> LocalHeldLock:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<LocalHeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}>"
+
+
+class LocalClient:
+    """Record locks taken directly in this host's lock table (needs ``dls-client[local]``).
+
+    The same calls as ``Client`` for record locks; threads may share one. Binary
+    and execution locks are OS file locks on this host, as for a ``Client``
+    without JDLS BINARY.
+    """
+
+    def __init__(self, key: int | None = None) -> None:
+        try:
+            import dls_shm
+        except ImportError:
+            raise ServiceUnavailable("local direct locking needs dls-shm: pip install 'dls-client[local]'") from None
+        try:
+            self.key = dls_shm.Instance.from_environment().key if key is None else key
+            self.table = dls_shm.LockTable.attach(self.key)
+        except (ValueError, dls_shm.TableError) as exc:
+            raise ServiceUnavailable(f"local direct locking: {exc}") from None
+        self.port = identity.port_number()
+        self._ip = dls_shm.LOCAL_IP
+        self._closed = False
+        #: Binary and execution locks: local OS file locks, as a Client without BINARY takes them.
+        self._binary = Client(Config())
+
+    # -- the owner -------------------------------------------------------------------
+
+    def _owner(self) -> dls_shm.Owner:
+        import dls_shm
+
+        if self._closed:
+            raise ServiceUnavailable("this LocalClient is closed")
+        pid = os.getpid()
+        return dls_shm.Owner(pid=pid, thread=threading.get_native_id(), port=self.port, client_pid=pid,
+                               ip=self._ip)
+
+    def close(self) -> None:
+        """Detach from the table; the locks stay until released (or this process ends)."""
+        if not self._closed:
+            self._closed = True
+            self.table.close()
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- locks -----------------------------------------------------------------------
+
+    def lock(
+        self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+        on_wait: Callable[[Holder], None] | None = None,
+    ) -> LocalHeldLock:
+        """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
+
+        Raises LockRefused (held, not waiting), LockTimeout, LockCancelled (a
+        release_all of this process withdrew the request), RequestFailed (the
+        table's group is full, a bad mode), ServiceUnavailable (the table is gone).
+        ``on_wait`` is called with the holder when the request starts waiting.
+        """
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 5:
+            raise RequestFailed(f"lock mode {mode!r} is not one of 0..5", ErrorCode.BAD_REQUEST)
+        ref = file if isinstance(file, FileRef) else FileRef.of(file)
+        kb = _key_bytes(key)
+        limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
+        callback = None if on_wait is None else (lambda h: on_wait(_holder(h)))
+        what = f"{ref.path} {kb.decode('utf-8', 'replace')}"
+        import dls_shm as shm
+
+        try:
+            result = self.table.acquire(self._owner(), ref.inode, REMOTE_DEVICE, kb, mode, limit, on_wait=callback)
+        except shm.NotHeld:
+            raise LockCancelled(f"{what}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
+        except shm.GroupFull as exc:
+            raise RequestFailed(f"{what}: {exc}", ErrorCode.GROUP_FULL) from None
+        except shm.TableError as exc:
+            raise ServiceUnavailable(f"{what}: {exc}") from None
+        if isinstance(result, shm.Grant):
+            return LocalHeldLock(self, result.handle, ref, kb, result.mode, result.value)
+        holder = _holder(result.holder)
+        if wait:
+            raise LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
+        raise LockRefused(f"{what}: held by {holder.describe()}", holder)
+
+    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> LocalHeldLock:
+        """Take a record lock only if it is free now (LockRefused otherwise)."""
+        return self.lock(file, key, mode, wait=False)
+
+    def unlock(self, handle: int) -> None:
+        """Release a lock by its handle; one no longer held (released by release_all) is no error."""
+        import dls_shm
+
+        if self._closed:
+            raise ServiceUnavailable("this LocalClient is closed")
+        try:
+            self.table.unlock(handle)
+        except dls_shm.NotHeld:
+            pass
+        except dls_shm.TableError as exc:
+            raise ServiceUnavailable(f"unlock: {exc}") from None
+
+    def release_all(self, *, all_threads: bool = True) -> int:
+        """Release every lock of this process (or of the calling thread); how many were freed."""
+        import dls_shm
+
+        owner = self._owner()
+        try:
+            return self.table.release_owner(owner.pid, None if all_threads else owner.thread)
+        except dls_shm.TableError as exc:
+            raise ServiceUnavailable(f"release of all locks: {exc}") from None
+
+    def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
+        """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""
+        import dls_shm
+
+        ref = file if isinstance(file, FileRef) else FileRef.of(file)
+        try:
+            state, holder = self.table.status(self._owner(), ref.inode, REMOTE_DEVICE, _key_bytes(key))
+        except dls_shm.TableError as exc:
+            raise ServiceUnavailable(f"lock status: {exc}") from None
+        return state, (None if holder is None else _holder(holder))
+
+    # -- binary locks: OS file locks on this host --------------------------------------
+
+    def binary_lock(
+        self, file: FileLike, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | LocalBinaryLock:
+        """A binary (file-level) lock: an OS file lock on ``file`` on this host (see ``Client.binary_lock``)."""
+        return self._binary.binary_lock(file, mode, wait=wait, timeout=timeout)
+
+    def execution_lock(
+        self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | LocalBinaryLock:
+        """Execution lock ``number`` (0 to 255): an OS file lock on this host (see ``Client.execution_lock``)."""
+        return self._binary.execution_lock(number, mode, wait=wait, timeout=timeout)
+
+
+__all__ = ["LOCAL_ADDRESS", "LocalClient", "LocalHeldLock", "local_table_key"]

@@ -1,0 +1,316 @@
+"""Local direct locking (``LocalClient``) against a real lock service on this host.
+
+Each test starts its own ``jdls -ib`` with JBCRELEASEDIR, JDLS_LOCK_DIR and
+JDLS_BINARY_LOCK_DIR under ``tmp_path``; this process uses the same
+JBCRELEASEDIR with JDLS and DLS_IPC_KEY unset, so a LocalClient finds the
+instance's table. At the end every LocalClient is closed, the service is
+stopped (``-k``) and its table removed (``-K``), and the test fails if a
+process or IPC resource of the instance is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dls_client.client as client_module
+import psutil
+import pytest
+from dls_client import Client, Config, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, Server, get_client
+from dls_client.local import local_table_key
+from dls_shm import Instance, LockTable, unpack_ip
+
+KEY = "USD163170001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    root: Path
+    port: int
+    env: dict[str, str]
+    key: int
+
+    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def remote(self) -> Client:
+        return Client(Config(server=Server("127.0.0.1", self.port)))
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["status"]):
+            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def ipc_left(self) -> list[str]:
+        hexkey = f"0x{self.key:08x}"
+        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
+        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
+
+
+@pytest.fixture
+def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process as a local process of the test's instance: JBCRELEASEDIR set, JDLS and DLS_IPC_KEY unset."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
+    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
+    for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(client_module, "_process_client", None)
+    return root
+
+
+@pytest.fixture
+def daemon(local_env: Path) -> Iterator[Daemon]:
+    env = dict(os.environ)
+    svc = Daemon(local_env, free_port(), env, Instance.from_environment(local_env).key)
+    try:
+        for _ in range(5):
+            started = svc.jdls("-ib", "--port", str(svc.port))
+            if started.returncode == 0 or "cannot listen" not in started.stderr:
+                break
+            svc.port = free_port()
+        assert started.returncode == 0, started.stderr
+        yield svc
+    finally:
+        stop, remove = svc.jdls("-k"), svc.jdls("-K")
+        left = svc.processes()
+        for proc in left:
+            proc.kill()
+        ipc = svc.ipc_left()
+        if ipc:
+            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
+            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not left, f"processes of the instance left: {left}"
+        assert not ipc, f"IPC left: {ipc}"
+
+
+@pytest.fixture
+def local(daemon: Daemon) -> Iterator[LocalClient]:
+    with LocalClient() as c:
+        yield c
+
+
+@pytest.fixture
+def remote(daemon: Daemon) -> Iterator[Client]:
+    with daemon.remote() as c:
+        yield c
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "FBNK.ACCOUNT"
+    path.touch()
+    return path
+
+
+#: Another local process: locks (data, KEY) directly, says "locked", releases when a line comes on stdin.
+LOCAL_HOLDER = textwrap.dedent("""
+    import sys
+    from dls_client import LocalClient
+    client = LocalClient()
+    held = client.lock({data!r}, {key!r})
+    print("locked", flush=True)
+    sys.stdin.readline()
+    held.release()
+    print("released", flush=True)
+    sys.stdin.read()
+    client.close()
+""")
+
+
+def local_holder(data: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("JDLS", "DLS_IPC_KEY")}
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_HOLDER.format(data=str(data), key=KEY)], env=env,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "locked":
+        proc.kill()
+        raise AssertionError(f"local holder failed: {line!r} {proc.communicate()[1]}")
+    return proc
+
+
+def table_entries(daemon: Daemon) -> list[tuple[str, int, int, int, bytes]]:
+    table = LockTable.attach(daemon.key)
+    try:
+        return [(unpack_ip(e.slot.ip), e.slot.pid, e.slot.client_pid, e.slot.device, e.slot.key[: e.slot.key_len])
+                for e in table.scan()]
+    finally:
+        table.close()
+
+
+def test_a_local_lock_shows_in_the_table_as_0000_with_the_process_pid(local: LocalClient, data: Path,
+                                                                      daemon: Daemon) -> None:
+    held = local.lock(data, KEY)
+    assert isinstance(held, LocalHeldLock)
+    assert held.mode == Mode.EX and held.key == KEY.encode() and held.file.inode == data.stat().st_ino
+    assert table_entries(daemon) == [("0.0.0.0", os.getpid(), os.getpid(), -1, KEY.encode())]
+    assert local.status(data, KEY)[0] == 1
+    held.release()
+    assert local.status(data, KEY) == (0, None)
+    assert table_entries(daemon) == []
+
+
+def test_local_and_remote_respect_each_other(local: LocalClient, remote: Client, data: Path) -> None:
+    with local.lock(data, KEY):
+        with pytest.raises(LockRefused) as refused:
+            remote.try_lock(data, KEY)
+        assert refused.value.holder.ip == "0.0.0.0" and refused.value.holder.client_pid == os.getpid()
+        state, holder = remote.status(data, KEY)
+        assert state == 2 and holder is not None and holder.ip == "0.0.0.0"
+    with remote.lock(data, KEY):
+        with pytest.raises(LockRefused) as refused:
+            local.try_lock(data, KEY)
+        assert refused.value.holder.ip == "127.0.0.1" and refused.value.holder.client_pid == os.getpid()
+        with pytest.raises(LockRefused):
+            local.lock(data, KEY, timeout=0.2)
+        state, holder = local.status(data, KEY)
+        assert state == 2 and holder is not None and holder.ip == "127.0.0.1"
+    assert remote.status(data, KEY) == (0, None)  # a round trip: the unlock sent before it is done
+    local.try_lock(data, KEY).release()
+    # shared modes share across both kinds
+    with local.lock(data, KEY, Mode.PR), remote.lock(data, KEY, Mode.PR):
+        pass
+
+
+def test_a_remote_waiter_gets_a_local_lock_of_another_process_promptly(remote: Client, data: Path) -> None:
+    proc = local_holder(data)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with pytest.raises(LockRefused) as refused:
+            remote.try_lock(data, KEY)
+        assert refused.value.holder.ip == "0.0.0.0" and refused.value.holder.client_pid == proc.pid
+        got: list[float] = []
+        waiting = threading.Event()
+
+        def wait_for_it() -> None:
+            with remote.lock(data, KEY, timeout=10, on_wait=lambda h: waiting.set()):
+                got.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.3)  # the remote request is queued behind the child's lock
+        assert not got
+        released_at = time.monotonic()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "released"
+        waiter.join(10)
+        assert got and got[0] - released_at < 0.5
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_local_waiter_is_woken_promptly_when_a_remote_holder_releases(local: LocalClient, remote: Client,
+                                                                        data: Path) -> None:
+    held = remote.lock(data, KEY)
+    holders: list[Holder] = []
+    got: list[float] = []
+
+    def wait_for_it() -> None:
+        with local.lock(data, KEY, timeout=10, on_wait=holders.append):
+            got.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not holders and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holders and holders[0].ip == "127.0.0.1"
+    time.sleep(0.2)
+    released_at = time.monotonic()
+    held.release()
+    waiter.join(10)
+    assert got and got[0] - released_at < 0.5
+
+
+def test_a_killed_local_process_lock_is_reclaimed_for_a_remote_request(remote: Client, data: Path) -> None:
+    proc = local_holder(data)
+    with pytest.raises(LockRefused):
+        remote.try_lock(data, KEY)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    with remote.lock(data, KEY, timeout=2) as held:
+        assert held.mode == Mode.EX
+
+
+def test_release_all_and_threads(local: LocalClient, data: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.touch()
+    local.lock(data, KEY)
+    local.lock(other, KEY)
+    with pytest.raises(LockRefused):  # another thread is another owner
+        pool: list[BaseException] = []
+        t = threading.Thread(target=lambda: _try(local, data, pool))
+        t.start()
+        t.join()
+        raise pool[0]
+    assert local.release_all() == 2
+    assert local.status(data, KEY) == (0, None)
+
+
+def _try(local: LocalClient, data: Path, errors: list[BaseException]) -> None:
+    try:
+        local.try_lock(data, KEY).release()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_get_client_locks_directly_with_jdls_unset(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert local_table_key() == daemon.key
+    client = get_client()
+    try:
+        assert isinstance(client, LocalClient)
+        assert get_client() is client
+    finally:
+        client.close()
+    monkeypatch.setattr(client_module, "_process_client", None)
+    monkeypatch.setenv("JDLS", f"SERVER=127.0.0.1,{daemon.port}")
+    client = get_client()
+    try:
+        assert type(client) is Client
+    finally:
+        client.close()
+
+
+def test_get_client_is_remote_without_a_table(local_env: Path) -> None:
+    assert local_table_key() is None
+    assert type(get_client()) is Client
+
+
+def test_get_client_is_remote_without_dls_shm(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dls_shm", None)  # import dls_shm raises ImportError
+    assert local_table_key() is None
+    assert type(get_client()) is Client
+
+
+def test_dls_client_does_not_import_dls_shm() -> None:
+    code = "import sys, dls_client; assert 'dls_shm' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
