@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import struct
 import threading
@@ -27,6 +28,7 @@ from dls_proto import (
     Error,
     Granted,
     Hello,
+    InfoPut,
     Lock,
     LockFlag,
     Message,
@@ -53,6 +55,7 @@ from .errors import (
     RequestFailed,
     ServiceUnavailable,
 )
+from .lockinfo import LockInfo
 
 #: The device number of every record lock sent to the service: device numbers of
 #: a shared file differ from host to host, so only the inode names the file.
@@ -143,6 +146,8 @@ class Client:
         self.trace = trace.Tracer(self.config)
         #: Errors the service reported for requests nobody waited for (a failed unlock).
         self.async_errors: list[Error] = []
+        #: What this client knows of its locks, for proc/info (see dls_client.lockinfo).
+        self.info = LockInfo()
 
     # -- connection ------------------------------------------------------------------
 
@@ -154,7 +159,30 @@ class Client:
                 channel = self._channel
                 if channel is None:
                     channel = self._channel = self._connect()
+                    self.info.changed = True  # a new connection: the lock server knows nothing yet
+                    self._publish_quietly(channel)
         return channel
+
+    def publish_info(self) -> bool:
+        """Send this client's lock information to its lock server if it changed since last sent.
+
+        Call it when about to wait for input or to sleep, so that show-item-locks
+        shows what this process holds while it idles. True when sent. Connects
+        if not yet connected (which publishes). Raises ServiceUnavailable.
+        """
+        return self.info.publish(self._sender(self.channel))
+
+    def _sender(self, channel: Channel) -> Callable[[dict[str, object]], None]:
+        def send(document: dict[str, object]) -> None:
+            channel.send(InfoPut(channel.next_id(), json.dumps(document).encode()))
+        return send
+
+    def _publish_quietly(self, channel: Channel) -> None:
+        """Publish at the moments jDLS does; a failure here shows in the request that follows."""
+        try:
+            self.info.publish(self._sender(channel))
+        except (DlsError, OSError) as exc:
+            self.trace.verbose(f"Client: lock information not sent: {exc}")
 
     def _connect(self) -> Channel:
         server = self.config.server
@@ -212,16 +240,33 @@ class Client:
         channel = self.channel
         rid = channel.next_id()
         channel.register(rid)
-        channel.send(Lock(rid, mode, self._flags, limit, identity.thread_id(), ref.inode, REMOTE_DEVICE, kb,
-                          ref.path))
+        thread = identity.thread_id()
+        channel.send(Lock(rid, mode, self._flags, limit, thread, ref.inode, REMOTE_DEVICE, kb, ref.path))
         reply = channel.expect(rid)
-        while type(reply) is Waiting:
-            if on_wait is not None:
-                on_wait(_holder(reply))
-            reply = channel.expect(rid)
+        if type(reply) is Waiting:
+            reply = self._wait(channel, rid, reply, ref, kb, mode, thread, on_wait)
         if type(reply) is Granted:
+            self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
             return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
         raise self._failure(reply, f"{ref.path} {kb.decode('utf-8', 'replace')}")
+
+    def _wait(self, channel: Channel, rid: int, reply: Message, ref: FileRef, kb: bytes, mode: int, thread: int,
+              on_wait: Callable[[Holder], None] | None) -> Message:
+        """The request waits: publish that, take the replies up to the last, publish again."""
+        token = self.info.wait_started(ref.path, ref.inode, kb, mode, thread)
+        self._publish_quietly(channel)
+        try:
+            while type(reply) is Waiting:
+                if on_wait is not None:
+                    on_wait(_holder(reply))
+                reply = channel.expect(rid)
+        finally:
+            self.info.wait_ended(token)
+            if type(reply) is Granted:
+                self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
+            if channel.failure is None:
+                self._publish_quietly(channel)
+        return reply
 
     def _kind_refused(self, kind: str) -> Exception:
         if kind not in ("internal", "external"):
@@ -279,12 +324,14 @@ class Client:
         channel = self.channel
         rid = channel.next_id()
         channel.register(rid)
-        channel.send(Lock(rid, mode, self._flags | LockFlag.BINARY, limit, identity.thread_id(), ref.inode,
+        thread = identity.thread_id()
+        channel.send(Lock(rid, mode, self._flags | LockFlag.BINARY, limit, thread, ref.inode,
                           REMOTE_DEVICE, kb, ref.path))
         reply = channel.expect(rid)
-        while type(reply) is Waiting:
-            reply = channel.expect(rid)
+        if type(reply) is Waiting:
+            reply = self._wait(channel, rid, reply, ref, kb, mode, thread, None)
         if type(reply) is Granted:
+            self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
             return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
         raise self._failure(reply, f"binary lock {ref.path}")
 
@@ -296,6 +343,7 @@ class Client:
         """Release a lock by its handle; a failure is reported later (``async_errors``)."""
         channel = self.channel
         channel.send(Unlock(channel.next_id(), handle))
+        self.info.released(handle)
 
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were held."""
@@ -303,6 +351,7 @@ class Client:
         channel = self.channel
         reply = channel.request(UnlockAll(channel.next_id(), thread))
         if isinstance(reply, Unlocked):
+            self.info.released_all(None if all_threads else thread)
             return reply.count
         raise self._failure(reply, "release of all locks")
 

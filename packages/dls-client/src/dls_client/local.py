@@ -26,11 +26,13 @@ dls-client works without it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dls_proto import ErrorCode, Mode
 
@@ -45,6 +47,7 @@ from .errors import (
     RequestFailed,
     ServiceUnavailable,
 )
+from .lockinfo import LockInfo
 
 if TYPE_CHECKING:
     import dls_shm
@@ -120,15 +123,67 @@ class LocalClient:
         except ImportError:
             raise ServiceUnavailable("local direct locking needs dls-shm: pip install 'dls-client[local]'") from None
         try:
-            self.key = dls_shm.Instance.from_environment().key if key is None else key
+            instance: dls_shm.Instance | None = dls_shm.Instance.from_environment()
+        except ValueError as exc:
+            if key is None:
+                raise ServiceUnavailable(f"local direct locking: {exc}") from None
+            instance = None  # a table named by its key alone: no proc/info to write to
+        try:
+            self.key = instance.key if key is None and instance is not None else key
+            assert self.key is not None
             self.table = dls_shm.LockTable.attach(self.key)
-        except (ValueError, dls_shm.TableError) as exc:
+        except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"local direct locking: {exc}") from None
         self.port = identity.port_number()
         self._ip = dls_shm.LOCAL_IP
         self._closed = False
         #: Binary and execution locks: local OS file locks, as a Client without BINARY takes them.
         self._binary = Client(Config())
+        #: What this client knows of its locks, written to proc/info/<port> (see dls_client.lockinfo).
+        self.info = LockInfo()
+        self._instance = instance
+        self._info_file: str | None = None
+        self._info_pid = 0
+        self._publish_quietly()  # initialised
+
+    # -- lock information ----------------------------------------------------------------
+
+    def publish_info(self) -> bool:
+        """Write this process's lock information to proc/info/<port> if it changed since last written.
+
+        Call it when about to wait for input or to sleep, so that show-item-locks
+        shows what this process holds while it idles. True when written.
+        """
+        if self._closed or self._instance is None:
+            return False
+        return self.info.publish(self._write_info)
+
+    def _write_info(self, document: dict[str, Any]) -> None:
+        from dls_shm import info
+
+        assert self._instance is not None
+        pid = os.getpid()
+        document.update(pid=pid, ip=LOCAL_ADDRESS, host=identity.host_name(), server_pid=0, updated=time.time())
+        path = os.fspath(info.write(self._instance, self.port, document))
+        if self._info_file is None:
+            atexit.register(self._remove_info)
+        self._info_file, self._info_pid = path, pid
+
+    def _publish_quietly(self) -> None:
+        try:
+            self.publish_info()
+        except OSError:
+            pass  # advisory: the locks work without it, and the next moment tries again
+
+    def _remove_info(self) -> None:
+        """Delete the proc/info file this process wrote (a forked child leaves its parent's alone)."""
+        path, self._info_file = self._info_file, None
+        if path is not None:
+            atexit.unregister(self._remove_info)
+            if self._info_pid == os.getpid():
+                from dls_shm import info
+
+                info.remove(path)
 
     # -- the owner -------------------------------------------------------------------
 
@@ -145,6 +200,7 @@ class LocalClient:
         """Detach from the table; the locks stay until released (or this process ends)."""
         if not self._closed:
             self._closed = True
+            self._remove_info()
             self.table.close()
 
     def __enter__(self) -> LocalClient:
@@ -171,20 +227,38 @@ class LocalClient:
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
         kb = _key_bytes(key)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
-        callback = None if on_wait is None else (lambda h: on_wait(_holder(h)))
         what = f"{ref.path} {kb.decode('utf-8', 'replace')}"
         import dls_shm as shm
 
+        owner = self._owner()
+        waited: list[int] = []
+
+        def callback(holder: shm.Holder) -> None:  # the request starts waiting: publish that
+            waited.append(self.info.wait_started(ref.path, ref.inode, kb, mode, owner.thread))
+            self._publish_quietly()
+            if on_wait is not None:
+                on_wait(_holder(holder))
+
+        result: shm.Grant | shm.Conflict | None = None
         try:
-            result = self.table.acquire(self._owner(), ref.inode, REMOTE_DEVICE, kb, mode, limit, on_wait=callback)
+            result = self.table.acquire(owner, ref.inode, REMOTE_DEVICE, kb, mode, limit, on_wait=callback)
         except shm.NotHeld:
             raise LockCancelled(f"{what}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
         except shm.GroupFull as exc:
             raise RequestFailed(f"{what}: {exc}", ErrorCode.GROUP_FULL) from None
         except shm.TableError as exc:
             raise ServiceUnavailable(f"{what}: {exc}") from None
+        finally:
+            if waited:  # no longer waiting, whatever the outcome: publish it
+                self.info.wait_ended(waited[0])
+                if isinstance(result, shm.Grant):
+                    self.info.granted(result.handle, ref.path, ref.inode, kb, result.mode, owner.thread)
+                self._publish_quietly()
         if isinstance(result, shm.Grant):
+            if not waited:
+                self.info.granted(result.handle, ref.path, ref.inode, kb, result.mode, owner.thread)
             return LocalHeldLock(self, result.handle, ref, kb, result.mode, result.value)
+        assert result is not None
         holder = _holder(result.holder)
         if wait:
             raise LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
@@ -200,6 +274,7 @@ class LocalClient:
 
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
+        self.info.released(handle)
         try:
             self.table.unlock(handle)
         except dls_shm.NotHeld:
@@ -213,9 +288,11 @@ class LocalClient:
 
         owner = self._owner()
         try:
-            return self.table.release_owner(owner.pid, None if all_threads else owner.thread)
+            count = self.table.release_owner(owner.pid, None if all_threads else owner.thread)
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"release of all locks: {exc}") from None
+        self.info.released_all(None if all_threads else owner.thread)
+        return count
 
     def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
         """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""

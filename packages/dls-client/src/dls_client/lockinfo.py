@@ -1,0 +1,128 @@
+"""What a client knows of its own locks, for ``proc/info/<port>`` of the lock server's instance.
+
+The lock table holds inodes and keys only; the client knows the names of the
+files it locks records in, and which locks it holds and waits for. Each client
+keeps that in a ``LockInfo`` record. Taking or releasing a lock only updates the
+record in memory (a dict insert or delete) and marks it changed; the record is
+published, and only when it changed, at the moments jDLS publishes it:
+
+- when the client is initialised (connected, or attached to the table);
+- when a lock request starts waiting, and when it stops waiting (granted or not);
+- when the application says so with ``publish_info()``, as before reading input
+  or going to sleep, so that what others see is current while it idles.
+
+A remote ``Client`` sends the document to its lock server (InfoPut), which adds
+the address, pid and host and writes the file, and removes it when the client
+disconnects. A ``LocalClient`` writes the file itself (see dls_shm.info) and
+removes it on ``close()`` and at normal process exit. The document is a
+snapshot: a process that dies abnormally may leave its file behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from dls_proto import Mode
+
+#: One lock of the record: (path, inode, key, mode, thread).
+Entry = tuple[str, int, bytes, int, int]
+
+_MODE_NAMES = {m.value: m.name for m in Mode}
+
+
+def _key_text(key: bytes) -> str:
+    # as dls_shm.info.entry_json shows a table key, so the utilities can match them
+    return key.decode("utf-8", "backslashreplace")
+
+
+class LockInfo:
+    """Files, held locks and waiting requests of one client, and whether they changed since published."""
+
+    __slots__ = ("_publish_lock", "_tokens", "changed", "files", "held", "waiting")
+
+    def __init__(self) -> None:
+        #: Files the client has locked records in: inode -> path.
+        self.files: dict[int, str] = {}
+        #: Held locks by handle.
+        self.held: dict[int, Entry] = {}
+        #: Requests waiting for a lock, by a token of the request.
+        self.waiting: dict[int, Entry] = {}
+        #: Set by every change; cleared when a document is taken for publishing.
+        self.changed = True
+        self._tokens = itertools.count(1)
+        self._publish_lock = threading.Lock()
+
+    # -- changes: cheap, in memory only -------------------------------------------------
+
+    def granted(self, handle: int, path: str, inode: int, key: bytes, mode: int, thread: int) -> None:
+        if inode not in self.files:
+            self.files[inode] = path
+        self.held[handle] = (path, inode, key, mode, thread)
+        self.changed = True
+
+    def released(self, handle: int) -> None:
+        if self.held.pop(handle, None) is not None:
+            self.changed = True
+
+    def released_all(self, thread: int | None = None) -> None:
+        """Every held lock is gone (``thread`` None), or every lock of that thread."""
+        if thread is None:
+            self.held.clear()
+        else:
+            for handle, entry in list(self.held.items()):
+                if entry[4] == thread:
+                    self.held.pop(handle, None)
+        self.changed = True
+
+    def wait_started(self, path: str, inode: int, key: bytes, mode: int, thread: int) -> int:
+        """A request started waiting: its token, for ``wait_ended``."""
+        token = next(self._tokens)
+        if inode not in self.files:
+            self.files[inode] = path
+        self.waiting[token] = (path, inode, key, mode, thread)
+        self.changed = True
+        return token
+
+    def wait_ended(self, token: int) -> None:
+        if self.waiting.pop(token, None) is not None:
+            self.changed = True
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def document(self) -> dict[str, Any]:
+        """The record as the JSON object of proc/info (files and locks; the writer adds the rest)."""
+        files = list(self.files.items())
+        held = list(self.held.values())
+        waiting = list(self.waiting.values())
+        return {
+            "files": [{"path": path, "inode": inode} for inode, path in files],
+            "locks": [_lock(e, "held") for e in held] + [_lock(e, "waiting") for e in waiting],
+        }
+
+    def publish(self, write: Callable[[dict[str, Any]], None], *, force: bool = False) -> bool:
+        """Hand the document to ``write`` if the record changed since last time (or ``force``).
+
+        True when written. If ``write`` raises, the record stays changed.
+        """
+        with self._publish_lock:
+            if not (self.changed or force):
+                return False
+            self.changed = False
+            try:
+                write(self.document())
+            except BaseException:
+                self.changed = True
+                raise
+            return True
+
+
+def _lock(entry: Entry, state: str) -> dict[str, Any]:
+    path, inode, key, mode, thread = entry
+    return {"path": path, "inode": inode, "key": _key_text(key), "mode": _MODE_NAMES.get(mode, str(mode)),
+            "state": state, "thread": thread}
+
+
+__all__ = ["LockInfo"]

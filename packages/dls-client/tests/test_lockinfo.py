@@ -1,0 +1,255 @@
+"""Lock information in proc/info/<port>, against a real lock service on this host.
+
+As test_local: each test starts its own ``jdls -ib`` with JBCRELEASEDIR,
+JDLS_LOCK_DIR and JDLS_BINARY_LOCK_DIR under ``tmp_path``, and stops it (``-k``)
+and removes its table (``-K``) at the end, failing if a process or IPC
+resource of the instance is left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import dls_client.client as client_module
+import psutil
+import pytest
+from dls_client import Client, Config, LocalClient, Server
+from dls_client.lockinfo import LockInfo
+from dls_shm import Instance
+from dls_utils import show_item_locks
+
+KEY = "USD163170001"
+HOLDER_PORT, WAITER_PORT, LOCAL_PORT = 71001, 71002, 71003
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jdls(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
+    """(JBCRELEASEDIR, listener port) of a lock service of the test's own."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
+    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
+    for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(client_module, "_process_client", None)
+    env = dict(os.environ)
+    key = Instance.from_environment(root).key
+    port = free_port()
+    try:
+        for _ in range(5):
+            started = jdls(env, "-ib", "--port", str(port))
+            if started.returncode == 0 or "cannot listen" not in started.stderr:
+                break
+            port = free_port()
+        assert started.returncode == 0, started.stderr
+        yield root, port
+    finally:
+        stop, remove = jdls(env, "-k"), jdls(env, "-K")
+        left = []
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if (proc.pid != os.getpid() and proc.info["status"] != psutil.STATUS_ZOMBIE
+                        and proc.environ().get("JBCRELEASEDIR") == str(root)):
+                    left.append(proc)
+            except psutil.Error:
+                continue
+        for proc in left:
+            proc.kill()
+        hexkey = f"0x{key:08x}"
+        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
+        ipc = [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
+        if ipc:
+            subprocess.run(["ipcrm", "-M", hexkey], capture_output=True)
+            subprocess.run(["ipcrm", "-S", hexkey], capture_output=True)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not left, f"processes of the instance left: {left}"
+        assert not ipc, f"IPC left: {ipc}"
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "FBNK.ACCOUNT"
+    path.touch()
+    return path
+
+
+def remote(port: int, jbcportno: int, monkeypatch: pytest.MonkeyPatch) -> Client:
+    monkeypatch.setenv("JBCPORTNO", str(jbcportno))
+    try:
+        return Client(Config(server=Server("127.0.0.1", port)))
+    finally:
+        monkeypatch.delenv("JBCPORTNO")
+
+
+def info_file(root: Path, port: int) -> Path:
+    return root / "proc" / "info" / str(port)
+
+
+def read_info(root: Path, port: int) -> dict[str, Any]:
+    document = json.loads(info_file(root, port).read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def show_item_locks_output() -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert show_item_locks.main([]) == 0
+    return out.getvalue()
+
+
+def test_holder_and_waiter_publish_their_information(service: tuple[Path, int], data: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root, port = service
+    holder, waiter = remote(port, HOLDER_PORT, monkeypatch), remote(port, WAITER_PORT, monkeypatch)
+    try:
+        held = holder.lock(data, KEY)
+        assert holder.publish_info()  # the grant changed the record; not sent by the lock itself
+        until(lambda: info_file(root, HOLDER_PORT).exists() and read_info(root, HOLDER_PORT)["locks"],
+              "the holder's information")
+        doc = read_info(root, HOLDER_PORT)
+        assert doc["port"] == HOLDER_PORT and doc["pid"] == os.getpid() and doc["ip"] == "127.0.0.1"
+        assert doc["files"] == [{"path": str(data), "inode": data.stat().st_ino}]
+        assert [(lk["path"], lk["key"], lk["mode"], lk["state"]) for lk in doc["locks"]] == [
+            (str(data), KEY, "EX", "held")]
+
+        waiting = threading.Event()
+        got: list[bool] = []
+
+        def wait_for_it() -> None:
+            with waiter.lock(data, KEY, timeout=10, on_wait=lambda h: waiting.set()):
+                got.append(True)
+
+        thread = threading.Thread(target=wait_for_it)
+        thread.start()
+        try:
+            assert waiting.wait(5)
+            # sent when the first Waiting reply came; the lock server writes it in its own time
+            until(lambda: info_file(root, WAITER_PORT).exists() and read_info(root, WAITER_PORT)["locks"],
+                  "the waiter's information")
+            doc = read_info(root, WAITER_PORT)
+            assert [(lk["path"], lk["key"], lk["state"]) for lk in doc["locks"]] == [(str(data), KEY, "waiting")]
+            assert doc["files"] == [{"path": str(data), "inode": data.stat().st_ino}]
+
+            shown = show_item_locks_output()
+            rows = [line.split() for line in shown.splitlines() if KEY in line]
+            assert len(rows) == 1, shown
+            row = rows[0]
+            assert row[:2] == ["127.0.0.1", str(HOLDER_PORT)]
+            assert str(data) in row and str(WAITER_PORT) in row[-1], shown
+        finally:
+            held.release()
+            thread.join(10)
+        assert got
+        # no longer waiting: granted, published by the waiter itself
+        until(lambda: [lk["state"] for lk in read_info(root, WAITER_PORT)["locks"]] == ["held"], "the grant")
+    finally:
+        holder.close()
+        waiter.close()
+    until(lambda: not info_file(root, HOLDER_PORT).exists() and not info_file(root, WAITER_PORT).exists(),
+          "the lock servers to remove the information")
+
+
+def test_a_local_client_writes_its_own_file(service: tuple[Path, int], data: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = service
+    monkeypatch.setenv("JBCPORTNO", str(LOCAL_PORT))
+    client = LocalClient()
+    try:
+        path = info_file(root, LOCAL_PORT)
+        doc = read_info(root, LOCAL_PORT)  # written when initialised
+        assert doc["ip"] == "0.0.0.0" and doc["pid"] == os.getpid() and doc["locks"] == []
+        held = client.lock(data, KEY)
+        assert read_info(root, LOCAL_PORT)["locks"] == []  # an uncontended lock publishes nothing
+        assert client.publish_info()
+        before = (path.stat().st_mtime_ns, path.read_text())
+        assert [(lk["path"], lk["state"]) for lk in read_info(root, LOCAL_PORT)["locks"]] == [(str(data), "held")]
+        time.sleep(0.02)
+        assert not client.publish_info()  # unchanged: nothing written
+        assert (path.stat().st_mtime_ns, path.read_text()) == before
+        held.release()
+        assert client.publish_info()
+        assert read_info(root, LOCAL_PORT)["locks"] == []
+    finally:
+        client.close()
+    assert not info_file(root, LOCAL_PORT).exists()
+
+
+def test_a_local_waiter_publishes_when_it_starts_and_stops_waiting(service: tuple[Path, int], data: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    root, port = service
+    holder = remote(port, HOLDER_PORT, monkeypatch)
+    monkeypatch.setenv("JBCPORTNO", str(LOCAL_PORT))
+    client = LocalClient()
+    try:
+        held = holder.lock(data, KEY)
+        states: list[list[str]] = []
+
+        def on_wait(_: object) -> None:
+            states.append([lk["state"] for lk in read_info(root, LOCAL_PORT)["locks"]])
+            threading.Timer(0.1, held.release).start()
+
+        with client.lock(data, KEY, timeout=10, on_wait=on_wait):
+            assert states == [["waiting"]]
+            assert [lk["state"] for lk in read_info(root, LOCAL_PORT)["locks"]] == ["held"]
+    finally:
+        client.close()
+        holder.close()
+    assert not info_file(root, LOCAL_PORT).exists()
+
+
+def test_a_local_process_removes_its_file_at_exit(service: tuple[Path, int]) -> None:
+    root, _ = service
+    env = {**os.environ, "JBCPORTNO": str(LOCAL_PORT)}
+    code = ("import os, sys; from dls_client import LocalClient; c = LocalClient(); "
+            "assert os.path.exists(sys.argv[1]), 'not written'")
+    subprocess.run([sys.executable, "-c", code, str(info_file(root, LOCAL_PORT))], env=env, check=True, timeout=30)
+    assert not info_file(root, LOCAL_PORT).exists()
+
+
+def test_the_record_is_cheap_and_marks_changes() -> None:
+    info = LockInfo()
+    written: list[dict[str, Any]] = []
+    assert info.publish(written.append) and not info.publish(written.append)
+    info.granted(7, "/d/F", 12, b"K", 5, 1)
+    token = info.wait_started("/d/G", 13, b"L", 3, 2)
+    assert info.publish(written.append)
+    assert written[-1]["files"] == [{"path": "/d/F", "inode": 12}, {"path": "/d/G", "inode": 13}]
+    assert [(lk["key"], lk["mode"], lk["state"]) for lk in written[-1]["locks"]] == [
+        ("K", "EX", "held"), ("L", "PR", "waiting")]
+    info.wait_ended(token)
+    info.released(7)
+    assert info.publish(written.append) and written[-1]["locks"] == []
+    info.released(7)  # not held: no change
+    assert not info.publish(written.append)
