@@ -16,10 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
 from dls_client import (
     Client,
@@ -32,10 +31,12 @@ from dls_client import (
     Server,
     ServiceUnavailable,
 )
-from dls_shm import Instance
 
 DLS_LOCK = str(Path(sys.executable).parent / "dls-lock")
 KEY = "USD163170001"
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 
 def free_port() -> int:
@@ -52,85 +53,16 @@ def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = 
         time.sleep(0.01)
 
 
-@dataclass
-class Daemon:
-    root: Path
-    port: int
-    env: dict[str, str]
-    key: int
-
-    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
-
-    def client(self, **options: object) -> Client:
-        return Client(Config(server=Server("127.0.0.1", self.port), **options))  # type: ignore[arg-type]
-
-    def processes(self) -> list[psutil.Process]:
-        """Live processes listed in the instance's pid files or whose JBCRELEASEDIR is the instance."""
-        found = {}
-        run = self.root / "run"
-        for path in [*run.glob("*.pid"), *run.glob("servers/*.pid")] if run.exists() else []:
-            try:
-                proc = psutil.Process(int(path.read_text().split()[0]))
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found[proc.pid] = proc
-            except (OSError, IndexError, ValueError, psutil.Error):
-                continue
-        for proc in psutil.process_iter(["status"]):
-            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            try:
-                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
-                    found[proc.pid] = proc
-            except psutil.Error:
-                continue
-        return list(found.values())
-
-    def ipc_left(self) -> list[str]:
-        hexkey = f"0x{self.key:08x}"
-        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
-
-
 @pytest.fixture
-def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
     """A running lock service of the test's own; this process's clients trace into its instance."""
     root = tmp_path / "release"
     env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS", "JBCPORTNO")}
     env["JBCRELEASEDIR"] = str(root)
     monkeypatch.setenv("JBCRELEASEDIR", str(root))
     monkeypatch.delenv("JBCPORTNO", raising=False)
-    svc = Daemon(root, free_port(), env, Instance.from_environment(root).key)
-    try:
-        for _ in range(5):
-            env["JDLS"] = f"SERVER=127.0.0.1,{svc.port}"
-            started = svc.jdls("-ibs1000,10", "--port", str(svc.port))
-            if started.returncode == 0 or "cannot listen" not in started.stderr:
-                break
-            svc.port = free_port()
-        assert started.returncode == 0, started.stderr
+    with running_daemon(root, env, "-ibs1000,10", set_jdls=True) as svc:
         yield svc
-    finally:
-        stop, remove = svc.jdls("-k"), svc.jdls("-K")
-        left = svc.processes()
-        for proc in left:
-            proc.kill()
-        ipc = svc.ipc_left()
-        if ipc:
-            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
-            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not left, f"processes of the instance left: {left}"
-        assert not ipc, f"IPC left: {ipc}"
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "FBNK.ACCOUNT"
-    path.touch()
-    return path
 
 
 @pytest.fixture

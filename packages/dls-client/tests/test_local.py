@@ -18,56 +18,26 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dls_client.client as client_module
-import psutil
 import pytest
-from dls_client import Client, Config, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, Server, get_client
+from dls_client import Client, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
 from dls_client.local import local_table_key
-from dls_shm import Instance, LockTable, unpack_ip
+from dls_shm import LockTable, unpack_ip
 
 KEY = "USD163170001"
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    root: Path
-    port: int
-    env: dict[str, str]
-    key: int
-
-    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
-
-    def remote(self) -> Client:
-        return Client(Config(server=Server("127.0.0.1", self.port)))
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["status"]):
-            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            try:
-                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
-
-    def ipc_left(self) -> list[str]:
-        hexkey = f"0x{self.key:08x}"
-        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
 
 
 @pytest.fixture
@@ -84,30 +54,9 @@ def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def daemon(local_env: Path) -> Iterator[Daemon]:
-    env = dict(os.environ)
-    svc = Daemon(local_env, free_port(), env, Instance.from_environment(local_env).key)
-    try:
-        for _ in range(5):
-            started = svc.jdls("-ib", "--port", str(svc.port))
-            if started.returncode == 0 or "cannot listen" not in started.stderr:
-                break
-            svc.port = free_port()
-        assert started.returncode == 0, started.stderr
+def daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
+    with running_daemon(local_env, dict(os.environ), "-ib") as svc:
         yield svc
-    finally:
-        stop, remove = svc.jdls("-k"), svc.jdls("-K")
-        left = svc.processes()
-        for proc in left:
-            proc.kill()
-        ipc = svc.ipc_left()
-        if ipc:
-            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
-            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not left, f"processes of the instance left: {left}"
-        assert not ipc, f"IPC left: {ipc}"
 
 
 @pytest.fixture
@@ -120,13 +69,6 @@ def local(daemon: Daemon) -> Iterator[LocalClient]:
 def remote(daemon: Daemon) -> Iterator[Client]:
     with daemon.remote() as c:
         yield c
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "FBNK.ACCOUNT"
-    path.touch()
-    return path
 
 
 #: Another local process: locks (data, KEY) directly, says "locked", releases when a line comes on stdin.

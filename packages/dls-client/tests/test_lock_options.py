@@ -13,60 +13,24 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
 from dls_client import Client, Config, DlsError, LockRefused, Mode, Server
 from dls_client.client import LocalBinaryLock
-from dls_shm import Instance
 
 KEY = "USD163170001"
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    root: Path
-    lock_dir: Path
-    binary_lock_dir: Path
-    port: int
-    env: dict[str, str]
-    key: int
-
-    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
-
-    def config(self, **options: object) -> Config:
-        return Config(server=Server("127.0.0.1", self.port), **options)  # type: ignore[arg-type]
-
-    def jdls_value(self, *options: str) -> str:
-        return ",".join([f"SERVER=127.0.0.1,{self.port}", *options])
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["status"]):
-            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            try:
-                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
-
-    def ipc_left(self) -> list[str]:
-        hexkey = f"0x{self.key:08x}"
-        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
 
 
 @pytest.fixture
@@ -82,41 +46,13 @@ def local_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, P
 
 
 @pytest.fixture
-def daemon(local_dirs: tuple[Path, Path, Path]) -> Iterator[Daemon]:
+def daemon(local_dirs: tuple[Path, Path, Path], running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
     root, lock_dir, binary_dir = local_dirs
     env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS", "JBCPORTNO")}
-    svc = Daemon(root, lock_dir, binary_dir, free_port(), env, Instance.from_environment(root).key)
-    try:
-        for _ in range(5):
-            started = svc.jdls("-ib", "--port", str(svc.port))
-            if started.returncode == 0 or "cannot listen" not in started.stderr:
-                break
-            svc.port = free_port()
-        assert started.returncode == 0, started.stderr
+    with running_daemon(root, env, "-ib", lock_dir=lock_dir, binary_lock_dir=binary_dir) as svc:
         yield svc
-    finally:
-        stop, remove = svc.jdls("-k"), svc.jdls("-K")
-        left = svc.processes()
-        for proc in left:
-            proc.kill()
-        ipc = svc.ipc_left()
-        if ipc:
-            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
-            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not left, f"processes of the instance left: {left}"
-        assert not ipc, f"IPC left: {ipc}"
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "FBNK.ACCOUNT"
-    path.touch()
-    return path
-
-
-#: A second process: takes the lock the code describes, says "locked", holds it until its stdin closes.
 HOLDER = textwrap.dedent("""
     import sys
     from dls_client import Client, Config

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,30 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import dls_client.client as client_module
-import psutil
 import pytest
 from dls_client import Client, Config, LocalClient, Server
 from dls_client.lockinfo import LockInfo
-from dls_shm import Instance
 from dls_utils import show_item_locks
 
 KEY = "USD163170001"
 HOLDER_PORT, WAITER_PORT, LOCAL_PORT = 71001, 71002, 71003
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def jdls(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=env, capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL)
-
-
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            running_daemon: Callable[..., Any]) -> Iterator[tuple[Path, int]]:
     """(JBCRELEASEDIR, listener port) of a lock service of the test's own."""
     root = tmp_path / "release"
     monkeypatch.setenv("JBCRELEASEDIR", str(root))
@@ -54,46 +41,8 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[P
     for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(client_module, "_process_client", None)
-    env = dict(os.environ)
-    key = Instance.from_environment(root).key
-    port = free_port()
-    try:
-        for _ in range(5):
-            started = jdls(env, "-ib", "--port", str(port))
-            if started.returncode == 0 or "cannot listen" not in started.stderr:
-                break
-            port = free_port()
-        assert started.returncode == 0, started.stderr
-        yield root, port
-    finally:
-        stop, remove = jdls(env, "-k"), jdls(env, "-K")
-        left = []
-        for proc in psutil.process_iter(["status"]):
-            try:
-                if (proc.pid != os.getpid() and proc.info["status"] != psutil.STATUS_ZOMBIE
-                        and proc.environ().get("JBCRELEASEDIR") == str(root)):
-                    left.append(proc)
-            except psutil.Error:
-                continue
-        for proc in left:
-            proc.kill()
-        hexkey = f"0x{key:08x}"
-        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-        ipc = [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
-        if ipc:
-            subprocess.run(["ipcrm", "-M", hexkey], capture_output=True)
-            subprocess.run(["ipcrm", "-S", hexkey], capture_output=True)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not left, f"processes of the instance left: {left}"
-        assert not ipc, f"IPC left: {ipc}"
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "FBNK.ACCOUNT"
-    path.touch()
-    return path
+    with running_daemon(root, dict(os.environ), "-ib") as svc:
+        yield root, svc.port
 
 
 def remote(port: int, jbcportno: int, monkeypatch: pytest.MonkeyPatch) -> Client:

@@ -12,51 +12,23 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
 from dls_client import ServiceUnavailable, test_command
-from dls_shm import Instance
 
 DLS_TEST = str(Path(sys.executable).parent / "dls-test")
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    root: Path
-    port: int
-    env: dict[str, str]
-    key: int
-
-    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["status"]):
-            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            try:
-                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
-
-    def ipc_left(self) -> list[str]:
-        hexkey = f"0x{self.key:08x}"
-        listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-        return [line for line in listing.splitlines() if line.split()[:1] == [hexkey]]
 
 
 @pytest.fixture
@@ -71,30 +43,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
-def daemon(env: dict[str, str]) -> Iterator[Daemon]:
-    root = Path(env["JBCRELEASEDIR"])
-    svc = Daemon(root, free_port(), dict(env), Instance.from_environment(root).key)
-    try:
-        for _ in range(5):
-            started = svc.jdls("-ib", "--port", str(svc.port))
-            if started.returncode == 0 or "cannot listen" not in started.stderr:
-                break
-            svc.port = free_port()
-        assert started.returncode == 0, started.stderr
+def daemon(env: dict[str, str], running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
+    with running_daemon(Path(env["JBCRELEASEDIR"]), dict(env), "-ib") as svc:
         yield svc
-    finally:
-        stop, remove = svc.jdls("-k"), svc.jdls("-K")
-        left = svc.processes()
-        for proc in left:
-            proc.kill()
-        ipc = svc.ipc_left()
-        if ipc:
-            subprocess.run(["ipcrm", "-M", f"0x{svc.key:08x}"], capture_output=True)
-            subprocess.run(["ipcrm", "-S", f"0x{svc.key:08x}"], capture_output=True)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not left, f"processes of the instance left: {left}"
-        assert not ipc, f"IPC left: {ipc}"
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from dls_proto import (
     ALL_THREADS,
@@ -91,12 +91,18 @@ class FileRef(NamedTuple):
 FileLike = FileRef | str | os.PathLike[str]
 
 
+class Unlocker(Protocol):
+    """What a held lock needs of the client that took it: a way to let it go."""
+
+    def unlock(self, handle: int) -> None: ...
+
+
 class HeldLock:
     """A granted lock. Release it with ``release()`` or by leaving its ``with`` block."""
 
     __slots__ = ("client", "file", "handle", "key", "mode", "released", "value")
 
-    def __init__(self, client: Client, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
+    def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
         self.client = client
         self.handle = handle
         self.file = file

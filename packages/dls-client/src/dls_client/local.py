@@ -80,34 +80,8 @@ def _holder(holder: dls_shm.Holder) -> Holder:
                   dls_shm.unpack_ip(holder.ip))
 
 
-class LocalHeldLock:
-    """A lock granted in the table. Release it with ``release()`` or by leaving its ``with`` block."""
-
-    __slots__ = ("client", "file", "handle", "key", "mode", "released", "value")
-
-    def __init__(self, client: LocalClient, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
-        self.client = client
-        self.handle = handle
-        self.file = file
-        self.key = key
-        self.mode = mode
-        self.value = value
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.client.unlock(self.handle)
-
-    def __enter__(self) -> LocalHeldLock:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"<LocalHeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}>"
-
+#: A lock a local process holds: the same HeldLock as a remote client's.
+LocalHeldLock = HeldLock
 
 class LocalClient:
     """Record locks taken directly in this host's lock table (needs ``dls-client[local]``).
@@ -214,7 +188,7 @@ class LocalClient:
     def lock(
         self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
         on_wait: Callable[[Holder], None] | None = None,
-    ) -> LocalHeldLock:
+    ) -> HeldLock:
         """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
 
         Raises LockRefused (held, not waiting), LockTimeout, LockCancelled (a
@@ -257,14 +231,14 @@ class LocalClient:
         if isinstance(result, shm.Grant):
             if not waited:
                 self.info.granted(result.handle, ref.path, ref.inode, kb, result.mode, owner.thread)
-            return LocalHeldLock(self, result.handle, ref, kb, result.mode, result.value)
+            return HeldLock(self, result.handle, ref, kb, result.mode, result.value)
         assert result is not None
         holder = _holder(result.holder)
         if wait:
             raise LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
         raise LockRefused(f"{what}: held by {holder.describe()}", holder)
 
-    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> LocalHeldLock:
+    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
         return self.lock(file, key, mode, wait=False)
 
