@@ -8,7 +8,6 @@ leaves nothing running either.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shlex
@@ -19,55 +18,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 from dls_client import Client, Config, LockRefused, RequestFailed, Server, ServiceUnavailable
 from dls_proto import Connection, ErrorCode, Hello, Role
 from dls_shm import resource_value
-
-if TYPE_CHECKING:
-    from conftest import Service  # the fixture's class, in tests/conftest.py
-
-KEY = "USD163170001"
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    """A process with this pid exists and is not a zombie."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-@contextlib.contextmanager
-def running(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
-    """End these processes (SIGKILL if need be) when the block is left, however it is left."""
-    try:
-        yield
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-
-
-def data_file(tmp_path: Path, name: str = "FBNK.ACCOUNT") -> Path:
-    path = tmp_path / name
-    path.touch()
-    return path
+from dls_testkit import KEY, Service, alive, data_file, running, wait_for
 
 
 def holder(service: Service, data: Path, marker: Path, key: str = KEY) -> subprocess.Popen[bytes]:

@@ -9,7 +9,6 @@ Clients, in this process and in child processes. At the end ``jdls -k`` (and
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,31 +16,16 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import psutil
 import pytest
 from dls_client import Client, Config, LockRefused, LockTimeout, Server
 from dls_shm import LockTable, lock_file_name
+from dls_testkit import KEY, alive, free_port, make_service, wait_for
 
 HERE = Path(__file__).resolve().parent
-KEY = "USD163170001"
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    """conftest.py under a name of its own, for ``make_service`` (test files are imported without a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _load("dls_tests_oslocks_conftest", HERE / "conftest.py")
 
 #: A client process that takes a lock, says so on stdout, and keeps it until killed.
 HOLDER = textwrap.dedent("""\
@@ -54,25 +38,12 @@ HOLDER = textwrap.dedent("""\
 """)
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture
 def os_service(tmp_path: Path) -> Iterator[Any]:
     """``jdls -ibD --port P --lock-dir ... --binary-lock-dir ...``: the listener alone, lock files under tmp_path."""
-    svc = _conftest.make_service(tmp_path)
+    svc = make_service(tmp_path)
     usage = svc.jdls("-h")
     if "--lock-dir" not in usage.stdout:
         pytest.skip("jdls has no --lock-dir option: the lock files would go to /tmp/jbase")
@@ -84,7 +55,7 @@ def os_service(tmp_path: Path) -> Iterator[Any]:
                               "--binary-lock-dir", str(svc.binary_lock_dir))
             if result.returncode == 0 or "cannot listen" not in result.stderr:
                 break
-            svc.port = _conftest.free_port()
+            svc.port = free_port()
             svc.env["JDLS"] = f"SERVER=127.0.0.1,{svc.port}"
         assert result.returncode == 0, f"jdls -ibD failed ({result.returncode}): {result.stderr}{result.stdout}"
         assert "OS file locks" in result.stdout + result.stderr, result.stdout

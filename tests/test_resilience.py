@@ -17,8 +17,6 @@ and a namespace made here is deleted (and checked gone) whatever happens.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import os
 import re
 import signal
@@ -26,143 +24,39 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import netns
 import psutil
 import pytest
-from dls_client import Client, Config, LockRefused, Server, ServiceUnavailable
-from dls_shm import LockTable, SlotState
+from dls_client import ServiceUnavailable
+from dls_shm import SlotState
+from dls_testkit import (
+    KEY,
+    Service,
+    alive,
+    assert_exact,
+    attached,
+    client_for,
+    crew,
+    data_file,
+    free_port,
+    header_line,
+    holder_of,
+    make_service,
+    read_counter,
+    running,
+    slots_of,
+    wait_for,
+    wait_free,
+)
 
-if TYPE_CHECKING:
-    from conftest import Service  # the fixture's class, in tests/conftest.py
-
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    """A helper module of this directory, loaded from its file (test files are imported without a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-netns = _load("dls_tests_netns", HERE / "netns.py")
-#: conftest.py again, under a name of its own, for its ``make_service`` (a service started with other options).
-_conftest = _load("dls_tests_resilience_conftest", HERE / "conftest.py")
-
-KEY = "USD163170001"
 #: The daemon's default dead-client bound (seconds).
 DEFAULT_DEAD_CLIENT_BOUND = 15.0
 #: What the bound may be exceeded by (the last exchange before the cut, polling, a loaded machine).
 SLACK = 5.0
-#: How long the load tests hammer the counter.
-LOAD_SECONDS = 3.0
-
-
-# -- small helpers ------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition",
-             poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
-
-
-def alive(pid: int) -> bool:
-    """A process with this pid exists and is not a zombie."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-@contextlib.contextmanager
-def running(*procs: subprocess.Popen[Any]) -> Iterator[None]:
-    """End these processes (SIGKILL, which also ends a stopped one) when the block is left, however."""
-    try:
-        yield
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-
-
-def client_for(service: Service, timeout: float = 10.0) -> Client:
-    return Client(Config(server=Server("127.0.0.1", service.port), timeout=timeout))
-
-
-def data_file(tmp_path: Path, name: str = "FBNK.ACCOUNT") -> Path:
-    path = tmp_path / name
-    path.touch()
-    return path
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def attached(service: Service) -> Iterator[LockTable]:
-    """The instance's lock table, let go of at the end (jdls -K refuses while anyone is attached)."""
-    table = LockTable.attach(service.key)
-    try:
-        yield table
-    finally:
-        table.close()
-
-
-def slots_of(service: Service, pid: int) -> list[tuple[str, int]]:
-    """(key, state) of every slot the process ``pid`` has in the table (read only: nothing is reclaimed)."""
-    with attached(service) as table:
-        return [(e.slot.key[: e.slot.key_len].decode(), e.slot.state) for e in table.scan() if e.slot.pid == pid]
-
-
-def header_line(text: str, label: str) -> str:
-    """The value of ``label:`` in ``jdls -dv`` output."""
-    for line in text.splitlines():
-        if line.startswith(label + ":"):
-            return line[len(label) + 1:].strip()
-    raise AssertionError(f"no {label!r} line in:\n{text}")
-
-
-def holder_of(client: Client, data: Path, key: str) -> Any:
-    """Who holds ``key`` (a try_lock that must be refused)."""
-    with pytest.raises(LockRefused) as refused:
-        client.try_lock(data, key).release()
-    return refused.value.holder
-
-
-def wait_free(client: Client, data: Path, key: str, limit: float, poll: float = 0.25) -> float:
-    """Poll try_lock until it is granted (then release it); seconds it took, or more than ``limit``."""
-    start = time.monotonic()
-    while True:
-        try:
-            client.try_lock(data, key).release()
-            return time.monotonic() - start
-        except LockRefused:
-            pass
-        if time.monotonic() - start > limit:
-            return time.monotonic() - start
-        time.sleep(poll)
-
-
-def read_counter(client: Client, counter: Path) -> int:
-    """The counter's value, read under its lock (a client already connected, so also a witness)."""
-    with client.lock(counter, "counter", timeout=10):
-        return int(counter.read_text())
 
 
 # -- a service of the test's own, with a short tidy period --------------------------------------
@@ -177,7 +71,7 @@ def start_with(svc: Service, *options: str, attempts: int = 5) -> None:
             return
         if "cannot listen" not in result.stderr:
             break
-        svc.port = _conftest.free_port()
+        svc.port = free_port()
         svc.env["JDLS"] = f"SERVER=127.0.0.1,{svc.port}"
     raise AssertionError(f"jdls -ib failed ({result.returncode}): {result.stderr}{result.stdout}")
 
@@ -185,7 +79,7 @@ def start_with(svc: Service, *options: str, attempts: int = 5) -> None:
 @contextlib.contextmanager
 def own_service(tmp_path: Path, *options: str) -> Iterator[Service]:
     """A service as the ``service`` fixture starts it, with more options; stopped and checked at the end."""
-    svc: Service = _conftest.make_service(tmp_path)
+    svc: Service = make_service(tmp_path)
     try:
         start_with(svc, *options)
         yield svc
@@ -216,126 +110,6 @@ def remote_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
     options, bound, slack = dead_client_setting() if request.param else ((), DEFAULT_DEAD_CLIENT_BOUND, SLACK)
     with own_service(tmp_path, *options) as svc:
         yield svc, bound, slack
-
-
-# -- clients hammering one record lock ----------------------------------------------------------
-
-WORKER = textwrap.dedent("""
-    import json, os, sys, time
-    from dls_client import Client, DlsError
-
-    cfg = json.loads(sys.argv[1])
-    report = {"pid": os.getpid(), "cycles": 0, "error": None, "server": None}
-
-    def save(path):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f)
-        os.replace(tmp, path)
-
-    def wait_file(path):
-        while not os.path.exists(path):
-            time.sleep(0.005)
-
-    counter = cfg["counter"]
-    client = Client()
-    try:
-        report["server"] = client.channel.welcome.server_pid
-        if cfg.get("hold"):
-            client.lock(counter, cfg["hold"])  # held all along
-        save(cfg["ready"])
-        wait_file(cfg["go"])
-        deadline = time.monotonic() + cfg["seconds"]
-        while time.monotonic() < deadline:
-            if cfg.get("pause") and os.path.exists(cfg["pause"]):
-                # Between two cycles (holding no counter lock): say so, and go on when told.
-                save(cfg["paused"])
-                wait_file(cfg["resume"])
-                deadline = time.monotonic() + 5
-                cfg["pause"] = None
-            held = client.lock(counter, "counter")
-            with open(counter) as f:
-                value = int(f.read())
-            with open(counter, "w") as f:
-                f.write(str(value + 1))
-            report["cycles"] += 1
-            held.release()
-    except DlsError as exc:
-        report["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        save(cfg["report"])
-""")
-
-
-class Crew:
-    """``count`` client processes, each doing lock / increment / unlock on one counter for ``seconds``
-    once told to go; each reports its successful cycles and the error that stopped it, if any."""
-
-    def __init__(self, service: Service, tmp_path: Path, count: int = 4, seconds: float = LOAD_SECONDS,
-                 extra: dict[int, dict[str, str]] | None = None) -> None:
-        self.dir = tmp_path / "crew"
-        self.dir.mkdir()
-        self.counter = tmp_path / "counter"
-        self.counter.write_text("0")
-        self.go_file = self.dir / "go"
-        self.configs = []
-        for i in range(count):
-            cfg: dict[str, Any] = {
-                "counter": str(self.counter), "seconds": seconds, "go": str(self.go_file),
-                "ready": str(self.dir / f"{i}.ready"), "report": str(self.dir / f"{i}.report"),
-            }
-            cfg.update((extra or {}).get(i, {}))
-            self.configs.append(cfg)
-        self.procs = [
-            subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cfg)], env=service.env,
-                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for cfg in self.configs
-        ]
-
-    def ready(self, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Wait until every worker is connected (and holds what it was to hold); their first reports."""
-        def all_ready() -> bool:
-            for proc, cfg in zip(self.procs, self.configs, strict=True):
-                if proc.poll() is not None:
-                    raise AssertionError(f"worker ended early ({proc.returncode}): {self._stderr(proc)}")
-                if not os.path.exists(cfg["ready"]):
-                    return False
-            return True
-        wait_for(all_ready, timeout, "the workers to connect")
-        return [json.loads(Path(cfg["ready"]).read_text()) for cfg in self.configs]
-
-    def go(self) -> None:
-        self.go_file.touch()
-
-    def finish(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait for every worker to end (status 0); their reports."""
-        reports = []
-        for proc, cfg in zip(self.procs, self.configs, strict=True):
-            status = proc.wait(timeout=timeout)
-            assert status == 0, f"worker {proc.pid} exited {status}: {self._stderr(proc)}"
-            reports.append(json.loads(Path(cfg["report"]).read_text()))
-        return reports
-
-    def value(self) -> int:
-        return int(self.counter.read_text())
-
-    @staticmethod
-    def _stderr(proc: subprocess.Popen[bytes]) -> str:
-        assert proc.stderr is not None
-        return proc.stderr.read().decode(errors="replace") if proc.poll() is not None else "(still running)"
-
-
-@contextlib.contextmanager
-def crew(service: Service, tmp_path: Path, **kwargs: Any) -> Iterator[Crew]:
-    team = Crew(service, tmp_path, **kwargs)
-    with running(*team.procs):
-        yield team
-
-
-def assert_exact(reports: list[dict[str, Any]], value: int) -> None:
-    cycles = sum(r["cycles"] for r in reports)
-    assert value == cycles, (f"counter {value} but {cycles} cycles were reported ({reports}): "
-                             "a lock was granted to two owners at once")
 
 
 # -- 1. a client host cut off without a FIN -----------------------------------------------------

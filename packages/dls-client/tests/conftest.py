@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -122,3 +123,56 @@ def data(tmp_path: Path) -> Path:
     path = tmp_path / "FBNK.ACCOUNT"
     path.touch()
     return path
+
+
+@pytest.fixture
+def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process as a local process of the test's instance: JBCRELEASEDIR set, JDLS and DLS_IPC_KEY unset.
+
+    The lock directories are under tmp_path too (JDLS_LOCK_DIR, JDLS_BINARY_LOCK_DIR), for this process, the
+    processes it starts and a daemon started with ``dict(os.environ)``.
+    """
+    import dls_client.client as client_module
+
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
+    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
+    for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(client_module, "_process_client", None)
+    return root
+
+
+#: Another local process: locks (data, key) directly, says "locked", releases when a line comes on stdin.
+LOCAL_HOLDER = textwrap.dedent("""
+    import sys
+    from dls_client import LocalClient
+    client = LocalClient()
+    held = client.lock({data!r}, {key!r})
+    print("locked", client.mechanism, flush=True)
+    sys.stdin.readline()
+    held.release()
+    print("released", flush=True)
+    sys.stdin.read()
+    client.close()
+""")
+
+
+def start_local_holder(data: Path, key: str, **env: str) -> subprocess.Popen[str]:
+    """A LocalClient in another process holding (data, key) EX, with this environment (JDLS unset) and ``env``."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("JDLS", "DLS_IPC_KEY")} | env
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_HOLDER.format(data=str(data), key=key)], env=environ,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("locked"):
+        proc.kill()
+        raise AssertionError(f"local holder failed: {line!r} {proc.communicate()[1]}")
+    return proc
+
+
+@pytest.fixture
+def local_holder() -> Callable[..., subprocess.Popen[str]]:
+    """``local_holder(data, key, **env)``: start_local_holder, as a fixture (test modules cannot import conftest)."""
+    return start_local_holder

@@ -8,6 +8,7 @@ and fails the test if a process or IPC resource of the instance is left.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import socket
@@ -220,6 +221,34 @@ def test_threads_share_the_connection_without_blocking_each_other(client: Client
     k0.release()
     assert client.echo(b"sync")[0] == b"sync"
     assert client.async_errors == []
+
+
+def test_asyncio_through_worker_threads(client: Client, data: Path, daemon: Daemon) -> None:
+    """The documented asyncio use: ``asyncio.to_thread``. A coroutine waiting for a held lock does not
+    stop the event loop, nor another coroutine's lock."""
+    outsider = daemon.client()
+    blocker = outsider.lock(data, "A1")
+
+    async def scenario() -> list[str]:
+        done: list[str] = []
+
+        async def waiter() -> None:
+            held = await asyncio.to_thread(client.lock, data, "A1", timeout=10)
+            done.append("A1")
+            await asyncio.to_thread(held.release)
+
+        task = asyncio.create_task(waiter())
+        other = await asyncio.wait_for(asyncio.to_thread(client.lock, data, "A2"), 2)
+        done.append("A2")
+        other.release()
+        await asyncio.to_thread(blocker.release)
+        await asyncio.wait_for(task, 5)
+        return done
+
+    try:
+        assert asyncio.run(scenario()) == ["A2", "A1"]
+    finally:
+        outsider.close()
 
 
 def test_nothing_listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Path) -> None:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import dls_client.client as client_module
 import pytest
 from dls_client import Client, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
-from dls_client.local import local_table_key
+from dls_client.local import local_mechanism, local_table_key
 from dls_shm import LockTable, unpack_ip
 
 KEY = "USD163170001"
@@ -38,19 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This process as a local process of the test's instance: JBCRELEASEDIR set, JDLS and DLS_IPC_KEY unset."""
-    root = tmp_path / "release"
-    monkeypatch.setenv("JBCRELEASEDIR", str(root))
-    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
-    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
-    for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(client_module, "_process_client", None)
-    return root
 
 
 @pytest.fixture
@@ -69,33 +55,6 @@ def local(daemon: Daemon) -> Iterator[LocalClient]:
 def remote(daemon: Daemon) -> Iterator[Client]:
     with daemon.remote() as c:
         yield c
-
-
-#: Another local process: locks (data, KEY) directly, says "locked", releases when a line comes on stdin.
-LOCAL_HOLDER = textwrap.dedent("""
-    import sys
-    from dls_client import LocalClient
-    client = LocalClient()
-    held = client.lock({data!r}, {key!r})
-    print("locked", flush=True)
-    sys.stdin.readline()
-    held.release()
-    print("released", flush=True)
-    sys.stdin.read()
-    client.close()
-""")
-
-
-def local_holder(data: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("JDLS", "DLS_IPC_KEY")}
-    proc = subprocess.Popen([sys.executable, "-c", LOCAL_HOLDER.format(data=str(data), key=KEY)], env=env,
-                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != "locked":
-        proc.kill()
-        raise AssertionError(f"local holder failed: {line!r} {proc.communicate()[1]}")
-    return proc
 
 
 def table_entries(daemon: Daemon) -> list[tuple[str, int, int, int, bytes]]:
@@ -141,8 +100,10 @@ def test_local_and_remote_respect_each_other(local: LocalClient, remote: Client,
         pass
 
 
-def test_a_remote_waiter_gets_a_local_lock_of_another_process_promptly(remote: Client, data: Path) -> None:
-    proc = local_holder(data)
+def test_a_remote_waiter_gets_a_local_lock_of_another_process_promptly(
+    remote: Client, data: Path, local_holder: Callable[..., subprocess.Popen[str]],
+) -> None:
+    proc = local_holder(data, KEY)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         with pytest.raises(LockRefused) as refused:
@@ -193,8 +154,10 @@ def test_a_local_waiter_is_woken_promptly_when_a_remote_holder_releases(local: L
     assert got and got[0] - released_at < 0.5
 
 
-def test_a_killed_local_process_lock_is_reclaimed_for_a_remote_request(remote: Client, data: Path) -> None:
-    proc = local_holder(data)
+def test_a_killed_local_process_lock_is_reclaimed_for_a_remote_request(
+    remote: Client, data: Path, local_holder: Callable[..., subprocess.Popen[str]],
+) -> None:
+    proc = local_holder(data, KEY)
     with pytest.raises(LockRefused):
         remote.try_lock(data, KEY)
     proc.send_signal(signal.SIGKILL)
@@ -242,9 +205,15 @@ def test_get_client_locks_directly_with_jdls_unset(daemon: Daemon, monkeypatch: 
         client.close()
 
 
-def test_get_client_is_remote_without_a_table(local_env: Path) -> None:
+def test_get_client_locks_with_os_locks_without_a_table(local_env: Path) -> None:
+    """No table on this host and JDLS unset: local OS file locks, as jDLS without its monitor."""
     assert local_table_key() is None
-    assert type(get_client()) is Client
+    assert local_mechanism() == "oslocks"
+    client = get_client()
+    try:
+        assert isinstance(client, LocalClient) and client.mechanism == "oslocks"
+    finally:
+        client.close()
 
 
 def test_get_client_is_remote_without_dls_shm(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

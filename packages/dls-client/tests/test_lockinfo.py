@@ -20,7 +20,6 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-import dls_client.client as client_module
 import pytest
 from dls_client import Client, Config, LocalClient, Server
 from dls_client.lockinfo import LockInfo
@@ -31,18 +30,10 @@ HOLDER_PORT, WAITER_PORT, LOCAL_PORT = 71001, 71002, 71003
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-            running_daemon: Callable[..., Any]) -> Iterator[tuple[Path, int]]:
-    """(JBCRELEASEDIR, listener port) of a lock service of the test's own."""
-    root = tmp_path / "release"
-    monkeypatch.setenv("JBCRELEASEDIR", str(root))
-    monkeypatch.setenv("JDLS_LOCK_DIR", str(tmp_path / "jbase"))
-    monkeypatch.setenv("JDLS_BINARY_LOCK_DIR", str(tmp_path / "jbase_lock"))
-    for name in ("JDLS", "DLS_IPC_KEY", "JBCPORTNO", "JDLS_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(client_module, "_process_client", None)
-    with running_daemon(root, dict(os.environ), "-ib") as svc:
-        yield root, svc.port
+def service(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[tuple[Path, int]]:
+    """(JBCRELEASEDIR, listener port) of a lock service of the test's own (see conftest's local_env)."""
+    with running_daemon(local_env, dict(os.environ), "-ib") as svc:
+        yield local_env, svc.port
 
 
 def remote(port: int, jbcportno: int, monkeypatch: pytest.MonkeyPatch) -> Client:

@@ -84,6 +84,25 @@ def test_unreachable_service_prints_the_guides_messages(env: dict[str, str]) -> 
     assert (Path(env["JBCRELEASEDIR"]) / "tmp" / "jbase_error_trace").exists()  # the failure is traced
 
 
+@pytest.mark.slow
+def test_server2_tests_both_servers_and_fails_if_either_does(daemon: Daemon, env: dict[str, str]) -> None:
+    closed = free_port()
+    done = run({**env, "JDLS": f"SERVER=127.0.0.1,{daemon.port},SERVER2=127.0.0.1,{closed}"}, "both")
+    assert done.returncode == 1, done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Client: testing the primary lock service (JDLS SERVER)"
+    assert "received 'both'" in lines[2]
+    assert lines[5] == "Client: testing the secondary lock service (JDLS SERVER2)"
+    assert lines[6:] == [
+        f"Client: Using host '127.0.0.1', service '{closed}'",
+        "Client: unable to connect to distributed lock service, locks not enabled",
+        f"Client: connection failed for host '127.0.0.1', service '{closed}', error Connection refused",
+    ]
+    both = run({**env, "JDLS": f"SERVER=127.0.0.1,{daemon.port},SERVER2=127.0.0.1,{daemon.port}"}, "both")
+    assert both.returncode == 0, both.stdout
+    assert both.stdout.count("received 'both'") == 2
+
+
 def test_bad_jdls_is_refused_by_name(env: dict[str, str]) -> None:
     done = run({**env, "JDLS": "SERVER=127.0.0.1,99999"})
     assert done.returncode == 78

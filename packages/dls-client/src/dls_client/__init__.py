@@ -19,6 +19,7 @@ from .errors import (
     LockRefused,
     LockTimeout,
     RequestFailed,
+    ServiceLost,
     ServiceUnavailable,
 )
 from .local import LocalClient, LocalHeldLock
@@ -27,5 +28,5 @@ __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
     "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
     "LockCancelled", "LockRefused", "LockTimeout",
-    "Mode", "RequestFailed", "Server", "ServiceUnavailable", "__version__", "get_client", "parse",
+    "Mode", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]

@@ -45,7 +45,7 @@ from dls_proto import (
 
 from . import identity, trace
 from .channel import Channel
-from .config import Config
+from .config import Config, Server
 from .errors import (
     DlsError,
     Holder,
@@ -56,6 +56,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .lockinfo import LockInfo
+from .resilience import Mirror
 
 #: The device number of every record lock sent to the service: device numbers of
 #: a shared file differ from host to host, so only the inode names the file.
@@ -130,6 +131,15 @@ def _key_bytes(key: Key) -> bytes:
     return key if isinstance(key, bytes) else key.encode("utf-8")
 
 
+def _limit(wait: bool, timeout: float | None) -> int:
+    """The wait limit of a Lock request, in milliseconds: 0 try, WAIT_FOREVER, or the timeout."""
+    if not wait:
+        return 0
+    if timeout is None:
+        return WAIT_FOREVER
+    return min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
+
+
 def _holder(reply: Refused | Waiting | StatusReply) -> Holder:
     return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
                   reply.holder_thread, reply.holder_ip)
@@ -154,6 +164,8 @@ class Client:
         self.async_errors: list[Error] = []
         #: What this client knows of its locks, for proc/info (see dls_client.lockinfo).
         self.info = LockInfo()
+        #: Both servers of resilient mode (JDLS SERVER2), made on connection; None otherwise.
+        self._mirror: Mirror | None = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -180,7 +192,9 @@ class Client:
 
     def _sender(self, channel: Channel) -> Callable[[dict[str, object]], None]:
         def send(document: dict[str, object]) -> None:
-            channel.send(InfoPut(channel.next_id(), json.dumps(document).encode()))
+            payload = json.dumps(document).encode()
+            for each in [channel] if self._mirror is None else self._mirror.channels():
+                each.send(InfoPut(each.next_id(), payload))
         return send
 
     def _publish_quietly(self, channel: Channel) -> None:
@@ -191,16 +205,46 @@ class Client:
             self.trace.verbose(f"Client: lock information not sent: {exc}")
 
     def _connect(self) -> Channel:
-        server = self.config.server
-        self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
-        hello = Hello(0, PROTOCOL_VERSIONS[0], PROTOCOL_VERSIONS[1], 0, self.port, os.getpid(),
-                      identity.thread_id(), identity.host_name(), identity.program_name())
+        server2 = self.config.server2
+        if server2 is None:
+            try:
+                return self._open_channel(self.config.server)
+            except ServiceUnavailable as exc:
+                self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
+                raise
         try:
-            return Channel(server, hello, ack_timeout=None if self.config.wait else self.config.timeout,
-                           unsolicited=self._unsolicited, on_failure=self.trace.error)
+            self._mirror = Mirror.connect((self.config.server, server2), self._open_channel, self.trace,
+                                          self.config.timeout)
         except ServiceUnavailable as exc:
             self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
             raise
+        return self._mirror.primary
+
+    def _open_channel(self, server: Server) -> Channel:
+        self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
+        hello = Hello(0, PROTOCOL_VERSIONS[0], PROTOCOL_VERSIONS[1], 0, self.port, os.getpid(),
+                      identity.thread_id(), identity.host_name(), identity.program_name())
+        return Channel(server, hello, ack_timeout=None if self.config.wait else self.config.timeout,
+                       unsolicited=self._unsolicited, on_failure=self.trace.error)
+
+    def _promote(self, channel: Channel, exc: ServiceUnavailable) -> None:
+        """A server of a resilient client failed: go on with the one left (ServiceLost if none is)."""
+        if self._mirror is None:
+            raise exc
+        primary = self._mirror.lost(channel, exc)
+        if primary is not self._channel:
+            self._channel = primary
+            self.info.changed = True  # the new primary has this client's locks but not their description
+            self._publish_quietly(primary)
+
+    def _ask(self, make: Callable[[int], Message]) -> Message:
+        """Send the request ``make(request_id)`` and return its answer; a resilient client asks on after a failover."""
+        while True:
+            channel = self.channel
+            try:
+                return channel.request(make(channel.next_id()))
+            except ServiceUnavailable as exc:
+                self._promote(channel, exc)
 
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
@@ -208,6 +252,9 @@ class Client:
             self.trace.error(f"Client: lock service reported for request {message.request_id}: {message.reason}")
 
     def close(self) -> None:
+        if self._mirror is not None:
+            for channel in self._mirror.channels():
+                channel.close()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -237,40 +284,50 @@ class Client:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
         kb = _key_bytes(key)
-        if not wait:
-            limit = 0
-        elif timeout is None:
-            limit = WAIT_FOREVER
-        else:
-            limit = min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
-        channel = self.channel
-        rid = channel.next_id()
-        channel.register(rid)
-        thread = identity.thread_id()
-        channel.send(Lock(rid, mode, self._flags, limit, thread, ref.inode, REMOTE_DEVICE, kb, ref.path))
-        reply = channel.expect(rid)
-        if type(reply) is Waiting:
-            reply = self._wait(channel, rid, reply, ref, kb, mode, thread, on_wait)
-        if type(reply) is Granted:
-            self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
-            return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
-        raise self._failure(reply, f"{ref.path} {kb.decode('utf-8', 'replace')}")
+        return self._take(ref, kb, mode, self._flags, _limit(wait, timeout), on_wait,
+                          f"{ref.path} {kb.decode('utf-8', 'replace')}")
 
-    def _wait(self, channel: Channel, rid: int, reply: Message, ref: FileRef, kb: bytes, mode: int, thread: int,
+    def _take(self, ref: FileRef, kb: bytes, mode: int, flags: int, limit: int,
+              on_wait: Callable[[Holder], None] | None, what: str) -> HeldLock:
+        """Send a lock request, take its answers up to the last, and return the lock (or raise)."""
+        thread = identity.thread_id()
+        while True:
+            channel = self.channel
+            request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, kb, ref.path)
+            try:
+                reply = channel.request(request)
+                waited = type(reply) is Waiting
+                if waited:
+                    reply = self._wait(channel, request, reply, on_wait)
+            except ServiceUnavailable as exc:
+                self._promote(channel, exc)  # resilient: ask the promoted secondary; otherwise raises
+                continue
+            if type(reply) is not Granted:
+                raise self._failure(reply, what)
+            handle = reply.handle
+            if self._mirror is not None:
+                mirrored = self._mirror.mirrored(channel, request, reply)
+                if mirrored is None:
+                    continue  # the primary failed after granting: its grant went with it
+                handle = mirrored
+            self.info.granted(handle, ref.path, ref.inode, kb, reply.mode, thread)
+            if waited:
+                self._publish_quietly(self.channel)  # the wait ended: publish the lock now held
+            return HeldLock(self, handle, ref, kb, reply.mode, reply.value)
+
+    def _wait(self, channel: Channel, request: Lock, reply: Message,
               on_wait: Callable[[Holder], None] | None) -> Message:
-        """The request waits: publish that, take the replies up to the last, publish again."""
-        token = self.info.wait_started(ref.path, ref.inode, kb, mode, thread)
+        """The request waits: publish that, and take the replies up to the last (published by the caller if granted)."""
+        token = self.info.wait_started(request.path, request.inode, request.key, request.mode, request.thread_id)
         self._publish_quietly(channel)
         try:
             while type(reply) is Waiting:
                 if on_wait is not None:
                     on_wait(_holder(reply))
-                reply = channel.expect(rid)
+                reply = channel.expect(request.request_id)
         finally:
             self.info.wait_ended(token)
-            if type(reply) is Granted:
-                self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
-            if channel.failure is None:
+            if type(reply) is not Granted and channel.failure is None:
                 self._publish_quietly(channel)
         return reply
 
@@ -321,25 +378,8 @@ class Client:
 
     def _service_binary_lock(self, ref: FileRef, kb: bytes, mode: int, wait: bool,
                              timeout: float | None) -> HeldLock:
-        if not wait:
-            limit = 0
-        elif timeout is None:
-            limit = WAIT_FOREVER
-        else:
-            limit = min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
-        channel = self.channel
-        rid = channel.next_id()
-        channel.register(rid)
-        thread = identity.thread_id()
-        channel.send(Lock(rid, mode, self._flags | LockFlag.BINARY, limit, thread, ref.inode,
-                          REMOTE_DEVICE, kb, ref.path))
-        reply = channel.expect(rid)
-        if type(reply) is Waiting:
-            reply = self._wait(channel, rid, reply, ref, kb, mode, thread, None)
-        if type(reply) is Granted:
-            self.info.granted(reply.handle, ref.path, ref.inode, kb, reply.mode, thread)
-            return HeldLock(self, reply.handle, ref, kb, reply.mode, reply.value)
-        raise self._failure(reply, f"binary lock {ref.path}")
+        return self._take(ref, kb, mode, self._flags | LockFlag.BINARY, _limit(wait, timeout), None,
+                          f"binary lock {ref.path}")
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
@@ -347,6 +387,13 @@ class Client:
 
     def unlock(self, handle: int) -> None:
         """Release a lock by its handle; a failure is reported later (``async_errors``)."""
+        if self._mirror is not None:
+            self.info.released(handle)
+            try:
+                self._mirror.unlock(handle)
+            except ServiceUnavailable as exc:
+                self._promote(self._mirror.primary, exc)  # raises ServiceLost
+            return
         channel = self.channel
         channel.send(Unlock(channel.next_id(), handle))
         self.info.released(handle)
@@ -354,8 +401,13 @@ class Client:
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were held."""
         thread = ALL_THREADS if all_threads else identity.thread_id()
-        channel = self.channel
-        reply = channel.request(UnlockAll(channel.next_id(), thread))
+        if self._mirror is not None:
+            self.channel  # noqa: B018 - connects
+            reply = self._mirror.release_all(thread, all_threads)
+            self._channel = self._mirror.primary
+        else:
+            channel = self.channel
+            reply = channel.request(UnlockAll(channel.next_id(), thread))
         if isinstance(reply, Unlocked):
             self.info.released_all(None if all_threads else thread)
             return reply.count
@@ -364,18 +416,17 @@ class Client:
     def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
         """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
-        channel = self.channel
-        reply = channel.request(Status(channel.next_id(), identity.thread_id(), ref.inode, REMOTE_DEVICE,
-                                       _key_bytes(key)))
+        thread, kb = identity.thread_id(), _key_bytes(key)
+        reply = self._ask(lambda rid: Status(rid, thread, ref.inode, REMOTE_DEVICE, kb))
         if isinstance(reply, StatusReply):
             return reply.state, (_holder(reply) if reply.state else None)
         raise self._failure(reply, "lock status")
 
     def echo(self, data: bytes) -> tuple[bytes, float]:
         """Send ``data`` through the service and back: (what came back, seconds taken)."""
-        channel = self.channel
+        self.channel  # noqa: B018 - connects first, so that the time is the round trip's
         start = time.perf_counter()
-        reply = channel.request(Echo(channel.next_id(), data))
+        reply = self._ask(lambda rid: Echo(rid, data))
         if isinstance(reply, EchoReply):
             return reply.data, time.perf_counter() - start
         raise self._failure(reply, "echo")
@@ -486,16 +537,18 @@ _process_lock = threading.Lock()
 def get_client() -> Client | LocalClient:
     """This process's client, connected on first use (a forked child gets its own).
 
-    With JDLS unset on a host whose lock table exists and with dls-shm installed
-    (``dls-client[local]``), a LocalClient locking directly in the table (shown as
-    0.0.0.0); otherwise a Client through the listener JDLS names (see dls_client.local).
+    With JDLS unset and dls-shm installed (``dls-client[local]``), a LocalClient
+    locking directly on this host (shown as 0.0.0.0): in the instance's table when
+    it exists, else as OS file locks in $JDLS_LOCK_DIR (default /tmp/jbase), as a
+    lock service without a table does. Otherwise a Client through the listener
+    JDLS names (see dls_client.local).
     """
     global _process_client, _process_pid
     with _process_lock:
         if _process_client is None or _process_pid != os.getpid():
-            from .local import LocalClient, local_table_key
+            from .local import LocalClient, local_mechanism
 
-            key = local_table_key() if "JDLS" not in os.environ else None
-            _process_client = Client() if key is None else LocalClient(key)
+            mechanism = local_mechanism() if "JDLS" not in os.environ else None
+            _process_client = Client() if mechanism is None else LocalClient()
             _process_pid = os.getpid()
         return _process_client

@@ -31,6 +31,15 @@ class ServiceUnavailable(DlsError):
     """No lock service could be reached, or the one in use was lost."""
 
 
+class ServiceLost(ServiceUnavailable):
+    """Every lock server of this process failed: it holds no lock any more and must wrap up.
+
+    A resilient client (JDLS SERVER2) raises it when the last of its two servers
+    fails; from then on every request raises it again. A lock service is never
+    reconnected within one process (see dls_client.resilience).
+    """
+
+
 class AcknowledgementTimeout(ServiceUnavailable):
     """The service said nothing for TIMEOUT seconds while a request was outstanding."""
 

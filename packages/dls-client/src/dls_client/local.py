@@ -1,4 +1,4 @@
-"""Local direct locking: record locks taken straight in the lock table of this host.
+"""Local direct locking: record locks taken on this host itself, not through the listener.
 
 On the lock server itself a process need not go through the listener: with
 ``dls-client[local]`` installed (it brings dls-shm) it can take its locks in the
@@ -7,18 +7,42 @@ shows in the table with the address 0.0.0.0 and the process's own pid; a
 process that goes through the listener to the service on its own host shows as
 127.0.0.1 instead, and a remote client with its address.
 
-Which one ``get_client()`` gives:
+Two mechanisms, as jDLS's local processes have (guide, "Lock Mechanisms"):
 
-- JDLS not set, dls-shm importable and the table of the instance (named by
-  JBCRELEASEDIR, or DLS_IPC_KEY) present: a ``LocalClient``, direct locking;
+- the instance's lock table (named by JBCRELEASEDIR, or DLS_IPC_KEY) when it
+  exists, that is when the monitor runs (``jdls -ib``);
+- otherwise OS file locks, the default "for both distributed locks and local
+  process locks" of a service started without the monitor (``jdls -ibD``):
+  ``fcntl`` locks in the lock files of the lock server's record lock directory
+  (``JDLS_LOCK_DIR``, else ``/tmp/jbase``: set it alike for the service and the
+  local processes), through dls-shm's ``OsLocks`` as the lock server takes them
+  (see ``dls_client.local_oslocks``). Such a lock shows only as the process's
+  pid to another process; a request that must wait is tried again on a timer
+  (50 ms doubling to 250 ms) with the same timeout, try and on_wait behaviour as
+  with the table. The kernel drops a process's OS locks when it dies; closing the
+  LocalClient releases them too. The DLM modes are mapped to read and write locks
+  (see ``dls_shm.oslocks``), and proc/info is written as with the table when the
+  instance's settings are valid.
+
+``local_mechanism()`` says which one a LocalClient made now would use. Which
+client ``get_client()`` gives:
+
+- JDLS not set and dls-shm importable: a ``LocalClient``, direct locking, in the
+  table when it exists, else with OS file locks;
 - otherwise the remote ``Client`` as always: with JDLS set, through the
   listener it names (even when that is this host: set ``JDLS`` to go through
   the listener, leave it unset to lock directly).
 
+In a table made with ``jdls -P`` a lock belongs to (port, thread): the port is
+JBCPORTNO, else the pid, taken again in a forked child; the thread is the
+native thread id, as a remote Client sends it. So one thread of one process is
+one owner whether it locks directly or through the listener, and two processes
+given the same JBCPORTNO remain two owners (their threads differ).
+
 Both kinds name a record the same way (the file's inode, device -1 and the
 key), so local and remote owners respect each other's locks. A local owner
 is (pid, thread); when its process dies without releasing, the first request
-that blocks on one of its locks reclaims it, as for any dead owner.
+that blocks on one of its table locks reclaims it, as for any dead owner.
 
 dls-shm is imported here only, and only when a LocalClient is made, so
 dls-client works without it.
@@ -31,8 +55,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from dls_proto import ErrorCode, Mode
 
@@ -57,10 +82,10 @@ LOCAL_ADDRESS = "0.0.0.0"  # noqa: S104 - how jDLS shows a local process, not a 
 
 
 def local_table_key() -> int | None:
-    """The IPC key of this host's lock table when direct locking is possible, else None.
+    """The IPC key of this host's lock table when direct locking in it is possible, else None.
 
     None when dls-shm is not installed, the instance's settings are invalid, or
-    no table of the instance exists (no lock service on this host).
+    no table of the instance exists (no monitor on this host).
     """
     try:
         import dls_shm
@@ -71,6 +96,36 @@ def local_table_key() -> int | None:
     except ValueError:
         return None
     return key if dls_shm.LockTable.exists(key) else None
+
+
+def local_mechanism() -> Literal["table", "oslocks"] | None:
+    """How a ``LocalClient()`` made now would lock: in the instance's table, with OS file locks, or
+    None when it cannot (dls-shm is not installed)."""
+    if local_table_key() is not None:
+        return "table"
+    try:
+        import dls_shm  # noqa: F401 - only whether it is there
+    except ImportError:
+        return None
+    return "oslocks"
+
+
+class _Locks(Protocol):
+    """What LocalClient asks of its mechanism: dls_shm.LockTable, or local_oslocks.PolledOsLocks."""
+
+    def acquire(
+        self, owner: dls_shm.Owner, inode: int, device: int, key: bytes, mode: int, timeout: float | None = None,
+        on_wait: Callable[[dls_shm.Holder], None] | None = None,
+    ) -> dls_shm.Grant | dls_shm.Conflict: ...
+
+    def unlock(self, handle: int) -> None: ...
+
+    def status(self, owner: dls_shm.Owner, inode: int, device: int, key: bytes
+               ) -> tuple[int, dls_shm.Holder | None]: ...
+
+    def release_owner(self, pid: int, thread: int | None = None) -> int: ...
+
+    def close(self) -> object: ...
 
 
 def _holder(holder: dls_shm.Holder) -> Holder:
@@ -84,31 +139,44 @@ def _holder(holder: dls_shm.Holder) -> Holder:
 LocalHeldLock = HeldLock
 
 class LocalClient:
-    """Record locks taken directly in this host's lock table (needs ``dls-client[local]``).
+    """Record locks taken directly on this host (needs ``dls-client[local]``): in the lock table, or
+    OS file locks when there is none (see the module).
 
-    The same calls as ``Client`` for record locks; threads may share one. Binary
-    and execution locks are OS file locks on this host, as for a ``Client``
-    without JDLS BINARY.
+    ``key`` names a table to use (it must exist); without it the instance's
+    table when it exists, else OS file locks in ``lock_dir`` (default
+    JDLS_LOCK_DIR, else /tmp/jbase). The same calls as ``Client`` for record
+    locks; threads may share one. Binary and execution locks are OS file locks
+    on this host, as for a ``Client`` without JDLS BINARY.
     """
 
-    def __init__(self, key: int | None = None) -> None:
+    def __init__(self, key: int | None = None, *, lock_dir: str | os.PathLike[str] | None = None) -> None:
         try:
             import dls_shm
         except ImportError:
             raise ServiceUnavailable("local direct locking needs dls-shm: pip install 'dls-client[local]'") from None
         try:
             instance: dls_shm.Instance | None = dls_shm.Instance.from_environment()
-        except ValueError as exc:
-            if key is None:
+        except ValueError:
+            instance = None  # a table named by its key alone, or OS locks: no proc/info to write to
+        if key is None and instance is not None and dls_shm.LockTable.exists(instance.key):
+            key = instance.key
+        #: The table locked in (its IPC key), or None with OS file locks (in lock_dir).
+        self.key = key
+        self.table: dls_shm.LockTable | None = None
+        self.lock_dir: Path | None = None
+        self.locks: _Locks
+        if key is not None:
+            try:
+                self.table = self.locks = dls_shm.LockTable.attach(key)
+            except dls_shm.TableError as exc:
                 raise ServiceUnavailable(f"local direct locking: {exc}") from None
-            instance = None  # a table named by its key alone: no proc/info to write to
-        try:
-            self.key = instance.key if key is None and instance is not None else key
-            assert self.key is not None
-            self.table = dls_shm.LockTable.attach(self.key)
-        except dls_shm.TableError as exc:
-            raise ServiceUnavailable(f"local direct locking: {exc}") from None
-        self.port = identity.port_number()
+        else:
+            from .local_oslocks import PolledOsLocks
+            from .local_oslocks import lock_dir as default_lock_dir
+
+            self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+            self.locks = PolledOsLocks(self.lock_dir)
+        self._port = (os.getpid(), identity.port_number())
         self._ip = dls_shm.LOCAL_IP
         self._closed = False
         #: Binary and execution locks: local OS file locks, as a Client without BINARY takes them.
@@ -119,6 +187,27 @@ class LocalClient:
         self._info_file: str | None = None
         self._info_pid = 0
         self._publish_quietly()  # initialised
+
+    @property
+    def mechanism(self) -> Literal["table", "oslocks"]:
+        """What this client locks with: the lock table, or OS file locks (no table)."""
+        return "oslocks" if self.table is None else "table"
+
+    @property
+    def port(self) -> int:
+        """This process's port: JBCPORTNO, else its pid (taken again in a forked child)."""
+        pid, port = self._port
+        if pid != os.getpid():
+            self._port = pid, port = os.getpid(), identity.port_number()
+        return port
+
+    def _mechanism(self) -> _Locks:
+        """The locks of this process: OS locks are the process's own, so a forked child makes new ones."""
+        if self.lock_dir is not None and getattr(self.locks, "pid", 0) != os.getpid():
+            from .local_oslocks import PolledOsLocks
+
+            self.locks = PolledOsLocks(self.lock_dir)  # the parent's locks are not the child's: none held
+        return self.locks
 
     # -- lock information ----------------------------------------------------------------
 
@@ -171,11 +260,13 @@ class LocalClient:
                                ip=self._ip)
 
     def close(self) -> None:
-        """Detach from the table; the locks stay until released (or this process ends)."""
+        """Detach from the table, whose locks stay until released (or this process ends); with OS file
+        locks, release them (closing the lock files drops them)."""
         if not self._closed:
             self._closed = True
             self._remove_info()
-            self.table.close()
+            if self.table is not None or getattr(self.locks, "pid", 0) == os.getpid():
+                self.locks.close()
 
     def __enter__(self) -> LocalClient:
         return self
@@ -215,7 +306,7 @@ class LocalClient:
 
         result: shm.Grant | shm.Conflict | None = None
         try:
-            result = self.table.acquire(owner, ref.inode, REMOTE_DEVICE, kb, mode, limit, on_wait=callback)
+            result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, kb, mode, limit, on_wait=callback)
         except shm.NotHeld:
             raise LockCancelled(f"{what}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
         except shm.GroupFull as exc:
@@ -250,7 +341,7 @@ class LocalClient:
             raise ServiceUnavailable("this LocalClient is closed")
         self.info.released(handle)
         try:
-            self.table.unlock(handle)
+            self._mechanism().unlock(handle)
         except dls_shm.NotHeld:
             pass
         except dls_shm.TableError as exc:
@@ -262,7 +353,7 @@ class LocalClient:
 
         owner = self._owner()
         try:
-            count = self.table.release_owner(owner.pid, None if all_threads else owner.thread)
+            count = self._mechanism().release_owner(owner.pid, None if all_threads else owner.thread)
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"release of all locks: {exc}") from None
         self.info.released_all(None if all_threads else owner.thread)
@@ -274,7 +365,7 @@ class LocalClient:
 
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
         try:
-            state, holder = self.table.status(self._owner(), ref.inode, REMOTE_DEVICE, _key_bytes(key))
+            state, holder = self._mechanism().status(self._owner(), ref.inode, REMOTE_DEVICE, _key_bytes(key))
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"lock status: {exc}") from None
         return state, (None if holder is None else _holder(holder))
@@ -294,4 +385,4 @@ class LocalClient:
         return self._binary.execution_lock(number, mode, wait=wait, timeout=timeout)
 
 
-__all__ = ["LOCAL_ADDRESS", "LocalClient", "LocalHeldLock", "local_table_key"]
+__all__ = ["LOCAL_ADDRESS", "LocalClient", "LocalHeldLock", "local_mechanism", "local_table_key"]

@@ -6,12 +6,14 @@ said about itself. Only dls-client is needed, so it runs on an application
 server.
 
 Exit status: 0 when the string came back; 1 when the service cannot be
-reached (or answered wrongly); 78 for a bad JDLS.
+reached (or answered wrongly); 78 for a bad JDLS. With SERVER2 both servers
+are tested, one after the other, and the status is 1 if either fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -58,11 +60,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Client: JDLS is not set; testing the default of a set but empty JDLS, "
               f"{DEFAULT_HOST},{DEFAULT_PORT}", flush=True)
         config = Config()
+    servers = [config.server] if config.server2 is None else [config.server, config.server2]
+    worst = 0
+    for n, server in enumerate(servers):
+        if len(servers) > 1:
+            print(f"Client: testing the {('primary', 'secondary')[n]} lock service (JDLS SERVER{n + 1 if n else ''})",
+                  flush=True)
+        worst = max(worst, _test(dataclasses.replace(config, server=server, server2=None), args.teststring))
+    return worst
+
+
+def _test(config: Config, teststring: str) -> int:
+    """Echo ``teststring`` through the one server of ``config``; the exit status."""
     server = config.server
     print(f"Client: Using host '{server.host}', service '{server.port}'", flush=True)
     client = Client(config)
     try:
-        data, seconds = client.echo(os.fsencode(args.teststring))
+        data, seconds = client.echo(os.fsencode(teststring))
         welcome = client.channel.welcome
     except ServiceUnavailable as exc:
         print("Client: unable to connect to distributed lock service, locks not enabled", flush=True)
@@ -74,11 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         client.close()
     text = os.fsdecode(data)
-    print(f"Client: echoed '{args.teststring}', received '{text}' in {seconds * 1000:.3f} ms")
+    print(f"Client: echoed '{teststring}', received '{text}' in {seconds * 1000:.3f} ms")
     print(f"Client: lock server pid {welcome.server_pid} on {welcome.server_host or server.host}, "
           f"mechanism {_mechanism(welcome.mechanism)}, protocol version {welcome.version}")
     print(f"Client: the lock server sees this client as {welcome.peer}")
-    if text != args.teststring:
+    if text != teststring:
         print("Client: the string came back changed", flush=True)
         return EX_FAILED
     return 0

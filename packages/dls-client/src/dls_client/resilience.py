@@ -1,0 +1,196 @@
+"""Resilient mode (JDLS SERVER2): every lock held on two lock servers, so that either may fail.
+
+The rules are the jDLS guide's, and each is there to keep two owners from ever
+holding one lock:
+
+- A lock request goes to the secondary only after the primary granted it, so
+  the secondary never holds a lock the primary refused. The secondary's answer
+  is compared with the primary's; a difference is written to the error trace
+  (someone must look into it) and the primary's answer stands.
+- When the primary fails, the secondary is promoted: it already holds every
+  lock of this process, so the application carries on at once (no reconnection,
+  no re-taking), and duplication stops: the process is no longer resilient.
+- When the secondary fails, the process carries on with the primary alone.
+- A failed server is never contacted again by this process: its lock server
+  released this process's locks when the connection went, and a reconnection
+  would find them taken by others. Its channel is closed for good.
+- When no server is left the process is told (``ServiceLost``) and must wrap up;
+  every later request raises the same error.
+
+Handles: the two servers number their locks independently, so a resilient
+client gives out handles of its own and keeps, for each, the (channel, server
+handle) pairs of the servers holding it. Only resilient clients pay for that.
+
+A request waiting on the secondary (because an unlock sent there by another
+process has not arrived yet, say) waits at most TIMEOUT seconds; longer is a
+difference, logged, and the lock is then held on the primary alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+from dls_proto import Granted, Lock, Message, Unlock, UnlockAll, Waiting
+
+from .channel import Channel
+from .config import Server
+from .errors import ServiceLost, ServiceUnavailable
+from .trace import Tracer
+
+#: One server's hold of a lock: the channel to that server and the handle it gave.
+Hold = tuple[Channel, int]
+
+
+class Mirror:
+    """The primary and secondary channels of one resilient client, and which locks each holds."""
+
+    def __init__(self, primary: Channel, secondary: Channel | None, trace: Tracer, timeout: float) -> None:
+        self.primary = primary
+        self.secondary = secondary
+        self.trace = trace
+        self.timeout_ms = max(1, int(timeout * 1000))
+        #: Set when no server is left: every later request raises it.
+        self.wrapped_up: ServiceLost | None = None
+        self._lock = threading.Lock()
+        self._holds: dict[int, tuple[int, list[Hold]]] = {}  # own handle -> (thread, holds)
+        self._handles = itertools.count(1)
+        self._failed: list[str] = []
+
+    @classmethod
+    def connect(cls, servers: tuple[Server, Server], open_channel: Callable[[Server], Channel], trace: Tracer,
+                timeout: float) -> Mirror:
+        """Connect to both servers; one that cannot be reached is dropped (logged), as if it failed at once."""
+        channels: list[Channel] = []
+        failures: list[str] = []
+        for role, server in zip(("primary", "secondary"), servers, strict=True):
+            try:
+                channels.append(open_channel(server))
+            except ServiceUnavailable as exc:
+                failures.append(f"{role} {server}: {exc}")
+                trace.error(f"Client: {role} lock service {server} cannot be reached; not used by this process")
+        if not channels:
+            raise ServiceLost(f"no lock service can be reached ({'; '.join(failures)})")
+        mirror = cls(channels[0], channels[1] if len(channels) > 1 else None, trace, timeout)
+        mirror._failed.extend(failures)
+        if len(channels) == 1:
+            trace.error(f"Client: using lock service {channels[0].server} alone; this process is not resilient")
+        return mirror
+
+    @property
+    def resilient(self) -> bool:
+        return self.secondary is not None
+
+    # -- failures ------------------------------------------------------------------------
+
+    def lost(self, channel: Channel, exc: BaseException) -> Channel:
+        """``channel`` failed (``exc``): close it for good; the channel to use now, or ServiceLost."""
+        with self._lock:
+            if channel is self.secondary:
+                self.secondary = None
+                self._failed.append(f"secondary {channel.server}: {exc}")
+                self.trace.error(f"Client: secondary lock service {channel.server} lost ({exc}); carrying on with "
+                                 f"the primary {self.primary.server} alone, no longer resilient")
+            elif channel is self.primary:
+                self._failed.append(f"primary {channel.server}: {exc}")
+                if self.secondary is not None:
+                    self.primary, self.secondary = self.secondary, None
+                    self.trace.error(f"Client: primary lock service {channel.server} lost ({exc}); secondary "
+                                     f"{self.primary.server} promoted to primary, no longer resilient")
+                elif self.wrapped_up is None:
+                    self.wrapped_up = ServiceLost(
+                        f"no lock service left ({'; '.join(self._failed)}); this process must wrap up: "
+                        "the lock servers released its locks")
+                    self.trace.error(f"Client: {self.wrapped_up}")
+            channel.close()  # never contacted again
+            if self.wrapped_up is not None:
+                raise self.wrapped_up
+            return self.primary
+
+    def check(self) -> Channel:
+        """The primary channel; ServiceLost once the process has wrapped up."""
+        if self.wrapped_up is not None:
+            raise self.wrapped_up
+        return self.primary
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def mirrored(self, channel: Channel, request: Lock, granted: Granted) -> int | None:
+        """``channel`` granted ``request``: take it on the secondary too; this client's handle for it.
+
+        None when ``channel`` is no longer the primary (it failed meanwhile, so
+        its grant is void): the caller asks the new primary.
+        """
+        with self._lock:
+            if channel is not self.primary:
+                return None
+            secondary = self.secondary
+        holds: list[Hold] = [(channel, granted.handle)]
+        if secondary is not None:
+            held = self._on_secondary(secondary, request, granted)
+            if held is not None:
+                holds.append((secondary, held))
+        handle = next(self._handles)
+        self._holds[handle] = (request.thread_id, holds)
+        return handle
+
+    def _on_secondary(self, secondary: Channel, request: Lock, granted: Granted) -> int | None:
+        """Duplicate a granted request on the secondary; its handle, or None (failed or different)."""
+        rid = secondary.next_id()
+        duplicate = request._replace(request_id=rid, timeout_ms=min(request.timeout_ms, self.timeout_ms)
+                                     if request.timeout_ms else self.timeout_ms)
+        try:
+            reply: Message = secondary.request(duplicate)
+            while type(reply) is Waiting:
+                reply = secondary.expect(rid)
+        except ServiceUnavailable as exc:
+            self.lost(secondary, exc)
+            return None
+        if type(reply) is Granted:
+            if (reply.mode, reply.value) != (granted.mode, granted.value):
+                self._difference(request, f"granted mode {reply.mode} value 0x{reply.value:08x}", granted)
+            return reply.handle
+        self._difference(request, f"answered {reply!r}", granted)
+        return None
+
+    def _difference(self, request: Lock, what: str, granted: Granted) -> None:
+        self.trace.error(
+            f"Client: lock responses differ for {request.path} {request.key!r}: primary {self.primary.server} "
+            f"granted mode {granted.mode} value 0x{granted.value:08x}, secondary {what}")
+
+    def unlock(self, handle: int) -> None:
+        """Release this client's lock ``handle`` on every live server holding it."""
+        entry = self._holds.pop(handle, None)
+        if entry is None:
+            self.check()
+            return
+        for channel, server_handle in entry[1]:
+            if channel is self.primary or channel is self.secondary:
+                try:
+                    channel.send(Unlock(channel.next_id(), server_handle))
+                except ServiceUnavailable as exc:
+                    self.lost(channel, exc)
+
+    def release_all(self, thread: int, all_threads: bool) -> Message:
+        """UnlockAll on every live server; the answer of the first that answered (the primary's)."""
+        for handle, (owner, _) in list(self._holds.items()):
+            if all_threads or owner == thread:
+                self._holds.pop(handle, None)
+        replies: list[Message] = []
+        for channel in self.channels():
+            try:
+                replies.append(channel.request(UnlockAll(channel.next_id(), thread)))
+            except ServiceUnavailable as exc:
+                self.lost(channel, exc)  # raises ServiceLost when none is left
+        return replies[0] if replies else self.check_lost()
+
+    def check_lost(self) -> Message:
+        raise self.wrapped_up or ServiceLost("no lock service left; this process must wrap up")
+
+    def channels(self) -> list[Channel]:
+        """The live channels, primary first."""
+        return [c for c in (self.primary, self.secondary) if c is not None]
+
+
+__all__ = ["Mirror"]
