@@ -15,9 +15,9 @@ import socket
 import time
 
 import pytest
-from dls_daemon.display import age, memory
 from dls_proto import NEED_DATA, Connection, Granted, Hello, Lock, Role, Welcome
 from dls_shm import LOCAL_IP, Grant, Header, Owner, modes, resource_value
+from dls_shm.report import age, memory
 
 #: The guide's example, tabs and spaces as printed there.
 GUIDE = """\

@@ -8,10 +8,14 @@ show-item-locks to another service.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import sysv_ipc
 from dls_shm import Instance, LockTable, geometry_for, ipc_key_for
@@ -72,3 +76,63 @@ def local(clean_env: Instance) -> Iterator[Local]:
     finally:
         table.remove()
     assert not ipc_left(clean_env.key)
+
+
+# -- a real lock service (python -m dls_daemon -ib) of the test's own instance --------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    """A jdls of the test's instance (``clean_env``): ``jdls(...)`` runs more jdls commands on it."""
+
+    instance: Instance
+    port: int
+    env: dict[str, str]
+
+    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def start(self, *options: str) -> None:
+        started = self.jdls("-ib", "--port", str(self.port), *options)
+        assert started.returncode == 0, started.stderr
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE or "dls_daemon" not in (proc.info["cmdline"] or []):
+                    continue
+                if proc.environ().get("JBCRELEASEDIR") == str(self.instance.root):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+
+@pytest.fixture
+def daemon(clean_env: Instance) -> Iterator[Daemon]:
+    """A Daemon not yet started (``daemon.start("-P")``); at teardown stopped (-k), removed (-K), checked."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS")}
+    svc = Daemon(clean_env, _free_port(), env)
+    try:
+        yield svc
+    finally:
+        stop = svc.jdls("-k")
+        remove = svc.jdls("-K", "-o")
+        leftovers = svc.processes()
+        for proc in leftovers:  # never leave them to the next run, but still fail
+            proc.kill()
+        left = ipc_left(clean_env.key)
+        assert stop.returncode == 0, stop.stderr
+        assert remove.returncode == 0, remove.stderr
+        assert not leftovers, f"processes left after jdls -k: {leftovers}"
+        assert not left, f"IPC left after jdls -K: {left}"

@@ -1,10 +1,11 @@
 """dls-shm: the lock table in SysV shared memory, one of the two contracts between dls packages.
 
 Other packages import from here only: the table, its layout, the instance
-naming, the lock modes and the doorbells waiters sleep on.
+naming, the lock modes, the doorbells waiters sleep on, and the text report
+of a table that jdls -dvL and dls-dump both print.
 """
 
-from . import info, modes
+from . import info, modes, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
@@ -47,5 +48,5 @@ __all__ = [
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
     "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
-    "info", "ring", "unpack_ip",
+    "info", "report", "ring", "unpack_ip",
 ]

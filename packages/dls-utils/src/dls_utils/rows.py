@@ -13,11 +13,26 @@ documents, and when no document names it the inode itself is shown.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
 from dls_shm import KEY_MAX, modes
+
+#: The \xNN escapes dls_shm.info's backslashreplace leaves for bytes that are not UTF-8 (the digest of a long
+#: key, a character cut at the end of its prefix).
+_ESCAPE = re.compile(r"(\\x[0-9a-f]{2})")
+
+
+def _slot_bytes(text: str) -> bytes:
+    """The bytes of a slot's key from its JSON text, so that a prefix is compared byte for byte.
+
+    A key that itself contains the text ``\\xNN`` is read back wrong; its full name is then not found and
+    the prefix is shown, which is what happens to any long key no document names.
+    """
+    return b"".join(bytes.fromhex(part[2:]) if _ESCAPE.fullmatch(part) else part.encode("utf-8", "surrogatepass")
+                    for part in _ESCAPE.split(text))
 
 #: Column titles, as jDLS's SHOW-ITEM-LOCKS prints them.
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID")
@@ -92,7 +107,7 @@ class _Names:
         the full key comes from the client's document when it names one with that prefix."""
         if not long_key:
             return stored
-        prefix = stored.encode("utf-8", "surrogatepass")[:LONG_KEY_PREFIX]
+        prefix = _slot_bytes(stored)[:LONG_KEY_PREFIX]
         for full in self.keys.get((port, inode), ()):
             data = full.encode("utf-8", "surrogatepass")
             if len(data) >= KEY_MAX and data.startswith(prefix):

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 from collections.abc import Sequence
 
 from dls_shm import Instance, LockTable, TableError, TableMissing, info
 
-from .remote import DEFAULT_PORT, RemoteError, Server, fetch_snapshot, parse_server, server_from_jdls
+from .remote import DEFAULT_PORT, Server
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
+from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
 
 PROG = "show-item-locks"
 NO_LOCKS = "(no record locks)"
@@ -43,19 +43,6 @@ source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
 """
 
 
-def _port_number(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a port number (0 or more)")
-    return int(text)
-
-
-def _server(text: str) -> Server:
-    try:
-        return parse_server(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -66,19 +53,11 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--file", metavar="PATH", help="only locks whose file name contains PATH")
     parser.add_argument("--key", metavar="KEY", help="only locks of exactly this record key")
-    parser.add_argument("--port", metavar="N", type=_port_number,
+    parser.add_argument("--port", metavar="N", type=port_number,
                         help="only locks that port N holds or waits for")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--server", metavar="HOST[,PORT]", type=_server,
-                        help=f"ask the lock service on HOST (port {DEFAULT_PORT} unless given) over TCP")
-    source.add_argument("--local", action="store_true",
-                        help="read the local lock table even when $JDLS names a server")
+    add_source_options(parser, "read the local lock table even when $JDLS names a server")
     return parser
-
-
-class Failure(Exception):
-    """Why no display can be made; printed as ``show-item-locks: <message>``, exit 1."""
 
 
 def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
@@ -107,36 +86,17 @@ def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
 
 def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
     """Heading, lock entries and info documents of a lock service, from its snapshot."""
-    try:
-        snapshot = fetch_snapshot(server)
-    except RemoteError as exc:
-        raise Failure(str(exc)) from None
+    snapshot, host = snapshot_of(server)
     locks, documents = snapshot.get("locks", []), snapshot.get("info", [])
     if not isinstance(locks, list) or not isinstance(documents, list):
         raise Failure(f"the lock service at {server} sent a snapshot without lists of locks and info")
     documents = [d for d in documents if isinstance(d, dict)]
-    host = snapshot.get("host") or server.host
     heading = (f"{PROG} information retrieved from the lock table and proc/info of the lock service "
                f"at {server} on host {host}")
     note = None
     if snapshot.get("mechanism") == "oslocks":
         note = "(the service uses OS file locks: its record locks are not in a lock table)"
     return heading, locks, documents, note
-
-
-def _source(args: argparse.Namespace) -> Server | None:
-    """The server to ask, or None for the local table."""
-    if args.server is not None:
-        return args.server  # type: ignore[no-any-return]
-    if args.local:
-        return None
-    jdls = os.environ.get("JDLS")
-    if jdls is None:
-        return None
-    try:
-        return server_from_jdls(jdls)
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
 
 
 def render(heading: str, rows: Sequence[Row], note: str | None = None) -> list[str]:
@@ -158,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2), -h (0)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        server = _source(args)
+        server = chosen_server(args)
         heading, locks, documents, note = _remote(server) if server is not None else _local()
         try:
             rows = build_rows(locks, documents)
@@ -169,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
     text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
-    try:
-        print(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader (head, less) has had enough: not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    emit(text)
     return 0
 
 

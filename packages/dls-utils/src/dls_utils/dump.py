@@ -1,0 +1,166 @@
+"""``dls-dump``: the lock table as ``jdls -dvL`` shows it, read from the table alone.
+
+The text is ``jdls -dvL``'s, line for line, for the same table (the two are
+compared in the tests), so an operator can read a table on a host where the
+daemon's code is not installed, or after the service has stopped: only
+dls-shm is used. The text is ``dls_shm.report``'s, the one jdls prints too.
+
+The monitor and listener lines need to know whether those processes run,
+which jdls learns from the pid files in $JBCRELEASEDIR/run. dls-dump reads
+the same files (read only, see ``service``) when the table is the
+environment's instance; with ``--key`` naming another table it has no pid
+files, and judges the header's monitor and listener pids by whether such a
+process exists.
+
+``--json`` is for tools: the header (geometry, flags, counters) and every
+used slot, with the ports waiting for each held lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from typing import Any
+
+from dls_shm import Header, Instance, LockTable, TableError, TableFlag, TableMissing, info
+from dls_shm.report import Process, Snapshot, lines, mechanism
+
+from . import service
+from .source import emit
+
+PROG = "dls-dump"
+
+EPILOG = """\
+The text is that of jdls -dvL (-v: jdls -dvvL, adding the IPC key and shared memory id):
+the monitor and listener, the table header, one line per used slot (Group, value,
+pid, type, port, i-node, dev, queued, ipaddr, key, and age for a -T table), and the
+summary. Only the lock table (and the pid files in $JBCRELEASEDIR/run) are read: the
+daemon need not run.
+
+table: --key KEY, else $DLS_IPC_KEY, else the key of $JBCRELEASEDIR (default /var/tmp/dls).
+With --key naming another instance's table, the pid files are unknown: the monitor
+and listener shown are the header's pids, Active when such a process exists.
+
+--json: {"instance", "key", "shm_id", "semaphore_ids", "header": {...}, "geometry":
+{"ngroups", "per_group", "locks"}, "counts": {"used", "granted", "waiting",
+"max_in_group"}, "processes": {"monitor", "listener"}, "slots": [{"index", "group",
+"state", "key", "inode", "device", "pid", "port", "client_pid", "thread", "ip",
+"mode", "value", "waiters", ...}]}.
+
+exit status:
+  0  the table was shown
+  1  there is no lock table with that key, or it cannot be read
+  2  usage error
+"""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Dump a dls lock table: its header and every lock, as jdls -dvL shows them, read "
+        "directly from the shared memory table without the daemon.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    service.add_key_option(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the IPC key and shared memory id (as jdls -dvvL)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the header and every slot as one JSON object, for tools")
+    return parser
+
+
+def processes(instance: Instance, header: Header, own_pid_files: bool) -> dict[str, Process]:
+    """{"monitor": (pid, active), "listener": (pid, active)}: from the pid files when they are this
+    table's (``own_pid_files``), else the header's pids and whether they live."""
+    result = {}
+    for role, _ in service.ROLES:
+        stored = header.monitor_pid if role == "monitor" else header.listener_pid
+        if own_pid_files:
+            pid = service.running_pid(instance.pid_file(role))
+            result[role] = Process(pid, True) if pid is not None else Process(stored, False)
+        else:
+            result[role] = Process(stored, service.alive(stored))
+    return result
+
+
+def text(snapshot: Snapshot, procs: dict[str, Process], very: bool) -> list[str]:
+    """``jdls -dvL``'s lines (``very``: ``-dvvL``'s)."""
+    return lines(snapshot, procs["monitor"], procs["listener"], very=very)
+
+
+def document(instance: Instance, snapshot: Snapshot, procs: dict[str, Process]) -> dict[str, Any]:
+    """The ``--json`` object."""
+    header = snapshot.header._asdict()
+    header["magic"] = header["magic"].decode("ascii", "replace")
+    header["flag_names"] = [f.name for f in TableFlag if f.name and header["flags"] & f]
+    waiters: dict[tuple[int, int, int, str], list[int]] = defaultdict(list)
+    entries = sorted(snapshot.entries, key=lambda e: (e.group, e.slot.ticket))
+    slots = [info.entry_json(e) for e in entries]
+    for slot, entry in zip(slots, entries, strict=True):
+        slot["ticket"] = entry.slot.ticket
+        if slot["state"] == "waiting":
+            waiters[_resource(slot)].append(slot["port"])
+    for slot in slots:
+        slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] == "granted" else []
+    geometry = snapshot.geometry
+    return {
+        "instance": str(instance.root),
+        "key": f"0x{snapshot.key:08x}",
+        "shm_id": snapshot.shm_id,
+        "semaphore_ids": list(snapshot.semaphore_ids),
+        "header": header,
+        "mechanism": mechanism(snapshot.header.flags),
+        "geometry": {"ngroups": geometry.ngroups, "per_group": geometry.per_group, "locks": geometry.locks},
+        "counts": {"used": len(snapshot.entries), "granted": snapshot.granted, "waiting": snapshot.waiting,
+                   "max_in_group": snapshot.max_in_group},
+        "processes": {role: {"pid": pid, "active": active} for role, (pid, active) in procs.items()},
+        "slots": slots,
+    }
+
+
+def _resource(slot: dict[str, Any]) -> tuple[int, int, int, str]:
+    return slot["value"], slot["inode"], slot["device"], slot["key"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), -h (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        instance = Instance.from_environment()
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    own_pid_files = args.key is None or args.key == instance.key
+    if args.key is not None:
+        instance = Instance(instance.root, args.key)
+    where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
+    try:
+        table = LockTable.attach(instance.key)
+    except TableMissing:
+        print(f"{PROG}: there is no lock table with {where}: the lock monitor has not created one "
+              "(jdls -ib) or it was removed (jdls -K)", file=sys.stderr)
+        return 1
+    except TableError as exc:
+        print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        snapshot = Snapshot.read(table)
+    except TableError as exc:
+        print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        table.close()
+    procs = processes(instance, snapshot.header, own_pid_files)
+    emit(json.dumps(document(instance, snapshot, procs), indent=2) if args.json
+         else "\n".join(text(snapshot, procs, args.verbose)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""``list-open-files`` (``LIST-OPEN-FILES``): the files each port has open.
+
+The lock table knows no files at all, only inodes of locked records; the
+files a process has open are in its proc/info document (written by the
+process itself, or by its lock server for a remote client). This tool lists
+them, one line per open file, from the same place show-item-locks reads
+them: the documents of the local instance ($JBCRELEASEDIR/proc/info), or a
+lock service's snapshot over the protocol. Where the information comes from
+is chosen exactly as show-item-locks chooses it (its code is reused): no
+lock table is needed, so it also works for a service using OS file locks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TypedDict
+
+from dls_shm import Instance, info
+
+from .remote import DEFAULT_PORT, Server
+from .rows import Document
+from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
+
+PROG = "list-open-files"
+COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME")
+NO_FILES = "(no open files)"
+
+EPILOG = f"""\
+columns:
+  IPADDR     the client's address: 0.0.0.0 for a process using the lock table directly,
+             127.0.0.1 for a local process going through the listener, else the
+             address of the remote client
+  PORT, PID  the client's port number and process id
+  FILENAME   the file's name as the client reported it
+
+One line per open file, sorted by port, then file name, tab separated.
+
+source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
+(port {DEFAULT_PORT} when not given), else the proc/info documents of $JBCRELEASEDIR.
+
+exit status:
+  0  the list was shown ("{NO_FILES}" when there are none)
+  1  no proc/info directory for the instance, the server cannot be reached or its
+     answer cannot be read
+  2  usage error
+"""
+
+
+class OpenFile(TypedDict):
+    """One line of the display; also the object ``--json`` prints."""
+
+    ipaddr: str
+    port: int
+    pid: int
+    filename: str
+    inode: int | None
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="List the files each port (process) of a dls lock service has open, from the "
+        "processes' proc/info documents: one line per open file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--file", metavar="PATH", help="only files whose name contains PATH")
+    parser.add_argument("--port", metavar="N", type=port_number, help="only the files port N has open")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+    add_source_options(parser, "read the local proc/info documents even when $JDLS names a server")
+    return parser
+
+
+def open_files(documents: Iterable[Document]) -> list[OpenFile]:
+    """One row per file a document lists (duplicates once), sorted by port then file name."""
+    rows: dict[tuple[int, str, int | None], OpenFile] = {}
+    for doc in documents:
+        port, files = doc.get("port"), doc.get("files")
+        if not isinstance(port, int) or not isinstance(files, list):
+            continue
+        pid = doc.get("pid")
+        ip = doc.get("ip")
+        for item in files:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
+                continue
+            inode = item.get("inode")
+            inode = inode if isinstance(inode, int) else None
+            rows.setdefault((port, item["path"], inode), OpenFile(
+                ipaddr=ip if isinstance(ip, str) and ip else "-",
+                port=port, pid=pid if isinstance(pid, int) else 0, filename=item["path"], inode=inode,
+            ))
+    return sorted(rows.values(), key=lambda r: (r["port"], r["filename"]))
+
+
+def select(rows: Iterable[OpenFile], *, file: str | None = None, port: int | None = None) -> list[OpenFile]:
+    return [r for r in rows if (file is None or file in r["filename"]) and (port is None or r["port"] == port)]
+
+
+def format_rows(rows: Iterable[OpenFile]) -> list[str]:
+    lines = ["\t".join(COLUMNS)]
+    lines.extend("\t".join((r["ipaddr"], str(r["port"]), str(r["pid"]), r["filename"])) for r in rows)
+    return lines
+
+
+def _local() -> tuple[str, Sequence[Document]]:
+    try:
+        instance = Instance.from_environment()
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    if not instance.info_dir.is_dir():
+        raise Failure(f"no proc/info directory for JBCRELEASEDIR={instance.root} (is jdls running there?)")
+    heading = (f"{PROG} information retrieved from proc/info of JBCRELEASEDIR={instance.root} "
+               f"on host {socket.gethostname()}")
+    return heading, list(info.read_all(instance))
+
+
+def _remote(server: Server) -> tuple[str, Sequence[Document]]:
+    snapshot, host = snapshot_of(server)
+    documents = snapshot.get("info", [])
+    if not isinstance(documents, list):
+        raise Failure(f"the lock service at {server} sent a snapshot without a list of info documents")
+    heading = f"{PROG} information retrieved from proc/info of the lock service at {server} on host {host}"
+    return heading, [d for d in documents if isinstance(d, dict)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), -h (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        server = chosen_server(args)
+        heading, documents = _remote(server) if server is not None else _local()
+    except Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    rows = select(open_files(documents), file=args.file, port=args.port)
+    if args.json:
+        text = json.dumps(rows, indent=2)
+    else:
+        text = "\n".join([heading, "", *(format_rows(rows) if rows else [NO_FILES])])
+    emit(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Where a utility gets its information, and how it hands its text to the reader.
+
+show-item-locks and list-open-files answer from the same two places: the
+local instance (its lock table and proc/info documents), or a lock service
+asked over the wire protocol, so that they work from an application server.
+They choose alike (``--server``, else ``--local``, else SERVER of $JDLS, else
+the local instance) and fail alike (``Failure``, exit 1), so both live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .remote import DEFAULT_PORT, RemoteError, Server, fetch_snapshot, parse_server, server_from_jdls
+
+
+class Failure(Exception):
+    """Why no display can be made; printed as ``<program>: <message>``, exit 1."""
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a client's port number (JBCPORTNO), 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a port number (0 or more)")
+    return int(text)
+
+
+def server_argument(text: str) -> Server:
+    """An argparse type: HOST[,PORT] of a lock service."""
+    try:
+        return parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:
+    """``--server`` and ``--local``, one or the other."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--server", metavar="HOST[,PORT]", type=server_argument,
+                        help=f"ask the lock service on HOST (port {DEFAULT_PORT} unless given) over TCP")
+    source.add_argument("--local", action="store_true", help=local_help)
+
+
+def chosen_server(args: argparse.Namespace) -> Server | None:
+    """The lock service to ask, or None for the local instance."""
+    if args.server is not None:
+        return args.server  # type: ignore[no-any-return]
+    if args.local:
+        return None
+    jdls = os.environ.get("JDLS")
+    if jdls is None:
+        return None
+    try:
+        return server_from_jdls(jdls)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+
+
+def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
+    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had."""
+    try:
+        snapshot = fetch_snapshot(server)
+    except RemoteError as exc:
+        raise Failure(str(exc)) from None
+    host = snapshot.get("host") or server.host
+    return snapshot, str(host)
+
+
+def emit(text: str) -> None:
+    """Print ``text``; a reader that stopped reading (head, less) is not an error."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+__all__ = ["Failure", "add_source_options", "chosen_server", "emit", "port_number", "server_argument",
+           "snapshot_of"]
