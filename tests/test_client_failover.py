@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dls_client import Client, Config, LockRefused, Server, ServiceLost
+from dls_client import Client, Config, LockRefused, Mode, Server, ServiceLost
 from dls_testkit import (
     KEY,
     Service,
@@ -241,3 +241,51 @@ def test_an_unreachable_secondary_at_start_leaves_the_primary_alone(tmp_path: Pa
         client.lock(data, KEY).release()
     trace = error_trace(primary)
     assert f"secondary lock service 127.0.0.1,{closed} cannot be reached" in trace, trace
+
+
+def test_a_lock_taken_again_is_one_lock_on_both_servers(tmp_path: Path) -> None:
+    """Locking a record this client holds converts it on each server (which answers with the handle it
+    gave before): the client keeps one lock, and one release frees it on both."""
+    data = data_file(tmp_path)
+    with pair(tmp_path) as (primary, secondary), resilient(primary, secondary) as client, \
+            client_for(primary) as on_primary, client_for(secondary) as on_secondary:
+        first = client.lock(data, KEY, Mode.PR)
+        again = client.lock(data, KEY, Mode.EX)
+        assert again.handle == first.handle
+        assert [e["key"] for e in client.info.document()["locks"]] == [KEY]
+        again.release()
+        assert_free(on_primary, data)
+        assert_free(on_secondary, data)
+    assert error_trace(primary) == ""
+
+
+def test_a_secondary_found_dead_while_publishing_is_dropped(tmp_path: Path) -> None:
+    """A dead secondary found by publish_info is dropped and logged, not reported to the application."""
+    data = data_file(tmp_path)
+    with pair(tmp_path) as (primary, secondary), resilient(primary, secondary) as client:
+        kept = client.lock(data, "kept")
+        kill_group(secondary)
+        for _ in range(2):  # the first send to the dead peer is taken by the kernel; its reset fails the next
+            client.info.changed = True
+            assert client.publish_info()  # to the primary; the secondary's failure is only logged
+            time.sleep(0.2)
+        assert f"secondary lock service 127.0.0.1,{secondary.port} lost" in error_trace(primary)
+        kept.release()
+
+
+def test_a_primary_found_dead_by_an_unlock_is_replaced_at_once(tmp_path: Path) -> None:
+    """A dead primary found by an unlock promotes the secondary, which is then told what the client holds
+    (proc/info), and the next request goes straight to it."""
+    data = data_file(tmp_path)
+    with pair(tmp_path) as (primary, secondary), resilient(primary, secondary) as client:
+        kept, gone = client.lock(data, "kept"), client.lock(data, "gone")
+        kill_group(primary)
+        time.sleep(0.2)  # the connection's end reaches this side
+        gone.release()  # sends on the dead primary: found here or by the next request
+        start = time.monotonic()
+        assert client.status(data, "kept")[0] == 1  # answered by the promoted secondary
+        assert time.monotonic() - start < 1.0
+        document = secondary.root / "proc" / "info" / str(client.port)
+        wait_for(lambda: document.exists() and "kept" in document.read_text(), 5,
+                 "the promoted secondary to have the client's lock information")
+        kept.release()

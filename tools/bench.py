@@ -4,8 +4,11 @@ The machine is shared and noisy, so every figure is compared with a floor
 measured in the same run, and the ratio is what to read:
 
 - remote cycles (lock then unlock through the real daemon over loopback TCP),
-  one client, then eight client processes at once; floor: a plain Python TCP
-  echo round trip over loopback;
+  one client, then eight client processes at once; floor: a Python TCP echo
+  round trip over loopback whose reads busy-poll as dls's do (the plain
+  blocking echo is shown too: on an idle machine it wakes slower than dls);
+- resilient cycles (SERVER2: each lock taken on two services), against the
+  one-client figure;
 - local cycles (lock then unlock directly in the shared-memory table); floor:
   fcntl.lockf lock then unlock on a local file.
 
@@ -25,8 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from dls_client import Client, Config, FileRef, Server
+from dls_proto.transport import SpinningReader
 from dls_shm import LOCAL_IP, Instance, LockTable, Owner, geometry_for
 
 KEY = b"USD163170001"
@@ -61,8 +66,14 @@ def free_port() -> int:
 # -- floors ------------------------------------------------------------------------
 
 
-def echo_floor(seconds: float) -> float:
-    """Round trips per second of a plain Python TCP echo over loopback (a forked echo server)."""
+def echo_floor(seconds: float, *, spinning: bool = False) -> float:
+    """Round trips per second of a plain Python TCP echo over loopback (a forked echo server).
+
+    ``spinning``: both ends read as dls's client and lock servers do (dls_proto's
+    SpinningReader, a short busy poll before a blocking recv), so that the floor
+    of the remote figures has the same wake-up cost as they have: on an idle
+    machine a blocking read wakes slowly, and the plain echo falls below dls.
+    """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -70,17 +81,19 @@ def echo_floor(seconds: float) -> float:
     if pid == 0:
         conn, _ = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while data := conn.recv(4096):
+        read = SpinningReader(conn).read if spinning else partial(conn.recv, 4096)
+        while data := read():
             conn.sendall(data)
         os._exit(0)
     sock = socket.create_connection(listener.getsockname())
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     message = b"x" * 60  # about the size of a Lock frame
+    read = SpinningReader(sock).read if spinning else partial(sock.recv, 4096)
 
     def body(n: int) -> None:
         for _ in range(n):
             sock.sendall(message)
-            sock.recv(4096)
+            read()
 
     try:
         return timed(body, seconds)
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dls-bench-") as root:
         print(f"dls benchmark: {os.cpu_count()} cores, {s:g} s per figure; ratio = figure / floor of this run")
         echo = echo_floor(s)
+        spin = echo_floor(s, spinning=True)
         lockf = lockf_floor(s, root)
         with service(root) as port:
             os.environ["JDLS"] = f"SERVER=127.0.0.1,{port}"
@@ -191,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 client.close()
         _ = geometry_for  # the table is sized by the daemon (-s13000,50)
     rows = [
-        ("TCP echo round trips (floor)", echo, None),
-        ("remote lock+unlock, 1 client", one, echo),
-        ("remote lock+unlock, 8 client processes", eight, echo),
+        ("TCP echo round trips, blocking reads", echo, None),
+        ("TCP echo, busy-poll reads as dls (floor)", spin, None),
+        ("remote lock+unlock, 1 client", one, spin),
+        ("remote lock+unlock, 8 client processes", eight, spin),
         ("resilient (SERVER2) lock+unlock, 1 client", both, one),
         ("fcntl.lockf lock+unlock (floor)", lockf, None),
         ("local table lock+unlock", local, lockf),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -398,6 +399,95 @@ def test_a_forked_child_cannot_use_its_parents_os_locks(
             answer.send(b"y" if "make a new OsLocks" in str(exc) else b"n")
             return 0
         answer.send(b"n")
+        return 0
+
+    assert children.wait(children.fork(child)) == 0
+    assert answer.recv() == b"y"
+
+
+# -- acquire: the table's waiting, polled ------------------------------------------------------
+
+
+def test_acquire_with_no_timeout_to_speak_of_only_tries(locks: OsLocks) -> None:
+    g = locks.acquire(owner(1), INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant)
+    waits: list[Holder] = []
+    assert locks.acquire(owner(2), INODE, DEVICE, KEY, PR, timeout=0, on_wait=waits.append) == Conflict(
+        Holder(EX, os.getpid(), 0, 0, 1, LOCAL_IP))
+    assert waits == [], "a try does not wait"
+    assert locks.close() == 1, "a try leaves no request behind"
+
+
+def test_acquire_times_out_and_cancels_its_request(locks: OsLocks) -> None:
+    assert isinstance(locks.acquire(owner(1), INODE, DEVICE, KEY, EX), Grant)
+    waits: list[Holder] = []
+    start = time.monotonic()
+    result = locks.acquire(owner(2), INODE, DEVICE, KEY, PR, timeout=0.3, on_wait=waits.append)
+    elapsed = time.monotonic() - start
+    holder = Holder(EX, os.getpid(), 0, 0, 1, LOCAL_IP)
+    assert result == Conflict(holder)
+    assert waits == [holder], "on_wait is called once, with the holder"
+    assert 0.25 <= elapsed < 2.0
+    assert locks.close() == 1, "the timed-out request was not cancelled"
+
+
+def test_acquire_is_woken_at_once_by_a_release_in_another_thread(locks: OsLocks) -> None:
+    locks.retry_first = locks.retry_max = 30.0  # polling would take 30 s: only the doorbell is quick enough
+    g = locks.acquire(owner(1), INODE, DEVICE, KEY, EX)
+    assert isinstance(g, Grant)
+    releaser = threading.Timer(0.2, locks.unlock, (g.handle,))
+    releaser.start()
+    start = time.monotonic()
+    try:
+        result = locks.acquire(owner(2), INODE, DEVICE, KEY, EX, timeout=10)
+    finally:
+        releaser.join()
+    assert isinstance(result, Grant) and result.mode == EX
+    assert time.monotonic() - start < 5.0
+    assert locks.status(owner(2), INODE, DEVICE, KEY)[0] == 1
+
+
+def test_acquire_polls_for_a_lock_of_another_process(
+        locks: OsLocks, lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    pid = children.fork(hold(lock_dir, locked, release, EX))
+    locked.recv()
+    waits: list[Holder] = []
+    releaser = threading.Timer(0.2, release.send)
+    releaser.start()
+    try:
+        result = locks.acquire(owner(), INODE, DEVICE, KEY, EX, timeout=10, on_wait=waits.append)
+    finally:
+        releaser.join()
+    assert isinstance(result, Grant)
+    assert waits == [foreign(pid, EX)]
+    assert children.wait(pid) == 0
+
+
+def test_acquire_cancels_its_request_when_on_wait_raises(locks: OsLocks) -> None:
+    assert isinstance(locks.acquire(owner(1), INODE, DEVICE, KEY, EX), Grant)
+
+    def refuse(holder: Holder) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        locks.acquire(owner(2), INODE, DEVICE, KEY, EX, on_wait=refuse)
+    assert locks.close() == 1, "the request was left queued"
+
+
+def test_each_thread_and_a_forked_child_have_their_own_doorbell(
+        locks: OsLocks, children: Children, pipes: Callable[[], Pipe]) -> None:
+    mine = locks.doorbell()
+    assert locks.doorbell() is mine
+    other: list[Doorbell] = []
+    thread = threading.Thread(target=lambda: other.append(locks.doorbell()))
+    thread.start()
+    thread.join()
+    assert other[0].token != mine.token
+    answer = pipes()
+
+    def child() -> int:
+        answer.send(b"y" if locks.doorbell().token != mine.token else b"n")
         return 0
 
     assert children.wait(children.fork(child)) == 0

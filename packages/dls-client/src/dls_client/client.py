@@ -179,6 +179,8 @@ class Client:
                     channel = self._channel = self._connect()
                     self.info.changed = True  # a new connection: the lock server knows nothing yet
                     self._publish_quietly(channel)
+        if self._mirror is not None:
+            return self._mirror.check()  # the primary of the moment
         return channel
 
     def publish_info(self) -> bool:
@@ -193,8 +195,15 @@ class Client:
     def _sender(self, channel: Channel) -> Callable[[dict[str, object]], None]:
         def send(document: dict[str, object]) -> None:
             payload = json.dumps(document).encode()
-            for each in [channel] if self._mirror is None else self._mirror.channels():
-                each.send(InfoPut(each.next_id(), payload))
+            mirror = self._mirror
+            if mirror is None:
+                channel.send(InfoPut(channel.next_id(), payload))
+                return
+            for each in mirror.channels():
+                try:
+                    each.send(InfoPut(each.next_id(), payload))
+                except ServiceUnavailable as exc:
+                    mirror.lost(each, exc)  # the other server, if any, is still in this loop
         return send
 
     def _publish_quietly(self, channel: Channel) -> None:
@@ -213,12 +222,14 @@ class Client:
                 self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
                 raise
         try:
-            self._mirror = Mirror.connect((self.config.server, server2), self._open_channel, self.trace,
-                                          self.config.timeout)
+            mirror = Mirror.connect((self.config.server, server2), self._open_channel, self.trace,
+                                    self.config.timeout)
         except ServiceUnavailable as exc:
             self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
             raise
-        return self._mirror.primary
+        mirror.on_promote = self._promoted
+        self._mirror = mirror
+        return mirror.primary
 
     def _open_channel(self, server: Server) -> Channel:
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
@@ -231,11 +242,12 @@ class Client:
         """A server of a resilient client failed: go on with the one left (ServiceLost if none is)."""
         if self._mirror is None:
             raise exc
-        primary = self._mirror.lost(channel, exc)
-        if primary is not self._channel:
-            self._channel = primary
-            self.info.changed = True  # the new primary has this client's locks but not their description
-            self._publish_quietly(primary)
+        self._mirror.lost(channel, exc)
+
+    def _promoted(self, primary: Channel) -> None:
+        """The secondary became the primary: it has this client's locks but not their description."""
+        self.info.changed = True
+        self._publish_quietly(primary)
 
     def _ask(self, make: Callable[[int], Message]) -> Message:
         """Send the request ``make(request_id)`` and return its answer; a resilient client asks on after a failover."""
@@ -255,6 +267,7 @@ class Client:
         if self._mirror is not None:
             for channel in self._mirror.channels():
                 channel.close()
+            self._mirror = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -284,11 +297,10 @@ class Client:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
         kb = _key_bytes(key)
-        return self._take(ref, kb, mode, self._flags, _limit(wait, timeout), on_wait,
-                          f"{ref.path} {kb.decode('utf-8', 'replace')}")
+        return self._take(ref, kb, mode, self._flags, _limit(wait, timeout), on_wait)
 
     def _take(self, ref: FileRef, kb: bytes, mode: int, flags: int, limit: int,
-              on_wait: Callable[[Holder], None] | None, what: str) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None) -> HeldLock:
         """Send a lock request, take its answers up to the last, and return the lock (or raise)."""
         thread = identity.thread_id()
         while True:
@@ -303,6 +315,8 @@ class Client:
                 self._promote(channel, exc)  # resilient: ask the promoted secondary; otherwise raises
                 continue
             if type(reply) is not Granted:
+                what = f"binary lock {ref.path}" if flags & LockFlag.BINARY else \
+                    f"{ref.path} {kb.decode('utf-8', 'replace')}"
                 raise self._failure(reply, what)
             handle = reply.handle
             if self._mirror is not None:
@@ -378,8 +392,7 @@ class Client:
 
     def _service_binary_lock(self, ref: FileRef, kb: bytes, mode: int, wait: bool,
                              timeout: float | None) -> HeldLock:
-        return self._take(ref, kb, mode, self._flags | LockFlag.BINARY, _limit(wait, timeout), None,
-                          f"binary lock {ref.path}")
+        return self._take(ref, kb, mode, self._flags | LockFlag.BINARY, _limit(wait, timeout), None)
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
@@ -389,10 +402,7 @@ class Client:
         """Release a lock by its handle; a failure is reported later (``async_errors``)."""
         if self._mirror is not None:
             self.info.released(handle)
-            try:
-                self._mirror.unlock(handle)
-            except ServiceUnavailable as exc:
-                self._promote(self._mirror.primary, exc)  # raises ServiceLost
+            self._mirror.unlock(handle)
             return
         channel = self.channel
         channel.send(Unlock(channel.next_id(), handle))
@@ -404,7 +414,6 @@ class Client:
         if self._mirror is not None:
             self.channel  # noqa: B018 - connects
             reply = self._mirror.release_all(thread, all_threads)
-            self._channel = self._mirror.primary
         else:
             channel = self.channel
             reply = channel.request(UnlockAll(channel.next_id(), thread))

@@ -15,13 +15,14 @@ Two mechanisms, as jDLS's local processes have (guide, "Lock Mechanisms"):
   process locks" of a service started without the monitor (``jdls -ibD``):
   ``fcntl`` locks in the lock files of the lock server's record lock directory
   (``JDLS_LOCK_DIR``, else ``/tmp/jbase``: set it alike for the service and the
-  local processes), through dls-shm's ``OsLocks`` as the lock server takes them
-  (see ``dls_client.local_oslocks``). Such a lock shows only as the process's
-  pid to another process; a request that must wait is tried again on a timer
-  (50 ms doubling to 250 ms) with the same timeout, try and on_wait behaviour as
-  with the table. The kernel drops a process's OS locks when it dies; closing the
-  LocalClient releases them too. The DLM modes are mapped to read and write locks
-  (see ``dls_shm.oslocks``), and proc/info is written as with the table when the
+  local processes), through dls-shm's ``OsLocks`` as the lock server takes them.
+  Such a lock shows only as the process's pid to another process; a request
+  that must wait is tried again on a timer (50 ms doubling to 250 ms) by
+  ``OsLocks.acquire``, with the same timeout, try and on_wait behaviour as with
+  the table (the same code), and woken at once by a release in this process.
+  The kernel drops a process's OS locks when it dies; closing the LocalClient
+  releases them too. The DLM modes are mapped to read and write locks (see
+  ``dls_shm.oslocks``), and proc/info is written as with the table when the
   instance's settings are valid.
 
 ``local_mechanism()`` says which one a LocalClient made now would use. Which
@@ -79,6 +80,14 @@ if TYPE_CHECKING:
 
 #: The address a process locking directly in the table shows with.
 LOCAL_ADDRESS = "0.0.0.0"  # noqa: S104 - how jDLS shows a local process, not a bind address
+#: Where the lock server keeps OS record locks (``jdls --lock-dir``): this variable, else DEFAULT_LOCK_DIR.
+LOCK_DIR_VARIABLE = "JDLS_LOCK_DIR"
+DEFAULT_LOCK_DIR = "/tmp/jbase"  # noqa: S108 - the place jDLS documents, shared with the lock server
+
+
+def default_lock_dir() -> Path:
+    """The record lock directory, chosen as ``jdls`` chooses it when given no ``--lock-dir``."""
+    return Path(os.environ.get(LOCK_DIR_VARIABLE) or DEFAULT_LOCK_DIR)
 
 
 def local_table_key() -> int | None:
@@ -111,7 +120,7 @@ def local_mechanism() -> Literal["table", "oslocks"] | None:
 
 
 class _Locks(Protocol):
-    """What LocalClient asks of its mechanism: dls_shm.LockTable, or local_oslocks.PolledOsLocks."""
+    """What LocalClient asks of its mechanism: dls_shm.LockTable, or dls_shm.OsLocks."""
 
     def acquire(
         self, owner: dls_shm.Owner, inode: int, device: int, key: bytes, mode: int, timeout: float | None = None,
@@ -165,17 +174,16 @@ class LocalClient:
         self.table: dls_shm.LockTable | None = None
         self.lock_dir: Path | None = None
         self.locks: _Locks
+        #: The OS locks (None with a table): this process's own, made again in a forked child.
+        self._oslocks: dls_shm.OsLocks | None = None
         if key is not None:
             try:
                 self.table = self.locks = dls_shm.LockTable.attach(key)
             except dls_shm.TableError as exc:
                 raise ServiceUnavailable(f"local direct locking: {exc}") from None
         else:
-            from .local_oslocks import PolledOsLocks
-            from .local_oslocks import lock_dir as default_lock_dir
-
             self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-            self.locks = PolledOsLocks(self.lock_dir)
+            self.locks = self._oslocks = dls_shm.OsLocks(self.lock_dir)
         self._port = (os.getpid(), identity.port_number())
         self._ip = dls_shm.LOCAL_IP
         self._closed = False
@@ -196,17 +204,23 @@ class LocalClient:
     @property
     def port(self) -> int:
         """This process's port: JBCPORTNO, else its pid (taken again in a forked child)."""
-        pid, port = self._port
-        if pid != os.getpid():
-            self._port = pid, port = os.getpid(), identity.port_number()
+        return self._port_of(os.getpid())
+
+    def _port_of(self, pid: int) -> int:
+        """The port of this process, whose pid (os.getpid()) the caller has at hand."""
+        was, port = self._port
+        if was != pid:
+            self._port = pid, port = pid, identity.port_number()
         return port
 
     def _mechanism(self) -> _Locks:
         """The locks of this process: OS locks are the process's own, so a forked child makes new ones."""
-        if self.lock_dir is not None and getattr(self.locks, "pid", 0) != os.getpid():
-            from .local_oslocks import PolledOsLocks
+        if self._oslocks is not None and self._oslocks.pid != os.getpid():
+            import dls_shm
 
-            self.locks = PolledOsLocks(self.lock_dir)  # the parent's locks are not the child's: none held
+            assert self.lock_dir is not None
+            # The parent's locks are not the child's: none held.
+            self.locks = self._oslocks = dls_shm.OsLocks(self.lock_dir)
         return self.locks
 
     # -- lock information ----------------------------------------------------------------
@@ -256,8 +270,8 @@ class LocalClient:
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
         pid = os.getpid()
-        return dls_shm.Owner(pid=pid, thread=threading.get_native_id(), port=self.port, client_pid=pid,
-                               ip=self._ip)
+        return dls_shm.Owner(pid=pid, thread=threading.get_native_id(), port=self._port_of(pid), client_pid=pid,
+                             ip=self._ip)
 
     def close(self) -> None:
         """Detach from the table, whose locks stay until released (or this process ends); with OS file
@@ -265,7 +279,7 @@ class LocalClient:
         if not self._closed:
             self._closed = True
             self._remove_info()
-            if self.table is not None or getattr(self.locks, "pid", 0) == os.getpid():
+            if self._oslocks is None or self._oslocks.pid == os.getpid():
                 self.locks.close()
 
     def __enter__(self) -> LocalClient:

@@ -43,6 +43,17 @@ from .trace import Tracer
 Hold = tuple[Channel, int]
 
 
+class _Entry:
+    """One lock of a resilient client: its owner thread, what it is (for the trace), and its holds."""
+
+    __slots__ = ("holds", "thread", "what")
+
+    def __init__(self, thread: int, what: str, holds: list[Hold]) -> None:
+        self.thread = thread
+        self.what = what
+        self.holds = holds
+
+
 class Mirror:
     """The primary and secondary channels of one resilient client, and which locks each holds."""
 
@@ -53,9 +64,15 @@ class Mirror:
         self.timeout_ms = max(1, int(timeout * 1000))
         #: Set when no server is left: every later request raises it.
         self.wrapped_up: ServiceLost | None = None
+        #: Called (outside the lock) with the new primary after a promotion.
+        self.on_promote: Callable[[Channel], None] | None = None
         self._lock = threading.Lock()
-        self._holds: dict[int, tuple[int, list[Hold]]] = {}  # own handle -> (thread, holds)
+        self._entries: dict[int, _Entry] = {}
+        #: This client's handle of each (channel, server handle), so that a lock taken again (a conversion,
+        #: for which a server answers with the handle it gave before) stays one lock.
+        self._own: dict[tuple[int, int], int] = {}
         self._handles = itertools.count(1)
+        self._releases = 0  # release_all calls so far: a lock mirrored across one is released
         self._failed: list[str] = []
 
     @classmethod
@@ -78,14 +95,11 @@ class Mirror:
             trace.error(f"Client: using lock service {channels[0].server} alone; this process is not resilient")
         return mirror
 
-    @property
-    def resilient(self) -> bool:
-        return self.secondary is not None
-
     # -- failures ------------------------------------------------------------------------
 
     def lost(self, channel: Channel, exc: BaseException) -> Channel:
         """``channel`` failed (``exc``): close it for good; the channel to use now, or ServiceLost."""
+        promoted: Channel | None = None
         with self._lock:
             if channel is self.secondary:
                 self.secondary = None
@@ -95,18 +109,30 @@ class Mirror:
             elif channel is self.primary:
                 self._failed.append(f"primary {channel.server}: {exc}")
                 if self.secondary is not None:
-                    self.primary, self.secondary = self.secondary, None
+                    promoted = self.secondary
+                    self.primary, self.secondary = promoted, None
                     self.trace.error(f"Client: primary lock service {channel.server} lost ({exc}); secondary "
-                                     f"{self.primary.server} promoted to primary, no longer resilient")
+                                     f"{promoted.server} promoted to primary, no longer resilient")
+                    self._report_unheld(promoted)
                 elif self.wrapped_up is None:
                     self.wrapped_up = ServiceLost(
                         f"no lock service left ({'; '.join(self._failed)}); this process must wrap up: "
                         "the lock servers released its locks")
                     self.trace.error(f"Client: {self.wrapped_up}")
             channel.close()  # never contacted again
-            if self.wrapped_up is not None:
-                raise self.wrapped_up
-            return self.primary
+        if promoted is not None and self.on_promote is not None:
+            self.on_promote(promoted)
+        if self.wrapped_up is not None:
+            raise self.wrapped_up
+        return self.primary
+
+    def _report_unheld(self, primary: Channel) -> None:
+        """Locks the promoted server does not hold (its answer differed) are held nowhere now: say so."""
+        for entry in self._entries.values():
+            if entry.holds and not any(c is primary for c, _ in entry.holds):
+                entry.holds = []
+                self.trace.error(f"Client: lock {entry.what} was held on the failed primary alone (the secondary's "
+                                 "answer differed); it is no longer held")
 
     def check(self) -> Channel:
         """The primary channel; ServiceLost once the process has wrapped up."""
@@ -119,20 +145,39 @@ class Mirror:
     def mirrored(self, channel: Channel, request: Lock, granted: Granted) -> int | None:
         """``channel`` granted ``request``: take it on the secondary too; this client's handle for it.
 
-        None when ``channel`` is no longer the primary (it failed meanwhile, so
-        its grant is void): the caller asks the new primary.
+        None when the grant is void because ``channel`` failed meanwhile and the
+        promoted server does not hold the lock: the caller asks again.
         """
         with self._lock:
             if channel is not self.primary:
                 return None
-            secondary = self.secondary
+            secondary, releases = self.secondary, self._releases
         holds: list[Hold] = [(channel, granted.handle)]
         if secondary is not None:
             held = self._on_secondary(secondary, request, granted)
             if held is not None:
                 holds.append((secondary, held))
-        handle = next(self._handles)
-        self._holds[handle] = (request.thread_id, holds)
+        with self._lock:
+            live = [(c, h) for c, h in holds if c is self.primary or c is self.secondary]
+            void = not any(c is self.primary for c, _ in live)
+            if void or releases != self._releases:
+                stray = live  # held where nobody will release it: a release_all came between, or no primary
+                live = []
+            else:
+                stray = []
+                handle = self._own.get((id(channel), granted.handle))
+                if handle is None:
+                    handle = next(self._handles)
+                    self._entries[handle] = _Entry(request.thread_id, _what(request), live)
+                    for c, h in live:
+                        self._own[id(c), h] = handle
+        for c, h in stray:
+            self._send_unlock(c, h)
+        if void:
+            return None
+        if not live:  # released by a release_all meanwhile: a handle that holds nothing
+            handle = next(self._handles)
+            self._entries[handle] = _Entry(request.thread_id, _what(request), [])
         return handle
 
     def _on_secondary(self, secondary: Channel, request: Lock, granted: Granted) -> int | None:
@@ -149,40 +194,55 @@ class Mirror:
             return None
         if type(reply) is Granted:
             if (reply.mode, reply.value) != (granted.mode, granted.value):
-                self._difference(request, f"granted mode {reply.mode} value 0x{reply.value:08x}", granted)
+                self._difference(_what(request), f"granted mode {granted.mode} value 0x{granted.value:08x}",
+                                 f"granted mode {reply.mode} value 0x{reply.value:08x}")
             return reply.handle
-        self._difference(request, f"answered {reply!r}", granted)
+        self._difference(_what(request), f"granted mode {granted.mode} value 0x{granted.value:08x}",
+                         f"answered {reply!r}")
         return None
 
-    def _difference(self, request: Lock, what: str, granted: Granted) -> None:
-        self.trace.error(
-            f"Client: lock responses differ for {request.path} {request.key!r}: primary {self.primary.server} "
-            f"granted mode {granted.mode} value 0x{granted.value:08x}, secondary {what}")
+    def _difference(self, what: str, primary: str, secondary: str) -> None:
+        self.trace.error(f"Client: lock responses differ for {what}: primary {self.primary.server} {primary}, "
+                         f"secondary {secondary}")
 
     def unlock(self, handle: int) -> None:
         """Release this client's lock ``handle`` on every live server holding it."""
-        entry = self._holds.pop(handle, None)
+        with self._lock:
+            entry = self._entries.pop(handle, None)
+            if entry is not None:
+                for c, h in entry.holds:
+                    self._own.pop((id(c), h), None)
         if entry is None:
             self.check()
+            self.trace.error(f"Client: unlock of handle {handle}, which this process does not hold")
             return
-        for channel, server_handle in entry[1]:
-            if channel is self.primary or channel is self.secondary:
-                try:
-                    channel.send(Unlock(channel.next_id(), server_handle))
-                except ServiceUnavailable as exc:
-                    self.lost(channel, exc)
+        for channel, server_handle in entry.holds:
+            self._send_unlock(channel, server_handle)
+
+    def _send_unlock(self, channel: Channel, server_handle: int) -> None:
+        if channel is self.primary or channel is self.secondary:
+            try:
+                channel.send(Unlock(channel.next_id(), server_handle))
+            except ServiceUnavailable as exc:
+                self.lost(channel, exc)
 
     def release_all(self, thread: int, all_threads: bool) -> Message:
-        """UnlockAll on every live server; the answer of the first that answered (the primary's)."""
-        for handle, (owner, _) in list(self._holds.items()):
-            if all_threads or owner == thread:
-                self._holds.pop(handle, None)
+        """UnlockAll on every live server; the primary's answer (a different count is logged)."""
+        with self._lock:
+            self._releases += 1
+            for handle, entry in list(self._entries.items()):
+                if all_threads or entry.thread == thread:
+                    del self._entries[handle]
+                    for c, h in entry.holds:
+                        self._own.pop((id(c), h), None)
         replies: list[Message] = []
         for channel in self.channels():
             try:
                 replies.append(channel.request(UnlockAll(channel.next_id(), thread)))
             except ServiceUnavailable as exc:
                 self.lost(channel, exc)  # raises ServiceLost when none is left
+        if len(replies) == 2 and replies[0]._replace(request_id=0) != replies[1]._replace(request_id=0):
+            self._difference("release of all locks", repr(replies[0]), repr(replies[1]))
         return replies[0] if replies else self.check_lost()
 
     def check_lost(self) -> Message:
@@ -191,6 +251,10 @@ class Mirror:
     def channels(self) -> list[Channel]:
         """The live channels, primary first."""
         return [c for c in (self.primary, self.secondary) if c is not None]
+
+
+def _what(request: Lock) -> str:
+    return f"{request.path} {request.key.decode('utf-8', 'replace')}"
 
 
 __all__ = ["Mirror"]

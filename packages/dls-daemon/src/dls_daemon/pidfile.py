@@ -2,7 +2,10 @@
 
 A pid file holds two lines: the pid and the process's start time as psutil
 reports it. A record is believed only while a process with that pid exists,
-is not a zombie and started at that time; anything else is stale.
+is not a zombie and started at that time; anything else is stale. That
+read-only part (format, ``read``, ``PidRecord.alive``) is dls_shm.pidfiles,
+shared with dls-utils and re-exported here; this module writes, locks and
+removes pid files.
 
 The monitor and the listener also hold their pid file locked (``fcntl.lockf``)
 for as long as they live. The lock, not the file's content, decides whether a
@@ -16,61 +19,14 @@ import contextlib
 import fcntl
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-from dls_shm import Instance
+from dls_shm.pidfiles import SAME_START, PidRecord, read, record_of, server_pid_file, servers_dir
 
-#: Two start times closer than this are the same process (both come from /proc).
-SAME_START = 0.05
-
-
-def servers_dir(instance: Instance) -> Path:
-    """Where the lock servers' pid files are: one file per running lock server."""
-    return instance.run_dir / "servers"
-
-
-def server_pid_file(instance: Instance, pid: int) -> Path:
-    return servers_dir(instance) / f"{pid}.pid"
-
-
-@dataclass(frozen=True)
-class PidRecord:
-    pid: int
-    started: float
-
-    def alive(self) -> bool:
-        """True while this very process (not a later one with the same pid) still runs."""
-        try:
-            proc = psutil.Process(self.pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return False
-            return bool(abs(proc.create_time() - self.started) < SAME_START)
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True  # another user's process with this pid: assume it is ours
-
-    def text(self) -> str:
-        return f"{self.pid}\n{self.started:.6f}\n"
-
-
-def record_of(pid: int) -> PidRecord:
-    """The record of a running process (``os.getpid()`` for this one)."""
-    return PidRecord(pid, psutil.Process(pid).create_time())
-
-
-def read(path: Path) -> PidRecord | None:
-    """The record in a pid file; None when there is no file or it is not (yet) complete."""
-    try:
-        lines = path.read_text().split()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        return PidRecord(int(lines[0]), float(lines[1]))
-    except (IndexError, ValueError):
-        return None
+__all__ = [
+    "SAME_START", "AlreadyRunning", "HeldPidFile", "PidRecord", "read", "record_of", "remove", "running",
+    "server_pid_file", "servers_dir", "write",
+]
 
 
 def write(path: Path, record: PidRecord) -> None:

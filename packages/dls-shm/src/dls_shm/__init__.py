@@ -5,7 +5,7 @@ naming, the lock modes, the doorbells waiters sleep on, and the text report
 of a table that jdls -dvL and dls-dump both print.
 """
 
-from . import info, modes, report
+from . import info, modes, pidfiles, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
@@ -48,5 +48,5 @@ __all__ = [
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
     "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
-    "info", "report", "ring", "unpack_ip",
+    "info", "pidfiles", "report", "ring", "unpack_ip",
 ]

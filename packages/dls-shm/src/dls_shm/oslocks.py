@@ -40,9 +40,10 @@ Waiting. There is no descriptor to wait on for an ``fcntl`` lock, and a blocking
 ``F_SETLKW`` would stop a single-threaded lock server. A request that must wait
 is recorded (``Queued``) and tried again by :meth:`OsLocks.retry`; the caller
 polls it on a short timer (:data:`RETRY_FIRST`, doubling up to :data:`RETRY_MAX`),
-which costs a system call or two per look and keeps the CPU near idle. When the
-lock is released by another owner of this process, the waiters' doorbells are
-rung at once, as the table does. The order in which waiters get a lock is not
+which costs a system call or two per look and keeps the CPU near idle.
+:meth:`OsLocks.acquire` does this, with the table's timeout and ``on_wait`` (the
+same code: ``table.AcquireByWaiting``). When the lock is released by another owner of
+this process, the waiters' doorbells are rung at once, as the table does. The order in which waiters get a lock is not
 guaranteed (no FIFO): it depends on who looks first after a release, and a
 steady stream of readers can hold off a writer.
 
@@ -63,11 +64,23 @@ import itertools
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import doorbell
 from .layout import LOCAL_IP
-from .table import Conflict, Grant, Holder, NotHeld, Owner, Queued, TableError, resource_value, stored_key
+from .table import (
+    AcquireByWaiting,
+    Conflict,
+    Grant,
+    Holder,
+    NotHeld,
+    Owner,
+    Queued,
+    TableError,
+    resource_value,
+    stored_key,
+)
 
 #: Name of the lock file of (inode, device).
 LOCK_FILE_FORMAT = "jlock_%08x_%08x"
@@ -155,12 +168,13 @@ class _Record:
         return Holder(self.mode, o.pid, o.port, o.client_pid, o.thread, o.ip)
 
 
-class OsLocks:
+class OsLocks(AcquireByWaiting):
     """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
 
     The same calls and answers as LockTable: ``lock`` gives a Grant, a Conflict,
     or with a ``wait_token`` a Queued request to ``retry`` (see the module for how
-    waiting works); ``unlock``, ``cancel``, ``status``, ``release_owner``. Safe to
+    waiting works); ``acquire`` waits for it (polling) as the table's does, on this
+    thread's ``doorbell``; ``unlock``, ``cancel``, ``status``, ``release_owner``. Safe to
     share between the threads of the process that made it. The directory is made
     when the first lock needs it; lock files are made ``file_mode`` (default
     readable and writable by all, whatever the umask) so that every user's
@@ -181,6 +195,7 @@ class OsLocks:
         self._held: dict[int, _Record] = {}
         self._waiting: dict[int, _Record] = {}
         self._mutex = threading.RLock()
+        self._local = threading.local()  # each thread's doorbell (AcquireByWaiting)
 
     def path_of(self, inode: int, device: int) -> Path:
         """The lock file of (inode, device)."""
@@ -250,6 +265,13 @@ class OsLocks:
             tokens = self._drop(record)
         for token in tokens:
             doorbell.ring(token)
+
+    def _pauses(self) -> Iterator[float]:
+        """Polled: look again after ``retry_first`` seconds, then twice as long each time up to ``retry_max``."""
+        pause = self.retry_first
+        while True:
+            yield pause
+            pause = min(pause * 2, self.retry_max)
 
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
         """Who holds a resource: (0 free | 1 this owner | 2 another, the holder). Makes no file."""

@@ -24,6 +24,7 @@ the semaphore.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import operator
 import os
 import struct
@@ -31,7 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import psutil
 import sysv_ipc
@@ -204,7 +205,85 @@ def _holder(slot: Slot) -> Holder:
     return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
 
 
-class LockTable:
+class _WaitingLocks(Protocol):
+    """What :class:`AcquireByWaiting` needs of the class it is mixed into (LockTable, OsLocks)."""
+
+    def lock(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+    ) -> Grant | Conflict | Queued: ...
+
+    def retry(self, handle: int) -> Grant | Queued: ...
+
+    def cancel(self, handle: int) -> bool: ...
+
+    def doorbell(self) -> doorbell.Doorbell: ...
+
+    def _pauses(self) -> Iterator[float]: ...
+
+
+class AcquireByWaiting:
+    """``acquire`` and per-thread ``doorbell`` on top of ``lock``, ``retry`` and ``cancel``: one way of
+    waiting for LockTable and OsLocks, which differ only in ``_pauses()``, the longest sleeps between
+    looks at a queued request (a ring of its doorbell ends a sleep early).
+
+    The class it is mixed into sets ``self._local = threading.local()`` in ``__init__``.
+    """
+
+    _local: threading.local
+
+    def _pauses(self) -> Iterator[float]:
+        """The longest sleep before each next look at a queued request (an endless iterator)."""
+        raise NotImplementedError
+
+    def acquire(
+        self: _WaitingLocks, owner: Owner, inode: int, device: int, key: bytes, mode: int,
+        timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
+    ) -> Grant | Conflict:
+        """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
+
+        ``on_wait`` is called once when the request starts waiting, with the holder.
+        A request still queued when the timeout ends (or when ``on_wait`` or the
+        wait raises) is cancelled; one cancelled meanwhile by ``release_owner``
+        makes ``retry`` raise NotHeld.
+        """
+        if timeout is not None and timeout <= 0:
+            result = self.lock(owner, inode, device, key, mode)
+            assert not isinstance(result, Queued)
+            return result
+        bell = self.doorbell()
+        queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
+        if not isinstance(queued, Queued):
+            return queued
+        try:
+            if on_wait is not None:
+                on_wait(queued.holder)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for pause in self._pauses():
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                    if pause <= 0:
+                        self.cancel(queued.handle)
+                        return Conflict(queued.holder)
+                bell.wait(pause)
+                queued = self.retry(queued.handle)
+                if not isinstance(queued, Queued):
+                    return queued
+        except BaseException:
+            if isinstance(queued, Queued):
+                self.cancel(queued.handle)
+            raise
+        raise AssertionError("_pauses() ended")  # it never does
+
+    def doorbell(self) -> doorbell.Doorbell:
+        """This thread's doorbell, made on first use (and again in a forked child)."""
+        bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
+        if bell is None or self._local.pid != os.getpid():
+            bell = self._local.bell = doorbell.Doorbell()
+            self._local.pid = os.getpid()
+        return bell
+
+
+class LockTable(AcquireByWaiting):
     """A process's view of one lock table. Not to be shared between threads for
     waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
 
@@ -442,49 +521,9 @@ class LockTable:
         if tokens:
             _ring(tokens)
 
-    def acquire(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, timeout: float | None = None,
-        on_wait: Callable[[Holder], None] | None = None,
-    ) -> Grant | Conflict:
-        """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
-
-        ``on_wait`` is called once when the request starts waiting, with the holder.
-        """
-        if timeout is not None and timeout <= 0:
-            result = self.lock(owner, inode, device, key, mode)
-            assert not isinstance(result, Queued)
-            return result
-        bell = self.doorbell()
-        result = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
-        if not isinstance(result, Queued):
-            return result
-        if on_wait is not None:
-            on_wait(result.holder)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        queued: Grant | Queued = result
-        try:
-            while isinstance(queued, Queued):
-                pause = RECHECK_INTERVAL
-                if deadline is not None:
-                    pause = min(pause, deadline - time.monotonic())
-                    if pause <= 0:
-                        self.cancel(queued.handle)
-                        return Conflict(queued.holder)
-                bell.wait(pause)
-                queued = self.retry(queued.handle)
-        except BaseException:
-            if isinstance(queued, Queued):
-                self.cancel(queued.handle)
-            raise
-        return queued
-
-    def doorbell(self) -> doorbell.Doorbell:
-        """This thread's doorbell, made on first use."""
-        bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
-        if bell is None or self._local.pid != os.getpid():
-            bell = self._local.bell = doorbell.Doorbell()
-            self._local.pid = os.getpid()
-        return bell
+    def _pauses(self) -> Iterator[float]:
+        """A waiter is rung when its lock may be granted; it looks every RECHECK_INTERVAL as a safety net."""
+        return itertools.repeat(RECHECK_INTERVAL)
 
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
         """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""

@@ -3,39 +3,31 @@
 dls-dump and dls-ipcrm need to know whether the instance's lock monitor and
 lock listener run, and who has the lock table attached. The daemon keeps that
 in pid files and the kernel in /proc; dls-utils never imports dls_daemon, so
-this module reads the same files the way ``jdls -d`` and ``jdls -K`` do,
-but only reads: a stale pid file is left where it is, and a pid file's lock is
-tested (F_GETLK), never taken, so a monitor starting at that moment is not
-disturbed.
-
-Pid file format (the daemon's, dls_daemon.pidfile): two lines, the pid and
-the process's start time as psutil reports it; the monitor and listener hold
-their file locked (``lockf``) while they live. A record is believed when a
+this module reads the same files through dls_shm.pidfiles, the read-only half
+of the daemon's pid files (format, reading, liveness) that dls_daemon.pidfile
+uses too; but it only reads: a stale pid file is left where it is, and a pid
+file's lock is tested (F_GETLK, ``pidfiles.lock_holder``), never taken, so a
+monitor starting at that moment is not disturbed. A record is believed when a
 process with that pid started at that time, or when the file is locked.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import pwd
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from dls_shm import Instance
+from dls_shm import Instance, pidfiles
+from dls_shm.pidfiles import PidRecord
 
 #: The two long-lived processes of a service, by pid file role and the label messages use.
 ROLES = (("monitor", "lock monitor"), ("listener", "lock listener"))
-#: Two start times closer than this are the same process (as dls_daemon.pidfile decides).
-SAME_START = 0.05
 PROC = Path("/proc")
 SHM_LIST = PROC / "sysvipc" / "shm"
 SEM_LIST = PROC / "sysvipc" / "sem"
-#: struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid) with its padding.
-_FLOCK = struct.Struct("hhqqi4x")
 
 
 @dataclass(frozen=True)
@@ -49,25 +41,12 @@ class Running:
         return f"{self.label} (pid {self.pid})" if self.pid else f"{self.label} (pid unknown)"
 
 
-def _record(path: Path) -> tuple[int, float] | None:
+def _record(path: Path) -> PidRecord | None:
+    """The record in a pid file; None also when the file cannot be read or decoded (never raises)."""
     try:
-        fields = path.read_text().split()
-        return int(fields[0]), float(fields[1])
-    except (OSError, IndexError, ValueError):
+        return pidfiles.read(path)
+    except (OSError, ValueError):  # ValueError: UnicodeDecodeError of a file that is not text
         return None
-
-
-def started_at(pid: int, started: float) -> bool:
-    """True while the process ``pid`` that started at ``started`` (not a later one) runs."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(proc.create_time() - started) < SAME_START
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # another user's process with this pid: assume it is the one
 
 
 def alive(pid: int) -> bool:
@@ -82,32 +61,15 @@ def alive(pid: int) -> bool:
         return True
 
 
-def lock_holder(path: Path) -> int | None:
-    """The pid holding a POSIX lock on the file (as lockf takes it), else None; tested, never taken."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        l_type, _, _, _, l_pid = _FLOCK.unpack(answer)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return None if l_type == fcntl.F_UNLCK else int(l_pid)
-
-
 def running_pid(path: Path) -> int | None:
     """The pid of the live process a pid file names (0 if locked but not readable), else None."""
     record = _record(path)
-    if record is not None and started_at(*record):
-        return record[0]
-    holder = lock_holder(path)
+    if record is not None and record.alive():
+        return record.pid
+    holder = pidfiles.lock_holder(path)
     if holder is None:
         return None
-    return record[0] if record is not None else holder
+    return record.pid if record is not None else holder
 
 
 def running_roles(instance: Instance) -> list[Running]:
@@ -123,10 +85,10 @@ def running_roles(instance: Instance) -> list[Running]:
 def running_servers(instance: Instance) -> list[Running]:
     """The live lock servers listed in run/servers (stale files are left alone)."""
     found = []
-    for path in sorted((instance.run_dir / "servers").glob("*.pid")):
+    for path in sorted(pidfiles.servers_dir(instance).glob("*.pid")):
         record = _record(path)
-        if record is not None and path.name == f"{record[0]}.pid" and started_at(*record):
-            found.append(Running("lock server", record[0]))
+        if record is not None and path.name == f"{record.pid}.pid" and record.alive():
+            found.append(Running("lock server", record.pid))
     return found
 
 
