@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dls_client import Client, Config, Server
+from dls_client import Client, Config, LocalClient, Server
 from dls_shm import Instance
 
 
@@ -176,3 +176,17 @@ def start_local_holder(data: Path, key: str, **env: str) -> subprocess.Popen[str
 def local_holder() -> Callable[..., subprocess.Popen[str]]:
     """``local_holder(data, key, **env)``: start_local_holder, as a fixture (test modules cannot import conftest)."""
     return start_local_holder
+
+
+@pytest.fixture
+def local(daemon: Daemon) -> Iterator[LocalClient]:
+    """A LocalClient of the test's instance, beside the module's ``daemon`` (table or OS locks), closed after."""
+    with LocalClient() as c:
+        yield c
+
+
+@pytest.fixture
+def remote(daemon: Daemon) -> Iterator[Client]:
+    """A Client through the listener of the module's ``daemon``, closed after."""
+    with daemon.remote() as c:
+        yield c

@@ -45,18 +45,6 @@ def daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daem
         yield svc
 
 
-@pytest.fixture
-def local(daemon: Daemon) -> Iterator[LocalClient]:
-    with LocalClient() as c:
-        yield c
-
-
-@pytest.fixture
-def remote(daemon: Daemon) -> Iterator[Client]:
-    with daemon.remote() as c:
-        yield c
-
-
 def table_entries(daemon: Daemon) -> list[tuple[str, int, int, int, bytes]]:
     table = LockTable.attach(daemon.key)
     try:

@@ -39,18 +39,6 @@ def daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daem
         yield svc
 
 
-@pytest.fixture
-def local(daemon: Daemon) -> Iterator[LocalClient]:
-    with LocalClient() as c:
-        yield c
-
-
-@pytest.fixture
-def remote(daemon: Daemon) -> Iterator[Client]:
-    with daemon.remote() as c:
-        yield c
-
-
 def release(proc: subprocess.Popen[str]) -> None:
     """Have a local holder release its lock, and wait until it has."""
     assert proc.stdin is not None and proc.stdout is not None

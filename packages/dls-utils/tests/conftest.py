@@ -8,11 +8,13 @@ show-item-locks to another service.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -82,8 +84,6 @@ def local(clean_env: Instance) -> Iterator[Local]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -96,6 +96,8 @@ class Daemon:
     instance: Instance
     port: int
     env: dict[str, str]
+    #: Raw client connections a test made; closed before the service is stopped.
+    sockets: list[socket.socket] = field(default_factory=list)
 
     def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
@@ -118,21 +120,49 @@ class Daemon:
         return found
 
 
-@pytest.fixture
-def daemon(clean_env: Instance) -> Iterator[Daemon]:
-    """A Daemon not yet started (``daemon.start("-P")``); at teardown stopped (-k), removed (-K), checked."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS")}
-    svc = Daemon(clean_env, _free_port(), env)
+@contextlib.contextmanager
+def stopped_after(svc: Daemon, *remove_options: str) -> Iterator[Daemon]:
+    """Yield ``svc``; then stop it (-k), remove its table (-K ``remove_options``), and fail if a process
+    or IPC object of it is left (after killing and reporting them)."""
     try:
         yield svc
     finally:
+        for sock in svc.sockets:
+            sock.close()
         stop = svc.jdls("-k")
-        remove = svc.jdls("-K", "-o")
+        remove = svc.jdls("-K", *remove_options)
         leftovers = svc.processes()
         for proc in leftovers:  # never leave them to the next run, but still fail
             proc.kill()
-        left = ipc_left(clean_env.key)
+        left = ipc_left(svc.instance.key)
         assert stop.returncode == 0, stop.stderr
         assert remove.returncode == 0, remove.stderr
         assert not leftovers, f"processes left after jdls -k: {leftovers}"
         assert not left, f"IPC left after jdls -K: {left}"
+
+
+def service_env() -> dict[str, str]:
+    """This process's environment without what would point a daemon at another service."""
+    return {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS")}
+
+
+@pytest.fixture
+def daemon(clean_env: Instance) -> Iterator[Daemon]:
+    """A Daemon not yet started (``daemon.start("-P")``); at teardown stopped (-k), removed (-K), checked."""
+    with stopped_after(Daemon(clean_env, _free_port(), service_env()), "-o") as svc:
+        yield svc
+
+
+@pytest.fixture
+def daemon_in(ipc_left: Callable[[int], list[str]]) -> Callable[[Path], contextlib.AbstractContextManager[Daemon]]:
+    """``with daemon_in(root) as d:`` a Daemon of the instance at ``root``, started (-ib), checked after."""
+    @contextlib.contextmanager
+    def started(root: Path) -> Iterator[Daemon]:
+        env = service_env()
+        env["JBCRELEASEDIR"] = str(root)
+        svc = Daemon(Instance.from_environment(root), _free_port(), env)
+        assert not ipc_left(svc.instance.key)
+        with stopped_after(svc) as running:
+            running.start()
+            yield running
+    return started

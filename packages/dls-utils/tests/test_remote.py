@@ -8,18 +8,15 @@ test also says exactly what a client sends. Teardown stops (-k) and removes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import psutil
 import pytest
 from dls_proto import (
     NEED_DATA,
@@ -36,75 +33,26 @@ from dls_proto import (
     Role,
     Welcome,
 )
-from dls_shm import Instance, resource_value
+from dls_shm import resource_value
 from dls_utils.show_item_locks import main
+
+if TYPE_CHECKING:
+    from conftest import Daemon  # the fixtures' class, in this directory's conftest.py
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 KEY = "USD163170001"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Service:
-    root: Path
-    port: int
-    env: dict[str, str]
-    instance: Instance
-    sockets: list[socket.socket] = field(default_factory=list)
-
-    def jdls(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL)
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            try:
-                if proc.info["status"] == psutil.STATUS_ZOMBIE or "dls_daemon" not in (proc.info["cmdline"] or []):
-                    continue
-                if proc.environ().get("JBCRELEASEDIR") == str(self.root):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
-
-
 @pytest.fixture
-def service(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ipc_left: Callable[[int], list[str]]
-) -> Iterator[Service]:
-    root = tmp_path / "service"
-    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS")}
-    env["JBCRELEASEDIR"] = str(root)
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            daemon_in: Callable[[Path], contextlib.AbstractContextManager[Daemon]]) -> Iterator[Daemon]:
     # show-item-locks itself must not find a table or JDLS of its own by accident.
     for name in ("JDLS", "DLS_IPC_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JBCRELEASEDIR", str(tmp_path / "elsewhere"))
-    svc = Service(root, free_port(), env, Instance.from_environment(root))
-    assert not ipc_left(svc.instance.key)
-    started = svc.jdls("-ib", "--port", str(svc.port))
-    try:
-        assert started.returncode == 0, started.stderr
+    with daemon_in(tmp_path / "service") as svc:
         yield svc
-    finally:
-        for sock in svc.sockets:
-            sock.close()
-        stop = svc.jdls("-k")
-        remove = svc.jdls("-K")
-        leftovers = svc.processes()
-        for proc in leftovers:  # never leave them to the next run, but still fail
-            proc.kill()
-        left = ipc_left(svc.instance.key)
-        assert stop.returncode == 0, stop.stderr
-        assert remove.returncode == 0, remove.stderr
-        assert not leftovers, f"processes left after jdls -k: {leftovers}"
-        assert not left, f"IPC left after jdls -K: {left}"
 
 
 def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
@@ -119,7 +67,7 @@ def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
         conn.receive_data(data)
 
 
-def client(svc: Service, port: int) -> tuple[socket.socket, Connection, Welcome]:
+def client(svc: Daemon, port: int) -> tuple[socket.socket, Connection, Welcome]:
     """A connected client that says it is ``port``: the socket, its connection and the Welcome."""
     sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
     svc.sockets.append(sock)
@@ -142,7 +90,7 @@ def snapshot_rows(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[s
     return rows
 
 
-def test_a_lock_through_the_listener(service: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_a_lock_through_the_listener(service: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "FBNK.ACCOUNT"
     data.write_text("")
