@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from dls_client import Client, Config, FileRef, Server
-from dls_proto.transport import SpinningReader
+from dls_proto import SpinningReader
 from dls_shm import LOCAL_IP, Instance, LockTable, Owner, geometry_for
 
 KEY = b"USD163170001"

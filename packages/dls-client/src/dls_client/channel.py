@@ -29,11 +29,11 @@ from dls_proto import (
     NeedData,
     RemoteProtocolError,
     Role,
+    SpinningReader,
     UnknownMessage,
     Waiting,
     Welcome,
 )
-from dls_proto.transport import SpinningReader
 
 from .config import Server
 from .errors import AcknowledgementTimeout, ServiceUnavailable

@@ -59,6 +59,7 @@ from dls_proto import (
     RefuseReason,
     RemoteProtocolError,
     Role,
+    SpinningReader,
     Status,
     StatusReply,
     UnknownMessage,
@@ -69,7 +70,6 @@ from dls_proto import (
     Welcome,
     choose_version,
 )
-from dls_proto.transport import SpinningReader
 from dls_shm import (
     Conflict,
     Doorbell,

@@ -46,13 +46,14 @@ from .messages import (
     Waiting,
     Welcome,
 )
+from .transport import SpinningReader
 
 __all__ = [
     "ALL_THREADS", "DEFAULT_MAX_FRAME", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",
-    "ProtocolError", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "State", "Status",
+    "ProtocolError", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "SpinningReader", "State", "Status",
     "StatusReply", "UnknownMessage", "Unlock", "UnlockAll", "Unlocked", "Waiting", "Welcome",
     "__version__", "choose_version", "encode",
 ]
