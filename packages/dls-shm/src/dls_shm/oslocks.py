@@ -69,7 +69,7 @@ from pathlib import Path
 
 from . import doorbell
 from .layout import LOCAL_IP
-from .table import (
+from .mechanism import (
     AcquireByWaiting,
     Conflict,
     Grant,
@@ -266,7 +266,7 @@ class OsLocks(AcquireByWaiting):
         for token in tokens:
             doorbell.ring(token)
 
-    def _pauses(self) -> Iterator[float]:
+    def pauses(self) -> Iterator[float]:
         """Polled: look again after ``retry_first`` seconds, then twice as long each time up to ``retry_max``."""
         pause = self.retry_first
         while True:
