@@ -1,5 +1,8 @@
 """The lock table: lock, unlock, wait, scan and tidy in SysV shared memory.
 
+``LockTable`` is one of the two lock mechanisms (``mechanism.LockMechanism``);
+the other, OS file locks, serves a service that has no table.
+
 One semaphore guards the whole table. It is taken with SEM_UNDO, so a process
 killed while holding it gives it back; writes are ordered so that such a death
 leaves the table consistent (a slot's value, which marks it used, is written
@@ -18,7 +21,8 @@ Waiting: a request that must wait is recorded as a WAITING slot, behind the
 locks it conflicts with, in FIFO order (a request never overtakes an earlier
 incompatible waiter). The waiter sleeps on its doorbell; whoever frees or
 cancels a lock rings the waiters that can now be granted, after letting go of
-the semaphore.
+the semaphore. A ring lost with a process killed between the two is why a
+waiter still looks every RECHECK_INTERVAL (``pauses()``).
 """
 
 from __future__ import annotations
