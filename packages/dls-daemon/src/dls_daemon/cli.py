@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from dls_shm import Instance, geometry_for
+from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
 
 from .__about__ import __version__
 from .context import (
@@ -40,7 +40,6 @@ from .context import (
 )
 from .daemon import start
 from .display import connection_test, display
-from .roles import LISTENER, MONITOR, ROLES
 from .settings import DEFAULT_BIND, DEFAULT_PORT, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .stop import remove_ipc, stop_roles
 
