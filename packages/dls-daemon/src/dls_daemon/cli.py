@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dls_proto import environment, jdls
-from dls_shm import Instance, geometry_for
+from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
 
 from .__about__ import __version__
 from .context import (
@@ -39,7 +39,6 @@ from .context import (
 )
 from .daemon import start
 from .display import connection_test, display
-from .roles import LISTENER, MONITOR, ROLES
 from .settings import DEFAULT_BIND, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .stop import remove_ipc, stop_roles
 

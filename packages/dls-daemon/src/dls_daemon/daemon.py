@@ -24,12 +24,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import TextIO
 
+from dls_shm import LABELS, LISTENER, MONITOR, ROLES, pidfiles
+
 from . import log as daemon_log
-from . import pidfile
 from .listener import Listener, listen_problem
 from .monitor import Monitor
 from .report import Outcome, PipeReport, PrintReport, Report, collect
-from .roles import LABELS, LISTENER, MONITOR, ROLES
 from .settings import START_TIMEOUT, Settings
 from .signals import block, unblock
 from .stop import stop_roles
@@ -51,7 +51,7 @@ def start(
         print(f"jdls: cannot set up the instance directory {instance.root}: {exc}", file=err)
         return 1
     for role in roles:
-        running = pidfile.running(instance.pid_file(role))
+        running = pidfiles.running(instance.pid_file(role))
         if running is not None:
             print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
             return 1

@@ -38,11 +38,8 @@ from dls_proto import (
     exchange,
     identity,
 )
-from dls_shm import Header, Instance, LockTable, TableError, TableMissing
+from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, pidfiles
 from dls_shm.report import Process, Snapshot, line, lines, process_lines
-
-from . import pidfile
-from .roles import LISTENER, MONITOR
 
 #: How long ``-C`` waits for the connection and for each answer.
 TEST_TIMEOUT = 10.0
@@ -52,7 +49,7 @@ T = TypeVar("T")
 
 def _process(instance: Instance, role: str, header: Header | None) -> Process:
     """The pid file's live process, else the header's pid (0 without a table) as inactive."""
-    record = pidfile.running(instance.pid_file(role))
+    record = pidfiles.running(instance.pid_file(role))
     if record is not None:
         return Process(record.pid, True)
     stored = 0 if header is None else (header.monitor_pid if role == MONITOR else header.listener_pid)

@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from dls_proto import Error, ErrorCode, encode
-from dls_shm import LockTable, TableError, TableMissing
+from dls_shm import AlreadyRunning, HeldPidFile, LockTable, PidRecord, TableError, TableMissing, pidfiles
 
-from . import lockserver, pidfile
+from . import lockserver
 from . import log as daemon_log
 from .context import ServerContext
-from .pidfile import AlreadyRunning, HeldPidFile, PidRecord, server_pid_file, servers_dir
 from .report import Report
 from .settings import Settings
 from .signals import SignalWatch, block, unblock
@@ -143,8 +142,8 @@ class Listener:
             self.instance, self.table, daemon_log.get("server"), limits=settings.limits, port_owners=port_owners,
             lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir,
         )
-        servers_dir(self.instance).mkdir(parents=True, exist_ok=True)
-        self.adopted = [r for r in map(pidfile.read, servers_dir(self.instance).glob("*.pid"))
+        self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
+        self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
                         if r is not None and r.alive()]
         limits = settings.limits
         self.log.info(
@@ -305,7 +304,7 @@ class Listener:
         unblock(watched)
         self.children.add(pid)
         try:
-            pidfile.write(server_pid_file(self.instance, pid), pidfile.record_of(pid))
+            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
@@ -318,8 +317,8 @@ class Listener:
             self._forget_in_child()
             unblock(blocked)
             daemon_log.set_role("server")
-            pid_path = server_pid_file(self.instance, os.getpid())
-            pidfile.write(pid_path, pidfile.record_of(os.getpid()))
+            pid_path = self.instance.server_pid_file(os.getpid())
+            pidfiles.write(pid_path, pidfiles.record_of(os.getpid()))
             assert self.ctx is not None
             status = lockserver.serve(conn, peer, self.ctx)
         except SystemExit as exc:
@@ -332,7 +331,7 @@ class Listener:
             status = EXIT_CRASHED
         finally:
             if pid_path is not None:
-                pidfile.remove(pid_path)
+                pidfiles.remove(pid_path)
             daemon_log.flush()
             os._exit(status)
 
@@ -363,7 +362,7 @@ class Listener:
             if pid == 0:
                 return
             self.children.discard(pid)
-            pidfile.remove(server_pid_file(self.instance, pid))
+            pidfiles.remove(self.instance.server_pid_file(pid))
             if os.WIFSIGNALED(status):
                 self.log.warning("lock server %d killed by %s", pid, signal.Signals(os.WTERMSIG(status)).name)
             elif os.WEXITSTATUS(status):

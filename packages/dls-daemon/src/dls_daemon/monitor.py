@@ -21,9 +21,8 @@ import signal
 import time
 from collections.abc import Callable
 
-from dls_shm import LockTable, TableError, TableFlag, TableMissing
+from dls_shm import AlreadyRunning, HeldPidFile, LockTable, TableError, TableFlag, TableMissing
 
-from .pidfile import AlreadyRunning, HeldPidFile
 from .report import Report
 from .settings import Settings
 from .signals import SignalWatch

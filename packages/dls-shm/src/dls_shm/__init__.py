@@ -8,7 +8,7 @@ of a table that jdls -dvL and dls-dump both print.
 from . import info, modes, pidfiles, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
-from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
+from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for
 from .layout import (
     DEFAULT_PER_GROUP,
     DEFAULT_RECORDS,
@@ -24,7 +24,9 @@ from .layout import (
     pack_ip,
     unpack_ip,
 )
+from .occupancy import IpcObject, Occupancy, Occupant, command_line, running_role, running_servers, service_processes
 from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
+from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
 from .table import (
     RECHECK_INTERVAL,
     Conflict,
@@ -43,6 +45,9 @@ from .table import (
 )
 
 __all__ = [
+    "LABELS", "LISTENER", "MONITOR", "ROLES",
+    "IpcObject", "Occupancy", "Occupant", "command_line", "running_role", "running_servers", "service_processes",
+    "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",

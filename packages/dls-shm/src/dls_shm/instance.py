@@ -4,6 +4,11 @@ Everything of one instance derives from that directory: the table's IPC key,
 pid files, logs, the error trace and the proc/info directory. Two instances
 with different directories never meet, which is how a primary and a secondary
 service, or many test runs, share one machine.
+
+The names of the service's two long-lived processes live here too, beside the
+pid files named after them: the daemon that writes those files and the
+operator tools that read them (dls-utils never imports dls-daemon) must spell
+them alike.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, n
 #: Environment variable that overrides the derived IPC key (decimal or 0x hex).
 IPC_KEY_VARIABLE = "DLS_IPC_KEY"
 
+#: The two long-lived processes of a service, as their pid files (run/jdls-<role>.pid) name them.
+MONITOR = "monitor"
+LISTENER = "listener"
+#: In the order they start: the listener looks for the monitor's table when it starts.
+ROLES = (MONITOR, LISTENER)
+#: How messages name them.
+LABELS = {MONITOR: "lock monitor", LISTENER: "lock listener"}
+
 
 def ipc_key_for(root: Path) -> int:
     """A positive 31-bit SysV key from the directory's real path (an ftok that needs no inode)."""
@@ -27,6 +40,8 @@ def ipc_key_for(root: Path) -> int:
 
 @dataclass(frozen=True)
 class Instance:
+    """One lock service's release directory and table key: where each of its files and IPC objects is."""
+
     root: Path
     key: int
 
@@ -67,7 +82,16 @@ class Instance:
         return self.root / "tmp" / "jbase_error_trace"
 
     def pid_file(self, role: str) -> Path:
+        """The pid file of the monitor or the listener (a role of ROLES)."""
         return self.run_dir / f"jdls-{role}.pid"
+
+    @property
+    def servers_dir(self) -> Path:
+        """Where the lock servers' pid files are: one file per running lock server."""
+        return self.run_dir / "servers"
+
+    def server_pid_file(self, pid: int) -> Path:
+        return self.servers_dir / f"{pid}.pid"
 
     def make_dirs(self) -> None:
         for d in (self.info_dir, self.run_dir, self.log_dir, self.error_trace.parent):
