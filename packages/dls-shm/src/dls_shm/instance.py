@@ -18,8 +18,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The release directory used when JBCRELEASEDIR is not set.
-DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, not a temp file
+from dls_proto import environment
+
+#: The release directory used when JBCRELEASEDIR is not set (as every dls program reads it).
+DEFAULT_RELEASE_DIR = environment.DEFAULT_RELEASE_DIR
 #: Environment variable that overrides the derived IPC key (decimal or 0x hex).
 IPC_KEY_VARIABLE = "DLS_IPC_KEY"
 
@@ -48,7 +50,7 @@ class Instance:
     @classmethod
     def from_environment(cls, root: str | os.PathLike[str] | None = None) -> Instance:
         """The instance of ``root``, else of $JBCRELEASEDIR, else of the default directory."""
-        path = Path(root or os.environ.get("JBCRELEASEDIR") or DEFAULT_RELEASE_DIR).absolute()
+        path = (Path(root) if root else environment.release_dir()).absolute()
         override = os.environ.get(IPC_KEY_VARIABLE)
         if override:
             try:
@@ -79,7 +81,7 @@ class Instance:
 
     @property
     def error_trace(self) -> Path:
-        return self.root / "tmp" / "jbase_error_trace"
+        return self.root / environment.ERROR_TRACE
 
     def pid_file(self, role: str) -> Path:
         """The pid file of the monitor or the listener (a role of ROLES)."""
