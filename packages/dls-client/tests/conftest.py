@@ -132,7 +132,7 @@ def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     The lock directories are under tmp_path too (JDLS_LOCK_DIR, JDLS_BINARY_LOCK_DIR), for this process, the
     processes it starts and a daemon started with ``dict(os.environ)``.
     """
-    import dls_client.client as client_module
+    import dls_client as client_module
 
     root = tmp_path / "release"
     monkeypatch.setenv("JBCRELEASEDIR", str(root))

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from dls_client import Client, Config, DlsError, LockRefused, Mode, Server
-from dls_client.client import LocalBinaryLock
+from dls_client import Client, Config, DlsError, LocalBinaryLock, LockRefused, Mode, Server
 
 KEY = "USD163170001"
 
@@ -185,7 +184,7 @@ def test_without_binary_file_locks_are_local_and_exclude_across_processes(local_
         assert isinstance(held, LocalBinaryLock)
         with pytest.raises(LockRefused):  # a second lock of the same process is excluded too
             client.binary_lock(data, wait=False)
-    assert client._channel is None  # never connected
+    assert not client.connected  # never connected
 
 
 def test_shared_local_binary_locks_share(local_dirs: tuple[Path, Path, Path], data: Path) -> None:
@@ -207,7 +206,7 @@ def test_without_binary_execution_locks_are_local_files(local_dirs: tuple[Path, 
         client.execution_lock(0, wait=False).release()
     with client.execution_lock(255, wait=False):
         pass
-    assert client._channel is None
+    assert not client.connected
 
 
 @pytest.mark.parametrize("number", [-1, 256, 1000, True, 3.0, "7"])
@@ -226,7 +225,7 @@ def test_lock_internal_refuses_external_locks_without_asking_the_service(data: P
         client.lock(data, KEY, kind="external")
     assert str(refused.value) == ("record locks of kind 'external' are not handled by the lock service "
                                   "(JDLS LOCK=INTERNAL); the caller's own lock handler must take them")
-    assert client._channel is None
+    assert not client.connected
 
 
 def test_lock_external_refuses_internal_locks(data: Path) -> None:

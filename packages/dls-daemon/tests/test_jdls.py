@@ -395,6 +395,20 @@ def test_remove_refuses_while_the_table_is_attached(service):
     assert service.ipc_left() == ["shared memory", "semaphore"]
 
 
+def test_remove_refuses_a_table_this_user_may_not_remove(service, monkeypatch, capsys):
+    """Decided from /proc/sysvipc before anything is touched, even with -o: not a failed removal's error."""
+    assert service.jdls("-ibA").returncode == 0
+    assert service.jdls("-kA").returncode == 0
+    monkeypatch.setenv("JBCRELEASEDIR", str(service.root))
+    monkeypatch.delenv("DLS_IPC_KEY", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 4242)
+    assert main(["-K", "-o"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot remove the lock table 0x{service.instance.key:08x}: it belongs to user " in err
+    assert "run jdls -K as that user or as root" in err
+    assert service.ipc_left() == ["shared memory", "semaphore"]
+
+
 def test_remove_refuses_while_a_lock_server_runs(service):
     started(service)
     with socket.create_connection(("127.0.0.1", service.port)):

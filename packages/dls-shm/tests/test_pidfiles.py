@@ -1,4 +1,4 @@
-"""dls_shm.pidfiles: the pid-file format, reading it, liveness of a record, and the lock-holder test."""
+"""dls_shm.pidfiles: the pid-file format, reading and writing it, liveness of a record, the lock and its tests."""
 
 from __future__ import annotations
 
@@ -91,5 +91,65 @@ def test_lock_holder_names_the_process_holding_the_lockf_lock(tmp_path: Path) ->
 
 def test_paths_of_an_instance(tmp_path: Path) -> None:
     instance = Instance(tmp_path, 1)
-    assert pidfiles.servers_dir(instance) == tmp_path / "run" / "servers"
-    assert pidfiles.server_pid_file(instance, 42) == tmp_path / "run" / "servers" / "42.pid"
+    assert instance.servers_dir == tmp_path / "run" / "servers"
+    assert instance.server_pid_file(42) == tmp_path / "run" / "servers" / "42.pid"
+
+
+def test_read_or_none_never_raises(tmp_path: Path) -> None:
+    assert pidfiles.read_or_none(tmp_path) is None  # a directory
+    (tmp_path / "binary.pid").write_bytes(b"\xff\xfe\n")
+    assert pidfiles.read_or_none(tmp_path / "binary.pid") is None
+    pidfiles.write(tmp_path / "me.pid", pidfiles.record_of(os.getpid()))
+    assert pidfiles.read_or_none(tmp_path / "me.pid") == pidfiles.read(tmp_path / "me.pid")
+
+
+def test_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "servers" / "7.pid"  # the directories are made
+    pidfiles.write(path, PidRecord(7, 1.5))
+    assert pidfiles.read(path) == PidRecord(7, 1.5)
+    assert [p.name for p in path.parent.iterdir()] == ["7.pid"]
+    pidfiles.remove(path)
+    pidfiles.remove(path)  # removing what is gone is no error
+    assert not path.exists()
+
+
+def test_running_removes_a_stale_file_running_pid_leaves_it(tmp_path: Path) -> None:
+    path = tmp_path / "jdls-monitor.pid"
+    me = pidfiles.record_of(os.getpid())
+    path.write_text(me.text())
+    assert pidfiles.running(path) == me and pidfiles.running_pid(path) == me.pid
+    path.write_text(PidRecord(me.pid, me.started + 10).text())  # our pid, another start time: stale
+    assert pidfiles.running_pid(path) is None
+    assert path.exists()  # read only
+    assert pidfiles.running(path) is None
+    assert not path.exists()  # tidied
+    assert pidfiles.running(path) is None and pidfiles.running_pid(path) is None
+
+
+def test_a_held_pid_file_is_running_for_both_and_refuses_a_second_holder(tmp_path: Path) -> None:
+    path = tmp_path / "jdls-listener.pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from dls_shm import HeldPidFile; "
+         "held = HeldPidFile.acquire(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read(); held.release()",
+         str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        record = pidfiles.running(path)
+        assert record is not None and record.pid == holder.pid
+        assert pidfiles.running_pid(path) == holder.pid
+        with pytest.raises(pidfiles.AlreadyRunning) as refused:
+            pidfiles.HeldPidFile.acquire(path)
+        assert refused.value.record == record
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(5) == 0
+    assert not path.exists()  # released: removed, then unlocked
+    held = pidfiles.HeldPidFile.acquire(path)
+    try:
+        assert pidfiles.read(path) == pidfiles.record_of(os.getpid())
+    finally:
+        held.release()
+    assert not path.exists()

@@ -26,16 +26,16 @@ from dls_proto import (
     Error,
     Hello,
     Message,
-    NeedData,
     RemoteProtocolError,
     Role,
+    Server,
     SpinningReader,
     UnknownMessage,
     Waiting,
     Welcome,
+    receive,
 )
 
-from .config import Server
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 
 #: Largest frame this client accepts (information snapshots can be large).
@@ -44,22 +44,35 @@ CONNECT_TIMEOUT = 5.0
 
 
 class Channel:
+    """One greeted connection to one lock server: requests out, each reply to the thread awaiting it.
+
+    ``ack_timeout`` is how long a request may wait in silence (JDLS TIMEOUT; None
+    with WAIT); ``unsolicited`` gets the replies nobody awaits (a failed unlock's
+    Error); ``on_failure`` hears, once, why the connection was lost. Once lost, a
+    channel stays lost: every call raises the same ServiceUnavailable. ``sock``
+    is an already connected socket to use instead of connecting to ``server``
+    (tests give one end of a socketpair).
+    """
+
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
         self._unsolicited = unsolicited
         self._on_failure = on_failure
-        try:
-            self.sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
-        except OSError as exc:
-            raise ServiceUnavailable(
-                f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
-            ) from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if sock is None:
+            try:
+                sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                raise ServiceUnavailable(
+                    f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
+                ) from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.sock = sock
         self.sock.settimeout(None)
         # A kernel receive timeout keeps the socket blocking (one syscall per recv)
         # and still lets a reader notice silence.
@@ -150,41 +163,37 @@ class Channel:
 
     def _read(self, rid: int, box: list[Message], deadline: float | None) -> None:
         """Read until a message for ``rid`` arrives, the deadline passes, or the service is lost."""
-        conn = self.conn
+        conn, read = self.conn, self._read_socket
         while not box:
             try:
-                event = conn.next_event()
+                event = receive(conn, read)
+            except BlockingIOError:  # a receive-timeout slice passed: look at the deadline
+                event = None
             except RemoteProtocolError as exc:
                 raise self._fail(f"lock service {self.server} sent bad data: {exc}") from None
-            if isinstance(event, NeedData):
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
-                try:
-                    data = self._read_socket()
-                except BlockingIOError:
-                    continue  # a receive-timeout slice passed; look at the deadline
-                except OSError as exc:
-                    raise self._fail(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
-                if not data:
-                    raise self._fail(f"lock service {self.server} closed the connection")
-                conn.receive_data(data)
-                continue
+            except OSError as exc:
+                raise self._fail(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
             if isinstance(event, ConnectionClosed):
                 raise self._fail(f"lock service {self.server} closed the connection")
-            if isinstance(event, UnknownMessage):
-                continue
-            target = event.request_id
-            if target == rid:
-                box.append(event)
+            if event is not None and not isinstance(event, UnknownMessage):
+                target = event.request_id
+                if target == rid:
+                    box.append(event)
+                    return
+                self._deliver(target, event)
+            if deadline is not None and time.monotonic() >= deadline:
                 return
-            other = self._mail.get(target)
-            if other is None:
-                self._unsolicited(event)
-            else:
-                other.append(event)
-                if self._followers:
-                    with self._cond:
-                        self._cond.notify_all()
+
+    def _deliver(self, target: int, event: Message) -> None:
+        """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
+        other = self._mail.get(target)
+        if other is None:
+            self._unsolicited(event)
+            return
+        other.append(event)
+        if self._followers:
+            with self._cond:
+                self._cond.notify_all()
 
     def _fail(self, message: str) -> ServiceUnavailable:
         if self.failure is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import dls_proto
+
 
 class Holder(NamedTuple):
     """Who holds a lock another request wanted."""
@@ -23,8 +25,12 @@ class DlsError(Exception):
     """Base of every dls-client error."""
 
 
-class ConfigurationError(DlsError):
-    """The JDLS variable (or an argument) is not valid; the message names the option."""
+class ConfigurationError(DlsError, dls_proto.ConfigurationError):
+    """JDLS or JBCPORTNO (or an argument) is not valid; the message names the option.
+
+    dls-proto reads both for every dls program and raises its own ConfigurationError, of which this is
+    the dls-client kind: ``dls_client.config`` turns one into the other, so that DlsError catches it.
+    """
 
 
 class ServiceUnavailable(DlsError):
@@ -36,7 +42,7 @@ class ServiceLost(ServiceUnavailable):
 
     A resilient client (JDLS SERVER2) raises it when the last of its two servers
     fails; from then on every request raises it again. A lock service is never
-    reconnected within one process (see dls_client.resilience).
+    reconnected within one process (see dls_client.route).
     """
 
 

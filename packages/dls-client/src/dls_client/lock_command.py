@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from dls_proto import Mode
 
 from .__about__ import __version__
-from .client import Client, FileRef
+from .client import Client
 from .config import Config
 from .errors import ConfigurationError, DlsError, Holder, LockRefused, LockTimeout, ServiceUnavailable
+from .locks import FileRef
 
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69

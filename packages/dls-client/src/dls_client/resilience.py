@@ -1,28 +1,17 @@
 """Resilient mode (JDLS SERVER2): every lock held on two lock servers, so that either may fail.
 
-The rules are the jDLS guide's, and each is there to keep two owners from ever
-holding one lock:
+The rules are the jDLS guide's (the README says them for users), and each is
+there to keep two owners from ever holding one lock: a lock goes to the
+secondary only after the primary granted it, and the primary's answer stands;
+a failed primary is replaced by the secondary, which already holds every lock
+of the process; a failed server is never contacted again (its lock server
+released this process's locks when the connection went); with no server left
+the process must wrap up (ServiceLost, on every later request too).
 
-- A lock request goes to the secondary only after the primary granted it, so
-  the secondary never holds a lock the primary refused. The secondary's answer
-  is compared with the primary's; a difference is written to the error trace
-  (someone must look into it) and the primary's answer stands.
-- When the primary fails, the secondary is promoted: it already holds every
-  lock of this process, so the application carries on at once (no reconnection,
-  no re-taking), and duplication stops: the process is no longer resilient.
-- When the secondary fails, the process carries on with the primary alone.
-- A failed server is never contacted again by this process: its lock server
-  released this process's locks when the connection went, and a reconnection
-  would find them taken by others. Its channel is closed for good.
-- When no server is left the process is told (``ServiceLost``) and must wrap up;
-  every later request raises the same error.
-
-Handles: the two servers number their locks independently, so a resilient
-client gives out handles of its own and keeps, for each, the (channel, server
-handle) pairs of the servers holding it. Only resilient clients pay for that.
-
-A request waiting on the secondary (because an unlock sent there by another
-process has not arrived yet, say) waits at most TIMEOUT seconds; longer is a
+The two servers number their locks independently, so a resilient client gives
+out handles of its own and keeps, for each, the (channel, server handle) pairs
+of the servers holding it; only resilient clients pay for that. A request
+waiting on the secondary waits at most TIMEOUT seconds; longer is a
 difference, logged, and the lock is then held on the primary alone.
 """
 
@@ -30,13 +19,13 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
 
-from dls_proto import Granted, Lock, Message, Unlock, UnlockAll, Waiting
+from dls_proto import ALL_THREADS, Granted, Lock, Message, Server, Unlock, UnlockAll, Waiting
 
 from .channel import Channel
-from .config import Server
 from .errors import ServiceLost, ServiceUnavailable
+from .locks import describe
+from .route import OnPrimary, OpenChannel, Route
 from .trace import Tracer
 
 #: One server's hold of a lock: the channel to that server and the handle it gave.
@@ -54,18 +43,16 @@ class _Entry:
         self.holds = holds
 
 
-class Mirror:
-    """The primary and secondary channels of one resilient client, and which locks each holds."""
+class ResilientRoute(Route):
+    """A primary and a secondary lock server (SERVER2), and which of this client's locks each holds."""
 
-    def __init__(self, primary: Channel, secondary: Channel | None, trace: Tracer, timeout: float) -> None:
-        self.primary = primary
-        self.secondary = secondary
-        self.trace = trace
+    def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer,
+                 on_primary: OnPrimary, timeout: float) -> None:
+        super().__init__(servers, open_channel, trace, on_primary)
+        self.secondary: Channel | None = None
         self.timeout_ms = max(1, int(timeout * 1000))
         #: Set when no server is left: every later request raises it.
         self.wrapped_up: ServiceLost | None = None
-        #: Called (outside the lock) with the new primary after a promotion.
-        self.on_promote: Callable[[Channel], None] | None = None
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         #: This client's handle of each (channel, server handle), so that a lock taken again (a conversion,
@@ -75,37 +62,42 @@ class Mirror:
         self._releases = 0  # release_all calls so far: a lock mirrored across one is released
         self._failed: list[str] = []
 
-    @classmethod
-    def connect(cls, servers: tuple[Server, Server], open_channel: Callable[[Server], Channel], trace: Tracer,
-                timeout: float) -> Mirror:
+    # -- connecting, and failures -----------------------------------------------------------
+
+    def current(self) -> Channel:
+        if self.wrapped_up is not None:
+            raise self.wrapped_up
+        return super().current()
+
+    def channels(self) -> list[Channel]:
+        return [c for c in (self.primary, self.secondary) if c is not None]
+
+    def _connect_all(self) -> Channel:
         """Connect to both servers; one that cannot be reached is dropped (logged), as if it failed at once."""
         channels: list[Channel] = []
-        failures: list[str] = []
-        for role, server in zip(("primary", "secondary"), servers, strict=True):
+        for role, server in zip(("primary", "secondary"), self.servers, strict=True):
             try:
-                channels.append(open_channel(server))
+                channels.append(self._open(server))
             except ServiceUnavailable as exc:
-                failures.append(f"{role} {server}: {exc}")
-                trace.error(f"Client: {role} lock service {server} cannot be reached; not used by this process")
+                self._failed.append(f"{role} {server}: {exc}")
+                self.trace.error(f"Client: {role} lock service {server} cannot be reached; not used by this process")
         if not channels:
-            raise ServiceLost(f"no lock service can be reached ({'; '.join(failures)})")
-        mirror = cls(channels[0], channels[1] if len(channels) > 1 else None, trace, timeout)
-        mirror._failed.extend(failures)
+            raise ServiceLost(f"no lock service can be reached ({'; '.join(self._failed)})")
         if len(channels) == 1:
-            trace.error(f"Client: using lock service {channels[0].server} alone; this process is not resilient")
-        return mirror
+            self.trace.error(f"Client: using lock service {channels[0].server} alone; this process is not resilient")
+        else:
+            self.secondary = channels[1]
+        return channels[0]
 
-    # -- failures ------------------------------------------------------------------------
-
-    def lost(self, channel: Channel, exc: BaseException) -> Channel:
-        """``channel`` failed (``exc``): close it for good; the channel to use now, or ServiceLost."""
+    def lost(self, channel: Channel, exc: ServiceUnavailable) -> None:
+        """``channel`` failed (``exc``): close it for good and go on with the server left, or ServiceLost."""
         promoted: Channel | None = None
         with self._lock:
             if channel is self.secondary:
                 self.secondary = None
                 self._failed.append(f"secondary {channel.server}: {exc}")
                 self.trace.error(f"Client: secondary lock service {channel.server} lost ({exc}); carrying on with "
-                                 f"the primary {self.primary.server} alone, no longer resilient")
+                                 f"the primary {self._primary_server()} alone, no longer resilient")
             elif channel is self.primary:
                 self._failed.append(f"primary {channel.server}: {exc}")
                 if self.secondary is not None:
@@ -120,11 +112,13 @@ class Mirror:
                         "the lock servers released its locks")
                     self.trace.error(f"Client: {self.wrapped_up}")
             channel.close()  # never contacted again
-        if promoted is not None and self.on_promote is not None:
-            self.on_promote(promoted)
+        if promoted is not None:
+            self._on_primary(promoted)
         if self.wrapped_up is not None:
             raise self.wrapped_up
-        return self.primary
+
+    def _primary_server(self) -> Server | None:
+        return None if self.primary is None else self.primary.server
 
     def _report_unheld(self, primary: Channel) -> None:
         """Locks the promoted server does not hold (its answer differed) are held nowhere now: say so."""
@@ -134,23 +128,18 @@ class Mirror:
                 self.trace.error(f"Client: lock {entry.what} was held on the failed primary alone (the secondary's "
                                  "answer differed); it is no longer held")
 
-    def check(self) -> Channel:
-        """The primary channel; ServiceLost once the process has wrapped up."""
-        if self.wrapped_up is not None:
-            raise self.wrapped_up
-        return self.primary
-
     # -- locks ---------------------------------------------------------------------------
 
-    def mirrored(self, channel: Channel, request: Lock, granted: Granted) -> int | None:
+    def held(self, channel: Channel, request: Lock, granted: Granted) -> int:
         """``channel`` granted ``request``: take it on the secondary too; this client's handle for it.
 
-        None when the grant is void because ``channel`` failed meanwhile and the
-        promoted server does not hold the lock: the caller asks again.
+        ServiceUnavailable when the grant is void because ``channel`` failed
+        meanwhile and the promoted server does not hold the lock: ``ask``
+        then asks again on the server left.
         """
         with self._lock:
             if channel is not self.primary:
-                return None
+                raise self._void(channel)
             secondary, releases = self.secondary, self._releases
         holds: list[Hold] = [(channel, granted.handle)]
         if secondary is not None:
@@ -161,24 +150,26 @@ class Mirror:
             live = [(c, h) for c, h in holds if c is self.primary or c is self.secondary]
             void = not any(c is self.primary for c, _ in live)
             if void or releases != self._releases:
-                stray = live  # held where nobody will release it: a release_all came between, or no primary
-                live = []
+                # Held where nobody would release it (no primary holds it, or a release_all came
+                # between): let it go; a release_all's caller gets a handle that holds nothing.
+                stray, live = live, []
             else:
                 stray = []
-                handle = self._own.get((id(channel), granted.handle))
-                if handle is None:
-                    handle = next(self._handles)
-                    self._entries[handle] = _Entry(request.thread_id, _what(request), live)
-                    for c, h in live:
-                        self._own[id(c), h] = handle
+            handle = self._own.get((id(channel), granted.handle)) if live else None
+            if handle is None and not void:
+                handle = next(self._handles)
+                self._entries[handle] = _Entry(request.thread_id, _what(request), live)
+                for c, h in live:
+                    self._own[id(c), h] = handle
         for c, h in stray:
             self._send_unlock(c, h)
-        if void:
-            return None
-        if not live:  # released by a release_all meanwhile: a handle that holds nothing
-            handle = next(self._handles)
-            self._entries[handle] = _Entry(request.thread_id, _what(request), [])
+        if handle is None:
+            raise self._void(channel)
         return handle
+
+    @staticmethod
+    def _void(channel: Channel) -> ServiceUnavailable:
+        return channel.failure or ServiceUnavailable(f"lock service {channel.server} failed after granting")
 
     def _on_secondary(self, secondary: Channel, request: Lock, granted: Granted) -> int | None:
         """Duplicate a granted request on the secondary; its handle, or None (failed or different)."""
@@ -202,7 +193,7 @@ class Mirror:
         return None
 
     def _difference(self, what: str, primary: str, secondary: str) -> None:
-        self.trace.error(f"Client: lock responses differ for {what}: primary {self.primary.server} {primary}, "
+        self.trace.error(f"Client: lock responses differ for {what}: primary {self._primary_server()} {primary}, "
                          f"secondary {secondary}")
 
     def unlock(self, handle: int) -> None:
@@ -213,7 +204,7 @@ class Mirror:
                 for c, h in entry.holds:
                     self._own.pop((id(c), h), None)
         if entry is None:
-            self.check()
+            self.current()
             self.trace.error(f"Client: unlock of handle {handle}, which this process does not hold")
             return
         for channel, server_handle in entry.holds:
@@ -226,12 +217,13 @@ class Mirror:
             except ServiceUnavailable as exc:
                 self.lost(channel, exc)
 
-    def release_all(self, thread: int, all_threads: bool) -> Message:
+    def release_all(self, thread: int) -> Message:
         """UnlockAll on every live server; the primary's answer (a different count is logged)."""
+        self.current()
         with self._lock:
             self._releases += 1
             for handle, entry in list(self._entries.items()):
-                if all_threads or entry.thread == thread:
+                if thread == ALL_THREADS or entry.thread == thread:
                     del self._entries[handle]
                     for c, h in entry.holds:
                         self._own.pop((id(c), h), None)
@@ -243,18 +235,11 @@ class Mirror:
                 self.lost(channel, exc)  # raises ServiceLost when none is left
         if len(replies) == 2 and replies[0]._replace(request_id=0) != replies[1]._replace(request_id=0):
             self._difference("release of all locks", repr(replies[0]), repr(replies[1]))
-        return replies[0] if replies else self.check_lost()
+        if not replies:
+            raise self.wrapped_up or ServiceLost("no lock service left; this process must wrap up")
+        return replies[0]
 
-    def check_lost(self) -> Message:
-        raise self.wrapped_up or ServiceLost("no lock service left; this process must wrap up")
-
-    def channels(self) -> list[Channel]:
-        """The live channels, primary first."""
-        return [c for c in (self.primary, self.secondary) if c is not None]
 
 
 def _what(request: Lock) -> str:
-    return f"{request.path} {request.key.decode('utf-8', 'replace')}"
-
-
-__all__ = ["Mirror"]
+    return describe(request.path, request.key)

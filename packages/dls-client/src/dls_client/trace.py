@@ -11,18 +11,12 @@ import os
 import sys
 import time
 
-from .config import Config
-
-#: The release directory used when JBCRELEASEDIR is not set (as dls-shm's).
-DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, not a temp file
-
-
-def error_trace_path() -> str:
-    root = os.environ.get("JBCRELEASEDIR") or DEFAULT_RELEASE_DIR
-    return os.path.join(root, "tmp", "jbase_error_trace")
+from dls_proto import Config, environment
 
 
 class Tracer:
+    """The trace of one client: VERBOSE or TRACE=file lines, and the instance's error trace."""
+
     def __init__(self, config: Config) -> None:
         self.enabled = config.verbose or config.trace is not None
         self.path = config.trace
@@ -35,8 +29,8 @@ class Tracer:
         """A communication error: to the error trace always, and to the trace when on."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
-            path = error_trace_path()
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            path = environment.error_trace()
+            os.makedirs(path.parent, exist_ok=True)
             with open(path, "a") as f:
                 f.write(f"{stamp} pid {os.getpid()}: {line}\n")
         except OSError:

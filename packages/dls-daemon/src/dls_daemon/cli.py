@@ -25,14 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from dls_shm import Instance, geometry_for
+from dls_proto import environment, jdls
+from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
 
 from .__about__ import __version__
 from .context import (
-    DEFAULT_BINARY_LOCK_DIR,
     DEFAULT_DEAD_CLIENT_BOUND,
     DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_LOCK_DIR,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_LOCKS_PER_CLIENT,
@@ -40,17 +39,12 @@ from .context import (
 )
 from .display import connection_test, display
 from .exitcodes import ExitCode
-from .roles import LISTENER, MONITOR, ROLES
-from .settings import DEFAULT_BIND, DEFAULT_PORT, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
+from .settings import DEFAULT_BIND, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .start import start
 from .stop import remove_ipc, stop_roles
 
 PORT_VARIABLE = "JDLS_PORT"
-#: Environment defaults of --lock-dir and --binary-lock-dir.
-LOCK_DIR_VARIABLE = "JDLS_LOCK_DIR"
-BINARY_LOCK_DIR_VARIABLE = "JDLS_BINARY_LOCK_DIR"
-#: The client's configuration variable, which ``-C`` tests (SERVER=host{,port}).
-CLIENT_VARIABLE = "JDLS"
+DEFAULT_PORT = jdls.DEFAULT_PORT
 #: The host ``-C`` connects to when neither --host nor JDLS names one.
 DEFAULT_TEST_HOST = "127.0.0.1"
 #: Smallest frame limit that still lets every message of the protocol through (a Hello with long names).
@@ -89,7 +83,7 @@ examples:
   errors on their next lock, and new processes no longer see the table. Meant for an
   operator clearing up after a crash; stop the service first when you can.
 
--C teststring: connects to --host/--port, else to the SERVER of ${CLIENT_VARIABLE} (the client's
+-C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
   configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
   {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
 
@@ -203,10 +197,10 @@ def get_parser() -> argparse.ArgumentParser:
                             help="tidy period in seconds, overriding -t (for tests and tuning)")
     start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of records are kept without a table "
-                            f"(default ${LOCK_DIR_VARIABLE}, else {DEFAULT_LOCK_DIR})")
+                            f"(default ${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
-                            f"(default ${BINARY_LOCK_DIR_VARIABLE}, else {DEFAULT_BINARY_LOCK_DIR})")
+                            f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
     start_opts.add_argument("--max-frame", type=_frame, default=None, metavar="BYTES",
                             help=f"largest message a client may send (default {DEFAULT_MAX_FRAME})")
     start_opts.add_argument("--handshake-timeout", type=_timeout, default=None, metavar="S",
@@ -238,7 +232,7 @@ def get_parser() -> argparse.ArgumentParser:
                        help="with -d: the whole table header (-vv: and its IPC key and id); with -C: more "
                        "detail; with -i: log debug messages")
     other.add_argument("--host", default=None,
-                       help=f"with -C: the host to connect to (default: from ${CLIENT_VARIABLE}, else "
+                       help=f"with -C: the host to connect to (default: from ${jdls.VARIABLE}, else "
                        f"{DEFAULT_TEST_HOST})")
     parser.add_argument("--version", action="version", version=f"%(prog)s (dls-daemon) {__version__}")
     return parser
@@ -320,32 +314,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _jdls_server() -> bool:
     """True when the client's JDLS variable is set (it then names the server -C tests)."""
-    return os.environ.get(CLIENT_VARIABLE) is not None
+    return os.environ.get(jdls.VARIABLE) is not None
 
 
 def _test_target(host: str | None, port: int | None) -> tuple[str, int]:
-    """Where ``-C`` connects: --host/--port, else JDLS's SERVER=host{,port}, else the local service."""
-    text = os.environ.get(CLIENT_VARIABLE)
-    jdls_host, jdls_port = None, None
-    if text is not None:
-        jdls_host, jdls_port = "localhost", DEFAULT_PORT
-        tokens = [t.strip() for t in text.split(",")]
-        for i, token in enumerate(tokens):
-            name, eq, value = token.partition("=")
-            if name.strip().upper() != "SERVER" or not eq:
-                continue
-            if not value.strip():
-                raise ValueError(f"{CLIENT_VARIABLE}: SERVER= names no host")
-            jdls_host = value.strip()
-            following = tokens[i + 1] if i + 1 < len(tokens) else ""
-            if following.isdigit():
-                if not 0 < int(following) < 65536:
-                    raise ValueError(f"{CLIENT_VARIABLE}: SERVER port {following!r} is not 1 to 65535")
-                jdls_port = int(following)
-            break
-    chosen_host = host or jdls_host or DEFAULT_TEST_HOST
-    chosen_port = port if port is not None else (jdls_port if jdls_port is not None else DEFAULT_PORT)
-    return chosen_host, chosen_port
+    """Where ``-C`` connects: --host/--port, else JDLS's SERVER (read as every client reads it: a JDLS
+    that clients refuse is refused here too), else the local service."""
+    config = jdls.Config.from_environment()
+    server = config.server if config is not None else jdls.Server(DEFAULT_TEST_HOST)
+    return host or server.host, port if port is not None else server.port
 
 
 def _roles(args: argparse.Namespace) -> tuple[str, ...]:
@@ -374,9 +351,8 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
         bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
         stop_timeout=args.stop_timeout or DEFAULT_STOP_TIMEOUT, limits=limits,
-        lock_dir=args.lock_dir or Path(os.environ.get(LOCK_DIR_VARIABLE) or DEFAULT_LOCK_DIR),
-        binary_lock_dir=args.binary_lock_dir or Path(os.environ.get(BINARY_LOCK_DIR_VARIABLE)
-                                                     or DEFAULT_BINARY_LOCK_DIR),
+        lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
+        or environment.binary_lock_dir(),
         syslog=args.syslog,
     )
 

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dls_proto import environment
 from dls_shm import Instance, LockTable
 
 #: Defaults of the limits below; each has a jdls long option.
@@ -23,9 +24,6 @@ DEFAULT_INTERIM_PERIOD = 5.0
 DEFAULT_MAX_CLIENTS = 1000
 #: Longest a client host may vanish without a word before its locks are released (seconds).
 DEFAULT_DEAD_CLIENT_BOUND = 15.0
-#: Where OS file locks live when there is no table (record locks; binary locks).
-DEFAULT_LOCK_DIR = "/tmp/jbase"  # noqa: S108 - the place jDLS documents
-DEFAULT_BINARY_LOCK_DIR = "/tmp/jbase_lock"  # noqa: S108 - the place jDLS documents
 
 
 @dataclass
@@ -49,5 +47,5 @@ class ServerContext:
     table: LockTable | None
     log: logging.Logger
     limits: Limits = field(default_factory=Limits)
-    lock_dir: Path = Path(DEFAULT_LOCK_DIR)
-    binary_lock_dir: Path = Path(DEFAULT_BINARY_LOCK_DIR)
+    lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
+    binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)

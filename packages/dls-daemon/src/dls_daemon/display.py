@@ -18,33 +18,30 @@ it needs no client library and tests the service, not a client's set-up.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
-import threading
 import time
 from typing import TextIO, TypeVar
 
 from dls_proto import (
-    NEED_DATA,
-    PROTOCOL_VERSIONS,
+    ConfigurationError,
     Connection,
     ConnectionClosed,
     Echo,
     EchoReply,
     Error,
-    Hello,
     Mechanism,
+    Message,
     ProtocolError,
     Role,
     Welcome,
+    exchange,
+    identity,
 )
-from dls_shm import Header, Instance, LockTable, TableError, TableMissing
+from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, pidfiles
 from dls_shm.report import Process, Snapshot, line, lines, process_lines
 
-from . import pidfile
 from .exitcodes import ExitCode
-from .roles import LISTENER, MONITOR
 
 #: How long ``-C`` waits for the connection and for each answer.
 TEST_TIMEOUT = 10.0
@@ -54,7 +51,7 @@ T = TypeVar("T")
 
 def _process(instance: Instance, role: str, header: Header | None) -> Process:
     """The pid file's live process, else the header's pid (0 without a table) as inactive."""
-    record = pidfile.running(instance.pid_file(role))
+    record = pidfiles.running(instance.pid_file(role))
     if record is not None:
         return Process(record.pid, True)
     stored = 0 if header is None else (header.monitor_pid if role == MONITOR else header.listener_pid)
@@ -101,24 +98,16 @@ class _TestFailed(Exception):
     pass
 
 
-def _client_port() -> int:
-    """The port number a client of this process would give: JBCPORTNO, else the pid."""
-    text = os.environ.get("JBCPORTNO", "")
-    return int(text) if text.isdigit() and int(text) < 1 << 32 else os.getpid()
-
-
-def _receive(sock: socket.socket, conn: Connection, kind: type[T], where: str) -> T:
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        if isinstance(event, Error):
-            raise _TestFailed(f"Client: the lock service at {where} answered with an error: {event.reason}")
-        if isinstance(event, ConnectionClosed):
-            raise _TestFailed(f"Client: the lock service at {where} closed the connection")
-        if event is not NEED_DATA:
-            raise _TestFailed(f"Client: unexpected {type(event).__name__} from {where}")
-        conn.receive_data(sock.recv(65536))
+def _expect(sock: socket.socket, conn: Connection, message: Message, kind: type[T], where: str) -> T:
+    """Send ``message``; its answer, which must be a ``kind`` (_TestFailed says what came instead)."""
+    event = exchange(sock, conn, message)
+    if isinstance(event, kind):
+        return event
+    if isinstance(event, Error):
+        raise _TestFailed(f"Client: the lock service at {where} answered with an error: {event.reason}")
+    if isinstance(event, ConnectionClosed):
+        raise _TestFailed(f"Client: the lock service at {where} closed the connection")
+    raise _TestFailed(f"Client: unexpected {type(event).__name__} from {where}")
 
 
 def connection_test(
@@ -142,10 +131,7 @@ def connection_test(
         with sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(Role.CLIENT)
-            hello = Hello(1, PROTOCOL_VERSIONS[0], PROTOCOL_VERSIONS[1], 0, _client_port(), os.getpid(),
-                          threading.get_native_id(), socket.gethostname()[:255], "jdls -C")
-            sock.sendall(conn.send(hello))
-            welcome = _receive(sock, conn, Welcome, where)
+            welcome = _expect(sock, conn, identity.hello("jdls -C"), Welcome, where)
             how = "shared memory lock table" if welcome.mechanism == Mechanism.TABLE else "OS file locks"
             print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host}' "
                   f"(protocol version {welcome.version}, {how})", file=out)
@@ -153,8 +139,7 @@ def connection_test(
                 print(f"Client: the service sees this client as {welcome.peer}; its largest frame is "
                       f"{welcome.max_frame} bytes", file=out)
             started = time.perf_counter()
-            sock.sendall(conn.send(Echo(2, data)))
-            reply = _receive(sock, conn, EchoReply, where)
+            reply = _expect(sock, conn, Echo(1, data), EchoReply, where)
             took = time.perf_counter() - started
     except _TestFailed as exc:
         print(exc, file=err)
@@ -162,7 +147,7 @@ def connection_test(
     except TimeoutError:
         print(f"Client: no answer from {where} within {timeout:g} s", file=err)
         return 1
-    except (OSError, ProtocolError) as exc:
+    except (OSError, ProtocolError, ConfigurationError) as exc:
         print(f"Client: connection to {where} failed: {exc}", file=err)
         return 1
     shown = reply.data.decode("utf-8", "backslashreplace")

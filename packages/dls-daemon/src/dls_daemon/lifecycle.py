@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, NoReturn
 
+from dls_shm import LABELS, AlreadyRunning, HeldPidFile
+
 from . import log as daemon_log
 from .exitcodes import ExitCode, killed_by
-from .pidfile import AlreadyRunning, HeldPidFile
 from .readiness import Outcome, PipeReport, Report, collect
-from .roles import LABELS
 from .settings import START_TIMEOUT, Settings
 from .signals import SignalWatch, block, unblock
 

@@ -33,15 +33,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from dls_proto import Error, ErrorCode, encode
-from dls_shm import LockTable, TableError, TableMissing
+from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles
 
-from . import lockserver, pidfile
+from . import lockserver
 from . import log as daemon_log
 from .context import ServerContext
 from .lifecycle import Daemon, StartFailed, status_text
-from .pidfile import PidRecord, server_pid_file, servers_dir
 from .readiness import Report
-from .roles import LISTENER
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -135,8 +133,8 @@ class Listener(Daemon):
             self.instance, self.table, daemon_log.get("server"), limits=settings.limits,
             lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir,
         )
-        servers_dir(self.instance).mkdir(parents=True, exist_ok=True)
-        self.adopted = [r for r in map(pidfile.read, servers_dir(self.instance).glob("*.pid"))
+        self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
+        self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
                         if r is not None and r.alive()]
         limits = settings.limits
         self.log.info(
@@ -279,7 +277,7 @@ class Listener(Daemon):
             return
         self.children.add(pid)
         try:
-            pidfile.write(server_pid_file(self.instance, pid), pidfile.record_of(pid))
+            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
@@ -287,13 +285,13 @@ class Listener(Daemon):
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> int:
         """A lock server's life, in the forked child: listed in run/servers while it runs."""
         daemon_log.set_role("server")
-        pid_path = server_pid_file(self.instance, os.getpid())
+        pid_path = self.instance.server_pid_file(os.getpid())
         try:
-            pidfile.write(pid_path, pidfile.record_of(os.getpid()))
+            pidfiles.write(pid_path, pidfiles.record_of(os.getpid()))
             assert self.ctx is not None
             return lockserver.serve(conn, peer, self.ctx)
         finally:
-            pidfile.remove(pid_path)
+            pidfiles.remove(pid_path)
 
     def forget_own_in_child(self) -> None:
         """Drop what belongs to the listener, so that the child is a lock server and nothing else (the
@@ -310,7 +308,7 @@ class Listener(Daemon):
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one."""
         self.children.discard(pid)
-        pidfile.remove(server_pid_file(self.instance, pid))
+        pidfiles.remove(self.instance.server_pid_file(pid))
         if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
             self.log.warning("lock server %d %s", pid, status_text(status))
         else:

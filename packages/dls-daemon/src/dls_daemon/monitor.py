@@ -18,11 +18,10 @@ import logging
 import os
 import time
 
-from dls_shm import LockTable, TableError, TableFlag, TableMissing
+from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing
 
 from .lifecycle import Daemon, StartFailed
 from .readiness import Report
-from .roles import MONITOR
 from .settings import Settings
 
 #: The monitor updates the header at least this often (seconds).

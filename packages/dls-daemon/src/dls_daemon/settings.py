@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dls_proto import environment, jdls
 from dls_shm import DEFAULT_PER_GROUP, DEFAULT_RECORDS, Geometry, Instance, TableFlag, geometry_for
 
-from .context import DEFAULT_BINARY_LOCK_DIR, DEFAULT_LOCK_DIR, Limits
+from .context import Limits
 
-DEFAULT_PORT = 50002
 DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
 #: jDLS tidies orphaned locks every five minutes unless told otherwise (-t).
 DEFAULT_TIDY_MINUTES = 5
@@ -36,14 +36,14 @@ class Settings:
     port_owners: bool = False  # -P
     timestamps: bool = False  # -T
     bind: str = DEFAULT_BIND
-    port: int = DEFAULT_PORT
+    port: int = jdls.DEFAULT_PORT
     verbosity: int = 0
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     #: What one client may ask of a lock server, and how many clients the listener serves.
     limits: Limits = field(default_factory=Limits)
     #: Where the OS file-lock mechanism keeps record locks, and binary locks.
-    lock_dir: Path = Path(DEFAULT_LOCK_DIR)
-    binary_lock_dir: Path = Path(DEFAULT_BINARY_LOCK_DIR)
+    lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
+    binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: Log to syslog too (--syslog).
     syslog: bool = False
 

@@ -23,14 +23,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import TextIO
 
+from dls_shm import LABELS, LISTENER, MONITOR, ROLES, pidfiles
+
 from . import log as daemon_log
-from . import pidfile
 from .exitcodes import ExitCode
 from .lifecycle import Daemon
 from .listener import Listener, listen_problem
 from .monitor import Monitor
 from .readiness import Outcome, PipeReport, PrintReport, Report, collect
-from .roles import LABELS, LISTENER, MONITOR, ROLES
 from .settings import START_TIMEOUT, Settings
 from .stop import stop_roles
 
@@ -51,7 +51,7 @@ def start(
         print(f"jdls: cannot set up the instance directory {instance.root}: {exc}", file=err)
         return ExitCode.FAILED
     for role in roles:
-        running = pidfile.running(instance.pid_file(role))
+        running = pidfiles.running(instance.pid_file(role))
         if running is not None:
             print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
             return ExitCode.FAILED

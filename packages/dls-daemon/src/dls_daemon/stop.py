@@ -1,21 +1,21 @@
 """Stopping the service (``jdls -k``, ``-kA``, ``-kD``) and removing its table (``jdls -K``).
 
-Processes are found through their pid files and each is checked to be the
-very process that wrote the file (pid and start time), so a pid reused by
-another program is never signalled. A process gets SIGTERM, then SIGKILL if it
-is still there after the stop timeout; what is being waited for is printed.
+Processes are found through their pid files, each checked to be the very
+process that wrote its file (pid and start time), so a pid reused by another
+program is never signalled. A process gets SIGTERM, then SIGKILL if it is
+still there after the stop timeout; what is being waited for is printed, since
+a stop can take that long.
 
 ``-k`` stops the listener first (so no new lock server is forked), then the
 lock servers, then the monitor, whose last tidy frees the locks of lock
-servers that had to be killed. ``-kD`` and ``-kA`` stop only their one
-process: lock servers keep serving their clients.
+servers that had to be killed.
 
-``-K`` refuses while anything could still be using the table, because
-removing a SysV segment in use only hides it: its users would go on locking in
-a table that new processes can no longer see. It names what holds it; ``-K -o``
-(override, a choice of dls: the jDLS guide lists ``-o`` without saying what
-it does) removes the table all the same, after naming them, once the monitor
-and the listener are stopped.
+``-K`` refuses while anything could still be using the table, because removing
+a SysV segment in use only hides it: its users would go on locking in a table
+that new processes can no longer see. What uses it is dls_shm's
+``Occupancy``, the facts dls-ipcrm judges by too; this module only words
+jdls's answers. jdls owns the instance, so it looks with ``tidy``: stale pid
+files go on the way.
 """
 
 from __future__ import annotations
@@ -24,48 +24,26 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TextIO
 
-from dls_shm import Instance, LockTable, TableError, TableMissing
-
-from . import pidfile
-from .pidfile import PidRecord
-from .roles import LABELS, LISTENER, MONITOR, ROLES
+from dls_shm import (
+    LABELS,
+    LISTENER,
+    MONITOR,
+    Instance,
+    LockTable,
+    Occupancy,
+    Occupant,
+    TableError,
+    TableMissing,
+    command_line,
+    pidfiles,
+    running_role,
+    running_servers,
+)
 
 POLL = 0.02
-#: Linux's list of SysV shared memory segments, with their attach counts.
-SHM_LIST = Path("/proc/sysvipc/shm")
-PROC = Path("/proc")
-
-
-@dataclass(frozen=True)
-class Target:
-    label: str
-    record: PidRecord
-    path: Path
-
-    def __str__(self) -> str:
-        return f"{self.label} (pid {self.record.pid})"
-
-
-def running_role(instance: Instance, role: str) -> Target | None:
-    path = instance.pid_file(role)
-    record = pidfile.running(path)
-    return Target(LABELS[role], record, path) if record is not None else None
-
-
-def running_servers(instance: Instance) -> list[Target]:
-    """The live lock servers listed in run/servers; stale files are removed."""
-    found = []
-    for path in sorted(pidfile.servers_dir(instance).glob("*.pid")):
-        record = pidfile.read(path)
-        if record is not None and record.alive() and path.name == f"{record.pid}.pid":
-            found.append(Target("lock server", record, path))
-        elif record is None or not record.alive():
-            pidfile.remove(path)
-    return found
 
 
 def stop_roles(
@@ -77,7 +55,7 @@ def stop_roles(
     if LISTENER in roles:
         status |= _stop_role(instance, LISTENER, timeout, out)
     if servers:
-        targets = running_servers(instance)
+        targets = running_servers(instance, tidy=True)
         if targets:
             status |= terminate(targets, timeout, out)
     if MONITOR in roles:
@@ -86,20 +64,20 @@ def stop_roles(
 
 
 def _stop_role(instance: Instance, role: str, timeout: float, out: TextIO) -> int:
-    target = running_role(instance, role)
+    target = running_role(instance, role, tidy=True)
     if target is None:
         print(f"jdls: {LABELS[role]} is not running", file=out)
         return 0
     return terminate([target], timeout, out)
 
 
-def terminate(targets: list[Target], timeout: float, out: TextIO) -> int:
+def terminate(targets: list[Occupant], timeout: float, out: TextIO) -> int:
     """SIGTERM each target, wait up to ``timeout`` seconds, SIGKILL the rest; 1 if one could not be stopped."""
     status = 0
-    waiting: list[Target] = []
+    waiting: list[Occupant] = []
     for target in targets:
         try:
-            os.kill(target.record.pid, signal.SIGTERM)
+            os.kill(target.pid, signal.SIGTERM)
             waiting.append(target)
         except ProcessLookupError:
             pass
@@ -114,7 +92,7 @@ def terminate(targets: list[Target], timeout: float, out: TextIO) -> int:
         print(f"jdls: {_names(left)} did not stop within {timeout:g} s: killing", file=out, flush=True)
         for target in left:
             try:
-                os.kill(target.record.pid, signal.SIGKILL)
+                os.kill(target.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         left = _wait_gone(left, timeout)
@@ -130,73 +108,28 @@ def terminate(targets: list[Target], timeout: float, out: TextIO) -> int:
     return status
 
 
-def _names(targets: list[Target]) -> str:
+def _names(targets: Sequence[Occupant]) -> str:
     if len(targets) == 1:
         return str(targets[0])
     labels = sorted({t.label for t in targets})
-    pids = ", ".join(str(t.record.pid) for t in targets)
+    pids = ", ".join(str(t.pid) for t in targets)
     label = labels[0] + "s" if len(labels) == 1 else " and ".join(labels) + " processes"
     return f"{len(targets)} {label} (pids {pids})"
 
 
-def _wait_gone(targets: list[Target], timeout: float) -> list[Target]:
+def _wait_gone(targets: list[Occupant], timeout: float) -> list[Occupant]:
     deadline = time.monotonic() + timeout
-    left = [t for t in targets if t.record.alive()]
+    left = [t for t in targets if t.alive()]
     while left and time.monotonic() < deadline:
         time.sleep(POLL)
-        left = [t for t in left if t.record.alive()]
+        left = [t for t in left if t.alive()]
     return left
 
 
-def _forget(target: Target) -> None:
+def _forget(target: Occupant) -> None:
     """Remove a stopped process's pid file if it is still its own (a killed process leaves it behind)."""
-    if pidfile.read(target.path) == target.record:
-        pidfile.remove(target.path)
-
-
-def attachments(shm_id: int) -> int | None:
-    """How many processes have a shared memory segment attached; None where the system does not say."""
-    try:
-        lines = SHM_LIST.read_text().splitlines()
-        names = lines[0].split()
-        id_col, count_col = names.index("shmid"), names.index("nattch")
-        for line in lines[1:]:
-            fields = line.split()
-            if int(fields[id_col]) == shm_id:
-                return int(fields[count_col])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
-
-
-def attached_processes(shm_id: int) -> list[str]:
-    """The processes (other than this one) that have the segment mapped, as "pid (name)": Linux names
-    SysV mappings ``/SYSV<key>`` in /proc/<pid>/maps, with the segment id in the inode column. Processes
-    of other users whose maps cannot be read are not found."""
-    found = []
-    me = os.getpid()
-    for proc in PROC.iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            with open(proc / "maps", encoding="ascii", errors="replace") as maps:
-                hit = any(
-                    len(fields) >= 6 and fields[5].startswith("/SYSV") and fields[4] == str(shm_id)
-                    for fields in (line.split() for line in maps)
-                )
-            if hit:
-                found.append(f"{proc.name} ({_process_name(proc)})")
-        except OSError:
-            continue
-    return found
-
-
-def _process_name(proc: Path) -> str:
-    try:
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
-        return cmdline.decode(errors="replace")[:60] or (proc / "comm").read_text().strip()
-    except OSError:
-        return "?"
+    if target.record is not None and pidfiles.read(target.path) == target.record:
+        pidfiles.remove(target.path)
 
 
 def remove_ipc(
@@ -204,29 +137,27 @@ def remove_ipc(
 ) -> int:
     """``jdls -K``: remove the table's shared memory and semaphore; the exit status.
 
-    It refuses while the monitor or the listener runs (stop them first: a
-    monitor would go on tending a table nobody else sees), and while lock
-    servers run or other processes have the table attached, naming them.
-    ``override`` (``-K -o``) names those and removes the table anyway: for an
-    operator clearing up after a crash, when they are known to be stuck or about
-    to go. They keep their mapping but get errors on their next lock, and new
-    processes see no table.
+    It refuses while the monitor or the listener runs (a monitor would go on
+    tending a table nobody else sees), and while lock servers run or other
+    processes have the table attached, naming them. ``override`` (``-K -o``)
+    names those and removes the table anyway: they keep their mapping but get
+    errors on their next lock. A table this user may not remove is refused
+    before anything is touched.
     """
     out = out or sys.stdout
     err = err or sys.stderr
     key = instance.key
-    for role in ROLES:
-        target = running_role(instance, role)
-        if target is not None:
-            print(f"jdls: cannot remove the lock table while the {target} runs: stop it first (jdls -k)",
-                  file=err)
-            return 1
+    found = Occupancy.survey(instance, tidy=True)
+    if found.roles:
+        print(f"jdls: cannot remove the lock table while the {found.roles[0]} runs: stop it first (jdls -k)",
+              file=err)
+        return 1
     users: list[str] = []
-    servers = running_servers(instance)
-    if servers:
-        users.append(f"{_names(servers)} run")
+    if found.servers:
+        servers = _names(found.servers)
+        users.append(f"{servers} run")
         if not override:
-            print(f"jdls: cannot remove the lock table while {_names(servers)} run: stop them first (jdls -k), "
+            print(f"jdls: cannot remove the lock table while {servers} run: stop them first (jdls -k), "
                   "or remove it anyway with jdls -K -o", file=err)
             return 1
     try:
@@ -237,16 +168,21 @@ def remove_ipc(
     except TableError as exc:
         print(f"jdls: cannot remove the lock table: {exc}", file=err)
         return 1
-    others = (attachments(table.shm_id) or 1) - 1
-    if others > 0:
-        named = attached_processes(table.shm_id)
-        which = f": {', '.join(named)}" if named else ""
+    if found.others > 0:
+        named = ", ".join(f"{pid} ({command_line(pid)})" for pid in found.attached)
+        which = f": {named}" if named else ""
         if not override:
             table.close()
-            print(f"jdls: cannot remove the lock table 0x{key:08x}: {others} other process(es) still attached"
+            print(f"jdls: cannot remove the lock table 0x{key:08x}: {found.others} other process(es) still attached"
                   f"{which} (jdls -K -o removes it anyway)", file=err)
             return 1
-        users.append(f"{others} other process(es) have it attached{which}")
+        users.append(f"{found.others} other process(es) have it attached{which}")
+    if found.forbidden is not None:
+        table.close()
+        owner = found.forbidden
+        print(f"jdls: cannot remove the lock table 0x{key:08x}: it belongs to user {owner.owner} (uid {owner.uid}, "
+              f"mode {owner.mode & 0o777:04o}): run jdls -K as that user or as root", file=err)
+        return 1
     if users:
         print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
               "they get errors on their next lock", file=err)

@@ -1,13 +1,17 @@
-"""dls-proto: the dls wire protocol, one of the two contracts between dls packages.
+"""dls-proto: the dls wire protocol, one of the two contracts between dls packages, and what every
+dls program agrees on beyond the bytes: the JDLS variable (``jdls``), the environment
+(``environment``) and how a client introduces itself (``identity``).
 
-Everything a peer needs is exported here; other packages import only from this
-module, never from its submodules.
+Everything a peer needs is exported here; other packages import only from this module (names, and
+the three submodules above), never from its other submodules.
 """
 
+from . import environment, identity, jdls
 from .__about__ import __version__
 from .codec import encode
 from .connection import DEFAULT_MAX_FRAME, NEED_DATA, Connection, NeedData, Role, State, choose_version
-from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import ConfigurationError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .jdls import Config, Server
 from .messages import (
     ALL_THREADS,
     FRAME_VERSION,
@@ -46,10 +50,11 @@ from .messages import (
     Waiting,
     Welcome,
 )
-from .transport import SpinningReader
+from .transport import SpinningReader, exchange, receive
 
 __all__ = [
-    "ALL_THREADS", "DEFAULT_MAX_FRAME", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
+    "ALL_THREADS", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment", "exchange",
+    "identity", "jdls", "receive", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",

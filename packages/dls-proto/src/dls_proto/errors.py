@@ -18,3 +18,12 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that break the protocol; the connection cannot go on."""
+
+
+class ConfigurationError(ValueError):
+    """A setting from the environment (JDLS, JBCPORTNO) is not valid; the message names it.
+
+    Every dls program reads these the same way (see ``environment`` and ``jdls``), so a
+    value one program refuses is refused by all: two programs that guessed differently
+    would lock in different places without seeing each other.
+    """

@@ -1,4 +1,8 @@
-"""The one piece of socket code both ends share: reading with a short busy-poll.
+"""The little socket code both ends share: waiting for the next event, and reading with a short busy-poll.
+
+Every blocking reader of a ``Connection`` (the client's channel, a lock
+server's greeting, ``jdls -C``, the utilities' snapshot) feeds it the same way:
+``receive`` holds that loop once.
 
 On the lock path an answer (a Granted, or a client's next request) comes back
 within tens of microseconds, sooner than a sleeping process is woken and
@@ -17,6 +21,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+
+from .connection import Connection, NeedData
+from .messages import Event, Message
 
 #: How long one poll lasts before the reader goes to sleep in recv (seconds).
 SPIN_SECONDS = 60e-6
@@ -83,3 +91,23 @@ class SpinningReader:
                 return None
             self._misses = 0
             return data
+
+
+def receive(conn: Connection, read: Callable[[], bytes]) -> Event:
+    """The next complete event of ``conn``, feeding it ``read()`` (b"" at the end) until there is one.
+
+    Whatever ``read`` raises (a timeout, a reset) goes to the caller, as do
+    ``conn``'s RemoteProtocolError; the end of the stream is the
+    ConnectionClosed event, or a RemoteProtocolError in the middle of a frame.
+    """
+    while True:
+        event = conn.next_event()
+        if not isinstance(event, NeedData):
+            return event
+        conn.receive_data(read())
+
+
+def exchange(sock: socket.socket, conn: Connection, message: Message) -> Event:
+    """Send ``message`` and wait for the next event: one request at a time, for tools (not the lock path)."""
+    sock.sendall(conn.send(message))
+    return receive(conn, lambda: sock.recv(65536))

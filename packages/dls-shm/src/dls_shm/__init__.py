@@ -10,7 +10,7 @@ both print.
 from . import info, modes, pidfiles, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
-from .instance import DEFAULT_RELEASE_DIR, Instance, ipc_key_for
+from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for
 from .layout import (
     DEFAULT_PER_GROUP,
     DEFAULT_RECORDS,
@@ -40,10 +40,15 @@ from .mechanism import (
     TableMissing,
     resource_value,
 )
+from .occupancy import IpcObject, Occupancy, Occupant, command_line, running_role, running_servers, service_processes
 from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
+from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
 from .table import RECHECK_INTERVAL, Entry, LockTable, owner_gone
 
 __all__ = [
+    "LABELS", "LISTENER", "MONITOR", "ROLES",
+    "IpcObject", "Occupancy", "Occupant", "command_line", "running_role", "running_servers", "service_processes",
+    "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "AcquireByWaiting", "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder",

@@ -4,6 +4,11 @@ Everything of one instance derives from that directory: the table's IPC key,
 pid files, logs, the error trace and the proc/info directory. Two instances
 with different directories never meet, which is how a primary and a secondary
 service, or many test runs, share one machine.
+
+The names of the service's two long-lived processes live here too, beside the
+pid files named after them: the daemon that writes those files and the
+operator tools that read them (dls-utils never imports dls-daemon) must spell
+them alike.
 """
 
 from __future__ import annotations
@@ -13,10 +18,20 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The release directory used when JBCRELEASEDIR is not set.
-DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, not a temp file
+from dls_proto import environment
+
+#: The release directory used when JBCRELEASEDIR is not set (as every dls program reads it).
+DEFAULT_RELEASE_DIR = environment.DEFAULT_RELEASE_DIR
 #: Environment variable that overrides the derived IPC key (decimal or 0x hex).
 IPC_KEY_VARIABLE = "DLS_IPC_KEY"
+
+#: The two long-lived processes of a service, as their pid files (run/jdls-<role>.pid) name them.
+MONITOR = "monitor"
+LISTENER = "listener"
+#: In the order they start: the listener looks for the monitor's table when it starts.
+ROLES = (MONITOR, LISTENER)
+#: How messages name them.
+LABELS = {MONITOR: "lock monitor", LISTENER: "lock listener"}
 
 
 def ipc_key_for(root: Path) -> int:
@@ -27,13 +42,15 @@ def ipc_key_for(root: Path) -> int:
 
 @dataclass(frozen=True)
 class Instance:
+    """One lock service's release directory and table key: where each of its files and IPC objects is."""
+
     root: Path
     key: int
 
     @classmethod
     def from_environment(cls, root: str | os.PathLike[str] | None = None) -> Instance:
         """The instance of ``root``, else of $JBCRELEASEDIR, else of the default directory."""
-        path = Path(root or os.environ.get("JBCRELEASEDIR") or DEFAULT_RELEASE_DIR).absolute()
+        path = (Path(root) if root else environment.release_dir()).absolute()
         override = os.environ.get(IPC_KEY_VARIABLE)
         if override:
             try:
@@ -64,10 +81,19 @@ class Instance:
 
     @property
     def error_trace(self) -> Path:
-        return self.root / "tmp" / "jbase_error_trace"
+        return self.root / environment.ERROR_TRACE
 
     def pid_file(self, role: str) -> Path:
+        """The pid file of the monitor or the listener (a role of ROLES)."""
         return self.run_dir / f"jdls-{role}.pid"
+
+    @property
+    def servers_dir(self) -> Path:
+        """Where the lock servers' pid files are: one file per running lock server."""
+        return self.run_dir / "servers"
+
+    def server_pid_file(self, pid: int) -> Path:
+        return self.servers_dir / f"{pid}.pid"
 
     def make_dirs(self) -> None:
         for d in (self.info_dir, self.run_dir, self.log_dir, self.error_trace.parent):

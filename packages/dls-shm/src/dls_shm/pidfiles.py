@@ -1,27 +1,40 @@
-"""Pid files of an instance, read-only: their format, reading them, and whether what they name still runs.
+"""Pid files: which process plays which role, checked so that a reused pid is never signalled.
 
-The daemon (dls_daemon.pidfile) writes, locks and removes pid files; the
-operator tools (dls_utils.service) only read them. Both read them here, so
-the two can never disagree about the format or about when a record is stale.
+The daemon writes and locks them, ``jdls -k``/``-K``/``-d`` read them and
+remove stale ones, and the operator tools of dls-utils only read them; they
+all do it here, so they can never disagree about the format or about when a
+record is stale.
 
 A pid file holds two lines: the pid and the process's start time as psutil
 reports it. A record is believed only while a process with that pid exists,
-is not a zombie and started at that time; anything else is stale. The lock
-monitor and the lock listener hold their pid file locked (``fcntl.lockf``)
-while they live: ``lock_holder`` tests that lock (F_GETLK) without taking it.
+is not a zombie and started at that time; anything else is stale.
+
+The monitor and the listener also hold their pid file locked (``fcntl.lockf``,
+``HeldPidFile``) for as long as they live. The lock, not the file's content,
+decides whether a second ``jdls -ib`` may start: the kernel drops it when the
+process dies, so a killed daemon never blocks its successor and two starters
+can never both win. A lock server's file is not locked: the listener writes it
+for its child.
+
+Asking whether a pid file's process runs comes in two kinds, on purpose.
+``running`` is jdls's, which owns the instance: it tests the lock by taking it
+and removes a stale file on the way. ``running_pid`` is the operator tools':
+it only reads, testing the lock with F_GETLK (``lock_holder``) without taking
+it, so a monitor starting at that moment is never disturbed and another user's
+file needs no write access.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
-from .instance import Instance
 
 #: Two start times closer than this are the same process (both come from /proc).
 SAME_START = 0.05
@@ -29,17 +42,10 @@ SAME_START = 0.05
 _FLOCK = struct.Struct("hhqqi4x")
 
 
-def servers_dir(instance: Instance) -> Path:
-    """Where the lock servers' pid files are: one file per running lock server."""
-    return instance.run_dir / "servers"
-
-
-def server_pid_file(instance: Instance, pid: int) -> Path:
-    return servers_dir(instance) / f"{pid}.pid"
-
-
 @dataclass(frozen=True)
 class PidRecord:
+    """What a pid file says: a pid and the start time that tells that process from a later one with its pid."""
+
     pid: int
     started: float
 
@@ -80,6 +86,68 @@ def read(path: Path) -> PidRecord | None:
         return None
 
 
+def read_or_none(path: Path) -> PidRecord | None:
+    """The record in a pid file; None also when the file cannot be read or decoded (never raises)."""
+    try:
+        return read(path)
+    except (OSError, ValueError):  # ValueError: UnicodeDecodeError of a file that is not text
+        return None
+
+
+def write(path: Path, record: PidRecord) -> None:
+    """Write a pid file atomically: a reader sees the old file, the new one, or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(record.text())
+    os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def running(path: Path) -> PidRecord | None:
+    """The live process a pid file names, else None (a stale file is removed on the way).
+
+    For a locked pid file the lock has the last word: a file still locked by
+    its holder is never removed, even if its content cannot be read yet.
+    """
+    record = read(path)
+    if record is not None and record.alive():
+        return record
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return _settled(path, record)  # its holder is alive, perhaps still writing it
+        if _same_file(fd, path):
+            remove(path)
+        return None
+    finally:
+        os.close(fd)
+
+
+def running_pid(path: Path) -> int | None:
+    """Read only: the pid of the live process a pid file names, else None; nothing is removed or locked.
+
+    A file locked by a live holder counts as running even when its record is
+    stale or not written yet; the pid is then the record's if it has one (as
+    ``running`` answers), else the lock holder's.
+    """
+    record = read_or_none(path)
+    if record is not None and record.alive():
+        return record.pid
+    holder = lock_holder(path)
+    if holder is None:
+        return None
+    return record.pid if record is not None else holder
+
+
 def lock_holder(path: Path) -> int | None:
     """The pid holding a POSIX lock on the file (as lockf takes it), else None; tested, never taken."""
     try:
@@ -95,3 +163,75 @@ def lock_holder(path: Path) -> int | None:
     finally:
         os.close(fd)
     return None if l_type == fcntl.F_UNLCK else int(l_pid)
+
+
+def _settled(path: Path, record: PidRecord | None, patience: float = 0.5) -> PidRecord | None:
+    """The record a locked pid file's holder is writing: read again for a moment until it is live."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        fresh = read(path)
+        if fresh is not None and fresh.alive():
+            return fresh
+    return record
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
+
+
+class AlreadyRunning(Exception):
+    """Another process holds the pid file; ``record`` names it when it could be read."""
+
+    def __init__(self, record: PidRecord | None) -> None:
+        super().__init__(f"pid {record.pid}" if record else "pid unknown")
+        self.record = record
+
+
+class HeldPidFile:
+    """The pid file of a running monitor or listener, locked until ``release``.
+
+    The lock belongs to the process that took it: a forked child neither holds
+    nor releases it, so the child should just ``close_in_child``.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> HeldPidFile:
+        """Lock the pid file and write this process into it; AlreadyRunning if another holds it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise AlreadyRunning(read(path)) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # removed as stale between our open and our lock: start again
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record_of(os.getpid()).text().encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the file and drop the lock (in that order, so no successor's file is removed)."""
+        if self._fd < 0:
+            return
+        remove(self.path)
+        os.close(self._fd)
+        self._fd = -1
+
+    def close_in_child(self) -> None:
+        """Forget the file in a forked child without touching the parent's lock or file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

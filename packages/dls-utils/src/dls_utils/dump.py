@@ -6,11 +6,11 @@ daemon's code is not installed, or after the service has stopped: only
 dls-shm is used. The text is ``dls_shm.report``'s, the one jdls prints too.
 
 The monitor and listener lines need to know whether those processes run,
-which jdls learns from the pid files in $JBCRELEASEDIR/run. dls-dump reads
-the same files (read only, see ``service``) when the table is the
-environment's instance; with ``--key`` naming another table it has no pid
-files, and judges the header's monitor and listener pids by whether such a
-process exists.
+which jdls learns from the pid files in $JBCRELEASEDIR/run. dls-dump asks
+dls_shm (``service_processes``) as jdls does, but read only: a stale pid file
+is left where it is. With ``--key`` naming another table it has no pid files,
+and judges the header's monitor and listener pids by whether such a process
+exists.
 
 ``--json`` is for tools: the header (geometry, flags, counters) and every
 used slot, with the ports waiting for each held lock.
@@ -24,11 +24,11 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from dls_shm import Header, Instance, LockTable, TableError, TableFlag, TableMissing, info
+from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, service_processes
 from dls_shm.report import Process, Snapshot, lines, mechanism
 
-from . import service
 from .source import emit
+from .table_choice import add_key_option, chosen_table
 
 PROG = "dls-dump"
 
@@ -64,26 +64,12 @@ def get_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    service.add_key_option(parser)
+    add_key_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the IPC key and shared memory id (as jdls -dvvL)")
     parser.add_argument("--json", action="store_true",
                         help="print the header and every slot as one JSON object, for tools")
     return parser
-
-
-def processes(instance: Instance, header: Header, own_pid_files: bool) -> dict[str, Process]:
-    """{"monitor": (pid, active), "listener": (pid, active)}: from the pid files when they are this
-    table's (``own_pid_files``), else the header's pids and whether they live."""
-    result = {}
-    for role, _ in service.ROLES:
-        stored = header.monitor_pid if role == "monitor" else header.listener_pid
-        if own_pid_files:
-            pid = service.running_pid(instance.pid_file(role))
-            result[role] = Process(pid, True) if pid is not None else Process(stored, False)
-        else:
-            result[role] = Process(stored, service.alive(stored))
-    return result
 
 
 def text(snapshot: Snapshot, procs: dict[str, Process], very: bool) -> list[str]:
@@ -132,13 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2), -h (0)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        instance = Instance.from_environment()
+        instance, own_pid_files = chosen_table(args)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    own_pid_files = args.key is None or args.key == instance.key
-    if args.key is not None:
-        instance = Instance(instance.root, args.key)
     where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
     try:
         table = LockTable.attach(instance.key)
@@ -156,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         table.close()
-    procs = processes(instance, snapshot.header, own_pid_files)
+    procs = service_processes(instance, snapshot.header, tidy=False, pid_files=own_pid_files)
     emit(json.dumps(document(instance, snapshot, procs), indent=2) if args.json
          else "\n".join(text(snapshot, procs, args.verbose)))
     return 0

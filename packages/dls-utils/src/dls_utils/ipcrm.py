@@ -1,31 +1,28 @@
-"""``dls-ipcrm``: remove an instance's lock table (shared memory and semaphore), as ``jdls -K`` does.
+"""``dls-ipcrm``: remove an instance's lock table as ``jdls -K`` does, where dls-daemon is not installed.
 
-Removing a SysV segment that is in use only hides it: its users go on locking
-in a table new processes can no longer see. So, like ``jdls -K``, dls-ipcrm
-refuses while processes have the table attached or lock servers run, and
-names them (pid and command line, from /proc); ``--force`` removes it all the
-same, like ``jdls -K -o``, and says which processes it forced past.
+It judges by the same facts as ``jdls -K`` (dls_shm's ``Occupancy``: the
+running monitor, listener and lock servers, the attached processes, who may
+remove the IPC objects) and differs from it on purpose:
 
-Like ``jdls -K -o``, even ``--force`` refuses while the instance's lock
-monitor or lock listener runs (their pid files in $JBCRELEASEDIR/run, or, for
-a table named by ``--key``, the pids in its header): a monitor would go on
-tending a table nobody else sees, and stopping the service (``jdls -k``) is
-the right way to free it.
-
-Whether removal is permitted is decided from /proc/sysvipc before anything
-is touched (IPC_RMID needs the owner's or creator's uid, or root), so a
-table of another user is reported plainly, with its owner and mode.
+- it only reads the instance: a stale pid file is left where it is, and a pid
+  file's lock is tested, never taken, so a service starting at that moment is
+  not disturbed (``tidy=False``);
+- a table named by ``--key`` may be another instance's, whose pid files are
+  unknown here: its monitor and listener are judged by the header's pids
+  among the processes that have it attached;
+- it checks what it can before attaching (a lone IPC object, another user's
+  table) and answers each refusal with its own exit status, for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Iterable
 
-from dls_shm import Instance, LockTable, TableError, TableMissing
+from dls_shm import LABELS, LISTENER, MONITOR, Instance, LockTable, Occupancy, TableError, TableMissing, command_line
 
-from . import service
+from .table_choice import add_key_option, chosen_table
 
 PROG = "dls-ipcrm"
 
@@ -66,7 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    service.add_key_option(parser)
+    add_key_option(parser)
     parser.add_argument("-f", "--force", action="store_true",
                         help="remove the table even while processes have it attached or lock servers run "
                         "(they are named); never while the lock monitor or listener runs")
@@ -81,43 +78,35 @@ class Refused(Exception):
         self.status = status
 
 
-def _named(pids: list[int]) -> str:
-    return ", ".join(f"pid {pid} ({service.command_line(pid)})" for pid in pids)
-
-
-def _permission(objects: list[service.IpcObject], key: int) -> None:
-    euid = os.geteuid()
-    for obj in objects:
-        if not obj.may_remove(euid):
-            what = "shared memory" if obj.kind == "shm" else "semaphore"
-            raise Refused(NOT_PERMITTED, (
-                f"permission denied: the lock table 0x{key:08x} ({what} id {obj.id}) belongs to user "
-                f"{obj.owner} (uid {obj.uid}, mode {obj.mode & 0o777:04o}); run dls-ipcrm as that user or as root"
-            ))
+def _named(pids: Iterable[int]) -> str:
+    return ", ".join(f"pid {pid} ({command_line(pid)})" for pid in pids)
 
 
 def remove(instance: Instance, *, own_pid_files: bool, force: bool) -> tuple[list[str], list[str]]:
     """Remove the table: (warnings for stderr, lines for stdout). Raises Refused."""
     key = instance.key
-    shm, sem = service.shared_memory(key), service.semaphore(key)
-    if shm is None and sem is None:
+    found = Occupancy.survey(instance, tidy=False, pid_files=own_pid_files)
+    if found.missing:
         where = f" for JBCRELEASEDIR={instance.root}" if own_pid_files else ""
         return [], [f"{PROG}: no lock table with key 0x{key:08x}{where}: nothing to remove"]
-    if shm is None or sem is None:
-        lone = sem if shm is None else shm
-        assert lone is not None
+    lone = found.lone
+    if lone is not None:
         kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
         raise Refused(FAILED, (
             f"only a {kind} (id {lone.id}) is left with key 0x{key:08x}, not a whole lock table: "
             f"check it with ipcs and remove it with ipcrm {flag} {lone.id}"
         ))
-    _permission([shm, sem], key)
-
-    runs = service.running_roles(instance) if own_pid_files else []
-    if runs:
-        names = " and ".join(str(r) for r in runs)
+    denied = found.forbidden
+    if denied is not None:
+        what = "shared memory" if denied.kind == "shm" else "semaphore"
+        raise Refused(NOT_PERMITTED, (
+            f"permission denied: the lock table 0x{key:08x} ({what} id {denied.id}) belongs to user "
+            f"{denied.owner} (uid {denied.uid}, mode {denied.mode & 0o777:04o}); run dls-ipcrm as that user or as root"
+        ))
+    if found.roles:
+        names = " and ".join(str(r) for r in found.roles)
         raise Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {names} "
-                                    f"{'run' if len(runs) > 1 else 'runs'}: stop the service first (jdls -k)")
+                                    f"{'run' if len(found.roles) > 1 else 'runs'}: stop the service first (jdls -k)")
     try:
         table = LockTable.attach(key)
     except TableMissing:
@@ -126,32 +115,28 @@ def remove(instance: Instance, *, own_pid_files: bool, force: bool) -> tuple[lis
         raise Refused(FAILED, f"cannot remove the lock table: {exc}") from None
     try:
         header = table.header()
-        attached = service.attached_pids(table.shm_id)
         # The header names the monitor and listener too; for a table of another instance (--key) it is all
         # there is, and a live one among the attached processes is that service at work.
-        for label, pid in (("lock monitor", header.monitor_pid), ("lock listener", header.listener_pid)):
-            if pid and pid in attached:
+        for label, pid in ((LABELS[MONITOR], header.monitor_pid), (LABELS[LISTENER], header.listener_pid)):
+            if pid and pid in found.attached:
                 raise Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {label} "
                                             f"(pid {pid}) runs: stop the service first (jdls -k)")
-        servers = [s.pid for s in service.running_servers(instance)] if own_pid_files else []
-        others = max(shm.nattch, len(attached))
         users = []
-        if servers:
-            users.append(f"{len(servers)} lock server(s) run: {_named(servers)}")
-        if others:
-            unnamed = others - len(attached)
-            named = _named(attached) + (f" and {unnamed} not identified" if attached and unnamed else "")
-            users.append(f"{others} other process(es) have it attached" + (f": {named}" if attached else
-                                                                          " (not identified: run as root)"))
+        if found.servers:
+            users.append(f"{len(found.servers)} lock server(s) run: {_named(s.pid for s in found.servers)}")
+        if found.others:
+            unnamed = found.unidentified
+            named = _named(found.attached) + (f" and {unnamed} not identified" if found.attached and unnamed else "")
+            users.append(f"{found.others} other process(es) have it attached" + (
+                f": {named}" if found.attached else " (not identified: run as root)"))
         if users and not force:
             raise Refused(IN_USE, f"cannot remove the lock table 0x{key:08x}: {'; '.join(users)} "
                                   "(dls-ipcrm --force removes it anyway)")
         shm_id, sem_ids = table.shm_id, table.semaphore_ids
         try:
             table.remove()
-        except Exception as exc:  # sysv_ipc's errors are not part of dls-shm's API
-            raise Refused(NOT_PERMITTED if "ermission" in str(exc) else FAILED,
-                          f"cannot remove the lock table 0x{key:08x}: {exc}") from None
+        except Exception as exc:  # sysv_ipc's errors are not part of dls-shm's API; permission was checked above
+            raise Refused(FAILED, f"cannot remove the lock table 0x{key:08x}: {exc}") from None
     except BaseException:
         table.close()
         raise
@@ -170,13 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2), -h (0)
         return exc.code if isinstance(exc.code, int) else USAGE
     try:
-        instance = Instance.from_environment()
+        instance, own_pid_files = chosen_table(args)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return FAILED
-    own_pid_files = args.key is None or args.key == instance.key
-    if args.key is not None:
-        instance = Instance(instance.root, args.key)
     try:
         warnings, lines = remove(instance, own_pid_files=own_pid_files, force=args.force)
     except Refused as exc:

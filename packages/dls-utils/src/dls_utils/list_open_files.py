@@ -19,9 +19,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TypedDict
 
+from dls_proto import Server
 from dls_shm import Instance, info
 
-from .remote import DEFAULT_PORT, Server
+from .remote import DEFAULT_PORT
 from .rows import Document
 from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
 

@@ -19,9 +19,10 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from dls_proto import Server
 from dls_shm import Instance, LockTable, TableError, TableMissing, info
 
-from .remote import DEFAULT_PORT, Server
+from .remote import DEFAULT_PORT
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
 from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
 

@@ -14,7 +14,9 @@ import os
 import sys
 from typing import Any
 
-from .remote import DEFAULT_PORT, RemoteError, Server, fetch_snapshot, parse_server, server_from_jdls
+from dls_proto import Server
+
+from .remote import DEFAULT_PORT, RemoteError, fetch_snapshot, parse_server, server_from_jdls
 
 
 class Failure(Exception):

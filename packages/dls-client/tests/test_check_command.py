@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from dls_client import ServiceUnavailable, test_command
+from dls_client import ServiceUnavailable, check_command
 
 DLS_TEST = str(Path(sys.executable).parent / "dls-test")
 
@@ -128,8 +128,8 @@ def test_unset_jdls_tests_localhost_50002(env: dict[str, str], monkeypatch: pyte
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(test_command, "Client", Unreachable)
-    assert test_command.main([]) == 1
+    monkeypatch.setattr(check_command, "Client", Unreachable)
+    assert check_command.main([]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "Client: JDLS is not set; testing the default of a set but empty JDLS, localhost,50002"
     assert out[1] == "Client: Using host 'localhost', service '50002'"
@@ -139,5 +139,5 @@ def test_unset_jdls_tests_localhost_50002(env: dict[str, str], monkeypatch: pyte
 
 
 def test_parser() -> None:
-    assert test_command.get_parser().parse_args([]).teststring == "teststring"
-    assert test_command.get_parser().parse_args(["abc"]).teststring == "abc"
+    assert check_command.get_parser().parse_args([]).teststring == "teststring"
+    assert check_command.get_parser().parse_args(["abc"]).teststring == "abc"

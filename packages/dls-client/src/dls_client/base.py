@@ -1,0 +1,118 @@
+"""What every client offers the application, whatever carries its locks: the calls and their checks.
+
+``Client`` (through the lock service) and ``LocalClient`` (directly on this
+host) take the same arguments, refuse the same mistakes and give the same
+HeldLock; each supplies only how a record lock is taken, released and looked up.
+Binary and execution locks are local OS file locks unless a client says
+otherwise (a Client with JDLS BINARY sends them to the service).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+from dls_proto import Mode
+
+from . import binary
+from .errors import DlsError, Holder
+from .locks import FileLike, FileRef, HeldLock, Key, LockKind, key_bytes
+
+#: Every lock kind; a Client's JDLS LOCK= may send fewer of them to the service.
+ALL_KINDS = frozenset(("internal", "external"))
+
+
+class BaseClient(ABC):
+    """The calls common to Client and LocalClient; subclasses supply ``_lock``, ``unlock``, ``_status``,
+    ``release_all``, ``publish_info`` and ``close``."""
+
+    #: The record-lock kinds this client takes (the others are refused, see ``lock``).
+    _kinds: frozenset[str] = ALL_KINDS
+
+    def lock(
+        self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+        on_wait: Callable[[Holder], None] | None = None, kind: LockKind = "internal",
+    ) -> HeldLock:
+        """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
+
+        Raises LockRefused (held, not waiting), LockTimeout, LockCancelled (a release_all withdrew
+        the request), ServiceUnavailable, RequestFailed (an error from the service or the table: a
+        full group, a bad mode, a limit). ``on_wait`` is called with the holder when the request
+        waits (a Client: whenever the service says it still waits). ``kind`` says whose lock it is:
+        "internal" (the application's own records, the default) or "external" (one an external
+        database driver would otherwise take with its own lock handler); a kind that JDLS ``LOCK=``
+        does not send to the service raises DlsError, and nothing is sent.
+        """
+        if kind not in self._kinds:
+            raise self._kind_refused(kind)
+        return self._lock(FileRef.of(file), key_bytes(key), mode, wait, timeout, on_wait)
+
+    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
+        """Take a record lock only if it is free now (LockRefused otherwise)."""
+        return self.lock(file, key, mode, wait=False)
+
+    def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
+        """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""
+        return self._status(FileRef.of(file), key_bytes(key))
+
+    def binary_lock(
+        self, file: FileLike, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | binary.LocalBinaryLock:
+        """Take a binary (whole-file) lock on ``file``: an OS file lock on this host (see dls_client.binary)."""
+        return binary.binary_lock(file, mode, wait=wait, timeout=timeout)
+
+    def execution_lock(
+        self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
+    ) -> HeldLock | binary.LocalBinaryLock:
+        """Take execution lock ``number`` (0 to 255): an OS file lock on ``execution_lock_NNN`` in
+        $JDLS_BINARY_LOCK_DIR (default /tmp/jbase_lock, made on first use) on this host."""
+        return binary.execution_lock(number, mode, wait=wait, timeout=timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- what each client supplies --------------------------------------------------------
+
+    @abstractmethod
+    def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
+              on_wait: Callable[[Holder], None] | None) -> HeldLock:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _status(self, ref: FileRef, key: bytes) -> tuple[int, Holder | None]:
+        raise NotImplementedError
+
+    @abstractmethod
+    def unlock(self, handle: int) -> None:
+        """Release a lock by its handle (HeldLock.release calls it)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def release_all(self, *, all_threads: bool = True) -> int:
+        """Release every lock of this process (or of the calling thread); how many were held."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def publish_info(self) -> bool:
+        """Publish this client's lock information if it changed since last published; True when it was.
+
+        Call it when about to wait for input or to sleep, so that show-item-locks shows what this
+        process holds while it idles.
+        """
+        raise NotImplementedError
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the connection (or the table); a remote client's locks go with its connection."""
+        raise NotImplementedError
+
+    def _kind_refused(self, kind: str) -> Exception:
+        if kind not in ALL_KINDS:
+            return ValueError(f"lock kind {kind!r} is not 'internal' or 'external'")
+        return DlsError(f"record locks of kind {kind!r} are not handled by the lock service; the caller's own "
+                        "lock handler must take them")
