@@ -64,7 +64,7 @@ class Daemon:
     pid file, the signals, the children and the order of things.
     """
 
-    #: The role (roles.MONITOR or roles.LISTENER): its pid file and its name in messages.
+    #: The role (dls_shm.MONITOR or LISTENER): its pid file and its name in messages.
     role: ClassVar[str]
     SIGNALS: ClassVar[tuple[int, ...]] = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 

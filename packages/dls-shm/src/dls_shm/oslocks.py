@@ -148,17 +148,14 @@ class _Record:
 class OsLocks(AcquireByWaiting):
     """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
 
-    The same calls and answers as LockTable: ``lock`` gives a Grant, a Conflict,
-    or with a ``wait_token`` a Queued request to ``retry`` (see the module for how
-    waiting works); ``acquire`` waits for it (polling) as the table's does, on this
-    thread's ``doorbell``; ``unlock``, ``cancel``, ``status``, ``release_owner``. Safe to
-    share between the threads of the process that made it. The directory is made
+    A LockMechanism, as LockTable is (see the module for how waiting works); safe
+    to share between the threads of the process that made it. The directory is made
     when the first lock needs it; lock files are made ``file_mode`` (default
     readable and writable by all, whatever the umask) so that every user's
     processes can lock them.
     """
 
-    #: How a caller polls a queued request (seconds): first look, and the longest pause between looks.
+    #: The pauses between looks at a queued request (``pauses()``, seconds): the first, and the longest.
     retry_first = RETRY_FIRST
     retry_max = RETRY_MAX
 
