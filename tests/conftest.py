@@ -1,6 +1,6 @@
 """A lock service of its own for every end-to-end test: real processes, real TCP, real SysV IPC.
 
-The helpers and the ``Service`` class live in dls_testkit.py; here are the fixtures.
+The helpers and the ``Service`` class live in the harness (tests/dls_testkit); here are the fixtures.
 
 The ``service`` fixture gives the test a private instance (its own
 JBCRELEASEDIR, hence its own IPC key) and a free port, starts
@@ -31,9 +31,6 @@ def instance_of_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     """A running lock service of the test's own (monitor and listener), stopped and checked at the end."""
-    svc = make_service(tmp_path)
-    try:
+    with make_service(tmp_path).checked() as svc:
         svc.start()
         yield svc
-    finally:
-        svc.stop_and_check()

@@ -7,7 +7,7 @@ remote client, a file no document names), proc/info documents are written with
 ``dls_shm.info``, and ``show-item-locks --local --json`` is run as a separate
 program: every field of every row is checked against what was written. A
 second table is made with port owners (``jdls -P``). At the end the table is
-removed and ``ipcs -m -s`` must not list its key.
+removed and nothing may be left under its key.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dls_shm import (
     modes,
     pack_ip,
 )
-from dls_testkit import FOREIGN
+from dls_testkit import instance_env, ipc_left, own_table
 
 BIN = Path(sys.executable).parent
 SHOW_ITEM_LOCKS = BIN / "show-item-locks"
@@ -47,27 +47,14 @@ PR, EX, CR = modes.parse("PR"), modes.parse("EX"), modes.parse("CR")
 DEVICE = -1  # as the lock servers record files of remote hosts
 
 
-def ipc_lines(key: int) -> list[str]:
-    listing = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if line.split()[:1] == [f"0x{key:08x}"]]
-
-
 @contextlib.contextmanager
 def private_table(root: Path, flags: int = 0) -> Iterator[tuple[Instance, LockTable, dict[str, str]]]:
     """A new lock table for the instance at ``root``; removed at the end, and no IPC may be left."""
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-    env["JBCRELEASEDIR"] = str(root)
     instance = Instance.from_environment(root)
-    assert not ipc_lines(instance.key), f"IPC key 0x{instance.key:08x} already in use"
+    assert not ipc_left(instance.key), f"IPC key 0x{instance.key:08x} already in use"
     instance.make_dirs()
-    table, created = LockTable.create(instance.key, geometry_for(1000, 50), flags=flags)
-    assert created
-    try:
-        yield instance, table, env
-    finally:
-        table.remove()
-        left = ipc_lines(instance.key)
-        assert not left, f"IPC left after removing the table: {left}"
+    with own_table(instance.key, geometry_for(1000, 50), flags=flags) as table:
+        yield instance, table, instance_env(root)
 
 
 def show_item_locks(env: dict[str, str], *args: str) -> list[dict[str, Any]]:

@@ -26,25 +26,7 @@ import pytest
 from dls_client import Client, Config, LockRefused, RequestFailed, Server, ServiceUnavailable
 from dls_proto import Connection, ErrorCode, Hello, Role
 from dls_shm import resource_value
-from dls_testkit import KEY, Service, alive, data_file, running, wait_for
-
-
-def holder(service: Service, data: Path, marker: Path, key: str = KEY) -> subprocess.Popen[bytes]:
-    """``dls-lock DATA KEY`` running ``sleep 60`` (exec'd by a shell that first touches ``marker``),
-    returned once it holds the lock. SIGTERM to it ends the sleep and so releases the lock."""
-    proc = service.dls_lock_popen(str(data), key, "sh", "-c", f"touch {shlex.quote(str(marker))} && exec sleep 60")
-    try:
-        wait_for(lambda: marker.exists() or proc.poll() is not None, 10, "the holder to get its lock")
-        assert proc.poll() is None, f"the holder ended with status {proc.returncode}"
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
-
-
-def client_for(service: Service) -> Client:
-    return Client(Config(server=Server("127.0.0.1", service.port)))
+from dls_testkit import KEY, Service, alive, data_file, lock_holder, running, wait_for
 
 
 @pytest.fixture
@@ -72,7 +54,7 @@ def test_dls_lock_processes_exclude_each_other(service: Service, tmp_path: Path)
 
 def test_dls_lock_nonblocking_conflict_codes_and_status_passthrough(service: Service, tmp_path: Path) -> None:
     data = data_file(tmp_path)
-    held = holder(service, data, tmp_path / "held")
+    held = lock_holder(service, data, tmp_path / "held")
     with running(held):
         t0 = time.monotonic()
         refused = service.dls_lock("-n", str(data), KEY, "true")
@@ -132,7 +114,7 @@ def test_waiter_is_told_and_served_promptly(service: Service, tmp_path: Path) ->
     data = data_file(tmp_path)
     got = tmp_path / "got"
     waiter_err = tmp_path / "waiter.err"
-    held = holder(service, data, tmp_path / "held")
+    held = lock_holder(service, data, tmp_path / "held")
     with running(held):
         with waiter_err.open("wb") as err:
             waiter = service.dls_lock_popen(str(data), KEY, "sh", "-c", f"date +%s.%N > {shlex.quote(str(got))}",
@@ -201,7 +183,7 @@ def test_bad_input_closes_that_connection_only(in_instance: Service, tmp_path: P
     data = data_file(tmp_path)
     monitor, listener = service.pid("monitor"), service.pid("listener")
     assert monitor and listener
-    owner, rival = client_for(service), client_for(service)
+    owner, rival = service.client(), service.client()
     try:
         held = owner.lock(data, KEY)
         with pytest.raises(LockRefused):
@@ -218,7 +200,7 @@ def test_bad_input_closes_that_connection_only(in_instance: Service, tmp_path: P
                 time.sleep(0.2)
                 assert not _closed_by_server(sock, timeout=0.2)
                 wait_for(lambda: len(service.server_pids()) == 3, 5, "a lock server for the silent connection")
-                with client_for(service) as third:
+                with service.client() as third:
                     assert third.echo(b"still serving")[0] == b"still serving"
             else:
                 writes, half_close, reason = BAD_INPUT[case]
@@ -250,7 +232,7 @@ def test_bad_input_closes_that_connection_only(in_instance: Service, tmp_path: P
             rival.try_lock(data, KEY)
         again.release()
         rival.lock(data, KEY, timeout=5).release()
-        with client_for(service) as newcomer:
+        with service.client() as newcomer:
             assert newcomer.echo(b"x")[0] == b"x"
     finally:
         owner.close()
@@ -263,8 +245,8 @@ def test_bad_input_closes_that_connection_only(in_instance: Service, tmp_path: P
 def test_stop_leaves_no_process_and_remove_leaves_no_ipc(in_instance: Service, tmp_path: Path) -> None:
     service = in_instance
     data = data_file(tmp_path)
-    held = holder(service, data, tmp_path / "held")
-    client = client_for(service)
+    held = lock_holder(service, data, tmp_path / "held")
+    client = service.client()
     with running(held):
         try:
             client.lock(data, "another record")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dls_testkit import DLS_LOCK, KEY, Service, running, wait_for
+from dls_testkit import DLS_LOCK, KEY, Service, lock_holder, running, wait_for
 
 #: How long the waiters wait (from the default waiter's first interim message to the release).
 HOLD = 40.0
@@ -94,10 +94,8 @@ def test_wait_longer_than_timeout_is_granted_and_idle(service: Service, tmp_path
     held, got_default, got_wait = tmp_path / "held", tmp_path / "got.default", tmp_path / "got.wait"
     err_default, err_wait = tmp_path / "default.err", tmp_path / "wait.err"
 
-    holder = service.dls_lock_popen(str(data), KEY, "sh", "-c", f"touch {shlex.quote(str(held))} && exec sleep 300")
+    holder = lock_holder(service, data, held, seconds=300)
     with running(holder):
-        wait_for(lambda: held.exists() or holder.poll() is not None, 10, "the holder to get its lock")
-        assert holder.poll() is None, f"the holder ended with status {holder.returncode}"
 
         # the default waiter: JDLS as the service's, no TIMEOUT option, so TIMEOUT=30 s
         with err_default.open("wb") as err:

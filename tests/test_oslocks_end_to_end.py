@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dls_client import Client, Config, LockRefused, LockTimeout, Server
+from dls_client import LockRefused, LockTimeout
 from dls_shm import LockTable, lock_file_name
-from dls_testkit import KEY, alive, free_port, make_service, wait_for
+from dls_testkit import KEY, Service, alive, client_for, make_service, wait_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,32 +41,17 @@ HOLDER = textwrap.dedent("""\
 
 
 @pytest.fixture
-def os_service(tmp_path: Path) -> Iterator[Any]:
+def os_service(tmp_path: Path) -> Iterator[Service]:
     """``jdls -ibD --port P --lock-dir ... --binary-lock-dir ...``: the listener alone, lock files under tmp_path."""
-    svc = make_service(tmp_path)
-    usage = svc.jdls("-h")
-    if "--lock-dir" not in usage.stdout:
-        pytest.skip("jdls has no --lock-dir option: the lock files would go to /tmp/jbase")
-    svc.lock_dir = tmp_path / "jbase"
-    svc.binary_lock_dir = tmp_path / "jbase_lock"
-    try:
-        for _ in range(5):
-            result = svc.jdls("-ibD", "--port", str(svc.port), "--lock-dir", str(svc.lock_dir),
-                              "--binary-lock-dir", str(svc.binary_lock_dir))
-            if result.returncode == 0 or "cannot listen" not in result.stderr:
-                break
-            svc.port = free_port()
-            svc.env["JDLS"] = f"SERVER=127.0.0.1,{svc.port}"
-        assert result.returncode == 0, f"jdls -ibD failed ({result.returncode}): {result.stderr}{result.stdout}"
-        assert "OS file locks" in result.stdout + result.stderr, result.stdout
+    with make_service(tmp_path, start_options=("-ibD",)).checked() as svc:
+        usage = svc.jdls("-h")
+        if "--lock-dir" not in usage.stdout:
+            pytest.skip("jdls has no --lock-dir option: the lock files would go to /tmp/jbase")
+        assert (svc.lock_dir, svc.binary_lock_dir) == (tmp_path / "jbase", tmp_path / "jbase_lock")
+        svc.start("--lock-dir", str(svc.lock_dir), "--binary-lock-dir", str(svc.binary_lock_dir))
+        assert "OS file locks" in "\n".join(svc.started), svc.started
         assert not LockTable.exists(svc.key), "-ibD made a lock table"
         yield svc
-    finally:
-        svc.stop_and_check()
-
-
-def client_for(svc: Any, timeout: float = 10.0) -> Client:
-    return Client(Config(server=Server("127.0.0.1", svc.port), timeout=timeout))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@
 - A lock server whose client process ends (normally or by SIGKILL) releases
   the client's locks and exits at once.
 
-Every test has its own instance and port; its teardown (``Service.stop_and_check``
-in conftest.py) fails it if a process or IPC resource of the instance is left,
+Every test has its own instance and port; its teardown (the harness's ``Service.stop_and_check``,
+from conftest.py) fails it if a process or IPC resource of the instance is left,
 and a namespace made here is deleted (and checked gone) whatever happens.
 """
 
@@ -42,12 +42,11 @@ from dls_testkit import (
     client_for,
     crew,
     data_file,
-    free_port,
     header_line,
     holder_of,
-    make_service,
     read_counter,
     running,
+    running_service,
     slots_of,
     wait_for,
     wait_free,
@@ -62,35 +61,10 @@ SLACK = 5.0
 # -- a service of the test's own, with a short tidy period --------------------------------------
 
 
-def start_with(svc: Service, *options: str, attempts: int = 5) -> None:
-    """``jdls -ibs1000,10 OPTIONS --port P``, another free port if that one was taken meanwhile."""
-    for _ in range(attempts):
-        result = svc.jdls("-ibs1000,10", *options, "--port", str(svc.port))
-        if result.returncode == 0:
-            svc.started = result.stdout.splitlines()
-            return
-        if "cannot listen" not in result.stderr:
-            break
-        svc.port = free_port()
-        svc.env["JDLS"] = f"SERVER=127.0.0.1,{svc.port}"
-    raise AssertionError(f"jdls -ib failed ({result.returncode}): {result.stderr}{result.stdout}")
-
-
-@contextlib.contextmanager
-def own_service(tmp_path: Path, *options: str) -> Iterator[Service]:
-    """A service as the ``service`` fixture starts it, with more options; stopped and checked at the end."""
-    svc: Service = make_service(tmp_path)
-    try:
-        start_with(svc, *options)
-        yield svc
-    finally:
-        svc.stop_and_check()
-
-
 @pytest.fixture
 def tidy_service(tmp_path: Path) -> Iterator[Service]:
     """Like ``service``, with the monitor tidying every second (``--tidy-seconds 1``)."""
-    with own_service(tmp_path, "--tidy-seconds", "1") as svc:
+    with running_service(tmp_path / "release", "--tidy-seconds", "1") as svc:
         yield svc
 
 
@@ -108,7 +82,7 @@ def remote_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
     """A service listening on every address (the default); with the parameter True, with the shortest
     dead-client bound of these tests, if jdls has the option. (The service, the bound, the slack.)"""
     options, bound, slack = dead_client_setting() if request.param else ((), DEFAULT_DEAD_CLIENT_BOUND, SLACK)
-    with own_service(tmp_path, *options) as svc:
+    with running_service(tmp_path / "release", *options) as svc:
         yield svc, bound, slack
 
 

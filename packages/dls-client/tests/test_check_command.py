@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from dls_client import ServiceUnavailable, check_command
+from dls_testkit import Service as Daemon
+from dls_testkit import free_port
 
 DLS_TEST = str(Path(sys.executable).parent / "dls-test")
-
-if TYPE_CHECKING:
-    from conftest import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -44,7 +36,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 def daemon(env: dict[str, str], running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
-    with running_daemon(Path(env["JBCRELEASEDIR"]), dict(env), "-ib") as svc:
+    with running_daemon(Path(env["JBCRELEASEDIR"]), "-ib") as svc:
         yield svc
 
 

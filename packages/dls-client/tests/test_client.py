@@ -1,24 +1,19 @@
 """The client library against a real lock service (``jdls`` as a real program, on its own instance and port).
 
-The root ``tests/conftest.py`` is not visible from here, so this module has a
-small fixture of its own: it starts ``jdls -ib`` with a private JBCRELEASEDIR
-and a free port, and at the end stops it (``-k``), removes its table (``-K``)
-and fails the test if a process or IPC resource of the instance is left.
+The ``daemon`` fixture starts the harness's ``Service`` (``jdls -ibs1000,10``) with a
+private JBCRELEASEDIR and a free port, and at the end stops it (``-k``), removes its
+table (``-K``) and fails the test if a process or IPC resource of the instance is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shlex
-import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import pytest
 from dls_client import (
@@ -32,37 +27,17 @@ from dls_client import (
     Server,
     ServiceUnavailable,
 )
-
-DLS_LOCK = str(Path(sys.executable).parent / "dls-lock")
-KEY = "USD163170001"
-
-if TYPE_CHECKING:
-    from conftest import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+from dls_testkit import KEY, free_port, lock_holder, running, running_service
+from dls_testkit import Service as Daemon
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     """A running lock service of the test's own; this process's clients trace into its instance."""
     root = tmp_path / "release"
-    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS", "JBCPORTNO")}
-    env["JBCRELEASEDIR"] = str(root)
     monkeypatch.setenv("JBCRELEASEDIR", str(root))
     monkeypatch.delenv("JBCPORTNO", raising=False)
-    with running_daemon(root, env, "-ibs1000,10", set_jdls=True) as svc:
+    with running_service(root) as svc:
         yield svc
 
 
@@ -75,18 +50,9 @@ def client(daemon: Daemon) -> Iterator[Client]:
 @pytest.fixture
 def holder(daemon: Daemon, data: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Another process (``dls-lock DATA KEY sleep 60``) holding the lock on (data, KEY)."""
-    marker = tmp_path / "held"
-    proc = subprocess.Popen(
-        [DLS_LOCK, str(data), KEY, "sh", "-c", f"touch {shlex.quote(str(marker))} && exec sleep 60"],
-        env=daemon.env, stdin=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: marker.exists() or proc.poll() is not None, 10, "the holder to get its lock")
-        assert proc.poll() is None, f"the holder ended with status {proc.returncode}"
+    proc = lock_holder(daemon, data, tmp_path / "held", KEY)
+    with running(proc):
         yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_lock_and_unlock(client: Client, data: Path, daemon: Daemon) -> None:

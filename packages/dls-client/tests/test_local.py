@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dls_client as client_module
 import dls_client.local as local_module
@@ -27,22 +26,13 @@ import pytest
 from dls_client import Client, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
 from dls_client.local import local_mechanism, local_table_key
 from dls_shm import LockTable, unpack_ip
-
-KEY = "USD163170001"
-
-if TYPE_CHECKING:
-    from conftest import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dls_testkit import KEY
+from dls_testkit import Service as Daemon
 
 
 @pytest.fixture
 def daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
-    with running_daemon(local_env, dict(os.environ), "-ib") as svc:
+    with running_daemon(local_env, "-ib") as svc:
         yield svc
 
 

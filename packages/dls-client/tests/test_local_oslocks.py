@@ -18,23 +18,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from dls_client import Client, Holder, LocalClient, LockRefused, LockTimeout, Mode
 from dls_client.local import local_mechanism, local_table_key
 from dls_shm import Instance, LockTable, lock_file_name
+from dls_testkit import KEY
+from dls_testkit import Service as Daemon
 
-if TYPE_CHECKING:
-    from conftest import Daemon
-
-KEY = "USD163170001"
 Holders = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
 def daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
-    with running_daemon(local_env, dict(os.environ), "-ibD") as svc:
+    with running_daemon(local_env, "-ibD") as svc:
         assert not LockTable.exists(svc.key), "-ibD made a lock table"
         yield svc
 
@@ -192,7 +190,7 @@ def test_closing_releases_the_os_locks_and_release_all(daemon: Daemon, remote: C
 
 @pytest.fixture
 def port_daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
-    with running_daemon(local_env, dict(os.environ), "-ib", "-P") as svc:
+    with running_daemon(local_env, "-ib", "-P") as svc:
         yield svc
 
 
@@ -208,7 +206,7 @@ def slots(daemon: Daemon) -> list[tuple[int, int, int]]:
 def test_a_port_owner_table(port_daemon: Daemon, data: Path, local_holder: Holders,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JBCPORTNO", "7")
-    with LocalClient() as local, port_daemon.remote() as remote:
+    with LocalClient() as local, port_daemon.client() as remote:
         assert local.mechanism == "table" and local.port == 7
         # another process on the same port is another owner: its thread differs
         proc = local_holder(data, KEY, JBCPORTNO="7")

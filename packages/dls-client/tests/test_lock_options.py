@@ -9,27 +9,17 @@ of the instance is left. No file is made outside ``tmp_path``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from dls_client import Client, Config, DlsError, LocalBinaryLock, LockRefused, Mode, Server
-
-KEY = "USD163170001"
-
-if TYPE_CHECKING:
-    from conftest import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dls_testkit import KEY, free_port
+from dls_testkit import Service as Daemon
 
 
 @pytest.fixture
@@ -47,8 +37,8 @@ def local_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, P
 @pytest.fixture
 def daemon(local_dirs: tuple[Path, Path, Path], running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
     root, lock_dir, binary_dir = local_dirs
-    env = {k: v for k, v in os.environ.items() if k not in ("DLS_IPC_KEY", "JDLS_PORT", "JDLS", "JBCPORTNO")}
-    with running_daemon(root, env, "-ib", lock_dir=lock_dir, binary_lock_dir=binary_dir) as svc:
+    with running_daemon(root, "-ib") as svc:
+        assert (svc.lock_dir, svc.binary_lock_dir) == (lock_dir, binary_dir)
         yield svc
 
 

@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 from dls_client import Client, Config, LocalClient, Server
 from dls_client.lockinfo import LockInfo
+from dls_testkit import KEY, wait_for
 from dls_utils import show_item_locks
 
-KEY = "USD163170001"
 HOLDER_PORT, WAITER_PORT, LOCAL_PORT = 71001, 71002, 71003
 
 
 @pytest.fixture
 def service(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[tuple[Path, int]]:
     """(JBCRELEASEDIR, listener port) of a lock service of the test's own (see conftest's local_env)."""
-    with running_daemon(local_env, dict(os.environ), "-ib") as svc:
+    with running_daemon(local_env, "-ib") as svc:
         yield local_env, svc.port
 
 
@@ -54,14 +54,6 @@ def read_info(root: Path, port: int) -> dict[str, Any]:
     return document
 
 
-def until(condition: Callable[[], bool], what: str, seconds: float = 5) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def show_item_locks_output() -> str:
     out = io.StringIO()
     with redirect_stdout(out):
@@ -76,8 +68,8 @@ def test_holder_and_waiter_publish_their_information(service: tuple[Path, int], 
     try:
         held = holder.lock(data, KEY)
         assert holder.publish_info()  # the grant changed the record; not sent by the lock itself
-        until(lambda: info_file(root, HOLDER_PORT).exists() and read_info(root, HOLDER_PORT)["locks"],
-              "the holder's information")
+        wait_for(lambda: info_file(root, HOLDER_PORT).exists() and read_info(root, HOLDER_PORT)["locks"],
+                 what="the holder's information")
         doc = read_info(root, HOLDER_PORT)
         assert doc["port"] == HOLDER_PORT and doc["pid"] == os.getpid() and doc["ip"] == "127.0.0.1"
         assert doc["files"] == [{"path": str(data), "inode": data.stat().st_ino}]
@@ -96,8 +88,8 @@ def test_holder_and_waiter_publish_their_information(service: tuple[Path, int], 
         try:
             assert waiting.wait(5)
             # sent when the first Waiting reply came; the lock server writes it in its own time
-            until(lambda: info_file(root, WAITER_PORT).exists() and read_info(root, WAITER_PORT)["locks"],
-                  "the waiter's information")
+            wait_for(lambda: info_file(root, WAITER_PORT).exists() and read_info(root, WAITER_PORT)["locks"],
+                     what="the waiter's information")
             doc = read_info(root, WAITER_PORT)
             assert [(lk["path"], lk["key"], lk["state"]) for lk in doc["locks"]] == [(str(data), KEY, "waiting")]
             assert doc["files"] == [{"path": str(data), "inode": data.stat().st_ino}]
@@ -113,12 +105,12 @@ def test_holder_and_waiter_publish_their_information(service: tuple[Path, int], 
             thread.join(10)
         assert got
         # no longer waiting: granted, published by the waiter itself
-        until(lambda: [lk["state"] for lk in read_info(root, WAITER_PORT)["locks"]] == ["held"], "the grant")
+        wait_for(lambda: [lk["state"] for lk in read_info(root, WAITER_PORT)["locks"]] == ["held"], what="the grant")
     finally:
         holder.close()
         waiter.close()
-    until(lambda: not info_file(root, HOLDER_PORT).exists() and not info_file(root, WAITER_PORT).exists(),
-          "the lock servers to remove the information")
+    wait_for(lambda: not info_file(root, HOLDER_PORT).exists() and not info_file(root, WAITER_PORT).exists(),
+             what="the lock servers to remove the information")
 
 
 def test_a_local_client_writes_its_own_file(service: tuple[Path, int], data: Path,

@@ -15,9 +15,10 @@ import socket
 import time
 
 import pytest
-from dls_proto import NEED_DATA, Connection, Granted, Hello, Lock, Role, Welcome
+from dls_proto import Granted, Lock, Welcome
 from dls_shm import LOCAL_IP, Grant, Header, Owner, modes, resource_value
 from dls_shm.report import age, memory
+from dls_testkit import greet, receive
 
 #: The guide's example, tabs and spaces as printed there.
 GUIDE = """\
@@ -55,22 +56,10 @@ INODE = 1483651
 FILE = "/data/ac/FBNK.ACCOUNT"
 
 
-def receive(sock: socket.socket, conn: Connection, kind: type) -> object:
-    sock.settimeout(5)
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        assert event is NEED_DATA, f"unexpected {event!r}"
-        conn.receive_data(sock.recv(65536))
-
-
 def remote_lock(service, port: int, key: bytes) -> tuple[socket.socket, int]:
     """A client on ``port`` holding a WRITE lock on ``key`` through its lock server: (socket, server pid)."""
     sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
-    conn = Connection(Role.CLIENT)
-    sock.sendall(conn.send(Hello(1, 1, 1, 0, port, 7000 + port, 1, "app-server", "pytest")))
-    welcome = receive(sock, conn, Welcome)
+    conn, welcome = greet(sock, port, pid=7000 + port, host="app-server")
     sock.sendall(conn.send(Lock(2, modes.EX, 0, 0, 1, INODE, -1, key, FILE)))
     receive(sock, conn, Granted)
     assert isinstance(welcome, Welcome)

@@ -11,31 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from typing import TypeVar
 
 import psutil
 import pytest
 from dls_daemon.cli import main
-from dls_proto import NEED_DATA, Connection, Granted, Hello, Lock, Role, Welcome
-
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
+from dls_proto import Granted, Lock
+from dls_testkit import gone, greet, receive, wait_for
 
 
 def started(service, *args: str) -> tuple[int, int]:
@@ -45,30 +26,6 @@ def started(service, *args: str) -> tuple[int, int]:
     monitor, listener = service.pid("monitor"), service.pid("listener")
     assert monitor and listener
     return monitor, listener
-
-
-def server_pids(service) -> set[int]:
-    directory = service.root / "run" / "servers"
-    return {int(p.stem) for p in directory.glob("*.pid")} if directory.exists() else set()
-
-
-def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
-    sock.settimeout(5)
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        assert event is NEED_DATA, f"unexpected {event!r}"
-        data = sock.recv(65536)
-        assert data, "the lock server closed the connection"
-        conn.receive_data(data)
-
-
-def handshake(sock: socket.socket) -> tuple[Connection, Welcome]:
-    """Say Hello as a client on port 4242 would; the connection and the lock server's Welcome."""
-    conn = Connection(Role.CLIENT)
-    sock.sendall(conn.send(Hello(1, 1, 1, 0, 4242, os.getpid(), 1, "test-host", "pytest")))
-    return conn, receive(sock, conn, Welcome)
 
 
 # -- start, display, stop, remove ----------------------------------------------------
@@ -324,22 +281,22 @@ def test_monitor_tidies_orphaned_locks(service):
 def test_connection_forks_a_lock_server_that_ends_with_its_client(service):
     _, listener = started(service)
     with socket.create_connection(("127.0.0.1", service.port)) as client:
-        wait_for(lambda: server_pids(service), what="a lock server pid file")
-        (server,) = server_pids(service)
+        wait_for(lambda: service.server_pids(), what="a lock server pid file")
+        (server,) = service.server_pids()
         assert psutil.Process(server).ppid() == listener
-        _, welcome = handshake(client)
+        _, welcome = greet(client)
         assert welcome.server_pid == server
-    wait_for(lambda: gone(server) and not server_pids(service), what="the lock server to end")
+    wait_for(lambda: gone(server) and not service.server_pids(), what="the lock server to end")
 
 
 def test_stopping_the_listener_leaves_lock_servers_serving(service):
     monitor, listener = started(service)
     with socket.create_connection(("127.0.0.1", service.port)) as client:
-        wait_for(lambda: server_pids(service), what="a lock server pid file")
-        (server,) = server_pids(service)
+        wait_for(lambda: service.server_pids(), what="a lock server pid file")
+        (server,) = service.server_pids()
         assert service.jdls("-kD").returncode == 0
         assert gone(listener) and not gone(server) and not gone(monitor)
-        assert handshake(client)[1].server_pid == server  # still serving its client
+        assert greet(client)[1].server_pid == server  # still serving its client
         assert service.jdls("-ibD").returncode == 0  # a new listener; the old lock server goes on
         assert not gone(server)
         stop = service.jdls("-k")
@@ -351,7 +308,7 @@ def test_stopping_the_listener_leaves_lock_servers_serving(service):
 def test_stop_frees_the_locks_of_the_lock_servers_it_kills(service):
     started(service)
     with socket.create_connection(("127.0.0.1", service.port)) as client:
-        conn, welcome = handshake(client)
+        conn, welcome = greet(client)
         client.sendall(conn.send(Lock(2, 5, 0, 0, 1, 11, 12, b"REC1", "/data/FILE")))
         receive(client, conn, Granted)
         shown = service.jdls("-dL").stdout
@@ -412,8 +369,8 @@ def test_remove_refuses_a_table_this_user_may_not_remove(service, monkeypatch, c
 def test_remove_refuses_while_a_lock_server_runs(service):
     started(service)
     with socket.create_connection(("127.0.0.1", service.port)):
-        wait_for(lambda: server_pids(service), what="a lock server pid file")
-        (server,) = server_pids(service)
+        wait_for(lambda: service.server_pids(), what="a lock server pid file")
+        (server,) = service.server_pids()
         assert service.jdls("-kD").returncode == 0
         assert service.jdls("-kA").returncode == 0
         result = service.jdls("-K")

@@ -10,52 +10,30 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import pytest
 from dls_client import Client, Config, RequestFailed, Server
 from dls_daemon.cli import main, unit_file
 from dls_proto import (
-    NEED_DATA,
     Connection,
     ConnectionClosed,
     Echo,
     Error,
     ErrorCode,
     Granted,
-    Hello,
     Lock,
     Refused,
     RefuseReason,
-    Role,
     Welcome,
 )
 from dls_shm import TableFlag
+from dls_testkit import gone, greet, receive, wait_for
 
-T = TypeVar("T")
 EX = 5
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-
-
-def log_of(service) -> str:
-    return (service.root / "log" / "jdls.log").read_text()
+#: What a Hello may be answered with.
+HELLO_ANSWERS = Welcome | Error
 
 
 def start(service, *args: str) -> None:
@@ -63,30 +41,9 @@ def start(service, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
-    sock.settimeout(5)
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        assert event is NEED_DATA, f"unexpected {event!r}"
-        data = sock.recv(65536)
-        conn.receive_data(data)
-        if not data:
-            event = conn.next_event()
-            assert isinstance(event, kind), f"closed: {event!r}"
-            return event
-
-
-def hello(sock: socket.socket, port: int = 4242, thread: int = 1) -> tuple[Connection, Welcome | Error]:
-    conn = Connection(Role.CLIENT)
-    sock.sendall(conn.send(Hello(1, 1, 1, 0, port, os.getpid(), thread, "test-host", "pytest")))
-    return conn, receive(sock, conn, Welcome | Error)  # type: ignore[arg-type]
-
-
 def lock(sock: socket.socket, conn: Connection, rid: int, key: bytes, thread: int = 1) -> Granted | Refused | Error:
     sock.sendall(conn.send(Lock(rid, EX, 0, 0, thread, 11, -1, key, "/data/FILE")))
-    return receive(sock, conn, Granted | Refused | Error)  # type: ignore[arg-type]
+    return receive(sock, conn, Granted | Refused | Error)
 
 
 def connect(service) -> socket.socket:
@@ -209,29 +166,29 @@ def test_connection_test_when_nothing_listens(service) -> None:
 def test_the_client_over_the_limit_is_told_and_logged(service) -> None:
     start(service, "-ib", "--max-clients", "1")
     with connect(service) as first:
-        _, welcome = hello(first)
+        _, welcome = greet(first, expect=HELLO_ANSWERS)
         assert isinstance(welcome, Welcome)
         with connect(service) as second:
-            conn, refused = hello(second)
+            conn, refused = greet(second, expect=HELLO_ANSWERS)
             assert refused == Error(0, ErrorCode.LIMIT, "limit of 1 clients reached")
             assert isinstance(receive(second, conn, ConnectionClosed), ConnectionClosed)
         tested = service.jdls("-Cx")
         assert tested.returncode == 1
         assert "answered with an error: limit of 1 clients reached" in tested.stderr
-        assert "refused connection from 127.0.0.1:" in log_of(service)
-        assert log_of(service).count(": limit of 1 clients reached") == 2
+        assert "refused connection from 127.0.0.1:" in service.log()
+        assert service.log().count(": limit of 1 clients reached") == 2
     wait_for(lambda: service.jdls("-Cx").returncode == 0, what="the freed place to be taken")
 
 
 def test_lock_servers_of_an_earlier_listener_count_against_the_limit(service) -> None:
     start(service, "-ib", "--max-clients", "1")
     with connect(service) as first:
-        assert isinstance(hello(first)[1], Welcome)
+        assert isinstance(greet(first, expect=HELLO_ANSWERS)[1], Welcome)
         start(service, "-kD")
         start(service, "-ibD", "--max-clients", "1")
-        assert "1 lock server(s) of an earlier listener still serving" in log_of(service)
+        assert "1 lock server(s) of an earlier listener still serving" in service.log()
         with connect(service) as second:
-            assert hello(second)[1] == Error(0, ErrorCode.LIMIT, "limit of 1 clients reached")
+            assert greet(second, expect=HELLO_ANSWERS)[1] == Error(0, ErrorCode.LIMIT, "limit of 1 clients reached")
 
 
 def test_the_lock_limit_per_client(service, tmp_path: Path) -> None:
@@ -246,13 +203,13 @@ def test_the_lock_limit_per_client(service, tmp_path: Path) -> None:
         assert "limit of 2 locks per client" in str(refused.value)
         held[0].release()
         client.lock(data, "K3").release()  # room again
-    wait_for(lambda: "over the limit of 2 locks" in log_of(service), what="the log to name the limit")
+    wait_for(lambda: "over the limit of 2 locks" in service.log(), what="the log to name the limit")
 
 
 def test_frame_limit_and_handshake_timeout(service) -> None:
     start(service, "-ib", "--max-frame", "2048", "--handshake-timeout", "0.3")
     with connect(service) as sock:
-        conn, welcome = hello(sock)
+        conn, welcome = greet(sock, expect=HELLO_ANSWERS)
         assert isinstance(welcome, Welcome) and welcome.max_frame == 2048
         sock.sendall(conn.send(Echo(2, b"x" * 4000)))
         error = receive(sock, conn, Error)
@@ -262,7 +219,7 @@ def test_frame_limit_and_handshake_timeout(service) -> None:
         silent.settimeout(5)
         assert silent.recv(100) == b""  # closed for want of a Hello
         assert time.monotonic() - started < 3
-    wait_for(lambda: "no Hello within 0.3 s" in log_of(service), what="the log to say why")
+    wait_for(lambda: "no Hello within 0.3 s" in service.log(), what="the log to say why")
 
 
 def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> None:
@@ -274,7 +231,7 @@ def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> N
     assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o1777
     assert not binary.exists()  # made on first use only
     assert ("limits: 9 clients, 5 locks per client, frames of 4096 bytes, handshake 2 s, dead client 7 s"
-            in log_of(service))
+            in service.log())
 
 
 def test_an_unusable_lock_directory_fails_the_start(service, tmp_path: Path) -> None:
@@ -302,13 +259,13 @@ def test_syslog(service, tmp_path: Path) -> None:
     monitor = service.pid("monitor")
     # <30> is facility daemon (3 * 8), priority info (6).
     assert any(m.startswith(f"<30>jdls[{monitor}]: monitor INFO monitor started".encode()) for m in received), received
-    assert "listener started" in log_of(service)  # the log file as well
+    assert "listener started" in service.log()  # the log file as well
 
 
 def test_syslog_missing_is_said_in_the_log(service, tmp_path: Path) -> None:
     service.env["JDLS_SYSLOG_SOCKET"] = str(tmp_path / "no-such-socket")
     start(service, "-ibA", "--syslog")
-    assert f"syslog not available: {tmp_path / 'no-such-socket'} does not exist" in log_of(service)
+    assert f"syslog not available: {tmp_path / 'no-such-socket'} does not exist" in service.log()
 
 
 # -- -K -o ----------------------------------------------------------------------------------------------
@@ -338,7 +295,7 @@ def test_remove_override_names_and_removes(service) -> None:
 def test_remove_override_with_a_lock_server_left(service) -> None:
     start(service, "-ib")
     with connect(service) as sock:
-        conn, welcome = hello(sock)
+        conn, welcome = greet(sock, expect=HELLO_ANSWERS)
         assert isinstance(welcome, Welcome)
         assert isinstance(lock(sock, conn, 2, b"REC"), Granted)
         start(service, "-kD")
@@ -363,9 +320,9 @@ def test_port_based_owners(service, port_based: bool) -> None:
     shown = service.jdls("-dv").stdout
     assert ("IPC semaphores based on PORT number" if port_based else "IPC semaphores based on THREAD id") in shown
     with connect(service) as a, connect(service) as b, connect(service) as c:
-        conn_a, welcome_a = hello(a, port=1000)
-        conn_b, welcome_b = hello(b, port=1000)  # the same port and thread, through another lock server
-        conn_c, _ = hello(c, port=1001)
+        conn_a, welcome_a = greet(a, 1000, expect=HELLO_ANSWERS)
+        conn_b, welcome_b = greet(b, 1000, expect=HELLO_ANSWERS)  # same port and thread, another lock server
+        conn_c, _ = greet(c, 1001, expect=HELLO_ANSWERS)
         assert isinstance(welcome_a, Welcome) and isinstance(welcome_b, Welcome)
         assert welcome_a.server_pid != welcome_b.server_pid
         first = lock(a, conn_a, 2, b"33537")
@@ -383,7 +340,7 @@ def test_time_stamped_locks_show_their_age(service) -> None:
     start(service, "-ibT")
     assert service.header().flags & TableFlag.TIMESTAMPS
     with connect(service) as sock:
-        conn, _ = hello(sock)
+        conn, _ = greet(sock, expect=HELLO_ANSWERS)
         assert isinstance(lock(sock, conn, 2, b"OLD"), Granted)
         time.sleep(1.2)
         shown = service.jdls("-dvL").stdout

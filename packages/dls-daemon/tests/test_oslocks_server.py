@@ -16,12 +16,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-import sysv_ipc
 from dls_daemon import lockserver
 from dls_daemon.context import Limits, ServerContext
 from dls_proto import (
@@ -52,6 +51,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_shm import Instance, LockTable, geometry_for, ipc_key_for, lock_file_name
+from dls_testkit import Children, own_table
 
 NL, CR, CW, PR, PW, EX = range(6)
 INODE, DEVICE, KEY = 0x2468, -1, b"FBNK.ACCOUNT*USD1"
@@ -142,49 +142,34 @@ class Servers:
         self.listen.listen()
         _SOCKETS.append(self.listen)
         self.peers: list[Peer] = []
-        self.pids: list[int] = []
+        self.children = Children()
 
     def connect(self, pid: int = 4242, port: int = 7) -> Peer:
         peer = Peer(self.listen.getsockname(), pid, port)
         self.peers.append(peer)
         conn, addr = self.listen.accept()
-        child = os.fork()
-        if child == 0:  # the lock server: never return into pytest
-            status = 70
-            try:
-                for sock in _SOCKETS:
-                    sock.close()
-                status = lockserver.serve(conn, addr, self.ctx)
-            finally:
-                os._exit(status)
+
+        def lock_server() -> int:
+            for sock in _SOCKETS:
+                sock.close()
+            return lockserver.serve(conn, addr, self.ctx)
+
+        child = self.children.fork(lock_server)
         conn.close()
-        self.pids.append(child)
         peer.server_pid = child
         peer.welcomed = peer.welcome()
         assert peer.welcomed.server_pid == child
         return peer
 
     def wait(self, pid: int, timeout: float = 10.0) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                self.pids.remove(pid)
-                return os.waitstatus_to_exitcode(status)
-            assert time.monotonic() < deadline, f"lock server {pid} still running after {timeout} s"
-            time.sleep(0.005)
+        """Reap the lock server ``pid``: its exit code (negative: the signal that killed it)."""
+        return self.children.wait(pid, timeout)
 
     def close(self) -> None:
         for peer in self.peers:
             peer.close()
         self.listen.close()
-        for pid in list(self.pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-        self.pids.clear()
+        self.children.check_reaped()
 
 
 def context(tmp_path: Path, table: LockTable | None = None) -> ServerContext:
@@ -205,15 +190,8 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 
 @pytest.fixture
 def table(tmp_path: Path) -> Iterator[LockTable]:
-    key = ipc_key_for(tmp_path / "table")
-    made, created = LockTable.create(key, geometry_for(1000, 10))
-    assert created
-    try:
+    with own_table(ipc_key_for(tmp_path / "table"), geometry_for(1000, 10)) as made:
         yield made
-    finally:
-        made.remove()
-        with pytest.raises(sysv_ipc.ExistentialError):
-            sysv_ipc.SharedMemory(key)
 
 
 @pytest.fixture
@@ -223,13 +201,6 @@ def table_servers(tmp_path: Path, table: LockTable) -> Iterator[Servers]:
         yield made
     finally:
         made.close()
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.01)
 
 
 def refused(event: Event, reason: int = RefuseReason.BUSY) -> Refused:

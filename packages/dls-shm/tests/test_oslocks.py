@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from dls_shm import (
@@ -35,9 +34,7 @@ from dls_shm import (
     resource_value,
 )
 from dls_shm.oslocks import OS_CLASS, compatible
-
-if TYPE_CHECKING:
-    from conftest import Children, Pipe  # the fixtures' classes, in this directory's conftest.py
+from dls_testkit import Children, Pipe
 
 NL, CR, CW, PR, PW, EX = range(6)
 INODE, DEVICE, KEY = 0x1234, -1, b"ORDERS*1001"

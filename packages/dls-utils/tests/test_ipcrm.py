@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sysv_ipc
 from dls_shm import Instance, LockTable, geometry_for
+from dls_testkit import ipc_left, ipcs_lines
 from dls_utils.ipcrm import get_parser
 
 pytestmark = pytest.mark.slow
@@ -31,14 +32,8 @@ def ipcrm(*args: str, env: dict[str, str] | None = None,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/")
 
 
-def ipcs_lines(key: int) -> list[str]:
-    """The lines of ``ipcs -m -s`` that show this key."""
-    out = subprocess.run(["ipcs", "-m", "-s"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line.startswith(f"0x{key:08x} ")]
-
-
 @pytest.fixture
-def table(clean_env: Instance, ipc_left: Callable[[int], list[str]]) -> Iterator[Instance]:
+def table(clean_env: Instance) -> Iterator[Instance]:
     """A table of the test's instance that nobody has attached (created, then detached); removed at the end."""
     created, _ = LockTable.create(clean_env.key, geometry_for(100, 10))
     created.close()
@@ -62,7 +57,7 @@ def attacher(table: Instance) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
-def test_refuses_while_the_service_runs_even_forced(daemon: Any, ipc_left: Callable[[int], list[str]]) -> None:
+def test_refuses_while_the_service_runs_even_forced(daemon: Any) -> None:
     daemon.start()
     key = daemon.instance.key
     for args in ((), ("--force",)):
@@ -85,7 +80,7 @@ def test_refuses_while_the_service_runs_even_forced(daemon: Any, ipc_left: Calla
 
 
 def test_an_attached_process_is_named_and_forced_past(
-    table: Instance, attacher: subprocess.Popen[str], ipc_left: Callable[[int], list[str]]
+    table: Instance, attacher: subprocess.Popen[str]
 ) -> None:
     done = ipcrm()
     assert done.returncode == 3, done
@@ -101,7 +96,7 @@ def test_an_attached_process_is_named_and_forced_past(
     assert attacher.poll() is None  # it keeps its mapping, and is not signalled
 
 
-def test_a_table_nobody_uses_is_removed(table: Instance, ipc_left: Callable[[int], list[str]]) -> None:
+def test_a_table_nobody_uses_is_removed(table: Instance) -> None:
     done = ipcrm("--key", f"0x{table.key:08x}")
     assert (done.returncode, done.stderr) == (0, "")
     assert ipc_left(table.key) == []
@@ -110,7 +105,7 @@ def test_a_table_nobody_uses_is_removed(table: Instance, ipc_left: Callable[[int
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 @pytest.mark.parametrize("mode", [0o600, 0o666])
 def test_another_users_table_is_a_permission_problem(
-    clean_env: Instance, mode: int, ipc_left: Callable[[int], list[str]]
+    clean_env: Instance, mode: int
 ) -> None:
     created, _ = LockTable.create(clean_env.key, geometry_for(100, 10), mode=mode)
     created.close()

@@ -8,8 +8,9 @@ import socket
 from typing import Any
 
 import pytest
-from dls_proto import NEED_DATA, Connection, Echo, EchoReply, Hello, InfoPut, Role, Welcome
+from dls_proto import Echo, EchoReply, InfoPut
 from dls_shm import Instance, info
+from dls_testkit import greet, receive
 from dls_utils.list_open_files import get_parser, main
 
 
@@ -59,15 +60,6 @@ def test_no_information_directory(clean_env: Instance, capsys: pytest.CaptureFix
     assert "exit status" in get_parser().format_help()
 
 
-def receive(sock: socket.socket, conn: Connection, kind: type[Any]) -> Any:
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        assert event is NEED_DATA, f"unexpected {event!r}"
-        conn.receive_data(sock.recv(65536))
-
-
 @pytest.mark.slow
 def test_from_a_real_service(daemon: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                              tmp_path: Any) -> None:
@@ -75,9 +67,7 @@ def test_from_a_real_service(daemon: Any, capsys: pytest.CaptureFixture[str], mo
     data = tmp_path / "FBNK.ACCOUNT"
     data.write_text("")
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
-        conn = Connection(Role.CLIENT)
-        sock.sendall(conn.send(Hello(1, 1, 1, 0, 4, os.getpid(), 1, "test-host", "pytest")))
-        welcome = receive(sock, conn, Welcome)
+        conn, welcome = greet(sock, 4)
         document = {"files": [{"path": str(data), "inode": data.stat().st_ino}], "locks": []}
         sock.sendall(conn.send(InfoPut(8, json.dumps(document).encode())))
         sock.sendall(conn.send(Echo(9, b"sync")))

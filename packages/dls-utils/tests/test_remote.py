@@ -15,33 +15,27 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import pytest
 from dls_proto import (
-    NEED_DATA,
     WAIT_FOREVER,
     Connection,
     Echo,
     EchoReply,
     Granted,
-    Hello,
     InfoPut,
     Lock,
     LockFlag,
     Mode,
-    Role,
     Welcome,
 )
 from dls_shm import resource_value
+from dls_testkit import KEY, greet, receive
+from dls_testkit import Service as Daemon
 from dls_utils.show_item_locks import main
 
-if TYPE_CHECKING:
-    from conftest import Daemon  # the fixtures' class, in this directory's conftest.py
-
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
-KEY = "USD163170001"
 
 
 @pytest.fixture
@@ -55,25 +49,12 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         yield svc
 
 
-def receive(sock: socket.socket, conn: Connection, kind: type[T]) -> T:
-    sock.settimeout(10)
-    while True:
-        event = conn.next_event()
-        if isinstance(event, kind):
-            return event
-        assert event is NEED_DATA, f"unexpected {event!r}"
-        data = sock.recv(65536)
-        assert data, "the lock server closed the connection"
-        conn.receive_data(data)
-
-
 def client(svc: Daemon, port: int) -> tuple[socket.socket, Connection, Welcome]:
     """A connected client that says it is ``port``: the socket, its connection and the Welcome."""
     sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
     svc.sockets.append(sock)
-    conn = Connection(Role.CLIENT)
-    sock.sendall(conn.send(Hello(1, 1, 1, 0, port, os.getpid(), 1, "test-host", "pytest")))
-    return sock, conn, receive(sock, conn, Welcome)
+    conn, welcome = greet(sock, port)
+    return sock, conn, welcome
 
 
 def describe(sock: socket.socket, conn: Connection, path: Path) -> None:

@@ -43,36 +43,43 @@ CLIENT_MAX_FRAME = 16 * 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 
 
+def tcp_connect(server: Server) -> socket.socket:
+    """A TCP connection to ``server``, without Nagle's delay and with keepalive (OSError when it cannot)."""
+    sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return sock
+
+
+#: How a channel reaches its server: a connected socket, or OSError (tests give one end of a socketpair).
+Connect = Callable[[Server], socket.socket]
+
+
 class Channel:
     """One greeted connection to one lock server: requests out, each reply to the thread awaiting it.
 
     ``ack_timeout`` is how long a request may wait in silence (JDLS TIMEOUT; None
     with WAIT); ``unsolicited`` gets the replies nobody awaits (a failed unlock's
     Error); ``on_failure`` hears, once, why the connection was lost. Once lost, a
-    channel stays lost: every call raises the same ServiceUnavailable. ``sock``
-    is an already connected socket to use instead of connecting to ``server``
-    (tests give one end of a socketpair).
+    channel stays lost: every call raises the same ServiceUnavailable.
+    ``connect`` reaches the server (TCP by default).
     """
 
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
-        sock: socket.socket | None = None,
+        connect: Connect = tcp_connect,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
         self._unsolicited = unsolicited
         self._on_failure = on_failure
-        if sock is None:
-            try:
-                sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
-            except OSError as exc:
-                raise ServiceUnavailable(
-                    f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
-                ) from None
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self.sock = sock
+        try:
+            self.sock = connect(server)
+        except OSError as exc:
+            raise ServiceUnavailable(
+                f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
+            ) from None
         self.sock.settimeout(None)
         # A kernel receive timeout keeps the socket blocking (one syscall per recv)
         # and still lets a reader notice silence.

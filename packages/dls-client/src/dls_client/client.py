@@ -37,7 +37,7 @@ from dls_proto import (
 
 from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
-from .channel import Channel
+from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
 from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
 from .lockinfo import LockInfo
@@ -73,8 +73,11 @@ class Client(BaseClient):
     tools (see ``lockinfo``).
     """
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, connect: Connect = tcp_connect) -> None:
+        """``config`` defaults to JDLS's (ConfigurationError when it is not valid); ``connect`` reaches a
+        server (TCP by default; tests give in-process fakes)."""
         self.config = config if config is not None else (Config.from_environment() or Config())
+        self._connect = connect
         self.port = port_number()
         flags = LockFlag.NO_INTERIM if self.config.wait else LockFlag.NONE
         if self.config.oslocks:
@@ -100,7 +103,8 @@ class Client(BaseClient):
     def _open_channel(self, server: Server) -> Channel:
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
-                       self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error)
+                       self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
+                       connect=self._connect)
 
     def _new_primary(self, channel: Channel) -> None:
         """Requests go to a new lock server (the first, or a promoted secondary): it does not know what

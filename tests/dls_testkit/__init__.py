@@ -1,0 +1,47 @@
+"""The test harness of every dls package: one place for what the tests of all five packages share.
+
+On the root pytest ``pythonpath``, so any test module or conftest imports it by name
+(``from dls_testkit import Service, wait_for``). Its modules, each for one thing:
+
+- ``ports``: ``free_port``;
+- ``waiting``: ``wait_for``, a condition with a deadline;
+- ``ipc``: the SysV objects of a key (``ipc_left``, ``ipcs_lines``, ``remove_ipc``), ``free_key``,
+  ``own_table`` (a table removed and checked at the end);
+- ``processes``: ``alive``/``gone``, ``running`` (end what a test started), ``processes_of`` an instance,
+  ``Children`` (forked, always reaped) and ``Pipe``;
+- ``service``: ``Service``, a real jdls of the test's own instance, stopped and checked at the end;
+- ``clients``: a data file, clients of a service, who holds a lock, the table's slots;
+- ``crew``: client processes hammering one record lock, and the counter that proves exclusion;
+- ``wire``: a client speaking the protocol by hand over a socket;
+- ``fake_service``: an in-process lock service over a socketpair, scripted by the test, for the client's
+  connection code without a daemon.
+"""
+
+from .clients import (
+    KEY,
+    attached,
+    client_for,
+    data_file,
+    header_line,
+    holder_of,
+    lock_holder,
+    read_counter,
+    slots_of,
+    wait_free,
+)
+from .crew import LOAD_SECONDS, Crew, assert_exact, crew
+from .fake_service import FakeService
+from .ipc import free_key, ipc_left, ipcs_lines, own_table, remove_ipc
+from .ports import free_port
+from .processes import Children, Pipe, alive, gone, processes_of, running
+from .service import DLS_LOCK, FOREIGN, Service, instance_env, make_service, running_service
+from .waiting import wait_for
+from .wire import greet, hello, receive
+
+__all__ = [
+    "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeService", "Pipe", "Service", "alive",
+    "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone", "greet",
+    "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder", "make_service",
+    "own_table", "processes_of", "read_counter", "receive", "remove_ipc", "running", "running_service", "slots_of",
+    "wait_for", "wait_free",
+]

@@ -1,0 +1,33 @@
+"""A client that speaks the protocol by hand over a real socket, so that a test says exactly what is sent."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from dls_proto import Connection, Hello, Role, Welcome
+from dls_proto import receive as proto_receive
+
+
+def receive(sock: socket.socket, conn: Connection, kind: Any, timeout: float = 10.0) -> Any:
+    """The next event on ``conn`` (dls-proto's ``receive``, reading ``sock``), which must be of ``kind`` (a class
+    or a union of them): any other fails the test, and so does the peer's close unless ``kind`` takes the
+    ConnectionClosed it gives."""
+    sock.settimeout(timeout)
+    event = proto_receive(conn, lambda: sock.recv(65536))
+    assert isinstance(event, kind), f"unexpected {event!r}"
+    return event
+
+
+def hello(port: int = 4242, *, thread: int = 1, pid: int | None = None, host: str = "test-host") -> Hello:
+    """The Hello of a test client that says it is ``port`` (protocol version 1 only)."""
+    return Hello(1, 1, 1, 0, port, os.getpid() if pid is None else pid, thread, host, "pytest")
+
+
+def greet(sock: socket.socket, port: int = 4242, *, thread: int = 1, expect: Any = Welcome,
+          **who: Any) -> tuple[Connection, Any]:
+    """Say ``hello(port, ...)`` on ``sock``: the client's Connection and the answer (of kind ``expect``)."""
+    conn = Connection(Role.CLIENT)
+    sock.sendall(conn.send(hello(port, thread=thread, **who)))
+    return conn, receive(sock, conn, expect)
