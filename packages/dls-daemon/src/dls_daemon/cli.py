@@ -37,9 +37,10 @@ from .context import (
     DEFAULT_MAX_LOCKS_PER_CLIENT,
     Limits,
 )
-from .daemon import start
 from .display import connection_test, display
+from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
+from .start import start
 from .stop import remove_ipc, stop_roles
 
 PORT_VARIABLE = "JDLS_PORT"
@@ -367,17 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _check(parser, args)
     except SystemExit as exc:  # usage errors (2), -h and --version (0)
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     if args.action == "unit":
         sys.stdout.write(unit_file())
-        return 0
+        return ExitCode.OK
     if args.action == "test":
         return connection_test(args.host, args.port, args.test_string, verbose=args.verbose > 0)
     try:
         instance = Instance.from_environment()
     except ValueError as exc:
         print(f"jdls: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if args.action == "start":
         settings = settings_from(args, instance)
         return start(settings, _roles(args), background=args.background and not args.foreground)

@@ -28,6 +28,8 @@ DEFAULT_DEAD_CLIENT_BOUND = 15.0
 
 @dataclass
 class Limits:
+    """What one client may ask of its lock server, and how many clients the listener serves."""
+
     max_frame: int = DEFAULT_MAX_FRAME
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_locks_per_client: int = DEFAULT_MAX_LOCKS_PER_CLIENT
@@ -38,10 +40,12 @@ class Limits:
 
 @dataclass
 class ServerContext:
+    """Everything a lock server needs from the listener that forked it: the instance, the table (None:
+    OS file locks), where OS locks live, the limits, and where to log."""
+
     instance: Instance
     table: LockTable | None
     log: logging.Logger
     limits: Limits = field(default_factory=Limits)
-    port_owners: bool = False  # jdls -P
     lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)

@@ -41,6 +41,8 @@ from dls_proto import (
 from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, pidfiles
 from dls_shm.report import Process, Snapshot, line, lines, process_lines
 
+from .exitcodes import ExitCode
+
 #: How long ``-C`` waits for the connection and for each answer.
 TEST_TIMEOUT = 10.0
 
@@ -75,10 +77,10 @@ def display(
         print(line("Locking mechanism", f"OS file locks (no lock table with key 0x{instance.key:08x})"), file=out)
         print(f"jdls: there is no shared memory lock table with key 0x{instance.key:08x} for {instance.root}: "
               "the lock monitor has not created one (jdls -ib or -ibA) or it was removed (jdls -K)", file=err)
-        return 1
+        return ExitCode.FAILED
     except TableError as exc:
         print(f"jdls: {exc}", file=err)
-        return 1
+        return ExitCode.FAILED
     try:
         snapshot = Snapshot.read(table)
     finally:
@@ -86,7 +88,7 @@ def display(
     for text in lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
                       locks=locks):
         print(text, file=out)
-    return 0
+    return ExitCode.OK
 
 
 # -- jdls -C: the connection test ----------------------------------------------------------------

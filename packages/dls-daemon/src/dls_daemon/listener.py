@@ -9,13 +9,11 @@ The lock mechanism is chosen once, at start: the table if the monitor made
 one, otherwise OS file locks. Switching later would let two clients of one
 record lock it through different mechanisms without seeing each other.
 
-Limits come from the command line into the ServerContext: frame size,
-handshake timeout, locks per client and the dead-client bound are the lock
-server's to enforce; the number of clients is the listener's. A client over
-that limit is accepted only to be told so (a dls-proto Error naming the limit)
-and closed, and the log says so: a refusal the client can read beats a
-connection that hangs in the backlog. Lock servers still running from an
-earlier listener count too.
+The client limit is the listener's (the other limits are the lock server's).
+A client over it is accepted only to be told so and closed, because a refusal
+the client can read beats a connection that hangs in the backlog; its
+connection lingers a moment, read and dropped, so that closing with its Hello
+unread does not reset the connection and take the Error with it.
 
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
 it after the listener has gone. The listener writes it right after the fork
@@ -29,26 +27,24 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
-import signal
 import socket
 import time
-from pathlib import Path
-from typing import NoReturn
+from functools import partial
+from typing import TYPE_CHECKING
 
 from dls_proto import Error, ErrorCode, encode
-from dls_shm import AlreadyRunning, HeldPidFile, LockTable, PidRecord, TableError, TableMissing, pidfiles
+from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles
 
 from . import lockserver
 from . import log as daemon_log
 from .context import ServerContext
-from .report import Report
+from .lifecycle import Daemon, StartFailed, status_text
+from .readiness import Report
 from .settings import Settings
-from .signals import SignalWatch, block, unblock
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: Exit status of a lock server that failed with an unexpected exception (EX_SOFTWARE).
-EXIT_CRASHED = 70
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
+
 BACKLOG = 128
 #: Seconds to wait after accept fails for want of resources.
 ACCEPT_PAUSE = 0.1
@@ -85,37 +81,34 @@ def listen_problem(address: str, port: int) -> str | None:
     return None
 
 
-class Listener:
+class Listener(Daemon):
+    """The process that accepts client connections and forks one lock server for each; it chooses the
+    lock mechanism once, at start, and counts the clients served against ``--max-clients``."""
+
+    role = LISTENER
+
     def __init__(self, settings: Settings, log: logging.Logger) -> None:
-        self.settings = settings
-        self.instance = settings.instance
-        self.log = log
+        super().__init__(settings, log)
         self.sock: socket.socket | None = None
         self.table: LockTable | None = None
-        self.pidfile: HeldPidFile | None = None
-        self.signals: SignalWatch | None = None
         self.ctx: ServerContext | None = None
+        #: Lock servers forked by this listener (reaped, never stopped by it).
         self.children: set[int] = set()
         #: Lock servers of an earlier listener still running at start: they count against --max-clients.
         self.adopted: list[PidRecord] = []
         #: Refused connections, given a moment to read their Error: socket -> when to drop it.
         self.lingering: dict[socket.socket, float] = {}
 
-    # -- start --------------------------------------------------------------------
+    # -- set-up ---------------------------------------------------------------------
 
-    def start(self, report: Report) -> bool:
-        """Take the pid file, bind the port, pick the lock mechanism, report; False (reported) when it cannot."""
+    def setup(self, report: Report) -> str:
+        """Bind the port, pick the lock mechanism, make the lock directory, and say so."""
         settings = self.settings
-        self.signals = SignalWatch((*STOP_SIGNALS, signal.SIGCHLD))
-        try:
-            self.pidfile = HeldPidFile.acquire(self.instance.pid_file("listener"))
-        except AlreadyRunning as exc:
-            who = f"at pid {exc.record.pid}" if exc.record else "(pid unknown)"
-            return self._fail(report, f"lock listener already running {who}")
         try:
             self.sock = listen_socket(settings.bind, settings.port)
         except OSError as exc:
-            return self._fail(report, f"cannot listen on {where(settings.bind, settings.port)}: {exc.strerror or exc}")
+            where_to = where(settings.bind, settings.port)
+            raise StartFailed(f"cannot listen on {where_to}: {exc.strerror or exc}") from None
         self.sock.setblocking(False)
         bound = self.sock.getsockname()[1]
         try:
@@ -123,11 +116,9 @@ class Listener:
         except TableMissing:
             self.log.info("no lock table with key 0x%08x: locks are OS file locks", self.instance.key)
         except TableError as exc:
-            return self._fail(report, f"cannot use the lock table: {exc}")
-        port_owners = settings.port_owners
+            raise StartFailed(f"cannot use the lock table: {exc}") from None
         if self.table is not None:
-            port_owners = self.table.port_owners
-            if settings.port_owners and not port_owners:
+            if settings.port_owners and not self.table.port_owners:
                 warning = "the lock table exists without -P: its locks stay process based, -P is ignored"
                 self.log.warning(warning)
                 report.warn(warning)
@@ -137,9 +128,9 @@ class Listener:
             mechanism = f"OS file locks in {settings.lock_dir} (no lock table)"
         problem = self._make_lock_dirs()
         if problem is not None:
-            return self._fail(report, problem)
+            raise StartFailed(problem)
         self.ctx = ServerContext(
-            self.instance, self.table, daemon_log.get("server"), limits=settings.limits, port_owners=port_owners,
+            self.instance, self.table, daemon_log.get("server"), limits=settings.limits,
             lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +143,7 @@ class Listener:
             limits.max_locks_per_client, limits.max_frame, limits.handshake_timeout, limits.dead_client_bound,
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
         )
-        report.ready(f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}: {mechanism}")
-        return True
+        return f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}: {mechanism}"
 
     def _make_lock_dirs(self) -> str | None:
         """The record-lock directory exists when record locks are OS file locks (no table), or why not.
@@ -179,39 +169,26 @@ class Listener:
                 return f"cannot use the lock directory {directory}: not writable"
         return None
 
-    def _fail(self, report: Report, text: str) -> bool:
-        self.log.error(text)
-        report.fail(text)
-        self.close()
-        return False
+    # -- the loop's work ----------------------------------------------------------------
 
-    # -- run ----------------------------------------------------------------------
+    def watched(self) -> list[FileDescriptorLike]:
+        assert self.sock is not None
+        return [self.sock, *self.lingering]
 
-    def run(self) -> int:
-        """Accept and fork until told to stop; the exit status. Lock servers are left running."""
-        assert self.sock is not None and self.signals is not None
-        sock_fd = self.sock.fileno()
-        try:
-            while True:
-                timeout = None
-                if self.lingering:
-                    timeout = max(0.0, min(self.lingering.values()) - time.monotonic())
-                watched: list[int | socket.socket] = [sock_fd, self.signals.fileno(), *self.lingering]
-                readable, _, _ = select.select(watched, [], [], timeout)
-                signals = self.signals.take()
-                if signals & set(STOP_SIGNALS):
-                    names = ", ".join(signal.Signals(s).name for s in sorted(signals & set(STOP_SIGNALS)))
-                    self.log.info("listener stopping (%s); %d lock server(s) go on", names, len(self.children))
-                    break
-                if signal.SIGCHLD in signals:
-                    self.reap()
-                if sock_fd in readable:
-                    self._accept_all()
-                if self.lingering:
-                    self._drain_lingering(readable)
-        finally:
-            self._stop()
-        return 0
+    def timeout(self) -> float | None:
+        if self.lingering:
+            return max(0.0, min(self.lingering.values()) - time.monotonic())
+        return None
+
+    def work(self, readable: list[FileDescriptorLike]) -> None:
+        """Accept and fork; drop the refused connections whose time is up."""
+        if self.sock in readable:
+            self._accept_all()
+        if self.lingering:
+            self._drain_lingering(readable)
+
+    def stopping_note(self) -> str:
+        return f"; {len(self.children)} lock server(s) go on"
 
     # -- the client limit -----------------------------------------------------------
 
@@ -247,7 +224,7 @@ class Listener:
         # connection and could take the Error with it.
         self.lingering[conn] = time.monotonic() + REFUSAL_LINGER
 
-    def _drain_lingering(self, readable: list[int | socket.socket]) -> None:
+    def _drain_lingering(self, readable: list[FileDescriptorLike]) -> None:
         now = time.monotonic()
         for conn, until in list(self.lingering.items()):
             done = now >= until
@@ -261,6 +238,8 @@ class Listener:
             if done:
                 del self.lingering[conn]
                 conn.close()
+
+    # -- lock servers -------------------------------------------------------------------
 
     def _accept_all(self) -> None:
         assert self.sock is not None
@@ -290,18 +269,12 @@ class Listener:
     def _fork_server(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         conn.setblocking(True)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        daemon_log.flush()
-        watched = self.signals.signals if self.signals is not None else ()
-        block(watched)  # until the child has dropped the listener's handlers
+        what = f"lock server for {where(*peer)}"
         try:
-            pid = os.fork()
+            pid = self.fork(what, partial(self._serve, conn, peer))
         except OSError as exc:
-            unblock(watched)
-            self.log.error("cannot fork a lock server for %s: %s", where(*peer), exc)
+            self.log.error("cannot fork a %s: %s", what, exc)
             return
-        if pid == 0:
-            self._serve_in_child(conn, peer, watched)
-        unblock(watched)
         self.children.add(pid)
         try:
             pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
@@ -309,68 +282,42 @@ class Listener:
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
 
-    def _serve_in_child(self, conn: socket.socket, peer: tuple[str, int], blocked: tuple[int, ...]) -> NoReturn:
-        """The lock server's whole life: it never returns into the listener's loop."""
-        status = EXIT_CRASHED
-        pid_path: Path | None = None
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> int:
+        """A lock server's life, in the forked child: listed in run/servers while it runs."""
+        daemon_log.set_role("server")
+        pid_path = self.instance.server_pid_file(os.getpid())
         try:
-            self._forget_in_child()
-            unblock(blocked)
-            daemon_log.set_role("server")
-            pid_path = self.instance.server_pid_file(os.getpid())
             pidfiles.write(pid_path, pidfiles.record_of(os.getpid()))
             assert self.ctx is not None
-            status = lockserver.serve(conn, peer, self.ctx)
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
-        except KeyboardInterrupt:
-            self.log.info("lock server for %s interrupted (SIGINT)", where(*peer))
-            status = 128 + signal.SIGINT
-        except BaseException as exc:
-            self.log.exception("lock server for %s failed: %r", where(*peer), exc)
-            status = EXIT_CRASHED
+            return lockserver.serve(conn, peer, self.ctx)
         finally:
-            if pid_path is not None:
-                pidfiles.remove(pid_path)
-            daemon_log.flush()
-            os._exit(status)
+            pidfiles.remove(pid_path)
 
-    def _forget_in_child(self) -> None:
-        """Drop what belongs to the listener, so that the child is a lock server and nothing else."""
+    def forget_own_in_child(self) -> None:
+        """Drop what belongs to the listener, so that the child is a lock server and nothing else (the
+        table mapping stays: the lock server locks in it)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self.signals is not None:
-            self.signals.close(default_handlers=True)
-            self.signals = None
-        if self.pidfile is not None:
-            self.pidfile.close_in_child()
-            self.pidfile = None
         self.children.clear()
         self.adopted.clear()
         for conn in self.lingering:
             conn.close()
         self.lingering.clear()
 
-    def reap(self) -> None:
-        """Collect every lock server that has ended, and its pid file if it left one."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
-            pidfiles.remove(self.instance.server_pid_file(pid))
-            if os.WIFSIGNALED(status):
-                self.log.warning("lock server %d killed by %s", pid, signal.Signals(os.WTERMSIG(status)).name)
-            elif os.WEXITSTATUS(status):
-                self.log.warning("lock server %d exited with status %d", pid, os.WEXITSTATUS(status))
-            else:
-                self.log.debug("lock server %d ended", pid)
+    def child_ended(self, pid: int, status: int) -> None:
+        """A lock server has ended: forget it, and its pid file if it left one."""
+        self.children.discard(pid)
+        pidfiles.remove(self.instance.server_pid_file(pid))
+        if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
+            self.log.warning("lock server %d %s", pid, status_text(status))
+        else:
+            self.log.debug("lock server %d ended", pid)
 
-    def _stop(self) -> None:
+    # -- the end ------------------------------------------------------------------------
+
+    def last_work(self) -> None:
+        """Collect the lock servers that have ended; the header no longer names this listener."""
         self.reap()
         if self.table is not None:
             try:
@@ -378,11 +325,9 @@ class Listener:
                     self.table.set_header(listener_pid=0)
             except TableError as exc:
                 self.log.warning("listener stopping: %s", exc)
-        self.close()
-        self.log.info("listener stopped")
 
-    def close(self) -> None:
-        """Let go of socket, table, pid file and signals (lock servers keep theirs)."""
+    def release(self) -> None:
+        """Let go of the socket and the table (lock servers keep theirs)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -392,9 +337,3 @@ class Listener:
         if self.table is not None:
             self.table.close()
             self.table = None
-        if self.pidfile is not None:
-            self.pidfile.release()
-            self.pidfile = None
-        if self.signals is not None:
-            self.signals.close()
-            self.signals = None

@@ -1,35 +1,31 @@
 """The lock monitor: owns the lock table's life and frees the locks of processes that died.
 
-It creates the table (or attaches the one that is there: a table in use is
-never resized under its users), keeps in the header what ``jdls -dvL`` shows of
-it (its pid, the tidy period, "last ran" at most a second old, its own CPU
-time; the table itself counts tidy-ups, their time and lock retries), and
-every tidy period frees the locks whose owner is gone.
-It tidies once more when it starts on an existing table and when it stops,
-because locks orphaned while no monitor ran (for instance lock servers killed
-by ``jdls -k``) would otherwise wait a whole period or outlive the service.
+It creates the table, or attaches the one that is there: a table in use is
+never resized under its users, and settings that cannot apply to it are said
+(warned) rather than silently dropped. It keeps in the header what ``jdls
+-dvL`` shows of it (its pid, the tidy period, "last ran" at most a second old,
+its CPU time), and every tidy period frees the locks whose owner is gone.
 
-Stopping it (SIGTERM, SIGINT) leaves the table in place: local processes and
-lock servers keep locking; only ``jdls -K`` removes it.
+It tidies once more when it starts on an existing table and when it stops:
+locks orphaned while no monitor ran (lock servers killed by ``jdls -k``, say)
+would otherwise wait a whole period, or outlive the service. Stopping leaves
+the table in place, so that local processes and lock servers keep locking.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
-from collections.abc import Callable
 
-from dls_shm import AlreadyRunning, HeldPidFile, LockTable, TableError, TableFlag, TableMissing
+from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing
 
-from .report import Report
+from .lifecycle import Daemon, StartFailed
+from .readiness import Report
 from .settings import Settings
-from .signals import SignalWatch
 
 #: The monitor updates the header at least this often (seconds).
 TICK = 1.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def describe_table(table: LockTable) -> str:
@@ -37,33 +33,27 @@ def describe_table(table: LockTable) -> str:
     return f"lock table 0x{table.key:08x} of {g.locks} locks in {g.ngroups} groups of {g.per_group}"
 
 
-class Monitor:
+class Monitor(Daemon):
+    """The process that creates (or attaches) the instance's lock table, keeps its header current and
+    tidies the locks of dead owners; in the foreground with both roles, the listener's parent."""
+
+    role = MONITOR
+
     def __init__(self, settings: Settings, log: logging.Logger) -> None:
-        self.settings = settings
-        self.log = log
+        super().__init__(settings, log)
         self.table: LockTable | None = None
-        self.pidfile: HeldPidFile | None = None
-        self.signals: SignalWatch | None = None
-        self._inherited_table: LockTable | None = None
+        self._next_tick = 0.0
+        self._next_tidy = 0.0
 
-    # -- start --------------------------------------------------------------------
-
-    def start(self, report: Report) -> bool:
-        """Take the pid file, create or attach the table, report; False (reported) when it cannot."""
-        instance = self.settings.instance
-        self.signals = SignalWatch((*STOP_SIGNALS, signal.SIGCHLD))
-        try:
-            self.pidfile = HeldPidFile.acquire(instance.pid_file("monitor"))
-        except AlreadyRunning as exc:
-            who = f"at pid {exc.record.pid}" if exc.record else "(pid unknown)"
-            return self._fail(report, f"lock monitor already running {who}")
+    def setup(self, report: Report) -> str:
+        """Create or attach the table, and say so."""
         try:
             table, created = LockTable.create(
-                instance.key, self.settings.geometry, flags=self.settings.table_flags,
+                self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
                 tidy_period=self.settings.tidy_seconds,
             )
         except (TableError, ValueError) as exc:
-            return self._fail(report, f"cannot create the lock table: {exc}")
+            raise StartFailed(f"cannot create the lock table: {exc}") from None
         self.table = table
         if not created:
             for warning in self._ignored_settings(table):
@@ -72,16 +62,13 @@ class Monitor:
             self._tidy("on start")
         table.set_header(monitor_pid=os.getpid(), tidy_period=self.settings.tidy_seconds)
         self._tick()
+        period = self.settings.tidy_seconds
+        now = time.monotonic()
+        self._next_tick = now + min(period, TICK)
+        self._next_tidy = now + period
         how = "created" if created else "attached"
-        self.log.info("monitor started: %s %s, tidy every %d s", how, describe_table(table), self.settings.tidy_seconds)
-        report.ready(f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}")
-        return True
-
-    def _fail(self, report: Report, text: str) -> bool:
-        self.log.error(text)
-        report.fail(text)
-        self.close()
-        return False
+        self.log.info("monitor started: %s %s, tidy every %d s", how, describe_table(table), period)
+        return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}"
 
     def _ignored_settings(self, table: LockTable) -> list[str]:
         """What was asked for but cannot apply to a table that already exists."""
@@ -101,44 +88,24 @@ class Monitor:
                 out.append(f"the lock table exists {state} {option}: {option} as given now is ignored")
         return out
 
-    # -- run ----------------------------------------------------------------------
+    # -- the loop's work ----------------------------------------------------------------
 
-    def run(self, *, on_child: Callable[[], None] | None = None, before_stop: Callable[[], None] | None = None) -> int:
-        """Tick and tidy until told to stop; the exit status.
+    def timeout(self) -> float:
+        return max(0.0, self._next_tick - time.monotonic())
 
-        ``on_child`` is called on SIGCHLD and ``before_stop`` before the table is
-        let go of: the foreground service uses them for its listener child.
-        """
-        assert self.table is not None and self.signals is not None
-        period = self.settings.tidy_seconds
+    def work(self, readable: object) -> None:
+        """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
         now = time.monotonic()
-        next_tick = now + min(period, TICK)
-        next_tidy = now + period
-        status = 0
+        period = self.settings.tidy_seconds
         try:
-            while True:
-                signals = self.signals.wait(max(0.0, next_tick - time.monotonic()))
-                if signals & set(STOP_SIGNALS):
-                    names = ", ".join(signal.Signals(s).name for s in sorted(signals & set(STOP_SIGNALS)))
-                    self.log.info("monitor stopping (%s)", names)
-                    break
-                if signal.SIGCHLD in signals and on_child is not None:
-                    on_child()
-                now = time.monotonic()
-                if now >= next_tick:
-                    self._tick()
-                    next_tick = now + min(period, TICK)
-                if now >= next_tidy:
-                    self._tidy("periodic")
-                    next_tidy = now + period
+            if now >= self._next_tick:
+                self._tick()
+                self._next_tick = now + min(period, TICK)
+            if now >= self._next_tidy:
+                self._tidy("periodic")
+                self._next_tidy = now + period
         except TableMissing as exc:
-            self.log.error("monitor stopping: %s", exc)
-            status = 1
-        finally:
-            if before_stop is not None:
-                before_stop()
-            self._stop()
-        return status
+            self.fail(exc)
 
     def _tick(self) -> None:
         """What -dvL shows of the monitor itself: when it last ran, and the CPU it has used."""
@@ -156,37 +123,28 @@ class Monitor:
         else:
             self.log.debug("tidy (%s): nothing to free (%.3f s)", why, took)
 
-    def _stop(self) -> None:
-        table = self.table
-        if table is not None:
-            try:
-                self._tidy("on stop")
-                if table.header().monitor_pid == os.getpid():
-                    table.set_header(monitor_pid=0)
-            except TableError as exc:
-                self.log.warning("monitor stopping: %s", exc)
-        self.close()
-        self.log.info("monitor stopped")
+    # -- the end ------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Let go of table, pid file and signals (the table itself stays)."""
+    def last_work(self) -> None:
+        """A last tidy, and the header no longer names this monitor."""
+        table = self.table
+        if table is None:
+            return
+        try:
+            self._tidy("on stop")
+            if table.header().monitor_pid == os.getpid():
+                table.set_header(monitor_pid=0)
+        except TableError as exc:
+            self.log.warning("monitor stopping: %s", exc)
+
+    def release(self) -> None:
+        """Detach from the table (the table itself stays)."""
         if self.table is not None:
             self.table.close()
             self.table = None
-        if self.pidfile is not None:
-            self.pidfile.release()
-            self.pidfile = None
-        if self.signals is not None:
-            self.signals.close()
-            self.signals = None
 
-    def forget_in_child(self) -> None:
-        """In a child forked from the monitor: drop what belongs to the monitor process only."""
-        if self.signals is not None:
-            self.signals.close(default_handlers=True)
-            self.signals = None
-        if self.pidfile is not None:
-            self.pidfile.close_in_child()
-            self.pidfile = None
-        # The inherited mapping is harmless and the header is the parent's: keep it, untouched.
-        self._inherited_table, self.table = self.table, None
+    def forget_own_in_child(self) -> None:
+        """A child (the foreground listener) does not use the monitor's mapping, and must not write the
+        header as the monitor: detach it. Detaching touches nothing the monitor sees, and the table's
+        attach count (what jdls -K checks) then counts the child once, for its own attach."""
+        self.release()

@@ -26,6 +26,9 @@ START_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class Settings:
+    """What ``jdls -i`` asked for, defaults filled in: the table's size and flags, where to listen, the
+    limits and the lock directories. The monitor and the listener start from it and nothing else."""
+
     instance: Instance
     #: Table size as -s gave it (records, locks per group); None when not given.
     size: tuple[int, int] | None = None

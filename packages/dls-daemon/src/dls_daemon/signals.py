@@ -9,7 +9,6 @@ so a main loop sleeping in ``select`` wakes at once and handles it in order.
 from __future__ import annotations
 
 import os
-import select
 import signal
 from collections.abc import Iterable
 from types import FrameType
@@ -54,12 +53,6 @@ class SignalWatch:
             pass
         taken, self._noted = self._noted, set()
         return taken
-
-    def wait(self, timeout: float | None) -> set[int]:
-        """Sleep until a signal comes or ``timeout`` seconds pass; the signals that came."""
-        if not self._noted:
-            select.select([self._read], [], [], timeout)
-        return self.take()
 
     def close(self, *, default_handlers: bool = False) -> None:
         """Stop watching. In a forked child, ``default_handlers`` gives the signals their default action back."""

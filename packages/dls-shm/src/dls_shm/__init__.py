@@ -1,8 +1,10 @@
 """dls-shm: the lock table in SysV shared memory, one of the two contracts between dls packages.
 
-Other packages import from here only: the table, its layout, the instance
-naming, the lock modes, the doorbells waiters sleep on, and the text report
-of a table that jdls -dvL and dls-dump both print.
+Other packages import from here only: the lock-mechanism interface (LockMechanism,
+its answers and errors, the waiting loop) and its two mechanisms (LockTable,
+OsLocks), the table's layout, the instance naming, the lock modes, the doorbells
+waiters sleep on, and the text report of a table that jdls -dvL and dls-dump
+both print.
 """
 
 from . import info, modes, pidfiles, report
@@ -24,25 +26,24 @@ from .layout import (
     pack_ip,
     unpack_ip,
 )
-from .occupancy import IpcObject, Occupancy, Occupant, command_line, running_role, running_servers, service_processes
-from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
-from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
-from .table import (
-    RECHECK_INTERVAL,
+from .mechanism import (
+    AcquireByWaiting,
     Conflict,
-    Entry,
     Grant,
     GroupFull,
     Holder,
-    LockTable,
+    LockMechanism,
     NotHeld,
     Owner,
     Queued,
     TableError,
     TableMissing,
-    owner_gone,
     resource_value,
 )
+from .occupancy import IpcObject, Occupancy, Occupant, command_line, running_role, running_servers, service_processes
+from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
+from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
+from .table import RECHECK_INTERVAL, Entry, LockTable, owner_gone
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",
@@ -50,8 +51,9 @@ __all__ = [
     "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
-    "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder", "Instance",
-    "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError", "TableFlag", "TableMissing",
+    "AcquireByWaiting", "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder",
+    "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError",
+    "TableFlag", "TableMissing",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
     "info", "pidfiles", "report", "ring", "unpack_ip",
 ]

@@ -2,57 +2,34 @@
 
 When the listener runs without the monitor (``jdls -ibD``) there is no shared
 memory, and a record lock is a POSIX (``fcntl``) lock taken by the process that
-serves it. The files and the bytes locked are a contract, like the table layout:
-every process that takes OS locks must name them the same way.
+serves it: the kernel drops it when that process dies, however it dies, which
+is the release jDLS relies on. The files and bytes locked are a contract like
+the table layout (the README says how they are named): every process that
+takes OS locks must name them alike.
 
-- One lock file per file locked: ``jlock_%08x_%08x`` (inode, device) in a lock
-  directory (``/tmp/jbase`` for record locks, ``/tmp/jbase_lock`` for binary
-  locks by default). A negative device is shown as its 32-bit two's complement,
-  so the device -1 of every remote lock gives ``ffffffff``. Lock files are never
-  removed: unlinking a file that another process has open would let two owners
-  lock two different inodes under one name.
-- One byte per record key: the byte at offset :func:`key_offset` (a 64-bit
-  BLAKE2b digest of the key, cut to 62 bits so that it is a valid ``off_t``), so
-  different keys of one file lock independently. Two keys whose digests collide
-  share a byte: they exclude each other needlessly, but never both hold
-  incompatible locks.
-
-Modes. ``fcntl`` has two lock types, so the six DLM modes are mapped:
-NL takes no OS lock (it is granted and kept, but excludes nobody); CR and PR take
-a read lock; CW, PW and EX a write lock. Read locks are shared, a write lock
-excludes every other lock. For jBASE's READ (PR) and WRITE (EX) locks this is
-exact; for the other modes it is stricter than the DLM matrix (CR with CW or PW,
-and CW with CW, are refused although the DLM allows them), never looser. The
-finer DLM compatibility needs the lock table.
-
-Owners. ``fcntl`` locks belong to a process, not to a thread or a descriptor: the
-kernel never makes a process wait for its own locks, and drops them all when the
-process dies, however it dies, which is exactly the release jDLS relies on. The
-threads of one process therefore share its OS locks, so this class keeps its own
-record of which owner (pid, thread) holds what, refuses a conflicting request of
-another thread of the same process as the table would (the holder it names is
-then that thread, with its port, client pid and address), and takes for each
-byte the strongest OS lock its owners need. An owner of another process is
-known only by the pid ``F_GETLK`` gives: port, client pid and thread are 0 and
-the address 0.0.0.0.
-
-Waiting. There is no descriptor to wait on for an ``fcntl`` lock, and a blocking
-``F_SETLKW`` would stop a single-threaded lock server. A request that must wait
-is recorded (``Queued``) and tried again by :meth:`OsLocks.retry`; the caller
-polls it on a short timer (:data:`RETRY_FIRST`, doubling up to :data:`RETRY_MAX`),
-which costs a system call or two per look and keeps the CPU near idle.
-:meth:`OsLocks.acquire` does this, with the table's timeout and ``on_wait`` (the
-same code: ``table.AcquireByWaiting``). When the lock is released by another owner of
-this process, the waiters' doorbells are rung at once, as the table does. The order in which waiters get a lock is not
-guaranteed (no FIFO): it depends on who looks first after a release, and a
-steady stream of readers can hold off a writer.
-
-Caveats. An ``OsLocks`` belongs to the process that made it (a forked child does
-not inherit ``fcntl`` locks; make a new one there). Closing any descriptor of a
-file releases every lock the process holds on it, so a lock file stays open
-while this object holds or waits for a lock on it, and is only ever opened
-through this object. A lock file removed behind the service's back (a /tmp
-cleaner) separates the locks taken before from those taken after.
+- Lock files are never removed: unlinking a file that another process has open
+  would let two owners lock two different inodes under one name.
+- One byte per key, at a digest of the key: different keys of one file lock
+  independently; two keys whose digests collide exclude each other needlessly,
+  but never both hold incompatible locks.
+- ``fcntl`` has two lock types, so the six DLM modes map to none, read or write
+  (``OS_CLASS``): exact for jBASE's READ (PR) and WRITE (EX), stricter than the
+  DLM matrix for the others, never looser.
+- ``fcntl`` locks belong to a process, not to a thread: the kernel never makes a
+  process wait for its own locks. So this class keeps its own record of which
+  owner (pid, thread) of this process holds what, refuses another thread's
+  conflicting request as the table would, and takes for each byte the strongest
+  OS lock its owners need. An owner in another process is known only by the
+  pid ``F_GETLK`` gives.
+- Waiting: there is no descriptor to wait on for an ``fcntl`` lock, and a
+  blocking ``F_SETLKW`` would stop a single-threaded lock server. A request that
+  must wait is queued here and tried again by ``retry`` after each of
+  ``pauses()`` (50 ms, doubling up to 250 ms: a system call or two per look);
+  a release by another owner of this process rings the waiters' doorbells at
+  once, as the table does. There is no FIFO order between waiters.
+- Closing any descriptor of a file releases every lock the process holds on
+  it, so a lock file stays open while this object holds or waits for a lock on
+  it, and is only ever opened through this object.
 """
 
 from __future__ import annotations
@@ -69,7 +46,7 @@ from pathlib import Path
 
 from . import doorbell
 from .layout import LOCAL_IP
-from .table import (
+from .mechanism import (
     AcquireByWaiting,
     Conflict,
     Grant,
@@ -171,17 +148,14 @@ class _Record:
 class OsLocks(AcquireByWaiting):
     """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
 
-    The same calls and answers as LockTable: ``lock`` gives a Grant, a Conflict,
-    or with a ``wait_token`` a Queued request to ``retry`` (see the module for how
-    waiting works); ``acquire`` waits for it (polling) as the table's does, on this
-    thread's ``doorbell``; ``unlock``, ``cancel``, ``status``, ``release_owner``. Safe to
-    share between the threads of the process that made it. The directory is made
+    A LockMechanism, as LockTable is (see the module for how waiting works); safe
+    to share between the threads of the process that made it. The directory is made
     when the first lock needs it; lock files are made ``file_mode`` (default
     readable and writable by all, whatever the umask) so that every user's
     processes can lock them.
     """
 
-    #: How a caller polls a queued request (seconds): first look, and the longest pause between looks.
+    #: The pauses between looks at a queued request (``pauses()``, seconds): the first, and the longest.
     retry_first = RETRY_FIRST
     retry_max = RETRY_MAX
 
@@ -266,7 +240,7 @@ class OsLocks(AcquireByWaiting):
         for token in tokens:
             doorbell.ring(token)
 
-    def _pauses(self) -> Iterator[float]:
+    def pauses(self) -> Iterator[float]:
         """Polled: look again after ``retry_first`` seconds, then twice as long each time up to ``retry_max``."""
         pause = self.retry_first
         while True:

@@ -1,5 +1,8 @@
 """The lock table: lock, unlock, wait, scan and tidy in SysV shared memory.
 
+``LockTable`` is one of the two lock mechanisms (``mechanism.LockMechanism``);
+the other, OS file locks, serves a service that has no table.
+
 One semaphore guards the whole table. It is taken with SEM_UNDO, so a process
 killed while holding it gives it back; writes are ordered so that such a death
 leaves the table consistent (a slot's value, which marks it used, is written
@@ -18,12 +21,12 @@ Waiting: a request that must wait is recorded as a WAITING slot, behind the
 locks it conflicts with, in FIFO order (a request never overtakes an earlier
 incompatible waiter). The waiter sleeps on its doorbell; whoever frees or
 cancels a lock rings the waiters that can now be granted, after letting go of
-the semaphore.
+the semaphore. A ring lost with a process killed between the two is why a
+waiter still looks every RECHECK_INTERVAL (``pauses()``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import operator
 import os
@@ -32,7 +35,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import psutil
 import sysv_ipc
@@ -44,7 +47,6 @@ from .layout import (
     HEADER_SIZE,
     HEADER_STRUCT,
     INDEX_BITS,
-    KEY_DIGEST,
     KEY_MAX,
     LAYOUT_VERSION,
     MAGIC,
@@ -54,9 +56,22 @@ from .layout import (
     Geometry,
     Header,
     Slot,
-    SlotFlag,
     SlotState,
     TableFlag,
+)
+from .mechanism import (
+    AcquireByWaiting,
+    Conflict,
+    Grant,
+    GroupFull,
+    Holder,
+    NotHeld,
+    Owner,
+    Queued,
+    TableError,
+    TableMissing,
+    resource_value,
+    stored_key,
 )
 
 #: Longest a waiter sleeps between looks at the table even if never rung: a
@@ -80,64 +95,6 @@ _BY_PID = operator.attrgetter("pid", "thread")
 _BY_PORT = operator.attrgetter("port", "thread")
 
 
-class TableError(Exception):
-    """The table cannot do what was asked; the message says why."""
-
-
-class TableMissing(TableError):
-    """No table exists for this key (the monitor is not running, or it was removed)."""
-
-
-class GroupFull(TableError):
-    """Every slot of the resource's group is in use."""
-
-
-class NotHeld(TableError):
-    """The handle names no lock (or no waiting request) of this table any more."""
-
-
-class Owner(NamedTuple):
-    """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
-    remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
-    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS."""
-
-    pid: int
-    thread: int
-    port: int
-    client_pid: int
-    ip: bytes
-
-
-class Holder(NamedTuple):
-    """The owner of a conflicting lock, as reported to a refused requester."""
-
-    mode: int
-    pid: int
-    port: int
-    client_pid: int
-    thread: int
-    ip: bytes
-
-
-class Grant(NamedTuple):
-    handle: int
-    mode: int
-    value: int
-
-
-class Conflict(NamedTuple):
-    """Not granted and not queued: the request would have had to wait."""
-
-    holder: Holder
-
-
-class Queued(NamedTuple):
-    """Not granted yet: the request waits in the table under ``handle``."""
-
-    handle: int
-    holder: Holder
-
-
 class Entry(NamedTuple):
     """A used slot, as ``scan`` reports it."""
 
@@ -145,23 +102,6 @@ class Entry(NamedTuple):
     group: int
     value: int
     slot: Slot
-
-
-def stored_key(key: bytes) -> tuple[bytes, int]:
-    """The key as a slot keeps it: verbatim, or a prefix and a digest when too long.
-
-    A key of exactly KEY_MAX bytes is digested too, so that a stored key of
-    that length is always a digest and never equal to a verbatim key.
-    """
-    if len(key) < KEY_MAX:
-        return key, 0
-    digest = hashlib.blake2b(key, digest_size=KEY_DIGEST).digest()
-    return key[: KEY_MAX - KEY_DIGEST] + digest, SlotFlag.LONG_KEY
-
-
-def resource_value(inode: int, device: int, key: bytes) -> int:
-    """The 32-bit value of a resource (never 0, which marks a free slot)."""
-    return zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
 
 
 def owner_gone(pid: int, since: float) -> bool:
@@ -203,84 +143,6 @@ def _surely_dead(pid: int) -> bool:
 
 def _holder(slot: Slot) -> Holder:
     return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
-
-
-class _WaitingLocks(Protocol):
-    """What :class:`AcquireByWaiting` needs of the class it is mixed into (LockTable, OsLocks)."""
-
-    def lock(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
-    ) -> Grant | Conflict | Queued: ...
-
-    def retry(self, handle: int) -> Grant | Queued: ...
-
-    def cancel(self, handle: int) -> bool: ...
-
-    def doorbell(self) -> doorbell.Doorbell: ...
-
-    def _pauses(self) -> Iterator[float]: ...
-
-
-class AcquireByWaiting:
-    """``acquire`` and per-thread ``doorbell`` on top of ``lock``, ``retry`` and ``cancel``: one way of
-    waiting for LockTable and OsLocks, which differ only in ``_pauses()``, the longest sleeps between
-    looks at a queued request (a ring of its doorbell ends a sleep early).
-
-    The class it is mixed into sets ``self._local = threading.local()`` in ``__init__``.
-    """
-
-    _local: threading.local
-
-    def _pauses(self) -> Iterator[float]:
-        """The longest sleep before each next look at a queued request (an endless iterator)."""
-        raise NotImplementedError
-
-    def acquire(
-        self: _WaitingLocks, owner: Owner, inode: int, device: int, key: bytes, mode: int,
-        timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
-    ) -> Grant | Conflict:
-        """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
-
-        ``on_wait`` is called once when the request starts waiting, with the holder.
-        A request still queued when the timeout ends (or when ``on_wait`` or the
-        wait raises) is cancelled; one cancelled meanwhile by ``release_owner``
-        makes ``retry`` raise NotHeld.
-        """
-        if timeout is not None and timeout <= 0:
-            result = self.lock(owner, inode, device, key, mode)
-            assert not isinstance(result, Queued)
-            return result
-        bell = self.doorbell()
-        queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
-        if not isinstance(queued, Queued):
-            return queued
-        try:
-            if on_wait is not None:
-                on_wait(queued.holder)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for pause in self._pauses():
-                if deadline is not None:
-                    pause = min(pause, deadline - time.monotonic())
-                    if pause <= 0:
-                        self.cancel(queued.handle)
-                        return Conflict(queued.holder)
-                bell.wait(pause)
-                queued = self.retry(queued.handle)
-                if not isinstance(queued, Queued):
-                    return queued
-        except BaseException:
-            if isinstance(queued, Queued):
-                self.cancel(queued.handle)
-            raise
-        raise AssertionError("_pauses() ended")  # it never does
-
-    def doorbell(self) -> doorbell.Doorbell:
-        """This thread's doorbell, made on first use (and again in a forked child)."""
-        bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
-        if bell is None or self._local.pid != os.getpid():
-            bell = self._local.bell = doorbell.Doorbell()
-            self._local.pid = os.getpid()
-        return bell
 
 
 class LockTable(AcquireByWaiting):
@@ -521,7 +383,7 @@ class LockTable(AcquireByWaiting):
         if tokens:
             _ring(tokens)
 
-    def _pauses(self) -> Iterator[float]:
+    def pauses(self) -> Iterator[float]:
         """A waiter is rung when its lock may be granted; it looks every RECHECK_INTERVAL as a safety net."""
         return itertools.repeat(RECHECK_INTERVAL)
 

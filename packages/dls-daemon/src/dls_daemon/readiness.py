@@ -73,11 +73,6 @@ class PipeReport:
     def fail(self, text: str) -> None:
         self._line("fail", text)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
 
 @dataclass
 class Outcome:

@@ -1,0 +1,228 @@
+"""The lock-mechanism interface: what a record-lock mechanism answers, and how a request waits.
+
+Record locks are taken in the lock table (``table.LockTable``) or, on a service
+without one, as OS file locks (``oslocks.OsLocks``). Their users, the daemon's
+lock servers and dls-client's local direct locking, take the locks of either
+through the one interface here, :class:`LockMechanism`, in its words (Owner,
+Holder, Grant, Conflict, Queued and the TableError family), so that neither
+knows which mechanism it has beyond choosing it.
+
+Waiting is the part the two mechanisms do differently, and only in one fact:
+how long a waiter may sleep before it looks again at its queued request.
+The table rings a waiter's doorbell when its lock may be granted and looks
+again every RECHECK_INTERVAL only as a safety net; an OS lock released by
+another process rings nobody, so its waiters poll (50 ms, doubling up to
+250 ms). Each mechanism says so in ``pauses()``, and everyone who waits reads
+it there: :class:`AcquireByWaiting` (a blocking ``acquire`` on top of ``lock``,
+``retry`` and ``cancel``) and the lock server, which cannot block and waits in
+its own ``select``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
+
+from . import doorbell
+from .layout import KEY_DIGEST, KEY_MAX, SlotFlag
+
+
+class TableError(Exception):
+    """The mechanism cannot do what was asked; the message says why."""
+
+
+class TableMissing(TableError):
+    """No table exists for this key (the monitor is not running, or it was removed)."""
+
+
+class GroupFull(TableError):
+    """Every slot of the resource's group is in use."""
+
+
+class NotHeld(TableError):
+    """The handle names no lock (or no waiting request) of this mechanism any more."""
+
+
+class Owner(NamedTuple):
+    """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
+    remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
+    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS."""
+
+    pid: int
+    thread: int
+    port: int
+    client_pid: int
+    ip: bytes
+
+
+class Holder(NamedTuple):
+    """The owner of a conflicting lock, as reported to a refused requester."""
+
+    mode: int
+    pid: int
+    port: int
+    client_pid: int
+    thread: int
+    ip: bytes
+
+
+class Grant(NamedTuple):
+    """Granted: ``handle`` releases it, ``value`` is the resource's value (the same in every mechanism)."""
+
+    handle: int
+    mode: int
+    value: int
+
+
+class Conflict(NamedTuple):
+    """Not granted and not queued: the request would have had to wait."""
+
+    holder: Holder
+
+
+class Queued(NamedTuple):
+    """Not granted yet: the request waits under ``handle``, to be retried or cancelled."""
+
+    handle: int
+    holder: Holder
+
+
+def stored_key(key: bytes) -> tuple[bytes, int]:
+    """The key as a slot keeps it, and a resource's value is computed over it: verbatim, or a prefix
+    and a digest when too long (with the slot flag that says so).
+
+    A key of exactly KEY_MAX bytes is digested too, so that a stored key of
+    that length is always a digest and never equal to a verbatim key.
+    """
+    if len(key) < KEY_MAX:
+        return key, 0
+    digest = hashlib.blake2b(key, digest_size=KEY_DIGEST).digest()
+    return key[: KEY_MAX - KEY_DIGEST] + digest, SlotFlag.LONG_KEY
+
+
+def resource_value(inode: int, device: int, key: bytes) -> int:
+    """The 32-bit value of a resource (never 0, which marks a free slot), of its stored key."""
+    return zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
+
+
+class LockMechanism(Protocol):
+    """A way of taking record locks: LockTable and OsLocks both are one.
+
+    ``lock`` answers at once: a Grant, a Conflict, or (given a ``wait_token``,
+    the token of the doorbell to ring) a Queued request that the caller
+    ``retry``-s after each of ``pauses()`` or a ring, or ``cancel``-s.
+    ``acquire`` does that waiting itself, on this thread's ``doorbell``.
+    """
+
+    def lock(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+    ) -> Grant | Conflict | Queued:
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
+
+    def retry(self, handle: int) -> Grant | Queued:
+        """Look again at a queued request: granted now, or still queued (behind whom); NotHeld when gone."""
+
+    def cancel(self, handle: int) -> bool:
+        """Withdraw a queued request; False when it was no longer queued."""
+
+    def unlock(self, handle: int) -> None:
+        """Release a granted lock; NotHeld when the handle names none."""
+
+    def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
+        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+
+    def release_owner(self, pid: int, thread: int | None = None) -> int:
+        """Free every lock and queued request of a process (or of one of its threads); how many."""
+
+    def pauses(self) -> Iterator[float]:
+        """The longest sleep before each next look at a queued request (an endless iterator)."""
+
+    def acquire(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
+        timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
+    ) -> Grant | Conflict:
+        """Take a lock, waiting at most ``timeout`` seconds (see AcquireByWaiting)."""
+
+    def doorbell(self) -> doorbell.Doorbell:
+        """This thread's doorbell."""
+
+    def close(self) -> object:
+        """Let go of the mechanism: the table is detached (its locks stay), OS locks are released."""
+
+
+class _Waitable(Protocol):
+    """What :class:`AcquireByWaiting` needs of the class it is mixed into."""
+
+    def lock(
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+    ) -> Grant | Conflict | Queued: ...
+
+    def retry(self, handle: int) -> Grant | Queued: ...
+
+    def cancel(self, handle: int) -> bool: ...
+
+    def pauses(self) -> Iterator[float]: ...
+
+    def doorbell(self) -> doorbell.Doorbell: ...
+
+
+class AcquireByWaiting:
+    """``acquire`` and per-thread ``doorbell`` on top of ``lock``, ``retry``, ``cancel`` and ``pauses``:
+    the one way of waiting of every mechanism (a ring of the doorbell ends a pause early).
+
+    The class it is mixed into sets ``self._local = threading.local()`` in ``__init__``.
+    """
+
+    _local: threading.local
+
+    def acquire(
+        self: _Waitable, owner: Owner, inode: int, device: int, key: bytes, mode: int,
+        timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
+    ) -> Grant | Conflict:
+        """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
+
+        ``on_wait`` is called once when the request starts waiting, with the holder.
+        A request still queued when the timeout ends (or when ``on_wait`` or the
+        wait raises) is cancelled; one cancelled meanwhile by ``release_owner``
+        makes ``retry`` raise NotHeld.
+        """
+        if timeout is not None and timeout <= 0:
+            result = self.lock(owner, inode, device, key, mode)
+            assert not isinstance(result, Queued)
+            return result
+        bell = self.doorbell()
+        queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
+        if not isinstance(queued, Queued):
+            return queued
+        try:
+            if on_wait is not None:
+                on_wait(queued.holder)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for pause in self.pauses():
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                    if pause <= 0:
+                        self.cancel(queued.handle)
+                        return Conflict(queued.holder)
+                bell.wait(pause)
+                queued = self.retry(queued.handle)
+                if not isinstance(queued, Queued):
+                    return queued
+        except BaseException:
+            if isinstance(queued, Queued):
+                self.cancel(queued.handle)
+            raise
+        raise AssertionError("pauses() ended")  # it never does
+
+    def doorbell(self) -> doorbell.Doorbell:
+        """This thread's doorbell, made on first use (and again in a forked child)."""
+        bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
+        if bell is None or self._local.pid != os.getpid():
+            bell = self._local.bell = doorbell.Doorbell()
+            self._local.pid = os.getpid()
+        return bell
