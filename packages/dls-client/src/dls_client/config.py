@@ -12,9 +12,12 @@ from contextlib import contextmanager
 
 import dls_proto
 from dls_proto import Server, environment, jdls
-from dls_proto.jdls import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
 
 from .errors import ConfigurationError
+
+DEFAULT_HOST = jdls.DEFAULT_HOST
+DEFAULT_PORT = jdls.DEFAULT_PORT
+DEFAULT_TIMEOUT = jdls.DEFAULT_TIMEOUT
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "Config", "Server", "parse", "port_number"]
 

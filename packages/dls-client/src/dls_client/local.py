@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from dls_proto import ErrorCode, environment, identity
 
@@ -67,24 +67,6 @@ def local_mechanism() -> Literal["table", "oslocks"] | None:
     return "oslocks" if local_table_key() is None else "table"
 
 
-class _Locks(Protocol):
-    """What LocalClient asks of its mechanism: dls_shm.LockTable, or dls_shm.OsLocks."""
-
-    def acquire(
-        self, owner: dls_shm.Owner, inode: int, device: int, key: bytes, mode: int, timeout: float | None = None,
-        on_wait: Callable[[dls_shm.Holder], None] | None = None,
-    ) -> dls_shm.Grant | dls_shm.Conflict: ...
-
-    def unlock(self, handle: int) -> None: ...
-
-    def status(self, owner: dls_shm.Owner, inode: int, device: int, key: bytes
-               ) -> tuple[int, dls_shm.Holder | None]: ...
-
-    def release_owner(self, pid: int, thread: int | None = None) -> int: ...
-
-    def close(self) -> object: ...
-
-
 def _holder(holder: dls_shm.Holder) -> Holder:
     return Holder(holder.mode, holder.pid, holder.port, holder.client_pid, holder.thread,
                   dls_shm.unpack_ip(holder.ip))
@@ -112,7 +94,7 @@ class LocalClient(BaseClient):
         self.key = key
         self.table: dls_shm.LockTable | None = None
         self.lock_dir: Path | None = None
-        self.locks: _Locks
+        self.locks: dls_shm.LockMechanism
         #: The OS locks (None with a table): this process's own, made again in a forked child.
         self._oslocks: dls_shm.OsLocks | None = None
         if key is not None:
@@ -149,7 +131,7 @@ class LocalClient(BaseClient):
             self._port = pid, port = pid, port_number()
         return port
 
-    def _mechanism(self) -> _Locks:
+    def _mechanism(self) -> dls_shm.LockMechanism:
         """The locks of this process: OS locks are the process's own, so a forked child makes new ones."""
         if self._oslocks is not None and self._oslocks.pid != os.getpid():
             assert self.lock_dir is not None

@@ -38,8 +38,7 @@ from dls_proto import (
     exchange,
     identity,
 )
-from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, pidfiles
-from dls_shm.report import Process, Snapshot, line, lines, process_lines
+from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, report, service_processes
 
 from .exitcodes import ExitCode
 
@@ -49,17 +48,10 @@ TEST_TIMEOUT = 10.0
 T = TypeVar("T")
 
 
-def _process(instance: Instance, role: str, header: Header | None) -> Process:
-    """The pid file's live process, else the header's pid (0 without a table) as inactive."""
-    record = pidfiles.running(instance.pid_file(role))
-    if record is not None:
-        return Process(record.pid, True)
-    stored = 0 if header is None else (header.monitor_pid if role == MONITOR else header.listener_pid)
-    return Process(stored, False)
-
-
-def _processes(instance: Instance, header: Header | None) -> tuple[Process, Process]:
-    return _process(instance, MONITOR, header), _process(instance, LISTENER, header)
+def _processes(instance: Instance, header: Header | None) -> tuple[report.Process, report.Process]:
+    """The monitor and the listener: the live process of each pid file, else the header's pid as inactive."""
+    found = service_processes(instance, header, tidy=True)
+    return found[MONITOR], found[LISTENER]
 
 
 def display(
@@ -72,9 +64,10 @@ def display(
     try:
         table = LockTable.attach(instance.key)
     except TableMissing:
-        for text in process_lines(*_processes(instance, None)):
+        for text in report.process_lines(*_processes(instance, None)):
             print(text, file=out)
-        print(line("Locking mechanism", f"OS file locks (no lock table with key 0x{instance.key:08x})"), file=out)
+        print(report.line("Locking mechanism", f"OS file locks (no lock table with key 0x{instance.key:08x})"),
+              file=out)
         print(f"jdls: there is no shared memory lock table with key 0x{instance.key:08x} for {instance.root}: "
               "the lock monitor has not created one (jdls -ib or -ibA) or it was removed (jdls -K)", file=err)
         return ExitCode.FAILED
@@ -82,10 +75,10 @@ def display(
         print(f"jdls: {exc}", file=err)
         return ExitCode.FAILED
     try:
-        snapshot = Snapshot.read(table)
+        snapshot = report.Snapshot.read(table)
     finally:
         table.close()
-    for text in lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
+    for text in report.lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
                       locks=locks):
         print(text, file=out)
     return ExitCode.OK
@@ -124,7 +117,7 @@ def connection_test(
         reason = exc.strerror or str(exc) or type(exc).__name__
         print("Client: Unable to allocate socket", file=err)
         print(f"Client: connection failed for host '{host}', service '{port}', error {reason}", file=err)
-        return 1
+        return ExitCode.FAILED
     where = f"host '{host}', service '{port}'"
     data = text.encode("utf-8", "surrogateescape")
     try:
@@ -143,16 +136,16 @@ def connection_test(
             took = time.perf_counter() - started
     except _TestFailed as exc:
         print(exc, file=err)
-        return 1
+        return ExitCode.FAILED
     except TimeoutError:
         print(f"Client: no answer from {where} within {timeout:g} s", file=err)
-        return 1
+        return ExitCode.FAILED
     except (OSError, ProtocolError, ConfigurationError) as exc:
         print(f"Client: connection to {where} failed: {exc}", file=err)
-        return 1
+        return ExitCode.FAILED
     shown = reply.data.decode("utf-8", "backslashreplace")
     if reply.data != data:
         print(f"Client: sent '{text}' but received '{shown}'", file=err)
-        return 1
+        return ExitCode.FAILED
     print(f"Client: received '{shown}' in {took * 1000:.3f} ms (round trip)", file=out)
-    return 0
+    return ExitCode.OK

@@ -48,7 +48,6 @@ from dls_proto import (
     Lock,
     LockFlag,
     Message,
-    NeedData,
     Refused,
     RefuseReason,
     RemoteProtocolError,
@@ -63,6 +62,7 @@ from dls_proto import (
     Waiting,
     Welcome,
     choose_version,
+    receive,
 )
 from dls_shm import (
     Conflict,
@@ -208,7 +208,7 @@ class LockServer:
 
     def _greet(self) -> None:
         self.sock.settimeout(self.ctx.limits.handshake_timeout)
-        event = self._next_event()
+        event = receive(self.conn, lambda: self.sock.recv(65536))
         self.sock.settimeout(None)
         if not isinstance(event, Hello):
             raise ClientGone("closed before Hello")
@@ -221,14 +221,6 @@ class LockServer:
         self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
                            self.peer[0], socket.gethostname()))
         self.log.info("client %s connected", self._who())
-
-    def _next_event(self) -> Event:
-        """Block until one event is complete (used for the greeting only)."""
-        while True:
-            event = self.conn.next_event()
-            if not isinstance(event, NeedData):
-                return event
-            self.conn.receive_data(self.sock.recv(65536))
 
     def _loop(self) -> None:
         """Hand each event to the handler of its kind; read (or wait, see ``_wait_with_pending``) when

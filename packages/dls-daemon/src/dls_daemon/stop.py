@@ -43,6 +43,8 @@ from dls_shm import (
     running_servers,
 )
 
+from .exitcodes import ExitCode
+
 POLL = 0.02
 
 
@@ -51,7 +53,7 @@ def stop_roles(
 ) -> int:
     """Stop the listener, then (with ``servers``) the lock servers, then the monitor; the exit status."""
     out = out or sys.stdout
-    status = 0
+    status: int = ExitCode.OK
     if LISTENER in roles:
         status |= _stop_role(instance, LISTENER, timeout, out)
     if servers:
@@ -67,13 +69,13 @@ def _stop_role(instance: Instance, role: str, timeout: float, out: TextIO) -> in
     target = running_role(instance, role, tidy=True)
     if target is None:
         print(f"jdls: {LABELS[role]} is not running", file=out)
-        return 0
+        return ExitCode.OK
     return terminate([target], timeout, out)
 
 
 def terminate(targets: list[Occupant], timeout: float, out: TextIO) -> int:
     """SIGTERM each target, wait up to ``timeout`` seconds, SIGKILL the rest; 1 if one could not be stopped."""
-    status = 0
+    status: int = ExitCode.OK
     waiting: list[Occupant] = []
     for target in targets:
         try:
@@ -83,7 +85,7 @@ def terminate(targets: list[Occupant], timeout: float, out: TextIO) -> int:
             pass
         except PermissionError:
             print(f"jdls: not allowed to stop {target}", file=sys.stderr)
-            status = 1
+            status = ExitCode.FAILED
     if not waiting:
         return status
     print(f"jdls: waiting up to {timeout:g} s for {_names(waiting)} to stop", file=out, flush=True)
@@ -98,7 +100,7 @@ def terminate(targets: list[Occupant], timeout: float, out: TextIO) -> int:
         left = _wait_gone(left, timeout)
         for target in left:
             print(f"jdls: {target} is still there after SIGKILL", file=sys.stderr)
-            status = 1
+            status = ExitCode.FAILED
     for target in waiting:
         if target not in left:
             _forget(target)
@@ -151,7 +153,7 @@ def remove_ipc(
     if found.roles:
         print(f"jdls: cannot remove the lock table while the {found.roles[0]} runs: stop it first (jdls -k)",
               file=err)
-        return 1
+        return ExitCode.FAILED
     users: list[str] = []
     if found.servers:
         servers = _names(found.servers)
@@ -159,15 +161,15 @@ def remove_ipc(
         if not override:
             print(f"jdls: cannot remove the lock table while {servers} run: stop them first (jdls -k), "
                   "or remove it anyway with jdls -K -o", file=err)
-            return 1
+            return ExitCode.FAILED
     try:
         table = LockTable.attach(key)
     except TableMissing:
         print(f"jdls: no lock table with key 0x{key:08x}: nothing to remove", file=out)
-        return 0
+        return ExitCode.OK
     except TableError as exc:
         print(f"jdls: cannot remove the lock table: {exc}", file=err)
-        return 1
+        return ExitCode.FAILED
     if found.others > 0:
         named = ", ".join(f"{pid} ({command_line(pid)})" for pid in found.attached)
         which = f": {named}" if named else ""
@@ -175,14 +177,14 @@ def remove_ipc(
             table.close()
             print(f"jdls: cannot remove the lock table 0x{key:08x}: {found.others} other process(es) still attached"
                   f"{which} (jdls -K -o removes it anyway)", file=err)
-            return 1
+            return ExitCode.FAILED
         users.append(f"{found.others} other process(es) have it attached{which}")
     if found.forbidden is not None:
         table.close()
         owner = found.forbidden
         print(f"jdls: cannot remove the lock table 0x{key:08x}: it belongs to user {owner.owner} (uid {owner.uid}, "
               f"mode {owner.mode & 0o777:04o}): run jdls -K as that user or as root", file=err)
-        return 1
+        return ExitCode.FAILED
     if users:
         print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
               "they get errors on their next lock", file=err)
@@ -190,4 +192,4 @@ def remove_ipc(
     table.remove()
     sems = ", ".join(str(s) for s in sem_ids)
     print(f"jdls: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sems})", file=out)
-    return 0
+    return ExitCode.OK

@@ -24,8 +24,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, service_processes
-from dls_shm.report import Process, Snapshot, lines, mechanism
+from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, report, service_processes
 
 from .source import emit
 from .table_choice import add_key_option, chosen_table
@@ -72,12 +71,12 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def text(snapshot: Snapshot, procs: dict[str, Process], very: bool) -> list[str]:
+def text(snapshot: report.Snapshot, procs: dict[str, report.Process], very: bool) -> list[str]:
     """``jdls -dvL``'s lines (``very``: ``-dvvL``'s)."""
-    return lines(snapshot, procs["monitor"], procs["listener"], very=very)
+    return report.lines(snapshot, procs["monitor"], procs["listener"], very=very)
 
 
-def document(instance: Instance, snapshot: Snapshot, procs: dict[str, Process]) -> dict[str, Any]:
+def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, report.Process]) -> dict[str, Any]:
     """The ``--json`` object."""
     header = snapshot.header._asdict()
     header["magic"] = header["magic"].decode("ascii", "replace")
@@ -98,7 +97,7 @@ def document(instance: Instance, snapshot: Snapshot, procs: dict[str, Process]) 
         "shm_id": snapshot.shm_id,
         "semaphore_ids": list(snapshot.semaphore_ids),
         "header": header,
-        "mechanism": mechanism(snapshot.header.flags),
+        "mechanism": report.mechanism(snapshot.header.flags),
         "geometry": {"ngroups": geometry.ngroups, "per_group": geometry.per_group, "locks": geometry.locks},
         "counts": {"used": len(snapshot.entries), "granted": snapshot.granted, "waiting": snapshot.waiting,
                    "max_in_group": snapshot.max_in_group},
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
         return 1
     try:
-        snapshot = Snapshot.read(table)
+        snapshot = report.Snapshot.read(table)
     except TableError as exc:
         print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
         return 1
