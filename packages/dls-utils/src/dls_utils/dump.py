@@ -26,6 +26,7 @@ from typing import Any
 
 from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, report, service_processes
 
+from . import command
 from .source import emit
 from .table_choice import add_key_option, chosen_table
 
@@ -56,13 +57,9 @@ exit status:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Dump a dls lock table: its header and every lock, as jdls -dvL shows them, read "
-        "directly from the shared memory table without the daemon.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command.parser(
+        PROG, "Dump a dls lock table: its header and every lock, as jdls -dvL shows them, read "
+        "directly from the shared memory table without the daemon.", EPILOG)
     add_key_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the IPC key and shared memory id (as jdls -dvvL)")
@@ -111,16 +108,14 @@ def _resource(slot: dict[str, Any]) -> tuple[int, int, int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors (2), -h (0)
-        return exc.code if isinstance(exc.code, int) else 2
+    return command.run(get_parser(), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         instance, own_pid_files = chosen_table(args)
     except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return command.fail(PROG, exc, 1)
     where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
     try:
         table = LockTable.attach(instance.key)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 from dls_shm import LABELS, LISTENER, MONITOR, Instance, LockTable, Occupancy, TableError, TableMissing, command_line
 
+from . import command
 from .table_choice import add_key_option, chosen_table
 
 PROG = "dls-ipcrm"
@@ -56,13 +57,9 @@ exit status:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Remove the lock table of a dls instance: its SysV shared memory segment and "
-        "semaphore, as jdls -K does, after checking that nothing uses them.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command.parser(
+        PROG, "Remove the lock table of a dls instance: its SysV shared memory segment and "
+        "semaphore, as jdls -K does, after checking that nothing uses them.", EPILOG)
     add_key_option(parser)
     parser.add_argument("-f", "--force", action="store_true",
                         help="remove the table even while processes have it attached or lock servers run "
@@ -149,21 +146,18 @@ def remove(instance: Instance, *, own_pid_files: bool, force: bool) -> tuple[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors (2), -h (0)
-        return exc.code if isinstance(exc.code, int) else USAGE
+    return command.run(get_parser(), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         instance, own_pid_files = chosen_table(args)
     except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return FAILED
+        return command.fail(PROG, exc, FAILED)
     try:
         warnings, lines = remove(instance, own_pid_files=own_pid_files, force=args.force)
     except Refused as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.status
+        return command.fail(PROG, exc, exc.status)
     for line in warnings:
         print(line, file=sys.stderr)
     for line in lines:

@@ -22,6 +22,7 @@ from typing import TypedDict
 from dls_proto import Server
 from dls_shm import Instance, info
 
+from . import command
 from .remote import DEFAULT_PORT
 from .rows import Document
 from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
@@ -62,13 +63,9 @@ class OpenFile(TypedDict):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="List the files each port (process) of a dls lock service has open, from the "
-        "processes' proc/info documents: one line per open file.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command.parser(
+        PROG, "List the files each port (process) of a dls lock service has open, from the "
+        "processes' proc/info documents: one line per open file.", EPILOG)
     parser.add_argument("--file", metavar="PATH", help="only files whose name contains PATH")
     parser.add_argument("--port", metavar="N", type=port_number, help="only the files port N has open")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
@@ -129,17 +126,15 @@ def _remote(server: Server) -> tuple[str, Sequence[Document]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors (2), -h (0)
-        return exc.code if isinstance(exc.code, int) else 2
+    return command.run(get_parser(), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         server = chosen_server(args)
         heading, documents = _remote(server) if server is not None else _local()
     except Failure as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return command.fail(PROG, exc, 1)
     rows = select(open_files(documents), file=args.file, port=args.port)
     if args.json:
         text = json.dumps(rows, indent=2)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dls_proto import Server
 from dls_shm import Instance, LockTable, TableError, TableMissing, info
 
+from . import command
 from .remote import DEFAULT_PORT
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
 from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
@@ -45,13 +46,9 @@ source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Show the record locks of a dls lock service: who holds each one, on which file and "
-        "record, and which ports wait for it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command.parser(
+        PROG, "Show the record locks of a dls lock service: who holds each one, on which file and "
+        "record, and which ports wait for it.", EPILOG)
     parser.add_argument("--file", metavar="PATH", help="only locks whose file name contains PATH")
     parser.add_argument("--key", metavar="KEY", help="only locks of exactly this record key")
     parser.add_argument("--port", metavar="N", type=port_number,
@@ -113,11 +110,10 @@ def render(heading: str, rows: Sequence[Row], note: str | None = None) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors (2), -h (0)
-        return exc.code if isinstance(exc.code, int) else 2
+    return command.run(get_parser(), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         server = chosen_server(args)
         heading, locks, documents, note = _remote(server) if server is not None else _local()
@@ -126,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         except SnapshotError as exc:
             raise Failure(str(exc)) from None
     except Failure as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return command.fail(PROG, exc, 1)
     rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
     text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
     emit(text)
