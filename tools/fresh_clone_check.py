@@ -6,10 +6,11 @@ may enter, a long path, a later day than the one the files were committed on. Th
 1. clones the repository's committed HEAD (what is not committed is not checked, and it says so) into a
    private directory (0700, as a home directory or a mktemp directory is) whose path is long (at least
    ``--length`` characters: longer than a shebang line may be, and than dls-ipcrm shows of a command line);
-2. runs ``./dev demo`` and ``./dev test`` there, as the README's Quick start says, on a later day:
-   ``faketime +400 days`` (libfaketime, Debian's faketime package, installed when missing and we are root;
-   ``--days 0`` leaves the clock alone);
-3. checks that they left nothing behind, no process and no SysV IPC object. As root the two commands run in
+2. runs ``./dev demo`` and ``./dev test`` there, as the README's Quick start says, on a later day: 400 days
+   on (``--days``; 0 leaves the clock alone), with libfaketime (Debian's faketime package, installed when
+   missing and we are root) shifting the calendar, not the monotonic clock (see ``later_day``);
+3. checks that they left nothing behind: no process, no SysV IPC object, nothing in their temporary
+   directory (TMPDIR, a private one as pam_tmpdir gives each user; pytest's own aside). As root they run in
    their own PID and IPC namespaces (``unshare``), so that what they leave is told apart from what other
    runs on the machine do and is gone with them; otherwise leftover processes are found by the clone's path
    and IPC objects by comparing /proc/sysvipc before and after (another run on the machine may show there);
@@ -73,18 +74,72 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
-def faketime_available() -> bool:
-    """Whether ``faketime`` runs; installed from Debian's faketime package when missing and we may."""
-    if shutil.which("faketime"):
-        return True
-    if os.geteuid() == 0 and shutil.which("apt-get"):
+#: Makes a monotonic clock_nanosleep a plain system call, past libfaketime 0.9.10: with the monotonic clock
+#: left alone (FAKETIME_DONT_FAKE_MONOTONIC) its clock_nanosleep fails with EINVAL, and so does every
+#: time.sleep.
+SLEEP_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+typedef int (*sleep_fn)(clockid_t, int, const struct timespec *, struct timespec *);
+int clock_nanosleep(clockid_t clock, int flags, const struct timespec *req, struct timespec *rem) {
+    static sleep_fn next;
+    if (clock == CLOCK_MONOTONIC)
+        return syscall(SYS_clock_nanosleep, clock, flags, req, rem) == -1 ? errno : 0;
+    if (!next)
+        next = (sleep_fn)dlsym(RTLD_NEXT, "clock_nanosleep");
+    return next(clock, flags, req, rem);
+}
+"""
+LIBFAKETIME = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+               "/usr/local/lib/faketime/libfaketime.so.1")
+
+
+def _libfaketime() -> Path | None:
+    for pattern in LIBFAKETIME:
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return found[0]
+    return None
+
+
+def later_day(days: int, shared: Path) -> dict[str, str] | None:
+    """The environment that moves the calendar ``days`` on for a process and its children, or None.
+
+    libfaketime (0.9.10, Debian 12) does it, with two repairs. The monotonic clock is left alone
+    (FAKETIME_DONT_FAKE_MONOTONIC): faked, it is what Python's timed waits on a lock (sem_clockwait, which
+    libfaketime does not intercept) take their deadline from, and they then last the shift. And sleeping on
+    the monotonic clock goes straight to the kernel (SLEEP_SHIM, compiled here into ``shared``, which every
+    user can read: the tests run programs as nobody). man-db's helpers run without their seccomp sandbox
+    (MAN_DISABLE_SECCOMP), in which libfaketime cannot open its semaphore and says so on every page.
+    """
+    library = _libfaketime()
+    if library is None and os.geteuid() == 0 and shutil.which("apt-get"):
         say("installing faketime (libfaketime) to run the commands on a later day")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-qq", "-y", "--no-install-recommends", "faketime"]
         if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
             subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
             subprocess.run(install, env=env, capture_output=True, check=False)
-    return shutil.which("faketime") is not None
+        library = _libfaketime()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if library is None or compiler is None:
+        say(f"{'libfaketime (faketime)' if library is None else 'a C compiler'} is missing: the commands run "
+            "on today's date")
+        return None
+    (shared / "sleep_shim.c").write_text(SLEEP_SHIM)
+    shim = shared / "sleep_shim.so"
+    built = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(shared / "sleep_shim.c"),
+                            "-ldl"], capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        say(f"the sleep shim did not compile, the commands run on today's date:\n{built.stderr}")
+        return None
+    shim.chmod(0o755)
+    return {"LD_PRELOAD": f"{shim} {library}", "FAKETIME": f"+{days}d", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "MAN_DISABLE_SECCOMP": "1"}
 
 
 def namespaces_available() -> bool:
@@ -107,44 +162,35 @@ def ipc_objects() -> set[str]:
     return found
 
 
-def processes_under(path: Path) -> dict[int, str]:
+def other_processes() -> dict[int, list[str]]:
+    """Every live process but this one (zombies are not), with its command line, program and working
+    directory (what of them can be read)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            places = [(proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()]
+        except (OSError, IndexError):
+            continue
+        for link in ("exe", "cwd"):
+            try:
+                places.append(os.readlink(proc / link))
+            except OSError:
+                pass
+        found[int(proc.name)] = places
+    return found
+
+
+def shown(processes: dict[int, list[str]]) -> list[str]:
+    return [f"process {pid}: {places[0][:200]}" for pid, places in sorted(processes.items())]
+
+
+def processes_under(path: Path) -> dict[int, list[str]]:
     """Live processes whose command line, program or working directory is under ``path``."""
-    found = {}
-    text = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            places = [cmdline]
-            for link in ("exe", "cwd"):
-                try:
-                    places.append(os.readlink(proc / link))
-                except OSError:
-                    pass
-        except (OSError, IndexError):
-            continue
-        if any(text in place for place in places):
-            found[int(proc.name)] = cmdline[:200]
-    return found
-
-
-def other_processes() -> dict[int, str]:
-    """Every live process of this PID namespace but this one (pid 1)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace").strip()[:200]
-        except (OSError, IndexError):
-            continue
-    return found
+    return {pid: places for pid, places in other_processes().items() if any(str(path) in p for p in places)}
 
 
 def reap_orphans() -> None:
@@ -169,21 +215,19 @@ def run_as_init(command: Sequence[str], cwd: Path, env: dict[str, str]) -> int:
             return proc.returncode
 
 
-def inside(clone: Path, days: int) -> int:
-    """The two commands in the clone; then what they left behind. Run as pid 1 of the namespaces when
-    isolated, else as a plain child."""
+def inside(clone: Path) -> int:
+    """The two commands in the clone (in the environment given: perhaps a later day); then what they left
+    behind. Run as pid 1 of the namespaces when isolated, else as a plain child."""
     isolated = os.getpid() == 1
     env = os.environ.copy()
-    shift = ["faketime", f"+{days} days"] if days else []
-    if shift:
-        shown = subprocess.run([*shift, "date", "+%Y-%m-%d"], capture_output=True, text=True, check=False)
-        say(f"the clock of the two commands says {shown.stdout.strip()} ({' '.join(shift)})")
+    today = subprocess.run(["date", "+%Y-%m-%d"], capture_output=True, text=True, env=env, check=False)
+    say(f"the clock of the two commands says {today.stdout.strip()}")
     failed = []
     for command in COMMANDS:
         say(f"$ {' '.join(command)}   (in {clone})")
         started = time.monotonic()
-        status = run_as_init([*shift, *command], clone, env) if isolated else subprocess.run(
-            [*shift, *command], cwd=clone, env=env, check=False).returncode
+        status = run_as_init(command, clone, env) if isolated else subprocess.run(
+            command, cwd=clone, env=env, check=False).returncode
         say(f"{' '.join(command)}: exit status {status} after {time.monotonic() - started:.0f} s")
         if status != 0:
             failed.append(" ".join(command))
@@ -191,8 +235,7 @@ def inside(clone: Path, days: int) -> int:
         return 1 if failed else 0
     time.sleep(1)  # let daemons that are stopping finish
     reap_orphans()
-    left = [f"process {pid}: {cmd}" for pid, cmd in sorted(other_processes().items())]
-    left += sorted(ipc_objects())
+    left = shown(other_processes()) + sorted(ipc_objects())
     for item in left:
         say(f"left behind: {item}")
     if failed:
@@ -214,23 +257,28 @@ def check(args: argparse.Namespace) -> int:
     head = git("rev-parse", "HEAD")
     if git("status", "--porcelain", "--untracked-files=no"):
         say("note: this checkout has uncommitted changes; only the committed HEAD is checked")
-    days = args.days if args.days and faketime_available() else 0
-    if args.days and not days:
-        say("faketime is not available: the commands run on today's date")
     isolate = namespaces_available()
     if not isolate:
         say("not isolated (needs root and unshare): leftovers are found by path and by comparing ipcs")
     top, clone = deep_private_directory(args.dir, args.length)
+    tmp = top / "tmp"
+    tmp.mkdir(mode=0o700)
+    # /tmp, not TMPDIR (perhaps private): every user must reach what is preloaded into its programs
+    shared = Path(tempfile.mkdtemp(prefix="dls-fresh-clone-faketime-", dir="/tmp"))
+    shared.chmod(0o755)
     status = 0
     try:
+        env = {**clean_environment(), "TMPDIR": str(tmp)}
+        if args.days:
+            env.update(later_day(args.days, shared) or {})
         say(f"cloning {head[:12]} into a 0700 directory, a path of {len(str(clone))} characters:\n  {clone}")
         subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(ROOT), str(clone)], check=True)
         git("checkout", "--quiet", "--detach", head, cwd=clone)
         ipc_before = ipc_objects()
-        command = [sys.executable, str(Path(__file__).resolve()), "--inside", str(clone), "--days", str(days)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--inside", str(clone)]
         if isolate:
             command = [*UNSHARE, *command]
-        proc = subprocess.Popen(command, env=clean_environment(), start_new_session=True)
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
         try:
             status = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -239,8 +287,9 @@ def check(args: argparse.Namespace) -> int:
             proc.wait()
             status = 1
         processes = processes_under(top)
-        left = [f"process {pid}: {cmd}" for pid, cmd in sorted(processes.items())]
+        left = shown(processes)
         kill(list(processes))
+        left += [f"{path} in TMPDIR" for path in sorted(tmp.iterdir()) if not path.name.startswith("pytest-of-")]
         if not isolate:  # in the namespaces, the inner run has looked (and the IPC objects are gone with them)
             left += [f"{item} (or another run's on this machine)" for item in sorted(ipc_objects() - ipc_before)]
         for item in left:
@@ -251,6 +300,7 @@ def check(args: argparse.Namespace) -> int:
         say(f"{' '.join(map(str, exc.cmd))} failed ({exc.returncode})")
         status = 2
     finally:
+        shutil.rmtree(shared, ignore_errors=True)
         if args.keep:
             say(f"kept: {top}")
         else:
@@ -274,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=220, metavar="N",
                         help="the clone's path has at least N characters (default 220)")
     parser.add_argument("--days", type=int, default=400, metavar="N",
-                        help="run the commands N days later (faketime; default 400, 0: today)")
+                        help="run the commands N days later (libfaketime; default 400, 0: today)")
     parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
                         help="make the private directory in DIR (default: the temporary directory)")
     parser.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
@@ -283,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inside", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inside is not None:
-        return inside(args.inside, args.days)
+        return inside(args.inside)
     return check(args)
 
 
