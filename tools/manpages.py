@@ -21,10 +21,23 @@ What a page holds:
   the same text (a full copy rather than a ``.so`` link, so that ``man -l`` renders each file alone).
   The main name is the one equal to the parser's ``prog``, else the first; its include file serves all.
 
-The date in the page header is kept from the committed page while the rest of the page is unchanged, so
-that regenerating changes nothing and ``--check`` does not depend on the day; a page that changes gets
-today's date. Help text is wrapped as in a terminal of 80 columns (COLUMNS=80), so that the pages do not
-depend on the terminal either.
+The date in the page header is the date of the package's version, taken from the committed pages: a page
+carries the date of its package's other pages for as long as their header names the package's current
+version (``dls-daemon 0.3.0``), whatever else changes in it; only a new version (its pages do not exist
+yet, or name the old version) takes the day the pages are written, SOURCE_DATE_EPOCH if set, else today.
+So the pages and ``--check`` never depend on the day they are generated or checked on: regenerating a
+committed page that is current changes no byte, on any day, and the date moves once per release, with the
+version beside it. (The alternative, a date kept in the sources, would be a second fact beside the version
+in ``__about__.py`` to keep in step by hand.)
+
+The pages do not depend on the Python version either. argparse's --help differs between minor versions
+(3.13 shows an option's value once, ``-w, --wait SECONDS``, where 3.11 and 3.12 show ``-w SECONDS, --wait
+SECONDS``; 3.14 may colour it; a long usage may wrap elsewhere), but a page is made only from the parser's
+actions: argparse-manpage lays out every option itself (``-w SECONDS, --wait SECONDS`` on every version),
+the SYNOPSIS is the usage's words without its line breaks, and the descriptions and help texts are filled
+by textwrap, which argparse has not changed. The committed pages are the same bytes from Python 3.11, 3.12
+and 3.13 (checked with 3.11.7, 3.12.1 and 3.13.0). The help is formatted as in a terminal of 80 columns
+without colour (``HELP_ENV``: COLUMNS=80, NO_COLOR, PYTHON_COLORS=0), so that it depends on no terminal.
 
 Every page must be installed with its package: the package's pyproject.toml maps ``man/<tool>.1`` to
 ``share/man/man1/<tool>.1`` in [tool.hatch.build.targets.wheel.shared-data]; a missing mapping is an error.
@@ -116,7 +129,7 @@ def discover(packages: Path = PACKAGES) -> list[Tool]:
 
 
 def get_parser_of(target: str) -> argparse.ArgumentParser:
-    """The parser of a script's module (``get_parser()``), with the help wrapped at 80 columns."""
+    """The parser of a script's module (``get_parser()``), made in the help environment (HELP_ENV)."""
     module_name = target.partition(":")[0].strip()
     try:
         module = importlib.import_module(module_name)
@@ -126,25 +139,34 @@ def get_parser_of(target: str) -> argparse.ArgumentParser:
     get_parser = getattr(module, "get_parser", None)
     if get_parser is None:
         raise ManpageError(f"{target}: {module_name} has no get_parser()")
-    with _columns():
+    with help_environment():
         parser = get_parser()
     if not isinstance(parser, argparse.ArgumentParser):
         raise ManpageError(f"{target}: {module_name}.get_parser() did not return an ArgumentParser")
     return parser
 
 
+#: How the help is formatted, whatever the terminal: 80 columns, no colour (Python 3.14 colours --help).
+HELP_ENV = {"COLUMNS": COLUMNS, "NO_COLOR": "1", "PYTHON_COLORS": "0"}
+#: Variables that would colour the help even so.
+COLOUR_ENV = ("FORCE_COLOR",)
+
+
 @contextmanager
-def _columns() -> Iterator[None]:
-    """argparse wraps to the terminal's width, taken from COLUMNS when set: make it 80."""
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = COLUMNS
+def help_environment() -> Iterator[None]:
+    """argparse takes the width from COLUMNS when set, and (3.14) its colours from the environment too."""
+    old = {name: os.environ.get(name) for name in (*HELP_ENV, *COLOUR_ENV)}
+    os.environ.update(HELP_ENV)
+    for name in COLOUR_ENV:
+        os.environ.pop(name, None)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # --- roff text -------------------------------------------------------------------------------------------
@@ -330,7 +352,7 @@ def render(tool: Tool, date: str) -> str:
             f"{', '.join(REQUIRED_SECTIONS)} sections there (argparse-manpage include format: a [SECTION] "
             "line, then roff text)")
     parser = get_parser_of(tool.target)
-    with _columns():
+    with help_environment():
         page = _Page(tool, parser, date)
         headings = [s["heading"].upper() for s in getattr(parser, "_manpage", [])]
         missing = [s for s in REQUIRED_SECTIONS if s not in headings]
@@ -339,32 +361,48 @@ def render(tool: Tool, date: str) -> str:
         return str(page)
 
 
-def page_date(path: Path) -> str | None:
-    """The date in the .TH line of a page, if there is one."""
+#: A page's .TH line: title, section, date, source ("<package> <version>"), manual; roff-escaped.
+_TH = re.compile(r'\.TH \S+ "[^"]*" "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"')
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def page_header(path: Path) -> tuple[str, str] | None:
+    """The date and the source (``dls-daemon 0.3.0``) in the .TH line of a page, if it has one."""
     try:
         first = path.read_text(encoding="utf-8").split("\n", 1)[0]
     except FileNotFoundError:
         return None
-    m = re.match(r'\.TH \S+ "[^"]*" "([^"]*)"', first)
-    return m.group(1) if m else None
+    m = _TH.match(first)
+    return (_unescape(m.group(1)), _unescape(m.group(2))) if m else None
+
+
+def source(package: str) -> str:
+    """What the page header gives as the page's source: the package and its version."""
+    return f"{package} {_package_meta(package)['version']}"
 
 
 def today() -> str:
+    """The day a new version's pages are written: SOURCE_DATE_EPOCH's, else today's (UTC)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     now = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch else datetime.datetime.now(datetime.UTC)
     return now.strftime("%Y-%m-%d")
 
 
+def version_date(package: str) -> str:
+    """The date of the package's version: that of its committed pages that name this version (the earliest,
+    should they differ), else, for a version no page names yet, the day (``today()``)."""
+    current = source(package)
+    dates = sorted(header[0] for page in (PACKAGES / package / "man").glob("*.1")
+                   if (header := page_header(page)) is not None and header[1] == current)
+    return dates[0] if dates else today()
+
+
 def expected(tool: Tool) -> str:
-    """The page as it should be committed: the committed date kept while nothing else changed."""
-    main_page = tool.man_dir / f"{tool.main}.1"
-    old_date = page_date(main_page) or page_date(tool.page)
-    if old_date is not None:
-        text = render(tool, old_date)
-        current = main_page.read_text(encoding="utf-8") if main_page.is_file() else None
-        if text == current or (tool.page.is_file() and text == tool.page.read_text(encoding="utf-8")):
-            return text
-    return render(tool, today())
+    """The page as it should be committed: what its parser and include file give, dated by its version."""
+    return render(tool, version_date(tool.package))
 
 
 def shared_data_problems(tools: Sequence[Tool]) -> list[str]:

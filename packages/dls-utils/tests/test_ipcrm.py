@@ -1,12 +1,23 @@
-"""dls-ipcrm against real tables, a real jdls and real attached processes, run as real programs."""
+"""dls-ipcrm against real tables, a real jdls and real attached processes, run as real programs.
+
+One test runs dls-ipcrm as another user (``nobody``, through setpriv). That user may not be able to read
+the clone, its venv or the interpreter (a clone or a pyenv under a 0700 directory; /tmp/pytest-of-root
+is 0700 too), so the test gives it a copy of what dls-ipcrm imports, in a directory every user can read,
+and an interpreter of the same version that it can run (the venv's, the base one, one on the system's
+PATH, else a copy of the base one beside the packages); the directory is removed afterwards.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +37,125 @@ ATTACHER = (
 )
 
 
+#: How much of a command line dls-ipcrm shows when it names a process (dls_shm.occupancy.COMMAND_WIDTH).
+COMMAND_LINE_SHOWN = 60
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+#: Prints the directories and files of the modules that dls-utils' modules load from outside the standard
+#: library (site-packages, the editable packages' src), one per top-level name. Every module is imported, so
+#: that what one imports only when it runs is found too.
+IMPORTED_FROM = (
+    "import importlib, json, pkgutil, sys, sysconfig\n"
+    "from pathlib import Path\n"
+    "import dls_utils\n"
+    "for module in pkgutil.walk_packages(dls_utils.__path__, 'dls_utils.'):\n"
+    "    if module.name.endswith('__main__'):\n"
+    "        continue  # a program, not a module to import\n"
+    "    try:\n"
+    "        importlib.import_module(module.name)\n"
+    "    except ImportError:\n"
+    "        pass  # an optional dependency that is not installed\n"
+    "stdlib = [Path(sysconfig.get_path(n)) for n in ('stdlib', 'platstdlib')]\n"
+    "def outside(path):\n"
+    "    p = Path(path)\n"
+    "    return not any(p.is_relative_to(s) for s in stdlib) or {'site-packages', 'dist-packages'} & set(p.parts)\n"
+    "roots = set()\n"
+    "for name, module in list(sys.modules.items()):\n"
+    "    if '.' not in name:\n"
+    "        file = getattr(module, '__file__', None)\n"
+    "        paths = list(getattr(module, '__path__', None) or ([file] if file else []))\n"
+    "        roots.update(str(p) for p in paths if outside(p))\n"
+    "print(json.dumps(sorted(roots)))\n"
+)
+
+
 def ipcrm(*args: str, env: dict[str, str] | None = None,
-          user: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*user, sys.executable, "-m", "dls_utils.ipcrm", *args], env=env or dict(os.environ),
+          python: Sequence[str] = (sys.executable,)) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*python, "-m", "dls_utils.ipcrm", *args], env=env or dict(os.environ),
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/")
+
+
+@dataclass(frozen=True)
+class OtherUser:
+    """How to run a Python program as ``nobody`` wherever the clone and the interpreter live."""
+
+    python: tuple[str, ...]  #: setpriv ... <an interpreter nobody can run>
+    env: dict[str, str]  #: what its environment needs on top (PYTHONPATH, perhaps PYTHONHOME)
+
+
+def _shared_directory() -> Path:
+    """A directory that every user can pass through, for what ``nobody`` runs."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"):
+        path = Path(candidate).resolve()
+        if path.is_dir() and all(p.stat().st_mode & 0o001 for p in (path, *path.parents)):
+            return path
+    pytest.fail("no temporary directory that every user can pass through (/tmp?)")
+
+
+def _readable_by_all(top: Path) -> None:
+    for directory, _, files in os.walk(top):
+        os.chmod(directory, 0o755)
+        for name in files:
+            path = Path(directory, name)
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.stat().st_mode & 0o100 else 0))
+
+
+def _copy_packages(site: Path) -> None:
+    """What dls-utils imports from outside the standard library, copied into ``site``."""
+    found = subprocess.run([sys.executable, "-c", IMPORTED_FROM], capture_output=True, text=True, check=True,
+                           timeout=60, cwd="/")
+    site.mkdir()
+    for root in map(Path, json.loads(found.stdout)):
+        if root.is_dir():
+            shutil.copytree(root, site / root.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(root, site / root.name)
+
+
+def _copy_interpreter(home: Path) -> tuple[str, dict[str, str]]:
+    """The base interpreter (its binary, libpython, the standard library) copied under ``home``."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    binary = home / "bin" / version
+    binary.parent.mkdir(parents=True)
+    shutil.copy2(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), binary)
+    lib = home / "lib"
+    shutil.copytree(sysconfig.get_path("stdlib"), lib / version, ignore=shutil.ignore_patterns(
+        "__pycache__", "site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip"))
+    library = sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and library:
+        shutil.copy2(Path(sysconfig.get_config_var("LIBDIR")) / library, lib / library)
+    return str(binary), {"PYTHONHOME": str(home), "LD_LIBRARY_PATH": str(lib)}
+
+
+def _runs_as_nobody(python: str, env: dict[str, str]) -> bool:
+    done = subprocess.run([*NOBODY, python, "-c", "import dls_utils.ipcrm"], env={**os.environ, **env},
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/", check=False)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def other_user() -> Iterator[OtherUser]:
+    """``nobody``, with an interpreter it can run and a copy of the packages it can read; removed after."""
+    shared = Path(tempfile.mkdtemp(prefix="dls-ipcrm-nobody-", dir=_shared_directory()))
+    try:
+        _copy_packages(shared / "site")
+        _readable_by_all(shared)
+        env = {"PYTHONPATH": str(shared / "site")}
+        base = getattr(sys, "_base_executable", sys.executable)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = [sys.executable, base, os.path.realpath(base),
+                      shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")]
+        for python in dict.fromkeys(c for c in candidates if c):
+            if _runs_as_nobody(python, env):
+                yield OtherUser((*NOBODY, python), env)
+                return
+        python, home_env = _copy_interpreter(shared / "python")
+        _readable_by_all(shared)
+        env.update(home_env)
+        assert _runs_as_nobody(python, env), f"nobody cannot run a copy of {base} either"
+        yield OtherUser((*NOBODY, python), env)
+    finally:
+        shutil.rmtree(shared)
 
 
 @pytest.fixture
@@ -84,7 +210,8 @@ def test_an_attached_process_is_named_and_forced_past(
 ) -> None:
     done = ipcrm()
     assert done.returncode == 3, done
-    assert f"pid {attacher.pid} ({sys.executable} -c import sys, time" in done.stderr
+    command_line = f"{sys.executable} -c {ATTACHER}".strip()
+    assert f"pid {attacher.pid} ({command_line[:COMMAND_LINE_SHOWN]})" in done.stderr
     assert "1 other process(es) have it attached" in done.stderr and "--force" in done.stderr
     assert ipc_left(table.key)
     done = ipcrm("--force")
@@ -105,14 +232,13 @@ def test_a_table_nobody_uses_is_removed(table: Instance) -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 @pytest.mark.parametrize("mode", [0o600, 0o666])
 def test_another_users_table_is_a_permission_problem(
-    clean_env: Instance, mode: int
+    clean_env: Instance, mode: int, other_user: OtherUser
 ) -> None:
     created, _ = LockTable.create(clean_env.key, geometry_for(100, 10), mode=mode)
     created.close()
     try:
-        env = {**os.environ, "DLS_IPC_KEY": f"0x{clean_env.key:08x}"}
-        nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
-        done = ipcrm(env=env, user=nobody)
+        env = {**os.environ, **other_user.env, "DLS_IPC_KEY": f"0x{clean_env.key:08x}"}
+        done = ipcrm(env=env, python=other_user.python)
         assert done.returncode == 5, done
         assert done.stderr == (
             f"dls-ipcrm: permission denied: the lock table 0x{clean_env.key:08x} (shared memory id "
