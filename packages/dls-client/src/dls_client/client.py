@@ -50,15 +50,6 @@ from .trace import Tracer
 _KINDS_OF = {"ALL": ALL_KINDS, "INTERNAL": frozenset(("internal",)), "EXTERNAL": frozenset(("external",))}
 
 
-def _limit(wait: bool, timeout: float | None) -> int:
-    """The wait limit of a Lock request, in milliseconds: 0 try, WAIT_FOREVER, or the timeout."""
-    if not wait:
-        return 0
-    if timeout is None:
-        return WAIT_FOREVER
-    return min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
-
-
 def _holder(reply: Refused | Waiting | StatusReply) -> Holder:
     return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
                   reply.holder_thread, reply.holder_ip)
@@ -156,12 +147,13 @@ class Client(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None) -> HeldLock:
-        return self._take(ref, key, mode, self._flags, _limit(wait, timeout), on_wait)
-
-    def _take(self, ref: FileRef, key: bytes, mode: int, flags: int, limit: int,
-              on_wait: Callable[[Holder], None] | None) -> HeldLock:
-        """Send a lock request, take its answers up to the last, and return the lock (or raise)."""
+              on_wait: Callable[[Holder], None] | None, flags: int | None = None) -> HeldLock:
+        """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
+        the lock (or raise); the Route asks again on the server left when one fails under it."""
+        if flags is None:
+            flags = self._flags
+        limit = 0 if not wait else WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)),
+                                                                             WAIT_FOREVER - 1)
         thread = identity.thread_id()
         route = self._route
 
@@ -215,7 +207,7 @@ class Client(BaseClient):
         """
         if not self.config.binary:
             return super().binary_lock(file, mode, wait=wait, timeout=timeout)
-        return self._take(FileRef.of(file), b"", mode, self._flags | LockFlag.BINARY, _limit(wait, timeout), None)
+        return self._lock(FileRef.of(file), b"", mode, wait, timeout, None, self._flags | LockFlag.BINARY)
 
     def execution_lock(
         self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
@@ -231,8 +223,7 @@ class Client(BaseClient):
         if not self.config.binary:
             return super().execution_lock(number, mode, wait=wait, timeout=timeout)
         ref = FileRef(0, f"execution lock {execution_number(number):03d}")
-        return self._take(ref, b"EXEC%03d" % number, mode, self._flags | LockFlag.BINARY, _limit(wait, timeout),
-                          None)
+        return self._lock(ref, b"EXEC%03d" % number, mode, wait, timeout, None, self._flags | LockFlag.BINARY)
 
     def unlock(self, handle: int) -> None:
         """Release a lock by its handle; a failure is reported later (``async_errors``)."""

@@ -86,6 +86,7 @@ examples:
 -C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
   configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
   {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
+  ${jdls.VARIABLE} is read as every client reads it: a value clients refuse is a usage error (exit 2).
 
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 tmp/jbase_error_trace); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
