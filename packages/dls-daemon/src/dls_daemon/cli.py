@@ -11,7 +11,7 @@ and ``-D`` (an option of the listener makes no sense with ``-A``, one of the
 table with ``-D``): a combination that would be silently ignored is a usage
 error (exit 2) instead, because an operator who typed it meant something.
 
-The command line only parses and checks; the work is done by ``daemon``
+The command line only parses and checks; the work is done by ``start``
 (start), ``stop`` (stop, remove) and ``display`` (display, connection test).
 """
 
