@@ -35,7 +35,6 @@ DEFAULT_PORT = jdls.DEFAULT_PORT
 MAX_FRAME = 16 * 1024 * 1024
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
 DEFAULT_TIMEOUT = 10.0
-PROGRAM = "show-item-locks"
 
 
 class RemoteError(Exception):

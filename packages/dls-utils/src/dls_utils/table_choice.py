@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from dls_shm import Instance
+from dls_shm import DEFAULT_RELEASE_DIR, Instance
+
+#: How the tools' epilogs say which table they work on.
+TABLE_HELP = f"table: --key KEY, else $DLS_IPC_KEY, else the key of $JBCRELEASEDIR (default {DEFAULT_RELEASE_DIR})."
 
 
 def add_key_option(parser: argparse.ArgumentParser) -> None:
