@@ -47,10 +47,10 @@ from pathlib import Path
 from . import doorbell
 from .layout import LOCAL_IP
 from .mechanism import (
-    AcquireByWaiting,
     Conflict,
     Grant,
     Holder,
+    LockMechanism,
     NotHeld,
     Owner,
     Queued,
@@ -145,7 +145,7 @@ class _Record:
         return Holder(self.mode, o.pid, o.port, o.client_pid, o.thread, o.ip)
 
 
-class OsLocks(AcquireByWaiting):
+class OsLocks(LockMechanism):
     """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
 
     A LockMechanism, as LockTable is (see the module for how waiting works); safe
@@ -169,7 +169,7 @@ class OsLocks(AcquireByWaiting):
         self._held: dict[int, _Record] = {}
         self._waiting: dict[int, _Record] = {}
         self._mutex = threading.RLock()
-        self._local = threading.local()  # each thread's doorbell (AcquireByWaiting)
+        self._local = threading.local()  # each thread's doorbell (LockMechanism.doorbell)
 
     def path_of(self, inode: int, device: int) -> Path:
         """The lock file of (inode, device)."""

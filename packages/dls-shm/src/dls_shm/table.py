@@ -60,11 +60,11 @@ from .layout import (
     TableFlag,
 )
 from .mechanism import (
-    AcquireByWaiting,
     Conflict,
     Grant,
     GroupFull,
     Holder,
+    LockMechanism,
     NotHeld,
     Owner,
     Queued,
@@ -145,7 +145,7 @@ def _holder(slot: Slot) -> Holder:
     return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
 
 
-class LockTable(AcquireByWaiting):
+class LockTable(LockMechanism):
     """A process's view of one lock table. Not to be shared between threads for
     waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
 
