@@ -33,7 +33,6 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -302,7 +301,7 @@ class LockTable(LockMechanism):
             key, kflags = stored_key(key)
         else:
             kflags = 0
-        value = zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
+        value = resource_value(inode, device, key)
         group = value % self._ngroups
         goff = HEADER_SIZE + group * self._group_size
         mv = self._mv
