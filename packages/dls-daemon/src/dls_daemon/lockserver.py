@@ -105,6 +105,11 @@ def keepalive_for(bound: float) -> tuple[int, int, int]:
     return idle, interval, max(1, (whole - idle) // interval)
 
 
+def _holder_fields(h: Holder) -> tuple[int, int, int, int, int, str]:
+    """A holder as Refused, Waiting and StatusReply carry it: mode, pid, port, client pid, thread, address."""
+    return h.mode, h.pid, h.port, h.client_pid, h.thread, unpack_ip(h.ip)
+
+
 class ClientGone(Exception):
     """The conversation is over; the reason says how it ended."""
 
@@ -450,8 +455,7 @@ class LockServer:
         if holder is None:
             self._send(StatusReply(req.request_id, state, 0, 0, 0, 0, 0, ""))
         else:
-            self._send(StatusReply(req.request_id, state, holder.mode, holder.pid, holder.port,
-                                   holder.client_pid, holder.thread, unpack_ip(holder.ip)))
+            self._send(StatusReply(req.request_id, state, *_holder_fields(holder)))
 
     def _info_put(self, req: InfoPut) -> None:
         hello = self.hello
@@ -483,14 +487,12 @@ class LockServer:
 
     @staticmethod
     def _refusal(rid: int, reason: int, h: Holder) -> Refused:
-        return Refused(rid, reason, h.mode, h.pid, h.port, h.client_pid, h.thread, unpack_ip(h.ip))
+        return Refused(rid, reason, *_holder_fields(h))
 
     @staticmethod
     def _waiting(p: _Pending, now: float) -> Waiting:
-        h = p.holder
         waited = min(int((now - p.started) * 1000), 0xFFFFFFFF)
-        return Waiting(p.request.request_id, waited, h.mode, h.pid, h.port, h.client_pid, h.thread,
-                       unpack_ip(h.ip))
+        return Waiting(p.request.request_id, waited, *_holder_fields(p.holder))
 
     # -- the end -------------------------------------------------------------------
 
