@@ -26,11 +26,8 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
-    jdls,
 )
 
-#: The lock service's port when none is named (as in JDLS).
-DEFAULT_PORT = jdls.DEFAULT_PORT
 #: A snapshot lists every lock of the table and every info document: allow big frames.
 MAX_FRAME = 16 * 1024 * 1024
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
@@ -39,16 +36,6 @@ DEFAULT_TIMEOUT = 10.0
 
 class RemoteError(Exception):
     """The snapshot could not be had; the message names the server and why."""
-
-
-def parse_server(text: str) -> Server:
-    """``host`` or ``host,port`` (the JDLS spelling, which keeps IPv6 addresses unambiguous)."""
-    return Server.parse(text)
-
-
-def server_from_jdls(value: str) -> Server | None:
-    """The SERVER a JDLS value names, or None when it names none (the value is checked as clients check it)."""
-    return jdls.named_server(value)
 
 
 def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
