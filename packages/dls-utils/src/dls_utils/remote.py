@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 from dls_proto import (
+    CLIENT_MAX_FRAME,
     ConfigurationError,
     Connection,
     ConnectionClosed,
@@ -28,8 +29,6 @@ from dls_proto import (
     identity,
 )
 
-#: A snapshot lists every lock of the table and every info document: allow big frames.
-MAX_FRAME = 16 * 1024 * 1024
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
 DEFAULT_TIMEOUT = 10.0
 
@@ -51,7 +50,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[
         raise RemoteError(f"cannot connect to the {where}: {exc.strerror or exc}") from None
     try:
         with sock:
-            conn = Connection(Role.CLIENT, max_frame=MAX_FRAME)
+            conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
             welcome = exchange(sock, conn, hello)
             if not isinstance(welcome, Welcome):
                 raise RemoteError(f"the {where} refused the connection: {_describe(welcome)}")
