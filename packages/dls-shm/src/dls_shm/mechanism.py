@@ -145,7 +145,7 @@ class LockMechanism(ABC):
 
     @abstractmethod
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
-        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+        """Who holds a resource: (dls-proto's HolderState: FREE, MINE or OTHER; the holder)."""
 
     @abstractmethod
     def release_owner(self, pid: int, thread: int | None = None) -> int:

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import psutil
 import sysv_ipc
+from dls_proto import HolderState
 
 from . import doorbell, modes
 from .layout import (
@@ -389,7 +390,7 @@ class LockTable(LockMechanism):
         return itertools.repeat(RECHECK_INTERVAL)
 
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
-        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+        """Who holds a resource: (HolderState FREE, MINE or OTHER; the holder)."""
         key, _ = stored_key(key)
         value = resource_value(inode, device, key)
         group = value % self._ngroups
@@ -401,10 +402,10 @@ class LockTable(LockMechanism):
         me = self._ident(owner)
         for _pos, slot in granted:
             if self._ident(slot) == me:
-                return 1, _holder(slot)
+                return HolderState.MINE, _holder(slot)
         if granted:
-            return 2, _holder(granted[0][1])
-        return 0, None
+            return HolderState.OTHER, _holder(granted[0][1])
+        return HolderState.FREE, None
 
     def release_owner(self, pid: int, thread: int | None = None) -> int:
         """Free every lock and queued request of a process (or of one of its threads)."""
