@@ -24,7 +24,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -155,7 +154,7 @@ def test_show_item_locks_on_a_client_host_with_only_dls_client_and_dls_utils(whe
     """An application server with dls-client and dls-utils installed (from their wheels, nothing else of dls
     but what they declare) asks a running lock service for its locks, as an operator would from there;
     the man pages came with the wheels and man finds them from the venv's bin on PATH."""
-    from dls_testkit import make_service
+    from dls_testkit import make_service, wait_for
 
     venv = tmp_path / "venv"
     assert run(sys.executable, "-m", "venv", venv).returncode == 0
@@ -181,9 +180,13 @@ def test_show_item_locks_on_a_client_host_with_only_dls_client_and_dls_utils(whe
                 assert out.returncode == 0, out.stderr
                 return json.loads(out.stdout)  # type: ignore[no-any-return]
 
-            deadline = time.monotonic() + 10
-            while not (rows := shown()) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            rows: list[dict[str, Any]] = []
+
+            def listed() -> bool:
+                rows[:] = shown()
+                return bool(rows)
+
+            wait_for(listed, 10, "show-item-locks to list the held lock", poll=0.1)
             assert [(r["ipaddr"], r["port"], r["key"]) for r in rows] == [("127.0.0.1", 1000, "USD163170001")], rows
             text = run(venv / "bin" / "show-item-locks", "--server", f"127.0.0.1,{service.port}", env=host)
             assert text.returncode == 0 and "USD163170001" in text.stdout, text

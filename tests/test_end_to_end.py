@@ -23,10 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dls_client import Client, Config, LockRefused, RequestFailed, Server, ServiceUnavailable
+from dls_client import LockRefused, RequestFailed, ServiceUnavailable
 from dls_proto import Connection, ErrorCode, Hello, Role
 from dls_shm import resource_value
-from dls_testkit import KEY, Service, alive, data_file, lock_holder, running, wait_for
+from dls_testkit import KEY, Service, alive, data_file, lock_holder, running, running_service, wait_for
 
 
 @pytest.fixture
@@ -360,33 +360,19 @@ def test_client_only_install_locks_through_the_service(service: Service, tmp_pat
 
 def test_a_full_lock_group_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     """A table of 4 locks in 2 groups of 2: the third lock of one group is refused at once, by name."""
-    root = tmp_path / "release"
-    env = {**os.environ, "JBCRELEASEDIR": str(root), "JDLS_LOCK_DIR": str(root / "jbase"),
-           "JDLS_BINARY_LOCK_DIR": str(root / "jbase_lock")}
-    env.pop("DLS_IPC_KEY", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    jdls = [sys.executable, "-m", "dls_daemon"]
-    started = subprocess.run([*jdls, "-ibs4,2", "--port", str(port)], env=env, capture_output=True, text=True)
-    assert started.returncode == 0, started.stderr
-    try:
+    with running_service(tmp_path / "release", start_options=("-ibs4,2",)) as service:
         data = tmp_path / "FBNK.ACCOUNT"
         data.write_text("")
         inode = data.stat().st_ino
         same_group = [k for k in (f"K{i}" for i in range(100)) if resource_value(inode, -1, k.encode()) % 2 == 0][:3]
-        client = Client(Config(server=Server("127.0.0.1", port)))
+        client = service.client()
         held = [client.lock(data, key) for key in same_group[:2]]
         start = time.monotonic()
         with pytest.raises(RequestFailed, match=r"lock group 0 is full \(2 locks\)") as refused:
             client.lock(data, same_group[2])
         assert refused.value.code == ErrorCode.GROUP_FULL
         assert time.monotonic() - start < 1.0
-        log = (root / "log" / "jdls.log").read_text()
-        assert "lock group 0 is full" in log
+        assert "lock group 0 is full" in service.log()
         held[0].release()
         client.lock(data, same_group[2]).release()  # a slot is free again
         client.close()
-    finally:
-        subprocess.run([*jdls, "-k"], env=env, capture_output=True)
-        subprocess.run([*jdls, "-K"], env=env, capture_output=True)

@@ -167,7 +167,7 @@ class Service:
 
     @property
     def log_path(self) -> Path:
-        return self.root / "log" / "jdls.log"
+        return self.instance.log_file
 
     def log(self) -> str:
         """The instance log as it is now ("" before the first line)."""
@@ -196,7 +196,7 @@ class Service:
 
     def server_pids(self) -> set[int]:
         """Lock servers listed in run/servers."""
-        directory = self.root / "run" / "servers"
+        directory = self.instance.servers_dir
         return {int(p.stem) for p in directory.glob("*.pid") if p.stem.isdigit()} if directory.exists() else set()
 
     def processes(self) -> list[psutil.Process]:

@@ -26,7 +26,7 @@ import pytest
 from dls_client import Client, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
 from dls_client.local import local_mechanism, local_table_key
 from dls_shm import LockTable, unpack_ip
-from dls_testkit import KEY
+from dls_testkit import KEY, wait_for
 from dls_testkit import Service as Daemon
 
 
@@ -122,10 +122,8 @@ def test_a_local_waiter_is_woken_promptly_when_a_remote_holder_releases(local: L
 
     waiter = threading.Thread(target=wait_for_it)
     waiter.start()
-    deadline = time.monotonic() + 5
-    while not holders and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert holders and holders[0].ip == "127.0.0.1"
+    wait_for(lambda: holders, 5, "the waiting client to be told who holds the lock")
+    assert holders[0].ip == "127.0.0.1"
     time.sleep(0.2)
     released_at = time.monotonic()
     held.release()

@@ -261,6 +261,28 @@ def test_foreground_runs_monitor_and_listener_until_sigterm(service):
         proc.stderr.close()
 
 
+@pytest.mark.parametrize("roles", ["-i", "-iA"])
+def test_a_foreground_monitor_that_crashes_exits_70_and_logs_why(service, roles):
+    """An unexpected exception ends a daemon with EX_SOFTWARE and its traceback in the log, in the
+    foreground too, where both roles run as the monitor and its companion (the systemd unit's way)."""
+    crash = (
+        "import sys\n"
+        "from dls_daemon import monitor\n"
+        "from dls_daemon.cli import main\n"
+        "def work(self, readable):\n"
+        "    raise RuntimeError('a bug in the monitor')\n"
+        "monitor.Monitor.work = work\n"
+        f"sys.exit(main([{roles!r}, '--foreground']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", crash], env=service.env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 70, done.stderr
+    assert "lock monitor failed: a bug in the monitor" in done.stderr
+    log = service.log()
+    assert "Traceback" in log and "RuntimeError: a bug in the monitor" in log
+    assert service.processes() == []  # the listener companion was stopped with it
+
+
 def test_monitor_tidies_orphaned_locks(service):
     assert service.jdls("-ibA", "--tidy-seconds", "1").returncode == 0
     code = (

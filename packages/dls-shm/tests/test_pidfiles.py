@@ -6,13 +6,13 @@ import fcntl
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from dls_shm import Instance, pidfiles
 from dls_shm.pidfiles import SAME_START, PidRecord
+from dls_testkit import wait_for
 
 
 def test_text_and_read_round_trip(tmp_path: Path) -> None:
@@ -54,9 +54,7 @@ def test_alive_is_this_very_process_only() -> None:
 def test_alive_of_an_ended_process_and_a_zombie() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     record = PidRecord(child.pid, psutil.Process(child.pid).create_time())
-    deadline = time.monotonic() + 5
-    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 5, "the child to end")
     assert not record.alive()  # ended, not yet reaped
     child.wait()
     assert not record.alive()  # gone

@@ -30,6 +30,7 @@ from dls_shm import (
     SlotState,
     owner_gone,
 )
+from dls_testkit import wait_for
 
 EX, PR = 5, 3
 INODE, DEVICE, KEY = 77, 3, b"ORDERS*1001"
@@ -115,10 +116,7 @@ def test_a_killed_owner_not_yet_reaped_is_reclaimed(table: LockTable, children: 
     pid = children.fork(lambda: hold_forever(table, locked))
     locked.recv()
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 5, "the killed holder to be a zombie")
     assert owner_gone(pid, time.time())  # the table's own idea of a gone owner
     result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=RECHECK_INTERVAL + 0.5)
     assert isinstance(result, Grant), result

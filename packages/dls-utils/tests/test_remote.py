@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_shm import resource_value
-from dls_testkit import KEY, greet, receive
+from dls_testkit import KEY, greet, receive, wait_for
 from dls_testkit import Service as Daemon
 from dls_utils.show_item_locks import main
 
@@ -99,10 +98,13 @@ def test_a_lock_through_the_listener(service: Daemon, tmp_path: Path, capsys: py
     sock2, conn2, _ = client(service, 5)
     sock2.sendall(conn2.send(Lock(2, Mode.EX, LockFlag.NO_INTERIM, WAIT_FOREVER, 1, inode, -1, KEY.encode(),
                                   str(data))))
-    deadline = time.monotonic() + 10
-    while (rows := snapshot_rows(capsys, "--server", server))[0]["waiters"] != [5]:
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.05)
+    rows: list[dict[str, Any]] = []
+
+    def waiter_shown() -> bool:
+        rows[:] = snapshot_rows(capsys, "--server", server)
+        return bool(rows[0]["waiters"] == [5])
+
+    wait_for(waiter_shown, 10, "port 5 among the waiters of the held lock", poll=0.05)
     assert len(rows) == 1 and rows[0]["port"] == 4
 
     # JDLS's SERVER is used when no --server is given.

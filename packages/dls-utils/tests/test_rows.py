@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 from dls_shm import KEY_MAX
-from dls_utils.remote import Server, parse_server, server_from_jdls
 from dls_utils.rows import SnapshotError, build_rows, format_rows, inode_name, select_rows
 
 INODE = 1483651
@@ -145,33 +144,3 @@ def test_malformed_documents_are_skipped() -> None:
     rows = build_rows(GUIDE_LOCKS[:1], [{"port": "x"}, {"port": 1000, "files": "no"}, {"port": 1000, "files": [3]}])
     assert rows[0]["filename"] == "inode 01483651"
 
-
-# -- where the server is ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("text", "server"), [
-    ("SERVER=10.44.1.56", Server("10.44.1.56", 50002)),
-    ("SERVER=lockhost,50010", Server("lockhost", 50010)),
-    ("WAIT,server=lockhost,50010,TIMEOUT=5", Server("lockhost", 50010)),
-    ("SERVER=a,SERVER2=b,50003", Server("a", 50002)),
-    ("SERVER2=b,50003,SERVER=a,50004", Server("a", 50004)),
-    ("", None),
-    ("WAIT,BINARY", None),
-])
-def test_server_from_jdls(text: str, server: Server | None) -> None:
-    assert server_from_jdls(text) == server
-
-
-@pytest.mark.parametrize("text", ["SERVER=", "SERVER=h,0", "SERVER=h,70000"])
-def test_server_from_jdls_refuses(text: str) -> None:
-    with pytest.raises(ValueError):
-        server_from_jdls(text)
-
-
-def test_parse_server() -> None:
-    assert parse_server("h") == Server("h", 50002)
-    assert parse_server("::1,5000") == Server("::1", 5000)
-    assert str(parse_server(" h , 7 ")) == "h,7"
-    for bad in ("", ",5", "h,x", "h,"):
-        with pytest.raises(ValueError):
-            parse_server(bad)

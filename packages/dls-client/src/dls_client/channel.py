@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from dls_proto import (
+    CLIENT_MAX_FRAME,
     Connection,
     ConnectionClosed,
     Error,
@@ -38,8 +39,6 @@ from dls_proto import (
 
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 
-#: Largest frame this client accepts (information snapshots can be large).
-CLIENT_MAX_FRAME = 16 * 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 
 

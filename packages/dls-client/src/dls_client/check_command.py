@@ -20,13 +20,11 @@ from collections.abc import Sequence
 
 from dls_proto import Mechanism
 
+from . import exitcodes
 from .__about__ import __version__
 from .client import Client
 from .config import DEFAULT_HOST, DEFAULT_PORT, Config
 from .errors import ConfigurationError, DlsError, ServiceUnavailable
-
-EX_FAILED = 1
-EX_CONFIG = 78
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -34,7 +32,8 @@ def get_parser() -> argparse.ArgumentParser:
         prog="dls-test",
         description="Test the JDLS configuration: echo TESTSTRING through the lock service JDLS names and "
         "print what was used and what came back (as jDLS -C teststring).",
-        epilog="Exit status: 0 the string came back; 1 the service cannot be reached; 78 bad JDLS.",
+        epilog=f"Exit status: {exitcodes.OK} the string came back; {exitcodes.FAILED} the service cannot be reached; "
+        f"{exitcodes.CONFIG} bad JDLS.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"dls-test {__version__}")
     parser.add_argument("teststring", metavar="TESTSTRING", nargs="?", default="teststring",
@@ -55,13 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_environment()
     except ConfigurationError as exc:
         print(f"dls-test: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return exitcodes.CONFIG
     if config is None:
         print(f"Client: JDLS is not set; testing the default of a set but empty JDLS, "
               f"{DEFAULT_HOST},{DEFAULT_PORT}", flush=True)
         config = Config()
     servers = [config.server] if config.server2 is None else [config.server, config.server2]
-    worst = 0
+    worst = exitcodes.OK
     for n, server in enumerate(servers):
         if len(servers) > 1:
             print(f"Client: testing the {('primary', 'secondary')[n]} lock service (JDLS SERVER{n + 1 if n else ''})",
@@ -81,10 +80,10 @@ def _test(config: Config, teststring: str) -> int:
     except ServiceUnavailable as exc:
         print("Client: unable to connect to distributed lock service, locks not enabled", flush=True)
         print(f"Client: {exc}", flush=True)
-        return EX_FAILED
+        return exitcodes.FAILED
     except DlsError as exc:
         print(f"Client: echo failed: {exc}", flush=True)
-        return EX_FAILED
+        return exitcodes.FAILED
     finally:
         client.close()
     text = os.fsdecode(data)
@@ -94,8 +93,8 @@ def _test(config: Config, teststring: str) -> int:
     print(f"Client: the lock server sees this client as {welcome.peer}")
     if text != teststring:
         print("Client: the string came back changed", flush=True)
-        return EX_FAILED
-    return 0
+        return exitcodes.FAILED
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def _client_errors() -> Iterator[None]:
 
 
 class Config(jdls.Config):
-    """A client's configuration, as JDLS gives it (``Config()`` is JDLS set but empty): see dls_proto.jdls."""
+    """What a Client is told to do: dls-proto's reading of JDLS (see ``dls_proto.jdls.Config``), whose errors
+    are this package's ConfigurationError. ``Client()`` reads it from JDLS; give one to use another service."""
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Config | None:

@@ -23,15 +23,13 @@ from collections.abc import Sequence
 
 from dls_proto import Mode
 
+from . import exitcodes
 from .__about__ import __version__
 from .client import Client
 from .config import Config
-from .errors import ConfigurationError, DlsError, Holder, LockRefused, LockTimeout, ServiceUnavailable
+from .errors import ConfigurationError, DlsError, Holder, LockRefused
 from .locks import FileRef
 
-EX_NOINPUT = 66
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 _PR_SET_PDEATHSIG = 1
 
 
@@ -40,8 +38,9 @@ def get_parser() -> argparse.ArgumentParser:
         prog="dls-lock",
         description="Run COMMAND while holding the dls record lock on (FILE, KEY), like flock(1) for records. "
         "The lock service is the one JDLS names (default localhost, port 50002).",
-        epilog="Exit status: the command's; 1 (or -E CODE) when the lock is held and -n or -w gives up; "
-        "66 FILE missing; 69 service unreachable; 78 bad JDLS; 126/127 command not runnable.",
+        epilog=f"Exit status: the command's; {exitcodes.FAILED} (or -E CODE) when the lock is held and -n or -w "
+        f"gives up; {exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service unreachable; "
+        f"{exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command not runnable.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-s", "--shared", action="store_const", dest="mode", const=Mode.PR,
@@ -52,8 +51,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--nonblock", action="store_true", help="fail at once if the lock is held")
     parser.add_argument("-w", "--wait", "--timeout", type=_seconds, metavar="SECONDS", dest="timeout",
                         help="wait at most SECONDS for the lock")
-    parser.add_argument("-E", "--conflict-exit-code", type=_exit_code, default=1, metavar="CODE",
-                        help="exit status when -n or -w gives up (default 1)")
+    parser.add_argument("-E", "--conflict-exit-code", type=_exit_code, default=exitcodes.FAILED, metavar="CODE",
+                        help=f"exit status when -n or -w gives up (default {exitcodes.FAILED})")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is happening on standard error")
     parser.add_argument("-V", "--version", action="version", version=f"dls-lock {__version__}")
     parser.add_argument("file", metavar="FILE", help="the file whose record is locked (it must exist)")
@@ -92,12 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_environment() or Config()
     except ConfigurationError as exc:
         print(f"dls-lock: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return exitcodes.CONFIG
     try:
         ref = FileRef.of(args.file)
     except DlsError as exc:
         print(f"dls-lock: {exc}", file=sys.stderr)
-        return EX_NOINPUT
+        return exitcodes.NOINPUT
 
     def waiting(holder: Holder) -> None:
         print(f"dls-lock: waiting for {args.file} {args.key}, held by {holder.describe()}", file=sys.stderr,
@@ -109,20 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"using lock service {config.server}")
         held = client.lock(ref, args.key, args.mode, wait=not args.nonblock, timeout=args.timeout,
                            on_wait=waiting)
-    except LockTimeout as exc:
+    except LockRefused as exc:  # and LockTimeout: -n or -w gave up
         if say:
             say(str(exc))
         return int(args.conflict_exit_code)
-    except LockRefused as exc:
-        if say:
-            say(str(exc))
-        return int(args.conflict_exit_code)
-    except ServiceUnavailable as exc:
+    except DlsError as exc:  # the service cannot be reached or was lost, or refused the request
         print(f"dls-lock: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except DlsError as exc:
-        print(f"dls-lock: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return exitcodes.UNAVAILABLE
     if say:
         say(f"locked {args.file} {args.key} ({Mode(held.mode).name}, 0x{held.value:08x})")
     try:
@@ -138,10 +130,10 @@ def _run(command: str, arguments: list[str]) -> int:
         child = subprocess.Popen([command, *arguments], preexec_fn=_die_with_parent)
     except FileNotFoundError:
         print(f"dls-lock: {command}: command not found", file=sys.stderr)
-        return 127
+        return exitcodes.NOT_FOUND
     except PermissionError:
         print(f"dls-lock: {command}: permission denied", file=sys.stderr)
-        return 126
+        return exitcodes.CANNOT_RUN
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
@@ -149,7 +141,7 @@ def _run(command: str, arguments: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, forward)
     status = child.wait()
-    return 128 - status if status < 0 else status
+    return exitcodes.killed_by(-status) if status < 0 else status
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and ``-D`` (an option of the listener makes no sense with ``-A``, one of the
 table with ``-D``): a combination that would be silently ignored is a usage
 error (exit 2) instead, because an operator who typed it meant something.
 
-The command line only parses and checks; the work is done by ``daemon``
+The command line only parses and checks; the work is done by ``start``
 (start), ``stop`` (stop, remove) and ``display`` (display, connection test).
 """
 
@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from dls_proto import environment, jdls
+from dls_proto import DEFAULT_MAX_FRAME, environment, jdls
 from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
 
 from .__about__ import __version__
@@ -33,7 +33,6 @@ from .context import (
     DEFAULT_DEAD_CLIENT_BOUND,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
-    DEFAULT_MAX_FRAME,
     DEFAULT_MAX_LOCKS_PER_CLIENT,
     Limits,
 )

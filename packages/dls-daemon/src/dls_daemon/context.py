@@ -11,11 +11,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dls_proto import environment
+from dls_proto import DEFAULT_MAX_FRAME, environment
 from dls_shm import Instance, LockTable
 
-#: Defaults of the limits below; each has a jdls long option.
-DEFAULT_MAX_FRAME = 64 * 1024
+#: Defaults of the limits below; each has a jdls long option (a frame's: dls-proto's DEFAULT_MAX_FRAME).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
 #: Seconds between interim Waiting messages to a client whose request waits.

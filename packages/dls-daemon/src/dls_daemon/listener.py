@@ -77,8 +77,13 @@ def listen_problem(address: str, port: int) -> str | None:
     try:
         listen_socket(address, port).close()
     except OSError as exc:
-        return f"cannot listen on {where(address, port)}: {exc.strerror or exc}"
+        return cannot_listen(address, port, exc)
     return None
+
+
+def cannot_listen(address: str, port: int, exc: OSError) -> str:
+    """How a failure to listen on ``address:port`` is told."""
+    return f"cannot listen on {where(address, port)}: {exc.strerror or exc}"
 
 
 class Listener(Daemon):
@@ -107,8 +112,7 @@ class Listener(Daemon):
         try:
             self.sock = listen_socket(settings.bind, settings.port)
         except OSError as exc:
-            where_to = where(settings.bind, settings.port)
-            raise StartFailed(f"cannot listen on {where_to}: {exc.strerror or exc}") from None
+            raise StartFailed(cannot_listen(settings.bind, settings.port, exc)) from None
         self.sock.setblocking(False)
         bound = self.sock.getsockname()[1]
         try:
@@ -296,14 +300,9 @@ class Listener(Daemon):
     def forget_own_in_child(self) -> None:
         """Drop what belongs to the listener, so that the child is a lock server and nothing else (the
         table mapping stays: the lock server locks in it)."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self._close_sockets()
         self.children.clear()
         self.adopted.clear()
-        for conn in self.lingering:
-            conn.close()
-        self.lingering.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one."""
@@ -327,13 +326,17 @@ class Listener(Daemon):
                 self.log.warning("listener stopping: %s", exc)
 
     def release(self) -> None:
-        """Let go of the socket and the table (lock servers keep theirs)."""
+        """Let go of the sockets and the table (lock servers keep theirs)."""
+        self._close_sockets()
+        if self.table is not None:
+            self.table.close()
+            self.table = None
+
+    def _close_sockets(self) -> None:
+        """The listening socket and the refused connections still lingering."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         for conn in self.lingering:
             conn.close()
         self.lingering.clear()
-        if self.table is not None:
-            self.table.close()
-            self.table = None

@@ -32,6 +32,7 @@ from typing import Any
 from dls_proto import ALL_THREADS as WIRE_ALL_THREADS
 from dls_proto import (
     NEED_DATA,
+    PROTOCOL_VERSIONS,
     WAIT_FOREVER,
     Connection,
     ConnectionClosed,
@@ -102,6 +103,11 @@ def keepalive_for(bound: float) -> tuple[int, int, int]:
     idle = max(1, whole // 3)
     interval = max(1, (whole - idle) // KEEPALIVE_PROBES)
     return idle, interval, max(1, (whole - idle) // interval)
+
+
+def _holder_fields(h: Holder) -> tuple[int, int, int, int, int, str]:
+    """A holder as Refused, Waiting and StatusReply carry it: mode, pid, port, client pid, thread, address."""
+    return h.mode, h.pid, h.port, h.client_pid, h.thread, unpack_ip(h.ip)
 
 
 class ClientGone(Exception):
@@ -215,7 +221,8 @@ class LockServer:
         version = choose_version(event)
         if version is None:
             self._send(Error(event.request_id, ErrorCode.VERSION,
-                             f"client speaks versions {event.min_version}..{event.max_version}, server speaks 1..1"))
+                             f"client speaks versions {event.min_version}..{event.max_version}, server speaks "
+                             f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}"))
             raise ClientGone("no common protocol version")
         self.hello = event
         self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
@@ -247,8 +254,7 @@ class LockServer:
             try:
                 handlers.get(type(event), self._unexpected)(event)
             except TableError as exc:  # the table was removed, or a lock file cannot be used
-                self.log.error("client %s: %s", self._who(), exc)
-                self._send(Error(getattr(event, "request_id", 0), ErrorCode.INTERNAL, str(exc)))
+                self._table_error(getattr(event, "request_id", 0), exc)
 
     def _wait_with_pending(self) -> None:
         """Sleep on the socket and the doorbell until either speaks or a timer is due.
@@ -316,7 +322,7 @@ class LockServer:
             result = mechanism.lock(self.owners.get(thread) or self._owner(thread), req.inode, req.device,
                                     req.key, req.mode, wait_token=self._token if req.timeout_ms else 0)
         except TableError as exc:
-            self._table_error(req, exc)
+            self._table_error(req.request_id, exc)
             return
         if isinstance(result, Grant):
             self._granted(result, thread, mechanism)
@@ -340,10 +346,11 @@ class LockServer:
         if mechanism is not self.main:
             self.routes[grant.handle] = mechanism
 
-    def _table_error(self, req: Lock, exc: TableError) -> None:
+    def _table_error(self, rid: int, exc: TableError) -> None:
+        """The mechanism failed request ``rid``: logged, and answered with an Error (GROUP_FULL or INTERNAL)."""
         self.log.error("client %s: %s", self._who(), exc)
         code = ErrorCode.GROUP_FULL if isinstance(exc, GroupFull) else ErrorCode.INTERNAL
-        self._send(Error(req.request_id, code, str(exc)))
+        self._send(Error(rid, code, str(exc)))
 
     def _queue(self, req: Lock, queued: Queued, mechanism: LockMechanism) -> None:
         now = time.monotonic()
@@ -448,8 +455,7 @@ class LockServer:
         if holder is None:
             self._send(StatusReply(req.request_id, state, 0, 0, 0, 0, 0, ""))
         else:
-            self._send(StatusReply(req.request_id, state, holder.mode, holder.pid, holder.port,
-                                   holder.client_pid, holder.thread, unpack_ip(holder.ip)))
+            self._send(StatusReply(req.request_id, state, *_holder_fields(holder)))
 
     def _info_put(self, req: InfoPut) -> None:
         hello = self.hello
@@ -481,14 +487,12 @@ class LockServer:
 
     @staticmethod
     def _refusal(rid: int, reason: int, h: Holder) -> Refused:
-        return Refused(rid, reason, h.mode, h.pid, h.port, h.client_pid, h.thread, unpack_ip(h.ip))
+        return Refused(rid, reason, *_holder_fields(h))
 
     @staticmethod
     def _waiting(p: _Pending, now: float) -> Waiting:
-        h = p.holder
         waited = min(int((now - p.started) * 1000), 0xFFFFFFFF)
-        return Waiting(p.request.request_id, waited, h.mode, h.pid, h.port, h.client_pid, h.thread,
-                       unpack_ip(h.ip))
+        return Waiting(p.request.request_id, waited, *_holder_fields(p.holder))
 
     # -- the end -------------------------------------------------------------------
 

@@ -97,13 +97,19 @@ def run_daemon(role: str, settings: Settings, report: Report, *, foreground: boo
     except OSError as exc:
         report.fail(f"{LABELS[role]}: cannot write its log: {exc}")
         return ExitCode.FAILED
+    return _live(daemon, report)
+
+
+def _live(daemon: Daemon, report: Report, started: Callable[[], bool] | None = None) -> int:
+    """Start ``daemon``, then ``started()`` (False: it did not go on), run it; the exit status. An
+    unexpected exception is logged with its traceback and ends it with CRASHED."""
     try:
-        if not daemon.start(report):
+        if not daemon.start(report) or (started is not None and not started()):
             return ExitCode.FAILED
         return daemon.run()
     except Exception as exc:
-        daemon.log.exception("%s failed: %r", LABELS[role], exc)
-        report.fail(f"{LABELS[role]} failed: {exc}")
+        daemon.log.exception("%s failed: %r", LABELS[daemon.role], exc)
+        report.fail(f"{LABELS[daemon.role]} failed: {exc}")
         return ExitCode.CRASHED
 
 
@@ -151,15 +157,17 @@ def run_foreground(settings: Settings, roles: tuple[str, ...]) -> int:
     except OSError as exc:
         report.fail(f"cannot write the log: {exc}")
         return ExitCode.FAILED
-    if not monitor.start(report):
-        return ExitCode.FAILED
-    listener = monitor.fork_companion(LABELS[LISTENER], partial(run_daemon, LISTENER, settings, foreground=True))
-    for warning in listener.warnings:
-        report.warn(warning)
-    if not listener.ok:
-        report.fail(listener.text)
-        monitor.stop_companions()
-        monitor.close()
-        return ExitCode.FAILED
-    report.ready(listener.text)
-    return monitor.run()
+
+    def with_listener() -> bool:
+        listener = monitor.fork_companion(LABELS[LISTENER], partial(run_daemon, LISTENER, settings, foreground=True))
+        for warning in listener.warnings:
+            report.warn(warning)
+        if not listener.ok:
+            report.fail(listener.text)
+            monitor.stop_companions()
+            monitor.close()
+            return False
+        report.ready(listener.text)
+        return True
+
+    return _live(monitor, report, with_listener)

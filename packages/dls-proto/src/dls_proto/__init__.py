@@ -9,7 +9,16 @@ the three submodules above), never from its other submodules.
 from . import environment, identity, jdls
 from .__about__ import __version__
 from .codec import encode
-from .connection import DEFAULT_MAX_FRAME, NEED_DATA, Connection, NeedData, Role, State, choose_version
+from .connection import (
+    CLIENT_MAX_FRAME,
+    DEFAULT_MAX_FRAME,
+    NEED_DATA,
+    Connection,
+    NeedData,
+    Role,
+    State,
+    choose_version,
+)
 from .errors import ConfigurationError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .jdls import Config, Server
 from .messages import (
@@ -53,8 +62,8 @@ from .messages import (
 from .transport import SpinningReader, exchange, receive
 
 __all__ = [
-    "ALL_THREADS", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment", "exchange",
-    "identity", "jdls", "receive", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
+    "ALL_THREADS", "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
+    "exchange", "identity", "jdls", "receive", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",

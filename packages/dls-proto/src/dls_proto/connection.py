@@ -33,6 +33,8 @@ from .messages import (
 
 #: Default largest frame body either side accepts (bytes).
 DEFAULT_MAX_FRAME: Final = 64 * 1024
+#: Largest frame body a client accepts: an information snapshot lists every lock and client of a service.
+CLIENT_MAX_FRAME: Final = 16 * 1024 * 1024
 
 
 class Role(enum.Enum):

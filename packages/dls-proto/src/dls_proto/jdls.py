@@ -56,7 +56,11 @@ class Server:
 
 @dataclass(frozen=True)
 class Config:
-    """A client's configuration, as JDLS gives it (``Config()`` is JDLS set but empty)."""
+    """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
+    SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
+    silent (TIMEOUT), whether binary locks (BINARY) and record locks as OS file locks (OSLOCKS) go to the
+    service, which lock kinds it takes (LOCK), and the trace. ``Config()`` is JDLS set but empty.
+    """
 
     server: Server = Server(DEFAULT_HOST)
     server2: Server | None = None

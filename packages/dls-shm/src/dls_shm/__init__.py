@@ -10,7 +10,7 @@ both print.
 from . import info, modes, pidfiles, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
-from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for
+from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
 from .layout import (
     DEFAULT_PER_GROUP,
     DEFAULT_RECORDS,
@@ -27,7 +27,6 @@ from .layout import (
     unpack_ip,
 )
 from .mechanism import (
-    AcquireByWaiting,
     Conflict,
     Grant,
     GroupFull,
@@ -51,9 +50,9 @@ __all__ = [
     "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
-    "AcquireByWaiting", "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder",
+    "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "Header", "Holder",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError",
     "TableFlag", "TableMissing",
-    "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "resource_value",
-    "info", "pidfiles", "report", "ring", "unpack_ip",
+    "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
+    "resource_value", "info", "pidfiles", "report", "ring", "unpack_ip",
 ]

@@ -34,6 +34,18 @@ ROLES = (MONITOR, LISTENER)
 LABELS = {MONITOR: "lock monitor", LISTENER: "lock listener"}
 
 
+def parse_ipc_key(text: str) -> int:
+    """A table's IPC key as DLS_IPC_KEY or a tool's --key gives it (0x hex or decimal, 1 to 0x7fffffff);
+    ValueError says what is wrong with it."""
+    try:
+        key = int(text, 0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number such as 0x1a2b3c4d") from None
+    if not 0 < key < 1 << 31:
+        raise ValueError(f"{text!r} is not between 1 and 0x7fffffff")
+    return key
+
+
 def ipc_key_for(root: Path) -> int:
     """A positive 31-bit SysV key from the directory's real path (an ftok that needs no inode)."""
     key = zlib.crc32(b"dls-table:" + os.fsencode(os.path.realpath(root))) & 0x7FFFFFFF
@@ -54,11 +66,9 @@ class Instance:
         override = os.environ.get(IPC_KEY_VARIABLE)
         if override:
             try:
-                key = int(override, 0)
-            except ValueError:
-                raise ValueError(f"{IPC_KEY_VARIABLE}={override!r} is not a number") from None
-            if not 0 < key < 1 << 31:
-                raise ValueError(f"{IPC_KEY_VARIABLE}={override!r} must be between 1 and 2147483647")
+                key = parse_ipc_key(override)
+            except ValueError as exc:
+                raise ValueError(f"{IPC_KEY_VARIABLE}: {exc}") from None
         else:
             key = ipc_key_for(path)
         return cls(path, key)

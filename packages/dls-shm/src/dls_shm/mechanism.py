@@ -13,8 +13,8 @@ The table rings a waiter's doorbell when its lock may be granted and looks
 again every RECHECK_INTERVAL only as a safety net; an OS lock released by
 another process rings nobody, so its waiters poll (50 ms, doubling up to
 250 ms). Each mechanism says so in ``pauses()``, and everyone who waits reads
-it there: :class:`AcquireByWaiting` (a blocking ``acquire`` on top of ``lock``,
-``retry`` and ``cancel``) and the lock server, which cannot block and waits in
+it there: :class:`LockMechanism`'s own ``acquire`` (a blocking lock on top of
+``lock``, ``retry`` and ``cancel``) and the lock server, which cannot block and waits in
 its own ``select``.
 """
 
@@ -25,8 +25,9 @@ import os
 import threading
 import time
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from . import doorbell
 from .layout import KEY_DIGEST, KEY_MAX, SlotFlag
@@ -110,78 +111,56 @@ def resource_value(inode: int, device: int, key: bytes) -> int:
     return zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
 
 
-class LockMechanism(Protocol):
-    """A way of taking record locks: LockTable and OsLocks both are one.
+class LockMechanism(ABC):
+    """A way of taking record locks: LockTable and OsLocks are the two, and derive from this.
 
     ``lock`` answers at once: a Grant, a Conflict, or (given a ``wait_token``,
     the token of the doorbell to ring) a Queued request that the caller
     ``retry``-s after each of ``pauses()`` or a ring, or ``cancel``-s.
-    ``acquire`` does that waiting itself, on this thread's ``doorbell``.
+    ``acquire`` does that waiting itself, on this thread's ``doorbell``: the one
+    way of waiting of every mechanism, written here once (a ring of the doorbell
+    ends a pause early). A mechanism supplies the abstract methods, and sets
+    ``self._local = threading.local()`` in ``__init__`` for the doorbells.
     """
 
+    _local: threading.local
+
+    @abstractmethod
     def lock(
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
     ) -> Grant | Conflict | Queued:
         """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
 
+    @abstractmethod
     def retry(self, handle: int) -> Grant | Queued:
         """Look again at a queued request: granted now, or still queued (behind whom); NotHeld when gone."""
 
+    @abstractmethod
     def cancel(self, handle: int) -> bool:
         """Withdraw a queued request; False when it was no longer queued."""
 
+    @abstractmethod
     def unlock(self, handle: int) -> None:
         """Release a granted lock; NotHeld when the handle names none."""
 
+    @abstractmethod
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
-        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+        """Who holds a resource: (dls-proto's HolderState: FREE, MINE or OTHER; the holder)."""
 
+    @abstractmethod
     def release_owner(self, pid: int, thread: int | None = None) -> int:
         """Free every lock and queued request of a process (or of one of its threads); how many."""
 
+    @abstractmethod
     def pauses(self) -> Iterator[float]:
         """The longest sleep before each next look at a queued request (an endless iterator)."""
 
-    def acquire(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
-        timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
-    ) -> Grant | Conflict:
-        """Take a lock, waiting at most ``timeout`` seconds (see AcquireByWaiting)."""
-
-    def doorbell(self) -> doorbell.Doorbell:
-        """This thread's doorbell."""
-
+    @abstractmethod
     def close(self) -> object:
         """Let go of the mechanism: the table is detached (its locks stay), OS locks are released."""
 
-
-class _Waitable(Protocol):
-    """What :class:`AcquireByWaiting` needs of the class it is mixed into."""
-
-    def lock(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
-    ) -> Grant | Conflict | Queued: ...
-
-    def retry(self, handle: int) -> Grant | Queued: ...
-
-    def cancel(self, handle: int) -> bool: ...
-
-    def pauses(self) -> Iterator[float]: ...
-
-    def doorbell(self) -> doorbell.Doorbell: ...
-
-
-class AcquireByWaiting:
-    """``acquire`` and per-thread ``doorbell`` on top of ``lock``, ``retry``, ``cancel`` and ``pauses``:
-    the one way of waiting of every mechanism (a ring of the doorbell ends a pause early).
-
-    The class it is mixed into sets ``self._local = threading.local()`` in ``__init__``.
-    """
-
-    _local: threading.local
-
     def acquire(
-        self: _Waitable, owner: Owner, inode: int, device: int, key: bytes, mode: int,
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
         timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
     ) -> Grant | Conflict:
         """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).

@@ -44,13 +44,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from dls_proto import HolderState
+
 from . import doorbell
 from .layout import LOCAL_IP
 from .mechanism import (
-    AcquireByWaiting,
     Conflict,
     Grant,
     Holder,
+    LockMechanism,
     NotHeld,
     Owner,
     Queued,
@@ -145,7 +147,7 @@ class _Record:
         return Holder(self.mode, o.pid, o.port, o.client_pid, o.thread, o.ip)
 
 
-class OsLocks(AcquireByWaiting):
+class OsLocks(LockMechanism):
     """Record (or binary) locks of this process as ``fcntl`` locks on lock files in ``directory``.
 
     A LockMechanism, as LockTable is (see the module for how waiting works); safe
@@ -169,7 +171,7 @@ class OsLocks(AcquireByWaiting):
         self._held: dict[int, _Record] = {}
         self._waiting: dict[int, _Record] = {}
         self._mutex = threading.RLock()
-        self._local = threading.local()  # each thread's doorbell (AcquireByWaiting)
+        self._local = threading.local()  # each thread's doorbell (LockMechanism.doorbell)
 
     def path_of(self, inode: int, device: int) -> Path:
         """The lock file of (inode, device)."""
@@ -248,7 +250,7 @@ class OsLocks(AcquireByWaiting):
             pause = min(pause * 2, self.retry_max)
 
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
-        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder). Makes no file."""
+        """Who holds a resource: (HolderState FREE, MINE or OTHER; the holder). Makes no file."""
         name = lock_file_name(inode, device)
         offset = key_offset(key)
         me = (owner.pid, owner.thread)
@@ -257,23 +259,24 @@ class OsLocks(AcquireByWaiting):
             if res is not None and res.holders:
                 mine = res.holders.get(me)
                 if mine is not None:
-                    return 1, mine.holder
-                return 2, next(iter(res.holders.values())).holder
+                    return HolderState.MINE, mine.holder
+                return HolderState.OTHER, next(iter(res.holders.values())).holder
             file = self._files.get(name)
             if file is not None:
-                return (0, None) if (h := _os_holder(file.fd, offset, WRITE)) is None else (2, h)
+                h = _os_holder(file.fd, offset, WRITE)
+                return (HolderState.FREE, None) if h is None else (HolderState.OTHER, h)
             # No descriptor of this file is open in this process, so none holds a lock that closing could drop.
             try:
                 fd = os.open(self._prefix + name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # F_GETLK only
             except FileNotFoundError:
-                return 0, None
+                return HolderState.FREE, None
             except OSError as exc:
                 raise OsLockError(f"cannot open lock file {self.directory / name}: {exc.strerror}") from None
             try:
                 h = _os_holder(fd, offset, WRITE)
             finally:
                 os.close(fd)
-            return (0, None) if h is None else (2, h)
+            return (HolderState.FREE, None) if h is None else (HolderState.OTHER, h)
 
     def release_owner(self, pid: int, thread: int | None = None) -> int:
         """Free every lock and queued request of an owner process (or one of its threads); how many."""

@@ -33,12 +33,12 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import psutil
 import sysv_ipc
+from dls_proto import HolderState
 
 from . import doorbell, modes
 from .layout import (
@@ -60,11 +60,11 @@ from .layout import (
     TableFlag,
 )
 from .mechanism import (
-    AcquireByWaiting,
     Conflict,
     Grant,
     GroupFull,
     Holder,
+    LockMechanism,
     NotHeld,
     Owner,
     Queued,
@@ -145,7 +145,7 @@ def _holder(slot: Slot) -> Holder:
     return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
 
 
-class LockTable(AcquireByWaiting):
+class LockTable(LockMechanism):
     """A process's view of one lock table. Not to be shared between threads for
     waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
 
@@ -302,7 +302,7 @@ class LockTable(AcquireByWaiting):
             key, kflags = stored_key(key)
         else:
             kflags = 0
-        value = zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
+        value = resource_value(inode, device, key)
         group = value % self._ngroups
         goff = HEADER_SIZE + group * self._group_size
         mv = self._mv
@@ -390,7 +390,7 @@ class LockTable(AcquireByWaiting):
         return itertools.repeat(RECHECK_INTERVAL)
 
     def status(self, owner: Owner, inode: int, device: int, key: bytes) -> tuple[int, Holder | None]:
-        """Who holds a resource: (0 free | 1 this owner | 2 another, the holder)."""
+        """Who holds a resource: (HolderState FREE, MINE or OTHER; the holder)."""
         key, _ = stored_key(key)
         value = resource_value(inode, device, key)
         group = value % self._ngroups
@@ -402,10 +402,10 @@ class LockTable(AcquireByWaiting):
         me = self._ident(owner)
         for _pos, slot in granted:
             if self._ident(slot) == me:
-                return 1, _holder(slot)
+                return HolderState.MINE, _holder(slot)
         if granted:
-            return 2, _holder(granted[0][1])
-        return 0, None
+            return HolderState.OTHER, _holder(granted[0][1])
+        return HolderState.FREE, None
 
     def release_owner(self, pid: int, thread: int | None = None) -> int:
         """Free every lock and queued request of a process (or of one of its threads)."""

@@ -11,6 +11,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+#: The exit statuses every tool shares (dls-ipcrm adds its refusals).
+OK = 0
+#: Failed, with the reason on standard error.
+FAILED = 1
 #: argparse's status for a usage error.
 USAGE = 2
 

@@ -28,31 +28,31 @@ from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, in
 
 from . import command
 from .source import emit
-from .table_choice import add_key_option, chosen_table
+from .table_choice import TABLE_HELP, add_key_option, chosen_table
 
 PROG = "dls-dump"
 
-EPILOG = """\
+EPILOG = f"""\
 The text is that of jdls -dvL (-v: jdls -dvvL, adding the IPC key and shared memory id):
 the monitor and listener, the table header, one line per used slot (Group, value,
 pid, type, port, i-node, dev, queued, ipaddr, key, and age for a -T table), and the
 summary. Only the lock table (and the pid files in $JBCRELEASEDIR/run) are read: the
 daemon need not run.
 
-table: --key KEY, else $DLS_IPC_KEY, else the key of $JBCRELEASEDIR (default /var/tmp/dls).
+{TABLE_HELP}
 With --key naming another instance's table, the pid files are unknown: the monitor
 and listener shown are the header's pids, Active when such a process exists.
 
---json: {"instance", "key", "shm_id", "semaphore_ids", "header": {...}, "geometry":
-{"ngroups", "per_group", "locks"}, "counts": {"used", "granted", "waiting",
-"max_in_group"}, "processes": {"monitor", "listener"}, "slots": [{"index", "group",
+--json: {{"instance", "key", "shm_id", "semaphore_ids", "header": {{...}}, "geometry":
+{{"ngroups", "per_group", "locks"}}, "counts": {{"used", "granted", "waiting",
+"max_in_group"}}, "processes": {{"monitor", "listener"}}, "slots": [{{"index", "group",
 "state", "key", "inode", "device", "pid", "port", "client_pid", "thread", "ip",
-"mode", "value", "waiters", ...}]}.
+"mode", "value", "waiters", ...}}]}}.
 
 exit status:
-  0  the table was shown
-  1  there is no lock table with that key, or it cannot be read
-  2  usage error
+  {command.OK}  the table was shown
+  {command.FAILED}  there is no lock table with that key, or it cannot be read
+  {command.USAGE}  usage error
 """
 
 
@@ -115,28 +115,23 @@ def _main(args: argparse.Namespace) -> int:
     try:
         instance, own_pid_files = chosen_table(args)
     except ValueError as exc:
-        return command.fail(PROG, exc, 1)
+        return command.fail(PROG, exc, command.FAILED)
     where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
     try:
         table = LockTable.attach(instance.key)
+        try:
+            snapshot = report.Snapshot.read(table)
+        finally:
+            table.close()
     except TableMissing:
-        print(f"{PROG}: there is no lock table with {where}: the lock monitor has not created one "
-              "(jdls -ib) or it was removed (jdls -K)", file=sys.stderr)
-        return 1
+        return command.fail(PROG, f"there is no lock table with {where}: the lock monitor has not created one "
+                            "(jdls -ib) or it was removed (jdls -K)", command.FAILED)
     except TableError as exc:
-        print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        snapshot = report.Snapshot.read(table)
-    except TableError as exc:
-        print(f"{PROG}: cannot read the lock table with {where}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        table.close()
+        return command.fail(PROG, f"cannot read the lock table with {where}: {exc}", command.FAILED)
     procs = service_processes(instance, snapshot.header, tidy=False, pid_files=own_pid_files)
     emit(json.dumps(document(instance, snapshot, procs), indent=2) if args.json
          else "\n".join(text(snapshot, procs, args.verbose)))
-    return 0
+    return command.OK
 
 
 if __name__ == "__main__":

@@ -23,20 +23,20 @@ from collections.abc import Iterable
 from dls_shm import LABELS, LISTENER, MONITOR, Instance, LockTable, Occupancy, TableError, TableMissing, command_line
 
 from . import command
-from .table_choice import add_key_option, chosen_table
+from .table_choice import TABLE_HELP, add_key_option, chosen_table
 
 PROG = "dls-ipcrm"
 
 #: Exit statuses (documented in the epilog and the README).
-REMOVED = 0
-FAILED = 1
-USAGE = 2
+REMOVED = command.OK
+FAILED = command.FAILED
+USAGE = command.USAGE
 IN_USE = 3
 SERVICE_RUNS = 4
 NOT_PERMITTED = 5
 
 EPILOG = f"""\
-table: --key KEY, else $DLS_IPC_KEY, else the key of $JBCRELEASEDIR (default /var/tmp/dls).
+{TABLE_HELP}
 
 Refuses while other processes have the table attached or lock servers of the
 instance run, naming them (pid and command); --force removes the table anyway

@@ -23,9 +23,8 @@ from dls_proto import Server
 from dls_shm import Instance, info
 
 from . import command
-from .remote import DEFAULT_PORT
 from .rows import Document
-from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
+from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of, source_help
 
 PROG = "list-open-files"
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME")
@@ -41,14 +40,13 @@ columns:
 
 One line per open file, sorted by port, then file name, tab separated.
 
-source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
-(port {DEFAULT_PORT} when not given), else the proc/info documents of $JBCRELEASEDIR.
+{source_help("the proc/info documents of $JBCRELEASEDIR")}
 
 exit status:
-  0  the list was shown ("{NO_FILES}" when there are none)
-  1  no proc/info directory for the instance, the server cannot be reached or its
+  {command.OK}  the list was shown ("{NO_FILES}" when there are none)
+  {command.FAILED}  no proc/info directory for the instance, the server cannot be reached or its
      answer cannot be read
-  2  usage error
+  {command.USAGE}  usage error
 """
 
 
@@ -134,14 +132,14 @@ def _main(args: argparse.Namespace) -> int:
         server = chosen_server(args)
         heading, documents = _remote(server) if server is not None else _local()
     except Failure as exc:
-        return command.fail(PROG, exc, 1)
+        return command.fail(PROG, exc, command.FAILED)
     rows = select(open_files(documents), file=args.file, port=args.port)
     if args.json:
         text = json.dumps(rows, indent=2)
     else:
         text = "\n".join([heading, "", *(format_rows(rows) if rows else [NO_FILES])])
     emit(text)
-    return 0
+    return command.OK
 
 
 if __name__ == "__main__":

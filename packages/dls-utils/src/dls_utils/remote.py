@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 from dls_proto import (
+    CLIENT_MAX_FRAME,
     ConfigurationError,
     Connection,
     ConnectionClosed,
@@ -26,30 +27,14 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
-    jdls,
 )
 
-#: The lock service's port when none is named (as in JDLS).
-DEFAULT_PORT = jdls.DEFAULT_PORT
-#: A snapshot lists every lock of the table and every info document: allow big frames.
-MAX_FRAME = 16 * 1024 * 1024
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
 DEFAULT_TIMEOUT = 10.0
-PROGRAM = "show-item-locks"
 
 
 class RemoteError(Exception):
     """The snapshot could not be had; the message names the server and why."""
-
-
-def parse_server(text: str) -> Server:
-    """``host`` or ``host,port`` (the JDLS spelling, which keeps IPv6 addresses unambiguous)."""
-    return Server.parse(text)
-
-
-def server_from_jdls(value: str) -> Server | None:
-    """The SERVER a JDLS value names, or None when it names none (the value is checked as clients check it)."""
-    return jdls.named_server(value)
 
 
 def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
@@ -65,7 +50,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[
         raise RemoteError(f"cannot connect to the {where}: {exc.strerror or exc}") from None
     try:
         with sock:
-            conn = Connection(Role.CLIENT, max_frame=MAX_FRAME)
+            conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
             welcome = exchange(sock, conn, hello)
             if not isinstance(welcome, Welcome):
                 raise RemoteError(f"the {where} refused the connection: {_describe(welcome)}")

@@ -23,9 +23,8 @@ from dls_proto import Server
 from dls_shm import Instance, LockTable, TableError, TableMissing, info
 
 from . import command
-from .remote import DEFAULT_PORT
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
-from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of
+from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of, source_help
 
 PROG = "show-item-locks"
 NO_LOCKS = "(no record locks)"
@@ -40,8 +39,7 @@ columns:
   LOCK#      the lock's 32-bit value and mode letter (W write/EX, R read/PR)
   PORT/-PID  the ports queued for the lock, or ---
 
-source: --server host[,port], else --local, else SERVER=host{{,port}} of $JDLS
-(port {DEFAULT_PORT} when not given), else the lock table of $JBCRELEASEDIR.
+{source_help("the lock table of $JBCRELEASEDIR")}
 """
 
 
@@ -122,11 +120,11 @@ def _main(args: argparse.Namespace) -> int:
         except SnapshotError as exc:
             raise Failure(str(exc)) from None
     except Failure as exc:
-        return command.fail(PROG, exc, 1)
+        return command.fail(PROG, exc, command.FAILED)
     rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
     text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
     emit(text)
-    return 0
+    return command.OK
 
 
 if __name__ == "__main__":

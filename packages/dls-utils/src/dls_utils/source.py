@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Any
 
-from dls_proto import Server
+from dls_proto import Server, jdls
 
-from .remote import DEFAULT_PORT, RemoteError, fetch_snapshot, parse_server, server_from_jdls
+from .remote import RemoteError, fetch_snapshot
 
 
 class Failure(Exception):
@@ -31,32 +31,39 @@ def port_number(text: str) -> int:
 
 
 def server_argument(text: str) -> Server:
-    """An argparse type: HOST[,PORT] of a lock service."""
+    """An argparse type: HOST[,PORT] of a lock service (the JDLS spelling, which keeps IPv6 addresses unambiguous)."""
     try:
-        return parse_server(text)
+        return Server.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def source_help(local: str) -> str:
+    """How a tool's epilog says where its information comes from; ``local`` names the local source."""
+    return (f"source: --server host[,port], else --local, else SERVER=host{{,port}} of ${jdls.VARIABLE}\n"
+            f"(port {jdls.DEFAULT_PORT} when not given), else {local}.")
 
 
 def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:
     """``--server`` and ``--local``, one or the other."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--server", metavar="HOST[,PORT]", type=server_argument,
-                        help=f"ask the lock service on HOST (port {DEFAULT_PORT} unless given) over TCP")
+                        help=f"ask the lock service on HOST (port {jdls.DEFAULT_PORT} unless given) over TCP")
     source.add_argument("--local", action="store_true", help=local_help)
 
 
 def chosen_server(args: argparse.Namespace) -> Server | None:
     """The lock service to ask, or None for the local instance."""
-    if args.server is not None:
-        return args.server  # type: ignore[no-any-return]
+    server: Server | None = args.server
+    if server is not None:
+        return server
     if args.local:
         return None
-    jdls = os.environ.get("JDLS")
-    if jdls is None:
+    value = os.environ.get(jdls.VARIABLE)
+    if value is None:
         return None
     try:
-        return server_from_jdls(jdls)
+        return jdls.named_server(value)  # the value is checked whole, as clients check it
     except ValueError as exc:
         raise Failure(str(exc)) from None
 
@@ -83,4 +90,4 @@ def emit(text: str) -> None:
 
 
 __all__ = ["Failure", "add_source_options", "chosen_server", "emit", "port_number", "server_argument",
-           "snapshot_of"]
+           "snapshot_of", "source_help"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from dls_shm import Instance
+from dls_shm import DEFAULT_RELEASE_DIR, Instance, parse_ipc_key
+
+#: How the tools' epilogs say which table they work on.
+TABLE_HELP = f"table: --key KEY, else $DLS_IPC_KEY, else the key of $JBCRELEASEDIR (default {DEFAULT_RELEASE_DIR})."
 
 
 def add_key_option(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +26,9 @@ def add_key_option(parser: argparse.ArgumentParser) -> None:
 def ipc_key(text: str) -> int:
     """An argparse type: a SysV IPC key of a table, 0x hex or decimal (as DLS_IPC_KEY takes it)."""
     try:
-        key = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid key {text!r}: expected a number such as 0x1a2b3c4d") from None
-    if not 0 < key < 1 << 31:
-        raise argparse.ArgumentTypeError(f"invalid key {text!r}: must be between 1 and 0x7fffffff")
-    return key
+        return parse_ipc_key(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid key: {exc}") from None
 
 
 def chosen_table(args: argparse.Namespace) -> tuple[Instance, bool]:

@@ -1,0 +1,28 @@
+"""The exit statuses of dls-client's commands (dls-lock, dls-test), by name.
+
+BSD's sysexits where one fits (as ``os`` has them), so that a script tells a
+bad JDLS from an unreachable service; 126 and 127 are the shell's, for a
+command dls-lock cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+
+OK = os.EX_OK
+#: dls-test: the string did not come back; dls-lock: the lock was held (unless -E says otherwise).
+FAILED = 1
+#: dls-lock: FILE does not exist.
+NOINPUT = os.EX_NOINPUT
+#: The lock service cannot be reached, or was lost.
+UNAVAILABLE = os.EX_UNAVAILABLE
+#: JDLS (or JBCPORTNO) is not valid.
+CONFIG = os.EX_CONFIG
+#: dls-lock: COMMAND exists but cannot be run, or is not found.
+CANNOT_RUN = 126
+NOT_FOUND = 127
+
+
+def killed_by(signum: int) -> int:
+    """The status a shell reports for a command ended by signal ``signum`` (128 + its number)."""
+    return 128 + signum
