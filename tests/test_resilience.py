@@ -95,7 +95,7 @@ REMOTE = textwrap.dedent("""
     path, key, marker, wanted = sys.argv[1:5]
     client = Client()
     client.lock(path, key)
-    welcome = client.channel.welcome
+    welcome = client.connect().welcome
     tmp = marker + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()} {welcome.server_pid} {welcome.peer}")
@@ -352,7 +352,7 @@ LEAVER = textwrap.dedent("""
         client.lock(path, key)
     tmp = marker + ".tmp"
     with open(tmp, "w") as f:
-        f.write(str(client.channel.welcome.server_pid))
+        f.write(str(client.connect().welcome.server_pid))
     os.replace(tmp, marker)
     if how == "exit":
         while not os.path.exists(marker + ".go"):

@@ -33,7 +33,7 @@ CLIENT = textwrap.dedent("""
     client = get_client()
     held = client.lock(sys.argv[1], sys.argv[2])
     client.publish_info()
-    print(type(client).__name__, client.channel.welcome.server_pid if hasattr(client, "channel") else os.getpid(),
+    print(type(client).__name__, client.connect().welcome.server_pid if hasattr(client, "connect") else os.getpid(),
           flush=True)
     sys.stdin.readline()
     held.release()

@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
     counter = cfg["counter"]
     client = Client()
     try:
-        report["server"] = client.channel.welcome.server_pid
+        report["server"] = client.connect().welcome.server_pid
         if cfg.get("hold"):
             client.lock(counter, cfg["hold"])  # held all along
         save(cfg["ready"])

@@ -14,6 +14,7 @@ import sys
 
 import psutil
 import pytest
+import sysv_ipc
 from dls_daemon.cli import main
 from dls_proto import Granted, Lock
 from dls_testkit import gone, greet, receive, wait_for
@@ -399,3 +400,17 @@ def test_remove_refuses_while_a_lock_server_runs(service):
         assert result.returncode == 1
         assert f"lock server (pid {server})" in result.stderr
     wait_for(lambda: gone(server), what="the lock server to end with its client")
+
+
+def test_remove_names_a_lone_semaphore_as_dls_ipcrm_does(service):
+    """Half a table (its segment gone) is not 'nothing to remove': jdls -K says what is left and how to
+    remove it, exit 1, as dls-ipcrm does (the one decision of dls_shm.Occupancy)."""
+    sem = sysv_ipc.Semaphore(service.instance.key, sysv_ipc.IPC_CREX, 0o600, 1)
+    try:
+        result = service.jdls("-K")
+        assert result.returncode == 1, result
+        assert f"only a semaphore (id {sem.id}) is left" in result.stderr
+        assert f"ipcrm -s {sem.id}" in result.stderr
+        assert service.ipc_left() == ["semaphore"]
+    finally:
+        sem.remove()

@@ -24,7 +24,6 @@ import pytest
 from dls_daemon import lockserver
 from dls_daemon.context import Limits, ServerContext
 from dls_proto import (
-    NEED_DATA,
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
     Connection,
@@ -51,7 +50,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_shm import Instance, LockTable, geometry_for, ipc_key_for, lock_file_name
-from dls_testkit import Children, own_table
+from dls_testkit import Children, own_table, wire
 
 NL, CR, CW, PR, PW, EX = range(6)
 INODE, DEVICE, KEY = 0x2468, -1, b"FBNK.ACCOUNT*USD1"
@@ -88,13 +87,8 @@ class Peer:
         self.sock.sendall(self.conn.send(message))
 
     def next(self, timeout: float = 5.0) -> Event:
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
-            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self.conn.receive_data(self.sock.recv(65536))
+        event: Event = wire.receive(self.sock, self.conn, object, timeout)
+        return event
 
     def lock(self, mode: int = EX, *, thread: int = 1, timeout_ms: int = 0, flags: int = 0, key: bytes = KEY,
              inode: int = INODE) -> Event:

@@ -22,6 +22,8 @@ from dls_shm import (
     IpcObject,
     LockTable,
     Occupancy,
+    Occupant,
+    Refusal,
     command_line,
     ipc_key_for,
     pidfiles,
@@ -189,3 +191,28 @@ def test_a_servers_directory_that_may_not_be_listed_names_none_read_only(
     assert running_servers(instance, tidy=False) == []
     with pytest.raises(PermissionError):
         running_servers(instance, tidy=True)
+
+
+def test_the_refusal_is_decided_in_one_order_for_both_tools(tmp_path: Path) -> None:
+    """Nothing, a lone object, the service, permission, then what forcing goes past: jdls -K and dls-ipcrm
+    ask Occupancy.refusal and only word the answer."""
+    shm = IpcObject("shm", 7, 0o660, 0, 0, nattch=1)
+    sem = IpcObject("sem", 8, 0o660, 0, 0)
+    monitor = pidfiles.PidRecord(os.getpid(), 0.0)
+    roles = (Occupant(LABELS[MONITOR], monitor.pid, tmp_path / "m.pid", monitor),)
+    servers = (Occupant("lock server", 4321, tmp_path / "4321.pid", None),)
+
+    def occupancy(**fields: Any) -> Occupancy:
+        base: dict[str, Any] = dict(key=1, shm=shm, sem=sem, roles=(), servers=(), attached=(), others=0,
+                                    forbidden=None)
+        return Occupancy(**{**base, **fields})
+
+    assert occupancy(shm=None, sem=None).refusal(force=True) is Refusal.NOTHING
+    assert occupancy(sem=None, roles=roles).refusal(force=True) is Refusal.LONE
+    assert occupancy(roles=roles, forbidden=shm).refusal(force=True) is Refusal.SERVICE
+    assert occupancy(attached=(99,), others=1).refusal(force=True, service_pids=(0, 99)) is Refusal.SERVICE
+    assert occupancy(forbidden=sem, servers=servers).refusal(force=False) is Refusal.FORBIDDEN
+    assert occupancy(servers=servers).refusal(force=False) is Refusal.IN_USE
+    assert occupancy(attached=(99,), others=1).refusal(force=False) is Refusal.IN_USE
+    assert occupancy(servers=servers, attached=(99,), others=1).refusal(force=True) is None
+    assert occupancy().refusal(force=False) is None

@@ -127,6 +127,15 @@ class Channel:
         self.send(message)
         return self.expect(rid)
 
+    def last_reply(self, rid: int, reply: Message, on_interim: Callable[[Waiting], None] | None = None) -> Message:
+        """The last reply to request ``rid``, whose first reply was ``reply``: each interim Waiting before it
+        goes to ``on_interim``."""
+        while type(reply) is Waiting:
+            if on_interim is not None:
+                on_interim(reply)
+            reply = self.expect(rid)
+        return reply
+
     def register(self, rid: int) -> None:
         """Announce that replies to ``rid`` will be awaited (call before sending)."""
         self._mail[rid] = []

@@ -76,7 +76,7 @@ def _test(config: Config, teststring: str) -> int:
     client = Client(config)
     try:
         data, seconds = client.echo(os.fsencode(teststring))
-        welcome = client.channel.welcome
+        welcome = client.connect().welcome
     except ServiceUnavailable as exc:
         print("Client: unable to connect to distributed lock service, locks not enabled", flush=True)
         print(f"Client: {exc}", flush=True)

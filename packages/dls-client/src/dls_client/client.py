@@ -113,9 +113,9 @@ class Client(BaseClient):
         """Whether a lock server has been connected to (requests that never needed one do not connect)."""
         return self._route.primary is not None
 
-    @property
-    def channel(self) -> Channel:
-        """The channel requests go to now, connected (and greeted) on first use."""
+    def connect(self) -> Channel:
+        """Connect now, if no request has yet (the first request would; connecting publishes the client's
+        lock information): the channel requests go to, with the lock server's Welcome."""
         return self._route.current()
 
     def close(self) -> None:
@@ -131,7 +131,7 @@ class Client(BaseClient):
         shows what this process holds while it idles. True when sent. Connects
         if not yet connected (which publishes). Raises ServiceUnavailable.
         """
-        self._route.current()
+        self.connect()
         return self.info.publish(self._send_info)
 
     def _send_info(self, document: dict[str, object]) -> None:
@@ -180,10 +180,8 @@ class Client(BaseClient):
         token = self.info.wait_started(request.path, request.inode, request.key, request.mode, request.thread_id)
         self._publish_quietly()
         try:
-            while type(reply) is Waiting:
-                if on_wait is not None:
-                    on_wait(_holder(reply))
-                reply = channel.expect(request.request_id)
+            reply = channel.last_reply(request.request_id, reply,
+                                       None if on_wait is None else lambda waiting: on_wait(_holder(waiting)))
         finally:
             self.info.wait_ended(token)
             if type(reply) is not Granted and channel.failure is None:
@@ -249,7 +247,7 @@ class Client(BaseClient):
 
     def echo(self, data: bytes) -> tuple[bytes, float]:
         """Send ``data`` through the service and back: (what came back, seconds taken)."""
-        self._route.current()  # connected first, so that the time is the round trip's
+        self.connect()  # first, so that the time is the round trip's
         start = time.perf_counter()
         reply = self._route.ask(lambda channel: channel.request(Echo(channel.next_id(), data)))
         if isinstance(reply, EchoReply):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from dls_proto import ErrorCode, environment, identity
+from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
 
 from .base import BaseClient
 from .config import port_number
@@ -196,8 +196,8 @@ class LocalClient(BaseClient):
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
               on_wait: Callable[[Holder], None] | None) -> HeldLock:
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 5:
-            raise RequestFailed(f"lock mode {mode!r} is not one of 0..5", ErrorCode.BAD_REQUEST)
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in LOCK_MODES:
+            raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
         what = describe(ref.path, key)
         owner = self._owner()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 
-from dls_proto import ALL_THREADS, Granted, Lock, Message, Server, Unlock, UnlockAll, Waiting
+from dls_proto import ALL_THREADS, Granted, Lock, Message, Server, Unlock, UnlockAll
 
 from .channel import Channel
 from .errors import ServiceLost, ServiceUnavailable
@@ -65,9 +65,13 @@ class ResilientRoute(Route):
     # -- connecting, and failures -----------------------------------------------------------
 
     def current(self) -> Channel:
+        self._check_left()
+        return super().current()
+
+    def _check_left(self) -> None:
+        """ServiceLost once no server is left."""
         if self.wrapped_up is not None:
             raise self.wrapped_up
-        return super().current()
 
     def channels(self) -> list[Channel]:
         return [c for c in (self.primary, self.secondary) if c is not None]
@@ -177,9 +181,7 @@ class ResilientRoute(Route):
         duplicate = request._replace(request_id=rid, timeout_ms=min(request.timeout_ms, self.timeout_ms)
                                      if request.timeout_ms else self.timeout_ms)
         try:
-            reply: Message = secondary.request(duplicate)
-            while type(reply) is Waiting:
-                reply = secondary.expect(rid)
+            reply = secondary.last_reply(rid, secondary.request(duplicate))
         except ServiceUnavailable as exc:
             self.lost(secondary, exc)
             return None
@@ -204,7 +206,7 @@ class ResilientRoute(Route):
                 for c, h in entry.holds:
                     self._own.pop((id(c), h), None)
         if entry is None:
-            self.current()
+            self._check_left()
             self.trace.error(f"Client: unlock of handle {handle}, which this process does not hold")
             return
         for channel, server_handle in entry.holds:
@@ -219,7 +221,7 @@ class ResilientRoute(Route):
 
     def release_all(self, thread: int) -> Message:
         """UnlockAll on every live server; the primary's answer (a different count is logged)."""
-        self.current()
+        self.current()  # connects, as every request does (ServiceLost once no server is left)
         with self._lock:
             self._releases += 1
             for handle, entry in list(self._entries.items()):

@@ -88,7 +88,7 @@ examples:
   ${jdls.VARIABLE} is read as every client reads it: a value clients refuse is a usage error (exit 2).
 
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
-tmp/jbase_error_trace); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
+{environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
 Exit status: 0 done, 1 failed (the reason is printed), 2 usage error.
 """
 
@@ -288,6 +288,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{option} applies only to {names}, not to {ACTION_NAMES[args.action]}")
     if args.monitor_only and args.listener_only:
         parser.error("-A and -D exclude each other (neither means both)")
+    if args.stop_timeout is None:  # given or not is known now: the default can be filled in
+        args.stop_timeout = DEFAULT_STOP_TIMEOUT
     if args.action == "start" and args.listener_only:
         for option in MONITOR_OPTIONS:
             if option in given:
@@ -350,7 +352,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
     return Settings(
         instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
         bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
-        stop_timeout=args.stop_timeout or DEFAULT_STOP_TIMEOUT, limits=limits,
+        stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
         or environment.binary_lock_dir(),
         syslog=args.syslog,
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return start(settings, _roles(args), background=args.background and not args.foreground)
     if args.action == "stop":
         roles = _roles(args)
-        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout or DEFAULT_STOP_TIMEOUT)
+        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
     if args.action == "remove":
         return remove_ipc(instance, override=args.override)
     return display(instance, verbose=args.verbose, locks=args.locks)

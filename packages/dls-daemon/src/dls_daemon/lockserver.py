@@ -31,6 +31,7 @@ from typing import Any
 
 from dls_proto import ALL_THREADS as WIRE_ALL_THREADS
 from dls_proto import (
+    LOCK_MODES,
     NEED_DATA,
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
@@ -63,6 +64,7 @@ from dls_proto import (
     Waiting,
     Welcome,
     choose_version,
+    not_a_mode,
     receive,
 )
 from dls_shm import (
@@ -86,6 +88,8 @@ from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
 
+#: The highest mode a Lock may ask for (the wire's field is unsigned, so that bounds it).
+_MAX_MODE = LOCK_MODES[-1]
 #: TCP keepalive probes a silent client gets before it is given up (the times follow from the bound).
 KEEPALIVE_PROBES = 5
 #: The shortest time data sent to a client may stay unacknowledged (ms), however long it was silent.
@@ -313,7 +317,7 @@ class LockServer:
         """Take a lock: Granted, Refused (held, not waiting), or queued to wait (``_queue``); Error when
         the request is bad, over the limit, or the mechanism fails. The common case, a record lock of
         the main mechanism granted at once, runs straight down."""
-        if req.mode > 5 or len(self.held) >= self._max_locks:
+        if req.mode > _MAX_MODE or len(self.held) >= self._max_locks:
             self._refuse_request(req)
             return
         mechanism = self.main if not req.flags & self._routed else self.mechanisms.for_flags(req.flags)
@@ -334,8 +338,8 @@ class LockServer:
 
     def _refuse_request(self, req: Lock) -> None:
         """A Lock that is not even tried: a mode out of range, or the client over its limit of locks."""
-        if req.mode > 5:
-            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"lock mode {req.mode} is not one of 0..5"))
+        if req.mode > _MAX_MODE:
+            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, not_a_mode(req.mode)))
             return
         limit = self._max_locks
         self.log.warning("client %s is over the limit of %d locks", self._who(), limit)

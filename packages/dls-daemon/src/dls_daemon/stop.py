@@ -35,6 +35,7 @@ from dls_shm import (
     LockTable,
     Occupancy,
     Occupant,
+    Refusal,
     TableError,
     TableMissing,
     command_line,
@@ -139,29 +140,24 @@ def remove_ipc(
 ) -> int:
     """``jdls -K``: remove the table's shared memory and semaphore; the exit status.
 
-    It refuses while the monitor or the listener runs (a monitor would go on
-    tending a table nobody else sees), and while lock servers run or other
-    processes have the table attached, naming them. ``override`` (``-K -o``)
-    names those and removes the table anyway: they keep their mapping but get
-    errors on their next lock. A table this user may not remove is refused
-    before anything is touched.
+    Whether it may is dls-shm's ``Occupancy.refusal`` (shared with dls-ipcrm),
+    said here in jdls's words: never while the monitor or the listener runs (a
+    monitor would go on tending a table nobody else sees), nor while lock
+    servers run or other processes have the table attached unless ``override``
+    (``-K -o``), which names them and removes the table anyway: they keep their
+    mapping but get errors on their next lock.
     """
     out = out or sys.stdout
     err = err or sys.stderr
     key = instance.key
     found = Occupancy.survey(instance, tidy=True)
-    if found.roles:
-        print(f"jdls: cannot remove the lock table while the {found.roles[0]} runs: stop it first (jdls -k)",
-              file=err)
+    refusal = found.refusal(force=override)
+    if refusal is Refusal.NOTHING:
+        print(f"jdls: no lock table with key 0x{key:08x}: nothing to remove", file=out)
+        return ExitCode.OK
+    if refusal is not None:
+        print(f"jdls: cannot remove the lock table 0x{key:08x}: {_refused(found, refusal)}", file=err)
         return ExitCode.FAILED
-    users: list[str] = []
-    if found.servers:
-        servers = _names(found.servers)
-        users.append(f"{servers} run")
-        if not override:
-            print(f"jdls: cannot remove the lock table while {servers} run: stop them first (jdls -k), "
-                  "or remove it anyway with jdls -K -o", file=err)
-            return ExitCode.FAILED
     try:
         table = LockTable.attach(key)
     except TableMissing:
@@ -170,21 +166,7 @@ def remove_ipc(
     except TableError as exc:
         print(f"jdls: cannot remove the lock table: {exc}", file=err)
         return ExitCode.FAILED
-    if found.others > 0:
-        named = ", ".join(f"{pid} ({command_line(pid)})" for pid in found.attached)
-        which = f": {named}" if named else ""
-        if not override:
-            table.close()
-            print(f"jdls: cannot remove the lock table 0x{key:08x}: {found.others} other process(es) still attached"
-                  f"{which} (jdls -K -o removes it anyway)", file=err)
-            return ExitCode.FAILED
-        users.append(f"{found.others} other process(es) have it attached{which}")
-    if found.forbidden is not None:
-        table.close()
-        owner = found.forbidden
-        print(f"jdls: cannot remove the lock table 0x{key:08x}: it belongs to user {owner.owner} (uid {owner.uid}, "
-              f"mode {owner.mode & 0o777:04o}): run jdls -K as that user or as root", file=err)
-        return ExitCode.FAILED
+    users = _users(found)
     if users:
         print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
               "they get errors on their next lock", file=err)
@@ -193,3 +175,34 @@ def remove_ipc(
     sems = ", ".join(str(s) for s in sem_ids)
     print(f"jdls: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sems})", file=out)
     return ExitCode.OK
+
+
+def _refused(found: Occupancy, refusal: Refusal) -> str:
+    """Why, in jdls's words."""
+    if refusal is Refusal.LONE:
+        lone = found.lone
+        assert lone is not None
+        kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
+        return (f"only a {kind} (id {lone.id}) is left, not a whole lock table: check it with ipcs and remove "
+                f"it with ipcrm {flag} {lone.id}")
+    if refusal is Refusal.SERVICE:
+        return f"the {found.roles[0]} runs: stop it first (jdls -k)"
+    if refusal is Refusal.FORBIDDEN:
+        owner = found.forbidden
+        assert owner is not None
+        return (f"it belongs to user {owner.owner} (uid {owner.uid}, mode {owner.mode & 0o777:04o}): run jdls -K as "
+                "that user or as root")
+    if found.servers:
+        return f"{_names(list(found.servers))} run: stop them first (jdls -k), or remove it anyway with jdls -K -o"
+    return f"{_users(found)[-1]} (jdls -K -o removes it anyway)"
+
+
+def _users(found: Occupancy) -> list[str]:
+    """What removing the table goes past: the lock servers that run, the processes that have it attached."""
+    users = []
+    if found.servers:
+        users.append(f"{_names(list(found.servers))} run")
+    if found.others > 0:
+        named = ", ".join(f"{pid} ({command_line(pid)})" for pid in found.attached)
+        users.append(f"{found.others} other process(es) still attached" + (f": {named}" if named else ""))
+    return users

@@ -27,6 +27,7 @@ from .messages import (
     HEADER,
     HEADER_SIZE,
     HELLO_MAGIC,
+    LOCK_MODES,
     MESSAGES,
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
@@ -58,11 +59,13 @@ from .messages import (
     Unlocked,
     Waiting,
     Welcome,
+    not_a_mode,
 )
 from .transport import SpinningReader, exchange, receive
 
 __all__ = [
-    "ALL_THREADS", "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
+    "ALL_THREADS", "LOCK_MODES", "not_a_mode",
+    "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
     "exchange", "identity", "jdls", "receive", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",

@@ -63,6 +63,15 @@ class Mode(enum.IntEnum):
     EX = 5
 
 
+#: The lock modes a request may ask for, NL (0) to EX (5): any other is refused, by every side alike.
+LOCK_MODES = range(len(Mode))
+
+
+def not_a_mode(mode: object) -> str:
+    """The text a refused lock mode is refused with."""
+    return f"lock mode {mode!r} is not one of {LOCK_MODES.start}..{LOCK_MODES.stop - 1}"
+
+
 class LockFlag(enum.IntFlag):
     """Per-request options of a Lock message."""
 

@@ -39,14 +39,24 @@ from .mechanism import (
     TableMissing,
     resource_value,
 )
-from .occupancy import IpcObject, Occupancy, Occupant, command_line, running_role, running_servers, service_processes
+from .occupancy import (
+    IpcObject,
+    Occupancy,
+    Occupant,
+    Refusal,
+    command_line,
+    running_role,
+    running_servers,
+    service_processes,
+)
 from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
 from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
 from .table import RECHECK_INTERVAL, Entry, LockTable, owner_gone
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",
-    "IpcObject", "Occupancy", "Occupant", "command_line", "running_role", "running_servers", "service_processes",
+    "IpcObject", "Occupancy", "Occupant", "Refusal", "command_line", "running_role", "running_servers",
+    "service_processes",
     "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",

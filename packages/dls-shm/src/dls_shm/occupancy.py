@@ -33,8 +33,10 @@ the larger of the two figures.
 
 from __future__ import annotations
 
+import enum
 import os
 import pwd
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +237,16 @@ def _mapping_pids(shm_id: int) -> list[int]:
     return sorted(found)
 
 
+class Refusal(enum.Enum):
+    """Why a table is not removed now, in the order both tools ask: each tool says it in its own words."""
+
+    NOTHING = "no table: nothing to remove"
+    LONE = "one of the two IPC objects alone: not a whole table"
+    SERVICE = "the monitor or the listener runs (never removed under them, even forced)"
+    FORBIDDEN = "this user may not remove an IPC object of it"
+    IN_USE = "lock servers run or other processes have it attached (forcing goes past this)"
+
+
 @dataclass(frozen=True)
 class Occupancy:
     """Who occupies an instance's lock table at one moment, and so what stands in the way of removing it.
@@ -286,3 +298,21 @@ class Occupancy:
     def unidentified(self) -> int:
         """Attached processes counted but not named (their maps could not be read)."""
         return self.others - len(self.attached)
+
+    def refusal(self, *, force: bool, service_pids: Iterable[int] = ()) -> Refusal | None:
+        """Why the table must not be removed now, or None: the one decision ``jdls -K`` and dls-ipcrm share.
+
+        ``service_pids``: processes known to be the service's monitor and listener without a pid file
+        (a table named by its key alone: its header's pids); one of them attached is the service at work.
+        """
+        if self.missing:
+            return Refusal.NOTHING
+        if self.lone is not None:
+            return Refusal.LONE
+        if self.roles or any(pid and pid in self.attached for pid in service_pids):
+            return Refusal.SERVICE
+        if self.forbidden is not None:
+            return Refusal.FORBIDDEN
+        if (self.servers or self.others) and not force:
+            return Refusal.IN_USE
+        return None

@@ -44,7 +44,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from dls_proto import HolderState
+from dls_proto import LOCK_MODES, HolderState, not_a_mode
 
 from . import doorbell
 from .layout import LOCAL_IP
@@ -183,8 +183,8 @@ class OsLocks(LockMechanism):
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
     ) -> Grant | Conflict | Queued:
         """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued (to retry)."""
-        if not 0 <= mode < len(OS_CLASS):
-            raise ValueError(f"lock mode {mode} is not one of 0..5")
+        if mode not in LOCK_MODES:
+            raise ValueError(not_a_mode(mode))
         if os.getpid() != self.pid:
             raise OsLockError(f"these OS locks belong to process {self.pid}: make a new OsLocks in a forked child")
         name = lock_file_name(inode, device)

@@ -20,7 +20,18 @@ import argparse
 import sys
 from collections.abc import Iterable
 
-from dls_shm import LABELS, LISTENER, MONITOR, Instance, LockTable, Occupancy, TableError, TableMissing, command_line
+from dls_shm import (
+    LABELS,
+    LISTENER,
+    MONITOR,
+    Instance,
+    LockTable,
+    Occupancy,
+    Refusal,
+    TableError,
+    TableMissing,
+    command_line,
+)
 
 from . import command
 from .table_choice import TABLE_HELP, add_key_option, chosen_table
@@ -80,69 +91,92 @@ def _named(pids: Iterable[int]) -> str:
 
 
 def remove(instance: Instance, *, own_pid_files: bool, force: bool) -> tuple[list[str], list[str]]:
-    """Remove the table: (warnings for stderr, lines for stdout). Raises Refused."""
+    """Remove the table: (warnings for stderr, lines for stdout). Raises Refused.
+
+    Whether it may is dls-shm's ``Occupancy.refusal`` (shared with ``jdls -K``), said in dls-ipcrm's
+    words; a table of another instance (``--key``) is also refused while its header's monitor or
+    listener has it attached.
+    """
     key = instance.key
     found = Occupancy.survey(instance, tidy=False, pid_files=own_pid_files)
-    if found.missing:
+    service = {} if own_pid_files else _header_service(key)
+    refusal = found.refusal(force=force, service_pids=service.values())
+    if refusal is Refusal.NOTHING:
         where = f" for JBCRELEASEDIR={instance.root}" if own_pid_files else ""
         return [], [f"{PROG}: no lock table with key 0x{key:08x}{where}: nothing to remove"]
-    lone = found.lone
-    if lone is not None:
-        kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
-        raise Refused(FAILED, (
-            f"only a {kind} (id {lone.id}) is left with key 0x{key:08x}, not a whole lock table: "
-            f"check it with ipcs and remove it with ipcrm {flag} {lone.id}"
-        ))
-    denied = found.forbidden
-    if denied is not None:
-        what = "shared memory" if denied.kind == "shm" else "semaphore"
-        raise Refused(NOT_PERMITTED, (
-            f"permission denied: the lock table 0x{key:08x} ({what} id {denied.id}) belongs to user "
-            f"{denied.owner} (uid {denied.uid}, mode {denied.mode & 0o777:04o}); run dls-ipcrm as that user or as root"
-        ))
-    if found.roles:
-        names = " and ".join(str(r) for r in found.roles)
-        raise Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {names} "
-                                    f"{'run' if len(found.roles) > 1 else 'runs'}: stop the service first (jdls -k)")
+    if refusal is not None:
+        raise _refused(found, refusal, service)
     try:
         table = LockTable.attach(key)
     except TableMissing:
         return [], [f"{PROG}: the lock table with key 0x{key:08x} has just been removed: nothing to remove"]
     except TableError as exc:
         raise Refused(FAILED, f"cannot remove the lock table: {exc}") from None
+    users = _users(found)
+    shm_id, sem_ids = table.shm_id, table.semaphore_ids
     try:
-        header = table.header()
-        # The header names the monitor and listener too; for a table of another instance (--key) it is all
-        # there is, and a live one among the attached processes is that service at work.
-        for label, pid in ((LABELS[MONITOR], header.monitor_pid), (LABELS[LISTENER], header.listener_pid)):
-            if pid and pid in found.attached:
-                raise Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {label} "
-                                            f"(pid {pid}) runs: stop the service first (jdls -k)")
-        users = []
-        if found.servers:
-            users.append(f"{len(found.servers)} lock server(s) run: {_named(s.pid for s in found.servers)}")
-        if found.others:
-            unnamed = found.unidentified
-            named = _named(found.attached) + (f" and {unnamed} not identified" if found.attached and unnamed else "")
-            users.append(f"{found.others} other process(es) have it attached" + (
-                f": {named}" if found.attached else " (not identified: run as root)"))
-        if users and not force:
-            raise Refused(IN_USE, f"cannot remove the lock table 0x{key:08x}: {'; '.join(users)} "
-                                  "(dls-ipcrm --force removes it anyway)")
-        shm_id, sem_ids = table.shm_id, table.semaphore_ids
-        try:
-            table.remove()
-        except Exception as exc:  # sysv_ipc's errors are not part of dls-shm's API; permission was checked above
-            raise Refused(FAILED, f"cannot remove the lock table 0x{key:08x}: {exc}") from None
-    except BaseException:
+        table.remove()
+    except Exception as exc:  # sysv_ipc's errors are not part of dls-shm's API; permission was checked above
         table.close()
-        raise
+        raise Refused(FAILED, f"cannot remove the lock table 0x{key:08x}: {exc}") from None
     warnings = []
     if users:
         warnings.append(f"{PROG}: warning: forced: removed the lock table 0x{key:08x} although {'; '.join(users)}: "
-                     "they get errors on their next lock")
+                        "they get errors on their next lock")
     sems = ", ".join(str(s) for s in sem_ids)
     return warnings, [f"{PROG}: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sems})"]
+
+
+def _header_service(key: int) -> dict[str, int]:
+    """A table's monitor and listener as its header names them (a table of another instance has no pid
+    files here); nothing when the header cannot be read (the survey then says why)."""
+    try:
+        table = LockTable.attach(key)
+    except TableError:
+        return {}
+    try:
+        header = table.header()
+    finally:
+        table.close()
+    return {LABELS[MONITOR]: header.monitor_pid, LABELS[LISTENER]: header.listener_pid}
+
+
+def _refused(found: Occupancy, refusal: Refusal, service: dict[str, int]) -> Refused:
+    """Why, in dls-ipcrm's words, with its exit status."""
+    key = found.key
+    if refusal is Refusal.LONE:
+        lone = found.lone
+        assert lone is not None
+        kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
+        return Refused(FAILED, f"only a {kind} (id {lone.id}) is left with key 0x{key:08x}, not a whole lock table: "
+                               f"check it with ipcs and remove it with ipcrm {flag} {lone.id}")
+    if refusal is Refusal.SERVICE:
+        names = " and ".join([str(r) for r in found.roles] or
+                             [f"{label} (pid {pid})" for label, pid in service.items() if pid in found.attached])
+        return Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {names} "
+                                     f"{'run' if len(found.roles) > 1 else 'runs'}: stop the service first (jdls -k)")
+    if refusal is Refusal.FORBIDDEN:
+        denied = found.forbidden
+        assert denied is not None
+        what = "shared memory" if denied.kind == "shm" else "semaphore"
+        return Refused(NOT_PERMITTED, f"permission denied: the lock table 0x{key:08x} ({what} id {denied.id}) belongs "
+                                      f"to user {denied.owner} (uid {denied.uid}, mode {denied.mode & 0o777:04o}); run "
+                                      "dls-ipcrm as that user or as root")
+    return Refused(IN_USE, f"cannot remove the lock table 0x{key:08x}: {'; '.join(_users(found))} "
+                           "(dls-ipcrm --force removes it anyway)")
+
+
+def _users(found: Occupancy) -> list[str]:
+    """What removing the table goes past: the lock servers that run, the processes that have it attached."""
+    users = []
+    if found.servers:
+        users.append(f"{len(found.servers)} lock server(s) run: {_named(s.pid for s in found.servers)}")
+    if found.others:
+        unnamed = found.unidentified
+        named = _named(found.attached) + (f" and {unnamed} not identified" if found.attached and unnamed else "")
+        users.append(f"{found.others} other process(es) have it attached" + (
+            f": {named}" if found.attached else " (not identified: run as root)"))
+    return users
 
 
 def main(argv: list[str] | None = None) -> int:
