@@ -289,3 +289,30 @@ def test_a_primary_found_dead_by_an_unlock_is_replaced_at_once(tmp_path: Path) -
         wait_for(lambda: document.exists() and "kept" in document.read_text(), 5,
                  "the promoted secondary to have the client's lock information")
         kept.release()
+
+
+def test_servers_unreachable_at_start_are_not_named_again_once_they_answer(tmp_path: Path) -> None:
+    """Servers that cannot be reached when the client connects: each request tries them again and its
+    ServiceLost names each server once (not once per attempt so far); once they answer and are later
+    lost, the wrap-up names what failed then, not the refused connections of before."""
+    data = data_file(tmp_path)
+    primary = make_service(tmp_path / "primary")
+    secondary = make_service(tmp_path / "secondary")
+    with primary.checked(), secondary.checked():
+        client = resilient(primary, secondary)
+        for _ in range(3):
+            with pytest.raises(ServiceLost, match="no lock service can be reached") as unreachable:
+                client.lock(data, KEY)
+            assert str(unreachable.value).count("Connection refused") == 2, unreachable.value
+        ports = primary.port, secondary.port
+        primary.start()
+        secondary.start()
+        if (primary.port, secondary.port) != ports:
+            pytest.skip("a port the client was given was taken meanwhile")
+        client.lock(data, KEY)
+        kill_group(primary)
+        kill_group(secondary)
+        with pytest.raises(ServiceLost, match="no lock service left") as lost:
+            client.lock(data, "other")
+        assert "Connection refused" not in str(lost.value), lost.value
+        client.close()

@@ -26,7 +26,18 @@ import pytest
 from dls_client import LockRefused, RequestFailed, ServiceUnavailable
 from dls_proto import Connection, ErrorCode, Hello, Role
 from dls_shm import resource_value
-from dls_testkit import KEY, Service, alive, data_file, lock_holder, running, running_service, wait_for
+from dls_testkit import (
+    DLS_LOCK,
+    KEY,
+    Service,
+    alive,
+    data_file,
+    free_port,
+    lock_holder,
+    running,
+    running_service,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -50,6 +61,21 @@ def test_dls_lock_processes_exclude_each_other(service: Service, tmp_path: Path)
         statuses = [p.wait(timeout=30) for p in procs]
     assert statuses == [0, 0, 0, 0]
     assert log.read_text().split() == ["start", "end"] * 4
+
+
+@pytest.mark.parametrize("jbcportno", ["abc", "-1", "4294967296"])
+def test_dls_lock_refuses_a_malformed_jbcportno_by_name(tmp_path: Path, jbcportno: str) -> None:
+    """Exit 78 and the client's message, as for a malformed JDLS (the man page's promise); the command never
+    runs and nothing is asked of the service."""
+    data = data_file(tmp_path)
+    ran = tmp_path / "ran"
+    env = {**os.environ, "JBCRELEASEDIR": str(tmp_path / "release"), "JDLS": f"SERVER=127.0.0.1,{free_port()}",
+           "JBCPORTNO": jbcportno}
+    done = subprocess.run([DLS_LOCK, str(data), KEY, "touch", str(ran)], env=env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stderr) == (
+        78, f"dls-lock: JBCPORTNO={jbcportno!r} is not a port number (0 to 4294967295)\n")
+    assert not ran.exists()
 
 
 def test_dls_lock_nonblocking_conflict_codes_and_status_passthrough(service: Service, tmp_path: Path) -> None:

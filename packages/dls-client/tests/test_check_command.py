@@ -105,6 +105,13 @@ def test_bad_jdls_is_refused_by_name(env: dict[str, str]) -> None:
     assert "JDLS TIMEOUT: 'soon' is not a positive number of seconds" in done.stderr
 
 
+def test_bad_jbcportno_is_refused_by_name(env: dict[str, str]) -> None:
+    """As a malformed JDLS: exit 78 and the client's message, before any server is tried."""
+    done = run({**env, "JDLS": f"SERVER=127.0.0.1,{free_port()}", "JBCPORTNO": "abc"})
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == "dls-test: JBCPORTNO='abc' is not a port number (0 to 4294967295)\n"
+
+
 def test_unset_jdls_tests_localhost_50002(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     used = []

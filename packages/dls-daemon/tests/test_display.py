@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -184,3 +186,17 @@ def test_memory_used_and_free_add_up() -> None:
                     0.0, 0.0)
     assert memory(header, 0) == (4096, 263 * 50 * 204)
     assert memory(header, 3) == (4096 + 3 * 204, (263 * 50 - 3) * 204)
+
+
+def test_a_reader_that_stops_reading_is_no_error(service) -> None:
+    """``jdls -dvL | head -1``: the display stops where the reader did, without a traceback. The pipe's
+    read end is closed before jdls starts, so that every write fails (a head that has read enough)."""
+    assert service.jdls("-ibAs100,10").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dls_daemon", "-dvL"], env=service.env, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")

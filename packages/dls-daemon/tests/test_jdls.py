@@ -414,3 +414,31 @@ def test_remove_names_a_lone_semaphore_as_dls_ipcrm_does(service):
         assert service.ipc_left() == ["semaphore"]
     finally:
         sem.remove()
+
+
+@pytest.mark.parametrize(("removed", "left", "flag"), [
+    (sysv_ipc.Semaphore, "shared memory segment", "-m"),
+    (sysv_ipc.SharedMemory, "semaphore", "-s"),
+])
+def test_half_a_table_is_named_by_start_as_by_remove(service, removed, left, flag):
+    """One of the table's two IPC objects removed behind jdls's back: neither a table to attach nor nothing.
+    jdls -i names the object left and the ipcrm that removes it, as jdls -K (with -o too) does, and exits 1
+    (it sent the operator to jdls -K, or said there was no table); once it is removed so, the service starts."""
+    assert service.jdls("-ibA").returncode == 0
+    assert service.jdls("-kA").returncode == 0
+    key = service.instance.key
+    removed(key).remove()
+    remaining = sysv_ipc.SharedMemory(key) if flag == "-m" else sysv_ipc.Semaphore(key)
+    ident = remaining.id
+    if flag == "-m":
+        remaining.detach()
+    remove_it = f"check it with ipcs and remove it with ipcrm {flag} {ident}"
+    start = service.jdls("-ibA")
+    said = f"only a {left} (id {ident}) is left with key 0x{key:08x}, not a whole lock table: {remove_it}"
+    assert (start.returncode, start.stderr) == (1, f"jdls: cannot create the lock table: {said}\n")
+    for args in (("-K",), ("-K", "-o")):
+        result = service.jdls(*args)
+        assert result.returncode == 1 and result.stderr.endswith(f"{remove_it}\n"), (args, result.stderr)
+    assert service.ipc_left() == [{"-m": "shared memory", "-s": "semaphore"}[flag]]
+    assert subprocess.run(["ipcrm", flag, str(ident)]).returncode == 0
+    assert service.jdls("-ibA").returncode == 0

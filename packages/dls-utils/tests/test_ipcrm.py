@@ -205,6 +205,20 @@ def test_refuses_while_the_service_runs_even_forced(daemon: Any) -> None:
                             f"JBCRELEASEDIR={daemon.instance.root}: nothing to remove\n")
 
 
+def test_a_running_service_named_by_its_key_alone_is_refused_by_its_header(daemon: Any, tmp_path: Path) -> None:
+    """``--key`` of another instance's table: no pid files, so the header's monitor and listener, attached to
+    it, are the service at work; both are named, and the sentence agrees with them."""
+    daemon.start()
+    key = daemon.instance.key
+    elsewhere = {**os.environ, "JBCRELEASEDIR": str(tmp_path / "elsewhere")}
+    done = ipcrm("--key", f"0x{key:08x}", env=elsewhere)
+    monitor, listener = daemon.pid("monitor"), daemon.pid("listener")
+    assert (done.returncode, done.stderr) == (4, (
+        f"dls-ipcrm: cannot remove the lock table 0x{key:08x} while the lock monitor (pid {monitor}) and lock "
+        f"listener (pid {listener}) run: stop the service first (jdls -k)\n"))
+    assert len(ipcs_lines(key)) == 2
+
+
 def test_an_attached_process_is_named_and_forced_past(
     table: Instance, attacher: subprocess.Popen[str]
 ) -> None:

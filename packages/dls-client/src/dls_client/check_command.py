@@ -23,7 +23,7 @@ from dls_proto import Mechanism
 from . import exitcodes
 from .__about__ import __version__
 from .client import Client
-from .config import DEFAULT_HOST, DEFAULT_PORT, Config
+from .config import DEFAULT_HOST, DEFAULT_PORT, Config, port_number
 from .errors import ConfigurationError, DlsError, ServiceUnavailable
 
 
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         config = Config.from_environment()
+        port_number()  # JBCPORTNO, which the client reads: refused here like a malformed JDLS
     except ConfigurationError as exc:
         print(f"dls-test: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

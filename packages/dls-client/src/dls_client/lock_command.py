@@ -26,7 +26,7 @@ from dls_proto import Mode
 from . import exitcodes
 from .__about__ import __version__
 from .client import Client
-from .config import Config
+from .config import Config, port_number
 from .errors import ConfigurationError, DlsError, Holder, LockRefused
 from .locks import FileRef
 
@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = (lambda text: print(f"dls-lock: {text}", file=sys.stderr, flush=True)) if args.verbose else None
     try:
         config = Config.from_environment() or Config()
+        port_number()  # JBCPORTNO, which the client reads: refused here like a malformed JDLS
     except ConfigurationError as exc:
         print(f"dls-lock: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -77,7 +77,11 @@ class ResilientRoute(Route):
         return [c for c in (self.primary, self.secondary) if c is not None]
 
     def _connect_all(self) -> Channel:
-        """Connect to both servers; one that cannot be reached is dropped (logged), as if it failed at once."""
+        """Connect to both servers; one that cannot be reached is dropped (logged), as if it failed at once.
+
+        Called again by each request until a server answers: the failures said are this attempt's.
+        """
+        self._failed = []
         channels: list[Channel] = []
         for role, server in zip(("primary", "secondary"), self.servers, strict=True):
             try:

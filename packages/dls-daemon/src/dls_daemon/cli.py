@@ -389,4 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
     if args.action == "remove":
         return remove_ipc(instance, override=args.override)
-    return display(instance, verbose=args.verbose, locks=args.locks)
+    try:
+        return display(instance, verbose=args.verbose, locks=args.locks)
+    except BrokenPipeError:  # a reader that stopped reading (head, less) is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.OK

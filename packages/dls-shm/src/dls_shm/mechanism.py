@@ -41,6 +41,18 @@ class TableMissing(TableError):
     """No table exists for this key (the monitor is not running, or it was removed)."""
 
 
+class HalfTable(TableError):
+    """Only one of a table's two IPC objects exists under its key: neither a table to attach nor room to create
+    one. Removing it is left to the operator (``ipcrm``, as the message says): under a key of its own it may not
+    even be dls's, which is why ``jdls -K`` and dls-ipcrm refuse it too."""
+
+    def __init__(self, key: int, kind: str, ident: int) -> None:
+        self.key, self.kind, self.id = key, kind, ident
+        what, flag = ("semaphore", "-s") if kind == "sem" else ("shared memory segment", "-m")
+        super().__init__(f"only a {what} (id {ident}) is left with key 0x{key:08x}, not a whole lock table: "
+                         f"check it with ipcs and remove it with ipcrm {flag} {ident}")
+
+
 class GroupFull(TableError):
     """Every slot of the resource's group is in use."""
 

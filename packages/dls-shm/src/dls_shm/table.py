@@ -63,6 +63,7 @@ from .mechanism import (
     Conflict,
     Grant,
     GroupFull,
+    HalfTable,
     Holder,
     LockMechanism,
     NotHeld,
@@ -145,6 +146,19 @@ def _holder(slot: Slot) -> Holder:
     return Holder(slot.mode, slot.pid, slot.port, slot.client_pid, slot.thread, slot.ip)
 
 
+def _lone_semaphore(key: int) -> int | None:
+    """The id of the semaphore under ``key`` when it exists without its shared memory, else None."""
+    try:
+        sysv_ipc.SharedMemory(key).detach()
+        return None
+    except sysv_ipc.ExistentialError:
+        pass
+    try:
+        return int(sysv_ipc.Semaphore(key).id)
+    except sysv_ipc.ExistentialError:
+        return None
+
+
 class LockTable(LockMechanism):
     """A process's view of one lock table. Not to be shared between threads for
     waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
@@ -181,18 +195,31 @@ class LockTable(LockMechanism):
     def create(
         cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = 0o666
     ) -> tuple[LockTable, bool]:
-        """Create the table, or attach the existing one as it is: (table, created)."""
+        """Create the table, or attach the existing one as it is: (table, created).
+
+        HalfTable when only one of the two IPC objects exists under ``key``.
+        """
         try:
             sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode, 0)
         except sysv_ipc.ExistentialError:
-            return cls.attach(key), False
+            try:
+                return cls.attach(key), False
+            except TableMissing:
+                lone = _lone_semaphore(key)
+                if lone is None:
+                    raise
+                raise HalfTable(key, "sem", lone) from None
         try:
             shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, geometry.total_size, init_character=b"\0")
         except sysv_ipc.ExistentialError:
             sem.remove()
-            raise TableError(
-                f"shared memory with key 0x{key:08x} exists without its semaphore: remove it (jdls -K)"
-            ) from None
+            try:
+                left = sysv_ipc.SharedMemory(key)
+                lone = int(left.id)
+                left.detach()
+            except sysv_ipc.ExistentialError:  # removed meanwhile: nothing is left now
+                raise TableError(f"shared memory with key 0x{key:08x} came and went: try again") from None
+            raise HalfTable(key, "shm", lone) from None
         except sysv_ipc.Error as exc:
             sem.remove()
             raise TableError(f"cannot create a lock table of {geometry.total_size} bytes: {exc}") from None

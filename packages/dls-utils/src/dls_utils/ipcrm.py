@@ -151,10 +151,10 @@ def _refused(found: Occupancy, refusal: Refusal, service: dict[str, int]) -> Ref
         return Refused(FAILED, f"only a {kind} (id {lone.id}) is left with key 0x{key:08x}, not a whole lock table: "
                                f"check it with ipcs and remove it with ipcrm {flag} {lone.id}")
     if refusal is Refusal.SERVICE:
-        names = " and ".join([str(r) for r in found.roles] or
-                             [f"{label} (pid {pid})" for label, pid in service.items() if pid in found.attached])
-        return Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {names} "
-                                     f"{'run' if len(found.roles) > 1 else 'runs'}: stop the service first (jdls -k)")
+        running = ([str(r) for r in found.roles] or
+                   [f"{label} (pid {pid})" for label, pid in service.items() if pid in found.attached])
+        return Refused(SERVICE_RUNS, f"cannot remove the lock table 0x{key:08x} while the {' and '.join(running)} "
+                                     f"{'run' if len(running) > 1 else 'runs'}: stop the service first (jdls -k)")
     if refusal is Refusal.FORBIDDEN:
         denied = found.forbidden
         assert denied is not None
