@@ -23,7 +23,7 @@ from typing import Any
 import dls_client as client_module
 import dls_client.local as local_module
 import pytest
-from dls_client import Client, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
+from dls_client import Client, ConfigurationError, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
 from dls_client.local import local_mechanism, local_table_key
 from dls_shm import LockTable, unpack_ip
 from dls_testkit import KEY, wait_for
@@ -202,3 +202,12 @@ def test_get_client_is_remote_without_dls_shm(daemon: Daemon, monkeypatch: pytes
 def test_dls_client_does_not_import_dls_shm() -> None:
     code = "import sys, dls_client; assert 'dls_shm' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_a_bad_dls_ipc_key_is_refused_not_guessed(local_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JDLS unset and DLS_IPC_KEY malformed: the table the service uses cannot be known, so no local client
+    falls back to OS file locks (a mechanism the service's clients would not see); jdls refuses it too."""
+    monkeypatch.setenv("DLS_IPC_KEY", "abc")
+    for make in (get_client, LocalClient, local_mechanism):
+        with pytest.raises(ConfigurationError, match="DLS_IPC_KEY: 'abc' is not a number"):
+            make()

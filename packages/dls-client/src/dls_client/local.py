@@ -27,7 +27,15 @@ from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
 
 from .base import BaseClient
 from .config import port_number
-from .errors import Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed, ServiceUnavailable
+from .errors import (
+    ConfigurationError,
+    Holder,
+    LockCancelled,
+    LockRefused,
+    LockTimeout,
+    RequestFailed,
+    ServiceUnavailable,
+)
 from .lockinfo import LockInfo
 from .locks import REMOTE_DEVICE, FileRef, HeldLock, describe
 
@@ -47,16 +55,22 @@ LocalHeldLock = HeldLock
 def local_table_key() -> int | None:
     """The IPC key of this host's lock table when direct locking in it is possible, else None.
 
-    None when dls-shm is not installed, the instance's settings are invalid, or
-    no table of the instance exists (no monitor on this host).
+    None when dls-shm is not installed or no table of the instance exists (no monitor on this host).
+    ConfigurationError when the instance's settings (DLS_IPC_KEY) are not valid: guessing would lock
+    through another mechanism than the service's, unseen by its clients.
     """
     if not HAVE_SHM:
         return None
-    try:
-        key = dls_shm.Instance.from_environment().key
-    except ValueError:
-        return None
+    key = _instance().key
     return key if dls_shm.LockTable.exists(key) else None
+
+
+def _instance() -> dls_shm.Instance:
+    """The instance the environment names (JBCRELEASEDIR, DLS_IPC_KEY); ConfigurationError when invalid."""
+    try:
+        return dls_shm.Instance.from_environment()
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def local_mechanism() -> Literal["table", "oslocks"] | None:
@@ -85,9 +99,11 @@ class LocalClient(BaseClient):
         if not HAVE_SHM:
             raise ServiceUnavailable("local direct locking needs dls-shm: pip install 'dls-client[local]'")
         try:
-            instance: dls_shm.Instance | None = dls_shm.Instance.from_environment()
-        except ValueError:
-            instance = None  # a table named by its key alone, or OS locks: no proc/info to write to
+            instance: dls_shm.Instance | None = _instance()
+        except ConfigurationError:
+            if key is None:
+                raise  # no table named, and the environment's cannot be known: not OS locks by guess
+            instance = None  # a table named by its key alone: no proc/info to write to
         if key is None and instance is not None and dls_shm.LockTable.exists(instance.key):
             key = instance.key
         #: The table locked in (its IPC key), or None with OS file locks (in lock_dir).
