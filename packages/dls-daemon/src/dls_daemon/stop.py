@@ -31,6 +31,7 @@ from dls_shm import (
     LABELS,
     LISTENER,
     MONITOR,
+    HalfTable,
     Instance,
     LockTable,
     Occupancy,
@@ -182,9 +183,7 @@ def _refused(found: Occupancy, refusal: Refusal) -> str:
     if refusal is Refusal.LONE:
         lone = found.lone
         assert lone is not None
-        kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
-        return (f"only a {kind} (id {lone.id}) is left, not a whole lock table: check it with ipcs and remove "
-                f"it with ipcrm {flag} {lone.id}")
+        return str(HalfTable(found.key, lone.kind, lone.id))  # as jdls -i says it
     if refusal is Refusal.SERVICE:
         return f"the {found.roles[0]} runs: stop it first (jdls -k)"
     if refusal is Refusal.FORBIDDEN:

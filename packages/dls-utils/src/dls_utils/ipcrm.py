@@ -24,6 +24,7 @@ from dls_shm import (
     LABELS,
     LISTENER,
     MONITOR,
+    HalfTable,
     Instance,
     LockTable,
     Occupancy,
@@ -147,9 +148,7 @@ def _refused(found: Occupancy, refusal: Refusal, service: dict[str, int]) -> Ref
     if refusal is Refusal.LONE:
         lone = found.lone
         assert lone is not None
-        kind, flag = ("semaphore", "-s") if lone.kind == "sem" else ("shared memory segment", "-m")
-        return Refused(FAILED, f"only a {kind} (id {lone.id}) is left with key 0x{key:08x}, not a whole lock table: "
-                               f"check it with ipcs and remove it with ipcrm {flag} {lone.id}")
+        return Refused(FAILED, str(HalfTable(key, lone.kind, lone.id)))
     if refusal is Refusal.SERVICE:
         running = ([str(r) for r in found.roles] or
                    [f"{label} (pid {pid})" for label, pid in service.items() if pid in found.attached])
