@@ -59,6 +59,7 @@ from dls_proto import (
     Role,
     Status,
     StatusReply,
+    Reclaim,
     Unlock,
     UnlockAll,
     Unlocked,
@@ -78,11 +79,13 @@ LONG_KEY = b"K" * 150 + b"\xff"
 SAMPLES: dict[Kind, Any] = {
     Kind.HELLO: Hello(0x01020304, 1, 1, 0x0A0B, 50123, 0x00123456,
                       0x1122334455667788, "appserver-1.example", "tSA_Ünïcode"),
-    Kind.WELCOME: Welcome(0x01020304, 1, Mechanism.TABLE, 0x0C0D, 0x00654321, 65536,
+    Kind.WELCOME: Welcome(0x01020304, 2, Mechanism.TABLE, 0x0C0D, 0x00654321, 65536, 0x00012345,
                           "192.168.10.20", "lockhost"),
     Kind.LOCK: Lock(7, Mode.EX, LockFlag.NO_INTERIM | LockFlag.OSLOCK, WAIT_FOREVER, 0x0102030405060708,
                     0x00000000DEADBEEF, -1, b"USD163170001", "/data/FBNK.ACCOUNT"),
     Kind.UNLOCK: Unlock(8, 0x0000123400000042),
+    Kind.RECLAIM: Reclaim(14, 0x0000123400000042, Mode.PW, 0x0102030405060708, 0x00000000DEADBEEF, -1,
+                          b"USD163170001"),
     Kind.UNLOCK_ALL: UnlockAll(9, ALL_THREADS),
     Kind.STATUS: Status(10, 0x1122334455667788, 0xCAFEBABE, -2, LONG_KEY),
     Kind.INFO_PUT: InfoPut(11, b'{"files": [{"inode": 3735928559, "path": "/data/F\xc3\xa9"}]}'),
@@ -101,7 +104,7 @@ SAMPLES: dict[Kind, Any] = {
 
 #: Kinds a client sends (a server Connection receives them once open); the rest a server sends.
 FROM_CLIENT = {Kind.HELLO, Kind.LOCK, Kind.UNLOCK, Kind.UNLOCK_ALL, Kind.STATUS, Kind.INFO_PUT, Kind.INFO_GET,
-               Kind.ECHO}
+               Kind.ECHO, Kind.RECLAIM}
 
 
 def plain(message: Any) -> Any:

@@ -235,7 +235,7 @@ def test_broken_frame_after_welcome_gets_an_error_and_a_close(daemon: Service, w
 BROKEN_BEFORE_HELLO = {
     "http": b"GET / HTTP/1.1\r\nHost: lockhost\r\n\r\n",
     "bad-magic": frame(Kind.HELLO, b"JDLS" + encode(hello(LOW, HIGH))[16:]),
-    "welcome-from-client": encode(Welcome(1, HIGH, 1, 0, 1, 65536, "x", "y")),
+    "welcome-from-client": encode(Welcome(1, HIGH, 1, 0, 1, 65536, 0, "x", "y")),
     "unknown-kind-first": frame(UNKNOWN_KIND, b"hello?"),
     "hello-fields-do-not-add-up": encode(hello(LOW, HIGH))[:-3],
 }
@@ -316,7 +316,7 @@ FAKE_REPLIES = {
     "unknown-kind": (frame(UNKNOWN_KIND, b"\x01\x02", rid=0), "kind 0x7e"),
     "version-error": (encode(Error(0, ErrorCode.VERSION, "client speaks versions 1..1, server speaks 7..9")),
                       "refused the connection: client speaks versions 1..1, server speaks 7..9"),
-    "unoffered-version": (encode(Welcome(0, HIGH + 1, 1, 0, 1, 65536, "127.0.0.1", "fake")),
+    "unoffered-version": (encode(Welcome(0, HIGH + 1, 1, 0, 1, 65536, 0, "127.0.0.1", "fake")),
                           f"version {HIGH + 1}"),
     "reply-instead-of-welcome": (encode(EchoReply(0, b"hi")), "kind 0x25"),
     "garbage": (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad data"),

@@ -51,7 +51,7 @@ def welcome(hello: Message) -> Sequence[Reply]:
     """The default greeting: Welcome with the highest version both sides speak, table mechanism."""
     assert isinstance(hello, Hello), hello
     version = choose_version(hello) or PROTOCOL_VERSIONS[0]
-    return [Welcome(hello.request_id, version, Mechanism.TABLE, 0, SERVER_PID, 65536, "127.0.0.1", "fake")]
+    return [Welcome(hello.request_id, version, Mechanism.TABLE, 0, SERVER_PID, 65536, 10000, "127.0.0.1", "fake")]
 
 
 class FakeService:

@@ -44,8 +44,8 @@ from dls_proto import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-HELLO = Hello(0, 1, 1, 0, 7001, 4242, 1, "client-host", "jsh")
-WELCOME = Welcome(0, 1, 1, 0, 99, DEFAULT_MAX_FRAME, "127.0.0.1", "server-host")
+HELLO = Hello(0, 2, 2, 0, 7001, 4242, 1, "client-host", "jsh")
+WELCOME = Welcome(0, 2, 1, 0, 99, DEFAULT_MAX_FRAME, 10000, "127.0.0.1", "server-host")
 LOCK = Lock(1, 5, 0, 1000, 1, 42, 7, b"CUST*1", "/data/CUST")
 GRANTED = Granted(1, 0x100000003, 5, 12345)
 
@@ -191,12 +191,12 @@ def test_full_greeting_then_requests_and_replies() -> None:
 
     assert isinstance(hello, Hello)
     version = choose_version(hello)
-    assert version == 1
+    assert version == 2
     welcome = WELCOME._replace(version=version)
     client.receive_data(server.send(welcome))
-    assert server.state is State.READY and server.version == 1
+    assert server.state is State.READY and server.version == 2
     assert client.next_event() == welcome
-    assert client.state is State.READY and client.version == 1
+    assert client.state is State.READY and client.version == 2
 
     for request in REQUESTS:
         server.receive_data(client.send(request))
@@ -245,12 +245,12 @@ def test_choose_version_defaults_to_this_package() -> None:
 def test_no_common_version_the_server_refuses_and_closes() -> None:
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
-    too_new = HELLO._replace(min_version=2, max_version=3)
+    too_new = HELLO._replace(min_version=3, max_version=4)
     server.receive_data(client.send(too_new))
     hello = server.next_event()
     assert isinstance(hello, Hello)
     assert choose_version(hello) is None
-    refusal = Error(0, ErrorCode.VERSION, "this server speaks version 1 only")
+    refusal = Error(0, ErrorCode.VERSION, "this server speaks version 2 only")
     client.receive_data(server.send(refusal))
     assert server.state is State.CLOSED
     assert client.next_event() == refusal
@@ -262,7 +262,7 @@ def test_no_common_version_the_server_refuses_and_closes() -> None:
     assert client.state is State.CLOSED
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
 def test_client_rejects_a_version_it_did_not_offer(version: int) -> None:
     client = Connection(Role.CLIENT)
     client.send(HELLO)

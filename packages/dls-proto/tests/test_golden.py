@@ -22,6 +22,7 @@ from dls_proto import (
     MESSAGES,
     Connection,
     Echo,
+    Reclaim,
     EchoReply,
     Error,
     Granted,
@@ -57,11 +58,11 @@ GOLDEN: list[tuple[Any, str]] = [
         " 686f737431 6a7368",
     ),
     (
-        Welcome(request_id=1, version=1, mechanism=1, flags=0, server_pid=999, max_frame=65536,
-                peer="10.0.0.2", server_host="srv"),
-        # length 25 = 1 + 1 + 2 + 4 + 4 + peer_len 1 + server_host_len 1 + 8 + 3
-        "00000019 01 02 0000 00000001 |"
-        " 01 01 0000 000003e7 00010000 08 03"
+        Welcome(request_id=1, version=2, mechanism=1, flags=0, server_pid=999, max_frame=65536,
+                lock_delay_ms=10000, peer="10.0.0.2", server_host="srv"),
+        # length 29 = 1 + 1 + 2 + 4 + 4 + 4 + peer_len 1 + server_host_len 1 + 8 + 3
+        "0000001d 01 02 0000 00000001 |"
+        " 02 01 0000 000003e7 00010000 00002710 08 03"
         " 31302e302e302e32 737276",
     ),
     (
@@ -98,6 +99,13 @@ GOLDEN: list[tuple[Any, str]] = [
     (
         Echo(request_id=8, data=b"ping"),
         "00000006 01 16 0000 00000008 | 0004 70696e67",
+    ),
+    (
+        Reclaim(request_id=9, handle=0x0000000200000003, mode=5, thread_id=3, inode=0x0102030405060708, device=-2,
+                key=b"CUST*1"),
+        # length 41 = 8 + 1 + 8 + 8 + 8 + key_len 2 + 6
+        "00000029 01 17 0000 00000009 | 0000000200000003 05 0000000000000003 0102030405060708 fffffffffffffffe"
+        " 0006 435553542a31",
     ),
     (
         Granted(request_id=2, handle=0x0000000200000003, mode=5, value=0xDEADBEEF),
@@ -142,7 +150,7 @@ GOLDEN: list[tuple[Any, str]] = [
     ),
 ]
 
-REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo}
+REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim}
 REPLY_CLASSES = {Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error}
 
 
@@ -160,7 +168,7 @@ def fields_of(event: Any) -> dict[str, Any]:
 def receiver_for(cls: type[Any]) -> Connection:
     """A connection in the state where a message of ``cls`` may arrive."""
     hello = Hello(0, 1, 1, 0, 1, 2, 3, "h", "p")
-    welcome = Welcome(0, 1, 1, 0, 4, 65536, "peer", "server")
+    welcome = Welcome(0, 2, 1, 0, 4, 65536, 10000, "peer", "server")
     if cls is Hello:
         return Connection(Role.SERVER)
     client = Connection(Role.CLIENT)
@@ -179,7 +187,7 @@ def golden_id(item: tuple[Any, str]) -> str:
 
 
 def test_golden_covers_every_message() -> None:
-    assert len(MESSAGES) == 17
+    assert len(MESSAGES) == 18
     assert [type(event) for event, _ in GOLDEN] == [cls for _, _, cls in MESSAGES]
     assert REQUEST_CLASSES | REPLY_CLASSES | {Hello, Welcome} == set(SPECS)
 

@@ -229,7 +229,7 @@ class LockServer:
                              f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}"))
             raise ClientGone("no common protocol version")
         self.hello = event
-        self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
+        self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame, 0,
                            self.peer[0], socket.gethostname()))
         self.log.info("client %s connected", self._who())
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 from .codec import DECODERS, ENCODERS, HEADER_STRUCT
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
+    MESSAGES,
     FRAME_VERSION,
     HEADER_SIZE,
     PROTOCOL_VERSIONS,
@@ -55,10 +56,8 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-_REQUEST_KINDS = frozenset(int(k) for k in (Kind.LOCK, Kind.UNLOCK, Kind.UNLOCK_ALL, Kind.STATUS,
-                                            Kind.INFO_PUT, Kind.INFO_GET, Kind.ECHO))
-_REPLY_KINDS = frozenset(int(k) for k in (Kind.GRANTED, Kind.REFUSED, Kind.WAITING, Kind.STATUS_REPLY,
-                                          Kind.INFO_SNAPSHOT, Kind.ECHO_REPLY, Kind.UNLOCKED, Kind.ERROR))
+_REQUEST_KINDS = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in REQUESTS)
+_REPLY_KINDS = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in REPLIES)
 
 
 def choose_version(hello: Hello, supported: tuple[int, int] = PROTOCOL_VERSIONS) -> int | None:

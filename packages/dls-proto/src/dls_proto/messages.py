@@ -33,7 +33,8 @@ from construct import (
 #: The frame format version, the second field of every frame header.
 FRAME_VERSION = 1
 #: Protocol versions this package speaks, negotiated in Hello/Welcome.
-PROTOCOL_VERSIONS = (1, 1)
+#: Version 2 (dls-proto 0.3) added the lock-delay to Welcome and the Reclaim request; version 1 is no longer spoken.
+PROTOCOL_VERSIONS = (2, 2)
 #: Magic that opens every Hello, so that a stray client is recognised at once.
 HELLO_MAGIC = b"jDLS"
 #: A lock request's ``timeout_ms`` meaning "wait as long as it takes".
@@ -130,6 +131,7 @@ class Kind(enum.IntEnum):
     INFO_PUT = 0x14
     INFO_GET = 0x15
     ECHO = 0x16
+    RECLAIM = 0x17
     GRANTED = 0x20
     REFUSED = 0x21
     WAITING = 0x22
@@ -187,6 +189,7 @@ WELCOME = Struct(
     "flags" / Int16ub,
     "server_pid" / Int32ub,
     "max_frame" / Int32ub,
+    "lock_delay_ms" / Int32ub,
     _peer_len,
     _server_host_len,
     _peer,
@@ -209,6 +212,15 @@ LOCK = Struct(
 )
 
 UNLOCK = Struct("handle" / Int64ub)
+RECLAIM = Struct(
+    "handle" / Int64ub,
+    "mode" / Int8ub,
+    "thread_id" / Int64ub,
+    "inode" / Int64ub,
+    "device" / Int64sb,
+    _key_len,
+    _key,
+)
 UNLOCK_ALL = Struct("thread_id" / Int64ub)
 STATUS = Struct(
     "thread_id" / Int64ub,
@@ -259,6 +271,7 @@ class Welcome(NamedTuple):
     flags: int
     server_pid: int
     max_frame: int
+    lock_delay_ms: int  # how long this service keeps the locks of a client it lost, for it to reclaim them
     peer: str
     server_host: str
 
@@ -282,6 +295,20 @@ class Unlock(NamedTuple):
 
     request_id: int
     handle: int
+
+
+class Reclaim(NamedTuple):
+    """Take back a lock this client held through a lock server that is gone (killed, or the service
+    restarted): ``handle`` is what the Granted gave, and the rest must match the lock it named.
+    Answered with Granted (the same handle) or Error NOT_HELD when the service no longer keeps it."""
+
+    request_id: int
+    handle: int
+    mode: int
+    thread_id: int
+    inode: int
+    device: int
+    key: bytes
 
 
 class UnlockAll(NamedTuple):
@@ -421,6 +448,7 @@ MESSAGES: tuple[tuple[Kind, Struct[Any, Any], type[Any]], ...] = (
     (Kind.INFO_PUT, INFO_PUT, InfoPut),
     (Kind.INFO_GET, INFO_GET, InfoGet),
     (Kind.ECHO, ECHO, Echo),
+    (Kind.RECLAIM, RECLAIM, Reclaim),
     (Kind.GRANTED, GRANTED, Granted),
     (Kind.REFUSED, REFUSED, Refused),
     (Kind.WAITING, WAITING, Waiting),
@@ -441,6 +469,7 @@ Message = (
     | InfoPut
     | InfoGet
     | Echo
+    | Reclaim
     | Granted
     | Refused
     | Waiting
@@ -453,5 +482,5 @@ Message = (
 Event = Message | UnknownMessage | ConnectionClosed
 
 #: What a client may send once the conversation is open, and what a server may.
-REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo})
+REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim})
 REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error})
