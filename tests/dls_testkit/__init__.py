@@ -14,7 +14,9 @@ On the root pytest ``pythonpath``, so any test module or conftest imports it by 
 - ``crew``: client processes hammering one record lock, and the counter that proves exclusion;
 - ``wire``: a client speaking the protocol by hand over a socket;
 - ``fake_service``: an in-process lock service over a socketpair, scripted by the test, for the client's
-  connection code without a daemon.
+  connection code without a daemon;
+- ``chaos`` (a subpackage, imported as ``dls_testkit.chaos``): fault injection with a history checker, worker
+  processes, the chaos loop and the checker of their logs (tests/test_chaos.py, ``./dev chaos``).
 """
 
 from .clients import (

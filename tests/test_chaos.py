@@ -1,0 +1,30 @@
+"""A bounded fault-injection run, for one service and for SERVER and SERVER2: under SIGKILL and SIGSTOP of
+workers, lock servers, listeners, monitors and whole services, no two critical sections of a record
+overlap and every counter is exact (tests/dls_testkit/chaos; ``./dev chaos`` is the long run).
+
+Each run injects faults for RUN_SECONDS; a run that did too little (too few sections or faults, a kind of
+kill never dealt) fails, so the test cannot pass by doing nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dls_testkit.chaos import Settings, chaos_run, history
+
+pytestmark = pytest.mark.slow
+
+#: How long each run injects faults (the whole test takes about 10 s more).
+RUN_SECONDS = 20.0
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["one-service", "server2"])
+def test_no_overlap_and_exact_counters_under_faults(tmp_path: Path, pair: bool) -> None:
+    verdict = chaos_run(tmp_path, Settings(seconds=RUN_SECONDS, workers=8, records=3, pair=pair, seed=10 + pair))
+    report = verdict.figures() + "\n" + "\n".join(verdict.problems())
+    assert verdict.ok, report
+    assert verdict.completed >= 50, report
+    killed = {kind.removeprefix("kill ") for kind in verdict.faults if kind.startswith("kill ")}
+    assert killed == set(history.TARGETS), report
+    assert sum(verdict.faults.values()) >= 10, report
