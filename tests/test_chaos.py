@@ -23,6 +23,7 @@ RUN_SECONDS = 20.0
 def test_no_overlap_and_exact_counters_under_faults(tmp_path: Path, pair: bool) -> None:
     verdict = chaos_run(tmp_path, Settings(seconds=RUN_SECONDS, workers=8, records=3, pair=pair, seed=10 + pair))
     report = verdict.figures() + "\n" + "\n".join(verdict.problems())
+    print(report)  # the figures of a run that passed too (pytest -rP)
     assert verdict.ok, report
     assert verdict.completed >= 50, report
     killed = {kind.removeprefix("kill ") for kind in verdict.faults if kind.startswith("kill ")}
