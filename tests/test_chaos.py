@@ -3,15 +3,19 @@ workers, lock servers, listeners, monitors and whole services, no two critical s
 overlap and every counter is exact (tests/dls_testkit/chaos; ``./dev chaos`` is the long run).
 
 Each run injects faults for RUN_SECONDS; a run that did too little (too few sections or faults, a kind of
-kill never dealt) fails, so the test cannot pass by doing nothing.
+kill never dealt) fails, so the test cannot pass by doing nothing. And the injector finds the lock server of
+a client, which it hits while the client holds a lock.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from dls_testkit import Service
 from dls_testkit.chaos import Settings, chaos_run, history
+from dls_testkit.chaos.injector import live_pids, server_of
 
 pytestmark = pytest.mark.slow
 
@@ -29,3 +33,13 @@ def test_no_overlap_and_exact_counters_under_faults(tmp_path: Path, pair: bool) 
     killed = {kind.removeprefix("kill ") for kind in verdict.faults if kind.startswith("kill ")}
     assert killed == set(history.TARGETS), report
     assert sum(verdict.faults.values()) >= 10, report
+
+
+def test_the_lock_server_of_a_client_is_found_by_its_connection(service: Service) -> None:
+    """The injector hits a worker's own lock server: the other end of the worker's connection."""
+    with service.client() as client:
+        server = client.connect().welcome.server_pid
+        servers = live_pids(sorted(service.instance.servers_dir.glob("*.pid")))
+        assert server in servers
+        assert server_of(os.getpid(), service.port, servers) == server
+        assert server_of(os.getpid(), service.port, [p for p in servers if p != server]) is None

@@ -123,17 +123,17 @@ class Injector:
             return Victim(target, None, [running.proc.pid], {"worker": running.id})
         number = self.random.randrange(len(self.services))
         instance = self.services[number].instance
-        servers = _live(sorted(instance.servers_dir.glob("*.pid")))
+        servers = live_pids(sorted(instance.servers_dir.glob("*.pid")))
         if target == LOCK_SERVER:
             slot = self._worker()
             running = self.workers.slots[slot]
-            server = _server_of(running.proc.pid, self.services[number].port, servers)
+            server = server_of(running.proc.pid, self.services[number].port, servers)
             fields = {"client": running.id, "holding": slot in self.workers.holding()}
             if server is None and servers:
                 server, fields = self.random.choice(servers), {}
             return Victim(target, number, [] if server is None else [server], fields)
         roles = {LISTENER: (LISTENER_ROLE,), MONITOR: (MONITOR_ROLE,), SERVICE: (MONITOR_ROLE, LISTENER_ROLE)}[target]
-        pids = _live([instance.pid_file(role) for role in roles])
+        pids = live_pids([instance.pid_file(role) for role in roles])
         if target == SERVICE:
             pids += servers
             pids += [p for p in _children(self.services[number].pid(LISTENER_ROLE), pids) if p not in pids]
@@ -194,13 +194,13 @@ class Injector:
             self.log.write(CONT, **logged)
 
 
-def _live(paths: Sequence[Path]) -> list[int]:
+def live_pids(paths: Sequence[Path]) -> list[int]:
     """The pids of the pid files among ``paths`` whose very process still runs."""
     records = (pidfiles.read_or_none(p) for p in paths)
     return [r.pid for r in records if r is not None and r.alive()]
 
 
-def _server_of(client: int, port: int, servers: list[int]) -> int | None:
+def server_of(client: int, port: int, servers: list[int]) -> int | None:
     """Which of ``servers`` (listening on ``port``) serves the process ``client``: the other end of its
     connection there."""
     with contextlib.suppress(psutil.Error):
