@@ -29,6 +29,7 @@ from dls_proto import (
     Connection,
     ConnectionClosed,
     Error,
+    Granted,
     Hello,
     Message,
     RemoteProtocolError,
@@ -36,6 +37,7 @@ from dls_proto import (
     Server,
     SpinningReader,
     UnknownMessage,
+    Unlock,
     Waiting,
     Welcome,
     receive,
@@ -175,9 +177,12 @@ class Channel:
         """Replies to ``rid`` are no longer awaited (its caller gave up): they go to ``unsolicited``."""
         self._mail.pop(rid, None)
 
-    def expect(self, rid: int) -> Message:
-        """The next message for request ``rid``; AcknowledgementTimeout after ack_timeout of silence."""
-        return self._expect(rid, None if self.ack_timeout is None else time.monotonic() + self.ack_timeout)
+    def expect(self, rid: int, *, until: float | None = None) -> Message:
+        """The next message for request ``rid``; AcknowledgementTimeout after ack_timeout of silence (or at
+        ``until``, time.monotonic(), when given)."""
+        if until is None and self.ack_timeout is not None:
+            until = time.monotonic() + self.ack_timeout
+        return self._expect(rid, until)
 
     def _expect(self, rid: int, deadline: float | None) -> Message:
         box = self._mail.setdefault(rid, [])
@@ -240,6 +245,8 @@ class Channel:
         """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
         other = self._mail.get(target)
         if other is None:
+            if type(event) is Granted:  # a grant nobody awaits (its request gave up): no lock held for nobody
+                self.send(Unlock(self.next_id(), event.handle))
             self._unsolicited(event)
             return
         other.append(event)

@@ -28,8 +28,6 @@ from dls_proto import (
     LockFlag,
     Message,
     Mode,
-    Refused,
-    RefuseReason,
     Server,
     Status,
     StatusReply,
@@ -42,9 +40,10 @@ from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
-from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed, describe
+from .errors import DlsError, Holder, describe
 from .lockinfo import LockInfo
 from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
+from .replies import failure, holder
 from .resilience import ResilientRoute
 from .route import Events, Route
 from .trace import Tracer
@@ -52,11 +51,6 @@ from .watcher import Watched, Watcher
 
 #: Which record-lock kinds each JDLS LOCK= value sends to the service.
 _KINDS_OF = {"ALL": ALL_KINDS, "INTERNAL": frozenset(("internal",)), "EXTERNAL": frozenset(("external",))}
-
-
-def _holder(reply: Refused | Waiting | StatusReply) -> Holder:
-    return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
-                  reply.holder_thread, reply.holder_ip)
 
 
 class Client(BaseClient):
@@ -91,12 +85,12 @@ class Client(BaseClient):
 
     # -- the connection ----------------------------------------------------------------
 
-    def _new_route(self) -> Route | ResilientRoute:
+    def _new_route(self) -> Route:
         config = self.config
         events = Events(self._connected, self._lost)
         if config.server2 is None:
             return Route((config.server,), self._open_channel, self.trace, events)
-        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events, config.timeout)
+        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events)
 
     def _open_channel(self, server: Server, timeout: float | None = None) -> Channel:
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
@@ -175,6 +169,7 @@ class Client(BaseClient):
                                                                              WAIT_FOREVER - 1)
         thread = identity.thread_id()
         route = self._route
+        started = time.monotonic()
 
         def attempt(channel: Channel) -> HeldLock:
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
@@ -183,7 +178,7 @@ class Client(BaseClient):
             if waited:
                 reply = self._wait(channel, request, reply, on_wait)
             if type(reply) is not Granted:
-                raise self._failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
+                raise failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
                                     describe(ref.path, key))
             granted = reply
 
@@ -191,7 +186,7 @@ class Client(BaseClient):
                 self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
                 return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread=thread, on_lost=on_lost)
 
-            held = route.held(channel, request, granted, make)
+            held = route.held(channel, request, granted, make, started)
             if waited:
                 self._publish_quietly()  # the wait ended: publish the lock now held
             return held
@@ -205,7 +200,7 @@ class Client(BaseClient):
         self._publish_quietly()
         try:
             reply = channel.last_reply(request.request_id, reply,
-                                       None if on_wait is None else lambda waiting: on_wait(_holder(waiting)))
+                                       None if on_wait is None else lambda waiting: on_wait(holder(waiting)))
         finally:
             self.info.wait_ended(token)
             if type(reply) is not Granted and channel.failure is None:
@@ -265,15 +260,15 @@ class Client(BaseClient):
         if isinstance(reply, Unlocked):
             self.info.released_all(None if all_threads else thread)
             return reply.count
-        raise self._failure(reply, "release of all locks")
+        raise failure(reply, "release of all locks")
 
     def _status(self, ref: FileRef, key: bytes) -> tuple[int, Holder | None]:
         thread = identity.thread_id()
         reply = self._route.ask(lambda channel: channel.request(
             Status(channel.next_id(), thread, ref.inode, REMOTE_DEVICE, key)))
         if isinstance(reply, StatusReply):
-            return reply.state, (_holder(reply) if reply.state else None)
-        raise self._failure(reply, "lock status")
+            return reply.state, (holder(reply) if reply.state else None)
+        raise failure(reply, "lock status")
 
     def echo(self, data: bytes) -> tuple[bytes, float]:
         """Send ``data`` through the service and back: (what came back, seconds taken)."""
@@ -282,20 +277,7 @@ class Client(BaseClient):
         reply = self._route.ask(lambda channel: channel.request(Echo(channel.next_id(), data)))
         if isinstance(reply, EchoReply):
             return reply.data, time.perf_counter() - start
-        raise self._failure(reply, "echo")
-
-    @staticmethod
-    def _failure(reply: Message, what: str) -> DlsError:
-        if isinstance(reply, Refused):
-            holder = _holder(reply)
-            if reply.reason == RefuseReason.TIMEOUT:
-                return LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
-            if reply.reason == RefuseReason.CANCELLED:
-                return LockCancelled(f"{what}: request cancelled", holder)
-            return LockRefused(f"{what}: held by {holder.describe()}", holder)
-        if isinstance(reply, Error):
-            return RequestFailed(f"{what}: {reply.reason}", reply.code)
-        return DlsError(f"{what}: unexpected answer {type(reply).__name__}")
+        raise failure(reply, "echo")
 
 
 def _route_of(ref: weakref.ref[Client]) -> Watched | None:

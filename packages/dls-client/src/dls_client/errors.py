@@ -38,11 +38,11 @@ class ServiceUnavailable(DlsError):
 
 
 class ServiceLost(ServiceUnavailable):
-    """Every lock server of this process failed: it holds no lock any more and must wrap up.
+    """No longer raised; kept so that code written for it still imports and catches it.
 
-    A resilient client (JDLS SERVER2) raises it when the last of its two servers
-    fails; from then on every request raises it again. A lock service is never
-    reconnected within one process (see dls_client.route).
+    It said that every lock server of a resilient process had failed and that the process must wrap
+    up. A client now connects again by itself (the next request after a service is back works), and
+    what a failure cost is said lock by lock (LockLost).
     """
 
 

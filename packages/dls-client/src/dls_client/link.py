@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from dls_proto import Message, Reclaim, Server
+from dls_proto import Lock, Message, Reclaim, Server
 
 from .channel import CONNECT_TIMEOUT, DEAD_SERVER_BOUND, Channel
-from .errors import ServiceUnavailable
+from .errors import AcknowledgementTimeout, ServiceUnavailable
 
 #: Makes the channel to a server (connected and greeted) within a timeout (None: the channel's defaults),
 #: or raises ServiceUnavailable.
@@ -83,15 +83,19 @@ class Link:
         return f"{self.role} lock service {self.server}" if self.role else f"lock service {self.server}"
 
 
-def exchange_all(channel: Channel, requests: Sequence[Reclaim]) -> list[Message]:
-    """Send every request at once, then take each one's answer: n reclaims cost one round trip, not n.
-    ServiceUnavailable if the channel fails meanwhile."""
+def exchange_all(channel: Channel, requests: Sequence[Reclaim | Lock]) -> list[Message]:
+    """Send every request at once, then take each one's first answer: n reclaims (or locks taken again
+    without waiting) cost one round trip, not n. ServiceUnavailable if the channel fails meanwhile; a
+    service that does not answer them within CONNECT_TIMEOUT fails it (recovery must not hang on it)."""
+    until = time.monotonic() + CONNECT_TIMEOUT
     for request in requests:
         channel.register(request.request_id)
     try:
         for request in requests:
             channel.send(request)
-        return [channel.expect(request.request_id) for request in requests]
+        return [channel.expect(request.request_id, until=until) for request in requests]
+    except AcknowledgementTimeout as exc:
+        raise channel.fail(f"{exc} (recovering its locks)") from None
     finally:
         for request in requests:
             channel.forget(request.request_id)

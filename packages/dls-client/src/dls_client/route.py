@@ -83,8 +83,10 @@ class Route:
         self._recovery = threading.RLock()
         #: The holdings, held briefly and never over I/O.
         self._state = threading.Lock()
-        #: The client's locks by the handle the application holds.
+        #: The client's locks by the handle the application holds, and that handle by (inode, device, key,
+        #: thread), so that a lock taken again (a conversion) stays one lock.
         self._holdings: dict[int, Holding] = {}
+        self._records: dict[tuple[int, int, bytes, int], int] = {}
         #: Some lock is held through a failed channel: the watcher's ticks settle it.
         self._unsettled = False
         #: Locks marked lost and channels opened, to be told outside the locks.
@@ -108,14 +110,16 @@ class Route:
         return self._reach(0)
 
     def ask(self, attempt: Callable[[Channel], T]) -> T:
-        """``attempt(channel)`` on the current channel; if the channel fails under it, recover and ask once
-        more on the new one. No answer within TIMEOUT (the channel still works) is the caller's."""
-        for last in (False, True):
+        """``attempt(channel)`` on the current channel; if the channel fails under it, recover and ask again
+        on the channel current then (once per service). No answer within TIMEOUT (the channel still works)
+        is the caller's."""
+        tries = len(self.links) + 1
+        for n in range(tries):
             channel = self.current()
             try:
                 return attempt(channel)
             except ServiceUnavailable:
-                if channel.failure is None or last:
+                if channel.failure is None or n == tries - 1:
                     raise
                 self.failed(channel)
         raise AssertionError("unreachable")
@@ -126,40 +130,67 @@ class Route:
 
     # -- what the client asks -----------------------------------------------------------
 
-    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock]) -> HeldLock:
-        """``channel`` granted ``request``: the HeldLock ``make`` gives for the handle the application will
-        hold, recorded so that it can be reclaimed; LockLost if it was lost before this returned."""
-        handle = granted.handle
-        held = make(handle)
-        holding = Holding(request, granted.mode, held, [(channel, handle)])
+    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+             started: float = 0.0) -> HeldLock:
+        """``channel`` granted ``request`` (asked at ``started``, time.monotonic()): the HeldLock ``make``
+        gives for the handle the application will hold, recorded so that it can be reclaimed; LockLost if
+        it was lost before this returned."""
+        holds = self._hold_everywhere(channel, request, granted, started)
+        record = (request.inode, request.device, request.key, request.thread_id)
         with self._state:
-            known = self._holdings.setdefault(handle, holding)
-        if known is not holding:
-            self._again(known, holding, channel)
-        if channel is not self.links[0].channel or channel.failure is not None:
-            # granted through a channel that failed meanwhile: reclaim it now, or lose it
-            self._recover(0, eager=True)
-            if held.lost:
-                raise held.lost_error()
+            handle = self._records.get(record)  # held already by this thread: a conversion
+        known = handle is not None
+        held = make(handle if handle is not None else self._new_handle(granted))
+        with self._state:
+            holding = self._holdings.get(held.handle)
+            if known and holding is not None:
+                holding.locks.append(held)
+                holding.mode = granted.mode
+                holding.holds = [new or old for new, old in zip(holds, holding.holds, strict=True)]
+                holds = holding.holds
+                holding = None
+            else:
+                if holding is not None:  # the handle of a lock waiting to be reclaimed, given to another
+                    self._drop(held.handle, holding, "the lock service gave its handle to another lock: it no "
+                               "longer holds it")
+                self._holdings[held.handle] = Holding(request, granted.mode, held, holds)
+                self._records[record] = held.handle
+        if holding is not None:
+            self._tell()
+        if None in holds:
+            self._unsettled = True  # a service that lacks it is given it by the watcher
+        for index, hold in enumerate(holds):
+            if hold is not None and (hold[0] is not self.links[index].channel or hold[0].failure is not None):
+                # granted through a channel that failed meanwhile: reclaim it now, or lose it
+                self._recover(index, eager=True)
+        if held.lost:
+            raise held.lost_error()
         return held
 
-    def _again(self, known: Holding, holding: Holding, channel: Channel) -> None:
-        """A grant of a handle already held: a conversion (the service answered with the handle it gave
-        before, through the same channel) adds the lock to the holding; anything else replaces it."""
-        with self._state:
-            first = known.holds[0]
-            if first is not None and first[0] is channel:
-                known.locks.extend(holding.locks)
-                known.mode = holding.mode
-            else:
-                self._holdings[holding.locks[0].handle] = holding
+    def _new_handle(self, granted: Granted) -> int:
+        """The handle of a new lock: the service's own (one server)."""
+        return granted.handle
+
+    def _hold_everywhere(self, channel: Channel, request: Lock, granted: Granted, started: float) -> list[Hold | None]:
+        """Where the lock is held once granted by ``channel`` (one server: there)."""
+        return [(channel, granted.handle)]
+
+    def _remove(self, handle: int) -> Holding | None:
+        """Forget lock ``handle`` (under the state lock); its holding, if it was held."""
+        holding = self._holdings.pop(handle, None)
+        if holding is not None:
+            request = holding.request
+            record = (request.inode, request.device, request.key, request.thread_id)
+            if self._records.get(record) == handle:
+                del self._records[record]
+        return holding
 
     def unlock(self, handle: int) -> None:
         """Release lock ``handle`` on every service holding it; unanswered unless it fails (the failure comes
         as an unsolicited Error). A lock held through a failed channel is left to its service, which frees
         it when its lock-delay ends."""
         with self._state:
-            holding = self._holdings.pop(handle, None)
+            holding = self._remove(handle)
         if holding is None:
             return  # released already (by release_all, a conversion's other lock, close), or lost
         for held in holding.locks:
@@ -196,9 +227,8 @@ class Route:
     def _forget(self, thread: int) -> list[Holding]:
         """Drop the holdings of ``thread`` (ALL_THREADS: all), their locks released; those dropped."""
         with self._state:
-            dropped = [h for h in self._holdings.values() if thread == ALL_THREADS or h.request.thread_id == thread]
-            for handle in [k for k, h in self._holdings.items() if h in dropped]:
-                del self._holdings[handle]
+            handles = [k for k, h in self._holdings.items() if thread == ALL_THREADS or h.request.thread_id == thread]
+            dropped = [holding for handle in handles if (holding := self._remove(handle)) is not None]
         for holding in dropped:
             for held in holding.locks:
                 held.released = True
@@ -278,15 +308,31 @@ class Route:
             stale = self._expire(index, self._stale(index))
             channel = link.live()
             if channel is None:
-                if not (eager or (stale and time.monotonic() >= link.next_attempt)):
+                due = time.monotonic() >= link.next_attempt and self._wants_channel(index, bool(stale))
+                if not (eager or due):
                     break
                 try:
                     channel = self._open(link, min((reclaim_deadline(h[0]) for _, _, h in stale), default=None))
                 except ServiceUnavailable:
                     break
-            if not stale or self._reclaim(index, channel, stale):
+            if stale and not self._reclaim(index, channel, stale):
+                continue
+            if self._complete(index, channel):
                 break
-        self._unsettled = self._any_stale()
+        self._unsettled = self._needs_settle()
+
+    def _wants_channel(self, index: int, stale: bool) -> bool:
+        """Whether the watcher should try to reach link ``index`` (one server: only to reclaim locks)."""
+        return stale
+
+    def _complete(self, index: int, channel: Channel) -> bool:
+        """What else link ``index`` needs once its locks are reclaimed through ``channel``; False if the
+        channel failed meanwhile (one server: nothing)."""
+        return True
+
+    def _needs_settle(self) -> bool:
+        """Whether the watcher's ticks still have something to do."""
+        return any(self._stale(index) for index in range(len(self.links)))
 
     def _stale(self, index: int) -> list[tuple[int, Holding, Hold]]:
         """The locks held on link ``index`` through a channel that is not its live one."""
@@ -294,9 +340,6 @@ class Route:
             live = self.links[index].live()
             return [(handle, holding, hold) for handle, holding in self._holdings.items()
                     if (hold := holding.holds[index]) is not None and hold[0] is not live]
-
-    def _any_stale(self) -> bool:
-        return any(self._stale(index) for index in range(len(self.links)))
 
     def _expire(self, index: int, stale: list[tuple[int, Holding, Hold]]) -> list[tuple[int, Holding, Hold]]:
         """Unhold on link ``index`` the stale locks whose service no longer keeps them; the others."""
@@ -310,31 +353,44 @@ class Route:
         return left
 
     def _reclaim(self, index: int, channel: Channel, stale: list[tuple[int, Holding, Hold]]) -> bool:
-        """Reclaim the ``stale`` locks of link ``index`` through ``channel``; False if it failed meanwhile."""
+        """Reclaim the ``stale`` locks of link ``index`` through ``channel``; one the service no longer
+        keeps is unheld there. False if the channel failed meanwhile."""
         link = self.links[index]
-        requests = [Reclaim(channel.next_id(), server_handle, holding.mode, holding.request.thread_id,
-                            holding.request.inode, holding.request.device, holding.request.key)
-                    for _, holding, (_, server_handle) in stale]
+
+        def refused(handle: int, holding: Holding, reply: Message) -> None:
+            said = reply.reason if isinstance(reply, Error) else type(reply).__name__
+            self._unheld(handle, holding, index, f"{link.name()} no longer holds it ({said})")
+
+        asks: list[tuple[int, Holding, Reclaim | Lock]] = [
+            (handle, holding, Reclaim(channel.next_id(), server_handle, holding.mode, holding.request.thread_id,
+                                      holding.request.inode, holding.request.device, holding.request.key))
+            for handle, holding, (_, server_handle) in stale]
+        return self._ask_again(index, channel, asks, refused, "reclaimed")
+
+    def _ask_again(self, index: int, channel: Channel, asks: list[tuple[int, Holding, Reclaim | Lock]],
+                   refused: Callable[[int, Holding, Message], None], done: str) -> bool:
+        """Send every request of ``asks`` (reclaims, or locks taken again) at once through ``channel``: a
+        grant becomes link ``index``'s hold of its lock (one released meanwhile is let go), any other
+        answer goes to ``refused``. False if the channel failed meanwhile."""
         try:
-            replies = exchange_all(channel, requests)
+            replies = exchange_all(channel, [request for _, _, request in asks])
         except ServiceUnavailable:
             return False
-        kept = 0
-        for (handle, holding, _), reply in zip(stale, replies, strict=True):
+        granted = 0
+        for (handle, holding, _), reply in zip(asks, replies, strict=True):
             if type(reply) is Granted:
                 with self._state:
                     wanted = self._holdings.get(handle) is holding
                     if wanted:
                         holding.holds[index] = (channel, reply.handle)
                 if wanted:
-                    kept += 1
-                else:  # released while it was being reclaimed
+                    granted += 1
+                else:
                     self._send_unlock(channel, reply.handle)
             else:
-                said = reply.reason if isinstance(reply, Error) else type(reply).__name__
-                self._unheld(handle, holding, index, f"{link.name()} no longer holds it ({said})")
-        if kept:
-            self.trace.error(f"Client: {kept} lock(s) reclaimed on {link.name()}")
+                refused(handle, holding, reply)
+        if granted:
+            self.trace.error(f"Client: {granted} lock(s) {done} on {self.links[index].name()}")
         return True
 
     def _unheld(self, handle: int, holding: Holding, index: int, reason: str) -> None:
@@ -344,12 +400,31 @@ class Route:
                 return
             holding.holds[index] = None
             if any(holding.holds):
-                return
-            del self._holdings[handle]
-            lost = [held for held in holding.locks if held.lose(reason)]
-            self._lost.extend(lost)
-        if lost:
+                held_elsewhere = True
+            else:
+                held_elsewhere = False
+                self._drop(handle, holding, reason)
+        if held_elsewhere:
+            self.trace.error(f"Client: lock {holding.what()} no longer held on {self.links[index].name()} ({reason}); "
+                             "to be taken again there")
+        else:
             self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+
+    def _lose(self, handle: int, holding: Holding, reason: str) -> None:
+        """The lock is lost wherever it is still held: released there, marked lost."""
+        with self._state:
+            if self._holdings.get(handle) is not holding:
+                return
+            self._drop(handle, holding, reason)
+            holds = [hold for hold in holding.holds if hold is not None]
+        for channel, server_handle in holds:
+            self._send_unlock(channel, server_handle)
+        self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+
+    def _drop(self, handle: int, holding: Holding, reason: str) -> None:
+        """Forget the lock and mark it lost, to be told (under the state lock)."""
+        self._remove(handle)
+        self._lost.extend(held for held in holding.locks if held.lose(reason))
 
     def _open(self, link: Link, deadline: float | None) -> Channel:
         """A new channel for ``link`` (within ``deadline``), to be told to the client; ServiceUnavailable."""
@@ -357,16 +432,21 @@ class Route:
         try:
             channel = link.open(deadline)
         except ServiceUnavailable as exc:
-            if first:
-                self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
-            elif not said:
-                self.trace.error(f"Client: cannot connect again to {link.name()}: {exc}")
+            if not said:
+                self._say_unreachable(link, exc, first=first)
             raise
         if not first:
             self.trace.error(f"Client: connected again to {link.name()}")
         with self._state:
             self._opened.append(channel)
         return channel
+
+    def _say_unreachable(self, link: Link, exc: ServiceUnavailable, *, first: bool) -> None:
+        """Say, once, that ``link`` cannot be reached (``first``: it never could)."""
+        if first:
+            self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
+        else:
+            self.trace.error(f"Client: cannot connect again to {link.name()}: {exc}")
 
     def _tell(self) -> None:
         """Tell the client what recovery did (channels opened, locks lost), outside every lock."""
@@ -386,6 +466,7 @@ class Route:
         now, due = time.monotonic(), IDLE_TICK
         for index, link in enumerate(self.links):
             stale = self._stale(index)
-            if stale:
-                due = min(due, link.next_attempt - now, *(reclaim_deadline(h[0]) - now for _, _, h in stale))
+            if link.live() is None and self._wants_channel(index, bool(stale)):
+                due = min(due, link.next_attempt - now)
+            due = min([due, *(reclaim_deadline(h[0]) - now for _, _, h in stale)])
         return max(0.01, due)
