@@ -19,6 +19,7 @@ from .layout import (
     Geometry,
     Header,
     Slot,
+    SlotFlag,
     SlotState,
     TableFlag,
     geometry_for,
@@ -52,7 +53,7 @@ from .occupancy import (
 )
 from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
 from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
-from .table import RECHECK_INTERVAL, Entry, LockTable, owner_gone
+from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied, owner_gone
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",
@@ -62,8 +63,8 @@ __all__ = [
     "OsLockError", "OsLocks", "key_offset", "lock_file_name",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder",
-    "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError",
-    "TableFlag", "TableMissing",
+    "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
+    "TableError", "TableFlag", "TableMissing", "Tidied",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
     "resource_value", "info", "pidfiles", "report", "ring", "unpack_ip",
 ]

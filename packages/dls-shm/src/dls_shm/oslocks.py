@@ -296,6 +296,17 @@ class OsLocks(LockMechanism):
             doorbell.ring(token)
         return count
 
+    def keep_owner(self, pid: int) -> int:
+        """Nothing can be kept: the kernel frees a process's OS locks when it ends, however it ends. So the
+        owner's locks and requests are released, and none is kept (0)."""
+        self.release_owner(pid)
+        return 0
+
+    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int) -> Grant:
+        """Always NotHeld: no OS lock outlives the process that took it, so none is kept to take back."""
+        raise NotHeld("OS file locks cannot be kept: the kernel freed this lock when the lock server holding "
+                      "it ended (the service has no lock table)")
+
     def close(self) -> int:
         """Release every lock and request of this object and close its lock files; how many there were."""
         with self._mutex:
