@@ -17,6 +17,7 @@ import pytest
 from dls_client import Client, Config, RequestFailed, Server
 from dls_daemon.cli import main, unit_file
 from dls_proto import (
+    PROTOCOL_VERSIONS,
     Connection,
     ConnectionClosed,
     Echo,
@@ -131,7 +132,7 @@ def test_connection_test_echoes_through_a_lock_server(service) -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == f"Client: Using host '127.0.0.1', service '{service.port}'"
     assert lines[1].startswith("Client: connected to lock server pid ")
-    assert "(protocol version 1, shared memory lock table)" in lines[1]
+    assert f"(protocol version {PROTOCOL_VERSIONS[1]}, shared memory lock table)" in lines[1]
     assert lines[2].startswith("Client: received 'hello world' in ") and lines[2].endswith(" ms (round trip)")
     # The JDLS variable, as a client would use it, names the server when --host/--port do not.
     service.env["JDLS"] = f"SERVER=localhost,{service.port}"
