@@ -97,6 +97,13 @@ examples:
   lock server's lock waits that long. 0 keeps nothing. The monitor writes it into the table,
   an existing one too; without a table (jdls -ibD: OS file locks) nothing can be kept.
 
+One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
+  serve the instance: while the listener runs without a table, while lock servers run
+  without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
+  say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
+  and exits 1, having started nothing. Local processes that hold no OS lock follow a table
+  made later. Binary locks and the clients' OSLOCKS locks are outside this rule.
+
 -C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
   configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
   {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
@@ -216,8 +223,9 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--tidy-seconds", type=_seconds, default=None, metavar="N",
                             help="tidy period in seconds, overriding -t (for tests and tuning)")
     start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
-                            help=f"where OS file locks of records are kept without a table "
-                            f"(default ${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
+                            help=f"where OS file locks of records are kept without a table; a monitor that "
+                            f"would make a table refuses while one is held there (default "
+                            f"${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
@@ -273,9 +281,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 #: Options of the table and the monitor: meaningless with -D, which starts neither.
 MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay")
-#: Options of the listener: meaningless with -A, which does not start it.
+#: Options of the listener: meaningless with -A, which does not start it. (--lock-dir is both's: the
+#: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
-    "--port", "--bind", "--lock-dir", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
+    "--port", "--bind", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
     "--max-locks", "--dead-client",
 )
 ACTION_NAMES = {"start": "-i", "stop": "-k", "remove": "-K", "display": "-d", "test": "-C", "unit": "--unit"}

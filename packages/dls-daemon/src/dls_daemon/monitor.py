@@ -32,6 +32,7 @@ import time
 from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing
 
 from .lifecycle import Daemon, StartFailed
+from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
 
@@ -65,6 +66,7 @@ class Monitor(Daemon):
             )
         except (TableError, ValueError) as exc:
             raise StartFailed(f"cannot create the lock table: {exc}") from None
+        claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
         if not created:
             for warning in self._ignored_settings(table):
