@@ -266,9 +266,8 @@ def test_sigkill_of_a_lock_server_under_load(tidy_service: Service, tmp_path: Pa
         reports = team.finish()
         shown = service.jdls("-dvL")
         assert shown.returncode == 0, shown.stderr
-    victim, others = reports[0], reports[1:]
-    assert victim["error"] and victim["error"].startswith("ServiceUnavailable"), victim
-    assert all(r["error"] is None and r["cycles"] > 0 for r in others), others
+    # The victim's next request connected again by itself (a new lock server), and it carried on.
+    assert all(r["error"] is None and r["cycles"] > 0 for r in reports), reports
     assert_exact(reports, team.value())
     assert int(header_line(shown.stdout, "Tidy-up operations")) >= 1, shown.stdout
     assert header_line(shown.stdout, "Time last tidied up") != "never", shown.stdout

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
 
 from .base import BaseClient
-from .config import port_number
+from .config import Config, port_number
 from .errors import (
     ConfigurationError,
     Holder,
@@ -41,9 +41,11 @@ from .errors import (
     LockTimeout,
     RequestFailed,
     ServiceUnavailable,
+    describe,
 )
 from .lockinfo import LockInfo
-from .locks import REMOTE_DEVICE, FileRef, HeldLock, describe
+from .locks import REMOTE_DEVICE, FileRef, HeldLock, OnLost, tell_lost
+from .trace import Tracer
 
 try:
     import dls_shm
@@ -287,7 +289,7 @@ class LocalClient(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
         if isinstance(mode, bool) or not isinstance(mode, int) or mode not in LOCK_MODES:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
@@ -321,7 +323,8 @@ class LocalClient(BaseClient):
                 self.info.wait_ended(waited[0])
                 self._publish_quietly()
         if isinstance(result, dls_shm.Grant):
-            return HeldLock(self, result.handle, ref, key, result.mode, result.value)
+            return HeldLock(self, result.handle, ref, key, result.mode, result.value, thread=owner.thread,
+                            on_lost=on_lost)
         assert result is not None
         holder = _holder(result.holder)
         if wait:
@@ -339,6 +342,39 @@ class LocalClient(BaseClient):
             pass
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"unlock: {exc}") from None
+
+    def unlock_held(self, held: HeldLock) -> None:
+        """Release ``held``; a table removed under it lost it (HeldLock.release then raises LockLost)."""
+        if self._closed:
+            raise ServiceUnavailable("this LocalClient is closed")
+        self.info.released(held.handle)
+        try:
+            self._mechanism().unlock(held.handle)
+        except dls_shm.NotHeld:
+            pass
+        except dls_shm.TableMissing as exc:
+            self._lose(held, exc)
+        except dls_shm.TableError as exc:
+            raise ServiceUnavailable(f"unlock: {exc}") from None
+
+    def verify(self, held: HeldLock) -> None:
+        """Whether the table ``held`` is in is still there (a look in shared memory, no round trip): the one
+        way a local lock is lost, since a local process's locks live as long as it does."""
+        if self.table is None or self._closed:
+            return  # OS file locks: the kernel keeps them while this process lives
+        try:
+            self.table.status(self._owner(), held.file.inode, REMOTE_DEVICE, held.key)
+        except dls_shm.TableMissing as exc:
+            self._lose(held, exc)
+        except dls_shm.TableError:
+            pass  # another trouble with the table is for the next call to say
+
+    def _lose(self, held: HeldLock, exc: dls_shm.TableError) -> None:
+        if held.lose(f"{exc}: every lock in it went with it"):
+            self.info.released(held.handle)
+            trace = Tracer(Config())  # the instance's error trace, where an operator looks
+            trace.error(f"Client: lock {describe(held.file.path, held.key)} lost: {held.lost_reason}")
+            tell_lost([held], trace.error)
 
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were freed."""
