@@ -54,14 +54,15 @@ def _own_error_trace(instance_of_the_test: Path, tmp_path: Path, monkeypatch: py
 
 
 @contextlib.contextmanager
-def pair(tmp_path: Path) -> Iterator[tuple[Service, Service]]:
-    """A primary and a secondary service; clients started with the primary's env use both."""
+def pair(tmp_path: Path, *options: str) -> Iterator[tuple[Service, Service]]:
+    """A primary and a secondary service (``jdls -ib`` with ``options``); clients started with the primary's
+    env use both."""
     primary = make_service(tmp_path / "primary")
     secondary = make_service(tmp_path / "secondary")
     assert os.environ["JBCRELEASEDIR"] == str(primary.root)
     try:
-        primary.start()
-        secondary.start()
+        primary.start(*options)
+        secondary.start(*options)
         primary.env["JDLS"] = f"SERVER=127.0.0.1,{primary.port},SERVER2=127.0.0.1,{secondary.port}"
         yield primary, secondary
     finally:
@@ -236,11 +237,14 @@ def test_a_service_started_again_is_given_every_lock_the_client_holds(tmp_path: 
         assert_free(on_primary, data, KEY)
     trace = error_trace(primary)
     assert f"secondary lock service 127.0.0.1,{secondary.port} cannot be reached" in trace, trace
+    # The service killed kept the lock it held (its table outlived it): reclaimed, not taken anew.
+    assert f"1 lock(s) reclaimed on secondary lock service 127.0.0.1,{secondary.port}" in trace, trace
+    assert f"1 lock(s) taken again on secondary lock service 127.0.0.1,{secondary.port}" in trace, trace
 
 
 def test_no_service_left_loses_the_locks_and_the_next_request_after_a_restart_works(tmp_path: Path) -> None:
     data = data_file(tmp_path)
-    with pair(tmp_path) as (primary, secondary), resilient(primary, secondary) as client:
+    with pair(tmp_path, "--lock-delay", "6") as (primary, secondary), resilient(primary, secondary) as client:
         lost = threading.Event()
         held = client.lock(data, KEY, on_lost=lambda _: lost.set())
         delays = [c.lock_delay for c in client._route.channels()]
