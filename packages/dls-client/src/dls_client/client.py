@@ -169,7 +169,7 @@ class Client(BaseClient):
                                                                              WAIT_FOREVER - 1)
         thread = identity.thread_id()
         route = self._route
-        started = time.monotonic()
+        started = time.monotonic() if 0 < limit < WAIT_FOREVER else 0.0  # what a second service may still wait
 
         def attempt(channel: Channel) -> HeldLock:
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
@@ -184,7 +184,7 @@ class Client(BaseClient):
 
             def make(handle: int) -> HeldLock:
                 self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
-                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread=thread, on_lost=on_lost)
+                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread, on_lost)
 
             held = route.held(channel, request, granted, make, started)
             if waited:

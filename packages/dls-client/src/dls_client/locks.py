@@ -76,7 +76,7 @@ class HeldLock:
     __slots__ = ("client", "file", "handle", "key", "lost_reason", "mode", "on_lost", "released", "thread",
                  "value")
 
-    def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int, *,
+    def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int,
                  thread: int = 0, on_lost: OnLost | None = None) -> None:
         self.client = client
         self.handle = handle

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 from dls_proto import WAIT_FOREVER, Granted, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
 from .errors import ServiceUnavailable, describe
 from .link import Link, OpenChannel
+from .locks import HeldLock
 from .replies import failure
 from .route import Events, Hold, Holding, Route
 from .trace import Tracer
@@ -46,7 +48,10 @@ class ResilientRoute(Route):
         super().__init__(servers, open_channel, trace, events)
         #: Set by the first request: from then on the watcher keeps both services reached.
         self._used = False
+        #: The client's own handles (the two services number their locks apart), and the handle of each
+        #: (inode, device, key, thread), so that a lock taken again (a conversion) stays one lock.
         self._handles = itertools.count(1)
+        self._records: dict[tuple[int, int, bytes, int], int] = {}
 
     # -- where requests go -------------------------------------------------------------
 
@@ -92,9 +97,37 @@ class ResilientRoute(Route):
 
     # -- locks -------------------------------------------------------------------------
 
-    def _new_handle(self, granted: Granted) -> int:
-        """The client's own: the two services number their locks apart."""
-        return next(self._handles)
+    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+             started: float = 0.0) -> HeldLock:
+        """Granted by ``channel``: taken on the other service too (``_hold_everywhere``), then recorded under
+        a handle of the client's own."""
+        holds = self._hold_everywhere(channel, request, granted, started)
+        record = (request.inode, request.device, request.key, request.thread_id)
+        with self._state:
+            handle = self._records.get(record)
+            holding = None if handle is None else self._holdings.get(handle)
+            if handle is not None and holding is not None:
+                held = make(handle)
+                holding.locks.append(held)
+                holding.mode = granted.mode
+                holding.holds = holds = [new or old for new, old in zip(holds, holding.holds, strict=True)]
+            else:
+                held = make(next(self._handles))
+                self._holdings[held.handle] = Holding(request, granted.mode, held, holds)
+                self._records[record] = held.handle
+        if None in holds:
+            self._unsettled = True  # a service that lacks it is given it by the watcher
+        self._settle_grant(holds, held)
+        return held
+
+    def _remove(self, handle: int) -> Holding | None:
+        holding = self._holdings.pop(handle, None)
+        if holding is not None:
+            request = holding.request
+            record = (request.inode, request.device, request.key, request.thread_id)
+            if self._records.get(record) == handle:
+                del self._records[record]
+        return holding
 
     def _hold_everywhere(self, channel: Channel, request: Lock, granted: Granted, started: float) -> list[Hold | None]:
         """Granted by ``channel`` (the primary, or the secondary when the primary cannot be reached): take

@@ -83,10 +83,8 @@ class Route:
         self._recovery = threading.RLock()
         #: The holdings, held briefly and never over I/O.
         self._state = threading.Lock()
-        #: The client's locks by the handle the application holds, and that handle by (inode, device, key,
-        #: thread), so that a lock taken again (a conversion) stays one lock.
+        #: The client's locks by the handle the application holds.
         self._holdings: dict[int, Holding] = {}
-        self._records: dict[tuple[int, int, bytes, int], int] = {}
         #: Some lock is held through a failed channel: the watcher's ticks settle it.
         self._unsettled = False
         #: Locks marked lost and channels opened, to be told outside the locks.
@@ -113,15 +111,20 @@ class Route:
         """``attempt(channel)`` on the current channel; if the channel fails under it, recover and ask again
         on the channel current then (once per service). No answer within TIMEOUT (the channel still works)
         is the caller's."""
-        tries = len(self.links) + 1
-        for n in range(tries):
+        channel = self.current()
+        try:
+            return attempt(channel)
+        except ServiceUnavailable:
+            if channel.failure is None:
+                raise
+        for last in [False] * (len(self.links) - 1) + [True]:
+            self.failed(channel)
             channel = self.current()
             try:
                 return attempt(channel)
             except ServiceUnavailable:
-                if channel.failure is None or n == tries - 1:
+                if channel.failure is None or last:
                     raise
-                self.failed(channel)
         raise AssertionError("unreachable")
 
     def channels(self) -> list[Channel]:
@@ -133,57 +136,37 @@ class Route:
     def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
              started: float = 0.0) -> HeldLock:
         """``channel`` granted ``request`` (asked at ``started``, time.monotonic()): the HeldLock ``make``
-        gives for the handle the application will hold, recorded so that it can be reclaimed; LockLost if
-        it was lost before this returned."""
-        holds = self._hold_everywhere(channel, request, granted, started)
-        record = (request.inode, request.device, request.key, request.thread_id)
+        gives for the handle the application will hold (the service's), recorded so that it can be
+        reclaimed; LockLost if it was lost before this returned. On the lock path: kept short."""
+        handle = granted.handle
         with self._state:
-            handle = self._records.get(record)  # held already by this thread: a conversion
-        known = handle is not None
-        held = make(handle if handle is not None else self._new_handle(granted))
-        with self._state:
-            holding = self._holdings.get(held.handle)
-            if known and holding is not None:
-                holding.locks.append(held)
+            holding = self._holdings.get(handle)
+            held = make(handle)
+            if holding is not None and (hold := holding.holds[0]) is not None and hold[0] is channel:
+                holding.locks.append(held)  # a conversion: the service answered with the handle it gave before
                 holding.mode = granted.mode
-                holding.holds = [new or old for new, old in zip(holds, holding.holds, strict=True)]
-                holds = holding.holds
-                holding = None
             else:
                 if holding is not None:  # the handle of a lock waiting to be reclaimed, given to another
-                    self._drop(held.handle, holding, "the lock service gave its handle to another lock: it no "
-                               "longer holds it")
-                self._holdings[held.handle] = Holding(request, granted.mode, held, holds)
-                self._records[record] = held.handle
-        if holding is not None:
-            self._tell()
-        if None in holds:
-            self._unsettled = True  # a service that lacks it is given it by the watcher
-        for index, hold in enumerate(holds):
-            if hold is not None and (hold[0] is not self.links[index].channel or hold[0].failure is not None):
-                # granted through a channel that failed meanwhile: reclaim it now, or lose it
-                self._recover(index, eager=True)
-        if held.lost:
-            raise held.lost_error()
+                    self._drop(handle, holding, "the lock service gave its handle to another lock: it no longer "
+                               "holds it")
+                self._holdings[handle] = Holding(request, granted.mode, held, [(channel, handle)])
+        if channel is not self.links[0].channel or channel.failure is not None or self._lost:
+            self._settle_grant([(channel, handle)], held)
         return held
 
-    def _new_handle(self, granted: Granted) -> int:
-        """The handle of a new lock: the service's own (one server)."""
-        return granted.handle
-
-    def _hold_everywhere(self, channel: Channel, request: Lock, granted: Granted, started: float) -> list[Hold | None]:
-        """Where the lock is held once granted by ``channel`` (one server: there)."""
-        return [(channel, granted.handle)]
+    def _settle_grant(self, holds: list[Hold | None], held: HeldLock) -> None:
+        """A lock just recorded was granted through a channel that failed meanwhile: reclaim it now (or lose
+        it, and say LockLost); and tell what recording it did."""
+        for index, hold in enumerate(holds):
+            if hold is not None and (hold[0] is not self.links[index].channel or hold[0].failure is not None):
+                self._recover(index, eager=True)
+        self._tell()
+        if held.lost:
+            raise held.lost_error()
 
     def _remove(self, handle: int) -> Holding | None:
         """Forget lock ``handle`` (under the state lock); its holding, if it was held."""
-        holding = self._holdings.pop(handle, None)
-        if holding is not None:
-            request = holding.request
-            record = (request.inode, request.device, request.key, request.thread_id)
-            if self._records.get(record) == handle:
-                del self._records[record]
-        return holding
+        return self._holdings.pop(handle, None)
 
     def unlock(self, handle: int) -> None:
         """Release lock ``handle`` on every service holding it; unanswered unless it fails (the failure comes
