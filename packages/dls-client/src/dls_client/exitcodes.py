@@ -18,6 +18,8 @@ NOINPUT = os.EX_NOINPUT
 UNAVAILABLE = os.EX_UNAVAILABLE
 #: JDLS (or JBCPORTNO) is not valid.
 CONFIG = os.EX_CONFIG
+#: dls-lock: an internal error (its traceback says where).
+SOFTWARE = os.EX_SOFTWARE
 #: dls-lock: COMMAND exists but cannot be run, or is not found.
 CANNOT_RUN = 126
 NOT_FOUND = 127

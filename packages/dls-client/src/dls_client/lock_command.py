@@ -1,24 +1,19 @@
 """dls-lock: run a command while holding a record lock, as flock(1) does with a file lock.
 
-The lock lives as long as dls-lock's connection to the service. If dls-lock is
-killed, the service releases the lock at once; so that the command never goes
-on unprotected, it is started with a parent-death signal (SIGKILL) and dies
-with dls-lock. Signals that ask dls-lock to stop (TERM, INT, HUP, QUIT) are
-passed on to the command, and the lock is released when the command ends.
-
-Exit status: the command's; 1 (or -E CODE) when the lock was held and -n or
--w gave up; 2 for a usage error; 66 when FILE does not exist; 69 when the
-service cannot be reached or is lost; 78 for a bad JDLS; 126/127 when the
-command cannot be run; 128+N when the command died of signal N.
+The lock lives as long as dls-lock's connection to the service, and dls-lock
+keeps it until the command and every process the command started have ended
+(``command_keeper`` runs them and answers for them, even when dls-lock itself
+is killed). What the user sees is in DESCRIPTION; the exit statuses are in
+``exitcodes`` and EPILOG.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import os
 import signal
-import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from dls_proto import Mode
@@ -26,22 +21,50 @@ from dls_proto import Mode
 from . import exitcodes
 from .__about__ import __version__
 from .client import Client
+from .command_keeper import SI_KERNEL, Keeper
 from .config import Config, port_number
 from .errors import ConfigurationError, DlsError, Holder, LockRefused
 from .locks import FileRef
 
-_PR_SET_PDEATHSIG = 1
+#: The signals dls-lock passes on to the processes of its command rather than die of them.
+PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+DESCRIPTION = """\
+Run COMMAND while holding the dls record lock on (FILE, KEY), like flock(1) for
+records. The lock service is the one JDLS names (default localhost, port 50002).
+
+The lock is held until COMMAND and every process it started have ended, as
+flock(1)'s lock is held while any process that has the file open runs: a
+process the command leaves running in the background (sh -c 'work &'), in a
+session of its own or forked twice keeps the lock too. dls-lock is their
+subreaper (they are reparented to it, not to init); -v says which ones it waits
+for once the command has ended. The exit status is still the command's.
+
+The signals TERM, INT, HUP and QUIT sent to dls-lock are passed on to every
+process the command started, once each: one the terminal sends (Ctrl-C,
+Ctrl-\\) reaches the processes in dls-lock's process group by itself, so
+dls-lock passes it on only to the others. Before the lock is held, such a
+signal ends dls-lock (and the command never runs).
+
+If dls-lock is killed, even by SIGKILL, the service releases the lock, and
+every process the command started is killed (SIGKILL) at once: dls-lock runs as
+two processes, the one started, which holds the lock, and its keeper (ps shows
+it as "dls-lock keeper"), which runs the command and kills what is left when
+the first is gone. Only killing both at once leaves processes running.
+"""
+
+EPILOG = "\n".join((
+    f"Exit status: the command's (128+N when it died of signal N); {exitcodes.FAILED} (or -E CODE) when",
+    f"the lock is held and -n or -w gives up; {exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service "
+    "unreachable",
+    f"(or lost before the command ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} "
+    "command not runnable.",
+))
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dls-lock",
-        description="Run COMMAND while holding the dls record lock on (FILE, KEY), like flock(1) for records. "
-        "The lock service is the one JDLS names (default localhost, port 50002).",
-        epilog=f"Exit status: the command's; {exitcodes.FAILED} (or -E CODE) when the lock is held and -n or -w "
-        f"gives up; {exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service unreachable; "
-        f"{exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command not runnable.",
-    )
+    parser = argparse.ArgumentParser(prog="dls-lock", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-s", "--shared", action="store_const", dest="mode", const=Mode.PR,
                       help="take a shared (read, PR) lock")
@@ -78,10 +101,43 @@ def _exit_code(text: str) -> int:
     return int(text)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: be killed if dls-lock dies, so the lock and the work end together."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _passed_on() -> list[signal.Signals]:
+    """The signals dls-lock passes on: those of PASSED_ON it was not started with ignored (a shell starts a
+    background job with INT and QUIT ignored; the command then keeps them ignored, as a shell's would)."""
+    return [signum for signum in PASSED_ON if signal.getsignal(signum) != signal.SIG_IGN]
+
+
+class _SignalRelay:
+    """Takes the holder's PASSED_ON signals, with who sent them: they are blocked in every thread of the
+    holder (the mask is set before any thread starts), and this thread waits for them with sigwaitinfo.
+
+    Before the command runs, such a signal ends dls-lock, as it would without the relay (a request that
+    waits for the lock is withdrawn with the connection). While the keeper runs, it is passed on to the
+    keeper, which passes it on to every process the command started; but not one the terminal sent
+    (Ctrl-C, Ctrl-\\), which reached the keeper's process group itself, the keeper and the command
+    included: the keeper passes that one on only to the processes outside the group. (A session leader
+    may be sent a hangup alone: dls-lock passes that on too.)"""
+
+    def __init__(self, signals: list[signal.Signals]) -> None:
+        self.signals = set(signals)
+        self.keeper: Keeper | None = None
+        if self.signals:
+            threading.Thread(target=self._run, name="dls-lock signals", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(self.signals)
+            keeper = self.keeper
+            if keeper is None:
+                self._die_of(info.si_signo)
+            elif info.si_code != SI_KERNEL or os.getsid(0) == os.getpid():
+                keeper.send(info.si_signo)
+
+    @staticmethod
+    def _die_of(signum: int) -> None:
+        """End the process by ``signum``'s default action (its disposition is SIG_DFL, see main)."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signal.pthread_kill(threading.get_ident(), signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dls-lock: {exc}", file=sys.stderr)
         return exitcodes.NOINPUT
 
+    # Before any thread exists (the keeper is forked, the relay's thread and the client's inherit the mask).
+    passed_on = _passed_on()
+    command_mask = signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
+    if signal.SIGINT in passed_on:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's KeyboardInterrupt: dls-lock dies of it instead
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not ignored (inherited so): children must stay to be reaped
+    keeper = Keeper.fork([args.command, *args.args], passed_on=passed_on, command_mask=command_mask, say=say)
+    relay = _SignalRelay(passed_on)
+
     def waiting(holder: Holder) -> None:
         print(f"dls-lock: waiting for {args.file} {args.key}, held by {holder.describe()}", file=sys.stderr,
               flush=True)
@@ -112,37 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LockRefused as exc:  # and LockTimeout: -n or -w gave up
         if say:
             say(str(exc))
+        keeper.abandon()
         return int(args.conflict_exit_code)
     except DlsError as exc:  # the service cannot be reached or was lost, or refused the request
         print(f"dls-lock: {exc}", file=sys.stderr)
+        keeper.abandon()
         return exitcodes.UNAVAILABLE
     if say:
         say(f"locked {args.file} {args.key} ({Mode(held.mode).name}, 0x{held.value:08x})")
     try:
-        return _run(args.command, args.args)
+        relay.keeper = keeper
+        keeper.run_command()
+        return keeper.wait()
     finally:
+        relay.keeper = None
         client.close()  # closing the connection releases the lock
         if say:
             say("released")
-
-
-def _run(command: str, arguments: list[str]) -> int:
-    try:
-        child = subprocess.Popen([command, *arguments], preexec_fn=_die_with_parent)
-    except FileNotFoundError:
-        print(f"dls-lock: {command}: command not found", file=sys.stderr)
-        return exitcodes.NOT_FOUND
-    except PermissionError:
-        print(f"dls-lock: {command}: permission denied", file=sys.stderr)
-        return exitcodes.CANNOT_RUN
-
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, forward)
-    status = child.wait()
-    return exitcodes.killed_by(-status) if status < 0 else status
 
 
 if __name__ == "__main__":
