@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 from dls_client import LockRefused, RequestFailed, ServiceUnavailable
-from dls_proto import Connection, ErrorCode, Hello, Role
+from dls_proto import PROTOCOL_VERSIONS, Connection, ErrorCode, Hello, Role
 from dls_shm import resource_value
 from dls_testkit import (
     DLS_LOCK,
@@ -163,7 +163,7 @@ def test_waiter_is_told_and_served_promptly(service: Service, tmp_path: Path) ->
 
 
 def _hello_bytes() -> bytes:
-    return Connection(Role.CLIENT).send(Hello(1, 1, 1, 0, 4242, os.getpid(), 1, "test-host", "pytest"))
+    return Connection(Role.CLIENT).send(Hello(1, *PROTOCOL_VERSIONS, 0, 4242, os.getpid(), 1, "test-host", "pytest"))
 
 
 def _random_bytes() -> bytes:

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from dls_proto import Connection, Hello, Role, Welcome
+from dls_proto import PROTOCOL_VERSIONS, Connection, Hello, Role, Welcome
 from dls_proto import receive as proto_receive
 
 
@@ -21,8 +21,8 @@ def receive(sock: socket.socket, conn: Connection, kind: Any, timeout: float = 1
 
 
 def hello(port: int = 4242, *, thread: int = 1, pid: int | None = None, host: str = "test-host") -> Hello:
-    """The Hello of a test client that says it is ``port`` (protocol version 1 only)."""
-    return Hello(1, 1, 1, 0, port, os.getpid() if pid is None else pid, thread, host, "pytest")
+    """The Hello of a test client that says it is ``port`` (the versions this dls-proto speaks)."""
+    return Hello(1, *PROTOCOL_VERSIONS, 0, port, os.getpid() if pid is None else pid, thread, host, "pytest")
 
 
 def greet(sock: socket.socket, port: int = 4242, *, thread: int = 1, expect: Any = Welcome,

@@ -17,6 +17,7 @@ import pytest
 from dls_client import Client, Config, RequestFailed, Server
 from dls_daemon.cli import main, unit_file
 from dls_proto import (
+    PROTOCOL_VERSIONS,
     Connection,
     ConnectionClosed,
     Echo,
@@ -74,7 +75,7 @@ def connect(service) -> socket.socket:
         (["-ibD", "--tidy-seconds", "1"], "--tidy-seconds concerns the lock table"),
         (["-ibA", "--port", "5000"], "--port concerns the lock listener, which -A does not start"),
         (["-ibA", "--max-clients", "3"], "--max-clients concerns the lock listener"),
-        (["-ibA", "--lock-dir", "/tmp/x"], "--lock-dir concerns the lock listener"),
+        (["-ibA", "--binary-lock-dir", "/tmp/x"], "--binary-lock-dir concerns the lock listener"),
         (["-i", "--max-frame", "10"], "invalid frame size (bytes) '10': expected 1024 to 67108864"),
         (["-i", "--max-clients", "0"], "invalid count '0'"),
         (["-i", "--max-locks", "many"], "invalid count 'many'"),
@@ -131,7 +132,7 @@ def test_connection_test_echoes_through_a_lock_server(service) -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == f"Client: Using host '127.0.0.1', service '{service.port}'"
     assert lines[1].startswith("Client: connected to lock server pid ")
-    assert "(protocol version 1, shared memory lock table)" in lines[1]
+    assert f"(protocol version {PROTOCOL_VERSIONS[1]}, shared memory lock table)" in lines[1]
     assert lines[2].startswith("Client: received 'hello world' in ") and lines[2].endswith(" ms (round trip)")
     # The JDLS variable, as a client would use it, names the server when --host/--port do not.
     service.env["JDLS"] = f"SERVER=localhost,{service.port}"

@@ -20,9 +20,9 @@ from dls_proto import (
     HEADER,
     HEADER_SIZE,
     MESSAGES,
+    PROTOCOL_VERSIONS,
     Connection,
     Echo,
-    Reclaim,
     EchoReply,
     Error,
     Granted,
@@ -31,6 +31,7 @@ from dls_proto import (
     InfoPut,
     InfoSnapshot,
     Lock,
+    Reclaim,
     Refused,
     Role,
     Status,
@@ -167,7 +168,7 @@ def fields_of(event: Any) -> dict[str, Any]:
 
 def receiver_for(cls: type[Any]) -> Connection:
     """A connection in the state where a message of ``cls`` may arrive."""
-    hello = Hello(0, 1, 1, 0, 1, 2, 3, "h", "p")
+    hello = Hello(0, *PROTOCOL_VERSIONS, 0, 1, 2, 3, "h", "p")
     welcome = Welcome(0, 2, 1, 0, 4, 65536, 10000, "peer", "server")
     if cls is Hello:
         return Connection(Role.SERVER)

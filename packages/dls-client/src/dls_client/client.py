@@ -4,14 +4,17 @@ A process keeps one connection for its whole life (``get_client()``); every
 thread uses it. Locking waits for the grant; unlocking does not wait for an
 answer, because a release cannot be refused to its owner and the stream keeps
 it in order before the next request: a lock/unlock cycle costs one round trip.
-Which server a request goes to, and what a failed server means, is the Route's
-business (``route``, ``resilience``), not this module's.
+Which server a request goes to, what it holds there, and what a failed server
+costs, is the Route's business (``route``, ``resilience``), not this module's;
+finding a failure while the application makes no call is the watcher's
+(``watcher``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable
 
 from dls_proto import (
@@ -39,12 +42,13 @@ from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
-from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
+from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed, describe
 from .lockinfo import LockInfo
-from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, describe
+from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
 from .resilience import ResilientRoute
-from .route import Route
+from .route import Events, Route
 from .trace import Tracer
+from .watcher import Watched, Watcher
 
 #: Which record-lock kinds each JDLS LOCK= value sends to the service.
 _KINDS_OF = {"ALL": ALL_KINDS, "INTERNAL": frozenset(("internal",)), "EXTERNAL": frozenset(("external",))}
@@ -61,7 +65,8 @@ class Client(BaseClient):
     Threads share it. Record locks go to the service; binary and execution locks
     too with JDLS BINARY, else they are OS file locks on this host. What the
     client holds and waits for is published to its lock server for the operator
-    tools (see ``lockinfo``).
+    tools (see ``lockinfo``). A watcher thread (a daemon thread, from the first
+    connection until ``close()``) finds a failed lock server at once.
     """
 
     def __init__(self, config: Config | None = None, *, connect: Connect = tcp_connect) -> None:
@@ -81,27 +86,36 @@ class Client(BaseClient):
         #: What this client knows of its locks, for proc/info (see dls_client.lockinfo).
         self.info = LockInfo()
         self._route = self._new_route()
+        ref = weakref.ref(self)
+        self._watcher = Watcher(lambda: _route_of(ref), self.trace.error)
 
     # -- the connection ----------------------------------------------------------------
 
-    def _new_route(self) -> Route:
+    def _new_route(self) -> Route | ResilientRoute:
         config = self.config
+        events = Events(self._connected, self._lost)
         if config.server2 is None:
-            return Route((config.server,), self._open_channel, self.trace, self._new_primary)
-        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, self._new_primary,
-                              config.timeout)
+            return Route((config.server,), self._open_channel, self.trace, events)
+        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events, config.timeout)
 
-    def _open_channel(self, server: Server) -> Channel:
+    def _open_channel(self, server: Server, timeout: float | None = None) -> Channel:
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
                        self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
-                       connect=self._connect)
+                       connect=self._connect, open_timeout=timeout)
 
-    def _new_primary(self, channel: Channel) -> None:
-        """Requests go to a new lock server (the first, or a promoted secondary): it does not know what
-        this client holds and waits for yet, so tell it."""
+    def _connected(self, channel: Channel) -> None:
+        """A new lock server serves this client (the first, or one connected again after a failure): watch
+        it, and tell it what this client holds and waits for, which it does not know yet."""
+        self._watcher.watch()
         self.info.changed = True
         self._publish_quietly()
+
+    def _lost(self, locks: list[HeldLock]) -> None:
+        """Locks were lost (already marked and logged by the route): forget them, and tell their holders."""
+        for held in locks:
+            self.info.released(held.handle)
+        tell_lost(locks, self.trace.error)
 
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
@@ -111,7 +125,7 @@ class Client(BaseClient):
     @property
     def connected(self) -> bool:
         """Whether a lock server has been connected to (requests that never needed one do not connect)."""
-        return self._route.primary is not None
+        return self._route.connected
 
     def connect(self) -> Channel:
         """Connect now, if no request has yet (the first request would; connecting publishes the client's
@@ -119,8 +133,12 @@ class Client(BaseClient):
         return self._route.current()
 
     def close(self) -> None:
-        self._route.close()
-        self._route = self._new_route()  # used again, the client connects again
+        """Close the connection: the service releases every lock of this client (their HeldLocks count as
+        released). Used again, the client connects again."""
+        self._watcher.stop()
+        route, self._route = self._route, self._new_route()
+        route.close()
+        self.info.released_all()
 
     # -- lock information -------------------------------------------------------------
 
@@ -147,9 +165,10 @@ class Client(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None, flags: int | None = None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None = None,
+              flags: int | None = None) -> HeldLock:
         """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
-        the lock (or raise); the Route asks again on the server left when one fails under it."""
+        the lock (or raise); the Route asks again when the server fails under it."""
         if flags is None:
             flags = self._flags
         limit = 0 if not wait else WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)),
@@ -166,11 +185,16 @@ class Client(BaseClient):
             if type(reply) is not Granted:
                 raise self._failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
                                     describe(ref.path, key))
-            handle = route.held(channel, request, reply)
-            self.info.granted(handle, ref.path, ref.inode, key, reply.mode, thread)
+            granted = reply
+
+            def make(handle: int) -> HeldLock:
+                self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
+                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread=thread, on_lost=on_lost)
+
+            held = route.held(channel, request, granted, make)
             if waited:
                 self._publish_quietly()  # the wait ended: publish the lock now held
-            return HeldLock(self, handle, ref, key, reply.mode, reply.value)
+            return held
 
         return route.ask(attempt)
 
@@ -205,7 +229,7 @@ class Client(BaseClient):
         """
         if not self.config.binary:
             return super().binary_lock(file, mode, wait=wait, timeout=timeout)
-        return self._lock(FileRef.of(file), b"", mode, wait, timeout, None, self._flags | LockFlag.BINARY)
+        return self._lock(FileRef.of(file), b"", mode, wait, timeout, None, None, self._flags | LockFlag.BINARY)
 
     def execution_lock(
         self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
@@ -221,10 +245,16 @@ class Client(BaseClient):
         if not self.config.binary:
             return super().execution_lock(number, mode, wait=wait, timeout=timeout)
         ref = FileRef(0, f"execution lock {execution_number(number):03d}")
-        return self._lock(ref, b"EXEC%03d" % number, mode, wait, timeout, None, self._flags | LockFlag.BINARY)
+        return self._lock(ref, b"EXEC%03d" % number, mode, wait, timeout, None, None, self._flags | LockFlag.BINARY)
 
     def unlock(self, handle: int) -> None:
-        """Release a lock by its handle; a failure is reported later (``async_errors``)."""
+        """Release a lock by its handle (one this client no longer holds: nothing is sent); a failure is
+        reported later (``async_errors``)."""
+        self._route.unlock(handle)
+        self.info.released(handle)
+
+    def unlock_held(self, held: HeldLock) -> None:
+        handle = held.handle
         self._route.unlock(handle)
         self.info.released(handle)
 
@@ -266,6 +296,12 @@ class Client(BaseClient):
         if isinstance(reply, Error):
             return RequestFailed(f"{what}: {reply.reason}", reply.code)
         return DlsError(f"{what}: unexpected answer {type(reply).__name__}")
+
+
+def _route_of(ref: weakref.ref[Client]) -> Watched | None:
+    """The route of the client ``ref`` names, for its watcher (None once the client is gone)."""
+    client = ref()
+    return None if client is None else client._route
 
 
 __all__ = ["Client"]

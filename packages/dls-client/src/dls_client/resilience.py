@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
-from dls_proto import ALL_THREADS, Granted, Lock, Message, Server, Unlock, UnlockAll
+from dls_proto import ALL_THREADS, Granted, InfoPut, Lock, Message, Server, Unlock, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceLost, ServiceUnavailable
-from .locks import describe
-from .route import OnPrimary, OpenChannel, Route
+from .errors import ServiceLost, ServiceUnavailable, describe
+from .link import OpenChannel
+from .locks import HeldLock
+from .route import IDLE_TICK, Events
 from .trace import Tracer
+
+T = TypeVar("T")
 
 #: One server's hold of a lock: the channel to that server and the handle it gave.
 Hold = tuple[Channel, int]
@@ -43,12 +48,17 @@ class _Entry:
         self.holds = holds
 
 
-class ResilientRoute(Route):
+class ResilientRoute:
     """A primary and a secondary lock server (SERVER2), and which of this client's locks each holds."""
 
     def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer,
-                 on_primary: OnPrimary, timeout: float) -> None:
-        super().__init__(servers, open_channel, trace, on_primary)
+                 events: Events, timeout: float) -> None:
+        self.servers = servers
+        self._open = open_channel
+        self.trace = trace
+        self._events = events
+        self.primary: Channel | None = None
+        self._connect_lock = threading.Lock()
         self.secondary: Channel | None = None
         self.timeout_ms = max(1, int(timeout * 1000))
         #: Set when no server is left: every later request raises it.
@@ -64,9 +74,60 @@ class ResilientRoute(Route):
 
     # -- connecting, and failures -----------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self.primary is not None
+
     def current(self) -> Channel:
         self._check_left()
-        return super().current()
+        primary = self.primary
+        if primary is None:
+            primary = self._connect()
+        return primary
+
+    def ask(self, attempt: Callable[[Channel], T]) -> T:
+        while True:
+            channel = self.current()
+            try:
+                return attempt(channel)
+            except ServiceUnavailable as exc:
+                self.lost(channel, exc)
+
+    def _connect(self) -> Channel:
+        with self._connect_lock:
+            primary = self.primary
+            if primary is not None:
+                return primary
+            try:
+                primary = self.primary = self._connect_all()
+            except ServiceUnavailable as exc:
+                self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
+                raise
+        for channel in self.channels():
+            self._events.connected(channel)
+        return primary
+
+    def failed(self, channel: Channel, reason: str | None = None) -> None:
+        if channel.failure is None:
+            channel.fail(reason or f"lock service {channel.server} hung up")
+        try:
+            self.lost(channel, channel.failure or ServiceUnavailable("lost"))
+        except ServiceUnavailable:
+            pass
+
+    def tick(self) -> float:
+        return IDLE_TICK
+
+    def publish(self, payload: bytes) -> None:
+        for channel in self.channels():
+            try:
+                channel.send(InfoPut(channel.next_id(), payload))
+            except ServiceUnavailable as exc:
+                self.lost(channel, exc)
+
+    def close(self) -> None:
+        for channel in self.channels():
+            channel.close()
 
     def _check_left(self) -> None:
         """ServiceLost once no server is left."""
@@ -85,7 +146,7 @@ class ResilientRoute(Route):
         channels: list[Channel] = []
         for role, server in zip(("primary", "secondary"), self.servers, strict=True):
             try:
-                channels.append(self._open(server))
+                channels.append(self._open(server, None))
             except ServiceUnavailable as exc:
                 self._failed.append(f"{role} {server}: {exc}")
                 self.trace.error(f"Client: {role} lock service {server} cannot be reached; not used by this process")
@@ -121,7 +182,7 @@ class ResilientRoute(Route):
                     self.trace.error(f"Client: {self.wrapped_up}")
             channel.close()  # never contacted again
         if promoted is not None:
-            self._on_primary(promoted)
+            self._events.connected(promoted)
         if self.wrapped_up is not None:
             raise self.wrapped_up
 
@@ -138,7 +199,10 @@ class ResilientRoute(Route):
 
     # -- locks ---------------------------------------------------------------------------
 
-    def held(self, channel: Channel, request: Lock, granted: Granted) -> int:
+    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock]) -> HeldLock:
+        return make(self._held(channel, request, granted))
+
+    def _held(self, channel: Channel, request: Lock, granted: Granted) -> int:
         """``channel`` granted ``request``: take it on the secondary too; this client's handle for it.
 
         ServiceUnavailable when the grant is void because ``channel`` failed

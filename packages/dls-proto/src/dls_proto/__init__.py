@@ -71,7 +71,7 @@ __all__ = [
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",
-    "ProtocolError", "Reclaim", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "SpinningReader", "State", "Status",
-    "StatusReply", "UnknownMessage", "Unlock", "UnlockAll", "Unlocked", "Waiting", "Welcome",
+    "ProtocolError", "Reclaim", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "SpinningReader",
+    "State", "Status", "StatusReply", "UnknownMessage", "Unlock", "UnlockAll", "Unlocked", "Waiting", "Welcome",
     "__version__", "choose_version", "encode",
 ]

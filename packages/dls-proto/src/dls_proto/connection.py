@@ -16,9 +16,9 @@ from typing import Any, Final
 from .codec import DECODERS, ENCODERS, HEADER_STRUCT
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
-    MESSAGES,
     FRAME_VERSION,
     HEADER_SIZE,
+    MESSAGES,
     PROTOCOL_VERSIONS,
     REPLIES,
     REQUESTS,
