@@ -4,12 +4,17 @@ The lock lasts while any process the command started runs (as flock(1)'s does), 
 command's process group, made a session of its own or was forked twice; each such process gets a signal
 dls-lock passes on exactly once, however it was sent (kill, or the terminal's Ctrl-C); and none of them
 outlives dls-lock, even killed by SIGKILL. A witness client of the test checks who holds the lock.
+
+When the lock is lost, dls-lock stops the command (TERM, then KILL) and exits 75: the timing and the
+messages with a fake client that loses its lock when told (a real dls-lock process all the same), then a
+real loss on a real service.
 """
 
 from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import shlex
 import signal
@@ -23,7 +28,20 @@ from pathlib import Path
 import psutil
 import pytest
 from dls_client import Client, LockRefused
-from dls_testkit import DLS_LOCK, KEY, Service, alive, data_file, holder_of, lock_holder, running, wait_for, wait_free
+from dls_client.exitcodes import LOST
+from dls_testkit import (
+    DLS_LOCK,
+    KEY,
+    Service,
+    alive,
+    data_file,
+    holder_of,
+    lock_holder,
+    running,
+    running_service,
+    wait_for,
+    wait_free,
+)
 
 #: A process that counts the signals it is sent (TERM, INT, HUP), each delivery apart (it takes them with
 #: sigtimedwait, not a handler, so two deliveries are never merged into one call): it touches OUT.ready, and
@@ -131,8 +149,13 @@ def test_the_lock_lasts_while_a_process_the_command_left_runs(service: Service, 
         assert proc.poll() is None, f"dls-lock ended ({proc.returncode}): {err.read_text()}"
         left = int(child_pid.read_text())
         told = [line for line in err.read_text().splitlines() if "waiting for" in line]
-        assert told[0].startswith("dls-lock: the command ended (3); waiting for "), told
-        assert "process" in told[0] and "the command started: pid" in told[0] and str(left) in told[0], told
+        said = re.fullmatch(r"dls-lock: the command ended \(3\); waiting for (\d+) process(?:es)? the command "
+                            r"started: pids? ([\d, ]+)", told[0])
+        assert said, told
+        pids = [int(pid) for pid in said[2].split(", ")]
+        assert len(pids) == int(said[1])
+        # what ran then: the process left, or (forked twice) the subshell about to fork it
+        assert left in pids or how == "double fork", (left, told)
 
         time.sleep(0.3)  # the command is long gone: the lock must stay while the process it left runs
         assert alive(left) and proc.poll() is None
@@ -281,3 +304,181 @@ def test_a_command_that_cannot_run(service: Service, witness: Client, tmp_path: 
         witness.try_lock(data, KEY).release()
     except LockRefused as exc:
         raise AssertionError("the lock stayed held after a command that could not run") from exc
+
+
+# -- the lock lost ------------------------------------------------------------------------------------
+
+#: dls-lock's main with a fake client: the lock is granted at once and lost when the file $LOSE appears,
+#: seen by a watcher thread which calls on_lost, as the real client's does (but, with $SILENT set, the loss
+#: is found only by release()).
+FAKE_CLIENT = textwrap.dedent("""
+    import os, sys, threading, time
+    from pathlib import Path
+    from dls_client import LockLost, Mode, lock_command
+
+    class FakeHeld:
+        mode, value, lost, lost_reason = Mode.EX, 0, False, None
+
+        def release(self):
+            if self.lost:
+                raise LockLost("FILE", b"KEY", self.lost_reason)
+
+    class FakeClient:
+        def __init__(self, config):
+            pass
+
+        def lock(self, ref, key, mode, *, on_lost, **_):
+            held, lose = FakeHeld(), Path(os.environ["LOSE"])
+
+            def watch():
+                while not lose.exists():
+                    time.sleep(0.01)
+                held.lost, held.lost_reason = True, "the fake lost it"
+                if not os.environ.get("SILENT"):
+                    on_lost(held)
+
+            threading.Thread(target=watch, daemon=True).start()
+            time.sleep(0.05)  # a loss already due is seen before the grant returns
+            return held
+
+        def close(self):
+            pass
+
+    lock_command.Client = FakeClient
+    sys.exit(lock_command.main(sys.argv[1:]))
+""")
+
+#: A command that leaves a process behind which ignores TERM: the command itself ends on TERM (7).
+STUBBORN = textwrap.dedent("""
+    trap 'echo TERM >> "$LOG"; exit 7' TERM
+    sh -c 'trap "" TERM; echo $$ > "$STUBBORN"; while :; do sleep 0.05; done' &
+    touch "$READY"
+    while :; do sleep 0.05; done
+""")
+
+
+def _fake_dls_lock(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("JDLS", "JBCPORTNO")}
+    return subprocess.Popen([sys.executable, "-c", FAKE_CLIENT, *args], env={**environ, **env},
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("grace", ["0.5", "0"])
+def test_a_lost_lock_stops_the_command(tmp_path: Path, grace: str) -> None:
+    data = data_file(tmp_path)
+    files = {name: tmp_path / name for name in ("LOSE", "LOG", "STUBBORN", "READY")}
+    script = tmp_path / "work.sh"
+    script.write_text(STUBBORN)
+    proc = _fake_dls_lock(tmp_path, "-k", grace, str(data), KEY, "sh", str(script),
+                          **{name: str(path) for name, path in files.items()})
+    with running(proc):
+        wait_for(lambda: (files["READY"].exists() and files["STUBBORN"].exists() and files["STUBBORN"].read_text())
+                 or proc.poll() is not None, 15, "the command to start")
+        assert proc.poll() is None, proc.communicate()
+        stubborn = int(files["STUBBORN"].read_text())
+        lost = time.monotonic()
+        files["LOSE"].touch()
+        _, err = proc.communicate(timeout=15)
+        took = time.monotonic() - lost
+    assert proc.returncode == LOST, err
+    assert not alive(stubborn)
+    name = f"{data} {KEY}"
+    assert f"dls-lock: lost the lock on {name} (the fake lost it): stopping the command (TERM now, KILL after " \
+        f"{grace} s)\n" in err
+    if grace == "0":  # KILL at once, no TERM
+        assert not files["LOG"].exists()
+        assert "dls-lock: killing " in err and " running: pid" in err and str(stubborn) in err, err
+        assert took < 1.5
+    else:  # TERM to all, which ends the command but not the stubborn one; KILL for it after 0.5 s
+        assert files["LOG"].read_text() == "TERM\n"
+        assert " still running 0.5 s after TERM: pid" in err and str(stubborn) in err, err
+        assert 0.5 <= took < 2.5, f"stopped {took:.2f} s after the loss"
+
+
+def test_a_loss_found_at_release_is_told(tmp_path: Path) -> None:
+    data, lose = data_file(tmp_path), tmp_path / "LOSE"
+    proc = _fake_dls_lock(tmp_path, "-v", str(data), KEY, "sh", "-c", f"touch {_quoted(lose)}; sleep 0.2",
+                          LOSE=str(lose), SILENT="1")
+    with running(proc):
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == LOST, err
+    assert err.splitlines()[-1] == f"dls-lock: lost the lock on {data} {KEY} (the fake lost it) after the command ended"
+
+
+def test_a_lock_lost_before_the_command_starts(tmp_path: Path) -> None:
+    """The command never runs: 69, as when the service is lost before the grant (not 75, which says the
+    command may have done part of its work)."""
+    data, lose, ran = data_file(tmp_path), tmp_path / "LOSE", tmp_path / "ran"
+    lose.touch()
+    proc = _fake_dls_lock(tmp_path, str(data), KEY, "touch", str(ran), LOSE=str(lose))
+    with running(proc):
+        _, err = proc.communicate(timeout=15)
+    assert (proc.returncode, err) == (
+        69, f"dls-lock: lost the lock on {data} {KEY} (the fake lost it) before the command started: it does not "
+        "run\n")
+    assert not ran.exists()
+
+
+def _holding(service: Service, data: Path, err: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process]]:
+    """dls-lock running a command that leaves a sleep behind and sleeps itself; returned with the two sleeps
+    once both run."""
+    with err.open("wb") as stderr:
+        proc = service.dls_lock_popen(str(data), KEY, "sh", "-c", "sleep 60 & exec sleep 61", stderr=stderr)
+    sleeps: list[psutil.Process] = []
+
+    def started() -> bool:
+        sleeps[:] = [p for p in _tree(proc) if p.name() == "sleep"]
+        return len(sleeps) == 2 or proc.poll() is not None
+
+    try:
+        wait_for(started, 15, "the command and what it leaves to start")
+        assert proc.poll() is None, f"dls-lock ended ({proc.returncode}): {err.read_text()}"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, sleeps
+
+
+def test_a_lock_lost_with_its_lock_server_stops_the_command(tmp_path: Path) -> None:
+    """The lock server serving dls-lock is killed, and the service keeps nothing of it (--lock-delay 0): the
+    lock is handed on at once, dls-lock cannot take it back, and must say so, stop the command and what it
+    left, and exit 75, within a few seconds."""
+    data, err = data_file(tmp_path), tmp_path / "err"
+    with running_service(tmp_path / "release", "--lock-delay", "0") as service, \
+            service.client(timeout=10) as witness:
+        proc, sleeps = _holding(service, data, err)
+        with running(proc):
+            holder = holder_of(witness, data, KEY)
+            assert holder.client_pid == proc.pid
+            os.kill(holder.pid, signal.SIGKILL)  # dls-lock's lock server
+            killed = time.monotonic()
+            with witness.lock(data, KEY, timeout=10):  # handed on: dls-lock cannot have it back
+                assert proc.wait(timeout=10) == LOST, err.read_text()
+                took = time.monotonic() - killed
+                assert not any(alive(p.pid) for p in sleeps), "the command outlived the lock"
+    said = err.read_text()
+    assert re.search(f"dls-lock: lost the lock on {re.escape(f'{data} {KEY}')} \\(.+\\): stopping the command "
+                     r"\(TERM now, KILL after 2 s\)\n", said), said
+    assert took < 5, f"dls-lock stopped its command {took:.1f} s after its lock server was killed"
+
+
+def test_a_lock_taken_back_after_its_lock_server_died_lets_the_command_run(service: Service, witness: Client,
+                                                                          tmp_path: Path) -> None:
+    """The same kill with the service's lock-delay (15 s): the lock is kept for dls-lock, which takes it back
+    through a new lock server; the command runs on, and ends as it would have."""
+    data, err = data_file(tmp_path), tmp_path / "err"
+    proc, sleeps = _holding(service, data, err)
+    with running(proc):
+        killed = holder_of(witness, data, KEY).pid
+        os.kill(killed, signal.SIGKILL)
+
+        def taken_back() -> bool:
+            holder = holder_of(witness, data, KEY)
+            return holder.client_pid == proc.pid and holder.pid != killed
+
+        wait_for(taken_back, 10, "dls-lock to take its lock back through another lock server", poll=0.1)
+        assert proc.poll() is None and all(alive(p.pid) for p in sleeps), err.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM, err.read_text()
+    assert "lost" not in err.read_text()

@@ -16,6 +16,9 @@ flock(1)'s lock lasts while any process holding its file lives
   ``lock_command`` for which); signals from anyone else it ignores, but for
   the terminal's (Ctrl-C), which reached the processes of its process group
   itself: those it passes on to the processes outside that group;
+- when the holder asks it to stop (the lock was lost), it sends TERM (and
+  CONT, so that a stopped process acts on it) to every process of the tree,
+  and KILL to those still there a grace period later;
 - when the holder ends before it (even by SIGKILL: its parent-death signal
   tells it), it kills (SIGKILL) every process of the tree at once: the lock
   went with the holder's connection, and nothing may go on working as if it
@@ -34,16 +37,20 @@ leaves the command's other processes running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Collection
 
 from . import exitcodes
 from .process_tree import become_subreaper, descendants, die_with_parent, set_name, signal_descendants
 
+#: The holder's request to the keeper: the lock is lost, stop every process of the tree.
+STOP = signal.SIGUSR1
 #: The keeper's parent-death signal: the holder is gone (confirmed by the keeper's new parent pid).
 HOLDER_GONE = signal.SIGUSR2
 #: si_code of a signal the kernel sent: from a terminal (Ctrl-C, Ctrl-\, a hangup), to a whole process group.
@@ -70,23 +77,24 @@ class Keeper:
 
     @classmethod
     def fork(cls, argv: list[str], *, passed_on: Collection[signal.Signals], command_mask: Collection[int],
-             say: Say | None) -> Keeper:
+             grace: float, say: Say | None) -> Keeper:
         """Fork the keeper of ``argv``. Call it while this process has one thread: a fork copies only the
         calling thread, and a lock another thread held would stay held in the child.
 
         ``passed_on``: the signals the holder passes on (blocked in the holder, which takes them with
-        sigwaitinfo); ``command_mask``: the signal mask the command gets (dls-lock's own at its start)."""
+        sigwaitinfo); ``command_mask``: the signal mask the command gets (dls-lock's own at its start);
+        ``grace``: the seconds between TERM and KILL when told to ``stop``; ``say``: -v's messages."""
         become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
         holder = os.getpid()
         go_read, go_write = os.pipe()
         # Blocked before the fork: none of the keeper's signals can kill it before it listens for them.
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, HOLDER_GONE, *passed_on})
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, STOP, HOLDER_GONE, *passed_on})
         pid = os.fork()
         if pid == 0:
             code = exitcodes.SOFTWARE
             try:
                 os.close(go_write)
-                code = _Keeping(holder, argv, set(passed_on), set(command_mask), say).run(go_read)
+                code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say).run(go_read)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -106,6 +114,10 @@ class Keeper:
         """No lock, no command: the keeper ends without running it."""
         os.close(self._go)
         self.wait()
+
+    def stop(self) -> None:
+        """The lock is lost: TERM every process of the command, KILL those left after the grace period."""
+        self.send(STOP)
 
     def send(self, signum: int) -> None:
         """Send the keeper ``signum`` (nothing once it has been reaped)."""
@@ -139,14 +151,17 @@ class Keeper:
 class _Keeping:
     """The keeper's own side, in the forked child: wait for the lock, run the command, reap the tree."""
 
-    def __init__(self, holder: int, argv: list[str], passed_on: set[int], command_mask: set[int],
+    def __init__(self, holder: int, argv: list[str], passed_on: set[int], command_mask: set[int], grace: float,
                  say: Say | None) -> None:
         self.holder = holder
         self.argv = argv
         self.passed_on = passed_on
         self.command_mask = command_mask
+        self.grace = grace
         self.say = say
         self.me = os.getpid()
+        #: When KILL follows the TERM of a stop (monotonic), once told to stop.
+        self.kill_at: float | None = None
         self.killing = False
 
     def run(self, go: int) -> int:
@@ -183,16 +198,18 @@ class _Keeping:
             return pid
         os.waitpid(pid, 0)
         error = int(failure)
-        reason = {2: "command not found", 13: "permission denied"}.get(error, os.strerror(error))
+        reason = {errno.ENOENT: "command not found", errno.EACCES: "permission denied"}.get(error, os.strerror(error))
         print(f"dls-lock: {self.argv[0]}: {reason}", file=sys.stderr)
-        return -(exitcodes.NOT_FOUND if error == 2 else exitcodes.CANNOT_RUN)
+        return -(exitcodes.NOT_FOUND if error == errno.ENOENT else exitcodes.CANNOT_RUN)
 
     def _keep(self, command: int) -> int:
         """Reap until no child is left; the command's status."""
-        listen = {signal.SIGCHLD, HOLDER_GONE, *self.passed_on}
+        listen = {signal.SIGCHLD, STOP, HOLDER_GONE, *self.passed_on}
         status: int | None = None
         told = False
         while True:
+            if self.kill_at is not None and not self.killing and time.monotonic() >= self.kill_at:
+                self._kill_the_rest()
             if self.killing:
                 signal_descendants(self.me, signal.SIGKILL)
             while True:
@@ -210,18 +227,20 @@ class _Keeping:
                 told = self._tell_who_is_left(status)
             # Soon again while killing, and while a process just forked may have been missed by the last look.
             soon = self.killing or (status is not None and not told)
-            info = signal.sigtimedwait(listen, _AGAIN if soon else _IDLE)
+            timeout = _AGAIN if soon else _IDLE
+            if self.kill_at is not None and not self.killing:
+                timeout = min(timeout, max(0.0, self.kill_at - time.monotonic()))
+            info = signal.sigtimedwait(listen, timeout)
             if info is not None:
                 self._on_signal(info)
 
     def _tell_who_is_left(self, status: int) -> bool:
         """Say which processes the command left running, with -v; False if none was seen (a scan of /proc
         is not one instant: a process forked during it may be missed until the next)."""
-        left = [proc.pid for proc in descendants(self.me) if not proc.zombie]
+        left = _running(self.me)
         if left and self.say:
-            many = len(left) > 1
-            self.say(f"the command ended ({status}); waiting for {len(left)} process{'es' if many else ''} the "
-                     f"command started: pid{'s' if many else ''} {', '.join(map(str, left))}")
+            count, pids = _described(left)
+            self.say(f"the command ended ({status}); waiting for {count} the command started: {pids}")
         return bool(left) or not self.say
 
     def _on_signal(self, info: signal.struct_siginfo) -> None:
@@ -229,8 +248,39 @@ class _Keeping:
         if signum == HOLDER_GONE:
             if os.getppid() != self.holder:  # a parent-death signal, not a stray SIGUSR2
                 self.killing = True
+        elif signum == STOP:
+            if info.si_pid == self.holder and self.kill_at is None:
+                self._stop()
         elif signum in self.passed_on:
             if info.si_pid == self.holder and info.si_code != SI_KERNEL:
                 signal_descendants(self.me, signum)
             elif info.si_code == SI_KERNEL:  # the terminal's: its process group has it already
                 signal_descendants(self.me, signum, skip_group=os.getpgrp())
+
+    def _stop(self) -> None:
+        """TERM (and CONT) to every process of the tree now, KILL to what is left after the grace period."""
+        self.kill_at = time.monotonic() + self.grace
+        if self.grace > 0:
+            for signum in (signal.SIGTERM, signal.SIGCONT):
+                signal_descendants(self.me, signum)
+        else:
+            self._kill_the_rest()
+
+    def _kill_the_rest(self) -> None:
+        self.killing = True
+        left = _running(self.me)
+        if left:
+            count, pids = _described(left)
+            when = f"still running {self.grace:g} s after TERM" if self.grace > 0 else "running"
+            print(f"dls-lock: killing {count} {when}: {pids}", file=sys.stderr, flush=True)
+
+
+def _running(root: int) -> list[int]:
+    """The processes below ``root`` that have not ended."""
+    return [proc.pid for proc in descendants(root) if not proc.zombie]
+
+
+def _described(pids: list[int]) -> tuple[str, str]:
+    """("2 processes", "pids 7, 9"): how messages count and name processes."""
+    many = len(pids) > 1
+    return f"{len(pids)} process{'es' if many else ''}", f"pid{'s' if many else ''} {', '.join(map(str, pids))}"
