@@ -113,7 +113,7 @@ def test_killed_holder_frees_its_lock_and_its_command(service: Service, tmp_path
         sleeps: list[psutil.Process] = []
 
         def command_started() -> bool:
-            sleeps[:] = [c for c in psutil.Process(proc.pid).children() if c.name() == "sleep"]
+            sleeps[:] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "sleep"]
             return bool(sleeps) or proc.poll() is not None
 
         wait_for(command_started, 10, "dls-lock to start its command")

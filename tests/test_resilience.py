@@ -1,11 +1,13 @@
 """Resilience with real processes: clients, hosts and daemons that die or vanish while locks are in use.
 
 - A client host cut off without a word (a network namespace whose link goes
-  down, its client frozen) loses its locks within the dead-client bound.
+  down, its client frozen) is given up within the dead-client bound: its lock
+  server ends, keeping the client's locks for the lock-delay (the client may
+  live and come back to reclaim them), and they are freed after it.
 - A lock server, the listener or the monitor killed with SIGKILL while four
   clients hammer one record lock: the others carry on, no lock is ever granted
   to two owners at once (a counter incremented under the lock is exact), and no
-  lock is left to a dead owner.
+  lock is left to a dead owner beyond the lock-delay.
 - A lock server whose client process ends (normally or by SIGKILL) releases
   the client's locks and exits at once.
 
@@ -56,6 +58,11 @@ from dls_testkit import (
 DEFAULT_DEAD_CLIENT_BOUND = 15.0
 #: What the bound may be exceeded by (the last exchange before the cut, polling, a loaded machine).
 SLACK = 5.0
+#: The lock-delay of these tests (seconds): how long the locks of a lock server that ended while its client
+#: may live are kept before anyone else gets them.
+LOCK_DELAY = 2.0
+#: How late after its lock-delay a kept lock may be freed (the monitor looks every second; a busy machine).
+LATE = 1.5
 
 
 # -- a service of the test's own, with a short tidy period --------------------------------------
@@ -63,8 +70,8 @@ SLACK = 5.0
 
 @pytest.fixture
 def tidy_service(tmp_path: Path) -> Iterator[Service]:
-    """Like ``service``, with the monitor tidying every second (``--tidy-seconds 1``)."""
-    with running_service(tmp_path / "release", "--tidy-seconds", "1") as svc:
+    """Like ``service``, with the monitor tidying every second (``--tidy-seconds 1``) and a short lock-delay."""
+    with running_service(tmp_path / "release", "--tidy-seconds", "1", "--lock-delay", f"{LOCK_DELAY:g}") as svc:
         yield svc
 
 
@@ -82,7 +89,7 @@ def remote_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
     """A service listening on every address (the default); with the parameter True, with the shortest
     dead-client bound of these tests, if jdls has the option. (The service, the bound, the slack.)"""
     options, bound, slack = dead_client_setting() if request.param else ((), DEFAULT_DEAD_CLIENT_BOUND, SLACK)
-    with running_service(tmp_path / "release", *options) as svc:
+    with running_service(tmp_path / "release", *options, "--lock-delay", f"{LOCK_DELAY:g}") as svc:
         yield svc, bound, slack
 
 
@@ -155,12 +162,13 @@ def _cut_off(service: Service, link: Any, proc: subprocess.Popen[bytes]) -> tupl
 @pytest.mark.parametrize(("remote_service", "state"), [(False, "idle"), (True, "idle"), (True, "waiting")],
                          indirect=["remote_service"], ids=["idle-default-bound", "idle-dead-client-6",
                                                            "waiting-dead-client-6"])
-def test_client_host_cut_off_without_fin_loses_its_locks_within_the_bound(
+def test_client_host_cut_off_without_fin_is_given_up_within_the_bound_and_its_locks_kept_for_the_delay(
         remote_service: tuple[Service, float, float], tmp_path: Path, state: str) -> None:
     """A client in a namespace holds a lock, and (``waiting``) waits for one held here, so that its lock
     server sends it interim messages; it is frozen and its link goes down: no FIN, no RST, nothing.
-    Its lock server must notice within the bound (the default, or ``--dead-client 6``), release its
-    locks and requests, and end."""
+    Its lock server must notice within the bound (the default, or ``--dead-client 6``), drop its
+    requests, keep its locks (the client may be alive: it could come back and reclaim them), and end;
+    nobody else gets them before the lock-delay has passed, and they are freed soon after."""
     service, bound, slack = remote_service
     data = data_file(tmp_path)
     made: list[Any] = []
@@ -179,31 +187,36 @@ def test_client_host_cut_off_without_fin_loses_its_locks_within_the_bound(
                          f"{expected} of the client in the namespace in the table", poll=0.05)
 
                 cut, before = _cut_off(service, link, proc)
-                elapsed = wait_free(local, data, KEY, bound + slack)
+                while (alive(server) or server in service.server_pids()) and time.monotonic() - cut <= bound + slack:
+                    time.sleep(0.1)
+                detected = time.monotonic() - cut
                 after, in_flight = tcp_state(service.port, link.ns_ip), unacknowledged(service.port, link.ns_ip)
                 why = (f"{in_flight} bytes it sent after the cut are unacknowledged: the kernel retransmits them "
                        "(for many minutes), and keepalive does not probe while data is in flight; "
                        if in_flight else "")
-                assert elapsed <= bound + slack, (
-                    f"the lock of a client host cut off {elapsed:.1f} s ago is still held "
-                    f"(bound {bound:g} s + {slack:g} s slack); its lock server {server} "
-                    f"{'runs' if alive(server) else 'has ended'}, and has {slots_of(service, server)} in the table; "
+                assert not alive(server), (
+                    f"the lock server {server} of a client host cut off {detected:.1f} s ago still runs "
+                    f"(bound {bound:g} s + {slack:g} s slack), and has {slots_of(service, server)} in the table; "
                     f"{why}its connection before the cut: {before}; now: {after}")
-                # Freed by its lock server, which noticed and ended, not reclaimed by the try_lock.
-                wait_for(lambda: server not in service.server_pids() and not alive(server), 2,
-                         f"the lock server {server} of the vanished client to end")
-                detected = time.monotonic() - cut
-                assert detected <= bound + slack, f"its lock server ended only after {detected:.1f} s"
-                assert slots_of(service, server) == []
-                line = service.wait_for_log(r" server INFO released 1 lock\(s\) of " + re.escape(f"{link.ns_ip}:")
-                                            + r"\d+ " + re.escape(f"(port {pid}, pid {pid})"))
+                # Kept by its lock server, which noticed and ended; its request is gone.
+                assert slots_of(service, server) == [(KEY, SlotState.KEPT)]
+                line = service.wait_for_log(r" server INFO kept 1 lock\(s\) of " + re.escape(f"{link.ns_ip}:")
+                                            + r"\d+ " + re.escape(f"(port {pid}, pid {pid}) for {LOCK_DELAY:g} s"))
                 assert line
+                with attached(service) as table:
+                    [kept] = [e.slot.timestamp for e in table.scan() if e.slot.state == SlotState.KEPT]
+                elapsed = wait_free(local, data, KEY, LOCK_DELAY + slack, poll=0.05)
+                freed = time.time()
+                assert freed >= kept + LOCK_DELAY, f"freed {kept + LOCK_DELAY - freed:.2f} s before the lock-delay"
+                assert freed <= kept + LOCK_DELAY + LATE, (
+                    f"still held {freed - kept:.1f} s after it was kept ({elapsed:.1f} s after its lock server "
+                    f"ended), lock-delay {LOCK_DELAY:g} s")
             if wanted is not None:
                 wanted.release()
         ended = [line for line in service.log().splitlines() if " server " in line and f" {link.ns_ip}:" in line
                  and any(word in line for word in ("closed", "lost", "closing"))]
         assert ended and not any("no Hello" in line for line in ended), (
-            f"the locks were freed in time ({elapsed:.1f} s), but the lock server logged the end of a client "
+            f"the locks were kept in time ({detected:.1f} s), but the lock server logged the end of a client "
             f"that had said Hello long before as a handshake timeout: {ended}")
     finally:
         left = [link for link in made if link.exists()]
@@ -237,21 +250,24 @@ def test_sigkill_of_a_lock_server_under_load(tidy_service: Service, tmp_path: Pa
         killed = time.monotonic()
         Path(victim_files["resume"]).touch()
 
-        # The monitor's tidy (every second) frees what the dead lock server held; nobody else asks for it.
-        wait_for(lambda: not slots_of(service, victim_server), 5, "the killed lock server's locks to be freed",
-                 poll=0.05)
+        # The listener keeps what the dead lock server held when it reaps it (its client may live), and the
+        # monitor frees it when the lock-delay has passed; nobody else asks for it meanwhile.
+        wait_for(lambda: slots_of(service, victim_server) == [("victim-held", SlotState.KEPT)], 2,
+                 "the killed lock server's lock to be kept", poll=0.05)
+        holder_of(witness, team.counter, "victim-held")
+        wait_for(lambda: not slots_of(service, victim_server), LOCK_DELAY + 5,
+                 "the killed lock server's locks to be freed", poll=0.05)
         freed = time.monotonic() - killed
-        assert freed < 3.0, f"the killed lock server's locks were freed only after {freed:.1f} s"
+        assert LOCK_DELAY <= freed < LOCK_DELAY + LATE, f"the killed lock server's locks were freed after {freed:.1f} s"
         witness.try_lock(team.counter, "victim-held").release()
-        service.wait_for_log(r" monitor INFO tidy \(periodic\): freed \d+ orphaned lock\(s\)")
+        service.wait_for_log(r" monitor INFO tidy \([^)]*\): freed \d+ orphaned lock\(s\)")
         assert read_counter(witness, team.counter) > before, "the other clients stopped when one lock server died"
 
         reports = team.finish()
         shown = service.jdls("-dvL")
         assert shown.returncode == 0, shown.stderr
-    victim, others = reports[0], reports[1:]
-    assert victim["error"] and victim["error"].startswith("ServiceUnavailable"), victim
-    assert all(r["error"] is None and r["cycles"] > 0 for r in others), others
+    # The victim's next request connected again by itself (a new lock server), and it carried on.
+    assert all(r["error"] is None and r["cycles"] > 0 for r in reports), reports
     assert_exact(reports, team.value())
     assert int(header_line(shown.stdout, "Tidy-up operations")) >= 1, shown.stdout
     assert header_line(shown.stdout, "Time last tidied up") != "never", shown.stdout

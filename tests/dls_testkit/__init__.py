@@ -15,6 +15,8 @@ On the root pytest ``pythonpath``, so any test module or conftest imports it by 
 - ``wire``: a client speaking the protocol by hand over a socket;
 - ``fake_service``: an in-process lock service over a socketpair, scripted by the test, for the client's
   connection code without a daemon;
+- ``fake_lock_service``: fake services of many connections sharing one lock table, with the lock-delay and
+  Reclaim, for the client's recovery rules without a daemon;
 - ``chaos`` (a subpackage, imported as ``dls_testkit.chaos``): fault injection with a history checker, worker
   processes, the chaos loop and the checker of their logs (tests/test_chaos.py, ``./dev chaos``).
 """
@@ -32,6 +34,7 @@ from .clients import (
     wait_free,
 )
 from .crew import LOAD_SECONDS, Crew, assert_exact, crew
+from .fake_lock_service import FakeLockService
 from .fake_service import FakeService
 from .ipc import free_key, ipc_left, ipcs_lines, own_table, remove_ipc
 from .ports import free_port
@@ -41,8 +44,9 @@ from .waiting import wait_for
 from .wire import greet, hello, receive
 
 __all__ = [
-    "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeService", "Pipe", "Service", "alive",
-    "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone", "greet",
+    "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeLockService", "FakeService", "Pipe",
+    "Service", "alive", "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone",
+    "greet",
     "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder", "make_service",
     "own_table", "processes_of", "read_counter", "receive", "remove_ipc", "running", "running_service", "slots_of",
     "wait_for", "wait_free",

@@ -5,11 +5,12 @@ takes it as ``sock``); the service end is served by a thread through dls-proto's
 ``Connection``, so every frame the fake sends is one a real lock server could send, unless the test
 sends raw bytes on purpose.
 
-The greeting is answered by ``greeting(hello)`` (default: Welcome with the highest common version).
-Every request after it is answered by ``answer(request)`` when the test gave one, else queued for the
-test, which takes it with ``next_request`` and replies with ``send`` (messages, or raw bytes), ``close``,
-or nothing at all (silence). Either callable returns what to send: messages and raw bytes in order, and
-``CLOSE`` to close the connection there.
+The greeting is answered by ``greeting(hello)`` (default: Welcome with the highest common version and
+the lock-delay the fake was given). Every request after it is answered by ``answer(request)`` when the
+test gave one, else queued for the test, which takes it with ``next_request`` and replies with ``send``
+(messages, or raw bytes), ``close``, or nothing at all (silence). Either callable returns what to send:
+messages and raw bytes in order, and ``CLOSE`` to close the connection there. ``on_end`` hears how the
+conversation ended: the service closed it (``close``, ``CLOSE``: a lock server killed) or the client did.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ Script = Callable[[Message], Sequence[Reply]]
 SERVER_PID = 4242
 
 
-def welcome(hello: Message) -> Sequence[Reply]:
-    """The default greeting: Welcome with the highest version both sides speak, table mechanism."""
+def welcome(hello: Message, lock_delay_ms: int = 0) -> Sequence[Reply]:
+    """The default greeting: Welcome with the highest version both sides speak, table mechanism, and
+    ``lock_delay_ms`` (how long the service keeps a lost client's locks)."""
     assert isinstance(hello, Hello), hello
     version = choose_version(hello) or PROTOCOL_VERSIONS[0]
-    return [Welcome(hello.request_id, version, Mechanism.TABLE, 0, SERVER_PID, 65536, 10000, "127.0.0.1", "fake")]
+    return [Welcome(hello.request_id, version, Mechanism.TABLE, 0, SERVER_PID, 65536, lock_delay_ms,
+                    "127.0.0.1", "fake")]
 
 
 class FakeService:
@@ -60,11 +63,15 @@ class FakeService:
     What the client did is kept: ``hello``, ``received`` (every request, answered or not), ``closed_by_client``
     (the client closed its end) and ``protocol_error`` (the client broke the protocol)."""
 
-    def __init__(self, *, greeting: Script = welcome, answer: Script | None = None) -> None:
+    def __init__(self, *, greeting: Script | None = None, answer: Script | None = None, lock_delay_ms: int = 0,
+                 on_end: Callable[[bool], None] | None = None) -> None:
         self.client_socket, self._sock = socket.socketpair()
         self._conn = Connection(Role.SERVER)
-        self._greeting = greeting
+        self._greeting = greeting or (lambda hello: welcome(hello, lock_delay_ms))
         self._answer = answer
+        self._on_end = on_end
+        #: The service closed the connection (``close``, or CLOSE in a script), as a killed lock server would.
+        self.closed_by_service = False
         self._send_lock = threading.Lock()
         self._requests: queue.Queue[Message] = queue.Queue()
         self.hello: Hello | None = None
@@ -112,7 +119,8 @@ class FakeService:
 
     # -- the serving thread ---------------------------------------------------------------
 
-    def _shut(self) -> None:
+    def _shut(self, *, by_service: bool = True) -> None:
+        self.closed_by_service = self.closed_by_service or by_service
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -124,7 +132,9 @@ class FakeService:
                 event = self._conn.next_event()
             except RemoteProtocolError as exc:
                 self.protocol_error = exc
-                self._shut()
+                self._shut(by_service=False)  # the client's fault: a lock server frees its locks at once
+                if self._on_end is not None:
+                    self._on_end(False)
                 return
             if isinstance(event, NeedData):
                 try:
@@ -134,7 +144,10 @@ class FakeService:
                 self._conn.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
-                self.closed_by_client.set()
+                if not self.closed_by_service:
+                    self.closed_by_client.set()
+                if self._on_end is not None:
+                    self._on_end(self.closed_by_service)
                 return
             if isinstance(event, Hello):
                 self.hello = event

@@ -23,10 +23,30 @@ from dls_testkit import Service, running_service
 
 
 @pytest.fixture
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    """A running lock service of the test's own (``jdls -ib`` of tmp_path/release, the harness's defaults);
+    this process's clients trace into its instance. A module that needs another service defines its own."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    with running_service(root) as svc:
+        yield svc
+
+
+@pytest.fixture
 def running_daemon() -> Callable[..., AbstractContextManager[Service]]:
     """``with running_daemon(root, "-ib", ...) as daemon:``: ``jdls -ib ... --port P`` of the instance at
     ``root``, in this process's environment as the test prepared it (without JDLS), stopped and checked after."""
     return functools.partial(running_service, start_options=(), client_jdls=False)
+
+
+@pytest.fixture
+def trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """The error trace of the test's instance (JBCRELEASEDIR is tmp_path, JBCPORTNO unset), as text."""
+    monkeypatch.setenv("JBCRELEASEDIR", str(tmp_path))
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    path = tmp_path / "tmp" / "jbase_error_trace"
+    return lambda: path.read_text() if path.exists() else ""
 
 
 @pytest.fixture

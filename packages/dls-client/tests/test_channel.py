@@ -52,7 +52,7 @@ class Opened:
         self.failures: list[str] = []
         self.channel = Channel(SERVER, hello(4242), ack_timeout=ack_timeout, unsolicited=self.unsolicited.append,
                                on_failure=self.failures.append,
-                               connect=lambda _server: fake.client_socket)
+                               connect=lambda _server, _timeout: fake.client_socket)
 
     def lock(self, key: bytes = b"K1", thread: int = 1) -> Lock:
         return Lock(self.channel.next_id(), EX, 0, 0, thread, 11, -1, key, "/data/FILE")

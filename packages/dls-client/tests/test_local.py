@@ -23,10 +23,21 @@ from typing import Any
 import dls_client as client_module
 import dls_client.local as local_module
 import pytest
-from dls_client import Client, ConfigurationError, Holder, LocalClient, LocalHeldLock, LockRefused, Mode, get_client
+from dls_client import (
+    Client,
+    ConfigurationError,
+    HeldLock,
+    Holder,
+    LocalClient,
+    LocalHeldLock,
+    LockLost,
+    LockRefused,
+    Mode,
+    get_client,
+)
 from dls_client.local import local_mechanism, local_table_key
-from dls_shm import LockTable, unpack_ip
-from dls_testkit import KEY, wait_for
+from dls_shm import LockTable, geometry_for, unpack_ip
+from dls_testkit import KEY, free_key, own_table, wait_for
 from dls_testkit import Service as Daemon
 
 
@@ -211,3 +222,24 @@ def test_a_bad_dls_ipc_key_is_refused_not_guessed(local_env: Path, monkeypatch: 
     for make in (get_client, LocalClient, local_mechanism):
         with pytest.raises(ConfigurationError, match="DLS_IPC_KEY: 'abc' is not a number"):
             make()
+
+
+def test_a_local_lock_is_lost_only_when_its_table_is_removed(local_env: Path, data: Path, tmp_path: Path,
+                                                            trace: Callable[[], str]) -> None:
+    """The one way a local process loses a lock it holds: the table removed under it (ipcrm). ensure_held
+    looks in shared memory (no round trip) and says LockLost, and so does release(), once; on_lost runs."""
+    told: list[HeldLock] = []
+    with own_table(free_key(tmp_path), geometry_for(100, 10)) as table, LocalClient(table.key) as local:
+        held = local.lock(data, KEY, on_lost=told.append)
+        kept = local.lock(data, "other")
+        held.ensure_held()  # the table is there: held
+        table.remove()
+        with pytest.raises(LockLost, match=f"{data} {KEY}") as lost:
+            held.ensure_held()
+        assert "was removed" in str(lost.value) and told == [held] and held.lost
+        with pytest.raises(LockLost):
+            held.release()
+        held.release()
+        with pytest.raises(LockLost, match=f"{data} other"):
+            kept.release()  # found by the release itself
+    assert f"lock {data} {KEY} lost" in trace()

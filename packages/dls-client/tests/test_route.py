@@ -1,267 +1,287 @@
-"""Where a Client's requests go and what a failed server means (Route, ResilientRoute), against in-process
-fake services: one server, and SERVER2's primary and secondary, each failing at chosen moments.
+"""SERVER2 without a split: a resilient Client (ResilientRoute) against two in-process fake services.
 
-Milliseconds each: the fakes (dls_testkit.FakeService) answer as a lock server that grants every lock
-unless told otherwise, and close the connection where a test says. The same rules against real daemons
-killed with SIGKILL stay in the root tests (test_client_failover.py).
+Each fake service (dls_testkit.FakeLockService) shares one lock table among its connections and keeps a
+dropped connection's locks for its lock-delay, as a real service does. What is checked, rule by rule:
+
+- a lock is taken on the primary, then on the secondary (waiting there as long as the request may), and
+  granted only when both granted; the secondary's refusal releases the primary's grant and is raised;
+- two clients with opposite failures (one loses its primary lock server, the other its secondary's) never
+  both hold a lock: each connects again to the service it lost and reclaims there (the old split);
+- a service that cannot be reached is done without, tried every second, and given every lock it lacks
+  once back; a conflict there is LockLost, released on the other service too;
+- with no service reachable requests fail, and locks are lost when neither service keeps them any more.
+
+The same against real daemons killed with SIGKILL is in the root tests (test_client_failover.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
-from dls_client import Client, Config, FileRef, ServiceLost, ServiceUnavailable
-from dls_proto import (
-    Echo,
-    EchoReply,
-    Granted,
-    InfoPut,
-    Lock,
-    Message,
-    Refused,
-    RefuseReason,
+from dls_client import (
+    Client,
+    Config,
+    FileRef,
+    HeldLock,
+    LockLost,
+    LockRefused,
+    LockTimeout,
     Server,
-    Unlock,
-    UnlockAll,
-    Unlocked,
+    ServiceUnavailable,
 )
-from dls_testkit import FakeService, wait_for
-from dls_testkit.fake_service import CLOSE, Reply
+from dls_proto import InfoPut, Lock, Unlock, UnlockAll
+from dls_testkit import FakeLockService, wait_for
 
 PRIMARY = Server("primary", 50002)
 SECONDARY = Server("secondary", 50003)
 FILE = FileRef(11, "/data/FBNK.ACCOUNT")
 
 
-class LockServer:
-    """A fake's answers: every lock granted (unless its key is refused), released, counted; ``fail_on``
-    closes the connection at the request it picks, as a lock server killed there would."""
+class Pair:
+    """A primary and a secondary fake service; ``connect`` reaches each by its address."""
 
-    def __init__(self, first_handle: int) -> None:
-        self._handles = itertools.count(first_handle)
-        self._lock = threading.Lock()
-        self.held: dict[int, bytes] = {}
-        self.refuse: set[bytes] = set()
-        self.fail_on: Callable[[Message], bool] = lambda request: False
-        self.unlock_all_count: int | None = None
+    def __init__(self, lock_delay_ms: int = 15000) -> None:
+        self.services = {PRIMARY: FakeLockService(lock_delay_ms, first_handle=100),
+                         SECONDARY: FakeLockService(lock_delay_ms, first_handle=500)}
+        self.primary, self.secondary = self.services[PRIMARY], self.services[SECONDARY]
+        self.clients: list[Client] = []
 
-    def __call__(self, request: Message) -> Sequence[Reply]:
-        if self.fail_on(request):
-            return [CLOSE]
-        with self._lock:
-            if isinstance(request, Lock):
-                if request.key in self.refuse:
-                    return [Refused(request.request_id, RefuseReason.BUSY, 5, 77, 7, 78, 1, "10.0.0.7")]
-                handle = next(self._handles)
-                self.held[handle] = request.key
-                return [Granted(request.request_id, handle, request.mode, 0x1234)]
-            if isinstance(request, Unlock):
-                self.held.pop(request.handle, None)
-                return []
-            if isinstance(request, UnlockAll):
-                count = len(self.held) if self.unlock_all_count is None else self.unlock_all_count
-                self.held.clear()
-                return [Unlocked(request.request_id, count)]
-            if isinstance(request, Echo):
-                return [EchoReply(request.request_id, request.data)]
-            return []  # InfoPut: kept, unanswered
+    def connect(self, server: Server, timeout: float = 5.0) -> socket.socket:
+        return self.services[server].connect(server, timeout)
 
-    def keys(self) -> list[bytes]:
-        with self._lock:
-            return sorted(self.held.values())
-
-
-class Services:
-    """Fake lock services by address; ``connect`` is the Client's way to reach them (each once)."""
-
-    def __init__(self) -> None:
-        self.servers = {PRIMARY: LockServer(100), SECONDARY: LockServer(500)}
-        self.fakes = {address: FakeService(answer=server) for address, server in self.servers.items()}
-        self.connects: list[Server] = []
-        self.unreachable: set[Server] = set()
-
-    def connect(self, server: Server) -> socket.socket:
-        self.connects.append(server)
-        if server in self.unreachable:
-            raise ConnectionRefusedError(111, "Connection refused")
-        assert self.connects.count(server) == 1, f"{server} contacted again after it failed"
-        return self.fakes[server].client_socket
-
-    def requests(self, server: Server, kind: type[Message]) -> list[Message]:
-        return [m for m in self.fakes[server].received if isinstance(m, kind)]
+    def client(self, *servers: Server, **config: object) -> Client:
+        """A client of both services (or of those named), closed at the end."""
+        first, *second = servers or (PRIMARY, SECONDARY)
+        made = Client(Config(server=first, server2=second[0] if second else None, **config),  # type: ignore[arg-type]
+                      connect=self.connect)
+        self.clients.append(made)
+        return made
 
     def stop(self) -> None:
-        for fake in self.fakes.values():
-            fake.stop()
+        for client in self.clients:
+            client.close()
+        for service in self.services.values():
+            service.stop()
 
 
 @pytest.fixture
-def trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
-    """The error trace of the test's instance, as text."""
-    monkeypatch.setenv("JBCRELEASEDIR", str(tmp_path))
-    monkeypatch.delenv("JBCPORTNO", raising=False)
-    path = tmp_path / "tmp" / "jbase_error_trace"
-    return lambda: path.read_text() if path.exists() else ""
-
-
-@pytest.fixture
-def services(trace: Callable[[], str]) -> Iterator[Services]:
-    made = Services()
+def pair(trace: Callable[[], str]) -> Iterator[Pair]:
+    made = Pair()
     try:
         yield made
     finally:
         made.stop()
 
 
-def resilient(services: Services) -> Client:
-    return Client(Config(server=PRIMARY, server2=SECONDARY, timeout=2), connect=services.connect)
+def connection_of(service: FakeLockService, client: Client) -> int:
+    """The index, in ``service.connections``, of the connection ``client`` uses now."""
+    sockets = [channel.sock for channel in client._route.channels()]
+    (index,) = [i for i, fake in enumerate(service.connections) if fake.client_socket in sockets]
+    return index
 
 
-def test_one_server_lost_is_the_callers_service_unavailable_on_every_later_request(
-        services: Services, trace: Callable[[], str]) -> None:
-    services.servers[PRIMARY].fail_on = lambda request: isinstance(request, Lock) and request.key == b"K2"
-    client = Client(Config(server=PRIMARY, timeout=2), connect=services.connect)
-    client.lock(FILE, "K1")
-    with pytest.raises(ServiceUnavailable) as lost:
-        client.lock(FILE, "K2")
-    assert not isinstance(lost.value, ServiceLost)
-    with pytest.raises(ServiceUnavailable) as again:
-        client.echo(b"x")
-    assert again.value is lost.value
-    assert services.connects == [PRIMARY]  # never reconnected: the lost lock server freed K1
-    assert "closed the connection" in trace()
-    client.close()
+class Told:
+    def __init__(self) -> None:
+        self.locks: list[HeldLock] = []
+        self.event = threading.Event()
+
+    def __call__(self, held: HeldLock) -> None:
+        self.locks.append(held)
+        self.event.set()
 
 
-def test_a_resilient_lock_is_held_on_both_servers_and_released_on_both(services: Services) -> None:
-    client = resilient(services)
+# -- taking a lock ------------------------------------------------------------------------------
+
+
+def test_a_lock_is_taken_on_the_primary_then_the_secondary_and_released_on_both(pair: Pair) -> None:
+    client = pair.client()
     held = client.lock(FILE, "K1")
-    primary, secondary = services.servers[PRIMARY], services.servers[SECONDARY]
-    assert primary.keys() == secondary.keys() == [b"K1"]
-    (first,) = services.requests(SECONDARY, Lock)
-    assert services.requests(PRIMARY, Lock)[0].key == first.key  # the secondary asked after the primary
-    assert held.handle not in (100, 500)  # the client's own handle: the two servers number apart
+    assert pair.primary.keys() == pair.secondary.keys() == [b"K1"]
+    assert held.handle not in (100, 500)  # the client's own: the two services number apart
+    (first,) = pair.primary.requests(Lock)
+    (second,) = pair.secondary.requests(Lock)
+    assert first.key == second.key == b"K1"  # type: ignore[attr-defined]
     held.release()
-    wait_for(lambda: not primary.keys() and not secondary.keys(), 2, "the unlocks to reach both servers")
-    assert [m.handle for m in services.requests(PRIMARY, Unlock)] == [100]  # type: ignore[attr-defined]
-    assert [m.handle for m in services.requests(SECONDARY, Unlock)] == [500]  # type: ignore[attr-defined]
-    client.close()
+    wait_for(lambda: not pair.primary.keys() and not pair.secondary.keys(), 2, "the unlocks to reach both")
+    assert [m.handle for m in pair.primary.requests(Unlock)] == [100]  # type: ignore[attr-defined]
+    assert [m.handle for m in pair.secondary.requests(Unlock)] == [500]  # type: ignore[attr-defined]
+    assert pair.primary.requests(InfoPut) and pair.secondary.requests(InfoPut), "a service was not told"
 
 
-def test_a_primary_lost_under_a_request_promotes_the_secondary_which_answers_it(
-        services: Services, trace: Callable[[], str]) -> None:
-    services.servers[PRIMARY].fail_on = lambda request: isinstance(request, Lock) and request.key == b"K2"
-    client = resilient(services)
-    before = client.lock(FILE, "K1")
-    after = client.lock(FILE, "K2")  # no error: asked again on the promoted secondary
-    assert services.servers[SECONDARY].keys() == [b"K1", b"K2"]
-    text = trace()
-    assert "primary lock service primary,50002 lost" in text and "promoted to primary" in text
-    client.lock(FILE, "K3").release()
-    before.release()
-    after.release()
-    wait_for(lambda: not services.servers[SECONDARY].keys(), 2, "the secondary to release everything")
-    assert [m.key for m in services.requests(PRIMARY, Lock)] == [b"K1", b"K2"]  # nothing more after it failed
-    assert services.connects == [PRIMARY, SECONDARY]
-    info = services.requests(SECONDARY, InfoPut)
-    assert info, "the promoted secondary was not told the client's lock information"
-    client.close()
+def test_a_lock_taken_again_is_one_lock_on_both_services(pair: Pair) -> None:
+    client = pair.client()
+    first = client.lock(FILE, "K1", 3)
+    again = client.lock(FILE, "K1", 5)
+    assert again.handle == first.handle
+    again.release()
+    wait_for(lambda: not pair.primary.keys() and not pair.secondary.keys(), 2, "one release to free both")
 
 
-def test_a_secondary_lost_leaves_the_primary_alone_and_no_longer_resilient(
-        services: Services, trace: Callable[[], str]) -> None:
-    services.servers[SECONDARY].fail_on = lambda request: isinstance(request, Lock) and request.key == b"K2"
-    client = resilient(services)
-    client.lock(FILE, "K1")
-    client.lock(FILE, "K2")
-    client.lock(FILE, "K3")
-    assert services.servers[PRIMARY].keys() == [b"K1", b"K2", b"K3"]
-    assert [m.key for m in services.requests(SECONDARY, Lock)] == [b"K1", b"K2"]
-    assert "secondary lock service secondary,50003 lost" in trace()
-    assert client.release_all() == 3
-    client.close()
+def test_the_secondary_waits_as_long_as_the_request_may(pair: Pair) -> None:
+    """A lock held on the secondary alone (a client of that service only): the resilient request, granted
+    on the primary, waits on the secondary, and is granted when it is freed there (no TIMEOUT stall)."""
+    client, other = pair.client(timeout=30), pair.client(SECONDARY)
+    stray = other.lock(FILE, "K1")
+    timer = threading.Timer(1.0, stray.release)
+    timer.start()
+    start = time.monotonic()
+    held = client.lock(FILE, "K1", timeout=10)
+    waited = time.monotonic() - start
+    timer.join()
+    assert 0.9 <= waited < 3.0, waited
+    assert pair.secondary.holder(b"K1") is pair.secondary.connections[connection_of(pair.secondary, client)]
+    held.release()
 
 
-def test_with_both_servers_lost_every_request_raises_service_lost(services: Services,
-                                                                   trace: Callable[[], str]) -> None:
-    for server in services.servers.values():
-        server.fail_on = lambda request: isinstance(request, Lock) and request.key == b"K2"
-    client = resilient(services)
-    client.lock(FILE, "K1")
-    with pytest.raises(ServiceLost) as lost:
-        client.lock(FILE, "K2")
-    for request in (lambda: client.lock(FILE, "K3"), lambda: client.echo(b"x"), client.release_all):
-        with pytest.raises(ServiceLost) as again:
-            request()
-        assert again.value is lost.value
-    assert "must wrap up" in str(lost.value) and "must wrap up" in trace()
-    client.close()
+def test_a_refusal_by_the_secondary_releases_the_primary_grant_and_is_raised(pair: Pair) -> None:
+    client, other = pair.client(), pair.client(SECONDARY)
+    other.lock(FILE, "K1")
+    with pytest.raises(LockRefused, match="secondary lock service secondary,50003"):
+        client.try_lock(FILE, "K1")
+    wait_for(lambda: pair.primary.keys() == [], 2, "the primary's grant to be released")
+    start = time.monotonic()
+    with pytest.raises(LockTimeout):
+        client.lock(FILE, "K1", timeout=0.5)
+    assert time.monotonic() - start < 2.0
+    wait_for(lambda: pair.primary.keys() == [], 2, "the primary's grant to be released")
+    assert pair.secondary.keys() == [b"K1"]
 
 
-def test_a_secondary_that_refuses_is_a_difference_and_the_lock_is_gone_with_the_primary(
-        services: Services, trace: Callable[[], str]) -> None:
-    services.servers[SECONDARY].refuse.add(b"K1")
-    client = resilient(services)
-    held = client.lock(FILE, "K1")  # the primary's answer stands
-    assert services.servers[PRIMARY].keys() == [b"K1"] and not services.servers[SECONDARY].keys()
-    assert "lock responses differ for /data/FBNK.ACCOUNT K1" in trace()
-    services.servers[PRIMARY].fail_on = lambda request: isinstance(request, Echo)
-    client.echo(b"x")  # found the primary lost, answered by the secondary
-    assert "K1 was held on the failed primary alone" in trace()
-    held.release()  # held nowhere now: nothing to send
-    client.close()
+# -- no split ------------------------------------------------------------------------------------
 
 
-def test_an_unreachable_secondary_at_start_is_dropped_and_said(services: Services,
-                                                                trace: Callable[[], str]) -> None:
-    services.unreachable.add(SECONDARY)
-    client = resilient(services)
-    client.lock(FILE, "K1").release()
-    text = trace()
-    assert "secondary lock service secondary,50003 cannot be reached" in text
-    assert "this process is not resilient" in text
-    client.close()
-
-
-def test_an_unreachable_primary_at_start_leaves_the_secondary_alone(services: Services) -> None:
-    services.unreachable.add(PRIMARY)
-    client = resilient(services)
-    client.lock(FILE, "K1")
-    assert services.servers[SECONDARY].keys() == [b"K1"]
-    client.close()
-
-
-def test_release_all_answers_are_compared(services: Services, trace: Callable[[], str]) -> None:
-    client = resilient(services)
-    client.lock(FILE, "K1")
-    client.lock(FILE, "K2")
-    services.servers[SECONDARY].unlock_all_count = 1
-    assert client.release_all() == 2  # the primary's count
-    assert "lock responses differ for release of all locks" in trace()
-    client.close()
-
-
-def test_a_closed_client_connects_again_when_used(trace: Callable[[], str]) -> None:
-    fakes: list[FakeService] = []
-
-    def connect(server: Server) -> socket.socket:
-        fakes.append(FakeService(answer=LockServer(1)))
-        return fakes[-1].client_socket
-
-    client = Client(Config(server=PRIMARY), connect=connect)
+@pytest.mark.parametrize("lock_delay_ms", [15000, 0])
+def test_two_clients_with_opposite_failures_cannot_both_be_granted(trace: Callable[[], str],
+                                                                   lock_delay_ms: int) -> None:
+    """The old split: client A loses its secondary lock server, client B its primary one. Each connects
+    again to the service it lost (its lock is reclaimed there, or taken again), so both still share both
+    services, and B is refused A's lock on each."""
+    pair = Pair(lock_delay_ms)
     try:
-        client.lock(FILE, "K1")
-        assert client.connected
-        client.close()
-        assert not client.connected
-        client.lock(FILE, "K1")
-        assert client.connected and len(fakes) == 2
-        client.close()
+        a, b = pair.client(), pair.client()
+        told = Told()
+        held = a.lock(FILE, "K1", on_lost=told)
+        b.lock(FILE, "K0").release()
+        pair.secondary.drop(connection_of(pair.secondary, a))
+        pair.primary.drop(connection_of(pair.primary, b))
+        a_on_secondary = lambda: pair.secondary.holder(b"K1") is pair.secondary.connections[-1]  # noqa: E731
+        wait_for(a_on_secondary, 3, "A to hold its lock on the secondary again")
+        for _ in range(3):
+            with pytest.raises(LockRefused):
+                b.try_lock(FILE, "K1")
+            time.sleep(0.1)
+        with pytest.raises(LockRefused):
+            b.lock(FILE, "K1", timeout=0.3)
+        assert not held.lost and not told.locks
+        b.lock(FILE, "K2").release()  # B reconnected to the primary: not alone on the secondary
+        assert pair.primary.requests(Lock)[-1].key == b"K2"  # type: ignore[attr-defined]
+        held.release()
+        b.lock(FILE, "K1").release()
     finally:
-        for fake in fakes:
-            fake.stop()
+        pair.stop()
+
+
+# -- a service that cannot be reached ------------------------------------------------------------
+
+
+def test_a_service_that_cannot_be_reached_is_done_without_and_given_its_locks_when_back(
+        pair: Pair, trace: Callable[[], str]) -> None:
+    client = pair.client()
+    before = client.lock(FILE, "K1")
+    pair.secondary.unreachable = True
+    pair.secondary.drop(connection_of(pair.secondary, client))
+    wait_for(lambda: "secondary lock service secondary,50003 cannot be reached" in trace(), 2, "the failure said")
+    assert "going on with the primary lock service primary,50002 alone" in trace()
+    during = client.lock(FILE, "K2")  # on the primary alone
+    assert pair.primary.keys() == [b"K1", b"K2"]
+    attempts = pair.secondary.attempts
+    time.sleep(1.5)
+    assert pair.secondary.attempts >= attempts + 1, "the watcher did not try again every second"
+    pair.secondary.unreachable = False
+    wait_for(lambda: pair.secondary.keys() == [b"K1", b"K2"] and all(
+        pair.secondary.holder(k) is pair.secondary.connections[-1] for k in (b"K1", b"K2")), 3,
+        "both locks held on the secondary again")
+    assert [r.key for r in pair.secondary.reclaims] == [b"K1"]  # type: ignore[attr-defined]
+    assert "1 lock(s) taken again on secondary lock service secondary,50003" in trace()
+    assert not before.lost and not during.lost
+    before.release()
+    during.release()
+    wait_for(lambda: not pair.primary.keys() and not pair.secondary.keys(), 2, "both released on both")
+
+
+def test_an_unreachable_primary_at_start_leaves_the_secondary_alone_until_it_answers(
+        pair: Pair, trace: Callable[[], str]) -> None:
+    pair.primary.unreachable = True
+    client = pair.client()
+    held = client.lock(FILE, "K1")
+    assert pair.secondary.keys() == [b"K1"] and pair.primary.keys() == []
+    assert "primary lock service primary,50002 cannot be reached" in trace()
+    pair.primary.unreachable = False
+    wait_for(lambda: pair.primary.keys() == [b"K1"], 3, "the lock taken on the primary once it answers")
+    assert client.echo(b"x")[1] >= 0
+    assert pair.primary.requests(Lock)[-1].timeout_ms == 0  # type: ignore[attr-defined]  # without waiting
+    held.release()
+
+
+def test_a_conflict_when_a_lock_is_taken_again_is_lock_lost_released_on_both(pair: Pair,
+                                                                               trace: Callable[[], str]) -> None:
+    client, stray = pair.client(), pair.client(SECONDARY)
+    pair.secondary.unreachable = True
+    told = Told()
+    held = client.lock(FILE, "K1", on_lost=told)  # the secondary cannot be reached: on the primary alone
+    assert pair.secondary.keys() == []
+    pair.secondary.unreachable = False
+    stray.lock(FILE, "K1")  # two faults' worth: someone took it on the secondary meanwhile
+    assert told.event.wait(3), "on_lost was not called"
+    assert held.lost
+    wait_for(lambda: pair.primary.keys() == [], 2, "the lock released on the primary too")
+    with pytest.raises(LockLost, match="secondary lock service secondary,50003 refused to take it again"):
+        held.release()
+
+
+def test_with_no_service_reachable_requests_fail_and_locks_are_lost_when_neither_keeps_them(
+        trace: Callable[[], str]) -> None:
+    pair = Pair(lock_delay_ms=6500)  # 1.5 s to reclaim
+    try:
+        client = pair.client()
+        told = Told()
+        held = client.lock(FILE, "K1", on_lost=told)
+        for service in pair.services.values():
+            service.unreachable = True
+            service.drop()
+        dropped = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="no lock service can be reached"):
+            client.lock(FILE, "K2")
+        assert told.event.wait(4), "on_lost was not called"
+        assert 1.3 < time.monotonic() - dropped < 3.0
+        with pytest.raises(LockLost):
+            held.ensure_held()
+        for service in pair.services.values():
+            service.unreachable = False
+        client.lock(FILE, "K2").release()  # back: the next request connects by itself
+    finally:
+        pair.stop()
+
+
+def test_release_all_goes_to_both_and_their_answers_are_compared(pair: Pair, trace: Callable[[], str]) -> None:
+    client = pair.client()
+    client.lock(FILE, "K1")
+    client.lock(FILE, "K2")
+    assert client.release_all() == 2
+    assert pair.primary.requests(UnlockAll) and pair.secondary.requests(UnlockAll)
+    assert pair.primary.keys() == pair.secondary.keys() == []
+    assert "differ" not in trace()
+
+
+def test_a_closed_client_connects_again_when_used(pair: Pair) -> None:
+    client = pair.client(PRIMARY)
+    client.lock(FILE, "K1")
+    assert client.connected
+    client.close()
+    assert not client.connected
+    client.lock(FILE, "K1")
+    assert client.connected and len(pair.primary.connections) == 2

@@ -17,6 +17,7 @@ import pytest
 import sysv_ipc
 from dls_daemon.cli import main
 from dls_proto import Granted, Lock
+from dls_shm import SlotState
 from dls_testkit import gone, greet, receive, wait_for
 
 
@@ -331,8 +332,11 @@ def test_stopping_the_listener_leaves_lock_servers_serving(service):
         assert gone(server)
 
 
-def test_stop_frees_the_locks_of_the_lock_servers_it_kills(service):
-    started(service)
+@pytest.mark.parametrize("lock_delay", ["15", "0"])
+def test_stop_keeps_the_locks_of_the_lock_servers_it_stops_for_the_lock_delay(service, lock_delay):
+    """jdls -k stops the service, not its clients: their locks are kept for them to reclaim from the service
+    started again (within the lock-delay; --lock-delay 0 frees them, as before there was one)."""
+    started(service, "--lock-delay", lock_delay)
     with socket.create_connection(("127.0.0.1", service.port)) as client:
         conn, welcome = greet(client)
         client.sendall(conn.send(Lock(2, 5, 0, 0, 1, 11, 12, b"REC1", "/data/FILE")))
@@ -344,9 +348,10 @@ def test_stop_frees_the_locks_of_the_lock_servers_it_kills(service):
     assert gone(welcome.server_pid)
     table = service.table()
     try:
-        assert list(table.scan()) == []  # the stopping monitor tidied the killed lock server's lock
+        left = [(e.slot.state, e.slot.key[: e.slot.key_len]) for e in table.scan()]
     finally:
         table.close()
+    assert left == ([(SlotState.KEPT, b"REC1")] if lock_delay != "0" else [])
 
 
 def test_foreground_listener_alone_stops_on_sigint(service):

@@ -75,7 +75,7 @@ def connect(service) -> socket.socket:
         (["-ibD", "--tidy-seconds", "1"], "--tidy-seconds concerns the lock table"),
         (["-ibA", "--port", "5000"], "--port concerns the lock listener, which -A does not start"),
         (["-ibA", "--max-clients", "3"], "--max-clients concerns the lock listener"),
-        (["-ibA", "--lock-dir", "/tmp/x"], "--lock-dir concerns the lock listener"),
+        (["-ibA", "--binary-lock-dir", "/tmp/x"], "--binary-lock-dir concerns the lock listener"),
         (["-i", "--max-frame", "10"], "invalid frame size (bytes) '10': expected 1024 to 67108864"),
         (["-i", "--max-clients", "0"], "invalid count '0'"),
         (["-i", "--max-locks", "many"], "invalid count 'many'"),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from dls_shm import Geometry, LockTable, geometry_for
-from dls_testkit import Children, Pipe, free_key, ipc_left, own_table
+from dls_testkit import free_key, ipc_left, own_table
+from dls_testkit.fixtures import children, pipes  # noqa: F401 - fixtures of these tests too
 
 #: Every key this test process made a table under, checked once more at the end of the session.
 _KEYS: list[int] = []
@@ -46,25 +47,3 @@ def make_table(tmp_path: Path) -> Iterator[MakeTable]:
 def table(make_table: MakeTable) -> LockTable:
     """A table of 101 groups of 10 locks."""
     return make_table()
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    kids = Children()
-    try:
-        yield kids
-    finally:
-        kids.check_reaped()
-
-
-@pytest.fixture
-def pipes() -> Iterator[Callable[[], Pipe]]:
-    made: list[Pipe] = []
-
-    def make() -> Pipe:
-        made.append(Pipe())
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()

@@ -3,11 +3,14 @@
 In one process the owners are threads (told apart by OsLocks itself, as fcntl
 cannot); between processes they are forked children holding real fcntl locks,
 reaped by the test or at the latest by the ``children`` fixture. Every lock
-directory is under tmp_path.
+directory is under tmp_path. One mechanism per instance: OS locks made with a
+table key, which look for a table after each take (tables of the test's own,
+``make_table``), and who holds OS locks in a lock directory (``proc_locks``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -17,24 +20,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sysv_ipc
 from dls_shm import (
     LOCAL_IP,
     Conflict,
     Doorbell,
     Grant,
     Holder,
+    LockTable,
     NotHeld,
     OsLockError,
+    OsLockHolder,
     OsLocks,
     Owner,
     Queued,
+    TableError,
+    TableServes,
     key_offset,
     lock_file_name,
     modes,
+    oslock_holders,
     resource_value,
+    table_serves,
 )
 from dls_shm.oslocks import OS_CLASS, compatible
-from dls_testkit import Children, Pipe
+from dls_testkit import Children, Pipe, free_key, wait_for
 
 NL, CR, CW, PR, PW, EX = range(6)
 INODE, DEVICE, KEY = 0x1234, -1, b"ORDERS*1001"
@@ -489,3 +499,200 @@ def test_each_thread_and_a_forked_child_have_their_own_doorbell(
 
     assert children.wait(children.fork(child)) == 0
     assert answer.recv() == b"y"
+
+
+# -- one mechanism per instance: take, then look ------------------------------------------------
+
+MakeTable = Callable[..., LockTable]
+
+
+def mine(lock_dir: Path) -> list[OsLockHolder]:
+    """The OS locks this process holds in ``lock_dir``."""
+    return [h for h in oslock_holders(lock_dir) if h.pid == os.getpid()]
+
+
+def test_table_serves_once_the_table_exists_and_not_while_its_semaphore_alone_is_being_made(
+        tmp_path: Path, make_table: MakeTable) -> None:
+    key = free_key(tmp_path)
+    assert not table_serves(key)
+    # A monitor making a table makes its semaphore first: not yet a table, and its look comes after the memory.
+    sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 0)
+    try:
+        assert not table_serves(key)
+    finally:
+        sem.remove()
+    table = make_table()
+    assert table.key == key and table_serves(key)
+    table.remove()
+    assert not table_serves(key)
+
+
+def test_without_a_table_os_locks_with_a_table_key_lock_as_before(lock_dir: Path, tmp_path: Path) -> None:
+    locks = OsLocks(lock_dir, table_key=free_key(tmp_path))
+    try:
+        g = locks.lock(owner(), INODE, DEVICE, KEY, EX)
+        assert isinstance(g, Grant)
+        assert [h.path.name for h in mine(lock_dir)] == [FILE]
+        assert locks.status(owner(), INODE, DEVICE, KEY)[0] == 1
+        locks.unlock(g.handle)
+        assert mine(lock_dir) == []
+    finally:
+        locks.close()
+
+
+def test_once_a_table_serves_a_new_lock_is_dropped_again_and_refused(lock_dir: Path, make_table: MakeTable) -> None:
+    table = make_table()
+    locks = OsLocks(lock_dir, table_key=table.key)
+    try:
+        with pytest.raises(TableServes) as served:
+            locks.lock(owner(), INODE, DEVICE, KEY, EX)
+        assert isinstance(served.value, TableError) and served.value.key == table.key
+        assert str(served.value) == (f"lock table 0x{table.key:08x} now serves this instance: no OS file lock is "
+                                     f"taken in {lock_dir} any more (lock through the table)")
+        assert mine(lock_dir) == [] and locks.held() == 0 and locks.waiting() == 0
+        assert open_lock_files(lock_dir) == 0
+        # A status from OS locks would not be the table's answer: refused too.
+        with pytest.raises(TableServes):
+            locks.status(owner(), INODE, DEVICE, KEY)
+        # NL takes no OS lock: there is nothing to drop.
+        assert isinstance(locks.lock(owner(), INODE, DEVICE, KEY, NL), Grant)
+    finally:
+        locks.close()
+
+
+def test_without_a_table_key_os_locks_ignore_a_table(locks: OsLocks, make_table: MakeTable) -> None:
+    """Binary locks, and OSLOCK locks beside a table: the client's own choice, outside the rule."""
+    make_table()
+    assert isinstance(locks.lock(owner(), INODE, DEVICE, KEY, EX), Grant)
+    assert locks.status(owner(), INODE, DEVICE, KEY)[0] == 1
+
+
+def test_a_conversion_up_under_a_table_is_refused_and_the_lock_held_stays_as_it_was(
+        lock_dir: Path, tmp_path: Path, make_table: MakeTable, children: Children,
+        pipes: Callable[[], Pipe]) -> None:
+    locks = OsLocks(lock_dir, table_key=free_key(tmp_path))
+    try:
+        g = locks.lock(owner(), INODE, DEVICE, KEY, PR)
+        assert isinstance(g, Grant)
+        assert make_table().key == locks.table_key
+        with pytest.raises(TableServes):
+            locks.lock(owner(), INODE, DEVICE, KEY, EX)
+        assert locks.held() == 1
+        # The kernel still has the read lock: another process may read, not write.
+        locked, release = pipes(), pipes()
+        reader = children.fork(hold(lock_dir, locked, release, PR))
+        locked.recv()
+        release.send()
+        assert children.wait(reader) == 0
+
+        def writer() -> int:
+            return 0 if isinstance(OsLocks(lock_dir).lock(owner(), INODE, DEVICE, KEY, EX), Conflict) else 4
+
+        assert children.wait(children.fork(writer)) == 0
+        locks.unlock(g.handle)
+        assert mine(lock_dir) == []
+    finally:
+        locks.close()
+
+
+def test_a_waiting_request_that_gets_its_lock_under_a_table_ends_with_the_error(
+        lock_dir: Path, tmp_path: Path, make_table: MakeTable, children: Children,
+        pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    holder = children.fork(hold(lock_dir, locked, release))
+    locked.recv()
+    locks = OsLocks(lock_dir, table_key=free_key(tmp_path))
+    try:
+        queued = locks.lock(owner(), INODE, DEVICE, KEY, EX, wait_token=7)
+        assert isinstance(queued, Queued) and queued.holder.pid == holder
+        assert isinstance(locks.retry(queued.handle), Queued)
+        assert make_table().key == locks.table_key
+        release.send()
+        assert children.wait(holder) == 0
+        with pytest.raises(TableServes):
+            locks.retry(queued.handle)
+        assert locks.waiting() == 0 and mine(lock_dir) == []
+        with pytest.raises(NotHeld):
+            locks.retry(queued.handle)
+        assert not locks.cancel(queued.handle)
+        # acquire(), as a local process waits: the error comes out of the wait.
+        with pytest.raises(TableServes):
+            locks.acquire(owner(), INODE, DEVICE, KEY, EX, timeout=2)
+    finally:
+        locks.close()
+
+
+# -- who holds OS locks in a lock directory (proc_locks) ------------------------------------------
+
+
+def test_the_holders_of_a_lock_directory_are_found_by_pid_and_lock_file(
+        lock_dir: Path, tmp_path: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    assert oslock_holders(lock_dir) == []  # no directory yet
+    first_locked, first_release = pipes(), pipes()
+    first = children.fork(hold(lock_dir, first_locked, first_release, EX))
+    first_locked.recv()
+    second_locked, second_release = pipes(), pipes()
+    second = children.fork(hold(lock_dir, second_locked, second_release, PR, b"another key"))
+    second_locked.recv()
+    # Locks elsewhere do not count: another directory, a file of the directory that is not a lock file.
+    elsewhere = OsLocks(tmp_path / "elsewhere")
+    assert isinstance(elsewhere.lock(owner(), INODE, DEVICE, KEY, EX), Grant)
+    stray = lock_dir / "not-a-lock-file"
+    stray.touch()
+    fd = os.open(stray, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert sorted(oslock_holders(lock_dir)) == sorted([OsLockHolder(first, lock_dir / FILE),
+                                                           OsLockHolder(second, lock_dir / FILE)])
+        first_release.send()
+        second_release.send()
+        assert children.wait(first) == 0 and children.wait(second) == 0
+        assert oslock_holders(lock_dir) == []
+    finally:
+        os.close(fd)
+        elsewhere.close()
+
+
+def test_a_process_blocked_in_the_kernel_behind_a_holder_is_no_holder(
+        lock_dir: Path, children: Children, pipes: Callable[[], Pipe]) -> None:
+    locked, release = pipes(), pipes()
+    holder = children.fork(hold(lock_dir, locked, release))
+    locked.recv()
+
+    def blocked() -> int:
+        fd = os.open(lock_dir / FILE, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)  # another byte is free: take it, then block on the holder's
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, key_offset(KEY))
+        return 0
+
+    waiter = children.fork(blocked)
+    try:
+        wait_for(lambda: any(f" {waiter} " in line and "->" in line
+                             for line in Path("/proc/locks").read_text().splitlines()),
+                 5, "the waiter to block in the kernel")
+        assert sorted(oslock_holders(lock_dir)) == sorted([OsLockHolder(holder, lock_dir / FILE),
+                                                           OsLockHolder(waiter, lock_dir / FILE)])  # its byte 0
+    finally:
+        children.kill(waiter)
+        release.send()
+        assert children.wait(holder) == 0
+
+
+def test_lines_of_proc_locks_are_matched_by_device_and_inode(tmp_path: Path, lock_dir: Path) -> None:
+    lock_dir.mkdir()
+    (lock_dir / FILE).touch()
+    st = (lock_dir / FILE).stat()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    other = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino + 1}"
+    text = tmp_path / "locks"
+    text.write_text(
+        f"1: POSIX  ADVISORY  WRITE 4242 {where} 5 5\n"
+        f"2: -> POSIX  ADVISORY  WRITE 4343 {where} 5 5\n"
+        f"3: OFDLCK ADVISORY  READ -1 {where} 0 EOF\n"
+        f"4: FLOCK  ADVISORY  WRITE 4444 {other} 0 EOF\n"
+        "5: POSIX  ADVISORY  WRITE 4545 <none>:0 0 EOF\n"
+        "garbage\n"
+    )
+    assert oslock_holders(lock_dir, text) == [OsLockHolder(4242, lock_dir / FILE), OsLockHolder(-1, lock_dir / FILE)]
+    with pytest.raises(OSError):
+        oslock_holders(lock_dir, tmp_path / "no such file")

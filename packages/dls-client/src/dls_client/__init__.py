@@ -26,6 +26,7 @@ from .errors import (
     DlsError,
     Holder,
     LockCancelled,
+    LockLost,
     LockRefused,
     LockTimeout,
     RequestFailed,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
     "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
-    "LockCancelled", "LockRefused", "LockTimeout",
+    "LockCancelled", "LockLost", "LockRefused", "LockTimeout",
     "Mode", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]
 

@@ -18,7 +18,7 @@ from dls_proto import Mode
 
 from . import binary
 from .errors import DlsError, Holder
-from .locks import FileLike, FileRef, HeldLock, Key, LockKind, key_bytes
+from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnLost, key_bytes
 
 #: Every lock kind; a Client's JDLS LOCK= may send fewer of them to the service.
 ALL_KINDS = frozenset(("internal", "external"))
@@ -33,7 +33,7 @@ class BaseClient(ABC):
 
     def lock(
         self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
-        on_wait: Callable[[Holder], None] | None = None, kind: LockKind = "internal",
+        on_wait: Callable[[Holder], None] | None = None, kind: LockKind = "internal", on_lost: OnLost | None = None,
     ) -> HeldLock:
         """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
 
@@ -44,15 +44,20 @@ class BaseClient(ABC):
         "internal" (the application's own records, the default) or "external" (one an external
         database driver would otherwise take with its own lock handler); a kind that JDLS ``LOCK=``
         does not send to the service raises DlsError, and nothing is sent.
+
+        ``on_lost`` is called with the lock if it is lost for any reason other than its own release
+        (see HeldLock): promptly, from the thread that found the loss (a Client's watcher thread when
+        the application makes no call), so it must be quick and must not block.
         """
         if kind not in self._kinds:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)  # the test saves a call on the lock path
-        return self._lock(ref, key if isinstance(key, bytes) else key_bytes(key), mode, wait, timeout, on_wait)
+        return self._lock(ref, key if isinstance(key, bytes) else key_bytes(key), mode, wait, timeout, on_wait,
+                          on_lost)
 
-    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> HeldLock:
+    def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX, *, on_lost: OnLost | None = None) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
-        return self.lock(file, key, mode, wait=False)
+        return self.lock(file, key, mode, wait=False, on_lost=on_lost)
 
     def status(self, file: FileLike, key: Key) -> tuple[int, Holder | None]:
         """Who holds a record lock: (0 free | 1 this thread | 2 another, the holder)."""
@@ -81,7 +86,7 @@ class BaseClient(ABC):
 
     @abstractmethod
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
         raise NotImplementedError
 
     @abstractmethod
@@ -90,8 +95,16 @@ class BaseClient(ABC):
 
     @abstractmethod
     def unlock(self, handle: int) -> None:
-        """Release a lock by its handle (HeldLock.release calls it)."""
+        """Release a lock by its handle."""
         raise NotImplementedError
+
+    def unlock_held(self, held: HeldLock) -> None:
+        """Release ``held`` (HeldLock.release calls it); a client that can find a loss here marks it."""
+        self.unlock(held.handle)
+
+    def verify(self, held: HeldLock) -> None:  # noqa: B027 - a default: only a LocalClient has a look to take
+        """Mark ``held`` lost if a look that costs no round trip says it is (HeldLock.ensure_held calls
+        it); a remote client learns of losses as they happen, so it has nothing to look at."""
 
     @abstractmethod
     def release_all(self, *, all_threads: bool = True) -> int:

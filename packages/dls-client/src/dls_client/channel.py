@@ -9,6 +9,10 @@ over as they come.
 
 Replies for requests nobody awaits (an Unlock is not answered unless it fails)
 go to ``unsolicited``.
+
+A channel that failed stays failed (a new one is opened, see dls_client.route);
+it keeps when it failed and the lock-delay its Welcome gave, which together say
+until when the service keeps the locks held through it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dls_proto import (
     Connection,
     ConnectionClosed,
     Error,
+    Granted,
     Hello,
     Message,
     RemoteProtocolError,
@@ -32,6 +37,7 @@ from dls_proto import (
     Server,
     SpinningReader,
     UnknownMessage,
+    Unlock,
     Waiting,
     Welcome,
     receive,
@@ -40,18 +46,31 @@ from dls_proto import (
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 
 CONNECT_TIMEOUT = 5.0
+#: Seconds within which a lock server that went silent (its host down, the link cut) is found dead: by
+#: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT while
+#: something sent stays unacknowledged. A client must reclaim its locks this long before the service's
+#: lock-delay ends, since the service may have counted the delay from the failure itself.
+DEAD_SERVER_BOUND = 5.0
+_KEEPALIVE = (2, 1, 3)  # idle, interval, probes: 2 + 3 * 1 = DEAD_SERVER_BOUND
 
 
-def tcp_connect(server: Server) -> socket.socket:
-    """A TCP connection to ``server``, without Nagle's delay and with keepalive (OSError when it cannot)."""
-    sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    """A TCP connection to ``server`` within ``timeout`` seconds, without Nagle's delay, found dead within
+    DEAD_SERVER_BOUND if the server goes silent (OSError when it cannot be made)."""
+    sock = socket.create_connection((server.host, server.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, probes = _KEEPALIVE
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(DEAD_SERVER_BOUND * 1000))
     return sock
 
 
-#: How a channel reaches its server: a connected socket, or OSError (tests give one end of a socketpair).
-Connect = Callable[[Server], socket.socket]
+#: How a channel reaches its server within a timeout: a connected socket, or OSError (tests give one end of
+#: a socketpair).
+Connect = Callable[[Server, float], socket.socket]
 
 
 class Channel:
@@ -61,20 +80,22 @@ class Channel:
     with WAIT); ``unsolicited`` gets the replies nobody awaits (a failed unlock's
     Error); ``on_failure`` hears, once, why the connection was lost. Once lost, a
     channel stays lost: every call raises the same ServiceUnavailable.
-    ``connect`` reaches the server (TCP by default).
+    ``connect`` reaches the server (TCP by default). ``open_timeout`` bounds the
+    connection and the greeting (default: CONNECT_TIMEOUT to connect, then
+    ack_timeout), for a client that must know within a deadline.
     """
 
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
-        connect: Connect = tcp_connect,
+        connect: Connect = tcp_connect, open_timeout: float | None = None,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
         self._unsolicited = unsolicited
         self._on_failure = on_failure
         try:
-            self.sock = connect(server)
+            self.sock = connect(server, CONNECT_TIMEOUT if open_timeout is None else max(open_timeout, 0.001))
         except OSError as exc:
             raise ServiceUnavailable(
                 f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
@@ -93,12 +114,24 @@ class Channel:
         self._cond = threading.Condition()
         self._mail: dict[int, list[Message]] = {}
         self._followers = 0
+        self._failing = threading.Lock()
         self.failure: ServiceUnavailable | None = None
-        self.welcome = self._greet(hello)
+        #: When the channel failed (time.monotonic()), None while it works.
+        self.failed_at: float | None = None
+        self.welcome = self._greet(hello, ack_timeout if open_timeout is None else open_timeout)
 
-    def _greet(self, hello: Hello) -> Welcome:
+    @property
+    def lock_delay(self) -> float:
+        """Seconds the service keeps the locks of a client whose connection it lost (its Welcome's)."""
+        return self.welcome.lock_delay_ms / 1000
+
+    def _greet(self, hello: Hello, timeout: float | None) -> Welcome:
         self.send(hello)
-        reply = self.expect(hello.request_id)
+        try:
+            reply = self._expect(hello.request_id, None if timeout is None else time.monotonic() + timeout)
+        except ServiceUnavailable:
+            self.close()
+            raise
         if isinstance(reply, Error):
             self.close()
             raise ServiceUnavailable(f"lock service {self.server} refused the connection: {reply.reason}")
@@ -118,7 +151,7 @@ class Channel:
             try:
                 self.sock.sendall(self.conn.send(message))
             except OSError as exc:
-                raise self._fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
+                raise self.fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
 
     def request(self, message: Message) -> Message:
         """Send a request and return its first reply."""
@@ -140,9 +173,18 @@ class Channel:
         """Announce that replies to ``rid`` will be awaited (call before sending)."""
         self._mail[rid] = []
 
-    def expect(self, rid: int) -> Message:
-        """The next message for request ``rid``; AcknowledgementTimeout after ack_timeout of silence."""
-        deadline = None if self.ack_timeout is None else time.monotonic() + self.ack_timeout
+    def forget(self, rid: int) -> None:
+        """Replies to ``rid`` are no longer awaited (its caller gave up): they go to ``unsolicited``."""
+        self._mail.pop(rid, None)
+
+    def expect(self, rid: int, *, until: float | None = None) -> Message:
+        """The next message for request ``rid``; AcknowledgementTimeout after ack_timeout of silence (or at
+        ``until``, time.monotonic(), when given)."""
+        if until is None and self.ack_timeout is not None:
+            until = time.monotonic() + self.ack_timeout
+        return self._expect(rid, until)
+
+    def _expect(self, rid: int, deadline: float | None) -> Message:
         box = self._mail.setdefault(rid, [])
         while True:
             if box:
@@ -173,7 +215,7 @@ class Channel:
             if not box and deadline is not None and time.monotonic() >= deadline:
                 self._mail.pop(rid, None)
                 raise AcknowledgementTimeout(
-                    f"lock service {self.server} did not answer within {self.ack_timeout:g} seconds"
+                    f"lock service {self.server} did not answer within {self.ack_timeout or 0:g} seconds"
                 )
 
     def _read(self, rid: int, box: list[Message], deadline: float | None) -> None:
@@ -185,11 +227,11 @@ class Channel:
             except BlockingIOError:  # a receive-timeout slice passed: look at the deadline
                 event = None
             except RemoteProtocolError as exc:
-                raise self._fail(f"lock service {self.server} sent bad data: {exc}") from None
+                raise self.fail(f"lock service {self.server} sent bad data: {exc}") from None
             except OSError as exc:
-                raise self._fail(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
+                raise self.fail(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
             if isinstance(event, ConnectionClosed):
-                raise self._fail(f"lock service {self.server} closed the connection")
+                raise self.fail(f"lock service {self.server} closed the connection")
             if event is not None and not isinstance(event, UnknownMessage):
                 target = event.request_id
                 if target == rid:
@@ -203,6 +245,8 @@ class Channel:
         """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
         other = self._mail.get(target)
         if other is None:
+            if type(event) is Granted:  # a grant nobody awaits (its request gave up): no lock held for nobody
+                self.send(Unlock(self.next_id(), event.handle))
             self._unsolicited(event)
             return
         other.append(event)
@@ -210,26 +254,45 @@ class Channel:
             with self._cond:
                 self._cond.notify_all()
 
-    def _fail(self, message: str) -> ServiceUnavailable:
-        if self.failure is None:
-            self.failure = ServiceUnavailable(message)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            if self._on_failure is not None:
-                self._on_failure(f"Client: {message}")
+    def fail(self, message: str) -> ServiceUnavailable:
+        """The connection is lost (``message`` says how; the first cause found is kept): close it, wake
+        every thread waiting on it, and say so once. Whoever finds it calls this: a reader, a sender,
+        or the client's watcher."""
+        with self._failing:
+            first = self.failure is None
+            if first:
+                self.failure = ServiceUnavailable(message)
+                self.failed_at = time.monotonic()
+                _shut(self.sock)
+        if first and self._on_failure is not None:
+            self._on_failure(f"Client: {message}")
         with self._cond:
             self._cond.notify_all()
+        assert self.failure is not None
         return self.failure
 
+
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self.failure is None:
-            self.failure = ServiceUnavailable(f"connection to lock service {self.server} was closed")
+        """Close the connection (the client's own doing: nothing is said)."""
+        with self._failing:
+            if self.failure is None:
+                self.failure = ServiceUnavailable(f"connection to lock service {self.server} was closed")
+                self.failed_at = time.monotonic()
+            _shut(self.sock)
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut the socket down first, so that a thread blocked reading it wakes up, then close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _interim(message: Message) -> bool:

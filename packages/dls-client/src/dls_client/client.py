@@ -4,14 +4,17 @@ A process keeps one connection for its whole life (``get_client()``); every
 thread uses it. Locking waits for the grant; unlocking does not wait for an
 answer, because a release cannot be refused to its owner and the stream keeps
 it in order before the next request: a lock/unlock cycle costs one round trip.
-Which server a request goes to, and what a failed server means, is the Route's
-business (``route``, ``resilience``), not this module's.
+Which server a request goes to, what it holds there, and what a failed server
+costs, is the Route's business (``route``, ``resilience``), not this module's;
+finding a failure while the application makes no call is the watcher's
+(``watcher``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable
 
 from dls_proto import (
@@ -25,8 +28,6 @@ from dls_proto import (
     LockFlag,
     Message,
     Mode,
-    Refused,
-    RefuseReason,
     Server,
     Status,
     StatusReply,
@@ -39,20 +40,17 @@ from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
-from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
+from .errors import DlsError, Holder, describe
 from .lockinfo import LockInfo
-from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, describe
+from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
+from .replies import failure, holder
 from .resilience import ResilientRoute
-from .route import Route
+from .route import Events, Route
 from .trace import Tracer
+from .watcher import Watched, Watcher
 
 #: Which record-lock kinds each JDLS LOCK= value sends to the service.
 _KINDS_OF = {"ALL": ALL_KINDS, "INTERNAL": frozenset(("internal",)), "EXTERNAL": frozenset(("external",))}
-
-
-def _holder(reply: Refused | Waiting | StatusReply) -> Holder:
-    return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
-                  reply.holder_thread, reply.holder_ip)
 
 
 class Client(BaseClient):
@@ -61,7 +59,8 @@ class Client(BaseClient):
     Threads share it. Record locks go to the service; binary and execution locks
     too with JDLS BINARY, else they are OS file locks on this host. What the
     client holds and waits for is published to its lock server for the operator
-    tools (see ``lockinfo``).
+    tools (see ``lockinfo``). A watcher thread (a daemon thread, from the first
+    connection until ``close()``) finds a failed lock server at once.
     """
 
     def __init__(self, config: Config | None = None, *, connect: Connect = tcp_connect) -> None:
@@ -81,27 +80,36 @@ class Client(BaseClient):
         #: What this client knows of its locks, for proc/info (see dls_client.lockinfo).
         self.info = LockInfo()
         self._route = self._new_route()
+        ref = weakref.ref(self)
+        self._watcher = Watcher(lambda: _route_of(ref), self.trace.error)
 
     # -- the connection ----------------------------------------------------------------
 
     def _new_route(self) -> Route:
         config = self.config
+        events = Events(self._connected, self._lost)
         if config.server2 is None:
-            return Route((config.server,), self._open_channel, self.trace, self._new_primary)
-        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, self._new_primary,
-                              config.timeout)
+            return Route((config.server,), self._open_channel, self.trace, events)
+        return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events)
 
-    def _open_channel(self, server: Server) -> Channel:
+    def _open_channel(self, server: Server, timeout: float | None = None) -> Channel:
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
                        self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
-                       connect=self._connect)
+                       connect=self._connect, open_timeout=timeout)
 
-    def _new_primary(self, channel: Channel) -> None:
-        """Requests go to a new lock server (the first, or a promoted secondary): it does not know what
-        this client holds and waits for yet, so tell it."""
+    def _connected(self, channel: Channel) -> None:
+        """A new lock server serves this client (the first, or one connected again after a failure): watch
+        it, and tell it what this client holds and waits for, which it does not know yet."""
+        self._watcher.watch()
         self.info.changed = True
         self._publish_quietly()
+
+    def _lost(self, locks: list[HeldLock]) -> None:
+        """Locks were lost (already marked and logged by the route): forget them, and tell their holders."""
+        for held in locks:
+            self.info.released(held.handle)
+        tell_lost(locks, self.trace.error)
 
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
@@ -111,7 +119,7 @@ class Client(BaseClient):
     @property
     def connected(self) -> bool:
         """Whether a lock server has been connected to (requests that never needed one do not connect)."""
-        return self._route.primary is not None
+        return self._route.connected
 
     def connect(self) -> Channel:
         """Connect now, if no request has yet (the first request would; connecting publishes the client's
@@ -119,8 +127,12 @@ class Client(BaseClient):
         return self._route.current()
 
     def close(self) -> None:
-        self._route.close()
-        self._route = self._new_route()  # used again, the client connects again
+        """Close the connection: the service releases every lock of this client (their HeldLocks count as
+        released). Used again, the client connects again."""
+        self._watcher.stop()
+        route, self._route = self._route, self._new_route()
+        route.close()
+        self.info.released_all()
 
     # -- lock information -------------------------------------------------------------
 
@@ -147,15 +159,17 @@ class Client(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None, flags: int | None = None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None = None,
+              flags: int | None = None) -> HeldLock:
         """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
-        the lock (or raise); the Route asks again on the server left when one fails under it."""
+        the lock (or raise); the Route asks again when the server fails under it."""
         if flags is None:
             flags = self._flags
         limit = 0 if not wait else WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)),
                                                                              WAIT_FOREVER - 1)
         thread = identity.thread_id()
         route = self._route
+        started = time.monotonic() if 0 < limit < WAIT_FOREVER else 0.0  # what a second service may still wait
 
         def attempt(channel: Channel) -> HeldLock:
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
@@ -164,13 +178,18 @@ class Client(BaseClient):
             if waited:
                 reply = self._wait(channel, request, reply, on_wait)
             if type(reply) is not Granted:
-                raise self._failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
+                raise failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
                                     describe(ref.path, key))
-            handle = route.held(channel, request, reply)
-            self.info.granted(handle, ref.path, ref.inode, key, reply.mode, thread)
+            granted = reply
+
+            def make(handle: int) -> HeldLock:
+                self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
+                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread, on_lost)
+
+            held = route.held(channel, request, granted, make, started)
             if waited:
                 self._publish_quietly()  # the wait ended: publish the lock now held
-            return HeldLock(self, handle, ref, key, reply.mode, reply.value)
+            return held
 
         return route.ask(attempt)
 
@@ -181,7 +200,7 @@ class Client(BaseClient):
         self._publish_quietly()
         try:
             reply = channel.last_reply(request.request_id, reply,
-                                       None if on_wait is None else lambda waiting: on_wait(_holder(waiting)))
+                                       None if on_wait is None else lambda waiting: on_wait(holder(waiting)))
         finally:
             self.info.wait_ended(token)
             if type(reply) is not Granted and channel.failure is None:
@@ -205,7 +224,7 @@ class Client(BaseClient):
         """
         if not self.config.binary:
             return super().binary_lock(file, mode, wait=wait, timeout=timeout)
-        return self._lock(FileRef.of(file), b"", mode, wait, timeout, None, self._flags | LockFlag.BINARY)
+        return self._lock(FileRef.of(file), b"", mode, wait, timeout, None, None, self._flags | LockFlag.BINARY)
 
     def execution_lock(
         self, number: int, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
@@ -221,10 +240,16 @@ class Client(BaseClient):
         if not self.config.binary:
             return super().execution_lock(number, mode, wait=wait, timeout=timeout)
         ref = FileRef(0, f"execution lock {execution_number(number):03d}")
-        return self._lock(ref, b"EXEC%03d" % number, mode, wait, timeout, None, self._flags | LockFlag.BINARY)
+        return self._lock(ref, b"EXEC%03d" % number, mode, wait, timeout, None, None, self._flags | LockFlag.BINARY)
 
     def unlock(self, handle: int) -> None:
-        """Release a lock by its handle; a failure is reported later (``async_errors``)."""
+        """Release a lock by its handle (one this client no longer holds: nothing is sent); a failure is
+        reported later (``async_errors``)."""
+        self._route.unlock(handle)
+        self.info.released(handle)
+
+    def unlock_held(self, held: HeldLock) -> None:
+        handle = held.handle
         self._route.unlock(handle)
         self.info.released(handle)
 
@@ -235,15 +260,15 @@ class Client(BaseClient):
         if isinstance(reply, Unlocked):
             self.info.released_all(None if all_threads else thread)
             return reply.count
-        raise self._failure(reply, "release of all locks")
+        raise failure(reply, "release of all locks")
 
     def _status(self, ref: FileRef, key: bytes) -> tuple[int, Holder | None]:
         thread = identity.thread_id()
         reply = self._route.ask(lambda channel: channel.request(
             Status(channel.next_id(), thread, ref.inode, REMOTE_DEVICE, key)))
         if isinstance(reply, StatusReply):
-            return reply.state, (_holder(reply) if reply.state else None)
-        raise self._failure(reply, "lock status")
+            return reply.state, (holder(reply) if reply.state else None)
+        raise failure(reply, "lock status")
 
     def echo(self, data: bytes) -> tuple[bytes, float]:
         """Send ``data`` through the service and back: (what came back, seconds taken)."""
@@ -252,20 +277,13 @@ class Client(BaseClient):
         reply = self._route.ask(lambda channel: channel.request(Echo(channel.next_id(), data)))
         if isinstance(reply, EchoReply):
             return reply.data, time.perf_counter() - start
-        raise self._failure(reply, "echo")
+        raise failure(reply, "echo")
 
-    @staticmethod
-    def _failure(reply: Message, what: str) -> DlsError:
-        if isinstance(reply, Refused):
-            holder = _holder(reply)
-            if reply.reason == RefuseReason.TIMEOUT:
-                return LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
-            if reply.reason == RefuseReason.CANCELLED:
-                return LockCancelled(f"{what}: request cancelled", holder)
-            return LockRefused(f"{what}: held by {holder.describe()}", holder)
-        if isinstance(reply, Error):
-            return RequestFailed(f"{what}: {reply.reason}", reply.code)
-        return DlsError(f"{what}: unexpected answer {type(reply).__name__}")
+
+def _route_of(ref: weakref.ref[Client]) -> Watched | None:
+    """The route of the client ``ref`` names, for its watcher (None once the client is gone)."""
+    client = ref()
+    return None if client is None else client._route
 
 
 __all__ = ["Client"]

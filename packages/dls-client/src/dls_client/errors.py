@@ -38,16 +38,37 @@ class ServiceUnavailable(DlsError):
 
 
 class ServiceLost(ServiceUnavailable):
-    """Every lock server of this process failed: it holds no lock any more and must wrap up.
+    """No longer raised; kept so that code written for it still imports and catches it.
 
-    A resilient client (JDLS SERVER2) raises it when the last of its two servers
-    fails; from then on every request raises it again. A lock service is never
-    reconnected within one process (see dls_client.route).
+    It said that every lock server of a resilient process had failed and that the process must wrap
+    up. A client now connects again by itself (the next request after a service is back works), and
+    what a failure cost is said lock by lock (LockLost).
     """
 
 
 class AcknowledgementTimeout(ServiceUnavailable):
     """The service said nothing for TIMEOUT seconds while a request was outstanding."""
+
+
+class LockLost(DlsError):
+    """A lock this process held was lost for a reason other than its own release (its lock server died
+    and the lock could not be reclaimed in time, the service restarted without it, the client was cut off).
+
+    Raised by the lock's next call (``release()``, ``ensure_held()``, leaving its ``with`` block), so
+    that a holder never goes on believing it holds a lock someone else may now hold. ``path`` and
+    ``key`` name the lock, ``reason`` says how it was lost.
+    """
+
+    def __init__(self, path: str, key: bytes, reason: str) -> None:
+        super().__init__(f"lock {describe(path, key)} was lost: {reason}")
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+
+def describe(path: str, key: bytes) -> str:
+    """How messages name a record lock: its file and key."""
+    return f"{path} {key.decode('utf-8', 'replace')}"
 
 
 class LockRefused(DlsError):

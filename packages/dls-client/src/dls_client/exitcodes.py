@@ -18,6 +18,13 @@ NOINPUT = os.EX_NOINPUT
 UNAVAILABLE = os.EX_UNAVAILABLE
 #: JDLS (or JBCPORTNO) is not valid.
 CONFIG = os.EX_CONFIG
+#: dls-lock: the lock was lost while the command ran (it was stopped), or was found lost when released.
+#: sysexits' "temporary failure": the work was cut short by a fault outside the command and may be run
+#: again. No other outcome of dls-lock gives it: after 1 (or -E's), 66, 69 or 78 the command never ran
+#: (a lock lost before the command started is 69, the service lost).
+LOST = os.EX_TEMPFAIL
+#: dls-lock: an internal error (its traceback says where).
+SOFTWARE = os.EX_SOFTWARE
 #: dls-lock: COMMAND exists but cannot be run, or is not found.
 CANNOT_RUN = 126
 NOT_FOUND = 127

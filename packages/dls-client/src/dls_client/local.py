@@ -7,6 +7,12 @@ optional (``dls-client[local]``): without it the import below fails quietly,
 A LocalClient locks through the same mechanism as the instance's lock
 servers (one mechanism per instance): the table when the monitor made one,
 else OS file locks in the lock server's record lock directory (JDLS_LOCK_DIR).
+It follows a table made later: its OS locks are dls-shm's OsLocks made with
+the instance's table key, which refuse (TableServes) once a table exists, and
+a client that then holds no OS lock switches to the table and asks again; one
+that holds some cannot (the table does not know them) and raises
+ServiceUnavailable. (A monitor makes no table while an OS lock is held, so
+that happens only in a race with a monitor that then refuses.)
 It names a record as a remote client does (inode, device -1, key), so local
 and remote owners exclude each other. Its owner is (pid, thread), or (port,
 thread) in a ``jdls -P`` table, the port and thread taken as a remote Client
@@ -21,12 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
 
 from .base import BaseClient
-from .config import port_number
+from .config import Config, port_number
 from .errors import (
     ConfigurationError,
     Holder,
@@ -35,9 +41,11 @@ from .errors import (
     LockTimeout,
     RequestFailed,
     ServiceUnavailable,
+    describe,
 )
 from .lockinfo import LockInfo
-from .locks import REMOTE_DEVICE, FileRef, HeldLock, describe
+from .locks import REMOTE_DEVICE, FileRef, HeldLock, OnLost, tell_lost
+from .trace import Tracer
 
 try:
     import dls_shm
@@ -50,6 +58,10 @@ else:
 LOCAL_ADDRESS = "0.0.0.0"  # noqa: S104
 #: A lock a local process holds: the same HeldLock as a remote client's.
 LocalHeldLock = HeldLock
+#: How many times one request follows a table that appears (and may go again, refused by its monitor).
+FOLLOW_ATTEMPTS = 3
+
+T = TypeVar("T")
 
 
 def local_table_key() -> int | None:
@@ -113,6 +125,11 @@ class LocalClient(BaseClient):
         self.locks: dls_shm.LockMechanism
         #: The OS locks (None with a table): this process's own, made again in a forked child.
         self._oslocks: dls_shm.OsLocks | None = None
+        #: The lock directory of the OS locks this client left for a table made later (None otherwise).
+        self._followed_from: Path | None = None
+        self._instance = instance
+        #: Held while this client switches from OS locks to a table that now serves the instance.
+        self._switching = threading.Lock()
         if key is not None:
             try:
                 self.table = self.locks = dls_shm.LockTable.attach(key)
@@ -120,12 +137,11 @@ class LocalClient(BaseClient):
                 raise ServiceUnavailable(f"local direct locking: {exc}") from None
         else:
             self.lock_dir = Path(lock_dir) if lock_dir is not None else environment.lock_dir()
-            self.locks = self._oslocks = dls_shm.OsLocks(self.lock_dir)
+            self.locks = self._oslocks = self._new_oslocks()
         self._port = (os.getpid(), port_number())
         self._closed = False
         #: What this client knows of its locks, written to proc/info/<port> (see dls_client.lockinfo).
         self.info = LockInfo()
-        self._instance = instance
         self._info_file: str | None = None
         self._info_pid = 0
         self._publish_quietly()  # initialised
@@ -150,10 +166,72 @@ class LocalClient(BaseClient):
     def _mechanism(self) -> dls_shm.LockMechanism:
         """The locks of this process: OS locks are the process's own, so a forked child makes new ones."""
         if self._oslocks is not None and self._oslocks.pid != os.getpid():
-            assert self.lock_dir is not None
             # The parent's locks are not the child's: none held.
-            self.locks = self._oslocks = dls_shm.OsLocks(self.lock_dir)
+            self.locks = self._oslocks = self._new_oslocks()
         return self.locks
+
+    def _new_oslocks(self) -> dls_shm.OsLocks:
+        """OS locks of this process in lock_dir, which refuse once a table serves the instance."""
+        assert self.lock_dir is not None and self._instance is not None  # OS locks only for a known instance
+        return dls_shm.OsLocks(self.lock_dir, table_key=self._instance.key)
+
+    def _again(self, exc: dls_shm.TableError, call: Callable[[dls_shm.LockMechanism], T], what: str) -> T:
+        """``call(mechanism)`` again after ``exc``: in the table when one now serves the instance (TableServes:
+        ``_to_table``), with OS locks when a table this client followed into went before it held anything there
+        (TableMissing: its monitor refused, ``_back_to_oslocks``); ``exc`` itself when neither applies.
+
+        Only a failed call comes here, so the lock path itself is the mechanism's call and nothing more.
+        """
+        for _ in range(FOLLOW_ATTEMPTS):
+            if isinstance(exc, dls_shm.TableServes):
+                self._to_table(exc, what)
+            elif not self._back_to_oslocks():
+                raise exc
+            try:
+                return call(self._mechanism())
+            except (dls_shm.TableServes, dls_shm.TableMissing) as again:
+                exc = again
+        raise ServiceUnavailable(f"{what}: a lock table keeps appearing and going again (a lock monitor starting "
+                                 "and refusing?): try again")
+
+    def _to_table(self, served: dls_shm.TableServes, what: str) -> None:
+        """Lock in the table that now serves the instance, if this client holds no OS lock (and none waits);
+        ServiceUnavailable if it does: the table does not know them, so they cannot move there."""
+        with self._switching:
+            oslocks = self._oslocks
+            if oslocks is None:
+                return  # another thread switched meanwhile
+            busy = oslocks.held() + oslocks.waiting()
+            if busy:
+                raise ServiceUnavailable(
+                    f"{what}: {served}, but this process holds or waits for {busy} OS file lock(s) taken before, "
+                    "which the table does not know: release them (or close this LocalClient) and lock again"
+                )
+            try:
+                table = dls_shm.LockTable.attach(served.key)
+            except dls_shm.TableMissing:
+                return  # made and removed again by a monitor that refused: OS locks still serve
+            except dls_shm.TableError as exc:
+                raise ServiceUnavailable(f"{what}: {exc}") from None
+            oslocks.close()
+            self._followed_from, self.lock_dir = self.lock_dir, None
+            self.key = served.key
+            self.table = self.locks = table
+            self._oslocks = None
+
+    def _back_to_oslocks(self) -> bool:
+        """The table this client followed into is gone: back to OS locks if it held nothing there (True),
+        else False (its locks went with the table)."""
+        with self._switching:
+            if self.table is None:
+                return True  # another thread went back meanwhile
+            if self._followed_from is None or self.info.held:
+                return False
+            # The gone table is not detached: another thread may still be in it; its mapping goes with it.
+            self.lock_dir, self._followed_from = self._followed_from, None
+            self.key = self.table = None
+            self.locks = self._oslocks = self._new_oslocks()
+            return True
 
     # -- lock information ----------------------------------------------------------------
 
@@ -211,7 +289,7 @@ class LocalClient(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
         if isinstance(mode, bool) or not isinstance(mode, int) or mode not in LOCK_MODES:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
@@ -227,7 +305,11 @@ class LocalClient(BaseClient):
 
         result: dls_shm.Grant | dls_shm.Conflict | None = None
         try:
-            result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback)
+            try:
+                result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback)
+            except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
+                result = self._again(
+                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback), what)
         except dls_shm.NotHeld:
             raise LockCancelled(f"{what}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
         except dls_shm.GroupFull as exc:
@@ -241,7 +323,8 @@ class LocalClient(BaseClient):
                 self.info.wait_ended(waited[0])
                 self._publish_quietly()
         if isinstance(result, dls_shm.Grant):
-            return HeldLock(self, result.handle, ref, key, result.mode, result.value)
+            return HeldLock(self, result.handle, ref, key, result.mode, result.value, thread=owner.thread,
+                            on_lost=on_lost)
         assert result is not None
         holder = _holder(result.holder)
         if wait:
@@ -260,6 +343,39 @@ class LocalClient(BaseClient):
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"unlock: {exc}") from None
 
+    def unlock_held(self, held: HeldLock) -> None:
+        """Release ``held``; a table removed under it lost it (HeldLock.release then raises LockLost)."""
+        if self._closed:
+            raise ServiceUnavailable("this LocalClient is closed")
+        self.info.released(held.handle)
+        try:
+            self._mechanism().unlock(held.handle)
+        except dls_shm.NotHeld:
+            pass
+        except dls_shm.TableMissing as exc:
+            self._lose(held, exc)
+        except dls_shm.TableError as exc:
+            raise ServiceUnavailable(f"unlock: {exc}") from None
+
+    def verify(self, held: HeldLock) -> None:
+        """Whether the table ``held`` is in is still there (a look in shared memory, no round trip): the one
+        way a local lock is lost, since a local process's locks live as long as it does."""
+        if self.table is None or self._closed:
+            return  # OS file locks: the kernel keeps them while this process lives
+        try:
+            self.table.status(self._owner(), held.file.inode, REMOTE_DEVICE, held.key)
+        except dls_shm.TableMissing as exc:
+            self._lose(held, exc)
+        except dls_shm.TableError:
+            pass  # another trouble with the table is for the next call to say
+
+    def _lose(self, held: HeldLock, exc: dls_shm.TableError) -> None:
+        if held.lose(f"{exc}: every lock in it went with it"):
+            self.info.released(held.handle)
+            trace = Tracer(Config())  # the instance's error trace, where an operator looks
+            trace.error(f"Client: lock {describe(held.file.path, held.key)} lost: {held.lost_reason}")
+            tell_lost([held], trace.error)
+
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were freed."""
         owner = self._owner()
@@ -271,8 +387,13 @@ class LocalClient(BaseClient):
         return count
 
     def _status(self, ref: FileRef, key: bytes) -> tuple[int, Holder | None]:
+        owner = self._owner()
         try:
-            state, holder = self._mechanism().status(self._owner(), ref.inode, REMOTE_DEVICE, key)
+            try:
+                state, holder = self._mechanism().status(owner, ref.inode, REMOTE_DEVICE, key)
+            except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
+                state, holder = self._again(exc, lambda m: m.status(owner, ref.inode, REMOTE_DEVICE, key),
+                                            "lock status")
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"lock status: {exc}") from None
         return state, (None if holder is None else _holder(holder))

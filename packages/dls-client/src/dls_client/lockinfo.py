@@ -53,7 +53,7 @@ class LockInfo:
         #: Set by every change; cleared when a document is taken for publishing.
         self.changed = True
         self._tokens = itertools.count(1)
-        #: Re-entrant: a resilient client's promotion, found while publishing, publishes again.
+        #: Re-entrant: a failure found while publishing connects again, which publishes again.
         self._publish_lock = threading.RLock()
 
     # -- changes: cheap, in memory only -------------------------------------------------

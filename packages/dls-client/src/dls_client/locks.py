@@ -1,20 +1,21 @@
 """A granted lock, and how the client names what it locks: the vocabulary every client shares.
 
 The clients (remote ``Client``, ``LocalClient``) are factories of ``HeldLock``:
-a HeldLock knows only how to be released, through the client that took it, so
-connection, retry and failover stay in the client (the shape of kazoo's lock
-recipe and redis-py's lock).
+a HeldLock knows only how to be released, through the client that took it, and
+whether it was lost, which the client marks; so connection, retry, reclaim and
+failover stay in the client (the shape of kazoo's lock recipe and redis-py's lock).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, NamedTuple, Protocol
 
 from dls_proto import Mode
 
-from .errors import DlsError
+from .errors import DlsError, LockLost, describe
 
 #: The device number of every record lock: device numbers of a shared file differ from host to
 #: host, so only the inode names the file (the table shows the device as -1).
@@ -50,41 +51,112 @@ def key_bytes(key: Key) -> bytes:
     return key if isinstance(key, bytes) else key.encode("utf-8")
 
 
-def describe(path: str, key: bytes) -> str:
-    """How messages name a record lock: its file and key."""
-    return f"{path} {key.decode('utf-8', 'replace')}"
-
-
 class Unlocker(Protocol):
-    """What a held lock needs of the client that took it: a way to let it go."""
+    """What a held lock needs of the client that took it: a way to let it go, and to look whether it is
+    still there when that costs no round trip."""
 
-    def unlock(self, handle: int) -> None: ...
+    def unlock_held(self, held: HeldLock) -> None: ...
+
+    def verify(self, held: HeldLock) -> None: ...
+
+
+#: Told, with the lock, that a lock was lost (``client.lock(..., on_lost=...)``).
+OnLost = Callable[["HeldLock"], None]
 
 
 class HeldLock:
-    """A granted lock. Release it with ``release()`` or by leaving its ``with`` block."""
+    """A granted lock. Release it with ``release()`` or by leaving its ``with`` block.
 
-    __slots__ = ("client", "file", "handle", "key", "mode", "released", "value")
+    A lock lost for any reason other than its own release (the client finds that out, see
+    dls_client.route) says so: ``lost`` is true, ``ensure_held()`` raises LockLost, and so does the
+    first ``release()`` and the end of a ``with`` block whose body raised nothing (the body's own
+    exception is never replaced). ``on_lost`` is run once, by whichever thread found the loss.
+    """
 
-    def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int) -> None:
+    __slots__ = ("client", "file", "handle", "key", "lost_reason", "mode", "on_lost", "released", "thread",
+                 "value")
+
+    def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int,
+                 thread: int = 0, on_lost: OnLost | None = None) -> None:
         self.client = client
         self.handle = handle
         self.file = file
         self.key = key
         self.mode = mode
         self.value = value
+        #: The owner thread (its native id), as the service knows it.
+        self.thread = thread
+        self.on_lost = on_lost
         self.released = False
+        #: Why the lock was lost; None while it is held (or once released by its owner).
+        self.lost_reason: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Whether the lock was lost (not released by its owner): nobody may rely on it any more."""
+        return self.lost_reason is not None
+
+    def ensure_held(self) -> None:
+        """Raise LockLost if the lock was lost, DlsError if it was released; costs no round trip.
+
+        For a long critical section: call it before each step that must not run without the lock.
+        """
+        if self.lost_reason is None and not self.released:
+            self.client.verify(self)
+        if self.lost_reason is not None:
+            raise self.lost_error()
+        if self.released:
+            raise DlsError(f"lock {describe(self.file.path, self.key)} was released")
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.client.unlock(self.handle)
+        """Release the lock; LockLost (once) if it had been lost meanwhile. Releasing again does nothing."""
+        if self.released:
+            return
+        if self.lost_reason is None:
+            try:
+                self.client.unlock_held(self)  # which may find the loss itself
+            finally:
+                self.released = True
+        self.released = True
+        if self.lost_reason is not None:  # lost before, or found by the unlock
+            raise self.lost_error()
+
+    def lose(self, reason: str) -> bool:
+        """Mark the lock lost (its client found out); False if it was released or lost already."""
+        if self.released or self.lost_reason is not None:
+            return False
+        self.lost_reason = reason
+        return True
+
+    def lost_error(self) -> LockLost:
+        return LockLost(self.file.path, self.key, self.lost_reason or "lost")
 
     def __enter__(self) -> HeldLock:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()
+        if et is None:
+            self.release()  # LockLost if the lock was lost inside the block
+            return
+        try:
+            self.release()
+        except DlsError:
+            pass  # the body's own exception is the one the caller must see
 
     def __repr__(self) -> str:
-        return f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}>"
+        state = " LOST" if self.lost else " released" if self.released else ""
+        return f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}{state}>"
+
+
+def tell_lost(locks: list[HeldLock], log: Callable[[str], None]) -> None:
+    """Run the ``on_lost`` callback of each lock just marked lost, in the thread that found the loss and
+    outside every lock of the client (a callback may call the client); what a callback raises is logged,
+    never raised: the loss is already said by the lock itself."""
+    for held in locks:
+        if held.on_lost is None:
+            continue
+        try:
+            held.on_lost(held)
+        except Exception as exc:
+            log(f"Client: on_lost callback of lock {describe(held.file.path, held.key)} raised "
+                f"{type(exc).__name__}: {exc}")

@@ -1,251 +1,241 @@
-"""Resilient mode (JDLS SERVER2): every lock held on two lock servers, so that either may fail.
+"""Resilient mode (JDLS SERVER2): every lock held on two lock services, so that either may fail, and still
+never two holders of one lock.
 
-The rules are the jDLS guide's (the README says them for users), and each is
-there to keep two owners from ever holding one lock: a lock goes to the
-secondary only after the primary granted it, and the primary's answer stands;
-a failed primary is replaced by the secondary, which already holds every lock
-of the process; a failed server is never contacted again (its lock server
-released this process's locks when the connection went); with no server left
-the process must wrap up (ServiceLost, on every later request too).
+SERVER is always the primary and SERVER2 always the secondary: nobody
+promotes, so every client of the pair asks the services in the same order and
+no client's view of the pair differs from another's. A lock is taken on the
+primary, then on the secondary, waiting there as long as the request may: it
+is granted only when every service that can be reached granted it, and a
+refusal by the secondary releases the primary's grant and is the caller's.
 
-The two servers number their locks independently, so a resilient client gives
-out handles of its own and keeps, for each, the (channel, server handle) pairs
-of the servers holding it; only resilient clients pay for that. A request
-waiting on the secondary waits at most TIMEOUT seconds; longer is a
-difference, logged, and the lock is then held on the primary alone.
+A failed channel is recovered as with one server (``route``): the client
+connects again and reclaims its locks there; a lock that service no longer
+keeps is taken again there at once (timeout 0). Only a service that cannot be
+reached is done without: the client goes on with the other alone, its watcher
+tries every second, and when the service answers again every lock it lacks is
+taken there at once. A conflict there means someone else holds the lock on
+that service: the lock is lost, and released on the other service too. A lock
+is lost only when neither service holds it any more.
+
+Why no split: under one fault (one process of either service, or one whole
+service) every two clients still share a service that sees them both, and
+that service refuses the second holder. What two services cannot protect
+against (a partition that lets each client reach a different service alone)
+and the design that can are in docs/ha.md.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
+import time
+from collections.abc import Callable
 
-from dls_proto import ALL_THREADS, Granted, Lock, Message, Server, Unlock, UnlockAll
+from dls_proto import WAIT_FOREVER, Granted, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceLost, ServiceUnavailable
-from .locks import describe
-from .route import OnPrimary, OpenChannel, Route
+from .errors import ServiceUnavailable, describe
+from .link import Link, OpenChannel
+from .locks import HeldLock
+from .replies import failure
+from .route import Events, Hold, Holding, Route
 from .trace import Tracer
-
-#: One server's hold of a lock: the channel to that server and the handle it gave.
-Hold = tuple[Channel, int]
-
-
-class _Entry:
-    """One lock of a resilient client: its owner thread, what it is (for the trace), and its holds."""
-
-    __slots__ = ("holds", "thread", "what")
-
-    def __init__(self, thread: int, what: str, holds: list[Hold]) -> None:
-        self.thread = thread
-        self.what = what
-        self.holds = holds
 
 
 class ResilientRoute(Route):
-    """A primary and a secondary lock server (SERVER2), and which of this client's locks each holds."""
+    """A primary and a secondary lock service (SERVER2), each lock held on both."""
 
-    def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer,
-                 on_primary: OnPrimary, timeout: float) -> None:
-        super().__init__(servers, open_channel, trace, on_primary)
-        self.secondary: Channel | None = None
-        self.timeout_ms = max(1, int(timeout * 1000))
-        #: Set when no server is left: every later request raises it.
-        self.wrapped_up: ServiceLost | None = None
-        self._lock = threading.Lock()
-        self._entries: dict[int, _Entry] = {}
-        #: This client's handle of each (channel, server handle), so that a lock taken again (a conversion,
-        #: for which a server answers with the handle it gave before) stays one lock.
-        self._own: dict[tuple[int, int], int] = {}
+    def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer, events: Events) -> None:
+        super().__init__(servers, open_channel, trace, events)
+        #: Set by the first request: from then on the watcher keeps both services reached.
+        self._used = False
+        #: The client's own handles (the two services number their locks apart), and the handle of each
+        #: (inode, device, key, thread), so that a lock taken again (a conversion) stays one lock.
         self._handles = itertools.count(1)
-        self._releases = 0  # release_all calls so far: a lock mirrored across one is released
-        self._failed: list[str] = []
+        self._records: dict[tuple[int, int, bytes, int], int] = {}
 
-    # -- connecting, and failures -----------------------------------------------------------
+    # -- where requests go -------------------------------------------------------------
 
     def current(self) -> Channel:
-        self._check_left()
-        return super().current()
+        """The primary's channel, else the secondary's when the primary cannot be reached (ServiceUnavailable
+        when neither can). A service whose channel just failed is tried again at once; one known to be
+        unreachable is left to the watcher, which tries every second."""
+        channel = self.links[0].channel
+        if channel is not None and channel.failure is None:
+            return channel
+        if not self._used:
+            self._used = True
+            for index in range(len(self.links)):  # both, from the start: each is watched and told our locks
+                self._usable(index)
+        for index in range(len(self.links)):
+            channel = self._usable(index)
+            if channel is not None:
+                return channel
+        for index in range(len(self.links)):  # none is known to answer: try each at once
+            channel = self._usable(index, retry=True)
+            if channel is not None:
+                return channel
+        raise ServiceUnavailable("no lock service can be reached ("
+                                 + "; ".join(f"{link.name()}: {link.unreachable}" for link in self.links) + ")")
 
-    def _check_left(self) -> None:
-        """ServiceLost once no server is left."""
-        if self.wrapped_up is not None:
-            raise self.wrapped_up
-
-    def channels(self) -> list[Channel]:
-        return [c for c in (self.primary, self.secondary) if c is not None]
-
-    def _connect_all(self) -> Channel:
-        """Connect to both servers; one that cannot be reached is dropped (logged), as if it failed at once.
-
-        Called again by each request until a server answers: the failures said are this attempt's.
-        """
-        self._failed = []
-        channels: list[Channel] = []
-        for role, server in zip(("primary", "secondary"), self.servers, strict=True):
-            try:
-                channels.append(self._open(server))
-            except ServiceUnavailable as exc:
-                self._failed.append(f"{role} {server}: {exc}")
-                self.trace.error(f"Client: {role} lock service {server} cannot be reached; not used by this process")
-        if not channels:
-            raise ServiceLost(f"no lock service can be reached ({'; '.join(self._failed)})")
-        if len(channels) == 1:
-            self.trace.error(f"Client: using lock service {channels[0].server} alone; this process is not resilient")
-        else:
-            self.secondary = channels[1]
-        return channels[0]
-
-    def lost(self, channel: Channel, exc: ServiceUnavailable) -> None:
-        """``channel`` failed (``exc``): close it for good and go on with the server left, or ServiceLost."""
-        promoted: Channel | None = None
-        with self._lock:
-            if channel is self.secondary:
-                self.secondary = None
-                self._failed.append(f"secondary {channel.server}: {exc}")
-                self.trace.error(f"Client: secondary lock service {channel.server} lost ({exc}); carrying on with "
-                                 f"the primary {self._primary_server()} alone, no longer resilient")
-            elif channel is self.primary:
-                self._failed.append(f"primary {channel.server}: {exc}")
-                if self.secondary is not None:
-                    promoted = self.secondary
-                    self.primary, self.secondary = promoted, None
-                    self.trace.error(f"Client: primary lock service {channel.server} lost ({exc}); secondary "
-                                     f"{promoted.server} promoted to primary, no longer resilient")
-                    self._report_unheld(promoted)
-                elif self.wrapped_up is None:
-                    self.wrapped_up = ServiceLost(
-                        f"no lock service left ({'; '.join(self._failed)}); this process must wrap up: "
-                        "the lock servers released its locks")
-                    self.trace.error(f"Client: {self.wrapped_up}")
-            channel.close()  # never contacted again
-        if promoted is not None:
-            self._on_primary(promoted)
-        if self.wrapped_up is not None:
-            raise self.wrapped_up
-
-    def _primary_server(self) -> Server | None:
-        return None if self.primary is None else self.primary.server
-
-    def _report_unheld(self, primary: Channel) -> None:
-        """Locks the promoted server does not hold (its answer differed) are held nowhere now: say so."""
-        for entry in self._entries.values():
-            if entry.holds and not any(c is primary for c, _ in entry.holds):
-                entry.holds = []
-                self.trace.error(f"Client: lock {entry.what} was held on the failed primary alone (the secondary's "
-                                 "answer differed); it is no longer held")
-
-    # -- locks ---------------------------------------------------------------------------
-
-    def held(self, channel: Channel, request: Lock, granted: Granted) -> int:
-        """``channel`` granted ``request``: take it on the secondary too; this client's handle for it.
-
-        ServiceUnavailable when the grant is void because ``channel`` failed
-        meanwhile and the promoted server does not hold the lock: ``ask``
-        then asks again on the server left.
-        """
-        with self._lock:
-            if channel is not self.primary:
-                raise self._void(channel)
-            secondary, releases = self.secondary, self._releases
-        holds: list[Hold] = [(channel, granted.handle)]
-        if secondary is not None:
-            held = self._on_secondary(secondary, request, granted)
-            if held is not None:
-                holds.append((secondary, held))
-        with self._lock:
-            live = [(c, h) for c, h in holds if c is self.primary or c is self.secondary]
-            void = not any(c is self.primary for c, _ in live)
-            if void or releases != self._releases:
-                # Held where nobody would release it (no primary holds it, or a release_all came
-                # between): let it go; a release_all's caller gets a handle that holds nothing.
-                stray, live = live, []
-            else:
-                stray = []
-            handle = self._own.get((id(channel), granted.handle)) if live else None
-            if handle is None and not void:
-                handle = next(self._handles)
-                self._entries[handle] = _Entry(request.thread_id, _what(request), live)
-                for c, h in live:
-                    self._own[id(c), h] = handle
-        for c, h in stray:
-            self._send_unlock(c, h)
-        if handle is None:
-            raise self._void(channel)
-        return handle
-
-    @staticmethod
-    def _void(channel: Channel) -> ServiceUnavailable:
-        return channel.failure or ServiceUnavailable(f"lock service {channel.server} failed after granting")
-
-    def _on_secondary(self, secondary: Channel, request: Lock, granted: Granted) -> int | None:
-        """Duplicate a granted request on the secondary; its handle, or None (failed or different)."""
-        rid = secondary.next_id()
-        duplicate = request._replace(request_id=rid, timeout_ms=min(request.timeout_ms, self.timeout_ms)
-                                     if request.timeout_ms else self.timeout_ms)
+    def _usable(self, index: int, *, retry: bool = False) -> Channel | None:
+        """Link ``index``'s live channel, a new one if its channel just failed (or ``retry``), or None when
+        it cannot be reached (the watcher tries again every second)."""
+        link = self.links[index]
+        channel = link.live()
+        if channel is not None or (link.unreachable is not None and not retry):
+            return channel
         try:
-            reply = secondary.last_reply(rid, secondary.request(duplicate))
-        except ServiceUnavailable as exc:
-            self.lost(secondary, exc)
+            return self._reach(index)
+        except ServiceUnavailable:
             return None
-        if type(reply) is Granted:
-            if (reply.mode, reply.value) != (granted.mode, granted.value):
-                self._difference(_what(request), f"granted mode {granted.mode} value 0x{granted.value:08x}",
-                                 f"granted mode {reply.mode} value 0x{reply.value:08x}")
-            return reply.handle
-        self._difference(_what(request), f"granted mode {granted.mode} value 0x{granted.value:08x}",
-                         f"answered {reply!r}")
+
+    def _index(self, channel: Channel) -> int:
+        for index, link in enumerate(self.links):
+            if link.channel is channel:
+                return index
+        return next((i for i, link in enumerate(self.links) if link.server == channel.server), 0)
+
+    # -- locks -------------------------------------------------------------------------
+
+    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+             started: float = 0.0) -> HeldLock:
+        """Granted by ``channel``: taken on the other service too (``_hold_everywhere``), then recorded under
+        a handle of the client's own."""
+        holds = self._hold_everywhere(channel, request, granted, started)
+        record = (request.inode, request.device, request.key, request.thread_id)
+        with self._state:
+            handle = self._records.get(record)
+            holding = None if handle is None else self._holdings.get(handle)
+            if handle is not None and holding is not None:
+                held = make(handle)
+                holding.locks.append(held)
+                holding.mode = granted.mode
+                holding.holds = holds = [new or old for new, old in zip(holds, holding.holds, strict=True)]
+            else:
+                held = make(next(self._handles))
+                self._holdings[held.handle] = Holding(request, granted.mode, held, holds)
+                self._records[record] = held.handle
+        if None in holds:
+            self._unsettled = True  # a service that lacks it is given it by the watcher
+        self._settle_grant(holds, held)
+        return held
+
+    def _remove(self, handle: int) -> Holding | None:
+        holding = self._holdings.pop(handle, None)
+        if holding is not None:
+            request = holding.request
+            record = (request.inode, request.device, request.key, request.thread_id)
+            if self._records.get(record) == handle:
+                del self._records[record]
+        return holding
+
+    def _hold_everywhere(self, channel: Channel, request: Lock, granted: Granted, started: float) -> list[Hold | None]:
+        """Granted by ``channel`` (the primary, or the secondary when the primary cannot be reached): take
+        the lock on the services after it too. Their refusal releases what was granted and is raised."""
+        holds: list[Hold | None] = [None] * len(self.links)
+        first = self._index(channel)
+        holds[first] = (channel, granted.handle)
+        # A conversion of a lock held already is answered with the handle of that lock: a refusal must not
+        # release it.
+        granting = [] if (request.inode, request.device, request.key, request.thread_id) in self._records else holds
+        for index in range(first + 1, len(self.links)):
+            holds[index] = self._also(index, request, granted, started, granting)
+        return holds
+
+    def _also(self, index: int, request: Lock, granted: Granted, started: float,
+              holds: list[Hold | None]) -> Hold | None:
+        """Take ``request`` on link ``index`` too, waiting as long as the request may still wait; its hold,
+        or None when the service cannot be reached. A refusal releases ``holds`` and is raised."""
+        for last in (False, True):
+            channel = self._usable(index)
+            if channel is None:
+                return None  # cannot be reached: the lock is held on the others alone, until it answers
+            copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started))
+            try:
+                reply = channel.last_reply(copy.request_id, channel.request(copy))
+            except ServiceUnavailable as exc:
+                if channel.failure is None or last:  # no answer in time: the caller's, as any request's
+                    self._release(holds)
+                    raise exc from None
+                self.failed(channel)
+                continue
+            if type(reply) is Granted:
+                if (reply.mode, reply.value) != (granted.mode, granted.value):
+                    self.trace.error(f"Client: lock responses differ for {describe(request.path, request.key)}: "
+                                     f"mode {granted.mode} value 0x{granted.value:08x}, {self.links[index].name()} "
+                                     f"mode {reply.mode} value 0x{reply.value:08x}")
+                return channel, reply.handle
+            self._release(holds)
+            raise failure(reply, f"{describe(request.path, request.key)} ({self.links[index].name()})")
         return None
 
-    def _difference(self, what: str, primary: str, secondary: str) -> None:
-        self.trace.error(f"Client: lock responses differ for {what}: primary {self._primary_server()} {primary}, "
-                         f"secondary {secondary}")
-
-    def unlock(self, handle: int) -> None:
-        """Release this client's lock ``handle`` on every live server holding it."""
-        with self._lock:
-            entry = self._entries.pop(handle, None)
-            if entry is not None:
-                for c, h in entry.holds:
-                    self._own.pop((id(c), h), None)
-        if entry is None:
-            self._check_left()
-            self.trace.error(f"Client: unlock of handle {handle}, which this process does not hold")
-            return
-        for channel, server_handle in entry.holds:
-            self._send_unlock(channel, server_handle)
-
-    def _send_unlock(self, channel: Channel, server_handle: int) -> None:
-        if channel is self.primary or channel is self.secondary:
-            try:
-                channel.send(Unlock(channel.next_id(), server_handle))
-            except ServiceUnavailable as exc:
-                self.lost(channel, exc)
+    def _release(self, holds: list[Hold | None]) -> None:
+        """Release what the services before granted: the lock is not granted unless all granted it."""
+        for hold in holds:
+            if hold is not None:
+                self._send_unlock(*hold)
 
     def release_all(self, thread: int) -> Message:
-        """UnlockAll on every live server; the primary's answer (a different count is logged)."""
-        self.current()  # connects, as every request does (ServiceLost once no server is left)
-        with self._lock:
-            self._releases += 1
-            for handle, entry in list(self._entries.items()):
-                if thread == ALL_THREADS or entry.thread == thread:
-                    del self._entries[handle]
-                    for c, h in entry.holds:
-                        self._own.pop((id(c), h), None)
+        """UnlockAll on every live service; the first one's answer (a different count is logged)."""
+        self.current()
+        self._forget(thread)
         replies: list[Message] = []
         for channel in self.channels():
             try:
                 replies.append(channel.request(UnlockAll(channel.next_id(), thread)))
-            except ServiceUnavailable as exc:
-                self.lost(channel, exc)  # raises ServiceLost when none is left
-        if len(replies) == 2 and replies[0]._replace(request_id=0) != replies[1]._replace(request_id=0):
-            self._difference("release of all locks", repr(replies[0]), repr(replies[1]))
+            except ServiceUnavailable:
+                if channel.failure is not None:
+                    self.failed(channel)
         if not replies:
-            raise self.wrapped_up or ServiceLost("no lock service left; this process must wrap up")
+            raise ServiceUnavailable("no lock service can be reached to release the locks")
+        if len(replies) > 1 and replies[0]._replace(request_id=0) != replies[1]._replace(request_id=0):
+            self.trace.error(f"Client: lock responses differ for release of all locks: {replies[0]!r}, "
+                             f"{replies[1]!r}")
         return replies[0]
 
+    # -- recovery ----------------------------------------------------------------------
+
+    def _wants_channel(self, index: int, stale: bool) -> bool:
+        """Both services, always, once the client is in use: each lock must be held on every service."""
+        return self._used and not self._closed
+
+    def _needs_settle(self) -> bool:
+        if not self._used or self._closed:
+            return False
+        return any(link.live() is None or self._stale(index) or self._missing(index)
+                   for index, link in enumerate(self.links))
+
+    def _missing(self, index: int) -> list[tuple[int, Holding]]:
+        """The locks link ``index`` does not hold (taken while it could not be reached, or no longer kept
+        there)."""
+        with self._state:
+            return [(handle, holding) for handle, holding in self._holdings.items() if holding.holds[index] is None]
+
+    def _complete(self, index: int, channel: Channel) -> bool:
+        """Take again on link ``index``, without waiting, every lock it lacks; a lock someone else holds
+        there is lost (and released everywhere). False if the channel failed meanwhile."""
+        missing = self._missing(index)
+        if not missing:
+            return True
+        link = self.links[index]
+
+        def refused(handle: int, holding: Holding, reply: Message) -> None:
+            said = failure(reply, f"{link.name()} refused to take it again")
+            self._lose(handle, holding, f"{said} (someone else holds it there)")
+
+        asks: list[tuple[int, Holding, Reclaim | Lock]] = [
+            (handle, holding, holding.request._replace(request_id=channel.next_id(), mode=holding.mode, timeout_ms=0))
+            for handle, holding in missing]
+        return self._ask_again(index, channel, asks, refused, "taken again")
+
+    def _say_unreachable(self, link: Link, exc: ServiceUnavailable, *, first: bool) -> None:
+        others = [other for other in self.links if other is not link]
+        self.trace.error(f"Client: {link.name()} cannot be reached ({exc}); going on with the "
+                         f"{' and '.join(other.name() for other in others)} alone until it answers")
 
 
-def _what(request: Lock) -> str:
-    return describe(request.path, request.key)
+def _left(timeout_ms: int, started: float) -> int:
+    """What is left at most of a request's wait (0: it would not wait; WAIT_FOREVER: no limit)."""
+    if timeout_ms in (0, WAIT_FOREVER):
+        return timeout_ms
+    return max(1, timeout_ms - int((time.monotonic() - started) * 1000))

@@ -1,116 +1,455 @@
-"""Where a client's requests go, and what happens when a lock server fails: kept out of the client.
+"""Where a client's requests go, what the client holds there, and what a failed lock server costs it.
 
 The client builds requests and reads answers; a Route says which lock server
-gets them, connects on first use, gives out the handle the application holds,
-and decides what a lost server means. One server (JDLS SERVER alone) is the
-plain case below: a lost server is the caller's ServiceUnavailable, the same on
-every later request, because the lost lock server released the process's locks
-and a quiet reconnection would hide that. SERVER2 adds a secondary
+gets them (connecting on first use), records every lock granted through it,
+and recovers when a channel fails, whoever finds the failure first (a request,
+or the client's watcher thread): in one place, one recovery at a time.
+
+Recovery connects again and sends Reclaim, with the handle its grant gave, for
+every lock held through the failed channel: the service keeps the locks of a
+client it lost for its lock-delay (the Welcome says how long), so a lock
+reclaimed is held as if nothing happened. A lock the service no longer keeps
+is lost, and so is every lock still unreclaimed when the lock-delay is about
+to end (``link.reclaim_deadline``): the lock is marked (HeldLock.lost), and the
+client is told (``Events.lost``) outside every lock of the Route, so that an
+``on_lost`` callback may call the client. While the service cannot be reached
+the watcher tries again every second; a request tries at once (a request after
+a failure reconnects by itself), and raises ServiceUnavailable if it cannot.
+
+One server (JDLS SERVER alone) is this class; SERVER2 adds a secondary
 (``resilience.ResilientRoute``); the client does not know which it has.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
-from dls_proto import Granted, InfoPut, Lock, Message, Server, Unlock, UnlockAll
+from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Reclaim, Server, Unlock, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceUnavailable
+from .errors import ServiceUnavailable, describe
+from .link import Link, OpenChannel, exchange_all, reclaim_deadline, unkept_reason
+from .locks import HeldLock
 from .trace import Tracer
 
 T = TypeVar("T")
-#: Makes the channel to a server (connected and greeted), or raises ServiceUnavailable.
-OpenChannel = Callable[[Server], Channel]
-#: Told of each channel that becomes the one requests go to: it knows nothing of the client yet.
-OnPrimary = Callable[[Channel], None]
+#: How long the watcher may sleep when no recovery is under way (seconds).
+IDLE_TICK = 1.0
+#: One service's hold of a lock: the channel it was granted (or reclaimed) through, and the service's handle.
+Hold = tuple[Channel, int]
+
+
+class Events(NamedTuple):
+    """What a Route tells its client, always outside every lock of the Route."""
+
+    #: A new channel is in use (its locks reclaimed): tell it what the client holds, and watch it.
+    connected: Callable[[Channel], None]
+    #: These locks were just marked lost: forget them, and run their callbacks.
+    lost: Callable[[list[HeldLock]], None]
+
+
+class Holding:
+    """One lock of the client: the HeldLocks the application has of it (a conversion the service answers
+    with the same handle adds one), the request that took it, its granted mode, and its hold on each of
+    the Route's links (None where it is not held)."""
+
+    __slots__ = ("holds", "locks", "mode", "request")
+
+    def __init__(self, request: Lock, mode: int, held: HeldLock, holds: list[Hold | None]) -> None:
+        self.request = request
+        self.mode = mode
+        self.locks = [held]
+        self.holds = holds
+
+    def what(self) -> str:
+        return describe(self.request.path, self.request.key)
 
 
 class Route:
-    """The lock server this client's requests go to: one server, connected on first use."""
+    """The lock server this client's requests go to, and the locks held there (one server)."""
 
-    def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer,
-                 on_primary: OnPrimary) -> None:
-        self.servers = servers
-        self._open = open_channel
+    #: The role of each link, by how many servers there are.
+    ROLES: ClassVar[dict[int, tuple[str, ...]]] = {1: ("",), 2: ("primary", "secondary")}
+
+    def __init__(self, servers: tuple[Server, ...], open_channel: OpenChannel, trace: Tracer, events: Events) -> None:
         self.trace = trace
-        self._on_primary = on_primary
-        #: The channel requests go to; None until the first request connects.
-        self.primary: Channel | None = None
-        self._connect_lock = threading.Lock()
+        self._events = events
+        self.links = [Link(server, role, open_channel)
+                      for server, role in zip(servers, self.ROLES[len(servers)], strict=True)]
+        #: One recovery (connect, reclaim, give up) at a time; held over I/O, never on the lock path.
+        self._recovery = threading.RLock()
+        #: The holdings, held briefly and never over I/O.
+        self._state = threading.Lock()
+        #: The client's locks by the handle the application holds.
+        self._holdings: dict[int, Holding] = {}
+        #: Some lock is held through a failed channel: the watcher's ticks settle it.
+        self._unsettled = False
+        #: Locks marked lost and channels opened, to be told outside the locks.
+        self._lost: list[HeldLock] = []
+        self._opened: list[Channel] = []
+        self._closed = False
 
     # -- where requests go ------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """Whether a lock server has been connected to."""
+        return any(link.channel is not None for link in self.links)
+
     def current(self) -> Channel:
-        """The channel requests go to now, connecting on first use (ServiceUnavailable when it cannot)."""
-        primary = self.primary
-        if primary is None:
-            primary = self._connect()
-        return primary
+        """The channel requests go to, connected on first use and again after a failure (with the locks
+        held through the failed one reclaimed); ServiceUnavailable when the service cannot be reached."""
+        channel = self.links[0].channel
+        if channel is not None and channel.failure is None:
+            return channel
+        return self._reach(0)
 
     def ask(self, attempt: Callable[[Channel], T]) -> T:
-        """``attempt(channel)`` on the current channel; when a server fails under it, what ``lost`` says
-        (one server: the caller's ServiceUnavailable; SERVER2: asked again on the server left)."""
-        while True:
+        """``attempt(channel)`` on the current channel; if the channel fails under it, recover and ask again
+        on the channel current then (once per service). No answer within TIMEOUT (the channel still works)
+        is the caller's."""
+        channel = self.current()
+        try:
+            return attempt(channel)
+        except ServiceUnavailable:
+            if channel.failure is None:
+                raise
+        for last in [False] * (len(self.links) - 1) + [True]:
+            self.failed(channel)
             channel = self.current()
             try:
                 return attempt(channel)
-            except ServiceUnavailable as exc:
-                self.lost(channel, exc)
+            except ServiceUnavailable:
+                if channel.failure is None or last:
+                    raise
+        raise AssertionError("unreachable")
 
     def channels(self) -> list[Channel]:
-        """The live channels, the current one first (none before the first connection)."""
-        return [] if self.primary is None else [self.primary]
-
-    def _connect(self) -> Channel:
-        with self._connect_lock:
-            primary = self.primary
-            if primary is not None:
-                return primary
-            try:
-                primary = self.primary = self._connect_all()
-            except ServiceUnavailable as exc:
-                self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
-                raise
-        self._on_primary(primary)
-        return primary
-
-    def _connect_all(self) -> Channel:
-        """Connect to the servers; the primary channel."""
-        return self._open(self.servers[0])
-
-    def lost(self, channel: Channel, exc: ServiceUnavailable) -> None:
-        """``channel`` failed with ``exc``: with one server there is nothing else to try."""
-        raise exc
+        """The live channels (none before the first connection): the watcher's and publish's."""
+        return [channel for link in self.links if (channel := link.live()) is not None]
 
     # -- what the client asks -----------------------------------------------------------
 
-    def held(self, channel: Channel, request: Lock, granted: Granted) -> int:
-        """``channel`` granted ``request``: the handle the application holds (the server's own here)."""
-        return granted.handle
+    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+             started: float = 0.0) -> HeldLock:
+        """``channel`` granted ``request`` (asked at ``started``, time.monotonic()): the HeldLock ``make``
+        gives for the handle the application will hold (the service's), recorded so that it can be
+        reclaimed; LockLost if it was lost before this returned. On the lock path: kept short."""
+        handle = granted.handle
+        with self._state:
+            holding = self._holdings.get(handle)
+            held = make(handle)
+            if holding is not None and (hold := holding.holds[0]) is not None and hold[0] is channel:
+                holding.locks.append(held)  # a conversion: the service answered with the handle it gave before
+                holding.mode = granted.mode
+            else:
+                if holding is not None:  # the handle of a lock waiting to be reclaimed, given to another
+                    self._drop(handle, holding, "the lock service gave its handle to another lock: it no longer "
+                               "holds it")
+                self._holdings[handle] = Holding(request, granted.mode, held, [(channel, handle)])
+        if channel is not self.links[0].channel or channel.failure is not None or self._lost:
+            self._settle_grant([(channel, handle)], held)
+        return held
+
+    def _settle_grant(self, holds: list[Hold | None], held: HeldLock) -> None:
+        """A lock just recorded was granted through a channel that failed meanwhile: reclaim it now (or lose
+        it, and say LockLost); and tell what recording it did."""
+        for index, hold in enumerate(holds):
+            if hold is not None and (hold[0] is not self.links[index].channel or hold[0].failure is not None):
+                self._recover(index, eager=True)
+        self._tell()
+        if held.lost:
+            raise held.lost_error()
+
+    def _remove(self, handle: int) -> Holding | None:
+        """Forget lock ``handle`` (under the state lock); its holding, if it was held."""
+        return self._holdings.pop(handle, None)
 
     def unlock(self, handle: int) -> None:
-        """Release lock ``handle``; unanswered unless it fails (the failure comes as an unsolicited Error)."""
-        channel = self.current()
-        channel.send(Unlock(channel.next_id(), handle))
+        """Release lock ``handle`` on every service holding it; unanswered unless it fails (the failure comes
+        as an unsolicited Error). A lock held through a failed channel is left to its service, which frees
+        it when its lock-delay ends."""
+        with self._state:
+            holding = self._remove(handle)
+        if holding is None:
+            return  # released already (by release_all, a conversion's other lock, close), or lost
+        for held in holding.locks:
+            held.released = True
+        for hold in holding.holds:
+            if hold is not None:
+                channel, server_handle = hold
+                if channel.failure is None:
+                    try:
+                        channel.send(Unlock(channel.next_id(), server_handle))
+                    except ServiceUnavailable:
+                        self.failed(channel)
+
+    @staticmethod
+    def _send_unlock(channel: Channel, server_handle: int) -> None:
+        """Send an Unlock during a recovery (a failure found doing so is for the recovery to see)."""
+        if channel.failure is None:
+            try:
+                channel.send(Unlock(channel.next_id(), server_handle))
+            except ServiceUnavailable:
+                pass
 
     def release_all(self, thread: int) -> Message:
         """UnlockAll of ``thread`` (ALL_THREADS: every thread); the server's answer."""
         channel = self.current()
-        return channel.request(UnlockAll(channel.next_id(), thread))
+        self._forget(thread)
+        try:
+            return channel.request(UnlockAll(channel.next_id(), thread))
+        except ServiceUnavailable:
+            if channel.failure is not None:
+                self.failed(channel)
+            raise
+
+    def _forget(self, thread: int) -> list[Holding]:
+        """Drop the holdings of ``thread`` (ALL_THREADS: all), their locks released; those dropped."""
+        with self._state:
+            handles = [k for k, h in self._holdings.items() if thread == ALL_THREADS or h.request.thread_id == thread]
+            dropped = [holding for handle in handles if (holding := self._remove(handle)) is not None]
+        for holding in dropped:
+            for held in holding.locks:
+                held.released = True
+        return dropped
 
     def publish(self, payload: bytes) -> None:
         """Send the client's lock information (an InfoPut) to every server that serves it."""
         for channel in self.channels():
             try:
                 channel.send(InfoPut(channel.next_id(), payload))
-            except ServiceUnavailable as exc:
-                self.lost(channel, exc)
+            except ServiceUnavailable:
+                self.failed(channel)
 
     def close(self) -> None:
-        """Close every channel (the client makes a new Route if it is used again)."""
-        for channel in self.channels():
-            channel.close()
+        """Close every channel; the locks go with them (the client makes a new Route if it is used again)."""
+        self._closed = True
+        self._forget(ALL_THREADS)
+        for link in self.links:
+            if link.channel is not None:
+                link.channel.close()
 
+    # -- failures, found by a request or by the watcher -------------------------------------------
+
+    def failed(self, channel: Channel, reason: str | None = None) -> None:
+        """``channel`` failed (``reason`` says how, if it does not know yet): recover its service's locks."""
+        if channel.failure is None:
+            channel.fail(reason or f"lock service {channel.server} hung up")
+        if self._closed:
+            return
+        for index, link in enumerate(self.links):
+            if link.channel is channel:
+                link.next_attempt = 0.0  # the first attempt to reach it again is now
+                self._recover(index, eager=False)
+                return
+
+    def tick(self) -> float:
+        """The watcher's timer: try again to reach a service whose locks wait to be reclaimed, give up those
+        whose time is out; how many seconds until it wants to run again."""
+        if self._closed or not self._unsettled:
+            return IDLE_TICK
+        if not self._recovery.acquire(blocking=False):
+            return 0.05  # a request is recovering: look again soon
+        try:
+            for index in range(len(self.links)):
+                self._settle(index, eager=False)
+        finally:
+            self._recovery.release()
+            self._tell()
+        return self._next_tick()
+
+    def _reach(self, index: int) -> Channel:
+        """A live channel of link ``index`` for a request: connect (again) at once, reclaiming what waits."""
+        link = self.links[index]
+        try:
+            with self._recovery:
+                self._settle(index, eager=True)
+        finally:
+            self._tell()
+        channel = link.live()
+        if channel is None:
+            raise link.unreachable or ServiceUnavailable(f"{link.name()} cannot be reached")
+        return channel
+
+    def _recover(self, index: int, *, eager: bool) -> None:
+        try:
+            with self._recovery:
+                self._settle(index, eager=eager)
+        finally:
+            self._tell()
+
+    def _settle(self, index: int, *, eager: bool) -> None:
+        """Bring back every lock held through a failed channel of link ``index``, or give it up: those past
+        their deadline are unheld; the others are reclaimed through a live channel, opened if need be (at
+        once when ``eager``, else when the link's next attempt is due). Called under the recovery lock."""
+        link = self.links[index]
+        for _ in range(2):  # a channel opened here may fail under the reclaims: one more go
+            stale = self._expire(index, self._stale(index))
+            channel = link.live()
+            if channel is None:
+                due = time.monotonic() >= link.next_attempt and self._wants_channel(index, bool(stale))
+                if not (eager or due):
+                    break
+                try:
+                    channel = self._open(link, min((reclaim_deadline(h[0]) for _, _, h in stale), default=None))
+                except ServiceUnavailable:
+                    break
+            if stale and not self._reclaim(index, channel, stale):
+                continue
+            if self._complete(index, channel):
+                break
+        self._unsettled = self._needs_settle()
+
+    def _wants_channel(self, index: int, stale: bool) -> bool:
+        """Whether the watcher should try to reach link ``index`` (one server: only to reclaim locks)."""
+        return stale
+
+    def _complete(self, index: int, channel: Channel) -> bool:
+        """What else link ``index`` needs once its locks are reclaimed through ``channel``; False if the
+        channel failed meanwhile (one server: nothing)."""
+        return True
+
+    def _needs_settle(self) -> bool:
+        """Whether the watcher's ticks still have something to do."""
+        return any(self._stale(index) for index in range(len(self.links)))
+
+    def _stale(self, index: int) -> list[tuple[int, Holding, Hold]]:
+        """The locks held on link ``index`` through a channel that is not its live one."""
+        with self._state:
+            live = self.links[index].live()
+            return [(handle, holding, hold) for handle, holding in self._holdings.items()
+                    if (hold := holding.holds[index]) is not None and hold[0] is not live]
+
+    def _expire(self, index: int, stale: list[tuple[int, Holding, Hold]]) -> list[tuple[int, Holding, Hold]]:
+        """Unhold on link ``index`` the stale locks whose service no longer keeps them; the others."""
+        now = time.monotonic()
+        left = []
+        for handle, holding, hold in stale:
+            if now >= reclaim_deadline(hold[0]):
+                self._unheld(handle, holding, index, unkept_reason(hold[0]))
+            else:
+                left.append((handle, holding, hold))
+        return left
+
+    def _reclaim(self, index: int, channel: Channel, stale: list[tuple[int, Holding, Hold]]) -> bool:
+        """Reclaim the ``stale`` locks of link ``index`` through ``channel``; one the service no longer
+        keeps is unheld there. False if the channel failed meanwhile."""
+        link = self.links[index]
+
+        def refused(handle: int, holding: Holding, reply: Message) -> None:
+            said = reply.reason if isinstance(reply, Error) else type(reply).__name__
+            self._unheld(handle, holding, index, f"{link.name()} no longer holds it ({said})")
+
+        asks: list[tuple[int, Holding, Reclaim | Lock]] = [
+            (handle, holding, Reclaim(channel.next_id(), server_handle, holding.mode, holding.request.thread_id,
+                                      holding.request.inode, holding.request.device, holding.request.key))
+            for handle, holding, (_, server_handle) in stale]
+        return self._ask_again(index, channel, asks, refused, "reclaimed")
+
+    def _ask_again(self, index: int, channel: Channel, asks: list[tuple[int, Holding, Reclaim | Lock]],
+                   refused: Callable[[int, Holding, Message], None], done: str) -> bool:
+        """Send every request of ``asks`` (reclaims, or locks taken again) at once through ``channel``: a
+        grant becomes link ``index``'s hold of its lock (one released meanwhile is let go), any other
+        answer goes to ``refused``. False if the channel failed meanwhile."""
+        try:
+            replies = exchange_all(channel, [request for _, _, request in asks])
+        except ServiceUnavailable:
+            return False
+        granted = 0
+        for (handle, holding, _), reply in zip(asks, replies, strict=True):
+            if type(reply) is Granted:
+                with self._state:
+                    wanted = self._holdings.get(handle) is holding
+                    if wanted:
+                        holding.holds[index] = (channel, reply.handle)
+                if wanted:
+                    granted += 1
+                else:
+                    self._send_unlock(channel, reply.handle)
+            else:
+                refused(handle, holding, reply)
+        if granted:
+            self.trace.error(f"Client: {granted} lock(s) {done} on {self.links[index].name()}")
+        return True
+
+    def _unheld(self, handle: int, holding: Holding, index: int, reason: str) -> None:
+        """Link ``index`` no longer holds the lock: held nowhere now, it is lost."""
+        with self._state:
+            if self._holdings.get(handle) is not holding:
+                return
+            holding.holds[index] = None
+            if any(holding.holds):
+                held_elsewhere = True
+            else:
+                held_elsewhere = False
+                self._drop(handle, holding, reason)
+        if held_elsewhere:
+            self.trace.error(f"Client: lock {holding.what()} no longer held on {self.links[index].name()} ({reason}); "
+                             "to be taken again there")
+        else:
+            self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+
+    def _lose(self, handle: int, holding: Holding, reason: str) -> None:
+        """The lock is lost wherever it is still held: released there, marked lost."""
+        with self._state:
+            if self._holdings.get(handle) is not holding:
+                return
+            self._drop(handle, holding, reason)
+            holds = [hold for hold in holding.holds if hold is not None]
+        for channel, server_handle in holds:
+            self._send_unlock(channel, server_handle)
+        self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+
+    def _drop(self, handle: int, holding: Holding, reason: str) -> None:
+        """Forget the lock and mark it lost, to be told (under the state lock)."""
+        self._remove(handle)
+        self._lost.extend(held for held in holding.locks if held.lose(reason))
+
+    def _open(self, link: Link, deadline: float | None) -> Channel:
+        """A new channel for ``link`` (within ``deadline``), to be told to the client; ServiceUnavailable."""
+        first, said = link.channel is None, link.unreachable is not None
+        try:
+            channel = link.open(deadline)
+        except ServiceUnavailable as exc:
+            if not said:
+                self._say_unreachable(link, exc, first=first)
+            raise
+        if not first:
+            self.trace.error(f"Client: connected again to {link.name()}")
+        with self._state:
+            self._opened.append(channel)
+        return channel
+
+    def _say_unreachable(self, link: Link, exc: ServiceUnavailable, *, first: bool) -> None:
+        """Say, once, that ``link`` cannot be reached (``first``: it never could)."""
+        if first:
+            self.trace.error(f"Client: unable to connect to distributed lock service, locks not enabled: {exc}")
+        else:
+            self.trace.error(f"Client: cannot connect again to {link.name()}: {exc}")
+
+    def _tell(self) -> None:
+        """Tell the client what recovery did (channels opened, locks lost), outside every lock."""
+        with self._state:
+            opened, self._opened = self._opened, []
+            lost, self._lost = self._lost, []
+        for channel in opened:
+            if channel.failure is None:
+                self._events.connected(channel)
+        if lost:
+            self._events.lost(lost)
+
+    def _next_tick(self) -> float:
+        """Seconds until the watcher's next tick: the next deadline or attempt of an unsettled link."""
+        if not self._unsettled:
+            return IDLE_TICK
+        now, due = time.monotonic(), IDLE_TICK
+        for index, link in enumerate(self.links):
+            stale = self._stale(index)
+            if link.live() is None and self._wants_channel(index, bool(stale)):
+                due = min(due, link.next_attempt - now)
+            due = min([due, *(reclaim_deadline(h[0]) - now for _, _, h in stale)])
+        return max(0.01, due)

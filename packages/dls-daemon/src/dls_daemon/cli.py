@@ -38,7 +38,7 @@ from .context import (
 )
 from .display import connection_test, display
 from .exitcodes import ExitCode
-from .settings import DEFAULT_BIND, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
+from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .start import start
 from .stop import remove_ipc, stop_roles
 
@@ -49,6 +49,8 @@ DEFAULT_TEST_HOST = "127.0.0.1"
 #: Smallest frame limit that still lets every message of the protocol through (a Hello with long names).
 MIN_FRAME = 1024
 MAX_FRAME = 64 * 1024 * 1024
+#: The longest lock-delay: a day (clients are told it in milliseconds, in 32 bits).
+MAX_LOCK_DELAY = 86400.0
 UNIT_FILE = "dls-daemon.service"
 
 DESCRIPTION = """\
@@ -81,6 +83,26 @@ examples:
   processes have it attached. They are named first; they keep their mapping but get
   errors on their next lock, and new processes no longer see the table. Meant for an
   operator clearing up after a crash; stop the service first when you can.
+
+--lock-delay S: a lock that a remote client holds is not freed when its lock server ends
+  while the client may still live (the lock server killed, jdls -k, the client's host gone
+  silent): it is kept for S seconds, and no conflicting lock is granted meanwhile, so that a
+  client which has not yet noticed cannot overlap the next holder. The client takes it back
+  through a new connection, proving it with what its grant gave it, also after jdls -k and
+  jdls -ib on the same table; what is not taken back in time is freed, and a client that comes
+  back later is told it lost the lock. A client whose process ended (the kernel closed its
+  connection) frees its locks at once, as does a local process. The default, {DEFAULT_LOCK_DELAY:g} s
+  (Consul's), is longer than a client takes to find its lock server gone (5 s) plus a restart of
+  the service, so a live client reclaims in time; the price is that a request behind a crashed
+  lock server's lock waits that long. 0 keeps nothing. The monitor writes it into the table,
+  an existing one too; without a table (jdls -ibD: OS file locks) nothing can be kept.
+
+One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
+  serve the instance: while the listener runs without a table, while lock servers run
+  without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
+  say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
+  and exits 1, having started nothing. Local processes that hold no OS lock follow a table
+  made later. Binary locks and the clients' OSLOCKS locks are outside this rule.
 
 -C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
   configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
@@ -142,6 +164,7 @@ _port = _number(int, "port", 0, 65535)
 _frame = _number(int, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
 _count = _number(int, "count", 1)
 _bound = _number(float, "dead-client bound (seconds)", 1.0)
+_delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
 def _directory(text: str) -> Path:
@@ -180,6 +203,10 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("-t", dest="tidy_minutes", metavar="nn", type=_minutes,
                             help=f"tidy orphaned locks every nn minutes, fractions allowed "
                             f"(default {DEFAULT_TIDY_MINUTES})")
+    start_opts.add_argument("--lock-delay", type=_delay, default=None, metavar="S",
+                            help="keep the locks of a client whose lock server ended without it (killed, jdls "
+                            "-k, its host silent) for S seconds, for the client to reclaim; 0: free them at once "
+                            f"(default {DEFAULT_LOCK_DELAY:g}; see below)")
     start_opts.add_argument("-P", dest="port_owners", action="store_true",
                             help="port based locks: a lock belongs to a port number and thread rather than a "
                             "process id and thread (set when the table is created)")
@@ -196,8 +223,9 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--tidy-seconds", type=_seconds, default=None, metavar="N",
                             help="tidy period in seconds, overriding -t (for tests and tuning)")
     start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
-                            help=f"where OS file locks of records are kept without a table "
-                            f"(default ${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
+                            help=f"where OS file locks of records are kept without a table; a monitor that "
+                            f"would make a table refuses while one is held there (default "
+                            f"${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
@@ -212,8 +240,9 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--max-locks", type=_count, default=None, metavar="N",
                             help=f"locks one client may hold (default {DEFAULT_MAX_LOCKS_PER_CLIENT})")
     start_opts.add_argument("--dead-client", type=_bound, default=None, metavar="S",
-                            help="longest a client host may vanish without a word before its locks are "
-                            f"released (default {DEFAULT_DEAD_CLIENT_BOUND:g} s)")
+                            help="longest a client host may vanish without a word before its lock server "
+                            "gives it up, keeping its locks for the lock-delay (default "
+                            f"{DEFAULT_DEAD_CLIENT_BOUND:g} s)")
     start_opts.add_argument("--syslog", action="store_true",
                             help="log to syslog (/dev/log) too, besides the instance's log file")
     both = parser.add_argument_group("with -i or -k")
@@ -241,7 +270,7 @@ def get_parser() -> argparse.ArgumentParser:
 #: Where each option makes sense: the actions it goes with.
 ALLOWED: dict[str, frozenset[str]] = {
     **{o: frozenset({"start"}) for o in (
-        "-b", "-s", "-t", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
+        "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
         "--dead-client", "--syslog",
     )},
@@ -251,10 +280,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "-o": frozenset({"remove"}), "-L": frozenset({"display"}), "-v": frozenset({"start", "display", "test"}),
 }
 #: Options of the table and the monitor: meaningless with -D, which starts neither.
-MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds")
-#: Options of the listener: meaningless with -A, which does not start it.
+MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay")
+#: Options of the listener: meaningless with -A, which does not start it. (--lock-dir is both's: the
+#: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
-    "--port", "--bind", "--lock-dir", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
+    "--port", "--bind", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
     "--max-locks", "--dead-client",
 )
 ACTION_NAMES = {"start": "-i", "stop": "-k", "remove": "-K", "display": "-d", "test": "-C", "unit": "--unit"}
@@ -265,6 +295,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "-b": args.background, "-s": args.size is not None, "-t": args.tidy_minutes is not None,
         "-P": args.port_owners, "-T": args.timestamps, "--bind": args.bind is not None,
         "--foreground": args.foreground, "--tidy-seconds": args.tidy_seconds is not None,
+        "--lock-delay": args.lock_delay is not None,
         "--lock-dir": args.lock_dir is not None, "--binary-lock-dir": args.binary_lock_dir is not None,
         "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
@@ -351,6 +382,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
     tidy = args.tidy_seconds or max(1, round((args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60))
     return Settings(
         instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
+        lock_delay=DEFAULT_LOCK_DELAY if args.lock_delay is None else args.lock_delay,
         bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir

@@ -21,7 +21,8 @@ DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
 DEFAULT_INTERIM_PERIOD = 5.0
 #: Clients served at once by one listener.
 DEFAULT_MAX_CLIENTS = 1000
-#: Longest a client host may vanish without a word before its locks are released (seconds).
+#: Longest a client host may vanish without a word before its lock server gives it up (seconds); its locks are
+#: then kept for the table's lock-delay, for the client to reclaim should it come back.
 DEFAULT_DEAD_CLIENT_BOUND = 15.0
 
 

@@ -305,13 +305,24 @@ class Listener(Daemon):
         self.adopted.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
-        """A lock server has ended: forget it, and its pid file if it left one."""
+        """A lock server has ended: forget it, and its pid file if it left one. One killed by a signal
+        (SIGKILL) could not keep its client's locks itself: they are kept now, so that the lock-delay
+        counts from its death rather than from whenever someone else notices it."""
         self.children.discard(pid)
         pidfiles.remove(self.instance.server_pid_file(pid))
         if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
             self.log.warning("lock server %d %s", pid, status_text(status))
         else:
             self.log.debug("lock server %d ended", pid)
+        if os.WIFSIGNALED(status) and self.table is not None:
+            try:
+                kept = self.table.keep_owner(pid)
+            except TableError as exc:
+                self.log.warning("keeping the locks of lock server %d: %s", pid, exc)
+                return
+            if kept:
+                self.log.info("kept %d lock(s) of lock server %d for %g s, for its client to reclaim", kept, pid,
+                              self.table.lock_delay)
 
     # -- the end ------------------------------------------------------------------------
 

@@ -1,12 +1,23 @@
 """A lock server: one process, one thread, one client connection.
 
 One process per client, forked by the listener, so that a client's locks are
-held by a process that lives exactly as long as its connection: whatever ends
-the conversation (EOF, a reset, garbage on the wire, SIGTERM, a dead host found
-by TCP keepalive or TCP_USER_TIMEOUT within the dead-client bound), the
-``finally`` of ``run`` releases what the client held, and OS file locks go with
-the process however it dies. Nothing is shared with the listener after the
-fork, so the listener may stop or restart under it.
+held by a process that lives exactly as long as its connection. How the
+conversation ends decides what becomes of them, in the ``finally`` of ``run``:
+
+- the client is gone (EOF or a reset: its process ended, the kernel closed its
+  connection), or it spoke garbage: everything is freed at once;
+- the client may live on but is not reachable through this process (SIGTERM
+  from ``jdls -k``, its host silent: TCP keepalive or TCP_USER_TIMEOUT within
+  the dead-client bound, an unreachable host, or an error of our own): its
+  table locks are kept (``keep_owner``: KEPT for the table's lock-delay), for
+  the client to take back through a new connection with ``Reclaim``; its
+  queued requests are dropped. Its locks are keepable from the start (the
+  Owner says so) so that a lock server killed outright (SIGKILL, which runs no
+  ``finally``) leaves them keepable too: whoever finds it dead keeps them.
+
+OS file locks go with the process however it dies: nothing of them can be
+kept. Nothing is shared with the listener after the fork, so the listener may
+stop or restart under it.
 
 One thread: requests are answered in the order they came, each by the handler
 of its message kind. A Lock that must wait is kept in ``pending`` rather than
@@ -19,6 +30,7 @@ client's other requests nor costs more than a few system calls a second.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -50,6 +62,7 @@ from dls_proto import (
     Lock,
     LockFlag,
     Message,
+    Reclaim,
     Refused,
     RefuseReason,
     RemoteProtocolError,
@@ -98,6 +111,8 @@ MIN_USER_TIMEOUT_MS = 1000
 _TCP_INFO_SIZE = 104
 _LAST_ACK_RECV = struct.Struct("=I")
 _LAST_ACK_RECV_OFFSET = 56
+#: Connection errors that say the client's host cannot be reached, not that the client has gone.
+_UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 
 
 def keepalive_for(bound: float) -> tuple[int, int, int]:
@@ -112,6 +127,12 @@ def keepalive_for(bound: float) -> tuple[int, int, int]:
 def _holder_fields(h: Holder) -> tuple[int, int, int, int, int, str]:
     """A holder as Refused, Waiting and StatusReply carry it: mode, pid, port, client pid, thread, address."""
     return h.mode, h.pid, h.port, h.client_pid, h.thread, unpack_ip(h.ip)
+
+
+def _sooner(retry_at: float, expires: float, now: float) -> float:
+    """When to look again at a waiting request: at ``retry_at`` (monotonic), or when the kept lock in its
+    way expires (``expires``, wall clock; 0: none), whichever comes first: nobody rings at an expiry."""
+    return min(retry_at, now + max(0.0, expires - time.time())) if expires else retry_at
 
 
 class ClientGone(Exception):
@@ -154,11 +175,13 @@ class LockServer:
         self.routes: dict[int, LockMechanism] = {}  # handle -> mechanism, for handles not of the main one
         self.pending: dict[int, _Pending] = {}  # request id -> waiting request
         self.owners: dict[int, Owner] = {}
+        #: Whether this client's locks are keepable: the table has a lock-delay (read at the greeting).
+        self._keep = False
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: str | None = None
-        self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir)
+        self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key)
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
         self._routed = self.mechanisms.routed
@@ -166,17 +189,22 @@ class LockServer:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Lock: self._lock, Unlock: self._unlock, UnlockAll: self._unlock_all, Status: self._status,
             Echo: self._echo, InfoPut: self._info_put, InfoGet: self._info_get, UnknownMessage: self._unknown,
-            ConnectionClosed: self._closed,
+            ConnectionClosed: self._closed, Reclaim: self._reclaim,
         }
 
     # -- the conversation ------------------------------------------------------
 
     def run(self) -> int:
-        """Greet the client, serve it until it goes, release what it held; the exit status."""
+        """Greet the client, serve it until it goes; then release what it held, or keep it for the client
+        to reclaim when the client may live on (see the module's docstring); the exit status."""
         self._configure_socket()
+        keep = False
         try:
             self._greet()
             self._loop()
+        except Stopped as stop:
+            keep = True
+            self.log.info("serving %s no more: %s", self._who(), stop)
         except ClientGone as gone:
             self.log.info("client %s closed: %s", self._who(), gone)
         except RemoteProtocolError as exc:
@@ -186,16 +214,28 @@ class LockServer:
             if self.hello is None:
                 self.log.warning("closing connection from %s: no Hello within %s s", self._who(),
                                  self.ctx.limits.handshake_timeout)
-            else:  # keepalive or unacknowledged data: the client's host is gone
-                self.log.info("connection from %s lost: %s", self._who(), exc)
+            else:  # keepalive or unacknowledged data: the client's host is silent, the client may live
+                keep = True
+                self.log.info("connection from %s lost: %s (its host is silent)", self._who(), exc)
         except (ConnectionError, OSError) as exc:
+            keep = exc.errno in _UNREACHABLE
             self.log.info("connection from %s lost: %s", self._who(), exc)
+        except BaseException:
+            keep = True  # an end the client had no part in: it may be alive and holding on
+            raise
         finally:
-            released = self.release_everything()
-            if released:
-                self.log.info("released %d lock(s) of %s", released, self._who())
+            self._end(keep)
             self.sock.close()
         return ExitCode.OK
+
+    def _end(self, keep: bool) -> None:
+        """Let go of everything, keeping the table locks (``keep``) for a client that may live on; say so."""
+        released, kept = self.release_everything(keep=keep)
+        if kept:
+            delay = self.mechanisms.table.lock_delay if self.mechanisms.table is not None else 0.0
+            self.log.info("kept %d lock(s) of %s for %g s, for it to reclaim", kept, self._who(), delay)
+        if released:
+            self.log.info("released %d lock(s) of %s", released, self._who())
 
     def _configure_socket(self) -> None:
         """No Nagle; and a client host that vanishes without a word is given up within the dead-client
@@ -229,8 +269,11 @@ class LockServer:
                              f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}"))
             raise ClientGone("no common protocol version")
         self.hello = event
-        self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame, 0,
-                           self.peer[0], socket.gethostname()))
+        table = self.mechanisms.table
+        delay = table.lock_delay if table is not None else 0.0
+        self._keep = delay > 0
+        self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
+                           min(round(delay * 1000), 0xFFFFFFFF), self.peer[0], socket.gethostname()))
         self.log.info("client %s connected", self._who())
 
     def _loop(self) -> None:
@@ -310,7 +353,7 @@ class LockServer:
         if owner is None:
             hello = self.hello
             assert hello is not None
-            owner = self.owners[thread] = Owner(self.pid, thread, hello.port, hello.pid, self.ip)
+            owner = self.owners[thread] = Owner(self.pid, thread, hello.port, hello.pid, self.ip, self._keep)
         return owner
 
     def _lock(self, req: Lock) -> None:
@@ -336,8 +379,9 @@ class LockServer:
         else:
             self._queue(req, result, mechanism)
 
-    def _refuse_request(self, req: Lock) -> None:
-        """A Lock that is not even tried: a mode out of range, or the client over its limit of locks."""
+    def _refuse_request(self, req: Lock | Reclaim) -> None:
+        """A Lock (or Reclaim) that is not even tried: a mode out of range, or the client over its limit of
+        locks."""
         if req.mode > _MAX_MODE:
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, not_a_mode(req.mode)))
             return
@@ -363,7 +407,7 @@ class LockServer:
         pauses = mechanism.pauses()
         pending = _Pending(req, queued.handle, queued.holder, now, deadline,
                            now + self.ctx.limits.interim_period if interim else None,
-                           mechanism, pauses, now + next(pauses))
+                           mechanism, pauses, _sooner(now + next(pauses), queued.expires, now))
         self.pending[req.request_id] = pending
         if interim:
             self._send(self._waiting(pending, now))
@@ -381,6 +425,10 @@ class LockServer:
                 del self.pending[rid]
                 self._lock(p.request)
                 continue
+            except TableError as exc:  # a table now serves the instance, say: the request ends
+                del self.pending[rid]
+                self._table_error(rid, exc)
+                continue
             if isinstance(result, Grant):
                 del self.pending[rid]
                 self._granted(result, p.request.thread_id, p.mechanism)
@@ -389,6 +437,7 @@ class LockServer:
             p.holder = result.holder
             if now >= p.retry_at:
                 p.retry_at = now + next(p.pauses)
+            p.retry_at = _sooner(p.retry_at, result.expires, now)
             if p.deadline is not None and now >= p.deadline:
                 del self.pending[rid]
                 p.mechanism.cancel(p.handle)
@@ -414,6 +463,24 @@ class LockServer:
         except (OSError, struct.error):
             pass  # not TCP, or no tcp_info: the bound set at the start applies
         self._send(message)
+
+    def _reclaim(self, req: Reclaim) -> None:
+        """Take back a lock that a lock server of this client kept when it ended (killed, stopped, its
+        client's host silent): Granted under the same handle, or Error NOT_HELD with the reason (what the
+        table says: no more than this client may know)."""
+        if req.mode > _MAX_MODE or len(self.held) >= self._max_locks:
+            self._refuse_request(req)
+            return
+        try:
+            grant = self.main.reclaim(req.handle, self._owner(req.thread_id), req.inode, req.device, req.key,
+                                      req.mode)
+        except NotHeld as exc:
+            self.log.info("client %s: reclaim refused: %s", self._who(), exc)
+            self._send(Error(req.request_id, ErrorCode.NOT_HELD, str(exc)))
+            return
+        self._granted(grant, req.thread_id, self.main)
+        self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)
+        self._send(Granted(req.request_id, grant.handle, grant.mode, grant.value))
 
     def _unlock(self, req: Unlock) -> None:
         """Release a lock; Error when the handle is not one this client holds. No answer otherwise."""
@@ -500,10 +567,20 @@ class LockServer:
 
     # -- the end -------------------------------------------------------------------
 
-    def release_everything(self) -> int:
-        """Free every lock and request of this client, whatever state the conversation is in."""
-        count = 0
+    def release_everything(self, *, keep: bool = False) -> tuple[int, int]:
+        """Free every lock and request of this client, whatever state the conversation is in: (released,
+        kept). With ``keep`` (the client may live on) its table locks are kept for it to reclaim instead,
+        as far as the table keeps them (``keep_owner``); its requests go all the same."""
+        count = kept = 0
         try:
+            table = self.mechanisms.table
+            if keep and table is not None:
+                try:
+                    kept = table.keep_owner(self.pid)  # and its queued requests are gone
+                except TableError as exc:
+                    self.log.error("keeping the locks of %s: %s", self._who(), exc)
+                self.pending = {rid: p for rid, p in self.pending.items() if p.mechanism is not table}
+                self.held = {handle: thread for handle, thread in self.held.items() if handle in self.routes}
             for p in self.pending.values():
                 try:
                     p.mechanism.cancel(p.handle)
@@ -531,11 +608,11 @@ class LockServer:
                 client_info.remove(self.info_path)
             if self._bell is not None:
                 self._bell.close()
-        return count
+        return count, kept
 
 
 class Stopped(ClientGone):
-    """SIGTERM: the operator stops the service (jdls -k); release and go."""
+    """SIGTERM: the operator stops the service (jdls -k); keep the client's locks for it to reclaim, and go."""
 
 
 def _stop(signum: int, _frame: object) -> None:
@@ -546,8 +623,9 @@ def _stop(signum: int, _frame: object) -> None:
 def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> int:
     """Serve one client connection until it goes away; release its locks; return an exit status.
 
-    SIGTERM ends the conversation like a client leaving: the handler raises in
-    the main loop, whose ``finally`` releases the client's locks.
+    SIGTERM ends the conversation: the handler raises in the main loop, whose
+    ``finally`` keeps the client's locks for it to reclaim (the service is
+    stopping or restarting; the client is not gone).
     """
     signal.signal(signal.SIGTERM, _stop)
     return LockServer(sock, (peer[0], peer[1]), ctx).run()

@@ -8,6 +8,12 @@ request from its flags: BINARY goes to OS locks in the binary-lock directory
 even beside a table, anything else to the connection's main mechanism, the
 table or, without one, OS record locks. OS locks belong to the process that
 takes them, so each lock server makes its own, on first use.
+
+OS record locks that are the main mechanism serve the instance only while it
+has no table: they are made with the instance's table key, and a table made
+meanwhile makes them refuse (dls-shm's TableServes, one mechanism per
+instance). Binary locks and OSLOCK requests beside a table are a client's own
+choice, outside that rule.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from dls_shm import LockMechanism, LockTable, OsLocks
 class Mechanisms:
     """The mechanisms a lock server locks with: ``main`` for plain record locks, OS locks for the rest."""
 
-    def __init__(self, table: LockTable | None, lock_dir: Path, binary_lock_dir: Path) -> None:
+    def __init__(self, table: LockTable | None, lock_dir: Path, binary_lock_dir: Path, table_key: int) -> None:
         self.table = table
         self._dirs = {False: lock_dir, True: binary_lock_dir}
+        #: The instance's table key, which OS record locks look at when they are the main mechanism.
+        self._table_key = table_key
         self._os: dict[bool, OsLocks] = {}  # binary? -> OS locks, made on first use
         self.main: LockMechanism = table if table is not None else self.os_locks(binary=False)
         #: What the Welcome tells the client the service locks with.
@@ -35,7 +43,8 @@ class Mechanisms:
         """This process's OS record (or binary) locks."""
         locks = self._os.get(binary)
         if locks is None:
-            locks = self._os[binary] = OsLocks(self._dirs[binary])
+            main = not binary and self.table is None
+            locks = self._os[binary] = OsLocks(self._dirs[binary], table_key=self._table_key if main else None)
         return locks
 
     def for_flags(self, flags: int) -> LockMechanism:

@@ -4,12 +4,23 @@ It creates the table, or attaches the one that is there: a table in use is
 never resized under its users, and settings that cannot apply to it are said
 (warned) rather than silently dropped. It keeps in the header what ``jdls
 -dvL`` shows of it (its pid, the tidy period, "last ran" at most a second old,
-its CPU time), and every tidy period frees the locks whose owner is gone.
+its CPU time) and the lock-delay (``--lock-delay``, which does apply to a
+table that exists: it is rewritten, and the log says so), and every tidy
+period frees the locks whose owner is gone.
+
+A lock server's locks are kept rather than freed when it dies (the table's
+``tidy`` makes them KEPT), for their client to reclaim within the lock-delay;
+the monitor tidies again when the header says the first kept lock is due
+(``next_expiry``, looked at every tick), so that what is not reclaimed is freed
+about when its delay ends, not a whole period later.
 
 It tidies once more when it starts on an existing table and when it stops:
-locks orphaned while no monitor ran (lock servers killed by ``jdls -k``, say)
-would otherwise wait a whole period, or outlive the service. Stopping leaves
-the table in place, so that local processes and lock servers keep locking.
+locks orphaned while no monitor ran (lock servers killed while the service was
+down, say) would otherwise wait a whole period, or outlive the service. Neither
+tidy frees a kept lock before its delay: a service restarted on its table
+(``jdls -k``, then ``jdls -ib``) keeps every client's locks for it to reclaim.
+Stopping leaves the table in place, so that local processes and lock servers
+keep locking.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import time
 from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing
 
 from .lifecycle import Daemon, StartFailed
+from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
 
@@ -50,15 +62,17 @@ class Monitor(Daemon):
         try:
             table, created = LockTable.create(
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
-                tidy_period=self.settings.tidy_seconds,
+                tidy_period=self.settings.tidy_seconds, lock_delay=self.settings.lock_delay,
             )
         except (TableError, ValueError) as exc:
             raise StartFailed(f"cannot create the lock table: {exc}") from None
+        claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
         if not created:
             for warning in self._ignored_settings(table):
                 self.log.warning(warning)
                 report.warn(warning)
+            self._write_lock_delay(table)  # before the tidy, which applies it
             self._tidy("on start")
         table.set_header(monitor_pid=os.getpid(), tidy_period=self.settings.tidy_seconds)
         self._tick()
@@ -67,7 +81,8 @@ class Monitor(Daemon):
         self._next_tick = now + min(period, TICK)
         self._next_tidy = now + period
         how = "created" if created else "attached"
-        self.log.info("monitor started: %s %s, tidy every %d s", how, describe_table(table), period)
+        self.log.info("monitor started: %s %s, tidy every %d s, lock-delay %g s", how, describe_table(table), period,
+                      table.lock_delay)
         return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}"
 
     def _ignored_settings(self, table: LockTable) -> list[str]:
@@ -88,6 +103,16 @@ class Monitor(Daemon):
                 out.append(f"the lock table exists {state} {option}: {option} as given now is ignored")
         return out
 
+    def _write_lock_delay(self, table: LockTable) -> None:
+        """The lock-delay asked for now replaces the existing table's (a setting of the service, not of the
+        table's shape): the log says what it was."""
+        was, wanted = table.lock_delay, self.settings.lock_delay
+        table.set_header(lock_delay=wanted)
+        if was != wanted:
+            self.log.info("lock-delay of the existing table changed from %g s to %g s", was, wanted)
+        else:
+            self.log.info("lock-delay of the existing table rewritten: %g s, as it was", wanted)
+
     # -- the loop's work ----------------------------------------------------------------
 
     def timeout(self) -> float:
@@ -101,6 +126,8 @@ class Monitor(Daemon):
             if now >= self._next_tick:
                 self._tick()
                 self._next_tick = now + min(period, TICK)
+                if self._kept_lock_due():
+                    self._tidy("a kept lock is due")
             if now >= self._next_tidy:
                 self._tidy("periodic")
                 self._next_tidy = now + period
@@ -113,14 +140,23 @@ class Monitor(Daemon):
         cpu = os.times()
         self.table.set_header(last_ran=time.time(), cpu_user=cpu.user, cpu_system=cpu.system)
 
+    def _kept_lock_due(self) -> bool:
+        """The header says a kept lock's delay has ended (it may have been reclaimed meanwhile)."""
+        assert self.table is not None
+        due = self.table.header().next_expiry
+        return bool(due) and due <= time.time()
+
     def _tidy(self, why: str) -> None:
         assert self.table is not None
         started = time.monotonic()
-        freed = self.table.tidy()
+        done = self.table.tidy()
         took = time.monotonic() - started
-        if freed:
-            self.log.info("tidy (%s): freed %d orphaned lock(s) in %.3f s", why, freed, took)
-        else:
+        if done.kept:
+            self.log.info("tidy (%s): kept %d lock(s) of dead lock servers for their clients to reclaim "
+                          "(lock-delay %g s)", why, done.kept, self.table.lock_delay)
+        if done.freed:
+            self.log.info("tidy (%s): freed %d orphaned lock(s) in %.3f s", why, done.freed, took)
+        elif not done.kept:
             self.log.debug("tidy (%s): nothing to free (%.3f s)", why, took)
 
     # -- the end ------------------------------------------------------------------------

@@ -18,13 +18,16 @@ from .context import ServerContext
 
 
 def snapshot(ctx: ServerContext) -> bytes:
-    """The locks and information files of the service, as JSON."""
+    """The locks and information files of the service, as JSON; a kept lock says when it expires."""
+    table = ctx.table
+    delay = table.lock_delay if table is not None else 0.0
     document: dict[str, Any] = {
         "format": info_files.FORMAT,
         "host": socket.gethostname(),
         "time": time.time(),
-        "mechanism": "table" if ctx.table is not None else "oslocks",
-        "locks": [info_files.entry_json(e) for e in ctx.table.scan()] if ctx.table is not None else [],
+        "mechanism": "table" if table is not None else "oslocks",
+        "lock_delay": delay,
+        "locks": [info_files.entry_json(e, delay) for e in table.scan()] if table is not None else [],
         "info": list(info_files.read_all(ctx.instance)),
     }
     return json.dumps(document).encode()

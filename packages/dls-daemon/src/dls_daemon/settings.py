@@ -18,6 +18,11 @@ from .context import Limits
 DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
 #: jDLS tidies orphaned locks every five minutes unless told otherwise (-t).
 DEFAULT_TIDY_MINUTES = 5
+#: How long the table keeps the locks of a client whose lock server ended without it (seconds): Consul's
+#: default, and longer than a client takes to find its lock server dead (5 s) plus a restart of the
+#: service, so that a live client reclaims in time; the price is that a waiter behind a crashed lock
+#: server's lock waits that long.
+DEFAULT_LOCK_DELAY = 15.0
 #: How long a stop waits for a process to go before it is killed.
 DEFAULT_STOP_TIMEOUT = 5.0
 #: How long ``jdls -ib`` waits for a started daemon to say it is ready.
@@ -33,6 +38,8 @@ class Settings:
     #: Table size as -s gave it (records, locks per group); None when not given.
     size: tuple[int, int] | None = None
     tidy_seconds: int = DEFAULT_TIDY_MINUTES * 60
+    #: --lock-delay: seconds a lost client's locks are kept for it to reclaim (0: freed at once).
+    lock_delay: float = DEFAULT_LOCK_DELAY
     port_owners: bool = False  # -P
     timestamps: bool = False  # -T
     bind: str = DEFAULT_BIND

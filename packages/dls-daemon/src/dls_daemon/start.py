@@ -30,6 +30,7 @@ from .exitcodes import ExitCode
 from .lifecycle import Daemon
 from .listener import Listener, listen_problem
 from .monitor import Monitor
+from .one_mechanism import start_refusal
 from .readiness import Outcome, PipeReport, PrintReport, Report, collect
 from .settings import START_TIMEOUT, Settings
 from .stop import stop_roles
@@ -54,6 +55,11 @@ def start(
         running = pidfiles.running(instance.pid_file(role))
         if running is not None:
             print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
+            return ExitCode.FAILED
+    if MONITOR in roles:
+        problem = start_refusal(settings)
+        if problem is not None:
+            print(f"jdls: {problem}", file=err)
             return ExitCode.FAILED
     if LISTENER in roles:
         problem = listen_problem(settings.bind, settings.port)

@@ -3,11 +3,11 @@
 Other packages import from here only: the lock-mechanism interface (LockMechanism,
 its answers and errors, the waiting loop) and its two mechanisms (LockTable,
 OsLocks), the table's layout, the instance naming, the lock modes, the doorbells
-waiters sleep on, and the text report of a table that jdls -dvL and dls-dump
-both print.
+waiters sleep on, the text report of a table that jdls -dvL and dls-dump
+both print, and who holds OS file locks in a lock directory (``proc_locks``).
 """
 
-from . import info, modes, pidfiles, report
+from . import info, modes, pidfiles, proc_locks, report
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
@@ -19,6 +19,7 @@ from .layout import (
     Geometry,
     Header,
     Slot,
+    SlotFlag,
     SlotState,
     TableFlag,
     geometry_for,
@@ -50,20 +51,22 @@ from .occupancy import (
     running_servers,
     service_processes,
 )
-from .oslocks import OsLockError, OsLocks, key_offset, lock_file_name
+from .oslocks import OsLockError, OsLocks, TableServes, key_offset, lock_file_name, table_serves
 from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
-from .table import RECHECK_INTERVAL, Entry, LockTable, owner_gone
+from .proc_locks import OsLockHolder, oslock_holders
+from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied, owner_gone
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",
     "IpcObject", "Occupancy", "Occupant", "Refusal", "command_line", "running_role", "running_servers",
     "service_processes",
     "AlreadyRunning", "HeldPidFile", "PidRecord",
-    "OsLockError", "OsLocks", "key_offset", "lock_file_name",
+    "OsLockError", "OsLockHolder", "OsLocks", "TableServes", "key_offset", "lock_file_name", "oslock_holders",
+    "table_serves",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder",
-    "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotState", "TableError",
-    "TableFlag", "TableMissing",
+    "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
+    "TableError", "TableFlag", "TableMissing", "Tidied",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
-    "resource_value", "info", "pidfiles", "report", "ring", "unpack_ip",
+    "resource_value", "info", "pidfiles", "proc_locks", "report", "ring", "unpack_ip",
 ]

@@ -65,10 +65,11 @@ def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
             yield document
 
 
-def entry_json(entry: Entry) -> dict[str, Any]:
-    """A table entry as plain JSON values (for snapshots and dls-dump --json)."""
+def entry_json(entry: Entry, lock_delay: float = 0.0) -> dict[str, Any]:
+    """A table entry as plain JSON values (for snapshots and dls-dump --json); a kept lock (state "kept")
+    also says when it is freed unless reclaimed (``expires``, from the table's ``lock_delay``)."""
     s = entry.slot
-    return {
+    document: dict[str, Any] = {
         "index": entry.index,
         "group": entry.group,
         "value": entry.value,
@@ -86,3 +87,6 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "key": s.key[: s.key_len].decode("utf-8", "backslashreplace"),
         "long_key": bool(s.flags & SlotFlag.LONG_KEY),
     }
+    if s.state == SlotState.KEPT:
+        document["expires"] = s.timestamp + lock_delay
+    return document

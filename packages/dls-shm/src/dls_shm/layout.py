@@ -17,7 +17,8 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"DLSTABLE"
-LAYOUT_VERSION = 1
+#: Version 2 added the KEPT slot state, the KEEP slot flag and the header's lock_delay.
+LAYOUT_VERSION = 2
 HEADER_SIZE = 4096
 #: Longest record key kept verbatim; longer keys keep a prefix and a digest.
 KEY_MAX = 120
@@ -33,11 +34,15 @@ class SlotState(enum.IntEnum):
     FREE = 0
     GRANTED = 1
     WAITING = 2
+    #: A lock whose lock server ended while its client may live: it conflicts as a granted lock does, owned
+    #: by nobody, until its client reclaims it or ``lock_delay`` seconds from its timestamp have passed.
+    KEPT = 3
 
 
 class SlotFlag(enum.IntFlag):
     NONE = 0
     LONG_KEY = 1  # the stored key is a prefix plus a digest of the real key
+    KEEP = 2  # a lock server's lock for a remote client: kept (KEPT), not freed, when its lock server ends
 
 
 class TableFlag(enum.IntFlag):
@@ -69,6 +74,8 @@ HEADER_FIELDS = (
     ("ticket", "Q"),
     ("cpu_user", "d"),
     ("cpu_system", "d"),
+    ("lock_delay", "d"),
+    ("next_expiry", "d"),
 )
 HEADER_STRUCT = struct.Struct("=" + "".join(f for _, f in HEADER_FIELDS))
 HEADER_OFFSETS = {}
@@ -101,6 +108,10 @@ class Header(NamedTuple):
     ticket: int
     cpu_user: float
     cpu_system: float
+    #: Seconds a KEPT lock waits for its client to reclaim it before it is freed (0: nothing is kept).
+    lock_delay: float
+    #: When the first kept lock is due to be freed (time.time()), 0 when none is known: the monitor's cue.
+    next_expiry: float
 
 
 assert Header._fields == tuple(n for n, _ in HEADER_FIELDS)
@@ -131,7 +142,7 @@ class Slot(NamedTuple):
     thread: int
     inode: int
     device: int
-    timestamp: float
+    timestamp: float  # when it was granted (or queued); of a KEPT lock, when it was kept
     doorbell: int
     key: bytes
 

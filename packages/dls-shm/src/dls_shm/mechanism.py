@@ -16,6 +16,11 @@ another process rings nobody, so its waiters poll (50 ms, doubling up to
 it there: :class:`LockMechanism`'s own ``acquire`` (a blocking lock on top of
 ``lock``, ``retry`` and ``cancel``) and the lock server, which cannot block and waits in
 its own ``select``.
+
+Keeping is the other. A lock server's locks may outlive it for a while, kept for
+its client to reclaim through a new lock server (``keep_owner``, ``reclaim``):
+the table can do it, since its locks are not the holder process's; OS locks
+cannot, since the kernel frees them with their process, and say so.
 """
 
 from __future__ import annotations
@@ -64,13 +69,20 @@ class NotHeld(TableError):
 class Owner(NamedTuple):
     """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
     remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
-    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS."""
+    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS.
+
+    ``keep``: the owner may outlive ``pid`` (a remote client outlives its lock server), so
+    its locks are keepable (SlotFlag.KEEP): when ``pid`` ends without the client having gone
+    they are kept for the client to reclaim, not freed. A local process is gone when its
+    pid is, so its locks are not. It rides in the Owner, which the lock path already reads,
+    so that saying it costs that path nothing it can measure."""
 
     pid: int
     thread: int
     port: int
     client_pid: int
     ip: bytes
+    keep: bool = False
 
 
 class Holder(NamedTuple):
@@ -99,10 +111,14 @@ class Conflict(NamedTuple):
 
 
 class Queued(NamedTuple):
-    """Not granted yet: the request waits under ``handle``, to be retried or cancelled."""
+    """Not granted yet: the request waits under ``handle``, to be retried or cancelled.
+
+    ``expires``: when the lock in the way (a kept lock) is freed by itself (``time.time()``), 0 when
+    it is not: a waiter looks again then rather than up to a pause later, as nobody rings for it."""
 
     handle: int
     holder: Holder
+    expires: float = 0.0
 
 
 def stored_key(key: bytes) -> tuple[bytes, int]:
@@ -164,6 +180,18 @@ class LockMechanism(ABC):
         """Free every lock and queued request of a process (or of one of its threads); how many."""
 
     @abstractmethod
+    def keep_owner(self, pid: int) -> int:
+        """The process ``pid`` (a lock server) ends while its client may live: its keepable granted locks
+        are kept (KEPT, from now) for the client to reclaim, the rest of its locks and its queued requests
+        are freed; how many were kept."""
+
+    @abstractmethod
+    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int) -> Grant:
+        """Take back, for ``owner``, the kept lock that ``handle`` names: a Grant with the same handle.
+        NotHeld (its reason fit for the asking client's eyes) when no lock is kept under ``handle`` for
+        this client (port, client pid, thread), file, key and mode."""
+
+    @abstractmethod
     def pauses(self) -> Iterator[float]:
         """The longest sleep before each next look at a queued request (an endless iterator)."""
 
@@ -196,10 +224,13 @@ class LockMechanism(ABC):
             deadline = None if timeout is None else time.monotonic() + timeout
             for pause in self.pauses():
                 if deadline is not None:
-                    pause = min(pause, deadline - time.monotonic())
-                    if pause <= 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         self.cancel(queued.handle)
                         return Conflict(queued.holder)
+                    pause = min(pause, left)
+                if queued.expires:
+                    pause = min(pause, max(0.0, queued.expires - time.time()))
                 bell.wait(pause)
                 queued = self.retry(queued.handle)
                 if not isinstance(queued, Queued):

@@ -30,6 +30,20 @@ takes OS locks must name them alike.
 - Closing any descriptor of a file releases every lock the process holds on
   it, so a lock file stays open while this object holds or waits for a lock on
   it, and is only ever opened through this object.
+- One mechanism per instance: OS record locks serve an instance only while it
+  has no lock table. Made with the instance's ``table_key``, this object takes
+  each new OS lock, then looks whether a table exists under that key
+  (``table_serves``); if one does, it drops the lock again and raises
+  TableServes. The monitor does the mirror image ("announce, then look"): it
+  creates the table, then looks for OS locks held in the lock directory
+  (``oslock_holders``) and removes the table again if it finds one. Whichever
+  order the two take, one of them sees the other, so a table and an OS lock
+  never both grant one record. The look costs one ``semget`` per OS lock
+  taken (a table's semaphore is made before its memory); a lock this process
+  already holds at the level needed is not looked at again, since no table
+  can have been made while it was held. Binary locks, and record locks a
+  client asked for as OS locks beside a table (OSLOCK), are made without
+  ``table_key``: they are not the instance's record-lock mechanism.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import sysv_ipc
 from dls_proto import LOCK_MODES, HolderState, not_a_mode
 
 from . import doorbell
@@ -61,8 +76,9 @@ from .mechanism import (
     stored_key,
 )
 
-#: Name of the lock file of (inode, device).
-LOCK_FILE_FORMAT = "jlock_%08x_%08x"
+#: What every lock file's name starts with, and the name of the lock file of (inode, device).
+LOCK_FILE_PREFIX = "jlock_"
+LOCK_FILE_FORMAT = LOCK_FILE_PREFIX + "%08x_%08x"
 #: The lock byte of a key is its 64-bit digest cut to this many bits (off_t is signed).
 OFFSET_BITS = 62
 #: Every handle of an OS lock has this bit set; no lock-table handle has it.
@@ -89,6 +105,39 @@ _handles = itertools.count(1)
 
 class OsLockError(TableError):
     """A lock file cannot be opened or locked (permissions, no space, no locks left)."""
+
+
+class TableServes(TableError):
+    """A lock table now serves the instance: OS record locks are no longer taken for it (the lock just
+    taken was dropped again). A local process switches to the table; a lock server answers an error."""
+
+    def __init__(self, key: int, directory: Path) -> None:
+        self.key = key
+        super().__init__(f"lock table 0x{key:08x} now serves this instance: no OS file lock is taken in "
+                         f"{directory} any more (lock through the table)")
+
+
+def table_serves(key: int) -> bool:
+    """Whether the lock table of ``key`` exists (or is being made): the look of "take, then look".
+
+    A table's semaphore is made before its memory (``LockTable.create``), so when
+    there is none, the usual case of a service without a table, one ``semget``
+    answers. A semaphore alone is a table being made, whose monitor looks for OS
+    locks only once the memory exists, after this: it will see the lock taken.
+    """
+    try:
+        sysv_ipc.Semaphore(key)
+    except sysv_ipc.ExistentialError:
+        return False
+    except sysv_ipc.PermissionsError:
+        pass  # another user's: it still exists
+    try:
+        sysv_ipc.SharedMemory(key).detach()
+    except sysv_ipc.ExistentialError:
+        return False
+    except sysv_ipc.PermissionsError:
+        pass
+    return True
 
 
 def lock_file_name(inode: int, device: int) -> str:
@@ -154,15 +203,20 @@ class OsLocks(LockMechanism):
     to share between the threads of the process that made it. The directory is made
     when the first lock needs it; lock files are made ``file_mode`` (default
     readable and writable by all, whatever the umask) so that every user's
-    processes can lock them.
+    processes can lock them. ``table_key`` (the instance's table key, for its
+    record locks): every OS lock taken is dropped again with TableServes once a
+    table exists under that key (see the module).
     """
 
     #: The pauses between looks at a queued request (``pauses()``, seconds): the first, and the longest.
     retry_first = RETRY_FIRST
     retry_max = RETRY_MAX
 
-    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = 0o666) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = 0o666,
+                 table_key: int | None = None) -> None:
         self.directory = Path(directory)
+        #: The instance's table key: a table under it ends this object's locking (TableServes).
+        self.table_key = table_key
         self._prefix = os.path.join(os.fspath(directory), "")  # joined by hand: pathlib is slow on this path
         self.file_mode = file_mode
         self.pid = os.getpid()
@@ -215,7 +269,11 @@ class OsLocks(LockMechanism):
                 raise NotHeld(f"handle {handle:#x} is not a queued OS lock request")
             res = record.resource
             me = (record.owner.pid, record.owner.thread)
-            blocker = self._take(res, me, record.mode)
+            try:
+                blocker = self._take(res, me, record.mode)
+            except TableServes:
+                self.cancel(handle)  # the request ends here: its handle names nothing any more
+                raise
             if blocker is not None:
                 return Queued(handle, blocker)
             del self._waiting[handle]
@@ -254,6 +312,8 @@ class OsLocks(LockMechanism):
         name = lock_file_name(inode, device)
         offset = key_offset(key)
         me = (owner.pid, owner.thread)
+        if self.table_key is not None and table_serves(self.table_key):  # the table's answer is the true one
+            raise TableServes(self.table_key, self.directory)
         with self._mutex:
             res = self._resources.get((name, offset))
             if res is not None and res.holders:
@@ -296,6 +356,17 @@ class OsLocks(LockMechanism):
             doorbell.ring(token)
         return count
 
+    def keep_owner(self, pid: int) -> int:
+        """Nothing can be kept: the kernel frees a process's OS locks when it ends, however it ends. So the
+        owner's locks and requests are released, and none is kept (0)."""
+        self.release_owner(pid)
+        return 0
+
+    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int) -> Grant:
+        """Always NotHeld: no OS lock outlives the process that took it, so none is kept to take back."""
+        raise NotHeld("OS file locks cannot be kept: the kernel freed this lock when the lock server holding "
+                      "it ended (the service has no lock table)")
+
     def close(self) -> int:
         """Release every lock and request of this object and close its lock files; how many there were."""
         with self._mutex:
@@ -315,6 +386,10 @@ class OsLocks(LockMechanism):
         """How many locks this object holds."""
         return len(self._held)
 
+    def waiting(self) -> int:
+        """How many requests wait in this object."""
+        return len(self._waiting)
+
     # -- inside (mutex held) -----------------------------------------------------
 
     def _take(self, res: _Resource, me: tuple[int, int], mode: int) -> Holder | None:
@@ -329,8 +404,12 @@ class OsLocks(LockMechanism):
             if needed < res.level:  # a conversion down: giving up never fails
                 self._set(res, needed)
             return None
+        before = res.level
         for _ in range(3):
             if self._set(res, needed):
+                if self.table_key is not None and table_serves(self.table_key):
+                    self._set(res, before)
+                    raise TableServes(self.table_key, self.directory)
                 return None
             holder = _os_holder(res.file.fd, res.offset, needed)
             if holder is not None:

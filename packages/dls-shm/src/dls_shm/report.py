@@ -11,10 +11,17 @@ text is made from it after the table is closed. Whether the monitor and
 listener run is not in the table: each tool finds out in its own way (the
 daemon from its pid files, dls-dump read only) and passes a ``Process`` for
 each.
+
+A kept lock (its lock server ended while its client may live) is not in the
+jDLS guide: its row says so where a held lock shows its queue ("kept, 12 s
+left", then the queue if any), and the summary counts it among the locks in
+use and then on a line of its own, with the table's lock-delay. A table with
+no kept lock shows exactly the jDLS text.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -65,8 +72,12 @@ class Snapshot:
         return sum(1 for e in self.entries if e.slot.state == SlotState.GRANTED)
 
     @property
+    def kept(self) -> int:
+        return sum(1 for e in self.entries if e.slot.state == SlotState.KEPT)
+
+    @property
     def waiting(self) -> int:
-        return len(self.entries) - self.granted
+        return sum(1 for e in self.entries if e.slot.state == SlotState.WAITING)
 
     @property
     def max_in_group(self) -> int:
@@ -111,6 +122,13 @@ def age(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+def kept_for(expires: float, now: float) -> str:
+    """How a kept lock's row says it is kept, and for how long still: "kept, 12 s left" (whole seconds,
+    rounded up), or "kept, expired" once its lock-delay has passed and nobody has freed it yet."""
+    left = expires - now
+    return f"kept, {math.ceil(left)} s left" if left > 0 else "kept, expired"
+
+
 def process_lines(monitor: Process, listener: Process) -> list[str]:
     """The first two lines: the monitor's and the listener's pid, Active or Inactive."""
     return [
@@ -147,6 +165,9 @@ def lock_rows(snapshot: Snapshot) -> list[str]:
     for e in sorted(snapshot.entries, key=lambda e: (e.group, e.slot.ticket)):
         s = e.slot
         queued = "waiting" if s.state == SlotState.WAITING else (str(s.queued) if s.queued else "None")
+        if s.state == SlotState.KEPT:
+            kept = kept_for(s.timestamp + snapshot.header.lock_delay, snapshot.now)
+            queued = f"{kept}, {s.queued} queued" if s.queued else kept
         row = [
             str(e.group), f"0x{e.value:08x}", str(s.pid), modes.DISPLAY[s.mode], str(s.port), f"{s.inode:08d}",
             str(s.device), queued, unpack_ip(s.ip), s.key[: s.key_len].decode("utf-8", "backslashreplace"),
@@ -165,9 +186,12 @@ def summary_lines(snapshot: Snapshot) -> list[str]:
         "",
         f"{'Record locks:':<{SUMMARY_WIDTH}}{g.locks} locks maximum in {g.ngroups} groups of "
         f"{g.per_group} locks/group",
-        f"{indent}{snapshot.granted} locks currently in use",
+        f"{indent}{snapshot.granted + snapshot.kept} locks currently in use",
         f"{indent}{snapshot.max_in_group} is max. locks found in one group",
     ]
+    if snapshot.kept:
+        text.append(f"{indent}{snapshot.kept} locks kept for their clients to reclaim "
+                    f"(lock-delay {snapshot.header.lock_delay:g} s)")
     if snapshot.waiting:
         text.append(f"{indent}{snapshot.waiting} requests waiting")
     return text

@@ -23,6 +23,18 @@ incompatible waiter). The waiter sleeps on its doorbell; whoever frees or
 cancels a lock rings the waiters that can now be granted, after letting go of
 the semaphore. A ring lost with a process killed between the two is why a
 waiter still looks every RECHECK_INTERVAL (``pauses()``).
+
+Kept locks: a lock server's locks for a remote client are keepable (SlotFlag.KEEP,
+from ``Owner.keep``), because the client may outlive its lock server. When the lock
+server ends without the client having gone (``keep_owner``), or is found dead (by a
+blocked request, or the tidy), they become KEPT: still in everyone's way, their own
+client's too, owned by nobody, until the client takes them back through a new lock
+server (``reclaim``, proving it with the handle) or the header's ``lock_delay`` has
+passed since they were kept; whoever looks first then frees them (a blocked request,
+a reclaim, the tidy the monitor runs at the header's ``next_expiry``). Nobody rings a
+waiter at an expiry, so a waiter is told when it comes (``Queued.expires``). Other
+slots of a dead process (a local process's, a lock server's queued requests) are
+freed at once, as before.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ from .layout import (
     Geometry,
     Header,
     Slot,
+    SlotFlag,
     SlotState,
     TableFlag,
 )
@@ -83,7 +96,11 @@ RECHECK_INTERVAL = 1.0
 PID_REUSE_SLACK = 1.0
 
 _INDEX_MASK = (1 << INDEX_BITS) - 1
+_KEEP = int(SlotFlag.KEEP)
+_GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotState.WAITING, SlotState.KEPT,
+                                                        SlotState.FREE))
 _U32 = struct.Struct("=I")
+_F64 = struct.Struct("=d")
 _U64 = struct.Struct("=Q")
 _BYTE = struct.Struct("=B")
 _H = struct.Struct("=H")
@@ -91,9 +108,18 @@ _STATE_OFFSET = 8
 _QUEUED_OFFSET = 14
 _MODE_OFFSET = 9
 _TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
+_LOCK_DELAY_OFFSET = HEADER_OFFSETS["lock_delay"]
+_NEXT_EXPIRY_OFFSET = HEADER_OFFSETS["next_expiry"]
 #: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread) with jdls -P.
 _BY_PID = operator.attrgetter("pid", "thread")
 _BY_PORT = operator.attrgetter("port", "thread")
+
+
+class Tidied(NamedTuple):
+    """What a tidy did: locks freed (their owner gone, or kept past the lock-delay), and locks kept."""
+
+    freed: int
+    kept: int
 
 
 class Entry(NamedTuple):
@@ -193,7 +219,8 @@ class LockTable(LockMechanism):
 
     @classmethod
     def create(
-        cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = 0o666
+        cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = 0o666,
+        lock_delay: float = 0.0,
     ) -> tuple[LockTable, bool]:
         """Create the table, or attach the existing one as it is: (table, created).
 
@@ -228,7 +255,7 @@ class LockTable(LockMechanism):
             magic=MAGIC, layout_version=LAYOUT_VERSION, header_size=HEADER_SIZE, flags=flags,
             ngroups=geometry.ngroups, per_group=geometry.per_group, slot_size=SLOT_SIZE, key_max=KEY_MAX,
             total_size=geometry.total_size, created=time.time(), tidy_period=tidy_period, semid=sem.id,
-            cpu_user=0.0, cpu_system=0.0, last_ran=0.0, last_tidy=0.0,
+            cpu_user=0.0, cpu_system=0.0, last_ran=0.0, last_tidy=0.0, lock_delay=lock_delay, next_expiry=0.0,
         )
         mv = memoryview(shm)
         HEADER_STRUCT.pack_into(mv, 0, *(values[name] for name in Header._fields))
@@ -309,6 +336,11 @@ class LockTable(LockMechanism):
         for name, value in fields.items():
             struct.pack_into("=" + fmt[name], self._mv, HEADER_OFFSETS[name], value)
 
+    @property
+    def lock_delay(self) -> float:
+        """Seconds a kept lock waits for its client to reclaim it before it is freed (0: nothing is kept)."""
+        return float(_F64.unpack_from(self._mv, _LOCK_DELAY_OFFSET)[0])
+
     def _bump(self, name: str, by: int = 1) -> None:
         off = HEADER_OFFSETS[name]
         _U64.pack_into(self._mv, off, _U64.unpack_from(self._mv, off)[0] + by)
@@ -327,8 +359,10 @@ class LockTable(LockMechanism):
         """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
         if len(key) >= KEY_MAX:
             key, kflags = stored_key(key)
+            if owner.keep:
+                kflags |= _KEEP
         else:
-            kflags = 0
+            kflags = _KEEP if owner.keep else 0
         value = resource_value(inode, device, key)
         group = value % self._ngroups
         goff = HEADER_SIZE + group * self._group_size
@@ -428,26 +462,115 @@ class LockTable(LockMechanism):
             self._sem.release()
         me = self._ident(owner)
         for _pos, slot in granted:
-            if self._ident(slot) == me:
+            if slot.state == _GRANTED and self._ident(slot) == me:
                 return HolderState.MINE, _holder(slot)
         if granted:
             return HolderState.OTHER, _holder(granted[0][1])
         return HolderState.FREE, None
 
     def release_owner(self, pid: int, thread: int | None = None) -> int:
-        """Free every lock and queued request of a process (or of one of its threads)."""
-        return self._sweep(lambda slot: slot.pid == pid and (thread is None or slot.thread == thread))
+        """Free every lock and queued request of a process (or of one of its threads). Kept locks are
+        nobody's any more, whatever pid they show: they are left for their client to reclaim."""
+        freed, _ = self._sweep(lambda slot: _FREE if slot.pid == pid and slot.state != _KEPT
+                               and (thread is None or slot.thread == thread) else None)
+        return freed
 
-    def tidy(self, gone: Callable[[int, float], bool] = owner_gone) -> int:
-        """Free the locks of owners that no longer exist; counted in the header."""
-        freed = self._sweep(lambda slot: gone(slot.pid, slot.timestamp))
+    def keep_owner(self, pid: int) -> int:
+        """A lock server ends while its client may live: its keepable granted locks become KEPT (from
+        now), to be reclaimed within the lock-delay; the rest of its locks and its queued requests are
+        freed (a table whose lock-delay is 0 keeps nothing). How many were kept."""
+        delay = self.lock_delay
+
+        def decide(slot: Slot) -> int | None:
+            if slot.pid != pid or slot.state == _KEPT:
+                return None
+            return _KEPT if delay > 0 and slot.state == _GRANTED and slot.flags & _KEEP else _FREE
+
+        _, kept = self._sweep(decide)
+        return kept
+
+    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int) -> Grant:
+        """Take back, for ``owner`` (a new lock server of the same client), the kept lock that ``handle``
+        names: it is granted again, to ``owner``, under the same handle.
+
+        Allowed for a KEPT lock within the lock-delay, and for a keepable lock whose lock server is
+        dead but not yet noticed; the client (port, client pid, thread), the file, the key and the
+        mode must be the lock's. NotHeld otherwise, saying no more than the asking client may know:
+        who else holds what is not told.
+        """
+        stored, _ = stored_key(key)
+        index = handle & _INDEX_MASK
+        unknown = f"no lock of this client, file, key and mode is kept under handle {handle:#x}"
+        if index >= self.geometry.locks:
+            raise NotHeld(unknown)
+        delay = self.lock_delay
+        tokens: list[int] = []
         self._acquire()
         try:
-            self._bump("tidy_ops", freed)
-            self.set_header(last_tidy=time.time())
+            slot = self._slot(index)
+            value = self._value(index)
+            if (not value or slot.ticket != handle >> INDEX_BITS or slot.state not in (_GRANTED, _KEPT)
+                    or not slot.flags & _KEEP
+                    or (slot.port, slot.client_pid, slot.thread) != (owner.port, owner.client_pid, owner.thread)
+                    or (slot.inode, slot.device, slot.mode) != (inode, device, mode)
+                    or slot.key[: slot.key_len] != stored):
+                raise NotHeld(unknown)
+            now = time.time()
+            if slot.state == _GRANTED and slot.pid == owner.pid:
+                return Grant(handle, slot.mode, value)  # asked twice: it is this lock server's already
+            if slot.state == _GRANTED and not _surely_dead(slot.pid):
+                raise NotHeld(f"the lock under handle {handle:#x} is still held by the lock server that took it "
+                              f"(pid {slot.pid}), which has not ended")
+            if slot.state == _KEPT and now >= slot.timestamp + delay:
+                self._free(index)
+                self._bump("tidy_ops")
+                tokens = self._settle(index // self._per_group, value, slot)
+            else:
+                SLOT_STRUCT.pack_into(
+                    self._mv, self.geometry.slot_offset(index), slot.ticket, _GRANTED, slot.mode,
+                    slot.flags & ~_KEEP | (_KEEP if owner.keep else 0), slot.key_len, slot.queued, owner.pid,
+                    slot.port, slot.client_pid, owner.ip, owner.thread, slot.inode, slot.device, now, 0, slot.key,
+                )
+                return Grant(handle, slot.mode, value)
         finally:
             self._sem.release()
-        return freed
+        _ring(tokens)
+        raise NotHeld(f"the lock under handle {handle:#x} was kept {delay:g} s for its client to reclaim, "
+                      "and has been freed")
+
+    def tidy(self, gone: Callable[[int, float], bool] = owner_gone) -> Tidied:
+        """Free the locks and requests of owners that no longer exist, but keep (KEPT) the keepable
+        locks among them, and free the kept locks whose lock-delay has passed; counted in the header,
+        which then says when the next kept lock is due (``next_expiry``)."""
+        delay = self.lock_delay
+        now = time.time()
+        self._acquire()
+        try:
+            self.set_header(next_expiry=0.0)  # found again below, or written by whoever keeps a lock meanwhile
+        finally:
+            self._sem.release()
+        staying: list[float] = []
+
+        def decide(slot: Slot) -> int | None:
+            if slot.state == _KEPT:
+                if now >= slot.timestamp + delay:
+                    return _FREE
+                staying.append(slot.timestamp + delay)
+                return None
+            if not gone(slot.pid, slot.timestamp):
+                return None
+            return _KEPT if delay > 0 and slot.state == _GRANTED and slot.flags & _KEEP else _FREE
+
+        done = Tidied(*self._sweep(decide))
+        self._acquire()
+        try:
+            self._bump("tidy_ops", done.freed + done.kept)
+            self.set_header(last_tidy=time.time())
+            if staying:
+                self._note_expiry(min(staying))
+        finally:
+            self._sem.release()
+        return done
 
     def scan(self) -> Iterator[Entry]:
         """Every used slot, a consistent snapshot taken group by group."""
@@ -507,7 +630,7 @@ class LockTable(LockMechanism):
             if slot.inode != inode or slot.device != device or slot.key[: slot.key_len] != key:
                 continue  # another resource with the same value
             index = group * self._per_group + pos
-            (granted if slot.state == SlotState.GRANTED else waiting).append((index, slot))
+            (waiting if slot.state == _WAITING else granted).append((index, slot))  # a kept lock is held
         waiting.sort(key=lambda item: item[1].ticket)
         return granted, waiting
 
@@ -515,13 +638,16 @@ class LockTable(LockMechanism):
         self, me: tuple[int, int], mode: int, ticket: int | None,
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
-        """The first lock or earlier waiter that keeps the request of owner ``me`` from being granted."""
+        """The first lock or earlier waiter that keeps the request of owner ``me`` from being granted.
+
+        A kept lock is nobody's, whoever it names: it blocks its own client too until reclaimed.
+        """
         ident = self._ident
         for item in granted:
             slot = item[1]
-            if ident(slot) != me and not modes.compatible(mode, slot.mode):
+            if (slot.state == _KEPT or ident(slot) != me) and not modes.compatible(mode, slot.mode):
                 return item
-        if any(ident(s) == me for _, s in granted):
+        if any(s.state == _GRANTED and ident(s) == me for _, s in granted):
             return None  # a conversion goes before the queue
         for item in waiting:
             slot = item[1]
@@ -531,26 +657,36 @@ class LockTable(LockMechanism):
                 return item
         return None
 
-    def _reclaim_if_dead(self, item: tuple[int, Slot]) -> bool:
-        """Free a blocking slot whose process is gone; counted as a tidy-up."""
+    def _clear_blocker(self, item: tuple[int, Slot]) -> float | None:
+        """Settle a blocking slot left by a process that is gone, counted as a tidy-up: a keepable lock is
+        kept (its client may still reclaim it), anything else is freed, and so is a kept lock whose
+        lock-delay has passed. None when it was freed (look again); else when it expires (0: never)."""
         index, slot = item
-        if not _surely_dead(slot.pid):
-            return False
+        if slot.state == _KEPT:
+            expires = slot.timestamp + self.lock_delay
+            if time.time() < expires:
+                return expires
+        elif not _surely_dead(slot.pid):
+            return 0.0
+        elif slot.state == _GRANTED and slot.flags & _KEEP and self.lock_delay > 0:
+            self._bump("tidy_ops")
+            return self._keep(index)
         self._free(index)
         self._bump("tidy_ops")
-        return True
+        return None
 
     def _lock_slow(
         self, owner: Owner, inode: int, device: int, key: bytes, kflags: int, mode: int,
         wait_token: int, value: int, group: int,
     ) -> tuple[Grant | Conflict | Queued, list[int]]:
         me = self._ident(owner)
+        expires: float | None = 0.0
         while True:
             granted, waiting = self._matching(group, value, inode, device, key)
             blocker = self._blocker(me, mode, None, granted, waiting)
-            if blocker is None or not self._reclaim_if_dead(blocker):
+            if blocker is None or (expires := self._clear_blocker(blocker)) is not None:
                 break
-        mine = [item for item in granted if self._ident(item[1]) == me]
+        mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == me]
         if blocker is None and mine:
             index, slot = mine[0]
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
@@ -563,7 +699,7 @@ class LockTable(LockMechanism):
         if blocker is None:
             return Grant(ticket << INDEX_BITS | index, mode, value), []
         self._requeue(group, value, inode, device, key)
-        return Queued(ticket << INDEX_BITS | index, _holder(blocker[1])), []
+        return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0), []
 
     def _new_slot(
         self, group: int, value: int, owner: Owner, inode: int, device: int, key: bytes, kflags: int,
@@ -595,15 +731,16 @@ class LockTable(LockMechanism):
         value = self._value(index)
         key = me.key[: me.key_len]
         who = self._ident(me)
+        expires: float | None = 0.0
         while True:
             granted, waiting = self._matching(group, value, me.inode, me.device, key)
             blocker = self._blocker(who, me.mode, me.ticket, granted, waiting)
-            if blocker is None or not self._reclaim_if_dead(blocker):
+            if blocker is None or (expires := self._clear_blocker(blocker)) is not None:
                 break
         if blocker is not None:
             self._bump("lock_retries")
-            return Queued(handle, _holder(blocker[1])), []
-        mine = [item for item in granted if self._ident(item[1]) == who]
+            return Queued(handle, _holder(blocker[1]), expires or 0.0), []
+        mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == who]
         if mine:  # a conversion: the held lock takes the new mode, the request goes
             held_index, held = mine[0]
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
@@ -611,7 +748,7 @@ class LockTable(LockMechanism):
             grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value)
         else:
             soff = self.geometry.slot_offset(index)
-            _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, SlotState.GRANTED)
+            _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)
             struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
             grant = Grant(handle, me.mode, value)
         return grant, self._settle(group, value, me)
@@ -637,25 +774,52 @@ class LockTable(LockMechanism):
                 _H.pack_into(self._mv, self.geometry.slot_offset(index) + _QUEUED_OFFSET, min(len(waiting), 0xFFFF))
         return granted, waiting
 
-    def _sweep(self, doomed: Callable[[Slot], bool]) -> int:
-        """Free every slot ``doomed`` picks, ringing the waiters that can go on."""
-        freed = 0
+    def _keep(self, index: int) -> float:
+        """Make a granted slot KEPT from now; when it expires (noted in the header for the monitor)."""
+        now = time.time()
+        soff = self.geometry.slot_offset(index)
+        _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _KEPT)
+        struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, now, 0)
+        expires = now + self.lock_delay
+        self._note_expiry(expires)
+        return expires
+
+    def _note_expiry(self, when: float) -> None:
+        """The header's ``next_expiry`` becomes ``when`` if that is sooner (or none was noted)."""
+        noted = _F64.unpack_from(self._mv, _NEXT_EXPIRY_OFFSET)[0]
+        if not noted or when < noted:
+            _F64.pack_into(self._mv, _NEXT_EXPIRY_OFFSET, when)
+
+    def _sweep(self, decide: Callable[[Slot], int | None]) -> tuple[int, int]:
+        """Free (FREE) or keep (KEPT) every slot as ``decide`` says (None: leave it), ringing the waiters
+        that can go on; (freed, kept).
+
+        ``decide`` sees the scan's copy, outside the semaphore (it may ask the system about the owner):
+        a slot that changed meanwhile (another ticket, state or owner) is left for the next sweep.
+        """
+        freed = kept = 0
         for entry in list(self.scan()):
-            if not doomed(entry.slot):
+            new = decide(entry.slot)
+            if new is None:
                 continue
             tokens: list[int] = []
             self._acquire()
             try:
                 slot = self._slot(entry.index)
-                if slot.ticket != entry.slot.ticket or self._value(entry.index) != entry.value:
+                if ((slot.ticket, slot.state, slot.pid) != (entry.slot.ticket, entry.slot.state, entry.slot.pid)
+                        or self._value(entry.index) != entry.value):
                     continue  # changed since the scan
-                self._free(entry.index)
-                freed += 1
-                tokens = self._settle(entry.group, entry.value, slot)
+                if new == _KEPT:
+                    self._keep(entry.index)
+                    kept += 1
+                else:
+                    self._free(entry.index)
+                    freed += 1
+                    tokens = self._settle(entry.group, entry.value, slot)
             finally:
                 self._sem.release()
             _ring(tokens)
-        return freed
+        return freed, kept
 
 
 def _ring(tokens: list[int]) -> None:

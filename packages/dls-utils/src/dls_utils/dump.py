@@ -44,10 +44,11 @@ With --key naming another instance's table, the pid files are unknown: the monit
 and listener shown are the header's pids, Active when such a process exists.
 
 --json: {{"instance", "key", "shm_id", "semaphore_ids", "header": {{...}}, "geometry":
-{{"ngroups", "per_group", "locks"}}, "counts": {{"used", "granted", "waiting",
+{{"ngroups", "per_group", "locks"}}, "counts": {{"used", "granted", "kept", "waiting",
 "max_in_group"}}, "processes": {{"monitor", "listener"}}, "slots": [{{"index", "group",
 "state", "key", "inode", "device", "pid", "port", "client_pid", "thread", "ip",
-"mode", "value", "waiters", ...}}]}}.
+"mode", "value", "waiters", ...}}]}}. A slot's state is granted, waiting or kept (a lock
+whose lock server ended, kept for its client to reclaim until "expires").
 
 exit status:
   {command.OK}  the table was shown
@@ -80,13 +81,13 @@ def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, rep
     header["flag_names"] = [f.name for f in TableFlag if f.name and header["flags"] & f]
     waiters: dict[tuple[int, int, int, str], list[int]] = defaultdict(list)
     entries = sorted(snapshot.entries, key=lambda e: (e.group, e.slot.ticket))
-    slots = [info.entry_json(e) for e in entries]
+    slots = [info.entry_json(e, snapshot.header.lock_delay) for e in entries]
     for slot, entry in zip(slots, entries, strict=True):
         slot["ticket"] = entry.slot.ticket
         if slot["state"] == "waiting":
             waiters[_resource(slot)].append(slot["port"])
     for slot in slots:
-        slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] == "granted" else []
+        slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] in ("granted", "kept") else []
     geometry = snapshot.geometry
     return {
         "instance": str(instance.root),
@@ -96,8 +97,8 @@ def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, rep
         "header": header,
         "mechanism": report.mechanism(snapshot.header.flags),
         "geometry": {"ngroups": geometry.ngroups, "per_group": geometry.per_group, "locks": geometry.locks},
-        "counts": {"used": len(snapshot.entries), "granted": snapshot.granted, "waiting": snapshot.waiting,
-                   "max_in_group": snapshot.max_in_group},
+        "counts": {"used": len(snapshot.entries), "granted": snapshot.granted, "kept": snapshot.kept,
+                   "waiting": snapshot.waiting, "max_in_group": snapshot.max_in_group},
         "processes": {role: {"pid": pid, "active": active} for role, (pid, active) in procs.items()},
         "slots": slots,
     }

@@ -38,6 +38,8 @@ def _slot_bytes(text: str) -> bytes:
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID")
 #: What the PORT/-PID column shows for a held lock nobody waits for.
 NO_WAITERS = "---"
+#: The states of a held lock: granted, or kept (its lock server ended; kept for its client to reclaim).
+HELD = ("granted", "kept")
 #: What the PORT/-PID column shows for a request that waits on a lock no longer held.
 WAITING = "waiting"
 #: A long key keeps this many leading bytes verbatim in its slot (the rest is a digest of the
@@ -141,7 +143,7 @@ def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list
             by_resource[_resource(entry)].append(entry)
         rows: list[Row] = []
         for entries in by_resource.values():
-            held = [e for e in entries if e["state"] == "granted"]
+            held = [e for e in entries if e["state"] in HELD]
             queue = sorted((e for e in entries if e["state"] == "waiting"), key=lambda e: (e["timestamp"], e["index"]))
             waiters = [int(e["port"]) for e in queue]
             if held:

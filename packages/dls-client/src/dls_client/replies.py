@@ -1,0 +1,32 @@
+"""What a lock service's answer means to the application: the exception of each refusal or error.
+
+One place, for the client (the answer to its request) and for a resilient route
+(the secondary's answer, which is the caller's too: a lock is granted only when
+both services granted it).
+"""
+
+from __future__ import annotations
+
+from dls_proto import Error, Message, Refused, RefuseReason, StatusReply, Waiting
+
+from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
+
+
+def holder(reply: Refused | Waiting | StatusReply) -> Holder:
+    """The holder an answer names."""
+    return Holder(reply.holder_mode, reply.holder_pid, reply.holder_port, reply.holder_client_pid,
+                  reply.holder_thread, reply.holder_ip)
+
+
+def failure(reply: Message, what: str) -> DlsError:
+    """The exception for ``reply``, an answer other than the one hoped for, to a request about ``what``."""
+    if isinstance(reply, Refused):
+        who = holder(reply)
+        if reply.reason == RefuseReason.TIMEOUT:
+            return LockTimeout(f"{what}: still held by {who.describe()} when the wait ended", who)
+        if reply.reason == RefuseReason.CANCELLED:
+            return LockCancelled(f"{what}: request cancelled", who)
+        return LockRefused(f"{what}: held by {who.describe()}", who)
+    if isinstance(reply, Error):
+        return RequestFailed(f"{what}: {reply.reason}", reply.code)
+    return DlsError(f"{what}: unexpected answer {type(reply).__name__}")

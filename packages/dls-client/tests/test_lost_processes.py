@@ -1,0 +1,159 @@
+"""The holder is told, with real processes: a real lock service (``jdls`` of the test's own instance), its
+lock server killed with SIGKILL under a held lock, or the whole service stopped and started again.
+
+- A service that keeps a lost client's locks (a lock-delay): the client reclaims its lock through a new
+  lock server, nobody else gets it meanwhile, and the holder is not disturbed; the same across
+  ``jdls -k`` and ``jdls -ib``; a service that stays away longer than the lock-delay allows loses it.
+- A service that keeps nothing of a lost client (``--lock-delay 0``): the lock is lost, ``held.lost``, ``on_lost`` runs
+  within a second with no call from the application, another client gets the lock, the holder's
+  ``release()`` raises LockLost, and its next request works without ``close()``.
+- A lock server killed while a request of the client waits: the request is asked again through a new lock
+  server, and granted when the holder releases.
+
+The rules one by one, against fakes, are in test_lost.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dls_client import Client, HeldLock, LockLost, LockRefused
+from dls_testkit import KEY, alive, running_service, wait_for, wait_free
+from dls_testkit import Service as Daemon
+
+#: The lock-delay of the service that keeps: longer than the client's 5 s dead-server bound, so that the
+#: client has a second to reconnect after a failure (lock-delay - 5 s).
+DELAY = 8.0
+
+
+@pytest.fixture
+def keeping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """A service with a lock-delay of DELAY s."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    with running_service(root, "--lock-delay", f"{DELAY:g}") as svc:
+        yield svc
+
+
+@pytest.fixture
+def forgetful(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """A service that keeps nothing of a lost client (--lock-delay 0)."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    with running_service(root, "--lock-delay", "0") as svc:
+        yield svc
+
+
+def kill_lock_server(client: Client) -> int:
+    """SIGKILL the lock server serving ``client``; its pid, once it is gone."""
+    pid = client.connect().welcome.server_pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), 5, f"lock server {pid} to die")
+    return pid
+
+
+def test_a_killed_lock_server_costs_its_live_client_nothing(keeping: Daemon, data: Path) -> None:
+    told: list[HeldLock] = []
+    with keeping.client() as client, keeping.client() as other:
+        held = client.lock(data, KEY, on_lost=told.append)
+        first = kill_lock_server(client)
+        # The client notices the hang-up and reclaims through a new lock server; nobody else gets it meanwhile.
+        wait_for(lambda: client.connected and client.connect().welcome.server_pid != first, 5,
+                 "the client to connect again")
+        with pytest.raises(LockRefused):
+            other.try_lock(data, KEY)
+        time.sleep(1.0)
+        assert not told and not held.lost
+        held.ensure_held()
+        with pytest.raises(LockRefused):
+            other.try_lock(data, KEY)
+        held.release()
+        assert wait_free(other, data, KEY, 3) <= 3  # the reclaimed lock was really released
+
+
+def test_a_service_restarted_on_its_table_gives_the_lock_back(keeping: Daemon, data: Path) -> None:
+    told: list[HeldLock] = []
+    with keeping.client() as client:
+        held = client.lock(data, KEY, on_lost=told.append)
+        keeping.jdls("-k")  # the lock servers keep their clients' locks for the lock-delay
+        keeping.start()
+        with keeping.client() as other:
+            with pytest.raises(LockRefused):
+                other.try_lock(data, KEY)  # kept for its holder, or reclaimed by it: never granted
+            wait_for(lambda: client.connected and client.connect().welcome is not None, 5, "a new connection")
+            time.sleep(1.0)
+            assert not told and not held.lost
+            with pytest.raises(LockRefused):
+                other.try_lock(data, KEY)
+            held.release()
+            assert wait_free(other, data, KEY, 3) <= 3
+
+
+def test_a_service_away_longer_than_the_lock_delay_allows_loses_the_lock(keeping: Daemon, data: Path) -> None:
+    told: list[tuple[HeldLock, float]] = []
+    with keeping.client() as client:
+        held = client.lock(data, KEY, on_lost=lambda h: told.append((h, time.monotonic())))
+        stopped = time.monotonic()
+        keeping.jdls("-k")
+        wait_for(lambda: bool(told), DELAY, "the holder to be told")
+        # Told before the service could have handed the lock on (it keeps it DELAY s from the stop).
+        assert told[0][0] is held and told[0][1] - stopped < DELAY - 2, f"told {told[0][1] - stopped:.1f} s after"
+        assert held.lost
+        with pytest.raises(LockLost, match=KEY):
+            held.release()
+        keeping.start()
+
+
+def test_a_lock_the_service_does_not_keep_is_lost_and_the_holder_told_within_a_second(
+        forgetful: Daemon, data: Path) -> None:
+    daemon = forgetful
+    told: list[tuple[HeldLock, float]] = []
+    called = threading.Event()
+
+    def on_lost(held: HeldLock) -> None:
+        told.append((held, time.monotonic()))
+        called.set()
+
+    with daemon.client() as client, daemon.client() as other:
+        held = client.lock(data, KEY, on_lost=on_lost)
+        assert client.connect().welcome.lock_delay_ms == 0, "this service keeps a lost client's locks"
+        first = kill_lock_server(client)
+        killed = time.monotonic()
+        assert called.wait(2.0), "on_lost was not called"
+        assert told[0][0] is held and told[0][1] - killed < 1.0, f"told {told[0][1] - killed:.2f} s after the kill"
+        assert held.lost
+        other.try_lock(data, KEY).release()  # the service freed it: someone else may have it now
+        with pytest.raises(LockLost, match=KEY):
+            held.ensure_held()
+        with pytest.raises(LockLost, match=KEY):
+            held.release()
+        again = client.lock(data, KEY)  # no close() needed: the client connected again by itself
+        assert client.connect().welcome.server_pid != first
+        again.release()
+
+
+def test_a_request_waiting_when_its_lock_server_is_killed_is_asked_again(daemon: Daemon, data: Path) -> None:
+    with daemon.client() as client, daemon.client() as other:
+        blocker = other.lock(data, KEY)
+        client.connect()
+        got: list[HeldLock] = []
+        waiter = threading.Thread(target=lambda: got.append(client.lock(data, KEY, timeout=20)))
+        waiter.start()
+        try:
+            time.sleep(0.3)  # the request waits on the service
+            kill_lock_server(client)
+            time.sleep(0.5)  # asked again through a new lock server, where it waits
+            assert not got
+            blocker.release()
+        finally:
+            waiter.join(25)
+        assert got and not got[0].lost
+        got[0].release()
