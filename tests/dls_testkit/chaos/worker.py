@@ -4,38 +4,26 @@
 the service (or SERVER and SERVER2). Until the stop file exists, it picks one of the records at random,
 locks it EX, reads the record's counter, holds the lock for a random time (long critical sections are
 what make a lost lock overlap the next holder), checks it still holds the lock, writes the counter plus
-one, and releases, logging each step (``history``). It only uses the public client API; a failed
-request closes the client and tries again shortly, as a careful application would.
-
-The lost-lock API (``on_lost=``, ``HeldLock.ensure_held``, ``LockLost``) is used where the client has it.
+one, and releases, logging each step (``history``). It only uses the public client API: a lock's
+``on_lost`` callback logs that the worker was told, ``ensure_held()`` (no round trip) decides whether it
+writes, and a LockLost from ``release()`` is logged as told. After a failed request it tries again
+shortly with the same client, which reconnects by itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import dls_client
-from dls_client import Client, DlsError, HeldLock, Mode
+from dls_client import Client, DlsError, HeldLock, LockLost, Mode
 
 from . import records
 from .history import ENTER, ERROR, EXIT, LOST, READ, RELEASED, START, WRITING, WROTE, Log
 
-
-class _NeverRaised(Exception):
-    """Stands for LockLost in a client that cannot tell a lost lock."""
-
-
-#: The client's lost-lock exception, its lock callback and its no-round-trip check, where it has them.
-LOCK_LOST: type[Exception] = getattr(dls_client, "LockLost", _NeverRaised)
-HAS_ON_LOST = "on_lost" in inspect.signature(Client.lock).parameters
 #: How long a worker waits before it tries again after a failed request.
 RETRY_PAUSE = (0.05, 0.2)
 
@@ -78,17 +66,16 @@ class Worker:
                 self._section(record, held)
 
     def _lock(self, record: int) -> HeldLock | None:
-        """The record's lock, or None after logging why not (the client is then closed, to start afresh)."""
+        """The record's lock, or None after logging why not."""
         n = self.sections + 1
-        options: dict[str, Any] = {}
-        if HAS_ON_LOST:
-            options["on_lost"] = lambda _held: self.log.write(LOST, n=n, rec=record, how="callback")
+
+        def told(_held: HeldLock) -> None:
+            self.log.write(LOST, n=n, rec=record, how="callback")
+
         try:
-            held = self.client.lock(self.config.records[record], records.key(record), Mode.EX, **options)
+            held = self.client.lock(self.config.records[record], records.key(record), Mode.EX, on_lost=told)
         except (DlsError, OSError) as exc:
             self.log.write(ERROR, rec=record, error=_name(exc))
-            with contextlib.suppress(DlsError, OSError):
-                self.client.close()
             return None
         self.sections = n
         self.log.write(ENTER, n=n, rec=record)
@@ -99,35 +86,23 @@ class Worker:
         value = records.load(fd)
         self.log.write(READ, n=n, rec=record, value=value)
         time.sleep(self.random.uniform(0, self.config.max_hold))
-        if self._still_held(held):
+        try:
+            held.ensure_held()
+        except LockLost:
+            self.log.write(LOST, n=n, rec=record, how="ensure_held")
+        else:
             self.log.write(WRITING, n=n, rec=record, value=value + 1)
             records.store(fd, value + 1)
             self.log.write(WROTE, n=n, rec=record, value=value + 1)
-        else:
-            self.log.write(LOST, n=n, rec=record, how="ensure_held")
         self.log.write(EXIT, n=n, rec=record)
         try:
             held.release()
-        except LOCK_LOST:
+        except LockLost:
             self.log.write(LOST, n=n, rec=record, how="release")
         except (DlsError, OSError) as exc:
             self.log.write(RELEASED, n=n, rec=record, error=_name(exc))
-            with contextlib.suppress(DlsError, OSError):
-                self.client.close()
             return
         self.log.write(RELEASED, n=n, rec=record)
-
-    @staticmethod
-    def _still_held(held: HeldLock) -> bool:
-        """False when the client says the lock was lost (``ensure_held``, no round trip)."""
-        ensure_held = getattr(held, "ensure_held", None)
-        if ensure_held is None:
-            return True
-        try:
-            ensure_held()
-        except LOCK_LOST:
-            return False
-        return True
 
 
 def _name(exc: BaseException) -> str:
