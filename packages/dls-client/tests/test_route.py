@@ -232,12 +232,21 @@ def test_a_conflict_when_a_lock_is_taken_again_is_lock_lost_released_on_both(pai
     client, stray = pair.client(), pair.client(SECONDARY)
     pair.secondary.unreachable = True
     told = Told()
-    held = client.lock(FILE, "K1", on_lost=told)  # the secondary cannot be reached: on the primary alone
+    still_held: list[list[bytes]] = []
+
+    def on_lost(lost: HeldLock) -> None:
+        still_held.append(list(pair.primary.keys()))  # what the primary holds while the holder is told
+        told(lost)
+
+    held = client.lock(FILE, "K1", on_lost=on_lost)  # the secondary cannot be reached: on the primary alone
     assert pair.secondary.keys() == []
     pair.secondary.unreachable = False
     stray.lock(FILE, "K1")  # two faults' worth: someone took it on the secondary meanwhile
     assert told.event.wait(3), "on_lost was not called"
     assert held.lost
+    # Told before the lock is released anywhere: released first, it could reach its next holder while this
+    # one worked on, unaware (found by the chaos run).
+    assert still_held and still_held[0], "the lock was released before its holder was told"
     wait_for(lambda: pair.primary.keys() == [], 2, "the lock released on the primary too")
     with pytest.raises(LockLost, match="secondary lock service secondary,50003 refused to take it again"):
         held.release()

@@ -30,7 +30,7 @@ from typing import ClassVar, NamedTuple, TypeVar
 from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Reclaim, Server, Unlock, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
 from .link import Link, OpenChannel, exchange_all, reclaim_deadline, unkept_reason
 from .locks import HeldLock
 from .trace import Tracer
@@ -87,8 +87,11 @@ class Route:
         self._holdings: dict[int, Holding] = {}
         #: Some lock is held through a failed channel: the watcher's ticks settle it.
         self._unsettled = False
-        #: Locks marked lost and channels opened, to be told outside the locks.
+        #: Locks marked lost and channels opened, to be told outside the locks; and the releases of lost locks,
+        #: sent only after their holders were told (a lock released first could reach its next holder while
+        #: the last one works on, unaware).
         self._lost: list[HeldLock] = []
+        self._releases: list[Hold] = []
         self._opened: list[Channel] = []
         self._closed = False
 
@@ -114,6 +117,10 @@ class Route:
         channel = self.current()
         try:
             return attempt(channel)
+        except AcknowledgementTimeout as exc:
+            if channel.failure is None:
+                self.abandon(channel, str(exc))
+            raise
         except ServiceUnavailable:
             if channel.failure is None:
                 raise
@@ -246,6 +253,21 @@ class Route:
                 link.next_attempt = 0.0  # the first attempt to reach it again is now
                 self._recover(index, eager=False)
                 return
+
+    def abandon(self, channel: Channel, reason: str) -> None:
+        """``channel``'s service did not answer within TIMEOUT: give the connection up. Its lock server frees
+        what it held when the connection closes (and with it a request left waiting there, whose grant
+        could otherwise come later, unawaited), so every lock held through it is lost first, its holders
+        told, and only then is the connection closed; requests go to a new connection from now on."""
+        for index, link in enumerate(self.links):
+            if link.channel is channel:
+                with self._state:
+                    held = [(handle, holding) for handle, holding in self._holdings.items()
+                            if (hold := holding.holds[index]) is not None and hold[0] is channel]
+                for handle, holding in held:
+                    self._unheld(handle, holding, index, f"{reason}: its connection was given up")
+                self._tell()
+        self.failed(channel, f"{reason}: connection given up")
 
     def tick(self) -> float:
         """The watcher's timer: try again to reach a service whose locks wait to be reclaimed, give up those
@@ -399,9 +421,7 @@ class Route:
             if self._holdings.get(handle) is not holding:
                 return
             self._drop(handle, holding, reason)
-            holds = [hold for hold in holding.holds if hold is not None]
-        for channel, server_handle in holds:
-            self._send_unlock(channel, server_handle)
+            self._releases.extend(hold for hold in holding.holds if hold is not None)  # sent once told
         self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
 
     def _drop(self, handle: int, holding: Holding, reason: str) -> None:
@@ -436,11 +456,14 @@ class Route:
         with self._state:
             opened, self._opened = self._opened, []
             lost, self._lost = self._lost, []
+            releases, self._releases = self._releases, []
         for channel in opened:
             if channel.failure is None:
                 self._events.connected(channel)
         if lost:
             self._events.lost(lost)
+        for channel, server_handle in releases:
+            self._send_unlock(channel, server_handle)
 
     def _next_tick(self) -> float:
         """Seconds until the watcher's next tick: the next deadline or attempt of an unsettled link."""
