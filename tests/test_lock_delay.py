@@ -60,8 +60,10 @@ HOLDER, WAITER, STRANGER = (1111, 40001), (2222, 40002), (3333, 40003)
 class Raw:
     """A client of ``service`` speaking dls-proto over its own connection, as ``port`` and ``pid``."""
 
-    def __init__(self, service: Service, who: tuple[int, int] = HOLDER, thread: int = 1) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    def __init__(self, service: Service, who: tuple[int, int] = HOLDER, thread: int = 1, *,
+                 source: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", service.port), timeout=10,
+                                             source_address=None if source is None else (source, 0))
         service.sockets.append(self.sock)  # closed before the service is stopped
         self.conn, welcome = greet(self.sock, who[0], thread=thread, pid=who[1])
         self.welcome: Welcome = welcome
@@ -240,6 +242,25 @@ def test_the_locks_of_a_killed_lock_server_are_kept_for_the_lock_delay(delayed: 
     assert granted >= kept + DELAY, f"granted {kept + DELAY - granted:.2f} s before the lock-delay ended"
     assert granted <= kept + DELAY + LATE, f"granted only {granted - kept - DELAY:.2f} s after the lock-delay"
     assert not_held(again.reclaim(g.handle)).startswith("no lock of this client")
+
+
+def test_a_reclaim_with_a_holders_identity_from_another_address_is_refused(delayed: Service) -> None:
+    """A Refused tells anyone the lock is in the way of the holder's port, client pid and thread: with
+    those and a guessed handle (tickets are counted, the slot's group follows from the key), another host
+    took a kept lock. The address the client connects from must be the lock's too."""
+    service = delayed
+    holder = Raw(service, thread=7)
+    g = holder.lock()
+    os.kill(holder.server, signal.SIGKILL)
+    wait_for(lambda: kept_since(service) is not None, 5, "the dead lock server's lock to be kept")
+    told = Raw(service, STRANGER).refused()
+    who = (told.holder_port, told.holder_client_pid)
+    assert (who, told.holder_thread) == (HOLDER, 7)
+    forger = Raw(service, who, thread=told.holder_thread, source="127.0.0.2")
+    assert not_held(forger.reclaim(g.handle)).startswith("no lock of this client")
+    assert Raw(service, STRANGER).refused().holder_pid == holder.server  # still kept for its own client
+    back = Raw(service, HOLDER, thread=7).reclaim(g.handle)
+    assert isinstance(back, Granted) and back.handle == g.handle
 
 
 def test_a_kept_lock_nobody_asks_for_is_freed_by_the_monitor_when_its_delay_ends(tmp_path: Path) -> None:

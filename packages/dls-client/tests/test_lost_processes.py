@@ -16,7 +16,10 @@ The rules one by one, against fakes, are in test_lost.py.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,3 +160,66 @@ def test_a_request_waiting_when_its_lock_server_is_killed_is_asked_again(daemon:
             waiter.join(25)
         assert got and not got[0].lost
         got[0].release()
+
+
+#: A holder that takes the lock, says its lock server's pid, then runs without a pause (its watcher thread
+#: cannot run meanwhile: the main thread keeps the GIL) until the first byte of a shared file is set, and asks
+#: ensure_held() at once (the watcher, waiting for the GIL since it woke, gets it when the main thread next
+#: waits). A byte of a shared mapping, not a signal: reading it never lets the GIL go.
+_PAUSED_HOLDER = """
+import mmap, sys
+from dls_client import LockLost, get_client
+with open(sys.argv[3], "r+b") as f:
+    go = mmap.mmap(f.fileno(), 1)
+client = get_client()
+held = client.lock(sys.argv[1], sys.argv[2])
+sys.setswitchinterval(1000)
+print(client.connect().welcome.server_pid, flush=True)
+while not go[0]:
+    pass
+sys.setswitchinterval(0.005)
+try:
+    held.ensure_held()
+    print("HELD", flush=True)
+except LockLost:
+    print("LOST", flush=True)
+"""
+
+
+@pytest.fixture
+def short_delay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """A service with a lock-delay of 2 s."""
+    root = tmp_path / "release"
+    monkeypatch.setenv("JBCRELEASEDIR", str(root))
+    monkeypatch.delenv("JBCPORTNO", raising=False)
+    with running_service(root, "--lock-delay", "2") as svc:
+        yield svc
+
+
+def test_a_holder_stopped_longer_than_the_lock_delay_is_told_by_ensure_held_before_its_watcher_runs(
+        short_delay: Daemon, data: Path) -> None:
+    """SIGSTOP of the holder's process, its lock server killed meanwhile, the lock-delay out and the lock
+    another's: when the holder resumes, its application may run before its watcher thread, and nothing was
+    marked lost while it slept; ensure_held() must look at the connection (a hang-up), not at the mark."""
+    go = data.parent / "go"
+    go.write_bytes(b"\0")
+    holder = subprocess.Popen([sys.executable, "-c", _PAUSED_HOLDER, str(data), KEY, str(go)], env=short_delay.env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        server = int(holder.stdout.readline())
+        os.kill(holder.pid, signal.SIGSTOP)
+        os.kill(server, signal.SIGKILL)
+        with short_delay.client() as other:
+            taken = other.lock(data, KEY, timeout=10)  # after the lock-delay: the holder may be gone
+            with go.open("r+b") as flag:  # seen when it resumes (in place: the holder maps it)
+                flag.write(b"\1")
+            os.kill(holder.pid, signal.SIGCONT)
+            ready, _, _ = select.select([holder.stdout], [], [], 20)
+            said = holder.stdout.readline().strip() if ready else "nothing"
+            taken.release()
+        assert said == "LOST", f"the stopped holder was told {said!r} while another held its lock"
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()

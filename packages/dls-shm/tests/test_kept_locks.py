@@ -47,7 +47,7 @@ def owner(pid: int, thread: int = 1, *, keep: bool = True, port: int = 5001, cli
 
 ME = os.getpid()
 #: The client's lock server (this process), the same client through a new lock server (also this process:
-#: a live pid; only port, client pid and thread must be the same), a local process, another client.
+#: a live pid; only port, client pid, thread and address must be the same), a local process, another client.
 SERVER = owner(ME)
 LOCAL = owner(ME, 7, keep=False, port=ME, client_pid=ME, ip="0.0.0.0")
 OTHER = owner(ME, 2, port=5002, client_pid=9002, ip="10.0.0.8")
@@ -254,7 +254,7 @@ def test_tidy_keeps_expires_and_frees(table: LockTable, dead_pid: int) -> None:
 def test_reclaim_gives_the_kept_lock_back_under_the_same_handle(table: LockTable, dead_pid: int) -> None:
     g = grant(table, owner(dead_pid, 4))
     table.keep_owner(dead_pid)
-    new_server = owner(ME, 4, ip="10.0.0.99")
+    new_server = owner(ME, 4)
     before = time.time()
     back = reclaim(table, g.handle, new_server)
     assert back == g
@@ -267,6 +267,16 @@ def test_reclaim_gives_the_kept_lock_back_under_the_same_handle(table: LockTable
     assert isinstance(lock(table, new_server, PR), Grant)  # its own now: a conversion
     table.unlock(g.handle)
     assert slots(table) == []
+
+
+def test_reclaim_from_another_address_is_refused(table: LockTable, dead_pid: int) -> None:
+    """Port, client pid and thread are told to anyone the lock is in the way of (Refused, Waiting): the
+    address the client connects from is the part of its identity another host cannot borrow."""
+    g = grant(table, owner(dead_pid, 4))
+    table.keep_owner(dead_pid)
+    with pytest.raises(NotHeld, match="no lock of this client"):
+        reclaim(table, g.handle, owner(ME, 4, ip="10.0.0.99"))
+    assert reclaim(table, g.handle, owner(ME, 4)) == g
 
 
 def test_reclaim_of_a_dead_lock_servers_lock_not_yet_kept(table: LockTable, dead_pid: int) -> None:

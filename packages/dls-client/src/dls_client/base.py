@@ -102,9 +102,9 @@ class BaseClient(ABC):
         """Release ``held`` (HeldLock.release calls it); a client that can find a loss here marks it."""
         self.unlock(held.handle)
 
-    def verify(self, held: HeldLock) -> None:  # noqa: B027 - a default: only a LocalClient has a look to take
+    def verify(self, held: HeldLock) -> None:  # noqa: B027 - a default: a client with nothing to look at
         """Mark ``held`` lost if a look that costs no round trip says it is (HeldLock.ensure_held calls
-        it); a remote client learns of losses as they happen, so it has nothing to look at."""
+        it)."""
 
     @abstractmethod
     def release_all(self, *, all_threads: bool = True) -> int:

@@ -111,6 +111,11 @@ class Client(BaseClient):
             self.info.released(held.handle)
         tell_lost(locks, self.trace.error)
 
+    def verify(self, held: HeldLock) -> None:
+        """``held.ensure_held()``: settle the lock now if a socket it is held through hung up (a look that
+        costs no round trip while the sockets are well; see Route.verify)."""
+        self._route.verify(held.handle)
+
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
             self.async_errors.append(message)

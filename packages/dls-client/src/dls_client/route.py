@@ -34,6 +34,7 @@ from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
 from .link import Link, OpenChannel, exchange_all, reclaim_deadline, unkept_reason
 from .locks import HeldLock
 from .trace import Tracer
+from .watcher import hung_up
 
 T = TypeVar("T")
 #: How long the watcher may sleep when no recovery is under way (seconds).
@@ -133,6 +134,26 @@ class Route:
                 if channel.failure is None or last:
                     raise
         raise AssertionError("unreachable")
+
+    def verify(self, handle: int) -> None:
+        """``ensure_held`` of lock ``handle``: a look at the sockets it is held through, no round trip while
+        they are well. One that hung up or failed is settled now, in this thread (reclaimed, or the lock
+        lost), rather than left to the watcher: a process stopped (SIGSTOP, a frozen VM) longer than the
+        lock-delay may run its application before its watcher when it resumes, and its lock may be
+        another's by then, although nothing was marked lost while it slept."""
+        with self._state:
+            holding = self._holdings.get(handle)
+            holds = [] if holding is None else list(enumerate(holding.holds))
+        for index, hold in holds:
+            if hold is None:
+                continue
+            channel = hold[0]
+            if channel.failure is None and channel is self.links[index].channel:
+                reason = hung_up(channel)
+                if reason is None:
+                    continue  # the common case: one poll() of the socket
+                self.failed(channel, reason)
+            self._recover(index, eager=True)
 
     def channels(self) -> list[Channel]:
         """The live channels (none before the first connection): the watcher's and publish's."""

@@ -153,6 +153,20 @@ def _register(poller: select.poll, channels: list[Channel]) -> dict[int, weakref
     return by_fd
 
 
+def hung_up(channel: Channel) -> str | None:
+    """Why ``channel`` hung up, if its socket says so now (a poll that does not wait); None while it is well."""
+    fd = channel.sock.fileno()
+    if fd < 0:
+        return f"lock service {channel.server}: connection closed"
+    poller = select.poll()
+    poller.register(fd, HANGUP)
+    try:
+        hung = bool(poller.poll(0))
+    except InterruptedError:
+        return None
+    return _why(channel) if hung else None
+
+
 def _why(channel: Channel) -> str:
     """What the kernel says of a hung-up channel, as the channel itself would say it."""
     try:

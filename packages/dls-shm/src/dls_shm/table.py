@@ -494,8 +494,9 @@ class LockTable(LockMechanism):
         names: it is granted again, to ``owner``, under the same handle.
 
         Allowed for a KEPT lock within the lock-delay, and for a keepable lock whose lock server is
-        dead but not yet noticed; the client (port, client pid, thread), the file, the key and the
-        mode must be the lock's. NotHeld otherwise, saying no more than the asking client may know:
+        dead but not yet noticed; the client (port, client pid, thread, and the address it connects from:
+        the rest of it is told to anyone its lock is in the way of), the file, the key and the mode must
+        be the lock's. NotHeld otherwise, saying no more than the asking client may know:
         who else holds what is not told.
         """
         stored, _ = stored_key(key)
@@ -511,7 +512,8 @@ class LockTable(LockMechanism):
             value = self._value(index)
             if (not value or slot.ticket != handle >> INDEX_BITS or slot.state not in (_GRANTED, _KEPT)
                     or not slot.flags & _KEEP
-                    or (slot.port, slot.client_pid, slot.thread) != (owner.port, owner.client_pid, owner.thread)
+                    or (slot.port, slot.client_pid, slot.thread, slot.ip)
+                    != (owner.port, owner.client_pid, owner.thread, owner.ip)
                     or (slot.inode, slot.device, slot.mode) != (inode, device, mode)
                     or slot.key[: slot.key_len] != stored):
                 raise NotHeld(unknown)
