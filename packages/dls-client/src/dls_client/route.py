@@ -87,6 +87,10 @@ class Route:
         self._holdings: dict[int, Holding] = {}
         #: Some lock is held through a failed channel: the watcher's ticks settle it.
         self._unsettled = False
+        #: Locks lost while still held on some service (SERVER2: refused where they were taken again), by
+        #: the application's handle: let go there only when the application releases them (``let_go``),
+        #: so that nobody else is granted a lock its holder may still be using, not yet knowing it lost it.
+        self._fenced: dict[int, Holding] = {}
         #: Locks marked lost and channels opened, to be told outside the locks.
         self._lost: list[HeldLock] = []
         self._opened: list[Channel] = []
@@ -212,6 +216,8 @@ class Route:
         with self._state:
             handles = [k for k, h in self._holdings.items() if thread == ALL_THREADS or h.request.thread_id == thread]
             dropped = [holding for handle in handles if (holding := self._remove(handle)) is not None]
+            self._fenced = {k: h for k, h in self._fenced.items()  # released by the UnlockAll (or close) that follows
+                            if thread != ALL_THREADS and h.request.thread_id != thread}
         for holding in dropped:
             for held in holding.locks:
                 held.released = True
@@ -394,15 +400,26 @@ class Route:
             self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
 
     def _lose(self, handle: int, holding: Holding, reason: str) -> None:
-        """The lock is lost wherever it is still held: released there, marked lost."""
+        """The lock is lost although some service still holds it for this client: marked lost, and kept
+        there (fenced) until the application lets it go (``let_go``): releasing it now would hand it to
+        the next holder while this one may still be inside its critical section, not yet told."""
         with self._state:
             if self._holdings.get(handle) is not holding:
                 return
             self._drop(handle, holding, reason)
-            holds = [hold for hold in holding.holds if hold is not None]
-        for channel, server_handle in holds:
-            self._send_unlock(channel, server_handle)
-        self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+            self._fenced[handle] = holding
+        self.trace.error(f"Client: lock {holding.what()} lost: {reason}; kept where it is still held until "
+                         "its holder releases it")
+
+    def let_go(self, handle: int) -> None:
+        """The application released the lost lock ``handle`` (HeldLock.release): free what a service still
+        holds of it (see ``_lose``). Nothing for a lock no service holds any more."""
+        with self._state:
+            holding = self._fenced.pop(handle, None)
+        if holding is not None:
+            for hold in holding.holds:
+                if hold is not None:
+                    self._send_unlock(*hold)
 
     def _drop(self, handle: int, holding: Holding, reason: str) -> None:
         """Forget the lock and mark it lost, to be told (under the state lock)."""
