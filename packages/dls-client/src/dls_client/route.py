@@ -10,7 +10,8 @@ every lock held through the failed channel: the service keeps the locks of a
 client it lost for its lock-delay (the Welcome says how long), so a lock
 reclaimed is held as if nothing happened. A lock the service no longer keeps
 is lost, and so is every lock still unreclaimed when the lock-delay is about
-to end (``link.reclaim_deadline``): the lock is marked (HeldLock.lost), and the
+to end (``link.reclaim_deadline``; at once for a lock the service held as an OS
+file lock, which no lock server keeps): the lock is marked (HeldLock.lost), and the
 client is told (``Events.lost``) outside every lock of the Route, so that an
 ``on_lost`` callback may call the client. While the service cannot be reached
 the watcher tries again every second; a request tries at once (a request after
@@ -301,7 +302,8 @@ class Route:
                 if not (eager or due):
                     break
                 try:
-                    channel = self._open(link, min((reclaim_deadline(h[0]) for _, _, h in stale), default=None))
+                    channel = self._open(link, min((reclaim_deadline(h[0], holding.request.flags)
+                                                           for _, holding, h in stale), default=None))
                 except ServiceUnavailable:
                     break
             if stale and not self._reclaim(index, channel, stale):
@@ -335,8 +337,8 @@ class Route:
         now = time.monotonic()
         left = []
         for handle, holding, hold in stale:
-            if now >= reclaim_deadline(hold[0]):
-                self._unheld(handle, holding, index, unkept_reason(hold[0]))
+            if now >= reclaim_deadline(hold[0], holding.request.flags):
+                self._unheld(handle, holding, index, unkept_reason(hold[0], holding.request.flags))
             else:
                 left.append((handle, holding, hold))
         return left
@@ -468,5 +470,5 @@ class Route:
             stale = self._stale(index)
             if link.live() is None and self._wants_channel(index, bool(stale)):
                 due = min(due, link.next_attempt - now)
-            due = min([due, *(reclaim_deadline(h[0]) - now for _, _, h in stale)])
+            due = min([due, *(reclaim_deadline(h[0], holding.request.flags) - now for _, holding, h in stale)])
         return max(0.01, due)
