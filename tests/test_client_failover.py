@@ -14,7 +14,10 @@ and port. What is checked:
 - a service killed and started again is given every lock the client holds;
 - with no service left requests fail, locks are lost (the holder told), and the
   next request once a service is back works;
-- a lock taken again is one lock; an unreachable secondary at start is said.
+- a lock taken again is one lock; an unreachable secondary at start is said;
+- a lock lost where it is taken again (someone else got it there while that
+  service was away) stays held on the other service until its holder, told,
+  releases it: nobody is let in before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -284,3 +288,38 @@ def test_an_unreachable_secondary_at_start_leaves_the_primary_alone(tmp_path: Pa
         client.lock(data, KEY).release()
     trace = error_trace(primary)
     assert f"secondary lock service 127.0.0.1,{closed} cannot be reached" in trace, trace
+
+
+def test_a_lock_lost_where_it_is_taken_again_lets_nobody_in_before_its_holder_releases_it(tmp_path: Path) -> None:
+    """One fault: client A cannot reach the primary for a while and takes KEY on the secondary alone. B,
+    first on the primary once it is back, is granted KEY there and waits on the secondary. A's watcher is
+    refused KEY on the primary: A's lock is lost, A is told; but B is granted only once A releases it."""
+    data = data_file(tmp_path)
+    primary_for_a = threading.Event()
+    with pair(tmp_path) as (primary, secondary):
+
+        def connect_a(server: Server, timeout: float) -> socket.socket:
+            if server.port == primary.port and not primary_for_a.is_set():
+                raise ConnectionRefusedError("the primary cannot be reached (the test's fault)")
+            return socket.create_connection((server.host, server.port), timeout=timeout)
+
+        a = Client(Config(server=Server("127.0.0.1", primary.port), server2=Server("127.0.0.1", secondary.port),
+                          timeout=10), connect=connect_a)
+        with a, resilient(primary, secondary, timeout=30) as b:
+            lost = threading.Event()
+            held = a.lock(data, KEY, on_lost=lambda _: lost.set())
+            granted: list[HeldLock] = []
+            waiter = threading.Thread(target=lambda: granted.append(b.lock(data, KEY, timeout=20)), daemon=True)
+            waiter.start()
+            wait_for(lambda: held_there(b, primary, KEY), 5, "B granted KEY on the primary, waiting on the secondary")
+            primary_for_a.set()
+            assert lost.wait(5), "A was not told"
+            waiter.join(1.0)
+            assert not granted, "B was let in while A, just told, may still be inside its critical section"
+            assert held_there(a, secondary, KEY)
+            with pytest.raises(LockLost, match="refused to take it again"):
+                held.release()
+            waiter.join(10)
+            assert granted and not granted[0].lost, "B was not granted once A released"
+            assert held_there(b, secondary, KEY)
+            granted[0].release()

@@ -223,3 +223,32 @@ def test_a_holder_stopped_longer_than_the_lock_delay_is_told_by_ensure_held_befo
         os.kill(holder.pid, signal.SIGCONT)
         holder.kill()
         holder.wait()
+
+
+
+@pytest.mark.parametrize("config", [{"binary": True}, {"oslocks": True}], ids=["binary", "oslocks"])
+def test_a_lock_the_service_held_as_an_os_lock_is_lost_the_moment_its_lock_server_dies(
+        keeping: Daemon, data: Path, config: dict[str, bool]) -> None:
+    """Beside a table, a binary lock (JDLS BINARY) or a record lock taken as an OS lock (JDLS OSLOCKS) is
+    an OS file lock of the lock server, which the kernel frees when it dies, whatever the lock-delay: the
+    holder is told at once, not when the lock-delay it could not use runs out (a table lock of the same
+    client stays reclaimable meanwhile). The listener is stopped first, so that no reconnection and
+    refused Reclaim says it sooner."""
+    told: list[HeldLock] = []
+    with keeping.client(**config) as client:
+        if config.get("binary"):
+            osheld = client.binary_lock(data)
+            assert isinstance(osheld, HeldLock)
+            in_table: HeldLock | None = client.lock(data, KEY)
+        else:
+            osheld, in_table = client.lock(data, KEY, on_lost=told.append), None
+        result = keeping.jdls("-kD")
+        assert result.returncode == 0, result.stderr
+        kill_lock_server(client)
+        wait_for(lambda: osheld.lost, 1.5, "the OS-locked lock to be marked lost")
+        with pytest.raises(LockLost, match="OS file lock"):
+            osheld.release()
+        if in_table is not None:
+            assert not in_table.lost, "a table lock was given up before its lock-delay"
+        else:
+            assert told == [osheld]

@@ -8,7 +8,8 @@ dropped connection's locks for its lock-delay, as a real service does. What is c
 - two clients with opposite failures (one loses its primary lock server, the other its secondary's) never
   both hold a lock: each connects again to the service it lost and reclaims there (the old split);
 - a service that cannot be reached is done without, tried every second, and given every lock it lacks
-  once back; a conflict there is LockLost, released on the other service too;
+  once back; a conflict there is LockLost, and the lock stays held where it still is until its holder
+  releases it (nobody else is let in while the holder may still be inside its critical section);
 - with no service reachable requests fail, and locks are lost when neither service keeps them any more.
 
 The same against real daemons killed with SIGKILL is in the root tests (test_client_failover.py).
@@ -227,29 +228,58 @@ def test_an_unreachable_primary_at_start_leaves_the_secondary_alone_until_it_ans
     held.release()
 
 
-def test_a_conflict_when_a_lock_is_taken_again_is_lock_lost_released_on_both(pair: Pair,
-                                                                               trace: Callable[[], str]) -> None:
+def test_a_conflict_when_a_lock_is_taken_again_is_lock_lost_and_released_on_both_by_its_holder(
+        pair: Pair, trace: Callable[[], str]) -> None:
     client, stray = pair.client(), pair.client(SECONDARY)
     pair.secondary.unreachable = True
     told = Told()
-    still_held: list[list[bytes]] = []
-
-    def on_lost(lost: HeldLock) -> None:
-        still_held.append(list(pair.primary.keys()))  # what the primary holds while the holder is told
-        told(lost)
-
-    held = client.lock(FILE, "K1", on_lost=on_lost)  # the secondary cannot be reached: on the primary alone
+    held = client.lock(FILE, "K1", on_lost=told)  # the secondary cannot be reached: on the primary alone
     assert pair.secondary.keys() == []
     pair.secondary.unreachable = False
     stray.lock(FILE, "K1")  # two faults' worth: someone took it on the secondary meanwhile
     assert told.event.wait(3), "on_lost was not called"
     assert held.lost
-    # Told before the lock is released anywhere: released first, it could reach its next holder while this
-    # one worked on, unaware (found by the chaos run).
-    assert still_held and still_held[0], "the lock was released before its holder was told"
-    wait_for(lambda: pair.primary.keys() == [], 2, "the lock released on the primary too")
+    time.sleep(0.3)
+    assert pair.primary.keys() == [b"K1"], "the lost lock was let go on the primary before its holder released it"
     with pytest.raises(LockLost, match="secondary lock service secondary,50003 refused to take it again"):
         held.release()
+    wait_for(lambda: pair.primary.keys() == [], 2, "the lock released on the primary by the holder's release")
+
+
+def test_a_lock_lost_where_it_is_taken_again_lets_nobody_in_before_its_holder_releases_it(
+        pair: Pair, trace: Callable[[], str]) -> None:
+    """One fault: the primary cannot be reached by anyone for a while. A takes K1 on the secondary alone.
+    The primary is back; B, first there, is granted K1 on the primary and waits on the secondary. A's
+    watcher is refused K1 on the primary: A's lock is lost. B must not be granted while A, told, may
+    still be inside its critical section: the secondary keeps A's lock until A releases it."""
+    primary_for_a = threading.Event()
+
+    def connect_a(server: Server, timeout: float = 5.0) -> socket.socket:
+        if server == PRIMARY and not primary_for_a.is_set():
+            raise ConnectionRefusedError("the primary is down")
+        return pair.connect(server, timeout)
+
+    a = Client(Config(server=PRIMARY, server2=SECONDARY), connect=connect_a)
+    pair.clients.append(a)
+    b = pair.client(timeout=30)
+    told = Told()
+    held = a.lock(FILE, "K1", on_lost=told)
+    assert pair.secondary.keys() == [b"K1"] and pair.primary.keys() == []
+    granted: list[HeldLock] = []
+    waiter = threading.Thread(target=lambda: granted.append(b.lock(FILE, "K1", timeout=20)), daemon=True)
+    waiter.start()
+    wait_for(lambda: pair.primary.keys() == [b"K1"], 3, "B granted K1 on the primary, waiting on the secondary")
+    primary_for_a.set()  # A's watcher reaches the primary again, and is refused K1 there
+    assert told.event.wait(3), "on_lost was not called"
+    assert held.lost
+    waiter.join(1.0)
+    assert not granted, "B was let in while A, just told, may still be inside its critical section"
+    assert pair.secondary.holder(b"K1") is pair.secondary.connections[connection_of(pair.secondary, a)]
+    with pytest.raises(LockLost, match="primary lock service primary,50002 refused to take it again"):
+        held.release()
+    waiter.join(5)
+    assert granted and not granted[0].lost, "B was not granted once A released"
+    granted[0].release()
 
 
 def test_with_no_service_reachable_requests_fail_and_locks_are_lost_when_neither_keeps_them(

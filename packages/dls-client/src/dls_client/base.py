@@ -106,6 +106,11 @@ class BaseClient(ABC):
         """Mark ``held`` lost if a look that costs no round trip says it is (HeldLock.ensure_held calls
         it)."""
 
+    def let_go(self, held: HeldLock) -> None:  # noqa: B027 - a default: only a remote client keeps lost locks
+        """``held`` was lost and its holder now releases it (HeldLock.release calls it): let go whatever of
+        it is still held for this holder. A lost lock is held nowhere, unless the client kept it where it
+        still was so as not to hand it on before its holder was done with it (SERVER2)."""
+
     @abstractmethod
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were held."""

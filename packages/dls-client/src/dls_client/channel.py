@@ -46,12 +46,12 @@ from dls_proto import (
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 
 CONNECT_TIMEOUT = 5.0
+_KEEPALIVE = (2, 1, 3)  # idle, interval, probes (seconds, seconds, count)
 #: Seconds within which a lock server that went silent (its host down, the link cut) is found dead: by
-#: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT while
-#: something sent stays unacknowledged. A client must reclaim its locks this long before the service's
-#: lock-delay ends, since the service may have counted the delay from the failure itself.
-DEAD_SERVER_BOUND = 5.0
-_KEEPALIVE = (2, 1, 3)  # idle, interval, probes: 2 + 3 * 1 = DEAD_SERVER_BOUND
+#: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT (set to it)
+#: while something sent stays unacknowledged. A client must reclaim its locks this long before the
+#: service's lock-delay ends, since the service may have counted the delay from the failure itself.
+DEAD_SERVER_BOUND = float(_KEEPALIVE[0] + _KEEPALIVE[1] * _KEEPALIVE[2])
 
 
 def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.socket:

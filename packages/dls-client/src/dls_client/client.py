@@ -258,6 +258,9 @@ class Client(BaseClient):
         self._route.unlock(handle)
         self.info.released(handle)
 
+    def let_go(self, held: HeldLock) -> None:
+        self._route.let_go(held.handle)
+
     def release_all(self, *, all_threads: bool = True) -> int:
         """Release every lock of this process (or of the calling thread); how many were held."""
         thread = ALL_THREADS if all_threads else identity.thread_id()

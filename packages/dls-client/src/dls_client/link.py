@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from dls_proto import Lock, Message, Reclaim, Server
+from dls_proto import Lock, LockFlag, Message, Reclaim, Server
 
 from .channel import CONNECT_TIMEOUT, DEAD_SERVER_BOUND, Channel
 from .errors import AcknowledgementTimeout, ServiceUnavailable
@@ -24,19 +24,30 @@ from .errors import AcknowledgementTimeout, ServiceUnavailable
 OpenChannel = Callable[[Server, "float | None"], Channel]
 #: Seconds between two attempts to reach a service that could not be reached (the watcher's cadence).
 RETRY_INTERVAL = 1.0
+#: The Lock flags that make the service take a lock as an OS file lock even beside its table (dls-daemon's
+#: ``Mechanisms.for_flags``): the kernel frees such a lock with its lock server, so none is kept for the
+#: client to reclaim, whatever lock-delay the Welcome said.
+OS_LOCK_FLAGS = LockFlag.BINARY | LockFlag.OSLOCK
 
 
-def reclaim_deadline(channel: Channel) -> float:
-    """Until when (time.monotonic()) the locks held through the failed ``channel`` may be reclaimed: its
-    lock-delay counted from its failure, less the dead-server bound (the service may have counted from
-    the failure itself, up to that much earlier than the client found it). At or before the failure
-    when the lock-delay is that short (0: a service that keeps nothing)."""
+def reclaim_deadline(channel: Channel, flags: int = 0) -> float:
+    """Until when (time.monotonic()) a lock taken with ``flags`` through the failed ``channel`` may be
+    reclaimed: its lock-delay counted from its failure, less the dead-server bound (the service may have
+    counted from the failure itself, up to that much earlier than the client found it). At or before the
+    failure when the lock-delay is that short (0: a service that keeps nothing) or the lock was an OS
+    file lock on the service (``OS_LOCK_FLAGS``): such a lock is lost the moment its channel fails."""
     failed = channel.failed_at if channel.failed_at is not None else time.monotonic()
+    if flags & OS_LOCK_FLAGS:
+        return failed
     return failed + channel.lock_delay - DEAD_SERVER_BOUND
 
 
-def unkept_reason(channel: Channel) -> str:
-    """Why the locks of the failed ``channel`` were not reclaimed in time, as LockLost says it."""
+def unkept_reason(channel: Channel, flags: int = 0) -> str:
+    """Why a lock taken with ``flags`` through the failed ``channel`` was not reclaimed in time, as
+    LockLost says it."""
+    if flags & OS_LOCK_FLAGS:
+        return (f"the connection to lock service {channel.server} was lost, and the service held the lock as an "
+                "OS file lock, which went with its lock server")
     if channel.lock_delay <= DEAD_SERVER_BOUND:
         return (f"the connection to lock service {channel.server} was lost and the service keeps a lost "
                 f"client's locks {channel.lock_delay:g} s, too short to reclaim them")

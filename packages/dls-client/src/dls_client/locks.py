@@ -59,6 +59,8 @@ class Unlocker(Protocol):
 
     def verify(self, held: HeldLock) -> None: ...
 
+    def let_go(self, held: HeldLock) -> None: ...
+
 
 #: Told, with the lock, that a lock was lost (``client.lock(..., on_lost=...)``).
 OnLost = Callable[["HeldLock"], None]
@@ -117,6 +119,8 @@ class HeldLock:
                 self.client.unlock_held(self)  # which may find the loss itself
             finally:
                 self.released = True
+        else:
+            self.client.let_go(self)  # what a service may still hold of it for this holder goes only now
         self.released = True
         if self.lost_reason is not None:  # lost before, or found by the unlock
             raise self.lost_error()

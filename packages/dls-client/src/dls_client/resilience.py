@@ -14,8 +14,10 @@ keeps is taken again there at once (timeout 0). Only a service that cannot be
 reached is done without: the client goes on with the other alone, its watcher
 tries every second, and when the service answers again every lock it lacks is
 taken there at once. A conflict there means someone else holds the lock on
-that service: the lock is lost, and released on the other service too. A lock
-is lost only when neither service holds it any more.
+that service: the lock is lost, and kept on the other service until its holder,
+told, releases it (``Route._lose``): releasing it there at once would let the
+next holder in while this one may still be inside its critical section. A lock
+is otherwise lost only when neither service holds it any more.
 
 Why no split: under one fault (one process of either service, or one whole
 service) every two clients still share a service that sees them both, and
@@ -213,7 +215,8 @@ class ResilientRoute(Route):
 
     def _complete(self, index: int, channel: Channel) -> bool:
         """Take again on link ``index``, without waiting, every lock it lacks; a lock someone else holds
-        there is lost (and released everywhere). False if the channel failed meanwhile."""
+        there is lost (and kept where it is held until its holder releases it). False if the channel failed
+        meanwhile."""
         missing = self._missing(index)
         if not missing:
             return True

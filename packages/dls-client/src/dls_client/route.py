@@ -10,7 +10,8 @@ every lock held through the failed channel: the service keeps the locks of a
 client it lost for its lock-delay (the Welcome says how long), so a lock
 reclaimed is held as if nothing happened. A lock the service no longer keeps
 is lost, and so is every lock still unreclaimed when the lock-delay is about
-to end (``link.reclaim_deadline``): the lock is marked (HeldLock.lost), and the
+to end (``link.reclaim_deadline``; at once for a lock the service held as an OS
+file lock, which no lock server keeps): the lock is marked (HeldLock.lost), and the
 client is told (``Events.lost``) outside every lock of the Route, so that an
 ``on_lost`` callback may call the client. While the service cannot be reached
 the watcher tries again every second; a request tries at once (a request after
@@ -88,11 +89,12 @@ class Route:
         self._holdings: dict[int, Holding] = {}
         #: Some lock is held through a failed channel: the watcher's ticks settle it.
         self._unsettled = False
-        #: Locks marked lost and channels opened, to be told outside the locks; and the releases of lost locks,
-        #: sent only after their holders were told (a lock released first could reach its next holder while
-        #: the last one works on, unaware).
+        #: Locks lost while still held on some service (SERVER2: refused where they were taken again), by
+        #: the application's handle: let go there only when the application releases them (``let_go``),
+        #: so that nobody else is granted a lock its holder may still be using, not yet knowing it lost it.
+        self._fenced: dict[int, Holding] = {}
+        #: Locks marked lost and channels opened, to be told outside the locks.
         self._lost: list[HeldLock] = []
-        self._releases: list[Hold] = []
         self._opened: list[Channel] = []
         self._closed = False
 
@@ -240,6 +242,8 @@ class Route:
         with self._state:
             handles = [k for k, h in self._holdings.items() if thread == ALL_THREADS or h.request.thread_id == thread]
             dropped = [holding for handle in handles if (holding := self._remove(handle)) is not None]
+            self._fenced = {k: h for k, h in self._fenced.items()  # released by the UnlockAll (or close) that follows
+                            if thread != ALL_THREADS and h.request.thread_id != thread}
         for holding in dropped:
             for held in holding.locks:
                 held.released = True
@@ -338,7 +342,8 @@ class Route:
                 if not (eager or due):
                     break
                 try:
-                    channel = self._open(link, min((reclaim_deadline(h[0]) for _, _, h in stale), default=None))
+                    channel = self._open(link, min((reclaim_deadline(h[0], holding.request.flags)
+                                                           for _, holding, h in stale), default=None))
                 except ServiceUnavailable:
                     break
             if stale and not self._reclaim(index, channel, stale):
@@ -372,8 +377,8 @@ class Route:
         now = time.monotonic()
         left = []
         for handle, holding, hold in stale:
-            if now >= reclaim_deadline(hold[0]):
-                self._unheld(handle, holding, index, unkept_reason(hold[0]))
+            if now >= reclaim_deadline(hold[0], holding.request.flags):
+                self._unheld(handle, holding, index, unkept_reason(hold[0], holding.request.flags))
             else:
                 left.append((handle, holding, hold))
         return left
@@ -437,13 +442,26 @@ class Route:
             self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
 
     def _lose(self, handle: int, holding: Holding, reason: str) -> None:
-        """The lock is lost wherever it is still held: released there, marked lost."""
+        """The lock is lost although some service still holds it for this client: marked lost, and kept
+        there (fenced) until the application lets it go (``let_go``): releasing it now would hand it to
+        the next holder while this one may still be inside its critical section, not yet told."""
         with self._state:
             if self._holdings.get(handle) is not holding:
                 return
             self._drop(handle, holding, reason)
-            self._releases.extend(hold for hold in holding.holds if hold is not None)  # sent once told
-        self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+            self._fenced[handle] = holding
+        self.trace.error(f"Client: lock {holding.what()} lost: {reason}; kept where it is still held until "
+                         "its holder releases it")
+
+    def let_go(self, handle: int) -> None:
+        """The application released the lost lock ``handle`` (HeldLock.release): free what a service still
+        holds of it (see ``_lose``). Nothing for a lock no service holds any more."""
+        with self._state:
+            holding = self._fenced.pop(handle, None)
+        if holding is not None:
+            for hold in holding.holds:
+                if hold is not None:
+                    self._send_unlock(*hold)
 
     def _drop(self, handle: int, holding: Holding, reason: str) -> None:
         """Forget the lock and mark it lost, to be told (under the state lock)."""
@@ -477,14 +495,11 @@ class Route:
         with self._state:
             opened, self._opened = self._opened, []
             lost, self._lost = self._lost, []
-            releases, self._releases = self._releases, []
         for channel in opened:
             if channel.failure is None:
                 self._events.connected(channel)
         if lost:
             self._events.lost(lost)
-        for channel, server_handle in releases:
-            self._send_unlock(channel, server_handle)
 
     def _next_tick(self) -> float:
         """Seconds until the watcher's next tick: the next deadline or attempt of an unsettled link."""
@@ -495,5 +510,5 @@ class Route:
             stale = self._stale(index)
             if link.live() is None and self._wants_channel(index, bool(stale)):
                 due = min(due, link.next_attempt - now)
-            due = min([due, *(reclaim_deadline(h[0]) - now for _, _, h in stale)])
+            due = min([due, *(reclaim_deadline(h[0], holding.request.flags) - now for _, holding, h in stale)])
         return max(0.01, due)

@@ -95,7 +95,8 @@ examples:
   (Consul's), is longer than a client takes to find its lock server gone (5 s) plus a restart of
   the service, so a live client reclaims in time; the price is that a request behind a crashed
   lock server's lock waits that long. 0 keeps nothing. The monitor writes it into the table,
-  an existing one too; without a table (jdls -ibD: OS file locks) nothing can be kept.
+  an existing one too; without a table (jdls -ibD: OS file locks) nothing can be kept, nor
+  can the OS file locks a lock server takes beside a table (BINARY, OSLOCK).
 
 One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
   serve the instance: while the listener runs without a table, while lock servers run
