@@ -87,7 +87,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help=f"exit status when -n or -w gives up (default {exitcodes.FAILED})")
     parser.add_argument("-k", "--kill-after", type=_seconds, default=DEFAULT_KILL_AFTER, metavar="SECONDS",
                         help="when the lock is lost, KILL the processes of the command still running SECONDS after "
-                        f"TERM (default {DEFAULT_KILL_AFTER:g})")
+                        f"TERM (default {DEFAULT_KILL_AFTER:g}); the lock is told lost at the latest 5 s before the "
+                        "service may hand it on, so keep SECONDS below that margin (with jdls --lock-delay under "
+                        "5 s, or 0, the lock may be handed on as soon as it is lost: use -k 0)")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is happening on standard error")
     parser.add_argument("-V", "--version", action="version", version=f"dls-lock {__version__}")
     parser.add_argument("file", metavar="FILE", help="the file whose record is locked (it must exist)")
