@@ -234,7 +234,10 @@ def test_a_service_started_again_is_given_every_lock_the_client_holds(tmp_path: 
         during = client.lock(data, KEY)  # the secondary cannot be reached: on the primary alone
         assert holder_of(on_primary, data, KEY).client_pid == os.getpid()
         secondary.start()
-        wait_for(lambda: held_there(client, secondary, "before", KEY), 5, "both locks held on the secondary again")
+        # The table shows the grants a moment before the client has read them and said so in its trace.
+        wait_for(lambda: held_there(client, secondary, "before", KEY)
+                 and f"taken again on secondary lock service 127.0.0.1,{secondary.port}" in error_trace(primary),
+                 5, "both locks held on the secondary again, and the client's trace saying so")
         assert not before.lost and not during.lost
         before.release()
         during.release()
