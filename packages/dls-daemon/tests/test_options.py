@@ -89,6 +89,12 @@ def connect(service) -> socket.socket:
         (["--unit", "-v"], "-v applies only to -i and -d and -C, not to --unit"),
         (["--unit", "-K"], "not allowed with"),
         (["-kAD"], "-A and -D exclude each other"),
+        (["-i", "--allow", "10.0.0.300"], "invalid network '10.0.0.300': expected an address or address/prefix"),
+        (["-i", "--admin-allow", "host.example"], "invalid network 'host.example'"),
+        (["-k", "--allow", "10.0.0.0/8"], "--allow applies only to -i, not to -k"),
+        (["-ibA", "--admin-allow", "::1"], "--admin-allow concerns the lock listener"),
+        (["-ibA", "--refuse-os-locks"], "--refuse-os-locks concerns the lock listener"),
+        (["-i", "--max-per-address", "0"], "invalid count '0'"),
         (["-b"], "one of the arguments"),
     ],
 )
@@ -231,7 +237,8 @@ def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> N
     assert f"OS file locks in {locks} (no lock table)" in result.stdout
     assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o1777
     assert not binary.exists()  # made on first use only
-    assert ("limits: 9 clients, 5 locks per client, frames of 4096 bytes, handshake 2 s, dead client 7 s"
+    assert ("limits: 9 clients, 64 per address, 5 locks per client, frames of 4096 bytes, handshake 2 s, "
+            "dead client 7 s"
             in service.log())
 
 

@@ -18,6 +18,7 @@ The command line only parses and checks; the work is done by ``start``
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -30,11 +31,16 @@ from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
 
 from .__about__ import __version__
 from .context import (
+    DEFAULT_ADMIN_ALLOW,
     DEFAULT_DEAD_CLIENT_BOUND,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_LOCKS_PER_CLIENT,
+    DEFAULT_MAX_PER_ADDRESS,
+    MIN_TABLE_SHARE,
+    TABLE_SHARE,
     Limits,
+    Network,
 )
 from .display import connection_test, display
 from .exitcodes import ExitCode
@@ -168,6 +174,16 @@ _bound = _number(float, "dead-client bound (seconds)", 1.0)
 _delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
+def _network(text: str) -> Network:
+    """``--allow``/``--admin-allow``: an IPv4 or IPv6 network in CIDR notation, or one address (/32, /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid network {text!r}: expected an address or address/prefix (10.1.0.0/16, 192.0.2.7, "
+            "2001:db8::/32)") from None
+
+
 def _directory(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("invalid directory '': expected a path")
@@ -239,7 +255,24 @@ def get_parser() -> argparse.ArgumentParser:
                             help=f"clients served at once; one more is told so and closed (default "
                             f"{DEFAULT_MAX_CLIENTS})")
     start_opts.add_argument("--max-locks", type=_count, default=None, metavar="N",
-                            help=f"locks one client may hold (default {DEFAULT_MAX_LOCKS_PER_CLIENT})")
+                            help=f"locks one client may hold (default: 1/{TABLE_SHARE} of the table's lock "
+                            f"slots, at least {MIN_TABLE_SHARE}, so that no client fills it; without a table "
+                            f"{DEFAULT_MAX_LOCKS_PER_CLIENT})")
+    start_opts.add_argument("--allow", type=_network, action="append", default=None, metavar="CIDR",
+                            help="accept clients from this network only (repeatable; an address alone is one "
+                            "host); a connection from elsewhere is closed at once and logged. Loopback is not "
+                            "implied. Default: any address, with a warning in the log")
+    start_opts.add_argument("--admin-allow", type=_network, action="append", default=None, metavar="CIDR",
+                            help="the networks that may read the lock snapshot (every lock and client, as "
+                            "remote show-item-locks and list-open-files read it; repeatable); others are "
+                            "refused (default: this host only, 127.0.0.0/8 and ::1)")
+    start_opts.add_argument("--max-per-address", type=_count, default=None, metavar="N",
+                            help="connections one client address may have open at once; one more is closed at "
+                            f"accept and logged (default {DEFAULT_MAX_PER_ADDRESS})")
+    start_opts.add_argument("--refuse-os-locks", action="store_true",
+                            help="refuse the lock requests of clients with JDLS OSLOCKS or BINARY (OS file locks "
+                            "the lock server takes in --lock-dir and --binary-lock-dir) rather than serve them "
+                            "(default: served, as jDLS did)")
     start_opts.add_argument("--dead-client", type=_bound, default=None, metavar="S",
                             help="longest a client host may vanish without a word before its lock server "
                             "gives it up, keeping its locks for the lock-delay (default "
@@ -273,7 +306,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     **{o: frozenset({"start"}) for o in (
         "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
-        "--dead-client", "--syslog",
+        "--dead-client", "--syslog", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
     "--stop-timeout": frozenset({"start", "stop"}),
@@ -286,7 +319,7 @@ MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay")
 #: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
     "--port", "--bind", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
-    "--max-locks", "--dead-client",
+    "--max-locks", "--dead-client", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
 )
 ACTION_NAMES = {"start": "-i", "stop": "-k", "remove": "-K", "display": "-d", "test": "-C", "unit": "--unit"}
 
@@ -301,6 +334,8 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
         "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
+        "--allow": args.allow is not None, "--admin-allow": args.admin_allow is not None,
+        "--max-per-address": args.max_per_address is not None, "--refuse-os-locks": args.refuse_os_locks,
         "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
         "--port": args.port is not None, "--host": args.host is not None, "-o": args.override,
         "-L": args.locks, "-v": args.verbose > 0,
@@ -378,6 +413,10 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         limits.max_clients = args.max_clients
     if args.max_locks is not None:
         limits.max_locks_per_client = args.max_locks
+        limits.max_locks_given = True
+    if args.max_per_address is not None:
+        limits.max_per_address = args.max_per_address
+    limits.os_locks = not args.refuse_os_locks
     if args.dead_client is not None:
         limits.dead_client_bound = args.dead_client
     tidy = args.tidy_seconds or max(1, round((args.tidy_minutes or DEFAULT_TIDY_MINUTES) * 60))
@@ -388,7 +427,8 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
         or environment.binary_lock_dir(),
-        syslog=args.syslog,
+        syslog=args.syslog, allow=tuple(args.allow or ()),
+        admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
     )
 
 

@@ -3,23 +3,65 @@
 The lock server writes it with the address the client really came from and
 the server's own figures added, so that a client cannot claim another's
 address, and removes it when the client goes.
+
+It comes from the network, so it is bounded before it is parsed: at most
+MAX_INFO_BYTES, and JSON nested at most MAX_INFO_DEPTH deep (counted by a
+scan that skips strings, since a deep enough document would exhaust the
+parser's recursion).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from dls_proto import Hello
 from dls_shm import Instance
 from dls_shm import info as info_files
 
+from .context import MAX_INFO_BYTES, MAX_INFO_DEPTH
+
+#: A JSON string (skipped), or a bracket that opens or closes a level.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class Refused(ValueError):
+    """The document is not acceptable; the message says why, in words fit for the client."""
+
+
+def depth(payload: bytes) -> int:
+    """How deep JSON text nests (arrays and objects), strings not counted."""
+    level = deepest = 0
+    for match in _TOKENS.finditer(payload):
+        token = match.group()
+        if token in (b"[", b"{"):
+            level += 1
+            deepest = max(deepest, level)
+        elif token in (b"]", b"}"):
+            level -= 1
+    return deepest
+
+
+def parse(payload: bytes) -> dict[str, object]:
+    """A client's lock information as a JSON object; Refused when too large, too deep or not an object."""
+    if len(payload) > MAX_INFO_BYTES:
+        raise Refused(f"{len(payload)} bytes, at most {MAX_INFO_BYTES} taken")
+    if depth(payload) > MAX_INFO_DEPTH:
+        raise Refused(f"JSON nested deeper than {MAX_INFO_DEPTH} levels")
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise Refused(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Refused("lock information must be a JSON object")
+    return document
+
 
 def write(instance: Instance, hello: Hello, peer_ip: str, server_pid: int, payload: bytes) -> str:
-    """Keep a client's lock information (a JSON object); the path of its file."""
-    document = json.loads(payload)
-    if not isinstance(document, dict):
-        raise ValueError("lock information must be a JSON object")
+    """Keep a client's lock information (a JSON object); the path of its file. Refused for a document the
+    client should not have sent, OSError when it cannot be written."""
+    document = parse(payload)
     document.update(
         pid=hello.pid, ip=peer_ip, host=hello.host, server_pid=server_pid, updated=time.time(),
     )

@@ -7,6 +7,7 @@ or restarting the listener does not disturb it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,13 @@ from dls_shm import Instance, LockTable
 
 #: Defaults of the limits below; each has a jdls long option (a frame's: dls-proto's DEFAULT_MAX_FRAME).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Without a table (OS file locks) nothing bounds a client's locks but this.
 DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
+#: With a table, one client may hold at most this share of its lock slots unless --max-locks says otherwise,
+#: so that one client (or one stranger) cannot fill the table for everyone.
+TABLE_SHARE = 4
+#: ... but never fewer than this many (a table so small is a test's, where one client may fill it).
+MIN_TABLE_SHARE = 100
 #: Seconds between interim Waiting messages to a client whose request waits.
 DEFAULT_INTERIM_PERIOD = 5.0
 #: Clients served at once by one listener.
@@ -24,6 +31,27 @@ DEFAULT_MAX_CLIENTS = 1000
 #: Longest a client host may vanish without a word before its lock server gives it up (seconds); its locks are
 #: then kept for the table's lock-delay, for the client to reclaim should it come back.
 DEFAULT_DEAD_CLIENT_BOUND = 15.0
+#: Connections one client address may have open at once (--max-per-address).
+DEFAULT_MAX_PER_ADDRESS = 64
+#: Largest lock information document (InfoPut) a client may send (the frame limit, 64 KiB by default, comes
+#: first), and how deep its JSON may nest.
+MAX_INFO_BYTES = 1024 * 1024
+MAX_INFO_DEPTH = 32
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Who may read the lock snapshot (InfoGet) unless --admin-allow says otherwise: this host only.
+DEFAULT_ADMIN_ALLOW: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def address_in(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether a peer address (as accept gives it, an IPv4-mapped IPv6 one too) lies in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 @dataclass
@@ -36,6 +64,18 @@ class Limits:
     interim_period: float = DEFAULT_INTERIM_PERIOD
     max_clients: int = DEFAULT_MAX_CLIENTS
     dead_client_bound: float = DEFAULT_DEAD_CLIENT_BOUND
+    #: Connections one client address may have open at once; the next is refused at accept.
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS
+    #: Whether Lock requests with the OSLOCK or BINARY flag are served (else refused with FORBIDDEN).
+    os_locks: bool = True
+    #: Whether --max-locks was given; when not, a table lowers max_locks_per_client to its share.
+    max_locks_given: bool = False
+
+    def locks_for(self, table_locks: int | None) -> int:
+        """The locks one client may hold: --max-locks, else a share of the table's slots (``table_locks``)."""
+        if self.max_locks_given or table_locks is None:
+            return self.max_locks_per_client
+        return max(MIN_TABLE_SHARE, table_locks // TABLE_SHARE)
 
 
 @dataclass
@@ -49,3 +89,5 @@ class ServerContext:
     limits: Limits = field(default_factory=Limits)
     lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
+    #: Peers that may read the lock snapshot (InfoGet): --admin-allow.
+    admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW

@@ -126,7 +126,7 @@ def connection_test(
             conn = Connection(Role.CLIENT)
             welcome = _expect(sock, conn, identity.hello("jdls -C"), Welcome, where)
             how = "shared memory lock table" if welcome.mechanism == Mechanism.TABLE else "OS file locks"
-            print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host}' "
+            print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host or host}' "
                   f"(protocol version {welcome.version}, {how})", file=out)
             if verbose:
                 print(f"Client: the service sees this client as {welcome.peer}; its largest frame is "

@@ -13,7 +13,14 @@ The client limit is the listener's (the other limits are the lock server's).
 A client over it is accepted only to be told so and closed, because a refusal
 the client can read beats a connection that hangs in the backlog; its
 connection lingers a moment, read and dropped, so that closing with its Hello
-unread does not reset the connection and take the Error with it.
+unread does not reset the connection and take the Error with it. So is a
+client address over ``--max-per-address``.
+
+Who may connect is decided at accept, before anything is read or forked: a
+peer outside ``--allow`` is closed at once, unanswered (a stranger learns
+nothing, not even which protocol is spoken here), and logged; the log's rate
+limit keeps a flood of them from filling the disk, which is also why those
+lines name the address without the port.
 
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
 it after the listener has gone. The listener writes it right after the fork
@@ -29,6 +36,8 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -37,7 +46,7 @@ from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pi
 
 from . import lockserver
 from . import log as daemon_log
-from .context import ServerContext
+from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
 from .readiness import Report
 from .settings import Settings
@@ -101,6 +110,9 @@ class Listener(Daemon):
         self.children: set[int] = set()
         #: Lock servers of an earlier listener still running at start: they count against --max-clients.
         self.adopted: list[PidRecord] = []
+        #: The client address of each lock server forked here, and how many each address has.
+        self.addresses: dict[int, str] = {}
+        self.per_address: Counter[str] = Counter()
         #: Refused connections, given a moment to read their Error: socket -> when to drop it.
         self.lingering: dict[socket.socket, float] = {}
 
@@ -133,20 +145,29 @@ class Listener(Daemon):
         problem = self._make_lock_dirs()
         if problem is not None:
             raise StartFailed(problem)
+        limits = replace(settings.limits, max_locks_per_client=settings.limits.locks_for(
+            self.table.geometry.locks if self.table is not None else None))
         self.ctx = ServerContext(
-            self.instance, self.table, daemon_log.get("server"), limits=settings.limits,
-            lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir,
+            self.instance, self.table, daemon_log.get("server"), limits=limits,
+            lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir, admin_allow=settings.admin_allow,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
         self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
                         if r is not None and r.alive()]
-        limits = settings.limits
         self.log.info(
-            "listener started on %s, locks in %s; limits: %d clients, %d locks per client, frames of %d bytes, "
-            "handshake %g s, dead client %g s%s", where(settings.bind, bound), mechanism, limits.max_clients,
-            limits.max_locks_per_client, limits.max_frame, limits.handshake_timeout, limits.dead_client_bound,
+            "listener started on %s, locks in %s; limits: %d clients, %d per address, %d locks per client, "
+            "frames of %d bytes, handshake %g s, dead client %g s%s%s", where(settings.bind, bound), mechanism,
+            limits.max_clients, limits.max_per_address, limits.max_locks_per_client, limits.max_frame,
+            limits.handshake_timeout, limits.dead_client_bound,
+            "" if limits.os_locks else "; OSLOCK and BINARY requests refused",
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
         )
+        if settings.allow:
+            self.log.info("clients accepted from %s only; the lock snapshot served to %s",
+                          ", ".join(map(str, settings.allow)), ", ".join(map(str, settings.admin_allow)))
+        else:
+            self.log.warning("no --allow: accepting clients from any address (the lock snapshot only from %s)",
+                             ", ".join(map(str, settings.admin_allow)))
         return f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}: {mechanism}"
 
     def _make_lock_dirs(self) -> str | None:
@@ -209,11 +230,10 @@ class Listener(Daemon):
         self.reap()  # one that has just ended must not cost a client its place
         return self.clients() >= limit
 
-    def _refuse(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        """Tell a client over the limit so, in a dls-proto Error, and let it go."""
-        limit = self.settings.limits.max_clients
-        reason = f"limit of {limit} clients reached"
-        self.log.warning("refused connection from %s: %s", where(*peer), reason)
+    def _refuse(self, conn: socket.socket, peer: tuple[str, int], reason: str) -> None:
+        """Tell a client over a limit so, in a dls-proto Error, and let it go (logged by address only:
+        see the module docstring)."""
+        self.log.warning("refused connection from %s: %s", peer[0], reason)
         try:
             conn.setblocking(False)
             conn.send(encode(Error(0, ErrorCode.LIMIT, reason)))  # a few bytes: they fit the socket buffer
@@ -262,8 +282,17 @@ class Listener(Daemon):
                 time.sleep(ACCEPT_PAUSE)
                 return
             peer = (str(addr[0]), int(addr[1]))
+            allow = self.settings.allow
+            if allow and not address_in(peer[0], allow):
+                self.log.warning("refused connection from %s: not in --allow", peer[0])
+                conn.close()
+                continue
+            limits = self.settings.limits
             if self._over_limit():
-                self._refuse(conn, peer)
+                self._refuse(conn, peer, f"limit of {limits.max_clients} clients reached")
+                continue
+            if self.per_address[peer[0]] >= limits.max_per_address:
+                self._refuse(conn, peer, f"limit of {limits.max_per_address} connections per address reached")
                 continue
             try:
                 self._fork_server(conn, peer)
@@ -280,6 +309,8 @@ class Listener(Daemon):
             self.log.error("cannot fork a %s: %s", what, exc)
             return
         self.children.add(pid)
+        self.addresses[pid] = peer[0]
+        self.per_address[peer[0]] += 1
         try:
             pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
@@ -303,12 +334,19 @@ class Listener(Daemon):
         self._close_sockets()
         self.children.clear()
         self.adopted.clear()
+        self.addresses.clear()
+        self.per_address.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one. One killed by a signal
         (SIGKILL) could not keep its client's locks itself: they are kept now, so that the lock-delay
         counts from its death rather than from whenever someone else notices it."""
         self.children.discard(pid)
+        address = self.addresses.pop(pid, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
         pidfiles.remove(self.instance.server_pid_file(pid))
         if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
             self.log.warning("lock server %d %s", pid, status_text(status))

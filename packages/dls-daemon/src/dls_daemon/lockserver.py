@@ -16,7 +16,15 @@ conversation ends decides what becomes of them, in the ``finally`` of ``run``:
   ``finally``) leaves them keepable too: whoever finds it dead keeps them.
 
 OS file locks go with the process however it dies: nothing of them can be
-kept. Nothing is shared with the listener after the fork, so the listener may
+kept.
+
+A peer is a stranger until proven otherwise: the greeting must be complete
+within one deadline measured from accept (however slowly the bytes come); on
+a ``-P`` table the port it names must not be another live client's
+(``port_claims``); the lock snapshot and the server's host name go only to the
+operator addresses (``--admin-allow``); and an Error tells it a code and a
+short reason, the detail (paths, geometry, the mechanism's words) going to
+the log only. Nothing is shared with the listener after the fork, so the listener may
 stop or restart under it.
 
 One thread: requests are answered in the order they came, each by the handler
@@ -91,12 +99,13 @@ from dls_shm import (
     Owner,
     Queued,
     TableError,
+    TableMissing,
     pack_ip,
     unpack_ip,
 )
 
-from . import client_info
-from .context import ServerContext
+from . import client_info, port_claims
+from .context import ServerContext, address_in
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
@@ -181,6 +190,10 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: str | None = None
+        #: The descriptor holding this client's port on a -P table (see port_claims); None otherwise.
+        self._port_claim: int | None = None
+        #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
+        self.admin = address_in(peer[0], ctx.admin_allow)
         self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key)
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
@@ -257,8 +270,18 @@ class LockServer:
         return f"{where} (port {hello.port}, pid {hello.pid})" if hello else where
 
     def _greet(self) -> None:
-        self.sock.settimeout(self.ctx.limits.handshake_timeout)
-        event = receive(self.conn, lambda: self.sock.recv(65536))
+        """Read the Hello within the handshake deadline, counted from accept: a peer that sends a byte now
+        and then gets no more time than a silent one. Then answer it (Welcome), or refuse it (Error)."""
+        deadline = time.monotonic() + self.ctx.limits.handshake_timeout
+
+        def read() -> bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("handshake deadline passed")
+            self.sock.settimeout(left)
+            return self.sock.recv(65536)
+
+        event = receive(self.conn, read)
         self.sock.settimeout(None)
         if not isinstance(event, Hello):
             raise ClientGone("closed before Hello")
@@ -270,11 +293,30 @@ class LockServer:
             raise ClientGone("no common protocol version")
         self.hello = event
         table = self.mechanisms.table
+        if table is not None and table.port_owners:
+            self._claim_port(event)
         delay = table.lock_delay if table is not None else 0.0
         self._keep = delay > 0
+        host = socket.gethostname() if self.admin else ""  # what jdls -C shows an operator; nobody else's business
         self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
-                           min(round(delay * 1000), 0xFFFFFFFF), self.peer[0], socket.gethostname()))
+                           min(round(delay * 1000), 0xFFFFFFFF), self.peer[0], host))
         self.log.info("client %s connected", self._who())
+
+    def _claim_port(self, hello: Hello) -> None:
+        """On a -P table, hold the port the Hello names (port_claims); refuse the peer when another client's
+        live connection holds it."""
+        try:
+            self._port_claim = port_claims.claim(self.ctx.instance, hello.port, self.peer[0])
+        except port_claims.PortTaken as exc:
+            self.log.warning("refused client %s: it claims port %d: %s", self._who(), hello.port, exc)
+            self._send(Error(hello.request_id, ErrorCode.FORBIDDEN, f"port {hello.port} is in use by another client"))
+            self.hello = None  # it is no client of ours: nothing of it is kept or released by port
+            raise ClientGone("port claimed by another client") from None
+        except OSError as exc:
+            self.log.error("client %s: cannot claim port %d: %s", self._who(), hello.port, exc)
+            self._send(Error(hello.request_id, ErrorCode.INTERNAL, "the service cannot serve this port now"))
+            self.hello = None
+            raise ClientGone("port claim failed") from None
 
     def _loop(self) -> None:
         """Hand each event to the handler of its kind; read (or wait, see ``_wait_with_pending``) when
@@ -363,7 +405,15 @@ class LockServer:
         if req.mode > _MAX_MODE or len(self.held) >= self._max_locks:
             self._refuse_request(req)
             return
-        mechanism = self.main if not req.flags & self._routed else self.mechanisms.for_flags(req.flags)
+        if req.flags & self._routed:
+            if not self.ctx.limits.os_locks:
+                self.log.warning("client %s asked for an OS file lock (flags %#x), refused: --refuse-os-locks",
+                                 self._who(), req.flags)
+                self._send(Error(req.request_id, ErrorCode.FORBIDDEN, "OS file locks are not served here"))
+                return
+            mechanism = self.mechanisms.for_flags(req.flags)
+        else:
+            mechanism = self.main
         thread = req.thread_id
         try:
             result = mechanism.lock(self.owners.get(thread) or self._owner(thread), req.inode, req.device,
@@ -395,10 +445,15 @@ class LockServer:
             self.routes[grant.handle] = mechanism
 
     def _table_error(self, rid: int, exc: TableError) -> None:
-        """The mechanism failed request ``rid``: logged, and answered with an Error (GROUP_FULL or INTERNAL)."""
+        """The mechanism failed request ``rid``: logged in full, and answered with an Error (GROUP_FULL or
+        INTERNAL) that says no more than the client needs: not the table's geometry, nor a path."""
         self.log.error("client %s: %s", self._who(), exc)
-        code = ErrorCode.GROUP_FULL if isinstance(exc, GroupFull) else ErrorCode.INTERNAL
-        self._send(Error(rid, code, str(exc)))
+        if isinstance(exc, GroupFull):
+            self._send(Error(rid, ErrorCode.GROUP_FULL, "lock table full"))
+        elif isinstance(exc, TableMissing):
+            self._send(Error(rid, ErrorCode.INTERNAL, "the lock table was removed"))
+        else:
+            self._send(Error(rid, ErrorCode.INTERNAL, "the lock service failed this request (see its log)"))
 
     def _queue(self, req: Lock, queued: Queued, mechanism: LockMechanism) -> None:
         now = time.monotonic()
@@ -485,14 +540,15 @@ class LockServer:
     def _unlock(self, req: Unlock) -> None:
         """Release a lock; Error when the handle is not one this client holds. No answer otherwise."""
         handle = req.handle
-        if self.held.pop(handle, None) is None:
-            self._send(Error(req.request_id, ErrorCode.NOT_HELD, f"lock handle {handle:#x} is not held"))
+        if self.held.pop(handle, None) is None:  # another client's, or none: nothing more is told
+            self.log.warning("client %s: unlock of lock handle %#x, which it does not hold", self._who(), handle)
+            self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
             return
         try:
             self.routes.pop(handle, self.main).unlock(handle)
         except NotHeld as exc:
             self.log.warning("client %s: %s", self._who(), exc)
-            self._send(Error(req.request_id, ErrorCode.NOT_HELD, str(exc)))
+            self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
 
     def _unlock_all(self, req: UnlockAll) -> None:
         """Withdraw the waiting requests and release the locks of one thread, or of all; say how many."""
@@ -533,11 +589,19 @@ class LockServer:
         assert hello is not None
         try:
             self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload)
-        except (OSError, ValueError) as exc:
-            self.log.warning("client %s: cannot keep its lock information: %s", self._who(), exc)
+        except client_info.Refused as exc:  # the client's fault: it may hear why
+            self.log.warning("client %s: its lock information refused: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"lock information refused: {exc}"))
+        except OSError as exc:  # ours: the path and the reason stay here
+            self.log.error("client %s: cannot keep its lock information: %s", self._who(), exc)
+            self._send(Error(req.request_id, ErrorCode.INTERNAL, "lock information not kept (see the service's log)"))
 
     def _info_get(self, req: InfoGet) -> None:
+        """The lock snapshot (every lock, every client): for operator addresses only (--admin-allow)."""
+        if not self.admin:
+            self.log.warning("client %s asked for the lock snapshot, refused: not in --admin-allow", self._who())
+            self._send(Error(req.request_id, ErrorCode.FORBIDDEN, "not permitted from this address"))
+            return
         self._send(InfoSnapshot(req.request_id, snapshot(self.ctx)))
 
     def _echo(self, req: Echo) -> None:
@@ -606,6 +670,9 @@ class LockServer:
         finally:
             if self.info_path:
                 client_info.remove(self.info_path)
+            if self._port_claim is not None:  # the port is free for the client's next connection
+                os.close(self._port_claim)
+                self._port_claim = None
             if self._bell is not None:
                 self._bell.close()
         return count, kept

@@ -10,6 +10,13 @@ between processes but the files, which are opened in append mode.
 With ``--syslog`` the same lines also go to the system log (facility daemon,
 ident ``jdls``) through ``/dev/log``, when the system has one; otherwise the
 log file says that syslog is not available and logging goes on without it.
+
+The files are WatchedFileHandlers: when logrotate moves or removes the log,
+each process opens the new file at its next line (no signal needed). Warnings
+and errors of one kind (one message template) are limited to a burst per
+window, so that a flood (refused connections, a client repeating a bad
+request) cannot fill the disk; the next line of that kind after the window
+says how many were left out.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 
 from dls_shm import Instance
 
@@ -31,6 +39,9 @@ SYSLOG_SOCKET = "/dev/log"
 SYSLOG_VARIABLE = "JDLS_SYSLOG_SOCKET"
 
 _role = "jdls"
+#: Warnings and errors of one message template: at most BURST lines in WINDOW seconds, per process.
+BURST = 10
+WINDOW = 10.0
 
 
 class _RoleFilter(logging.Filter):
@@ -39,6 +50,49 @@ class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
         return True
+
+
+class RateLimit(logging.Filter):
+    """Lets at most ``burst`` WARNING-or-worse lines of one message template through per ``window`` seconds;
+    the first line let through after that says how many were left out. One instance serves every handler
+    of a logger: the decision is made once per record."""
+
+    def __init__(self, burst: int = BURST, window: float = WINDOW) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window
+        #: template -> [window start (monotonic), lines in this window, lines left out]
+        self._seen: dict[tuple[int, str], list[float]] = {}
+        self._last: tuple[logging.LogRecord | None, bool] = (None, True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        last, verdict = self._last
+        if record is last:
+            return verdict
+        verdict = self._decide(record)
+        self._last = (record, verdict)
+        return verdict
+
+    def _decide(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = time.monotonic()
+        key = (record.levelno, str(record.msg))
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.window:
+            if len(self._seen) > 1000:  # templates are few; this only bounds a pathological case
+                self._seen.clear()
+            if seen is not None and seen[2]:
+                record.msg = (f"{record.getMessage()} (and {int(seen[2])} more like it in the last "
+                              f"{now - seen[0]:.0f} s, left out of the log)")
+                record.args = None
+            self._seen[key] = [now, 1, 0]
+            return True
+        seen[1] += 1
+        if seen[1] <= self.burst:
+            return True
+        seen[2] += 1
+        return False
 
 
 def set_role(role: str) -> None:
@@ -81,19 +135,22 @@ def setup(
     logger.propagate = False
     formatter = logging.Formatter(FORMAT)
     role_filter = _RoleFilter()
-    handlers: list[logging.Handler] = [logging.FileHandler(instance.log_file, encoding="utf-8")]
-    trace = logging.FileHandler(instance.error_trace, encoding="utf-8")
+    limit = RateLimit()
+    handlers: list[logging.Handler] = [logging.handlers.WatchedFileHandler(instance.log_file, encoding="utf-8")]
+    trace = logging.handlers.WatchedFileHandler(instance.error_trace, encoding="utf-8")
     trace.setLevel(logging.ERROR)
     handlers.append(trace)
     if to_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(limit)
         handler.addFilter(role_filter)
         logger.addHandler(handler)
     if syslog:
         system, why_not = _syslog_handler()
         if system is not None:
+            system.addFilter(limit)
             system.addFilter(role_filter)
             logger.addHandler(system)
         else:

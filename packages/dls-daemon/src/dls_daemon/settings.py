@@ -13,7 +13,7 @@ from pathlib import Path
 from dls_proto import environment, jdls
 from dls_shm import DEFAULT_PER_GROUP, DEFAULT_RECORDS, Geometry, Instance, TableFlag, geometry_for
 
-from .context import Limits
+from .context import DEFAULT_ADMIN_ALLOW, Limits, Network
 
 DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
 #: jDLS tidies orphaned locks every five minutes unless told otherwise (-t).
@@ -51,6 +51,10 @@ class Settings:
     #: Where the OS file-lock mechanism keeps record locks, and binary locks.
     lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
+    #: --allow: the networks clients may connect from; empty: any address (a warning at start).
+    allow: tuple[Network, ...] = ()
+    #: --admin-allow: the networks that may read the lock snapshot.
+    admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
     #: Log to syslog too (--syslog).
     syslog: bool = False
 

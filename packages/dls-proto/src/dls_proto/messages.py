@@ -102,6 +102,7 @@ class ErrorCode(enum.IntEnum):
     NOT_HELD = 6
     BAD_REQUEST = 7
     INTERNAL = 8
+    FORBIDDEN = 9  # not from this address (--admin-allow), not this port (-P), not this kind of lock
 
 
 class Mechanism(enum.IntEnum):

@@ -1,0 +1,73 @@
+"""Port claims: on a ``-P`` table a client port belongs to the connection that claimed it, and its address.
+
+On a table with port-based ownership a lock belongs to (port, thread), whichever
+process asks; so a peer that named another client's port in its Hello would be
+that client, able to convert and release its locks. The first lock server to
+claim a port holds it until it ends, with a write lock on the port's record in
+one file of the instance (``run/ports.lock``, 16 bytes a port, sparse), where
+it writes the client's address. The kernel drops the lock with the process
+however it ends (even SIGKILL), so a client that reconnects after its lock
+server died claims its port again at once and reclaims its kept locks.
+
+A connection claiming a port that a live one holds is refused, unless it comes
+from the holder's address: that is the client's own host (a second connection
+of one process, which has one port; or a client reconnecting before its old
+lock server has noticed the old connection is dead), where nothing stops a
+user from naming any port anyway. A peer on another host cannot take the port.
+
+The file is the lock server's alone (nothing else opens it), which matters:
+POSIX record locks are dropped when the process closes any descriptor of the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from dls_shm import Instance, pack_ip
+
+#: struct flock on Linux (x86-64 and aarch64): type, whence, start, len, pid.
+_FLOCK = struct.Struct("hhqqi4x")
+_MODE = 0o640
+#: A port's record: the holder's address, 16 bytes (IPv4 mapped into IPv6).
+RECORD = 16
+
+
+class PortTaken(Exception):
+    """Another live connection, from another address, holds the port; the message names its lock server."""
+
+
+def claim(instance: Instance, port: int, address: str) -> int | None:
+    """Hold ``port`` for this process, the client at ``address``, until it ends: the descriptor that holds it
+    (keep it open), or None when a live connection from the same address holds it already. PortTaken when
+    one from another address does."""
+    path = instance.run_dir / "ports.lock"
+    packed = pack_ip(address)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _MODE)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, RECORD, port * RECORD)
+    except OSError:
+        holder = _holder(fd, port)
+        held_by = os.pread(fd, RECORD, port * RECORD)
+        os.close(fd)
+        if held_by == packed:
+            return None
+        raise PortTaken(f"port {port} is held by lock server pid {holder}" if holder else
+                        f"port {port} is held by another connection") from None
+    try:
+        os.pwrite(fd, packed, port * RECORD)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _holder(fd: int, port: int) -> int:
+    """The pid holding the port's record (0 when unknown or free meanwhile)."""
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, port * RECORD, RECORD, 0))
+    except OSError:
+        return 0
+    kind, _whence, _start, _len, pid = _FLOCK.unpack(answer)
+    return int(pid) if kind != fcntl.F_UNLCK else 0
