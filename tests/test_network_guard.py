@@ -19,6 +19,7 @@ which the daemon, listening on 0.0.0.0, sees as other hosts.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -51,6 +52,7 @@ from dls_proto import (
     Welcome,
     encode,
 )
+from dls_shm import LOCAL_IP, Grant, Owner
 from dls_testkit import Service, greet, make_service, receive, wait_for
 
 pytestmark = pytest.mark.slow
@@ -183,6 +185,22 @@ def test_a_live_port_cannot_be_claimed_from_another_address(svc: Service) -> Non
     # Once the connection is gone the port is free for the client's next one, wherever it comes from.
     wait_for(lambda: "client 127.0.0.1" in svc.log() and "closed" in svc.log(), 5, "the owner's lock server ends")
     wait_for(lambda: _greets(svc, "127.0.0.2", 4242), 5, "port 4242 free again")
+
+
+def test_a_port_a_local_process_locks_under_cannot_be_claimed_from_the_network(svc: Service) -> None:
+    svc.start("-P")
+    table = svc.table()
+    try:
+        mine = table.lock(Owner(os.getpid(), 1, 7000, os.getpid(), LOCAL_IP, False), INODE, DEVICE, KEY, Mode.EX)
+        assert isinstance(mine, Grant)
+        _c, refused = greet(connect(svc, "127.0.0.2"), 7000, expect=Error)
+        assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "port 7000 is in use by another client")
+        svc.wait_for_log(rf"it claims port 7000: process {os.getpid()} holds locks under port 7000")
+        table.unlock(mine.handle)
+        _c, welcome = greet(connect(svc, "127.0.0.2"), 7000)  # no live lock under it now
+        assert isinstance(welcome, Welcome)
+    finally:
+        table.close()
 
 
 def _greets(svc: Service, source: str, port: int) -> bool:

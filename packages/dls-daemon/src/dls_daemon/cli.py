@@ -111,6 +111,16 @@ One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS f
   and exits 1, having started nothing. Local processes that hold no OS lock follow a table
   made later. Binary locks and the clients' OSLOCKS locks are outside this rule.
 
+Who may connect (the listener): with --allow only those networks connect; a connection from
+  elsewhere is closed at accept, unanswered, and logged. Without --allow anyone who can reach the
+  port may connect, as with jDLS, and the log says so at start: give --allow on any network you do not
+  trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot (every
+  lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
+  to --admin-allow only (default this host). On a -P table a client port belongs to the connection
+  that claimed it, and its address, while that connection lives. Each address may have
+  --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
+  peer is told a code and a short reason when refused; the log has the rest.
+
 -C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
   configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
   {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.

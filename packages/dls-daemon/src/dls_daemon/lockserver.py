@@ -305,8 +305,13 @@ class LockServer:
     def _claim_port(self, hello: Hello) -> None:
         """On a -P table, hold the port the Hello names (port_claims); refuse the peer when another client's
         live connection holds it."""
+        table = self.mechanisms.table
+        assert table is not None
         try:
             self._port_claim = port_claims.claim(self.ctx.instance, hello.port, self.peer[0])
+            user = port_claims.used_elsewhere(table, hello.port, self.peer[0])
+            if user:
+                raise port_claims.PortTaken(f"process {user} holds locks under port {hello.port} in the table")
         except port_claims.PortTaken as exc:
             self.log.warning("refused client %s: it claims port %d: %s", self._who(), hello.port, exc)
             self._send(Error(hello.request_id, ErrorCode.FORBIDDEN, f"port {hello.port} is in use by another client"))

@@ -15,6 +15,11 @@ of one process, which has one port; or a client reconnecting before its old
 lock server has noticed the old connection is dead), where nothing stops a
 user from naming any port anyway. A peer on another host cannot take the port.
 
+Local processes lock in the table directly, through no lock server, so they
+claim nothing here: a port that a live process holds locks or requests under,
+in the table, from another address (a local process shows 0.0.0.0) is refused
+too (``used_elsewhere``).
+
 The file is the lock server's alone (nothing else opens it), which matters:
 POSIX record locks are dropped when the process closes any descriptor of the file.
 """
@@ -25,7 +30,7 @@ import fcntl
 import os
 import struct
 
-from dls_shm import Instance, pack_ip
+from dls_shm import Instance, LockTable, SlotState, pack_ip
 
 #: struct flock on Linux (x86-64 and aarch64): type, whence, start, len, pid.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -71,3 +76,25 @@ def _holder(fd: int, port: int) -> int:
         return 0
     kind, _whence, _start, _len, pid = _FLOCK.unpack(answer)
     return int(pid) if kind != fcntl.F_UNLCK else 0
+
+
+def used_elsewhere(table: LockTable, port: int, address: str) -> int:
+    """The pid of a live process with a lock or request under ``port`` in ``table`` from another address than
+    ``address`` (0: none). Kept locks are nobody's: their client proves itself by reclaiming."""
+    packed = pack_ip(address)
+    for entry in table.scan():
+        slot = entry.slot
+        if (slot.port == port and slot.state in (SlotState.GRANTED, SlotState.WAITING) and slot.ip != packed
+                and _alive(slot.pid)):
+            return int(slot.pid)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
