@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netns
 import pytest
 from dls_proto import (
     Connection,
@@ -68,8 +69,8 @@ def svc(tmp_path: Path) -> Iterator[Service]:
 
 
 def connect(svc: Service, source: str = "127.0.0.1") -> socket.socket:
-    """A TCP connection to the service from ``source`` (a loopback address), closed with the service."""
-    sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10, source_address=(source, 0))
+    """A TCP connection to the service from ``source`` (an address of this host), closed with the service."""
+    sock = socket.create_connection((source, svc.port), timeout=10, source_address=(source, 0))
     svc.sockets.append(sock)
     return sock
 
@@ -187,18 +188,27 @@ def test_a_live_port_cannot_be_claimed_from_another_address(svc: Service) -> Non
     wait_for(lambda: _greets(svc, "127.0.0.2", 4242), 5, "port 4242 free again")
 
 
-def test_a_port_a_local_process_locks_under_cannot_be_claimed_from_the_network(svc: Service) -> None:
+def test_a_port_a_local_process_locks_under_cannot_be_claimed_from_another_host(svc: Service) -> None:
+    """Local processes lock in the table directly, claiming no port: a peer from another host (here the host
+    side of a veth link, an address that is not loopback) may not name a port one of them locks under; a
+    loopback peer, on this host like them, may (as it may name any)."""
     svc.start("-P")
     table = svc.table()
     try:
         mine = table.lock(Owner(os.getpid(), 1, 7000, os.getpid(), LOCAL_IP, False), INODE, DEVICE, KEY, Mode.EX)
         assert isinstance(mine, Grant)
-        _c, refused = greet(connect(svc, "127.0.0.2"), 7000, expect=Error)
-        assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "port 7000 is in use by another client")
-        svc.wait_for_log(rf"it claims port 7000: process {os.getpid()} holds locks under port 7000")
-        table.unlock(mine.handle)
-        _c, welcome = greet(connect(svc, "127.0.0.2"), 7000)  # no live lock under it now
-        assert isinstance(welcome, Welcome)
+        with netns.link() as link:
+            _c, refused = greet(connect(svc, link.host_ip), 7000, expect=Error)
+            assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "port 7000 is in use by another client")
+            svc.wait_for_log(rf"it claims port 7000: process {os.getpid()} holds locks under port 7000")
+            loopback = connect(svc, "127.0.0.2")
+            assert isinstance(greet(loopback, 7000)[1], Welcome)
+            loopback.close()
+            table.unlock(mine.handle)
+            # No live lock under it now, and the loopback connection's claim goes with its lock server.
+            wait_for(lambda: _greets(svc, link.host_ip, 7000), 5, "port 7000 free for another host")
+            for sock in svc.sockets:
+                sock.close()
     finally:
         table.close()
 

@@ -68,6 +68,11 @@ def test_the_guides_three_port_example(service: Service, tmp_path: Path) -> None
     data.touch()
     base = {k: v for k, v in service.env.items() if k != "JDLS"}
     with netns.link() as link:
+        # The other host reads the snapshot below: the listener must name it an operator's (--admin-allow).
+        assert service.jdls("-kD").returncode == 0
+        restarted = service.jdls("-ibD", "--port", str(service.port), "--admin-allow", "127.0.0.1",
+                                 "--admin-allow", link.ns_ip)
+        assert restarted.returncode == 0, restarted.stderr
         local = start({**base, "JBCPORTNO": "2"}, tmp_path, "32549")
         through = start({**base, "JBCPORTNO": "4", "JDLS": f"SERVER=127.0.0.1,{service.port}"}, tmp_path,
                         "USD163170001")

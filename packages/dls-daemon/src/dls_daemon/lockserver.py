@@ -313,6 +313,9 @@ class LockServer:
             if user:
                 raise port_claims.PortTaken(f"process {user} holds locks under port {hello.port} in the table")
         except port_claims.PortTaken as exc:
+            if self._port_claim is not None:  # a refused peer holds nothing, not even for a moment
+                os.close(self._port_claim)
+                self._port_claim = None
             self.log.warning("refused client %s: it claims port %d: %s", self._who(), hello.port, exc)
             self._send(Error(hello.request_id, ErrorCode.FORBIDDEN, f"port {hello.port} is in use by another client"))
             self.hello = None  # it is no client of ours: nothing of it is kept or released by port

@@ -17,8 +17,8 @@ user from naming any port anyway. A peer on another host cannot take the port.
 
 Local processes lock in the table directly, through no lock server, so they
 claim nothing here: a port that a live process holds locks or requests under,
-in the table, from another address (a local process shows 0.0.0.0) is refused
-too (``used_elsewhere``).
+in the table, from another host (a local process shows 0.0.0.0; a loopback
+peer is on its host) is refused too (``used_elsewhere``).
 
 The file is the lock server's alone (nothing else opens it), which matters:
 POSIX record locks are dropped when the process closes any descriptor of the file.
@@ -27,10 +27,11 @@ POSIX record locks are dropped when the process closes any descriptor of the fil
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import struct
 
-from dls_shm import Instance, LockTable, SlotState, pack_ip
+from dls_shm import LOCAL_IP, Instance, LockTable, SlotState, pack_ip
 
 #: struct flock on Linux (x86-64 and aarch64): type, whence, start, len, pid.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -80,11 +81,13 @@ def _holder(fd: int, port: int) -> int:
 
 def used_elsewhere(table: LockTable, port: int, address: str) -> int:
     """The pid of a live process with a lock or request under ``port`` in ``table`` from another address than
-    ``address`` (0: none). Kept locks are nobody's: their client proves itself by reclaiming."""
+    ``address`` (0: none). A loopback peer is on this host, as local processes are (they show 0.0.0.0): it may
+    name their ports, as they may. Kept locks are nobody's: their client proves itself by reclaiming."""
     packed = pack_ip(address)
+    same_host = {packed, LOCAL_IP} if ipaddress.ip_address(address).is_loopback else {packed}
     for entry in table.scan():
         slot = entry.slot
-        if (slot.port == port and slot.state in (SlotState.GRANTED, SlotState.WAITING) and slot.ip != packed
+        if (slot.port == port and slot.state in (SlotState.GRANTED, SlotState.WAITING) and slot.ip not in same_host
                 and _alive(slot.pid)):
             return int(slot.pid)
     return 0
