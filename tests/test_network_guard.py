@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -284,3 +285,17 @@ def test_a_closed_connection_is_not_answered_after_refusal(svc: Service) -> None
     except OSError:
         return
     assert closed_unanswered(thief)
+
+
+def test_the_log_follows_logrotate_and_reopens_on_sighup(svc: Service) -> None:
+    svc.start()
+    rotated = svc.log_path.with_name("jdls.log.1")
+    svc.log_path.rename(rotated)  # what logrotate does (without copytruncate)
+    greet(connect(svc))
+    svc.wait_for_log(r"listener INFO connection from 127\.0\.0\.1:\d+: lock server pid")  # a new file
+    assert "listener started" in rotated.read_text() and "listener started" not in svc.log()
+    listener = svc.pid("listener")
+    assert listener is not None
+    os.kill(listener, signal.SIGHUP)
+    svc.wait_for_log(r"listener INFO log reopened \(SIGHUP\)")
+    assert svc.pid("listener") == listener

@@ -66,7 +66,7 @@ class Daemon:
 
     #: The role (dls_shm.MONITOR or LISTENER): its pid file and its name in messages.
     role: ClassVar[str]
-    SIGNALS: ClassVar[tuple[int, ...]] = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+    SIGNALS: ClassVar[tuple[int, ...]] = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 
     def __init__(self, settings: Settings, log: logging.Logger) -> None:
         self.settings = settings
@@ -155,6 +155,12 @@ class Daemon:
 
     def handle_chld(self) -> None:
         self.reap()
+
+    def handle_hup(self) -> None:
+        """Reopen the log files (after logrotate, or anything that moved them), as most daemons do on SIGHUP.
+        Moving them is noticed without it too (WatchedFileHandler); this is for a rotation that copies."""
+        daemon_log.reopen()
+        self.log.info("log reopened (SIGHUP)")
 
     def halt(self, signame: str) -> None:
         """Stop after this round, as asked by a signal."""

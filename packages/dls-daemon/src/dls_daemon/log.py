@@ -12,7 +12,8 @@ ident ``jdls``) through ``/dev/log``, when the system has one; otherwise the
 log file says that syslog is not available and logging goes on without it.
 
 The files are WatchedFileHandlers: when logrotate moves or removes the log,
-each process opens the new file at its next line (no signal needed). Warnings
+each process opens the new file at its next line (no signal needed; the
+monitor and the listener also reopen on SIGHUP, see ``reopen``). Warnings
 and errors of one kind (one message template) are limited to a burst per
 window, so that a flood (refused connections, a client repeating a bad
 request) cannot fill the disk; the next line of that kind after the window
@@ -161,6 +162,19 @@ def setup(
 def get(name: str | None = None) -> logging.Logger:
     """The daemon's logger, or one of its children (``get("server")`` is ``jdls.server``)."""
     return logging.getLogger(LOGGER if name is None else f"{LOGGER}.{name}")
+
+
+def reopen() -> None:
+    """Close and open again every log file of this process (SIGHUP, for log rotation)."""
+    for handler in logging.getLogger(LOGGER).handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
 
 
 def flush() -> None:
