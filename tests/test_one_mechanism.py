@@ -365,8 +365,9 @@ def test_a_lock_server_without_a_table_refuses_once_a_table_exists_also_for_a_wa
         served = (f"lock table 0x{svc.key:08x} now serves this instance: no OS file lock is taken in {svc.lock_dir} "
                   "any more (lock through the table)")
         assert local.ask(f"release {KEY}") == "released"
-        assert remote.answer() == f"error RequestFailed: {data} {KEY}: {served}"
-        assert remote.ask("lock another") == f"error RequestFailed: {data} another: {served}"
+        told = "a lock table now serves this instance: no OS file lock is taken any more (connect again)"
+        assert remote.answer() == f"error RequestFailed: {data} {KEY}: {told}"  # a peer is told no path
+        assert remote.ask("lock another") == f"error RequestFailed: {data} another: {told}"
         assert local.ask("lock another") == "held table"  # the local process follows
         assert local.ask("release another") == "released"
         assert svc.log().count(served) == 2  # the lock server logs what it told its client

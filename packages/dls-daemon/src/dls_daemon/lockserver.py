@@ -100,6 +100,7 @@ from dls_shm import (
     Queued,
     TableError,
     TableMissing,
+    TableServes,
     pack_ip,
     unpack_ip,
 )
@@ -460,6 +461,9 @@ class LockServer:
             self._send(Error(rid, ErrorCode.GROUP_FULL, "lock table full"))
         elif isinstance(exc, TableMissing):
             self._send(Error(rid, ErrorCode.INTERNAL, "the lock table was removed"))
+        elif isinstance(exc, TableServes):
+            self._send(Error(rid, ErrorCode.INTERNAL, "a lock table now serves this instance: no OS file lock is "
+                             "taken any more (connect again)"))
         else:
             self._send(Error(rid, ErrorCode.INTERNAL, "the lock service failed this request (see its log)"))
 
