@@ -299,3 +299,21 @@ def test_the_log_follows_logrotate_and_reopens_on_sighup(svc: Service) -> None:
     os.kill(listener, signal.SIGHUP)
     svc.wait_for_log(r"listener INFO log reopened \(SIGHUP\)")
     assert svc.pid("listener") == listener
+
+
+def test_allow_on_a_dual_stack_listener_sees_ipv4_peers_as_ipv4(svc: Service) -> None:
+    """Listening on ``::``, an IPv4 peer arrives as ::ffff:a.b.c.d: --allow 127.0.0.1 still lets it in (and
+    it is an admin address), and ::1 only when allowed."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    svc.start("--bind", "::", "--allow", "127.0.0.1", "--allow", "::1/128")
+    sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10, source_address=("127.0.0.1", 0))
+    svc.sockets.append(sock)
+    conn, welcome = greet(sock)
+    assert welcome.server_host == socket.gethostname()  # an admin address, though it came as ::ffff:127.0.0.1
+    assert isinstance(ask(sock, conn, InfoGet(2, 0), InfoSnapshot), InfoSnapshot)
+    assert closed_unanswered(connect(svc, "127.0.0.2"))
+    svc.wait_for_log(r"refused connection from ::ffff:127\.0\.0\.2: not in --allow")
+    six = socket.create_connection(("::1", svc.port), timeout=10)
+    svc.sockets.append(six)
+    assert isinstance(greet(six)[1], Welcome)
