@@ -601,7 +601,7 @@ class LockServer:
         assert hello is not None
         try:
             self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload)
-        except client_info.Refused as exc:  # the client's fault: it may hear why
+        except ValueError as exc:  # client_info.Refused, or what json makes of it: the client's fault, it may hear why
             self.log.warning("client %s: its lock information refused: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"lock information refused: {exc}"))
         except OSError as exc:  # ours: the path and the reason stay here
