@@ -69,9 +69,13 @@ def chosen_server(args: argparse.Namespace) -> Server | None:
 
 
 def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
-    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had."""
+    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had. The connection
+    is TLS as $JDLS asks (TLS, CA, CERT, KEY), whichever server is asked: the utility is the client there."""
     try:
-        snapshot = fetch_snapshot(server)
+        config = jdls.Config.from_environment()
+        snapshot = fetch_snapshot(server, tls_context=config.ssl_context() if config is not None else None)
+    except ValueError as exc:  # JDLS refused, as clients refuse it
+        raise Failure(str(exc)) from None
     except RemoteError as exc:
         raise Failure(str(exc)) from None
     host = snapshot.get("host") or server.host
