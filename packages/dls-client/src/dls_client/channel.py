@@ -308,6 +308,5 @@ def _interim(message: Message) -> bool:
     return isinstance(message, Waiting)
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
+_reason = tls.failure
 

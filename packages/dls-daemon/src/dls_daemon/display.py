@@ -119,7 +119,7 @@ def connection_test(
         if tls_context is not None:
             sock = tls.wrap(sock, tls_context, host, timeout)
     except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
+        reason = tls.failure(exc)
         print("Client: Unable to allocate socket", file=err)
         print(f"Client: connection failed for host '{host}', service '{port}', error {reason}", file=err)
         return ExitCode.FAILED
@@ -145,7 +145,10 @@ def connection_test(
     except TimeoutError:
         print(f"Client: no answer from {where} within {timeout:g} s", file=err)
         return ExitCode.FAILED
-    except (OSError, ProtocolError, ConfigurationError) as exc:
+    except OSError as exc:
+        print(f"Client: connection to {where} failed: {tls.failure(exc)}", file=err)
+        return ExitCode.FAILED
+    except (ProtocolError, ConfigurationError) as exc:
         print(f"Client: connection to {where} failed: {exc}", file=err)
         return ExitCode.FAILED
     shown = reply.data.decode("utf-8", "backslashreplace")

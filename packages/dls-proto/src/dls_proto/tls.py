@@ -96,6 +96,13 @@ class HandshakeFailed(ConnectionError):
     """The TLS handshake failed: the message says why (a certificate not accepted, a peer not speaking TLS)."""
 
 
+def failure(exc: OSError) -> str:
+    """What a failed connection says of ``exc``: the system's words, or a TLS failure's short reason."""
+    if isinstance(exc, ssl.SSLError):
+        return describe(exc)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def describe(exc: ssl.SSLError) -> str:
     """A short reason for a failed handshake, for people: what OpenSSL says, without its file and line."""
     if isinstance(exc, ssl.SSLCertVerificationError):

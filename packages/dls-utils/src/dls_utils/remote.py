@@ -53,7 +53,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
         if tls_context is not None:
             sock = tls.wrap(sock, tls_context, server.host, timeout)
     except OSError as exc:
-        raise RemoteError(f"cannot connect to the {where}: {exc.strerror or exc}") from None
+        raise RemoteError(f"cannot connect to the {where}: {tls.failure(exc)}") from None
     try:
         with sock:
             conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
@@ -68,7 +68,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
     except ProtocolError as exc:
         raise RemoteError(f"the {where} does not speak the dls protocol as expected: {exc}") from None
     except OSError as exc:
-        raise RemoteError(f"connection to the {where} failed: {exc.strerror or exc}") from None
+        raise RemoteError(f"connection to the {where} failed: {tls.failure(exc)}") from None
     try:
         document = json.loads(reply.payload)
     except ValueError as exc:

@@ -41,7 +41,8 @@ def server_argument(text: str) -> Server:
 def source_help(local: str) -> str:
     """How a tool's epilog says where its information comes from; ``local`` names the local source."""
     return (f"source: --server host[,port], else --local, else SERVER=host{{,port}} of ${jdls.VARIABLE}\n"
-            f"(port {jdls.DEFAULT_PORT} when not given), else {local}.")
+            f"(port {jdls.DEFAULT_PORT} when not given), else {local}.\n"
+            f"A service is asked over TLS when ${jdls.VARIABLE} says TLS (with its CA, CERT, KEY).")
 
 
 def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:
