@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +149,38 @@ def test_a_killed_lock_server_still_loses_the_lock_over_tls(tls_service: Service
         with pytest.raises(LockLost):
             held.release()
         client.lock(data_file(tls_service.root.parent), "other").release()  # and it is served again
+
+
+def test_a_waiting_lock_is_granted_over_tls(tls_service: Service, pki: Pki) -> None:
+    """A request that waits makes its lock server sleep in select, where bytes already decrypted are not
+    seen: the waiter is granted when the holder releases, and its other requests are served meanwhile."""
+    data = data_file(tls_service.root.parent)
+    with client_of(pki.jdls(tls_service)) as holder, client_of(pki.jdls(tls_service)) as waiter:
+        held = holder.lock(data, KEY)
+        granted: list[object] = []
+        waiting = threading.Event()
+        thread = threading.Thread(target=lambda: granted.append(
+            waiter.lock(data, KEY, timeout=20, on_wait=lambda _: waiting.set())))
+        thread.start()
+        assert waiting.wait(10), "the request did not wait"
+        assert waiter.status(data, KEY)[0] == 2  # held by another
+        for n in range(20):  # requests of the waiting client while its lock waits
+            waiter.lock(data, f"other{n}").release()
+        held.release()
+        thread.join(20)
+        assert granted, "the waiting lock was not granted"
+
+
+def test_a_silent_peer_does_not_hold_up_the_others(tmp_path: Path, pki: Pki) -> None:
+    """A connection that never starts its handshake costs its own lock server the handshake timeout, and
+    nobody else anything."""
+    with running_service(tmp_path / "release", *pki.server_options(), "--handshake-timeout", "2") as svc:
+        silent = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+        svc.sockets.append(silent)
+        started = time.monotonic()
+        assert_serves(svc, pki)
+        assert time.monotonic() - started < 2, "a good client waited for the silent one"
+        assert "not done within 2 s" in svc.wait_for_log(r"TLS handshake failed", timeout=10)
 
 
 # -- refused ----------------------------------------------------------------------------------------------------
