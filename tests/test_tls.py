@@ -171,6 +171,18 @@ def test_a_waiting_lock_is_granted_over_tls(tls_service: Service, pki: Pki) -> N
         assert granted, "the waiting lock was not granted"
 
 
+def test_server2_is_reached_with_the_same_tls_settings(tmp_path: Path, pki: Pki) -> None:
+    with running_service(tmp_path / "primary", *pki.server_options(client_ca=True)) as primary, \
+            running_service(tmp_path / "secondary", *pki.server_options(client_ca=True)) as secondary:
+        value = f"{pki.jdls(primary, cert=pki.client_cert, key=pki.client_key)},SERVER2=127.0.0.1,{secondary.port}"
+        with client_of(value) as client:
+            held = client.lock(data_file(tmp_path), KEY)
+            channels = client._route.channels()
+            assert sorted(c.server.port for c in channels) == sorted((primary.port, secondary.port))
+            assert all(isinstance(c.sock, ssl.SSLSocket) for c in channels)
+            held.release()
+
+
 def test_a_silent_peer_does_not_hold_up_the_others(tmp_path: Path, pki: Pki) -> None:
     """A connection that never starts its handshake costs its own lock server the handshake timeout, and
     nobody else anything."""
