@@ -117,11 +117,16 @@ def test_a_client_certificate_of_the_ca_is_served(mutual_service: Service, pki: 
 
 def test_jdls_minus_c_and_dls_test_speak_tls(tls_service: Service, pki: Pki) -> None:
     env = {**tls_service.env, "JDLS": pki.jdls(tls_service)}
-    dls_test = str(Path(sys.executable).parent / "dls-test")
-    for command in ([sys.executable, "-m", "dls_daemon", "-C", "hello"], [dls_test]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0, done.stderr + done.stdout
-        assert "hello" in done.stdout or "teststring" in done.stdout
+    minus_c = subprocess.run([sys.executable, "-m", "dls_daemon", "-C", "hello"], env=env, capture_output=True,
+                             text=True, timeout=30)
+    assert minus_c.returncode == 0, minus_c.stderr + minus_c.stdout
+    assert "the server's certificate verified for '127.0.0.1'" in minus_c.stdout
+    assert "received 'hello'" in minus_c.stdout
+    dls_test = subprocess.run([str(Path(sys.executable).parent / "dls-test")], env=env, capture_output=True,
+                              text=True, timeout=30)
+    assert dls_test.returncode == 0, dls_test.stderr + dls_test.stdout
+    plain = tls_service.jdls("-C", "hello")  # the service's own JDLS says no TLS
+    assert plain.returncode == 1, plain.stdout + plain.stderr
 
 
 def test_remote_show_item_locks_over_tls(mutual_service: Service, pki: Pki) -> None:

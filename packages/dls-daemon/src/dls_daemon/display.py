@@ -130,6 +130,8 @@ def connection_test(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(Role.CLIENT)
             welcome = _expect(sock, conn, identity.hello("jdls -C"), Welcome, where)
+            if isinstance(sock, ssl.SSLSocket):
+                print(f"Client: {sock.version()}, the server's certificate verified for '{host}'", file=out)
             how = "shared memory lock table" if welcome.mechanism == Mechanism.TABLE else "OS file locks"
             print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host}' "
                   f"(protocol version {welcome.version}, {how})", file=out)
