@@ -111,6 +111,29 @@ def test_a_tls_client_locks_and_unlocks(tls_service: Service, pki: Pki) -> None:
     assert "TLS with" in tls_service.log()  # the listener's start line
 
 
+def test_threads_share_one_tls_connection(tls_service: Service, pki: Pki) -> None:
+    """Threads of one client read and write the one SSL socket at once (one reads while another sends):
+    every cycle of every thread completes."""
+    data = data_file(tls_service.root.parent)
+    failures: list[BaseException] = []
+
+    def cycles(client: Client, n: int) -> None:
+        try:
+            for i in range(200):
+                client.lock(data, f"{KEY}-{n}-{i % 7}").release()
+        except BaseException as exc:
+            failures.append(exc)
+
+    with client_of(pki.jdls(tls_service)) as client:
+        threads = [threading.Thread(target=cycles, args=(client, n)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures
+        assert len(client._route.channels()) == 1
+
+
 def test_a_client_certificate_of_the_ca_is_served(mutual_service: Service, pki: Pki) -> None:
     assert_serves(mutual_service, pki, cert=pki.client_cert, key=pki.client_key)
 
