@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class Limits:
 @dataclass
 class ServerContext:
     """Everything a lock server needs from the listener that forked it: the instance, the table (None:
-    OS file locks), where OS locks live, the limits, and where to log."""
+    OS file locks), where OS locks live, the limits, where to log, and the TLS context when the port
+    speaks TLS (the lock server does the handshake)."""
 
     instance: Instance
     table: LockTable | None
@@ -91,3 +93,4 @@ class ServerContext:
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: Peers that may read the lock snapshot (InfoGet): --admin-allow.
     admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
+    tls: ssl.SSLContext | None = None
