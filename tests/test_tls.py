@@ -7,6 +7,7 @@ serving a good client afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -338,3 +339,31 @@ def test_welcome_over_tls_names_the_peer(tls_service: Service, pki: Pki) -> None
     _conn, welcome = greet(sock, 1111)
     assert isinstance(welcome, Welcome) and welcome.peer == "127.0.0.1"
     assert isinstance(sock, ssl.SSLSocket)
+
+
+def test_a_peer_dribbling_its_handshake_is_cut_off_at_the_deadline_from_accept(tmp_path: Path, pki: Pki) -> None:
+    """One deadline from accept covers the TLS handshake and the Hello: a ClientHello sent a byte every 0.25 s
+    gets no more time than silence would."""
+    with running_service(tmp_path / "release", *pki.server_options(), "--handshake-timeout", "1") as svc:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        hello = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            hello.do_handshake()
+        client_hello = outgoing.read()
+        sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+        svc.sockets.append(sock)
+        sock.settimeout(0.25)
+        started, cut = time.monotonic(), None
+        for byte in client_hello[:40]:  # 40 bytes, 10 s at this pace: never the whole of it
+            try:
+                sock.send(bytes([byte]))
+                if sock.recv(100) == b"":
+                    cut = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                cut = time.monotonic() - started
+                break
+        assert cut is not None and cut < 4.0, cut
+        svc.wait_for_log(r"TLS handshake failed", timeout=10)
