@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from dls_proto import (
     encode,
 )
 from dls_shm import LOCAL_IP, Grant, Owner
-from dls_testkit import Service, greet, make_service, receive, wait_for
+from dls_testkit import Service, dribble, greet, make_service, receive, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -134,22 +133,8 @@ def test_the_lock_snapshot_and_host_name_go_to_admin_addresses_only(svc: Service
 
 def test_the_handshake_deadline_counts_from_accept_not_per_read(svc: Service) -> None:
     svc.start("--handshake-timeout", "1")
-    sock = connect(svc)
-    sock.settimeout(0.25)
-    dribble = b"\0\0\0\x40\x01\x01\0\0\0\0\0\x01jDLS" + bytes(64)  # a Hello's start, never its end
-    start = time.monotonic()
-    cut = None
-    for byte in dribble:  # a byte every 0.25 s: each read is quick, the whole is not
-        try:
-            sock.send(bytes([byte]))
-            if sock.recv(100) == b"":
-                cut = time.monotonic() - start
-                break
-        except TimeoutError:
-            continue
-        except OSError:
-            cut = time.monotonic() - start
-            break
+    header = b"\0\0\0\x40\x01\x01\0\0\0\0\0\x01jDLS"  # a Hello's start, never its end
+    cut = dribble(connect(svc), header + bytes(64))  # a byte every 0.25 s: each read is quick, the whole is not
     assert cut is not None and cut < 4.0, cut
     svc.wait_for_log(r"closing connection from 127\.0\.0\.1:\d+: no Hello within 1(\.0)? s")
 

@@ -41,13 +41,13 @@ from .ports import free_port
 from .processes import Children, Pipe, alive, gone, processes_of, running
 from .service import DLS_LOCK, FOREIGN, Service, instance_env, make_service, running_service
 from .waiting import wait_for
-from .wire import greet, hello, receive
+from .wire import dribble, greet, hello, receive
 
 __all__ = [
     "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeLockService", "FakeService", "Pipe",
     "Service", "alive", "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone",
-    "greet",
-    "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder", "make_service",
+    "dribble", "greet", "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder",
+    "make_service",
     "own_table", "processes_of", "read_counter", "receive", "remove_ipc", "running", "running_service", "slots_of",
     "wait_for", "wait_free",
 ]

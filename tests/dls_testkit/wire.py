@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from dls_proto import PROTOCOL_VERSIONS, Connection, Hello, Role, Welcome
@@ -31,3 +32,20 @@ def greet(sock: socket.socket, port: int = 4242, *, thread: int = 1, expect: Any
     conn = Connection(Role.CLIENT)
     sock.sendall(conn.send(hello(port, thread=thread, **who)))
     return conn, receive(sock, conn, expect)
+
+
+def dribble(sock: socket.socket, data: bytes, pause: float = 0.25) -> float | None:
+    """Send ``data`` a byte every ``pause`` seconds, as a slow-loris peer does; the seconds until the other side
+    closed the connection (or reset it), or None if it let every byte through and kept it open."""
+    sock.settimeout(pause)
+    started = time.monotonic()
+    for byte in data:
+        try:
+            sock.send(bytes([byte]))
+            if sock.recv(100) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+    return None
