@@ -229,7 +229,7 @@ def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> N
                           "--max-clients", "9", "--max-locks", "5", "--max-frame", "4096", "--handshake-timeout", "2")
     assert result.returncode == 0, result.stderr
     assert f"OS file locks in {locks} (no lock table)" in result.stdout
-    assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o1777
+    assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o3770
     assert not binary.exists()  # made on first use only
     assert ("limits: 9 clients, 5 locks per client, frames of 4096 bytes, handshake 2 s, dead client 7 s"
             in service.log())

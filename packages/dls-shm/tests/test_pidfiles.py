@@ -20,7 +20,7 @@ def test_text_and_read_round_trip(tmp_path: Path) -> None:
     assert record.started == psutil.Process().create_time()
     path = tmp_path / "jdls-monitor.pid"
     path.write_text(record.text())
-    assert path.read_text() == f"{os.getpid()}\n{record.started:.6f}\n"
+    assert path.read_text() == f"{os.getpid()}\n{record.started:.6f}\n{psutil.Process().name()}\n"
     back = pidfiles.read(path)
     assert back is not None and back.pid == record.pid
     assert abs(back.started - record.started) < 1e-6

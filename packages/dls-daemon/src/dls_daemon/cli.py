@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dls_proto import DEFAULT_MAX_FRAME, environment, jdls
-from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
+from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
 from .context import (
@@ -174,6 +174,13 @@ def _directory(text: str) -> Path:
     return Path(text).absolute()
 
 
+def _group(text: str) -> int:
+    try:
+        return trusted.group_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jdls",
@@ -230,6 +237,14 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
+    start_opts.add_argument("--group", type=_group, default=None, metavar="NAME|GID",
+                            help="the service's group: the lock table's shared memory and semaphore are made "
+                            "mode 0660 in it, and the instance directory and the lock directories belong to it; "
+                            "application processes that lock on this host (local clients, dls-lock, the "
+                            "utilities) must run as a member, and nobody else can reach the table or the lock "
+                            "files. Default: the group of the instance directory ($JBCRELEASEDIR), so "
+                            "'chgrp GROUP $JBCRELEASEDIR' is the whole setup; a directory made by jdls gets "
+                            "the group of the user running it")
     start_opts.add_argument("--max-frame", type=_frame, default=None, metavar="BYTES",
                             help=f"largest message a client may send (default {DEFAULT_MAX_FRAME})")
     start_opts.add_argument("--handshake-timeout", type=_timeout, default=None, metavar="S",
@@ -273,7 +288,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     **{o: frozenset({"start"}) for o in (
         "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
-        "--dead-client", "--syslog",
+        "--dead-client", "--syslog", "--group",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
     "--stop-timeout": frozenset({"start", "stop"}),
@@ -301,6 +316,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
         "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
+        "--group": args.group is not None,
         "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
         "--port": args.port is not None, "--host": args.host is not None, "-o": args.override,
         "-L": args.locks, "-v": args.verbose > 0,
@@ -388,7 +404,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
         or environment.binary_lock_dir(),
-        syslog=args.syslog,
+        syslog=args.syslog, group=args.group,
     )
 
 
@@ -417,11 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         settings = settings_from(args, instance)
         return start(settings, _roles(args), background=args.background and not args.foreground)
-    if args.action == "stop":
-        roles = _roles(args)
-        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
-    if args.action == "remove":
-        return remove_ipc(instance, override=args.override)
+    if args.action in ("stop", "remove"):
+        try:
+            instance.check_dirs()  # nothing named by a planted file is signalled, no planted table removed
+            if args.action == "remove":
+                return remove_ipc(instance, override=args.override)
+            roles = _roles(args)
+            return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
+        except trusted.Untrusted as exc:
+            print(f"jdls: {exc}: refused", file=sys.stderr)
+            return ExitCode.FAILED
     try:
         return display(instance, verbose=args.verbose, locks=args.locks)
     except BrokenPipeError:  # a reader that stopped reading (head, less) is not an error

@@ -49,3 +49,5 @@ class ServerContext:
     limits: Limits = field(default_factory=Limits)
     lock_dir: Path = Path(environment.DEFAULT_LOCK_DIR)
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
+    #: The service's group (jdls --group): a lock directory made on first use belongs to it.
+    gid: int | None = None

@@ -14,12 +14,14 @@ log file says that syslog is not available and logging goes on without it.
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
 import sys
+from pathlib import Path
 
-from dls_shm import Instance
+from dls_shm import Instance, trusted
 
 #: The root of the daemon's loggers; lock servers log under ``jdls.server``.
 LOGGER = "jdls"
@@ -64,6 +66,21 @@ def _syslog_handler() -> tuple[logging.Handler | None, str | None]:
     return handler, None
 
 
+class TrustedFileHandler(logging.FileHandler):
+    """A log file opened without following a symlink and checked (``trusted``), made with ``mode`` whatever
+    the umask: a planted ``log/jdls.log -> /etc/shadow`` is refused, not appended to. The error trace is
+    made 0660 (``mode``), because the application's processes of the service's group append to it too."""
+
+    def __init__(self, path: Path, *, mode: int = trusted.FILE) -> None:
+        self.file_mode = mode
+        super().__init__(path, encoding="utf-8", delay=False)
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = trusted.open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=self.file_mode,
+                               shared=self.file_mode == trusted.GROUP_FILE)
+        return open(fd, "a", encoding="utf-8")
+
+
 def setup(
     instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False, syslog: bool = False,
 ) -> logging.Logger:
@@ -81,8 +98,8 @@ def setup(
     logger.propagate = False
     formatter = logging.Formatter(FORMAT)
     role_filter = _RoleFilter()
-    handlers: list[logging.Handler] = [logging.FileHandler(instance.log_file, encoding="utf-8")]
-    trace = logging.FileHandler(instance.error_trace, encoding="utf-8")
+    handlers: list[logging.Handler] = [TrustedFileHandler(instance.log_file)]
+    trace = TrustedFileHandler(instance.error_trace, mode=trusted.GROUP_FILE)
     trace.setLevel(logging.ERROR)
     handlers.append(trace)
     if to_stderr:

@@ -53,6 +53,13 @@ class Settings:
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: Log to syslog too (--syslog).
     syslog: bool = False
+    #: --group: the gid of the table's IPC objects and the instance's directories; None: the instance's.
+    group: int | None = None
+
+    @property
+    def gid(self) -> int:
+        """The service's group: --group, else the group of the instance directory (``Instance.group``)."""
+        return self.instance.group() if self.group is None else self.group
 
     @property
     def geometry(self) -> Geometry:
