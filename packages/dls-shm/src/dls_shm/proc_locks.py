@@ -78,6 +78,17 @@ def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None)
         except ValueError:
             continue  # "<none>" for a file the kernel cannot name, or a layout not known here
         path = files.get(where)
-        if path is not None:
+        if path is not None and _still_there(path, where[2]):
             found.append(OsLockHolder(pid, path))
     return found
+
+
+def _still_there(path: Path, inode: int) -> bool:
+    """The lock file still has the inode it had when the directory was read. A lock file is removed with its
+    last lock (``oslocks``) and its inode number may then be reused by any new file of the file system, whose
+    locks (another program's pid file, say) are none of ours; a lock on the removed file itself is one its
+    taker drops again when it sees the file gone."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == inode
+    except OSError:
+        return False
