@@ -17,7 +17,7 @@ import sysv_ipc
 from dls_client import LocalClient, ServiceUnavailable
 from dls_shm import LockTable, PidRecord, TableError
 from dls_testkit import NOBODY, SERVICE_GID, Service, as_user, data_file, make_service, reachable_dir
-from dls_utils import show_item_locks
+from dls_utils import dump, ipcrm, list_open_files, show_item_locks
 
 
 @pytest.fixture
@@ -67,6 +67,9 @@ def test_the_table_is_the_groups_and_a_stranger_is_refused_clearly(grouped: Serv
     code, output = as_user(stranger)
     assert code != 0 and code != 99, output
     assert "Traceback" not in output
+    for tool in (dump.main, list_open_files.main, ipcrm.main):
+        code, said = as_user(tool)
+        assert code not in (0, 99) and "Traceback" not in said, said
     assert f"lock table 0x{grouped.key:08x}: permission denied" in output
     assert "show-item-locks" in output and "permission denied" in output.splitlines()[-1]
 

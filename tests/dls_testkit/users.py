@@ -3,12 +3,13 @@ that user can reach.
 
 The test interpreter lives where ``nobody`` cannot exec it, so the other user is a forked child that drops
 to that user (``setgroups``, ``setgid``, ``setuid``) and runs a function of the test: every module it needs
-must be imported before the fork, since nobody may not read them afterwards. pytest's tmp_path sits under
-0700 directories, so ``reachable_dir`` makes a fresh directory under /tmp with mode 0711.
+must be imported before the fork (codecs included), since nobody may not read them afterwards. pytest's
+tmp_path sits under 0700 directories, so ``reachable_dir`` makes a fresh directory under /tmp with mode 0711.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import shutil
@@ -17,6 +18,8 @@ import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+codecs.lookup("ascii")  # loaded now: a child may need it once it can no longer read the library
 
 #: The unprivileged user and group of the tests.
 NOBODY = 65534

@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.FAILED
     try:
         return display(instance, verbose=args.verbose, locks=args.locks)
+    except trusted.Untrusted as exc:
+        print(f"jdls: {exc}: refused", file=sys.stderr)
+        return ExitCode.FAILED
     except BrokenPipeError:  # a reader that stopped reading (head, less) is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
