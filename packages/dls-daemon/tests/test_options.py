@@ -85,6 +85,8 @@ def connect(service) -> socket.socket:
         (["-i", "--lock-dir", ""], "invalid directory ''"),
         (["-k", "--lock-dir", "/tmp/x"], "--lock-dir applies only to -i, not to -k"),
         (["-k", "--syslog"], "--syslog applies only to -i"),
+        (["-k", "--group", "0"], "--group applies only to -i, not to -k"),
+        (["-i", "--group", "no-such-group-of-dls"], "no group named 'no-such-group-of-dls'"),
         (["-d", "--stop-timeout", "1"], "--stop-timeout applies only to -i and -k"),
         (["--unit", "-v"], "-v applies only to -i and -d and -C, not to --unit"),
         (["--unit", "-K"], "not allowed with"),

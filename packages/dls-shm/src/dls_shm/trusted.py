@@ -25,6 +25,7 @@ caller's umask does not matter.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import stat
@@ -166,7 +167,12 @@ def open_file(path: str | os.PathLike[str], flags: int, *, mode: int = FILE, sha
               owners: frozenset[int] | None = None) -> int:
     """Open a file of a checked directory without following a symlink, and check what was opened; a file
     this call creates (``flags`` with O_CREAT) is given ``mode`` whatever the umask."""
-    fd = os.open(path, flags | NOFOLLOW | os.O_NONBLOCK, mode)  # O_NONBLOCK: a planted FIFO cannot stall us
+    try:
+        fd = os.open(path, flags | NOFOLLOW | os.O_NONBLOCK, mode)  # O_NONBLOCK: a planted FIFO cannot stall us
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Untrusted(path, "is a symbolic link") from None
+        raise
     try:
         st = os.fstat(fd)
         if flags & os.O_CREAT and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode \
