@@ -100,7 +100,7 @@ def test_instance_files_have_fixed_modes_whatever_the_umask(grouped: Service) ->
 
 
 @pytest.mark.parametrize("problem", ["nobody's instance", "symlinked log", "world-writable log directory",
-                                     "group-writable pid file"])
+                                     "group-writable pid file", "hard-linked error trace"])
 def test_an_untrusted_instance_path_is_refused_by_name(base: Path, problem: str) -> None:
     svc = make_service(base)
     instance = svc.instance
@@ -118,6 +118,9 @@ def test_an_untrusted_instance_path_is_refused_by_name(base: Path, problem: str)
         elif problem == "world-writable log directory":
             instance.log_dir.chmod(0o777)
             path, why = instance.log_dir, "writable by others (mode 0777)"
+        elif problem == "hard-linked error trace":
+            os.link(victim, instance.error_trace)
+            path, why = instance.error_trace, "has 2 hard links"
         else:
             pid_file = instance.pid_file("monitor")
             pid_file.write_text("1\n0\ninit\n")
@@ -126,7 +129,7 @@ def test_an_untrusted_instance_path_is_refused_by_name(base: Path, problem: str)
     result = svc.jdls("-ibs1000,10", "--port", str(svc.port))
     if problem == "nobody's instance":  # put right, so that the teardown's jdls -k and -K may look
         os.chown(instance.root, 0, 0)
-    elif problem == "group-writable pid file":
+    elif problem in ("group-writable pid file", "hard-linked error trace"):
         path.unlink()
     else:
         path.unlink() if path.is_symlink() else path.chmod(0o750)
@@ -156,3 +159,15 @@ def test_a_pid_file_naming_another_process_gets_nothing_signalled(grouped: Servi
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_an_error_trace_a_member_made_is_appended_to(base: Path) -> None:
+    """tmp/ is the group's: a client may make the error trace before the service runs; the service appends."""
+    svc = make_service(base)
+    svc.instance.make_dirs(SERVICE_GID)
+    svc.instance.error_trace.write_text("a client's line\n")
+    os.chown(svc.instance.error_trace, NOBODY, SERVICE_GID)
+    svc.instance.error_trace.chmod(0o660)
+    with svc.checked():
+        svc.start()
+    assert svc.instance.error_trace.read_text().startswith("a client's line\n")

@@ -76,8 +76,9 @@ class TrustedFileHandler(logging.FileHandler):
         super().__init__(path, encoding="utf-8", delay=False)
 
     def _open(self) -> io.TextIOWrapper:
+        shared = self.file_mode == trusted.GROUP_FILE  # the error trace: any process of the group may make it
         fd = trusted.open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=self.file_mode,
-                               shared=self.file_mode == trusted.GROUP_FILE)
+                               shared=shared, owners=trusted.ANY_OWNER if shared else None)
         return open(fd, "a", encoding="utf-8")
 
 

@@ -88,18 +88,24 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
+#: ``owners`` that accepts any owner: a file of a SHARED directory, which any member of the group may have made.
+ANY_OWNER: frozenset[int] = frozenset({-1})
+
+
 def problem_of(st: os.stat_result, *, shared: bool = False, owners: frozenset[int] | None = None) -> str | None:
     """What is wrong with a directory's or file's ``lstat``, or None when it may be trusted.
 
     ``shared`` allows group write on a sticky directory (the SHARED shape) and on
-    a file (a lock file, the error trace); never write by others.
+    a file (a lock file, the error trace); never write by others. ``owners``
+    (default root and this user) ANY_OWNER: a file of a SHARED directory, where
+    only one link, no symlink and no write by others are asked.
     """
     mode = st.st_mode
     if stat.S_ISLNK(mode):
         return "is a symbolic link"
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         return "is neither a directory nor a regular file"
-    if st.st_uid not in (owners if owners is not None else trusted_owners()):
+    if owners is not ANY_OWNER and st.st_uid not in (owners if owners is not None else trusted_owners()):
         return f"owned by another {_owner(st.st_uid)}"
     perms = stat.S_IMODE(mode)
     if mode & stat.S_IWOTH:
