@@ -348,7 +348,7 @@ class OsLocks(LockMechanism):
                     return HolderState.MINE, mine.holder
                 return HolderState.OTHER, next(iter(res.holders.values())).holder
             file = self._files.get(name)
-            if file is not None:
+            if file is not None and self._still_named(file):  # else removed: the file now named is asked below
                 h = _os_holder(file.fd, offset, WRITE)
                 return (HolderState.FREE, None) if h is None or h.pid == _OFD_PID else (HolderState.OTHER, h)
             # No descriptor of this file is open in this process, so none holds a lock that closing could drop.
