@@ -76,11 +76,13 @@ def test_the_table_is_the_groups_and_a_stranger_is_refused_clearly(grouped: Serv
     data = data_file(base, "member")
     os.chown(data, NOBODY, NOBODY)
 
-    def member() -> int:
+    def member() -> int:  # locks through the table, and what it publishes in proc/info is the group's, 0640
         with LocalClient() as client:
             held = client.lock(data, b"K1")
+            assert client.publish_info()
+            st = (grouped.instance.info_dir / str(client.port)).stat()
             held.release()
-        return 0
+        return 0 if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, SERVICE_GID, 0o640) else 1
 
     code, output = as_user(member, groups=[SERVICE_GID])
     assert code == 0, output
