@@ -55,7 +55,7 @@ def start(
                 print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
                 return ExitCode.FAILED
     except trusted.Untrusted as exc:
-        print(f"jdls: {exc}: refused (see "Local permissions" in the dls-daemon README)", file=err)
+        print(f"jdls: {exc}: refused (see 'Local permissions' in the dls-daemon README)", file=err)
         return ExitCode.FAILED
     except OSError as exc:
         print(f"jdls: cannot set up the instance directory {instance.root}: {exc}", file=err)
