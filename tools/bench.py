@@ -9,6 +9,8 @@ measured in the same run, and the ratio is what to read:
   blocking echo is shown too: on an idle machine it wakes slower than dls);
 - resilient cycles (SERVER2: each lock taken on two services), against the
   one-client figure;
+- TLS cycles (the same, one client, to a service with --tls-cert, a throwaway
+  certificate made by trustme), against the one-client figure without TLS;
 - local cycles (lock then unlock directly in the shared-memory table); floor:
   fcntl.lockf lock then unlock on a local file.
 
@@ -122,17 +124,33 @@ def lockf_floor(seconds: float, directory: str) -> float:
 
 
 @contextlib.contextmanager
-def service(root: str) -> Iterator[int]:
-    """A real daemon (monitor, listener) in its own instance, stopped and removed afterwards."""
+def service(root: str, *options: str) -> Iterator[int]:
+    """A real daemon (monitor, listener) in its own instance, started with ``options`` too, stopped and removed
+    afterwards."""
     port = free_port()
     env = {**os.environ, "JBCRELEASEDIR": root}
     jdls = [sys.executable, "-m", "dls_daemon"]
-    subprocess.run([*jdls, "-ibs13000,50", "--port", str(port)], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*jdls, "-ibs13000,50", "--port", str(port), *options], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
     try:
         yield port
     finally:
         subprocess.run([*jdls, "-k"], env=env, stdout=subprocess.DEVNULL)
         subprocess.run([*jdls, "-K"], env=env, stdout=subprocess.DEVNULL)
+
+
+def tls_files(directory: str) -> tuple[str, str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed, as PEM files: (ca, cert, key)."""
+    import trustme  # a dev dependency (requirements-dev.txt): only the benchmark needs it
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    paths = tuple(os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key"))
+    ca.cert_pem.write_to_path(paths[0])
+    issued.cert_chain_pems[0].write_to_path(paths[1])
+    issued.private_key_pem.write_to_path(paths[2])
+    os.chmod(paths[2], 0o600)
+    return paths[0], paths[1], paths[2]
 
 
 def remote_cycles(client: Client, key: bytes) -> Callable[[int], None]:
@@ -203,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 client.lock(FILE, b"warm-up").release()
                 both = timed(remote_cycles(client, KEY), s)
                 client.close()
+        os.makedirs(os.path.join(root, "tls"))
+        ca, cert, key = tls_files(os.path.join(root, "tls"))
+        with service(os.path.join(root, "tls"), "--tls-cert", cert, "--tls-key", key) as port:
+            client = Client(Config(server=Server("127.0.0.1", port), tls=True, ca=ca))
+            client.lock(FILE, b"warm-up").release()
+            tls = timed(remote_cycles(client, KEY), s)
+            client.close()
         _ = geometry_for  # the table is sized by the daemon (-s13000,50)
     rows = [
         ("TCP echo round trips, blocking reads", echo, None),
@@ -210,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         ("remote lock+unlock, 1 client", one, spin),
         ("remote lock+unlock, 8 client processes", eight, spin),
         ("resilient (SERVER2) lock+unlock, 1 client", both, one),
+        ("remote lock+unlock, 1 client, TLS", tls, one),
         ("fcntl.lockf lock+unlock (floor)", lockf, None),
         ("local table lock+unlock", local, lockf),
     ]
     for name, value, floor in rows:
-        ratio = f"{value / floor:5.2f} of {'floor' if floor is not one else '1 client'}" if floor else ""
+        of = "floor" if floor is not one else "without TLS" if value is tls else "1 client"
+        ratio = f"{value / floor:5.2f} of {of}" if floor else ""
         print(f"  {name:<42} {value:>11,.0f} /s  {ratio}")
     return 0
 

@@ -86,3 +86,56 @@ def test_no_poll_while_the_machine_has_no_core_to_spare(pair: tuple[socket.socke
 
 def test_runnable_reads_the_kernels_count() -> None:
     assert transport._runnable() >= 1  # this process is running while it asks
+
+
+# -- over TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_pair() -> object:
+    """Two ends of a TLS connection over a socketpair (a throwaway certificate): (client, server)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("dls.test").configure_cert(server_context)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_context)
+    a, b = socket.socketpair()
+    server = server_context.wrap_socket(b, server_side=True, do_handshake_on_connect=False)
+    shaking = threading.Thread(target=server.do_handshake)
+    shaking.start()
+    client = client_context.wrap_socket(a, server_hostname="dls.test")
+    shaking.join()
+    yield client, server
+    client.close()
+    server.close()
+
+
+def test_decrypted_bytes_are_read_before_any_poll(tls_pair: tuple[socket.socket, socket.socket],
+                                                  idle_machine: None) -> None:
+    """What a record left in the SSL object is invisible to poll: the reader takes it at once, without
+    counting the empty poll it would otherwise make."""
+    client, server = tls_pair
+    server.sendall(b"granted, and more")
+    reader = SpinningReader(client, size=7)
+    assert reader.read() == b"granted"
+    assert client.pending() > 0  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    assert reader.read() == b", and m"
+    assert reader.read() == b"ore"
+    assert time.perf_counter() - started < 0.5
+    assert reader._misses == 0
+
+
+def test_a_timeout_over_tls_is_the_blocking_error_of_a_plain_receive_timeout(
+        tls_pair: tuple[socket.socket, socket.socket], idle_machine: None) -> None:
+    client, server = tls_pair
+    client.settimeout(0.05)
+    reader = SpinningReader(client)
+    with pytest.raises(BlockingIOError):
+        reader.read()
+    server.sendall(b"late")
+    assert reader.read() == b"late"

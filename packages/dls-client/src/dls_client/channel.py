@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -41,6 +42,7 @@ from dls_proto import (
     Waiting,
     Welcome,
     receive,
+    tls,
 )
 
 from .errors import AcknowledgementTimeout, ServiceUnavailable
@@ -88,24 +90,31 @@ class Channel:
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
-        connect: Connect = tcp_connect, open_timeout: float | None = None,
+        connect: Connect = tcp_connect, open_timeout: float | None = None, tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
         self._unsolicited = unsolicited
         self._on_failure = on_failure
+        connect_timeout = CONNECT_TIMEOUT if open_timeout is None else max(open_timeout, 0.001)
         try:
-            self.sock = connect(server, CONNECT_TIMEOUT if open_timeout is None else max(open_timeout, 0.001))
+            self.sock = connect(server, connect_timeout)
+            if tls_context is not None:
+                self.sock = tls.wrap(self.sock, tls_context, server.host, connect_timeout)
         except OSError as exc:
             raise ServiceUnavailable(
                 f"connection failed for host '{server.host}', service '{server.port}', error {_reason(exc)}"
             ) from None
         self.sock.settimeout(None)
         # A kernel receive timeout keeps the socket blocking (one syscall per recv)
-        # and still lets a reader notice silence.
+        # and still lets a reader notice silence. An SSL socket would retry its read
+        # at once when the kernel's timeout passes: it gets a socket timeout instead.
         slice_ = 1.0 if ack_timeout is None else min(ack_timeout, 1.0)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(slice_),
-                                                                                int(slice_ % 1 * 1e6)))
+        if tls_context is not None:
+            self.sock.settimeout(slice_)
+        else:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(slice_),
+                                                                                    int(slice_ % 1 * 1e6)))
         self.conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._read_socket = SpinningReader(self.sock).read
         self._ids = itertools.count(1)
@@ -299,6 +308,5 @@ def _interim(message: Message) -> bool:
     return isinstance(message, Waiting)
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
+_reason = tls.failure
 

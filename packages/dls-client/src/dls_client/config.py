@@ -7,6 +7,7 @@ and a client raises its ConfigurationError (a DlsError) instead, so that one
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -41,6 +42,12 @@ class Config(jdls.Config):
         """The configuration in JDLS, or None when JDLS is not set (no service in use)."""
         with _client_errors():
             return super().from_environment(environ)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context to connect with (None without TLS); ConfigurationError names the option whose file
+        is wrong."""
+        with _client_errors():
+            return super().ssl_context()
 
 
 def parse(text: str) -> Config:

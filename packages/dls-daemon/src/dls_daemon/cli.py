@@ -41,6 +41,7 @@ from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .start import start
 from .stop import remove_ipc, stop_roles
+from .tls import TlsSetupError
 
 PORT_VARIABLE = "JDLS_PORT"
 DEFAULT_PORT = jdls.DEFAULT_PORT
@@ -110,6 +111,16 @@ One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS f
   {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
   ${jdls.VARIABLE} is read as every client reads it: a value clients refuse is a usage error (exit 2).
 
+TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 1.3 when the
+  client speaks it); clients set TLS in ${jdls.VARIABLE}, and CA=file to verify the certificate,
+  which must name the host they connect to (SERVER=). --tls-client-ca FILE also requires a client
+  certificate signed by that CA (CERT=file, KEY=file in ${jdls.VARIABLE}). The files are PEM; they are
+  read once, at start (a new certificate takes jdls -kD; jdls -ibD). A key file readable or
+  writable by others, or writable by its group, is refused; so is a key that does not belong to
+  the certificate. The handshake is done by each connection's lock server, within
+  --handshake-timeout; a failed one (a plain client, a certificate not accepted or missing) is
+  closed and logged with the reason.
+
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 {environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
 Exit status: 0 done, 1 failed (the reason is printed), 2 usage error.
@@ -168,10 +179,17 @@ _bound = _number(float, "dead-client bound (seconds)", 1.0)
 _delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
-def _directory(text: str) -> Path:
-    if not text:
-        raise argparse.ArgumentTypeError("invalid directory '': expected a path")
-    return Path(text).absolute()
+def _path(what: str) -> Callable[[str], Path]:
+    """An argparse type: an absolute path to a ``what`` (a file, a directory); not empty."""
+    def parse(text: str) -> Path:
+        if not text:
+            raise argparse.ArgumentTypeError(f"invalid {what} '': expected a path")
+        return Path(text).absolute()
+    return parse
+
+
+_directory = _path("directory")
+_file = _path("file")
 
 
 def _group(text: str) -> int:
@@ -259,6 +277,13 @@ def get_parser() -> argparse.ArgumentParser:
                             help="longest a client host may vanish without a word before its lock server "
                             "gives it up, keeping its locks for the lock-delay (default "
                             f"{DEFAULT_DEAD_CLIENT_BOUND:g} s)")
+    start_opts.add_argument("--tls-cert", type=_file, default=None, metavar="FILE",
+                            help="speak TLS on the port with this certificate (PEM, its chain after it); "
+                            "needs --tls-key (see TLS below)")
+    start_opts.add_argument("--tls-key", type=_file, default=None, metavar="FILE",
+                            help="the private key of --tls-cert (PEM; not readable by others)")
+    start_opts.add_argument("--tls-client-ca", type=_file, default=None, metavar="FILE",
+                            help="require a client certificate signed by this CA (PEM); needs --tls-cert")
     start_opts.add_argument("--syslog", action="store_true",
                             help="log to syslog (/dev/log) too, besides the instance's log file")
     both = parser.add_argument_group("with -i or -k")
@@ -288,7 +313,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     **{o: frozenset({"start"}) for o in (
         "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
-        "--dead-client", "--syslog", "--group",
+        "--dead-client", "--syslog", "--group", "--tls-cert", "--tls-key", "--tls-client-ca",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
     "--stop-timeout": frozenset({"start", "stop"}),
@@ -301,7 +326,7 @@ MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay")
 #: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
     "--port", "--bind", "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients",
-    "--max-locks", "--dead-client",
+    "--max-locks", "--dead-client", "--tls-cert", "--tls-key", "--tls-client-ca",
 )
 ACTION_NAMES = {"start": "-i", "stop": "-k", "remove": "-K", "display": "-d", "test": "-C", "unit": "--unit"}
 
@@ -317,6 +342,8 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
         "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
         "--group": args.group is not None,
+        "--tls-cert": args.tls_cert is not None, "--tls-key": args.tls_key is not None,
+        "--tls-client-ca": args.tls_client_ca is not None,
         "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
         "--port": args.port is not None, "--host": args.host is not None, "-o": args.override,
         "-L": args.locks, "-v": args.verbose > 0,
@@ -336,6 +363,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{option} applies only to {names}, not to {ACTION_NAMES[args.action]}")
     if args.monitor_only and args.listener_only:
         parser.error("-A and -D exclude each other (neither means both)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (client certificates are asked for in TLS)")
     if args.stop_timeout is None:  # given or not is known now: the default can be filled in
         args.stop_timeout = DEFAULT_STOP_TIMEOUT
     if args.action == "start" and args.listener_only:
@@ -404,7 +435,8 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
         or environment.binary_lock_dir(),
-        syslog=args.syslog, group=args.group,
+        syslog=args.syslog, group=args.group, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
 
 
@@ -424,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(unit_file())
         return ExitCode.OK
     if args.action == "test":
-        return connection_test(args.host, args.port, args.test_string, verbose=args.verbose > 0)
+        config = jdls.Config.from_environment()  # checked whole by _check: it is good
+        return connection_test(args.host, args.port, args.test_string, verbose=args.verbose > 0,
+                               tls_context=config.ssl_context() if config is not None else None)
     try:
         instance = Instance.from_environment()
     except ValueError as exc:
@@ -432,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     if args.action == "start":
         settings = settings_from(args, instance)
+        try:
+            settings.tls_context()  # the listener makes it again at its start; a bad file stops nothing running
+        except TlsSetupError as exc:
+            print(f"jdls: cannot use TLS: {exc}", file=sys.stderr)
+            return ExitCode.FAILED
         return start(settings, _roles(args), background=args.background and not args.foreground)
     if args.action in ("stop", "remove"):
         try:

@@ -8,6 +8,7 @@ or restarting the listener does not disturb it.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class Limits:
 @dataclass
 class ServerContext:
     """Everything a lock server needs from the listener that forked it: the instance, the table (None:
-    OS file locks), where OS locks live, the limits, and where to log."""
+    OS file locks), where OS locks live, the limits, where to log, and the TLS context when the port
+    speaks TLS (the lock server does the handshake)."""
 
     instance: Instance
     table: LockTable | None
@@ -51,3 +53,4 @@ class ServerContext:
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: The service's group (jdls --group): a lock directory made on first use belongs to it.
     gid: int | None = None
+    tls: ssl.SSLContext | None = None

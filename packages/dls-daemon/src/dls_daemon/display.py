@@ -19,6 +19,7 @@ it needs no client library and tests the service, not a client's set-up.
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 import time
 from typing import TextIO, TypeVar
@@ -37,6 +38,7 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
+    tls,
 )
 from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, report, service_processes
 
@@ -105,16 +107,19 @@ def _expect(sock: socket.socket, conn: Connection, message: Message, kind: type[
 
 def connection_test(
     host: str, port: int, text: str, *, verbose: bool = False, timeout: float = TEST_TIMEOUT,
-    out: TextIO | None = None, err: TextIO | None = None,
+    out: TextIO | None = None, err: TextIO | None = None, tls_context: ssl.SSLContext | None = None,
 ) -> int:
-    """``jdls -C``: connect, greet, echo ``text``; 0 when it came back intact, else 1 (with the reason)."""
+    """``jdls -C``: connect (over TLS with ``tls_context``, JDLS's TLS), greet, echo ``text``; 0 when it came
+    back intact, else 1 (with the reason)."""
     out = out or sys.stdout
     err = err or sys.stderr
     print(f"Client: Using host '{host}', service '{port}'", file=out, flush=True)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
+        if tls_context is not None:
+            sock = tls.wrap(sock, tls_context, host, timeout)
     except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
+        reason = tls.failure(exc)
         print("Client: Unable to allocate socket", file=err)
         print(f"Client: connection failed for host '{host}', service '{port}', error {reason}", file=err)
         return ExitCode.FAILED
@@ -125,6 +130,8 @@ def connection_test(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(Role.CLIENT)
             welcome = _expect(sock, conn, identity.hello("jdls -C"), Welcome, where)
+            if isinstance(sock, ssl.SSLSocket):
+                print(f"Client: {sock.version()}, the server's certificate verified for '{host}'", file=out)
             how = "shared memory lock table" if welcome.mechanism == Mechanism.TABLE else "OS file locks"
             print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host}' "
                   f"(protocol version {welcome.version}, {how})", file=out)
@@ -140,7 +147,10 @@ def connection_test(
     except TimeoutError:
         print(f"Client: no answer from {where} within {timeout:g} s", file=err)
         return ExitCode.FAILED
-    except (OSError, ProtocolError, ConfigurationError) as exc:
+    except OSError as exc:
+        print(f"Client: connection to {where} failed: {tls.failure(exc)}", file=err)
+        return ExitCode.FAILED
+    except (ProtocolError, ConfigurationError) as exc:
         print(f"Client: connection to {where} failed: {exc}", file=err)
         return ExitCode.FAILED
     shown = reply.data.decode("utf-8", "backslashreplace")

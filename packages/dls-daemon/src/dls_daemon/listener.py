@@ -41,6 +41,7 @@ from .context import ServerContext
 from .lifecycle import Daemon, StartFailed, status_text
 from .readiness import Report
 from .settings import Settings
+from .tls import TlsSetupError
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
@@ -84,6 +85,14 @@ def listen_problem(address: str, port: int) -> str | None:
 def cannot_listen(address: str, port: int, exc: OSError) -> str:
     """How a failure to listen on ``address:port`` is told."""
     return f"cannot listen on {where(address, port)}: {exc.strerror or exc}"
+
+
+def _tls_note(settings: Settings) -> str:
+    """What the start's log line says of TLS."""
+    if settings.tls_cert is None:
+        return "; plain TCP (no TLS)"
+    clients = f"client certificates of {settings.tls_client_ca}" if settings.tls_client_ca else "no client certificate"
+    return f"; TLS with {settings.tls_cert}, {clients}"
 
 
 class Listener(Daemon):
@@ -133,9 +142,14 @@ class Listener(Daemon):
         problem = self._make_lock_dirs()
         if problem is not None:
             raise StartFailed(problem)
+        try:
+            tls_context = settings.tls_context()
+        except TlsSetupError as exc:
+            raise StartFailed(f"cannot use TLS: {exc}") from None
         self.ctx = ServerContext(
             self.instance, self.table, daemon_log.get("server"), limits=settings.limits,
             lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir, gid=settings.gid,
+            tls=tls_context,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
         self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
@@ -143,11 +157,13 @@ class Listener(Daemon):
         limits = settings.limits
         self.log.info(
             "listener started on %s, locks in %s; limits: %d clients, %d locks per client, frames of %d bytes, "
-            "handshake %g s, dead client %g s%s", where(settings.bind, bound), mechanism, limits.max_clients,
+            "handshake %g s, dead client %g s%s%s", where(settings.bind, bound), mechanism, limits.max_clients,
             limits.max_locks_per_client, limits.max_frame, limits.handshake_timeout, limits.dead_client_bound,
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
+            _tls_note(settings),
         )
-        return f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}: {mechanism}"
+        tls_said = " (TLS)" if tls_context is not None else ""
+        return f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}{tls_said}: {mechanism}"
 
     def _make_lock_dirs(self) -> str | None:
         """The record-lock directory exists when record locks are OS file locks (no table), or why not.

@@ -26,6 +26,14 @@ blocking: while none waits the server sleeps in ``recv``; while some do, in
 is due (a deadline, an interim Waiting message, or the next look the
 mechanism's ``pauses()`` asks for). So a waiting request neither blocks the
 client's other requests nor costs more than a few system calls a second.
+
+On a TLS port the lock server does the TLS handshake first, within the
+handshake timeout, before it reads the Hello: here, in the forked process,
+so that a slow handshake never holds up the listener's accept loop. A failed
+one (a plain client, a certificate not accepted, none given when one is
+required) ends the connection, logged with the reason. From then on the
+socket is an SSL socket: bytes already decrypted wait in it where select
+cannot see them, so they are taken before any wait.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +88,7 @@ from dls_proto import (
     choose_version,
     not_a_mode,
     receive,
+    tls,
 )
 from dls_shm import (
     Conflict,
@@ -137,6 +147,10 @@ def _sooner(retry_at: float, expires: float, now: float) -> float:
 
 class ClientGone(Exception):
     """The conversation is over; the reason says how it ended."""
+
+
+class HandshakeFailed(ClientGone):
+    """The TLS handshake failed: the reason says why (a plain client, a certificate not accepted)."""
 
 
 @dataclass
@@ -200,8 +214,12 @@ class LockServer:
         self._configure_socket()
         keep = False
         try:
+            if self.ctx.tls is not None:
+                self._start_tls(self.ctx.tls)
             self._greet()
             self._loop()
+        except HandshakeFailed as exc:
+            self.log.warning("closing connection from %s: TLS handshake failed: %s", self._who(), exc)
         except Stopped as stop:
             keep = True
             self.log.info("serving %s no more: %s", self._who(), stop)
@@ -255,6 +273,24 @@ class LockServer:
         hello = self.hello
         where = f"{self.peer[0]}:{self.peer[1]}"
         return f"{where} (port {hello.port}, pid {hello.pid})" if hello else where
+
+    def _start_tls(self, context: ssl.SSLContext) -> None:
+        """The TLS handshake, within the handshake timeout; HandshakeFailed says why it failed."""
+        timeout = self.ctx.limits.handshake_timeout
+        self.sock = sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        sock.settimeout(timeout)
+        try:
+            sock.do_handshake()
+        except ssl.SSLError as exc:
+            raise HandshakeFailed(tls.describe(exc)) from None
+        except TimeoutError:
+            raise HandshakeFailed(f"not done within {timeout:g} s") from None
+        except OSError as exc:
+            raise HandshakeFailed(f"connection lost: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        subject = (sock.getpeercert() or {}).get("subject")
+        self.log.debug("TLS with %s: %s, %s%s", self._who(), sock.version(), (sock.cipher() or ("?",))[0],
+                       f", client certificate of {subject}" if subject else "")
 
     def _greet(self) -> None:
         self.sock.settimeout(self.ctx.limits.handshake_timeout)
@@ -314,13 +350,31 @@ class LockServer:
         due = min(self._due(p) for p in self.pending.values())
         bell = self._doorbell()
         watched: list[Any] = [self.sock, bell]
-        readable, _, _ = select.select(watched, [], [], max(0.0, due - now))
+        # Bytes decrypted already (TLS) are data select does not see: do not sleep on them.
+        decrypted = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+        readable, _, _ = select.select(watched, [], [], 0.0 if decrypted else max(0.0, due - now))
         rung = bell in readable
         if rung:
             bell.drain()
         self._retry_pending(rung)
-        if self.sock in readable:
-            self.conn.receive_data(self.sock.recv(65536))
+        if decrypted or self.sock in readable:
+            self._read_ready()
+
+    def _read_ready(self) -> None:
+        """Read what select said is there, without blocking: over TLS a readable socket may hold only part
+        of a record, or a record with nothing for the conversation, and waiting requests must not wait on it."""
+        sock = self.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            self.conn.receive_data(sock.recv(65536))
+            return
+        sock.setblocking(False)
+        try:
+            data = sock.recv(65536)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        finally:
+            sock.setblocking(True)
+        self.conn.receive_data(data)
 
     @staticmethod
     def _due(p: _Pending) -> float:

@@ -7,12 +7,14 @@ change its spelling without touching them.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dls_proto import environment, jdls
 from dls_shm import DEFAULT_PER_GROUP, DEFAULT_RECORDS, Geometry, Instance, TableFlag, geometry_for
 
+from . import tls
 from .context import Limits
 
 DEFAULT_BIND = "0.0.0.0"  # noqa: S104 - a lock service serves the other application servers
@@ -55,6 +57,17 @@ class Settings:
     syslog: bool = False
     #: --group: the gid of the table's IPC objects and the instance's directories; None: the instance's.
     group: int | None = None
+    #: TLS on the port: the certificate and its key (--tls-cert, --tls-key), and the CA client certificates
+    #: must be signed by (--tls-client-ca; None: no client certificate asked for). No certificate: plain TCP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The port's TLS context, None without --tls-cert; TlsSetupError names the file that cannot be used."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return tls.server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @property
     def gid(self) -> int:

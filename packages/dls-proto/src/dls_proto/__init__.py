@@ -6,7 +6,7 @@ Everything a peer needs is exported here; other packages import only from this m
 the three submodules above), never from its other submodules.
 """
 
-from . import environment, identity, jdls
+from . import environment, identity, jdls, tls
 from .__about__ import __version__
 from .codec import encode
 from .connection import (
@@ -67,7 +67,8 @@ from .transport import SpinningReader, exchange, receive
 __all__ = [
     "ALL_THREADS", "LOCK_MODES", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
-    "exchange", "identity", "jdls", "receive", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
+    "exchange", "identity", "jdls", "receive", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC",
+    "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",

@@ -4,7 +4,8 @@ Every program that needs the service's address reads it here: the client
 library, ``jdls -C`` and the utilities. The syntax is jDLS's: comma-separated
 options, ``SERVER=host{,port}``, ``SERVER2=host{,port}``, ``WAIT``,
 ``TIMEOUT=seconds``, ``BINARY``, ``OSLOCKS``, ``LOCK=EXTERNAL|INTERNAL|ALL``,
-``VERBOSE``, ``TRACE=file``; set but empty means localhost, port 50002.
+``VERBOSE``, ``TRACE=file``, and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
+``KEY=file`` (see dls_proto.tls); set but empty means localhost, port 50002.
 Anything else is refused with a message naming the option: a service that
 guessed would let two processes disagree on where their locks are.
 """
@@ -12,10 +13,12 @@ guessed would let two processes disagree on where their locks are.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+from . import tls as _tls
 from .errors import ConfigurationError
 
 VARIABLE = "JDLS"
@@ -24,7 +27,9 @@ DEFAULT_PORT = 50002
 #: Seconds of silence a client allows the service before giving it up.
 DEFAULT_TIMEOUT = 30.0
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
-_FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE")
+_FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE", "TLS")
+#: The TLS options naming a file: JDLS name -> Config field.
+_TLS_FILES = {"CA": "ca", "CERT": "cert", "KEY": "key"}
 _SERVERS = ("SERVER", "SERVER2")
 
 
@@ -59,7 +64,9 @@ class Config:
     """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
     SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
     silent (TIMEOUT), whether binary locks (BINARY) and record locks as OS file locks (OSLOCKS) go to the
-    service, which lock kinds it takes (LOCK), and the trace. ``Config()`` is JDLS set but empty.
+    service, which lock kinds it takes (LOCK), and the trace; and whether the connection is TLS (TLS), which
+    CA its server's certificate must chain to (CA; None: the system's) and the client's own certificate and
+    key (CERT, KEY), for SERVER and SERVER2 alike. ``Config()`` is JDLS set but empty.
     """
 
     server: Server = Server(DEFAULT_HOST)
@@ -71,6 +78,15 @@ class Config:
     lock: str = "ALL"
     verbose: bool = False
     trace: str | None = None
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context to connect with (None without TLS); ConfigurationError names the option whose file
+        is wrong."""
+        return _tls.client_context(self.ca, self.cert, self.key) if self.tls else None
 
     @classmethod
     def from_environment(cls: type[C], environ: Mapping[str, str] | None = None) -> C | None:
@@ -89,7 +105,9 @@ def parse(text: str, config: type[C]) -> C: ...
 def parse(text: str, config: type[Config] = Config) -> Config:
     """Parse a JDLS value into ``config`` (Config or a subclass); ConfigurationError names the first
     thing wrong with it."""
-    return config(**_options(text))
+    made = config(**_options(text))
+    made.ssl_context()  # a certificate that cannot be used is refused with the rest of the value
+    return made
 
 
 def named_server(text: str) -> Server | None:
@@ -139,13 +157,22 @@ def _options(text: str) -> dict[str, Any]:
             if not value:
                 raise ConfigurationError("JDLS TRACE: expected TRACE=file")
             values["trace"] = value
+        elif name in _TLS_FILES:
+            if not eq or not value:
+                raise ConfigurationError(f"JDLS {name}: expected {name}=file")
+            values[_TLS_FILES[name]] = value
         elif not token:
             raise ConfigurationError(f"JDLS: empty option in {text!r}")
         else:
             raise ConfigurationError(
                 f"JDLS: unknown option {token!r}; expected SERVER, SERVER2, WAIT, TIMEOUT, BINARY, OSLOCKS, "
-                "LOCK, VERBOSE or TRACE"
+                "LOCK, VERBOSE, TRACE, TLS, CA, CERT or KEY"
             )
     if "server2" in values and "server" not in values:
         raise ConfigurationError("JDLS SERVER2 has no meaning without SERVER")
+    for name, field in _TLS_FILES.items():
+        if field in values and "tls" not in values:
+            raise ConfigurationError(f"JDLS {name} has no meaning without TLS")
+    if "key" in values and "cert" not in values:
+        raise ConfigurationError("JDLS KEY has no meaning without CERT (the certificate it belongs to)")
     return values

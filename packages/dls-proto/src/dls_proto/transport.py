@@ -13,13 +13,23 @@ runnable processes than cores, sampled from /proc/loadavg now and then) and
 while polls keep finding data (after ``MISSES`` empty polls in a row it rests
 for ``REST`` reads).
 
+Over TLS the socket is an ``ssl.SSLSocket``: bytes already decrypted wait in
+its SSL object (``pending()``), where poll and select cannot see them, so they
+are taken first; a poll then watches the descriptor for the next record
+(``recv`` of an SSL socket takes no flags). A client reads in slices of a
+socket timeout, which an SSL socket reports as a timeout: the reader turns it
+into the BlockingIOError that a plain socket's receive timeout raises, so that
+callers see one thing.
+
 Everything else about the conversation stays in the sans-IO ``Connection``.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -50,6 +60,10 @@ class SpinningReader:
 
     def __init__(self, sock: socket.socket, size: int = 65536, *, spin: float = SPIN_SECONDS) -> None:
         self._recv = sock.recv
+        self._tls = sock if isinstance(sock, ssl.SSLSocket) else None
+        if self._tls is not None:
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
         self._size = size
         self._spin = spin
         self._misses = 0
@@ -58,6 +72,8 @@ class SpinningReader:
         self._spare_core = True
 
     def read(self) -> bytes:
+        if self._tls is not None:
+            return self._read_tls(self._tls)
         if self._rest:
             self._rest -= 1
         elif self._spin and self._has_spare_core():
@@ -65,6 +81,33 @@ class SpinningReader:
             if data is not None:
                 return data
         return self._recv(self._size)
+
+    def _read_tls(self, tls: ssl.SSLSocket) -> bytes:
+        """``read`` over TLS: decrypted bytes first, then a poll of the descriptor, then ``recv``."""
+        if not tls.pending():
+            if self._rest:
+                self._rest -= 1
+            elif self._spin and self._has_spare_core():
+                self._poll_tls()
+        try:
+            return tls.recv(self._size)
+        except TimeoutError as exc:
+            if exc.errno is not None:  # ETIMEDOUT from the kernel: the peer is gone, not a slice that passed
+                raise
+            raise BlockingIOError("no data within the socket's timeout") from None
+
+    def _poll_tls(self) -> None:
+        """Wait up to the spin for the descriptor to become readable (then ``recv`` does not sleep)."""
+        poll = self._poller.poll
+        end = time.perf_counter() + self._spin
+        while not poll(0):
+            if time.perf_counter() >= end:
+                self._misses += 1
+                if self._misses >= MISSES:
+                    self._misses = 0
+                    self._rest = REST
+                return
+        self._misses = 0
 
     def _has_spare_core(self) -> bool:
         if self._until_sample:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from typing import Any
 
 from dls_proto import (
@@ -27,6 +28,7 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
+    tls,
 )
 
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
@@ -37,8 +39,10 @@ class RemoteError(Exception):
     """The snapshot could not be had; the message names the server and why."""
 
 
-def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-    """The service's snapshot: {"host", "mechanism", "locks": [entry_json...], "info": [documents]}."""
+def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
+                   tls_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """The service's snapshot: {"host", "mechanism", "locks": [entry_json...], "info": [documents]}; over TLS
+    with ``tls_context`` (JDLS TLS), the server's certificate verified for ``server.host``."""
     where = f"lock service at {server.host}, port {server.port}"
     try:
         hello = identity.hello()
@@ -46,8 +50,10 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[
         raise RemoteError(str(exc)) from None
     try:
         sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        if tls_context is not None:
+            sock = tls.wrap(sock, tls_context, server.host, timeout)
     except OSError as exc:
-        raise RemoteError(f"cannot connect to the {where}: {exc.strerror or exc}") from None
+        raise RemoteError(f"cannot connect to the {where}: {tls.failure(exc)}") from None
     try:
         with sock:
             conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
@@ -62,7 +68,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT) -> dict[
     except ProtocolError as exc:
         raise RemoteError(f"the {where} does not speak the dls protocol as expected: {exc}") from None
     except OSError as exc:
-        raise RemoteError(f"connection to the {where} failed: {exc.strerror or exc}") from None
+        raise RemoteError(f"connection to the {where} failed: {tls.failure(exc)}") from None
     try:
         document = json.loads(reply.payload)
     except ValueError as exc:

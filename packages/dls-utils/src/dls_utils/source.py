@@ -41,7 +41,8 @@ def server_argument(text: str) -> Server:
 def source_help(local: str) -> str:
     """How a tool's epilog says where its information comes from; ``local`` names the local source."""
     return (f"source: --server host[,port], else --local, else SERVER=host{{,port}} of ${jdls.VARIABLE}\n"
-            f"(port {jdls.DEFAULT_PORT} when not given), else {local}.")
+            f"(port {jdls.DEFAULT_PORT} when not given), else {local}.\n"
+            f"A service is asked over TLS when ${jdls.VARIABLE} says TLS (with its CA, CERT, KEY).")
 
 
 def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:
@@ -69,9 +70,13 @@ def chosen_server(args: argparse.Namespace) -> Server | None:
 
 
 def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
-    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had."""
+    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had. The connection
+    is TLS as $JDLS asks (TLS, CA, CERT, KEY), whichever server is asked: the utility is the client there."""
     try:
-        snapshot = fetch_snapshot(server)
+        config = jdls.Config.from_environment()
+        snapshot = fetch_snapshot(server, tls_context=config.ssl_context() if config is not None else None)
+    except ValueError as exc:  # JDLS refused, as clients refuse it
+        raise Failure(str(exc)) from None
     except RemoteError as exc:
         raise Failure(str(exc)) from None
     host = snapshot.get("host") or server.host
