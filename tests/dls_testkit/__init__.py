@@ -12,6 +12,7 @@ On the root pytest ``pythonpath``, so any test module or conftest imports it by 
 - ``service``: ``Service``, a real jdls of the test's own instance, stopped and checked at the end;
 - ``clients``: a data file, clients of a service, who holds a lock, the table's slots;
 - ``crew``: client processes hammering one record lock, and the counter that proves exclusion;
+- ``users``: code run as another local user (``as_user``, ``NOBODY``), a directory that user can reach;
 - ``wire``: a client speaking the protocol by hand over a socket;
 - ``fake_service``: an in-process lock service over a socketpair, scripted by the test, for the client's
   connection code without a daemon;
@@ -40,10 +41,12 @@ from .ipc import free_key, ipc_left, ipcs_lines, own_table, remove_ipc
 from .ports import free_port
 from .processes import Children, Pipe, alive, gone, processes_of, running
 from .service import DLS_LOCK, FOREIGN, Service, instance_env, make_service, running_service
+from .users import NOBODY, SERVICE_GID, as_user, reachable_dir
 from .waiting import wait_for
 from .wire import dribble, greet, hello, receive
 
 __all__ = [
+    "NOBODY", "SERVICE_GID", "as_user", "reachable_dir",
     "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeLockService", "FakeService", "Pipe",
     "Service", "alive", "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone",
     "dribble", "greet", "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder",

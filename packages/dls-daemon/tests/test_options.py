@@ -85,6 +85,8 @@ def connect(service) -> socket.socket:
         (["-i", "--lock-dir", ""], "invalid directory ''"),
         (["-k", "--lock-dir", "/tmp/x"], "--lock-dir applies only to -i, not to -k"),
         (["-k", "--syslog"], "--syslog applies only to -i"),
+        (["-k", "--group", "0"], "--group applies only to -i, not to -k"),
+        (["-i", "--group", "no-such-group-of-dls"], "no group named 'no-such-group-of-dls'"),
         (["-d", "--stop-timeout", "1"], "--stop-timeout applies only to -i and -k"),
         (["--unit", "-v"], "-v applies only to -i and -d and -C, not to --unit"),
         (["--unit", "-K"], "not allowed with"),
@@ -235,7 +237,7 @@ def test_limits_and_directories_reach_the_listener(service, tmp_path: Path) -> N
                           "--max-clients", "9", "--max-locks", "5", "--max-frame", "4096", "--handshake-timeout", "2")
     assert result.returncode == 0, result.stderr
     assert f"OS file locks in {locks} (no lock table)" in result.stdout
-    assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o1777
+    assert locks.is_dir() and locks.stat().st_mode & 0o7777 == 0o3770
     assert not binary.exists()  # made on first use only
     assert ("limits: 9 clients, 64 per address, 5 locks per client, frames of 4096 bytes, handshake 2 s, "
             "dead client 7 s"

@@ -127,9 +127,10 @@ def test_a_lock_makes_its_directory_and_lock_file(locks: OsLocks, lock_dir: Path
     assert g.value == resource_value(INODE, DEVICE, KEY)
     assert [p.name for p in lock_dir.iterdir()] == [FILE]
     assert locks.path_of(INODE, DEVICE) == lock_dir / FILE
-    assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o666
+    assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o660
+    assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o3770
     locks.unlock(g.handle)
-    assert (lock_dir / FILE).exists(), "lock files are never removed"
+    assert not (lock_dir / FILE).exists(), "a lock file goes with its last lock"
 
 
 def test_exclusive_excludes_another_thread_which_is_told_who_holds_it(locks: OsLocks) -> None:
@@ -252,18 +253,18 @@ def test_a_lock_file_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> Non
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     locks = OsLocks(blocker / "jbase")
-    with pytest.raises(OsLockError, match=r"cannot open lock file .*not-a-directory.*: Not a directory"):
+    with pytest.raises(OsLockError, match=r"cannot use the lock directory .*not-a-directory.*: Not a directory"):
         locks.lock(owner(), INODE, DEVICE, KEY, EX)
     assert locks.close() == 0
 
 
-def test_lock_files_are_made_writable_by_all_whatever_the_umask(lock_dir: Path) -> None:
+def test_lock_files_are_made_for_the_group_whatever_the_umask(lock_dir: Path) -> None:
     old = os.umask(0o077)
     try:
         locks = OsLocks(lock_dir)
         g = locks.lock(owner(), INODE, DEVICE, KEY, EX)
         assert isinstance(g, Grant)
-        assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o666
+        assert stat.S_IMODE((lock_dir / FILE).stat().st_mode) == 0o660
         locks.close()
     finally:
         os.umask(old)
@@ -690,6 +691,7 @@ def test_lines_of_proc_locks_are_matched_by_device_and_inode(tmp_path: Path, loc
         f"2: -> POSIX  ADVISORY  WRITE 4343 {where} 5 5\n"
         f"3: OFDLCK ADVISORY  READ -1 {where} 0 EOF\n"
         f"4: FLOCK  ADVISORY  WRITE 4444 {other} 0 EOF\n"
+        f"6: OFDLCK ADVISORY  WRITE -1 {where} 0 EOF\n"  # a removal's whole-file lock: no record is held
         "5: POSIX  ADVISORY  WRITE 4545 <none>:0 0 EOF\n"
         "garbage\n"
     )

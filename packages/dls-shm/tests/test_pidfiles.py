@@ -20,7 +20,7 @@ def test_text_and_read_round_trip(tmp_path: Path) -> None:
     assert record.started == psutil.Process().create_time()
     path = tmp_path / "jdls-monitor.pid"
     path.write_text(record.text())
-    assert path.read_text() == f"{os.getpid()}\n{record.started:.6f}\n"
+    assert path.read_text() == f"{os.getpid()}\n{record.started:.6f}\n{psutil.Process().name()}\n"
     back = pidfiles.read(path)
     assert back is not None and back.pid == record.pid
     assert abs(back.started - record.started) < 1e-6
@@ -151,3 +151,51 @@ def test_a_held_pid_file_is_running_for_both_and_refuses_a_second_holder(tmp_pat
     finally:
         held.release()
     assert not path.exists()
+
+
+def test_a_record_names_its_process_by_start_time_and_command() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        me = pidfiles.record_of(sleeper.pid)
+        assert me.command == "sleep" and me.alive() and me.impostor() is None
+        other = PidRecord(sleeper.pid, me.started, "jdls")
+        assert not other.alive()
+        assert other.impostor() == f"pid {sleeper.pid} runs 'sleep', not 'jdls'"
+        earlier = PidRecord(sleeper.pid, me.started - 10, "sleep")
+        assert not earlier.alive() and "is now a process started at" in (earlier.impostor() or "")
+        assert PidRecord(sleeper.pid, me.started).alive(), "a file of an older version: the start time decides"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert me.impostor() is None, "gone: nothing to signal, nothing to tell"
+
+
+@pytest.mark.parametrize("problem", ["symlink", "world-writable"])
+def test_an_untrusted_pid_file_is_refused_not_believed(tmp_path: Path, problem: str) -> None:
+    path = tmp_path / "jdls-monitor.pid"
+    real = tmp_path / "elsewhere"
+    real.write_text(pidfiles.record_of(os.getpid()).text())
+    if problem == "symlink":
+        path.symlink_to(real)
+    else:
+        real.rename(path)
+        path.chmod(0o666)
+    with pytest.raises(OSError, match="jdls-monitor.pid: " + ("is a symbolic link" if problem == "symlink"
+                                                             else r"writable by others \(mode 0666\)")):
+        pidfiles.read(path)
+    assert pidfiles.read_or_none(path) is None
+
+
+def test_pid_files_are_0640_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        pidfiles.write(tmp_path / "run" / "1.pid", pidfiles.record_of(os.getpid()))
+        held = pidfiles.HeldPidFile.acquire(tmp_path / "run" / "held.pid")
+    finally:
+        os.umask(old)
+    try:
+        modes = {p.name: p.stat().st_mode & 0o7777 for p in (tmp_path / "run").iterdir()}
+        assert modes == {"1.pid": 0o640, "held.pid": 0o640}
+        assert (tmp_path / "run").stat().st_mode & 0o7777 == 0o750
+    finally:
+        held.release()

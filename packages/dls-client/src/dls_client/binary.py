@@ -3,11 +3,14 @@
 A client without JDLS BINARY (and every LocalClient) takes binary locks here,
 with fcntl on the file itself; execution locks 0-255 are the files
 ``execution_lock_NNN`` in the binary lock directory (JDLS_BINARY_LOCK_DIR, made
-on first use). With BINARY a Client sends them to the service instead
-(``Client.binary_lock``). Open-file-description locks are used where the OS
-has them (Linux): owned by the open file, so two locks of one process exclude
-each other and closing another descriptor of the file does not drop them; they
-conflict with POSIX fcntl locks.
+on first use). That directory is the service group's (mode 03770: members lock
+there, nobody else even looks in); one that is a symlink or writable by others
+is refused, and its files are made 0660 and never opened through a symlink.
+With BINARY a Client sends them to the service instead (``Client.binary_lock``).
+Open-file-description locks are used where the OS has them (Linux): owned by
+the open file, so two locks of one process exclude each other and closing
+another descriptor of the file does not drop them; they conflict with POSIX
+fcntl locks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import time
 from types import TracebackType
@@ -24,6 +28,9 @@ from dls_proto import Mode, environment
 from .errors import DlsError, Holder, LockRefused, LockTimeout
 from .locks import FileLike, FileRef
 
+#: The binary lock directory (made on first use) and its execution-lock files: the service's group only.
+LOCK_DIR_MODE = 0o3770
+LOCK_FILE_MODE = 0o660
 #: Execution locks are numbered 0 to 255, as jBASE's.
 EXECUTION_LOCKS = range(256)
 
@@ -54,9 +61,19 @@ def execution_lock(number: int, mode: int, *, wait: bool, timeout: float | None)
     """Execution lock ``number`` on this host: ``execution_lock_NNN`` in the binary lock directory."""
     directory = environment.binary_lock_dir()
     try:
-        os.makedirs(directory, mode=0o777, exist_ok=True)
+        os.makedirs(directory.parent, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, LOCK_DIR_MODE)  # whatever the umask
+        except FileExistsError:
+            pass
+        st = os.lstat(directory)
     except OSError as exc:
         raise DlsError(f"cannot make the binary lock directory {os.fspath(directory)!r}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IWOTH:
+        what = ("not a directory" if not stat.S_ISDIR(st.st_mode)
+                else f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+        raise DlsError(f"cannot use the binary lock directory {os.fspath(directory)!r}: {what}")
     path = os.path.join(directory, f"execution_lock_{execution_number(number):03d}")
     return LocalBinaryLock.take(path, mode, wait=wait, timeout=timeout, create=True)
 
@@ -76,10 +93,12 @@ class LocalBinaryLock:
     def take(cls, path: str, mode: int, *, wait: bool, timeout: float | None, create: bool) -> LocalBinaryLock:
         """Lock ``path`` whole: shared for NL, CR and PR, exclusive for CW, PW and EX."""
         shared = mode in _SHARED
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC
+        flags = os.O_RDWR | (os.O_CREAT | os.O_NOFOLLOW if create else 0) | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(path, flags, 0o666)
+                fd = os.open(path, flags, LOCK_FILE_MODE)
+                if create and os.fstat(fd).st_size == 0 and os.fstat(fd).st_uid == os.geteuid():
+                    os.fchmod(fd, LOCK_FILE_MODE)
             except PermissionError:
                 if not shared:
                     raise

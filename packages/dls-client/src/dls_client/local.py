@@ -173,7 +173,7 @@ class LocalClient(BaseClient):
     def _new_oslocks(self) -> dls_shm.OsLocks:
         """OS locks of this process in lock_dir, which refuse once a table serves the instance."""
         assert self.lock_dir is not None and self._instance is not None  # OS locks only for a known instance
-        return dls_shm.OsLocks(self.lock_dir, table_key=self._instance.key)
+        return dls_shm.OsLocks(self.lock_dir, table_key=self._instance.key, owners=self._instance.owners())
 
     def _again(self, exc: dls_shm.TableError, call: Callable[[dls_shm.LockMechanism], T], what: str) -> T:
         """``call(mechanism)`` again after ``exc``: in the table when one now serves the instance (TableServes:

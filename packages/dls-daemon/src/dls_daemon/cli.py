@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dls_proto import DEFAULT_MAX_FRAME, environment, jdls
-from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for
+from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
 from .context import (
@@ -218,6 +218,13 @@ _directory = _path("directory")
 _file = _path("file")
 
 
+def _group(text: str) -> int:
+    try:
+        return trusted.group_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jdls",
@@ -274,6 +281,14 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
+    start_opts.add_argument("--group", type=_group, default=None, metavar="NAME|GID",
+                            help="the service's group: the lock table's shared memory and semaphore are made "
+                            "mode 0660 in it, and the instance directory and the lock directories belong to it; "
+                            "application processes that lock on this host (local clients, dls-lock, the "
+                            "utilities) must run as a member, and nobody else can reach the table or the lock "
+                            "files. Default: the group of the instance directory ($JBCRELEASEDIR), so "
+                            "'chgrp GROUP $JBCRELEASEDIR' is the whole setup; a directory made by jdls gets "
+                            "the group of the user running it")
     start_opts.add_argument("--max-frame", type=_frame, default=None, metavar="BYTES",
                             help=f"largest message a client may send (default {DEFAULT_MAX_FRAME})")
     start_opts.add_argument("--handshake-timeout", type=_timeout, default=None, metavar="S",
@@ -342,7 +357,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
         "--dead-client", "--syslog", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
-        "--tls-cert", "--tls-key", "--tls-client-ca",
+        "--group", "--tls-cert", "--tls-key", "--tls-client-ca",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
     "--stop-timeout": frozenset({"start", "stop"}),
@@ -373,6 +388,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
         "--allow": args.allow is not None, "--admin-allow": args.admin_allow is not None,
         "--max-per-address": args.max_per_address is not None, "--refuse-os-locks": args.refuse_os_locks,
+        "--group": args.group is not None,
         "--tls-cert": args.tls_cert is not None, "--tls-key": args.tls_key is not None,
         "--tls-client-ca": args.tls_client_ca is not None,
         "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
@@ -472,7 +488,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         or environment.binary_lock_dir(),
         syslog=args.syslog, allow=tuple(args.allow or ()),
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        group=args.group, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )
 
 
@@ -508,13 +524,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jdls: cannot use TLS: {exc}", file=sys.stderr)
             return ExitCode.FAILED
         return start(settings, _roles(args), background=args.background and not args.foreground)
-    if args.action == "stop":
-        roles = _roles(args)
-        return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
-    if args.action == "remove":
-        return remove_ipc(instance, override=args.override)
+    if args.action in ("stop", "remove"):
+        try:
+            instance.check_dirs()  # nothing named by a planted file is signalled, no planted table removed
+            if args.action == "remove":
+                return remove_ipc(instance, override=args.override)
+            roles = _roles(args)
+            return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
+        except trusted.Untrusted as exc:
+            print(f"jdls: {exc}: refused", file=sys.stderr)
+            return ExitCode.FAILED
     try:
         return display(instance, verbose=args.verbose, locks=args.locks)
+    except trusted.Untrusted as exc:
+        print(f"jdls: {exc}: refused", file=sys.stderr)
+        return ExitCode.FAILED
     except BrokenPipeError:  # a reader that stopped reading (head, less) is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

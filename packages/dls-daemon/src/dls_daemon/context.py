@@ -93,4 +93,6 @@ class ServerContext:
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: Peers that may read the lock snapshot (InfoGet): --admin-allow.
     admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
+    #: The service's group (jdls --group): a lock directory made on first use belongs to it.
+    gid: int | None = None
     tls: ssl.SSLContext | None = None

@@ -42,7 +42,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from dls_proto import Error, ErrorCode, encode
-from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles
+from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles, trusted
 
 from . import lockserver
 from . import log as daemon_log
@@ -163,6 +163,7 @@ class Listener(Daemon):
         self.ctx = ServerContext(
             self.instance, self.table, daemon_log.get("server"), limits=limits,
             lock_dir=settings.lock_dir, binary_lock_dir=settings.binary_lock_dir, admin_allow=settings.admin_allow,
+            gid=settings.gid,
             tls=tls_context,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
@@ -190,24 +191,20 @@ class Listener(Daemon):
         """The record-lock directory exists when record locks are OS file locks (no table), or why not.
 
         Made at start so that a listener that could not lock anything fails at once; one it
-        creates is made like /tmp (mode 1777): local processes of every user lock there. The
-        binary-lock directory is made on first use only, so that a service that never takes a
-        binary lock leaves nothing behind.
+        creates is the service group's (``trusted.SHARED``, 03770): the local processes of the
+        group lock there, nobody else. One already there is checked (no symlink, no other user's,
+        not writable by others). The binary-lock directory is made on first use only, so that a
+        service that never takes a binary lock leaves nothing behind.
         """
         wanted = [self.settings.lock_dir] if self.table is None else []
         for directory in wanted:
             try:
-                if not directory.is_dir():
-                    directory.mkdir(parents=True)
-                    directory.chmod(0o1777)
-            except FileExistsError:
-                pass  # made meanwhile by another listener, or a file is in the way: the check below tells
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                trusted.make_dir(directory, trusted.SHARED, gid=self.settings.gid)
+            except trusted.Untrusted as exc:
+                return f"cannot use the lock directory {exc}"
             except OSError as exc:
                 return f"cannot use the lock directory {directory}: {exc.strerror or exc}"
-            if not directory.is_dir():
-                return f"cannot use the lock directory {directory}: not a directory"
-            if not os.access(directory, os.W_OK | os.X_OK):
-                return f"cannot use the lock directory {directory}: not writable"
         return None
 
     # -- the loop's work ----------------------------------------------------------------

@@ -210,7 +210,7 @@ class LockServer:
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
         self.admin = address_in(peer[0], ctx.admin_allow)
-        self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key)
+        self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key, gid=ctx.gid)
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
         self._routed = self.mechanisms.routed

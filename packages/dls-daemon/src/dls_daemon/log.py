@@ -22,13 +22,15 @@ says how many were left out.
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
 import sys
 import time
+from pathlib import Path
 
-from dls_shm import Instance
+from dls_shm import Instance, trusted
 
 #: The root of the daemon's loggers; lock servers log under ``jdls.server``.
 LOGGER = "jdls"
@@ -119,6 +121,23 @@ def _syslog_handler() -> tuple[logging.Handler | None, str | None]:
     return handler, None
 
 
+class TrustedFileHandler(logging.handlers.WatchedFileHandler):
+    """A log file opened without following a symlink and checked (``trusted``), made with ``mode`` whatever
+    the umask: a planted ``log/jdls.log -> /etc/shadow`` is refused, not appended to, also when the file is
+    opened again after logrotate moved it (a WatchedFileHandler). The error trace is made 0660 (``mode``),
+    because the application's processes of the service's group append to it too."""
+
+    def __init__(self, path: Path, *, mode: int = trusted.FILE) -> None:
+        self.file_mode = mode
+        super().__init__(path, encoding="utf-8", delay=False)
+
+    def _open(self) -> io.TextIOWrapper:
+        shared = self.file_mode == trusted.GROUP_FILE  # the error trace: any process of the group may make it
+        fd = trusted.open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=self.file_mode,
+                               shared=shared, owners=trusted.ANY_OWNER if shared else None)
+        return open(fd, "a", encoding="utf-8")
+
+
 def setup(
     instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False, syslog: bool = False,
 ) -> logging.Logger:
@@ -137,8 +156,8 @@ def setup(
     formatter = logging.Formatter(FORMAT)
     role_filter = _RoleFilter()
     limit = RateLimit()
-    handlers: list[logging.Handler] = [logging.handlers.WatchedFileHandler(instance.log_file, encoding="utf-8")]
-    trace = logging.handlers.WatchedFileHandler(instance.error_trace, encoding="utf-8")
+    handlers: list[logging.Handler] = [TrustedFileHandler(instance.log_file)]
+    trace = TrustedFileHandler(instance.error_trace, mode=trusted.GROUP_FILE)
     trace.setLevel(logging.ERROR)
     handlers.append(trace)
     if to_stderr:

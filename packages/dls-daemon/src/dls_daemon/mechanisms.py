@@ -27,8 +27,10 @@ from dls_shm import LockMechanism, LockTable, OsLocks
 class Mechanisms:
     """The mechanisms a lock server locks with: ``main`` for plain record locks, OS locks for the rest."""
 
-    def __init__(self, table: LockTable | None, lock_dir: Path, binary_lock_dir: Path, table_key: int) -> None:
+    def __init__(self, table: LockTable | None, lock_dir: Path, binary_lock_dir: Path, table_key: int, *,
+                 gid: int | None = None) -> None:
         self.table = table
+        self._gid = gid
         self._dirs = {False: lock_dir, True: binary_lock_dir}
         #: The instance's table key, which OS record locks look at when they are the main mechanism.
         self._table_key = table_key
@@ -44,7 +46,8 @@ class Mechanisms:
         locks = self._os.get(binary)
         if locks is None:
             main = not binary and self.table is None
-            locks = self._os[binary] = OsLocks(self._dirs[binary], table_key=self._table_key if main else None)
+            locks = self._os[binary] = OsLocks(self._dirs[binary], table_key=self._table_key if main else None,
+                                                 gid=self._gid)
         return locks
 
     def for_flags(self, flags: int) -> LockMechanism:

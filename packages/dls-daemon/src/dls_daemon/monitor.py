@@ -62,13 +62,19 @@ class Monitor(Daemon):
         try:
             table, created = LockTable.create(
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
-                tidy_period=self.settings.tidy_seconds, lock_delay=self.settings.lock_delay,
+                tidy_period=self.settings.tidy_seconds, lock_delay=self.settings.lock_delay, gid=self.settings.gid,
             )
         except (TableError, ValueError) as exc:
             raise StartFailed(f"cannot create the lock table: {exc}") from None
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
         if not created:
+            try:
+                if table.set_access(self.settings.gid):
+                    self.log.info("lock table 0x%08x: now mode 0660 in group %d", self.instance.key, self.settings.gid)
+            except TableError as exc:
+                self.log.warning("%s", exc)
+                report.warn(str(exc))
             for warning in self._ignored_settings(table):
                 self.log.warning(warning)
                 report.warn(warning)

@@ -59,6 +59,8 @@ class Settings:
     admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
     #: Log to syslog too (--syslog).
     syslog: bool = False
+    #: --group: the gid of the table's IPC objects and the instance's directories; None: the instance's.
+    group: int | None = None
     #: TLS on the port: the certificate and its key (--tls-cert, --tls-key), and the CA client certificates
     #: must be signed by (--tls-client-ca; None: no client certificate asked for). No certificate: plain TCP.
     tls_cert: Path | None = None
@@ -70,6 +72,11 @@ class Settings:
         if self.tls_cert is None or self.tls_key is None:
             return None
         return tls.server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    @property
+    def gid(self) -> int:
+        """The service's group: --group, else the group of the instance directory (``Instance.group``)."""
+        return self.instance.group() if self.group is None else self.group
 
     @property
     def geometry(self) -> Geometry:

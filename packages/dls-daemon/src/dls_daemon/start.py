@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TextIO
 
-from dls_shm import LABELS, LISTENER, MONITOR, ROLES, pidfiles
+from dls_shm import LABELS, LISTENER, MONITOR, ROLES, pidfiles, trusted
 
 from . import log as daemon_log
 from .exitcodes import ExitCode
@@ -47,15 +47,19 @@ def start(
     err = err or sys.stderr
     instance = settings.instance
     try:
-        instance.make_dirs()
+        instance.make_dirs(settings.gid)
+        instance.check_files()
+        for role in roles:
+            running = pidfiles.running(instance.pid_file(role))
+            if running is not None:
+                print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
+                return ExitCode.FAILED
+    except trusted.Untrusted as exc:
+        print(f"jdls: {exc}: refused (see 'Local permissions' in the dls-daemon README)", file=err)
+        return ExitCode.FAILED
     except OSError as exc:
         print(f"jdls: cannot set up the instance directory {instance.root}: {exc}", file=err)
         return ExitCode.FAILED
-    for role in roles:
-        running = pidfiles.running(instance.pid_file(role))
-        if running is not None:
-            print(f"jdls: {LABELS[role]} already running at pid {running.pid}", file=err)
-            return ExitCode.FAILED
     if MONITOR in roles:
         problem = start_refusal(settings)
         if problem is not None:

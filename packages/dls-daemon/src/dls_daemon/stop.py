@@ -56,6 +56,7 @@ def stop_roles(
     """Stop the listener, then (with ``servers``) the lock servers, then the monitor; the exit status."""
     out = out or sys.stdout
     status: int = ExitCode.OK
+    _tell_impostors(instance, roles, servers, out)
     if LISTENER in roles:
         status |= _stop_role(instance, LISTENER, timeout, out)
     if servers:
@@ -65,6 +66,22 @@ def stop_roles(
     if MONITOR in roles:
         status |= _stop_role(instance, MONITOR, timeout, out)
     return status
+
+
+def _tell_impostors(instance: Instance, roles: tuple[str, ...], servers: bool, out: TextIO) -> None:
+    """Say which pid files name a live process other than the one that wrote them: that process is not
+    signalled (the file is stale, and is removed as such on the way)."""
+    paths = [instance.pid_file(role) for role in roles]
+    if servers:
+        try:
+            paths += sorted(instance.servers_dir.glob("*.pid"))
+        except OSError:
+            pass
+    for path in paths:
+        record = pidfiles.read_or_none(path)
+        why = None if record is None else record.impostor()
+        if why is not None:
+            print(f"jdls: {path}: {why}: not signalled", file=out)
 
 
 def _stop_role(instance: Instance, role: str, timeout: float, out: TextIO) -> int:

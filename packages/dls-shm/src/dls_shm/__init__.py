@@ -7,7 +7,7 @@ waiters sleep on, the text report of a table that jdls -dvL and dls-dump
 both print, and who holds OS file locks in a lock directory (``proc_locks``).
 """
 
-from . import info, modes, pidfiles, proc_locks, report
+from . import info, modes, pidfiles, proc_locks, report, trusted
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
@@ -68,5 +68,5 @@ __all__ = [
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
-    "resource_value", "info", "pidfiles", "proc_locks", "report", "ring", "unpack_ip",
+    "resource_value", "info", "pidfiles", "proc_locks", "report", "ring", "trusted", "unpack_ip",
 ]

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import modes
+from . import modes, trusted
 from .instance import Instance
 from .layout import SlotFlag, SlotState, unpack_ip
 from .table import Entry
 
 FORMAT = 1
+#: A document longer than this is not read: proc/info is written by the application's processes too
+#: (mode 03770 in the service's group), so what is in it is their word, not the service's.
+MAX_DOCUMENT = 1 << 20
 
 
 def info_path(instance: Instance, port: int) -> Path:
@@ -31,13 +35,13 @@ def info_path(instance: Instance, port: int) -> Path:
 
 
 def write(instance: Instance, port: int, document: dict[str, Any]) -> Path:
-    """Replace the port's information file atomically (readers never see half of it)."""
+    """Replace the port's information file atomically (readers never see half of it): made here 0640, with
+    O_EXCL and never through a symlink."""
     document = {**document, "format": FORMAT, "port": port}
     path = info_path(instance, port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{port}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, sort_keys=True))
-    os.replace(tmp, path)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trusted.write_new(path, json.dumps(document, sort_keys=True).encode())
     return path
 
 
@@ -58,11 +62,26 @@ def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
         if name.startswith("."):
             continue
         try:
-            document = json.loads((instance.info_dir / name).read_text())
-        except (OSError, ValueError):
-            continue  # being replaced, or not ours
+            document = json.loads(_read(instance.info_dir / name))
+        except (OSError, ValueError, RecursionError):
+            continue  # being replaced, not ours, or not to be trusted
         if isinstance(document, dict):
             yield document
+
+
+def _read(path: Path) -> bytes:
+    """A document of proc/info, read as the untrusted input it is: no symlink, no other file type, no more
+    than MAX_DOCUMENT bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | trusted.NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        data = os.read(fd, MAX_DOCUMENT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_DOCUMENT:
+        raise ValueError(f"{path}: longer than {MAX_DOCUMENT} bytes")
+    return data
 
 
 def entry_json(entry: Entry, lock_delay: float = 0.0) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from dls_proto import environment
 
+from . import trusted
+
 #: The release directory used when JBCRELEASEDIR is not set (as every dls program reads it).
 DEFAULT_RELEASE_DIR = environment.DEFAULT_RELEASE_DIR
 #: Environment variable that overrides the derived IPC key (decimal or 0x hex).
@@ -105,6 +107,54 @@ class Instance:
     def server_pid_file(self, pid: int) -> Path:
         return self.servers_dir / f"{pid}.pid"
 
-    def make_dirs(self) -> None:
-        for d in (self.info_dir, self.run_dir, self.log_dir, self.error_trace.parent):
-            d.mkdir(parents=True, exist_ok=True)
+    def group(self) -> int:
+        """The service's group when --group does not name one: the group of the instance directory (so
+        ``chgrp`` of the directory is all an operator does), else this process's, which a new one gets."""
+        try:
+            return os.stat(self.root).st_gid
+        except FileNotFoundError:
+            return os.getegid()
+
+    def owners(self) -> frozenset[int]:
+        """Whom an application's process trusts in this instance: root, itself and the directory's owner
+        (the service's user). The service itself trusts only root and itself (``trusted.trusted_owners``)."""
+        try:
+            return trusted.trusted_owners(os.stat(self.root).st_uid)
+        except FileNotFoundError:
+            return trusted.trusted_owners()
+
+    def dir_modes(self) -> tuple[tuple[Path, int], ...]:
+        """Each directory of the instance with its mode: PRIVATE where only the service writes, SHARED where
+        application processes write too (proc/info for local clients, tmp/ for the error trace)."""
+        return (
+            (self.root, trusted.PRIVATE), (self.root / "proc", trusted.PRIVATE), (self.info_dir, trusted.SHARED),
+            (self.run_dir, trusted.PRIVATE), (self.servers_dir, trusted.PRIVATE), (self.log_dir, trusted.PRIVATE),
+            (self.error_trace.parent, trusted.SHARED),
+        )
+
+    def make_dirs(self, gid: int | None = None) -> None:
+        """Make the instance's directories (modes of ``dir_modes``, group ``gid``, default ``group()``), or
+        check those there; trusted.Untrusted names a directory the service must not use."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        trusted.check_ancestors(self.root)
+        gid = self.group() if gid is None else gid
+        for directory, mode in self.dir_modes():
+            trusted.make_dir(directory, mode, gid=gid)
+
+    def check_files(self) -> None:
+        """Check the service's files that exist (log, error trace, the monitor's and listener's pid files):
+        Untrusted names one that is a symlink, another user's or writable by others."""
+        for path, shared in ((self.log_file, False), (self.error_trace, True),
+                             *((self.pid_file(role), False) for role in ROLES)):
+            try:  # the error trace, in tmp/ (SHARED), may have been made by any process of the group
+                trusted.check(path, shared=shared, owners=trusted.ANY_OWNER if shared else None)
+            except FileNotFoundError:
+                continue
+
+    def check_dirs(self) -> None:
+        """Check the directories that exist (jdls -k, -K): Untrusted names one that must not be used."""
+        for directory, mode in self.dir_modes():
+            try:
+                trusted.check(directory, shared=mode == trusted.SHARED)
+            except FileNotFoundError:
+                continue

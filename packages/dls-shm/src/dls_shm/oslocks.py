@@ -7,8 +7,20 @@ is the release jDLS relies on. The files and bytes locked are a contract like
 the table layout (the README says how they are named): every process that
 takes OS locks must name them alike.
 
-- Lock files are never removed: unlinking a file that another process has open
-  would let two owners lock two different inodes under one name.
+- A lock file is removed when its last lock goes, under a lock: the process
+  letting go of its last lock on the file takes an open-file-description lock
+  on the whole file (which conflicts with every POSIX lock, its own process's
+  too) and unlinks the file only if that succeeds and the name still names that
+  inode. A process that has just opened a file and locked a byte of it looks
+  again whether the name still names its inode; if not (removed meanwhile), it
+  lets go and opens the new file. So two owners never lock two inodes under one
+  name, and files do not pile up. (In a directory of the group, 03770, a file
+  made by another user cannot be removed by this one: it is left for its
+  maker, or the next one to finish with it.)
+- Permissions: the directory is the service group's (``trusted.SHARED``,
+  03770, checked like the instance directory: no symlink, no other user's, not
+  writable by others) and lock files are made 0660, so that nobody outside the
+  group can open, hold or delete a lock file.
 - One byte per key, at a digest of the key: different keys of one file lock
   independently; two keys whose digests collide exclude each other needlessly,
   but never both hold incompatible locks.
@@ -53,15 +65,17 @@ import fcntl
 import hashlib
 import itertools
 import os
+import stat
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import sysv_ipc
 from dls_proto import LOCK_MODES, HolderState, not_a_mode
 
-from . import doorbell
+from . import doorbell, trusted
 from .layout import LOCAL_IP
 from .mechanism import (
     Conflict,
@@ -87,6 +101,12 @@ HANDLE_TAG = 1 << 63
 RETRY_FIRST = 0.05
 RETRY_MAX = 0.25
 
+#: How often a lock is tried while its file is being removed (an OFD lock, pid -1), REMOVAL_PAUSE apart.
+REMOVAL_TRIES = 50
+REMOVAL_PAUSE = 0.0005
+#: The pid F_GETLK reports for an open-file-description lock: here only the whole-file lock of a removal.
+_OFD_PID = -1
+
 #: The OS lock a mode needs: 0 none (NL), 1 a read lock (CR, PR), 2 a write lock (CW, PW, EX).
 NONE, READ, WRITE = 0, 1, 2
 OS_CLASS = (NONE, READ, WRITE, READ, WRITE, WRITE)
@@ -98,7 +118,9 @@ _FCNTL_TYPE = (fcntl.F_UNLCK, fcntl.F_RDLCK, fcntl.F_WRLCK)
 _FLOCK = struct.Struct("@hhqqi")
 _FLOCK_SIZE = 32
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
-_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+#: Open-file-description locks (Linux): they conflict with every POSIX lock, this process's too.
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 #: Handles are unique in the process, across every OsLocks of it.
 _handles = itertools.count(1)
 
@@ -201,9 +223,10 @@ class OsLocks(LockMechanism):
 
     A LockMechanism, as LockTable is (see the module for how waiting works); safe
     to share between the threads of the process that made it. The directory is made
-    when the first lock needs it; lock files are made ``file_mode`` (default
-    readable and writable by all, whatever the umask) so that every user's
-    processes can lock them. ``table_key`` (the instance's table key, for its
+    (``trusted.SHARED``, group ``gid``) when the first lock needs it and checked
+    before the first lock file is opened (``owners``: who may own it, default root
+    and this user); lock files are made ``file_mode`` (default 0660, whatever the
+    umask) so that every process of the group can lock them. ``table_key`` (the instance's table key, for its
     record locks): every OS lock taken is dropped again with TableServes once a
     table exists under that key (see the module).
     """
@@ -212,9 +235,12 @@ class OsLocks(LockMechanism):
     retry_first = RETRY_FIRST
     retry_max = RETRY_MAX
 
-    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = 0o666,
-                 table_key: int | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = trusted.GROUP_FILE,
+                 table_key: int | None = None, owners: frozenset[int] | None = None, gid: int | None = None) -> None:
         self.directory = Path(directory)
+        self._owners = owners
+        self._gid = gid
+        self._checked = False
         #: The instance's table key: a table under it ends this object's locking (TableServes).
         self.table_key = table_key
         self._prefix = os.path.join(os.fspath(directory), "")  # joined by hand: pathlib is slow on this path
@@ -322,9 +348,9 @@ class OsLocks(LockMechanism):
                     return HolderState.MINE, mine.holder
                 return HolderState.OTHER, next(iter(res.holders.values())).holder
             file = self._files.get(name)
-            if file is not None:
+            if file is not None and self._still_named(file):  # else removed: the file now named is asked below
                 h = _os_holder(file.fd, offset, WRITE)
-                return (HolderState.FREE, None) if h is None else (HolderState.OTHER, h)
+                return (HolderState.FREE, None) if h is None or h.pid == _OFD_PID else (HolderState.OTHER, h)
             # No descriptor of this file is open in this process, so none holds a lock that closing could drop.
             try:
                 fd = os.open(self._prefix + name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # F_GETLK only
@@ -336,7 +362,7 @@ class OsLocks(LockMechanism):
                 h = _os_holder(fd, offset, WRITE)
             finally:
                 os.close(fd)
-            return (HolderState.FREE, None) if h is None else (HolderState.OTHER, h)
+            return (HolderState.FREE, None) if h is None or h.pid == _OFD_PID else (HolderState.OTHER, h)
 
     def release_owner(self, pid: int, thread: int | None = None) -> int:
         """Free every lock and queued request of an owner process (or one of its threads); how many."""
@@ -405,16 +431,23 @@ class OsLocks(LockMechanism):
                 self._set(res, needed)
             return None
         before = res.level
-        for _ in range(3):
+        for _ in range(REMOVAL_TRIES):
             if self._set(res, needed):
+                if before == NONE and not self._still_named(res.file):
+                    self._set(res, NONE)  # removed by its last holder before we locked it: open the new one
+                    self._reopen(res.file)
+                    continue
                 if self.table_key is not None and table_serves(self.table_key):
                     self._set(res, before)
                     raise TableServes(self.table_key, self.directory)
                 return None
             holder = _os_holder(res.file.fd, res.offset, needed)
-            if holder is not None:
+            if holder is not None and holder.pid != _OFD_PID:
                 return holder
-            # Released between the two calls: try again.
+            if holder is not None:  # the file's last user is removing it (a moment): open the new one
+                time.sleep(REMOVAL_PAUSE)
+                self._reopen(res.file)
+            # Else released between the two calls: try again.
         return Holder(_REPORTED[needed], 0, 0, 0, 0, LOCAL_IP)
 
     def _set(self, res: _Resource, level: int) -> bool:
@@ -472,13 +505,65 @@ class OsLocks(LockMechanism):
         file.resources -= 1
         if not file.resources:  # no lock of this process on the file: closing drops nothing
             del self._files[file.name]
+            self._remove_if_free(file)
             os.close(file.fd)
 
-    def _open(self, name: str) -> int:
-        path = self._prefix + name
-        for _ in range(3):
+    def _remove_if_free(self, file: _File) -> None:
+        """Unlink a lock file nobody holds a lock on (see the module); the whole-file OFD lock taken to be
+        sure of that is dropped by the close that follows."""
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0).ljust(_FLOCK_SIZE, b"\0")
+        try:
+            fcntl.fcntl(file.fd, _OFD_SETLK, probe)
+        except OSError:
+            return  # held by someone (this process included), or not lockable: leave it
+        if self._still_named(file):
             try:
-                return os.open(path, _OPEN_FLAGS)  # the usual case: the file was made long ago
+                os.unlink(self._prefix + file.name)
+            except OSError:
+                pass  # another user's file in the group's sticky directory: its maker removes it
+
+    def _still_named(self, file: _File) -> bool:
+        """The lock file's name still names the inode this process has open."""
+        try:
+            st = os.stat(self._prefix + file.name, follow_symlinks=False)
+        except OSError:
+            return False
+        fst = os.fstat(file.fd)
+        return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
+
+    def _reopen(self, file: _File) -> None:
+        """Open a lock file's name again (the inode open was removed; this process holds nothing on it)."""
+        fd = self._open(file.name)
+        os.close(file.fd)
+        file.fd = fd
+
+    def _check_directory(self) -> None:
+        """The lock directory may be trusted (once per object; a problem is an OsLockError naming it)."""
+        if self._checked:
+            return
+        try:
+            trusted.make_dir(self.directory, trusted.SHARED, gid=self._gid, owners=self._owners)
+        except FileNotFoundError:
+            try:
+                self.directory.parent.mkdir(parents=True, exist_ok=True)
+                trusted.make_dir(self.directory, trusted.SHARED, gid=self._gid, owners=self._owners)
+            except OSError as exc:
+                raise OsLockError(f"cannot use the lock directory {self.directory}: {exc}") from None
+        except OSError as exc:
+            raise OsLockError(f"cannot use the lock directory {exc}"
+                              if isinstance(exc, trusted.Untrusted) else
+                              f"cannot use the lock directory {self.directory}: {exc.strerror or exc}") from None
+        self._checked = True
+
+    def _open(self, name: str) -> int:
+        self._check_directory()
+        path = self._prefix + name
+        for _ in range(REMOVAL_TRIES):
+            try:
+                fd = os.open(path, _OPEN_FLAGS)  # the usual case: the file exists
+                if _check_lock_file(fd, path):
+                    return fd
+                continue  # removed by its last user between our open and our look: open the new one
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -486,12 +571,6 @@ class OsLocks(LockMechanism):
             try:
                 fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, self.file_mode)
             except FileExistsError:  # made by another process meanwhile
-                continue
-            except FileNotFoundError:  # no directory yet: make it and try again
-                try:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise OsLockError(f"cannot make the lock directory {self.directory}: {exc.strerror}") from None
                 continue
             except OSError as exc:
                 raise OsLockError(f"cannot open lock file {path}: {exc.strerror}") from None
@@ -501,6 +580,27 @@ class OsLocks(LockMechanism):
                 pass
             return fd
         raise OsLockError(f"cannot open lock file {path}: it keeps appearing and disappearing")
+
+
+def _check_lock_file(fd: int, path: str) -> bool:
+    """A lock file opened may be locked: a regular file with one link that others cannot write (any member
+    of the group may have made it); else the descriptor is closed and OsLockError says why. False (closed
+    too) when the file has just been removed (no link left)."""
+    st = os.fstat(fd)
+    problem = None
+    if st.st_nlink == 0:
+        os.close(fd)
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links"
+    elif st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
+        problem = f"open to others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        os.close(fd)
+        raise OsLockError(f"cannot use lock file {path}: {problem}")
+    return True
 
 
 def _os_holder(fd: int, offset: int, level: int) -> Holder | None:

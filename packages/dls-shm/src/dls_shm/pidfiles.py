@@ -5,9 +5,15 @@ remove stale ones, and the operator tools of dls-utils only read them; they
 all do it here, so they can never disagree about the format or about when a
 record is stale.
 
-A pid file holds two lines: the pid and the process's start time as psutil
-reports it. A record is believed only while a process with that pid exists,
-is not a zombie and started at that time; anything else is stale.
+A pid file holds three lines: the pid, the process's start time as psutil
+reports it, and its command name. A record is believed only while a process
+with that pid exists, is not a zombie, started at that time and runs that
+command; anything else is stale, and ``impostor`` says why a live process with
+the pid is not the one meant, so nothing is signalled by number alone. (A file
+of an older version, without the command, is judged by the start time.) Pid
+files are made 0640 in directories only the service writes, opened without
+following symlinks, and one writable by others or owned by another user is
+refused (``trusted``).
 
 The monitor and the listener also hold their pid file locked (``fcntl.lockf``,
 ``HeldPidFile``) for as long as they live. The lock, not the file's content,
@@ -36,6 +42,8 @@ from pathlib import Path
 
 import psutil
 
+from . import trusted
+
 #: Two start times closer than this are the same process (both come from /proc).
 SAME_START = 0.05
 #: struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid) with its padding.
@@ -48,6 +56,8 @@ class PidRecord:
 
     pid: int
     started: float
+    #: The process's command name (psutil's ``name()``); empty in a file of an older version.
+    command: str = ""
 
     def alive(self) -> bool:
         """True while this very process (not a later one with the same pid) still runs."""
@@ -55,33 +65,60 @@ class PidRecord:
             proc = psutil.Process(self.pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return False
-            return bool(abs(proc.create_time() - self.started) < SAME_START)
+            return self._mismatch(proc) is None
         except psutil.NoSuchProcess:
             return False
         except psutil.AccessDenied:
             return True  # another user's process with this pid: assume it is ours
 
+    def impostor(self) -> str | None:
+        """Why the live process with this pid is not the one the record means, or None (gone, or the one)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return self._mismatch(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+    def _mismatch(self, proc: psutil.Process) -> str | None:
+        started = proc.create_time()
+        if abs(started - self.started) >= SAME_START:
+            return (f"pid {self.pid} is now a process started at {started:.2f} ({proc.name()}), not the one "
+                    f"started at {self.started:.2f}")
+        if self.command and proc.name() != self.command:
+            return f"pid {self.pid} runs {proc.name()!r}, not {self.command!r}"
+        return None
+
     def text(self) -> str:
         """The pid file's content for this record."""
-        return f"{self.pid}\n{self.started:.6f}\n"
+        return f"{self.pid}\n{self.started:.6f}\n{self.command}\n"
 
 
 def record_of(pid: int) -> PidRecord:
     """The record of a running process (``os.getpid()`` for this one)."""
-    return PidRecord(pid, psutil.Process(pid).create_time())
+    proc = psutil.Process(pid)
+    return PidRecord(pid, proc.create_time(), proc.name())
 
 
 def read(path: Path) -> PidRecord | None:
     """The record in a pid file; None when there is no file or it is not (yet) complete.
 
-    Other errors (a file that may not be read) are raised.
+    Other errors (a file that may not be read, a symlink, a file writable by
+    others or owned by a user other than root, this one or the directory's
+    owner: ``trusted.Untrusted``) are raised.
     """
     try:
-        lines = path.read_text().split()
+        owners = trusted.trusted_owners(os.stat(path.parent).st_uid)
+        fd = trusted.open_file(path, os.O_RDONLY, owners=owners)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        return PidRecord(int(lines[0]), float(lines[1]))
+        lines = os.read(fd, 4096).decode().split("\n")
+    finally:
+        os.close(fd)
+    try:
+        return PidRecord(int(lines[0]), float(lines[1]), lines[2].strip() if len(lines) > 2 else "")
     except (IndexError, ValueError):
         return None
 
@@ -95,11 +132,9 @@ def read_or_none(path: Path) -> PidRecord | None:
 
 
 def write(path: Path, record: PidRecord) -> None:
-    """Write a pid file atomically: a reader sees the old file, the new one, or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(record.text())
-    os.replace(tmp, path)
+    """Write a pid file atomically (a reader sees the old file, the new one, or none), made 0640 here."""
+    trusted.make_parent(path)
+    trusted.write_new(path, record.text().encode())
 
 
 def remove(path: Path) -> None:
@@ -117,7 +152,7 @@ def running(path: Path) -> PidRecord | None:
     if record is not None and record.alive():
         return record
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = trusted.open_file(path, os.O_RDWR)
     except FileNotFoundError:
         return None
     try:
@@ -151,7 +186,7 @@ def running_pid(path: Path) -> int | None:
 def lock_holder(path: Path) -> int | None:
     """The pid holding a POSIX lock on the file (as lockf takes it), else None; tested, never taken."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | trusted.NOFOLLOW)
     except OSError:
         return None
     try:
@@ -207,9 +242,9 @@ class HeldPidFile:
     @classmethod
     def acquire(cls, path: Path) -> HeldPidFile:
         """Lock the pid file and write this process into it; AlreadyRunning if another holds it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        trusted.make_parent(path)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = trusted.open_file(path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -18,7 +18,9 @@ lock files of the directory (their names start with LOCK_FILE_PREFIX) by device
 and inode, read with ``scandir`` (no ``stat`` per file: lock files are regular
 files of the directory's own file system). A pid is the holder's in this
 process's pid namespace: 0 (or -1, an open file description lock) when it has
-none there.
+none there. One lock is skipped: an open-file-description write lock of the
+whole file (``OFDLCK ... WRITE ... 0 EOF``) is what a lock file's last user
+takes for the moment of removing it (``oslocks``), and holds no record.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None)
     found = []
     for line in (locks or PROC_LOCKS).read_text(encoding="ascii", errors="replace").splitlines():
         fields = line.split()
-        if len(fields) < 6 or fields[1] == "->":
+        if len(fields) < 6 or fields[1] == "->" or (fields[1:4] == ["OFDLCK", "ADVISORY", "WRITE"] \
+                and fields[6:8] == ["0", "EOF"]):
             continue
         try:
             pid = int(fields[4])
@@ -75,6 +78,17 @@ def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None)
         except ValueError:
             continue  # "<none>" for a file the kernel cannot name, or a layout not known here
         path = files.get(where)
-        if path is not None:
+        if path is not None and _still_there(path, where[2]):
             found.append(OsLockHolder(pid, path))
     return found
+
+
+def _still_there(path: Path, inode: int) -> bool:
+    """The lock file still has the inode it had when the directory was read. A lock file is removed with its
+    last lock (``oslocks``) and its inode number may then be reused by any new file of the file system, whose
+    locks (another program's pid file, say) are none of ours; a lock on the removed file itself is one its
+    taker drops again when it sees the file gone."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == inode
+    except OSError:
+        return False

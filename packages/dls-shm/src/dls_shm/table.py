@@ -39,6 +39,7 @@ freed at once, as before.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import os
@@ -91,6 +92,8 @@ from .mechanism import (
 #: Longest a waiter sleeps between looks at the table even if never rung: a
 #: safety net for a ring lost with a process killed between unlock and ring.
 RECHECK_INTERVAL = 1.0
+#: The mode of the table's shared memory and semaphore: the service's group (jdls --group) and nobody else.
+TABLE_MODE = 0o660
 #: Slack allowed between a lock's timestamp and its owner's start time before
 #: the owner is taken for a different process that reused the pid.
 PID_REUSE_SLACK = 1.0
@@ -219,15 +222,18 @@ class LockTable(LockMechanism):
 
     @classmethod
     def create(
-        cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = 0o666,
-        lock_delay: float = 0.0,
+        cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = TABLE_MODE,
+        gid: int | None = None, lock_delay: float = 0.0,
     ) -> tuple[LockTable, bool]:
         """Create the table, or attach the existing one as it is: (table, created).
 
-        HalfTable when only one of the two IPC objects exists under ``key``.
+        Both IPC objects are made 0600 and only then given group ``gid`` (default
+        this process's) and ``mode``, so nobody outside the group is ever let in,
+        not even for a moment. HalfTable when only one of the two IPC objects
+        exists under ``key``.
         """
         try:
-            sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode, 0)
+            sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 0)
         except sysv_ipc.ExistentialError:
             try:
                 return cls.attach(key), False
@@ -237,7 +243,11 @@ class LockTable(LockMechanism):
                     raise
                 raise HalfTable(key, "sem", lone) from None
         try:
-            shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, geometry.total_size, init_character=b"\0")
+            shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, geometry.total_size, init_character=b"\0")
+            for made in (sem, shm):
+                if gid is not None:
+                    made.gid = gid
+                made.mode = mode
         except sysv_ipc.ExistentialError:
             sem.remove()
             try:
@@ -247,8 +257,10 @@ class LockTable(LockMechanism):
             except sysv_ipc.ExistentialError:  # removed meanwhile: nothing is left now
                 raise TableError(f"shared memory with key 0x{key:08x} came and went: try again") from None
             raise HalfTable(key, "shm", lone) from None
-        except sysv_ipc.Error as exc:
+        except (sysv_ipc.Error, OSError) as exc:
             sem.remove()
+            with contextlib.suppress(NameError, sysv_ipc.Error):
+                shm.remove()
             raise TableError(f"cannot create a lock table of {geometry.total_size} bytes: {exc}") from None
         values: dict[str, Any] = dict.fromkeys(Header._fields, 0)
         values.update(
@@ -272,8 +284,9 @@ class LockTable(LockMechanism):
             sem = sysv_ipc.Semaphore(key)
         except sysv_ipc.ExistentialError:
             raise TableMissing(f"no lock table with key 0x{key:08x} (is the jdls monitor running?)") from None
-        except sysv_ipc.PermissionsError as exc:
-            raise TableError(f"lock table 0x{key:08x}: {exc}") from None
+        except sysv_ipc.PermissionsError:
+            raise TableError(f"lock table 0x{key:08x}: permission denied (its shared memory and semaphore are "
+                             "mode 0660 in the service's group, jdls --group: run as a member of it)") from None
         sem.undo = True
         # A creator still writing the header holds the gate: wait for it once.
         try:
@@ -290,6 +303,8 @@ class LockTable(LockMechanism):
             return True
         except sysv_ipc.ExistentialError:
             return False
+        except sysv_ipc.PermissionsError:
+            return True  # there, but not this user's to attach: attach says so
 
     def close(self) -> None:
         """Detach from the table (the table itself stays)."""
@@ -311,6 +326,22 @@ class LockTable(LockMechanism):
             self._shm.detach()
         except sysv_ipc.Error:
             pass
+
+    def set_access(self, gid: int, mode: int = TABLE_MODE) -> bool:
+        """Give the table's IPC objects group ``gid`` and ``mode`` when they differ (a table made by an older
+        version was 0666, or --group changed): True when something changed; TableError when not allowed."""
+        changed = False
+        for made in (self._sem, self._shm):
+            try:
+                if made.gid != gid:
+                    made.gid = gid
+                    changed = True
+                if made.mode & 0o777 != mode:
+                    made.mode = mode
+                    changed = True
+            except (sysv_ipc.Error, OSError) as exc:
+                raise TableError(f"cannot set the group and mode of lock table 0x{self.key:08x}: {exc}") from None
+        return changed
 
     @property
     def semaphore_ids(self) -> tuple[int, ...]:

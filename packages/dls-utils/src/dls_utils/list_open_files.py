@@ -107,11 +107,15 @@ def _local() -> tuple[str, Sequence[Document]]:
         instance = Instance.from_environment()
     except ValueError as exc:
         raise Failure(str(exc)) from None
-    if not instance.info_dir.is_dir():
-        raise Failure(f"no proc/info directory for JBCRELEASEDIR={instance.root} (is jdls running there?)")
-    heading = (f"{PROG} information retrieved from proc/info of JBCRELEASEDIR={instance.root} "
-               f"on host {socket.gethostname()}")
-    return heading, list(info.read_all(instance))
+    try:
+        if not instance.info_dir.is_dir():
+            raise Failure(f"no proc/info directory for JBCRELEASEDIR={instance.root} (is jdls running there?)")
+        heading = (f"{PROG} information retrieved from proc/info of JBCRELEASEDIR={instance.root} "
+                   f"on host {socket.gethostname()}")
+        return heading, list(info.read_all(instance))
+    except PermissionError:
+        raise Failure(f"proc/info of JBCRELEASEDIR={instance.root}: permission denied (it is the lock service's "
+                      "group's: run as a member of it)") from None
 
 
 def _remote(server: Server) -> tuple[str, Sequence[Document]]:
