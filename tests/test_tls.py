@@ -355,3 +355,17 @@ def test_a_peer_dribbling_its_handshake_is_cut_off_at_the_deadline_from_accept(t
         cut = dribble(sock, client_hello[:40])  # 40 bytes, 10 s at this pace: never the whole of it
         assert cut is not None and cut < 4.0, cut
         svc.wait_for_log(r"TLS handshake failed", timeout=10)
+
+
+def test_a_client_over_the_limit_on_a_tls_port_is_closed_without_plain_bytes(tmp_path: Path, pki: Pki) -> None:
+    """Over --max-clients the listener says nothing in plain text on a TLS port (it would read as a broken
+    handshake): the connection is closed, the log says why, and the client is told it was not served."""
+    with running_service(tmp_path / "release", *pki.server_options(), "--max-clients", "1") as svc:
+        with client_of(pki.jdls(svc)) as first:
+            first.lock(data_file(tmp_path), KEY).release()
+            raw = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+            svc.sockets.append(raw)
+            assert raw.recv(4096) == b"", "bytes sent to a client over the limit on a TLS port"
+            svc.wait_for_log(r"refused connection from 127\.0\.0\.1: ")
+            with pytest.raises(ServiceUnavailable), client_of(pki.jdls(svc)) as second:
+                second.lock(data_file(tmp_path), "other")
