@@ -247,7 +247,7 @@ class Listener(Daemon):
         """Tell a client over a limit so, in a dls-proto Error, and let it go (logged by address only:
         see the module docstring)."""
         self.log.warning("refused connection from %s: %s", peer[0], reason)
-        if self.ctx.tls is not None:
+        if self.ctx is not None and self.ctx.tls is not None:
             # On a TLS port plain bytes would only read as a broken handshake, and a handshake here would let
             # anyone over the limit hold up the accept loop: closed without a word.
             conn.close()
