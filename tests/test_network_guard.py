@@ -286,6 +286,22 @@ def test_the_log_follows_logrotate_and_reopens_on_sighup(svc: Service) -> None:
     assert svc.pid("listener") == listener
 
 
+
+def test_a_lock_server_lives_through_a_sighup(svc: Service) -> None:
+    """``systemctl kill -s HUP`` or a closed terminal reaches the lock servers too: a lock server must not
+    die of it (its client would have to reclaim its locks); its log follows logrotate by itself."""
+    from dls_client import Client, Config, FileRef, Server
+
+    svc.start()
+    with Client(Config(server=Server("127.0.0.1", svc.port))) as client:
+        held = client.lock(FileRef(4242, "data/F"), b"K")
+        server = client.connect().welcome.server_pid
+        os.kill(server, signal.SIGHUP)
+        client.echo(b"after the hang-up")  # answered by the same lock server
+        assert os.path.exists(f"/proc/{server}") and client.connect().welcome.server_pid == server
+        held.ensure_held()
+        held.release()
+
 def test_allow_on_a_dual_stack_listener_sees_ipv4_peers_as_ipv4(svc: Service) -> None:
     """Listening on ``::``, an IPv4 peer arrives as ::ffff:a.b.c.d: --allow 127.0.0.1 still lets it in (and
     it is an admin address), and ::1 only when allowed."""

@@ -765,4 +765,7 @@ def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> int
     stopping or restarting; the client is not gone).
     """
     signal.signal(signal.SIGTERM, _stop)
+    # A hang-up meant for the monitor or listener (log rotation, a closed terminal) must not end a client's
+    # conversation; the log file is followed without it (a WatchedFileHandler).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return LockServer(sock, (peer[0], peer[1]), ctx).run()
