@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -134,6 +135,46 @@ def test_threads_share_one_tls_connection(tls_service: Service, pki: Pki) -> Non
         assert not failures, failures
         assert len(client._route.channels()) == 1
 
+
+
+def test_no_two_threads_use_the_ssl_object_at_once(tls_service: Service, pki: Pki,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSSL forbids two threads in one SSL object at once: while one thread waits for its grant (reading),
+    another locks and unlocks (sending) through the same connection, and no call of the one overlaps a
+    call of the other (each SSLSocket call is watched)."""
+    inside: dict[int, int] = {}
+    overlaps: list[str] = []
+    watch = threading.Lock()
+
+    def watched(name: str) -> Any:
+        real = getattr(ssl.SSLSocket, name)
+
+        def call(self: ssl.SSLSocket, *args: Any, **kwargs: Any) -> Any:
+            with watch:
+                if inside.get(id(self)):
+                    overlaps.append(name)
+                inside[id(self)] = inside.get(id(self), 0) + 1
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                with watch:
+                    inside[id(self)] -= 1
+        return call
+
+    for name in ("recv", "recv_into", "send", "sendall", "pending"):
+        monkeypatch.setattr(ssl.SSLSocket, name, watched(name))
+    data = data_file(tls_service.root.parent)
+    with client_of(pki.jdls(tls_service)) as holder, client_of(pki.jdls(tls_service)) as client:
+        held = holder.lock(data, KEY)
+        waited: list[object] = []
+        waiter = threading.Thread(target=lambda: waited.append(client.lock(data, KEY, timeout=30)))
+        waiter.start()
+        for i in range(300):
+            client.lock(data, f"other-{i % 5}").release()
+        held.release()
+        waiter.join(30)
+        assert waited and not isinstance(waited[0], BaseException)
+    assert overlaps == [], f"{len(overlaps)} calls overlapped another thread's on one SSL socket: {overlaps[:5]}"
 
 def test_a_client_certificate_of_the_ca_is_served(mutual_service: Service, pki: Pki) -> None:
     assert_serves(mutual_service, pki, cert=pki.client_cert, key=pki.client_key)

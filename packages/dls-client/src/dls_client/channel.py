@@ -18,6 +18,7 @@ until when the service keeps the locks held through it.
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import ssl
 import struct
@@ -110,13 +111,16 @@ class Channel:
         # and still lets a reader notice silence. An SSL socket would retry its read
         # at once when the kernel's timeout passes: it gets a socket timeout instead.
         slice_ = 1.0 if ack_timeout is None else min(ack_timeout, 1.0)
+        #: Over TLS, held by every use of the SSL object (threads may not share one at once); the socket is
+        #: then non-blocking and the reader waits for data with a poll, outside the lock (SpinningReader).
+        self._tls_guard = threading.Lock() if tls_context is not None else None
         if tls_context is not None:
-            self.sock.settimeout(slice_)
+            self.sock.settimeout(0.0)
         else:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(slice_),
                                                                                     int(slice_ % 1 * 1e6)))
         self.conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
-        self._read_socket = SpinningReader(self.sock).read
+        self._read_socket = SpinningReader(self.sock, guard=self._tls_guard, slice_=slice_).read
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -158,9 +162,31 @@ class Channel:
             raise self.failure
         with self._send_lock:
             try:
-                self.sock.sendall(self.conn.send(message))
+                if self._tls_guard is None:
+                    self.sock.sendall(self.conn.send(message))
+                else:
+                    self._send_tls(self.conn.send(message))
             except OSError as exc:
                 raise self.fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
+
+    def _send_tls(self, data: bytes) -> None:
+        """``sendall`` over TLS on the non-blocking socket, touching the SSL object only under the guard; a
+        full socket buffer is waited for outside it (a reader may need the guard to drain what the service
+        sends meanwhile). TimeoutError when the service takes nothing for a dead-server bound."""
+        guard = self._tls_guard
+        assert guard is not None
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
+        while view:
+            with guard:
+                try:
+                    view = view[self.sock.send(view):]
+                    continue
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    pass
+            if not poller.poll(int(DEAD_SERVER_BOUND * 1000)):
+                raise TimeoutError("the lock service takes nothing that is sent")
 
     def request(self, message: Message) -> Message:
         """Send a request and return its first reply."""

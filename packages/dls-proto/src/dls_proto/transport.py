@@ -16,10 +16,14 @@ for ``REST`` reads).
 Over TLS the socket is an ``ssl.SSLSocket``: bytes already decrypted wait in
 its SSL object (``pending()``), where poll and select cannot see them, so they
 are taken first; a poll then watches the descriptor for the next record
-(``recv`` of an SSL socket takes no flags). A client reads in slices of a
-socket timeout, which an SSL socket reports as a timeout: the reader turns it
-into the BlockingIOError that a plain socket's receive timeout raises, so that
-callers see one thing.
+(``recv`` of an SSL socket takes no flags). An SSL object must not be used by
+two threads at once (OpenSSL does not allow it), and a client's threads read
+and write one connection: a threaded caller gives the reader the lock it also
+sends under (``guard``) and a non-blocking socket; the reader then waits for
+a record with a poll of up to ``slice_`` seconds outside the lock, and only
+the ``recv`` itself holds it. A slice that passes, or a record not yet
+whole, is the BlockingIOError a plain socket's receive timeout raises, so
+that callers see one thing.
 
 Everything else about the conversation stays in the sans-IO ``Connection``.
 """
@@ -30,6 +34,7 @@ import os
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 
@@ -58,12 +63,16 @@ def _runnable() -> int:
 class SpinningReader:
     """``read()`` is ``sock.recv(size)``, preceded by a short poll when that pays."""
 
-    def __init__(self, sock: socket.socket, size: int = 65536, *, spin: float = SPIN_SECONDS) -> None:
+    def __init__(self, sock: socket.socket, size: int = 65536, *, spin: float = SPIN_SECONDS,
+                 guard: threading.Lock | None = None, slice_: float = 1.0) -> None:
         self._recv = sock.recv
         self._tls = sock if isinstance(sock, ssl.SSLSocket) else None
         if self._tls is not None:
             self._poller = select.poll()
             self._poller.register(sock.fileno(), select.POLLIN)
+        #: With TLS and threads: the lock every use of the SSL object takes (the socket is non-blocking).
+        self._guard = guard
+        self._slice_ms = max(1, int(slice_ * 1000))
         self._size = size
         self._spin = spin
         self._misses = 0
@@ -84,6 +93,9 @@ class SpinningReader:
 
     def _read_tls(self, tls: ssl.SSLSocket) -> bytes:
         """``read`` over TLS: decrypted bytes first, then a poll of the descriptor, then ``recv``."""
+        guard = self._guard
+        if guard is not None:
+            return self._read_guarded(tls, guard)
         if not tls.pending():
             if self._rest:
                 self._rest -= 1
@@ -95,6 +107,24 @@ class SpinningReader:
             if exc.errno is not None:  # ETIMEDOUT from the kernel: the peer is gone, not a slice that passed
                 raise
             raise BlockingIOError("no data within the socket's timeout") from None
+
+    def _read_guarded(self, tls: ssl.SSLSocket, guard: threading.Lock) -> bytes:
+        """``read`` over TLS shared by threads: the SSL object is touched only under ``guard``, and the wait
+        for the next record (a poll of up to a slice) is done outside it, so that senders are not held up."""
+        with guard:
+            waiting = tls.pending()
+        if not waiting:
+            if self._rest:
+                self._rest -= 1
+            elif self._spin and self._has_spare_core():
+                self._poll_tls()
+            if not self._poller.poll(self._slice_ms):
+                raise BlockingIOError("no data within a slice")
+        with guard:
+            try:
+                return tls.recv(self._size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise BlockingIOError("a TLS record is not whole yet") from None
 
     def _poll_tls(self) -> None:
         """Wait up to the spin for the descriptor to become readable (then ``recv`` does not sleep)."""
