@@ -97,32 +97,59 @@ def test_repeated_warnings_are_limited_and_counted(tmp_path: Path) -> None:
             logger.removeHandler(handler)
 
 
-def test_a_port_is_claimed_by_one_live_process_and_its_address(tmp_path: Path) -> None:
+class _Holder:
+    """A forked process that claims a port for an address and keeps it until ``end()``."""
+
+    def __init__(self, instance: Instance, port: int, address: str) -> None:
+        ready_r, ready_w = os.pipe()
+        self._stop_r, self._stop_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            status = 1
+            try:
+                port_claims.claim(instance, port, address)
+                os.write(ready_w, b"x")
+                status = 0
+                os.read(self._stop_r, 1)
+            finally:
+                os._exit(status)
+        os.close(ready_w)
+        self.claimed = os.read(ready_r, 1) == b"x"
+        os.close(ready_r)
+        self.ended = False
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        os.write(self._stop_w, b"x")
+        os.waitpid(self.pid, 0)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+def test_a_port_is_claimed_by_live_processes_of_one_address(tmp_path: Path) -> None:
     instance = Instance.from_environment(tmp_path / "release")
     instance.run_dir.mkdir(parents=True)
-    ready_r, ready_w = os.pipe()
-    stop_r, stop_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the holder: claims port 4242 for 10.0.0.1 and keeps it until told
-        try:
-            port_claims.claim(instance, 4242, "10.0.0.1")
-            os.write(ready_w, b"x")
-            os.read(stop_r, 1)
-        finally:
-            os._exit(0)
+    first = _Holder(instance, 4242, "10.0.0.1")
+    second = _Holder(instance, 4242, "10.0.0.1")  # the same host: let in, and holding the port too
     try:
-        assert os.read(ready_r, 1) == b"x"
-        with pytest.raises(port_claims.PortTaken, match=f"port 4242 is held by lock server pid {pid}"):
+        assert first.claimed and second.claimed
+        with pytest.raises(port_claims.PortTaken, match="port 4242 is held by lock server pid "):
             port_claims.claim(instance, 4242, "10.0.0.2")
-        assert port_claims.claim(instance, 4242, "10.0.0.1") is None  # its own host: let in, not holding it
         other = port_claims.claim(instance, 4243, "10.0.0.2")  # another port is free
-        assert other is not None
         os.close(other)
+        first.end()
+        # The address's first connection has ended; its second still holds the port.
+        with pytest.raises(port_claims.PortTaken, match=f"port 4242 is held by lock server pid {second.pid}"):
+            port_claims.claim(instance, 4242, "10.0.0.2")
     finally:
-        os.write(stop_w, b"x")
-        os.waitpid(pid, 0)
-    mine = port_claims.claim(instance, 4242, "10.0.0.2")  # free once the holder has gone
-    assert mine is not None
-    os.close(mine)
-    for fd in (ready_r, ready_w, stop_r, stop_w):
-        os.close(fd)
+        first.end()
+        second.end()
+    mine = port_claims.claim(instance, 4242, "10.0.0.2")  # free once the last holder has gone
+    thief = _Holder(instance, 4242, "10.0.0.1")  # and now 10.0.0.2's
+    try:
+        assert not thief.claimed
+    finally:
+        thief.end()
+        os.close(mine)

@@ -2,18 +2,21 @@
 
 On a table with port-based ownership a lock belongs to (port, thread), whichever
 process asks; so a peer that named another client's port in its Hello would be
-that client, able to convert and release its locks. The first lock server to
-claim a port holds it until it ends, with a write lock on the port's record in
+that client, able to convert and release its locks. A lock server claiming a
+port holds it until it ends, with a shared (read) lock on the port's record in
 one file of the instance (``run/ports.lock``, 16 bytes a port, sparse), where
-it writes the client's address. The kernel drops the lock with the process
-however it ends (even SIGKILL), so a client that reconnects after its lock
-server died claims its port again at once and reclaims its kept locks.
+the first claimant writes the client's address. The kernel drops the lock with
+the process however it ends (even SIGKILL), so a client that reconnects after
+its lock server died claims its port again at once and reclaims its kept locks.
 
-A connection claiming a port that a live one holds is refused, unless it comes
-from the holder's address: that is the client's own host (a second connection
-of one process, which has one port; or a client reconnecting before its old
-lock server has noticed the old connection is dead), where nothing stops a
-user from naming any port anyway. A peer on another host cannot take the port.
+A connection claiming a port that live ones hold is refused, unless it comes
+from their address: that is the client's own host (a second connection of one
+process, which has one port; or a client reconnecting before its old lock
+server has noticed the old connection is dead), where nothing stops a user
+from naming any port anyway. Such a connection holds the port too, so the
+port stays the address's until its last connection ends. A claim is decided
+under a guard (a write lock on a record past the ports) so that two claims
+of one free port from two addresses cannot both see it free.
 
 Local processes lock in the table directly, through no lock server, so they
 claim nothing here: a port that a live process holds locks or requests under,
@@ -38,32 +41,37 @@ _FLOCK = struct.Struct("hhqqi4x")
 _MODE = 0o640
 #: A port's record: the holder's address, 16 bytes (IPv4 mapped into IPv6).
 RECORD = 16
+#: The byte a claim is decided under, past every port's record (a Hello's port is 32 bits).
+_GUARD = (1 << 32) * RECORD
 
 
 class PortTaken(Exception):
     """Another live connection, from another address, holds the port; the message names its lock server."""
 
 
-def claim(instance: Instance, port: int, address: str) -> int | None:
+def claim(instance: Instance, port: int, address: str) -> int:
     """Hold ``port`` for this process, the client at ``address``, until it ends: the descriptor that holds it
-    (keep it open), or None when a live connection from the same address holds it already. PortTaken when
-    one from another address does."""
+    (keep it open). PortTaken when live connections from another address hold it."""
     path = instance.run_dir / "ports.lock"
     packed = pack_ip(address)
+    where = port * RECORD
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _MODE)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, RECORD, port * RECORD)
-    except OSError:
-        holder = _holder(fd, port)
-        held_by = os.pread(fd, RECORD, port * RECORD)
-        os.close(fd)
-        if held_by == packed:
-            return None
-        raise PortTaken(f"port {port} is held by lock server pid {holder}" if holder else
-                        f"port {port} is held by another connection") from None
-    try:
-        os.pwrite(fd, packed, port * RECORD)
-    except OSError:
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, _GUARD)  # held for a moment: one claim decided at a time
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, RECORD, where)
+            except OSError:  # held: by this address, it is held once more; by another, refused
+                if os.pread(fd, RECORD, where) != packed:
+                    holder = _holder(fd, port)
+                    raise PortTaken(f"port {port} is held by lock server pid {holder}" if holder else
+                                    f"port {port} is held by another connection") from None
+            else:  # free: this address's now
+                os.pwrite(fd, packed, where)
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, RECORD, where)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GUARD)
+    except BaseException:
         os.close(fd)
         raise
     return fd
