@@ -15,7 +15,7 @@ import psutil
 import pytest
 import sysv_ipc
 from dls_client import LocalClient, ServiceUnavailable
-from dls_shm import LockTable, PidRecord, TableError
+from dls_shm import Geometry, LockTable, PidRecord, TableError
 from dls_testkit import NOBODY, SERVICE_GID, Service, as_user, data_file, make_service, reachable_dir
 from dls_utils import dump, ipcrm, list_open_files, show_item_locks
 
@@ -173,3 +173,34 @@ def test_an_error_trace_a_member_made_is_appended_to(base: Path) -> None:
     with svc.checked():
         svc.start()
     assert svc.instance.error_trace.read_text().startswith("a client's line\n")
+
+
+@pytest.mark.parametrize("disguised", [False, True], ids=["plain", "owner-set-to-root"])
+def test_a_table_a_stranger_made_first_is_refused(base: Path, disguised: bool) -> None:
+    """The table's key is known in advance: a stranger who makes it first (and, as its creator, could open it
+    to himself again at any time) must not have it adopted, even after giving it to root (IPC_SET)."""
+    with make_service(base).checked() as svc:
+        key = svc.key
+
+        def squat() -> int:
+            table, created = LockTable.create(key, Geometry(11, 5), mode=0o666)
+            assert created
+            if disguised:
+                for made in (sysv_ipc.SharedMemory(key), sysv_ipc.Semaphore(key)):
+                    made.uid = 0
+                    made.gid = 0
+                    made.mode = 0o660
+            table.close()
+            return 0
+
+        code, said = as_user(squat)
+        assert code == 0, said
+        result = svc.jdls("-ibA")
+        assert result.returncode != 0, "the monitor adopted a stranger's table"
+        assert f"was made by uid {NOBODY}" in result.stderr and "refused" in result.stderr, result.stderr
+        result = svc.jdls("-ibD", "--port", str(svc.port))  # a listener must not use it either
+        assert result.returncode != 0, "the listener used a stranger's table"
+        assert f"was made by uid {NOBODY}" in result.stderr, result.stderr
+        os.environ["JBCRELEASEDIR"] = str(svc.root)
+        with pytest.raises(ServiceUnavailable, match=f"was made by uid {NOBODY}"):
+            LocalClient(key)

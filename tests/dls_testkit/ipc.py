@@ -11,6 +11,7 @@ import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sysv_ipc
 from dls_shm import Geometry, LockTable, ipc_key_for
@@ -64,7 +65,7 @@ def free_key(base: Path) -> int:
 
 
 @contextlib.contextmanager
-def own_table(key: int, geometry: Geometry, **options: int) -> Iterator[LockTable]:
+def own_table(key: int, geometry: Geometry, **options: Any) -> Iterator[LockTable]:
     """A new lock table under ``key`` (nothing may exist there before); removed at the end, and then
     nothing may be left under the key."""
     table, created = LockTable.create(key, geometry, **options)

@@ -132,7 +132,8 @@ class LocalClient(BaseClient):
         self._switching = threading.Lock()
         if key is not None:
             try:
-                self.table = self.locks = dls_shm.LockTable.attach(key)
+                self.table = self.locks = dls_shm.LockTable.attach(
+                    key, owners=instance.owners() if instance is not None else dls_shm.trusted.trusted_owners())
             except dls_shm.TableError as exc:
                 raise ServiceUnavailable(f"local direct locking: {exc}") from None
         else:
@@ -208,7 +209,8 @@ class LocalClient(BaseClient):
                     "which the table does not know: release them (or close this LocalClient) and lock again"
                 )
             try:
-                table = dls_shm.LockTable.attach(served.key)
+                table = dls_shm.LockTable.attach(served.key, owners=self._instance.owners() if self._instance
+                                                 is not None else dls_shm.trusted.trusted_owners())
             except dls_shm.TableMissing:
                 return  # made and removed again by a monitor that refused: OS locks still serve
             except dls_shm.TableError as exc:

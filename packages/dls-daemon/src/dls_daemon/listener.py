@@ -137,7 +137,7 @@ class Listener(Daemon):
         self.sock.setblocking(False)
         bound = self.sock.getsockname()[1]
         try:
-            self.table = LockTable.attach(self.instance.key)
+            self.table = LockTable.attach(self.instance.key, owners=trusted.trusted_owners())
         except TableMissing:
             self.log.info("no lock table with key 0x%08x: locks are OS file locks", self.instance.key)
         except TableError as exc:

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 
-from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing
+from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing, trusted
 
 from .lifecycle import Daemon, StartFailed
 from .one_mechanism import claim
@@ -63,6 +63,7 @@ class Monitor(Daemon):
             table, created = LockTable.create(
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
                 tidy_period=self.settings.tidy_seconds, lock_delay=self.settings.lock_delay, gid=self.settings.gid,
+                owners=trusted.trusted_owners(),
             )
         except (TableError, ValueError) as exc:
             raise StartFailed(f"cannot create the lock table: {exc}") from None

@@ -39,6 +39,7 @@ from .mechanism import (
     Queued,
     TableError,
     TableMissing,
+    UntrustedTable,
     resource_value,
 )
 from .occupancy import (
@@ -66,7 +67,7 @@ __all__ = [
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
-    "TableError", "TableFlag", "TableMissing", "Tidied",
+    "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
     "resource_value", "info", "pidfiles", "proc_locks", "report", "ring", "trusted", "unpack_ip",
 ]

@@ -46,6 +46,10 @@ class TableMissing(TableError):
     """No table exists for this key (the monitor is not running, or it was removed)."""
 
 
+class UntrustedTable(TableError):
+    """A table under the instance's key that someone other than root or the service's user made or owns."""
+
+
 class HalfTable(TableError):
     """Only one of a table's two IPC objects exists under its key: neither a table to attach nor room to create
     one. Removing it is left to the operator (``ipcrm``, as the message says): under a key of its own it may not

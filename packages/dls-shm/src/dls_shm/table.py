@@ -85,6 +85,7 @@ from .mechanism import (
     Queued,
     TableError,
     TableMissing,
+    UntrustedTable,
     resource_value,
     stored_key,
 )
@@ -223,20 +224,21 @@ class LockTable(LockMechanism):
     @classmethod
     def create(
         cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = TABLE_MODE,
-        gid: int | None = None, lock_delay: float = 0.0,
+        gid: int | None = None, lock_delay: float = 0.0, owners: frozenset[int] | None = None,
     ) -> tuple[LockTable, bool]:
         """Create the table, or attach the existing one as it is: (table, created).
 
         Both IPC objects are made 0600 and only then given group ``gid`` (default
         this process's) and ``mode``, so nobody outside the group is ever let in,
         not even for a moment. HalfTable when only one of the two IPC objects
-        exists under ``key``.
+        exists under ``key``. An existing table is attached only when ``owners``
+        made and own it (see ``attach``).
         """
         try:
             sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 0)
         except sysv_ipc.ExistentialError:
             try:
-                return cls.attach(key), False
+                return cls.attach(key, owners=owners), False
             except TableMissing:
                 lone = _lone_semaphore(key)
                 if lone is None:
@@ -277,8 +279,13 @@ class LockTable(LockMechanism):
         return cls(shm, sem), True
 
     @classmethod
-    def attach(cls, key: int, *, wait: float = 5.0) -> LockTable:
-        """Attach an existing table; TableMissing when there is none."""
+    def attach(cls, key: int, *, wait: float = 5.0, owners: frozenset[int] | None = None) -> LockTable:
+        """Attach an existing table; TableMissing when there is none.
+
+        With ``owners`` (uids) a table whose shared memory or semaphore was made (creator) or is owned by
+        anyone else is refused (UntrustedTable): the key is known in advance, so another local user could
+        make the objects first and, as their creator, open them to himself again at any time.
+        """
         try:
             shm = sysv_ipc.SharedMemory(key)
             sem = sysv_ipc.Semaphore(key)
@@ -287,6 +294,15 @@ class LockTable(LockMechanism):
         except sysv_ipc.PermissionsError:
             raise TableError(f"lock table 0x{key:08x}: permission denied (its shared memory and semaphore are "
                              "mode 0660 in the service's group, jdls --group: run as a member of it)") from None
+        if owners is not None:
+            for what, made in (("shared memory", shm), ("semaphore", sem)):
+                if made.uid not in owners or made.cuid not in owners:
+                    with contextlib.suppress(sysv_ipc.Error):
+                        shm.detach()
+                    raise UntrustedTable(
+                        f"lock table 0x{key:08x}: its {what} (id {made.id}) was made by uid {made.cuid} and is "
+                        f"owned by uid {made.uid}, not by root or this service's user: refused (remove it with "
+                        "ipcrm as root once nothing uses it, then start the service again)")
         sem.undo = True
         # A creator still writing the header holds the gate: wait for it once.
         try:
