@@ -417,8 +417,9 @@ def test_a_reclaim_after_the_delay_is_refused_even_before_the_lock_was_freed(tmp
         time.sleep(max(0.0, kept + 1.0 - time.time()) + 0.1)
         assert [s for s, _ in slot_states(service)] == [SlotState.KEPT]
         reason = not_held(Raw(service).reclaim(g.handle))
-        assert reason == (f"the lock under handle {g.handle:#x} was kept 1 s for its client to reclaim, "
-                          "and has been freed")
+        assert reason == f"no lock of this client, file, key and mode is kept under handle {g.handle:#x}"
+        service.wait_for_log(f"reclaim of {g.handle:#x} refused .*: the lock under handle {g.handle:#x} was kept 1 s "
+                             "for its client to reclaim, and has been freed")
         assert not slot_states(service)
         assert not_held(Raw(service).reclaim(g.handle)).startswith("no lock of this client")
 
@@ -435,13 +436,14 @@ def test_a_stopped_lock_server_keeps_holding_and_its_lock_cannot_be_reclaimed(de
         other = Raw(service, WAITER)
         other.refused()
         again = Raw(service, HOLDER)
-        reason = not_held(again.reclaim(g.handle))
-        assert reason == (f"the lock under handle {g.handle:#x} is still held by the lock server that took it "
-                          f"(pid {holder.server}), which has not ended")
+        reason = not_held(again.reclaim(g.handle))  # a right guess reads like a wrong one; the log says why
+        assert reason == f"no lock of this client, file, key and mode is kept under handle {g.handle:#x}"
+        service.wait_for_log(f"the lock under handle {g.handle:#x} is still held by the lock server that took it "
+                             rf"\(pid {holder.server}\), which has not ended")
         time.sleep(DELAY + 1.0)  # longer than the lock-delay: a live lock server's lock is never kept
         other.refused()
         assert slot_states(service) == [(SlotState.GRANTED, holder.server)]
-        assert not_held(again.reclaim(g.handle)).startswith("the lock under handle")
+        assert not_held(again.reclaim(g.handle)).startswith("no lock of this client")
     finally:
         os.kill(holder.server, signal.SIGCONT)
     holder.close()  # the client goes: its lock server frees the lock at once
@@ -464,3 +466,18 @@ def test_sigterm_of_a_lock_server_keeps_its_lock_and_it_is_shown_kept(delayed: S
     shown = service.jdls("-dvL").stdout
     assert " 2 locks kept for their clients to reclaim (lock-delay 2 s)" in shown, shown
     holder.answer(ConnectionClosed, timeout=2)  # and it closed the connection
+
+
+def test_guessing_handles_by_reclaim_is_slowed_down(delayed: Service) -> None:
+    """A handle is no secret: past FREE_RECLAIM_FAILURES refusals on a connection, each answer waits, so that
+    trying handles one after another cannot find a kept lock within its lock-delay."""
+    from dls_daemon.lockserver import FREE_RECLAIM_FAILURES, RECLAIM_TARPIT
+
+    guesser = Raw(delayed, WAITER)
+    for guess in range(FREE_RECLAIM_FAILURES):
+        assert isinstance(guesser.reclaim((guess + 1000) << 24), Error)
+    started = time.monotonic()
+    slowed = 20
+    for guess in range(slowed):
+        assert isinstance(guesser.reclaim((guess + 5000) << 24), Error)
+    assert time.monotonic() - started >= slowed * RECLAIM_TARPIT

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -128,28 +129,35 @@ class _Holder:
         os.close(self._stop_w)
 
 
-def test_a_port_is_claimed_by_live_processes_of_one_address(tmp_path: Path) -> None:
+def test_a_port_is_claimed_by_one_live_process(tmp_path: Path) -> None:
     instance = Instance.from_environment(tmp_path / "release")
     instance.run_dir.mkdir(parents=True)
-    first = _Holder(instance, 4242, "10.0.0.1")
-    second = _Holder(instance, 4242, "10.0.0.1")  # the same host: let in, and holding the port too
+    holder = _Holder(instance, 4242, "10.0.0.1")
     try:
-        assert first.claimed and second.claimed
-        with pytest.raises(port_claims.PortTaken, match="port 4242 is held by lock server pid "):
-            port_claims.claim(instance, 4242, "10.0.0.2")
-        other = port_claims.claim(instance, 4243, "10.0.0.2")  # another port is free
-        os.close(other)
-        first.end()
-        # The address's first connection has ended; its second still holds the port.
-        with pytest.raises(port_claims.PortTaken, match=f"port 4242 is held by lock server pid {second.pid}"):
-            port_claims.claim(instance, 4242, "10.0.0.2")
+        assert holder.claimed
+        for address in ("10.0.0.2", "10.0.0.1"):  # another host, and the holder's own: one port, one connection
+            with pytest.raises(port_claims.PortTaken, match=f"port 4242 is held by lock server pid {holder.pid}"):
+                port_claims.claim(instance, 4242, address, wait=0.1)
+        os.close(port_claims.claim(instance, 4243, "10.0.0.2", wait=0.1))  # another port is free
     finally:
-        first.end()
-        second.end()
-    mine = port_claims.claim(instance, 4242, "10.0.0.2")  # free once the last holder has gone
-    thief = _Holder(instance, 4242, "10.0.0.1")  # and now 10.0.0.2's
+        holder.end()
+    mine = port_claims.claim(instance, 4242, "10.0.0.2", wait=0.1)  # free once the holder has gone
+    thief = _Holder(instance, 4242, "10.0.0.1")
     try:
         assert not thief.claimed
     finally:
         thief.end()
         os.close(mine)
+
+
+def test_a_claim_waits_a_moment_for_an_ending_holder(tmp_path: Path) -> None:
+    """A client reconnecting while its old lock server is still ending gets its port once that one ends."""
+    instance = Instance.from_environment(tmp_path / "release")
+    instance.run_dir.mkdir(parents=True)
+    holder = _Holder(instance, 4242, "10.0.0.1")
+    ender = threading.Timer(0.3, holder.end)
+    ender.start()
+    try:
+        os.close(port_claims.claim(instance, 4242, "10.0.0.1", wait=5))
+    finally:
+        ender.join()

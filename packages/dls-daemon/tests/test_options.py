@@ -331,16 +331,16 @@ def test_port_based_owners(service, port_based: bool) -> None:
     assert ("IPC semaphores based on PORT number" if port_based else "IPC semaphores based on THREAD id") in shown
     with connect(service) as a, connect(service) as b, connect(service) as c:
         conn_a, welcome_a = greet(a, 1000, expect=HELLO_ANSWERS)
-        conn_b, welcome_b = greet(b, 1000, expect=HELLO_ANSWERS)  # same port and thread, another lock server
+        conn_b, welcome_b = greet(b, 1000, expect=HELLO_ANSWERS)  # same port and thread, another connection
         conn_c, _ = greet(c, 1001, expect=HELLO_ANSWERS)
-        assert isinstance(welcome_a, Welcome) and isinstance(welcome_b, Welcome)
-        assert welcome_a.server_pid != welcome_b.server_pid
+        assert isinstance(welcome_a, Welcome)
         first = lock(a, conn_a, 2, b"33537")
         assert isinstance(first, Granted)
-        second = lock(b, conn_b, 2, b"33537")
-        if port_based:
-            assert isinstance(second, Granted) and second.handle == first.handle
+        if port_based:  # a port names one client: a second connection claiming it is refused
+            assert isinstance(welcome_b, Error) and welcome_b.code == ErrorCode.FORBIDDEN
         else:
+            assert isinstance(welcome_b, Welcome) and welcome_a.server_pid != welcome_b.server_pid
+            second = lock(b, conn_b, 2, b"33537")
             assert isinstance(second, Refused) and second.reason == RefuseReason.BUSY
         other = lock(c, conn_c, 2, b"33537")
         assert isinstance(other, Refused) and other.holder_port == 1000

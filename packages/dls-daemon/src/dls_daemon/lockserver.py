@@ -131,6 +131,11 @@ MIN_USER_TIMEOUT_MS = 1000
 _TCP_INFO_SIZE = 104
 _LAST_ACK_RECV = struct.Struct("=I")
 _LAST_ACK_RECV_OFFSET = 56
+#: Refused reclaims a connection is answered at once; each one after them waits RECLAIM_TARPIT seconds, so that
+#: guessing the handle of a kept lock takes longer than the lock is kept, while a client whose kept locks
+#: have expired is told so about as fast as before.
+FREE_RECLAIM_FAILURES = 32
+RECLAIM_TARPIT = 0.01
 #: Connection errors that say the client's host cannot be reached, not that the client has gone.
 _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 
@@ -206,6 +211,8 @@ class LockServer:
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: str | None = None
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
+        #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
+        self._failed_reclaims = 0
         #: The descriptor holding this client's port on a -P table (see port_claims); None otherwise.
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
@@ -600,8 +607,16 @@ class LockServer:
             grant = self.main.reclaim(req.handle, self._owner(req.thread_id), req.inode, req.device, req.key,
                                       req.mode)
         except NotHeld as exc:
-            self.log.info("client %s: reclaim refused: %s", self._who(), exc)
-            self._send(Error(req.request_id, ErrorCode.NOT_HELD, str(exc)))
+            # One answer whatever the reason (a handle guessed right but still held, or expired, must not read
+            # differently from a wrong one), and slower after a few: a handle is not a secret.
+            self._failed_reclaims += 1
+            self.log.warning("client %s: reclaim of %#x refused (%d so far): %s", self._who(), req.handle,
+                             self._failed_reclaims, exc)
+            if self._failed_reclaims > FREE_RECLAIM_FAILURES:
+                time.sleep(RECLAIM_TARPIT)
+            said = (f"no lock of this client, file, key and mode is kept under handle {req.handle:#x}"
+                    if self.main is self.mechanisms.table else str(exc))  # OS locks keep nothing: nothing to guess
+            self._send(Error(req.request_id, ErrorCode.NOT_HELD, said))
             return
         self._granted(grant, req.thread_id, self.main)
         self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)

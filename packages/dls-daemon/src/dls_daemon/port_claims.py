@@ -1,22 +1,20 @@
-"""Port claims: on a ``-P`` table a client port belongs to the connection that claimed it, and its address.
+"""Port claims: on a ``-P`` table a client port belongs to the one connection that claimed it.
 
 On a table with port-based ownership a lock belongs to (port, thread), whichever
 process asks; so a peer that named another client's port in its Hello would be
-that client, able to convert and release its locks. A lock server claiming a
-port holds it until it ends, with a shared (read) lock on the port's record in
-one file of the instance (``run/ports.lock``, 16 bytes a port, sparse), where
-the first claimant writes the client's address. The kernel drops the lock with
-the process however it ends (even SIGKILL), so a client that reconnects after
-its lock server died claims its port again at once and reclaims its kept locks.
+that client, able to convert and release its locks. The lock server of the
+connection that claims a port holds it until it ends, with a write lock on the
+port's record in one file of the instance (``run/ports.lock``, 16 bytes a port,
+sparse), where it writes the client's address (for the log). The kernel drops
+the lock with the process however it ends (even SIGKILL), so a client that
+reconnects after its lock server died claims its port again at once and
+reclaims its kept locks.
 
-A connection claiming a port that live ones hold is refused, unless it comes
-from their address: that is the client's own host (a second connection of one
-process, which has one port; or a client reconnecting before its old lock
-server has noticed the old connection is dead), where nothing stops a user
-from naming any port anyway. Such a connection holds the port too, so the
-port stays the address's until its last connection ends. A claim is decided
-under a guard (a write lock on a record past the ports) so that two claims
-of one free port from two addresses cannot both see it free.
+Another connection claiming a live port is refused, whatever address it comes
+from: a port names one client, and a second claimant, even on the client's own
+host, may be another user. A client reconnecting while its old lock server has
+not yet ended (it is ending: the old connection was closed) is given a moment
+(CLAIM_WAIT) for the port to come free.
 
 Local processes lock in the table directly, through no lock server, so they
 claim nothing here: a port that a live process holds locks or requests under,
@@ -33,6 +31,7 @@ import fcntl
 import ipaddress
 import os
 import struct
+import time
 
 from dls_shm import LOCAL_IP, Instance, LockTable, SlotState, pack_ip
 
@@ -41,36 +40,33 @@ _FLOCK = struct.Struct("hhqqi4x")
 _MODE = 0o640
 #: A port's record: the holder's address, 16 bytes (IPv4 mapped into IPv6).
 RECORD = 16
-#: The byte a claim is decided under, past every port's record (a Hello's port is 32 bits).
-_GUARD = (1 << 32) * RECORD
+#: Seconds a claim waits for a port held by a lock server that may be ending (its client reconnecting).
+CLAIM_WAIT = 1.0
 
 
 class PortTaken(Exception):
     """Another live connection, from another address, holds the port; the message names its lock server."""
 
 
-def claim(instance: Instance, port: int, address: str) -> int:
+def claim(instance: Instance, port: int, address: str, *, wait: float = CLAIM_WAIT) -> int:
     """Hold ``port`` for this process, the client at ``address``, until it ends: the descriptor that holds it
-    (keep it open). PortTaken when live connections from another address hold it."""
+    (keep it open). PortTaken when a live connection still holds it after ``wait`` seconds."""
     path = instance.run_dir / "ports.lock"
-    packed = pack_ip(address)
     where = port * RECORD
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _MODE)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, _GUARD)  # held for a moment: one claim decided at a time
-        try:
+        deadline = time.monotonic() + wait
+        while True:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, RECORD, where)
-            except OSError:  # held: by this address, it is held once more; by another, refused
-                if os.pread(fd, RECORD, where) != packed:
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
                     holder = _holder(fd, port)
                     raise PortTaken(f"port {port} is held by lock server pid {holder}" if holder else
                                     f"port {port} is held by another connection") from None
-            else:  # free: this address's now
-                os.pwrite(fd, packed, where)
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, RECORD, where)
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GUARD)
+                time.sleep(0.02)
+        os.pwrite(fd, pack_ip(address), where)
     except BaseException:
         os.close(fd)
         raise
