@@ -117,8 +117,8 @@ Who may connect (the listener): with --allow only those networks connect; a conn
   port may connect, as with jDLS, and the log says so at start: give --allow on any network you do not
   trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot (every
   lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
-  to --admin-allow only (default this host). On a -P table a client port belongs to the address that
-  claimed it first while any connection of that address lives. Each address may have
+  to --admin-allow only (default this host). On a -P table a client port belongs to the one
+  connection that claimed it while that connection lives. Each address may have
   --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
   peer is told a code and a short reason when refused; the log has the rest.
 
