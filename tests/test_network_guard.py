@@ -259,6 +259,22 @@ def test_max_locks_defaults_to_a_quarter_of_the_table(svc: Service) -> None:
     assert re.search(r"limits: \d+ clients, 64 per address, 252 locks per client", svc.log())
 
 
+
+def test_waiting_requests_count_against_max_locks(svc: Service) -> None:
+    """A waiting request takes a table slot as a lock does: one client cannot fill a group with them."""
+    svc.start("--max-locks", "3")
+    holder = connect(svc)
+    hconn, _ = greet(holder, 7001)
+    ask(holder, hconn, lock(2), Granted)
+    waiter = connect(svc)
+    conn, _ = greet(waiter, 7002)
+    ask(waiter, conn, lock(2, b"mine"), Granted)
+    for rid, thread in ((3, 2), (4, 3)):  # two requests waiting behind the holder
+        waiter.sendall(conn.send(Lock(rid, Mode.EX, LockFlag.NO_INTERIM, 60000, thread, INODE, DEVICE, KEY,
+                                      "/data/FBNK.ACCOUNT")))
+    refused = ask(waiter, conn, lock(5, b"more"), Error)
+    assert (refused.request_id, refused.code) == (5, ErrorCode.LIMIT)
+
 def test_a_closed_connection_is_not_answered_after_refusal(svc: Service) -> None:
     """A refused Hello (another address's port) ends the conversation: nothing more is read or answered."""
     svc.start("-P")

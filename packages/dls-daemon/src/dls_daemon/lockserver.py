@@ -476,7 +476,7 @@ class LockServer:
         """Take a lock: Granted, Refused (held, not waiting), or queued to wait (``_queue``); Error when
         the request is bad, over the limit, or the mechanism fails. The common case, a record lock of
         the main mechanism granted at once, runs straight down."""
-        if req.mode > _MAX_MODE or len(self.held) >= self._max_locks:
+        if req.mode > _MAX_MODE or len(self.held) + len(self.pending) >= self._max_locks:  # each takes a slot
             self._refuse_request(req)
             return
         if req.flags & self._routed:
