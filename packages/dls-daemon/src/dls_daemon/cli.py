@@ -298,8 +298,8 @@ def get_parser() -> argparse.ArgumentParser:
                             help=f"clients served at once; one more is told so and closed (default "
                             f"{DEFAULT_MAX_CLIENTS})")
     start_opts.add_argument("--max-locks", type=_count, default=None, metavar="N",
-                            help=f"locks one client may hold and wait for (default: 1/{TABLE_SHARE} of the table's lock "
-                            f"slots, at least {MIN_TABLE_SHARE}, so that no client fills it; without a table "
+                            help=f"locks one client may hold and wait for (default: 1/{TABLE_SHARE} of the table's "
+                            f"lock slots, at least {MIN_TABLE_SHARE}, so that no client fills it; without a table "
                             f"{DEFAULT_MAX_LOCKS_PER_CLIENT})")
     start_opts.add_argument("--allow", type=_network, action="append", default=None, metavar="CIDR",
                             help="accept clients from this network only (repeatable; an address alone is one "
