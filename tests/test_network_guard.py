@@ -334,3 +334,25 @@ def test_allow_on_a_dual_stack_listener_sees_ipv4_peers_as_ipv4(svc: Service) ->
     six = socket.create_connection(("::1", svc.port), timeout=10)
     svc.sockets.append(six)
     assert isinstance(greet(six)[1], Welcome)
+
+
+def test_a_key_with_control_characters_cannot_forge_rows_in_the_operators_tools(svc: Service) -> None:
+    """A key is a client's bytes: a newline, tab or escape sequence in it is shown escaped by jdls -dL and by
+    show-item-locks, never acted on by the terminal nor read as another row."""
+    import subprocess
+    import sys
+
+    svc.start()
+    forged = b"KEY\n127.0.0.1\t1\t1\tFAKE\x1b[2J"
+    client = connect(svc)
+    conn, _ = greet(client, 7100)
+    ask(client, conn, lock(2, forged), Granted)
+    env = {**os.environ, "JBCRELEASEDIR": str(svc.root)}
+    shown = svc.jdls("-dL").stdout
+    tool = subprocess.run([str(Path(sys.executable).with_name("show-item-locks")), "--server",
+                           f"127.0.0.1,{svc.port}"], capture_output=True, text=True, env=env, check=False)
+    assert tool.returncode == 0, tool.stderr
+    for output in (shown, tool.stdout):
+        assert "\x1b" not in output and "FAKE" in output
+        assert "KEY\\x0a127.0.0.1\\x091\\x091\\x09FAKE\\x1b[2J" in output, output
+        assert not any(line.startswith("127.0.0.1\t1\t1") for line in output.splitlines())

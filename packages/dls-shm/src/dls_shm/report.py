@@ -22,6 +22,7 @@ no kept lock shows exactly the jDLS text.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -82,6 +83,16 @@ class Snapshot:
     @property
     def max_in_group(self) -> int:
         return max(Counter(e.group for e in self.entries).values(), default=0)
+
+
+#: Characters a terminal would act on rather than show (C0 and C1 controls, DEL), as ``\xNN``.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` as a line of a report may show it: a key or file name comes from a client, and a newline, tab
+    or escape sequence in it would forge rows or drive the operator's terminal."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def line(label: str, value: object) -> str:
@@ -170,7 +181,7 @@ def lock_rows(snapshot: Snapshot) -> list[str]:
             queued = f"{kept}, {s.queued} queued" if s.queued else kept
         row = [
             str(e.group), f"0x{e.value:08x}", str(s.pid), modes.DISPLAY[s.mode], str(s.port), f"{s.inode:08d}",
-            str(s.device), queued, unpack_ip(s.ip), s.key[: s.key_len].decode("utf-8", "backslashreplace"),
+            str(s.device), queued, unpack_ip(s.ip), printable(s.key[: s.key_len].decode("utf-8", "backslashreplace")),
         ]
         if timestamps:
             row.append(age(snapshot.now - s.timestamp))

@@ -21,6 +21,7 @@ from typing import TypedDict
 
 from dls_proto import Server
 from dls_shm import Instance, info
+from dls_shm.report import printable
 
 from . import command
 from .rows import Document
@@ -98,7 +99,7 @@ def select(rows: Iterable[OpenFile], *, file: str | None = None, port: int | Non
 
 def format_rows(rows: Iterable[OpenFile]) -> list[str]:
     lines = ["\t".join(COLUMNS)]
-    lines.extend("\t".join((r["ipaddr"], str(r["port"]), str(r["pid"]), r["filename"])) for r in rows)
+    lines.extend("\t".join((r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]))) for r in rows)
     return lines
 
 

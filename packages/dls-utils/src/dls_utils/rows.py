@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
 from dls_shm import KEY_MAX, modes
+from dls_shm.report import printable
 
 #: The \xNN escapes dls_shm.info's backslashreplace leaves for bytes that are not UTF-8 (the digest of a long
 #: key, a character cut at the end of its prefix).
@@ -205,6 +206,7 @@ def format_rows(rows: Iterable[Row]) -> list[str]:
     lines = ["\t".join(COLUMNS)]
     for r in rows:
         lines.append("\t".join(
-            (r["ipaddr"], str(r["port"]), str(r["pid"]), r["filename"], r["key"], r["lock"], waiters_column(r))
+            (r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]), printable(r["key"]), r["lock"],
+             waiters_column(r))
         ))
     return lines
