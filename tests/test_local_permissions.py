@@ -204,3 +204,25 @@ def test_a_table_a_stranger_made_first_is_refused(base: Path, disguised: bool) -
         os.environ["JBCRELEASEDIR"] = str(svc.root)
         with pytest.raises(ServiceUnavailable, match=f"was made by uid {NOBODY}"):
             LocalClient(key)
+
+
+def test_a_role_pid_file_rewritten_in_place_stops_the_process_that_holds_it(grouped: Service) -> None:
+    """The monitor holds its pid file locked: when the file's content names another process (rewritten in
+    place), the lock has the last word: jdls -kA stops the monitor, and the process named is left alone."""
+    monitor = grouped.pid("monitor")
+    assert monitor is not None
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        lie = PidRecord(sleeper.pid, psutil.Process(sleeper.pid).create_time(), "sleep").text()
+        path = grouped.instance.pid_file("monitor")
+        with open(path, "r+", encoding="ascii") as f:  # the same file (inode), so the monitor's lock stays
+            f.write(lie)
+            f.truncate()
+        result = grouped.jdls("-kA")
+        assert result.returncode == 0, result.stderr
+        assert f"stopped lock monitor (pid {monitor})" in result.stdout, result.stdout
+        assert sleeper.poll() is None, "the process the file named was signalled"
+        assert not psutil.pid_exists(monitor) or psutil.Process(monitor).status() == psutil.STATUS_ZOMBIE
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -149,6 +149,17 @@ def running(path: Path) -> PidRecord | None:
     its holder is never removed, even if its content cannot be read yet.
     """
     record = read(path)
+    holder = lock_holder(path)
+    if holder is not None and (record is None or record.pid != holder):
+        # The lock has the last word: the process holding the file is the one it is for, whatever the file
+        # says (it may still be writing it; a file naming another process was not written by it).
+        settled = _settled(path, record)
+        if settled is not None and settled.pid == holder:
+            return settled
+        try:
+            return record_of(holder)
+        except psutil.Error:  # it ended meanwhile
+            return None
     if record is not None and record.alive():
         return record
     try:
