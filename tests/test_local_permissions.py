@@ -226,3 +226,19 @@ def test_a_role_pid_file_rewritten_in_place_stops_the_process_that_holds_it(grou
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_local_stranger_on_loopback_is_not_shown_the_lock_snapshot(grouped: Service) -> None:
+    """Loopback is an operator's address by default, but every local user connects from it: the lock server
+    looks up the user of the socket at the other end, and a user who may not read the table is refused."""
+    server = f"127.0.0.1,{grouped.port}"
+    "localhost".encode("idna")  # the codec getaddrinfo needs, loaded now: nobody may not read the interpreter's
+
+    def stranger() -> int:
+        return show_item_locks.main(["--server", server])
+
+    code, output = as_user(stranger)
+    assert code != 0 and code != 99, output
+    assert "not permitted from this address" in output, output
+    grouped.wait_for_log(r"asked for the lock snapshot, refused")
+    assert show_item_locks.main(["--server", server]) == 0  # root (the service's user here) is shown it

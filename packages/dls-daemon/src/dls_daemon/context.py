@@ -44,15 +44,21 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_ADMIN_ALLOW: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
-def address_in(address: str, networks: tuple[Network, ...]) -> bool:
-    """Whether a peer address (as accept gives it, an IPv4-mapped IPv6 one too) lies in one of ``networks``."""
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer address as accept gives it (an IPv4-mapped IPv6 one as IPv4, a zone dropped); None if not one."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_in(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether a peer address (as accept gives it, an IPv4-mapped IPv6 one too) lies in one of ``networks``."""
+    ip = peer_ip(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
 @dataclass

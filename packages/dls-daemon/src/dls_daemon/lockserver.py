@@ -115,8 +115,8 @@ from dls_shm import (
     unpack_ip,
 )
 
-from . import client_info, port_claims
-from .context import ServerContext, address_in
+from . import client_info, local_peer, port_claims
+from .context import ServerContext, address_in, peer_ip
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
@@ -216,7 +216,7 @@ class LockServer:
         #: The descriptor holding this client's port on a -P table (see port_claims); None otherwise.
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
-        self.admin = address_in(peer[0], ctx.admin_allow)
+        self._admin: bool | None = None  # found when first asked (see ``admin``)
         self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key, gid=ctx.gid)
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
@@ -345,7 +345,9 @@ class LockServer:
             self._claim_port(event)
         delay = table.lock_delay if table is not None else 0.0
         self._keep = delay > 0
-        host = socket.gethostname() if self.admin else ""  # what jdls -C shows an operator; nobody else's business
+        # What jdls -C shows an operator's address; nobody else's business (the user is looked up only for the
+        # snapshot: a greeting costs no scan of the system's connections).
+        host = socket.gethostname() if address_in(self.peer[0], self.ctx.admin_allow) else ""
         self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
                            min(round(delay * 1000), 0xFFFFFFFF), self.peer[0], host))
         self.log.info("client %s connected", self._who())
@@ -680,6 +682,22 @@ class LockServer:
         except OSError as exc:  # ours: the path and the reason stay here
             self.log.error("client %s: cannot keep its lock information: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.INTERNAL, "lock information not kept (see the service's log)"))
+
+    @property
+    def admin(self) -> bool:
+        """Whether the peer is an operator: its address is in --admin-allow, and a loopback peer's user may
+        read the lock table on this host anyway (local_peer); every local user connects from loopback."""
+        if self._admin is None:
+            admin = address_in(self.peer[0], self.ctx.admin_allow)
+            ip = peer_ip(self.peer[0])
+            if admin and ip is not None and ip.is_loopback:
+                try:
+                    ours = self.sock.getsockname()
+                    admin = local_peer.is_operator((ours[0], ours[1]), (self.peer[0], self.peer[1]), self.ctx.gid)
+                except OSError:
+                    admin = False
+            self._admin = admin
+        return self._admin
 
     def _info_get(self, req: InfoGet) -> None:
         """The lock snapshot (every lock, every client): for operator addresses only (--admin-allow)."""
