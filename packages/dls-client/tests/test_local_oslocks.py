@@ -186,7 +186,7 @@ def test_closing_releases_the_os_locks_and_release_all(daemon: Daemon, remote: C
     remote.try_lock(data, KEY).release()
 
 
-# -- a table made with -P: owners are (port, thread) --------------------------------------------
+# -- a table made with -P: owners are (port, thread, address) ----------------------------------------
 
 @pytest.fixture
 def port_daemon(local_env: Path, running_daemon: Callable[..., Any]) -> Iterator[Daemon]:
@@ -220,9 +220,11 @@ def test_a_port_owner_table(port_daemon: Daemon, data: Path, local_holder: Holde
             stop(proc)
         with local.lock(data, KEY) as held:
             assert slots(port_daemon) == [(os.getpid(), 7, threading.get_native_id())]
-            # the same port and thread through the listener is the same owner: re-entrant
-            again = remote.try_lock(data, KEY, Mode.EX)
-            assert again.handle == held.handle and remote.status(data, KEY)[0] == 1
+            # the same port and thread through the listener is another owner: the address is part of it (a
+            # local process shows 0.0.0.0), so a peer naming a local process's port is not that process
+            with pytest.raises(LockRefused) as through_the_listener:
+                remote.try_lock(data, KEY, Mode.EX)
+            assert through_the_listener.value.holder.pid == os.getpid()
             # another thread of the same port is another owner
             refusals: list[BaseException] = []
             thread = threading.Thread(target=lambda: _expect_refusal(local, data, refusals))

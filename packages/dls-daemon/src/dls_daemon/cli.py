@@ -260,8 +260,9 @@ def get_parser() -> argparse.ArgumentParser:
                             "-k, its host silent) for S seconds, for the client to reclaim; 0: free them at once "
                             f"(default {DEFAULT_LOCK_DELAY:g}; see below)")
     start_opts.add_argument("-P", dest="port_owners", action="store_true",
-                            help="port based locks: a lock belongs to a port number and thread rather than a "
-                            "process id and thread (set when the table is created)")
+                            help="port based locks: a lock belongs to a port number, thread and client address "
+                            "(local processes: 0.0.0.0) rather than a process id and thread (set when the table is "
+                            "created)")
     start_opts.add_argument("-T", dest="timestamps", action="store_true",
                             help="time-stamp every lock: -dL then shows each lock's age (set when the table is "
                             "created)")

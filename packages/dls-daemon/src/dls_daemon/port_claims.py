@@ -1,6 +1,6 @@
 """Port claims: on a ``-P`` table a client port belongs to the one connection that claimed it.
 
-On a table with port-based ownership a lock belongs to (port, thread), whichever
+On a table with port-based ownership a lock belongs to (port, thread, address), whichever
 process asks; so a peer that named another client's port in its Hello would be
 that client, able to convert and release its locks. The lock server of the
 connection that claims a port holds it until it ends, with a write lock on the

@@ -73,7 +73,7 @@ class NotHeld(TableError):
 class Owner(NamedTuple):
     """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
     remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
-    identity is (pid, thread), or (port, thread) in a table with PORT_OWNERS.
+    identity is (pid, thread), or (port, thread, address) in a table with PORT_OWNERS.
 
     ``keep``: the owner may outlive ``pid`` (a remote client outlives its lock server), so
     its locks are keepable (SlotFlag.KEEP): when ``pid`` ends without the client having gone

@@ -12,7 +12,7 @@ The lock path is kept to one semaphore round trip and three struct calls when
 the resource is not already in the table; everything else (conflicts, waiters,
 conversions, dead owners) takes the slow path under the same semaphore.
 
-Owners: a lock belongs to (pid, thread), or to (port, thread) in a table created
+Owners: a lock belongs to (pid, thread), or to (port, thread, client address) in a table created
 with TableFlag.PORT_OWNERS (``jdls -P``); that identity decides conflicts,
 re-entrancy and conversions. Only the slow path looks at it: the fast path
 runs when no slot of the resource exists, so no owner needs comparing.
@@ -114,9 +114,11 @@ _MODE_OFFSET = 9
 _TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
 _LOCK_DELAY_OFFSET = HEADER_OFFSETS["lock_delay"]
 _NEXT_EXPIRY_OFFSET = HEADER_OFFSETS["next_expiry"]
-#: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread) with jdls -P.
+#: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread, address) with jdls -P.
 _BY_PID = operator.attrgetter("pid", "thread")
-_BY_PORT = operator.attrgetter("port", "thread")
+#: With -P the client's address is part of the owner: a port names a client of one host (a local process
+#: shows 0.0.0.0), so a peer elsewhere, or on loopback, naming a local process's port is not that process.
+_BY_PORT = operator.attrgetter("port", "thread", "ip")
 
 
 class Tidied(NamedTuple):
@@ -217,7 +219,7 @@ class LockTable(LockMechanism):
         #: with PORT_OWNERS (jdls -P) two lock requests of one port and thread are the same owner,
         #: whichever process (a reconnected client's new lock server, say) sends them.
         self.port_owners = bool(header.flags & TableFlag.PORT_OWNERS)
-        self._ident: Callable[[Any], tuple[int, int]] = _BY_PORT if self.port_owners else _BY_PID
+        self._ident: Callable[[Any], tuple[Any, ...]] = _BY_PORT if self.port_owners else _BY_PID
 
     # -- creating, attaching, removing --------------------------------------------
 
@@ -684,7 +686,7 @@ class LockTable(LockMechanism):
         return granted, waiting
 
     def _blocker(
-        self, me: tuple[int, int], mode: int, ticket: int | None,
+        self, me: tuple[Any, ...], mode: int, ticket: int | None,
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
         """The first lock or earlier waiter that keeps the request of owner ``me`` from being granted.
