@@ -218,7 +218,7 @@ def test_a_port_owner_table(port_daemon: Daemon, data: Path, local_holder: Holde
             release(proc)
         finally:
             stop(proc)
-        with local.lock(data, KEY) as held:
+        with local.lock(data, KEY):
             assert slots(port_daemon) == [(os.getpid(), 7, threading.get_native_id())]
             # the same port and thread through the listener is another owner: the address is part of it (a
             # local process shows 0.0.0.0), so a peer naming a local process's port is not that process
