@@ -602,7 +602,7 @@ class LockServer:
         """Take back a lock that a lock server of this client kept when it ended (killed, stopped, its
         client's host silent): Granted under the same handle, or Error NOT_HELD with the reason (what the
         table says: no more than this client may know)."""
-        if req.mode > _MAX_MODE or len(self.held) >= self._max_locks:
+        if req.mode > _MAX_MODE or len(self.held) + len(self.pending) >= self._max_locks:
             self._refuse_request(req)
             return
         try:

@@ -85,14 +85,20 @@ class Snapshot:
         return max(Counter(e.group for e in self.entries).values(), default=0)
 
 
-#: Characters a terminal would act on rather than show (C0 and C1 controls, DEL), as ``\xNN``.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Characters a terminal would act on rather than show (C0 and C1 controls, DEL), and the invisible marks
+#: that reorder or hide text (bidirectional overrides and isolates, zero-width ones), as ``\xNN``/``\uNNNN``.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 def printable(text: str) -> str:
     """``text`` as a line of a report may show it: a key or file name comes from a client, and a newline, tab
     or escape sequence in it would forge rows or drive the operator's terminal."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROLS.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def line(label: str, value: object) -> str:
