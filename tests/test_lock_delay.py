@@ -481,3 +481,24 @@ def test_guessing_handles_by_reclaim_is_slowed_down(delayed: Service) -> None:
     for guess in range(slowed):
         assert isinstance(guesser.reclaim((guess + 5000) << 24), Error)
     assert time.monotonic() - started >= slowed * RECLAIM_TARPIT
+
+
+def test_a_kept_lock_is_reclaimed_only_with_the_handle_its_client_was_given(delayed: Service) -> None:
+    """The table's handle is a sequential ticket anyone can read off his own locks: the client is given a
+    sealed one instead, and only that one reclaims the kept lock. Whoever knows the client's identity (Status
+    tells it) and comes from its address, with the table's handle, is refused; the client then gets it back."""
+    victim = Raw(delayed, HOLDER)
+    given = victim.lock()
+    with attached(delayed) as table:
+        entry = next(e for e in table.scan() if e.slot.key[: e.slot.key_len] == KEY)
+    in_table = entry.slot.ticket << 24 | entry.index
+    assert given.handle != in_table and given.handle & 0xFFFFFF == entry.index
+    os.kill(victim.server, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{victim.server}"), 5, "the victim's lock server to die")
+    thief = Raw(delayed, HOLDER)  # the victim's port, pid, thread and address
+    for guess in (in_table, given.handle ^ (1 << 24), given.handle ^ (1 << 63)):
+        assert not_held(thief.reclaim(guess)).startswith("no lock of this client")
+    back = thief.reclaim(given.handle)  # the victim, reconnected, with the handle it was given
+    assert isinstance(back, Granted) and back.handle == given.handle
+    thief.unlock(given.handle)  # unanswered: done when the table says so
+    wait_for(lambda: slot_states(delayed) == [], 5, "the reclaimed lock released")

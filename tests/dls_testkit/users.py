@@ -29,8 +29,11 @@ SERVICE_GID = 47110
 
 @contextlib.contextmanager
 def reachable_dir() -> Iterator[Path]:
-    """A new directory under /tmp that every user may enter but not list or write (0711), removed after."""
-    base = Path(tempfile.mkdtemp(prefix="dls-users-"))
+    """A new directory under /tmp that every user may enter but not list or write (0711), removed after.
+
+    /tmp itself, not $TMPDIR: another user must reach it, whatever the modes of the directories the test
+    run's own temporary directory sits in (a clone in a private directory has a private $TMPDIR)."""
+    base = Path(tempfile.mkdtemp(prefix="dls-users-", dir="/tmp"))
     base.chmod(0o711)
     try:
         yield base

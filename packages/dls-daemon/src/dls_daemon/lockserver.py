@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import select
 import signal
 import socket
@@ -99,6 +100,7 @@ from dls_proto import (
     tls,
 )
 from dls_shm import (
+    INDEX_BITS,
     Conflict,
     Doorbell,
     Grant,
@@ -135,6 +137,7 @@ _LAST_ACK_RECV_OFFSET = 56
 #: guessing the handle of a kept lock takes longer than the lock is kept, while a client whose kept locks
 #: have expired is told so about as fast as before.
 FREE_RECLAIM_FAILURES = 32
+_INDEX_MASK = (1 << INDEX_BITS) - 1
 RECLAIM_TARPIT = 0.01
 #: Connection errors that say the client's host cannot be reached, not that the client has gone.
 _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
@@ -213,6 +216,10 @@ class LockServer:
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
         self._failed_reclaims = 0
+        #: The handles the client knows of its table locks (a random seal in place of the table's sequential
+        #: ticket, see ``_granted``), both ways; other mechanisms' handles are the client's as they are.
+        self._outer: dict[int, int] = {}
+        self._inner: dict[int, int] = {}
         #: The descriptor holding this client's port on a -P table (see port_claims); None otherwise.
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
@@ -498,8 +505,7 @@ class LockServer:
             self._table_error(req.request_id, exc)
             return
         if isinstance(result, Grant):
-            self._granted(result, thread, mechanism)
-            self._send(Granted(req.request_id, result.handle, result.mode, result.value))
+            self._send(Granted(req.request_id, self._granted(result, thread, mechanism), result.mode, result.value))
         elif isinstance(result, Conflict):
             self._send(self._refusal(req.request_id, RefuseReason.BUSY, result.holder))
         else:
@@ -515,10 +521,31 @@ class LockServer:
         self.log.warning("client %s is over the limit of %d locks", self._who(), limit)
         self._send(Error(req.request_id, ErrorCode.LIMIT, f"limit of {limit} locks per client reached"))
 
-    def _granted(self, grant: Grant, thread: int, mechanism: LockMechanism) -> None:
-        self.held[grant.handle] = thread
+    def _granted(self, grant: Grant, thread: int, mechanism: LockMechanism) -> int:
+        """Record a grant; the handle the client is given for it.
+
+        A table's handle carries a sequential ticket anyone can guess from his own handles; a client's table
+        lock gets a handle of its own instead, the slot's index under a random seal that the table keeps with
+        the lock (``seal``), so that only the client can reclaim it after this lock server has gone.
+        """
+        handle = grant.handle
+        self.held[handle] = thread
         if mechanism is not self.main:
-            self.routes[grant.handle] = mechanism
+            self.routes[handle] = mechanism
+            return handle
+        outer = self._outer.get(handle)
+        if outer is None and mechanism is self.mechanisms.table:
+            seal = secrets.randbits(64 - INDEX_BITS) or 1
+            self.mechanisms.table.seal(handle, seal)
+            outer = seal << INDEX_BITS | handle & _INDEX_MASK
+            self._outer[handle] = outer
+            self._inner[outer] = handle
+        return handle if outer is None else outer
+
+    def _forget_handle(self, handle: int) -> None:
+        outer = self._outer.pop(handle, None)
+        if outer is not None:
+            del self._inner[outer]
 
     def _table_error(self, rid: int, exc: TableError) -> None:
         """The mechanism failed request ``rid``: logged in full, and answered with an Error (GROUP_FULL or
@@ -565,8 +592,8 @@ class LockServer:
                 continue
             if isinstance(result, Grant):
                 del self.pending[rid]
-                self._granted(result, p.request.thread_id, p.mechanism)
-                self._send_unsolicited(Granted(rid, result.handle, result.mode, result.value))
+                outer = self._granted(result, p.request.thread_id, p.mechanism)
+                self._send_unsolicited(Granted(rid, outer, result.mode, result.value))
                 continue
             p.holder = result.holder
             if now >= p.retry_at:
@@ -605,9 +632,14 @@ class LockServer:
         if req.mode > _MAX_MODE or len(self.held) + len(self.pending) >= self._max_locks:
             self._refuse_request(req)
             return
+        table = self.mechanisms.table
         try:
-            grant = self.main.reclaim(req.handle, self._owner(req.thread_id), req.inode, req.device, req.key,
-                                      req.mode)
+            if table is not None and self.main is table:  # the client's handle: the slot under its seal
+                grant = table.reclaim(req.handle, self._owner(req.thread_id), req.inode, req.device, req.key,
+                                      req.mode, secret=req.handle >> INDEX_BITS)
+            else:
+                grant = self.main.reclaim(req.handle, self._owner(req.thread_id), req.inode, req.device, req.key,
+                                          req.mode)
         except NotHeld as exc:
             # One answer whatever the reason (a handle guessed right but still held, or expired, must not read
             # differently from a wrong one), and slower after a few: a handle is not a secret.
@@ -620,17 +652,21 @@ class LockServer:
                     if self.main is self.mechanisms.table else str(exc))  # OS locks keep nothing: nothing to guess
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, said))
             return
-        self._granted(grant, req.thread_id, self.main)
+        if table is not None and self.main is table and grant.handle not in self._outer:
+            self._outer[grant.handle] = req.handle  # sealed already: the client keeps the handle it knows
+            self._inner[req.handle] = grant.handle
+        outer = self._granted(grant, req.thread_id, self.main)
         self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)
-        self._send(Granted(req.request_id, grant.handle, grant.mode, grant.value))
+        self._send(Granted(req.request_id, outer, grant.mode, grant.value))
 
     def _unlock(self, req: Unlock) -> None:
         """Release a lock; Error when the handle is not one this client holds. No answer otherwise."""
-        handle = req.handle
+        handle = self._inner.get(req.handle, req.handle)
         if self.held.pop(handle, None) is None:  # another client's, or none: nothing more is told
             self.log.warning("client %s: unlock of lock handle %#x, which it does not hold", self._who(), handle)
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
             return
+        self._forget_handle(handle)
         try:
             self.routes.pop(handle, self.main).unlock(handle)
         except NotHeld as exc:
@@ -649,6 +685,7 @@ class LockServer:
         for handle, owner_thread in list(self.held.items()):
             if thread is None or owner_thread == thread:
                 del self.held[handle]
+                self._forget_handle(handle)
                 try:
                     self.routes.pop(handle, self.main).unlock(handle)
                     count += 1

@@ -14,6 +14,7 @@ from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Ins
 from .layout import (
     DEFAULT_PER_GROUP,
     DEFAULT_RECORDS,
+    INDEX_BITS,
     KEY_MAX,
     LOCAL_IP,
     Geometry,
@@ -64,7 +65,8 @@ __all__ = [
     "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLockError", "OsLockHolder", "OsLocks", "TableServes", "key_offset", "lock_file_name", "oslock_holders",
     "table_serves",
-    "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "KEY_MAX", "LOCAL_IP", "RECHECK_INTERVAL",
+    "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "INDEX_BITS", "KEY_MAX", "LOCAL_IP",
+    "RECHECK_INTERVAL",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",

@@ -120,7 +120,7 @@ class Instance:
         (the service's user). The service itself trusts only root and itself (``trusted.trusted_owners``)."""
         try:
             return trusted.trusted_owners(os.stat(self.root).st_uid)
-        except FileNotFoundError:
+        except OSError:  # not there, or not this user's to look at: root and itself only
             return trusted.trusted_owners()
 
     def dir_modes(self) -> tuple[tuple[Path, int], ...]:

@@ -538,7 +538,8 @@ class LockTable(LockMechanism):
         _, kept = self._sweep(decide)
         return kept
 
-    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int) -> Grant:
+    def reclaim(self, handle: int, owner: Owner, inode: int, device: int, key: bytes, mode: int, *,
+                secret: int | None = None) -> Grant:
         """Take back, for ``owner`` (a new lock server of the same client), the kept lock that ``handle``
         names: it is granted again, to ``owner``, under the same handle.
 
@@ -546,7 +547,9 @@ class LockTable(LockMechanism):
         dead but not yet noticed; the client (port, client pid, thread, and the address it connects from:
         the rest of it is told to anyone its lock is in the way of), the file, the key and the mode must
         be the lock's. NotHeld otherwise, saying no more than the asking client may know:
-        who else holds what is not told.
+        who else holds what is not told. With ``secret`` (a lock server's reclaim: the handle its client
+        knows carries the secret its grant was sealed with, see ``seal``) the lock must have been sealed with
+        it, and ``handle`` names only the slot; the Grant then has the lock's own handle.
         """
         stored, _ = stored_key(key)
         index = handle & _INDEX_MASK
@@ -559,7 +562,8 @@ class LockTable(LockMechanism):
         try:
             slot = self._slot(index)
             value = self._value(index)
-            if (not value or slot.ticket != handle >> INDEX_BITS or slot.state not in (_GRANTED, _KEPT)
+            proven = slot.ticket == handle >> INDEX_BITS if secret is None else secret != 0 and slot.doorbell == secret
+            if (not value or not proven or slot.state not in (_GRANTED, _KEPT)
                     or not slot.flags & _KEEP
                     or (slot.port, slot.client_pid, slot.thread, slot.ip)
                     != (owner.port, owner.client_pid, owner.thread, owner.ip)
@@ -567,8 +571,9 @@ class LockTable(LockMechanism):
                     or slot.key[: slot.key_len] != stored):
                 raise NotHeld(unknown)
             now = time.time()
+            own = slot.ticket << INDEX_BITS | index  # the lock's handle (``handle`` may be a sealed one)
             if slot.state == _GRANTED and slot.pid == owner.pid:
-                return Grant(handle, slot.mode, value)  # asked twice: it is this lock server's already
+                return Grant(own, slot.mode, value)  # asked twice: it is this lock server's already
             if slot.state == _GRANTED and not _surely_dead(slot.pid):
                 raise NotHeld(f"the lock under handle {handle:#x} is still held by the lock server that took it "
                               f"(pid {slot.pid}), which has not ended")
@@ -580,14 +585,25 @@ class LockTable(LockMechanism):
                 SLOT_STRUCT.pack_into(
                     self._mv, self.geometry.slot_offset(index), slot.ticket, _GRANTED, slot.mode,
                     slot.flags & ~_KEEP | (_KEEP if owner.keep else 0), slot.key_len, slot.queued, owner.pid,
-                    slot.port, slot.client_pid, owner.ip, owner.thread, slot.inode, slot.device, now, 0, slot.key,
+                    slot.port, slot.client_pid, owner.ip, owner.thread, slot.inode, slot.device, now, slot.doorbell,
+                    slot.key,
                 )
-                return Grant(handle, slot.mode, value)
+                return Grant(own, slot.mode, value)
         finally:
             self._sem.release()
         _ring(tokens)
         raise NotHeld(f"the lock under handle {handle:#x} was kept {delay:g} s for its client to reclaim, "
                       "and has been freed")
+
+    def seal(self, handle: int, secret: int) -> None:
+        """Write ``secret`` into the granted lock ``handle`` (this process's): what a reclaim of it must show
+        (``reclaim(secret=)``). It stays while the lock is kept, in the slot's doorbell field, which only a
+        waiting request uses."""
+        index = handle & _INDEX_MASK
+        soff = self.geometry.slot_offset(index)
+        ticket, state = struct.unpack_from("=QB", self._mv, soff)
+        if ticket == handle >> INDEX_BITS and state == _GRANTED:
+            _U64.pack_into(self._mv, soff + _TIME_OFFSET + 8, secret)
 
     def tidy(self, gone: Callable[[int, float], bool] = owner_gone) -> Tidied:
         """Free the locks and requests of owners that no longer exist, but keep (KEPT) the keepable
@@ -830,7 +846,7 @@ class LockTable(LockMechanism):
         now = time.time()
         soff = self.geometry.slot_offset(index)
         _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _KEPT)
-        struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, now, 0)
+        _F64.pack_into(self._mv, soff + _TIME_OFFSET, now)  # the doorbell field keeps the lock's seal
         expires = now + self.lock_delay
         self._note_expiry(expires)
         return expires
