@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import select
 import signal
 import socket
@@ -138,6 +137,8 @@ _LAST_ACK_RECV_OFFSET = 56
 #: have expired is told so about as fast as before.
 FREE_RECLAIM_FAILURES = 32
 _INDEX_MASK = (1 << INDEX_BITS) - 1
+#: A seal fills a handle above the slot index.
+_SEAL_BYTES = (64 - INDEX_BITS) // 8
 RECLAIM_TARPIT = 0.01
 #: Connection errors that say the client's host cannot be reached, not that the client has gone.
 _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
@@ -220,6 +221,8 @@ class LockServer:
         #: ticket, see ``_granted``), both ways; other mechanisms' handles are the client's as they are.
         self._outer: dict[int, int] = {}
         self._inner: dict[int, int] = {}
+        self._seal_bytes = b""
+        self._seal_at = 0
         #: The descriptor holding this client's port on a -P table (see port_claims); None otherwise.
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
@@ -535,12 +538,24 @@ class LockServer:
             return handle
         outer = self._outer.get(handle)
         if outer is None and mechanism is self.mechanisms.table:
-            seal = secrets.randbits(64 - INDEX_BITS) or 1
+            seal = self._next_seal()
             self.mechanisms.table.seal(handle, seal)
             outer = seal << INDEX_BITS | handle & _INDEX_MASK
             self._outer[handle] = outer
             self._inner[outer] = handle
         return handle if outer is None else outer
+
+    def _next_seal(self) -> int:
+        """A random seal (never 0), from the system's generator read a page at a time: a read per lock would
+        cost the lock path a system call."""
+        while True:
+            if self._seal_at >= len(self._seal_bytes):
+                self._seal_bytes, self._seal_at = os.urandom(_SEAL_BYTES * 512), 0
+            at = self._seal_at
+            self._seal_at = at + _SEAL_BYTES
+            seal = int.from_bytes(self._seal_bytes[at:at + _SEAL_BYTES], "little")
+            if seal:
+                return seal
 
     def _forget_handle(self, handle: int) -> None:
         outer = self._outer.pop(handle, None)
@@ -661,12 +676,14 @@ class LockServer:
 
     def _unlock(self, req: Unlock) -> None:
         """Release a lock; Error when the handle is not one this client holds. No answer otherwise."""
-        handle = self._inner.get(req.handle, req.handle)
+        outer = req.handle
+        handle = self._inner.pop(outer, outer)
+        if handle != outer:
+            del self._outer[handle]
         if self.held.pop(handle, None) is None:  # another client's, or none: nothing more is told
             self.log.warning("client %s: unlock of lock handle %#x, which it does not hold", self._who(), handle)
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
             return
-        self._forget_handle(handle)
         try:
             self.routes.pop(handle, self.main).unlock(handle)
         except NotHeld as exc:

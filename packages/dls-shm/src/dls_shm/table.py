@@ -112,6 +112,8 @@ _STATE_OFFSET = 8
 _QUEUED_OFFSET = 14
 _MODE_OFFSET = 9
 _TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
+_SEAL_OFFSET = _TIME_OFFSET + 8  # a granted or kept lock's seal is in its doorbell field
+_SEALED_HEAD = struct.Struct("=QB")  # ticket, state
 _LOCK_DELAY_OFFSET = HEADER_OFFSETS["lock_delay"]
 _NEXT_EXPIRY_OFFSET = HEADER_OFFSETS["next_expiry"]
 #: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread, address) with jdls -P.
@@ -599,11 +601,11 @@ class LockTable(LockMechanism):
         """Write ``secret`` into the granted lock ``handle`` (this process's): what a reclaim of it must show
         (``reclaim(secret=)``). It stays while the lock is kept, in the slot's doorbell field, which only a
         waiting request uses."""
-        index = handle & _INDEX_MASK
-        soff = self.geometry.slot_offset(index)
-        ticket, state = struct.unpack_from("=QB", self._mv, soff)
+        group, pos = divmod(handle & _INDEX_MASK, self._per_group)  # slot_offset, without its calls: lock path
+        soff = HEADER_SIZE + group * self._group_size + self._values_size + pos * SLOT_SIZE
+        ticket, state = _SEALED_HEAD.unpack_from(self._mv, soff)
         if ticket == handle >> INDEX_BITS and state == _GRANTED:
-            _U64.pack_into(self._mv, soff + _TIME_OFFSET + 8, secret)
+            _U64.pack_into(self._mv, soff + _SEAL_OFFSET, secret)
 
     def tidy(self, gone: Callable[[int, float], bool] = owner_gone) -> Tidied:
         """Free the locks and requests of owners that no longer exist, but keep (KEPT) the keepable
