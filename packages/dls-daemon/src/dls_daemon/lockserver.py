@@ -524,8 +524,8 @@ class LockServer:
         self.log.warning("client %s is over the limit of %d locks", self._who(), limit)
         self._send(Error(req.request_id, ErrorCode.LIMIT, f"limit of {limit} locks per client reached"))
 
-    def _granted(self, grant: Grant, thread: int, mechanism: LockMechanism) -> int:
-        """Record a grant; the handle the client is given for it.
+    def _granted(self, grant: Grant, thread: int, mechanism: LockMechanism, sealed: int | None = None) -> int:
+        """Record a grant; the handle the client is given for it (``sealed``: the one it reclaimed it with).
 
         A table's handle carries a sequential ticket anyone can guess from his own handles; a client's table
         lock gets a handle of its own instead, the slot's index under a random seal that the table keeps with
@@ -538,10 +538,11 @@ class LockServer:
             return handle
         outer = self._outer.get(handle)
         if outer is None and mechanism is self.mechanisms.table:
-            seal = self._next_seal()
-            self.mechanisms.table.seal(handle, seal)
-            outer = seal << INDEX_BITS | handle & _INDEX_MASK
-            self._outer[handle] = outer
+            if sealed is None:
+                seal = self._next_seal()
+                self.mechanisms.table.seal(handle, seal)
+                sealed = seal << INDEX_BITS | handle & _INDEX_MASK
+            outer = self._outer[handle] = sealed
             self._inner[outer] = handle
         return handle if outer is None else outer
 
@@ -667,10 +668,7 @@ class LockServer:
                     if self.main is self.mechanisms.table else str(exc))  # OS locks keep nothing: nothing to guess
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, said))
             return
-        if table is not None and self.main is table and grant.handle not in self._outer:
-            self._outer[grant.handle] = req.handle  # sealed already: the client keeps the handle it knows
-            self._inner[req.handle] = grant.handle
-        outer = self._granted(grant, req.thread_id, self.main)
+        outer = self._granted(grant, req.thread_id, self.main, sealed=req.handle)  # the client keeps its handle
         self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)
         self._send(Granted(req.request_id, outer, grant.mode, grant.value))
 
