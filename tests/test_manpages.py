@@ -208,3 +208,65 @@ def test_help_of_the_installed_tool_matches_its_page(man: str, tool: manpages.To
             line = GROUP_HEADINGS.get(line[:-1], line[:-1])
         if line:
             assert plain(line) in words, f"{tool.name} --help says {line!r}, its page does not"
+
+
+# -- section 7: dls-jdls(7), the JDLS variable ---------------------------------------------------------------
+
+TOPICS = manpages.TOPICS
+
+
+def _words_the_jdls_parser_knows() -> set[str]:
+    """Every option name the JDLS parser takes, found by trying it: each upper-case word of dls_proto/jdls.py's
+    source (an option added with its own branch, outside OPTIONS, is found too), kept when the parser does
+    not call it unknown."""
+    from dls_proto import jdls
+
+    source = Path(jdls.__file__).read_text(encoding="utf-8")
+    known = set()
+    for word in set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", source)):
+        for text in (word, f"{word}=x"):
+            try:
+                jdls._options(text)
+            except ValueError as exc:
+                if "unknown option" in str(exc):
+                    continue
+            except AssertionError:  # in the table but not parsed: known to the page, a bug for the parser test
+                pass
+            known.add(word)
+            break
+    return known
+
+
+@pytest.mark.parametrize("topic", TOPICS, ids=lambda t: t.name)
+def test_committed_topic_page_is_what_its_table_gives(topic: manpages.Topic) -> None:
+    assert topic.page.is_file(), f"{topic.page} is missing: run ./dev man"
+    assert topic.page.read_text(encoding="utf-8") == manpages.expected_topic(topic), (
+        f"{topic.page.relative_to(ROOT)} differs from what dls_proto.jdls.OPTIONS gives now: run ./dev man")
+    assert manpages.topic_problems(check=True) == []
+
+
+@pytest.mark.parametrize("topic", TOPICS, ids=lambda t: t.name)
+def test_topic_page_renders_without_warnings_and_is_installed(man: str, topic: manpages.Topic) -> None:
+    for options in (("--warnings=w",), ()):
+        result = render(man, topic.page, *options)
+        assert result.returncode == 0 and result.stderr == "", f"man -l {topic.page}: {result.stderr}"
+    installed = Path(sys.prefix) / topic.installed_as
+    assert installed.is_file(), f"{installed} is not installed: run ./dev setup"
+    assert installed.read_text(encoding="utf-8") == topic.page.read_text(encoding="utf-8"), "run ./dev setup"
+
+
+def test_jdls_page_documents_every_option_the_parser_knows(man: str) -> None:
+    """An option the parser takes and the page does not describe fails here (another branch adding one
+    without its OPTIONS entry, or without ./dev man, is seen at merge)."""
+    from dls_proto import jdls
+
+    page = next(t for t in TOPICS if t.name == "dls-jdls").page
+    text = page_text(man, page)
+    options = text.split("\nOPTIONS\n", 1)[1].split("\nERRORS\n", 1)[0]
+    described = set(re.findall(r"^ {7}([A-Z][A-Z0-9]+)\b", options, re.M))
+    known = _words_the_jdls_parser_knows()
+    assert {o.name for o in jdls.OPTIONS} <= known, "an option of the table that the parser refuses"
+    assert known - described == set(), f"the parser takes, dls-jdls(7) does not describe: {known - described}"
+    assert described - known == set(), f"dls-jdls(7) describes, the parser refuses: {described - known}"
+    for option in jdls.OPTIONS:
+        assert f"Default: {option.default}." in " ".join(options.split()), option.name

@@ -39,6 +39,12 @@ by textwrap, which argparse has not changed. The committed pages are the same by
 and 3.13 (checked with 3.11.7, 3.12.1 and 3.13.0). The help is formatted as in a terminal of 80 columns
 without colour (``HELP_ENV``: COLUMNS=80, NO_COLOR, PYTHON_COLORS=0), so that it depends on no terminal.
 
+Besides the tools' pages there are pages of section 7, of what is no tool (``TOPICS``): ``dls-jdls(7)``, the
+JDLS variable, installed with dls-client (it is the client's configuration). Its OPTIONS section is written
+from ``dls_proto.jdls.OPTIONS``, the table the parser reads its option names from, so an option the parser
+knows is in the page (and tests/test_manpages.py checks the parser knows no other); the rest of the page is
+``packages/<pkg>/man/<page>.include``: [DESCRIPTION] first, then every other section in its order.
+
 Every page must be installed with its package: the package's pyproject.toml maps ``man/<tool>.1`` to
 ``share/man/man1/<tool>.1`` in [tool.hatch.build.targets.wheel.shared-data]; a missing mapping is an error.
 """
@@ -421,6 +427,110 @@ def shared_data_problems(tools: Sequence[Tool]) -> list[str]:
     return problems
 
 
+# --- section 7: pages of what is no tool ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Topic:
+    package: str  #: the package that installs it, e.g. dls-client
+    name: str  #: the page's name, e.g. dls-jdls
+    title: str  #: the NAME line's text after the name
+    synopsis: str  #: the SYNOPSIS line (roff)
+
+    @property
+    def page(self) -> Path:
+        return PACKAGES / self.package / "man" / f"{self.name}.7"
+
+    @property
+    def include(self) -> Path:
+        return PACKAGES / self.package / "man" / f"{self.name}.include"
+
+    @property
+    def installed_as(self) -> str:
+        return f"share/man/man7/{self.name}.7"
+
+
+TOPICS = (
+    Topic("dls-client", "dls-jdls", "JDLS, the environment variable that configures every dls client",
+          "\\fBJDLS=\\fR[\\fBSERVER=\\fIhost\\fR[\\fB,\\fIport\\fR]][\\fB,SERVER2=\\fIhost\\fR[\\fB,"
+          "\\fIport\\fR]][\\fB,\\fIoption\\fR]..."),
+)
+
+
+def _include_sections(topic: Topic) -> dict[str, str]:
+    """The [SECTION] parts of a topic's include file, in their order; DESCRIPTION required."""
+    if not topic.include.is_file():
+        raise ManpageError(f"{topic.include.relative_to(ROOT)} is missing: the page {topic.name}(7) needs its "
+                           "[DESCRIPTION] (and further sections) there")
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in topic.include.read_text(encoding="utf-8").splitlines():
+        m = re.fullmatch(r"\[([A-Z][A-Z ]*)\]", line)
+        if m:
+            current = sections.setdefault(m.group(1), [])
+        elif current is not None:
+            current.append(line)
+    if "DESCRIPTION" not in sections:
+        raise ManpageError(f"{topic.include.relative_to(ROOT)}: no [DESCRIPTION] section")
+    return {name: "\n".join(lines).strip("\n") for name, lines in sections.items()}
+
+
+def _jdls_options() -> list[str]:
+    """The OPTIONS section of dls-jdls(7), from the parser's table of options."""
+    from dls_proto import jdls
+
+    out = [".SH OPTIONS"]
+    for option in jdls.OPTIONS:
+        value = f"\\fB=\\fI{escape(option.value)}\\fR" if option.value else ""
+        out += [".TP", f"\\fB{escape(option.name)}\\fR{value}", escape(option.does),
+                f"Default: {escape(option.default)}."]
+    return out
+
+
+def render_topic(topic: Topic, date: str) -> str:
+    """The section 7 page of ``topic``: its include file around the options of the parser's table."""
+    sections = _include_sections(topic)
+    source_ = source(topic.package)
+    lines = [f'.TH {escape(topic.name.upper())} "7" "{escape(date)}" "{escape(source_)}" "{MANUAL}"',
+             ".SH NAME", f"{escape(topic.name)} \\- {escape(topic.title)}",
+             ".SH SYNOPSIS", topic.synopsis,
+             ".SH DESCRIPTION", sections.pop("DESCRIPTION"), *_jdls_options()]
+    for name, text in sections.items():
+        lines += [f".SH {name}", text]
+    return "\n".join(lines) + "\n"
+
+
+def expected_topic(topic: Topic) -> str:
+    return render_topic(topic, version_date(topic.package))
+
+
+def topic_problems(topics: Sequence[Topic] = TOPICS, *, check: bool, quiet: bool = True) -> list[str]:
+    """Write (or with ``check`` only compare) the section 7 pages; the problems found."""
+    problems = []
+    for topic in topics:
+        rel = topic.page.relative_to(ROOT)
+        try:
+            text = expected_topic(topic)
+        except ManpageError as exc:
+            problems.append(str(exc))
+            continue
+        current = topic.page.read_text(encoding="utf-8") if topic.page.is_file() else None
+        if text != current:
+            if check:
+                problems.append(f"{rel}: differs from what dls_proto.jdls.OPTIONS and its include file give now "
+                                "(./dev man regenerates it)")
+            else:
+                topic.page.write_text(text, encoding="utf-8")
+                if not quiet:
+                    print(f"wrote {rel}")
+        with (PACKAGES / topic.package / "pyproject.toml").open("rb") as f:
+            data = tomllib.load(f)
+        mapping = data.get("tool", {}).get("hatch", {}).get("build", {}).get("targets", {}).get("wheel", {})
+        if mapping.get("shared-data", {}).get(f"man/{topic.name}.7") != topic.installed_as:
+            problems.append(f'packages/{topic.package}/pyproject.toml: [{SHARED_DATA}] lacks '
+                            f'"man/{topic.name}.7" = "{topic.installed_as}"')
+    return problems
+
+
 def stale_pages(tools: Sequence[Tool]) -> list[Path]:
     """Pages in a man/ directory that no tool has any more."""
     wanted = {t.page for t in tools}
@@ -460,12 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.quiet:
                 print(f"wrote {rel}")
     errors.extend(shared_data_problems(tools))
+    errors.extend(topic_problems(check=args.check, quiet=args.quiet))
     for page in stale_pages(tools):
         errors.append(f"{page.relative_to(ROOT)}: no tool of its package has this page any more; remove it")
     for error in dict.fromkeys(errors):  # an alias repeats its main name's error
         print(f"manpages.py: {error}", file=sys.stderr)
     if not errors and not args.quiet:
-        print(f"manpages.py: {len(tools)} pages {'checked' if args.check else 'up to date'}")
+        print(f"manpages.py: {len(tools) + len(TOPICS)} pages {'checked' if args.check else 'up to date'}")
     return 1 if errors else 0
 
 

@@ -127,6 +127,21 @@ def test_existing_table_is_attached_as_it_is(service):
     assert "is ignored" in (service.root / "log" / "jdls.log").read_text()
 
 
+def test_restart_warns_only_of_table_options_given_now(service):
+    """A table made with -P and -T keeps them: -ibA without them says nothing of them; -T on a table
+    without it is named as ignored."""
+    assert service.jdls("-ibAP").returncode == 0
+    assert service.jdls("-kA").returncode == 0
+    again = service.jdls("-ibA")
+    assert again.returncode == 0, again.stderr
+    assert "-P" not in again.stderr and "-T" not in again.stderr and "as given now" not in again.stderr
+    assert service.jdls("-kA").returncode == 0
+    with_t = service.jdls("-ibAT")
+    assert with_t.returncode == 0, with_t.stderr
+    assert "the lock table exists without -T: -T is ignored" in with_t.stderr
+    assert "-P" not in with_t.stderr
+
+
 # -- failures and usage ----------------------------------------------------------------
 
 

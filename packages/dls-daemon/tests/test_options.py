@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_shm import TableFlag
-from dls_testkit import gone, greet, receive, wait_for
+from dls_testkit import free_port, gone, greet, receive, wait_for
 
 EX = 5
 #: What a Hello may be answered with.
@@ -122,6 +124,9 @@ def test_the_systemd_unit_is_shipped(capsys) -> None:
     assert "ExecStart=jdls -i --foreground\n" in text
     assert "ExecStop=jdls -k\n" in text
     assert "Environment=JBCRELEASEDIR=/var/lib/dls\n" in text
+    # not the command line's default, and the unit says why and what local processes need
+    assert "not the command line's default /var/tmp/dls" in text
+    assert "must run with JBCRELEASEDIR=/var/lib/dls too" in text
     assert "[Install]" in text
     assert main(["--unit"]) == 0
     assert capsys.readouterr().out == text
@@ -135,20 +140,21 @@ def test_the_systemd_unit_is_shipped(capsys) -> None:
 
 def test_connection_test_echoes_through_a_lock_server(service) -> None:
     start(service, "-ib")
-    result = service.jdls("-Chello world")
+    result = service.jdls("-Chello world")  # JDLS unset: localhost on $JDLS_PORT
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"Client: Using host '127.0.0.1', service '{service.port}'"
+    assert lines[0] == f"Client: Using host 'localhost', service '{service.port}'"
     assert lines[1].startswith("Client: connected to lock server pid ")
     assert f"(protocol version {PROTOCOL_VERSIONS[1]}, shared memory lock table)" in lines[1]
-    assert lines[2].startswith("Client: received 'hello world' in ") and lines[2].endswith(" ms (round trip)")
+    assert lines[2] == "Client: the lock server sees this client as 127.0.0.1"
+    assert lines[3].startswith("Client: received 'hello world' in ") and lines[3].endswith(" ms (round trip)")
     # The JDLS variable, as a client would use it, names the server when --host/--port do not.
-    service.env["JDLS"] = f"SERVER=localhost,{service.port}"
+    service.env["JDLS"] = f"SERVER=127.0.0.1:{service.port},TIMEOUT=7"
     service.env["JDLS_PORT"] = "1"
     via_jdls = service.jdls("-Cping", "-v")
     assert via_jdls.returncode == 0, via_jdls.stderr
-    assert f"Client: Using host 'localhost', service '{service.port}'" in via_jdls.stdout
-    assert "its largest frame is 65536 bytes" in via_jdls.stdout
+    assert f"Client: Using host '127.0.0.1', service '{service.port}'" in via_jdls.stdout
+    assert "its largest frame is 65536 bytes; answers awaited 7 s (JDLS TIMEOUT)" in via_jdls.stdout
     explicit = service.jdls("-C", "x", "--host", "127.0.0.1", "--port", str(service.port))
     assert explicit.returncode == 0 and "received 'x'" in explicit.stdout
 
@@ -156,17 +162,112 @@ def test_connection_test_echoes_through_a_lock_server(service) -> None:
 def test_connection_test_when_nothing_listens(service) -> None:
     result = service.jdls("-Cteststring")  # nothing started on this port
     assert result.returncode == 1
-    assert result.stdout == f"Client: Using host '127.0.0.1', service '{service.port}'\n"
+    assert result.stdout == f"Client: Using host 'localhost', service '{service.port}'\n"
     assert result.stderr.splitlines() == [
         "Client: Unable to allocate socket",
-        f"Client: connection failed for host '127.0.0.1', service '{service.port}', error Connection refused",
+        f"Client: connection failed for host 'localhost', service '{service.port}', error Connection refused",
     ]
     service.env["JDLS"] = ""  # set but empty: localhost, port 50002 (the port given here overrides it)
     named = service.jdls("-Cx", "--port", str(service.port))
     assert named.returncode == 1
     assert f"Client: Using host 'localhost', service '{service.port}'" in named.stdout
-    service.env["JDLS"] = "SERVER="
-    assert service.jdls("-Cx").returncode == 2
+
+
+@pytest.mark.parametrize(("jdls", "says"), [
+    ("SERVER=127.0.0.1,TIMEOUT=abc", "JDLS TIMEOUT: 'abc' is not a number of seconds above 0"),
+    ("SERVER=127.0.0.1,WAIT,FOO", "JDLS: unknown option 'FOO'; expected SERVER, SERVER2,"),
+    ("SERVER=h,notaport", "JDLS SERVER: 'notaport' after the host is neither a port"),
+    ("SERVER2=h", "JDLS SERVER2 has no meaning without SERVER"),
+    ("SERVER=", "JDLS SERVER: expected SERVER=host{,port}"),
+    ("WAIT,WAIT", "JDLS WAIT is given twice"),
+    ("SERVER=h,,WAIT", "JDLS: empty option in 'SERVER=h,,WAIT'"),
+])
+def test_connection_test_refuses_what_clients_refuse_with_78(service, jdls: str, says: str) -> None:
+    """jdls -C reads JDLS with the client's parser: the client's message and status (EX_CONFIG), nothing tried."""
+    service.env["JDLS"] = jdls
+    for name in ("jdls", "JDLS"):
+        result = subprocess.run([str(Path(sys.executable).parent / name), f"-C{name}"], env=service.env,
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stdout) == (78, ""), result.stderr
+        assert result.stderr.startswith(f"{name}: {says}") and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+    service.env["JDLS"] = "SERVER=127.0.0.1"
+    service.env["JBCPORTNO"] = "abc"
+    result = service.jdls("-Cx")
+    assert (result.returncode, result.stderr) == (78, "jdls: JBCPORTNO='abc' is not a port number (0 to 4294967295)\n")
+
+
+def test_connection_test_tests_server2_too(service) -> None:
+    start(service, "-ib")
+    closed = free_port()
+    service.env["JDLS"] = f"SERVER=127.0.0.1,{service.port},SERVER2=[::1]:{closed}"
+    result = service.jdls("-Cboth")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Client: testing the primary lock service (JDLS SERVER)"
+    assert lines[1] == f"Client: Using host '127.0.0.1', service '{service.port}'"
+    assert "received 'both'" in lines[4]
+    assert lines[5:] == ["Client: testing the secondary lock service (JDLS SERVER2)",
+                         f"Client: Using host '::1', service '{closed}'"]
+    assert result.stderr.splitlines()[0] == "Client: Unable to allocate socket"
+    service.env["JDLS"] = f"SERVER=127.0.0.1,{service.port},SERVER2=localhost,{service.port}"
+    both = service.jdls("-Cboth")
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.count("received 'both'") == 2
+
+
+def test_connection_test_waits_for_answers_as_long_as_timeout_says(service) -> None:
+    """A server that accepts and never answers: given up after JDLS's TIMEOUT, not a fixed time."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        service.env["JDLS"] = f"SERVER=127.0.0.1,{port},TIMEOUT=0.5"
+        started = time.monotonic()
+        result = service.jdls("-Cx")
+        took = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr == f"Client: no answer from host '127.0.0.1', service '{port}' within 0.5 s (JDLS TIMEOUT)\n"
+    assert took < 5
+
+
+def test_connection_test_string_too_long_is_said_not_a_traceback(service) -> None:
+    start(service, "-ib", "--max-frame", "1024")
+    too_long = service.jdls("-C" + "x" * 70000)
+    assert too_long.returncode == 2
+    assert too_long.stderr == "jdls: the test string is 70000 bytes long; an echo carries at most 65535\n"
+    over_frame = service.jdls("-C" + "y" * 2000)
+    assert over_frame.returncode == 1
+    assert "the test string is 2000 bytes long; this lock server takes at most 1022 in an echo" in over_frame.stderr
+    assert "Traceback" not in over_frame.stderr + too_long.stderr
+
+
+def test_every_name_says_its_own_version() -> None:
+    for name in ("jdls", "jDLS", "JDLS"):
+        result = subprocess.run([str(Path(sys.executable).parent / name), "--version"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0
+        assert result.stdout.startswith(f"{name} (dls-daemon) ")
+
+
+def test_unknown_option_is_named(capsys) -> None:
+    for argv, says in ((["-x"], "unknown option -x (jdls -h lists them)"),
+                       (["-x", "-q"], "unknown options -x -q"),
+                       (["stray"], "unexpected argument: stray"),
+                       (["-d", "-x"], "unrecognized arguments: -x")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+        assert "one of the arguments" not in err
+    assert main([]) == 2
+    assert "one of the arguments -i -k -K -d -C --unit is required" in capsys.readouterr().err
+
+
+def test_tidy_period_is_said_in_words(capsys) -> None:
+    assert main(["-ibt0"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid tidy period (minutes) '0': expected minutes, fractions allowed, at least one second's worth" in err
+    assert "0.0166" not in err
 
 
 # -- limits ---------------------------------------------------------------------------------------------

@@ -32,3 +32,66 @@ def test_server_parse() -> None:
     for bad in ("", ",5", "h,x", "h,"):
         with pytest.raises(ValueError):
             Server.parse(bad)
+
+
+@pytest.mark.parametrize(("text", "server"), [
+    ("SERVER=lockhost:47999", Server("lockhost", 47999)),
+    ("SERVER=[2001:db8::7]:47999", Server("2001:db8::7", 47999)),
+    ("SERVER=[2001:db8::7]", Server("2001:db8::7", 50002)),
+    ("SERVER=2001:db8::7", Server("2001:db8::7", 50002)),
+    ("SERVER=2001:db8::7,47999", Server("2001:db8::7", 47999)),
+    ("SERVER=h,wait", Server("h", 50002)),  # a flag after the host, not a port
+])
+def test_host_port_spellings(text: str, server: Server) -> None:
+    assert jdls.named_server(text) == server
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("SERVER=h,notaport", "JDLS SERVER: 'notaport' after the host is neither a port (a number from 1 to 65535) "
+                          "nor a JDLS option"),
+    ("SERVER=h,99999", "JDLS SERVER: port '99999' is not a number from 1 to 65535"),
+    ("SERVER=h:notaport", "JDLS SERVER: port 'notaport' is not a number from 1 to 65535"),
+    ("SERVER=h:1,2", "JDLS SERVER: the port is given twice ('h:1' and '2')"),
+    ("SERVER=[::1", "JDLS SERVER: '[::1' is not [address] or [address]:port"),
+    ("SERVER=:5", "JDLS SERVER: ':5' has no host before the port"),
+    ("SERVER=h,SERVER=i", "JDLS SERVER is given twice: give each option once"),
+    ("TIMEOUT=1,TIMEOUT=2", "JDLS TIMEOUT is given twice"),
+    ("TIMEOUT", "JDLS TIMEOUT: expected TIMEOUT=seconds"),
+    ("TIMEOUT=", "JDLS TIMEOUT: expected TIMEOUT=seconds"),
+    ("TIMEOUT=nan", "JDLS TIMEOUT: 'nan' is not a number of seconds above 0 and at most 86400"),
+    ("TIMEOUT=inf", "JDLS TIMEOUT: 'inf' is not"),
+    ("TIMEOUT=86401", "JDLS TIMEOUT: '86401' is not"),
+    ("TIMEOUT=0", "JDLS TIMEOUT: '0' is not"),
+    ("LOCK", "JDLS LOCK: expected LOCK=EXTERNAL|INTERNAL|ALL"),
+    ("TRACE", "JDLS TRACE: expected TRACE=file"),
+    ("WAIT=yes", "JDLS WAIT takes no value (got 'WAIT=yes')"),
+    ("SERVER=h,,WAIT", "JDLS: empty option in 'SERVER=h,,WAIT' (two commas, or one at an end)"),
+    ("WAIT,", "JDLS: empty option in 'WAIT,'"),
+    (",", "JDLS: empty option"),
+    ("SERVER2=h", "JDLS SERVER2 has no meaning without SERVER"),
+    ("NOSUCH", "JDLS: unknown option 'NOSUCH'; expected SERVER, SERVER2, WAIT, TIMEOUT,"),
+])
+def test_refusals_name_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        jdls.parse(text)
+    assert str(caught.value).startswith(says), str(caught.value)
+
+
+def test_the_unknown_option_message_lists_every_option() -> None:
+    with pytest.raises(ValueError) as caught:
+        jdls.parse("NOSUCH")
+    assert str(caught.value).endswith(", ".join(o.name for o in jdls.OPTIONS[:-1]) + f" or {jdls.OPTIONS[-1].name}")
+
+
+def test_every_option_of_the_table_is_parsed() -> None:
+    """Each option of OPTIONS (what dls-jdls(7) lists) is one the parser takes, with an example value."""
+    examples = {"SERVER": "h", "SERVER2": "h2,50003", "TIMEOUT": "5", "LOCK": "internal", "TRACE": "/tmp/t",
+                "CA": __file__, "CERT": __file__, "KEY": __file__}
+    for option in jdls.OPTIONS:
+        text = option.name if not option.value else f"{option.name}={examples[option.name]}"
+        extra = {"SERVER2": "SERVER=h,", "CA": "TLS,", "CERT": "TLS,", "KEY": "TLS,CERT=x,"}.get(option.name, "")
+        assert jdls._options(extra + text), option.name  # no unknown option, no assertion
+
+
+def test_servers_print_in_the_jdls_spelling() -> None:
+    assert str(jdls.parse("SERVER=[::1]:7").server) == "::1,7"

@@ -157,7 +157,7 @@ def test_bad_jdls_and_usage(clean_env: Any, capsys: pytest.CaptureFixture[str],
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JDLS", "SERVER=")
     code, _, err = run(capsys)
-    assert code == 1 and "JDLS SERVER: expected SERVER=host" in err  # the message every client gives
+    assert code == 78 and "JDLS SERVER: expected SERVER=host" in err  # the message and status every client gives
     code, _, err = run(capsys, "--server", "h,x")
     assert code == 2 and "port 'x'" in err
     code, _, err = run(capsys, "--server", "h", "--local")

@@ -42,13 +42,16 @@ from dls_proto import (
     Unlock,
     Waiting,
     Welcome,
+    jdls,
     receive,
     tls,
 )
 
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 
-CONNECT_TIMEOUT = 5.0
+#: Seconds a server has to accept a connection (and its TLS handshake): dls-proto's, which jdls -C and
+#: dls-test use too.
+CONNECT_TIMEOUT = jdls.CONNECT_TIMEOUT
 _KEEPALIVE = (2, 1, 3)  # idle, interval, probes (seconds, seconds, count)
 #: Seconds within which a lock server that went silent (its host down, the link cut) is found dead: by
 #: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT (set to it)

@@ -24,9 +24,9 @@ import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-from dls_proto import DEFAULT_MAX_FRAME, environment, jdls
+from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, probe
 from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
@@ -42,7 +42,7 @@ from .context import (
     Limits,
     Network,
 )
-from .display import connection_test, display
+from .display import display
 from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .start import start
@@ -51,14 +51,15 @@ from .tls import TlsSetupError
 
 PORT_VARIABLE = "JDLS_PORT"
 DEFAULT_PORT = jdls.DEFAULT_PORT
-#: The host ``-C`` connects to when neither --host nor JDLS names one.
-DEFAULT_TEST_HOST = "127.0.0.1"
 #: Smallest frame limit that still lets every message of the protocol through (a Hello with long names).
 MIN_FRAME = 1024
 MAX_FRAME = 64 * 1024 * 1024
 #: The longest lock-delay: a day (clients are told it in milliseconds, in 32 bits).
 MAX_LOCK_DELAY = 86400.0
 UNIT_FILE = "dls-daemon.service"
+#: The names of the command ([project.scripts]): jdls, jDLS as the guide writes the service, JDLS as it runs
+#: the test (``JDLS -Cteststring``).
+NAMES = ("jdls", "jDLS", "JDLS")
 
 DESCRIPTION = """\
 The dls lock service: the lock monitor (owner of the shared memory lock table,
@@ -76,20 +77,24 @@ EPILOG = f"""\
 examples:
   jdls -ibs13000,50   start monitor and listener in the background, table of at least
                       13000 locks in groups of 50 (263 groups, the next prime: 13150 locks)
-  jdls -ibD           start the listener only (no table: OS file locks)
+  jdls -ibD           start the listener only: its lock servers lock in the table if one
+                      exists (the monitor's), else as OS file locks in --lock-dir
   jdls -kD            stop the listener only (lock servers and their clients go on)
   jdls -kA; jdls -ibA stop and start the monitor only (listener and lock servers go on)
   jdls -k             stop everything: listener, lock servers, monitor
   jdls -K             remove the lock table's shared memory and semaphore
-  jdls -K -o          remove it even though processes still have it attached
+  jdls -K -o          remove it even though lock servers or other processes still have it
+                      attached (never while the monitor or the listener runs)
   jdls -dvL           show the service, the table header and every lock
   jdls -Chello        connect as a client would and have 'hello' echoed
 
 -o (override, with -K only): the jDLS guide lists it without saying what it does.
-  Here it removes the lock table even while processes of the service run or other
-  processes have it attached. They are named first; they keep their mapping but get
-  errors on their next lock, and new processes no longer see the table. Meant for an
-  operator clearing up after a crash; stop the service first when you can.
+  Here it removes the lock table even while lock servers (left by jdls -kD, or serving
+  after a crash) or other processes have it attached. They are named first; they keep
+  their mapping but get errors on their next lock, and new processes no longer see the
+  table. It never removes the table while the monitor or the listener runs, -o or not:
+  stop them first (jdls -k, or -kA and -kD). Meant for an operator clearing up after a
+  crash.
 
 --lock-delay S: a lock that a remote client holds is not freed when its lock server ends
   while the client may still live (the lock server killed, jdls -k, the client's host gone
@@ -122,10 +127,15 @@ Who may connect (the listener): with --allow only those networks connect; a conn
   --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
   peer is told a code and a short reason when refused; the log has the rest.
 
--C teststring: connects to --host/--port, else to the SERVER of ${jdls.VARIABLE} (the client's
-  configuration; set but without SERVER: localhost, port {DEFAULT_PORT}), else to
-  {DEFAULT_TEST_HOST} on ${PORT_VARIABLE} or {DEFAULT_PORT}; exit status 1 when the string does not come back.
-  ${jdls.VARIABLE} is read as every client reads it: a value clients refuse is a usage error (exit 2).
+-C teststring: tests the client configuration of this host as dls-test does (the same code):
+  ${jdls.VARIABLE} and JBCPORTNO are read as every client reads them, and a value a client refuses
+  is refused here with the client's message and exit status 78. Each server ${jdls.VARIABLE} names
+  (SERVER, then SERVER2) is connected to as a client connects ({jdls.CONNECT_TIMEOUT:g} s to accept the
+  connection; TLS with its CA, CERT and KEY when ${jdls.VARIABLE} says TLS), greeted, and has the string
+  echoed, each answer within ${jdls.VARIABLE}'s TIMEOUT (default {jdls.DEFAULT_TIMEOUT:g} s). --host and
+  --port replace SERVER and SERVER2 (the rest of ${jdls.VARIABLE} still applies); with ${jdls.VARIABLE}
+  unset, localhost on ${PORT_VARIABLE} or {DEFAULT_PORT} is tested. Exit status 1 when the string does not
+  come back from every server; the test string is at most {probe.MAX_TEST_STRING} bytes.
 
 TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 1.3 when the
   client speaks it); clients set TLS in ${jdls.VARIABLE}, and CA=file to verify the certificate,
@@ -139,7 +149,8 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
 
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 {environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
-Exit status: 0 done, 1 failed (the reason is printed), 2 usage error.
+Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 (-C only) a JDLS or
+JBCPORTNO that clients refuse.
 """
 
 N = TypeVar("N", int, float)
@@ -168,11 +179,15 @@ def _shown(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None) -> Callable[[str], N]:
-    """An argparse type: a number of ``kind`` from ``low`` (to ``high``), the error naming ``what``."""
+def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
+            bounds: str | None = None) -> Callable[[str], N]:
+    """An argparse type: a number of ``kind`` from ``low`` (to ``high``), the error naming ``what`` and
+    the range (``bounds`` says it when the figures alone would not read well)."""
+
+    if bounds is None:
+        bounds = f"{_shown(low)} to {_shown(high)}" if high is not None else f"{_shown(low)} or more"
 
     def parse(text: str) -> N:
-        bounds = f"{_shown(low)} to {_shown(high)}" if high is not None else f"{_shown(low)} or more"
         try:
             value = kind(text)
         except ValueError:
@@ -185,7 +200,8 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None) 
 
 
 #: Minutes as jDLS takes them, fractions allowed (-t 0.05 tidies every 3 s), at least one second.
-_minutes = _number(float, "tidy period (minutes)", 1 / 60)
+_minutes = _number(float, "tidy period (minutes)", 1 / 60,
+                   bounds="minutes, fractions allowed, at least one second's worth (-t 0.05 is 3 s)")
 _seconds = _number(int, "tidy period (seconds)", 1)
 _timeout = _number(float, "timeout (seconds)", 0.001)
 _port = _number(int, "port", 0, 65535)
@@ -225,8 +241,57 @@ def _group(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def called_as(argv0: str | None = None) -> str:
+    """The name the command was run by (``sys.argv[0]``'s), when it is one of NAMES; else ``jdls``
+    (``python -m dls_daemon``), so that --version and -C's refusals name what the operator typed. (The usage
+    says jdls under every name: the help is the page's, one text for the three names.)"""
+    name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
+    return name if name in NAMES else NAMES[0]
+
+
+class _NoAction(Exception):
+    """argparse found no action (-i, -k, ...): said only once the arguments it did not know are named."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a missing action is raised (``_NoAction``) rather than reported: an
+    unknown option (``jdls -x``) is then named first, since it is the likelier mistake."""
+
+    relaxed = False
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("one of the arguments") and not self.relaxed:
+            raise _NoAction(message)
+        super().error(message)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, an unknown option or argument named before a missing action."""
+    try:
+        return parser.parse_args(argv)
+    except _NoAction as missing:
+        groups = parser._mutually_exclusive_groups
+        required = [g.required for g in groups]
+        for group in groups:
+            group.required = False
+        try:
+            _, extras = parser.parse_known_args(argv)
+        finally:
+            for group, was in zip(groups, required, strict=True):
+                group.required = was
+        options = [a for a in extras if a.startswith("-")]
+        if options:
+            parser.error(f"unknown option{'s' if len(options) > 1 else ''} {' '.join(options)} ({parser.prog} -h "
+                         "lists them)")
+        if extras:
+            parser.error(f"unexpected argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}")
+        if isinstance(parser, _Parser):
+            parser.relaxed = True
+        parser.error(str(missing))
+
+
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jdls",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -239,7 +304,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="stop the monitor and the listener (and, without -A/-D, every lock server)")
     action.add_argument("-K", dest="action", action="store_const", const="remove",
                         help="remove the lock table's IPC resources (shared memory and semaphore); refuses "
-                        "while anything uses them unless -o")
+                        "while the monitor or the listener runs, and while lock servers or other processes use "
+                        "them unless -o")
     action.add_argument("-d", dest="action", action="store_const", const="display",
                         help="display the service and its lock table (-v: header details, -L: the locks)")
     action.add_argument("-C", dest="test_string", metavar="teststring",
@@ -334,21 +400,23 @@ def get_parser() -> argparse.ArgumentParser:
     both.add_argument("-A", dest="monitor_only", action="store_true",
                       help="the lock monitor (arbiter) only: do not start/stop the listener")
     both.add_argument("-D", dest="listener_only", action="store_true",
-                      help="the distributed lock listener only: do not start/stop the monitor")
+                      help="the distributed lock listener only: do not start/stop the monitor (-ibD: the lock "
+                      "servers use the lock table if one exists, else OS file locks)")
     both.add_argument("--stop-timeout", type=_timeout, default=None, metavar="S",
                       help="seconds to wait for a process to stop before killing it "
                       f"(default {DEFAULT_STOP_TIMEOUT:g})")
     other = parser.add_argument_group("with -K, -d, -C")
     other.add_argument("-o", dest="override", action="store_true",
-                       help="with -K: override, remove the table even while processes use it (they are named)")
+                       help="with -K: override, remove the table even while lock servers or other processes "
+                       "have it attached (they are named); never while the monitor or the listener runs")
     other.add_argument("-L", dest="locks", action="store_true", help="with -d: list every lock")
     other.add_argument("-v", dest="verbose", action="count", default=0,
                        help="with -d: the whole table header (-vv: and its IPC key and id); with -C: more "
                        "detail; with -i: log debug messages")
     other.add_argument("--host", default=None,
-                       help=f"with -C: the host to connect to (default: from ${jdls.VARIABLE}, else "
-                       f"{DEFAULT_TEST_HOST})")
-    parser.add_argument("--version", action="version", version=f"%(prog)s (dls-daemon) {__version__}")
+                       help=f"with -C: the host to test instead of the servers of ${jdls.VARIABLE} (default: "
+                       f"those, else {jdls.DEFAULT_HOST})")
+    parser.add_argument("--version", action="version", version=f"{called_as()} (dls-daemon) {__version__}")
     return parser
 
 
@@ -425,33 +493,31 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         for option in LISTENER_OPTIONS:
             if option in given:
                 parser.error(f"{option} concerns the lock listener, which -A does not start")
-    if args.action in ("start", "test") and args.port is None and not (args.action == "test" and _jdls_server()):
+    jdls_set = os.environ.get(jdls.VARIABLE) is not None
+    if args.action in ("start", "test") and args.port is None and not (args.action == "test" and jdls_set):
         env = os.environ.get(PORT_VARIABLE)
         if env:
             try:
                 args.port = _port(env)
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{PORT_VARIABLE}: {exc}")
-        else:
+        elif args.action == "start":
             args.port = DEFAULT_PORT
-    if args.action == "test":
-        try:
-            args.host, args.port = _test_target(args.host, args.port)
-        except ValueError as exc:
-            parser.error(str(exc))
+    if args.action == "test" and args.host is not None and not args.host.strip():
+        parser.error("--host: expected a host name or address")
 
 
-def _jdls_server() -> bool:
-    """True when the client's JDLS variable is set (it then names the server -C tests)."""
-    return os.environ.get(jdls.VARIABLE) is not None
-
-
-def _test_target(host: str | None, port: int | None) -> tuple[str, int]:
-    """Where ``-C`` connects: --host/--port, else JDLS's SERVER (read as every client reads it: a JDLS
-    that clients refuse is refused here too), else the local service."""
-    config = jdls.Config.from_environment()
-    server = config.server if config is not None else jdls.Server(DEFAULT_TEST_HOST)
-    return host or server.host, port if port is not None else server.port
+def _test_server(host: str | None, port: int | None) -> jdls.Server | None:
+    """The server ``-C`` tests instead of those of JDLS: --host/--port (JDLS unset: $JDLS_PORT), the other
+    half from JDLS's SERVER, else localhost, port 50002. None: JDLS's own servers."""
+    if host is None and port is None:
+        return None
+    try:
+        named = jdls.named_server(os.environ.get(jdls.VARIABLE) or "")
+    except ConfigurationError:
+        named = None  # the test refuses JDLS by name before it connects anywhere
+    server = named or jdls.Server(jdls.DEFAULT_HOST)
+    return jdls.Server(host or server.host, server.port if port is None else port)
 
 
 def _roles(args: argparse.Namespace) -> tuple[str, ...]:
@@ -501,7 +567,7 @@ def unit_file() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = get_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         _check(parser, args)
     except SystemExit as exc:  # usage errors (2), -h and --version (0)
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
@@ -509,9 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(unit_file())
         return ExitCode.OK
     if args.action == "test":
-        config = jdls.Config.from_environment()  # checked whole by _check: it is good
-        return connection_test(args.host, args.port, args.test_string, verbose=args.verbose > 0,
-                               tls_context=config.ssl_context() if config is not None else None)
+        return probe.run(args.test_string, prog=called_as(), server=_test_server(args.host, args.port),
+                         verbose=args.verbose > 0)
     try:
         instance = Instance.from_environment()
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""``jdls -d`` (the service and its lock table, as jDLS shows them) and ``jdls -C`` (a connection test).
+"""``jdls -d``: the service and its lock table, as jDLS shows them.
 
 ``-d`` names the monitor and listener and sums up the table, ``-v`` adds the
 rest of the header (times, counters, semaphore ids, memory, CPU), ``-vv`` also
@@ -9,45 +9,16 @@ example, so an operator finds each figure where jDLS put it. The text is
 from its pid file, checked against the live process (pid and start time), so a
 pid left in the header by a killed monitor is shown as inactive rather than
 trusted.
-
-``-C teststring`` checks what a client would do: connect, say Hello, have the
-string echoed by a lock server, and print what it used, what came back and how
-long the round trip took. It speaks dls-proto directly over a plain socket, so
-it needs no client library and tests the service, not a client's set-up.
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
 import sys
-import time
-from typing import TextIO, TypeVar
+from typing import TextIO
 
-from dls_proto import (
-    ConfigurationError,
-    Connection,
-    ConnectionClosed,
-    Echo,
-    EchoReply,
-    Error,
-    Mechanism,
-    Message,
-    ProtocolError,
-    Role,
-    Welcome,
-    exchange,
-    identity,
-    tls,
-)
 from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, report, service_processes
 
 from .exitcodes import ExitCode
-
-#: How long ``-C`` waits for the connection and for each answer.
-TEST_TIMEOUT = 10.0
-
-T = TypeVar("T")
 
 
 def _processes(instance: Instance, header: Header | None) -> tuple[report.Process, report.Process]:
@@ -83,79 +54,4 @@ def display(
     for text in report.lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
                       locks=locks):
         print(text, file=out)
-    return ExitCode.OK
-
-
-# -- jdls -C: the connection test ----------------------------------------------------------------
-
-
-class _TestFailed(Exception):
-    pass
-
-
-def _expect(sock: socket.socket, conn: Connection, message: Message, kind: type[T], where: str) -> T:
-    """Send ``message``; its answer, which must be a ``kind`` (_TestFailed says what came instead)."""
-    event = exchange(sock, conn, message)
-    if isinstance(event, kind):
-        return event
-    if isinstance(event, Error):
-        raise _TestFailed(f"Client: the lock service at {where} answered with an error: {event.reason}")
-    if isinstance(event, ConnectionClosed):
-        raise _TestFailed(f"Client: the lock service at {where} closed the connection")
-    raise _TestFailed(f"Client: unexpected {type(event).__name__} from {where}")
-
-
-def connection_test(
-    host: str, port: int, text: str, *, verbose: bool = False, timeout: float = TEST_TIMEOUT,
-    out: TextIO | None = None, err: TextIO | None = None, tls_context: ssl.SSLContext | None = None,
-) -> int:
-    """``jdls -C``: connect (over TLS with ``tls_context``, JDLS's TLS), greet, echo ``text``; 0 when it came
-    back intact, else 1 (with the reason)."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    print(f"Client: Using host '{host}', service '{port}'", file=out, flush=True)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        if tls_context is not None:
-            sock = tls.wrap(sock, tls_context, host, timeout)
-    except OSError as exc:
-        reason = tls.failure(exc)
-        print("Client: Unable to allocate socket", file=err)
-        print(f"Client: connection failed for host '{host}', service '{port}', error {reason}", file=err)
-        return ExitCode.FAILED
-    where = f"host '{host}', service '{port}'"
-    data = text.encode("utf-8", "surrogateescape")
-    try:
-        with sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(Role.CLIENT)
-            welcome = _expect(sock, conn, identity.hello("jdls -C"), Welcome, where)
-            if isinstance(sock, ssl.SSLSocket):
-                print(f"Client: {sock.version()}, the server's certificate verified for '{host}'", file=out)
-            how = "shared memory lock table" if welcome.mechanism == Mechanism.TABLE else "OS file locks"
-            print(f"Client: connected to lock server pid {welcome.server_pid} on '{welcome.server_host or host}' "
-                  f"(protocol version {welcome.version}, {how})", file=out)
-            if verbose:
-                print(f"Client: the service sees this client as {welcome.peer}; its largest frame is "
-                      f"{welcome.max_frame} bytes", file=out)
-            started = time.perf_counter()
-            reply = _expect(sock, conn, Echo(1, data), EchoReply, where)
-            took = time.perf_counter() - started
-    except _TestFailed as exc:
-        print(exc, file=err)
-        return ExitCode.FAILED
-    except TimeoutError:
-        print(f"Client: no answer from {where} within {timeout:g} s", file=err)
-        return ExitCode.FAILED
-    except OSError as exc:
-        print(f"Client: connection to {where} failed: {tls.failure(exc)}", file=err)
-        return ExitCode.FAILED
-    except (ProtocolError, ConfigurationError) as exc:
-        print(f"Client: connection to {where} failed: {exc}", file=err)
-        return ExitCode.FAILED
-    shown = reply.data.decode("utf-8", "backslashreplace")
-    if reply.data != data:
-        print(f"Client: sent '{text}' but received '{shown}'", file=err)
-        return ExitCode.FAILED
-    print(f"Client: received '{shown}' in {took * 1000:.3f} ms (round trip)", file=out)
     return ExitCode.OK

@@ -104,10 +104,12 @@ class Monitor(Daemon):
                 "is ignored (remove the table with jdls -K to resize it)"
             )
         flags = table.header().flags
+        # Only an option given now can be ignored: a table made with -P or -T simply keeps it (the log and
+        # jdls -dv say so), as it keeps its size when -s is not given.
         for flag, option in ((TableFlag.PORT_OWNERS, "-P"), (TableFlag.TIMESTAMPS, "-T")):
-            if bool(self.settings.table_flags & flag) != bool(flags & flag):
-                state = "with" if flags & flag else "without"
-                out.append(f"the lock table exists {state} {option}: {option} as given now is ignored")
+            if self.settings.table_flags & flag and not flags & flag:
+                out.append(f"the lock table exists without {option}: {option} is ignored (remove the table with "
+                           f"jdls -K to make it with {option})")
         return out
 
     def _write_lock_delay(self, table: LockTable) -> None:

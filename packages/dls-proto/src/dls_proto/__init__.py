@@ -3,10 +3,10 @@ dls program agrees on beyond the bytes: the JDLS variable (``jdls``), the enviro
 (``environment``) and how a client introduces itself (``identity``).
 
 Everything a peer needs is exported here; other packages import only from this module (names, and
-the three submodules above), never from its other submodules.
+the submodules above and ``probe``, the test of a client's configuration), never from its other submodules.
 """
 
-from . import environment, identity, jdls, tls
+from . import environment, identity, jdls, probe, tls
 from .__about__ import __version__
 from .codec import encode
 from .connection import (
@@ -67,7 +67,7 @@ from .transport import SpinningReader, exchange, receive
 __all__ = [
     "ALL_THREADS", "LOCK_MODES", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
-    "exchange", "identity", "jdls", "receive", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC",
+    "exchange", "identity", "jdls", "probe", "receive", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC",
     "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",

@@ -1,13 +1,18 @@
 """The JDLS variable: where a client finds the lock service, and how it uses it.
 
 Every program that needs the service's address reads it here: the client
-library, ``jdls -C`` and the utilities. The syntax is jDLS's: comma-separated
-options, ``SERVER=host{,port}``, ``SERVER2=host{,port}``, ``WAIT``,
-``TIMEOUT=seconds``, ``BINARY``, ``OSLOCKS``, ``LOCK=EXTERNAL|INTERNAL|ALL``,
+library, ``jdls -C``, dls-test and the utilities. The syntax is jDLS's:
+comma-separated options, ``SERVER=host{,port}``, ``SERVER2=host{,port}``,
+``WAIT``, ``TIMEOUT=seconds``, ``BINARY``, ``OSLOCKS``, ``LOCK=EXTERNAL|INTERNAL|ALL``,
 ``VERBOSE``, ``TRACE=file``, and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
 ``KEY=file`` (see dls_proto.tls); set but empty means localhost, port 50002.
-Anything else is refused with a message naming the option: a service that
-guessed would let two processes disagree on where their locks are.
+A server may also be written ``host:port`` or ``[v6address]:port``, as most
+programs write an address. Anything else is refused with a message naming the
+option: a service that guessed would let two processes disagree on where their
+locks are.
+
+``OPTIONS`` says what each option takes and does: the parser refuses a name
+that is not there, and the dls-jdls(7) page is written from it.
 """
 
 from __future__ import annotations
@@ -26,8 +31,65 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 50002
 #: Seconds of silence a client allows the service before giving it up.
 DEFAULT_TIMEOUT = 30.0
+#: Seconds a client gives a server to accept its TCP connection (and TLS handshake); TIMEOUT then bounds
+#: every answer, the first (the greeting) included.
+CONNECT_TIMEOUT = 5.0
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
-_FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE", "TLS")
+#: The longest TIMEOUT: a day (longer is WAIT's business).
+MAX_TIMEOUT = 86400.0
+
+
+@dataclass(frozen=True)
+class Option:
+    """One JDLS option: its name, the value it takes after ``=`` ("" for a flag, which takes none), what
+    applies when it is not given, and what it does, as dls-jdls(7) says it."""
+
+    name: str
+    value: str
+    default: str
+    does: str
+
+
+#: Every option JDLS knows, in the order dls-jdls(7) lists them; the parser refuses any other name.
+OPTIONS = (
+    Option("SERVER", "host{,port}", f"localhost,{DEFAULT_PORT}",
+           f"The lock service: its host name or IP address, and its TCP port ({DEFAULT_PORT} when not given). "
+           "host:port and [address]:port are accepted too; an IPv6 address without a port is written as it is. "
+           "A port that is not a number from 1 to 65535 is refused by name (so is a word after the host that is "
+           "no JDLS option), as is a port given twice."),
+    Option("SERVER2", "host{,port}", "none",
+           "The secondary lock service, for resilience: every lock is taken on both servers, and a client goes "
+           "on with one when the other is lost. It has no meaning without SERVER, and is refused without it."),
+    Option("WAIT", "", "not set",
+           "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it."),
+    Option("TIMEOUT", "seconds", f"{DEFAULT_TIMEOUT:g}",
+           "How long the service may stay silent on a request (the greeting included) before the client gives it "
+           f"up; fractions allowed. A value that is not a number above 0 and at most {MAX_TIMEOUT:g} (a day) is "
+           f"refused. A new connection has {CONNECT_TIMEOUT:g} s to be accepted, whatever TIMEOUT says."),
+    Option("BINARY", "", "not set",
+           "Binary locks (file and execution locks, not record locks) go to the service too; without it they are "
+           "taken on this host only."),
+    Option("OSLOCKS", "", "not set",
+           "Record locks are taken as OS file locks on the lock server, whatever its lock mechanism."),
+    Option("LOCK", "|".join(LOCK_CHOICES), "ALL",
+           "Which lock handlers' locks go to the service: EXTERNAL, INTERNAL or ALL (any case); another value "
+           "is refused."),
+    Option("VERBOSE", "", "not set", "Trace information on standard error."),
+    Option("TRACE", "file", "none", "Trace information to this file instead of standard error (overrides VERBOSE)."),
+    Option("TLS", "", "not set",
+           "Connect over TLS (1.2 or later), to SERVER and SERVER2 alike; the server's certificate must chain to "
+           "CA and name the host the client connects to."),
+    Option("CA", "file", "the system's certificate authorities",
+           "The PEM certificate(s) a server's certificate must chain to. Needs TLS; a file that cannot be read, "
+           "or has no certificate, is refused."),
+    Option("CERT", "file", "none",
+           "The client's certificate (PEM), shown to a server that asks for one; its key too unless KEY names "
+           "it. Needs TLS."),
+    Option("KEY", "file", "in CERT",
+           "The private key of CERT (PEM). Needs CERT; a key that does not belong to the certificate is refused."),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+_FLAGS = tuple(option.name for option in OPTIONS if not option.value)
 #: The TLS options naming a file: JDLS name -> Config field.
 _TLS_FILES = {"CA": "ca", "CERT": "cert", "KEY": "key"}
 _SERVERS = ("SERVER", "SERVER2")
@@ -37,6 +99,23 @@ def _port(text: str, what: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ConfigurationError(f"{what}: port {text!r} is not a number from 1 to 65535")
     return int(text)
+
+
+def _host_port(text: str, what: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[address]`` or ``[address]:port``: the host and the port given (None if
+    none). A bare IPv6 address (two colons or more) is a host, as the JDLS spelling ``host,port`` keeps it."""
+    text = text.strip()
+    if text.startswith("["):
+        address, bracket, rest = text[1:].partition("]")
+        if not bracket or not address or (rest and not rest.startswith(":")):
+            raise ConfigurationError(f"{what}: {text!r} is not [address] or [address]:port")
+        return address, _port(rest[1:], what) if rest else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not host.strip():
+            raise ConfigurationError(f"{what}: {text!r} has no host before the port")
+        return host.strip(), _port(port.strip(), what)
+    return text, None
 
 
 @dataclass(frozen=True)
@@ -51,12 +130,16 @@ class Server:
 
     @classmethod
     def parse(cls, text: str) -> Server:
-        """``host`` or ``host,port`` (the JDLS spelling, which keeps IPv6 addresses unambiguous)."""
+        """``host`` or ``host,port`` (the JDLS spelling, which keeps IPv6 addresses unambiguous), or
+        ``host:port``, ``[address]:port``."""
+        what = f"server {text!r}"
         host, comma, port = text.strip().partition(",")
-        host = host.strip()
-        if not host:
-            raise ConfigurationError(f"server {text!r}: expected host or host,port")
-        return cls(host, _port(port.strip(), f"server {text!r}")) if comma else cls(host)
+        if not host.strip():
+            raise ConfigurationError(f"{what}: expected host or host,port")
+        host, given = _host_port(host, what)
+        if comma and given is not None:
+            raise ConfigurationError(f"{what}: the port is given twice")
+        return cls(host, _port(port.strip(), what) if comma else given or DEFAULT_PORT)
 
 
 @dataclass(frozen=True)
@@ -116,12 +199,19 @@ def named_server(text: str) -> Server | None:
     return server if isinstance(server, Server) else None
 
 
+def _names() -> str:
+    """The option names, as an error message lists them."""
+    names = [option.name for option in OPTIONS]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _options(text: str) -> dict[str, Any]:
     """The options a JDLS value gives, as Config's fields; ConfigurationError on the first wrong one."""
     tokens = [t.strip() for t in text.split(",")]
     if tokens == [""]:
         return {}
     values: dict[str, Any] = {}
+    seen: set[str] = set()
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -129,45 +219,53 @@ def _options(text: str) -> dict[str, Any]:
         name = name.strip().upper()
         value = value.strip()
         i += 1
-        if name in _SERVERS:
-            if not eq or not value:
-                raise ConfigurationError(f"JDLS {name}: expected {name}=host or {name}=host,port")
-            port = DEFAULT_PORT
-            if i < len(tokens) and "=" not in tokens[i] and tokens[i][:1].isdigit():
-                port = _port(tokens[i], f"JDLS {name}")
-                i += 1
-            values[name.lower()] = Server(value, port)
-        elif name in _FLAGS:
+        option = _BY_NAME.get(name)
+        if option is None:
+            if not token:
+                raise ConfigurationError(f"JDLS: empty option in {text!r} (two commas, or one at an end)")
+            raise ConfigurationError(f"JDLS: unknown option {token!r}; expected {_names()}")
+        if name in seen:
+            raise ConfigurationError(f"JDLS {name} is given twice: give each option once")
+        seen.add(name)
+        if not option.value:
             if eq:
                 raise ConfigurationError(f"JDLS {name} takes no value (got {token!r})")
             values[name.lower()] = True
+            continue
+        if not eq or not value:
+            raise ConfigurationError(f"JDLS {name}: expected {name}={option.value}")
+        if name in _SERVERS:
+            what = f"JDLS {name}"
+            host, port = _host_port(value, what)
+            following = tokens[i] if i < len(tokens) else ""
+            if following and "=" not in following and following.upper() not in _FLAGS:  # {,port}
+                if port is not None:
+                    raise ConfigurationError(f"{what}: the port is given twice ({value!r} and {following!r})")
+                if not following.isdigit():
+                    raise ConfigurationError(f"{what}: {following!r} after the host is neither a port (a number "
+                                             "from 1 to 65535) nor a JDLS option")
+                port = _port(following, what)
+                i += 1
+            values[name.lower()] = Server(host, port or DEFAULT_PORT)
         elif name == "TIMEOUT":
             try:
                 seconds = float(value)
             except ValueError:
                 seconds = -1.0
-            if seconds <= 0 or seconds != seconds:
-                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a positive number of seconds")
+            if not 0 < seconds <= MAX_TIMEOUT:  # also refuses nan
+                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a number of seconds above 0 and at most "
+                                         f"{MAX_TIMEOUT:g} (a day; WAIT waits without limit)")
             values["timeout"] = seconds
         elif name == "LOCK":
             if value.upper() not in LOCK_CHOICES:
                 raise ConfigurationError(f"JDLS LOCK: {value!r} is not one of {', '.join(LOCK_CHOICES)}")
             values["lock"] = value.upper()
         elif name == "TRACE":
-            if not value:
-                raise ConfigurationError("JDLS TRACE: expected TRACE=file")
             values["trace"] = value
         elif name in _TLS_FILES:
-            if not eq or not value:
-                raise ConfigurationError(f"JDLS {name}: expected {name}=file")
             values[_TLS_FILES[name]] = value
-        elif not token:
-            raise ConfigurationError(f"JDLS: empty option in {text!r}")
-        else:
-            raise ConfigurationError(
-                f"JDLS: unknown option {token!r}; expected SERVER, SERVER2, WAIT, TIMEOUT, BINARY, OSLOCKS, "
-                "LOCK, VERBOSE, TRACE, TLS, CA, CERT or KEY"
-            )
+        else:  # an option of the table that the parser does not read yet: a bug, not the user's fault
+            raise AssertionError(f"JDLS {name}: in OPTIONS but not parsed")
     if "server2" in values and "server" not in values:
         raise ConfigurationError("JDLS SERVER2 has no meaning without SERVER")
     for name, field in _TLS_FILES.items():

@@ -17,6 +17,8 @@ OK = 0
 FAILED = 1
 #: argparse's status for a usage error.
 USAGE = 2
+#: JDLS refused (EX_CONFIG), the status every client gives it.
+CONFIG = 78
 
 
 def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ exit status:
   {command.FAILED}  no proc/info directory for the instance, the server cannot be reached or its
      answer cannot be read
   {command.USAGE}  usage error
+  {command.CONFIG} $JDLS is refused, as every client refuses it (the message names what is wrong)
 """
 
 
@@ -137,7 +138,7 @@ def _main(args: argparse.Namespace) -> int:
         server = chosen_server(args)
         heading, documents = _remote(server) if server is not None else _local()
     except Failure as exc:
-        return command.fail(PROG, exc, command.FAILED)
+        return command.fail(PROG, exc, exc.status)
     rows = select(open_files(documents), file=args.file, port=args.port)
     if args.json:
         text = json.dumps(rows, indent=2)

@@ -120,7 +120,7 @@ def _main(args: argparse.Namespace) -> int:
         except SnapshotError as exc:
             raise Failure(str(exc)) from None
     except Failure as exc:
-        return command.fail(PROG, exc, command.FAILED)
+        return command.fail(PROG, exc, exc.status)
     rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
     text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
     emit(text)

@@ -16,11 +16,21 @@ from typing import Any
 
 from dls_proto import Server, jdls
 
+from . import command
 from .remote import RemoteError, fetch_snapshot
 
 
 class Failure(Exception):
-    """Why no display can be made; printed as ``<program>: <message>``, exit 1."""
+    """Why no display can be made; printed as ``<program>: <message>``, exit ``status`` (1)."""
+
+    status = command.FAILED
+
+
+class ConfigFailure(Failure):
+    """JDLS (the client's configuration) is refused, as every client refuses it: exit 78 (EX_CONFIG), as a
+    client's, rather than a display of some other place."""
+
+    status = command.CONFIG
 
 
 def port_number(text: str) -> int:
@@ -42,7 +52,9 @@ def source_help(local: str) -> str:
     """How a tool's epilog says where its information comes from; ``local`` names the local source."""
     return (f"source: --server host[,port], else --local, else SERVER=host{{,port}} of ${jdls.VARIABLE}\n"
             f"(port {jdls.DEFAULT_PORT} when not given), else {local}.\n"
-            f"A service is asked over TLS when ${jdls.VARIABLE} says TLS (with its CA, CERT, KEY).")
+            f"A service is asked over TLS when ${jdls.VARIABLE} says TLS (with its CA, CERT, KEY).\n"
+            f"A ${jdls.VARIABLE} that clients refuse is an error (exit {command.CONFIG}), not a reason to ask "
+            "elsewhere.")
 
 
 def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:
@@ -66,7 +78,7 @@ def chosen_server(args: argparse.Namespace) -> Server | None:
     try:
         return jdls.named_server(value)  # the value is checked whole, as clients check it
     except ValueError as exc:
-        raise Failure(str(exc)) from None
+        raise ConfigFailure(str(exc)) from None
 
 
 def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
@@ -74,9 +86,10 @@ def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
     is TLS as $JDLS asks (TLS, CA, CERT, KEY), whichever server is asked: the utility is the client there."""
     try:
         config = jdls.Config.from_environment()
-        snapshot = fetch_snapshot(server, tls_context=config.ssl_context() if config is not None else None)
     except ValueError as exc:  # JDLS refused, as clients refuse it
-        raise Failure(str(exc)) from None
+        raise ConfigFailure(str(exc)) from None
+    try:
+        snapshot = fetch_snapshot(server, tls_context=config.ssl_context() if config is not None else None)
     except RemoteError as exc:
         raise Failure(str(exc)) from None
     host = snapshot.get("host") or server.host
@@ -94,5 +107,5 @@ def emit(text: str) -> None:
         os.close(devnull)
 
 
-__all__ = ["Failure", "add_source_options", "chosen_server", "emit", "port_number", "server_argument",
+__all__ = ["ConfigFailure", "Failure", "add_source_options", "chosen_server", "emit", "port_number", "server_argument",
            "snapshot_of", "source_help"]
