@@ -84,6 +84,12 @@ def connect(service) -> socket.socket:
         (["-i", "--dead-client", "0.5"], "invalid dead-client bound (seconds) '0.5'"),
         (["-i", "--handshake-timeout", "-1"], "invalid timeout (seconds) '-1'"),
         (["-i", "--handshake-timeout", "nan"], "invalid timeout (seconds) 'nan'"),
+        (["-i", "--handshake-timeout", "inf"], "invalid timeout (seconds) 'inf': expected 0.001 to 86400"),
+        (["-k", "--stop-timeout", "inf"], "invalid timeout (seconds) 'inf'"),
+        (["-i", "--dead-client", "inf"], "invalid dead-client bound (seconds) 'inf'"),
+        (["-ibt", "inf"], "invalid tidy period (minutes) 'inf'"),
+        (["-ib", "--tidy-seconds", "86401"], "invalid tidy period (seconds) '86401': expected 1 to 86400"),
+        (["-C", "x", "--host", ""], "--host: expected a host name or address"),
         (["-i", "--lock-dir", ""], "invalid directory ''"),
         (["-k", "--lock-dir", "/tmp/x"], "--lock-dir applies only to -i, not to -k"),
         (["-k", "--syslog"], "--syslog applies only to -i"),
@@ -266,7 +272,7 @@ def test_unknown_option_is_named(capsys) -> None:
 def test_tidy_period_is_said_in_words(capsys) -> None:
     assert main(["-ibt0"]) == 2
     err = capsys.readouterr().err
-    assert "invalid tidy period (minutes) '0': expected minutes, fractions allowed, at least one second's worth" in err
+    assert "invalid tidy period (minutes) '0': expected minutes, fractions allowed, from one second's worth" in err
     assert "0.0166" not in err
 
 

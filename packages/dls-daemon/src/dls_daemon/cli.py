@@ -199,15 +199,18 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
     return parse
 
 
+#: The longest a time option may be: a day (longer is no limit, which these options must keep).
+MAX_SECONDS = 86400.0
 #: Minutes as jDLS takes them, fractions allowed (-t 0.05 tidies every 3 s), at least one second.
-_minutes = _number(float, "tidy period (minutes)", 1 / 60,
-                   bounds="minutes, fractions allowed, at least one second's worth (-t 0.05 is 3 s)")
-_seconds = _number(int, "tidy period (seconds)", 1)
-_timeout = _number(float, "timeout (seconds)", 0.001)
+_minutes = _number(float, "tidy period (minutes)", 1 / 60, MAX_SECONDS / 60,
+                   bounds="minutes, fractions allowed, from one second's worth to a day's (-t 0.05 is 3 s, -t 1440 "
+                   "a day)")
+_seconds = _number(int, "tidy period (seconds)", 1, int(MAX_SECONDS))
+_timeout = _number(float, "timeout (seconds)", 0.001, MAX_SECONDS)
 _port = _number(int, "port", 0, 65535)
 _frame = _number(int, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
 _count = _number(int, "count", 1)
-_bound = _number(float, "dead-client bound (seconds)", 1.0)
+_bound = _number(float, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
 _delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
