@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +167,18 @@ def test_bad_jdls_and_usage(clean_env: Any, capsys: pytest.CaptureFixture[str],
     assert code == 2
     code, _, err = run(capsys, "--port", "-3")
     assert code == 2
+
+
+@pytest.mark.parametrize("jdls", ["SERVER=h,notaport", "TIMEOUT=abc", "SERVER2=h", "SERVER=h,,WAIT", "NOSUCH",
+                                  "SERVER=127.0.0.1,TIMEOUT=abc"])
+@pytest.mark.parametrize("program", ["show-item-locks", "list-open-files"])
+def test_a_refused_jdls_is_78_not_another_source(clean_env: Any, jdls: str, program: str) -> None:
+    """As real programs: the JDLS error, exit 78 as every client; never the local table, nor port 50002."""
+    env = {**os.environ, "JDLS": jdls}
+    done = subprocess.run([str(Path(sys.executable).parent / program)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (78, ""), done.stderr
+    assert done.stderr.startswith(f"{program}: JDLS") and done.stderr.count("\n") == 1, done.stderr
+    with_server = subprocess.run([str(Path(sys.executable).parent / program), "--server", "127.0.0.1,1"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+    assert with_server.returncode == 78 and with_server.stderr.startswith(f"{program}: JDLS"), with_server.stderr
