@@ -61,7 +61,8 @@ OPTIONS = (
            "The secondary lock service, for resilience: every lock is taken on both servers, and a client goes "
            "on with one when the other is lost. It has no meaning without SERVER, and is refused without it."),
     Option("WAIT", "", "not set",
-           "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it."),
+           "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it (jdls -C and "
+           "dls-test still give up after TIMEOUT: a test must end)."),
     Option("TIMEOUT", "seconds", f"{DEFAULT_TIMEOUT:g}",
            "How long the service may stay silent on a request (the greeting included) before the client gives it "
            f"up; fractions allowed. A value that is not a number above 0 and at most {MAX_TIMEOUT:g} (a day) is "
