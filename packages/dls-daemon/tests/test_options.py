@@ -163,6 +163,12 @@ def test_connection_test_echoes_through_a_lock_server(service) -> None:
     assert "its largest frame is 65536 bytes; answers awaited 7 s (JDLS TIMEOUT)" in via_jdls.stdout
     explicit = service.jdls("-C", "x", "--host", "127.0.0.1", "--port", str(service.port))
     assert explicit.returncode == 0 and "received 'x'" in explicit.stdout
+    # The guide's own line, under the guide's name of the command.
+    guide = subprocess.run([str(Path(sys.executable).parent / "JDLS"), "-Cteststring"], env=service.env,
+                           capture_output=True, text=True, timeout=60)
+    assert guide.returncode == 0, guide.stderr
+    assert guide.stdout.startswith(f"Client: Using host '127.0.0.1', service '{service.port}'\n")
+    assert "Client: received 'teststring' in " in guide.stdout
 
 
 def test_connection_test_when_nothing_listens(service) -> None:
