@@ -17,12 +17,25 @@ from pathlib import Path
 import psutil
 import pytest
 from dls_client import Client
-from dls_testkit import DLS_LOCK, KEY, Service, alive, data_file, holder_of, lock_holder, running, wait_for
+from dls_testkit import (
+    DLS_LOCK,
+    KEY,
+    Service,
+    alive,
+    data_file,
+    holder_of,
+    lock_holder,
+    running,
+    running_service,
+    wait_for,
+    wait_free,
+)
 
 FLOCK = shutil.which("flock")
 needs_flock = pytest.mark.skipif(FLOCK is None, reason="util-linux's flock(1) is not installed")
 
-USAGE = "usage: dls-lock [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}\n"
+USAGE = ("usage: dls-lock [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}  or  dls-lock [options] {--hold | -u} "
+         "FILE KEY\n")
 
 
 @pytest.fixture
@@ -175,3 +188,156 @@ def test_a_script_locks_itself_by_running_under_dls_lock(service: Service, witne
         go.touch()
         assert proc.wait(timeout=10) == 0
     witness.try_lock(data, KEY).release()
+
+
+# -- --hold and -u: a lock for the life of the calling shell (flock's descriptor form) ---------------------
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+def _shell(service: Service, script: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}"}
+    with stderr.open("wb") as err:
+        return subprocess.Popen([str(script)], env=env, stdin=subprocess.DEVNULL, stderr=err)
+
+
+def _hold_process(holder_pid: int) -> psutil.Process:
+    process = psutil.Process(holder_pid)
+    assert process.name() == "dls-lock hold"
+    return process
+
+
+def _holding_shell(service: Service, tmp_path: Path, *options: str, trap: bool = False,
+                   data: Path | None = None) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A shell script that takes --hold on (data, KEY), leaves a sleep in the background, touches READY and
+    waits for GO; returned once it holds the lock, with its stderr file and the sleep's pid file."""
+    data = data or data_file(tmp_path)
+    ready, go, sleep_pid, err = (tmp_path / name for name in ("ready", "go", "sleep.pid", "shell.err"))
+    script = _script(tmp_path, "hold.sh",
+                     f"dls-lock {' '.join(options)} --hold {shlex.quote(str(data))} {KEY} || exit 9\n"
+                     + ("trap 'echo TERM ignored >&2' TERM\n" if trap else "")
+                     + f"sleep 60 & echo $! > {shlex.quote(str(sleep_pid))}\n"
+                     f"touch {shlex.quote(str(ready))}\n"
+                     f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done\n")
+    shell = _shell(service, script, err)
+    try:
+        wait_for(lambda: ready.exists() or shell.poll() is not None, 10, "the shell to hold its lock")
+        assert shell.poll() is None, f"the shell ended ({shell.returncode}): {err.read_text()}"
+    except BaseException:
+        shell.kill()
+        shell.wait()
+        raise
+    return shell, err, sleep_pid
+
+
+def test_hold_keeps_the_lock_until_the_shell_ends(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        assert holder.ppid() != shell.pid  # not the shell's child: its end is what it waits for
+        (tmp_path / "go").touch()
+        assert shell.wait(timeout=10) == 0, err.read_text()
+    assert wait_free(witness, data, KEY, 3) < 3
+    wait_for(lambda: not alive(holder.pid), 5, "the hold process to end with the shell")
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)  # left by the shell; it never kept the lock
+    assert err.read_text() == ""
+
+
+def test_hold_ends_with_a_killed_shell(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, _, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        shell.kill()
+        shell.wait(timeout=10)
+    assert wait_free(witness, data, KEY, 3) < 3
+    wait_for(lambda: not alive(holder.pid), 5, "the hold process to end with the shell")
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)
+
+
+def test_dash_u_releases_the_shells_lock(service: Service, witness: Client, tmp_path: Path) -> None:
+    data, out, err = data_file(tmp_path), tmp_path / "out", tmp_path / "err"
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "u.sh", "\n".join([
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -n {quoted} true; b=$?",  # held: by this shell's hold, as by anyone else
+        f"dls-lock --hold {quoted}; c=$?",  # twice: refused, as a lock held already
+        f"dls-lock -u {quoted}; d=$?",
+        f"dls-lock -n {quoted} true; e=$?",
+        f"dls-lock -u {quoted}; f=$?",
+        f"echo $a $b $c $d $e $f > {shlex.quote(str(out))}", ""]))
+    shell = _shell(service, script, err)
+    with running(shell):
+        assert shell.wait(timeout=30) == 0
+    assert out.read_text() == "0 1 1 0 0 1\n", err.read_text()
+    assert err.read_text() == (f"dls-lock: {data} {KEY} is held for this shell already (release it with "
+                               f"dls-lock -u first)\ndls-lock: {data} {KEY} is not held for this shell (pid "
+                               f"{shell.pid}): nothing to release\n")
+    witness.try_lock(data, KEY).release()
+
+
+def test_dash_u_from_another_process_releases_nothing(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, _, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        other = service.dls_lock("-u", str(data), KEY)  # its parent is this test, not the shell
+        assert (other.returncode, other.stderr) == (
+            1, f"dls-lock: {data} {KEY} is not held for this shell (pid {os.getpid()}): nothing to release\n")
+        holder_of(witness, data, KEY)  # still held
+        (tmp_path / "go").touch()
+        shell.wait(timeout=10)
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)
+
+
+def test_a_killed_hold_process_is_told_by_its_guard(service: Service, witness: Client, tmp_path: Path) -> None:
+    """SIGKILL to the hold process: the lock goes with its connection, and its guard stops the shell (which
+    ignores TERM here: KILL after -k) and what it started."""
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", trap=True, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        holder.kill()
+        assert shell.wait(timeout=10) == -signal.SIGKILL
+    wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
+    said = err.read_text().splitlines()
+    assert said[0] == (
+        f"dls-lock: the process holding the lock on {data} {KEY} (pid {holder.pid}) ended: the lock is gone; "
+        f"stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)")
+    assert "TERM ignored" in said  # the shell was sent TERM, then KILL
+    witness.try_lock(data, KEY).release()
+
+
+def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
+    """The hold process's lock server is killed and the service keeps nothing (--lock-delay 0): the lock is
+    handed on, and the shell is told (on its standard error) and stopped with what it started."""
+    data = data_file(tmp_path)
+    with running_service(tmp_path / "release", "--lock-delay", "0") as service, \
+            service.client(timeout=10) as witness:
+        shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", data=data)
+        with running(shell):
+            holder = holder_of(witness, data, KEY)
+            _hold_process(holder.client_pid)
+            os.kill(holder.pid, signal.SIGKILL)  # its lock server
+            with witness.lock(data, KEY, timeout=10):
+                assert shell.wait(timeout=10) == -signal.SIGTERM, err.read_text()
+                wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
+        said = err.read_text()
+        assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (") and said.endswith(
+            f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)\n"), said
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--hold", "F", "K", "true"], "--hold runs no command: give FILE and KEY alone (not 'true')"),
+    (["--hold", "-c", "true", "F", "K"], "--hold and -c given: --hold runs no command"),
+    (["-u", "-o", "F", "K"], "-u and -o given: -u runs no command"),
+    (["-u", "F"], "missing KEY: give the file and the record key"),
+])
+def test_hold_and_unlock_usage_errors(service: Service, argv: list[str], said: str) -> None:
+    result = service.dls_lock(*argv)
+    assert (result.returncode, result.stderr) == (2, f"{USAGE}dls-lock: error: {said}\n")

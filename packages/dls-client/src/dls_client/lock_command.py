@@ -35,7 +35,7 @@ PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: which it runs without the lock (another holder may have it already), so short.
 DEFAULT_KILL_AFTER = 2.0
 
-USAGE = "%(prog)s [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}"
+USAGE = "%(prog)s [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}  or  %(prog)s [options] {--hold | -u} FILE KEY"
 
 DESCRIPTION = f"""\
 Run COMMAND while holding the dls record lock on (FILE, KEY), like flock(1) for
@@ -78,16 +78,24 @@ file anyone uses, and the command would run unprotected without a word.
 dls-lock holds the lock while any process the command started runs (above);
 with it, only while COMMAND itself runs, as flock -o does.
 
-There is no -u and no descriptor form (exec 9>FILE; flock 9): the lock is held
-by dls-lock's connection to the service, not by a descriptor a shell could keep,
-and a lock whose holder cannot be stopped when the lock is lost would break the
-rule that a lost lock is told. To lock a whole script, run it under dls-lock,
-with this line near its top (add -n to give up at once if another run holds
-it, as flock's manual does with FLOCKER):
+The descriptor form (exec 9>FILE; flock 9 ... flock -u 9) is --hold and -u:
+the lock is held by a connection to the service, which no shell can keep, so
+dls-lock --hold FILE KEY leaves a process that keeps it for the calling shell
+(dls-lock's parent; ps shows it as "dls-lock hold", show-item-locks with its
+pid) and exits 0 once the lock is held (-n, -w, -E, -s as for a command). The
+lock is released by dls-lock -u FILE KEY from the same shell, or when the shell
+ends, however it ends (even by SIGKILL). Processes the shell leaves running
+after it ends do not keep it (wait for them first); run --hold from the script
+itself, not from a subshell $(...) or a pipeline, whose process ends at once.
+A lost lock is told as a command's: the hold process says so on the shell's
+standard error, sends TERM to the shell and every process it started, KILL to
+those left -k seconds later; so a shell lock is for a script, not for an
+interactive shell. If the hold process is killed, its guard (ps: "dls-lock
+guard") does the same: only killing both at once leaves the shell untold. A
+whole script can also run under dls-lock, with this line near its top (add -n
+to give up at once if another run holds it, as flock's manual does):
 
     [ "$DLS_LOCKED" = "$0" ] || exec env DLS_LOCKED="$0" dls-lock FILE KEY "$0" "$@"
-
-To lock a part of it, run that part with -c: dls-lock FILE KEY -c 'step1; step2'.
 
 A COMMAND that is not found exits 127, one that cannot be run 126: the
 shell's codes, which a script already tests (flock gives 69 and 126; 69 is
@@ -122,6 +130,13 @@ def get_parser() -> argparse.ArgumentParser:
                         help="release the lock when COMMAND itself ends, not when the last process it started "
                         "ends (flock -o: the processes it leaves running do not hold the lock); they are not "
                         "stopped when the lock is lost after COMMAND ended")
+    parser.add_argument("--hold", action="store_true",
+                        help="no COMMAND: take the lock for the life of the calling shell (dls-lock's parent), "
+                        "as exec 9>FILE; flock 9 does, and exit 0 once it is held; it is released when the shell "
+                        "ends, however it ends, or by -u (see DESCRIPTION)")
+    parser.add_argument("-u", "--unlock", action="store_true",
+                        help="no COMMAND: release the lock --hold took for this shell (exit 0; 75 if it was lost; "
+                        "1 if this shell holds no such lock)")
     parser.add_argument("-k", "--kill-after", type=_seconds, default=DEFAULT_KILL_AFTER, metavar="SECONDS",
                         help="when the lock is lost, KILL the processes of the command still running SECONDS after "
                         f"TERM (default {DEFAULT_KILL_AFTER:g}); the lock is told lost at the latest 5 s before the "
@@ -162,6 +177,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.shell_command = given[0]
         rest = []
     missing = [name for name, value in (("FILE", args.file), ("KEY", args.key)) if value is None]
+    alone = "--hold" if args.hold else "-u" if args.unlock else None
+    if alone is not None:
+        given = [option for option, value in (("--hold", args.hold), ("-u", args.unlock), ("-c", args.shell_command),
+                                              ("-o", args.close)) if value and option != alone]
+        if given:
+            parser.error(f"{alone} and {given[0]} given: {alone} runs no command")
+        if args.command is not None:
+            parser.error(f"{alone} runs no command: give FILE and KEY alone (not {args.command!r})")
+        if missing:
+            parser.error(f"missing {_and(missing)}: give the file and the record key")
+        return args
     if args.command is None and args.shell_command is None:
         missing.append("COMMAND (or -c COMMAND)")
     if missing:
@@ -319,6 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.NOINPUT
     from dls_proto import Mode
 
+    if args.hold or args.unlock:
+        from . import shell_hold
+
+        if args.unlock:
+            return shell_hold.unlock(os.getppid(), ref.inode, os.fsencode(args.key), f"{args.file} {args.key}")
+        return shell_hold.hold(shell_hold.HoldRequest(
+            file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
+            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say), config)
     from .client import Client
     from .command_keeper import Keeper
     from .errors import LockRefused
