@@ -128,8 +128,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "flock -c does; it may come after KEY (dls-lock FILE KEY -c 'a | b')")
     parser.add_argument("-o", "--close", action="store_true",
                         help="release the lock when COMMAND itself ends, not when the last process it started "
-                        "ends (flock -o: the processes it leaves running do not hold the lock); they are not "
-                        "stopped when the lock is lost after COMMAND ended")
+                        "ends (as flock -o: the processes it leaves running do not hold the lock, so nothing "
+                        "stops them when the lock is lost or dls-lock is killed once COMMAND has ended)")
     parser.add_argument("--hold", action="store_true",
                         help="no COMMAND: take the lock for the life of the calling shell (dls-lock's parent), "
                         "as exec 9>FILE; flock 9 does, and exit 0 once it is held; it is released when the shell "
