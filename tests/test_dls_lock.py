@@ -314,7 +314,7 @@ def test_a_command_that_cannot_run(service: Service, witness: Client, tmp_path: 
 FAKE_CLIENT = textwrap.dedent("""
     import os, sys, threading, time
     from pathlib import Path
-    from dls_client import LockLost, Mode, lock_command
+    from dls_client import LockLost, Mode, client, lock_command
 
     class FakeHeld:
         mode, value, lost, lost_reason = Mode.EX, 0, False, None
@@ -344,7 +344,7 @@ FAKE_CLIENT = textwrap.dedent("""
         def close(self):
             pass
 
-    lock_command.Client = FakeClient
+    client.Client = FakeClient  # lock_command imports it when it takes the lock
     sys.exit(lock_command.main(sys.argv[1:]))
 """)
 

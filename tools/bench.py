@@ -12,7 +12,13 @@ measured in the same run, and the ratio is what to read:
 - TLS cycles (the same, one client, to a service with --tls-cert, a throwaway
   certificate made by trustme), against the one-client figure without TLS;
 - local cycles (lock then unlock directly in the shared-memory table); floor:
-  fcntl.lockf lock then unlock on a local file.
+  fcntl.lockf lock then unlock on a local file;
+- dls-lock's start-up, a whole process timed from outside (the median of many
+  runs): ``dls-lock --help``, and ``dls-lock -n FILE KEY true`` on a free lock
+  of the one-client service; beside flock(1) doing the same where it is
+  installed (``flock --help``, ``flock -n FILE true``). With PYTHONDONTWRITEBYTECODE
+  set no .pyc is kept and every run compiles the sources again: those runs are
+  tens of milliseconds slower than an installed dls-lock starts.
 
 Usage: ./dev bench [--seconds S]   (figures, not a test: nothing is asserted)
 """
@@ -24,7 +30,9 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,6 +205,36 @@ def local_cycles(root: str, seconds: float) -> float:
         table.close()
 
 
+# -- start-up ----------------------------------------------------------------------
+
+
+def startup(argv: list[str], seconds: float) -> float:
+    """The median wall time, in seconds, of running ``argv`` to its end, over about ``seconds`` (at least 5
+    runs, after one not counted); output thrown away."""
+    times: list[float] = []
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    spent = 0.0
+    while spent < seconds or len(times) < 5:
+        start = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def startup_rows(root: str, seconds: float) -> list[tuple[str, float, float | None]]:
+    """dls-lock's start-up figures (JDLS names the service), each with flock(1)'s when it is installed."""
+    dls_lock = os.path.join(os.path.dirname(sys.executable), "dls-lock")
+    data = os.path.join(root, "FBNK.ACCOUNT")
+    open(data, "a").close()
+    flock = shutil.which("flock")
+    pairs = [("dls-lock --help", [dls_lock, "--help"], ["--help"]),
+             ("dls-lock -n FILE KEY true (free lock)", [dls_lock, "-n", data, KEY.decode(), "true"],
+              ["-n", data, "true"])]
+    return [(name, startup(ours, seconds), startup([flock, *theirs], seconds) if flock else None)
+            for name, ours, theirs in pairs]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=2.0, help="time per figure (default 2)")
@@ -214,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             one = timed(remote_cycles(client, KEY), s)
             client.close()
             eight = remote_parallel(port, 8, s)
+            started = startup_rows(root, s)
             local = local_cycles(root, s)
             os.makedirs(os.path.join(root, "secondary"))
             with service(os.path.join(root, "secondary")) as port2:
@@ -243,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         of = "floor" if floor is not one else "without TLS" if value is tls else "1 client"
         ratio = f"{value / floor:5.2f} of {of}" if floor else ""
         print(f"  {name:<42} {value:>11,.0f} /s  {ratio}")
+    for name, ours, flock in started:
+        beside = f"  flock(1) the same: {flock * 1000:.1f} ms" if flock is not None else "  (no flock(1) here)"
+        print(f"  start-up, {name:<37} {ours * 1000:>9.1f} ms {beside}")
     return 0
 
 

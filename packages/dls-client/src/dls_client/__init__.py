@@ -14,29 +14,29 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from dls_proto import Mode
-
 from .__about__ import __version__
-from .binary import LocalBinaryLock
-from .client import Client
-from .config import DEFAULT_PORT, Config, Server, parse
-from .errors import (
-    AcknowledgementTimeout,
-    ConfigurationError,
-    DlsError,
-    Holder,
-    LockCancelled,
-    LockLost,
-    LockRefused,
-    LockTimeout,
-    RequestFailed,
-    ServiceLost,
-    ServiceUnavailable,
-)
-from .locks import REMOTE_DEVICE, FileRef, HeldLock
 
 if TYPE_CHECKING:
+    from dls_proto import Mode
+
+    from .binary import LocalBinaryLock
+    from .client import Client
+    from .config import DEFAULT_PORT, Config, Server, parse
+    from .errors import (
+        AcknowledgementTimeout,
+        ConfigurationError,
+        DlsError,
+        Holder,
+        LockCancelled,
+        LockLost,
+        LockRefused,
+        LockTimeout,
+        RequestFailed,
+        ServiceLost,
+        ServiceUnavailable,
+    )
     from .local import LocalClient, LocalHeldLock
+    from .locks import REMOTE_DEVICE, FileRef, HeldLock
 
 __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
@@ -45,15 +45,37 @@ __all__ = [
     "Mode", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]
 
+#: Where each public name lives. They are imported when first asked for, so that importing a submodule
+#: (``dls_client.lock_command``, whose --help must answer at once) costs nothing of the rest: the wire
+#: codecs and construct, ssl; and local direct locking, which brings dls-shm (sysv_ipc, psutil), is
+#: never loaded by a process locking through the service.
+_HOMES = {
+    "Mode": "dls_proto",
+    "LocalBinaryLock": ".binary",
+    "Client": ".client",
+    **dict.fromkeys(("DEFAULT_PORT", "Config", "Server", "parse"), ".config"),
+    **dict.fromkeys(("AcknowledgementTimeout", "ConfigurationError", "DlsError", "Holder", "LockCancelled",
+                     "LockLost", "LockRefused", "LockTimeout", "RequestFailed", "ServiceLost",
+                     "ServiceUnavailable"), ".errors"),
+    **dict.fromkeys(("LocalClient", "LocalHeldLock"), ".local"),
+    **dict.fromkeys(("REMOTE_DEVICE", "FileRef", "HeldLock"), ".locks"),
+}
+
 
 def __getattr__(name: str) -> Any:
-    """LocalClient and LocalHeldLock, imported when first asked for: local direct locking brings
-    dls-shm (sysv_ipc, psutil), which a process locking through the service never needs to load."""
-    if name in ("LocalClient", "LocalHeldLock"):
-        from . import local
+    """The public names of ``_HOMES``, imported on first use (and kept, so this runs once a name)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(local, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
 
 
 _process_client: Client | LocalClient | None = None
@@ -73,12 +95,18 @@ def get_client() -> Client | LocalClient:
     global _process_client, _process_pid
     with _process_lock:
         if _process_client is None or _process_pid != os.getpid():
-            _process_client = Client() if "JDLS" in os.environ else _local_or_remote()
+            if "JDLS" in os.environ:
+                from .client import Client
+
+                _process_client = Client()
+            else:
+                _process_client = _local_or_remote()
             _process_pid = os.getpid()
         return _process_client
 
 
 def _local_or_remote() -> Client | LocalClient:
+    from .client import Client
     from .local import LocalClient, local_mechanism
 
     return Client() if local_mechanism() is None else LocalClient()

@@ -77,14 +77,18 @@ class Keeper:
 
     @classmethod
     def fork(cls, argv: list[str], *, passed_on: Collection[signal.Signals], command_mask: Collection[int],
-             grace: float, say: Say | None) -> Keeper:
+             grace: float, say: Say | None, all_processes: bool = True) -> Keeper:
         """Fork the keeper of ``argv``. Call it while this process has one thread: a fork copies only the
         calling thread, and a lock another thread held would stay held in the child.
 
         ``passed_on``: the signals the holder passes on (blocked in the holder, which takes them with
         sigwaitinfo); ``command_mask``: the signal mask the command gets (dls-lock's own at its start);
-        ``grace``: the seconds between TERM and KILL when told to ``stop``; ``say``: -v's messages."""
-        become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
+        ``grace``: the seconds between TERM and KILL when told to ``stop``; ``say``: -v's messages;
+        ``all_processes``: keep the lock until every process the command started has ended, else (-o) only
+        until the command itself has (then neither process is a subreaper: what the command leaves goes to
+        init, free, and is no part of the tree)."""
+        if all_processes:
+            become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
         holder = os.getpid()
         go_read, go_write = os.pipe()
         # Blocked before the fork: none of the keeper's signals can kill it before it listens for them.
@@ -94,7 +98,8 @@ class Keeper:
             code = exitcodes.SOFTWARE
             try:
                 os.close(go_write)
-                code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say).run(go_read)
+                code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say,
+                                all_processes).run(go_read)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -152,13 +157,14 @@ class _Keeping:
     """The keeper's own side, in the forked child: wait for the lock, run the command, reap the tree."""
 
     def __init__(self, holder: int, argv: list[str], passed_on: set[int], command_mask: set[int], grace: float,
-                 say: Say | None) -> None:
+                 say: Say | None, all_processes: bool) -> None:
         self.holder = holder
         self.argv = argv
         self.passed_on = passed_on
         self.command_mask = command_mask
         self.grace = grace
         self.say = say
+        self.all_processes = all_processes
         self.me = os.getpid()
         #: When KILL follows the TERM of a stop (monotonic), once told to stop.
         self.kill_at: float | None = None
@@ -166,7 +172,8 @@ class _Keeping:
 
     def run(self, go: int) -> int:
         set_name("dls-lock keeper")
-        become_subreaper()  # not inherited from the holder's
+        if self.all_processes:
+            become_subreaper()  # not inherited from the holder's
         die_with_parent(HOLDER_GONE)
         if os.getppid() != self.holder or os.read(go, 1) != b"!":
             return exitcodes.OK  # the holder ended, or gave up, before it had the lock: nothing ran

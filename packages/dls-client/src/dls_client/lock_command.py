@@ -16,22 +16,26 @@ import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-
-from dls_proto import Mode
+from typing import TYPE_CHECKING
 
 from . import exitcodes
 from .__about__ import __version__
-from .client import Client
-from .command_keeper import SI_KERNEL, Keeper
-from .config import Config, port_number
-from .errors import ConfigurationError, DlsError, Holder, LockLost, LockRefused
-from .locks import FileRef, HeldLock
+
+# Only what parsing the command line needs is imported at start: --help, a usage error, a missing FILE
+# answer in a few milliseconds. The client (dls_proto's codecs, construct, ssl) comes in main, when a
+# lock is to be taken; dls-shm and psutil never (dls-lock locks through the service).
+if TYPE_CHECKING:
+    from .command_keeper import Keeper
+    from .errors import Holder
+    from .locks import HeldLock
 
 #: The signals dls-lock passes on to the processes of its command rather than die of them.
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: Seconds between TERM and KILL when the lock is lost (-k): time for the command to stop cleanly, during
 #: which it runs without the lock (another holder may have it already), so short.
 DEFAULT_KILL_AFTER = 2.0
+
+USAGE = "%(prog)s [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}  or  %(prog)s [options] {--hold | -u} FILE KEY"
 
 DESCRIPTION = f"""\
 Run COMMAND while holding the dls record lock on (FILE, KEY), like flock(1) for
@@ -62,6 +66,40 @@ every process the command started is killed (SIGKILL) at once: dls-lock runs as
 two processes, the one started, which holds the lock, and its keeper (ps shows
 it as "dls-lock keeper"), which runs the command and kills what is left when
 the first is gone. Only killing both at once leaves processes running.
+
+Where dls-lock differs from flock(1), and why:
+
+FILE must exist (exit {exitcodes.NOINPUT}); flock creates it. A record lock names a record of a file
+(the service knows the file by its inode, as jDLS does), and a file made for
+the lock would be a new, empty one: a mistyped name would lock a record of no
+file anyone uses, and the command would run unprotected without a word.
+
+-o does not pass the lock to a descriptor the command might close: without it
+dls-lock holds the lock while any process the command started runs (above);
+with it, only while COMMAND itself runs, as flock -o does.
+
+The descriptor form (exec 9>FILE; flock 9 ... flock -u 9) is --hold and -u:
+the lock is held by a connection to the service, which no shell can keep, so
+dls-lock --hold FILE KEY leaves a process that keeps it for the calling shell
+(dls-lock's parent; ps shows it as "dls-lock hold", show-item-locks with its
+pid) and exits 0 once the lock is held (-n, -w, -E, -s as for a command). The
+lock is released by dls-lock -u FILE KEY from the same shell, or when the shell
+ends, however it ends (even by SIGKILL). Processes the shell leaves running
+after it ends do not keep it (wait for them first); run --hold from the script
+itself, not from a subshell $(...) or a pipeline, whose process ends at once.
+A lost lock is told as a command's: the hold process says so on the shell's
+standard error, sends TERM to the shell and every process it started, KILL to
+those left -k seconds later; so a shell lock is for a script, not for an
+interactive shell. If the hold process is killed, its guard (ps: "dls-lock
+guard") does the same: only killing both at once leaves the shell untold. A
+whole script can also run under dls-lock, with this line near its top (add -n
+to give up at once if another run holds it, as flock's manual does):
+
+    [ "$DLS_LOCKED" = "$0" ] || exec env DLS_LOCKED="$0" dls-lock FILE KEY "$0" "$@"
+
+A COMMAND that is not found exits 127, one that cannot be run 126: the
+shell's codes, which a script already tests (flock gives 69 and 126; 69 is
+dls-lock's "service unavailable" and must not mean a mistyped command).
 """
 
 EPILOG = textwrap.fill(
@@ -73,18 +111,32 @@ EPILOG = textwrap.fill(
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dls-lock", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("-s", "--shared", action="store_const", dest="mode", const=Mode.PR,
+    mode.add_argument("-s", "--shared", action="store_const", dest="mode", const="PR",
                       help="take a shared (read, PR) lock")
-    mode.add_argument("-x", "--exclusive", action="store_const", dest="mode", const=Mode.EX,
+    mode.add_argument("-x", "--exclusive", action="store_const", dest="mode", const="EX",
                       help="take an exclusive (write, EX) lock; the default")
-    parser.set_defaults(mode=Mode.EX)
+    parser.set_defaults(mode="EX")
     parser.add_argument("-n", "--nonblock", action="store_true", help="fail at once if the lock is held")
     parser.add_argument("-w", "--wait", "--timeout", type=_seconds, metavar="SECONDS", dest="timeout",
-                        help="wait at most SECONDS for the lock")
+                        help="wait at most SECONDS for the lock (-w 0 is -n: no waiting, and no waiting message)")
     parser.add_argument("-E", "--conflict-exit-code", type=_exit_code, default=exitcodes.FAILED, metavar="CODE",
                         help=f"exit status when -n or -w gives up (default {exitcodes.FAILED})")
+    parser.add_argument("-c", "--command", dest="shell_command", metavar="COMMAND",
+                        help="run the single string COMMAND with $SHELL -c (/bin/sh if SHELL is unset), as "
+                        "flock -c does; it may come after KEY (dls-lock FILE KEY -c 'a | b')")
+    parser.add_argument("-o", "--close", action="store_true",
+                        help="release the lock when COMMAND itself ends, not when the last process it started "
+                        "ends (as flock -o: the processes it leaves running do not hold the lock, so nothing "
+                        "stops them when the lock is lost or dls-lock is killed once COMMAND has ended)")
+    parser.add_argument("--hold", action="store_true",
+                        help="no COMMAND: take the lock for the life of the calling shell (dls-lock's parent), "
+                        "as exec 9>FILE; flock 9 does, and exit 0 once it is held; it is released when the shell "
+                        "ends, however it ends, or by -u (see DESCRIPTION)")
+    parser.add_argument("-u", "--unlock", action="store_true",
+                        help="no COMMAND: release the lock --hold took for this shell (exit 0; 75 if it was lost; "
+                        "1 if this shell holds no such lock)")
     parser.add_argument("-k", "--kill-after", type=_seconds, default=DEFAULT_KILL_AFTER, metavar="SECONDS",
                         help="when the lock is lost, KILL the processes of the command still running SECONDS after "
                         f"TERM (default {DEFAULT_KILL_AFTER:g}); the lock is told lost at the latest 5 s before the "
@@ -92,11 +144,67 @@ def get_parser() -> argparse.ArgumentParser:
                         "5 s, or 0, the lock may be handed on as soon as it is lost: use -k 0)")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is happening on standard error")
     parser.add_argument("-V", "--version", action="version", version=f"dls-lock {__version__}")
-    parser.add_argument("file", metavar="FILE", help="the file whose record is locked (it must exist)")
-    parser.add_argument("key", metavar="KEY", help="the record key")
-    parser.add_argument("command", metavar="COMMAND", help="the command to run with the lock held")
+    parser.add_argument("file", nargs="?", metavar="FILE",
+                        help="the file whose record is locked: it must exist (dls-lock does not create it)")
+    parser.add_argument("key", nargs="?", metavar="KEY", help="the record key")
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help="the command to run with the lock held")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="its arguments")
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, its omissions said in words; the command to run in ``args.argv``.
+
+    argparse alone cannot say it: FILE, KEY and COMMAND are optional to it (``-c`` stands for COMMAND and
+    may follow KEY, where the remainder begins), so what is missing is checked here."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    rest: list[str] = list(args.args)
+    if args.command is None and rest:  # "FILE KEY -c STRING": -c after KEY, as flock takes it after FILE
+        first = rest.pop(0)
+        if first in ("-c", "--command"):
+            given = rest
+        elif first.startswith("--command="):
+            given = [first.partition("=")[2], *rest]
+        elif first.startswith("-c"):
+            given = [first[2:], *rest]
+        else:
+            parser.error(f"{first!r} after KEY: options go before FILE (only -c may follow KEY)")
+        if len(given) != 1:
+            parser.error("-c takes one argument, the whole command line in one (quoted) string")
+        if args.shell_command is not None:
+            parser.error("-c given twice")
+        args.shell_command = given[0]
+        rest = []
+    missing = [name for name, value in (("FILE", args.file), ("KEY", args.key)) if value is None]
+    alone = "--hold" if args.hold else "-u" if args.unlock else None
+    if alone is not None:
+        given = [option for option, value in (("--hold", args.hold), ("-u", args.unlock), ("-c", args.shell_command),
+                                              ("-o", args.close)) if value and option != alone]
+        if given:
+            parser.error(f"{alone} and {given[0]} given: {alone} runs no command")
+        if args.command is not None:
+            parser.error(f"{alone} runs no command: give FILE and KEY alone (not {args.command!r})")
+        if missing:
+            parser.error(f"missing {_and(missing)}: give the file and the record key")
+        return args
+    if args.command is None and args.shell_command is None:
+        missing.append("COMMAND (or -c COMMAND)")
+    if missing:
+        parser.error(f"missing {_and(missing)}: give the file, the record key and the command to run")
+    if args.command is not None and args.shell_command is not None:
+        parser.error("both -c COMMAND and a COMMAND given: give one")
+    if args.shell_command is not None:
+        args.argv = [os.environ.get("SHELL") or "/bin/sh", "-c", args.shell_command]
+    else:
+        args.argv = [args.command, *rest]
+    if args.timeout == 0:  # a zero wait does not wait: -n, which says nothing while it does not
+        args.nonblock, args.timeout = True, None
+    return args
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _seconds(text: str) -> float:
@@ -139,6 +247,8 @@ class _SignalRelay:
             threading.Thread(target=self._run, name="dls-lock signals", daemon=True).start()
 
     def _run(self) -> None:
+        from .command_keeper import SI_KERNEL
+
         while True:
             info = signal.sigwaitinfo(self.signals)
             keeper = self.keeper
@@ -215,7 +325,10 @@ def _tell(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    args = _parse(argv)
+    from .config import Config, port_number
+    from .errors import ConfigurationError, DlsError
+
     say = _tell if args.verbose else None
     try:
         config = Config.from_environment() or Config()
@@ -223,11 +336,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         _tell(str(exc))
         return exitcodes.CONFIG
+    from .locks import FileRef
+
     try:
         ref = FileRef.of(args.file)
     except DlsError as exc:
-        _tell(str(exc))
+        _tell(f"{exc} (dls-lock does not create FILE: the lock is on a record of a file that exists)")
         return exitcodes.NOINPUT
+    from dls_proto import Mode
+
+    if args.hold or args.unlock:
+        from . import shell_hold
+
+        if args.unlock:
+            return shell_hold.unlock(os.getppid(), ref.inode, os.fsencode(args.key), f"{args.file} {args.key}")
+        return shell_hold.hold(shell_hold.HoldRequest(
+            file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
+            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say), config)
+    from .client import Client
+    from .command_keeper import Keeper
+    from .errors import LockRefused
 
     # Before any thread exists (the keeper is forked, the relay's thread and the client's inherit the mask).
     passed_on = _passed_on()
@@ -235,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if signal.SIGINT in passed_on:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's KeyboardInterrupt: dls-lock dies of it instead
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not ignored (inherited so): children must stay to be reaped
-    keeper = Keeper.fork([args.command, *args.args], passed_on=passed_on, command_mask=command_mask,
-                         grace=args.kill_after, say=say)
+    keeper = Keeper.fork(args.argv, passed_on=passed_on, command_mask=command_mask,
+                         grace=args.kill_after, say=say, all_processes=not args.close)
     relay = _SignalRelay(passed_on)
     watch = _LostWatch(args.file, args.key, args.kill_after)
 
@@ -247,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if say:
             say(f"using lock service {config.server}")
-        held = client.lock(ref, args.key, args.mode, wait=not args.nonblock, timeout=args.timeout,
+        held = client.lock(ref, args.key, Mode[args.mode], wait=not args.nonblock, timeout=args.timeout,
                            on_wait=waiting, on_lost=watch.on_lost)
     except LockRefused as exc:  # and LockTimeout: -n or -w gave up
         if say:
@@ -280,6 +408,8 @@ def _run_holding(held: HeldLock, keeper: Keeper, relay: _SignalRelay, watch: _Lo
     status = keeper.wait()
     relay.keeper = None
     watch.ended()
+    from .errors import DlsError, LockLost
+
     try:
         held.release()
     except LockLost as exc:

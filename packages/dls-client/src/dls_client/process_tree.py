@@ -17,7 +17,7 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
 _PR_SET_PDEATHSIG = 1
@@ -119,3 +119,30 @@ def signal_descendants(root: int, signum: int, *, skip_group: int | None = None)
         finally:
             os.close(pidfd)
     return sent
+
+
+def pin_descendants(roots: Collection[int], pinned: dict[int, int], spare: Collection[int] = ()) -> None:
+    """Add to ``pinned`` (pid: pidfd) every live process below any of ``roots`` not pinned yet (but ``spare``
+    and what is below them). A pidfd names its process even after it is orphaned or ends, so a caller that
+    pins again, with the pinned pids among the roots, keeps reaching a tree whose top has ended (its
+    orphans went to init) and never signals a stranger that took a pid since."""
+    children: dict[int, list[Proc]] = {}
+    for proc in _every_process():
+        children.setdefault(proc.ppid, []).append(proc)
+    spared = set(spare)
+    parents = [root for root in roots if root not in spared]
+    while parents:
+        below = [child for parent in parents for child in children.get(parent, ()) if child.pid not in spared]
+        for proc in below:
+            if proc.pid in pinned or proc.zombie:
+                continue
+            try:
+                pidfd = os.pidfd_open(proc.pid)
+            except ProcessLookupError:
+                continue
+            now = stat(proc.pid)
+            if now is not None and now.ppid == proc.ppid:  # the same process as the scan's
+                pinned[proc.pid] = pidfd
+            else:
+                os.close(pidfd)
+        parents = [child.pid for child in below]

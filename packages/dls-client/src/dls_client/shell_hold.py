@@ -1,0 +1,365 @@
+"""dls-lock --hold and -u: a record lock held for the life of the calling shell, as ``exec 9>F; flock 9``.
+
+flock(1)'s descriptor form locks a descriptor the shell keeps open, so the lock
+lasts until the shell (or whatever inherited the descriptor) ends. A dls lock
+is held by a connection to the service, which no shell can keep; here a
+process keeps it for the shell:
+
+- ``dls-lock --hold FILE KEY`` forks the *hold* process (ps: "dls-lock hold"),
+  which takes the lock and tells the command's first process the outcome; that
+  one exits with it (0: held). The hold process keeps the lock until the shell
+  (dls-lock's parent) ends, however it ends: it waits on a pidfd of the shell,
+  opened before the fork, so no other process that takes the pid later counts.
+- ``dls-lock -u FILE KEY`` from the same shell asks it, over an abstract unix
+  socket named after the user, the shell (pid and start time), the file's inode
+  and the key, to release the lock; the hold process serves only a peer of the
+  same user (or root) whose parent is that shell, and -u only a server of its
+  own user, so neither a stranger nor another shell can release it or pose as
+  it.
+- A lost lock is told: the hold process says so on the standard error it was
+  given (the shell's), sends TERM (and CONT) to the shell and every process
+  below it, and KILL to those left -k seconds later: the shell's work must not
+  go on without the lock, as dls-lock stops a command's. A -u asked meanwhile
+  is answered "lost" (75).
+- If the hold process itself is killed, even by SIGKILL, the service releases
+  the lock with its connection, and its *guard* (a child forked before any
+  thread, ps: "dls-lock guard") finds the pipe between them closed without a
+  word: it tells the loss and stops the shell the same way. Only killing both
+  at once leaves the shell running untold.
+
+Processes the shell leaves running after it ends do not keep the lock (the
+hold process is not their parent and cannot follow them): the page says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from dls_proto import Mode
+
+from . import exitcodes
+from .client import Client
+from .config import Config
+from .errors import DlsError, Holder, LockLost, LockRefused
+from .locks import FileRef
+from .process_tree import die_with_parent, pin_descendants, set_name, stat
+
+#: What the hold process writes to its guard: granted (it now answers for the shell), done (released).
+_GRANTED, _DONE = b"g", b"d"
+#: What the hold process answers -u: released, or lost (followed by the reason).
+_RELEASED, _LOST = b"r", b"l"
+#: The poll period of the wait for the shell's end after the lock was lost (the KILL deadline).
+_TICK = 0.05
+
+
+def _start_time(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot (/proc/<pid>/stat, field 22): with the pid, it
+    names one process for as long as the machine runs."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    return text[text.rfind(")") + 2:].split()[19]
+
+
+def socket_name(shell: int, inode: int, key: bytes) -> bytes:
+    """The abstract socket name of the hold process of (the file's inode, key) for ``shell``."""
+    digest = hashlib.sha256(key).hexdigest()[:32]
+    return f"\0dls-lock/{os.getuid()}/{shell}.{_start_time(shell)}/{inode}/{digest}".encode()
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket (SO_PEERCRED, from the kernel)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def stop_shell(shell_fd: int, shell: int, grace: float, spare: tuple[int, ...]) -> None:
+    """TERM (and CONT) to the shell and every process below it but ``spare`` (and what is below those), KILL
+    to what is left after ``grace`` seconds. Each process found is pinned by a pidfd and looked below again
+    until the KILL: a shell that dies of the TERM leaves its children to init, and they are still reached."""
+    pinned: dict[int, int] = {}
+
+    def send(signum: int) -> None:
+        pin_descendants([shell, *pinned], pinned, spare)
+        for pidfd in [*pinned.values(), shell_fd]:  # the shell last: its children first, while still below it
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signum)
+
+    try:
+        if grace > 0:
+            send(signal.SIGTERM)
+            send(signal.SIGCONT)
+            deadline = time.monotonic() + grace
+            while (left := deadline - time.monotonic()) > 0:
+                select.select([], [], [], min(left, _TICK))
+                pin_descendants([shell, *pinned], pinned, spare)  # what was forked meanwhile
+        send(signal.SIGKILL)
+    finally:
+        for pidfd in pinned.values():
+            os.close(pidfd)
+
+
+class Hold:
+    """The hold process's side, once it has the lock: serve -u, watch the shell, tell a loss."""
+
+    def __init__(self, *, shell: int, shell_fd: int, name: str, grace: float, guard: int, guard_pid: int,
+                 server: socket.socket) -> None:
+        self.shell = shell
+        self.shell_fd = shell_fd
+        self.name = name
+        self.grace = grace
+        self.guard = guard
+        self.guard_pid = guard_pid
+        self.server = server
+        #: Releases the lock: None, or why it was found lost. Set once the lock is held.
+        self.release: Callable[[], str | None] = lambda: None
+        self.lost: str | None = None
+        self._wake_read, self._wake_write = os.pipe()
+
+    def on_lost(self, reason: str) -> None:
+        """From the client's watcher thread: the lock is lost; the main loop acts on it."""
+        if self.lost is None:
+            self.lost = reason
+            os.write(self._wake_write, b"!")
+
+    def run(self) -> int:
+        """Until the shell ends, or -u: the lock released (or found lost) by then. The exit status nobody
+        reads but a test: 0 released, LOST lost."""
+        stopped = False
+        while True:
+            ready = select.select([self.shell_fd, self.server.fileno(), self._wake_read], [], [])[0]
+            if self.lost is not None and not stopped:
+                stopped = True
+                _tell(f"lost the lock on {self.name} ({self.lost}): stopping the shell, pid {self.shell}, and "
+                      f"what it started (TERM now, KILL after {self.grace:g} s)")
+                stop_shell(self.shell_fd, self.shell, self.grace, (os.getpid(), self.guard_pid))
+            if self.server.fileno() in ready and self._serve_unlock():
+                return self._end()
+            if self.shell_fd in ready:
+                return self._end()
+
+    def _serve_unlock(self) -> bool:
+        """Answer one -u; True if it was the shell's (the lock is then released, or was lost)."""
+        conn, _ = self.server.accept()
+        with conn:
+            conn.settimeout(5)
+            pid, uid = _peer(conn)
+            caller = stat(pid)
+            if uid not in (0, os.getuid()) or caller is None or caller.ppid != self.shell:
+                return False  # not of this shell: no answer, the connection is closed
+            if self.lost is None:
+                self.lost = self.release()
+            with contextlib.suppress(OSError):
+                conn.sendall(_RELEASED if self.lost is None else _LOST + self.lost.encode())
+        return True
+
+    def _end(self) -> int:
+        if self.lost is None:
+            self.lost = self.release()
+        os.write(self.guard, _DONE)
+        os.close(self.guard)
+        os.waitpid(self.guard_pid, 0)  # it ends at once, told: reaped here rather than left to init
+        return exitcodes.OK if self.lost is None else exitcodes.LOST
+
+
+def fork_guard(shell: int, shell_fd: int, name: str, grace: float, close: tuple[int, ...]) -> tuple[int, int]:
+    """Fork the guard of the hold process (call it while the process has one thread); (the write end of the
+    pipe the guard reads, its pid). The guard stops the shell if the hold process ends holding the lock
+    without saying it released it. ``close``: the hold process's descriptors the guard must not keep open
+    (the outcome pipe, the -u socket)."""
+    read_end, write_end = os.pipe()
+    holder = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = exitcodes.SOFTWARE
+        try:
+            for fd in (write_end, *close):
+                os.close(fd)
+            code = _guard(holder, read_end, shell, shell_fd, name, grace)
+        finally:
+            os._exit(code)
+    os.close(read_end)
+    return write_end, pid
+
+
+def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, grace: float) -> int:
+    set_name("dls-lock guard")
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    said = b""
+    while chunk := os.read(read_end, 16):
+        said += chunk
+    if _GRANTED in said and _DONE not in said:
+        _tell(f"the process holding the lock on {name} (pid {holder}) ended: the lock is gone; stopping the "
+              f"shell, pid {shell}, and what it started (TERM now, KILL after {grace:g} s)")
+        stop_shell(shell_fd, shell, grace, (os.getpid(),))
+        return exitcodes.LOST
+    return exitcodes.OK
+
+
+def unlock(shell: int, inode: int, key: bytes, name: str) -> int:
+    """``dls-lock -u``: ask the hold process of this shell to release the lock; the exit status."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        try:
+            sock.connect(socket_name(shell, inode, key))
+        except OSError:
+            _tell(f"{name} is not held for this shell (pid {shell}): nothing to release")
+            return exitcodes.FAILED
+        _, uid = _peer(sock)
+        if uid not in (0, os.getuid()):
+            _tell(f"{name}: the socket of its hold process belongs to uid {uid}, not to you: not asked")
+            return exitcodes.FAILED
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+    if answer == _RELEASED:
+        return exitcodes.OK
+    if answer.startswith(_LOST):
+        _tell(f"lost the lock on {name} ({answer[1:].decode(errors='replace')}) before -u")
+        return exitcodes.LOST
+    _tell(f"{name} is not held for this shell (pid {shell}): nothing to release")
+    return exitcodes.FAILED
+
+
+def _tell(text: str) -> None:
+    with contextlib.suppress(OSError):
+        print(f"dls-lock: {text}", file=sys.stderr, flush=True)
+
+
+def wait_for_outcome(read_end: int) -> int | None:
+    """The foreground's side: the hold process's outcome (an exit status), None if it ended without one."""
+    data = b""
+    while chunk := os.read(read_end, 4):
+        data += chunk
+    return data[0] if data else None
+
+
+def detach_from_foreground() -> None:
+    """The hold process, once it has the lock: no longer killed with the foreground dls-lock (which exits
+    now), and not by the terminal's signals to the shell's job (the shell's end is what ends the hold)."""
+    die_with_parent(0)
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTSTP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class HoldRequest:
+    """What --hold needs from the command line (see ``lock_command``)."""
+
+    def __init__(self, *, file: str, key: str, ref: FileRef, mode: Mode, nonblock: bool, timeout: float | None,
+                 conflict: int, grace: float, say: Callable[[str], None] | None) -> None:
+        self.file, self.key, self.ref, self.mode = file, key, ref, mode
+        self.nonblock, self.timeout, self.conflict, self.grace, self.say = nonblock, timeout, conflict, grace, say
+        self.name = f"{file} {key}"
+
+
+def hold(request: HoldRequest, config: Config) -> int:
+    """``dls-lock --hold``: fork the hold process and exit with the outcome it reports (0: the lock is held
+    for the shell, this process's parent)."""
+    shell = os.getppid()
+    shell_fd = os.pidfd_open(shell)
+    if os.getppid() != shell or shell == 1:  # the parent ended (before pidfd_open), or there is none
+        _tell("--hold holds the lock for the shell that runs it, and there is none (dls-lock's parent is init)")
+        return exitcodes.FAILED
+    name = socket_name(shell, request.ref.inode, os.fsencode(request.key))
+    outcome_read, outcome_write = os.pipe()
+    foreground = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = exitcodes.SOFTWARE
+        try:
+            os.close(outcome_read)
+            code = _hold_process(request, config, foreground, shell, shell_fd, name, outcome_write)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(outcome_write)
+    os.close(shell_fd)
+    outcome = wait_for_outcome(outcome_read)
+    if outcome is None:
+        _tell(f"the process that was to hold the lock on {request.name} ended without it")
+        return exitcodes.SOFTWARE
+    return outcome
+
+
+def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: int, shell_fd: int, name: bytes,
+                  outcome: int) -> int:
+    set_name("dls-lock hold")
+    die_with_parent(signal.SIGKILL)  # until the lock is held, it goes with the dls-lock the shell waits for
+    if os.getppid() != foreground:
+        return exitcodes.OK
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):  # not the shell's: a $(...) or a pipe reading dls-lock's output must see its end
+        os.dup2(null, fd)
+    os.close(null)
+
+    def report(status: int) -> int:
+        os.write(outcome, bytes([status]))
+        os.close(outcome)
+        return status
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(name)
+    except OSError:
+        _tell(f"{request.name} is held for this shell already (release it with dls-lock -u first)")
+        return report(request.conflict)
+    server.listen(4)
+    # Before the client starts its threads: a fork copies only the calling thread.
+    guard, guard_pid = fork_guard(shell, shell_fd, request.name, request.grace, (outcome, server.fileno()))
+    keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
+                  guard_pid=guard_pid, server=server)
+
+    def waiting(holder: Holder) -> None:
+        _tell(f"waiting for {request.name}, held by {holder.describe()}")
+
+    client = Client(config)
+    try:
+        try:
+            held = client.lock(request.ref, request.key, request.mode, wait=not request.nonblock,
+                               timeout=request.timeout, on_wait=waiting,
+                               on_lost=lambda lost: keeper.on_lost(lost.lost_reason or "lost"))
+        except LockRefused as exc:
+            if request.say:
+                request.say(str(exc))
+            return report(request.conflict)
+        except DlsError as exc:
+            _tell(str(exc))
+            return report(exitcodes.UNAVAILABLE)
+        if held.lost:
+            _tell(f"lost the lock on {request.name} ({held.lost_reason or 'lost'}) as it was granted")
+            return report(exitcodes.UNAVAILABLE)
+
+        def release() -> str | None:
+            try:
+                held.release()
+            except LockLost as exc:
+                return exc.reason
+            except DlsError:
+                pass  # the lock goes with the connection, closed next
+            return None
+
+        keeper.release = release
+        os.write(guard, _GRANTED)
+        detach_from_foreground()
+        os.chdir("/")  # not to keep the shell's directory busy (a file system it is on could not be unmounted)
+        if request.say:
+            request.say(f"locked {request.name} ({Mode(held.mode).name}) for the shell, pid {shell}, by pid "
+                        f"{os.getpid()}")
+        report(exitcodes.OK)
+        return keeper.run()
+    finally:
+        client.close()

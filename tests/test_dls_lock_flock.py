@@ -1,0 +1,343 @@
+"""dls-lock beside flock(1): where it behaves as flock does, and where it chose otherwise (its page says why).
+
+Real dls-lock processes on a real service, a witness client checking who holds the lock; flock(1) itself
+run side by side where the comparison is the point (skipped where util-linux's flock is not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from dls_client import Client
+from dls_testkit import (
+    DLS_LOCK,
+    KEY,
+    Service,
+    alive,
+    data_file,
+    holder_of,
+    lock_holder,
+    running,
+    running_service,
+    wait_for,
+    wait_free,
+)
+
+FLOCK = shutil.which("flock")
+needs_flock = pytest.mark.skipif(FLOCK is None, reason="util-linux's flock(1) is not installed")
+
+USAGE = ("usage: dls-lock [options] FILE KEY {COMMAND [ARG ...] | -c COMMAND}  or  dls-lock [options] {--hold | -u} "
+         "FILE KEY\n")
+
+
+@pytest.fixture
+def witness(service: Service) -> Iterator[Client]:
+    with service.client(timeout=10) as client:
+        yield client
+
+
+# -- FILE must exist ----------------------------------------------------------------------------------
+
+
+def test_a_missing_file_is_not_created(service: Service, tmp_path: Path) -> None:
+    missing, ran = tmp_path / "FBNK.ACOUNT", tmp_path / "ran"
+    result = service.dls_lock(str(missing), KEY, "touch", str(ran))
+    assert result.returncode == 66
+    assert result.stderr == (f"dls-lock: cannot lock records of {str(missing)!r}: No such file or directory "
+                             "(dls-lock does not create FILE: the lock is on a record of a file that exists)\n")
+    assert not missing.exists() and not ran.exists()
+
+
+@needs_flock
+def test_flock_creates_the_file_dls_lock_would_refuse(tmp_path: Path) -> None:
+    """The difference the page documents, seen side by side."""
+    missing = tmp_path / "made-by-flock"
+    assert FLOCK is not None
+    assert subprocess.run([FLOCK, str(missing), "true"], check=False).returncode == 0
+    assert missing.exists()
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    ([], "missing FILE, KEY and COMMAND (or -c COMMAND): give the file, the record key and the command to run"),
+    (["F"], "missing KEY and COMMAND (or -c COMMAND): give the file, the record key and the command to run"),
+    (["F", "K"], "missing COMMAND (or -c COMMAND): give the file, the record key and the command to run"),
+    (["-c", "true", "F"], "missing KEY: give the file, the record key and the command to run"),
+    (["F", "K", "-c", "a", "b"], "-c takes one argument, the whole command line in one (quoted) string"),
+    (["-c", "a", "F", "K", "b"], "both -c COMMAND and a COMMAND given: give one"),
+    (["-c", "a", "F", "K", "-c", "b"], "-c given twice"),
+    (["F", "K", "-n", "true"], "'-n' after KEY: options go before FILE (only -c may follow KEY)"),
+])
+def test_a_usage_error_says_what_is_wrong_in_words(service: Service, argv: list[str], said: str) -> None:
+    result = service.dls_lock(*argv)
+    assert (result.returncode, result.stderr) == (2, f"{USAGE}dls-lock: error: {said}\n")
+
+
+@pytest.mark.parametrize("where", ["before FILE", "after KEY", "after KEY, joined"])
+def test_dash_c_runs_the_string_through_the_shell(service: Service, witness: Client, tmp_path: Path,
+                                                  where: str) -> None:
+    data, out = data_file(tmp_path), tmp_path / "out"
+    line = f"echo $((2 + 3)) | sed s/5/five/ > {shlex.quote(str(out))}; exit 4"
+    argv = {"before FILE": ["-c", line, str(data), KEY], "after KEY": [str(data), KEY, "-c", line],
+            "after KEY, joined": [str(data), KEY, f"--command={line}"]}[where]
+    result = service.dls_lock(*argv)
+    assert (result.returncode, result.stderr) == (4, "")
+    assert out.read_text() == "five\n"
+    witness.try_lock(data, KEY).release()
+
+
+def test_dash_c_uses_shell_as_flock_does(service: Service, tmp_path: Path) -> None:
+    data, out = data_file(tmp_path), tmp_path / "out"
+    shell = tmp_path / "myshell"
+    shell.write_text(f"#!/bin/sh\necho \"$@\" > {shlex.quote(str(out))}\n")
+    shell.chmod(0o755)
+    result = subprocess.run([DLS_LOCK, str(data), KEY, "-c", "the line"], env={**service.env, "SHELL": str(shell)},
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "-c the line\n"
+
+
+# -- -w 0 does not wait -------------------------------------------------------------------------------
+
+
+def test_a_zero_wait_says_nothing_and_gives_up_at_once(service: Service, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    held = lock_holder(service, data, tmp_path / "held")
+    with running(held):
+        zero = service.dls_lock("-w", "0", str(data), KEY, "true")
+        assert (zero.returncode, zero.stderr) == (1, "")
+        custom = service.dls_lock("-w", "0", "-E", "9", str(data), KEY, "true")
+        assert (custom.returncode, custom.stderr) == (9, "")
+        waited = service.dls_lock("-w", "0.3", str(data), KEY, "true")  # a wait that waits says so
+        assert waited.returncode == 1 and "dls-lock: waiting for" in waited.stderr
+        held.send_signal(signal.SIGTERM)
+        held.wait(timeout=10)
+
+
+# -- -o: the lock ends with the command ----------------------------------------------------------------
+
+
+def test_dash_o_releases_when_the_command_ends(service: Service, witness: Client, tmp_path: Path) -> None:
+    """Without -o the lock lasts while what the command left runs (test_dls_lock); with -o, as with
+    flock -o, only while the command runs: what it left goes on, without the lock."""
+    data, pid_file = data_file(tmp_path), tmp_path / "left.pid"
+    script = f"sleep 60 >/dev/null 2>&1 & echo $! > {shlex.quote(str(pid_file))}; exit 5"
+    result = service.dls_lock("-o", str(data), KEY, "sh", "-c", script, timeout=15)
+    left = int(pid_file.read_text())
+    try:
+        assert (result.returncode, result.stderr) == (5, "")
+        assert alive(left)
+        witness.try_lock(data, KEY).release()  # free though the sleep runs
+    finally:
+        os.kill(left, signal.SIGKILL)
+
+
+def test_dash_o_still_stops_the_command_when_dls_lock_is_killed(service: Service, witness: Client,
+                                                                 tmp_path: Path) -> None:
+    data, marker = data_file(tmp_path), tmp_path / "started"
+    proc = service.dls_lock_popen("-o", str(data), KEY, "sh", "-c",
+                                  f"touch {shlex.quote(str(marker))}; exec sleep 60")
+    with running(proc):
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 10, "the command to start")
+        assert holder_of(witness, data, KEY).client_pid == proc.pid
+        [keeper] = _children(proc.pid)
+        [command] = _children(keeper)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: not alive(command), 5, "the command to be killed with dls-lock")
+
+
+def _children(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children()]
+
+
+# -- the whole-script idiom the page gives instead of flock's descriptor form ------------------------------
+
+
+def test_a_script_locks_itself_by_running_under_dls_lock(service: Service, witness: Client,
+                                                         tmp_path: Path) -> None:
+    data, go, out = data_file(tmp_path), tmp_path / "go", tmp_path / "out"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'[ "$DLS_LOCKED" = "$0" ] || exec env DLS_LOCKED="$0" dls-lock -n {shlex.quote(str(data))} {KEY} '
+        '"$0" "$@"\n'
+        f'echo "$$ $*" > {shlex.quote(str(out))}\n'
+        f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(script), "a b", "c"], env=env, stdin=subprocess.DEVNULL)
+    with running(proc):
+        wait_for(lambda: (out.exists() and out.read_text().endswith("\n")) or proc.poll() is not None, 10,
+                 "the script to run under its lock")
+        assert proc.poll() is None
+        assert out.read_text().split(" ", 1)[1] == "a b c\n"  # its arguments kept
+        assert holder_of(witness, data, KEY).client_pid == proc.pid  # dls-lock took the script's pid
+        second = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert second.returncode == 1  # -n: a second run gives up at once
+        go.touch()
+        assert proc.wait(timeout=10) == 0
+    witness.try_lock(data, KEY).release()
+
+
+# -- --hold and -u: a lock for the life of the calling shell (flock's descriptor form) ---------------------
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+def _shell(service: Service, script: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}"}
+    with stderr.open("wb") as err:
+        return subprocess.Popen([str(script)], env=env, stdin=subprocess.DEVNULL, stderr=err)
+
+
+def _hold_process(holder_pid: int) -> psutil.Process:
+    process = psutil.Process(holder_pid)
+    assert process.name() == "dls-lock hold"
+    return process
+
+
+def _holding_shell(service: Service, tmp_path: Path, *options: str, trap: bool = False,
+                   data: Path | None = None) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A shell script that takes --hold on (data, KEY), leaves a sleep in the background, touches READY and
+    waits for GO; returned once it holds the lock, with its stderr file and the sleep's pid file."""
+    data = data or data_file(tmp_path)
+    ready, go, sleep_pid, err = (tmp_path / name for name in ("ready", "go", "sleep.pid", "shell.err"))
+    script = _script(tmp_path, "hold.sh",
+                     f"dls-lock {' '.join(options)} --hold {shlex.quote(str(data))} {KEY} || exit 9\n"
+                     + ("trap 'echo TERM ignored >&2' TERM\n" if trap else "")
+                     + f"sleep 60 & echo $! > {shlex.quote(str(sleep_pid))}\n"
+                     f"touch {shlex.quote(str(ready))}\n"
+                     f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done\n")
+    shell = _shell(service, script, err)
+    try:
+        wait_for(lambda: ready.exists() or shell.poll() is not None, 10, "the shell to hold its lock")
+        assert shell.poll() is None, f"the shell ended ({shell.returncode}): {err.read_text()}"
+    except BaseException:
+        shell.kill()
+        shell.wait()
+        raise
+    return shell, err, sleep_pid
+
+
+def test_hold_keeps_the_lock_until_the_shell_ends(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        assert holder.ppid() != shell.pid  # not the shell's child: its end is what it waits for
+        (tmp_path / "go").touch()
+        assert shell.wait(timeout=10) == 0, err.read_text()
+    assert wait_free(witness, data, KEY, 3) < 3
+    wait_for(lambda: not alive(holder.pid), 5, "the hold process to end with the shell")
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)  # left by the shell; it never kept the lock
+    assert err.read_text() == ""
+
+
+def test_hold_ends_with_a_killed_shell(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, _, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        shell.kill()
+        shell.wait(timeout=10)
+    assert wait_free(witness, data, KEY, 3) < 3
+    wait_for(lambda: not alive(holder.pid), 5, "the hold process to end with the shell")
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)
+
+
+def test_dash_u_releases_the_shells_lock(service: Service, witness: Client, tmp_path: Path) -> None:
+    data, out, err = data_file(tmp_path), tmp_path / "out", tmp_path / "err"
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "u.sh", "\n".join([
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -n {quoted} true; b=$?",  # held: by this shell's hold, as by anyone else
+        f"dls-lock --hold {quoted}; c=$?",  # twice: refused, as a lock held already
+        f"dls-lock -u {quoted}; d=$?",
+        f"dls-lock -n {quoted} true; e=$?",
+        f"dls-lock -u {quoted}; f=$?",
+        f"echo $a $b $c $d $e $f > {shlex.quote(str(out))}", ""]))
+    shell = _shell(service, script, err)
+    with running(shell):
+        assert shell.wait(timeout=30) == 0
+    assert out.read_text() == "0 1 1 0 0 1\n", err.read_text()
+    assert err.read_text() == (f"dls-lock: {data} {KEY} is held for this shell already (release it with "
+                               f"dls-lock -u first)\ndls-lock: {data} {KEY} is not held for this shell (pid "
+                               f"{shell.pid}): nothing to release\n")
+    witness.try_lock(data, KEY).release()
+
+
+def test_dash_u_from_another_process_releases_nothing(service: Service, witness: Client, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    shell, _, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        other = service.dls_lock("-u", str(data), KEY)  # its parent is this test, not the shell
+        assert (other.returncode, other.stderr) == (
+            1, f"dls-lock: {data} {KEY} is not held for this shell (pid {os.getpid()}): nothing to release\n")
+        holder_of(witness, data, KEY)  # still held
+        (tmp_path / "go").touch()
+        shell.wait(timeout=10)
+    os.kill(int(sleep_pid.read_text()), signal.SIGKILL)
+
+
+def test_a_killed_hold_process_is_told_by_its_guard(service: Service, witness: Client, tmp_path: Path) -> None:
+    """SIGKILL to the hold process: the lock goes with its connection, and its guard stops the shell (which
+    ignores TERM here: KILL after -k) and what it started."""
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", trap=True, data=data)
+    with running(shell):
+        holder = _hold_process(holder_of(witness, data, KEY).client_pid)
+        holder.kill()
+        assert shell.wait(timeout=10) == -signal.SIGKILL
+    wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
+    said = err.read_text().splitlines()
+    assert said[0] == (
+        f"dls-lock: the process holding the lock on {data} {KEY} (pid {holder.pid}) ended: the lock is gone; "
+        f"stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)")
+    assert "TERM ignored" in said  # the shell was sent TERM, then KILL
+    witness.try_lock(data, KEY).release()
+
+
+def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
+    """The hold process's lock server is killed and the service keeps nothing (--lock-delay 0): the lock is
+    handed on, and the shell is told (on its standard error) and stopped with what it started."""
+    data = data_file(tmp_path)
+    with running_service(tmp_path / "release", "--lock-delay", "0") as service, \
+            service.client(timeout=10) as witness:
+        shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", data=data)
+        with running(shell):
+            holder = holder_of(witness, data, KEY)
+            _hold_process(holder.client_pid)
+            os.kill(holder.pid, signal.SIGKILL)  # its lock server
+            with witness.lock(data, KEY, timeout=10):
+                assert shell.wait(timeout=10) == -signal.SIGTERM, err.read_text()
+                wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
+        said = err.read_text()
+        assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (") and said.endswith(
+            f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)\n"), said
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--hold", "F", "K", "true"], "--hold runs no command: give FILE and KEY alone (not 'true')"),
+    (["--hold", "-c", "true", "F", "K"], "--hold and -c given: --hold runs no command"),
+    (["-u", "-o", "F", "K"], "-u and -o given: -u runs no command"),
+    (["-u", "F"], "missing KEY: give the file and the record key"),
+])
+def test_hold_and_unlock_usage_errors(service: Service, argv: list[str], said: str) -> None:
+    result = service.dls_lock(*argv)
+    assert (result.returncode, result.stderr) == (2, f"{USAGE}dls-lock: error: {said}\n")
