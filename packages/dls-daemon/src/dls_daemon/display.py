@@ -2,7 +2,9 @@
 
 ``-d`` names the monitor and listener and sums up the table, ``-v`` adds the
 rest of the header (times, counters, semaphore ids, memory, CPU), ``-vv`` also
-the IPC key and shared memory id, ``-L`` lists every lock. The lines, their
+the IPC key and shared memory id, ``-L`` lists every lock. Without a table
+(``jdls -ibD``) it shows what there is instead: the lock directory, the lock
+servers and the OS record locks held. The lines, their
 order and the columns are those of the jDLS user guide's ``jDLS -dvL``
 example, so an operator finds each figure where jDLS put it. The text is
 ``dls_shm.report``'s, shared with dls-dump. Whether a process is active comes
@@ -40,7 +42,20 @@ from dls_proto import (
     identity,
     tls,
 )
-from dls_shm import LISTENER, MONITOR, Header, Instance, LockTable, TableError, TableMissing, report, service_processes
+from dls_shm import (
+    LISTENER,
+    MONITOR,
+    Header,
+    Instance,
+    LockTable,
+    TableError,
+    TableMissing,
+    info,
+    oslock_entries,
+    report,
+    running_servers,
+    service_processes,
+)
 
 from .exitcodes import ExitCode
 
@@ -66,13 +81,7 @@ def display(
     try:
         table = LockTable.attach(instance.key)
     except TableMissing:
-        for text in report.process_lines(*_processes(instance, None)):
-            print(text, file=out)
-        print(report.line("Locking mechanism", f"OS file locks (no lock table with key 0x{instance.key:08x})"),
-              file=out)
-        print(f"jdls: there is no shared memory lock table with key 0x{instance.key:08x} for {instance.root}: "
-              "the lock monitor has not created one (jdls -ib or -ibA) or it was removed (jdls -K)", file=err)
-        return ExitCode.FAILED
+        return _display_oslocks(instance, verbose=verbose, locks=locks, out=out, err=err)
     except TableError as exc:
         print(f"jdls: {exc}", file=err)
         return ExitCode.FAILED
@@ -83,6 +92,37 @@ def display(
     for text in report.lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
                       locks=locks):
         print(text, file=out)
+    return ExitCode.OK
+
+
+def _display_oslocks(instance: Instance, *, verbose: int, locks: bool, out: TextIO, err: TextIO) -> int:
+    """The display of an instance without a lock table: what there is. When its listener runs (``jdls -ibD``:
+    record locks are OS file locks), the processes, the lock directory, the lock servers (``-v``) and the OS
+    record locks held (``-L``, joined with proc/info as show-item-locks joins them); exit 0. When nothing runs
+    and no OS lock is held, the processes and why there is nothing more; exit 1."""
+    monitor, listener = _processes(instance, None)
+    lock_dir = instance.lock_dir()
+    try:
+        documents = list(info.read_all(instance))
+        entries = oslock_entries.entries_of(lock_dir, documents, waiting=True)
+        problem = None
+    except OSError as exc:
+        entries, problem = [], f"OS file locks in {lock_dir} not read: {exc.strerror or exc}"
+    for text in report.process_lines(monitor, listener):
+        print(text, file=out)
+    if not listener.active and not entries:
+        print(report.line("Locking mechanism", f"OS file locks (no lock table with key 0x{instance.key:08x})"),
+              file=out)
+        print(f"jdls: there is no shared memory lock table with key 0x{instance.key:08x} for {instance.root}, "
+              "and no lock listener serves it: the lock monitor has not created one (jdls -ib or -ibA) or it was "
+              "removed (jdls -K); jdls -ibD serves the instance with OS file locks", file=err)
+        return ExitCode.FAILED
+    servers = len(running_servers(instance, tidy=False)) if verbose else None
+    for text in report.oslock_lines(str(lock_dir), entries, servers=servers, locks=locks):
+        print(text, file=out)
+    if problem is not None:
+        print(f"jdls: {problem}", file=err)
+        return ExitCode.FAILED
     return ExitCode.OK
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TypedDict
@@ -25,7 +24,16 @@ from dls_shm.report import printable
 
 from . import command
 from .rows import Document
-from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of, source_help
+from .source import (
+    Failure,
+    add_source_options,
+    chosen_server,
+    emit,
+    port_number,
+    snapshot_of,
+    source_help,
+    this_host,
+)
 
 PROG = "list-open-files"
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME")
@@ -33,11 +41,20 @@ NO_FILES = "(no open files)"
 
 EPILOG = f"""\
 columns:
-  IPADDR     the client's address: 0.0.0.0 for a process using the lock table directly,
-             127.0.0.1 for a local process going through the listener, else the
-             address of the remote client
-  PORT, PID  the client's port number and process id
+  IPADDR     the client's address: 0.0.0.0 for a process locking directly on the
+             service's host (in its table, or with OS file locks), 127.0.0.1 for
+             a local process going through the listener, else the address of the
+             remote client
+  PORT       the client's port number (JBCPORTNO, else its pid)
+  PID        the client's own process id, on its own host (show-item-locks'
+             PID is the process holding the lock: for a remote client, its
+             lock server on the service's host)
   FILENAME   the file's name as the client reported it
+
+A client reports its files when it is initialised, when it takes its first lock
+in a file, when a lock request starts or stops waiting, and when the
+application calls publish_info(); its lock server (for a remote client) or the
+process itself (a local one) writes them to proc/info/<port>@<address>.
 
 One line per open file, sorted by port, then file name, tab separated.
 
@@ -73,8 +90,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def open_files(documents: Iterable[Document]) -> list[OpenFile]:
-    """One row per file a document lists (duplicates once), sorted by port then file name."""
-    rows: dict[tuple[int, str, int | None], OpenFile] = {}
+    """One row per file a document lists (duplicates once), sorted by port, file name, then address: two
+    application servers' clients of one port number are two documents, both shown."""
+    rows: dict[tuple[str, int, str, int | None], OpenFile] = {}
     for doc in documents:
         port, files = doc.get("port"), doc.get("files")
         if not isinstance(port, int) or not isinstance(files, list):
@@ -86,11 +104,12 @@ def open_files(documents: Iterable[Document]) -> list[OpenFile]:
                 continue
             inode = item.get("inode")
             inode = inode if isinstance(inode, int) else None
-            rows.setdefault((port, item["path"], inode), OpenFile(
-                ipaddr=ip if isinstance(ip, str) and ip else "-",
+            ipaddr = ip if isinstance(ip, str) and ip else "-"
+            rows.setdefault((ipaddr, port, item["path"], inode), OpenFile(
+                ipaddr=ipaddr,
                 port=port, pid=pid if isinstance(pid, int) else 0, filename=item["path"], inode=inode,
             ))
-    return sorted(rows.values(), key=lambda r: (r["port"], r["filename"]))
+    return sorted(rows.values(), key=lambda r: (r["port"], r["filename"], r["ipaddr"]))
 
 
 def select(rows: Iterable[OpenFile], *, file: str | None = None, port: int | None = None) -> list[OpenFile]:
@@ -112,7 +131,7 @@ def _local() -> tuple[str, Sequence[Document]]:
         if not instance.info_dir.is_dir():
             raise Failure(f"no proc/info directory for JBCRELEASEDIR={instance.root} (is jdls running there?)")
         heading = (f"{PROG} information retrieved from proc/info of JBCRELEASEDIR={instance.root} "
-                   f"on host {socket.gethostname()}")
+                   f"on host {this_host()}")
         return heading, list(info.read_all(instance))
     except PermissionError:
         raise Failure(f"proc/info of JBCRELEASEDIR={instance.root}: permission denied (it is the lock service's "
