@@ -141,7 +141,7 @@ class LocalClient(BaseClient):
             self.locks = self._oslocks = self._new_oslocks()
         self._port = (os.getpid(), port_number())
         self._closed = False
-        #: What this client knows of its locks, written to proc/info/<port> (see dls_client.lockinfo).
+        #: What this client knows of its locks, written to proc/info/<port>@0.0.0.0 (see dls_client.lockinfo).
         self.info = LockInfo()
         self._info_file: dls_shm.info.Written | None = None
         self._info_pid = 0
@@ -238,7 +238,7 @@ class LocalClient(BaseClient):
     # -- lock information ----------------------------------------------------------------
 
     def publish_info(self) -> bool:
-        """Write this process's lock information to proc/info/<port> if it changed since last written.
+        """Write this process's lock information to proc/info/<port>@0.0.0.0 if it changed since last written.
 
         Call it when about to wait for input or to sleep, so that show-item-locks
         shows what this process holds while it idles. True when written.

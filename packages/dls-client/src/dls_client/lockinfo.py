@@ -1,4 +1,4 @@
-"""What a client knows of its own locks, for ``proc/info/<port>`` of the lock server's instance.
+"""What a client knows of its own locks, for ``proc/info/<port>@<address>`` of the lock server's instance.
 
 The lock table holds inodes and keys only; the client knows the names of the
 files it locks records in, and which locks it holds and waits for. Each client
