@@ -211,3 +211,31 @@ def test_one_port_from_two_hosts_keeps_two_documents(tmp_path: Path) -> None:
             here.stdin.close()
             assert here.wait(10) == 0
             wait_for(lambda: not any(info.iterdir()), 10, "the last document to go")
+
+
+def test_oslocks_clients_beside_a_table_are_shown_too(service: Service, tmp_path: Path) -> None:
+    """A table serves the instance; a client with JDLS OSLOCKS has its record lock taken as an OS file lock by
+    its lock server: show-item-locks shows it beside the table's, on the host and over the protocol."""
+    data = tmp_path / "FBNK.ACCOUNT"
+    data.touch()
+    env = {**service.env, "JDLS": service.jdls_value("OSLOCKS"), "JBCPORTNO": "1000"}
+    oslock = subprocess.Popen([str(BIN / "dls-lock"), str(data), "33537", "sleep", "60"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    table = subprocess.Popen([str(BIN / "dls-lock"), str(data), "32549", "sleep", "60"],
+                             env={**service.env, "JBCPORTNO": "4"}, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with running(oslock, table):
+        info = service.root / "proc" / "info"
+        wait_for(lambda: all((info / n).exists() and json.loads((info / n).read_text())["files"]
+                             for n in ("1000@127.0.0.1", "4@127.0.0.1")), 10, "both documents")
+        servers = {n: json.loads((info / n).read_text())["server_pid"] for n in ("1000@127.0.0.1", "4@127.0.0.1")}
+        expected = [
+            ["127.0.0.1", "4", str(servers["4@127.0.0.1"]), str(data), "32549", lock_no(data, "32549"), "---"],
+            ["127.0.0.1", "1000", str(servers["1000@127.0.0.1"]), str(data), "33537", lock_no(data, "33537"), "---"],
+        ]
+        local_env = {k: v for k, v in service.env.items() if k != "JDLS"}
+        for args in ((), ("--server", f"127.0.0.1,{service.port}")):
+            shown = tool(service, "show-item-locks", *args, env=local_env)
+            assert shown.returncode == 0, shown.stderr
+            assert "no lock table" not in shown.stdout
+            assert rows(shown.stdout) == expected, shown.stdout
