@@ -137,6 +137,16 @@ def _with_waiter(svc: Service, data: Path, info: Path, holder: subprocess.Popen[
             assert listed.returncode == 0, listed.stderr
             assert rows(listed.stdout, ["IPADDR", "PORT", "PID", "FILENAME"]) == files, listed.stdout
 
+        # The lock server's figures, as list-open-files --stats shows them (none for the local process).
+        stats_view = tool(svc, "list-open-files", "--stats", env=local_env)
+        assert stats_view.returncode == 0, stats_view.stderr
+        by_port = {r[1]: r for r in rows(stats_view.stdout, ["IPADDR", "PORT", "PID", "SERVER-PID", "GRANTED",
+                                                              "WAITS", "RETRIES", "REFUSED", "TIMEOUTS", "RELEASED",
+                                                              "HELD", "WAITING"])}
+        assert by_port["1000"][3:5] == [str(server), "1"] and by_port["1000"][10] == "1", stats_view.stdout
+        assert by_port["1001"][5] == "1" and by_port["1001"][11] == "1", stats_view.stdout  # waits, waiting now
+        assert by_port["2"][3:] == ["-"] * 9, stats_view.stdout
+
         shown = svc.jdls("-dvL")
         assert shown.returncode == 0, shown.stderr
         assert "Lock listener at pid:" in shown.stdout and " - Active" in shown.stdout
