@@ -72,7 +72,7 @@ def cpu(pid: int) -> float:
 def lock_server_of(service: Service, client_pid: int) -> int | None:
     """The pid of the lock server serving the client ``client_pid`` (from its proc/info file)."""
     try:
-        info = json.loads((service.root / "proc" / "info" / str(client_pid)).read_text())
+        info = json.loads((service.root / "proc" / "info" / f"{client_pid}@127.0.0.1").read_text())
     except (FileNotFoundError, ValueError):
         return None
     pid = info.get("server_pid")

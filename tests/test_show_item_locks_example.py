@@ -22,6 +22,7 @@ from pathlib import Path
 import netns
 from dls_shm import resource_value
 from dls_testkit import Service, running, wait_for
+from dls_utils.source import this_host
 
 SHOW_ITEM_LOCKS = str(Path(sys.executable).parent / "show-item-locks")
 HEADING = ["IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID"]
@@ -93,11 +94,14 @@ def test_the_guides_three_port_example(service: Service, tmp_path: Path) -> None
             ]
             # The lock servers write the remote clients' documents in their own time.
             info = service.root / "proc" / "info"
-            wait_for(lambda: all((info / port).exists() for port in ("2", "4", "1000")), 5, "the three documents")
+            # Named by port and client address (two application servers may use one port number).
+            names = ("2@0.0.0.0", "4@127.0.0.1", f"1000@{link.ns_ip}")
+            wait_for(lambda: all((info / name).exists() for name in names), 5, "the three documents")
 
             on_server = subprocess.run([SHOW_ITEM_LOCKS], env=base, capture_output=True, text=True, timeout=30)
             assert on_server.returncode == 0, on_server.stderr
             assert "proc/info" in on_server.stdout.splitlines()[0], on_server.stdout
+            assert on_server.stdout.splitlines()[0].endswith(f"on host {this_host()}"), on_server.stdout
             assert rows(on_server.stdout) == expected, on_server.stdout
 
             # From the other host: no table there (an empty instance), JDLS names the service.
@@ -106,7 +110,8 @@ def test_the_guides_three_port_example(service: Service, tmp_path: Path) -> None
             remote_view = subprocess.run(link.command(SHOW_ITEM_LOCKS), env=elsewhere, capture_output=True,
                                          text=True, timeout=30)
             assert remote_view.returncode == 0, remote_view.stderr
-            assert link.host_ip in remote_view.stdout.splitlines()[0], remote_view.stdout
+            # The lock server's host by the address the service was reached at, its name in brackets (as jDLS).
+            assert f"on host {link.host_ip} (" in remote_view.stdout.splitlines()[0], remote_view.stdout
             assert rows(remote_view.stdout) == expected, remote_view.stdout
             for proc in (local, through, remote):
                 assert proc.stdin is not None

@@ -45,7 +45,8 @@ def remote(port: int, jbcportno: int, monkeypatch: pytest.MonkeyPatch) -> Client
 
 
 def info_file(root: Path, port: int) -> Path:
-    return root / "proc" / "info" / str(port)
+    """The port's document: a local client's at 0.0.0.0, the others' (remote, through loopback) at 127.0.0.1."""
+    return root / "proc" / "info" / f"{port}@{'0.0.0.0' if port == LOCAL_PORT else '127.0.0.1'}"
 
 
 def read_info(root: Path, port: int) -> dict[str, Any]:
@@ -66,8 +67,7 @@ def test_holder_and_waiter_publish_their_information(service: tuple[Path, int], 
     root, port = service
     holder, waiter = remote(port, HOLDER_PORT, monkeypatch), remote(port, WAITER_PORT, monkeypatch)
     try:
-        held = holder.lock(data, KEY)
-        assert holder.publish_info()  # the grant changed the record; not sent by the lock itself
+        held = holder.lock(data, KEY)  # the first lock in this file: published by the lock itself
         wait_for(lambda: info_file(root, HOLDER_PORT).exists() and read_info(root, HOLDER_PORT)["locks"],
                  what="the holder's information")
         doc = read_info(root, HOLDER_PORT)
@@ -122,8 +122,13 @@ def test_a_local_client_writes_its_own_file(service: tuple[Path, int], data: Pat
         path = info_file(root, LOCAL_PORT)
         doc = read_info(root, LOCAL_PORT)  # written when initialised
         assert doc["ip"] == "0.0.0.0" and doc["pid"] == os.getpid() and doc["locks"] == []
-        held = client.lock(data, KEY)
-        assert read_info(root, LOCAL_PORT)["locks"] == []  # an uncontended lock publishes nothing
+        held = client.lock(data, KEY)  # the first lock in this file publishes, so that its name shows
+        assert [(lk["path"], lk["state"]) for lk in read_info(root, LOCAL_PORT)["locks"]] == [(str(data), "held")]
+        again = client.lock(data, "ANOTHER")  # another lock in a known file publishes nothing
+        assert len(read_info(root, LOCAL_PORT)["locks"]) == 1
+        assert client.publish_info()  # until the application says so
+        assert len(read_info(root, LOCAL_PORT)["locks"]) == 2
+        again.release()
         assert client.publish_info()
         before = (path.stat().st_mtime_ns, path.read_text())
         assert [(lk["path"], lk["state"]) for lk in read_info(root, LOCAL_PORT)["locks"]] == [(str(data), "held")]

@@ -12,6 +12,7 @@ from dls_proto import Echo, EchoReply, InfoPut
 from dls_shm import Instance, info
 from dls_testkit import greet, receive
 from dls_utils.list_open_files import get_parser, main
+from dls_utils.source import this_host
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
@@ -29,7 +30,7 @@ def test_local_documents(clean_env: Instance, capsys: pytest.CaptureFixture[str]
     code, lines, err = run(capsys)
     assert code == 0, err
     assert lines[0] == (f"list-open-files information retrieved from proc/info of JBCRELEASEDIR={clean_env.root} "
-                        f"on host {socket.gethostname()}")
+                        f"on host {this_host()}")
     assert lines[1:] == [
         "",
         "IPADDR\tPORT\tPID\tFILENAME",

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from dls_shm import LOCAL_IP, Doorbell, Grant, Owner, Queued, info, modes, pack_ip, resource_value
 from dls_utils.show_item_locks import main
+from dls_utils.source import this_host
 
 INODE = 1483651
 DEVICE = -1
@@ -36,10 +37,15 @@ def lock_no(key: str, letter: str = "W", inode: int = INODE) -> str:
     return f"0x{resource_value(inode, DEVICE, key.encode()):08x},{letter}"
 
 
+#: The address of each port's client, as its document gives it.
+ADDRESSES = {2: "0.0.0.0", 1000: "10.44.1.55", 4: "127.0.0.1"}
+
+
 def describe(local: Any, *ports: int) -> None:
     """Each port's information document, as a client (or its lock server) writes it."""
     for port in ports:
-        info.write(local.instance, port, {"pid": port * 10, "files": [{"path": PATH, "inode": INODE}], "locks": []})
+        info.write(local.instance, port, {"pid": port * 10, "files": [{"path": PATH, "inode": INODE}], "locks": []},
+                   ip=ADDRESSES[port])
 
 
 @pytest.fixture
@@ -61,7 +67,7 @@ def test_the_guides_three_ports(guide: Any, capsys: pytest.CaptureFixture[str]) 
     code, lines, err = run(capsys)
     assert code == 0, err
     assert lines[0] == (f"show-item-locks information retrieved from the lock table and proc/info of "
-                        f"JBCRELEASEDIR={guide.instance.root} on host {socket.gethostname()}")
+                        f"JBCRELEASEDIR={guide.instance.root} on host {this_host()}")
     assert lines[1:] == [
         "",
         "IPADDR\tPORT\tPID\tFILENAME\tRECORD KEY\tLOCK#\tPORT/-PID",
@@ -117,9 +123,39 @@ def test_read_locks_and_filters(guide: Any, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_without_information_the_inode_is_shown(guide: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    info.remove(info.info_path(guide.instance, 1000))
+    os.unlink(info.info_path(guide.instance, 1000, "10.44.1.55"))
     _, lines, _ = run(capsys, "--port", "1000")
     assert lines[3].split("\t")[3] == "inode 01483651"
+
+
+def test_one_port_on_two_hosts_keeps_both_documents(guide: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Port 1000 on a second application server: its document is kept beside the first's, each lock is named
+    from its own client's, and each writer removes only its own."""
+    other = Owner(ME, 5, 1000, 16000, pack_ip("10.44.1.57"))
+    take(guide, other, "OTHER", inode=78)
+    second = info.write(guide.instance, 1000, {"pid": 16000, "files": [{"path": "cu/FBNK.CUSTOMER", "inode": 78}],
+                                               "locks": []}, ip="10.44.1.57")
+    assert sorted(p.name for p in guide.instance.info_dir.iterdir()) == [
+        "1000@10.44.1.55", "1000@10.44.1.57", "2@0.0.0.0", "4@127.0.0.1"]
+    _, lines, _ = run(capsys, "--port", "1000")
+    assert [(line.split("\t")[0], line.split("\t")[3]) for line in lines[3:]] == [
+        ("10.44.1.55", PATH), ("10.44.1.57", "cu/FBNK.CUSTOMER")]
+    # A third writer replaces the second host's document; the second's removal leaves the third's in place.
+    third = info.write(guide.instance, 1000, {"pid": 17000, "files": [], "locks": []}, ip="10.44.1.57")
+    info.remove(second)
+    assert third.path.exists()
+    info.remove(third)
+    assert not third.path.exists() and info.info_path(guide.instance, 1000, "10.44.1.55").exists()
+
+
+def test_a_document_of_the_earlier_naming_is_still_read(local: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """proc/info/<port>, as dls before 0.7.0 named a document, still names a lock's file."""
+    take(local, REMOTE, "33537")
+    local.instance.info_dir.mkdir(parents=True, exist_ok=True)
+    (local.instance.info_dir / "1000").write_text(json.dumps(
+        {"format": 1, "port": 1000, "pid": 15031, "ip": "10.44.1.55", "files": [{"path": PATH, "inode": INODE}]}))
+    _, lines, _ = run(capsys)
+    assert lines[3].split("\t")[:4] == ["10.44.1.55", "1000", str(ME), PATH]
 
 
 def test_no_locks(local: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,7 +171,8 @@ def test_no_table(clean_env: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, lines, err = run(capsys)
     assert code == 1
     assert lines == []
-    assert err == f"show-item-locks: no lock table for JBCRELEASEDIR={clean_env.root} (is jdls running?)\n"
+    assert err == (f"show-item-locks: no lock table and no proc/info for JBCRELEASEDIR={clean_env.root} "
+                   "(is jdls running?)\n")
 
 
 def test_jdls_server_is_used_and_a_failed_connection_named(

@@ -187,13 +187,16 @@ class Client(BaseClient):
                                     describe(ref.path, key))
             granted = reply
 
+            new_file = False
+
             def make(handle: int) -> HeldLock:
-                self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
+                nonlocal new_file
+                new_file = self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
                 return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread, on_lost)
 
             held = route.held(channel, request, granted, make, started)
-            if waited:
-                self._publish_quietly()  # the wait ended: publish the lock now held
+            if waited or new_file:
+                self._publish_quietly()  # the wait ended, or a first lock in this file: publish the lock now held
             return held
 
         return route.ask(attempt)

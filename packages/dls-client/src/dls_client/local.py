@@ -141,9 +141,9 @@ class LocalClient(BaseClient):
             self.locks = self._oslocks = self._new_oslocks()
         self._port = (os.getpid(), port_number())
         self._closed = False
-        #: What this client knows of its locks, written to proc/info/<port> (see dls_client.lockinfo).
+        #: What this client knows of its locks, written to proc/info/<port>@0.0.0.0 (see dls_client.lockinfo).
         self.info = LockInfo()
-        self._info_file: str | None = None
+        self._info_file: dls_shm.info.Written | None = None
         self._info_pid = 0
         self._publish_quietly()  # initialised
 
@@ -238,7 +238,7 @@ class LocalClient(BaseClient):
     # -- lock information ----------------------------------------------------------------
 
     def publish_info(self) -> bool:
-        """Write this process's lock information to proc/info/<port> if it changed since last written.
+        """Write this process's lock information to proc/info/<port>@0.0.0.0 if it changed since last written.
 
         Call it when about to wait for input or to sleep, so that show-item-locks
         shows what this process holds while it idles. True when written.
@@ -251,10 +251,10 @@ class LocalClient(BaseClient):
         assert self._instance is not None
         pid = os.getpid()
         document.update(pid=pid, ip=LOCAL_ADDRESS, host=identity.host_name(), server_pid=0, updated=time.time())
-        path = os.fspath(dls_shm.info.write(self._instance, self.port, document))
+        written = dls_shm.info.write(self._instance, self.port, document, ip=LOCAL_ADDRESS)
         if self._info_file is None:
             atexit.register(self._remove_info)
-        self._info_file, self._info_pid = path, pid
+        self._info_file, self._info_pid = written, pid
 
     def _publish_quietly(self) -> None:
         try:
@@ -263,12 +263,13 @@ class LocalClient(BaseClient):
             pass  # advisory: the locks work without it, and the next moment tries again
 
     def _remove_info(self) -> None:
-        """Delete the proc/info file this process wrote (a forked child leaves its parent's alone)."""
-        path, self._info_file = self._info_file, None
-        if path is not None:
+        """Delete the proc/info file this process wrote (a forked child leaves its parent's alone, and a file
+        another process of this port wrote since is left to it)."""
+        written, self._info_file = self._info_file, None
+        if written is not None:
             atexit.unregister(self._remove_info)
             if self._info_pid == os.getpid():
-                dls_shm.info.remove(path)
+                dls_shm.info.remove(written)
 
     # -- the owner -------------------------------------------------------------------
 
@@ -306,6 +307,7 @@ class LocalClient(BaseClient):
                 on_wait(_holder(holder))
 
         result: dls_shm.Grant | dls_shm.Conflict | None = None
+        new_file = False
         try:
             try:
                 result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback)
@@ -320,9 +322,11 @@ class LocalClient(BaseClient):
             raise ServiceUnavailable(f"{what}: {exc}") from None
         finally:
             if isinstance(result, dls_shm.Grant):
-                self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
+                new_file = self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
             if waited:  # no longer waiting, whatever the outcome: publish it
                 self.info.wait_ended(waited[0])
+                self._publish_quietly()
+            elif new_file:  # the first lock in this file: its name is published once
                 self._publish_quietly()
         if isinstance(result, dls_shm.Grant):
             return HeldLock(self, result.handle, ref, key, result.mode, result.value, thread=owner.thread,

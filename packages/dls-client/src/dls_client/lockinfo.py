@@ -1,4 +1,4 @@
-"""What a client knows of its own locks, for ``proc/info/<port>`` of the lock server's instance.
+"""What a client knows of its own locks, for ``proc/info/<port>@<address>`` of the lock server's instance.
 
 The lock table holds inodes and keys only; the client knows the names of the
 files it locks records in, and which locks it holds and waits for. Each client
@@ -8,6 +8,10 @@ published, and only when it changed, at the moments jDLS publishes it:
 
 - when the client is initialised (connected, or attached to the table);
 - when a lock request starts waiting, and when it stops waiting (granted or not);
+- when a lock is taken in a file this client had not locked in before: once per
+  file and process, so that the file's name shows (show-item-locks' FILENAME,
+  list-open-files) for a process that never calls ``publish_info()``, such as
+  ``dls-lock``, while a lock/unlock loop on known files publishes nothing;
 - when the application says so with ``publish_info()``, as before reading input
   or going to sleep, so that what others see is current while it idles.
 
@@ -58,11 +62,15 @@ class LockInfo:
 
     # -- changes: cheap, in memory only -------------------------------------------------
 
-    def granted(self, handle: int, path: str, inode: int, key: bytes, mode: int, thread: int) -> None:
-        if inode not in self.files:
-            self.files[inode] = path
+    def granted(self, handle: int, path: str, inode: int, key: bytes, mode: int, thread: int) -> bool:
+        """Record a lock taken; True when its file is one this client had not locked in before (the caller
+        then publishes, so that a file's name is known from its first lock on: see the module)."""
         self.held[handle] = (path, inode, key, mode, thread)
         self.changed = True
+        if inode not in self.files:
+            self.files[inode] = path
+            return True
+        return False
 
     def released(self, handle: int) -> None:
         if self.held.pop(handle, None) is not None:

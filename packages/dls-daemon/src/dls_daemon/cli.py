@@ -42,7 +42,7 @@ from .context import (
     Limits,
     Network,
 )
-from .display import display
+from .display import DISPLAY_HELP, display
 from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
 from .start import start
@@ -147,6 +147,7 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
   --handshake-timeout; a failed one (a plain client, a certificate not accepted or missing) is
   closed and logged with the reason.
 
+{DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 {environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
 Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 (-C only) a JDLS or

@@ -1,8 +1,11 @@
 """Lock information a remote client sends (InfoPut), kept in proc/info on its behalf.
 
 The lock server writes it with the address the client really came from and
-the server's own figures added, so that a client cannot claim another's
-address, and removes it when the client goes.
+the server's own figures added (``stats``: what this lock server has done for
+the client, see ``lockserver.Stats``), so that a client cannot claim another's
+address, and removes it when the client goes. The file is named by that address
+and the client's port (dls_shm.info), so two application servers using one
+port number keep a document each.
 
 It comes from the network, so it is bounded before it is parsed: at most
 MAX_INFO_BYTES, and JSON nested at most MAX_INFO_DEPTH deep (counted by a
@@ -58,15 +61,21 @@ def parse(payload: bytes) -> dict[str, object]:
     return document
 
 
-def write(instance: Instance, hello: Hello, peer_ip: str, server_pid: int, payload: bytes) -> str:
-    """Keep a client's lock information (a JSON object); the path of its file. Refused for a document the
-    client should not have sent, OSError when it cannot be written."""
+def write(instance: Instance, hello: Hello, peer_ip: str, server_pid: int, payload: bytes,
+          stats: dict[str, object] | None = None) -> info_files.Written:
+    """Keep a client's lock information (a JSON object) under its address and port, with the lock server's
+    ``stats`` appended; the file written. Refused for a document the client should not have sent, OSError when
+    it cannot be written."""
     document = parse(payload)
     document.update(
-        pid=hello.pid, ip=peer_ip, host=hello.host, server_pid=server_pid, updated=time.time(),
+        pid=hello.pid, host=hello.host, server_pid=server_pid, updated=time.time(),
     )
-    return str(info_files.write(instance, hello.port, document))
+    if stats is not None:
+        document["stats"] = stats
+    return info_files.write(instance, hello.port, document, ip=peer_ip)
 
 
-def remove(path: str) -> None:
-    info_files.remove(path)
+def remove(written: info_files.Written) -> None:
+    """Delete the file this lock server wrote (not one another connection of the same address and port wrote
+    since)."""
+    info_files.remove(written)

@@ -154,6 +154,10 @@ class Listener(Daemon):
         problem = self._make_lock_dirs()
         if problem is not None:
             raise StartFailed(problem)
+        try:  # where show-item-locks and jdls -dvL look for this service's OS record locks
+            trusted.write_new(self.instance.lock_dir_file, f"{settings.lock_dir.absolute()}\n".encode())
+        except OSError as exc:
+            self.log.warning("cannot record the lock directory in %s: %s", self.instance.lock_dir_file, exc)
         try:
             tls_context = settings.tls_context()
         except TlsSetupError as exc:

@@ -115,6 +115,7 @@ from dls_shm import (
     pack_ip,
     unpack_ip,
 )
+from dls_shm.info import Written
 
 from . import client_info, local_peer, port_claims
 from .context import ServerContext, address_in, peer_ip
@@ -187,6 +188,34 @@ class _Pending:
     retry_at: float
 
 
+class Stats:
+    """What this lock server has done for its client, appended to the client's proc/info document each time the
+    client publishes it (the guide's "appended statistics"): counted here as it happens, one integer addition a
+    request, and written only with the document.
+
+    ``granted``: locks granted (at once, after a wait, or reclaimed); ``waited``: requests that had to wait;
+    ``retries``: looks again at a waiting request that did not grant it; ``refused``: requests refused at once
+    because the lock was held (no wait asked); ``timeouts``: waits that ended without the lock;
+    ``released``: locks released by the client; ``info_updates``: documents received.
+    """
+
+    __slots__ = ("granted", "info_updates", "refused", "released", "retries", "started", "timeouts", "waited")
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.granted = self.waited = self.retries = self.refused = self.timeouts = self.released = 0
+        self.info_updates = 0
+
+    def document(self, server: LockServer) -> dict[str, object]:
+        """The figures as the document's "stats" object, with what the server holds and queues now."""
+        return {
+            "connected": self.started, "locks_granted": self.granted, "lock_waits": self.waited,
+            "lock_retries": self.retries, "locks_refused": self.refused, "lock_timeouts": self.timeouts,
+            "locks_released": self.released, "locks_held": len(server.held), "requests_waiting": len(server.pending),
+            "info_updates": self.info_updates,
+        }
+
+
 class LockServer:
     """Serves one client connection, in a process of its own forked by the listener: takes locks on
     the client's behalf, answers its requests in order, and releases everything it held when it goes.
@@ -213,7 +242,8 @@ class LockServer:
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
-        self.info_path: str | None = None
+        self.info_path: Written | None = None
+        self.stats = Stats()
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
         self._failed_reclaims = 0
@@ -508,10 +538,13 @@ class LockServer:
             self._table_error(req.request_id, exc)
             return
         if isinstance(result, Grant):
+            self.stats.granted += 1
             self._send(Granted(req.request_id, self._granted(result, thread, mechanism), result.mode, result.value))
         elif isinstance(result, Conflict):
+            self.stats.refused += 1
             self._send(self._refusal(req.request_id, RefuseReason.BUSY, result.holder))
         else:
+            self.stats.waited += 1
             self._queue(req, result, mechanism)
 
     def _refuse_request(self, req: Lock | Reclaim) -> None:
@@ -608,9 +641,11 @@ class LockServer:
                 continue
             if isinstance(result, Grant):
                 del self.pending[rid]
+                self.stats.granted += 1
                 outer = self._granted(result, p.request.thread_id, p.mechanism)
                 self._send_unsolicited(Granted(rid, outer, result.mode, result.value))
                 continue
+            self.stats.retries += 1
             p.holder = result.holder
             if now >= p.retry_at:
                 p.retry_at = now + next(p.pauses)
@@ -618,6 +653,7 @@ class LockServer:
             if p.deadline is not None and now >= p.deadline:
                 del self.pending[rid]
                 p.mechanism.cancel(p.handle)
+                self.stats.timeouts += 1
                 self._send_unsolicited(self._refusal(rid, RefuseReason.TIMEOUT, p.holder))
             elif p.next_interim is not None and now >= p.next_interim:
                 p.next_interim = now + self.ctx.limits.interim_period
@@ -668,6 +704,7 @@ class LockServer:
                     if self.main is self.mechanisms.table else str(exc))  # OS locks keep nothing: nothing to guess
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, said))
             return
+        self.stats.granted += 1
         outer = self._granted(grant, req.thread_id, self.main, sealed=req.handle)  # the client keeps its handle
         self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)
         self._send(Granted(req.request_id, outer, grant.mode, grant.value))
@@ -684,6 +721,7 @@ class LockServer:
             return
         try:
             self.routes.pop(handle, self.main).unlock(handle)
+            self.stats.released += 1
         except NotHeld as exc:
             self.log.warning("client %s: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
@@ -706,6 +744,7 @@ class LockServer:
                     count += 1
                 except NotHeld:
                     pass
+        self.stats.released += count
         self._send(Unlocked(req.request_id, count))
 
     def _status(self, req: Status) -> None:
@@ -727,7 +766,9 @@ class LockServer:
         hello = self.hello
         assert hello is not None
         try:
-            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload)
+            self.stats.info_updates += 1
+            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload,
+                                               self.stats.document(self))
         except ValueError as exc:  # client_info.Refused, or what json makes of it: the client's fault, it may hear why
             self.log.warning("client %s: its lock information refused: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"lock information refused: {exc}"))

@@ -4,10 +4,11 @@ Other packages import from here only: the lock-mechanism interface (LockMechanis
 its answers and errors, the waiting loop) and its two mechanisms (LockTable,
 OsLocks), the table's layout, the instance naming, the lock modes, the doorbells
 waiters sleep on, the text report of a table that jdls -dvL and dls-dump
-both print, and who holds OS file locks in a lock directory (``proc_locks``).
+both print, who holds OS file locks in a lock directory (``proc_locks``), and
+those locks as lock entries joined with proc/info (``oslock_entries``).
 """
 
-from . import info, modes, pidfiles, proc_locks, report, trusted
+from . import info, modes, oslock_entries, pidfiles, proc_locks, report, trusted
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
@@ -55,7 +56,7 @@ from .occupancy import (
 )
 from .oslocks import OsLockError, OsLocks, TableServes, key_offset, lock_file_name, table_serves
 from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
-from .proc_locks import OsLockHolder, oslock_holders
+from .proc_locks import OsLock, OsLockHolder, oslock_holders, oslocks_held
 from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied, owner_gone
 
 __all__ = [
@@ -63,7 +64,8 @@ __all__ = [
     "IpcObject", "Occupancy", "Occupant", "Refusal", "command_line", "running_role", "running_servers",
     "service_processes",
     "AlreadyRunning", "HeldPidFile", "PidRecord",
-    "OsLockError", "OsLockHolder", "OsLocks", "TableServes", "key_offset", "lock_file_name", "oslock_holders",
+    "OsLock", "OsLockError", "OsLockHolder", "OsLocks", "oslocks_held",
+    "TableServes", "key_offset", "lock_file_name", "oslock_holders",
     "table_serves",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "INDEX_BITS", "KEY_MAX", "LOCAL_IP",
     "RECHECK_INTERVAL",
@@ -71,5 +73,5 @@ __all__ = [
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
-    "resource_value", "info", "pidfiles", "proc_locks", "report", "ring", "trusted", "unpack_ip",
+    "resource_value", "info", "oslock_entries", "pidfiles", "proc_locks", "report", "ring", "trusted", "unpack_ip",
 ]

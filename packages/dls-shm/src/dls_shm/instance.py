@@ -100,6 +100,32 @@ class Instance:
         return self.run_dir / f"jdls-{role}.pid"
 
     @property
+    def lock_dir_file(self) -> Path:
+        """Where the listener says which directory its OS record locks are in (its --lock-dir), for the tools
+        that show them (show-item-locks, jdls -dvL): one line, the directory's path."""
+        return self.run_dir / "lock-dir"
+
+    def recorded_lock_dir(self) -> Path | None:
+        """The OS record-lock directory the instance's listener last said it uses, or None (none said, or
+        not readable by this user)."""
+        try:
+            fd = os.open(self.lock_dir_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            text = os.read(fd, 4097).decode("utf-8", "surrogateescape").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return Path(text) if text.startswith("/") and "\n" not in text and len(text) <= 4096 else None
+
+    def lock_dir(self) -> Path:
+        """The OS record-lock directory of the instance: the listener's, else where a local process would
+        lock ($JDLS_LOCK_DIR, else /tmp/jbase)."""
+        return self.recorded_lock_dir() or environment.lock_dir()
+
+    @property
     def servers_dir(self) -> Path:
         """Where the lock servers' pid files are: one file per running lock server."""
         return self.run_dir / "servers"

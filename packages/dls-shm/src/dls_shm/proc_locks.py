@@ -41,6 +41,18 @@ class OsLockHolder(NamedTuple):
     path: Path
 
 
+class OsLock(NamedTuple):
+    """One OS lock held on a lock file, as /proc/locks tells it: the holder's pid, the lock file, whether it is
+    a write lock, and the bytes it covers (``start`` to ``end`` inclusive; the kernel joins a process's
+    neighbouring locks of one type into one line)."""
+
+    pid: int
+    path: Path
+    write: bool
+    start: int
+    end: int
+
+
 def _lock_files(directory: Path) -> dict[tuple[int, int, int], Path]:
     """The lock files of ``directory`` by (major, minor, inode) of their device; none when it does not exist."""
     try:
@@ -56,9 +68,9 @@ def _lock_files(directory: Path) -> dict[tuple[int, int, int], Path]:
     }
 
 
-def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None) -> list[OsLockHolder]:
-    """Every OS lock held on a lock file of ``directory`` (one entry per lock, in the order of ``locks``,
-    default /proc/locks).
+def oslocks_held(directory: str | os.PathLike[str], locks: Path | None = None) -> list[OsLock]:
+    """Every OS lock held on a lock file of ``directory`` (one entry per /proc/locks line, in its order; the
+    list to read is ``locks``, default /proc/locks).
 
     OSError when the list cannot be read: the caller cannot know, and must not guess that none is held.
     """
@@ -68,19 +80,26 @@ def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None)
     found = []
     for line in (locks or PROC_LOCKS).read_text(encoding="ascii", errors="replace").splitlines():
         fields = line.split()
-        if len(fields) < 6 or fields[1] == "->" or (fields[1:4] == ["OFDLCK", "ADVISORY", "WRITE"] \
+        if len(fields) < 8 or fields[1] == "->" or (fields[1:4] == ["OFDLCK", "ADVISORY", "WRITE"] \
                 and fields[6:8] == ["0", "EOF"]):
             continue
         try:
             pid = int(fields[4])
             major, minor, inode = fields[5].split(":")
             where = (int(major, 16), int(minor, 16), int(inode))
+            start = int(fields[6])
+            end = (1 << 63) - 1 if fields[7] == "EOF" else int(fields[7])
         except ValueError:
             continue  # "<none>" for a file the kernel cannot name, or a layout not known here
         path = files.get(where)
         if path is not None and _still_there(path, where[2]):
-            found.append(OsLockHolder(pid, path))
+            found.append(OsLock(pid, path, fields[3] == "WRITE", start, end))
     return found
+
+
+def oslock_holders(directory: str | os.PathLike[str], locks: Path | None = None) -> list[OsLockHolder]:
+    """Every OS lock held on a lock file of ``directory``, by holder and file (see ``oslocks_held``)."""
+    return [OsLockHolder(lock.pid, lock.path) for lock in oslocks_held(directory, locks)]
 
 
 def _still_there(path: Path, inode: int) -> bool:

@@ -226,3 +226,30 @@ def lines(
     if locks:
         text += ["", "Record locks outstanding", "", *lock_rows(snapshot)]
     return text + summary_lines(snapshot)
+
+
+#: The columns of OS file locks (``oslock_lines``): a table's, less what OS locks do not have (group, queue).
+OSLOCK_COLUMNS = ("value", "pid", "type", "port", "i-node", "dev", "ipaddr", "key")
+
+
+def oslock_lines(lock_dir: str, entries: list[dict[str, object]], *, servers: int | None = None,
+                 locks: bool = True) -> list[str]:
+    """What ``jdls -d`` shows of a service without a lock table (``jdls -ibD``), after the process lines: the
+    locking mechanism and its directory, the lock servers (``servers``, when known), and with ``locks`` one
+    row per OS record lock held (``oslock_entries``: held entries only), then how many."""
+    held = [e for e in entries if e.get("state") == "granted"]
+    text = [line("Locking mechanism", "OS file locks (no lock table)"), line("Lock directory", lock_dir)]
+    if servers is not None:
+        text.append(line("Lock servers", servers))
+    if locks:
+        text += ["", "Record locks outstanding", "", "\t".join(OSLOCK_COLUMNS)]
+        for e in sorted(held, key=lambda e: (str(e["inode"]), str(e["key"]), str(e["pid"]))):
+            text.append("\t".join((
+                f"0x{int(str(e['value'])):08x}", str(e["pid"]), modes.DISPLAY[modes.parse(str(e["mode"]))],
+                str(e["port"]), f"{int(str(e['inode'])):08d}", str(e["device"]), str(e["ip"]),
+                printable(str(e["key"])))))
+    waiting = sum(1 for e in entries if e.get("state") == "waiting")
+    text += ["", f"{'OS file locks:':<{SUMMARY_WIDTH}}{len(held)} locks currently held"]
+    if waiting:
+        text.append(f"{' ' * LABEL_WIDTH}{waiting} requests waiting")
+    return text

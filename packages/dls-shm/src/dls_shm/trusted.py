@@ -202,8 +202,9 @@ def make_parent(path: Path) -> None:
         os.chmod(path.parent, PRIVATE)
 
 
-def write_new(path: Path, data: bytes, *, mode: int = FILE) -> None:
-    """Replace ``path`` atomically with a file of ``data`` made here (O_EXCL, never through a symlink)."""
+def write_new(path: Path, data: bytes, *, mode: int = FILE) -> tuple[int, int]:
+    """Replace ``path`` atomically with a file of ``data`` made here (O_EXCL, never through a symlink); the
+    (device, inode) of the file made, by which its maker can tell it from a later one of the same name."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         os.unlink(tmp)  # left by a killed process of our pid: a new file is made below, never reused
@@ -213,6 +214,8 @@ def write_new(path: Path, data: bytes, *, mode: int = FILE) -> None:
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)
+        st = os.fstat(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    return st.st_dev, st.st_ino

@@ -39,10 +39,15 @@ class RemoteError(Exception):
     """The snapshot could not be had; the message names the server and why."""
 
 
+#: The key under which fetch_snapshot adds the address it reached the service at (not the service's word).
+PEER_ADDRESS = "peer_address"
+
+
 def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
                    tls_context: ssl.SSLContext | None = None) -> dict[str, Any]:
-    """The service's snapshot: {"host", "mechanism", "locks": [entry_json...], "info": [documents]}; over TLS
-    with ``tls_context`` (JDLS TLS), the server's certificate verified for ``server.host``."""
+    """The service's snapshot: {"host", "mechanism", "locks": [entry_json...], "info": [documents]}, with the
+    address the service was reached at added under PEER_ADDRESS; over TLS with ``tls_context`` (JDLS TLS),
+    the server's certificate verified for ``server.host``."""
     where = f"lock service at {server.host}, port {server.port}"
     try:
         hello = identity.hello()
@@ -56,6 +61,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
         raise RemoteError(f"cannot connect to the {where}: {tls.failure(exc)}") from None
     try:
         with sock:
+            address = str(sock.getpeername()[0])
             conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
             welcome = exchange(sock, conn, hello)
             if not isinstance(welcome, Welcome):
@@ -75,6 +81,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
         raise RemoteError(f"the {where} sent a snapshot that is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise RemoteError(f"the {where} sent a snapshot that is not a JSON object")
+    document[PEER_ADDRESS] = address
     return document
 
 

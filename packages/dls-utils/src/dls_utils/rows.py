@@ -7,8 +7,9 @@ the data came from, and the tests can feed it plain data.
 
 Why a join at all: the table knows only a file's inode, never its name; the
 name is known only to the client that opened the file, which writes it to
-proc/info under its port. So a lock's FILENAME is found by (port, inode) in the
-documents, and when no document names it the inode itself is shown.
+proc/info under its address and port. So a lock's FILENAME is found by
+(address, port, inode) in the documents, and when no document names it the
+inode itself is shown.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
-from dls_shm import KEY_MAX, modes
+from dls_shm import KEY_MAX, info, modes
 from dls_shm.report import printable
 
 #: The \xNN escapes dls_shm.info's backslashreplace leaves for bytes that are not UTF-8 (the digest of a long
@@ -83,35 +84,60 @@ def lock_label(value: int, mode: str) -> str:
     return f"0x{value:08x},{modes.LETTERS[modes.parse(mode)]}"
 
 
+def _address(value: object) -> str | None:
+    """A document's or entry's address as the table spells it, or None when it names none."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return info.canonical_address(value)
+    except ValueError:
+        return value
+
+
+#: The address under which _Names also keeps every document's names: the fall-back of a lock whose client's
+#: address has no document for that port and file.
+_ANY = "*"
+
+
 class _Names:
-    """File names and full record keys that the info documents give, by (port, inode)."""
+    """File names and full record keys that the info documents give, by (address, port, inode): one port
+    number may be used by clients on several hosts, each with a document of its own. A lock is named from the
+    document of its own address; only when there is none for its port and file, from another's (a document
+    of an older writer without an address, say): the same inode of the same port is the same file."""
 
     def __init__(self, documents: Iterable[Document]) -> None:
-        self.paths: dict[tuple[int, int], str] = {}
-        self.keys: dict[tuple[int, int], list[str]] = defaultdict(list)
+        self.paths: dict[tuple[str, int, int], str] = {}
+        self.keys: dict[tuple[str, int, int], list[str]] = defaultdict(list)
         for doc in documents:
             port = doc.get("port")
             if not isinstance(port, int):
                 continue  # not a document of a port: nothing to join on
+            ip = _address(doc.get("ip")) or _ANY
             for item in [*_items(doc, "files"), *_items(doc, "locks")]:
                 inode, path = item.get("inode"), item.get("path")
                 if isinstance(inode, int) and isinstance(path, str) and path:
-                    self.paths.setdefault((port, inode), path)
+                    self.paths.setdefault((ip, port, inode), path)
+                    self.paths.setdefault((_ANY, port, inode), path)
             for item in _items(doc, "locks"):
                 inode, key = item.get("inode"), item.get("key")
                 if isinstance(inode, int) and isinstance(key, str):
-                    self.keys[(port, inode)].append(key)
+                    self.keys[(ip, port, inode)].append(key)
+                    if ip != _ANY:
+                        self.keys[(_ANY, port, inode)].append(key)
 
-    def filename(self, port: int, inode: int) -> str:
-        return self.paths.get((port, inode)) or inode_name(inode)
+    def filename(self, ip: str | None, port: int, inode: int) -> str:
+        found = self.paths.get((ip or _ANY, port, inode)) or self.paths.get((_ANY, port, inode))
+        return found if found is not None else inode_name(inode)
 
-    def key(self, port: int, inode: int, stored: str, long_key: bool) -> str:
+    def key(self, ip: str | None, port: int, inode: int, stored: str, long_key: bool) -> str:
         """The record key to show. A long key's slot holds only a prefix and a digest:
         the full key comes from the client's document when it names one with that prefix."""
         if not long_key:
             return stored
         prefix = _slot_bytes(stored)[:LONG_KEY_PREFIX]
-        for full in self.keys.get((port, inode), ()):
+        own = self.keys.get((ip or _ANY, port, inode), [])
+        candidates: list[str] = [*own, *self.keys.get((_ANY, port, inode), ())]
+        for full in candidates:
             data = full.encode("utf-8", "surrogatepass")
             if len(data) >= KEY_MAX and data.startswith(prefix):
                 return full
@@ -158,7 +184,7 @@ def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list
 
 
 def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
-    port, inode = int(entry["port"]), int(entry["inode"])
+    port, inode, ip = int(entry["port"]), int(entry["inode"]), _address(entry["ip"])
     # As jDLS shows it: PID is the process holding the lock in the table, which for a
     # client served through the listener is its lock server; the client's own pid
     # is client_pid.
@@ -167,8 +193,8 @@ def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
         ipaddr=str(entry["ip"]),
         port=port,
         pid=pid,
-        filename=names.filename(port, inode),
-        key=names.key(port, inode, str(entry["key"]), bool(entry.get("long_key"))),
+        filename=names.filename(ip, port, inode),
+        key=names.key(ip, port, inode, str(entry["key"]), bool(entry.get("long_key"))),
         lock=lock_label(int(entry["value"]), str(entry["mode"])),
         value=int(entry["value"]),
         mode=str(entry["mode"]),

@@ -15,31 +15,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from collections.abc import Sequence
 
 from dls_proto import Server
-from dls_shm import Instance, LockTable, TableError, TableMissing, info
+from dls_shm import Instance, LockTable, TableError, TableMissing, info, oslock_entries
 
 from . import command
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
-from .source import Failure, add_source_options, chosen_server, emit, port_number, snapshot_of, source_help
+from .source import (
+    Failure,
+    add_source_options,
+    chosen_server,
+    emit,
+    port_number,
+    snapshot_of,
+    source_help,
+    this_host,
+)
 
 PROG = "show-item-locks"
 NO_LOCKS = "(no record locks)"
 
 EPILOG = f"""\
 columns:
-  IPADDR     the client's address: 0.0.0.0 for a process locking directly in the
-             table, 127.0.0.1 for a local process going through the listener,
-             else the address of the remote client
-  PORT, PID  the client's port number and process id
+  IPADDR     the client's address: 0.0.0.0 for a process locking directly on the
+             service's host (in its table, or with OS file locks), 127.0.0.1 for
+             a local process going through the listener, else the address of the
+             remote client
+  PORT       the client's port number (JBCPORTNO, else its pid)
+  PID        the process holding the lock on the service's host: the client
+             itself when it locks directly (0.0.0.0), else the lock server
+             serving it (as jDLS shows it; --json gives the client's own pid
+             as client_pid, and list-open-files shows that one)
   FILENAME   from the client's proc/info document, else the file's inode
-  LOCK#      the lock's 32-bit value and mode letter (W write/EX, R read/PR)
-  PORT/-PID  the ports queued for the lock, or ---
+  RECORD KEY the record's key; for an OS file lock no document explains,
+             (byte N): the byte of the lock file that stands for the key
+  LOCK#      the lock's 32-bit value (0x00000000 for an OS file lock no
+             document explains), a comma and the mode's letter:
+             W  write (EX, exclusive: jBASE's WRITE lock)
+             P  protected write (PW)
+             R  read (PR, protected read: jBASE's READ lock)
+             w  concurrent write (CW)
+             r  concurrent read (CR)
+             N  null (NL)
+  PORT/-PID  the ports queued for the lock, in order, or --- when none waits
+             ("waiting" on the row of a request whose lock has just been freed)
 
-{source_help("the lock table of $JBCRELEASEDIR")}
+The locks are those of the lock table, and the OS file locks held in the
+service's lock directory (all its record locks when it runs without a table,
+jdls -ibD; those of clients with JDLS OSLOCKS beside a table), read from
+/proc/locks and joined with the proc/info documents of their holders.
+
+{source_help("the lock table and OS file locks of $JBCRELEASEDIR")}
 """
 
 
@@ -57,27 +85,46 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
-    """Heading, lock entries and info documents of the local instance."""
+    """Heading, lock entries and info documents of the local instance: the table's locks, and the OS record
+    locks held in its lock directory (all its record locks under jdls -ibD, its OSLOCKS clients' beside a
+    table), each joined with proc/info."""
     try:
         instance = Instance.from_environment()
     except ValueError as exc:
         raise Failure(str(exc)) from None
     try:
+        documents = list(info.read_all(instance))
+    except PermissionError:
+        raise Failure(f"proc/info of JBCRELEASEDIR={instance.root}: permission denied (it is the lock service's "
+                      "group's: run as a member of it)") from None
+    locks: list[Document] = []
+    try:
         table = LockTable.attach(instance.key)
     except TableMissing:
-        raise Failure(f"no lock table for JBCRELEASEDIR={instance.root} (is jdls running?)") from None
+        table = None
     except TableError as exc:
         raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
+    if table is not None:
+        try:
+            locks = [info.entry_json(e) for e in table.scan()]
+        except TableError as exc:
+            raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
+        finally:
+            table.close()
+    elif not instance.info_dir.is_dir():
+        raise Failure(f"no lock table and no proc/info for JBCRELEASEDIR={instance.root} (is jdls running?)")
+    lock_dir = instance.lock_dir()
+    note = None if table is not None else f"(no lock table: the record locks are the OS file locks held in {lock_dir})"
     try:
-        locks = [info.entry_json(e) for e in table.scan()]
-    except TableError as exc:
-        raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
-    finally:
-        table.close()
-    documents = list(info.read_all(instance))
-    heading = (f"{PROG} information retrieved from the lock table and proc/info of "
-               f"JBCRELEASEDIR={instance.root} on host {socket.gethostname()}")
-    return heading, locks, documents, None
+        locks += oslock_entries.entries_of(lock_dir, documents, waiting=table is None)
+    except OSError as exc:
+        problem = f"OS file locks in {lock_dir} not read: {exc.strerror or exc}"
+        if table is None:
+            raise Failure(problem) from None
+        note = f"({problem})"
+    heading = (f"{PROG} information retrieved from the {'lock table' if table is not None else 'OS file locks'} "
+               f"and proc/info of JBCRELEASEDIR={instance.root} on host {this_host()}")
+    return heading, locks, documents, note
 
 
 def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
@@ -87,11 +134,17 @@ def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document]
     if not isinstance(locks, list) or not isinstance(documents, list):
         raise Failure(f"the lock service at {server} sent a snapshot without lists of locks and info")
     documents = [d for d in documents if isinstance(d, dict)]
-    heading = (f"{PROG} information retrieved from the lock table and proc/info of the lock service "
+    source = "OS file locks" if snapshot.get("mechanism") == "oslocks" else "lock table"
+    heading = (f"{PROG} information retrieved from the {source} and proc/info of the lock service "
                f"at {server} on host {host}")
     note = None
     if snapshot.get("mechanism") == "oslocks":
-        note = "(the service uses OS file locks: its record locks are not in a lock table)"
+        where = snapshot.get("lock_dir")
+        note = ("(no lock table: the record locks are the OS file locks held" +
+                (f" in {where}" if isinstance(where, str) else "") + " on that host)")
+    problem = snapshot.get("oslocks_error")
+    if isinstance(problem, str):
+        note = f"({problem})"
     return heading, locks, documents, note
 
 

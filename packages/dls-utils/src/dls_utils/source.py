@@ -10,14 +10,16 @@ the local instance) and fail alike (``Failure``, exit 1), so both live here.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
 from typing import Any
 
 from dls_proto import Server, jdls
 
 from . import command
-from .remote import RemoteError, fetch_snapshot
+from .remote import PEER_ADDRESS, RemoteError, fetch_snapshot
 
 
 class Failure(Exception):
@@ -81,9 +83,35 @@ def chosen_server(args: argparse.Namespace) -> Server | None:
         raise ConfigFailure(str(exc)) from None
 
 
+def host_label(address: str, name: str) -> str:
+    """How a heading names a lock service's host: by IP address, as jDLS did, with its name in brackets."""
+    return f"{address} ({name})" if name and name != address else address
+
+
+def this_host() -> str:
+    """This host as a heading names it (``host_label``): its first address that is not a loopback one, from
+    its name, else the one a datagram to the outside would leave from (nothing is sent), else loopback."""
+    name = socket.gethostname()
+    found: list[str] = []
+    try:
+        found = [str(info[4][0]) for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)]
+    except OSError:
+        pass
+    address = next((a for a in found if not ipaddress.ip_address(a.split("%", 1)[0]).is_loopback), None)
+    if address is None:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a route is looked up, no packet sent
+                address = str(probe.getsockname()[0])
+        except OSError:
+            address = found[0] if found else "127.0.0.1"
+    return host_label(address, name)
+
+
 def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
-    """The service's snapshot, and the host it says it runs on; Failure when it cannot be had. The connection
-    is TLS as $JDLS asks (TLS, CA, CERT, KEY), whichever server is asked: the utility is the client there."""
+    """The service's snapshot, and its host as a heading names it (``host_label``: the address the service was
+    reached at, and the host name it says it has); Failure when it cannot be had. The connection is TLS as
+    $JDLS asks (TLS, CA, CERT, KEY), whichever server is asked: the utility is the client there."""
     try:
         config = jdls.Config.from_environment()
     except ValueError as exc:  # JDLS refused, as clients refuse it
@@ -92,8 +120,8 @@ def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
         snapshot = fetch_snapshot(server, tls_context=config.ssl_context() if config is not None else None)
     except RemoteError as exc:
         raise Failure(str(exc)) from None
-    host = snapshot.get("host") or server.host
-    return snapshot, str(host)
+    host = snapshot.get("host")
+    return snapshot, host_label(str(snapshot.get(PEER_ADDRESS) or server.host), host if isinstance(host, str) else "")
 
 
 def emit(text: str) -> None:
@@ -107,5 +135,5 @@ def emit(text: str) -> None:
         os.close(devnull)
 
 
-__all__ = ["ConfigFailure", "Failure", "add_source_options", "chosen_server", "emit", "port_number", "server_argument",
-           "snapshot_of", "source_help"]
+__all__ = ["ConfigFailure", "Failure", "add_source_options", "chosen_server", "emit", "host_label", "port_number",
+           "server_argument", "snapshot_of", "source_help", "this_host"]
