@@ -96,7 +96,8 @@ class Client(BaseClient):
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
                        self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
-                       connect=self._connect, open_timeout=timeout, tls_context=self.config.ssl_context())
+                       connect=self._connect, open_timeout=timeout, tls_context=self.config.ssl_context(),
+                       tracer=self.trace)
 
     def _connected(self, channel: Channel) -> None:
         """A new lock server serves this client (the first, or one connected again after a failure): watch

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dls_proto import WAIT_FOREVER, Granted, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
 from .replies import failure
@@ -155,6 +155,11 @@ class ResilientRoute(Route):
             copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started))
             try:
                 reply = channel.last_reply(copy.request_id, channel.request(copy))
+            except AcknowledgementTimeout as exc:  # this service went silent: given up as with one server
+                self._release(holds)
+                if channel.failure is None:
+                    self.abandon(channel, str(exc))
+                raise
             except ServiceUnavailable as exc:
                 if channel.failure is None or last:  # no answer in time: the caller's, as any request's
                     self._release(holds)

@@ -121,7 +121,7 @@ class Route:
         try:
             return attempt(channel)
         except AcknowledgementTimeout as exc:
-            if channel.failure is None:
+            if channel.failure is None and exc.channel in (None, channel):  # not another's, given up already
                 self.abandon(channel, str(exc))
             raise
         except ServiceUnavailable:

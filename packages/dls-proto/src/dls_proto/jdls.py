@@ -26,6 +26,9 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 50002
 #: Seconds of silence a client allows the service before giving it up.
 DEFAULT_TIMEOUT = 30.0
+#: The TIMEOUT values a client accepts (seconds): below, a network's hiccup would cost every lock; above, a
+#: dead service would go unnoticed for more than a day (and the wire's milliseconds would not hold it).
+TIMEOUT_RANGE = (0.5, 86400.0)
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
 _FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE", "TLS")
 #: The TLS options naming a file: JDLS name -> Config field.
@@ -146,8 +149,9 @@ def _options(text: str) -> dict[str, Any]:
                 seconds = float(value)
             except ValueError:
                 seconds = -1.0
-            if seconds <= 0 or seconds != seconds:
-                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a positive number of seconds")
+            if not TIMEOUT_RANGE[0] <= seconds <= TIMEOUT_RANGE[1]:  # NaN too
+                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a number of seconds from "
+                                         f"{TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g}")
             values["timeout"] = seconds
         elif name == "LOCK":
             if value.upper() not in LOCK_CHOICES:
