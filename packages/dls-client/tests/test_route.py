@@ -341,3 +341,24 @@ def test_a_silent_secondary_is_given_up_not_the_primary(pair: Pair, trace: Calla
     wait_for(lambda: pair.secondary.connections[0].closed_by_client.is_set(), 2, "the secondary to be given up")
     kept.ensure_held()
     wait_for(lambda: b"K0" in pair.secondary.keys(), 5, "K0 to be taken again on the secondary")
+
+
+def test_a_difference_between_the_services_is_logged_in_words(pair: Pair, trace: Callable[[], str]) -> None:
+    """The guide compares the two services' answers and logs a difference: which service said what about which
+    record, as an operator reads it (no message reprs)."""
+    client, other = pair.client(), pair.client(SECONDARY)
+    other.lock(FILE, "K1")
+    with pytest.raises(LockRefused):
+        client.try_lock(FILE, "K1")
+    line = next(line for line in trace().splitlines() if "answered differently" in line)
+    assert "for /data/FBNK.ACCOUNT K1:" in line, line
+    assert "the primary lock service primary,50002 granted EX" in line, line
+    assert "the secondary lock service secondary,50003 refused (held by another, and the request would not wait)" \
+        in line, line
+    assert "Refused(" not in trace() and "request_id" not in trace(), trace()
+    client.lock(FILE, "K2")
+    pair.secondary._held.clear()  # type: ignore[attr-defined]  # the secondary forgot K2: its UnlockAll frees none
+    assert client.release_all() == 1
+    line = next(line for line in trace().splitlines() if "release of all locks" in line)
+    assert ("the primary lock service primary,50002 released 1 lock(s); the secondary lock service "
+            "secondary,50003 released 0 lock(s)") in line, line

@@ -112,13 +112,23 @@ def mode_name(mode: int) -> str:
 
 def record(path: str, inode: int, key: bytes) -> str:
     """A record lock as a trace line names it: file, inode and key, escaped (they may hold anything)."""
-    return f"{printable(path) or '?'} (inode {inode}) key {printable(key.decode('utf-8', 'backslashreplace'))!r}"
+    return f"{printable(path) or '?'} (inode {inode}) key {_key(key)}"
+
+
+def _key(key: bytes) -> str:
+    """A key, quoted, with control characters (and bytes that are not UTF-8) escaped."""
+    return f"'{printable(key.decode('utf-8', 'backslashreplace'))}'"
 
 
 _FLAG_NAMES = ((LockFlag.NO_INTERIM, "no interim"), (LockFlag.OSLOCK, "OS lock"), (LockFlag.BINARY, "binary"))
 
 
 _STATES: dict[int, str] = {HolderState.FREE: "free", HolderState.MINE: "held by this client", HolderState.OTHER: "held"}
+_REASONS: dict[int, str] = {RefuseReason.BUSY: "held by another, and the request would not wait",
+                             RefuseReason.TIMEOUT: "still held when the wait ended",
+                             RefuseReason.CANCELLED: "the request was cancelled",
+                             RefuseReason.DEADLOCK: "a deadlock"}
+_CODES: dict[int, str] = {code: code.name.lower().replace("_", " ") for code in ErrorCode}
 _MECHANISMS: dict[int, str] = {Mechanism.TABLE: "lock table", Mechanism.OSLOCKS: "OS file locks"}
 
 
@@ -142,14 +152,14 @@ def request_line(message: Message) -> str:
         extra = f", {'+'.join(flags)}" if flags else ""
         return f"{head} {record(message.path, message.inode, message.key)} {mode_name(message.mode)}, {wait}{extra}"
     if isinstance(message, Reclaim):
-        return (f"{head} handle {message.handle:#x} inode {message.inode} key "
-                f"{printable(message.key.decode('utf-8', 'backslashreplace'))!r} {mode_name(message.mode)}")
+        mode = mode_name(message.mode)
+        return f"{head} handle {message.handle:#x} inode {message.inode} key {_key(message.key)} {mode}"
     if isinstance(message, Unlock):
         return f"{head} handle {message.handle:#x}"
     if isinstance(message, UnlockAll):
         return f"{head} thread {'all' if message.thread_id == 0xFFFFFFFFFFFFFFFF else message.thread_id}"
     if isinstance(message, Status):
-        return f"{head} inode {message.inode} key {printable(message.key.decode('utf-8', 'backslashreplace'))!r}"
+        return f"{head} inode {message.inode} key {_key(message.key)}"
     if isinstance(message, (InfoPut, Echo)):
         return f"{head} {len(message.payload if isinstance(message, InfoPut) else message.data)} bytes"
     if isinstance(message, InfoGet):
@@ -158,38 +168,39 @@ def request_line(message: Message) -> str:
         return f"{head} acknowledgement timeout {_seconds_ms(message.ack_timeout_ms)}"
     if isinstance(message, Hello):
         return (f"{head} versions {message.min_version}..{message.max_version}, port {message.port}, pid "
-                f"{message.pid}, host {printable(message.host)!r}")
+                f"{message.pid}, host '{printable(message.host)}'")
     return head
 
 
 def reply_line(message: Message) -> str:
-    """What a reply says (its outcome), for the trace line of its arrival."""
+    """What a reply says, for the trace line of its arrival: its kind, request id and outcome."""
     head = f"{type(message).__name__} #{message.request_id}"
+    said = outcome(message)
+    return f"{head} {said}" if said else head
+
+
+def outcome(message: Message) -> str:
+    """What a reply says, in words, as an operator reads it ("" when nothing but its kind): the trace's, and the
+    error trace's when two services of SERVER2 answered one request differently."""
     if isinstance(message, Granted):
-        return f"{head} granted {mode_name(message.mode)}, handle {message.handle:#x}"
+        return f"granted {mode_name(message.mode)}, handle {message.handle:#x}"
     if isinstance(message, Refused):
-        try:
-            why = RefuseReason(message.reason).name.lower()
-        except ValueError:
-            why = f"reason {message.reason}"
-        return f"{head} refused ({why}), {_holder(message)}"
+        why = _REASONS.get(message.reason, f"reason {message.reason}")
+        return f"refused ({why}), {_holder(message)}"
     if isinstance(message, Waiting):
-        return f"{head} still waiting after {_seconds_ms(message.waited_ms)}, {_holder(message)}"
+        return f"still waiting after {_seconds_ms(message.waited_ms)}, {_holder(message)}"
     if isinstance(message, StatusReply):
         state = _STATES.get(message.state, f"state {message.state}")
-        return f"{head} {state}, {_holder(message)}" if message.state else f"{head} {state}"
+        return f"{state}, {_holder(message)}" if message.state else state
     if isinstance(message, Unlocked):
-        return f"{head} {message.count} lock(s) released"
+        return f"released {message.count} lock(s)"
     if isinstance(message, (InfoSnapshot, EchoReply)):
-        return f"{head} {len(message.payload if isinstance(message, InfoSnapshot) else message.data)} bytes"
+        return f"{len(message.payload if isinstance(message, InfoSnapshot) else message.data)} bytes"
     if isinstance(message, Error):
-        try:
-            code = ErrorCode(message.code).name
-        except ValueError:
-            code = str(message.code)
-        return f"{head} error {code}: {printable(message.reason)}"
+        code = _CODES.get(message.code, f"code {message.code}")
+        return f"error ({code}): {printable(message.reason)}"
     if isinstance(message, Welcome):
         mechanism = _MECHANISMS.get(message.mechanism, f"mechanism {message.mechanism}")
-        return (f"{head} protocol version {message.version}, lock server pid {message.server_pid}, {mechanism}, "
+        return (f"protocol version {message.version}, lock server pid {message.server_pid}, {mechanism}, "
                 f"lock-delay {_seconds_ms(message.lock_delay_ms)}")
-    return head
+    return ""

@@ -4,7 +4,7 @@ Every program that needs the service's address reads it here: the client
 library, ``jdls -C`` and the utilities. The syntax is jDLS's: comma-separated
 options, ``SERVER=host{,port}``, ``SERVER2=host{,port}``, ``WAIT``,
 ``TIMEOUT=seconds``, ``BINARY``, ``OSLOCKS``, ``LOCK=EXTERNAL|INTERNAL|ALL``,
-``VERBOSE``, ``TRACE=file``, and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
+``VERBOSE``, ``TRACE=file``, ``EXIT`` (dls's own: see Config), and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
 ``KEY=file`` (see dls_proto.tls); set but empty means localhost, port 50002.
 Anything else is refused with a message naming the option: a service that
 guessed would let two processes disagree on where their locks are.
@@ -30,7 +30,7 @@ DEFAULT_TIMEOUT = 30.0
 #: dead service would go unnoticed for more than a day (and the wire's milliseconds would not hold it).
 TIMEOUT_RANGE = (0.5, 86400.0)
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
-_FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE", "TLS")
+_FLAGS = ("WAIT", "BINARY", "OSLOCKS", "VERBOSE", "TLS", "EXIT")
 #: The TLS options naming a file: JDLS name -> Config field.
 _TLS_FILES = {"CA": "ca", "CERT": "cert", "KEY": "key"}
 _SERVERS = ("SERVER", "SERVER2")
@@ -67,7 +67,10 @@ class Config:
     """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
     SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
     silent (TIMEOUT), whether binary locks (BINARY) and record locks as OS file locks (OSLOCKS) go to the
-    service, which lock kinds it takes (LOCK), and the trace; and whether the connection is TLS (TLS), which
+    service, which lock kinds it takes (LOCK), the trace, and whether a process that can reach no lock service
+    any more ends itself (EXIT; dls's own option, the guide has none: the guide's client always wraps up and
+    exits once it lost its last server, where dls's raises ServiceUnavailable, tells each lock it could not
+    take back as lost, and connects again when it can); and whether the connection is TLS (TLS), which
     CA its server's certificate must chain to (CA; None: the system's) and the client's own certificate and
     key (CERT, KEY), for SERVER and SERVER2 alike. ``Config()`` is JDLS set but empty.
     """
@@ -81,6 +84,7 @@ class Config:
     lock: str = "ALL"
     verbose: bool = False
     trace: str | None = None
+    exit: bool = False
     tls: bool = False
     ca: str | None = None
     cert: str | None = None
@@ -170,7 +174,7 @@ def _options(text: str) -> dict[str, Any]:
         else:
             raise ConfigurationError(
                 f"JDLS: unknown option {token!r}; expected SERVER, SERVER2, WAIT, TIMEOUT, BINARY, OSLOCKS, "
-                "LOCK, VERBOSE, TRACE, TLS, CA, CERT or KEY"
+                "LOCK, VERBOSE, TRACE, EXIT, TLS, CA, CERT or KEY"
             )
     if "server2" in values and "server" not in values:
         raise ConfigurationError("JDLS SERVER2 has no meaning without SERVER")
