@@ -362,3 +362,20 @@ def test_a_difference_between_the_services_is_logged_in_words(pair: Pair, trace:
     line = next(line for line in trace().splitlines() if "release of all locks" in line)
     assert ("the primary lock service primary,50002 released 1 lock(s); the secondary lock service "
             "secondary,50003 released 0 lock(s)") in line, line
+
+
+def test_verbose_says_where_requests_go_when_they_fail_over_and_back(pair: Pair,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    pair.primary.unreachable = True
+    client = pair.client(verbose=True)
+    client.lock(FILE, "K1").release()
+    err = capsys.readouterr().err
+    assert ("Client: requests go to the secondary lock service secondary,50003 now (the primary lock service "
+            "primary,50002 cannot be reached)") in err, err
+    assert "Client: to secondary,50003: Lock #" in err, err
+    pair.primary.unreachable = False
+    wait_for(lambda: client._route.links[0].live() is not None, 3, "the primary to be reached again")
+    client.lock(FILE, "K2").release()
+    err = capsys.readouterr().err
+    assert "Client: requests go to the primary lock service primary,50002 now\n" in err, err
+    assert "Client: to primary,50002: Lock #" in err, err
