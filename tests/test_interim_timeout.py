@@ -112,6 +112,9 @@ def test_a_version_3_client_that_tells_its_timeout_gets_interims_within_it(servi
         assert PROTOCOL_VERSIONS[1] >= 3
         conn, welcome = greet(sock, 4713)
         assert welcome.version == 3
+        sock.sendall(conn.send(Settings(1, 0x8000, 1500)))  # a flag this service does not know: refused
+        refused = receive(sock, conn, Error)
+        assert (refused.request_id, refused.code) == (1, ErrorCode.BAD_REQUEST)
         sock.sendall(conn.send(Settings(2, 0, 1500)))  # a third of it: 0.5 s
         sock.sendall(conn.send(Lock(3, Mode.EX, 0, WAIT_FOREVER, 1, data.stat().st_ino, REMOTE_DEVICE, KEY.encode(),
                                     str(data))))
