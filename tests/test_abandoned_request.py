@@ -89,3 +89,7 @@ def test_a_request_given_up_on_is_never_granted_beside_the_next(tmp_path: Path) 
         sections.sort()
         for (_, first_left), (second_in, _) in itertools.pairwise(sections):
             assert second_in >= first_left, f"two holders: sections {sections}"
+        # the acknowledgement timeout is in the error trace, as every communication error (issue 12, item 6)
+        trace = (svc.root / "tmp" / "jbase_error_trace").read_text()
+        assert any(f"pid {procs[1].pid}:" in line and "did not answer within 2 seconds" in line
+                   for line in trace.splitlines()), trace

@@ -36,6 +36,7 @@ from dls_proto import (
     HEADER_SIZE,
     MESSAGES,
     PROTOCOL_VERSIONS,
+    SINCE,
     WAIT_FOREVER,
     Connection,
     Echo,
@@ -58,6 +59,7 @@ from dls_proto import (
     Refused,
     RefuseReason,
     Role,
+    Settings,
     Status,
     StatusReply,
     Unlock,
@@ -86,6 +88,7 @@ SAMPLES: dict[Kind, Any] = {
     Kind.UNLOCK: Unlock(8, 0x0000123400000042),
     Kind.RECLAIM: Reclaim(14, 0x0000123400000042, Mode.PW, 0x0102030405060708, 0x00000000DEADBEEF, -1,
                           b"USD163170001"),
+    Kind.SETTINGS: Settings(17, 0, 2000),
     Kind.UNLOCK_ALL: UnlockAll(9, ALL_THREADS),
     Kind.STATUS: Status(10, 0x1122334455667788, 0xCAFEBABE, -2, LONG_KEY),
     Kind.INFO_PUT: InfoPut(11, b'{"files": [{"inode": 3735928559, "path": "/data/F\xc3\xa9"}]}'),
@@ -104,7 +107,7 @@ SAMPLES: dict[Kind, Any] = {
 
 #: Kinds a client sends (a server Connection receives them once open); the rest a server sends.
 FROM_CLIENT = {Kind.HELLO, Kind.LOCK, Kind.UNLOCK, Kind.UNLOCK_ALL, Kind.STATUS, Kind.INFO_PUT, Kind.INFO_GET,
-               Kind.ECHO, Kind.RECLAIM}
+               Kind.ECHO, Kind.RECLAIM, Kind.SETTINGS}
 
 
 def plain(message: Any) -> Any:
@@ -128,12 +131,17 @@ def golden_lines() -> dict[Kind, tuple[str, bytes, str]]:
     return lines
 
 
+#: The kind of each message class.
+KIND_OF = {cls: kind for kind, _spec, cls in MESSAGES}
+
+
 def render_golden() -> str:
     header = [
         "# Golden frames of the dls wire protocol: every message kind, whole frame (12-byte header:",
         "# body length u32, frame version u8, kind u8, reserved u16, request id u32; then the body), in hex.",
         f"# Frame version {FRAME_VERSION}; protocol versions {PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}"
-        " (the message layouts do not differ between them).",
+        " (the message layouts do not differ between them; "
+        + ", ".join(f"{KIND_OF[cls].name} only from version {since}" for cls, since in SINCE.items()) + ").",
         f"# A change here is a change of the protocol: written only with {WRITE_VARIABLE}=1,"
         " see tests/test_contract_messages.py.",
         "# KIND  FRAME  MESSAGE",
@@ -246,26 +254,33 @@ def test_construct_definition_agrees_with_the_golden_frame(kind: Kind, golden: d
 
 
 def _hello() -> Hello:
-    return SAMPLES[Kind.HELLO]
+    """The sample Hello, offering the versions this package speaks (the sample's own are for its bytes)."""
+    return SAMPLES[Kind.HELLO]._replace(min_version=PROTOCOL_VERSIONS[0], max_version=PROTOCOL_VERSIONS[1])
 
 
 def _welcome() -> Welcome:
     return SAMPLES[Kind.WELCOME]
 
 
-def _open_client() -> Connection:
+def _welcome_for(kind: Kind) -> Welcome:
+    """The sample Welcome, of the first protocol version that has messages of ``kind``."""
+    cls = next(cls for k, _, cls in MESSAGES if k is kind)
+    return _welcome()._replace(version=max(_welcome().version, SINCE.get(cls, 0)))
+
+
+def _open_client(kind: Kind) -> Connection:
     conn = Connection(Role.CLIENT)
     conn.send(_hello())
-    conn.receive_data(encode(_welcome()))
+    conn.receive_data(encode(_welcome_for(kind)))
     assert isinstance(conn.next_event(), Welcome)
     return conn
 
 
-def _open_server() -> Connection:
+def _open_server(kind: Kind) -> Connection:
     conn = Connection(Role.SERVER)
     conn.receive_data(encode(_hello()))
     assert isinstance(conn.next_event(), Hello)
-    conn.send(_welcome())
+    conn.send(_welcome_for(kind))
     return conn
 
 
@@ -277,7 +292,7 @@ def sender_in_state(kind: Kind) -> Connection:
         conn.receive_data(encode(_hello()))
         conn.next_event()
         return conn
-    return _open_client() if kind in FROM_CLIENT else _open_server()
+    return _open_client(kind) if kind in FROM_CLIENT else _open_server(kind)
 
 
 def receiver_in_state(kind: Kind) -> Connection:
@@ -287,4 +302,4 @@ def receiver_in_state(kind: Kind) -> Connection:
         conn = Connection(Role.CLIENT)
         conn.send(_hello())
         return conn
-    return _open_server() if kind in FROM_CLIENT else _open_client()
+    return _open_server(kind) if kind in FROM_CLIENT else _open_client(kind)

@@ -32,6 +32,7 @@ from dls_proto import (
     NeedData,
     RemoteProtocolError,
     Role,
+    Settings,
     Welcome,
     choose_version,
 )
@@ -60,8 +61,8 @@ def welcome(hello: Message, lock_delay_ms: int = 0) -> Sequence[Reply]:
 class FakeService:
     """One scripted lock server connection over a socketpair (see the module docstring).
 
-    What the client did is kept: ``hello``, ``received`` (every request, answered or not), ``closed_by_client``
-    (the client closed its end) and ``protocol_error`` (the client broke the protocol)."""
+    What the client did is kept: ``hello``, ``settings``, ``received`` (every request, answered or not),
+    ``closed_by_client`` (the client closed its end) and ``protocol_error`` (the client broke the protocol)."""
 
     def __init__(self, *, greeting: Script | None = None, answer: Script | None = None, lock_delay_ms: int = 0,
                  on_end: Callable[[bool], None] | None = None) -> None:
@@ -75,6 +76,8 @@ class FakeService:
         self._send_lock = threading.Lock()
         self._requests: queue.Queue[Message] = queue.Queue()
         self.hello: Hello | None = None
+        #: The Settings the client sent after Welcome (protocol version 3), kept apart from its requests.
+        self.settings: Settings | None = None
         self.received: list[Message] = []
         self.closed_by_client = threading.Event()
         self.protocol_error: RemoteProtocolError | None = None
@@ -152,6 +155,8 @@ class FakeService:
             if isinstance(event, Hello):
                 self.hello = event
                 self.send(*self._greeting(event))
+            elif isinstance(event, Settings):  # part of the greeting (version 3), unanswered
+                self.settings = event
             elif isinstance(event, Message):
                 self.received.append(event)
                 if self._answer is None:

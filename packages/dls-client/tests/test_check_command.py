@@ -103,7 +103,7 @@ def test_bad_jdls_is_refused_by_name(env: dict[str, str]) -> None:
     assert done.stderr == "dls-test: JDLS SERVER: port '99999' is not a number from 1 to 65535\n"
     done = run({**env, "JDLS": "TIMEOUT=soon"})
     assert done.returncode == 78
-    assert "JDLS TIMEOUT: 'soon' is not a number of seconds above 0" in done.stderr
+    assert "JDLS TIMEOUT: 'soon' is not a number of seconds from 0.5 to 86400" in done.stderr
 
 
 def test_bad_jbcportno_is_refused_by_name(env: dict[str, str]) -> None:

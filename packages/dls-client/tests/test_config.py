@@ -52,6 +52,7 @@ def test_lock_choices_in_any_case(choice: str) -> None:
 
 def test_fractional_timeout() -> None:
     assert parse("TIMEOUT=0.5").timeout == 0.5
+    assert parse("TIMEOUT=86400").timeout == 86400  # the range's ends are accepted
 
 
 def test_spaces_around_options_are_ignored() -> None:
@@ -65,6 +66,10 @@ def test_spaces_around_options_are_ignored() -> None:
         ("TIMEOUT=-1", "TIMEOUT"),
         ("TIMEOUT=0", "TIMEOUT"),
         ("TIMEOUT=nan", "TIMEOUT"),
+        ("TIMEOUT=0.4", "TIMEOUT"),  # below TIMEOUT_RANGE: refused, not clamped
+        ("TIMEOUT=86401", "TIMEOUT"),
+        ("TIMEOUT=inf", "TIMEOUT"),
+        ("TIMEOUT=1e300", "TIMEOUT"),
         ("TIMEOUT", "TIMEOUT"),
         ("LOCK=FOO", "LOCK"),
         ("LOCK", "LOCK"),

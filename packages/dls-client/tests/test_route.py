@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from dls_client import (
+    AcknowledgementTimeout,
     Client,
     Config,
     FileRef,
@@ -324,3 +325,57 @@ def test_a_closed_client_connects_again_when_used(pair: Pair) -> None:
     assert not client.connected
     client.lock(FILE, "K1")
     assert client.connected and len(pair.primary.connections) == 2
+
+
+def test_a_silent_secondary_is_given_up_not_the_primary(pair: Pair, trace: Callable[[], str]) -> None:
+    """The secondary says nothing for TIMEOUT while a request waits there (the fake sends no interim
+    messages): its connection is given up, and only its (the primary's is the one the request came through,
+    and it answered). Every lock stays held, on the primary, and is taken again on the secondary."""
+    client, other = pair.client(timeout=2), pair.client(SECONDARY)  # 2 s: the primary answers in time, loaded
+    kept = client.lock(FILE, "K0")
+    other.lock(FILE, "K1")
+    with pytest.raises(AcknowledgementTimeout, match="secondary,50003 did not answer"):
+        client.lock(FILE, "K1")
+    assert not pair.primary.connections[0].closed_by_client.is_set(), "the primary's connection was given up"
+    assert connection_of(pair.primary, client) == 0
+    wait_for(lambda: pair.secondary.connections[0].closed_by_client.is_set(), 5, "the secondary to be given up")
+    kept.ensure_held()
+    wait_for(lambda: b"K0" in pair.secondary.keys(), 10, "K0 to be taken again on the secondary")
+
+
+def test_a_difference_between_the_services_is_logged_in_words(pair: Pair, trace: Callable[[], str]) -> None:
+    """The guide compares the two services' answers and logs a difference: which service said what about which
+    record, as an operator reads it (no message reprs)."""
+    client, other = pair.client(), pair.client(SECONDARY)
+    other.lock(FILE, "K1")
+    with pytest.raises(LockRefused):
+        client.try_lock(FILE, "K1")
+    line = next(line for line in trace().splitlines() if "answered differently" in line)
+    assert "for /data/FBNK.ACCOUNT K1:" in line, line
+    assert "the primary lock service primary,50002 granted EX" in line, line
+    assert "the secondary lock service secondary,50003 refused (held by another, and the request would not wait)" \
+        in line, line
+    assert "Refused(" not in trace() and "request_id" not in trace(), trace()
+    client.lock(FILE, "K2")
+    pair.secondary._held.clear()  # type: ignore[attr-defined]  # the secondary forgot K2: its UnlockAll frees none
+    assert client.release_all() == 1
+    line = next(line for line in trace().splitlines() if "release of all locks" in line)
+    assert ("the primary lock service primary,50002 released 1 lock(s); the secondary lock service "
+            "secondary,50003 released 0 lock(s)") in line, line
+
+
+def test_verbose_says_where_requests_go_when_they_fail_over_and_back(pair: Pair,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    pair.primary.unreachable = True
+    client = pair.client(verbose=True)
+    client.lock(FILE, "K1").release()
+    err = capsys.readouterr().err
+    assert ("Client: requests go to the secondary lock service secondary,50003 now (the primary lock service "
+            "primary,50002 cannot be reached)") in err, err
+    assert "Client: to secondary,50003: Lock #" in err, err
+    pair.primary.unreachable = False
+    wait_for(lambda: client._route.links[0].live() is not None, 3, "the primary to be reached again")
+    client.lock(FILE, "K2").release()
+    err = capsys.readouterr().err
+    assert "Client: requests go to the primary lock service primary,50002 now\n" in err, err
+    assert "Client: to primary,50002: Lock #" in err, err

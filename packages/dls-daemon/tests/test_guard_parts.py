@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dls_daemon import client_info, port_claims
 from dls_daemon.cli import get_parser, settings_from
-from dls_daemon.context import DEFAULT_ADMIN_ALLOW, MAX_INFO_DEPTH, Limits, address_in
+from dls_daemon.context import DEFAULT_ADMIN_ALLOW, MAX_INFO_DEPTH, Limits, address_in, interim_period_for
 from dls_daemon.log import RateLimit
 from dls_shm import Instance
 
@@ -161,3 +161,14 @@ def test_a_claim_waits_a_moment_for_an_ending_holder(tmp_path: Path) -> None:
         os.close(port_claims.claim(instance, 4242, "10.0.0.1", wait=5))
     finally:
         ender.join()
+
+
+@pytest.mark.parametrize(("ack_timeout_ms", "period"), [
+    (30_000, 5.0),  # the default TIMEOUT: the interim period of a client that tells nothing
+    (2_000, 2 / 3),  # TIMEOUT=2: three interim messages within it
+    (500, 0.5 / 3),  # the shortest TIMEOUT a client accepts
+    (0, 0.1),  # a peer's nonsense: never more often than MIN_INTERIM_PERIOD
+    (0xFFFFFFFF, 5.0),  # nor less often than the lock server's own period
+])
+def test_interim_period_follows_the_clients_timeout(ack_timeout_ms: int, period: float) -> None:
+    assert interim_period_for(ack_timeout_ms) == pytest.approx(period)

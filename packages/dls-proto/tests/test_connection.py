@@ -29,6 +29,7 @@ from dls_proto import (
     Refused,
     RemoteProtocolError,
     Role,
+    Settings,
     State,
     Status,
     StatusReply,
@@ -237,7 +238,8 @@ def test_choose_version(offered: tuple[int, int], supported: tuple[int, int], ch
 
 
 def test_choose_version_defaults_to_this_package() -> None:
-    assert choose_version(HELLO) == PROTOCOL_VERSIONS[1]
+    assert choose_version(HELLO._replace(max_version=PROTOCOL_VERSIONS[1])) == PROTOCOL_VERSIONS[1]
+    assert choose_version(HELLO) == 2  # a client of version 2 is spoken to in version 2
     too_new = HELLO._replace(min_version=PROTOCOL_VERSIONS[1] + 1, max_version=PROTOCOL_VERSIONS[1] + 5)
     assert choose_version(too_new) is None
 
@@ -245,7 +247,7 @@ def test_choose_version_defaults_to_this_package() -> None:
 def test_no_common_version_the_server_refuses_and_closes() -> None:
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
-    too_new = HELLO._replace(min_version=3, max_version=4)
+    too_new = HELLO._replace(min_version=PROTOCOL_VERSIONS[1] + 1, max_version=PROTOCOL_VERSIONS[1] + 2)
     server.receive_data(client.send(too_new))
     hello = server.next_event()
     assert isinstance(hello, Hello)
@@ -570,3 +572,30 @@ def test_error_classes() -> None:
     assert issubclass(LocalProtocolError, ProtocolError)
     assert issubclass(RemoteProtocolError, ProtocolError)
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
+
+
+def _opened(version: int) -> tuple[Connection, Connection]:
+    """A client and a server Connection whose conversation is open in protocol ``version``."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(HELLO._replace(max_version=PROTOCOL_VERSIONS[1])))
+    assert isinstance(server.next_event(), Hello)
+    client.receive_data(server.send(WELCOME._replace(version=version)))
+    assert isinstance(client.next_event(), Welcome)
+    return client, server
+
+
+def test_settings_travel_in_version_3() -> None:
+    client, server = _opened(3)
+    told = Settings(5, 0, 2000)
+    server.receive_data(client.send(told))
+    assert server.next_event() == told
+
+
+def test_settings_are_not_sent_in_version_2_and_are_unknown_there() -> None:
+    """A conversation of version 2 goes as it did before version 3 existed: the client may not send Settings,
+    and a server receiving its kind takes it as a kind it does not know (as a version-2 server did)."""
+    client, server = _opened(2)
+    with pytest.raises(LocalProtocolError, match="Settings"):
+        client.send(Settings(5, 0, 2000))
+    server.receive_data(encode(Settings(5, 0, 2000)))
+    assert server.next_event() == UnknownMessage(5, int(Kind.SETTINGS))

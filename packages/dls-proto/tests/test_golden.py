@@ -34,6 +34,7 @@ from dls_proto import (
     Reclaim,
     Refused,
     Role,
+    Settings,
     Status,
     StatusReply,
     Unlock,
@@ -109,6 +110,11 @@ GOLDEN: list[tuple[Any, str]] = [
         " 0006 435553542a31",
     ),
     (
+        Settings(request_id=10, flags=0, ack_timeout_ms=2000),
+        # length 6 = flags 2 + ack_timeout_ms 4
+        "00000006 01 18 0000 0000000a | 0000 000007d0",
+    ),
+    (
         Granted(request_id=2, handle=0x0000000200000003, mode=5, value=0xDEADBEEF),
         "0000000d 01 20 0000 00000002 | 0000000200000003 05 deadbeef",
     ),
@@ -151,7 +157,7 @@ GOLDEN: list[tuple[Any, str]] = [
     ),
 ]
 
-REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim}
+REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings}
 REPLY_CLASSES = {Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error}
 
 
@@ -169,7 +175,7 @@ def fields_of(event: Any) -> dict[str, Any]:
 def receiver_for(cls: type[Any]) -> Connection:
     """A connection in the state where a message of ``cls`` may arrive."""
     hello = Hello(0, *PROTOCOL_VERSIONS, 0, 1, 2, 3, "h", "p")
-    welcome = Welcome(0, 2, 1, 0, 4, 65536, 10000, "peer", "server")
+    welcome = Welcome(0, PROTOCOL_VERSIONS[1], 1, 0, 4, 65536, 10000, "peer", "server")
     if cls is Hello:
         return Connection(Role.SERVER)
     client = Connection(Role.CLIENT)
@@ -188,7 +194,7 @@ def golden_id(item: tuple[Any, str]) -> str:
 
 
 def test_golden_covers_every_message() -> None:
-    assert len(MESSAGES) == 18
+    assert len(MESSAGES) == 19
     assert [type(event) for event, _ in GOLDEN] == [cls for _, _, cls in MESSAGES]
     assert REQUEST_CLASSES | REPLY_CLASSES | {Hello, Welcome} == set(SPECS)
 

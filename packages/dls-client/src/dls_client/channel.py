@@ -33,10 +33,12 @@ from dls_proto import (
     Error,
     Granted,
     Hello,
+    InfoPut,
     Message,
     RemoteProtocolError,
     Role,
     Server,
+    Settings,
     SpinningReader,
     UnknownMessage,
     Unlock,
@@ -48,10 +50,19 @@ from dls_proto import (
 )
 
 from .errors import AcknowledgementTimeout, ServiceUnavailable
+from .trace import Tracer, reply_line, request_line
 
 #: Seconds a server has to accept a connection (and its TLS handshake): dls-proto's, which jdls -C and
 #: dls-test use too.
 CONNECT_TIMEOUT = jdls.CONNECT_TIMEOUT
+#: The first protocol version whose lock server can be told the client's acknowledgement timeout (Settings).
+SETTINGS_VERSION = 3
+#: A lock server of protocol version 2 sends its interim Waiting messages this often (seconds), whatever the
+#: client's TIMEOUT: it cannot be told.
+VERSION2_INTERIM_PERIOD = 5.0
+#: ... so a client of a shorter TIMEOUT waits this long for its answers instead (an interim period and a half),
+#: rather than give up a lock that merely waits, and every lock with the connection (Route.abandon).
+VERSION2_ACK_TIMEOUT = 1.5 * VERSION2_INTERIM_PERIOD
 _KEEPALIVE = (2, 1, 3)  # idle, interval, probes (seconds, seconds, count)
 #: Seconds within which a lock server that went silent (its host down, the link cut) is found dead: by
 #: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT (set to it)
@@ -95,9 +106,15 @@ class Channel:
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
         connect: Connect = tcp_connect, open_timeout: float | None = None, tls_context: ssl.SSLContext | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.server = server
         self.ack_timeout = ack_timeout
+        self._tracer = tracer
+        #: The trace's line writer while the trace is on, else None: the hot path tests only this.
+        self._trace = tracer.verbose if tracer is not None and tracer.enabled else None
+        #: While tracing: when each request was sent (time.perf_counter()), by request id, for its replies.
+        self._sent_at: dict[int, float] = {}
         self._unsolicited = unsolicited
         self._on_failure = on_failure
         connect_timeout = CONNECT_TIMEOUT if open_timeout is None else max(open_timeout, 0.001)
@@ -154,7 +171,25 @@ class Channel:
         if not isinstance(reply, Welcome):
             self.close()
             raise ServiceUnavailable(f"lock service {self.server} answered Hello with {type(reply).__name__}")
+        self._tell_timeout(reply.version)
         return reply
+
+    def _tell_timeout(self, version: int) -> None:
+        """Make the lock server's interim messages come within the acknowledgement timeout: tell it the timeout
+        (version 3 on); a lock server of version 2 cannot be told, so wait for it long enough to hear its
+        interim messages (VERSION2_ACK_TIMEOUT), and say so."""
+        timeout = self.ack_timeout
+        if timeout is None:
+            return  # JDLS WAIT: no interim messages, no timeout
+        if version >= SETTINGS_VERSION:
+            self.send(Settings(self.next_id(), 0, min(max(1, round(timeout * 1000)), 0xFFFFFFFF)))
+        elif timeout < VERSION2_ACK_TIMEOUT:
+            self.ack_timeout = VERSION2_ACK_TIMEOUT
+            if self._tracer is not None:
+                self._tracer.error(
+                    f"Client: lock service {self.server} speaks protocol version {version}, whose interim messages "
+                    f"come every {VERSION2_INTERIM_PERIOD:g} s: answers are awaited {VERSION2_ACK_TIMEOUT:g} s, "
+                    f"not TIMEOUT={timeout:g}")
 
     def next_id(self) -> int:
         return next(self._ids) & 0xFFFFFFFF or next(self._ids)
@@ -163,6 +198,8 @@ class Channel:
         """Send a message; if it expects replies, ``expect`` its request id afterwards."""
         if self.failure is not None:
             raise self.failure
+        if self._trace is not None:
+            self._trace_sent(message)
         with self._send_lock:
             try:
                 if self._tls_guard is None:
@@ -190,6 +227,22 @@ class Channel:
                     pass
             if not poller.poll(int(DEAD_SERVER_BOUND * 1000)):
                 raise TimeoutError("the lock service takes nothing that is sent")
+
+    def _trace_sent(self, message: Message) -> None:
+        """The trace line of a request (or Hello) about to be sent; its time is kept for its replies'."""
+        assert self._trace is not None
+        if type(message) not in _UNANSWERED:
+            self._sent_at[message.request_id] = time.perf_counter()
+        self._trace(f"Client: to {self.server}: {request_line(message)}")
+
+    def _trace_received(self, message: Message) -> None:
+        """The trace line of a reply just read: what it says, and the time since its request was sent (an interim
+        Waiting keeps that time for the replies after it)."""
+        assert self._trace is not None
+        rid = message.request_id
+        sent = self._sent_at.get(rid) if type(message) is Waiting else self._sent_at.pop(rid, None)
+        took = "" if sent is None else f" after {(time.perf_counter() - sent) * 1000:.3f} ms"
+        self._trace(f"Client: from {self.server}: {reply_line(message)}{took}")
 
     def request(self, message: Message) -> Message:
         """Send a request and return its first reply."""
@@ -252,9 +305,10 @@ class Channel:
                         self._followers -= 1
             if not box and deadline is not None and time.monotonic() >= deadline:
                 self._mail.pop(rid, None)
-                raise AcknowledgementTimeout(
-                    f"lock service {self.server} did not answer within {self.ack_timeout or 0:g} seconds"
-                )
+                timeout = AcknowledgementTimeout(
+                    f"lock service {self.server} did not answer within {self.ack_timeout or 0:g} seconds")
+                timeout.channel = self
+                raise timeout
 
     def _read(self, rid: int, box: list[Message], deadline: float | None) -> None:
         """Read until a message for ``rid`` arrives, the deadline passes, or the service is lost."""
@@ -271,6 +325,8 @@ class Channel:
             if isinstance(event, ConnectionClosed):
                 raise self.fail(f"lock service {self.server} closed the connection")
             if event is not None and not isinstance(event, UnknownMessage):
+                if self._trace is not None:
+                    self._trace_received(event)
                 target = event.request_id
                 if target == rid:
                     box.append(event)
@@ -331,6 +387,10 @@ def _shut(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+#: Requests answered only if they fail: the trace keeps no sending time for them.
+_UNANSWERED = frozenset({Unlock, InfoPut, Settings})
 
 
 def _interim(message: Message) -> bool:

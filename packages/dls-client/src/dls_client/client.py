@@ -13,6 +13,8 @@ finding a failure while the application makes no call is the watcher's
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import weakref
 from collections.abc import Callable
@@ -87,7 +89,7 @@ class Client(BaseClient):
 
     def _new_route(self) -> Route:
         config = self.config
-        events = Events(self._connected, self._lost)
+        events = Events(self._connected, self._lost, self._gone)
         if config.server2 is None:
             return Route((config.server,), self._open_channel, self.trace, events)
         return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events)
@@ -96,7 +98,8 @@ class Client(BaseClient):
         self.trace.verbose(f"Client: Using host '{server.host}', service '{server.port}'")
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
                        self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
-                       connect=self._connect, open_timeout=timeout, tls_context=self.config.ssl_context())
+                       connect=self._connect, open_timeout=timeout, tls_context=self.config.ssl_context(),
+                       tracer=self.trace)
 
     def _connected(self, channel: Channel) -> None:
         """A new lock server serves this client (the first, or one connected again after a failure): watch
@@ -110,6 +113,15 @@ class Client(BaseClient):
         for held in locks:
             self.info.released(held.handle)
         tell_lost(locks, self.trace.error)
+
+    def _gone(self, why: str) -> None:
+        """No lock service can be reached any more. With JDLS EXIT the process wraps up and exits, as the guide's
+        client does: SIGTERM to itself, so that the application's handler (if it has one) runs, and the
+        process ends otherwise; without it, requests raise ServiceUnavailable until a service answers again."""
+        if not self.config.exit:
+            return
+        self.trace.error(f"Client: no lock service can be reached ({why}): wrapping up and exiting (JDLS EXIT)")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def verify(self, held: HeldLock) -> None:
         """``held.ensure_held()``: settle the lock now if a socket it is held through hung up (a look that

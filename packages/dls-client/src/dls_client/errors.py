@@ -49,6 +49,10 @@ class ServiceLost(ServiceUnavailable):
 class AcknowledgementTimeout(ServiceUnavailable):
     """The service said nothing for TIMEOUT seconds while a request was outstanding."""
 
+    #: The connection that went silent (a dls_client.channel.Channel), for whoever must give it up: with
+    #: SERVER2, a request on the primary's connection may time out on the secondary's.
+    channel: object = None
+
 
 class LockLost(DlsError):
     """A lock this process held was lost for a reason other than its own release (its lock server died

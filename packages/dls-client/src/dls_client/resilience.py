@@ -35,12 +35,12 @@ from collections.abc import Callable
 from dls_proto import WAIT_FOREVER, Granted, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
-from .errors import ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
 from .replies import failure
 from .route import Events, Hold, Holding, Route
-from .trace import Tracer
+from .trace import Tracer, outcome
 
 
 class ResilientRoute(Route):
@@ -54,6 +54,8 @@ class ResilientRoute(Route):
         #: (inode, device, key, thread), so that a lock taken again (a conversion) stays one lock.
         self._handles = itertools.count(1)
         self._records: dict[tuple[int, int, bytes, int], int] = {}
+        #: The link whose channel took the last request (a change is traced).
+        self._current = 0
 
     # -- where requests go -------------------------------------------------------------
 
@@ -63,7 +65,7 @@ class ResilientRoute(Route):
         unreachable is left to the watcher, which tries every second."""
         channel = self.links[0].channel
         if channel is not None and channel.failure is None:
-            return channel
+            return self._serving(0, channel) if self._current else channel
         if not self._used:
             self._used = True
             for index in range(len(self.links)):  # both, from the start: each is watched and told our locks
@@ -71,13 +73,21 @@ class ResilientRoute(Route):
         for index in range(len(self.links)):
             channel = self._usable(index)
             if channel is not None:
-                return channel
+                return self._serving(index, channel)
         for index in range(len(self.links)):  # none is known to answer: try each at once
             channel = self._usable(index, retry=True)
             if channel is not None:
-                return channel
+                return self._serving(index, channel)
         raise ServiceUnavailable("no lock service can be reached ("
                                  + "; ".join(f"{link.name()}: {link.unreachable}" for link in self.links) + ")")
+
+    def _serving(self, index: int, channel: Channel) -> Channel:
+        """``channel``, of link ``index``, takes the requests: a change of service is said in the trace."""
+        if index != self._current:
+            self.trace.verbose(f"Client: requests go to the {self.links[index].name()} now"
+                               + (f" (the {self.links[0].name()} cannot be reached)" if index else ""))
+            self._current = index
+        return channel
 
     def _usable(self, index: int, *, retry: bool = False) -> Channel | None:
         """Link ``index``'s live channel, a new one if its channel just failed (or ``retry``), or None when
@@ -141,13 +151,15 @@ class ResilientRoute(Route):
         # release it.
         granting = [] if (request.inode, request.device, request.key, request.thread_id) in self._records else holds
         for index in range(first + 1, len(self.links)):
-            holds[index] = self._also(index, request, granted, started, granting)
+            holds[index] = self._also(index, request, (self.links[first], granted), started, granting)
         return holds
 
-    def _also(self, index: int, request: Lock, granted: Granted, started: float,
+    def _also(self, index: int, request: Lock, first: tuple[Link, Granted], started: float,
               holds: list[Hold | None]) -> Hold | None:
         """Take ``request`` on link ``index`` too, waiting as long as the request may still wait; its hold,
-        or None when the service cannot be reached. A refusal releases ``holds`` and is raised."""
+        or None when the service cannot be reached. A refusal releases ``holds`` and is raised; an answer other
+        than the ``first`` service's grant is logged."""
+        granted = first[1]
         for last in (False, True):
             channel = self._usable(index)
             if channel is None:
@@ -155,17 +167,20 @@ class ResilientRoute(Route):
             copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started))
             try:
                 reply = channel.last_reply(copy.request_id, channel.request(copy))
+            except AcknowledgementTimeout as exc:  # this service went silent: given up as with one server
+                self._release(holds)
+                if channel.failure is None:
+                    self.abandon(channel, str(exc))
+                raise
             except ServiceUnavailable as exc:
                 if channel.failure is None or last:  # no answer in time: the caller's, as any request's
                     self._release(holds)
                     raise exc from None
                 self.failed(channel)
                 continue
+            if type(reply) is not Granted or (reply.mode, reply.value) != (granted.mode, granted.value):
+                self._differ(describe(request.path, request.key), first, (self.links[index], reply))
             if type(reply) is Granted:
-                if (reply.mode, reply.value) != (granted.mode, granted.value):
-                    self.trace.error(f"Client: lock responses differ for {describe(request.path, request.key)}: "
-                                     f"mode {granted.mode} value 0x{granted.value:08x}, {self.links[index].name()} "
-                                     f"mode {reply.mode} value 0x{reply.value:08x}")
                 return channel, reply.handle
             self._release(holds)
             raise failure(reply, f"{describe(request.path, request.key)} ({self.links[index].name()})")
@@ -181,19 +196,25 @@ class ResilientRoute(Route):
         """UnlockAll on every live service; the first one's answer (a different count is logged)."""
         self.current()
         self._forget(thread)
-        replies: list[Message] = []
+        answers: list[tuple[Link, Message]] = []
         for channel in self.channels():
             try:
-                replies.append(channel.request(UnlockAll(channel.next_id(), thread)))
+                answers.append((self.links[self._index(channel)],
+                                channel.request(UnlockAll(channel.next_id(), thread))))
             except ServiceUnavailable:
                 if channel.failure is not None:
                     self.failed(channel)
-        if not replies:
+        if not answers:
             raise ServiceUnavailable("no lock service can be reached to release the locks")
-        if len(replies) > 1 and replies[0]._replace(request_id=0) != replies[1]._replace(request_id=0):
-            self.trace.error(f"Client: lock responses differ for release of all locks: {replies[0]!r}, "
-                             f"{replies[1]!r}")
-        return replies[0]
+        if len(answers) > 1 and answers[0][1]._replace(request_id=0) != answers[1][1]._replace(request_id=0):
+            self._differ("the release of all locks", *answers)
+        return answers[0][1]
+
+    def _differ(self, what: str, *answers: tuple[Link, Message]) -> None:
+        """The services answered one request differently: say, in the error trace, which said what (the
+        guide's "the response of the lock requests will be compared"), for an operator to look into."""
+        said = "; ".join(f"the {link.name()} {_with_value(reply)}" for link, reply in answers)
+        self.trace.error(f"Client: the lock services answered differently for {what}: {said}")
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -235,6 +256,12 @@ class ResilientRoute(Route):
         others = [other for other in self.links if other is not link]
         self.trace.error(f"Client: {link.name()} cannot be reached ({exc}); going on with the "
                          f"{' and '.join(other.name() for other in others)} alone until it answers")
+
+
+def _with_value(reply: Message) -> str:
+    """What a service answered, its lock value too when it granted (the value is compared as well)."""
+    said = outcome(reply)
+    return f"{said}, value 0x{reply.value:08x}" if type(reply) is Granted else said
 
 
 def _left(timeout_ms: int, started: float) -> int:

@@ -51,6 +51,9 @@ class Events(NamedTuple):
     connected: Callable[[Channel], None]
     #: These locks were just marked lost: forget them, and run their callbacks.
     lost: Callable[[list[HeldLock]], None]
+    #: No lock service can be reached any more (each was lost, and the attempt to reach it again failed): why.
+    #: Told once; the client may wrap up (JDLS EXIT).
+    gone: Callable[[str], None] = lambda _why: None
 
 
 class Holding:
@@ -97,6 +100,8 @@ class Route:
         self._lost: list[HeldLock] = []
         self._opened: list[Channel] = []
         self._closed = False
+        #: Why no lock service can be reached any more, to be told (Events.gone); "" once told, None before.
+        self._gone: str | None = None
 
     # -- where requests go ------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class Route:
         try:
             return attempt(channel)
         except AcknowledgementTimeout as exc:
-            if channel.failure is None:
+            if channel.failure is None and exc.channel in (None, channel):  # not another's, given up already
                 self.abandon(channel, str(exc))
             raise
         except ServiceUnavailable:
@@ -476,9 +481,13 @@ class Route:
         except ServiceUnavailable as exc:
             if not said:
                 self._say_unreachable(link, exc, first=first)
+            if self._gone is None and any(other.channel is not None for other in self.links) and all(
+                    other.live() is None and other.unreachable is not None for other in self.links):
+                self._gone = "; ".join(f"{other.name()}: {other.unreachable}" for other in self.links)
             raise
         if not first:
             self.trace.error(f"Client: connected again to {link.name()}")
+        self._gone = None  # a service answers: a later loss of them all is told again
         with self._state:
             self._opened.append(channel)
         return channel
@@ -495,11 +504,16 @@ class Route:
         with self._state:
             opened, self._opened = self._opened, []
             lost, self._lost = self._lost, []
+            gone = self._gone
+            if gone:
+                self._gone = ""
         for channel in opened:
             if channel.failure is None:
                 self._events.connected(channel)
         if lost:
             self._events.lost(lost)
+        if gone:
+            self._events.gone(gone)
 
     def _next_tick(self) -> float:
         """Seconds until the watcher's next tick: the next deadline or attempt of an unsettled link."""

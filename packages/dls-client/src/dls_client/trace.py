@@ -4,6 +4,13 @@ VERBOSE sends trace lines to standard error, TRACE=file to that file instead;
 communication errors always go to the error trace of the client's instance
 ($JBCRELEASEDIR/tmp/jbase_error_trace), which is where an operator looks.
 
+The trace has one line per event, each readable alone: every request sent and
+every reply received (``sent``, ``received``: its kind, request id, record,
+mode, outcome and, for a reply, the time since its request was sent), each
+connection made (with what its Welcome said), failed, made again, and each
+switch between SERVER and SERVER2. Nothing is formatted while the trace is
+off: a channel asks for a line only when ``enabled``.
+
 The error trace is shared with the service and the other processes of its
 group (tmp/ is mode 03770 there), so it is appended to without following a
 symlink, only when it is a regular file with one link that others cannot
@@ -17,7 +24,38 @@ import stat
 import sys
 import time
 
-from dls_proto import Config, environment
+from dls_proto import (
+    WAIT_FOREVER,
+    Config,
+    Echo,
+    EchoReply,
+    Error,
+    ErrorCode,
+    Granted,
+    Hello,
+    HolderState,
+    InfoGet,
+    InfoPut,
+    InfoSnapshot,
+    Lock,
+    LockFlag,
+    Mechanism,
+    Message,
+    Mode,
+    Reclaim,
+    Refused,
+    RefuseReason,
+    Settings,
+    Status,
+    StatusReply,
+    Unlock,
+    UnlockAll,
+    Unlocked,
+    Waiting,
+    Welcome,
+    environment,
+)
+from dls_proto.text import printable
 
 #: The error trace's mode: the service's group appends to it, nobody else sees it.
 TRACE_MODE = 0o660
@@ -62,3 +100,107 @@ class Tracer:
             except OSError:
                 pass
         print(line, file=sys.stderr, flush=True)
+
+
+def mode_name(mode: int) -> str:
+    """A lock mode as the trace and the messages name it (EX, PR ...; a number no mode has, as itself)."""
+    try:
+        return Mode(mode).name
+    except ValueError:
+        return str(mode)
+
+
+def record(path: str, inode: int, key: bytes) -> str:
+    """A record lock as a trace line names it: file, inode and key, escaped (they may hold anything)."""
+    return f"{printable(path) or '?'} (inode {inode}) key {_key(key)}"
+
+
+def _key(key: bytes) -> str:
+    """A key, quoted, with control characters (and bytes that are not UTF-8) escaped."""
+    return f"'{printable(key.decode('utf-8', 'backslashreplace'))}'"
+
+
+_FLAG_NAMES = ((LockFlag.NO_INTERIM, "no interim"), (LockFlag.OSLOCK, "OS lock"), (LockFlag.BINARY, "binary"))
+
+
+_STATES: dict[int, str] = {HolderState.FREE: "free", HolderState.MINE: "held by this client", HolderState.OTHER: "held"}
+_REASONS: dict[int, str] = {RefuseReason.BUSY: "held by another, and the request would not wait",
+                             RefuseReason.TIMEOUT: "still held when the wait ended",
+                             RefuseReason.CANCELLED: "the request was cancelled",
+                             RefuseReason.DEADLOCK: "a deadlock"}
+_CODES: dict[int, str] = {code: code.name.lower().replace("_", " ") for code in ErrorCode}
+_MECHANISMS: dict[int, str] = {Mechanism.TABLE: "lock table", Mechanism.OSLOCKS: "OS file locks"}
+
+
+def _seconds_ms(ms: int) -> str:
+    return f"{ms / 1000:g} s"
+
+
+def _holder(reply: Refused | Waiting | StatusReply) -> str:
+    return (f"held {mode_name(reply.holder_mode)} by port {reply.holder_port}, pid {reply.holder_client_pid} on "
+            f"{printable(reply.holder_ip)} (lock server pid {reply.holder_pid})")
+
+
+def request_line(message: Message) -> str:
+    """What a request says, for the trace line of its sending."""
+    kind = type(message).__name__
+    head = f"{kind} #{message.request_id}"
+    if isinstance(message, Lock):
+        wait = ("no wait" if message.timeout_ms == 0 else "wait forever" if message.timeout_ms == WAIT_FOREVER
+                else f"wait {_seconds_ms(message.timeout_ms)}")
+        flags = [name for flag, name in _FLAG_NAMES if message.flags & flag]
+        extra = f", {'+'.join(flags)}" if flags else ""
+        return f"{head} {record(message.path, message.inode, message.key)} {mode_name(message.mode)}, {wait}{extra}"
+    if isinstance(message, Reclaim):
+        mode = mode_name(message.mode)
+        return f"{head} handle {message.handle:#x} inode {message.inode} key {_key(message.key)} {mode}"
+    if isinstance(message, Unlock):
+        return f"{head} handle {message.handle:#x}"
+    if isinstance(message, UnlockAll):
+        return f"{head} thread {'all' if message.thread_id == 0xFFFFFFFFFFFFFFFF else message.thread_id}"
+    if isinstance(message, Status):
+        return f"{head} inode {message.inode} key {_key(message.key)}"
+    if isinstance(message, (InfoPut, Echo)):
+        return f"{head} {len(message.payload if isinstance(message, InfoPut) else message.data)} bytes"
+    if isinstance(message, InfoGet):
+        return head
+    if isinstance(message, Settings):
+        return f"{head} acknowledgement timeout {_seconds_ms(message.ack_timeout_ms)}"
+    if isinstance(message, Hello):
+        return (f"{head} versions {message.min_version}..{message.max_version}, port {message.port}, pid "
+                f"{message.pid}, host '{printable(message.host)}'")
+    return head
+
+
+def reply_line(message: Message) -> str:
+    """What a reply says, for the trace line of its arrival: its kind, request id and outcome."""
+    head = f"{type(message).__name__} #{message.request_id}"
+    said = outcome(message)
+    return f"{head} {said}" if said else head
+
+
+def outcome(message: Message) -> str:
+    """What a reply says, in words, as an operator reads it ("" when nothing but its kind): the trace's, and the
+    error trace's when two services of SERVER2 answered one request differently."""
+    if isinstance(message, Granted):
+        return f"granted {mode_name(message.mode)}, handle {message.handle:#x}"
+    if isinstance(message, Refused):
+        why = _REASONS.get(message.reason, f"reason {message.reason}")
+        return f"refused ({why}), {_holder(message)}"
+    if isinstance(message, Waiting):
+        return f"still waiting after {_seconds_ms(message.waited_ms)}, {_holder(message)}"
+    if isinstance(message, StatusReply):
+        state = _STATES.get(message.state, f"state {message.state}")
+        return f"{state}, {_holder(message)}" if message.state else state
+    if isinstance(message, Unlocked):
+        return f"released {message.count} lock(s)"
+    if isinstance(message, (InfoSnapshot, EchoReply)):
+        return f"{len(message.payload if isinstance(message, InfoSnapshot) else message.data)} bytes"
+    if isinstance(message, Error):
+        code = _CODES.get(message.code, f"code {message.code}")
+        return f"error ({code}): {printable(message.reason)}"
+    if isinstance(message, Welcome):
+        mechanism = _MECHANISMS.get(message.mechanism, f"mechanism {message.mechanism}")
+        return (f"protocol version {message.version}, lock server pid {message.server_pid}, {mechanism}, "
+                f"lock-delay {_seconds_ms(message.lock_delay_ms)}")
+    return ""

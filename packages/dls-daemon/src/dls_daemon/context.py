@@ -25,8 +25,14 @@ DEFAULT_MAX_LOCKS_PER_CLIENT = 100_000
 TABLE_SHARE = 4
 #: ... but never fewer than this many (a table so small is a test's, where one client may fill it).
 MIN_TABLE_SHARE = 100
-#: Seconds between interim Waiting messages to a client whose request waits.
+#: Seconds between interim Waiting messages to a client whose request waits (at most: see interim_period_for).
 DEFAULT_INTERIM_PERIOD = 5.0
+#: A client that tells its acknowledgement timeout (protocol version 3's Settings) gets an interim message at
+#: least this many times within it: a lost or late one still leaves it more than one more.
+INTERIMS_PER_ACK_TIMEOUT = 3
+#: The shortest period between interim messages, however short the client's acknowledgement timeout: what a
+#: client may make its lock server send is bounded.
+MIN_INTERIM_PERIOD = 0.1
 #: Clients served at once by one listener.
 DEFAULT_MAX_CLIENTS = 1000
 #: Longest a client host may vanish without a word before its lock server gives it up (seconds); its locks are
@@ -42,6 +48,13 @@ MAX_INFO_DEPTH = 32
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Who may read the lock snapshot (InfoGet) unless --admin-allow says otherwise: this host only.
 DEFAULT_ADMIN_ALLOW: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def interim_period_for(ack_timeout_ms: int, longest: float = DEFAULT_INTERIM_PERIOD) -> float:
+    """Seconds between interim Waiting messages to a client whose acknowledgement timeout (JDLS TIMEOUT, told in
+    Settings) is ``ack_timeout_ms``: a third of it, at least MIN_INTERIM_PERIOD and at most ``longest``
+    (Limits.interim_period, which a client that says nothing, of protocol version 2 say, gets)."""
+    return min(longest, max(MIN_INTERIM_PERIOD, ack_timeout_ms / 1000 / INTERIMS_PER_ACK_TIMEOUT))
 
 
 def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -84,6 +84,7 @@ from dls_proto import (
     RefuseReason,
     RemoteProtocolError,
     Role,
+    Settings,
     SpinningReader,
     Status,
     StatusReply,
@@ -118,7 +119,7 @@ from dls_shm import (
 from dls_shm.info import Written
 
 from . import client_info, local_peer, port_claims
-from .context import ServerContext, address_in, peer_ip
+from .context import ServerContext, address_in, interim_period_for, peer_ip
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
@@ -265,8 +266,11 @@ class LockServer:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Lock: self._lock, Unlock: self._unlock, UnlockAll: self._unlock_all, Status: self._status,
             Echo: self._echo, InfoPut: self._info_put, InfoGet: self._info_get, UnknownMessage: self._unknown,
-            ConnectionClosed: self._closed, Reclaim: self._reclaim,
+            ConnectionClosed: self._closed, Reclaim: self._reclaim, Settings: self._settings,
         }
+        #: Seconds between interim Waiting messages: the limits', or shorter for a client whose
+        #: acknowledgement timeout is short (protocol version 3's Settings).
+        self.interim_period = ctx.limits.interim_period
 
     # -- the conversation ------------------------------------------------------
 
@@ -616,7 +620,7 @@ class LockServer:
         interim = not req.flags & LockFlag.NO_INTERIM
         pauses = mechanism.pauses()
         pending = _Pending(req, queued.handle, queued.holder, now, deadline,
-                           now + self.ctx.limits.interim_period if interim else None,
+                           now + self.interim_period if interim else None,
                            mechanism, pauses, _sooner(now + next(pauses), queued.expires, now))
         self.pending[req.request_id] = pending
         if interim:
@@ -656,7 +660,7 @@ class LockServer:
                 self.stats.timeouts += 1
                 self._send_unsolicited(self._refusal(rid, RefuseReason.TIMEOUT, p.holder))
             elif p.next_interim is not None and now >= p.next_interim:
-                p.next_interim = now + self.ctx.limits.interim_period
+                p.next_interim = now + self.interim_period
                 self._send_unsolicited(self._waiting(p, now))
 
     def _send_unsolicited(self, message: Message) -> None:
@@ -799,6 +803,20 @@ class LockServer:
             self._send(Error(req.request_id, ErrorCode.FORBIDDEN, "not permitted from this address"))
             return
         self._send(InfoSnapshot(req.request_id, snapshot(self.ctx)))
+
+    def _settings(self, req: Settings) -> None:
+        """The client's acknowledgement timeout (version 3): interim messages from now on come often enough for
+        it, a waiting request's next one included. Unanswered; flags it does not know are refused."""
+        if req.flags:
+            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST, f"unknown Settings flags 0x{req.flags:04x}"))
+            return
+        self.interim_period = interim_period_for(req.ack_timeout_ms, self.ctx.limits.interim_period)
+        now = time.monotonic()
+        for p in self.pending.values():
+            if p.next_interim is not None:
+                p.next_interim = min(p.next_interim, now + self.interim_period)
+        self.log.debug("client %s: acknowledgement timeout %g s, interim messages every %g s", self._who(),
+                       req.ack_timeout_ms / 1000, self.interim_period)
 
     def _echo(self, req: Echo) -> None:
         self._send(EchoReply(req.request_id, req.data))

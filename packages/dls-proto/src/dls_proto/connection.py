@@ -22,6 +22,7 @@ from .messages import (
     PROTOCOL_VERSIONS,
     REPLIES,
     REQUESTS,
+    SINCE,
     ConnectionClosed,
     Error,
     Event,
@@ -82,6 +83,10 @@ class Connection:
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
+        #: Kinds of messages a later protocol version than the one spoken added: unknown to this conversation.
+        self._later: frozenset[int] = frozenset()
+        #: The versions the client's Hello offered (a client's Welcome must choose one of them).
+        self._offered = PROTOCOL_VERSIONS
         if role is Role.CLIENT:
             self._may_send: frozenset[type[Any]] = frozenset({Hello})
             self._may_receive: frozenset[int] = frozenset()  # nothing before our Hello
@@ -148,7 +153,7 @@ class Connection:
         return ConnectionClosed()
 
     def _unexpected(self, kind: int, rid: int) -> UnknownMessage:
-        if kind not in DECODERS or self.state is not State.READY:
+        if kind not in DECODERS or self.state is not State.READY or kind in self._later:
             if self.state is State.READY:
                 return UnknownMessage(rid, kind)
             raise RemoteProtocolError(f"message kind 0x{kind:02x} where {self._expected()} was expected")
@@ -166,7 +171,8 @@ class Connection:
             self._may_send = frozenset({Welcome, Error})
             self._may_receive = frozenset()
         elif isinstance(event, Welcome):
-            if not PROTOCOL_VERSIONS[0] <= event.version <= PROTOCOL_VERSIONS[1]:
+            low, high = self._offered
+            if not max(low, PROTOCOL_VERSIONS[0]) <= event.version <= min(high, PROTOCOL_VERSIONS[1]):
                 raise RemoteProtocolError(f"server chose version {event.version}, not one we offered")
             self._open(event.version)
         # An Error during the greeting leaves the state: the server closes next.
@@ -174,12 +180,14 @@ class Connection:
     def _open(self, version: int) -> None:
         self.state = State.READY
         self.version = version
+        later = frozenset(cls for cls, since in SINCE.items() if since > version)
+        self._later = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in later)
         if self.role is Role.CLIENT:
-            self._may_send = REQUESTS
-            self._may_receive = _REPLY_KINDS
+            self._may_send = REQUESTS - later
+            self._may_receive = _REPLY_KINDS - self._later
         else:
-            self._may_send = REPLIES
-            self._may_receive = _REQUEST_KINDS
+            self._may_send = REPLIES - later
+            self._may_receive = _REQUEST_KINDS - self._later
 
     # -- sending -------------------------------------------------------------
 
@@ -199,6 +207,7 @@ class Connection:
     def _sent_in_greeting(self, event: Message) -> None:
         if isinstance(event, Hello):
             self.state = State.GREETING
+            self._offered = (event.min_version, event.max_version)
             self._may_send = frozenset()
             self._may_receive = frozenset({int(Kind.WELCOME), int(Kind.ERROR)})
         elif isinstance(event, Welcome):

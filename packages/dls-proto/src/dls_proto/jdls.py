@@ -4,7 +4,7 @@ Every program that needs the service's address reads it here: the client
 library, ``jdls -C``, dls-test and the utilities. The syntax is jDLS's:
 comma-separated options, ``SERVER=host{,port}``, ``SERVER2=host{,port}``,
 ``WAIT``, ``TIMEOUT=seconds``, ``BINARY``, ``OSLOCKS``, ``LOCK=EXTERNAL|INTERNAL|ALL``,
-``VERBOSE``, ``TRACE=file``, and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
+``VERBOSE``, ``TRACE=file``, ``EXIT`` (dls's own: see Config), and TLS: ``TLS``, ``CA=file``, ``CERT=file``,
 ``KEY=file`` (see dls_proto.tls); set but empty means localhost, port 50002.
 A server may also be written ``host:port`` or ``[v6address]:port``, as most
 programs write an address. Anything else is refused with a message naming the
@@ -35,8 +35,9 @@ DEFAULT_TIMEOUT = 30.0
 #: every answer, the first (the greeting) included.
 CONNECT_TIMEOUT = 5.0
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
-#: The longest TIMEOUT: a day (longer is WAIT's business).
-MAX_TIMEOUT = 86400.0
+#: The TIMEOUT values a client accepts (seconds): below, a network's hiccup would cost every lock; above, a
+#: dead service would go unnoticed for more than a day (and the wire's milliseconds would not hold it).
+TIMEOUT_RANGE = (0.5, 86400.0)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,11 @@ OPTIONS = (
            "dls-test still give up after TIMEOUT: a test must end)."),
     Option("TIMEOUT", "seconds", f"{DEFAULT_TIMEOUT:g}",
            "How long the service may stay silent on a request (the greeting included) before the client gives it "
-           f"up; fractions allowed. A value that is not a number above 0 and at most {MAX_TIMEOUT:g} (a day) is "
-           f"refused. A new connection has {CONNECT_TIMEOUT:g} s to be accepted, whatever TIMEOUT says."),
+           f"up; fractions allowed, from {TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g} (a day); another value is "
+           "refused. The client tells its lock server this timeout (protocol version 3), and a waiting request's "
+           "interim messages come a third of it apart (at most 5 s), so a short TIMEOUT does not end a contended "
+           "wait; against a service of protocol version 2 a TIMEOUT below 7.5 s is taken as 7.5 s. A new "
+           f"connection has {CONNECT_TIMEOUT:g} s to be accepted, whatever TIMEOUT says."),
     Option("BINARY", "", "not set",
            "Binary locks (file and execution locks, not record locks) go to the service too; without it they are "
            "taken on this host only."),
@@ -75,8 +79,17 @@ OPTIONS = (
     Option("LOCK", "|".join(LOCK_CHOICES), "ALL",
            "Which lock handlers' locks go to the service: EXTERNAL, INTERNAL or ALL (any case); another value "
            "is refused."),
-    Option("VERBOSE", "", "not set", "Trace information on standard error."),
-    Option("TRACE", "file", "none", "Trace information to this file instead of standard error (overrides VERBOSE)."),
+    Option("VERBOSE", "", "not set",
+           "Trace information on standard error, one line per event: each request sent and each reply received "
+           "(kind, request id, file, inode, key, mode, outcome, time since the request), each connection made, "
+           "lost and made again, and each failover between SERVER and SERVER2; control characters escaped."),
+    Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
+           "error (overrides VERBOSE)."),
+    Option("EXIT", "", "not set",
+           "dls's own (the guide has no such option): a process that can reach no lock service any more (each "
+           "service it uses lost, and the attempt to reach it again failed) writes why to the error trace and "
+           "sends itself SIGTERM, so its handler wraps up or it ends, as the guide's client does. Without it "
+           "requests raise ServiceUnavailable until a service answers again."),
     Option("TLS", "", "not set",
            "Connect over TLS (1.2 or later), to SERVER and SERVER2 alike; the server's certificate must chain to "
            "CA and name the host the client connects to."),
@@ -148,7 +161,10 @@ class Config:
     """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
     SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
     silent (TIMEOUT), whether binary locks (BINARY) and record locks as OS file locks (OSLOCKS) go to the
-    service, which lock kinds it takes (LOCK), and the trace; and whether the connection is TLS (TLS), which
+    service, which lock kinds it takes (LOCK), the trace, and whether a process that can reach no lock service
+    any more ends itself (EXIT; dls's own option, the guide has none: the guide's client always wraps up and
+    exits once it lost its last server, where dls's raises ServiceUnavailable, tells each lock it could not
+    take back as lost, and connects again when it can); and whether the connection is TLS (TLS), which
     CA its server's certificate must chain to (CA; None: the system's) and the client's own certificate and
     key (CERT, KEY), for SERVER and SERVER2 alike. ``Config()`` is JDLS set but empty.
     """
@@ -162,6 +178,7 @@ class Config:
     lock: str = "ALL"
     verbose: bool = False
     trace: str | None = None
+    exit: bool = False
     tls: bool = False
     ca: str | None = None
     cert: str | None = None
@@ -253,9 +270,9 @@ def _options(text: str) -> dict[str, Any]:
                 seconds = float(value)
             except ValueError:
                 seconds = -1.0
-            if not 0 < seconds <= MAX_TIMEOUT:  # also refuses nan
-                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a number of seconds above 0 and at most "
-                                         f"{MAX_TIMEOUT:g} (a day; WAIT waits without limit)")
+            if not TIMEOUT_RANGE[0] <= seconds <= TIMEOUT_RANGE[1]:  # NaN too
+                raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a number of seconds from "
+                                         f"{TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g}")
             values["timeout"] = seconds
         elif name == "LOCK":
             if value.upper() not in LOCK_CHOICES:

@@ -34,7 +34,9 @@ from construct import (
 FRAME_VERSION = 1
 #: Protocol versions this package speaks, negotiated in Hello/Welcome.
 #: Version 2 (dls-proto 0.3) added the lock-delay to Welcome and the Reclaim request; version 1 is no longer spoken.
-PROTOCOL_VERSIONS = (2, 2)
+#: Version 3 (dls-proto 0.5) added the Settings request, by which a client tells its acknowledgement timeout (JDLS
+#: TIMEOUT) so that its lock server sends interim Waiting messages often enough; nothing else differs.
+PROTOCOL_VERSIONS = (2, 3)
 #: Magic that opens every Hello, so that a stray client is recognised at once.
 HELLO_MAGIC = b"jDLS"
 #: A lock request's ``timeout_ms`` meaning "wait as long as it takes".
@@ -133,6 +135,7 @@ class Kind(enum.IntEnum):
     INFO_GET = 0x15
     ECHO = 0x16
     RECLAIM = 0x17
+    SETTINGS = 0x18
     GRANTED = 0x20
     REFUSED = 0x21
     WAITING = 0x22
@@ -223,6 +226,7 @@ RECLAIM = Struct(
     _key,
 )
 UNLOCK_ALL = Struct("thread_id" / Int64ub)
+SETTINGS = Struct("flags" / Int16ub, "ack_timeout_ms" / Int32ub)
 STATUS = Struct(
     "thread_id" / Int64ub,
     "inode" / Int64ub,
@@ -310,6 +314,17 @@ class Reclaim(NamedTuple):
     inode: int
     device: int
     key: bytes
+
+
+class Settings(NamedTuple):
+    """How this client uses the conversation (version 3 on; sent once, right after Welcome, before any
+    request; unanswered unless refused). ``ack_timeout_ms`` is how long the client waits in silence for an
+    answer (JDLS TIMEOUT): its lock server sends interim Waiting messages often enough to stay well inside it.
+    ``flags`` is zero (reserved)."""
+
+    request_id: int
+    flags: int
+    ack_timeout_ms: int
 
 
 class UnlockAll(NamedTuple):
@@ -450,6 +465,7 @@ MESSAGES: tuple[tuple[Kind, Struct[Any, Any], type[Any]], ...] = (
     (Kind.INFO_GET, INFO_GET, InfoGet),
     (Kind.ECHO, ECHO, Echo),
     (Kind.RECLAIM, RECLAIM, Reclaim),
+    (Kind.SETTINGS, SETTINGS, Settings),
     (Kind.GRANTED, GRANTED, Granted),
     (Kind.REFUSED, REFUSED, Refused),
     (Kind.WAITING, WAITING, Waiting),
@@ -471,6 +487,7 @@ Message = (
     | InfoGet
     | Echo
     | Reclaim
+    | Settings
     | Granted
     | Refused
     | Waiting
@@ -483,5 +500,8 @@ Message = (
 Event = Message | UnknownMessage | ConnectionClosed
 
 #: What a client may send once the conversation is open, and what a server may.
-REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim})
+REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings})
+#: The messages a protocol version after the lowest added, and that version: in a conversation of an older
+#: version they are not sent, and one received is a kind unknown to that version (UnknownMessage).
+SINCE: dict[type[Any], int] = {Settings: 3}
 REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error})

@@ -22,11 +22,12 @@ no kept lock shows exactly the jDLS text.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from dls_proto.text import printable as printable  # the reports' name for it, where the utilities find it
 
 from . import modes
 from .layout import Geometry, Header, SlotState, TableFlag, unpack_ip
@@ -85,20 +86,6 @@ class Snapshot:
         return max(Counter(e.group for e in self.entries).values(), default=0)
 
 
-#: Characters a terminal would act on rather than show (C0 and C1 controls, DEL), and the invisible marks
-#: that reorder or hide text (bidirectional overrides and isolates, zero-width ones), as ``\xNN``/``\uNNNN``.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-
-
-def printable(text: str) -> str:
-    """``text`` as a line of a report may show it: a key or file name comes from a client, and a newline, tab
-    or escape sequence in it would forge rows or drive the operator's terminal."""
-    return _CONTROLS.sub(_escaped, text)
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def line(label: str, value: object) -> str:

@@ -1,0 +1,24 @@
+"""Text that came from a peer, made fit for a line of a report, a trace or a log.
+
+A key or file name is whatever a client sent: a newline, tab or escape sequence in
+it would forge lines or rows, or drive the operator's terminal; bidirectional and
+zero-width marks would make it read as something else. Every program that shows one
+escapes it here.
+"""
+
+from __future__ import annotations
+
+import re
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character (and bidirectional or zero-width mark) written as ``\\xNN`` or
+    ``\\uNNNN``."""
+    return _CONTROLS.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
