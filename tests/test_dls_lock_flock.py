@@ -322,14 +322,17 @@ def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
         shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", data=data)
         with running(shell):
             holder = holder_of(witness, data, KEY)
-            _hold_process(holder.client_pid)
+            hold = _hold_process(holder.client_pid)
+            guard = hold.children()
             os.kill(holder.pid, signal.SIGKILL)  # its lock server
             with witness.lock(data, KEY, timeout=10):
                 assert shell.wait(timeout=10) == -signal.SIGTERM, err.read_text()
                 wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
-        said = err.read_text()
+            # The hold process and its guard end too (after the -k grace), before the service is stopped.
+            wait_for(lambda: not any(alive(p.pid) for p in [hold, *guard]), 10, "the hold process and its guard to end")
+        said = err.read_text().splitlines()[0]  # the shell may add a line of its own ("Terminated")
         assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (") and said.endswith(
-            f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)\n"), said
+            f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)"), said
 
 
 @pytest.mark.parametrize(("argv", "said"), [

@@ -128,7 +128,7 @@ def test_unset_jdls_tests_localhost_50002(env: dict[str, str]) -> None:
                      "option"),
     ("SERVER=h,WAIT,BOGUS", "JDLS: unknown option 'BOGUS'; expected SERVER, SERVER2, WAIT"),
     ("SERVER=h:1,2", "JDLS SERVER: the port is given twice ('h:1' and '2')"),
-    ("TIMEOUT=inf", "JDLS TIMEOUT: 'inf' is not a number of seconds above 0 and at most 86400"),
+    ("TIMEOUT=inf", "JDLS TIMEOUT: 'inf' is not a number of seconds from 0.5 to 86400"),
     ("SERVER=h,SERVER=i", "JDLS SERVER is given twice"),
 ])
 def test_bad_jdls_named_with_78(env: dict[str, str], jdls: str, says: str) -> None:

@@ -186,7 +186,7 @@ def test_connection_test_when_nothing_listens(service) -> None:
 
 
 @pytest.mark.parametrize(("jdls", "says"), [
-    ("SERVER=127.0.0.1,TIMEOUT=abc", "JDLS TIMEOUT: 'abc' is not a number of seconds above 0"),
+    ("SERVER=127.0.0.1,TIMEOUT=abc", "JDLS TIMEOUT: 'abc' is not a number of seconds from 0.5 to 86400"),
     ("SERVER=127.0.0.1,WAIT,FOO", "JDLS: unknown option 'FOO'; expected SERVER, SERVER2,"),
     ("SERVER=h,notaport", "JDLS SERVER: 'notaport' after the host is neither a port"),
     ("SERVER2=h", "JDLS SERVER2 has no meaning without SERVER"),

@@ -58,7 +58,7 @@ def test_host_port_spellings(text: str, server: Server) -> None:
     ("TIMEOUT=1,TIMEOUT=2", "JDLS TIMEOUT is given twice"),
     ("TIMEOUT", "JDLS TIMEOUT: expected TIMEOUT=seconds"),
     ("TIMEOUT=", "JDLS TIMEOUT: expected TIMEOUT=seconds"),
-    ("TIMEOUT=nan", "JDLS TIMEOUT: 'nan' is not a number of seconds above 0 and at most 86400"),
+    ("TIMEOUT=nan", "JDLS TIMEOUT: 'nan' is not a number of seconds from 0.5 to 86400"),
     ("TIMEOUT=inf", "JDLS TIMEOUT: 'inf' is not"),
     ("TIMEOUT=86401", "JDLS TIMEOUT: '86401' is not"),
     ("TIMEOUT=0", "JDLS TIMEOUT: '0' is not"),
