@@ -200,9 +200,11 @@ def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, gra
     while chunk := os.read(read_end, 16):
         said += chunk
     if _GRANTED in said and _DONE not in said:
-        _tell(f"the process holding the lock on {name} (pid {holder}) ended: the lock is gone; stopping the "
-              f"shell, pid {shell}, and what it started (TERM now, KILL after {grace:g} s)")
-        stop_shell(shell_fd, shell, grace, (os.getpid(),))
+        # The service freed the lock the moment the hold process's connection closed and may have handed it
+        # on already: no grace, or the shell would run beside the next holder (KILL at once, as the keeper).
+        _tell(f"the process holding the lock on {name} (pid {holder}) ended: the lock is gone; killing the "
+              f"shell, pid {shell}, and what it started (KILL now: the lock may be someone else's already)")
+        stop_shell(shell_fd, shell, 0, (os.getpid(),))
         return exitcodes.LOST
     return exitcodes.OK
 
