@@ -4,9 +4,18 @@ dls program agrees on beyond the bytes: the JDLS variable (``jdls``), the enviro
 
 Everything a peer needs is exported here; other packages import only from this module (names, and
 the submodules above and ``probe``, the test of a client's configuration), never from its other submodules.
+
+``probe`` and ``tls`` are imported when first used (``from dls_proto import tls``, or ``dls_proto.tls``):
+a client locking through the service without TLS, dls-lock's hot path, loads neither ssl nor the test.
 """
 
-from . import environment, identity, jdls, probe, tls
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from . import environment, identity, jdls
 from .__about__ import __version__
 from .codec import encode
 from .connection import (
@@ -65,6 +74,19 @@ from .messages import (
     not_a_mode,
 )
 from .transport import SpinningReader, exchange, receive
+
+if TYPE_CHECKING:
+    from . import probe, tls
+
+#: The submodules imported on first use, not with the package.
+_LAZY = frozenset({"probe", "tls"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``probe`` and ``tls`` on first use (the import system keeps them as attributes from then on)."""
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ALL_THREADS", "LOCK_MODES", "not_a_mode",
