@@ -2,7 +2,7 @@
 
 Start-up is most of what ``dls-lock -n FILE KEY true`` costs (flock(1) takes about nothing), and most of
 start-up is imports. A lock through a plain (not TLS) service with one SERVER needs neither ssl, nor the
-configuration test of ``jdls -C``/dls-test, nor the two-server route of SERVER2: this test reads the
+configuration test of ``jdls -C``/dls-test, nor the two-server route of SERVER2, nor construct: this test reads the
 process's own import list (``python -X importtime``), so that an import added at the top of a module
 cannot bring them back unnoticed.
 """
@@ -16,8 +16,9 @@ from pathlib import Path
 from dls_testkit import DLS_LOCK, KEY, Service, data_file
 
 #: Modules the plain lock path does without: ssl and dls-proto's TLS (only with JDLS TLS), the configuration
-#: test (only jdls -C and dls-test), the two-server route (only with SERVER2).
-NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience")
+#: test (only jdls -C and dls-test), the two-server route (only with SERVER2), construct and the definitions
+#: (the codec is generated from its written-down layouts).
+NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec")
 
 
 def _imported(stderr: str) -> set[str]:
