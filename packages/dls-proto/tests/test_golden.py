@@ -1,7 +1,7 @@
 """Golden bytes for every dls message, and the fast codec checked against the construct specification.
 
 Each golden frame below was worked out by hand from the construct definitions in
-``dls_proto.messages`` (network byte order): a 12-byte header ``>IBBHI`` (body
+``dls_proto.spec`` (network byte order): a 12-byte header ``>IBBHI`` (body
 length, frame version 1, kind, reserved 0, request id), then the fixed part of
 the body, then the variable fields in order. Spaces and ``|`` in the hex are for
 the reader: the header is left of ``|``, and each field is its own group.
@@ -10,6 +10,8 @@ the reader: the header is left of ``|``, and each field is its own group.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import dls_proto
@@ -43,7 +45,7 @@ from dls_proto import (
     Waiting,
     Welcome,
 )
-from dls_proto.codec import DECODERS
+from dls_proto.codec import DECODERS, LAYOUTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,6 +284,21 @@ EVENTS = {
     cls: st.builds(cls, request_id=st.integers(0, 0xFFFFFFFF), **_field_strategies(spec))
     for _kind, spec, cls in MESSAGES
 }
+
+
+def test_the_codec_layouts_are_the_construct_definitions() -> None:
+    """The codec generates from LAYOUTS, written down so that a client imports no construct: they must say
+    what the definitions say, field by field, for every message and no other."""
+    assert LAYOUTS == {kind: dls_proto.spec.layout(spec) for kind, spec, _ in MESSAGES}
+
+
+def test_the_package_imports_no_construct() -> None:
+    """Encoding and decoding (the lock path) need no construct; the definitions come with ``spec`` on first use."""
+    code = ("import sys, dls_proto\n"
+            "dls_proto.Connection(dls_proto.Role.CLIENT)\n"
+            "assert 'construct' not in sys.modules and 'dls_proto.spec' not in sys.modules\n"
+            "assert dls_proto.MESSAGES is dls_proto.spec.MESSAGES and dls_proto.HEADER.sizeof() == 12\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_strategies_cover_every_field() -> None:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import itertools
 import select
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dls_proto import (
     CLIENT_MAX_FRAME,
@@ -46,11 +46,13 @@ from dls_proto import (
     Welcome,
     jdls,
     receive,
-    tls,
 )
 
 from .errors import AcknowledgementTimeout, ServiceUnavailable
 from .trace import Tracer, reply_line, request_line
+
+if TYPE_CHECKING:
+    import ssl  # and dls_proto.tls: imported when a channel speaks TLS, not by a plain client
 
 #: Seconds a server has to accept a connection (and its TLS handshake): dls-proto's, which jdls -C and
 #: dls-test use too.
@@ -121,6 +123,8 @@ class Channel:
         try:
             self.sock = connect(server, connect_timeout)
             if tls_context is not None:
+                from dls_proto import tls
+
                 self.sock = tls.wrap(self.sock, tls_context, server.host, connect_timeout)
         except OSError as exc:
             raise ServiceUnavailable(
@@ -213,6 +217,8 @@ class Channel:
         """``sendall`` over TLS on the non-blocking socket, touching the SSL object only under the guard; a
         full socket buffer is waited for outside it (a reader may need the guard to drain what the service
         sends meanwhile). TimeoutError when the service takes nothing for a dead-server bound."""
+        import ssl  # loaded already: the socket is a TLS one
+
         guard = self._tls_guard
         assert guard is not None
         view = memoryview(data)
@@ -397,5 +403,10 @@ def _interim(message: Message) -> bool:
     return isinstance(message, Waiting)
 
 
-_reason = tls.failure
+def _reason(exc: OSError) -> str:
+    """What a failed connection says of ``exc`` (dls_proto.tls.failure: ssl is imported for it only when a
+    connection has failed)."""
+    from dls_proto import tls
+
+    return tls.failure(exc)
 

@@ -46,7 +46,6 @@ from .errors import DlsError, Holder, describe
 from .lockinfo import LockInfo
 from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
 from .replies import failure, holder
-from .resilience import ResilientRoute
 from .route import Events, Route
 from .trace import Tracer
 from .watcher import Watched, Watcher
@@ -92,6 +91,8 @@ class Client(BaseClient):
         events = Events(self._connected, self._lost, self._gone)
         if config.server2 is None:
             return Route((config.server,), self._open_channel, self.trace, events)
+        from .resilience import ResilientRoute  # only with SERVER2: a client of one service does without it
+
         return ResilientRoute((config.server, config.server2), self._open_channel, self.trace, events)
 
     def _open_channel(self, server: Server, timeout: float | None = None) -> Channel:

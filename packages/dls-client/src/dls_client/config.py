@@ -7,14 +7,17 @@ and a client raises its ConfigurationError (a DlsError) instead, so that one
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import dls_proto
 from dls_proto import Server, environment, jdls
 
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import ssl  # loaded only with TLS (dls_proto.tls): a plain client's start-up does without it
 
 DEFAULT_HOST = jdls.DEFAULT_HOST
 DEFAULT_PORT = jdls.DEFAULT_PORT

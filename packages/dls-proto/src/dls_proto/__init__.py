@@ -4,9 +4,19 @@ dls program agrees on beyond the bytes: the JDLS variable (``jdls``), the enviro
 
 Everything a peer needs is exported here; other packages import only from this module (names, and
 the submodules above and ``probe``, the test of a client's configuration), never from its other submodules.
+
+``probe``, ``tls`` and ``spec`` (with its ``HEADER`` and ``MESSAGES``, the construct definitions) are
+imported when first used (``from dls_proto import tls``, ``dls_proto.tls``, ``from dls_proto import
+MESSAGES``): a client locking through the service without TLS, dls-lock's hot path, loads neither ssl, nor
+the test, nor construct.
 """
 
-from . import environment, identity, jdls, probe, tls
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import environment, identity, jdls
 from .__about__ import __version__
 from .codec import encode
 from .connection import (
@@ -24,11 +34,9 @@ from .jdls import Config, Server
 from .messages import (
     ALL_THREADS,
     FRAME_VERSION,
-    HEADER,
     HEADER_SIZE,
     HELLO_MAGIC,
     LOCK_MODES,
-    MESSAGES,
     PROTOCOL_VERSIONS,
     SINCE,
     WAIT_FOREVER,
@@ -66,11 +74,32 @@ from .messages import (
 )
 from .transport import SpinningReader, exchange, receive
 
+if TYPE_CHECKING:
+    from . import probe, spec, tls
+    from .spec import HEADER, MESSAGES
+
+#: The submodules imported on first use, not with the package.
+_LAZY = frozenset({"probe", "spec", "tls"})
+#: The names of ``spec`` exported here, imported with it on first use.
+_SPEC_NAMES = frozenset({"HEADER", "MESSAGES"})
+
+
+def __getattr__(name: str) -> Any:
+    """``probe``, ``spec`` and ``tls`` on first use (the import system keeps them as attributes from then
+    on), and ``spec``'s exported names (kept here once asked for)."""
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _SPEC_NAMES:
+        value = getattr(importlib.import_module(".spec", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ALL_THREADS", "LOCK_MODES", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
-    "exchange", "identity", "jdls", "probe", "receive", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE", "HELLO_MAGIC",
-    "MESSAGES",
+    "exchange", "identity", "jdls", "probe", "receive", "spec", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE",
+    "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "SINCE", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",

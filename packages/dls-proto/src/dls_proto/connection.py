@@ -16,9 +16,9 @@ from typing import Any, Final
 from .codec import DECODERS, ENCODERS, HEADER_STRUCT
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
+    CLASSES,
     FRAME_VERSION,
     HEADER_SIZE,
-    MESSAGES,
     PROTOCOL_VERSIONS,
     REPLIES,
     REQUESTS,
@@ -57,8 +57,8 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-_REQUEST_KINDS = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in REQUESTS)
-_REPLY_KINDS = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in REPLIES)
+_REQUEST_KINDS = frozenset(int(kind) for kind, cls in CLASSES if cls in REQUESTS)
+_REPLY_KINDS = frozenset(int(kind) for kind, cls in CLASSES if cls in REPLIES)
 
 
 def choose_version(hello: Hello, supported: tuple[int, int] = PROTOCOL_VERSIONS) -> int | None:
@@ -181,7 +181,7 @@ class Connection:
         self.state = State.READY
         self.version = version
         later = frozenset(cls for cls, since in SINCE.items() if since > version)
-        self._later = frozenset(int(kind) for kind, _, cls in MESSAGES if cls in later)
+        self._later = frozenset(int(kind) for kind, cls in CLASSES if cls in later)
         if self.role is Role.CLIENT:
             self._may_send = REQUESTS - later
             self._may_receive = _REPLY_KINDS - self._later

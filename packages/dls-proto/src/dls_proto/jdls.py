@@ -18,13 +18,14 @@ that is not there, and the dls-jdls(7) page is written from it.
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import tls as _tls
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import ssl
 
 VARIABLE = "JDLS"
 DEFAULT_HOST = "localhost"
@@ -187,7 +188,11 @@ class Config:
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context to connect with (None without TLS); ConfigurationError names the option whose file
         is wrong."""
-        return _tls.client_context(self.ca, self.cert, self.key) if self.tls else None
+        if not self.tls:
+            return None
+        from . import tls  # ssl, only when TLS is asked for: a plain client's start-up does without it
+
+        return tls.client_context(self.ca, self.cert, self.key)
 
     @classmethod
     def from_environment(cls: type[C], environ: Mapping[str, str] | None = None) -> C | None:

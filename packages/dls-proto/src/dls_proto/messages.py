@@ -1,9 +1,11 @@
-"""Every message of the dls protocol: its construct definition and its event class.
+"""Every message of the dls protocol: its kind and its event class, and the protocol's constants.
 
-The construct definitions below are the specification of the bytes on the wire
+The bytes of each message are specified by its construct definition in ``spec``
 (network byte order). Each message body is a fixed part followed by its
 variable fields; the lengths of the variable fields sit in the fixed part, so
-that one ``struct`` call decodes a body on the hot path (see ``codec``).
+that one ``struct`` call decodes a body on the hot path (see ``codec``, whose
+layouts a test checks against ``spec``). This module does not import
+construct: a client's start-up does without it.
 
 Events are immutable named tuples whose first field is the request id carried
 in the frame header: a reply names the request it answers, which lets many
@@ -14,21 +16,6 @@ from __future__ import annotations
 
 import enum
 from typing import Any, NamedTuple
-
-from construct import (
-    Bytes,
-    Const,
-    Construct,
-    Int8ub,
-    Int16ub,
-    Int32ub,
-    Int64sb,
-    Int64ub,
-    Rebuild,
-    StringEncoded,
-    Struct,
-    this,
-)
 
 #: The frame format version, the second field of every frame header.
 FRAME_VERSION = 1
@@ -44,14 +31,8 @@ WAIT_FOREVER = 0xFFFFFFFF
 #: An ``UnlockAll`` thread id meaning "every thread of the client".
 ALL_THREADS = 0xFFFFFFFFFFFFFFFF
 
-#: Frame header: body length, frame version, message kind, reserved (zero), request id.
-HEADER = Struct(
-    "length" / Int32ub,
-    "version" / Int8ub,
-    "kind" / Int8ub,
-    "reserved" / Int16ub,
-    "request_id" / Int32ub,
-)
+#: The frame header's size: body length (u32), frame version (u8), message kind (u8), reserved (u16, zero),
+#: request id (u32); ``spec.HEADER`` defines it.
 HEADER_SIZE = 12
 
 
@@ -144,113 +125,6 @@ class Kind(enum.IntEnum):
     ECHO_REPLY = 0x25
     UNLOCKED = 0x26
     ERROR = 0x2F
-
-
-def _text(name: str, prefix: Construct[int, int]) -> tuple[Construct[Any, Any], Construct[Any, Any]]:
-    """A UTF-8 string field as (length field for the fixed part, data field)."""
-    length = f"{name}_len" / Rebuild(prefix, lambda ctx: len(ctx[name].encode("utf-8")))
-    data = name / StringEncoded(Bytes(this[f"{name}_len"]), "utf8")
-    return length, data
-
-
-def _blob(name: str, prefix: Construct[int, int]) -> tuple[Construct[Any, Any], Construct[Any, Any]]:
-    """A bytes field as (length field for the fixed part, data field)."""
-    length = f"{name}_len" / Rebuild(prefix, lambda ctx: len(ctx[name]))
-    data = name / Bytes(this[f"{name}_len"])
-    return length, data
-
-
-#: The owner of a lock, as told in Refused, Waiting and StatusReply.
-_HOLDER_FIXED = (
-    "holder_mode" / Int8ub,
-    "holder_pid" / Int32ub,
-    "holder_port" / Int32ub,
-    "holder_client_pid" / Int32ub,
-    "holder_thread" / Int64ub,
-)
-
-_host_len, _host = _text("host", Int8ub)
-_program_len, _program = _text("program", Int8ub)
-HELLO = Struct(
-    "magic" / Const(HELLO_MAGIC),
-    "min_version" / Int8ub,
-    "max_version" / Int8ub,
-    "flags" / Int16ub,
-    "port" / Int32ub,
-    "pid" / Int32ub,
-    "thread_id" / Int64ub,
-    _host_len,
-    _program_len,
-    _host,
-    _program,
-)
-
-_peer_len, _peer = _text("peer", Int8ub)
-_server_host_len, _server_host = _text("server_host", Int8ub)
-WELCOME = Struct(
-    "version" / Int8ub,
-    "mechanism" / Int8ub,
-    "flags" / Int16ub,
-    "server_pid" / Int32ub,
-    "max_frame" / Int32ub,
-    "lock_delay_ms" / Int32ub,
-    _peer_len,
-    _server_host_len,
-    _peer,
-    _server_host,
-)
-
-_key_len, _key = _blob("key", Int16ub)
-_path_len, _path = _text("path", Int16ub)
-LOCK = Struct(
-    "mode" / Int8ub,
-    "flags" / Int8ub,
-    "timeout_ms" / Int32ub,
-    "thread_id" / Int64ub,
-    "inode" / Int64ub,
-    "device" / Int64sb,
-    _key_len,
-    _path_len,
-    _key,
-    _path,
-)
-
-UNLOCK = Struct("handle" / Int64ub)
-RECLAIM = Struct(
-    "handle" / Int64ub,
-    "mode" / Int8ub,
-    "thread_id" / Int64ub,
-    "inode" / Int64ub,
-    "device" / Int64sb,
-    _key_len,
-    _key,
-)
-UNLOCK_ALL = Struct("thread_id" / Int64ub)
-SETTINGS = Struct("flags" / Int16ub, "ack_timeout_ms" / Int32ub)
-STATUS = Struct(
-    "thread_id" / Int64ub,
-    "inode" / Int64ub,
-    "device" / Int64sb,
-    _key_len,
-    _key,
-)
-
-_payload_len, _payload = _blob("payload", Int32ub)
-INFO_PUT = Struct(_payload_len, _payload)
-INFO_GET = Struct("flags" / Int16ub)
-_data_len, _data = _blob("data", Int16ub)
-ECHO = Struct(_data_len, _data)
-
-GRANTED = Struct("handle" / Int64ub, "mode" / Int8ub, "value" / Int32ub)
-_ip_len, _ip = _text("holder_ip", Int8ub)
-REFUSED = Struct("reason" / Int8ub, *_HOLDER_FIXED, _ip_len, _ip)
-WAITING = Struct("waited_ms" / Int32ub, *_HOLDER_FIXED, _ip_len, _ip)
-STATUS_REPLY = Struct("state" / Int8ub, *_HOLDER_FIXED, _ip_len, _ip)
-INFO_SNAPSHOT = Struct(_payload_len, _payload)
-ECHO_REPLY = Struct(_data_len, _data)
-UNLOCKED = Struct("count" / Int32ub)
-_reason_len, _reason = _text("reason", Int16ub)
-ERROR = Struct("code" / Int16ub, _reason_len, _reason)
 
 
 class Hello(NamedTuple):
@@ -453,27 +327,27 @@ class ConnectionClosed(NamedTuple):
     """The peer closed the connection cleanly, between frames."""
 
 
-#: Every message: kind, construct definition, event class.
-MESSAGES: tuple[tuple[Kind, Struct[Any, Any], type[Any]], ...] = (
-    (Kind.HELLO, HELLO, Hello),
-    (Kind.WELCOME, WELCOME, Welcome),
-    (Kind.LOCK, LOCK, Lock),
-    (Kind.UNLOCK, UNLOCK, Unlock),
-    (Kind.UNLOCK_ALL, UNLOCK_ALL, UnlockAll),
-    (Kind.STATUS, STATUS, Status),
-    (Kind.INFO_PUT, INFO_PUT, InfoPut),
-    (Kind.INFO_GET, INFO_GET, InfoGet),
-    (Kind.ECHO, ECHO, Echo),
-    (Kind.RECLAIM, RECLAIM, Reclaim),
-    (Kind.SETTINGS, SETTINGS, Settings),
-    (Kind.GRANTED, GRANTED, Granted),
-    (Kind.REFUSED, REFUSED, Refused),
-    (Kind.WAITING, WAITING, Waiting),
-    (Kind.STATUS_REPLY, STATUS_REPLY, StatusReply),
-    (Kind.INFO_SNAPSHOT, INFO_SNAPSHOT, InfoSnapshot),
-    (Kind.ECHO_REPLY, ECHO_REPLY, EchoReply),
-    (Kind.UNLOCKED, UNLOCKED, Unlocked),
-    (Kind.ERROR, ERROR, Error),
+#: Every message: its kind and event class, in the order of their kinds.
+CLASSES: tuple[tuple[Kind, type[Any]], ...] = (
+    (Kind.HELLO, Hello),
+    (Kind.WELCOME, Welcome),
+    (Kind.LOCK, Lock),
+    (Kind.UNLOCK, Unlock),
+    (Kind.UNLOCK_ALL, UnlockAll),
+    (Kind.STATUS, Status),
+    (Kind.INFO_PUT, InfoPut),
+    (Kind.INFO_GET, InfoGet),
+    (Kind.ECHO, Echo),
+    (Kind.RECLAIM, Reclaim),
+    (Kind.SETTINGS, Settings),
+    (Kind.GRANTED, Granted),
+    (Kind.REFUSED, Refused),
+    (Kind.WAITING, Waiting),
+    (Kind.STATUS_REPLY, StatusReply),
+    (Kind.INFO_SNAPSHOT, InfoSnapshot),
+    (Kind.ECHO_REPLY, EchoReply),
+    (Kind.UNLOCKED, Unlocked),
+    (Kind.ERROR, Error),
 )
 
 Message = (

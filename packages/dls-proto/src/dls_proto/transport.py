@@ -33,13 +33,17 @@ from __future__ import annotations
 import os
 import select
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from .connection import Connection, NeedData
 from .messages import Event, Message
+
+if TYPE_CHECKING:
+    import ssl
 
 #: How long one poll lasts before the reader goes to sleep in recv (seconds).
 SPIN_SECONDS = 60e-6
@@ -60,14 +64,29 @@ def _runnable() -> int:
         return 0
 
 
+def tls_socket(sock: socket.socket) -> ssl.SSLSocket | None:
+    """``sock`` if it is a TLS socket, else None. ssl is looked at only when loaded (no TLS socket exists
+    before it is), so that a process connecting without TLS never imports it: ssl costs a client's start-up
+    about a tenth of its time."""
+    ssl_module = sys.modules.get("ssl")
+    if ssl_module is not None and isinstance(sock, ssl_module.SSLSocket):
+        return cast("ssl.SSLSocket", sock)
+    return None
+
+
 class SpinningReader:
     """``read()`` is ``sock.recv(size)``, preceded by a short poll when that pays."""
 
     def __init__(self, sock: socket.socket, size: int = 65536, *, spin: float = SPIN_SECONDS,
                  guard: threading.Lock | None = None, slice_: float = 1.0) -> None:
         self._recv = sock.recv
-        self._tls = sock if isinstance(sock, ssl.SSLSocket) else None
+        self._tls = tls_socket(sock)
+        #: What a TLS read raises while a record is not whole (nothing without TLS).
+        self._not_whole: tuple[type[OSError], ...] = ()
         if self._tls is not None:
+            import ssl
+
+            self._not_whole = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
             self._poller = select.poll()
             self._poller.register(sock.fileno(), select.POLLIN)
         #: With TLS and threads: the lock every use of the SSL object takes (the socket is non-blocking).
@@ -123,7 +142,7 @@ class SpinningReader:
         with guard:
             try:
                 return tls.recv(self._size)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except self._not_whole:
                 raise BlockingIOError("a TLS record is not whole yet") from None
 
     def _poll_tls(self) -> None:

@@ -1,0 +1,46 @@
+"""dls-lock starts on what its path needs: a real dls-lock process taking a free lock of a real service.
+
+Start-up is most of what ``dls-lock -n FILE KEY true`` costs (flock(1) takes about nothing), and most of
+start-up is imports. A lock through a plain (not TLS) service with one SERVER needs neither ssl, nor the
+configuration test of ``jdls -C``/dls-test, nor the two-server route of SERVER2, nor construct: this test reads the
+process's own import list (``python -X importtime``), so that an import added at the top of a module
+cannot bring them back unnoticed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dls_testkit import DLS_LOCK, KEY, Service, data_file
+
+#: Modules the plain lock path does without: ssl and dls-proto's TLS (only with JDLS TLS), the configuration
+#: test (only jdls -C and dls-test), the two-server route (only with SERVER2), construct and the definitions
+#: (the codec is generated from its written-down layouts).
+NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec")
+
+
+def _imported(stderr: str) -> set[str]:
+    """The modules ``-X importtime`` reports in ``stderr`` (one line each: 'import time: self | total | name')."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_a_free_lock_imports_only_what_its_path_needs(service: Service, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    result = subprocess.run([sys.executable, "-X", "importtime", DLS_LOCK, "-n", str(data), KEY, "true"],
+                            env=service.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported = _imported(result.stderr)
+    assert "dls_client.client" in imported  # the service was used: the list is the lock path's
+    assert imported.isdisjoint(NOT_NEEDED), sorted(imported.intersection(NOT_NEEDED))
+
+
+def test_the_submodules_imported_on_first_use_are_there() -> None:
+    """dls_proto's ``probe`` and ``tls`` are not imported with the package, yet are its attributes when asked."""
+    code = ("import sys, dls_proto\n"
+            "assert 'dls_proto.tls' not in sys.modules and 'dls_proto.probe' not in sys.modules\n"
+            "assert dls_proto.tls.MIN_VERSION and dls_proto.probe.MAX_TEST_STRING\n"
+            "from dls_proto import probe, tls\n"
+            "assert tls is sys.modules['dls_proto.tls'] and probe is sys.modules['dls_proto.probe']\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
