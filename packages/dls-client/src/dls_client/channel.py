@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from dls_proto import (
     CLIENT_MAX_FRAME,
+    SINCE,
     Connection,
     ConnectionClosed,
     Error,
@@ -58,13 +59,11 @@ if TYPE_CHECKING:
 #: dls-test use too.
 CONNECT_TIMEOUT = jdls.CONNECT_TIMEOUT
 #: The first protocol version whose lock server can be told the client's acknowledgement timeout (Settings).
-SETTINGS_VERSION = 3
-#: A lock server of protocol version 2 sends its interim Waiting messages this often (seconds), whatever the
-#: client's TIMEOUT: it cannot be told.
-VERSION2_INTERIM_PERIOD = 5.0
-#: ... so a client of a shorter TIMEOUT waits this long for its answers instead (an interim period and a half),
-#: rather than give up a lock that merely waits, and every lock with the connection (Route.abandon).
-VERSION2_ACK_TIMEOUT = 1.5 * VERSION2_INTERIM_PERIOD
+SETTINGS_VERSION = SINCE[Settings]
+#: A lock server of protocol version 2 cannot be told: its interim messages come this often (seconds), and a
+#: client of a shorter TIMEOUT waits this long for its answers instead (dls-proto's, which dls-jdls(7) states).
+VERSION2_INTERIM_PERIOD = jdls.VERSION2_INTERIM_PERIOD
+VERSION2_ACK_TIMEOUT = jdls.VERSION2_ACK_TIMEOUT
 _KEEPALIVE = (2, 1, 3)  # idle, interval, probes (seconds, seconds, count)
 #: Seconds within which a lock server that went silent (its host down, the link cut) is found dead: by
 #: keepalive while the connection is idle (2 s, then 3 probes 1 s apart), by TCP_USER_TIMEOUT (set to it)

@@ -39,6 +39,12 @@ LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
 #: The TIMEOUT values a client accepts (seconds): below, a network's hiccup would cost every lock; above, a
 #: dead service would go unnoticed for more than a day (and the wire's milliseconds would not hold it).
 TIMEOUT_RANGE = (0.5, 86400.0)
+#: A lock service of protocol version 2 sends a waiting request's interim messages this often (seconds), and
+#: cannot be told the client's TIMEOUT ...
+VERSION2_INTERIM_PERIOD = 5.0
+#: ... so a client of a shorter TIMEOUT waits this long for its answers instead (an interim period and a half),
+#: rather than give up a lock that merely waits, and every lock with the connection.
+VERSION2_ACK_TIMEOUT = 1.5 * VERSION2_INTERIM_PERIOD
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ OPTIONS = (
            f"up; fractions allowed, from {TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g} (a day); another value is "
            "refused. The client tells its lock server this timeout (protocol version 3), and a waiting request's "
            "interim messages come a third of it apart (at most 5 s), so a short TIMEOUT does not end a contended "
-           "wait; against a service of protocol version 2 a TIMEOUT below 7.5 s is taken as 7.5 s. A new "
+           f"wait; against a service of protocol version 2 a TIMEOUT below {VERSION2_ACK_TIMEOUT:g} s is taken as "
+           f"{VERSION2_ACK_TIMEOUT:g} s. A new "
            f"connection has {CONNECT_TIMEOUT:g} s to be accepted, whatever TIMEOUT says."),
     Option("BINARY", "", "not set",
            "Binary locks (file and execution locks, not record locks) go to the service too; without it they are "
