@@ -341,6 +341,9 @@ FAKE_CLIENT = textwrap.dedent("""
             time.sleep(0.05)  # a loss already due is seen before the grant returns
             return held
 
+        def held_until(self, held):
+            return time.monotonic() + 3600  # a lease the holder renews: never the reason here
+
         def close(self):
             pass
 
@@ -482,3 +485,56 @@ def test_a_lock_taken_back_after_its_lock_server_died_lets_the_command_run(servi
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM, err.read_text()
     assert "lost" not in err.read_text()
+
+
+# -- a holder that falls silent (SIGSTOP): the keeper's lease -------------------------------------------------
+
+#: A lock-delay that leaves the keeper's lease 4 s (less the 5 s a dead server takes to be found): TERM after
+#: 2 s of the holder's silence (-k 2), KILL after 4, and the lock handed on 9 s after its lock server dies.
+SILENT_DELAY = "9"
+
+
+def test_a_stopped_dls_lock_whose_lock_is_lost_has_its_command_stopped_before_the_lock_is_handed_on(
+        tmp_path: Path) -> None:
+    """dls-lock is stopped (SIGSTOP: it can no longer hear that its lock is lost) and its lock server is
+    killed: the service keeps the lock for the lock-delay, then hands it on. The keeper, which was not
+    stopped, must have stopped the command by then; resumed, dls-lock says why and exits 75."""
+    data, err = data_file(tmp_path), tmp_path / "err"
+    with running_service(tmp_path / "release", "--lock-delay", SILENT_DELAY) as service, \
+            service.client(timeout=30) as witness:
+        proc, sleeps = _holding(service, data, err)
+        with running(proc):
+            server = holder_of(witness, data, KEY).pid
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                os.kill(server, signal.SIGKILL)
+                with witness.lock(data, KEY, timeout=30):  # handed on after the lock-delay
+                    assert not any(alive(p.pid) for p in sleeps), "the command ran beside the next holder"
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(timeout=15) == LOST, err.read_text()
+    said = err.read_text()
+    assert f"pid {proc.pid}) did not renew its lease in time (stopped or frozen?)" in said, said
+    assert (f"dls-lock: this dls-lock (pid {proc.pid}) was stopped or frozen too long to be sure it still held the "
+            f"lock on {data} {KEY}: the command was stopped\n") in said, said
+
+
+def test_dls_lock_stopped_whole_and_resumed_keeps_its_command_running(tmp_path: Path) -> None:
+    """dls-lock, its keeper and its command all stopped for longer than the lease (as the terminal's Ctrl-Z
+    stops them), then resumed while the lock is still held: the keeper gives the holder its chance to renew,
+    and the command runs on."""
+    data, err = data_file(tmp_path), tmp_path / "err"
+    with running_service(tmp_path / "release", "--lock-delay", SILENT_DELAY) as service:
+        proc, sleeps = _holding(service, data, err)
+        with running(proc):
+            tree = [psutil.Process(proc.pid), *_tree(proc)]
+            for p in tree:
+                p.send_signal(signal.SIGSTOP)
+            time.sleep(6)
+            for p in reversed(tree):  # the command first, dls-lock last: the worst order for the keeper
+                p.send_signal(signal.SIGCONT)
+            time.sleep(3)
+            assert proc.poll() is None and all(alive(p.pid) for p in sleeps), err.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 128 + signal.SIGTERM, err.read_text()
+    assert "lease" not in err.read_text()

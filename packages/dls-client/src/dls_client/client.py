@@ -129,6 +129,12 @@ class Client(BaseClient):
         costs no round trip while the sockets are well; see Route.verify)."""
         self._route.verify(held.handle)
 
+    def held_until(self, held: HeldLock) -> float:
+        """Until when (time.monotonic()) ``held`` stays this process's even if it does nothing more from
+        now on, its lock server dying meanwhile included (see Route.held_until): what a watchdog of this
+        process, such as dls-lock's keeper, may allow the work done under the lock. No round trip."""
+        return self._route.held_until(held.handle)
+
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
             self.async_errors.append(message)

@@ -42,6 +42,17 @@ def reclaim_deadline(channel: Channel, flags: int = 0) -> float:
     return failed + channel.lock_delay - DEAD_SERVER_BOUND
 
 
+def kept_after_silence(channel: Channel, flags: int = 0) -> float:
+    """How long (seconds) a lock taken with ``flags`` through the working ``channel`` stays this client's
+    if the client falls silent now (stopped, frozen) and its lock server dies the next instant: the
+    reclaim window of ``reclaim_deadline`` counted from now, since a failure the client has not yet
+    found may be up to the dead-server bound old. 0 for an OS file lock on the service, or a lock-delay
+    no longer than that bound: such a lock may be lost at any moment without the client hearing of it."""
+    if flags & OS_LOCK_FLAGS:
+        return 0.0
+    return max(0.0, channel.lock_delay - DEAD_SERVER_BOUND)
+
+
 def unkept_reason(channel: Channel, flags: int = 0) -> str:
     """Why a lock taken with ``flags`` through the failed ``channel`` was not reclaimed in time, as
     LockLost says it."""

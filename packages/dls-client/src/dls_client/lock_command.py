@@ -25,6 +25,7 @@ from .__about__ import __version__
 # answer in a few milliseconds. The client (dls_proto's codecs, construct, ssl) comes in main, when a
 # lock is to be taken; dls-shm and psutil never (dls-lock locks through the service).
 if TYPE_CHECKING:
+    from .client import Client
     from .command_keeper import Keeper
     from .errors import Holder
     from .locks import HeldLock
@@ -66,6 +67,19 @@ every process the command started is killed (SIGKILL) at once: dls-lock runs as
 two processes, the one started, which holds the lock, and its keeper (ps shows
 it as "dls-lock keeper"), which runs the command and kills what is left when
 the first is gone. Only killing both at once leaves processes running.
+
+If dls-lock is stopped (SIGSTOP, a debugger, a frozen process) it can no
+longer hear that its lock is lost, so it renews a lease with its keeper twice
+a second: how long the lock is sure to stay its own should it do nothing more
+(the service's lock-delay less the 5 s a dead server takes to be found; 10 s
+with jdls's default 15 s). When the lease runs out, the keeper stops the
+command as for a lost lock, TERM -k seconds before the end, KILL at it, so the
+command never runs beside the next holder; resumed, dls-lock says why and
+exits {exitcodes.LOST}, though the service may still have kept the lock. With a lock-delay
+under 5 s plus -k plus 1 s, the keeper acts after 1 s of silence, and the
+lock may be handed on sooner. When the terminal's Ctrl-Z stops dls-lock, its
+keeper and the command together, the keeper gives dls-lock a second to renew
+on resuming before it acts.
 
 Where dls-lock differs from flock(1), and why:
 
@@ -307,6 +321,13 @@ class _LostWatch:
         if command is not None:
             self._say_lost(command, reason)
 
+    def fell_silent(self) -> None:
+        """The keeper stopped the command because this process fell silent (see command_keeper): say so,
+        and count the lock lost (it may still have been held, but nobody could be sure of it)."""
+        if self._first() is not None:
+            _tell(f"this dls-lock (pid {os.getpid()}) was stopped or frozen too long to be sure it still held "
+                  f"the lock on {self.name}: the command was stopped")
+
     def _first(self) -> str | None:
         """Mark the lock lost: where the command was then; None if it was marked already."""
         with self._lock:
@@ -318,6 +339,31 @@ class _LostWatch:
     def _say_lost(self, command: str, reason: str) -> None:
         when = "before the command started: it does not run" if command == "before" else "after the command ended"
         _tell(f"lost the lock on {self.name} ({reason}) {when}")
+
+
+class _Renewal:
+    """The holder's side of the keeper's lease (see command_keeper): renewed now, before the command
+    runs, then every LEASE_PERIOD by a thread, with how long the lock stays this process's should it do
+    nothing more (Client.held_until)."""
+
+    def __init__(self, client: Client, held: HeldLock, keeper: Keeper) -> None:
+        from .command_keeper import LEASE_PERIOD
+
+        self._client, self._held, self._keeper = client, held, keeper
+        self._period = LEASE_PERIOD
+        self._done = threading.Event()
+        self._renew()
+        threading.Thread(target=self._run, name="dls-lock lease", daemon=True).start()
+
+    def _renew(self) -> None:
+        self._keeper.lease(self._client.held_until(self._held))
+
+    def _run(self) -> None:
+        while not self._done.wait(self._period):
+            self._renew()
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 def _tell(text: str) -> None:
@@ -389,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if say:
         say(f"locked {args.file} {args.key} ({Mode(held.mode).name}, 0x{held.value:08x})")
     try:
-        status = _run_holding(held, keeper, relay, watch)
+        status = _run_holding(client, held, keeper, relay, watch)
     finally:
         client.close()  # and the connection's end releases the lock, whatever release() could not
     if say and not watch.lost:
@@ -397,17 +443,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _run_holding(held: HeldLock, keeper: Keeper, relay: _SignalRelay, watch: _LostWatch) -> int:
+def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalRelay, watch: _LostWatch) -> int:
     """Run the command while the lock is held, and release it; the command's status, or LOST."""
     if held.lost or not watch.running(keeper):
         watch.found(held.lost_reason or "lost")
         keeper.abandon()
         return exitcodes.UNAVAILABLE  # the command never ran: as if the service had been lost before the grant
     relay.keeper = keeper
+    renewal = _Renewal(client, held, keeper)
     keeper.run_command()
     status = keeper.wait()
+    renewal.stop()
     relay.keeper = None
     watch.ended()
+    if keeper.lease_ran_out:
+        watch.fell_silent()
     from .errors import DlsError, LockLost
 
     try:

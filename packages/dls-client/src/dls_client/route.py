@@ -32,7 +32,7 @@ from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Recla
 
 from .channel import Channel
 from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
-from .link import Link, OpenChannel, exchange_all, reclaim_deadline, unkept_reason
+from .link import Link, OpenChannel, exchange_all, kept_after_silence, reclaim_deadline, unkept_reason
 from .locks import HeldLock
 from .trace import Tracer
 from .watcher import hung_up
@@ -161,6 +161,27 @@ class Route:
                     continue  # the common case: one poll() of the socket
                 self.failed(channel, reason)
             self._recover(index, eager=True)
+
+    def held_until(self, handle: int) -> float:
+        """Until when (time.monotonic()) lock ``handle`` stays this client's even if the client does
+        nothing more from now on (its process stopped, say): the latest of its holds, since a lock held
+        on any service is held (``_unheld``). A hold on a working channel is good for ``kept_after_silence``
+        from now; one whose socket has hung up, for nothing (the failure may be old: a process that was
+        stopped finds it only now); one on a failed channel, until its ``reclaim_deadline``. Now for a
+        lock not held. One poll() per hold: no round trip."""
+        now = time.monotonic()
+        with self._state:
+            holding = self._holdings.get(handle)
+            holds = [] if holding is None else [(index, hold) for index, hold in enumerate(holding.holds)
+                                                if hold is not None]
+            flags = 0 if holding is None else holding.request.flags
+        until = now
+        for index, (channel, _handle) in holds:
+            if channel.failure is not None or channel is not self.links[index].channel:
+                until = max(until, reclaim_deadline(channel, flags))
+            elif hung_up(channel) is None:
+                until = max(until, now + kept_after_silence(channel, flags))
+        return until
 
     def channels(self) -> list[Channel]:
         """The live channels (none before the first connection): the watcher's and publish's."""
