@@ -178,7 +178,7 @@ class Listener(Daemon):
             "frames of %d bytes, handshake %g s, dead client %g s%s%s%s", where(settings.bind, bound), mechanism,
             limits.max_clients, limits.max_per_address, limits.max_locks_per_client, limits.max_frame,
             limits.handshake_timeout, limits.dead_client_bound,
-            "" if limits.os_locks else "; OSLOCK and BINARY requests refused",
+            "" if limits.os_locks else "; BINARY requests refused",
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
             _tls_note(settings),
         )
