@@ -109,11 +109,13 @@ from dls_shm import (
     LockMechanism,
     NotHeld,
     Owner,
+    PidRecord,
     Queued,
     TableError,
     TableMissing,
     TableServes,
     pack_ip,
+    pidfiles,
     unpack_ip,
 )
 from dls_shm.info import Written
@@ -246,6 +248,8 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
+        #: This lock server's pid and start time, named in its client's document (found on its first InfoPut).
+        self._record: PidRecord | None = None
         self.stats = Stats()
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
@@ -773,7 +777,9 @@ class LockServer:
         assert hello is not None
         try:
             self.stats.info_updates += 1
-            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload,
+            if self._record is None:
+                self._record = pidfiles.record_of(self.pid)
+            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self._record, req.payload,
                                                self.stats.document(self))
         except ValueError as exc:  # client_info.Refused, or what json makes of it: the client's fault, it may hear why
             self.log.warning("client %s: its lock information refused: %s", self._who(), exc)
