@@ -224,8 +224,8 @@ def test_one_port_from_two_hosts_keeps_two_documents(tmp_path: Path) -> None:
 
 
 def test_oslocks_clients_beside_a_table_are_shown_too(service: Service, tmp_path: Path) -> None:
-    """A table serves the instance; a client with JDLS OSLOCKS has its record lock taken as an OS file lock by
-    its lock server: show-item-locks shows it beside the table's, on the host and over the protocol."""
+    """A table serves the instance; a client with JDLS OSLOCKS has its record lock in the table like the
+    others (one mechanism per record): show-item-locks shows both, on the host and over the protocol."""
     data = tmp_path / "FBNK.ACCOUNT"
     data.touch()
     env = {**service.env, "JDLS": service.jdls_value("OSLOCKS"), "JBCPORTNO": "1000"}

@@ -84,31 +84,49 @@ def child_env(jdls: str | None) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_oslocks_record_locks_are_os_file_locks_on_the_server(daemon: Daemon, data: Path) -> None:
-    client = Client(daemon.config(oslocks=True))
-    try:
-        with client.lock(data, KEY):
-            names = [p.name for p in daemon.lock_dir.iterdir()] if daemon.lock_dir.exists() else []
-            assert any(name.startswith("jlock_") for name in names), names
-            other = Client(daemon.config(oslocks=True))
-            try:
-                with pytest.raises(LockRefused):
-                    other.try_lock(data, KEY)
-            finally:
-                other.close()
-        again = Client(daemon.config(oslocks=True))
-        try:
-            again.try_lock(data, KEY).release()  # free once released
-        finally:
-            again.close()
-    finally:
-        client.close()
-
-
-@pytest.mark.slow
 def test_oslocks_clients_exclude_each_other_across_processes(daemon: Daemon, data: Path) -> None:
     with Holding(f"client.lock({str(data)!r}, {KEY!r})", child_env(daemon.jdls_value("OSLOCKS"))):
         client = Client(daemon.config(oslocks=True))
+        try:
+            with pytest.raises(LockRefused):
+                client.try_lock(data, KEY)
+        finally:
+            client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_oslocks", [True, False], ids=["oslocks-holds", "plain-holds"])
+def test_beside_a_table_oslocks_clients_and_the_others_exclude_each_other(daemon: Daemon, data: Path,
+                                                                           first_oslocks: bool) -> None:
+    """A record lock has one holder whatever the clients' options (second audit of issue 12): beside a
+    table a client with JDLS OSLOCKS and one without lock the same record in the same mechanism, the
+    table, so that the other is refused (-n) or waits while one holds it, in both orders. They used to be
+    granted both: the OSLOCKS client's lock was an OS file lock, which the table's locks never met."""
+    holder_jdls = daemon.jdls_value("OSLOCKS") if first_oslocks else daemon.jdls_value()
+    with Holding(f"client.lock({str(data)!r}, {KEY!r})", child_env(holder_jdls)):
+        assert not any(p.name.startswith("jlock_") for p in daemon.lock_dir.glob("*")), "an OS lock beside a table"
+        client = Client(daemon.config(oslocks=not first_oslocks))
+        try:
+            with pytest.raises(LockRefused):
+                client.try_lock(data, KEY)
+            with pytest.raises(LockRefused):  # a wait that times out: the holder keeps it throughout
+                client.lock(data, KEY, timeout=0.5)
+        finally:
+            client.close()
+    # Once per connection (the OSLOCKS client asked once or twice), the lock server logs how it serves them.
+    assert daemon.log().count("(JDLS OSLOCKS): served by the lock table") == 1, daemon.log()
+
+
+@pytest.mark.slow
+def test_without_a_table_oslocks_clients_and_the_others_take_os_locks(
+        local_dirs: tuple[Path, Path, Path], running_daemon: Callable[..., Any], data: Path) -> None:
+    """Under ``jdls -ibD`` (no table) every record lock is an OS file lock in the lock directory, what
+    JDLS OSLOCKS asks for, and OSLOCKS clients and the others exclude each other there."""
+    root, lock_dir, _ = local_dirs
+    with running_daemon(root, "-ibD") as svc, Holding(f"client.lock({str(data)!r}, {KEY!r})",
+                                                     child_env(svc.jdls_value("OSLOCKS"))):
+        assert any(p.name.startswith("jlock_") for p in lock_dir.iterdir())
+        client = Client(svc.config())
         try:
             with pytest.raises(LockRefused):
                 client.try_lock(data, KEY)

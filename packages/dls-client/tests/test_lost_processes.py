@@ -229,11 +229,12 @@ def test_a_holder_stopped_longer_than_the_lock_delay_is_told_by_ensure_held_befo
 @pytest.mark.parametrize("config", [{"binary": True}, {"oslocks": True}], ids=["binary", "oslocks"])
 def test_a_lock_the_service_held_as_an_os_lock_is_lost_the_moment_its_lock_server_dies(
         keeping: Daemon, data: Path, config: dict[str, bool]) -> None:
-    """Beside a table, a binary lock (JDLS BINARY) or a record lock taken as an OS lock (JDLS OSLOCKS) is
-    an OS file lock of the lock server, which the kernel frees when it dies, whatever the lock-delay: the
-    holder is told at once, not when the lock-delay it could not use runs out (a table lock of the same
-    client stays reclaimable meanwhile). The listener is stopped first, so that no reconnection and
-    refused Reclaim says it sooner."""
+    """Beside a table, a binary lock (JDLS BINARY) is an OS file lock of the lock server, which the kernel
+    frees when it dies, whatever the lock-delay: the holder is told at once, not when the lock-delay it
+    could not use runs out (a table lock of the same client stays reclaimable meanwhile). A record lock
+    taken with JDLS OSLOCKS is told lost at once too (link.OS_LOCK_FLAGS: an earlier service held it as
+    an OS lock, and the Welcome does not tell them apart), though the table keeps it now. The listener is
+    stopped first, so that no reconnection and refused Reclaim says it sooner."""
     told: list[HeldLock] = []
     with keeping.client(**config) as client:
         if config.get("binary"):

@@ -175,15 +175,18 @@ def test_only_the_main_os_locks_of_a_lock_server_without_a_table_look_for_one(tm
     key = free_key(tmp_path)
     without = Mechanisms(None, tmp_path / "jbase", tmp_path / "jbase_lock", key)
     assert isinstance(without.main, OsLocks) and without.main.table_key == key
-    assert without.os_locks(binary=True).table_key is None
+    assert without.for_flags(int(LockFlag.OSLOCK)) is without.main
+    binary = without.for_flags(int(LockFlag.BINARY))
+    assert isinstance(binary, OsLocks) and binary.table_key is None
     without.close()
     table, _ = LockTable.create(key, SMALL)
     try:
         beside = Mechanisms(table, tmp_path / "jbase", tmp_path / "jbase_lock", key)
         assert beside.main is table
-        oslock = beside.for_flags(int(LockFlag.OSLOCK))
-        assert isinstance(oslock, OsLocks) and oslock.table_key is None  # the client's own choice: no look
-        assert isinstance(oslock.lock(owner(), INODE, DEVICE, KEY, 5), Grant)
+        assert beside.for_flags(int(LockFlag.OSLOCK)) is table  # one mechanism per record lock
+        binary = beside.for_flags(int(LockFlag.BINARY))
+        assert isinstance(binary, OsLocks) and binary.table_key is None  # a namespace of its own: no look
+        assert isinstance(binary.lock(owner(), INODE, DEVICE, KEY, 5), Grant)
         beside.close()
     finally:
         table.remove()

@@ -3,7 +3,7 @@
 A small listener of the test's own accepts each connection and forks a lock
 server (``lockserver.serve``) with a ServerContext whose lock directories are
 under tmp_path: without a table (``jdls -ibD`` alone) every record lock is an
-OS lock; with a table, only Locks flagged OSLOCK or BINARY are. The clients
+OS lock; with a table, only Locks flagged BINARY are (OSLOCK ones are table locks). The clients
 speak the protocol directly (``dls_proto.Connection``), so that each test says
 exactly which thread asks what. Every lock server is ended and reaped at
 teardown, and every table removed.
@@ -364,19 +364,19 @@ def test_status_unlock_all_and_bad_handles(servers: Servers) -> None:
 # -- with a table: OSLOCK and BINARY ------------------------------------------------------------
 
 
-def test_with_a_table_oslock_and_binary_locks_are_os_locks_and_the_rest_table_locks(
+def test_with_a_table_binary_locks_are_os_locks_and_every_record_lock_a_table_lock(
         table_servers: Servers, table: LockTable, tmp_path: Path) -> None:
     a, b = table_servers.connect(pid=1), table_servers.connect(pid=2)
     in_table = a.granted(EX, key=b"in the table")
     assert [e.slot.key[: e.slot.key_len] for e in table.scan()] == [b"in the table"]
-    assert not (tmp_path / "jbase").exists()
 
+    # OSLOCK changes nothing beside a table: one mechanism per record, so a record has one holder.
     os_lock = a.granted(EX, flags=LockFlag.OSLOCK)
-    assert [p.name for p in (tmp_path / "jbase").iterdir()] == [FILE]
-    assert len(list(table.scan())) == 1, "an OSLOCK lock went to the table"
-    from_lock_server(refused(b.lock(EX, flags=LockFlag.OSLOCK)), a.server_pid)
-    # Status has no flags: a record free in the table is looked for among OS locks too.
-    from_lock_server(b.status(), a.server_pid)
+    assert len(list(table.scan())) == 2, "an OSLOCK lock did not go to the table"
+    for flags in (0, LockFlag.OSLOCK):
+        assert refused(b.lock(EX, flags=flags)).holder_pid == a.server_pid
+    assert b.status().holder_pid == a.server_pid
+    assert not (tmp_path / "jbase").exists()
 
     binary = a.granted(EX, flags=LockFlag.BINARY, key=b"")
     assert [p.name for p in (tmp_path / "jbase_lock").iterdir()] == [FILE]
@@ -384,7 +384,9 @@ def test_with_a_table_oslock_and_binary_locks_are_os_locks_and_the_rest_table_lo
 
     # Handles of every mechanism unlock, in any order, the table's still the fast way.
     a.unlock(os_lock.handle)
-    assert isinstance(b.lock(EX, flags=LockFlag.OSLOCK), Granted)
+    taken = b.lock(EX)
+    assert isinstance(taken, Granted)
+    b.unlock(taken.handle)
     a.unlock(in_table.handle)
     assert list(table.scan()) == []
     a.unlock(binary.handle)

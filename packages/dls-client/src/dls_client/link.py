@@ -24,9 +24,12 @@ from .errors import AcknowledgementTimeout, ServiceUnavailable
 OpenChannel = Callable[[Server, "float | None"], Channel]
 #: Seconds between two attempts to reach a service that could not be reached (the watcher's cadence).
 RETRY_INTERVAL = 1.0
-#: The Lock flags that make the service take a lock as an OS file lock even beside its table (dls-daemon's
-#: ``Mechanisms.for_flags``): the kernel frees such a lock with its lock server, so none is kept for the
-#: client to reclaim, whatever lock-delay the Welcome said.
+#: The Lock flags of a lock the service may hold as an OS file lock even beside its table: the kernel frees
+#: such a lock with its lock server, so none is kept for the client to reclaim, whatever lock-delay the
+#: Welcome said. A binary lock always is one (dls-daemon's ``Mechanisms.for_flags``). An OSLOCK record lock
+#: is a table lock beside a table since dls-daemon 0.7.1, but the Welcome does not tell that version from
+#: an earlier one, which took it as an OS lock: the client stays on the safe side and counts such a lock
+#: lost the moment its channel fails (giving up a lock it might have reclaimed, never keeping one it lost).
 OS_LOCK_FLAGS = LockFlag.BINARY | LockFlag.OSLOCK
 
 

@@ -108,14 +108,19 @@ examples:
   the service, so a live client reclaims in time; the price is that a request behind a crashed
   lock server's lock waits that long. 0 keeps nothing. The monitor writes it into the table,
   an existing one too; without a table (jdls -ibD: OS file locks) nothing can be kept, nor
-  can the OS file locks a lock server takes beside a table (BINARY, OSLOCK).
+  can the binary locks (JDLS BINARY: OS file locks in --binary-lock-dir) beside one. A record
+  lock of a client with JDLS OSLOCKS is a table lock beside a table, kept like the others.
 
 One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
   serve the instance: while the listener runs without a table, while lock servers run
   without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
   say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
   and exits 1, having started nothing. Local processes that hold no OS lock follow a table
-  made later. Binary locks and the clients' OSLOCKS locks are outside this rule.
+  made later. Binary locks are outside this rule (a namespace of their own, OS file locks for
+  every client). A record has one holder: a client with JDLS OSLOCKS has its record locks taken
+  as OS file locks only where there is no table; beside one the table serves them like every
+  other record lock, so that it and the clients without OSLOCKS exclude each other (the lock
+  server's log says so once per connection).
 
 Who may connect (the listener): with --allow only those networks connect; a connection from
   elsewhere is closed at accept, unanswered, and logged. Without --allow anyone who can reach the
@@ -384,9 +389,10 @@ def get_parser() -> argparse.ArgumentParser:
                             help="connections one client address may have open at once; one more is closed at "
                             f"accept and logged (default {DEFAULT_MAX_PER_ADDRESS})")
     start_opts.add_argument("--refuse-os-locks", action="store_true",
-                            help="refuse the lock requests of clients with JDLS OSLOCKS or BINARY (OS file locks "
-                            "the lock server takes in --lock-dir and --binary-lock-dir) rather than serve them "
-                            "(default: served, as jDLS did)")
+                            help="refuse the binary lock requests of clients with JDLS BINARY (OS file locks the lock "
+                            "server takes in --binary-lock-dir) rather than serve them (default: served, as jDLS "
+                            "did); the record locks of clients with JDLS OSLOCKS are served by the service's "
+                            "mechanism like every record lock")
     start_opts.add_argument("--dead-client", type=_bound, default=None, metavar="S",
                             help="longest a client host may vanish without a word before its lock server "
                             "gives it up, keeping its locks for the lock-delay (default "

@@ -5,7 +5,8 @@ the server's own figures added (``stats``: what this lock server has done for
 the client, see ``lockserver.Stats``), so that a client cannot claim another's
 address, and removes it when the client goes. The file is named by that address
 and the client's port (dls_shm.info), so two application servers using one
-port number keep a document each.
+port number keep a document each. A killed lock server cannot remove it: the
+listener that reaps it and the monitor's tidy do (``remove_orphans``).
 
 It comes from the network, so it is bounded before it is parsed: at most
 MAX_INFO_BYTES, and JSON nested at most MAX_INFO_DEPTH deep (counted by a
@@ -16,11 +17,12 @@ parser's recursion).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
 from dls_proto import Hello
-from dls_shm import Instance
+from dls_shm import Instance, PidRecord
 from dls_shm import info as info_files
 
 from .context import MAX_INFO_BYTES, MAX_INFO_DEPTH
@@ -61,18 +63,33 @@ def parse(payload: bytes) -> dict[str, object]:
     return document
 
 
-def write(instance: Instance, hello: Hello, peer_ip: str, server_pid: int, payload: bytes,
+def write(instance: Instance, hello: Hello, peer_ip: str, server: PidRecord, payload: bytes,
           stats: dict[str, object] | None = None) -> info_files.Written:
     """Keep a client's lock information (a JSON object) under its address and port, with the lock server's
-    ``stats`` appended; the file written. Refused for a document the client should not have sent, OSError when
-    it cannot be written."""
+    ``stats`` appended and the lock server named (``server``: its pid and start time, by which the monitor
+    knows a document whose writer was killed, info.remove_orphans); the file written. Refused for a document
+    the client should not have sent, OSError when it cannot be written."""
     document = parse(payload)
     document.update(
-        pid=hello.pid, host=hello.host, server_pid=server_pid, updated=time.time(),
+        pid=hello.pid, host=hello.host, server_pid=server.pid, server_started=server.started, updated=time.time(),
     )
     if stats is not None:
         document["stats"] = stats
     return info_files.write(instance, hello.port, document, ip=peer_ip)
+
+
+def remove_orphans(instance: Instance, log: logging.Logger, when: str) -> None:
+    """Remove the proc/info documents of lock servers that were killed (a lock server removes its client's
+    when it ends), which would show a client that is gone (show-item-locks, list-open-files); dls-shm's
+    ``info.remove_orphans`` says which are surely orphans. ``when`` begins the log line."""
+    try:
+        removed = info_files.remove_orphans(instance)
+    except OSError as exc:
+        log.warning("%s: proc/info not tidied: %s", when, exc)
+        return
+    if removed:
+        log.info("%s: removed %d proc/info document(s) of dead lock servers: %s", when, len(removed),
+                 ", ".join(removed))
 
 
 def remove(written: info_files.Written) -> None:

@@ -86,7 +86,7 @@ class Limits:
     dead_client_bound: float = DEFAULT_DEAD_CLIENT_BOUND
     #: Connections one client address may have open at once; the next is refused at accept.
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
-    #: Whether Lock requests with the OSLOCK or BINARY flag are served (else refused with FORBIDDEN).
+    #: Whether Lock requests with the BINARY flag are served (else refused with FORBIDDEN).
     os_locks: bool = True
     #: Whether --max-locks was given; when not, a table lowers max_locks_per_client to its share.
     max_locks_given: bool = False

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from dls_proto import Error, ErrorCode, encode
 from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles, trusted
 
-from . import lockserver
+from . import client_info, lockserver
 from . import log as daemon_log
 from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
@@ -178,7 +178,7 @@ class Listener(Daemon):
             "frames of %d bytes, handshake %g s, dead client %g s%s%s%s", where(settings.bind, bound), mechanism,
             limits.max_clients, limits.max_per_address, limits.max_locks_per_client, limits.max_frame,
             limits.handshake_timeout, limits.dead_client_bound,
-            "" if limits.os_locks else "; OSLOCK and BINARY requests refused",
+            "" if limits.os_locks else "; BINARY requests refused",
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
             _tls_note(settings),
         )
@@ -374,6 +374,8 @@ class Listener(Daemon):
             self.log.warning("lock server %d %s", pid, status_text(status))
         else:
             self.log.debug("lock server %d ended", pid)
+        if os.WIFSIGNALED(status):  # it could not remove its client's document itself
+            client_info.remove_orphans(self.instance, self.log, f"lock server {pid} killed")
         if os.WIFSIGNALED(status) and self.table is not None:
             try:
                 kept = self.table.keep_owner(pid)

@@ -109,11 +109,13 @@ from dls_shm import (
     LockMechanism,
     NotHeld,
     Owner,
+    PidRecord,
     Queued,
     TableError,
     TableMissing,
     TableServes,
     pack_ip,
+    pidfiles,
     unpack_ip,
 )
 from dls_shm.info import Written
@@ -126,6 +128,8 @@ from .service_snapshot import snapshot
 
 #: The highest mode a Lock may ask for (the wire's field is unsigned, so that bounds it).
 _MAX_MODE = LOCK_MODES[-1]
+#: The OSLOCK flag as a plain int, for the lock path (IntFlag arithmetic is slower).
+_OSLOCK = int(LockFlag.OSLOCK)
 #: TCP keepalive probes a silent client gets before it is given up (the times follow from the bound).
 KEEPALIVE_PROBES = 5
 #: The shortest time data sent to a client may stay unacknowledged (ms), however long it was silent.
@@ -244,6 +248,8 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
+        #: This lock server's pid and start time, named in its client's document (found on its first InfoPut).
+        self._record: PidRecord | None = None
         self.stats = Stats()
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
@@ -262,6 +268,8 @@ class LockServer:
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
         self._routed = self.mechanisms.routed
+        #: Whether the log said how this client's OSLOCK requests are served (once per connection).
+        self._told_oslock = False
         self._max_locks = ctx.limits.max_locks_per_client
         self._handlers: dict[type, Callable[[Any], None]] = {
             Lock: self._lock, Unlock: self._unlock, UnlockAll: self._unlock_all, Status: self._status,
@@ -525,6 +533,11 @@ class LockServer:
         if req.mode > _MAX_MODE or len(self.held) + len(self.pending) >= self._max_locks:  # each takes a slot
             self._refuse_request(req)
             return
+        if req.flags & _OSLOCK and not self._told_oslock:
+            self._told_oslock = True  # once per connection
+            if self.mechanisms.table is not None:
+                self.log.info("client %s asks for record locks as OS file locks (JDLS OSLOCKS): served by the "
+                              "lock table like every record lock here, so that a record has one holder", self._who())
         if req.flags & self._routed:
             if not self.ctx.limits.os_locks:
                 self.log.warning("client %s asked for an OS file lock (flags %#x), refused: --refuse-os-locks",
@@ -752,15 +765,8 @@ class LockServer:
         self._send(Unlocked(req.request_id, count))
 
     def _status(self, req: Status) -> None:
-        """Who holds a record lock. Status carries no flags: with a table, a record lock free there is
-        also looked for among OS record locks (those of OSLOCKS clients)."""
-        owner = self._owner(req.thread_id)
-        state, holder = self.main.status(owner, req.inode, req.device, req.key)
-        if holder is None and self.mechanisms.table is not None:
-            try:
-                state, holder = self.mechanisms.os_locks(binary=False).status(owner, req.inode, req.device, req.key)
-            except TableError as exc:  # an unreadable lock file must not spoil the table's answer
-                self.log.warning("client %s: status of OS locks: %s", self._who(), exc)
+        """Who holds a record lock: every record lock is the main mechanism's (OSLOCK ones too)."""
+        state, holder = self.main.status(self._owner(req.thread_id), req.inode, req.device, req.key)
         if holder is None:
             self._send(StatusReply(req.request_id, state, 0, 0, 0, 0, 0, ""))
         else:
@@ -771,7 +777,9 @@ class LockServer:
         assert hello is not None
         try:
             self.stats.info_updates += 1
-            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self.pid, req.payload,
+            if self._record is None:
+                self._record = pidfiles.record_of(self.pid)
+            self.info_path = client_info.write(self.ctx.instance, hello, self.peer[0], self._record, req.payload,
                                                self.stats.document(self))
         except ValueError as exc:  # client_info.Refused, or what json makes of it: the client's fault, it may hear why
             self.log.warning("client %s: its lock information refused: %s", self._who(), exc)

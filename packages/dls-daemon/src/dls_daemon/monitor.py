@@ -6,7 +6,10 @@ never resized under its users, and settings that cannot apply to it are said
 -dvL`` shows of it (its pid, the tidy period, "last ran" at most a second old,
 its CPU time) and the lock-delay (``--lock-delay``, which does apply to a
 table that exists: it is rewritten, and the log says so), and every tidy
-period frees the locks whose owner is gone.
+period frees the locks whose owner is gone and removes the proc/info documents
+of lock servers that were killed (``client_info.remove_orphans``; the listener
+does so too when it reaps one, but a lock server of an earlier listener, or one
+killed with its listener, is not its child).
 
 A lock server's locks are kept rather than freed when it dies (the table's
 ``tidy`` makes them KEPT), for their client to reclaim within the lock-delay;
@@ -31,6 +34,7 @@ import time
 
 from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing, trusted
 
+from . import client_info
 from .lifecycle import Daemon, StartFailed
 from .one_mechanism import claim
 from .readiness import Report
@@ -167,6 +171,7 @@ class Monitor(Daemon):
             self.log.info("tidy (%s): freed %d orphaned lock(s) in %.3f s", why, done.freed, took)
         elif not done.kept:
             self.log.debug("tidy (%s): nothing to free (%.3f s)", why, took)
+        client_info.remove_orphans(self.instance, self.log, f"tidy ({why})")
 
     # -- the end ------------------------------------------------------------------------
 

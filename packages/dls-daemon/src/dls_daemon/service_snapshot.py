@@ -22,7 +22,8 @@ def snapshot(ctx: ServerContext) -> bytes:
     """The locks and information files of the service, as JSON; a kept lock says when it expires.
 
     The locks are the table's, and the OS record locks held in the service's lock directory (all of its record
-    locks without a table, its OSLOCK clients' beside one), joined with the documents (dls_shm.oslock_entries).
+    locks without a table; beside one, those a lock server of an earlier version still holds for a client
+    with JDLS OSLOCKS), joined with the documents (dls_shm.oslock_entries).
     When the OS locks cannot be read, "oslocks_error" says why and the table's locks are still sent.
     """
     table = ctx.table

@@ -83,7 +83,9 @@ OPTIONS = (
            "Binary locks (file and execution locks, not record locks) go to the service too; without it they are "
            "taken on this host only."),
     Option("OSLOCKS", "", "not set",
-           "Record locks are taken as OS file locks on the lock server, whatever its lock mechanism."),
+           "Record locks are asked for as OS file locks on the lock server. A service without a lock table (jdls "
+           "-ibD) takes every record lock so anyway; one with a table serves them in the table like every record "
+           "lock, so that a record has one holder whichever clients set OSLOCKS."),
     Option("LOCK", "|".join(LOCK_CHOICES), "ALL",
            "Which lock handlers' locks go to the service: EXTERNAL, INTERNAL or ALL (any case); another value "
            "is refused."),
@@ -168,8 +170,8 @@ class Server:
 class Config:
     """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
     SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
-    silent (TIMEOUT), whether binary locks (BINARY) and record locks as OS file locks (OSLOCKS) go to the
-    service, which lock kinds it takes (LOCK), the trace, and whether a process that can reach no lock service
+    silent (TIMEOUT), whether binary locks (BINARY) go to the service and record locks are asked for as OS file
+    locks (OSLOCKS), which lock kinds it takes (LOCK), the trace, and whether a process that can reach no lock service
     any more ends itself (EXIT; dls's own option, the guide has none: the guide's client always wraps up and
     exits once it lost its last server, where dls's raises ServiceUnavailable, tells each lock it could not
     take back as lost, and connects again when it can); and whether the connection is TLS (TLS), which

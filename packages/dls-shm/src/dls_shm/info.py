@@ -14,8 +14,13 @@ form, so a file name holds nothing but digits, dots, colons and hex letters.
 Files of versions before 0.7.0, named ``<port>`` alone, are still read.
 
 A document: {"format": 1, "port", "pid", "ip", "host", "server_pid",
-"updated", "files": [{"path", "inode"}], "locks": [{"path", "inode", "key",
-"mode", "state"}], "stats": {...}}. Unknown fields are kept and ignored.
+"server_started", "updated", "files": [{"path", "inode"}], "locks": [{"path",
+"inode", "key", "mode", "state"}], "stats": {...}}. Unknown fields are kept and
+ignored. ``server_pid`` is the lock server that wrote a remote client's
+document (0 in a local process's own), ``server_started`` its start time (as
+pid files record it, ``pidfiles.PidRecord``): a lock server removes its
+document when it ends, and when it is killed the monitor removes it
+(``remove_orphans``), knowing the writer dead by both.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import modes, trusted
+import psutil
+
+from . import modes, pidfiles, trusted
 from .instance import Instance
 from .layout import SlotFlag, SlotState, pack_ip, unpack_ip
 from .table import Entry
@@ -98,6 +105,53 @@ def _order(name: str) -> tuple[bool, int, str]:
     return (not port.isdigit(), int(port) if port.isdigit() else 0, address)
 
 
+def remove_orphans(instance: Instance) -> list[str]:
+    """Remove the documents whose writer, a lock server, died without removing them (killed); the names removed.
+
+    Only what is surely an orphan goes: a regular file (no symlink is followed, each file is opened and
+    removed through the directory's descriptor), owned by this user (lock servers run as the monitor does;
+    a document another user planted is not ours to judge), naming a ``server_pid`` above 0 that no longer
+    runs, or runs as a later process (another start time than ``server_started``). A document without a
+    start time (of an earlier version) goes only when its pid runs no process at all. It is removed only if
+    it is still the file judged: one written anew meanwhile (the client came back) stays, bar the instant
+    between that look and the unlink, which no call closes.
+    """
+    try:
+        directory = os.open(instance.info_dir, os.O_RDONLY | os.O_DIRECTORY | trusted.NOFOLLOW)
+    except FileNotFoundError:
+        return []
+    removed = []
+    try:
+        for name in sorted(os.listdir(directory), key=_order):
+            if name.startswith(".") or SEPARATOR not in name:
+                continue  # a file being written, or no lock server's (theirs are <port>@<address>)
+            try:
+                data, judged = _read(name, directory)
+                if judged.st_uid != os.geteuid() or _writer_runs(json.loads(data)):
+                    continue
+                now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (judged.st_dev, judged.st_ino):
+                    os.unlink(name, dir_fd=directory)
+                    removed.append(name)
+            except (OSError, ValueError, RecursionError):
+                continue  # gone meanwhile, not a regular file, or not a document: not ours to judge
+    finally:
+        os.close(directory)
+    return removed
+
+
+def _writer_runs(document: object) -> bool:
+    """Whether the lock server that wrote ``document`` may still run (True when the document names none)."""
+    if not isinstance(document, dict):
+        return True
+    pid, started = document.get("server_pid"), document.get("server_started")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return True  # a local process's own document (0), or not a lock server's
+    if isinstance(started, (int, float)) and not isinstance(started, bool):
+        return pidfiles.PidRecord(pid, float(started)).alive()
+    return psutil.pid_exists(pid)  # any process with the pid may be the writer
+
+
 def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
     """Every readable information document of the instance (old-style ``<port>`` files too), by port order."""
     try:
@@ -108,26 +162,28 @@ def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
         if name.startswith("."):
             continue
         try:
-            document = json.loads(_read(instance.info_dir / name))
+            document = json.loads(_read(instance.info_dir / name)[0])
         except (OSError, ValueError, RecursionError):
             continue  # being replaced, not ours, or not to be trusted
         if isinstance(document, dict):
             yield document
 
 
-def _read(path: Path) -> bytes:
-    """A document of proc/info, read as the untrusted input it is: no symlink, no other file type, no more
-    than MAX_DOCUMENT bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | trusted.NOFOLLOW)
+def _read(path: Path | str, directory: int | None = None) -> tuple[bytes, os.stat_result]:
+    """A document of proc/info (``path`` in the directory open as ``directory``, if given) and its file's
+    status, read as the untrusted input it is: no symlink, no other file type, no more than MAX_DOCUMENT
+    bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | trusted.NOFOLLOW, dir_fd=directory)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise ValueError(f"{path}: not a regular file")
         data = os.read(fd, MAX_DOCUMENT + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_DOCUMENT:
         raise ValueError(f"{path}: longer than {MAX_DOCUMENT} bytes")
-    return data
+    return data, status
 
 
 def entry_json(entry: Entry, lock_delay: float = 0.0) -> dict[str, Any]:

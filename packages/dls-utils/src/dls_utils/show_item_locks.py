@@ -64,7 +64,8 @@ columns:
 
 The locks are those of the lock table, and the OS file locks held in the
 service's lock directory (all its record locks when it runs without a table,
-jdls -ibD; those of clients with JDLS OSLOCKS beside a table), read from
+jdls -ibD; beside a table the clients with JDLS OSLOCKS lock in the table too,
+and only a lock server of an earlier dls version holds some there), read from
 /proc/locks and joined with the proc/info documents of their holders.
 
 {source_help("the lock table and OS file locks of $JBCRELEASEDIR")}
@@ -86,8 +87,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
     """Heading, lock entries and info documents of the local instance: the table's locks, and the OS record
-    locks held in its lock directory (all its record locks under jdls -ibD, its OSLOCKS clients' beside a
-    table), each joined with proc/info."""
+    locks held in its lock directory (all its record locks under jdls -ibD; beside a table,
+    those an earlier version's lock server holds for OSLOCKS clients), each joined with proc/info."""
     try:
         instance = Instance.from_environment()
     except ValueError as exc:
