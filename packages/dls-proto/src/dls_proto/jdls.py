@@ -92,7 +92,10 @@ OPTIONS = (
            "(kind, request id, file, inode, key, mode, outcome, time since the request), each connection made, "
            "lost and made again, and each failover between SERVER and SERVER2; control characters escaped."),
     Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
-           "error (overrides VERBOSE)."),
+           "error (overrides VERBOSE), one whole line per write. The file is not opened through a symbolic link, "
+           "must be a regular file with one link that others cannot write, and is made mode 0640 whatever the "
+           "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
+           "and traces to standard error instead."),
     Option("EXIT", "", "not set",
            "dls's own (the guide has no such option): a process that can reach no lock service any more (each "
            "service it uses lost, and the attempt to reach it again failed) writes why to the error trace and "
