@@ -107,6 +107,27 @@ def test_dash_c_uses_shell_as_flock_does(service: Service, tmp_path: Path) -> No
     assert out.read_text() == "-c the line\n"
 
 
+@pytest.mark.parametrize("how", ["by path", "found in PATH"])
+def test_a_script_without_a_shebang_runs_with_bin_sh(service: Service, tmp_path: Path, how: str) -> None:
+    """An executable file without a #! line: exec fails with ENOEXEC, and POSIX execvp runs it with /bin/sh, as
+    flock(1) and the shells do (audit F2); dls-lock did not, and exited 126."""
+    data, out = data_file(tmp_path), tmp_path / "out"
+    script = tmp_path / "bin" / "noshebang"
+    script.parent.mkdir()
+    script.write_text(f'echo "$0 $*" > {shlex.quote(str(out))}\nexit 7\n')
+    script.chmod(0o755)
+    env = {**service.env, "PATH": f"{script.parent}:{os.environ['PATH']}"}
+    command = str(script) if how == "by path" else script.name
+    result = subprocess.run([DLS_LOCK, str(data), KEY, command, "a b", "c"], env=env, capture_output=True, text=True,
+                            timeout=30, check=False, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (7, "")
+    assert out.read_text() == f"{script} a b c\n"
+    if FLOCK is not None:  # the same as flock's
+        flocked = subprocess.run([FLOCK, str(data), command, "a b", "c"], env=env, check=False)
+        assert flocked.returncode == 7
+        assert out.read_text() == f"{script} a b c\n"
+
+
 # -- -w 0 does not wait -------------------------------------------------------------------------------
 
 
