@@ -99,8 +99,8 @@ to give up at once if another run holds it, as flock's manual does):
 
 An executable COMMAND without a #! line is run by /bin/sh, as the shells and
 flock(1) run it. A COMMAND that is not found exits 127, one that cannot be run
-126: the shell's codes, which a script already tests (flock gives 69 and 126; 69 is
-dls-lock's "service unavailable" and must not mean a mistyped command).
+126: the shell's codes, which a script already tests (flock gives 69 and 126;
+69 is dls-lock's "service unavailable" and must not mean a mistyped command).
 """
 
 EPILOG = textwrap.fill(
