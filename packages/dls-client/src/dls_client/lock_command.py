@@ -15,7 +15,7 @@ import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import exitcodes
@@ -59,7 +59,10 @@ service ended and the lock could not be taken back, or the service could not be
 reached in time), dls-lock says so on standard error, sends TERM to every
 process the command started, KILL to those still running -k seconds later, and
 exits with {exitcodes.LOST} (EX_TEMPFAIL: the work was cut short and may be run again). It
-exits with {exitcodes.LOST} too when it finds the loss only as it releases the lock.
+exits with {exitcodes.LOST} too when it finds the loss only as it releases the lock. JDLS EXIT
+does not apply to dls-lock (nor to --hold): a service it can no longer reach
+is a lost lock, told and handled as above (or, before the lock is held, exit
+{exitcodes.UNAVAILABLE}), not a silent SIGTERM to itself.
 
 If dls-lock is killed, even by SIGKILL, the service releases the lock, and
 every process the command started is killed (SIGKILL) at once: dls-lock runs as
@@ -325,14 +328,34 @@ def _tell(text: str) -> None:
     print(f"dls-lock: {text}", file=sys.stderr, flush=True)
 
 
+def wait_notice(name: str, verbose: bool) -> Callable[[Holder], None]:
+    """What to call with each interim message of a wait for the lock on ``name`` (every third of TIMEOUT):
+    it says "waiting for" once per wait, not at every one; with -v also each time the holder changes."""
+    last: Holder | None = None
+
+    def waiting(holder: Holder) -> None:
+        nonlocal last
+        if last is None:
+            _tell(f"waiting for {name}, held by {holder.describe()}")
+        elif verbose and holder != last:
+            _tell(f"still waiting for {name}, now held by {holder.describe()}")
+        last = holder
+
+    return waiting
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    import dataclasses
+
     from .config import Config, port_number
     from .errors import ConfigurationError, DlsError
 
     say = _tell if args.verbose else None
     try:
-        config = Config.from_environment() or Config()
+        # Not JDLS EXIT's SIGTERM to itself, which would end dls-lock without a word (143): a service it can
+        # no longer reach is a lost lock here, told and stopped as one, or a request that fails.
+        config = dataclasses.replace(Config.from_environment() or Config(), exit=False)
         port_number()  # JBCPORTNO, which the client reads: refused here like a malformed JDLS
     except ConfigurationError as exc:
         _tell(str(exc))
@@ -369,9 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = _SignalRelay(passed_on)
     watch = _LostWatch(args.file, args.key, args.kill_after)
 
-    def waiting(holder: Holder) -> None:
-        _tell(f"waiting for {args.file} {args.key}, held by {holder.describe()}")
-
+    waiting = wait_notice(f"{args.file} {args.key}", args.verbose)
     client = Client(config)
     try:
         if say:

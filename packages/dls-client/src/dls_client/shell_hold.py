@@ -50,7 +50,8 @@ from dls_proto import Mode
 from . import exitcodes
 from .client import Client
 from .config import Config
-from .errors import DlsError, Holder, LockLost, LockRefused
+from .errors import DlsError, LockLost, LockRefused
+from .lock_command import wait_notice
 from .locks import FileRef
 from .process_tree import die_with_parent, pin_descendants, set_name, stat
 
@@ -325,9 +326,7 @@ def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: 
     keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
                   guard_pid=guard_pid, server=server)
 
-    def waiting(holder: Holder) -> None:
-        _tell(f"waiting for {request.name}, held by {holder.describe()}")
-
+    waiting = wait_notice(request.name, request.say is not None)
     client = Client(config)
     try:
         try:
