@@ -38,8 +38,9 @@ during the wait, 110 s in; the waiter's lines name its lock server pid)::
       ps -o pid,time,args -p "$!,$(pgrep -d, -f 'jdls|dls_daemon')"; wait
 
 the waiter prints "waiting for F K, held by ... (lock server pid N)" once (with
-JDLS VERBOSE, a "Waiting #... still waiting" trace line every 5 s) and then the date after about 120 s (no "did not answer"), and ``ps`` shows
-TIME 00:00:00 for the waiter (``dls-lock F K date``) and its lock server N.
+JDLS VERBOSE, a "Waiting #... still waiting" trace line every 5 s) and then the
+date after about 120 s (no "did not answer"), and ``ps`` shows TIME 00:00:00
+for the waiter (``dls-lock F K date``) and its lock server N.
 """
 
 from __future__ import annotations
