@@ -6,25 +6,31 @@ run side by side where the comparison is the point (skipped where util-linux's f
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shlex
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from dls_client import Client
+from dls_client import Client, shell_hold
 from dls_testkit import (
     DLS_LOCK,
     KEY,
+    NOBODY,
     Service,
     alive,
     data_file,
     holder_of,
     lock_holder,
+    reachable_dir,
     running,
     running_service,
     wait_for,
@@ -221,8 +227,10 @@ def _script(tmp_path: Path, name: str, body: str) -> Path:
     return script
 
 
-def _shell(service: Service, script: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}"}
+def _shell(service: Service, script: Path, stderr: Path, tmpdir: Path | None = None) -> subprocess.Popen[bytes]:
+    """Run ``script`` with dls-lock in PATH; TMPDIR (where --hold makes its socket directory) the test's own."""
+    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}",
+           "TMPDIR": str(tmpdir or script.parent)}
     with stderr.open("wb") as err:
         return subprocess.Popen([str(script)], env=env, stdin=subprocess.DEVNULL, stderr=err)
 
@@ -355,6 +363,96 @@ def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
         said = err.read_text().splitlines()[0]  # the shell may add a line of its own ("Terminated")
         assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (") and said.endswith(
             f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)"), said
+
+
+def _squat(names: list[bytes], tmp: Path, file: str, ready: int, stop: int) -> int:
+    """As nobody: bind every abstract name of ``names``, and ``file`` in directories of the socket directory's
+    name pattern in ``tmp`` (one 0700, one 0777, a symlink to the latter); tell ``ready``, wait for ``stop``;
+    the number of connections the squatted sockets got (the exit status)."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    servers = []
+    for name in names:
+        servers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        servers[-1].bind(name)
+    uid = 0  # the names of root's directories: the test runs as root
+    for suffix, mode in (("squat0700", 0o700), ("squat0777", 0o777)):
+        directory = tmp / f"dls-lock-{uid}.{suffix}"
+        directory.mkdir()
+        directory.chmod(mode)
+        servers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        servers[-1].bind(str(directory / file))
+    (tmp / f"dls-lock-{uid}.link").symlink_to(tmp / f"dls-lock-{uid}.squat0777")
+    for server in servers:
+        server.listen(8)
+        server.setblocking(False)
+    os.write(ready, b"r")
+    os.read(stop, 1)
+    connections = 0
+    for server in servers:
+        with contextlib.suppress(BlockingIOError):
+            while server.accept():
+                connections += 1
+    return connections
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is needed: the test runs as root to become nobody")
+def test_hold_and_unlock_cannot_be_squatted_by_another_user(service: Service, witness: Client, tmp_path: Path) -> None:
+    """Another local user binds the socket name --hold would use, before the shell runs it (audit F4): the
+    abstract name of before (predictable: the shell's pid and start time, the inode, the key's digest), and
+    the name in directories of the socket directory's name pattern, of their own or open to all, or a symlink.
+    --hold and -u still work, and never talk to the squatter."""
+    data, pid_file, go, out, err = data_file(tmp_path), *(tmp_path / n for n in ("pid", "go", "out", "err"))
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "squatted.sh", "\n".join([
+        f"echo $$ > {shlex.quote(str(pid_file))}",
+        f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done",
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -n {quoted} true; b=$?",
+        f"dls-lock -u {quoted}; c=$?",
+        f"echo $a $b $c > {shlex.quote(str(out))}", ""]))
+    with reachable_dir() as shared:
+        tmp = shared / "tmp"  # the test's own /tmp: sticky and open to all, as /tmp is
+        tmp.mkdir()
+        tmp.chmod(0o1777)
+        shell = _shell(service, script, err, tmp)
+        with running(shell):
+            wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 10, "the shell to start")
+            pid = int(pid_file.read_text())
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+            start = stat_line[stat_line.rfind(")") + 2:].split()[19]
+            inode, digest = data.stat().st_ino, hashlib.sha256(KEY.encode()).hexdigest()
+            abstract = f"\0dls-lock/{os.getuid()}/{pid}.{start}/{inode}/{digest[:32]}".encode()
+            file = shell_hold.socket_file(pid, inode, KEY.encode())
+            ready_read, ready_write = os.pipe()
+            stop_read, stop_write = os.pipe()
+            squatter = os.fork()
+            if squatter == 0:
+                code = 99
+                try:
+                    code = _squat([abstract], tmp, file, ready_write, stop_read)
+                finally:
+                    os._exit(code)
+            try:
+                os.close(ready_write)
+                os.close(stop_read)
+                assert os.read(ready_read, 1) == b"r", "the squatter did not get ready"
+                go.touch()
+                assert shell.wait(timeout=30) == 0
+            finally:
+                os.write(stop_write, b"s")
+                _, status = os.waitpid(squatter, 0)
+                for fd in (ready_read, stop_write):
+                    os.close(fd)
+        assert out.read_text() == "0 1 0\n", err.read_text()
+        assert err.read_text() == ""
+        assert os.waitstatus_to_exitcode(status) == 0, "the squatter's sockets were connected to"
+        [own] = [entry for entry in tmp.iterdir() if not entry.name.startswith(f"dls-lock-{os.getuid()}.squat")
+                 and not entry.is_symlink()]
+        assert stat.S_IMODE(own.lstat().st_mode) == 0o700 and own.lstat().st_uid == os.getuid()
+        assert list(own.iterdir()) == []  # the socket is removed when the hold ends
+    witness.try_lock(data, KEY).release()
 
 
 @pytest.mark.parametrize(("argv", "said"), [

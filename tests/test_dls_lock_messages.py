@@ -44,8 +44,8 @@ def test_hold_says_waiting_once_too(service: Service, tmp_path: Path) -> None:
                       f"{shlex.quote(DLS_LOCK)} -u {shlex.quote(str(data))} {KEY}\necho done > {out}\n")
     script.chmod(0o755)
     with running(lock_holder(service, data, tmp_path / "held", seconds=3)):
-        done = subprocess.run([str(script)], env=_env(service, "TIMEOUT=3"), capture_output=True, text=True,
-                              timeout=30, stdin=subprocess.DEVNULL)
+        done = subprocess.run([str(script)], env=dict(_env(service, "TIMEOUT=3"), TMPDIR=str(tmp_path)),
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert out.read_text() == "done\n"
     assert done.stderr.count("waiting for") == 1, done.stderr
@@ -86,7 +86,8 @@ def test_a_lost_service_under_hold_with_exit_is_told(service: Service, tmp_path:
                       f"touch {shlex.quote(str(ready))}\nwhile :; do sleep 0.05; done\n")
     script.chmod(0o755)
     with err.open("wb") as stderr:
-        shell = subprocess.Popen([str(script)], env=_env(service, "EXIT"), stdin=subprocess.DEVNULL, stderr=stderr)
+        shell = subprocess.Popen([str(script)], env=dict(_env(service, "EXIT"), TMPDIR=str(tmp_path)),
+                                 stdin=subprocess.DEVNULL, stderr=stderr)
     try:
         with running(shell):
             wait_for(lambda: ready.exists() or shell.poll() is not None, 10, "the shell to hold its lock")

@@ -87,7 +87,10 @@ dls-lock --hold FILE KEY leaves a process that keeps it for the calling shell
 (dls-lock's parent; ps shows it as "dls-lock hold", show-item-locks with its
 pid) and exits 0 once the lock is held (-n, -w, -E, -s as for a command). The
 lock is released by dls-lock -u FILE KEY from the same shell, or when the shell
-ends, however it ends (even by SIGKILL). Processes the shell leaves running
+ends, however it ends (even by SIGKILL). -u reaches the hold process through a
+unix socket in a directory of the user's own, $TMPDIR/dls-lock-UID.XXXXXXXX
+(/tmp without TMPDIR; mode 0700, kept for the next --hold), which no other user
+can take first or enter (exit {exitcodes.CANT_CREATE} if it cannot be made). Processes the shell leaves running
 after it ends do not keep it (wait for them first); run --hold from the script
 itself, not from a subshell $(...) or a pipeline, whose process ends at once.
 A lost lock is told as a command's: the hold process says so on the shell's
