@@ -379,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return shell_hold.unlock(os.getppid(), ref.inode, os.fsencode(args.key), f"{args.file} {args.key}")
         return shell_hold.hold(shell_hold.HoldRequest(
             file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
-            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say), config)
+            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say,
+            on_wait=wait_notice(f"{args.file} {args.key}", args.verbose)), config)
     from .client import Client
     from .command_keeper import Keeper
     from .errors import LockRefused

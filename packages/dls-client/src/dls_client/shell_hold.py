@@ -58,8 +58,7 @@ from dls_proto import Mode
 from . import exitcodes
 from .client import Client
 from .config import Config
-from .errors import DlsError, LockLost, LockRefused
-from .lock_command import wait_notice
+from .errors import DlsError, Holder, LockLost, LockRefused
 from .locks import FileRef
 from .process_tree import die_with_parent, pin_descendants, set_name, stat
 
@@ -356,9 +355,11 @@ class HoldRequest:
     """What --hold needs from the command line (see ``lock_command``)."""
 
     def __init__(self, *, file: str, key: str, ref: FileRef, mode: Mode, nonblock: bool, timeout: float | None,
-                 conflict: int, grace: float, say: Callable[[str], None] | None) -> None:
+                 conflict: int, grace: float, say: Callable[[str], None] | None,
+                 on_wait: Callable[[Holder], None]) -> None:
         self.file, self.key, self.ref, self.mode = file, key, ref, mode
         self.nonblock, self.timeout, self.conflict, self.grace, self.say = nonblock, timeout, conflict, grace, say
+        self.on_wait = on_wait  # what says "waiting for" (lock_command.wait_notice)
         self.name = f"{file} {key}"
 
 
@@ -436,12 +437,11 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
     keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
                   guard_pid=guard_pid, server=server)
 
-    waiting = wait_notice(request.name, request.say is not None)
     client = Client(config)
     try:
         try:
             held = client.lock(request.ref, request.key, request.mode, wait=not request.nonblock,
-                               timeout=request.timeout, on_wait=waiting,
+                               timeout=request.timeout, on_wait=request.on_wait,
                                on_lost=lambda lost: keeper.on_lost(lost.lost_reason or "lost"))
         except LockRefused as exc:
             if request.say:
