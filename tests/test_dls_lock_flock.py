@@ -455,6 +455,39 @@ def test_hold_and_unlock_cannot_be_squatted_by_another_user(service: Service, wi
     witness.try_lock(data, KEY).release()
 
 
+def test_a_socket_left_by_a_killed_hold_process_is_replaced(service: Service, witness: Client,
+                                                             tmp_path: Path) -> None:
+    """The hold process and its guard killed at once (the one case where the shell lives on): their socket file
+    stays in the user's directory, nothing listening on it; the shell's next --hold replaces it, and -u
+    reaches the new hold process."""
+    data, ready, go, out, err = data_file(tmp_path), *(tmp_path / n for n in ("ready", "go", "out", "err"))
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "again.sh", "\n".join([
+        f"dls-lock --hold {quoted} || exit 9",
+        f"touch {shlex.quote(str(ready))}",
+        f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done",
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -u {quoted}; b=$?",
+        f"echo $a $b > {shlex.quote(str(out))}", ""]))
+    shell = _shell(service, script, err)
+    with running(shell):
+        wait_for(lambda: ready.exists() or shell.poll() is not None, 10, "the shell to hold its lock")
+        assert shell.poll() is None, err.read_text()
+        hold = _hold_process(holder_of(witness, data, KEY).client_pid)
+        [guard] = hold.children()
+        guard.kill()
+        hold.kill()
+        wait_for(lambda: not alive(hold.pid) and not alive(guard.pid), 5, "the hold process and its guard to end")
+        [directory] = tmp_path.glob(f"dls-lock-{os.geteuid()}.*")
+        assert len(list(directory.iterdir())) == 1  # the killed hold process's socket
+        wait_free(witness, data, KEY, 10)
+        go.touch()
+        assert shell.wait(timeout=30) == 0
+    assert (out.read_text(), err.read_text()) == ("0 0\n", "")
+    assert list(directory.iterdir()) == []
+    witness.try_lock(data, KEY).release()
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["--hold", "F", "K", "true"], "--hold runs no command: give FILE and KEY alone (not 'true')"),
     (["--hold", "-c", "true", "F", "K"], "--hold and -c given: --hold runs no command"),

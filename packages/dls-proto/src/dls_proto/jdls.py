@@ -100,7 +100,8 @@ OPTIONS = (
            "dls's own (the guide has no such option): a process that can reach no lock service any more (each "
            "service it uses lost, and the attempt to reach it again failed) writes why to the error trace and "
            "sends itself SIGTERM, so its handler wraps up or it ends, as the guide's client does. Without it "
-           "requests raise ServiceUnavailable until a service answers again."),
+           "requests raise ServiceUnavailable until a service answers again. dls-lock ignores it: there a lost "
+           "service is a lost lock, told and exit 75 (see dls-lock(1))."),
     Option("TLS", "", "not set",
            "Connect over TLS (1.2 or later), to SERVER and SERVER2 alike; the server's certificate must chain to "
            "CA and name the host the client connects to."),
