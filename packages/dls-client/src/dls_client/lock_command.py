@@ -90,9 +90,10 @@ lock is released by dls-lock -u FILE KEY from the same shell, or when the shell
 ends, however it ends (even by SIGKILL). -u reaches the hold process through a
 unix socket in a directory of the user's own, $TMPDIR/dls-lock-UID.XXXXXXXX
 (/tmp without TMPDIR; mode 0700, kept for the next --hold), which no other user
-can take first or enter (exit {exitcodes.CANT_CREATE} if it cannot be made). Processes the shell leaves running
-after it ends do not keep it (wait for them first); run --hold from the script
-itself, not from a subshell $(...) or a pipeline, whose process ends at once.
+can take first or enter (exit {exitcodes.CANT_CREATE} if it cannot be made). Processes the
+shell leaves running after it ends do not keep it (wait for them first); run
+--hold from the script itself, not from a subshell $(...) or a pipeline, whose
+process ends at once.
 A lost lock is told as a command's: the hold process says so on the shell's
 standard error, sends TERM to the shell and every process it started, KILL to
 those left -k seconds later; so a shell lock is for a script, not for an

@@ -12,12 +12,12 @@ process keeps it for the shell:
   opened before the fork, so no other process that takes the pid later counts.
 - ``dls-lock -u FILE KEY`` from the same shell asks it to release the lock,
   over a unix socket named after the shell (pid and start time), the file's
-  inode and the key, in a directory of the user's own: $TMPDIR (else /tmp)
-  /dls-lock-UID.XXXXXXXX, made by mkdtemp (mode 0700), found again by its owner
-  and mode. Another user
-  can neither bind that name first (squat it, as an abstract socket's name can
-  be: audit F4) nor enter the directory; a directory of the same name pattern
-  that is not a 0700 directory of the user's own is ignored. The hold process
+  inode and the key, in a directory of the user's own,
+  $TMPDIR/dls-lock-UID.XXXXXXXX (/tmp without TMPDIR), made by mkdtemp (mode
+  0700) and found again by its owner and mode. Another user can neither bind
+  that name first (squat it, as an abstract socket's name can be: audit F4)
+  nor enter the directory; a directory of the same name pattern that is not a
+  0700 directory of the user's own is ignored. The hold process
   also serves only a peer of the same user (or root) whose parent is that
   shell, and -u only a server of its own user, so neither a stranger nor
   another shell can release it or pose as it.
