@@ -365,10 +365,10 @@ def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
             f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)"), said
 
 
-def _squat(names: list[bytes], tmp: Path, file: str, ready: int, stop: int) -> int:
-    """As nobody: bind every abstract name of ``names``, and ``file`` in directories of the socket directory's
-    name pattern in ``tmp`` (one 0700, one 0777, a symlink to the latter); tell ``ready``, wait for ``stop``;
-    the number of connections the squatted sockets got (the exit status)."""
+def _squat(names: list[bytes], tmp: Path, uid: int, file: str, ready: int, stop: int) -> int:
+    """As nobody: bind every abstract name of ``names``, and ``file`` in directories of the name pattern of
+    ``uid``'s socket directories in ``tmp`` (one 0700, one 0777, a symlink to the latter); tell ``ready``, wait
+    for ``stop``; the number of connections the squatted sockets got (the exit status)."""
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
@@ -376,7 +376,6 @@ def _squat(names: list[bytes], tmp: Path, file: str, ready: int, stop: int) -> i
     for name in names:
         servers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         servers[-1].bind(name)
-    uid = 0  # the names of root's directories: the test runs as root
     for suffix, mode in (("squat0700", 0o700), ("squat0777", 0o777)):
         directory = tmp / f"dls-lock-{uid}.{suffix}"
         directory.mkdir()
@@ -431,7 +430,7 @@ def test_hold_and_unlock_cannot_be_squatted_by_another_user(service: Service, wi
             if squatter == 0:
                 code = 99
                 try:
-                    code = _squat([abstract], tmp, file, ready_write, stop_read)
+                    code = _squat([abstract], tmp, os.geteuid(), file, ready_write, stop_read)
                 finally:
                     os._exit(code)
             try:
