@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from dls_testkit import DLS_LOCK, KEY, Service, data_file, lock_holder, running
+from dls_testkit import DLS_LOCK, KEY, Service, data_file, lock_holder, make_service, running
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +124,27 @@ def test_lines_of_threads_tracing_at_once_never_interleave(tmp_path: Path, where
     assert len(lines) == 8000
     glued = [line for line in lines if not re.fullmatch(r"Client: thread \d line \d+ x{60}", line)]
     assert glued == [], glued[:5]
+
+
+def test_server_and_server2_trace_whole_lines(tmp_path: Path) -> None:
+    """dls-lock with SERVER and SERVER2 and VERBOSE: both servers' threads trace at once; every line of
+    standard error is one whole trace line (or dls-lock's own), none glued to another."""
+    primary, secondary = make_service(tmp_path / "primary"), make_service(tmp_path / "secondary")
+    try:
+        primary.start()
+        secondary.start()
+        data = data_file(tmp_path)
+        env = dict(primary.env, JDLS=f"SERVER=127.0.0.1,{primary.port},SERVER2=127.0.0.1,{secondary.port},VERBOSE")
+        for _ in range(3):
+            done = subprocess.run([DLS_LOCK, str(data), KEY, "true"], env=env, capture_output=True, text=True,
+                                  timeout=30, stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stderr
+            lines = done.stderr.splitlines()
+            assert any(f",{secondary.port}: " in line for line in lines), done.stderr
+            glued = [line for line in lines if line.count("Client: ") != 1 or not line.startswith("Client: ")]
+            assert glued == [], done.stderr
+    finally:
+        try:
+            primary.stop_and_check()
+        finally:
+            secondary.stop_and_check()
