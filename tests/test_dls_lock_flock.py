@@ -6,25 +6,31 @@ run side by side where the comparison is the point (skipped where util-linux's f
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shlex
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from dls_client import Client
+from dls_client import Client, shell_hold
 from dls_testkit import (
     DLS_LOCK,
     KEY,
+    NOBODY,
     Service,
     alive,
     data_file,
     holder_of,
     lock_holder,
+    reachable_dir,
     running,
     running_service,
     wait_for,
@@ -105,6 +111,27 @@ def test_dash_c_uses_shell_as_flock_does(service: Service, tmp_path: Path) -> No
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert out.read_text() == "-c the line\n"
+
+
+@pytest.mark.parametrize("how", ["by path", "found in PATH"])
+def test_a_script_without_a_shebang_runs_with_bin_sh(service: Service, tmp_path: Path, how: str) -> None:
+    """An executable file without a #! line: exec fails with ENOEXEC, and POSIX execvp runs it with /bin/sh, as
+    flock(1) and the shells do (audit F2); dls-lock did not, and exited 126."""
+    data, out = data_file(tmp_path), tmp_path / "out"
+    script = tmp_path / "bin" / "noshebang"
+    script.parent.mkdir()
+    script.write_text(f'echo "$0 $*" > {shlex.quote(str(out))}\nexit 7\n')
+    script.chmod(0o755)
+    env = {**service.env, "PATH": f"{script.parent}:{os.environ['PATH']}"}
+    command = str(script) if how == "by path" else script.name
+    result = subprocess.run([DLS_LOCK, str(data), KEY, command, "a b", "c"], env=env, capture_output=True, text=True,
+                            timeout=30, check=False, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (7, "")
+    assert out.read_text() == f"{script} a b c\n"
+    if FLOCK is not None:  # the same as flock's
+        flocked = subprocess.run([FLOCK, str(data), command, "a b", "c"], env=env, check=False)
+        assert flocked.returncode == 7
+        assert out.read_text() == f"{script} a b c\n"
 
 
 # -- -w 0 does not wait -------------------------------------------------------------------------------
@@ -200,8 +227,10 @@ def _script(tmp_path: Path, name: str, body: str) -> Path:
     return script
 
 
-def _shell(service: Service, script: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}"}
+def _shell(service: Service, script: Path, stderr: Path, tmpdir: Path | None = None) -> subprocess.Popen[bytes]:
+    """Run ``script`` with dls-lock in PATH; TMPDIR (where --hold makes its socket directory) the test's own."""
+    env = {**service.env, "PATH": f"{Path(DLS_LOCK).parent}:{os.environ['PATH']}",
+           "TMPDIR": str(tmpdir or script.parent)}
     with stderr.open("wb") as err:
         return subprocess.Popen([str(script)], env=env, stdin=subprocess.DEVNULL, stderr=err)
 
@@ -334,6 +363,128 @@ def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
         said = err.read_text().splitlines()[0]  # the shell may add a line of its own ("Terminated")
         assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (") and said.endswith(
             f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)"), said
+
+
+def _squat(names: list[bytes], tmp: Path, uid: int, file: str, ready: int, stop: int) -> int:
+    """As nobody: bind every abstract name of ``names``, and ``file`` in directories of the name pattern of
+    ``uid``'s socket directories in ``tmp`` (one 0700, one 0777, a symlink to the latter); tell ``ready``, wait
+    for ``stop``; the number of connections the squatted sockets got (the exit status)."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    servers = []
+    for name in names:
+        servers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        servers[-1].bind(name)
+    for suffix, mode in (("squat0700", 0o700), ("squat0777", 0o777)):
+        directory = tmp / f"dls-lock-{uid}.{suffix}"
+        directory.mkdir()
+        directory.chmod(mode)
+        servers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        servers[-1].bind(str(directory / file))
+    (tmp / f"dls-lock-{uid}.link").symlink_to(tmp / f"dls-lock-{uid}.squat0777")
+    for server in servers:
+        server.listen(8)
+        server.setblocking(False)
+    os.write(ready, b"r")
+    os.read(stop, 1)
+    connections = 0
+    for server in servers:
+        with contextlib.suppress(BlockingIOError):
+            while server.accept():
+                connections += 1
+    return connections
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is needed: the test runs as root to become nobody")
+def test_hold_and_unlock_cannot_be_squatted_by_another_user(service: Service, witness: Client, tmp_path: Path) -> None:
+    """Another local user binds the socket name --hold would use, before the shell runs it (audit F4): the
+    abstract name of before (predictable: the shell's pid and start time, the inode, the key's digest), and
+    the name in directories of the socket directory's name pattern, of their own or open to all, or a symlink.
+    --hold and -u still work, and never talk to the squatter."""
+    data, pid_file, go, out, err = data_file(tmp_path), *(tmp_path / n for n in ("pid", "go", "out", "err"))
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "squatted.sh", "\n".join([
+        f"echo $$ > {shlex.quote(str(pid_file))}",
+        f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done",
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -n {quoted} true; b=$?",
+        f"dls-lock -u {quoted}; c=$?",
+        f"echo $a $b $c > {shlex.quote(str(out))}", ""]))
+    with reachable_dir() as shared:
+        tmp = shared / "tmp"  # the test's own /tmp: sticky and open to all, as /tmp is
+        tmp.mkdir()
+        tmp.chmod(0o1777)
+        shell = _shell(service, script, err, tmp)
+        with running(shell):
+            wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 10, "the shell to start")
+            pid = int(pid_file.read_text())
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+            start = stat_line[stat_line.rfind(")") + 2:].split()[19]
+            inode, digest = data.stat().st_ino, hashlib.sha256(KEY.encode()).hexdigest()
+            abstract = f"\0dls-lock/{os.getuid()}/{pid}.{start}/{inode}/{digest[:32]}".encode()
+            file = shell_hold.socket_file(pid, inode, KEY.encode())
+            ready_read, ready_write = os.pipe()
+            stop_read, stop_write = os.pipe()
+            squatter = os.fork()
+            if squatter == 0:
+                code = 99
+                try:
+                    code = _squat([abstract], tmp, os.geteuid(), file, ready_write, stop_read)
+                finally:
+                    os._exit(code)
+            try:
+                os.close(ready_write)
+                os.close(stop_read)
+                assert os.read(ready_read, 1) == b"r", "the squatter did not get ready"
+                go.touch()
+                assert shell.wait(timeout=30) == 0
+            finally:
+                os.write(stop_write, b"s")
+                _, status = os.waitpid(squatter, 0)
+                for fd in (ready_read, stop_write):
+                    os.close(fd)
+        assert out.read_text() == "0 1 0\n", err.read_text()
+        assert err.read_text() == ""
+        assert os.waitstatus_to_exitcode(status) == 0, "the squatter's sockets were connected to"
+        [own] = [entry for entry in tmp.iterdir() if not entry.name.startswith(f"dls-lock-{os.getuid()}.squat")
+                 and not entry.is_symlink()]
+        assert stat.S_IMODE(own.lstat().st_mode) == 0o700 and own.lstat().st_uid == os.getuid()
+        assert list(own.iterdir()) == []  # the socket is removed when the hold ends
+    witness.try_lock(data, KEY).release()
+
+
+def test_a_socket_left_by_a_killed_hold_process_is_replaced(service: Service, witness: Client,
+                                                             tmp_path: Path) -> None:
+    """The hold process and its guard killed at once (the one case where the shell lives on): their socket file
+    stays in the user's directory, nothing listening on it; the shell's next --hold replaces it, and -u
+    reaches the new hold process."""
+    data, ready, go, out, err = data_file(tmp_path), *(tmp_path / n for n in ("ready", "go", "out", "err"))
+    quoted = f"{shlex.quote(str(data))} {KEY}"
+    script = _script(tmp_path, "again.sh", "\n".join([
+        f"dls-lock --hold {quoted} || exit 9",
+        f"touch {shlex.quote(str(ready))}",
+        f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.05; done",
+        f"dls-lock --hold {quoted}; a=$?",
+        f"dls-lock -u {quoted}; b=$?",
+        f"echo $a $b > {shlex.quote(str(out))}", ""]))
+    shell = _shell(service, script, err)
+    with running(shell):
+        wait_for(lambda: ready.exists() or shell.poll() is not None, 10, "the shell to hold its lock")
+        assert shell.poll() is None, err.read_text()
+        hold = _hold_process(holder_of(witness, data, KEY).client_pid)
+        [guard] = hold.children()
+        guard.kill()
+        hold.kill()
+        wait_for(lambda: not alive(hold.pid) and not alive(guard.pid), 5, "the hold process and its guard to end")
+        [directory] = tmp_path.glob(f"dls-lock-{os.geteuid()}.*")
+        assert len(list(directory.iterdir())) == 1  # the killed hold process's socket
+        wait_free(witness, data, KEY, 10)
+        go.touch()
+        assert shell.wait(timeout=30) == 0
+    assert (out.read_text(), err.read_text()) == ("0 0\n", "")
+    assert list(directory.iterdir()) == []
+    witness.try_lock(data, KEY).release()
 
 
 @pytest.mark.parametrize(("argv", "said"), [

@@ -37,14 +37,16 @@ during the wait, 110 s in; the waiter's lines name its lock server pid)::
     export JDLS=SERVER=localhost,P; touch F; dls-lock F K sleep 120 & sleep 1; dls-lock F K date & sleep 110; \
       ps -o pid,time,args -p "$!,$(pgrep -d, -f 'jdls|dls_daemon')"; wait
 
-the waiter prints "waiting for F K, held by ... (lock server pid N)" every 5 s
-and then the date after about 120 s (no "did not answer"), and ``ps`` shows
-TIME 00:00:00 for the waiter (``dls-lock F K date``) and its lock server N.
+the waiter prints "waiting for F K, held by ... (lock server pid N)" once (with
+JDLS VERBOSE, a "Waiting #... still waiting" trace line every 5 s) and then the
+date after about 120 s (no "did not answer"), and ``ps`` shows TIME 00:00:00
+for the waiter (``dls-lock F K date``) and its lock server N.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -101,10 +103,12 @@ def test_wait_longer_than_timeout_is_granted_and_idle(service: Service, tmp_path
     holder = lock_holder(service, data, held, seconds=300)
     with running(holder):
 
-        # the default waiter: JDLS as the service's, no TIMEOUT option, so TIMEOUT=30 s
+        # the default waiter: JDLS as the service's, no TIMEOUT option, so TIMEOUT=30 s; VERBOSE traces each
+        # interim message (dls-lock says "waiting for" once)
         with err_default.open("wb") as err:
-            default = service.dls_lock_popen(str(data), KEY, "sh", "-c",
-                                             f"date +%s.%N > {shlex.quote(str(got_default))}", stderr=err)
+            default = subprocess.Popen(
+                [DLS_LOCK, str(data), KEY, "sh", "-c", f"date +%s.%N > {shlex.quote(str(got_default))}"],
+                env=dict(service.env, JDLS=service.env["JDLS"] + ",VERBOSE"), stdin=subprocess.DEVNULL, stderr=err)
         with running(default):
             wait_for(lambda: "waiting for" in err_default.read_text() or default.poll() is not None, 10,
                      "the default waiter to say it waits")
@@ -162,8 +166,9 @@ def test_wait_longer_than_timeout_is_granted_and_idle(service: Service, tmp_path
             f"the {name} waiter got the lock only {when - requested:.1f} s after asking")
         assert when - released < 2.0, f"the {name} waiter got the lock {when - released:.2f} s after the release"
     # the default waiter was kept alive by interim messages (one at once, then one every INTERIM_PERIOD)
-    interims = err_default.read_text().count("waiting for")
+    interims = len(re.findall(r"Waiting #\d+ still waiting", err_default.read_text()))
     assert interims >= HOLD // INTERIM_PERIOD, f"only {interims} interim messages in {HOLD} s"
+    assert err_default.read_text().count("dls-lock: waiting for") == 1, "dls-lock says it waits once"
     assert "waiting for" not in err_wait.read_text(), "the WAIT waiter was sent interim messages"
     assert "timed out" not in err_default.read_text() and "did not answer" not in err_default.read_text()
     # and idled meanwhile

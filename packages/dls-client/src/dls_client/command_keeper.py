@@ -57,7 +57,7 @@ import traceback
 from collections.abc import Callable, Collection
 
 from . import exitcodes
-from .process_tree import become_subreaper, descendants, die_with_parent, set_name, signal_descendants
+from .process_tree import become_subreaper, descendants, die_with_parent, exec_command, set_name, signal_descendants
 
 #: The holder's request to the keeper: the lock is lost, stop every process of the tree.
 STOP = signal.SIGUSR1
@@ -243,7 +243,7 @@ class _Keeping:
                     for signum in _PYTHON_IGNORES:
                         signal.signal(signum, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, self.command_mask)
-                    os.execvp(self.argv[0], self.argv)  # noqa: S606 - the command as given, as flock(1) runs it
+                    exec_command(self.argv)
             except OSError as exc:
                 os.write(report_write, str(exc.errno).encode())
             finally:

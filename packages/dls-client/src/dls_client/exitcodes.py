@@ -23,6 +23,8 @@ CONFIG = os.EX_CONFIG
 #: again. No other outcome of dls-lock gives it: after 1 (or -E's), 66, 69 or 78 the command never ran
 #: (a lock lost before the command started is 69, the service lost).
 LOST = os.EX_TEMPFAIL
+#: dls-lock --hold: the socket -u reaches the hold process through cannot be made (its directory, under /tmp).
+CANT_CREATE = os.EX_CANTCREAT
 #: dls-lock: an internal error (its traceback says where).
 SOFTWARE = os.EX_SOFTWARE
 #: dls-lock: COMMAND exists but cannot be run, or is not found.

@@ -15,7 +15,7 @@ import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import exitcodes
@@ -60,7 +60,10 @@ service ended and the lock could not be taken back, or the service could not be
 reached in time), dls-lock says so on standard error, sends TERM to every
 process the command started, KILL to those still running -k seconds later, and
 exits with {exitcodes.LOST} (EX_TEMPFAIL: the work was cut short and may be run again). It
-exits with {exitcodes.LOST} too when it finds the loss only as it releases the lock.
+exits with {exitcodes.LOST} too when it finds the loss only as it releases the lock. JDLS EXIT
+does not apply to dls-lock (nor to --hold): a service it can no longer reach
+is a lost lock, told and handled as above (or, before the lock is held, exit
+{exitcodes.UNAVAILABLE}), not a silent SIGTERM to itself.
 
 If dls-lock is killed, even by SIGKILL, the service releases the lock, and
 every process the command started is killed (SIGKILL) at once: dls-lock runs as
@@ -98,9 +101,13 @@ dls-lock --hold FILE KEY leaves a process that keeps it for the calling shell
 (dls-lock's parent; ps shows it as "dls-lock hold", show-item-locks with its
 pid) and exits 0 once the lock is held (-n, -w, -E, -s as for a command). The
 lock is released by dls-lock -u FILE KEY from the same shell, or when the shell
-ends, however it ends (even by SIGKILL). Processes the shell leaves running
-after it ends do not keep it (wait for them first); run --hold from the script
-itself, not from a subshell $(...) or a pipeline, whose process ends at once.
+ends, however it ends (even by SIGKILL). -u reaches the hold process through a
+unix socket in a directory of the user's own, $TMPDIR/dls-lock-UID.XXXXXXXX
+(/tmp without TMPDIR; mode 0700, kept for the next --hold), which no other user
+can take first or enter (exit {exitcodes.CANT_CREATE} if it cannot be made). Processes the
+shell leaves running after it ends do not keep it (wait for them first); run
+--hold from the script itself, not from a subshell $(...) or a pipeline, whose
+process ends at once.
 A lost lock is told as a command's: the hold process says so on the shell's
 standard error, sends TERM to the shell and every process it started, KILL to
 those left -k seconds later; so a shell lock is for a script, not for an
@@ -111,9 +118,10 @@ to give up at once if another run holds it, as flock's manual does):
 
     [ "$DLS_LOCKED" = "$0" ] || exec env DLS_LOCKED="$0" dls-lock FILE KEY "$0" "$@"
 
-A COMMAND that is not found exits 127, one that cannot be run 126: the
-shell's codes, which a script already tests (flock gives 69 and 126; 69 is
-dls-lock's "service unavailable" and must not mean a mistyped command).
+An executable COMMAND without a #! line is run by /bin/sh, as the shells and
+flock(1) run it. A COMMAND that is not found exits 127, one that cannot be run
+126: the shell's codes, which a script already tests (flock gives 69 and 126;
+69 is dls-lock's "service unavailable" and must not mean a mistyped command).
 """
 
 EPILOG = textwrap.fill(
@@ -370,14 +378,34 @@ def _tell(text: str) -> None:
     print(f"dls-lock: {text}", file=sys.stderr, flush=True)
 
 
+def wait_notice(name: str, verbose: bool) -> Callable[[Holder], None]:
+    """What to call with each interim message of a wait for the lock on ``name`` (every third of TIMEOUT):
+    it says "waiting for" once per wait, not at every one; with -v also each time the holder changes."""
+    last: Holder | None = None
+
+    def waiting(holder: Holder) -> None:
+        nonlocal last
+        if last is None:
+            _tell(f"waiting for {name}, held by {holder.describe()}")
+        elif verbose and holder != last:
+            _tell(f"still waiting for {name}, now held by {holder.describe()}")
+        last = holder
+
+    return waiting
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    import dataclasses
+
     from .config import Config, port_number
     from .errors import ConfigurationError, DlsError
 
     say = _tell if args.verbose else None
     try:
-        config = Config.from_environment() or Config()
+        # Not JDLS EXIT's SIGTERM to itself, which would end dls-lock without a word (143): a service it can
+        # no longer reach is a lost lock here, told and stopped as one, or a request that fails.
+        config = dataclasses.replace(Config.from_environment() or Config(), exit=False)
         port_number()  # JBCPORTNO, which the client reads: refused here like a malformed JDLS
     except ConfigurationError as exc:
         _tell(str(exc))
@@ -398,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return shell_hold.unlock(os.getppid(), ref.inode, os.fsencode(args.key), f"{args.file} {args.key}")
         return shell_hold.hold(shell_hold.HoldRequest(
             file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
-            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say), config)
+            timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say,
+            on_wait=wait_notice(f"{args.file} {args.key}", args.verbose)), config)
     from .client import Client
     from .command_keeper import Keeper
     from .errors import LockRefused
@@ -414,9 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = _SignalRelay(passed_on)
     watch = _LostWatch(args.file, args.key, args.kill_after)
 
-    def waiting(holder: Holder) -> None:
-        _tell(f"waiting for {args.file} {args.key}, held by {holder.describe()}")
-
+    waiting = wait_notice(f"{args.file} {args.key}", args.verbose)
     client = Client(config)
     try:
         if say:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 from collections.abc import Collection, Iterable
@@ -47,6 +48,24 @@ def die_with_parent(signum: int) -> None:
 def set_name(name: str) -> None:
     """This process's name in ps and /proc/<pid>/comm (at most 15 bytes are kept)."""
     _prctl(_PR_SET_NAME, name.encode()[:15])
+
+
+def exec_command(argv: list[str]) -> None:
+    """Replace this process with the command ``argv``, found in PATH, as POSIX execvp does: an executable file
+    without a ``#!`` line (exec fails with ENOEXEC) is run by /bin/sh as a script, as flock(1) and the shells
+    run it. Python's os.execvp does not (it tries the next PATH directory, then raises). OSError when it
+    cannot be run."""
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - the command as given, as flock(1) runs it
+    except OSError as exc:
+        if exc.errno != errno.ENOEXEC:
+            raise
+        import shutil  # only here: the keeper's start-up does without it
+
+        path = shutil.which(argv[0])
+        if path is None:
+            raise
+    os.execv("/bin/sh", ["/bin/sh", path, *argv[1:]])  # noqa: S606 - POSIX execvp's fallback
 
 
 class Proc(NamedTuple):

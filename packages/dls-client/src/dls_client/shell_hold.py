@@ -10,12 +10,17 @@ process keeps it for the shell:
   one exits with it (0: held). The hold process keeps the lock until the shell
   (dls-lock's parent) ends, however it ends: it waits on a pidfd of the shell,
   opened before the fork, so no other process that takes the pid later counts.
-- ``dls-lock -u FILE KEY`` from the same shell asks it, over an abstract unix
-  socket named after the user, the shell (pid and start time), the file's inode
-  and the key, to release the lock; the hold process serves only a peer of the
-  same user (or root) whose parent is that shell, and -u only a server of its
-  own user, so neither a stranger nor another shell can release it or pose as
-  it.
+- ``dls-lock -u FILE KEY`` from the same shell asks it to release the lock,
+  over a unix socket named after the shell (pid and start time), the file's
+  inode and the key, in a directory of the user's own,
+  $TMPDIR/dls-lock-UID.XXXXXXXX (/tmp without TMPDIR), made by mkdtemp (mode
+  0700) and found again by its owner and mode. Another user can neither bind
+  that name first (squat it, as an abstract socket's name can be: audit F4)
+  nor enter the directory; a directory of the same name pattern that is not a
+  0700 directory of the user's own is ignored. The hold process
+  also serves only a peer of the same user (or root) whose parent is that
+  shell, and -u only a server of its own user, so neither a stranger nor
+  another shell can release it or pose as it.
 - A lost lock is told: the hold process says so on the standard error it was
   given (the shell's), sends TERM (and CONT) to the shell and every process
   below it, and KILL to those left -k seconds later: the shell's work must not
@@ -34,13 +39,16 @@ hold process is not their parent and cannot follow them): the page says so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import select
 import signal
 import socket
+import stat as file_stat
 import struct
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -70,10 +78,95 @@ def _start_time(pid: int) -> str:
     return text[text.rfind(")") + 2:].split()[19]
 
 
-def socket_name(shell: int, inode: int, key: bytes) -> bytes:
-    """The abstract socket name of the hold process of (the file's inode, key) for ``shell``."""
-    digest = hashlib.sha256(key).hexdigest()[:32]
-    return f"\0dls-lock/{os.getuid()}/{shell}.{_start_time(shell)}/{inode}/{digest}".encode()
+def socket_parent() -> str:
+    """Where the users' socket directories are made (each user's own, found again by name, owner and mode):
+    $TMPDIR, else /tmp. -u must see the same TMPDIR as --hold (the same shell does)."""
+    return os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - a directory of the user's own is made there, checked
+
+
+def socket_file(shell: int, inode: int, key: bytes) -> str:
+    """The socket's name, in the user's directory, of the hold process of (the file's inode, key) for ``shell``."""
+    return f"{shell}.{_start_time(shell)}.{inode}.{hashlib.sha256(key).hexdigest()[:24]}"
+
+
+def _own_dir(path: str) -> int | None:
+    """A descriptor of the directory ``path`` if it is this user's own with mode 0700 (not a symlink; checked on
+    the descriptor, so what is checked is what is used); None if it is not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid == os.geteuid() and file_stat.S_IMODE(st.st_mode) == 0o700:
+        return fd
+    os.close(fd)
+    return None
+
+
+def socket_dirs() -> list[int]:
+    """The user's socket directories, in name order, as open descriptors (the caller closes them): dls-lock-UID.*
+    in socket_parent() that are directories of this user's own with mode 0700. What another user made with
+    such a name (to squat it, or to see who locks what) is ignored; /tmp is sticky, so one that passes stays
+    the user's. A socket in one is reached as /proc/self/fd/N/NAME: a TMPDIR's path may be longer than a
+    unix socket's address may be (108 bytes)."""
+    prefix = f"dls-lock-{os.geteuid()}."
+    try:
+        names = sorted(name for name in os.listdir(socket_parent()) if name.startswith(prefix))
+    except OSError:
+        return []
+    return [fd for fd in (_own_dir(os.path.join(socket_parent(), name)) for name in names) if fd is not None]
+
+
+def _address(directory: int, file: str) -> str:
+    return f"/proc/self/fd/{directory}/{file}"
+
+
+def _connected(address: str) -> socket.socket | None:
+    """A connection to the socket at ``address``; None if nothing listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _listen(file: str) -> tuple[socket.socket, int] | None:
+    """Listen on ``file`` in the user's first socket directory (made if there is none): the socket and the
+    directory's descriptor (to remove the socket at the end); None if a hold process listens on ``file``
+    already (in any of the user's directories). A socket file nothing listens on is a killed hold process's,
+    and is replaced. OSError if none can be made."""
+    directories = socket_dirs()
+    try:
+        for directory in directories:
+            live = _connected(_address(directory, file))
+            if live is not None:
+                live.close()
+                return None
+        if not directories:
+            made = _own_dir(tempfile.mkdtemp(prefix=f"dls-lock-{os.geteuid()}.", dir=socket_parent()))
+            if made is None:
+                raise OSError("the directory it made is not its own any more")
+            directories.append(made)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                server.bind(_address(directories[0], file))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                os.unlink(file, dir_fd=directories[0])  # nothing listened on it above: a killed hold process's
+                server.bind(_address(directories[0], file))
+            server.listen(4)
+        except BaseException:
+            server.close()
+            raise
+        return server, directories.pop(0)
+    finally:
+        for directory in directories:
+            os.close(directory)
 
 
 def _peer(sock: socket.socket) -> tuple[int, int]:
@@ -211,13 +304,15 @@ def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, gra
 
 def unlock(shell: int, inode: int, key: bytes, name: str) -> int:
     """``dls-lock -u``: ask the hold process of this shell to release the lock; the exit status."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        try:
-            sock.connect(socket_name(shell, inode, key))
-        except OSError:
-            _tell(f"{name} is not held for this shell (pid {shell}): nothing to release")
-            return exitcodes.FAILED
+    file = socket_file(shell, inode, key)
+    directories = socket_dirs()
+    sock = next(filter(None, (_connected(_address(directory, file)) for directory in directories)), None)
+    for directory in directories:
+        os.close(directory)
+    if sock is None:
+        _tell(f"{name} is not held for this shell (pid {shell}): nothing to release")
+        return exitcodes.FAILED
+    with sock:
         _, uid = _peer(sock)
         if uid not in (0, os.getuid()):
             _tell(f"{name}: the socket of its hold process belongs to uid {uid}, not to you: not asked")
@@ -260,9 +355,11 @@ class HoldRequest:
     """What --hold needs from the command line (see ``lock_command``)."""
 
     def __init__(self, *, file: str, key: str, ref: FileRef, mode: Mode, nonblock: bool, timeout: float | None,
-                 conflict: int, grace: float, say: Callable[[str], None] | None) -> None:
+                 conflict: int, grace: float, say: Callable[[str], None] | None,
+                 on_wait: Callable[[Holder], None]) -> None:
         self.file, self.key, self.ref, self.mode = file, key, ref, mode
         self.nonblock, self.timeout, self.conflict, self.grace, self.say = nonblock, timeout, conflict, grace, say
+        self.on_wait = on_wait  # what says "waiting for" (lock_command.wait_notice)
         self.name = f"{file} {key}"
 
 
@@ -274,7 +371,7 @@ def hold(request: HoldRequest, config: Config) -> int:
     if os.getppid() != shell or shell == 1:  # the parent ended (before pidfd_open), or there is none
         _tell("--hold holds the lock for the shell that runs it, and there is none (dls-lock's parent is init)")
         return exitcodes.FAILED
-    name = socket_name(shell, request.ref.inode, os.fsencode(request.key))
+    name = socket_file(shell, request.ref.inode, os.fsencode(request.key))
     outcome_read, outcome_write = os.pipe()
     foreground = os.getpid()
     pid = os.fork()
@@ -297,7 +394,7 @@ def hold(request: HoldRequest, config: Config) -> int:
     return outcome
 
 
-def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: int, shell_fd: int, name: bytes,
+def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: int, shell_fd: int, name: str,
                   outcome: int) -> int:
     set_name("dls-lock hold")
     die_with_parent(signal.SIGKILL)  # until the lock is held, it goes with the dls-lock the shell waits for
@@ -308,42 +405,54 @@ def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: 
         os.dup2(null, fd)
     os.close(null)
 
-    def report(status: int) -> int:
-        os.write(outcome, bytes([status]))
-        os.close(outcome)
-        return status
-
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        server.bind(name)
-    except OSError:
+        listening = _listen(name)
+    except OSError as exc:
+        _tell(f"cannot make the socket dls-lock -u asks the hold process through (in a directory of yours under "
+              f"{socket_parent()}): {exc}")
+        return _report(outcome, exitcodes.CANT_CREATE)
+    if listening is None:
         _tell(f"{request.name} is held for this shell already (release it with dls-lock -u first)")
-        return report(request.conflict)
-    server.listen(4)
+        return _report(outcome, request.conflict)
+    server, directory = listening
+    try:
+        return _holding(request, config, shell, shell_fd, server, outcome)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=directory)
+
+
+def _report(outcome: int, status: int) -> int:
+    """Tell the foreground dls-lock its exit status (it exits with it)."""
+    os.write(outcome, bytes([status]))
+    os.close(outcome)
+    return status
+
+
+def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, server: socket.socket,
+             outcome: int) -> int:
+    """The hold process, listening for -u: take the lock, report the outcome, and keep it for the shell."""
     # Before the client starts its threads: a fork copies only the calling thread.
     guard, guard_pid = fork_guard(shell, shell_fd, request.name, request.grace, (outcome, server.fileno()))
     keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
                   guard_pid=guard_pid, server=server)
 
-    def waiting(holder: Holder) -> None:
-        _tell(f"waiting for {request.name}, held by {holder.describe()}")
-
     client = Client(config)
     try:
         try:
             held = client.lock(request.ref, request.key, request.mode, wait=not request.nonblock,
-                               timeout=request.timeout, on_wait=waiting,
+                               timeout=request.timeout, on_wait=request.on_wait,
                                on_lost=lambda lost: keeper.on_lost(lost.lost_reason or "lost"))
         except LockRefused as exc:
             if request.say:
                 request.say(str(exc))
-            return report(request.conflict)
+            return _report(outcome, request.conflict)
         except DlsError as exc:
             _tell(str(exc))
-            return report(exitcodes.UNAVAILABLE)
+            return _report(outcome, exitcodes.UNAVAILABLE)
         if held.lost:
             _tell(f"lost the lock on {request.name} ({held.lost_reason or 'lost'}) as it was granted")
-            return report(exitcodes.UNAVAILABLE)
+            return _report(outcome, exitcodes.UNAVAILABLE)
 
         def release() -> str | None:
             try:
@@ -361,7 +470,7 @@ def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: 
         if request.say:
             request.say(f"locked {request.name} ({Mode(held.mode).name}) for the shell, pid {shell}, by pid "
                         f"{os.getpid()}")
-        report(exitcodes.OK)
+        _report(outcome, exitcodes.OK)
         return keeper.run()
     finally:
         client.close()

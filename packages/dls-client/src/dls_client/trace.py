@@ -14,14 +14,24 @@ off: a channel asks for a line only when ``enabled``.
 The error trace is shared with the service and the other processes of its
 group (tmp/ is mode 03770 there), so it is appended to without following a
 symlink, only when it is a regular file with one link that others cannot
-write, and a trace this process makes is made 0660 whatever the umask.
+write, and a trace this process makes is made 0660 whatever the umask. A
+TRACE file is opened the same way (made 0640: it is the user's own); when it
+cannot be, the client says so once on standard error, naming the file and
+why, and traces to standard error instead.
+
+Each line is written with one write() of the whole line and its newline: the
+threads of SERVER and SERVER2 trace at once, and their lines must not be glued
+together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 import sys
+import threading
 import time
 
 from dls_proto import (
@@ -59,6 +69,32 @@ from dls_proto.text import printable
 
 #: The error trace's mode: the service's group appends to it, nobody else sees it.
 TRACE_MODE = 0o660
+#: A TRACE file's mode when the client makes it: the user's own trace, which the group may read.
+TRACE_FILE_MODE = 0o640
+
+
+def append_safely(path: str | os.PathLike[str], mode: int) -> int:
+    """Open ``path`` to append to it (made with ``mode`` whatever the umask): the descriptor. Not through a
+    symlink someone planted, and only a regular file with one link that others cannot write (not a device, a
+    hard link to another file, a file open to all); OSError says why not."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_mode & stat.S_IWOTH:
+            raise OSError("not a trace to trust (a regular file with one link that others cannot write)")
+        if st.st_size == 0 and st.st_uid == os.geteuid():
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_line(fd: int, line: str) -> None:
+    """Write ``line`` and its newline with one write(): lines of several threads never interleave."""
+    data = (line + "\n").encode(errors="backslashreplace")
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class Tracer:
@@ -67,6 +103,7 @@ class Tracer:
     def __init__(self, config: Config) -> None:
         self.enabled = config.verbose or config.trace is not None
         self.path = config.trace
+        self._untold = threading.Lock()  # held once it was said that the TRACE file cannot be opened
 
     def verbose(self, line: str) -> None:
         if self.enabled:
@@ -78,15 +115,11 @@ class Tracer:
         try:
             path = environment.error_trace()
             os.makedirs(path.parent, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_CLOEXEC, TRACE_MODE)
-            with open(fd, "a") as f:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_mode & stat.S_IWOTH:
-                    return  # not a trace to trust: a device, a hard link to another file, open to all
-                if st.st_size == 0 and st.st_uid == os.geteuid():
-                    os.fchmod(fd, TRACE_MODE)
-                f.write(f"{stamp} pid {os.getpid()}: {line}\n")
+            fd = append_safely(path, TRACE_MODE)
+            try:
+                write_line(fd, f"{stamp} pid {os.getpid()}: {line}")
+            finally:
+                os.close(fd)
         except OSError:
             pass  # an unwritable trace must not take the application down
         self.verbose(line)
@@ -94,12 +127,32 @@ class Tracer:
     def _write(self, line: str) -> None:
         if self.path:
             try:
-                with open(self.path, "a") as f:
-                    f.write(line + "\n")
-                return
-            except OSError:
-                pass
-        print(line, file=sys.stderr, flush=True)
+                fd = append_safely(self.path, TRACE_FILE_MODE)
+            except OSError as exc:
+                if self._untold.acquire(blocking=False):  # the first failure only, whatever the thread
+                    reason = "a symbolic link, not followed" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+                    _stderr(f"Client: JDLS TRACE: cannot append to {printable(self.path)} ({reason}): tracing to "
+                            "standard error instead")
+            else:
+                try:
+                    write_line(fd, line)
+                    return
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        _stderr(line)
+
+
+def _stderr(line: str) -> None:
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by an object with no descriptor: its own write()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        return
+    with contextlib.suppress(OSError):
+        write_line(fd, line)
 
 
 def mode_name(mode: int) -> str:

@@ -94,12 +94,16 @@ OPTIONS = (
            "(kind, request id, file, inode, key, mode, outcome, time since the request), each connection made, "
            "lost and made again, and each failover between SERVER and SERVER2; control characters escaped."),
     Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
-           "error (overrides VERBOSE)."),
+           "error (overrides VERBOSE), one whole line per write. The file is not opened through a symbolic link, "
+           "must be a regular file with one link that others cannot write, and is made mode 0640 whatever the "
+           "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
+           "and traces to standard error instead."),
     Option("EXIT", "", "not set",
            "dls's own (the guide has no such option): a process that can reach no lock service any more (each "
            "service it uses lost, and the attempt to reach it again failed) writes why to the error trace and "
            "sends itself SIGTERM, so its handler wraps up or it ends, as the guide's client does. Without it "
-           "requests raise ServiceUnavailable until a service answers again."),
+           "requests raise ServiceUnavailable until a service answers again. dls-lock ignores it: there a lost "
+           "service is a lost lock, told and exit 75 (see dls-lock(1))."),
     Option("TLS", "", "not set",
            "Connect over TLS (1.2 or later), to SERVER and SERVER2 alike; the server's certificate must chain to "
            "CA and name the host the client connects to."),
