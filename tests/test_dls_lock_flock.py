@@ -365,6 +365,34 @@ def test_a_lost_hold_stops_the_shell(tmp_path: Path) -> None:
             f"): stopping the shell, pid {shell.pid}, and what it started (TERM now, KILL after 0.5 s)"), said
 
 
+def test_a_stopped_hold_process_whose_lock_is_lost_has_the_shell_stopped_before_the_lock_is_handed_on(
+        tmp_path: Path) -> None:
+    """The hold process is stopped (SIGSTOP: it can no longer hear that its lock is lost) and its lock server
+    killed; the service keeps the lock 9 s, then hands it on. The guard must have stopped the shell by then
+    (its lease: 9 s less the 5 s a dead server takes to be found)."""
+    data = data_file(tmp_path)
+    with running_service(tmp_path / "release", "--lock-delay", "9") as service, \
+            service.client(timeout=30) as witness:
+        shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", data=data)
+        with running(shell):
+            holder = holder_of(witness, data, KEY)
+            hold = _hold_process(holder.client_pid)
+            hold.suspend()
+            try:
+                os.kill(holder.pid, signal.SIGKILL)  # its lock server
+                with witness.lock(data, KEY, timeout=30):  # handed on after the lock-delay
+                    assert shell.poll() is not None, "the shell ran beside the next holder"
+                    assert not alive(int(sleep_pid.read_text())), "what the shell started ran beside the next holder"
+            finally:
+                hold.resume()
+            assert shell.wait(timeout=10) == -signal.SIGTERM, err.read_text()
+            wait_for(lambda: not alive(hold.pid), 10, "the hold process to end once resumed")
+    said = err.read_text().splitlines()[0]
+    assert said.startswith(f"dls-lock: the process holding the lock (pid {hold.pid}) did not renew its lease in "
+                           f"time (stopped or frozen?): the lock may be lost; stopping the shell, pid {shell.pid}, "
+                           "and what it started (TERM now, KILL after 0.5 s)"), said
+
+
 def _squat(names: list[bytes], tmp: Path, uid: int, file: str, ready: int, stop: int) -> int:
     """As nobody: bind every abstract name of ``names``, and ``file`` in directories of the name pattern of
     ``uid``'s socket directories in ``tmp`` (one 0700, one 0777, a symlink to the latter); tell ``ready``, wait

@@ -23,14 +23,10 @@ flock(1)'s lock lasts while any process holding its file lives
   tells it), it kills (SIGKILL) every process of the tree at once: the lock
   went with the holder's connection, and nothing may go on working as if it
   still held it;
-- when the holder falls silent (stopped by SIGSTOP, frozen, starved), it stops
-  the tree as if told the lock was lost, in time: the holder renews a lease
-  (``Keeper.lease``) twice a second with how long its lock is sure to stay its
-  own should it do nothing more (``Client.held_until``: the service's
-  lock-delay less the time a dead server takes to be found), and the keeper
-  TERMs the tree the grace period before that runs out, KILLs what is left when
-  it does. A stopped holder cannot tell its lock is lost; this keeps the
-  command from running beside the next holder all the same.
+- when the holder falls silent (stopped by SIGSTOP, frozen), it stops the tree
+  before the holder's lease runs out (``dls_client.lease``): a stopped holder
+  cannot hear that its lock is lost, and the command must not run beside the
+  next holder.
 
 Why two processes: a process killed by SIGKILL can do nothing, and its orphans
 go to init, where nobody can tell them from other processes. The keeper
@@ -46,10 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -57,6 +51,7 @@ import traceback
 from collections.abc import Callable, Collection
 
 from . import exitcodes
+from .lease import Lease, Watch, boottime, ran_out_message
 from .process_tree import become_subreaper, descendants, die_with_parent, exec_command, set_name, signal_descendants
 
 #: The holder's request to the keeper: the lock is lost, stop every process of the tree.
@@ -72,26 +67,6 @@ _IDLE = 5.0
 #: How soon the keeper looks again when it must: while killing (the tree may still be forking), and when
 #: a process left by the command may have been missed.
 _AGAIN = 0.05
-#: The shared page of the lease: the lease's end (CLOCK_BOOTTIME seconds, 0 before the first), written by
-#: the holder, then at _RAN_OUT a byte the keeper sets when it let the lease run out.
-_END = struct.Struct("=d")
-_RAN_OUT = _END.size
-#: How much longer than asked the keeper must have slept to know it was stopped itself (with its holder:
-#: the terminal's Ctrl-Z); then it gives the holder RENEWAL_WAIT to renew before it acts on the lease.
-_LATE = 1.0
-#: Seconds a resumed keeper waits for its holder's renewal (the holder renews every LEASE_PERIOD).
-RENEWAL_WAIT = 1.0
-#: How often the holder renews the lease (seconds).
-LEASE_PERIOD = 0.5
-#: The least silence of the holder after which the keeper acts, whatever the lock-delay (seconds): with a
-#: lock-delay too short to leave more (or an OS file lock on the service), the lock may be lost sooner.
-LEAST_SILENCE = 1.0
-
-
-def boottime() -> float:
-    """The clock of the lease: CLOCK_BOOTTIME, which, unlike the monotonic clock, also runs while the
-    host is suspended (the service's lock-delay runs on meanwhile)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 Say = Callable[[str], None]
 
@@ -99,11 +74,11 @@ Say = Callable[[str], None]
 class Keeper:
     """The holder's side of the keeper: start it, let it run the command, pass signals on, wait for it."""
 
-    def __init__(self, pid: int, go: int, lease: mmap.mmap) -> None:
+    def __init__(self, pid: int, go: int, lease: Lease) -> None:
         self.pid = pid
         self._go = go
-        self._lease = lease
-        self._grace = 0.0
+        #: The holder's lease with the keeper (see dls_client.lease): renew it before run_command.
+        self.lease = lease
         self._pidfd = os.pidfd_open(pid)
         self._lock = threading.Lock()  # signals are sent from other threads than the one that reaps
 
@@ -123,7 +98,7 @@ class Keeper:
             become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
         holder = os.getpid()
         go_read, go_write = os.pipe()
-        lease = mmap.mmap(-1, _RAN_OUT + 1)  # shared with the keeper (MAP_SHARED), zero: no lease yet
+        lease = Lease(grace)  # shared with the keeper
         # Blocked before the fork: none of the keeper's signals can kill it before it listens for them.
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, STOP, HOLDER_GONE, *passed_on})
         pid = os.fork()
@@ -140,21 +115,7 @@ class Keeper:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         os.close(go_read)
-        keeper = cls(pid, go_write, lease)
-        keeper._grace = grace
-        return keeper
-
-    def lease(self, held_until: float) -> None:
-        """The lock stays this process's until ``held_until`` (time.monotonic()) should it do nothing more:
-        the keeper is to have stopped the command by then. Never less than the grace period and
-        LEAST_SILENCE from now (see LEAST_SILENCE)."""
-        left = max(held_until - time.monotonic(), self._grace + LEAST_SILENCE)
-        self._lease[:_RAN_OUT] = _END.pack(boottime() + left)
-
-    @property
-    def lease_ran_out(self) -> bool:
-        """Whether the keeper stopped the command because the lease ran out (this process fell silent)."""
-        return self._lease[_RAN_OUT] != 0
+        return cls(pid, go_write, lease)
 
     def run_command(self) -> None:
         """The lock is held (and leased): start the command."""
@@ -204,7 +165,7 @@ class _Keeping:
     """The keeper's own side, in the forked child: wait for the lock, run the command, reap the tree."""
 
     def __init__(self, holder: int, argv: list[str], passed_on: set[int], command_mask: set[int], grace: float,
-                 say: Say | None, all_processes: bool, lease: mmap.mmap) -> None:
+                 say: Say | None, all_processes: bool, lease: Lease) -> None:
         self.holder = holder
         self.argv = argv
         self.passed_on = passed_on
@@ -216,9 +177,7 @@ class _Keeping:
         #: When KILL follows the TERM of a stop (monotonic), once told to stop.
         self.kill_at: float | None = None
         self.killing = False
-        self.lease = lease
-        #: When this keeper found it had been stopped itself (boottime()), and the lease it found then.
-        self.resumed: tuple[float, float] | None = None
+        self.lease = Watch(lease)
 
     def run(self, go: int) -> int:
         set_name("dls-lock keeper")
@@ -290,39 +249,21 @@ class _Keeping:
             timeout = min(timeout, self._watch_lease())
             wake = boottime() + timeout
             info = signal.sigtimedwait(listen, timeout)
-            if boottime() - wake > _LATE and self.kill_at is None:
-                self.resumed = (boottime(), self._lease_end())
+            self.lease.slept(wake)
             if info is not None:
                 self._on_signal(info)
 
-    def _lease_end(self) -> float:
-        end: float = _END.unpack(self.lease[:_RAN_OUT])[0]
-        return end
-
     def _watch_lease(self) -> float:
-        """Stop the tree if the holder's lease runs out (TERM the grace period before its end, KILL at it);
-        the seconds until the next look."""
+        """Stop the tree if the holder's lease runs out (see dls_client.lease); the seconds until the next
+        look."""
         if self.kill_at is not None:
             return _IDLE
-        end = self._lease_end()
-        now = boottime()
-        if end == 0:  # not leased (yet)
-            return _IDLE
-        if end - self.grace > now:
-            return end - self.grace - now
-        if self.resumed is not None:
-            resumed_at, end_then = self.resumed
-            if end > end_then:  # renewed since: the holder was stopped with this keeper (Ctrl-Z), and is well
-                self.resumed = None
-                return self._watch_lease()
-            if now < resumed_at + RENEWAL_WAIT:
-                return resumed_at + RENEWAL_WAIT - now
-        self.lease[_RAN_OUT] = 1
-        until = max(0.0, end - now)
-        print(f"dls-lock: the process holding the lock (pid {self.holder}) did not renew its lease in time "
-              f"(stopped or frozen?): the lock may be lost; stopping the command (TERM now, KILL after "
-              f"{min(self.grace, until):.1f} s)", file=sys.stderr, flush=True)
-        self._stop(until=until)
+        wait, kill_after = self.lease.due()
+        if kill_after is None:
+            return wait
+        print(ran_out_message(self.holder, "the command", min(self.grace, kill_after)), file=sys.stderr,
+              flush=True)
+        self._stop(until=kill_after)
         return _AGAIN
 
     def _tell_who_is_left(self, status: int) -> bool:

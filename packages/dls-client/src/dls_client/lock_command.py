@@ -112,7 +112,9 @@ A lost lock is told as a command's: the hold process says so on the shell's
 standard error, sends TERM to the shell and every process it started, KILL to
 those left -k seconds later; so a shell lock is for a script, not for an
 interactive shell. If the hold process is killed, its guard (ps: "dls-lock
-guard") does the same: only killing both at once leaves the shell untold. A
+guard") does the same: only killing both at once leaves the shell untold. If
+the hold process is stopped, its guard stops the shell before its lease runs
+out, as the keeper stops a command (above). A
 whole script can also run under dls-lock, with this line near its top (add -n
 to give up at once if another run holds it, as flock's manual does):
 
@@ -349,31 +351,6 @@ class _LostWatch:
         _tell(f"lost the lock on {self.name} ({reason}) {when}")
 
 
-class _Renewal:
-    """The holder's side of the keeper's lease (see command_keeper): renewed now, before the command
-    runs, then every LEASE_PERIOD by a thread, with how long the lock stays this process's should it do
-    nothing more (Client.held_until)."""
-
-    def __init__(self, client: Client, held: HeldLock, keeper: Keeper) -> None:
-        from .command_keeper import LEASE_PERIOD
-
-        self._client, self._held, self._keeper = client, held, keeper
-        self._period = LEASE_PERIOD
-        self._done = threading.Event()
-        self._renew()
-        threading.Thread(target=self._run, name="dls-lock lease", daemon=True).start()
-
-    def _renew(self) -> None:
-        self._keeper.lease(self._client.held_until(self._held))
-
-    def _run(self) -> None:
-        while not self._done.wait(self._period):
-            self._renew()
-
-    def stop(self) -> None:
-        self._done.set()
-
-
 def _tell(text: str) -> None:
     print(f"dls-lock: {text}", file=sys.stderr, flush=True)
 
@@ -477,13 +454,15 @@ def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalR
         keeper.abandon()
         return exitcodes.UNAVAILABLE  # the command never ran: as if the service had been lost before the grant
     relay.keeper = keeper
-    renewal = _Renewal(client, held, keeper)
+    from .lease import Renewal
+
+    renewal = Renewal(keeper.lease, lambda: client.held_until(held))
     keeper.run_command()
     status = keeper.wait()
     renewal.stop()
     relay.keeper = None
     watch.ended()
-    if keeper.lease_ran_out:
+    if keeper.lease.ran_out:
         watch.fell_silent()
     from .errors import DlsError, LockLost
 

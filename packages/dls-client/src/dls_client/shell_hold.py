@@ -31,6 +31,9 @@ process keeps it for the shell:
   thread, ps: "dls-lock guard") finds the pipe between them closed without a
   word: it tells the loss and stops the shell the same way. Only killing both
   at once leaves the shell running untold.
+- If the hold process is stopped (SIGSTOP, frozen), it can no longer hear that
+  its lock is lost: the guard stops the shell before the hold process's lease
+  runs out (``dls_client.lease``), as dls-lock's keeper stops a command.
 
 Processes the shell leaves running after it ends do not keep the lock (the
 hold process is not their parent and cannot follow them): the page says so.
@@ -59,6 +62,7 @@ from . import exitcodes
 from .client import Client
 from .config import Config
 from .errors import DlsError, Holder, LockLost, LockRefused
+from .lease import Lease, Renewal, Watch, boottime, ran_out_message
 from .locks import FileRef
 from .process_tree import die_with_parent, pin_descendants, set_name, stat
 
@@ -259,18 +263,22 @@ class Hold:
     def _end(self) -> int:
         if self.lost is None:
             self.lost = self.release()
-        os.write(self.guard, _DONE)
+        with contextlib.suppress(BrokenPipeError):  # a guard that stopped the shell (the lease ran out) ended
+            os.write(self.guard, _DONE)
         os.close(self.guard)
         os.waitpid(self.guard_pid, 0)  # it ends at once, told: reaped here rather than left to init
         return exitcodes.OK if self.lost is None else exitcodes.LOST
 
 
-def fork_guard(shell: int, shell_fd: int, name: str, grace: float, close: tuple[int, ...]) -> tuple[int, int]:
+def fork_guard(shell: int, shell_fd: int, name: str, grace: float,
+               close: tuple[int, ...]) -> tuple[int, int, Lease]:
     """Fork the guard of the hold process (call it while the process has one thread); (the write end of the
-    pipe the guard reads, its pid). The guard stops the shell if the hold process ends holding the lock
-    without saying it released it. ``close``: the hold process's descriptors the guard must not keep open
-    (the outcome pipe, the -u socket)."""
+    pipe the guard reads, its pid, the lease the hold process renews once it holds the lock). The guard
+    stops the shell if the hold process ends holding the lock without saying it released it, or lets its
+    lease run out. ``close``: the hold process's descriptors the guard must not keep open (the outcome
+    pipe, the -u socket)."""
     read_end, write_end = os.pipe()
+    lease = Lease(grace)
     holder = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -278,20 +286,33 @@ def fork_guard(shell: int, shell_fd: int, name: str, grace: float, close: tuple[
         try:
             for fd in (write_end, *close):
                 os.close(fd)
-            code = _guard(holder, read_end, shell, shell_fd, name, grace)
+            code = _guard(holder, read_end, shell, shell_fd, name, Watch(lease))
         finally:
             os._exit(code)
     os.close(read_end)
-    return write_end, pid
+    return write_end, pid, lease
 
 
-def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, grace: float) -> int:
+def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lease: Watch) -> int:
     set_name("dls-lock guard")
     for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     said = b""
-    while chunk := os.read(read_end, 16):
-        said += chunk
+    while True:
+        wait, kill_after = lease.due()
+        if kill_after is not None:
+            print(ran_out_message(holder, f"the shell, pid {shell}, and what it started",
+                                  min(lease.lease.grace, kill_after)), file=sys.stderr, flush=True)
+            stop_shell(shell_fd, shell, min(lease.lease.grace, kill_after), (os.getpid(), holder))
+            return exitcodes.LOST
+        until = boottime() + wait
+        readable = select.select([read_end], [], [], wait)[0]
+        lease.slept(until)
+        if readable:
+            chunk = os.read(read_end, 16)
+            if not chunk:
+                break
+            said += chunk
     if _GRANTED in said and _DONE not in said:
         # The service freed the lock the moment the hold process's connection closed and may have handed it
         # on already: no grace, or the shell would run beside the next holder (KILL at once, as the keeper).
@@ -433,7 +454,7 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
              outcome: int) -> int:
     """The hold process, listening for -u: take the lock, report the outcome, and keep it for the shell."""
     # Before the client starts its threads: a fork copies only the calling thread.
-    guard, guard_pid = fork_guard(shell, shell_fd, request.name, request.grace, (outcome, server.fileno()))
+    guard, guard_pid, lease = fork_guard(shell, shell_fd, request.name, request.grace, (outcome, server.fileno()))
     keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
                   guard_pid=guard_pid, server=server)
 
@@ -464,6 +485,7 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
             return None
 
         keeper.release = release
+        Renewal(lease, lambda: client.held_until(held))
         os.write(guard, _GRANTED)
         detach_from_foreground()
         os.chdir("/")  # not to keep the shell's directory busy (a file system it is on could not be unmounted)
