@@ -75,7 +75,7 @@ DEAD_SERVER_BOUND = float(_KEEPALIVE[0] + _KEEPALIVE[1] * _KEEPALIVE[2])
 def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
     """A TCP connection to ``server`` within ``timeout`` seconds, without Nagle's delay, found dead within
     DEAD_SERVER_BOUND if the server goes silent (OSError when it cannot be made)."""
-    sock = socket.create_connection((server.host, server.port), timeout=timeout)
+    sock = jdls.connect(server, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle, interval, probes = _KEEPALIVE

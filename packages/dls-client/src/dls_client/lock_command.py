@@ -208,19 +208,21 @@ def _and(words: list[str]) -> str:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
+    from dls_proto import numerals  # here, not at the top: --help and --version load no dls_proto
+
+    value = numerals.real(text)
+    if value is None or not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     return value
 
 
 def _exit_code(text: str) -> int:
-    if not text.isdigit() or int(text) > 255:
+    from dls_proto import numerals
+
+    value = numerals.integer(text)
+    if value is None or value > 255:
         raise argparse.ArgumentTypeError(f"{text!r} is not an exit status (0 to 255)")
-    return int(text)
+    return value
 
 
 def _passed_on() -> list[signal.Signals]:

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, probe
+from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
 from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
@@ -160,10 +160,7 @@ N = TypeVar("N", int, float)
 def _table_size(text: str) -> tuple[int, int]:
     """``-s r,g``: r record locks in groups of g locks (two positive integers)."""
     parts = text.split(",")
-    try:
-        records, per_group = (int(p) for p in parts) if len(parts) == 2 else (0, 0)
-    except ValueError:
-        records, per_group = 0, 0
+    records, per_group = (numerals.integer(p.strip()) or 0 for p in parts) if len(parts) == 2 else (0, 0)
     if records < 1 or per_group < 1:
         raise argparse.ArgumentTypeError(
             f"invalid table size {text!r}: expected r,g (r record locks in groups of g locks, "
@@ -180,7 +177,7 @@ def _shown(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
+def _number(kind: Callable[[str], N | None], what: str, low: N, high: N | None = None,
             bounds: str | None = None) -> Callable[[str], N]:
     """An argparse type: a number of ``kind`` from ``low`` (to ``high``), the error naming ``what`` and
     the range (``bounds`` says it when the figures alone would not read well)."""
@@ -189,11 +186,8 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
         bounds = f"{_shown(low)} to {_shown(high)}" if high is not None else f"{_shown(low)} or more"
 
     def parse(text: str) -> N:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}") from None
-        if not value >= low or (high is not None and value > high):  # also refuses nan
+        value = kind(text)  # numerals': ASCII decimals only, as every dls program reads a number
+        if value is None or not value >= low or (high is not None and value > high):  # also refuses nan
             raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}")
         return value
 
@@ -203,16 +197,16 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
 #: The longest a time option may be: a day (longer is no limit, which these options must keep).
 MAX_SECONDS = 86400.0
 #: Minutes as jDLS takes them, fractions allowed (-t 0.05 tidies every 3 s), at least one second.
-_minutes = _number(float, "tidy period (minutes)", 1 / 60, MAX_SECONDS / 60,
+_minutes = _number(numerals.real, "tidy period (minutes)", 1 / 60, MAX_SECONDS / 60,
                    bounds="minutes, fractions allowed, from one second's worth to a day's (-t 0.05 is 3 s, -t 1440 "
                    "a day)")
-_seconds = _number(int, "tidy period (seconds)", 1, int(MAX_SECONDS))
-_timeout = _number(float, "timeout (seconds)", 0.001, MAX_SECONDS)
-_port = _number(int, "port", 0, 65535)
-_frame = _number(int, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
-_count = _number(int, "count", 1)
-_bound = _number(float, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
-_delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
+_seconds = _number(numerals.integer, "tidy period (seconds)", 1, int(MAX_SECONDS))
+_timeout = _number(numerals.real, "timeout (seconds)", 0.001, MAX_SECONDS)
+_port = _number(numerals.integer, "port", 0, 65535)
+_frame = _number(numerals.integer, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
+_count = _number(numerals.integer, "count", 1)
+_bound = _number(numerals.real, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
+_delay = _number(numerals.real, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
 def _network(text: str) -> Network:

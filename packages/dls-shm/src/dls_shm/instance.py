@@ -40,6 +40,8 @@ def parse_ipc_key(text: str) -> int:
     """A table's IPC key as DLS_IPC_KEY or a tool's --key gives it (0x hex or decimal, 1 to 0x7fffffff);
     ValueError says what is wrong with it."""
     try:
+        if not text.isascii():  # int() takes other scripts' digits too: ASCII only, as every number of dls
+            raise ValueError(text)
         key = int(text, 0)
     except ValueError:
         raise ValueError(f"{text!r} is not a number such as 0x1a2b3c4d") from None

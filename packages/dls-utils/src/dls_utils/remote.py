@@ -10,7 +10,6 @@ library's code, so they keep working whatever state that library is in.
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 from typing import Any
 
@@ -28,6 +27,7 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
+    jdls,
     tls,
 )
 
@@ -54,7 +54,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
     except ConfigurationError as exc:
         raise RemoteError(str(exc)) from None
     try:
-        sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        sock = jdls.connect(server, timeout)
         if tls_context is not None:
             sock = tls.wrap(sock, tls_context, server.host, timeout)
     except OSError as exc:

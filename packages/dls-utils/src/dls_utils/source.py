@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from dls_proto import Server, jdls
+from dls_proto import Server, jdls, numerals
 
 from . import command
 from .remote import PEER_ADDRESS, RemoteError, fetch_snapshot
@@ -37,9 +37,10 @@ class ConfigFailure(Failure):
 
 def port_number(text: str) -> int:
     """An argparse type: a client's port number (JBCPORTNO), 0 or more."""
-    if not text.isdigit():
+    number = numerals.integer(text)
+    if number is None:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a port number (0 or more)")
-    return int(text)
+    return number
 
 
 def server_argument(text: str) -> Server:
