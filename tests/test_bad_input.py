@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from dls_client import DlsError, FileRef, InvalidRequest
+from dls_proto import MAX_KEY
+from dls_testkit import Service
+from dls_testkit.clients import client_for, data_file
 
 BIN = Path(sys.executable).parent
 CONFIG = 78
@@ -87,3 +91,59 @@ def test_jbcportno_in_other_digits_is_78(env: dict[str, str], argv: list[str], j
 def test_numbers_are_ascii_digits_on_command_lines(env: dict[str, str], argv: list[str], says: str) -> None:
     done = run(argv, env)
     assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# -- record keys and file names (a running service: they reach the wire) ------------------------------------
+
+
+def run_bytes(service: Service, *argv: str | bytes) -> subprocess.CompletedProcess[str]:
+    """dls-lock with ``argv`` (bytes as the shell would hand them over) against ``service``."""
+    return subprocess.run([str(BIN / "dls-lock"), *argv], env=service.env, capture_output=True, text=True,
+                          errors="replace", timeout=60)
+
+
+def test_a_key_that_is_not_utf8_is_locked_as_its_bytes(service: Service, tmp_path: Path) -> None:
+    """``dls-lock FILE $'\\xff' CMD``: the key is the bytes the shell gave (as --hold and -u take it), so the
+    same bytes from another dls-lock are the same record: it is refused while the first holds it."""
+    data = data_file(tmp_path)
+    inner = f"{BIN / 'dls-lock'} -n {data} \"$(printf '\\377')\" true"
+    done = run_bytes(service, str(data).encode(), b"\xff", b"sh", b"-c", inner.encode())
+    assert (done.returncode, done.stderr) == (1, ""), done.stderr  # the inner dls-lock found it held
+    assert run_bytes(service, str(data).encode(), b"\xff", b"true").returncode == 0
+
+
+def test_a_file_name_that_is_not_utf8_can_be_locked(service: Service, tmp_path: Path) -> None:
+    name = os.fsencode(tmp_path) + b"/d\xffx"
+    with open(name, "wb"):
+        pass
+    done = run_bytes(service, name, b"KEY", b"true")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
+def test_a_key_longer_than_a_request_carries_is_a_usage_error(service: Service, tmp_path: Path) -> None:
+    done = run_bytes(service, str(data_file(tmp_path)), "k" * 70000, "true")
+    one_line(done, 2, f"dls-lock: KEY: record key of 70000 bytes: a key is at most {MAX_KEY} bytes")
+
+
+def test_the_library_refuses_what_no_request_can_carry_and_keeps_its_connection(service: Service,
+                                                                                 tmp_path: Path) -> None:
+    """A key that is not text or too long, a file name that is not text, a request larger than the server's
+    --max-frame: InvalidRequest (a DlsError and a ValueError) before anything is sent; the connection and
+    its locks stay."""
+    data = data_file(tmp_path)
+    client = client_for(service)
+    try:
+        with client.lock(data, "held"):
+            for key in ("\udcff", b"k" * (MAX_KEY + 1), "k" * (MAX_KEY + 1), b"k" * MAX_KEY):
+                with pytest.raises(InvalidRequest) as caught:
+                    client.lock(data, key)
+                assert isinstance(caught.value, (DlsError, ValueError)), caught.value
+            with pytest.raises(InvalidRequest, match=r"more than lock service .* takes"):
+                client.lock(data, b"k" * MAX_KEY)
+            with pytest.raises(InvalidRequest, match="cannot send a Lock request"):
+                client.lock(FileRef(os.stat(data).st_ino, "d\udcffx"), "k")
+            assert client.status(data, "held")[0] != 0  # still held: the connection was not lost
+            with client.lock(data, "k" * 1000):
+                pass
+    finally:
+        client.close()

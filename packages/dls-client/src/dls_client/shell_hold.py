@@ -331,7 +331,7 @@ def _hold_process(request: HoldRequest, config: Config, foreground: int, shell: 
     client = Client(config)
     try:
         try:
-            held = client.lock(request.ref, request.key, request.mode, wait=not request.nonblock,
+            held = client.lock(request.ref, os.fsencode(request.key), request.mode, wait=not request.nonblock,
                                timeout=request.timeout, on_wait=waiting,
                                on_lost=lambda lost: keeper.on_lost(lost.lost_reason or "lost"))
         except LockRefused as exc:

@@ -37,6 +37,7 @@ from .messages import (
     HEADER_SIZE,
     HELLO_MAGIC,
     LOCK_MODES,
+    MAX_KEY,
     PROTOCOL_VERSIONS,
     SINCE,
     WAIT_FOREVER,
@@ -96,7 +97,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "ALL_THREADS", "LOCK_MODES", "not_a_mode",
+    "ALL_THREADS", "LOCK_MODES", "MAX_KEY", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
     "exchange", "identity", "jdls", "numerals", "probe", "receive", "spec", "tls", "FRAME_VERSION",
     "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
