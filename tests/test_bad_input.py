@@ -9,6 +9,7 @@ file names a shell hands over as bytes. Nothing is reached before the refusal, s
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from dls_client import DlsError, FileRef, InvalidRequest
 from dls_proto import MAX_KEY
+from dls_proto.text import amount
 from dls_testkit import Service
 from dls_testkit.clients import client_for, data_file
 
@@ -93,6 +95,15 @@ def test_numbers_are_ascii_digits_on_command_lines(env: dict[str, str], argv: li
     assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("argv", [["jdls", "-C", "x", "--host", "a..b"], ["jdls", "-ib", "--bind", "a..b"],
+                                  ["show-item-locks", "--server", "a..b"], ["list-open-files", "--server", "a..b,5"]],
+                         ids=" ".join)
+def test_a_host_on_the_command_line_is_checked_as_jdls_checks_it(env: dict[str, str], argv: list[str]) -> None:
+    done = run(argv, env)
+    assert done.returncode == 2 and "host 'a..b' has an empty label" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- record keys and file names (a running service: they reach the wire) ------------------------------------
 
 
@@ -147,3 +158,54 @@ def test_the_library_refuses_what_no_request_can_carry_and_keeps_its_connection(
                 pass
     finally:
         client.close()
+
+
+# -- JBCRELEASEDIR that cannot be an instance's directory --------------------------------------------------
+
+#: Every tool that reads the instance's directory, as a user runs it.
+INSTANCE_TOOLS = (["jdls", "-d"], ["jdls", "-k"], ["jdls", "-K"], ["jdls", "-ib"], ["show-item-locks"],
+                  ["show-item-locks", "--local"], ["list-open-files"], ["dls-dump"], ["dls-ipcrm"])
+
+
+@pytest.mark.parametrize("argv", INSTANCE_TOOLS, ids=" ".join)
+@pytest.mark.parametrize(("where", "says"), [
+    ("a regular file", "not a directory"),
+    ("under a regular file", "Not a directory"),
+    ("a name too long", "File name too long"),
+    ("a path too long", "File name too long"),
+])
+def test_a_release_dir_that_cannot_be_an_instance_is_78(env: dict[str, str], tmp_path: Path, argv: list[str],
+                                                        where: str, says: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    env["JBCRELEASEDIR"] = str({"a regular file": afile, "under a regular file": afile / "release",
+                                "a name too long": tmp_path / ("x" * 300),
+                                "a path too long": tmp_path.joinpath(*["abcdefghij"] * 400)}[where])
+    one_line(run(argv, env), CONFIG, f"{Path(argv[0]).name}: JBCRELEASEDIR=", says)
+    assert afile.read_text() == ""
+
+
+# -- what messages call things ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["jdls", "jDLS", "JDLS"])
+def test_the_usage_names_the_command_as_called(env: dict[str, str], name: str) -> None:
+    assert run([name, "-h"], env).stdout.startswith(f"usage: {name} [-h]")
+    done = run([name, "-i", "--port", "x"], env)
+    assert done.returncode == 2 and done.stderr.startswith(f"usage: {name} ") and f"\n{name}: error:" in done.stderr
+
+
+def test_a_one_second_timeout_is_one_second(env: dict[str, str]) -> None:
+    """JDLS TIMEOUT=1 and a server that accepts the connection but never answers: the message says
+    "1 second" (dls_proto.text.amount), not "1 seconds"."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        env["JDLS"] = f"SERVER=127.0.0.1,{silent.getsockname()[1]},TIMEOUT=1"
+        done = run(["dls-lock", "DATA", "KEY", "true"], env)
+    one_line(done, 69, "did not answer within 1 second\n")
+
+
+@pytest.mark.parametrize(("value", "unit", "said"), [(1, "second", "1 second"), (1.0, "second", "1 second"),
+                                                       (0.5, "second", "0.5 seconds"), (30, "minute", "30 minutes"),
+                                                       (0, "second", "0 seconds")])
+def test_amount(value: float, unit: str, said: str) -> None:
+    assert amount(value, unit) == said

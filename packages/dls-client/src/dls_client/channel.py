@@ -50,6 +50,7 @@ from dls_proto import (
     jdls,
     receive,
 )
+from dls_proto.text import amount
 
 from .errors import AcknowledgementTimeout, InvalidRequest, ServiceUnavailable
 from .trace import Tracer, reply_line, request_line
@@ -323,7 +324,7 @@ class Channel:
             if not box and deadline is not None and time.monotonic() >= deadline:
                 self._mail.pop(rid, None)
                 timeout = AcknowledgementTimeout(
-                    f"lock service {self.server} did not answer within {self.ack_timeout or 0:g} seconds")
+                    f"lock service {self.server} did not answer within {amount(self.ack_timeout or 0, 'second')}")
                 timeout.channel = self
                 raise timeout
 

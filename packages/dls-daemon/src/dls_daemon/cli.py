@@ -150,8 +150,9 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 {environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
-Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 (-C only) a JDLS or
-JBCPORTNO that clients refuse.
+Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 a $JBCRELEASEDIR that
+cannot be an instance's directory (a regular file, too long a path) or a bad $DLS_IPC_KEY, and
+for -C a JDLS or JBCPORTNO that clients refuse.
 """
 
 N = TypeVar("N", int, float)
@@ -219,6 +220,15 @@ def _network(text: str) -> Network:
             "2001:db8::/32)") from None
 
 
+def _host_name(text: str) -> str:
+    """``--host``/``--bind``: an IP address or a host name DNS can carry, checked as JDLS's SERVER is
+    (dls_proto.jdls), not left to the resolver's UnicodeError."""
+    try:
+        return jdls.checked_host(text.strip(), "host")
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("host: ")) from None
+
+
 def _path(what: str) -> Callable[[str], Path]:
     """An argparse type: an absolute path to a ``what`` (a file, a directory); not empty."""
     def parse(text: str) -> Path:
@@ -241,8 +251,9 @@ def _group(text: str) -> int:
 
 def called_as(argv0: str | None = None) -> str:
     """The name the command was run by (``sys.argv[0]``'s), when it is one of NAMES; else ``jdls``
-    (``python -m dls_daemon``), so that --version and -C's refusals name what the operator typed. (The usage
-    says jdls under every name: the help is the page's, one text for the three names.)"""
+    (``python -m dls_daemon``), so that the usage, argparse's errors, --version and the refusals name what the
+    operator typed. (The rest of the help says jdls under every name: one text for the three names' pages,
+    which are written by a program of another name, so as jdls.)"""
     name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
     return name if name in NAMES else NAMES[0]
 
@@ -290,7 +301,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def get_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="jdls",
+        prog=called_as(),  # the usage and argparse's errors name what the operator typed, as --version does
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -333,7 +344,7 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--port", type=_port, default=None,
                             help=f"TCP port to listen on, with -C to connect to (default ${PORT_VARIABLE}, "
                             f"else {DEFAULT_PORT})")
-    start_opts.add_argument("--bind", metavar="ADDR", default=None,
+    start_opts.add_argument("--bind", metavar="ADDR", default=None, type=_host_name,
                             help=f"address to listen on (default {DEFAULT_BIND})")
     start_opts.add_argument("--foreground", action="store_true",
                             help="stay in the foreground (for a supervisor such as systemd), even with -b")
@@ -411,7 +422,7 @@ def get_parser() -> argparse.ArgumentParser:
     other.add_argument("-v", dest="verbose", action="count", default=0,
                        help="with -d: the whole table header (-vv: and its IPC key and id); with -C: more "
                        "detail; with -i: log debug messages")
-    other.add_argument("--host", default=None,
+    other.add_argument("--host", default=None, type=_host_name,
                        help=f"with -C: the host to test instead of the servers of ${jdls.VARIABLE} (default: "
                        f"those, else {jdls.DEFAULT_HOST})")
     parser.add_argument("--version", action="version", version=f"{called_as()} (dls-daemon) {__version__}")
@@ -577,9 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                          verbose=args.verbose > 0)
     try:
         instance = Instance.from_environment()
-    except ValueError as exc:
-        print(f"jdls: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    except ValueError as exc:  # dls_proto's ConfigurationError: JBCRELEASEDIR or DLS_IPC_KEY, named
+        print(f"{called_as()}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     if args.action == "start":
         settings = settings_from(args, instance)
         try:

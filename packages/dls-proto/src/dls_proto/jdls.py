@@ -134,7 +134,7 @@ def _port(text: str, what: str) -> int:
     return port
 
 
-def _host(host: str, what: str) -> str:
+def checked_host(host: str, what: str) -> str:
     """``host`` if it is an IP address or a host name DNS can carry (labels of 1 to 63 characters, 253 in
     all, as IDNA encodes them); else ConfigurationError names it. Refused here rather than at connect
     time, where the resolver's idna codec raises UnicodeError, and in every program alike."""
@@ -185,13 +185,13 @@ def _host_port(text: str, what: str) -> tuple[str, int | None]:
         address, bracket, rest = text[1:].partition("]")
         if not bracket or not address or (rest and not rest.startswith(":")):
             raise ConfigurationError(f"{what}: {text!r} is not [address] or [address]:port")
-        return _host(address, what), _port(rest[1:], what) if rest else None
+        return checked_host(address, what), _port(rest[1:], what) if rest else None
     if text.count(":") == 1:
         host, _, port = text.partition(":")
         if not host.strip():
             raise ConfigurationError(f"{what}: {text!r} has no host before the port")
-        return _host(host.strip(), what), _port(port.strip(), what)
-    return _host(text, what), None
+        return checked_host(host.strip(), what), _port(port.strip(), what)
+    return checked_host(text, what), None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dls_proto import (
     jdls,
     tls,
 )
+from dls_proto.text import amount
 
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
 DEFAULT_TIMEOUT = 10.0
@@ -70,7 +71,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
             if not isinstance(reply, InfoSnapshot):
                 raise RemoteError(f"the {where} gave no snapshot: {_describe(reply)}")
     except TimeoutError:
-        raise RemoteError(f"the {where} did not answer within {timeout:g} seconds") from None
+        raise RemoteError(f"the {where} did not answer within {amount(timeout, 'second')}") from None
     except ProtocolError as exc:
         raise RemoteError(f"the {where} does not speak the dls protocol as expected: {exc}") from None
     except OSError as exc:
