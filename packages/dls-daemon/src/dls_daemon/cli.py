@@ -223,6 +223,8 @@ def _network(text: str) -> Network:
 def _host_name(text: str) -> str:
     """``--host``/``--bind``: an IP address or a host name DNS can carry, checked as JDLS's SERVER is
     (dls_proto.jdls), not left to the resolver's UnicodeError."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a host name or address")
     try:
         return jdls.checked_host(text.strip(), "host")
     except ConfigurationError as exc:
@@ -512,8 +514,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 parser.error(f"{PORT_VARIABLE}: {exc}")
         elif args.action == "start":
             args.port = DEFAULT_PORT
-    if args.action == "test" and args.host is not None and not args.host.strip():
-        parser.error("--host: expected a host name or address")
 
 
 def _test_server(host: str | None, port: int | None) -> jdls.Server | None:
