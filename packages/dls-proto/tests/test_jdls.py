@@ -79,6 +79,8 @@ def test_host_port_spellings(text: str, server: Server) -> None:
     (f"SERVER={'abcdefghi.' * 25}abcd", "JDLS SERVER: host 'abcdefghi.abcdefghi.abcdefghi.abcdefghi.'... is 254 "
                                         "characters long: a host name is at most 253"),
     ("SERVER=a b", "JDLS SERVER: host 'a b' has a space or control character"),
+    ("SERVER=a:b:c", "JDLS SERVER: host 'a:b:c' is not an IPv6 address (a host name has no colon)"),
+    ("SERVER=[a..b:1]:5", "JDLS SERVER: host 'a..b:1' is not an IPv6 address"),
     ("SERVER=a\x00b", "JDLS SERVER: host 'a\\x00b' has a space or control character"),
     # Numbers are ASCII digits: int() and float() would take other scripts' (and isdigit() superscripts).
     ("SERVER=h:\u0663\u0663", "JDLS SERVER: port '\u0663\u0663' is not a number from 1 to 65535"),

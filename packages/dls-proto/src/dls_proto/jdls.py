@@ -17,7 +17,6 @@ that is not there, and the dls-jdls(7) page is written from it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from . import numerals
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    import ipaddress
     import socket
     import ssl
 
@@ -137,12 +137,12 @@ def _port(text: str, what: str) -> int:
 def checked_host(host: str, what: str) -> str:
     """``host`` if it is an IP address or a host name DNS can carry (labels of 1 to 63 characters, 253 in
     all, as IDNA encodes them); else ConfigurationError names it. Refused here rather than at connect
-    time, where the resolver's idna codec raises UnicodeError, and in every program alike."""
-    try:
-        ipaddress.ip_address(host.partition("%")[0])  # an IPv6 address may name its zone: fe80::1%eth0
+    time, where the resolver's idna codec raises UnicodeError, and in every program alike. (An IPv4 address
+    passes as a name would.)"""
+    if ":" in host:  # no name has one: an IPv6 address (ipaddress only then: a client's start-up does without)
+        if _ipv6(host) is None:
+            raise ConfigurationError(f"{what}: host {host!r} is not an IPv6 address (a host name has no colon)")
         return host
-    except ValueError:
-        pass
     name = host.removesuffix(".")  # a fully qualified name's final dot is no empty label
     if any(ord(c) < 0x21 or c == "\x7f" for c in name):
         raise ConfigurationError(f"{what}: host {host!r} has a space or control character")
@@ -288,13 +288,21 @@ def _same(one: Server, other: Server) -> bool:
     a final dot aside) or IP address (however written: ::1 and 0::1, an IPv4-mapped ::ffff:127.0.0.1 and
     127.0.0.1). Names are not looked up: a parse must not wait on DNS."""
     def key(host: str) -> str:
-        try:
-            address = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
+        address = _ipv6(host) if ":" in host else None
+        if address is None:
             return host.removesuffix(".").lower()
-        mapped = getattr(address, "ipv4_mapped", None)
-        return str(mapped or address)
+        return str(address.ipv4_mapped or address)
     return one.port == other.port and key(one.host) == key(other.host)
+
+
+def _ipv6(host: str) -> ipaddress.IPv6Address | None:
+    """``host`` as an IPv6 address (its zone, fe80::1%eth0, aside), or None when it is none."""
+    import ipaddress
+
+    try:
+        return ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return None
 
 
 def _names() -> str:
