@@ -154,8 +154,9 @@ def checked_host(host: str, what: str) -> str:
         try:
             encoded.append(label.encode("ascii" if label.isascii() else "idna"))
         except UnicodeError:  # a label IDNA cannot encode (too long once encoded, or a forbidden character)
-            raise ConfigurationError(f"{what}: host {host!r} is not a valid host name: its label {label!r} "
-                                     f"cannot be encoded for DNS in {MAX_LABEL} characters") from None
+            raise ConfigurationError(f"{what}: host {host!r} is not a valid host name: its label {label!r} is "
+                                     "not an internationalised name IDNA can encode (a character it forbids, or "
+                                     f"over {MAX_LABEL} characters once encoded)") from None
         if len(encoded[-1]) > MAX_LABEL:
             raise ConfigurationError(f"{what}: host {host!r} has a label longer than {MAX_LABEL} characters "
                                      f"({len(encoded[-1])})")
