@@ -186,7 +186,8 @@ def _as_in_the_page(line: str, invocations: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("tool", TOOLS, ids=_ids)
-def test_help_of_the_installed_tool_matches_its_page(man: str, tool: manpages.Tool) -> None:
+def test_help_of_the_installed_tool_matches_its_page(man: str, tool: manpages.Tool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     program = BIN / tool.name
     assert program.is_file(), (f"{program} is not installed: run ./dev setup (a new [project.scripts] "
                                f"entry of {tool.package} needs a reinstall)")
@@ -194,6 +195,7 @@ def test_help_of_the_installed_tool_matches_its_page(man: str, tool: manpages.To
     result = subprocess.run([str(program), "--help"], capture_output=True, text=True, env=env, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "argv", [str(program)])  # a usage that names the tool as called (jdls's) names it so
     parser = manpages.get_parser_of(tool.target)
     with manpages.help_environment():
         assert result.stdout == parser.format_help(), f"{tool.name} --help is not its get_parser()'s help"
@@ -204,6 +206,8 @@ def test_help_of_the_installed_tool_matches_its_page(man: str, tool: manpages.To
         line = _as_in_the_page(line.strip(), invocations)
         if line.startswith("usage: "):
             line = line.removeprefix("usage: ")
+            if line.startswith(f"{tool.name} ") and tool.name != tool.main:  # the page's synopsis: the main name
+                line = tool.main + line.removeprefix(tool.name)
         if line.endswith(":") and line[:-1] in titles:
             line = GROUP_HEADINGS.get(line[:-1], line[:-1])
         if line:

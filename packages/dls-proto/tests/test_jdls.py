@@ -70,11 +70,51 @@ def test_host_port_spellings(text: str, server: Server) -> None:
     (",", "JDLS: empty option"),
     ("SERVER2=h", "JDLS SERVER2 has no meaning without SERVER"),
     ("NOSUCH", "JDLS: unknown option 'NOSUCH'; expected SERVER, SERVER2, WAIT, TIMEOUT,"),
+    # Host names DNS cannot carry: refused here, not a UnicodeError from the resolver's idna codec.
+    ("SERVER=a..b", "JDLS SERVER: host 'a..b' has an empty label"),
+    ("SERVER=.a,50003", "JDLS SERVER: host '.a' has an empty label"),
+    ("SERVER=[a..b]:5", "JDLS SERVER: host 'a..b' has an empty label"),
+    (f"SERVER={'a' * 64}", f"JDLS SERVER: host '{'a' * 64}' has a label longer than 63 characters (64)"),
+    (f"SERVER=h,SERVER2={'a' * 64}.b:5", "JDLS SERVER2: host 'aaaa"),
+    (f"SERVER={'abcdefghi.' * 25}abcd", "JDLS SERVER: host 'abcdefghi.abcdefghi.abcdefghi.abcdefghi.'... is 254 "
+                                        "characters long: a host name is at most 253"),
+    ("SERVER=a b", "JDLS SERVER: host 'a b' has a space or control character"),
+    ("SERVER=a:b:c", "JDLS SERVER: host 'a:b:c' is not an IPv6 address (a host name has no colon)"),
+    ("SERVER=[a..b:1]:5", "JDLS SERVER: host 'a..b:1' is not an IPv6 address"),
+    ("SERVER=a\x00b", "JDLS SERVER: host 'a\\x00b' has a space or control character"),
+    # Numbers are ASCII digits: int() and float() would take other scripts' (and isdigit() superscripts).
+    ("SERVER=h:\u0663\u0663", "JDLS SERVER: port '\u0663\u0663' is not a number from 1 to 65535"),
+    ("SERVER=h,\u0663\u0663", "JDLS SERVER: '\u0663\u0663' after the host is neither a port"),
+    ("SERVER=h,\u00b2", "JDLS SERVER: '\u00b2' after the host is neither a port"),
+    ("SERVER=h:\u00b2", "JDLS SERVER: port '\u00b2' is not"),
+    ("TIMEOUT=\u0663", "JDLS TIMEOUT: '\u0663' is not a number of seconds"),
+    ("TIMEOUT=1_0", "JDLS TIMEOUT: '1_0' is not a number of seconds"),
+    # SERVER2 the same service as SERVER: each lock would wait behind itself on it.
+    ("SERVER=localhost:50002,SERVER2=localhost:50002", "JDLS SERVER2 (localhost,50002) is the same service as "
+                                                       "SERVER (localhost,50002)"),
+    ("SERVER=LockHost.,SERVER2=lockhost", "JDLS SERVER2 (lockhost,50002) is the same service as SERVER"),
+    ("SERVER=::1,7,SERVER2=[0:0::1]:7", "JDLS SERVER2 (0:0::1,7) is the same service as SERVER (::1,7)"),
+    ("SERVER=127.0.0.1,SERVER2=::ffff:127.0.0.1", "JDLS SERVER2 (::ffff:127.0.0.1,50002) is the same service"),
 ])
 def test_refusals_name_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(ValueError) as caught:
         jdls.parse(text)
     assert str(caught.value).startswith(says), str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["SERVER=bücher.example", "SERVER=lockhost.,SERVER2=lockhost,50003",
+                                  "SERVER=fe80::1%eth0", f"SERVER={'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}",
+                                  "SERVER=h,SERVER2=i", "SERVER=h:5,SERVER2=h:6", "TIMEOUT=1e1", "TIMEOUT=.5"])
+def test_what_is_accepted(text: str) -> None:
+    jdls.parse(text)
+
+
+def test_connect_makes_a_host_the_resolver_refuses_an_oserror() -> None:
+    """A Server made without parse (by a program's own code) fails to connect as an OSError, never as the
+    resolver's UnicodeError or ValueError: callers report OSError as the service they cannot reach."""
+    for host in ("a..b", "a" * 64):
+        with pytest.raises(OSError, match="cannot be looked up"):
+            jdls.connect(Server(host, 5), 1.0)
 
 
 def test_the_unknown_option_message_lists_every_option() -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         ConfigurationError,
         DlsError,
         Holder,
+        InvalidRequest,
         LockCancelled,
         LockLost,
         LockRefused,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
-    "DlsError", "FileRef", "HeldLock", "Holder", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
+    "DlsError", "FileRef", "HeldLock", "Holder", "InvalidRequest", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
     "LockCancelled", "LockLost", "LockRefused", "LockTimeout",
     "Mode", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "__version__", "get_client", "parse",
 ]
@@ -54,8 +55,8 @@ _HOMES = {
     "LocalBinaryLock": ".binary",
     "Client": ".client",
     **dict.fromkeys(("DEFAULT_PORT", "Config", "Server", "parse"), ".config"),
-    **dict.fromkeys(("AcknowledgementTimeout", "ConfigurationError", "DlsError", "Holder", "LockCancelled",
-                     "LockLost", "LockRefused", "LockTimeout", "RequestFailed", "ServiceLost",
+    **dict.fromkeys(("AcknowledgementTimeout", "ConfigurationError", "DlsError", "Holder", "InvalidRequest",
+                     "LockCancelled", "LockLost", "LockRefused", "LockTimeout", "RequestFailed", "ServiceLost",
                      "ServiceUnavailable"), ".errors"),
     **dict.fromkeys(("LocalClient", "LocalHeldLock"), ".local"),
     **dict.fromkeys(("REMOTE_DEVICE", "FileRef", "HeldLock"), ".locks"),

@@ -52,7 +52,7 @@ class BaseClient(ABC):
         if kind not in self._kinds:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)  # the test saves a call on the lock path
-        return self._lock(ref, key if isinstance(key, bytes) else key_bytes(key), mode, wait, timeout, on_wait,
+        return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait,
                           on_lost)
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX, *, on_lost: OnLost | None = None) -> HeldLock:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from dls_proto import (
     CLIENT_MAX_FRAME,
+    HEADER_SIZE,
     SINCE,
     Connection,
     ConnectionClosed,
@@ -35,6 +36,7 @@ from dls_proto import (
     Granted,
     Hello,
     InfoPut,
+    LocalProtocolError,
     Message,
     RemoteProtocolError,
     Role,
@@ -48,8 +50,9 @@ from dls_proto import (
     jdls,
     receive,
 )
+from dls_proto.text import amount
 
-from .errors import AcknowledgementTimeout, ServiceUnavailable
+from .errors import AcknowledgementTimeout, InvalidRequest, ServiceUnavailable
 from .trace import Tracer, reply_line, request_line
 
 if TYPE_CHECKING:
@@ -75,7 +78,7 @@ DEAD_SERVER_BOUND = float(_KEEPALIVE[0] + _KEEPALIVE[1] * _KEEPALIVE[2])
 def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
     """A TCP connection to ``server`` within ``timeout`` seconds, without Nagle's delay, found dead within
     DEAD_SERVER_BOUND if the server goes silent (OSError when it cannot be made)."""
-    sock = socket.create_connection((server.host, server.port), timeout=timeout)
+    sock = jdls.connect(server, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle, interval, probes = _KEEPALIVE
@@ -154,7 +157,10 @@ class Channel:
         self.failure: ServiceUnavailable | None = None
         #: When the channel failed (time.monotonic()), None while it works.
         self.failed_at: float | None = None
+        #: The largest frame body the server takes (Welcome's max_frame; unbounded until it says).
+        self.max_frame = CLIENT_MAX_FRAME
         self.welcome = self._greet(hello, ack_timeout if open_timeout is None else open_timeout)
+        self.max_frame = self.welcome.max_frame or CLIENT_MAX_FRAME
 
     @property
     def lock_delay(self) -> float:
@@ -203,12 +209,19 @@ class Channel:
             raise self.failure
         if self._trace is not None:
             self._trace_sent(message)
+        try:
+            data = self.conn.send(message)
+        except LocalProtocolError as exc:  # a field no frame can carry (a FileRef's name that is not text)
+            raise InvalidRequest(f"cannot send a {type(message).__name__} request: {exc}") from None
+        if len(data) - HEADER_SIZE > self.max_frame:  # the server would drop the connection, every lock with it
+            raise InvalidRequest(f"a {type(message).__name__} request of {len(data) - HEADER_SIZE} bytes is more "
+                                 f"than lock service {self.server} takes ({self.max_frame}, its --max-frame)")
         with self._send_lock:
             try:
                 if self._tls_guard is None:
-                    self.sock.sendall(self.conn.send(message))
+                    self.sock.sendall(data)
                 else:
-                    self._send_tls(self.conn.send(message))
+                    self._send_tls(data)
             except OSError as exc:
                 raise self.fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
 
@@ -311,7 +324,7 @@ class Channel:
             if not box and deadline is not None and time.monotonic() >= deadline:
                 self._mail.pop(rid, None)
                 timeout = AcknowledgementTimeout(
-                    f"lock service {self.server} did not answer within {self.ack_timeout or 0:g} seconds")
+                    f"lock service {self.server} did not answer within {amount(self.ack_timeout or 0, 'second')}")
                 timeout.channel = self
                 raise timeout
 

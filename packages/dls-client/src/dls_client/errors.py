@@ -33,6 +33,13 @@ class ConfigurationError(DlsError, dls_proto.ConfigurationError):
     """
 
 
+class InvalidRequest(DlsError, ValueError):
+    """A lock request no lock service can take, refused before anything is sent: a record key that is not
+    text (a str with lone surrogates, as os.fsdecode makes of bytes that are not UTF-8: pass the bytes), or
+    longer than dls_proto.MAX_KEY bytes, or a request larger than the lock server takes (its --max-frame).
+    The message says which; the connection and the process's other locks are untouched."""
+
+
 class ServiceUnavailable(DlsError):
     """No lock service could be reached, or the one in use was lost."""
 

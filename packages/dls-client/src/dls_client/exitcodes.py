@@ -12,6 +12,8 @@ import os
 OK = os.EX_OK
 #: dls-test: the string did not come back; dls-lock: the lock was held (unless -E says otherwise).
 FAILED = 1
+#: A usage error (argparse's own status): dls-lock's KEY too long for a request, too.
+USAGE = 2
 #: dls-lock: FILE does not exist.
 NOINPUT = os.EX_NOINPUT
 #: The lock service cannot be reached, or was lost.

@@ -130,7 +130,8 @@ EPILOG = textwrap.fill(
     f"Exit status: the command's (128+N when it died of signal N); {exitcodes.LOST} the lock was lost while the "
     f"command ran (it was stopped); {exitcodes.FAILED} (or -E CODE) when the lock is held and -n or -w gives up; "
     f"{exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service unreachable (or lost before the command "
-    f"ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command not runnable.", 80)
+    f"ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command not runnable; "
+    f"{exitcodes.USAGE} usage error (a KEY longer than a request carries too).", 80)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -170,7 +171,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"dls-lock {__version__}")
     parser.add_argument("file", nargs="?", metavar="FILE",
                         help="the file whose record is locked: it must exist (dls-lock does not create it)")
-    parser.add_argument("key", nargs="?", metavar="KEY", help="the record key")
+    parser.add_argument("key", nargs="?", metavar="KEY",
+                        help="the record key: its bytes as the shell gives them, UTF-8 or not")
     parser.add_argument("command", nargs="?", metavar="COMMAND", help="the command to run with the lock held")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="its arguments")
     return parser
@@ -232,19 +234,21 @@ def _and(words: list[str]) -> str:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
+    from dls_proto import numerals  # here, not at the top: --help and --version load no dls_proto
+
+    value = numerals.real(text)
+    if value is None or not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     return value
 
 
 def _exit_code(text: str) -> int:
-    if not text.isdigit() or int(text) > 255:
+    from dls_proto import numerals
+
+    value = numerals.integer(text)
+    if value is None or value > 255:
         raise argparse.ArgumentTypeError(f"{text!r} is not an exit status (0 to 255)")
-    return int(text)
+    return value
 
 
 def _passed_on() -> list[signal.Signals]:
@@ -387,8 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         _tell(str(exc))
         return exitcodes.CONFIG
-    from .locks import FileRef
+    from .locks import FileRef, key_bytes
 
+    try:
+        key = key_bytes(os.fsencode(args.key))  # the bytes the shell gave, UTF-8 or not, as --hold and -u take it
+    except DlsError as exc:  # longer than a request carries
+        _tell(f"KEY: {exc}")
+        return exitcodes.USAGE
     try:
         ref = FileRef.of(args.file)
     except DlsError as exc:
@@ -400,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import shell_hold
 
         if args.unlock:
-            return shell_hold.unlock(os.getppid(), ref.inode, os.fsencode(args.key), f"{args.file} {args.key}")
+            return shell_hold.unlock(os.getppid(), ref.inode, key, f"{args.file} {args.key}")
         return shell_hold.hold(shell_hold.HoldRequest(
             file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
             timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say,
@@ -425,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if say:
             say(f"using lock service {config.server}")
-        held = client.lock(ref, args.key, Mode[args.mode], wait=not args.nonblock, timeout=args.timeout,
+        held = client.lock(ref, key, Mode[args.mode], wait=not args.nonblock, timeout=args.timeout,
                            on_wait=waiting, on_lost=watch.on_lost)
     except LockRefused as exc:  # and LockTimeout: -n or -w gave up
         if say:

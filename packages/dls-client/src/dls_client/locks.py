@@ -13,9 +13,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, NamedTuple, Protocol
 
-from dls_proto import Mode
+from dls_proto import MAX_KEY, Mode
 
-from .errors import DlsError, LockLost, describe
+from .errors import DlsError, InvalidRequest, LockLost, describe
 
 #: The device number of every record lock: device numbers of a shared file differ from host to
 #: host, so only the inode names the file (the table shows the device as -1).
@@ -38,17 +38,34 @@ class FileRef(NamedTuple):
         if isinstance(file, FileRef):
             return file
         try:
-            return cls(os.stat(file).st_ino, os.fspath(file))
+            return cls(os.stat(file).st_ino, display_path(os.fspath(file)))
         except OSError as exc:
-            raise DlsError(f"cannot lock records of {os.fspath(file)!r}: {exc.strerror}") from None
+            raise DlsError(f"cannot lock records of {display_path(os.fspath(file))!r}: {exc.strerror}") from None
 
 
 FileLike = FileRef | str | os.PathLike[str]
 
 
 def key_bytes(key: Key) -> bytes:
-    """A record key as the service stores it: bytes, a str encoded as UTF-8."""
-    return key if isinstance(key, bytes) else key.encode("utf-8")
+    """A record key as the service stores it: bytes, a str encoded as UTF-8; InvalidRequest for a str that
+    is not text (lone surrogates) or a key longer than MAX_KEY bytes, which no request can carry."""
+    if isinstance(key, str):
+        text = key
+        try:
+            key = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"record key {text.encode('utf-8', 'backslashreplace').decode()!r} is not text "
+                                 "(bytes that are not UTF-8, decoded with surrogates): give the key as bytes "
+                                 "(os.fsencode)") from None
+    if len(key) > MAX_KEY:
+        raise InvalidRequest(f"record key of {len(key)} bytes: a key is at most {MAX_KEY} bytes")
+    return key
+
+
+def display_path(path: str) -> str:
+    """A file's name as the service is told it (for display only: the inode names the file): a name that
+    is not UTF-8 (os.fsdecode's surrogates) with each such byte written \\xNN, so that it can be sent."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class Unlocker(Protocol):

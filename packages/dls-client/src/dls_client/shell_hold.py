@@ -461,7 +461,7 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
     client = Client(config)
     try:
         try:
-            held = client.lock(request.ref, request.key, request.mode, wait=not request.nonblock,
+            held = client.lock(request.ref, os.fsencode(request.key), request.mode, wait=not request.nonblock,
                                timeout=request.timeout, on_wait=request.on_wait,
                                on_lost=lambda lost: keeper.on_lost(lost.lost_reason or "lost"))
         except LockRefused as exc:

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, probe
+from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
 from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
@@ -155,8 +155,9 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
 {environment.ERROR_TRACE}); the port is --port, else ${PORT_VARIABLE}, else {DEFAULT_PORT}.
-Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 (-C only) a JDLS or
-JBCPORTNO that clients refuse.
+Exit status: 0 done, 1 failed (the reason is printed), 2 usage error, 78 a $JBCRELEASEDIR that
+cannot be an instance's directory (a regular file, too long a path) or a bad $DLS_IPC_KEY, and
+for -C a JDLS or JBCPORTNO that clients refuse.
 """
 
 N = TypeVar("N", int, float)
@@ -165,10 +166,7 @@ N = TypeVar("N", int, float)
 def _table_size(text: str) -> tuple[int, int]:
     """``-s r,g``: r record locks in groups of g locks (two positive integers)."""
     parts = text.split(",")
-    try:
-        records, per_group = (int(p) for p in parts) if len(parts) == 2 else (0, 0)
-    except ValueError:
-        records, per_group = 0, 0
+    records, per_group = (numerals.integer(p.strip()) or 0 for p in parts) if len(parts) == 2 else (0, 0)
     if records < 1 or per_group < 1:
         raise argparse.ArgumentTypeError(
             f"invalid table size {text!r}: expected r,g (r record locks in groups of g locks, "
@@ -185,7 +183,7 @@ def _shown(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
+def _number(kind: Callable[[str], N | None], what: str, low: N, high: N | None = None,
             bounds: str | None = None) -> Callable[[str], N]:
     """An argparse type: a number of ``kind`` from ``low`` (to ``high``), the error naming ``what`` and
     the range (``bounds`` says it when the figures alone would not read well)."""
@@ -194,11 +192,8 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
         bounds = f"{_shown(low)} to {_shown(high)}" if high is not None else f"{_shown(low)} or more"
 
     def parse(text: str) -> N:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}") from None
-        if not value >= low or (high is not None and value > high):  # also refuses nan
+        value = kind(text)  # numerals': ASCII decimals only, as every dls program reads a number
+        if value is None or not value >= low or (high is not None and value > high):  # also refuses nan
             raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {bounds}")
         return value
 
@@ -208,16 +203,16 @@ def _number(kind: Callable[[str], N], what: str, low: N, high: N | None = None,
 #: The longest a time option may be: a day (longer is no limit, which these options must keep).
 MAX_SECONDS = 86400.0
 #: Minutes as jDLS takes them, fractions allowed (-t 0.05 tidies every 3 s), at least one second.
-_minutes = _number(float, "tidy period (minutes)", 1 / 60, MAX_SECONDS / 60,
+_minutes = _number(numerals.real, "tidy period (minutes)", 1 / 60, MAX_SECONDS / 60,
                    bounds="minutes, fractions allowed, from one second's worth to a day's (-t 0.05 is 3 s, -t 1440 "
                    "a day)")
-_seconds = _number(int, "tidy period (seconds)", 1, int(MAX_SECONDS))
-_timeout = _number(float, "timeout (seconds)", 0.001, MAX_SECONDS)
-_port = _number(int, "port", 0, 65535)
-_frame = _number(int, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
-_count = _number(int, "count", 1)
-_bound = _number(float, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
-_delay = _number(float, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
+_seconds = _number(numerals.integer, "tidy period (seconds)", 1, int(MAX_SECONDS))
+_timeout = _number(numerals.real, "timeout (seconds)", 0.001, MAX_SECONDS)
+_port = _number(numerals.integer, "port", 0, 65535)
+_frame = _number(numerals.integer, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
+_count = _number(numerals.integer, "count", 1)
+_bound = _number(numerals.real, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
+_delay = _number(numerals.real, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
 
 
 def _network(text: str) -> Network:
@@ -228,6 +223,17 @@ def _network(text: str) -> Network:
         raise argparse.ArgumentTypeError(
             f"invalid network {text!r}: expected an address or address/prefix (10.1.0.0/16, 192.0.2.7, "
             "2001:db8::/32)") from None
+
+
+def _host_name(text: str) -> str:
+    """``--host``/``--bind``: an IP address or a host name DNS can carry, checked as JDLS's SERVER is
+    (dls_proto.jdls), not left to the resolver's UnicodeError."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a host name or address")
+    try:
+        return jdls.checked_host(text.strip(), "host")
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("host: ")) from None
 
 
 def _path(what: str) -> Callable[[str], Path]:
@@ -252,8 +258,9 @@ def _group(text: str) -> int:
 
 def called_as(argv0: str | None = None) -> str:
     """The name the command was run by (``sys.argv[0]``'s), when it is one of NAMES; else ``jdls``
-    (``python -m dls_daemon``), so that --version and -C's refusals name what the operator typed. (The usage
-    says jdls under every name: the help is the page's, one text for the three names.)"""
+    (``python -m dls_daemon``), so that the usage, argparse's errors, --version and the refusals name what the
+    operator typed. (The rest of the help says jdls under every name: one text for the three names' pages,
+    which are written by a program of another name, so as jdls.)"""
     name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
     return name if name in NAMES else NAMES[0]
 
@@ -301,7 +308,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def get_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="jdls",
+        prog=called_as(),  # the usage and argparse's errors name what the operator typed, as --version does
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -344,7 +351,7 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--port", type=_port, default=None,
                             help=f"TCP port to listen on, with -C to connect to (default ${PORT_VARIABLE}, "
                             f"else {DEFAULT_PORT})")
-    start_opts.add_argument("--bind", metavar="ADDR", default=None,
+    start_opts.add_argument("--bind", metavar="ADDR", default=None, type=_host_name,
                             help=f"address to listen on (default {DEFAULT_BIND})")
     start_opts.add_argument("--foreground", action="store_true",
                             help="stay in the foreground (for a supervisor such as systemd), even with -b")
@@ -423,7 +430,7 @@ def get_parser() -> argparse.ArgumentParser:
     other.add_argument("-v", dest="verbose", action="count", default=0,
                        help="with -d: the whole table header (-vv: and its IPC key and id); with -C: more "
                        "detail; with -i: log debug messages")
-    other.add_argument("--host", default=None,
+    other.add_argument("--host", default=None, type=_host_name,
                        help=f"with -C: the host to test instead of the servers of ${jdls.VARIABLE} (default: "
                        f"those, else {jdls.DEFAULT_HOST})")
     parser.add_argument("--version", action="version", version=f"{called_as()} (dls-daemon) {__version__}")
@@ -513,8 +520,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 parser.error(f"{PORT_VARIABLE}: {exc}")
         elif args.action == "start":
             args.port = DEFAULT_PORT
-    if args.action == "test" and args.host is not None and not args.host.strip():
-        parser.error("--host: expected a host name or address")
 
 
 def _test_server(host: str | None, port: int | None) -> jdls.Server | None:
@@ -589,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
                          verbose=args.verbose > 0)
     try:
         instance = Instance.from_environment()
-    except ValueError as exc:
-        print(f"jdls: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    except ValueError as exc:  # dls_proto's ConfigurationError: JBCRELEASEDIR or DLS_IPC_KEY, named
+        print(f"{called_as()}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     if args.action == "start":
         settings = settings_from(args, instance)
         try:

@@ -19,6 +19,9 @@ class ExitCode(IntEnum):
     FAILED = 1
     #: The command line was wrong (argparse's status).
     USAGE = 2
+    #: A configuration no dls program can use (EX_CONFIG): a $JBCRELEASEDIR that cannot be an instance's
+    #: directory, a bad $DLS_IPC_KEY; for -C, a JDLS or JBCPORTNO that clients refuse.
+    CONFIG = 78
     #: An unexpected exception (EX_SOFTWARE): a bug, logged with its traceback.
     CRASHED = 70
 

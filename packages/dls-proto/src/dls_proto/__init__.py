@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import environment, identity, jdls
+from . import environment, identity, jdls, numerals
 from .__about__ import __version__
 from .codec import encode
 from .connection import (
@@ -37,6 +37,7 @@ from .messages import (
     HEADER_SIZE,
     HELLO_MAGIC,
     LOCK_MODES,
+    MAX_KEY,
     PROTOCOL_VERSIONS,
     SINCE,
     WAIT_FOREVER,
@@ -96,10 +97,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "ALL_THREADS", "LOCK_MODES", "not_a_mode",
+    "ALL_THREADS", "LOCK_MODES", "MAX_KEY", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
-    "exchange", "identity", "jdls", "probe", "receive", "spec", "tls", "FRAME_VERSION", "HEADER", "HEADER_SIZE",
-    "HELLO_MAGIC", "MESSAGES",
+    "exchange", "identity", "jdls", "numerals", "probe", "receive", "spec", "tls", "FRAME_VERSION",
+    "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "SINCE", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import numerals
 from .errors import ConfigurationError
 
 PORT_NUMBER = "JBCPORTNO"
@@ -40,9 +41,10 @@ def port_number(environ: Mapping[str, str] | None = None) -> int:
     text = _get(PORT_NUMBER, environ)
     if not text:
         return os.getpid()
-    if not text.isdigit() or int(text) > MAX_PORT_NUMBER:
+    number = numerals.integer(text)
+    if number is None or number > MAX_PORT_NUMBER:
         raise ConfigurationError(f"{PORT_NUMBER}={text!r} is not a port number (0 to {MAX_PORT_NUMBER})")
-    return int(text)
+    return number
 
 
 def release_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -22,9 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import numerals
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    import ipaddress
+    import socket
     import ssl
 
 VARIABLE = "JDLS"
@@ -35,6 +38,9 @@ DEFAULT_TIMEOUT = 30.0
 #: Seconds a client gives a server to accept its TCP connection (and TLS handshake); TIMEOUT then bounds
 #: every answer, the first (the greeting) included.
 CONNECT_TIMEOUT = 5.0
+#: The longest host name DNS can carry (RFC 1035, written without its final dot), and its longest label.
+MAX_HOST_NAME = 253
+MAX_LABEL = 63
 LOCK_CHOICES = ("EXTERNAL", "INTERNAL", "ALL")
 #: The TIMEOUT values a client accepts (seconds): below, a network's hiccup would cost every lock; above, a
 #: dead service would go unnoticed for more than a day (and the wire's milliseconds would not hold it).
@@ -63,11 +69,15 @@ OPTIONS = (
     Option("SERVER", "host{,port}", f"localhost,{DEFAULT_PORT}",
            f"The lock service: its host name or IP address, and its TCP port ({DEFAULT_PORT} when not given). "
            "host:port and [address]:port are accepted too; an IPv6 address without a port is written as it is. "
-           "A port that is not a number from 1 to 65535 is refused by name (so is a word after the host that is "
-           "no JDLS option), as is a port given twice."),
+           "A port that is not a number from 1 to 65535 (ASCII digits) is refused by name (so is a word after the "
+           f"host that is no JDLS option), as is a port given twice; so is a host name DNS cannot carry (an empty "
+           f"label, a label over {MAX_LABEL} characters, over {MAX_HOST_NAME} in all)."),
     Option("SERVER2", "host{,port}", "none",
            "The secondary lock service, for resilience: every lock is taken on both servers, and a client goes "
-           "on with one when the other is lost. It has no meaning without SERVER, and is refused without it."),
+           "on with one when the other is lost. It has no meaning without SERVER, and is refused without it; so "
+           "is the same host and port as SERVER (the same name, any case, or the same IP address however "
+           "written), where each lock would wait behind itself. Names are not looked up: do not give one service "
+           "under two names (localhost and 127.0.0.1)."),
     Option("WAIT", "", "not set",
            "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it (jdls -C and "
            "dls-test still give up after TIMEOUT: a test must end)."),
@@ -124,9 +134,54 @@ _SERVERS = ("SERVER", "SERVER2")
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    port = numerals.integer(text)
+    if port is None or not 0 < port < 65536:
         raise ConfigurationError(f"{what}: port {text!r} is not a number from 1 to 65535")
-    return int(text)
+    return port
+
+
+def checked_host(host: str, what: str) -> str:
+    """``host`` if it is an IP address or a host name DNS can carry (labels of 1 to 63 characters, 253 in
+    all, as IDNA encodes them); else ConfigurationError names it. Refused here rather than at connect
+    time, where the resolver's idna codec raises UnicodeError, and in every program alike. (An IPv4 address
+    passes as a name would.)"""
+    if ":" in host:  # no name has one: an IPv6 address (ipaddress only then: a client's start-up does without)
+        if _ipv6(host) is None:
+            raise ConfigurationError(f"{what}: host {host!r} is not an IPv6 address (a host name has no colon)")
+        return host
+    name = host.removesuffix(".")  # a fully qualified name's final dot is no empty label
+    if any(ord(c) < 0x21 or c == "\x7f" for c in name):
+        raise ConfigurationError(f"{what}: host {host!r} has a space or control character")
+    if any(not label for label in name.split(".")):
+        raise ConfigurationError(f"{what}: host {host!r} has an empty label (two dots in a row, or one at the "
+                                 "start)")
+    encoded: list[bytes] = []
+    for label in name.split("."):
+        try:
+            encoded.append(label.encode("ascii" if label.isascii() else "idna"))
+        except UnicodeError:  # a label IDNA cannot encode (too long once encoded, or a forbidden character)
+            raise ConfigurationError(f"{what}: host {host!r} is not a valid host name: its label {label!r} is "
+                                     "not an internationalised name IDNA can encode (a character it forbids, or "
+                                     f"over {MAX_LABEL} characters once encoded)") from None
+        if len(encoded[-1]) > MAX_LABEL:
+            raise ConfigurationError(f"{what}: host {host!r} has a label longer than {MAX_LABEL} characters "
+                                     f"({len(encoded[-1])})")
+    if len(b".".join(encoded)) > MAX_HOST_NAME:
+        raise ConfigurationError(f"{what}: host {host[:40]!r}... is {len(b'.'.join(encoded))} characters long: "
+                                 f"a host name is at most {MAX_HOST_NAME}")
+    return host
+
+
+def connect(server: Server, timeout: float) -> socket.socket:
+    """``socket.create_connection`` to ``server`` within ``timeout`` seconds; OSError for every way it fails,
+    a host name the resolver refuses included (its UnicodeError or ValueError, for a Server not made by
+    parse), so that a caller reports it as the service it cannot reach, never as a traceback."""
+    import socket
+
+    try:
+        return socket.create_connection((server.host, server.port), timeout=timeout)
+    except ValueError as exc:  # UnicodeError too
+        raise OSError(f"host name {server.host!r} cannot be looked up ({exc})") from None
 
 
 def _host_port(text: str, what: str) -> tuple[str, int | None]:
@@ -137,13 +192,13 @@ def _host_port(text: str, what: str) -> tuple[str, int | None]:
         address, bracket, rest = text[1:].partition("]")
         if not bracket or not address or (rest and not rest.startswith(":")):
             raise ConfigurationError(f"{what}: {text!r} is not [address] or [address]:port")
-        return address, _port(rest[1:], what) if rest else None
+        return checked_host(address, what), _port(rest[1:], what) if rest else None
     if text.count(":") == 1:
         host, _, port = text.partition(":")
         if not host.strip():
             raise ConfigurationError(f"{what}: {text!r} has no host before the port")
-        return host.strip(), _port(port.strip(), what)
-    return text, None
+        return checked_host(host.strip(), what), _port(port.strip(), what)
+    return checked_host(text, what), None
 
 
 @dataclass(frozen=True)
@@ -235,6 +290,28 @@ def named_server(text: str) -> Server | None:
     return server if isinstance(server, Server) else None
 
 
+def _same(one: Server, other: Server) -> bool:
+    """Whether two servers are the same service as written: the same port, and the same host name (case and
+    a final dot aside) or IP address (however written: ::1 and 0::1, an IPv4-mapped ::ffff:127.0.0.1 and
+    127.0.0.1). Names are not looked up: a parse must not wait on DNS."""
+    def key(host: str) -> str:
+        address = _ipv6(host) if ":" in host else None
+        if address is None:
+            return host.removesuffix(".").lower()
+        return str(address.ipv4_mapped or address)
+    return one.port == other.port and key(one.host) == key(other.host)
+
+
+def _ipv6(host: str) -> ipaddress.IPv6Address | None:
+    """``host`` as an IPv6 address (its zone, fe80::1%eth0, aside), or None when it is none."""
+    import ipaddress
+
+    try:
+        return ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return None
+
+
 def _names() -> str:
     """The option names, as an error message lists them."""
     names = [option.name for option in OPTIONS]
@@ -277,18 +354,15 @@ def _options(text: str) -> dict[str, Any]:
             if following and "=" not in following and following.upper() not in _FLAGS:  # {,port}
                 if port is not None:
                     raise ConfigurationError(f"{what}: the port is given twice ({value!r} and {following!r})")
-                if not following.isdigit():
+                if numerals.integer(following) is None:
                     raise ConfigurationError(f"{what}: {following!r} after the host is neither a port (a number "
                                              "from 1 to 65535) nor a JDLS option")
                 port = _port(following, what)
                 i += 1
             values[name.lower()] = Server(host, port or DEFAULT_PORT)
         elif name == "TIMEOUT":
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not TIMEOUT_RANGE[0] <= seconds <= TIMEOUT_RANGE[1]:  # NaN too
+            seconds = numerals.real(value)
+            if seconds is None or not TIMEOUT_RANGE[0] <= seconds <= TIMEOUT_RANGE[1]:
                 raise ConfigurationError(f"JDLS TIMEOUT: {value!r} is not a number of seconds from "
                                          f"{TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g}")
             values["timeout"] = seconds
@@ -304,6 +378,9 @@ def _options(text: str) -> dict[str, Any]:
             raise AssertionError(f"JDLS {name}: in OPTIONS but not parsed")
     if "server2" in values and "server" not in values:
         raise ConfigurationError("JDLS SERVER2 has no meaning without SERVER")
+    if "server2" in values and _same(values["server"], values["server2"]):
+        raise ConfigurationError(f"JDLS SERVER2 ({values['server2']}) is the same service as SERVER "
+                                 f"({values['server']}): every lock would wait behind itself; name another")
     for name, field in _TLS_FILES.items():
         if field in values and "tls" not in values:
             raise ConfigurationError(f"JDLS {name} has no meaning without TLS")

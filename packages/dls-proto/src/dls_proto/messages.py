@@ -28,6 +28,8 @@ PROTOCOL_VERSIONS = (2, 3)
 HELLO_MAGIC = b"jDLS"
 #: A lock request's ``timeout_ms`` meaning "wait as long as it takes".
 WAIT_FOREVER = 0xFFFFFFFF
+#: The longest record key a request carries, in bytes: its length travels in 16 bits (``key_len``).
+MAX_KEY = 0xFFFF
 #: An ``UnlockAll`` thread id meaning "every thread of the client".
 ALL_THREADS = 0xFFFFFFFFFFFFFFFF
 

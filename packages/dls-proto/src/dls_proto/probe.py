@@ -106,7 +106,7 @@ def _test(server: jdls.Server, config: jdls.Config, context: ssl.SSLContext | No
     host = server.host
     print(f"Client: Using host '{host}', service '{server.port}'", file=out, flush=True)
     try:
-        sock = socket.create_connection((host, server.port), timeout=jdls.CONNECT_TIMEOUT)
+        sock = jdls.connect(server, jdls.CONNECT_TIMEOUT)
         if context is not None:
             sock = tls.wrap(sock, context, host, jdls.CONNECT_TIMEOUT)
     except TimeoutError:

@@ -1,4 +1,5 @@
-"""Text that came from a peer, made fit for a line of a report, a trace or a log.
+"""Text that came from a peer, made fit for a line of a report, a trace or a log; and how a message says
+an amount of something (``amount``), in one place.
 
 A key or file name is whatever a client sent: a newline, tab or escape sequence in
 it would forge lines or rows, or drive the operator's terminal; bidirectional and
@@ -22,3 +23,9 @@ def printable(text: str) -> str:
 def _escaped(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def amount(value: float, unit: str) -> str:
+    """``value`` ``unit`` as a message says it: "1 second", "0.5 seconds", "30 seconds" (the figure with :g,
+    the unit singular only for exactly one), so that no message says "1 seconds"."""
+    return f"{value:g} {unit}" if value == 1 else f"{value:g} {unit}s"

@@ -13,12 +13,14 @@ them alike.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from dls_proto import environment
+from dls_proto import ConfigurationError, environment
 
 from . import trusted
 
@@ -40,6 +42,8 @@ def parse_ipc_key(text: str) -> int:
     """A table's IPC key as DLS_IPC_KEY or a tool's --key gives it (0x hex or decimal, 1 to 0x7fffffff);
     ValueError says what is wrong with it."""
     try:
+        if not text.isascii():  # int() takes other scripts' digits too: ASCII only, as every number of dls
+            raise ValueError(text)
         key = int(text, 0)
     except ValueError:
         raise ValueError(f"{text!r} is not a number such as 0x1a2b3c4d") from None
@@ -54,6 +58,30 @@ def ipc_key_for(root: Path) -> int:
     return key or 1
 
 
+#: Room left under a release directory for the instance's own paths (run/jdls-listener.pid,
+#: tmp/jbase_error_trace, proc/info/<file>): a directory longer than PATH_MAX less this is refused.
+_ROOM = 64
+
+
+def _checked_root(path: Path, named: str) -> Path:
+    """``path`` if it can be an instance's release directory: a directory, or nothing yet (jdls -i makes it;
+    the other tools say no service runs there); else ConfigurationError naming ``named`` and the problem (a
+    regular file, a name too long, a component that is a file), before any tool trips over it."""
+    shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:60]}... ({len(os.fsencode(path))} bytes)"
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):  # no instance can be there
+            raise ConfigurationError(f"{named}={shown}: {exc.strerror}") from None
+        mode = None  # not made yet (jdls -i makes it), or not ours to look into: each tool says so its way
+    if mode is not None and not stat.S_ISDIR(mode):
+        raise ConfigurationError(f"{named}={shown}: not a directory")
+    if len(os.fsencode(path)) > os.pathconf("/", "PC_PATH_MAX") - _ROOM:
+        raise ConfigurationError(f"{named}={shown}: too long a path for the instance's files (at most "
+                                 f"{os.pathconf('/', 'PC_PATH_MAX') - _ROOM} bytes)")
+    return path
+
+
 @dataclass(frozen=True)
 class Instance:
     """One lock service's release directory and table key: where each of its files and IPC objects is."""
@@ -63,14 +91,16 @@ class Instance:
 
     @classmethod
     def from_environment(cls, root: str | os.PathLike[str] | None = None) -> Instance:
-        """The instance of ``root``, else of $JBCRELEASEDIR, else of the default directory."""
-        path = (Path(root) if root else environment.release_dir()).absolute()
+        """The instance of ``root``, else of $JBCRELEASEDIR, else of the default directory; ConfigurationError
+        (a ValueError) names the variable when the directory cannot be one, or DLS_IPC_KEY is no key."""
+        named = "instance directory" if root else environment.RELEASE_DIR
+        path = _checked_root((Path(root) if root else environment.release_dir()).absolute(), named)
         override = os.environ.get(IPC_KEY_VARIABLE)
         if override:
             try:
                 key = parse_ipc_key(override)
             except ValueError as exc:
-                raise ValueError(f"{IPC_KEY_VARIABLE}: {exc}") from None
+                raise ConfigurationError(f"{IPC_KEY_VARIABLE}: {exc}") from None
         else:
             key = ipc_key_for(path)
         return cls(path, key)

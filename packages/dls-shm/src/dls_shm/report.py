@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from dls_proto.text import amount
 from dls_proto.text import printable as printable  # the reports' name for it, where the utilities find it
 
 from . import modes
@@ -99,9 +100,8 @@ def when(t: float) -> str:
 
 def tidy_period(seconds: int) -> str:
     if seconds % 60 == 0:
-        minutes = seconds // 60
-        return f"{minutes} minute" if minutes == 1 else f"{minutes} minutes"
-    return f"{seconds} second" if seconds == 1 else f"{seconds} seconds"
+        return amount(seconds // 60, "minute")
+    return amount(seconds, "second")
 
 
 def mechanism(flags: int) -> str:

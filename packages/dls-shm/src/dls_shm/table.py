@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import psutil
 import sysv_ipc
 from dls_proto import HolderState
+from dls_proto.text import amount
 
 from . import doorbell, modes
 from .layout import (
@@ -313,7 +314,7 @@ class LockTable(LockMechanism):
             sem.acquire(wait)
             sem.release()
         except sysv_ipc.BusyError:
-            raise TableError(f"lock table 0x{key:08x} stayed locked for {wait} seconds") from None
+            raise TableError(f"lock table 0x{key:08x} stayed locked for {amount(wait, 'second')}") from None
         return cls(shm, sem)
 
     @staticmethod

@@ -54,6 +54,8 @@ exit status:
   {command.OK}  the table was shown
   {command.FAILED}  there is no lock table with that key, or it cannot be read
   {command.USAGE}  usage error
+  {command.CONFIG} $JBCRELEASEDIR cannot be an instance's directory (a file, too long a path), or
+      $DLS_IPC_KEY is no key (the message names what is wrong)
 """
 
 
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         instance, own_pid_files = chosen_table(args)
-    except ValueError as exc:
-        return command.fail(PROG, exc, command.FAILED)
+    except ValueError as exc:  # dls_proto's ConfigurationError: JBCRELEASEDIR or DLS_IPC_KEY
+        return command.fail(PROG, exc, command.CONFIG)
     where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
     try:
         table = LockTable.attach(instance.key)

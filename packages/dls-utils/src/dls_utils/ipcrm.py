@@ -46,6 +46,7 @@ USAGE = command.USAGE
 IN_USE = 3
 SERVICE_RUNS = 4
 NOT_PERMITTED = 5
+CONFIG = command.CONFIG
 
 EPILOG = f"""\
 {TABLE_HELP}
@@ -65,6 +66,8 @@ exit status:
   {IN_USE}  refused: processes have the table attached or lock servers run (use --force)
   {SERVICE_RUNS}  refused: the lock monitor or lock listener runs (stop it: jdls -k)
   {NOT_PERMITTED}  refused: permission denied (the table belongs to another user)
+  {CONFIG} $JBCRELEASEDIR cannot be an instance's directory (a file, too long a path), or
+      $DLS_IPC_KEY is no key (the message names what is wrong)
 """
 
 
@@ -185,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         instance, own_pid_files = chosen_table(args)
-    except ValueError as exc:
-        return command.fail(PROG, exc, FAILED)
+    except ValueError as exc:  # dls_proto's ConfigurationError: JBCRELEASEDIR or DLS_IPC_KEY
+        return command.fail(PROG, exc, CONFIG)
     try:
         warnings, lines = remove(instance, own_pid_files=own_pid_files, force=args.force)
     except Refused as exc:

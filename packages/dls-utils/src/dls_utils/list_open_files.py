@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypedDict
 
 from dls_proto import Server
-from dls_shm import Instance, info
+from dls_shm import info
 from dls_shm.report import printable
 
 from . import command
@@ -29,6 +29,7 @@ from .source import (
     add_source_options,
     chosen_server,
     emit,
+    local_instance,
     port_number,
     snapshot_of,
     source_help,
@@ -78,7 +79,8 @@ exit status:
   {command.FAILED}  no proc/info directory for the instance, the server cannot be reached or its
      answer cannot be read
   {command.USAGE}  usage error
-  {command.CONFIG} $JDLS is refused, as every client refuses it (the message names what is wrong)
+  {command.CONFIG} $JDLS is refused, as every client refuses it, or $JBCRELEASEDIR cannot be an
+     instance's directory (the message names what is wrong)
 """
 
 
@@ -173,10 +175,7 @@ def format_rows(rows: Iterable[OpenFile]) -> list[str]:
 
 
 def _local() -> tuple[str, Sequence[Document]]:
-    try:
-        instance = Instance.from_environment()
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
+    instance = local_instance()
     try:
         if not instance.info_dir.is_dir():
             raise Failure(f"no proc/info directory for JBCRELEASEDIR={instance.root} (is jdls running there?)")

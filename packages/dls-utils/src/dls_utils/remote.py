@@ -10,7 +10,6 @@ library's code, so they keep working whatever state that library is in.
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 from typing import Any
 
@@ -28,8 +27,10 @@ from dls_proto import (
     Welcome,
     exchange,
     identity,
+    jdls,
     tls,
 )
+from dls_proto.text import amount
 
 #: Seconds to wait for the connection and each answer: an operator is waiting too.
 DEFAULT_TIMEOUT = 10.0
@@ -54,7 +55,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
     except ConfigurationError as exc:
         raise RemoteError(str(exc)) from None
     try:
-        sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        sock = jdls.connect(server, timeout)
         if tls_context is not None:
             sock = tls.wrap(sock, tls_context, server.host, timeout)
     except OSError as exc:
@@ -70,7 +71,7 @@ def fetch_snapshot(server: Server, *, timeout: float = DEFAULT_TIMEOUT,
             if not isinstance(reply, InfoSnapshot):
                 raise RemoteError(f"the {where} gave no snapshot: {_describe(reply)}")
     except TimeoutError:
-        raise RemoteError(f"the {where} did not answer within {timeout:g} seconds") from None
+        raise RemoteError(f"the {where} did not answer within {amount(timeout, 'second')}") from None
     except ProtocolError as exc:
         raise RemoteError(f"the {where} does not speak the dls protocol as expected: {exc}") from None
     except OSError as exc:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from dls_proto import Server
-from dls_shm import Instance, LockTable, TableError, TableMissing, info, oslock_entries
+from dls_shm import LockTable, TableError, TableMissing, info, oslock_entries
 
 from . import command
 from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
@@ -28,6 +28,7 @@ from .source import (
     add_source_options,
     chosen_server,
     emit,
+    local_instance,
     port_number,
     snapshot_of,
     source_help,
@@ -89,10 +90,7 @@ def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
     """Heading, lock entries and info documents of the local instance: the table's locks, and the OS record
     locks held in its lock directory (all its record locks under jdls -ibD; beside a table,
     those an earlier version's lock server holds for OSLOCKS clients), each joined with proc/info."""
-    try:
-        instance = Instance.from_environment()
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
+    instance = local_instance()
     try:
         documents = list(info.read_all(instance))
     except PermissionError:

@@ -16,7 +16,8 @@ import socket
 import sys
 from typing import Any
 
-from dls_proto import Server, jdls
+from dls_proto import Server, environment, jdls, numerals
+from dls_shm import Instance
 
 from . import command
 from .remote import PEER_ADDRESS, RemoteError, fetch_snapshot
@@ -35,11 +36,21 @@ class ConfigFailure(Failure):
     status = command.CONFIG
 
 
+def local_instance() -> Instance:
+    """The instance $JBCRELEASEDIR names (its table's key: DLS_IPC_KEY's when set); ConfigFailure (exit 78)
+    when it cannot be one (a regular file, a name too long, a bad key): the message names which."""
+    try:
+        return Instance.from_environment()
+    except ValueError as exc:
+        raise ConfigFailure(str(exc)) from None
+
+
 def port_number(text: str) -> int:
     """An argparse type: a client's port number (JBCPORTNO), 0 or more."""
-    if not text.isdigit():
+    number = numerals.integer(text)
+    if number is None:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a port number (0 or more)")
-    return int(text)
+    return number
 
 
 def server_argument(text: str) -> Server:
@@ -56,7 +67,8 @@ def source_help(local: str) -> str:
             f"(port {jdls.DEFAULT_PORT} when not given), else {local}.\n"
             f"A service is asked over TLS when ${jdls.VARIABLE} says TLS (with its CA, CERT, KEY).\n"
             f"A ${jdls.VARIABLE} that clients refuse is an error (exit {command.CONFIG}), not a reason to ask "
-            "elsewhere.")
+            f"elsewhere; so is a ${environment.RELEASE_DIR} that cannot be an instance's directory (a file, "
+            "too long a path), when it is read.")
 
 
 def add_source_options(parser: argparse.ArgumentParser, local_help: str) -> None:

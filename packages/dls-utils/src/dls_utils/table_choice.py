@@ -34,7 +34,7 @@ def ipc_key(text: str) -> int:
 def chosen_table(args: argparse.Namespace) -> tuple[Instance, bool]:
     """The instance whose table the tool works on, and whether its pid files are that table's.
 
-    Raises ValueError for a bad $DLS_IPC_KEY.
+    Raises ValueError (dls_proto's ConfigurationError) for a bad $JBCRELEASEDIR or $DLS_IPC_KEY.
     """
     instance = Instance.from_environment()
     own_pid_files = args.key is None or args.key == instance.key
