@@ -446,6 +446,7 @@ def test_a_monitor_starting_while_a_local_process_takes_os_locks_never_gives_two
             started(svc, "-kA")
             started(svc, "-K", "-o")
         assert looper.stdin is not None
+        assert looper.poll() is None, f"the local process ended: {looper.communicate()}"
         looper.stdin.write("\n")
         looper.stdin.flush()
         out, _ = looper.communicate(timeout=30)
@@ -455,6 +456,6 @@ def test_a_monitor_starting_while_a_local_process_takes_os_locks_never_gives_two
             looper.communicate(timeout=10)
     counts = json.loads(out)
     assert (overlaps, counts["overlaps"]) == (0, 0), (outcomes, counts)
-    assert outcomes.count("started") >= 2 and "refused" in outcomes, outcomes
+    assert outcomes.count("started") >= 2 and "refused" in outcomes, (outcomes, counts)
     # Started, the monitor's table was followed: the local process locked there, and with OS locks between.
     assert counts["table"] > 0 and counts["oslocks"] > 0, (outcomes, counts)

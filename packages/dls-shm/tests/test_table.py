@@ -680,3 +680,33 @@ def test_a_removed_table_is_missing(table: LockTable) -> None:
             other.lock(A, INODE, DEVICE, b"K", EX)
     finally:
         other.close()
+
+
+class _RemovedWhileHeld:
+    """A table's semaphore removed (jdls -K -o) while this process holds it: taken, then gone."""
+
+    def __init__(self, sem: Any) -> None:
+        self.id = sem.id
+        self._sem = sem
+
+    def acquire(self) -> None:
+        self._sem.acquire()
+
+    def release(self) -> None:
+        self._sem.release()
+        raise sysv_ipc.ExistentialError("The semaphore was removed")
+
+
+def test_a_table_removed_during_a_request_gives_no_grant_and_no_traceback(table: LockTable) -> None:
+    """Found by the one-mechanism race: sysv_ipc's ExistentialError escaped LocalClient's release. A lock
+    written into a table removed meanwhile must not be granted; an unlock there is TableMissing too."""
+    held = grant(table, owner(1))
+    real = table._sem
+    table._sem = _RemovedWhileHeld(real)
+    try:
+        with pytest.raises(TableMissing, match="was removed"):
+            table.lock(owner(2), 99, -1, b"OTHER", EX)
+        with pytest.raises(TableMissing, match="was removed"):
+            table.unlock(held.handle)
+    finally:
+        table._sem = real

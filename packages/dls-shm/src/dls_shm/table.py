@@ -440,7 +440,7 @@ class LockTable(LockMechanism):
                 _U32.pack_into(mv, goff + 4 * pos, value)
                 return Grant(ticket << INDEX_BITS | (group * self._per_group + pos), mode, value)
         finally:
-            self._sem.release()
+            self._release()
         _ring(tokens)
         return result
 
@@ -450,7 +450,7 @@ class LockTable(LockMechanism):
         try:
             result, tokens = self._retry_locked(handle)
         finally:
-            self._sem.release()
+            self._release()
         _ring(tokens)
         return result
 
@@ -469,7 +469,7 @@ class LockTable(LockMechanism):
             self._free(index)
             tokens = self._settle(group, value, slot)
         finally:
-            self._sem.release()
+            self._release()
         _ring(tokens)
         return True
 
@@ -494,7 +494,7 @@ class LockTable(LockMechanism):
             if queued:
                 tokens = self._settle(group, value, self._slot(index))
         finally:
-            self._sem.release()
+            self._release()
         if tokens:
             _ring(tokens)
 
@@ -511,7 +511,7 @@ class LockTable(LockMechanism):
         try:
             granted, _waiting = self._matching(group, value, inode, device, key)
         finally:
-            self._sem.release()
+            self._release()
         me = self._ident(owner)
         for _pos, slot in granted:
             if slot.state == _GRANTED and self._ident(slot) == me:
@@ -593,7 +593,7 @@ class LockTable(LockMechanism):
                 )
                 return Grant(own, slot.mode, value)
         finally:
-            self._sem.release()
+            self._release()
         _ring(tokens)
         raise NotHeld(f"the lock under handle {handle:#x} was kept {delay:g} s for its client to reclaim, "
                       "and has been freed")
@@ -618,7 +618,7 @@ class LockTable(LockMechanism):
         try:
             self.set_header(next_expiry=0.0)  # found again below, or written by whoever keeps a lock meanwhile
         finally:
-            self._sem.release()
+            self._release()
         staying: list[float] = []
 
         def decide(slot: Slot) -> int | None:
@@ -639,7 +639,7 @@ class LockTable(LockMechanism):
             if staying:
                 self._note_expiry(min(staying))
         finally:
-            self._sem.release()
+            self._release()
         return done
 
     def scan(self) -> Iterator[Entry]:
@@ -656,7 +656,7 @@ class LockTable(LockMechanism):
                     for pos, value in enumerate(vals) if value
                 ]
             finally:
-                self._sem.release()
+                self._release()
             yield from found
 
     # -- the slow path (semaphore held) ----------------------------------------------
@@ -664,6 +664,14 @@ class LockTable(LockMechanism):
     def _acquire(self) -> None:
         try:
             self._sem.acquire()
+        except sysv_ipc.ExistentialError:
+            raise TableMissing(f"lock table 0x{self.key:08x} was removed") from None
+
+    def _release(self) -> None:
+        """Give the semaphore back. Removed meanwhile (jdls -K -o), the table is gone with every lock in it:
+        what was just done in it counts for nothing, and a lock just written there must not be granted."""
+        try:
+            self._sem.release()
         except sysv_ipc.ExistentialError:
             raise TableMissing(f"lock table 0x{self.key:08x} was removed") from None
 
@@ -887,7 +895,7 @@ class LockTable(LockMechanism):
                     freed += 1
                     tokens = self._settle(entry.group, entry.value, slot)
             finally:
-                self._sem.release()
+                self._release()
             _ring(tokens)
         return freed, kept
 
