@@ -84,6 +84,9 @@ class FakeLockService:
         self.unreachable = False
         #: Every Reclaim received.
         self.reclaims: list[Reclaim] = []
+        #: Seconds before a connection its client closed is seen closed (its locks freed), as a busy lock
+        #: server reads the end of its connection a moment late.
+        self.close_seen_after = 0.0
 
     # -- what the test does -------------------------------------------------------------
 
@@ -236,6 +239,8 @@ class FakeLockService:
 
     def _ended(self, fake: FakeService, by_service: bool) -> None:
         """A connection ended: by the service (a lock server killed: its locks kept), or by its client (freed)."""
+        if not by_service and self.close_seen_after:
+            time.sleep(self.close_seen_after)
         with self._mutex:
             self._waiters = [w for w in self._waiters if w.fake is not fake]
             until = time.monotonic() + self.lock_delay_ms / 1000

@@ -35,7 +35,8 @@ from dls_client import (
     Server,
     ServiceUnavailable,
 )
-from dls_proto import InfoPut, Lock, Unlock, UnlockAll
+from dls_client.resilience import RETAKE_WAIT_MS
+from dls_proto import InfoPut, Lock, LockFlag, Unlock, UnlockAll
 from dls_testkit import FakeLockService, wait_for
 
 PRIMARY = Server("primary", 50002)
@@ -225,7 +226,9 @@ def test_an_unreachable_primary_at_start_leaves_the_secondary_alone_until_it_ans
     pair.primary.unreachable = False
     wait_for(lambda: pair.primary.keys() == [b"K1"], 3, "the lock taken on the primary once it answers")
     assert client.echo(b"x")[1] >= 0
-    assert pair.primary.requests(Lock)[-1].timeout_ms == 0  # type: ignore[attr-defined]  # without waiting
+    taken_again = pair.primary.requests(Lock)[-1]
+    assert (taken_again.timeout_ms, taken_again.flags) == (  # type: ignore[attr-defined]
+        RETAKE_WAIT_MS, LockFlag.NO_INTERIM)  # a short wait, without interim messages
     held.release()
 
 
@@ -341,6 +344,24 @@ def test_a_silent_secondary_is_given_up_not_the_primary(pair: Pair, trace: Calla
     wait_for(lambda: pair.secondary.connections[0].closed_by_client.is_set(), 5, "the secondary to be given up")
     kept.ensure_held()
     wait_for(lambda: b"K0" in pair.secondary.keys(), 10, "K0 to be taken again on the secondary")
+
+
+def test_a_lock_taken_again_where_its_given_up_connection_still_holds_it_is_not_lost(pair: Pair) -> None:
+    """The secondary given up (silent for TIMEOUT) frees the lock of the closed connection a moment after
+    the client asks for it again through a new one (found flaky under load): refused by its own earlier
+    grant, the lock taken again waits for that (up to resilience.RETAKE_WAIT_MS), and is not lost."""
+    pair.secondary.close_seen_after = 0.5
+    client, other = pair.client(timeout=2), pair.client(SECONDARY)
+    kept = client.lock(FILE, "K0")
+    other.lock(FILE, "K1")
+    with pytest.raises(AcknowledgementTimeout, match="secondary,50003 did not answer"):
+        client.lock(FILE, "K1")
+    wait_for(lambda: len(pair.secondary.connections) > 2 and b"K0" in pair.secondary.keys(), 10,
+             "K0 to be asked again on the secondary")
+    kept.ensure_held()
+    wait_for(lambda: pair.secondary.holder(b"K0") is pair.secondary.connections[-1], 10,
+             "K0 to be held on the secondary through the new connection")
+    kept.ensure_held()
 
 
 def test_a_difference_between_the_services_is_logged_in_words(pair: Pair, trace: Callable[[], str]) -> None:

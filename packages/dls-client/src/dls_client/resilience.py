@@ -32,7 +32,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from dls_proto import WAIT_FOREVER, Granted, Lock, Message, Reclaim, Server, UnlockAll
+from dls_proto import WAIT_FOREVER, Granted, Lock, LockFlag, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
 from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
@@ -42,6 +42,10 @@ from .replies import failure
 from .route import Events, Hold, Holding, Route
 from .trace import Tracer, outcome
 
+#: How long (ms) a lock taken again on a service may wait there: a connection this client gave up (its
+#: service silent for TIMEOUT) may still hold it, until that service's lock server reads the connection's
+#: end, a moment after the new connection asks. Someone else's lock there is lost after this wait.
+RETAKE_WAIT_MS = 1000
 
 class ResilientRoute(Route):
     """A primary and a secondary lock service (SERVER2), each lock held on both."""
@@ -235,9 +239,9 @@ class ResilientRoute(Route):
             return [(handle, holding) for handle, holding in self._holdings.items() if holding.holds[index] is None]
 
     def _complete(self, index: int, channel: Channel) -> bool:
-        """Take again on link ``index``, without waiting, every lock it lacks; a lock someone else holds
-        there is lost (and kept where it is held until its holder releases it). False if the channel failed
-        meanwhile."""
+        """Take again on link ``index`` every lock it lacks, waiting at most RETAKE_WAIT_MS (without interim
+        messages); a lock someone else holds there is lost (and kept where it is held until its holder
+        releases it). False if the channel failed meanwhile."""
         missing = self._missing(index)
         if not missing:
             return True
@@ -248,7 +252,9 @@ class ResilientRoute(Route):
             self._lose(handle, holding, f"{said} (someone else holds it there)")
 
         asks: list[tuple[int, Holding, Reclaim | Lock]] = [
-            (handle, holding, holding.request._replace(request_id=channel.next_id(), mode=holding.mode, timeout_ms=0))
+            (handle, holding, holding.request._replace(request_id=channel.next_id(), mode=holding.mode,
+                                                       timeout_ms=RETAKE_WAIT_MS,
+                                                       flags=holding.request.flags | LockFlag.NO_INTERIM))
             for handle, holding in missing]
         return self._ask_again(index, channel, asks, refused, "taken again")
 
