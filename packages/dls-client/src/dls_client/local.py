@@ -54,6 +54,8 @@ except ImportError:  # dls-client without its local extra: remote locking only
 else:
     HAVE_SHM = True
 
+#: The modes a lock may be asked in (as ints: a set test, which a bool passes too, so it is tested apart).
+_MODES = frozenset(int(mode) for mode in LOCK_MODES)
 #: The address a process locking directly shows with (as jDLS shows a local process; not a bind address).
 LOCAL_ADDRESS = "0.0.0.0"  # noqa: S104
 #: A lock a local process holds: the same HeldLock as a remote client's.
@@ -140,6 +142,8 @@ class LocalClient(BaseClient):
             self.lock_dir = Path(lock_dir) if lock_dir is not None else environment.lock_dir()
             self.locks = self._oslocks = self._new_oslocks()
         self._port = (os.getpid(), port_number())
+        #: Each thread's Owner (see _owner).
+        self._owners = threading.local()
         self._closed = False
         #: What this client knows of its locks, written to proc/info/<port>@0.0.0.0 (see dls_client.lockinfo).
         self.info = LockInfo()
@@ -274,11 +278,17 @@ class LocalClient(BaseClient):
     # -- the owner -------------------------------------------------------------------
 
     def _owner(self) -> dls_shm.Owner:
+        """The calling thread's owner, made once per thread (and again in a forked child): the lock path
+        takes it on every lock."""
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
+        owner: dls_shm.Owner | None = getattr(self._owners, "owner", None)
         pid = os.getpid()
-        return dls_shm.Owner(pid=pid, thread=threading.get_native_id(), port=self._port_of(pid), client_pid=pid,
-                             ip=dls_shm.LOCAL_IP)
+        if owner is None or owner.pid != pid:
+            owner = self._owners.owner = dls_shm.Owner(pid=pid, thread=threading.get_native_id(),
+                                                       port=self._port_of(pid), client_pid=pid,
+                                                       ip=dls_shm.LOCAL_IP)
+        return owner
 
     def close(self) -> None:
         """Detach from the table, whose locks stay until released (or this process ends); with OS file
@@ -293,10 +303,9 @@ class LocalClient(BaseClient):
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
               on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
-        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in LOCK_MODES:
+        if mode not in _MODES or mode.__class__ is bool:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
-        what = describe(ref.path, key)
         owner = self._owner()
         waited: list[int] = []
 
@@ -313,13 +322,14 @@ class LocalClient(BaseClient):
                 result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback)
             except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
                 result = self._again(
-                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback), what)
+                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback),
+                    describe(ref.path, key))
         except dls_shm.NotHeld:
-            raise LockCancelled(f"{what}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
+            raise LockCancelled(f"{describe(ref.path, key)}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
         except dls_shm.GroupFull as exc:
-            raise RequestFailed(f"{what}: {exc}", ErrorCode.GROUP_FULL) from None
+            raise RequestFailed(f"{describe(ref.path, key)}: {exc}", ErrorCode.GROUP_FULL) from None
         except dls_shm.TableError as exc:
-            raise ServiceUnavailable(f"{what}: {exc}") from None
+            raise ServiceUnavailable(f"{describe(ref.path, key)}: {exc}") from None
         finally:
             if isinstance(result, dls_shm.Grant):
                 new_file = self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
@@ -333,6 +343,7 @@ class LocalClient(BaseClient):
                             on_lost=on_lost)
         assert result is not None
         holder = _holder(result.holder)
+        what = describe(ref.path, key)
         if wait:
             raise LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
         raise LockRefused(f"{what}: held by {holder.describe()}", holder)
