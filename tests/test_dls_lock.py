@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,6 +345,9 @@ FAKE_CLIENT = textwrap.dedent("""
         def held_until(self, held):
             return time.monotonic() + 3600  # a lease the holder renews: never the reason here
 
+        def held_through(self, held):
+            return []  # no connection for the keeper to keep
+
         def close(self):
             pass
 
@@ -538,3 +542,106 @@ def test_dls_lock_stopped_whole_and_resumed_keeps_its_command_running(tmp_path: 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 128 + signal.SIGTERM, err.read_text()
     assert "lease" not in err.read_text()
+
+
+# -- the keeper keeps the lock's connection: no hand-on while the command may still run ------------------------
+
+#: A command that writes the time, a line at a time, as fast as it can.
+BEAT = textwrap.dedent("""\
+    import sys, time
+    with open(sys.argv[1], "a", buffering=1) as f:
+        while True:
+            f.write(f"{time.time():.6f}\\n")
+""")
+
+
+def _beating(service: Service, data: Path, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    script = tmp_path / "beat.py"
+    script.write_text(BEAT)
+    proc = service.dls_lock_popen(str(data), KEY, sys.executable, str(script), str(log))
+    wait_for(lambda: log.exists() and log.stat().st_size > 0, 15, "the command to run")
+    return proc
+
+
+def _granted_after(witness: Client, data: Path, timeout: float) -> list[float]:
+    """Start a thread in which ``witness`` waits for the lock; the list gets the time it was granted."""
+    granted: list[float] = []
+
+    def wait() -> None:
+        with witness.lock(data, KEY, timeout=timeout):
+            granted.append(time.time())
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # it waits by now
+    return granted
+
+
+def _last_beat(log: Path) -> float:
+    return float(log.read_text().split()[-1])
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_a_killed_dls_lock_frees_its_lock_only_once_its_command_is_dead(service: Service, witness: Client,
+                                                                       tmp_path: Path, round_: int) -> None:
+    """SIGKILL of dls-lock: the kernel closes its connection at once, but the keeper holds a duplicate, so the
+    service frees the lock only once the keeper has killed the command (the audit saw the command run 40 ms
+    after the next grant)."""
+    data, log = data_file(tmp_path), tmp_path / "beats"
+    proc = _beating(service, data, tmp_path, log)
+    with running(proc):
+        granted = _granted_after(witness, data, 20)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: bool(granted), 15, "the witness to be granted the lock")
+    assert _last_beat(log) < granted[0], "the command ran after the lock was handed on"
+
+
+def test_a_stopped_keeper_keeps_the_lock_of_a_killed_dls_lock(service: Service, witness: Client,
+                                                             tmp_path: Path) -> None:
+    """The keeper stopped, dls-lock killed: the lock is not handed on while the keeper (and so the command)
+    cannot be stopped; resumed, the keeper kills the command, and only then is the lock free."""
+    data, log = data_file(tmp_path), tmp_path / "beats"
+    proc = _beating(service, data, tmp_path, log)
+    with running(proc):
+        keeper = _keeper(proc)
+        keeper.suspend()
+        try:
+            granted = _granted_after(witness, data, 30)
+            proc.kill()
+            proc.wait(timeout=10)
+            time.sleep(3)
+            assert not granted, "the lock was handed on while the command ran"
+        finally:
+            keeper.resume()
+        wait_for(lambda: bool(granted), 15, "the witness to be granted the lock")
+    assert _last_beat(log) < granted[0], "the command ran after the lock was handed on"
+
+
+def test_a_stopped_keeper_is_killed_with_the_command_when_the_lock_is_lost(tmp_path: Path) -> None:
+    """The keeper stopped, then the lock lost (the service stopped for good: not taken back within the
+    lock-delay less 5 s): told to stop, the keeper cannot, so dls-lock KILLs it a grace period later, and the
+    command dies with it, long before the service could have handed the lock on."""
+    data, log = data_file(tmp_path), tmp_path / "beats"
+    with running_service(tmp_path / "release", "--lock-delay", "9") as service:
+        proc = _beating(service, data, tmp_path, log)
+        with running(proc):
+            keeper = _keeper(proc)
+            keeper.suspend()
+            stopped = time.time()
+            assert service.jdls("-k").returncode == 0
+            assert proc.wait(timeout=20) == LOST
+            assert not alive(keeper.pid)
+            last = _last_beat(log)
+            time.sleep(0.5)
+            assert _last_beat(log) == last, "the command still runs"
+            assert last < stopped + 9, "the command ran past the service's lock-delay"
+
+
+def test_the_command_does_not_get_the_lock_connection(service: Service, witness: Client, tmp_path: Path) -> None:
+    """The keeper's duplicates of the connection are close-on-exec: the command holds no socket (it could
+    keep the lock after dls-lock and its keeper are gone, or speak for them)."""
+    data, out = data_file(tmp_path), tmp_path / "fds"
+    result = service.dls_lock(str(data), KEY, "sh", "-c", f"ls -l /proc/$$/fd > {shlex.quote(str(out))}")
+    assert result.returncode == 0, result.stderr
+    assert "socket:" not in out.read_text(), out.read_text()

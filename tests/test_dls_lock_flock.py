@@ -15,6 +15,8 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -391,6 +393,38 @@ def test_a_stopped_hold_process_whose_lock_is_lost_has_the_shell_stopped_before_
     assert said.startswith(f"dls-lock: the process holding the lock (pid {hold.pid}) did not renew its lease in "
                            f"time (stopped or frozen?): the lock may be lost; stopping the shell, pid {shell.pid}, "
                            "and what it started (TERM now, KILL after 0.5 s)"), said
+
+
+def test_a_stopped_guard_keeps_the_lock_of_a_killed_hold_process(service: Service, witness: Client,
+                                                                 tmp_path: Path) -> None:
+    """The guard stopped, the hold process killed: the guard holds duplicates of the lock's connection, so the
+    lock is not handed on while the shell runs untold; resumed, the guard kills the shell, and only then is the
+    lock free (the audit's F2; and a killed hold process's lock is never freed before its shell is dead)."""
+    data = data_file(tmp_path)
+    shell, _, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        hold = _hold_process(holder_of(witness, data, KEY).client_pid)
+        [guard] = hold.children()
+        guard.suspend()
+        granted: list[float] = []
+
+        def wait() -> None:
+            with witness.lock(data, KEY, timeout=30):
+                granted.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        try:
+            waiter.start()
+            hold.kill()
+            time.sleep(3)
+            assert not granted and shell.poll() is None, "the lock was handed on while the shell ran"
+        finally:
+            guard.resume()
+        assert shell.wait(timeout=10) == -signal.SIGKILL
+        shell_dead = time.monotonic()
+        waiter.join(15)
+        assert granted and granted[0] >= shell_dead - 0.05, "the lock was handed on before the shell was dead"
+    wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be killed")
 
 
 def _squat(names: list[bytes], tmp: Path, uid: int, file: str, ready: int, stop: int) -> int:

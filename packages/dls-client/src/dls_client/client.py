@@ -135,6 +135,11 @@ class Client(BaseClient):
         process, such as dls-lock's keeper, may allow the work done under the lock. No round trip."""
         return self._route.held_until(held.handle)
 
+    def held_through(self, held: HeldLock) -> list[int]:
+        """The descriptors of the connections ``held`` is held through now: a watchdog that keeps duplicates
+        of them keeps the lock until it lets them go (see dls_client.kept_connections)."""
+        return self._route.held_through(held.handle)
+
     def _unsolicited(self, message: Message) -> None:
         if isinstance(message, Error):
             self.async_errors.append(message)

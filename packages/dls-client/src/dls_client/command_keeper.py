@@ -26,7 +26,15 @@ flock(1)'s lock lasts while any process holding its file lives
 - when the holder falls silent (stopped by SIGSTOP, frozen), it stops the tree
   before the holder's lease runs out (``dls_client.lease``): a stopped holder
   cannot hear that its lock is lost, and the command must not run beside the
-  next holder.
+  next holder;
+- it keeps duplicates of the lock's connections (``dls_client.kept_connections``),
+  so that the service frees the lock only once the keeper has ended, after the
+  tree: a killed holder's lock is not handed on while the command still runs
+  (nor while the keeper is stopped).
+
+When the holder asks it to stop and it has not ended a grace period later (it
+is stopped, say), the holder KILLs it: the command dies with it (its
+parent-death signal), and the holder, a subreaper too, kills what it left.
 
 Why two processes: a process killed by SIGKILL can do nothing, and its orphans
 go to init, where nobody can tell them from other processes. The keeper
@@ -43,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
 import threading
@@ -51,6 +60,7 @@ import traceback
 from collections.abc import Callable, Collection
 
 from . import exitcodes
+from .kept_connections import KeptConnections
 from .lease import Lease, Watch, boottime, ran_out_message
 from .process_tree import become_subreaper, descendants, die_with_parent, exec_command, set_name, signal_descendants
 
@@ -62,8 +72,11 @@ HOLDER_GONE = signal.SIGUSR2
 SI_KERNEL = 0x80
 #: The signals Python sets to "ignore" for itself, put back to the default for the command (as subprocess does).
 _PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
-#: How long the keeper sleeps when nothing happens (a SIGCHLD or a signal wakes it at once).
-_IDLE = 5.0
+#: How long the keeper sleeps when nothing happens (a SIGCHLD or a signal wakes it at once); it then takes
+#: the connections the holder handed over meanwhile (after a failover).
+_IDLE = 1.0
+#: How much longer than its grace period the holder lets the keeper take to end when told to stop.
+_STOP_MARGIN = 0.5
 #: How soon the keeper looks again when it must: while killing (the tree may still be forking), and when
 #: a process left by the command may have been missed.
 _AGAIN = 0.05
@@ -74,11 +87,14 @@ Say = Callable[[str], None]
 class Keeper:
     """The holder's side of the keeper: start it, let it run the command, pass signals on, wait for it."""
 
-    def __init__(self, pid: int, go: int, lease: Lease) -> None:
+    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections, grace: float) -> None:
         self.pid = pid
         self._go = go
         #: The holder's lease with the keeper (see dls_client.lease): renew it before run_command.
         self.lease = lease
+        #: Where the holder hands the keeper the lock's connections (``keep``) before run_command.
+        self.connections = connections
+        self._grace = grace
         self._pidfd = os.pidfd_open(pid)
         self._lock = threading.Lock()  # signals are sent from other threads than the one that reaps
 
@@ -99,6 +115,7 @@ class Keeper:
         holder = os.getpid()
         go_read, go_write = os.pipe()
         lease = Lease(grace)  # shared with the keeper
+        connections = KeptConnections()
         # Blocked before the fork: none of the keeper's signals can kill it before it listens for them.
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, STOP, HOLDER_GONE, *passed_on})
         pid = os.fork()
@@ -106,8 +123,9 @@ class Keeper:
             code = exitcodes.SOFTWARE
             try:
                 os.close(go_write)
+                connections.watchdog_side()
                 code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say,
-                                all_processes, lease).run(go_read)
+                                all_processes, lease, connections).run(go_read)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -115,7 +133,8 @@ class Keeper:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         os.close(go_read)
-        return cls(pid, go_write, lease)
+        connections.holder_side()
+        return cls(pid, go_write, lease, connections, grace)
 
     def run_command(self) -> None:
         """The lock is held (and leased): start the command."""
@@ -129,8 +148,24 @@ class Keeper:
         self.wait()
 
     def stop(self) -> None:
-        """The lock is lost: TERM every process of the command, KILL those left after the grace period."""
+        """The lock is lost: TERM every process of the command, KILL those left after the grace period; KILL
+        the keeper itself if it has not ended shortly after (it cannot act while stopped)."""
         self.send(STOP)
+        threading.Thread(target=self._enforce_stop, name="dls-lock stop", daemon=True).start()
+
+    def _enforce_stop(self) -> None:
+        with self._lock:
+            if self._pidfd < 0:
+                return  # reaped already
+            pidfd = os.dup(self._pidfd)  # its own: wait() closes the keeper's when it reaps it
+        try:
+            if select.select([pidfd], [], [], self._grace + _STOP_MARGIN)[0]:
+                return  # it ended
+        finally:
+            os.close(pidfd)
+        print(f"dls-lock: the keeper (pid {self.pid}) did not stop the command within {self._grace:g} s (is "
+              "it stopped?): killing it, and the command with it", file=sys.stderr, flush=True)
+        self.send(signal.SIGKILL)
 
     def send(self, signum: int) -> None:
         """Send the keeper ``signum`` (nothing once it has been reaped)."""
@@ -165,7 +200,7 @@ class _Keeping:
     """The keeper's own side, in the forked child: wait for the lock, run the command, reap the tree."""
 
     def __init__(self, holder: int, argv: list[str], passed_on: set[int], command_mask: set[int], grace: float,
-                 say: Say | None, all_processes: bool, lease: Lease) -> None:
+                 say: Say | None, all_processes: bool, lease: Lease, connections: KeptConnections) -> None:
         self.holder = holder
         self.argv = argv
         self.passed_on = passed_on
@@ -178,6 +213,7 @@ class _Keeping:
         self.kill_at: float | None = None
         self.killing = False
         self.lease = Watch(lease)
+        self.connections = connections
 
     def run(self, go: int) -> int:
         set_name("dls-lock keeper")
@@ -187,6 +223,7 @@ class _Keeping:
         if os.getppid() != self.holder or os.read(go, 1) != b"!":
             return exitcodes.OK  # the holder ended, or gave up, before it had the lock: nothing ran
         os.close(go)
+        self.connections.take()  # handed over before the go: held from before the command runs
         command = self._start()
         return -command if command < 0 else self._keep(command)
 
@@ -250,6 +287,7 @@ class _Keeping:
             wake = boottime() + timeout
             info = signal.sigtimedwait(listen, timeout)
             self.lease.slept(wake)
+            self.connections.take()
             if info is not None:
                 self._on_signal(info)
 

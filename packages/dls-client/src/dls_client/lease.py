@@ -80,17 +80,22 @@ class Lease:
 
 
 class Renewal:
-    """The holder's renewing thread: ``lease.renew(held_until())`` now, then every PERIOD until stopped."""
+    """The holder's renewing thread: ``also()`` then ``lease.renew(held_until())`` now, then every PERIOD
+    until stopped (``also``: what else the watchdog is to be told as often, its connections to keep)."""
 
-    def __init__(self, lease: Lease, held_until: Callable[[], float]) -> None:
-        self._lease, self._held_until = lease, held_until
+    def __init__(self, lease: Lease, held_until: Callable[[], float], also: Callable[[], None] = lambda: None) -> None:
+        self._lease, self._held_until, self._also = lease, held_until, also
         self._done = threading.Event()
-        lease.renew(held_until())
+        self._renew()
         threading.Thread(target=self._run, name="dls-lock lease", daemon=True).start()
+
+    def _renew(self) -> None:
+        self._also()
+        self._lease.renew(self._held_until())
 
     def _run(self) -> None:
         while not self._done.wait(PERIOD):
-            self._lease.renew(self._held_until())
+            self._renew()
 
     def stop(self) -> None:
         self._done.set()

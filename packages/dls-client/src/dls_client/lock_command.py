@@ -65,11 +65,16 @@ does not apply to dls-lock (nor to --hold): a service it can no longer reach
 is a lost lock, told and handled as above (or, before the lock is held, exit
 {exitcodes.UNAVAILABLE}), not a silent SIGTERM to itself.
 
-If dls-lock is killed, even by SIGKILL, the service releases the lock, and
-every process the command started is killed (SIGKILL) at once: dls-lock runs as
-two processes, the one started, which holds the lock, and its keeper (ps shows
-it as "dls-lock keeper"), which runs the command and kills what is left when
-the first is gone. Only killing both at once leaves processes running.
+If dls-lock is killed, even by SIGKILL, every process the command started is
+killed (SIGKILL) at once, and then the service releases the lock: dls-lock runs
+as two processes, the one started, which holds the lock, and its keeper (ps
+shows it as "dls-lock keeper"), which runs the command, kills what is left when
+the first is gone, and keeps a duplicate of the lock's connection until it has
+(so the lock is never handed on while the command still runs; a keeper that is
+stopped keeps the lock until it is resumed). When the lock is lost and the
+keeper has not stopped the command -k seconds (and half a second) later,
+dls-lock kills the keeper, and the command with it. Only killing both at once
+leaves processes running.
 
 If dls-lock is stopped (SIGSTOP, a debugger, a frozen process) it can no
 longer hear that its lock is lost, so it renews a lease with its keeper twice
@@ -112,9 +117,10 @@ A lost lock is told as a command's: the hold process says so on the shell's
 standard error, sends TERM to the shell and every process it started, KILL to
 those left -k seconds later; so a shell lock is for a script, not for an
 interactive shell. If the hold process is killed, its guard (ps: "dls-lock
-guard") does the same: only killing both at once leaves the shell untold. If
-the hold process is stopped, its guard stops the shell before its lease runs
-out, as the keeper stops a command (above). A
+guard") does the same, and keeps the lock's connection until it has (as the
+keeper does): only killing both at once leaves the shell untold. If the hold
+process is stopped, its guard stops the shell before its lease runs out, as the
+keeper stops a command (above). A
 whole script can also run under dls-lock, with this line near its top (add -n
 to give up at once if another run holds it, as flock's manual does):
 
@@ -465,7 +471,8 @@ def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalR
     relay.keeper = keeper
     from .lease import Renewal
 
-    renewal = Renewal(keeper.lease, lambda: client.held_until(held))
+    renewal = Renewal(keeper.lease, lambda: client.held_until(held),
+                      also=lambda: keeper.connections.keep(client.held_through(held)))
     keeper.run_command()
     status = keeper.wait()
     renewal.stop()

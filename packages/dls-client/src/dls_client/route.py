@@ -183,6 +183,15 @@ class Route:
                 until = max(until, now + kept_after_silence(channel, flags))
         return until
 
+    def held_through(self, handle: int) -> list[int]:
+        """The descriptors of the working connections lock ``handle`` is held through now (see
+        dls_client.kept_connections)."""
+        with self._state:
+            holding = self._holdings.get(handle)
+            channels = [] if holding is None else [hold[0] for index, hold in enumerate(holding.holds)
+                                                   if hold is not None and hold[0] is self.links[index].channel]
+        return [fd for channel in channels if channel.failure is None and (fd := channel.sock.fileno()) >= 0]
+
     def channels(self) -> list[Channel]:
         """The live channels (none before the first connection): the watcher's and publish's."""
         return [channel for link in self.links if (channel := link.live()) is not None]

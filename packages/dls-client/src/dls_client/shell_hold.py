@@ -34,6 +34,9 @@ process keeps it for the shell:
 - If the hold process is stopped (SIGSTOP, frozen), it can no longer hear that
   its lock is lost: the guard stops the shell before the hold process's lease
   runs out (``dls_client.lease``), as dls-lock's keeper stops a command.
+- The guard keeps duplicates of the lock's connections
+  (``dls_client.kept_connections``): a killed hold process's lock is freed only
+  once the guard has killed the shell and ended (and not while it is stopped).
 
 Processes the shell leaves running after it ends do not keep the lock (the
 hold process is not their parent and cannot follow them): the page says so.
@@ -62,6 +65,7 @@ from . import exitcodes
 from .client import Client
 from .config import Config
 from .errors import DlsError, Holder, LockLost, LockRefused
+from .kept_connections import KeptConnections
 from .lease import Lease, Renewal, Watch, boottime, ran_out_message
 from .locks import FileRef
 from .process_tree import die_with_parent, pin_descendants, set_name, stat
@@ -271,14 +275,16 @@ class Hold:
 
 
 def fork_guard(shell: int, shell_fd: int, name: str, grace: float,
-               close: tuple[int, ...]) -> tuple[int, int, Lease]:
+               close: tuple[int, ...]) -> tuple[int, int, Lease, KeptConnections]:
     """Fork the guard of the hold process (call it while the process has one thread); (the write end of the
-    pipe the guard reads, its pid, the lease the hold process renews once it holds the lock). The guard
+    pipe the guard reads, its pid, the lease the hold process renews once it holds the lock, where it hands
+    the guard the lock's connections). The guard
     stops the shell if the hold process ends holding the lock without saying it released it, or lets its
     lease run out. ``close``: the hold process's descriptors the guard must not keep open (the outcome
     pipe, the -u socket)."""
     read_end, write_end = os.pipe()
     lease = Lease(grace)
+    connections = KeptConnections()
     holder = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -286,14 +292,17 @@ def fork_guard(shell: int, shell_fd: int, name: str, grace: float,
         try:
             for fd in (write_end, *close):
                 os.close(fd)
-            code = _guard(holder, read_end, shell, shell_fd, name, Watch(lease))
+            connections.watchdog_side()
+            code = _guard(holder, read_end, shell, shell_fd, name, Watch(lease), connections)
         finally:
             os._exit(code)
     os.close(read_end)
-    return write_end, pid, lease
+    connections.holder_side()
+    return write_end, pid, lease, connections
 
 
-def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lease: Watch) -> int:
+def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lease: Watch,
+           connections: KeptConnections) -> int:
     set_name("dls-lock guard")
     for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
@@ -306,9 +315,10 @@ def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lea
             stop_shell(shell_fd, shell, min(lease.lease.grace, kill_after), (os.getpid(), holder))
             return exitcodes.LOST
         until = boottime() + wait
-        readable = select.select([read_end], [], [], wait)[0]
+        readable = select.select([read_end, connections.fileno()], [], [], wait)[0]
         lease.slept(until)
-        if readable:
+        connections.take()
+        if read_end in readable:
             chunk = os.read(read_end, 16)
             if not chunk:
                 break
@@ -454,7 +464,8 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
              outcome: int) -> int:
     """The hold process, listening for -u: take the lock, report the outcome, and keep it for the shell."""
     # Before the client starts its threads: a fork copies only the calling thread.
-    guard, guard_pid, lease = fork_guard(shell, shell_fd, request.name, request.grace, (outcome, server.fileno()))
+    guard, guard_pid, lease, connections = fork_guard(shell, shell_fd, request.name, request.grace,
+                                                      (outcome, server.fileno()))
     keeper = Hold(shell=shell, shell_fd=shell_fd, name=request.name, grace=request.grace, guard=guard,
                   guard_pid=guard_pid, server=server)
 
@@ -485,7 +496,7 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
             return None
 
         keeper.release = release
-        Renewal(lease, lambda: client.held_until(held))
+        Renewal(lease, lambda: client.held_until(held), also=lambda: connections.keep(client.held_through(held)))
         os.write(guard, _GRANTED)
         detach_from_foreground()
         os.chdir("/")  # not to keep the shell's directory busy (a file system it is on could not be unmounted)
