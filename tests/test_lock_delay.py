@@ -502,3 +502,48 @@ def test_a_kept_lock_is_reclaimed_only_with_the_handle_its_client_was_given(dela
     assert isinstance(back, Granted) and back.handle == given.handle
     thief.unlock(given.handle)  # unanswered: done when the table says so
     wait_for(lambda: slot_states(delayed) == [], 5, "the reclaimed lock released")
+
+
+#: A client process that holds a record until told, then releases it and says how that went.
+RELEASER = textwrap.dedent("""\
+    import sys
+    from dls_client import Client, LockLost
+    client = Client()
+    held = client.lock(sys.argv[1], sys.argv[2])
+    print("held", flush=True)
+    sys.stdin.readline()
+    try:
+        held.release()
+    except LockLost as exc:
+        print("lost:", exc, flush=True)
+    else:
+        print("released", flush=True)
+""")
+
+
+def test_a_client_stopped_past_the_lock_delay_is_told_its_lock_was_lost_when_it_releases(tmp_path: Path) -> None:
+    """A client process stopped (SIGSTOP) while its lock server dies and the lock-delay passes, the lock handed
+    on meanwhile: resumed, its release must raise LockLost, whichever of its threads looks first (the audit saw
+    "released")."""
+    data = tmp_path / "data"
+    data.write_text("")
+    with running_service(tmp_path / "release", "--lock-delay", "3") as service, \
+            service.client(timeout=10) as witness:
+        proc = subprocess.Popen([sys.executable, "-c", RELEASER, str(data), "K"], env=service.env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        with running(proc):
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline() == "held\n"
+            server = witness.status(data, "K")[1]
+            assert server is not None
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                os.kill(server.pid, signal.SIGKILL)
+                witness.lock(data, "K", timeout=15).release()  # after the lock-delay
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            said = proc.stdout.readline()
+            assert said.startswith("lost: "), said
+            proc.wait(timeout=10)

@@ -282,6 +282,9 @@ class Client(BaseClient):
 
     def unlock_held(self, held: HeldLock) -> None:
         handle = held.handle
+        # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
+        # than the lock-delay releases a lock it lost meanwhile, and must be told (LockLost), not "released".
+        self._route.verify(handle)
         self._route.unlock(handle)
         self.info.released(handle)
 
