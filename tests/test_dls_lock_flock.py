@@ -342,6 +342,7 @@ def test_a_killed_hold_process_is_told_by_its_guard(service: Service, witness: C
         f"killing the shell, pid {shell.pid}, and what it started (KILL now: the lock may be someone else's "
         "already)")
     assert "TERM ignored" not in said  # no TERM and no grace: the next holder may have the lock already
+    wait_free(witness, data, KEY, 5)  # once the guard, which kept the connection, has ended
     witness.try_lock(data, KEY).release()
 
 
@@ -425,6 +426,25 @@ def test_a_stopped_guard_keeps_the_lock_of_a_killed_hold_process(service: Servic
         waiter.join(15)
         assert granted and granted[0] >= shell_dead - 0.05, "the lock was handed on before the shell was dead"
     wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be killed")
+
+
+def test_a_killed_guard_is_told_and_stops_the_shell(service: Service, witness: Client, tmp_path: Path) -> None:
+    """SIGKILL to the guard: nothing would stop the shell if the hold process were killed next (the third
+    audit did so, and the shell ran on beside the next holder), so the hold process tells the shell and stops
+    it as for a lost lock, then lets the lock go."""
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, "-k", "0.5", data=data)
+    with running(shell):
+        hold = _hold_process(holder_of(witness, data, KEY).client_pid)
+        [guard] = hold.children()
+        guard.kill()
+        assert shell.wait(timeout=10) == -signal.SIGTERM, err.read_text()
+        wait_for(lambda: not alive(hold.pid), 10, "the hold process to end")
+    wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be stopped")
+    said = err.read_text().splitlines()[0]
+    assert said.startswith(f"dls-lock: lost the lock on {data} {KEY} (its guard, pid {guard.pid}, ended: nothing "
+                           "would stop the shell if the hold process were killed next): stopping the shell"), said
+    witness.try_lock(data, KEY).release()
 
 
 def _squat(names: list[bytes], tmp: Path, uid: int, file: str, ready: int, stop: int) -> int:

@@ -118,7 +118,8 @@ standard error, sends TERM to the shell and every process it started, KILL to
 those left -k seconds later; so a shell lock is for a script, not for an
 interactive shell. If the hold process is killed, its guard (ps: "dls-lock
 guard") does the same, and keeps the lock's connection until it has (as the
-keeper does): only killing both at once leaves the shell untold. If the hold
+keeper does): only killing both at once leaves the shell untold. If the
+guard is killed first, the hold process stops the shell as for a lost lock. If the hold
 process is stopped, its guard stops the shell before its lease runs out, as the
 keeper stops a command (above). A
 whole script can also run under dls-lock, with this line near its top (add -n

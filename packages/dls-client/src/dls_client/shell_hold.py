@@ -235,10 +235,18 @@ class Hold:
 
     def run(self) -> int:
         """Until the shell ends, or -u: the lock released (or found lost) by then. The exit status nobody
-        reads but a test: 0 released, LOST lost."""
+        reads but a test: 0 released, LOST lost. A guard that ends first (killed) leaves nothing to stop the
+        shell should this process be killed next: that is told and acted on as a lost lock."""
         stopped = False
+        guard_fd = os.pidfd_open(self.guard_pid)
         while True:
-            ready = select.select([self.shell_fd, self.server.fileno(), self._wake_read], [], [])[0]
+            ready = select.select([self.shell_fd, self.server.fileno(), self._wake_read, guard_fd], [], [])[0]
+            if guard_fd in ready and self.lost is None:
+                self.lost = (f"its guard, pid {self.guard_pid}, ended: nothing would stop the shell if the hold "
+                             "process were killed next")
+            if guard_fd in ready:
+                os.close(guard_fd)
+                guard_fd = self._wake_read  # looked at already: the loop goes on without it
             if self.lost is not None and not stopped:
                 stopped = True
                 _tell(f"lost the lock on {self.name} ({self.lost}): stopping the shell, pid {self.shell}, and "
