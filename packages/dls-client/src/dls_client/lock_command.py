@@ -74,7 +74,9 @@ the first is gone, and keeps a duplicate of the lock's connection until it has
 stopped keeps the lock until it is resumed). When the lock is lost and the
 keeper has not stopped the command -k seconds (and half a second) later,
 dls-lock kills the keeper, and the command with it. Only killing both at once
-leaves processes running.
+leaves processes running; or killing the keeper while dls-lock is stopped:
+what the command left is then unguarded until dls-lock is resumed (and kills
+it).
 
 If dls-lock is stopped (SIGSTOP, a debugger, a frozen process) it can no
 longer hear that its lock is lost, so it renews a lease with its keeper twice
