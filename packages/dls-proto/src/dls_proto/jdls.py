@@ -105,7 +105,8 @@ OPTIONS = (
            "lost and made again, and each failover between SERVER and SERVER2; control characters escaped."),
     Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
            "error (overrides VERBOSE), one whole line per write. The file is not opened through a symbolic link, "
-           "must be a regular file with one link that others cannot write, and is made mode 0640 whatever the "
+           "must be a regular file of the process's own user with one link that others cannot write (another "
+           "user's file is refused: the trace names files, keys and pids), and is made mode 0640 whatever the "
            "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
            "and traces to standard error instead."),
     Option("EXIT", "", "not set",
