@@ -80,7 +80,8 @@ OPTIONS = (
            "under two names (localhost and 127.0.0.1)."),
     Option("WAIT", "", "not set",
            "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it (jdls -C and "
-           "dls-test still give up after TIMEOUT: a test must end)."),
+           "dls-test still give up after TIMEOUT: a test must end). The greeting of a new connection is not a "
+           "lock request: a service that does not greet within TIMEOUT is given up, WAIT or not."),
     Option("TIMEOUT", "seconds", f"{DEFAULT_TIMEOUT:g}",
            "How long the service may stay silent on a request (the greeting included) before the client gives it "
            f"up; fractions allowed, from {TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g} (a day); another value is "
