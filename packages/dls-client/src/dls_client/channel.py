@@ -116,6 +116,8 @@ class Channel:
         tracer: Tracer | None = None, greeting_timeout: float = jdls.DEFAULT_TIMEOUT,
     ) -> None:
         self.server = server
+        #: Who this client said it is (its port and pid: how a holder the service names is known as this one).
+        self.hello = hello
         self.ack_timeout = ack_timeout
         self._tracer = tracer
         #: The trace's line writer while the trace is on, else None: the hot path tests only this.

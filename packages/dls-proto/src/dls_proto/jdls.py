@@ -77,7 +77,9 @@ OPTIONS = (
            "on with one when the other is lost. It has no meaning without SERVER, and is refused without it; so "
            "is the same host and port as SERVER (the same name, any case, or the same IP address however "
            "written), where each lock would wait behind itself. Names are not looked up: do not give one service "
-           "under two names (localhost and 127.0.0.1)."),
+           "under two names (localhost and 127.0.0.1); a client that finds its own lock on SERVER holding a "
+           "request up on SERVER2 refuses the lock with a configuration error saying so (in the error trace "
+           "too)."),
     Option("WAIT", "", "not set",
            "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it (jdls -C and "
            "dls-test still give up after TIMEOUT: a test must end). The greeting of a new connection is not a "
