@@ -4,8 +4,16 @@ A client without JDLS BINARY (and every LocalClient) takes binary locks here,
 with fcntl on the file itself; execution locks 0-255 are the files
 ``execution_lock_NNN`` in the binary lock directory (JDLS_BINARY_LOCK_DIR, made
 on first use). That directory is the service group's (mode 03770: members lock
-there, nobody else even looks in); one that is a symlink or writable by others
-is refused, and its files are made 0660 and never opened through a symlink.
+there, nobody else even looks in), made and checked as the service's own lock
+directories are (``dls_proto.trusted``): a user who could rename or remove its
+files could give an execution lock two holders, so it is refused (naming it,
+its owner and mode) when it is a symlink, is owned by a user other than root
+and this process's user, is writable by others, or by its group without the
+sticky bit. On a host whose users share execution locks, root makes it
+(``install -d -m 3770 -g GROUP /tmp/jbase_lock``), or each user is given their
+own with JDLS_BINARY_LOCK_DIR. Its files are made 0660, never opened through a
+symlink, and refused when another hard link or write by others could let
+someone outside the group swap them.
 With BINARY a Client sends them to the service instead (``Client.binary_lock``).
 Open-file-description locks are used where the OS has them (Linux): owned by
 the open file, so two locks of one process exclude each other and closing
@@ -59,23 +67,42 @@ def binary_lock(file: FileLike, mode: int, *, wait: bool, timeout: float | None)
 
 def execution_lock(number: int, mode: int, *, wait: bool, timeout: float | None) -> LocalBinaryLock:
     """Execution lock ``number`` on this host: ``execution_lock_NNN`` in the binary lock directory."""
+    path = os.path.join(lock_directory(), f"execution_lock_{execution_number(number):03d}")
+    return LocalBinaryLock.take(path, mode, wait=wait, timeout=timeout, create=True)
+
+
+def lock_directory() -> str:
+    """The binary lock directory, made (LOCK_DIR_MODE, its parents as the umask makes them) or checked: owned
+    by root or this user, a directory and not a symlink, that others cannot write (see the module); DlsError
+    names it and what is wrong."""
+    from dls_proto import trusted
+
     directory = environment.binary_lock_dir()
     try:
-        os.makedirs(directory.parent, exist_ok=True)
         try:
-            os.mkdir(directory, 0o700)
-            os.chmod(directory, LOCK_DIR_MODE)  # whatever the umask
-        except FileExistsError:
-            pass
+            trusted.make_dir(directory, LOCK_DIR_MODE)
+        except FileNotFoundError:
+            os.makedirs(directory.parent, exist_ok=True)
+            trusted.make_dir(directory, LOCK_DIR_MODE)
+    except trusted.Untrusted as exc:
         st = os.lstat(directory)
+        raise DlsError(f"cannot use the binary lock directory {exc} (owner {trusted.owner_name(st.st_uid)}, mode "
+                       f"{stat.S_IMODE(st.st_mode):04o}): it must be a directory of root or of this process's user "
+                       f"({trusted.owner_name(os.geteuid())}) that others cannot write") from None
     except OSError as exc:
         raise DlsError(f"cannot make the binary lock directory {os.fspath(directory)!r}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IWOTH:
-        what = ("not a directory" if not stat.S_ISDIR(st.st_mode)
-                else f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-        raise DlsError(f"cannot use the binary lock directory {os.fspath(directory)!r}: {what}")
-    path = os.path.join(directory, f"execution_lock_{execution_number(number):03d}")
-    return LocalBinaryLock.take(path, mode, wait=wait, timeout=timeout, create=True)
+    return os.fspath(directory)
+
+
+def _open(path: str, flags: int, create: bool) -> int:
+    """Open a file to lock it: the caller's own file as named (``create`` False), or an execution lock file of
+    the binary lock directory, made LOCK_FILE_MODE if missing, never through a symlink, and refused when it
+    has another link or others may write it (``create`` True; Untrusted names what is wrong)."""
+    if not create:
+        return os.open(path, flags | os.O_CLOEXEC)
+    from dls_proto import trusted
+
+    return trusted.open_file(path, flags | os.O_CREAT, mode=LOCK_FILE_MODE, shared=True, owners=trusted.ANY_OWNER)
 
 
 class LocalBinaryLock:
@@ -93,18 +120,16 @@ class LocalBinaryLock:
     def take(cls, path: str, mode: int, *, wait: bool, timeout: float | None, create: bool) -> LocalBinaryLock:
         """Lock ``path`` whole: shared for NL, CR and PR, exclusive for CW, PW and EX."""
         shared = mode in _SHARED
-        flags = os.O_RDWR | (os.O_CREAT | os.O_NOFOLLOW if create else 0) | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(path, flags, LOCK_FILE_MODE)
-                if create and os.fstat(fd).st_size == 0 and os.fstat(fd).st_uid == os.geteuid():
-                    os.fchmod(fd, LOCK_FILE_MODE)
+                fd = _open(path, os.O_RDWR, create)
             except PermissionError:
                 if not shared:
                     raise
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = _open(path, os.O_RDONLY, create)
         except OSError as exc:
-            raise DlsError(f"cannot take the binary lock of {path!r}: {exc.strerror}") from None
+            why = getattr(exc, "problem", None) or exc.strerror  # trusted.Untrusted says what is wrong
+            raise DlsError(f"cannot take the binary lock of {path!r}: {why}") from None
         arg = struct.pack(_FLOCK, fcntl.F_RDLCK if shared else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         deadline = None if timeout is None or not wait else time.monotonic() + timeout
         pause = 0.005

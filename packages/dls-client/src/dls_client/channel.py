@@ -103,16 +103,21 @@ class Channel:
     channel stays lost: every call raises the same ServiceUnavailable.
     ``connect`` reaches the server (TCP by default). ``open_timeout`` bounds the
     connection and the greeting (default: CONNECT_TIMEOUT to connect, then
-    ack_timeout), for a client that must know within a deadline.
+    ack_timeout), for a client that must know within a deadline. With WAIT
+    (``ack_timeout`` None) the greeting is still bounded, by ``greeting_timeout``
+    (JDLS TIMEOUT): WAIT lets a lock request wait, not a stopped or hung
+    listener keep the client forever (dls-jdls(7): TIMEOUT includes the greeting).
     """
 
     def __init__(
         self, server: Server, hello: Hello, *, ack_timeout: float | None,
         unsolicited: Callable[[Message], None], on_failure: Callable[[str], None] | None = None,
         connect: Connect = tcp_connect, open_timeout: float | None = None, tls_context: ssl.SSLContext | None = None,
-        tracer: Tracer | None = None,
+        tracer: Tracer | None = None, greeting_timeout: float = jdls.DEFAULT_TIMEOUT,
     ) -> None:
         self.server = server
+        #: Who this client said it is (its port and pid: how a holder the service names is known as this one).
+        self.hello = hello
         self.ack_timeout = ack_timeout
         self._tracer = tracer
         #: The trace's line writer while the trace is on, else None: the hot path tests only this.
@@ -159,7 +164,9 @@ class Channel:
         self.failed_at: float | None = None
         #: The largest frame body the server takes (Welcome's max_frame; unbounded until it says).
         self.max_frame = CLIENT_MAX_FRAME
-        self.welcome = self._greet(hello, ack_timeout if open_timeout is None else open_timeout)
+        greeting = open_timeout if open_timeout is not None else ack_timeout if ack_timeout is not None else \
+            greeting_timeout
+        self.welcome = self._greet(hello, greeting)
         self.max_frame = self.welcome.max_frame or CLIENT_MAX_FRAME
 
     @property
@@ -167,10 +174,10 @@ class Channel:
         """Seconds the service keeps the locks of a client whose connection it lost (its Welcome's)."""
         return self.welcome.lock_delay_ms / 1000
 
-    def _greet(self, hello: Hello, timeout: float | None) -> Welcome:
+    def _greet(self, hello: Hello, timeout: float) -> Welcome:
         self.send(hello)
         try:
-            reply = self._expect(hello.request_id, None if timeout is None else time.monotonic() + timeout)
+            reply = self._expect(hello.request_id, time.monotonic() + timeout, timeout)
         except ServiceUnavailable:
             self.close()
             raise
@@ -293,7 +300,9 @@ class Channel:
             until = time.monotonic() + self.ack_timeout
         return self._expect(rid, until)
 
-    def _expect(self, rid: int, deadline: float | None) -> Message:
+    def _expect(self, rid: int, deadline: float | None, allowed: float | None = None) -> Message:
+        """``expect``, until ``deadline``; the AcknowledgementTimeout then says ``allowed`` seconds (default:
+        ack_timeout) were given."""
         box = self._mail.setdefault(rid, [])
         while True:
             if box:
@@ -324,7 +333,8 @@ class Channel:
             if not box and deadline is not None and time.monotonic() >= deadline:
                 self._mail.pop(rid, None)
                 timeout = AcknowledgementTimeout(
-                    f"lock service {self.server} did not answer within {amount(self.ack_timeout or 0, 'second')}")
+                    f"lock service {self.server} did not answer within "
+                    f"{amount(allowed if allowed is not None else self.ack_timeout or 0, 'second')}")
                 timeout.channel = self
                 raise timeout
 

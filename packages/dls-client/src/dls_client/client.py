@@ -100,7 +100,7 @@ class Client(BaseClient):
         return Channel(server, identity.hello(port=self.port), ack_timeout=None if self.config.wait else
                        self.config.timeout, unsolicited=self._unsolicited, on_failure=self.trace.error,
                        connect=self._connect, open_timeout=timeout, tls_context=self.config.ssl_context(),
-                       tracer=self.trace)
+                       tracer=self.trace, greeting_timeout=self.config.timeout)
 
     def _connected(self, channel: Channel) -> None:
         """A new lock server serves this client (the first, or one connected again after a failure): watch

@@ -32,10 +32,10 @@ import itertools
 import time
 from collections.abc import Callable
 
-from dls_proto import WAIT_FOREVER, Granted, Lock, LockFlag, Message, Reclaim, Server, UnlockAll
+from dls_proto import WAIT_FOREVER, Granted, Lock, LockFlag, Message, Reclaim, Refused, Server, UnlockAll, Waiting
 
 from .channel import Channel
-from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, ConfigurationError, ServiceUnavailable, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
 from .replies import failure
@@ -168,9 +168,16 @@ class ResilientRoute(Route):
             channel = self._usable(index)
             if channel is None:
                 return None  # cannot be reached: the lock is held on the others alone, until it answers
-            copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started))
+            # Interim messages even with WAIT: the first, at once, names the holder, which may be this very grant.
+            copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started),
+                                    flags=request.flags & ~LockFlag.NO_INTERIM)
+
+            def behind_itself(reply: Message, channel: Channel = channel, copy: Lock = copy) -> None:
+                self._behind_itself(first[0], channel, copy, reply, holds)
+
             try:
-                reply = channel.last_reply(copy.request_id, channel.request(copy))
+                reply = channel.last_reply(copy.request_id, channel.request(copy), behind_itself)
+                behind_itself(reply)
             except AcknowledgementTimeout as exc:  # this service went silent: given up as with one server
                 self._release(holds)
                 if channel.failure is None:
@@ -189,6 +196,33 @@ class ResilientRoute(Route):
             self._release(holds)
             raise failure(reply, f"{describe(request.path, request.key)} ({self.links[index].name()})")
         return None
+
+    def _behind_itself(self, first: Link, channel: Channel, request: Lock, reply: Message,
+                       holds: list[Hold | None]) -> None:
+        """ConfigurationError when ``channel`` refuses ``request`` or makes it wait because of this very
+        client's grant on the ``first`` service: SERVER and SERVER2 name one service (localhost and
+        127.0.0.1, say, which the parser cannot tell apart without a look-up), where every lock would wait
+        behind itself for ever. Known by the holder the reply names: served by the first service's lock
+        server (its pid, on the same host), with this client's port, pid and thread."""
+        if type(reply) not in (Refused, Waiting):
+            return
+        assert isinstance(reply, (Refused, Waiting))
+        primary = first.channel
+        if primary is None or primary.failure is not None:
+            return
+        if (reply.holder_pid, reply.holder_port, reply.holder_client_pid, reply.holder_thread) != (
+                primary.welcome.server_pid, primary.hello.port, primary.hello.pid, request.thread_id) \
+                or channel.welcome.server_host != primary.welcome.server_host:
+            return
+        said = (f"SERVER and SERVER2 name the same lock service: the {self.links[self._index(channel)].name()} "
+                f"holds this client's own lock from the {first.name()}, so every lock would wait behind itself "
+                "(give SERVER2 another service)")
+        self.trace.error(f"Client: {said}")
+        channel.forget(request.request_id)
+        if type(reply) is Waiting:  # the request waits there: the connection's end takes it away, before the
+            self.abandon(channel, said)  # grant it waits behind is released (else granted, and nobody's)
+        self._release(holds)
+        raise ConfigurationError(said)
 
     def _release(self, holds: list[Hold | None]) -> None:
         """Release what the services before granted: the lock is not granted unless all granted it."""

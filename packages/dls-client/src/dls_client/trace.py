@@ -15,9 +15,11 @@ The error trace is shared with the service and the other processes of its
 group (tmp/ is mode 03770 there), so it is appended to without following a
 symlink, only when it is a regular file with one link that others cannot
 write, and a trace this process makes is made 0660 whatever the umask. A
-TRACE file is opened the same way (made 0640: it is the user's own); when it
-cannot be, the client says so once on standard error, naming the file and
-why, and traces to standard error instead.
+TRACE file is opened the same way (made 0640: it is the user's own), and only
+when this process's user owns it: another user's file is theirs to read, and
+the trace names files, keys, pids and handles. When it cannot be opened, the
+client says so once on standard error, naming the file and why, and traces to
+standard error instead.
 
 Each line is written with one write() of the whole line and its newline: the
 threads of SERVER and SERVER2 trace at once, and their lines must not be glued
@@ -27,9 +29,7 @@ together.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import sys
 import threading
 import time
@@ -73,21 +73,15 @@ TRACE_MODE = 0o660
 TRACE_FILE_MODE = 0o640
 
 
-def append_safely(path: str | os.PathLike[str], mode: int) -> int:
+def append_safely(path: str | os.PathLike[str], mode: int, *, own: bool = False) -> int:
     """Open ``path`` to append to it (made with ``mode`` whatever the umask): the descriptor. Not through a
     symlink someone planted, and only a regular file with one link that others cannot write (not a device, a
-    hard link to another file, a file open to all); OSError says why not."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_mode & stat.S_IWOTH:
-            raise OSError("not a trace to trust (a regular file with one link that others cannot write)")
-        if st.st_size == 0 and st.st_uid == os.geteuid():
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    hard link to another file, a file open to all); with ``own``, only a file of this process's user (a TRACE
+    file another user made is theirs to read). OSError says why not (``trusted.Untrusted``: what is wrong)."""
+    from dls_proto import trusted
+
+    return trusted.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=mode, shared=True,
+                             owners=frozenset({os.geteuid()}) if own else trusted.ANY_OWNER)
 
 
 def write_line(fd: int, line: str) -> None:
@@ -127,10 +121,12 @@ class Tracer:
     def _write(self, line: str) -> None:
         if self.path:
             try:
-                fd = append_safely(self.path, TRACE_FILE_MODE)
+                fd = append_safely(self.path, TRACE_FILE_MODE, own=True)
             except OSError as exc:
                 if self._untold.acquire(blocking=False):  # the first failure only, whatever the thread
-                    reason = "a symbolic link, not followed" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+                    problem = getattr(exc, "problem", None)
+                    reason = ("a symbolic link, not followed" if problem == "is a symbolic link" else problem
+                              or exc.strerror or str(exc))
                     _stderr(f"Client: JDLS TRACE: cannot append to {printable(self.path)} ({reason}): tracing to "
                             "standard error instead")
             else:

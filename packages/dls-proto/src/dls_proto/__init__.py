@@ -5,8 +5,11 @@ dls program agrees on beyond the bytes: the JDLS variable (``jdls``), the enviro
 Everything a peer needs is exported here; other packages import only from this module (names, and
 the submodules above and ``probe``, the test of a client's configuration), never from its other submodules.
 
-``probe``, ``tls`` and ``spec`` (with its ``HEADER`` and ``MESSAGES``, the construct definitions) are
-imported when first used (``from dls_proto import tls``, ``dls_proto.tls``, ``from dls_proto import
+``trusted`` holds the checks of a directory or file another local user could have made or changed (the
+service's instance and lock directories, a client's binary lock directory and trace files).
+
+``probe``, ``tls``, ``trusted`` and ``spec`` (with its ``HEADER`` and ``MESSAGES``, the construct definitions)
+are imported when first used (``from dls_proto import tls``, ``dls_proto.tls``, ``from dls_proto import
 MESSAGES``): a client locking through the service without TLS, dls-lock's hot path, loads neither ssl, nor
 the test, nor construct.
 """
@@ -76,17 +79,17 @@ from .messages import (
 from .transport import SpinningReader, exchange, receive
 
 if TYPE_CHECKING:
-    from . import probe, spec, tls
+    from . import probe, spec, tls, trusted
     from .spec import HEADER, MESSAGES
 
 #: The submodules imported on first use, not with the package.
-_LAZY = frozenset({"probe", "spec", "tls"})
+_LAZY = frozenset({"probe", "spec", "tls", "trusted"})
 #: The names of ``spec`` exported here, imported with it on first use.
 _SPEC_NAMES = frozenset({"HEADER", "MESSAGES"})
 
 
 def __getattr__(name: str) -> Any:
-    """``probe``, ``spec`` and ``tls`` on first use (the import system keeps them as attributes from then
+    """``probe``, ``spec``, ``tls`` and ``trusted`` on first use (the import system keeps them as attributes from then
     on), and ``spec``'s exported names (kept here once asked for)."""
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
@@ -99,7 +102,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALL_THREADS", "LOCK_MODES", "MAX_KEY", "not_a_mode",
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
-    "exchange", "identity", "jdls", "numerals", "probe", "receive", "spec", "tls", "FRAME_VERSION",
+    "exchange", "identity", "jdls", "numerals", "probe", "receive", "spec", "tls", "trusted", "FRAME_VERSION",
     "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
     "NEED_DATA", "PROTOCOL_VERSIONS", "SINCE", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",

@@ -77,10 +77,13 @@ OPTIONS = (
            "on with one when the other is lost. It has no meaning without SERVER, and is refused without it; so "
            "is the same host and port as SERVER (the same name, any case, or the same IP address however "
            "written), where each lock would wait behind itself. Names are not looked up: do not give one service "
-           "under two names (localhost and 127.0.0.1)."),
+           "under two names (localhost and 127.0.0.1); a client that finds its own lock on SERVER holding a "
+           "request up on SERVER2 refuses the lock with a configuration error saying so (in the error trace "
+           "too)."),
     Option("WAIT", "", "not set",
            "A lock request waits for its answer without a time limit: TIMEOUT does not apply to it (jdls -C and "
-           "dls-test still give up after TIMEOUT: a test must end)."),
+           "dls-test still give up after TIMEOUT: a test must end). The greeting of a new connection is not a "
+           "lock request: a service that does not greet within TIMEOUT is given up, WAIT or not."),
     Option("TIMEOUT", "seconds", f"{DEFAULT_TIMEOUT:g}",
            "How long the service may stay silent on a request (the greeting included) before the client gives it "
            f"up; fractions allowed, from {TIMEOUT_RANGE[0]:g} to {TIMEOUT_RANGE[1]:g} (a day); another value is "
@@ -105,7 +108,8 @@ OPTIONS = (
            "lost and made again, and each failover between SERVER and SERVER2; control characters escaped."),
     Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
            "error (overrides VERBOSE), one whole line per write. The file is not opened through a symbolic link, "
-           "must be a regular file with one link that others cannot write, and is made mode 0640 whatever the "
+           "must be a regular file of the process's own user with one link that others cannot write (another "
+           "user's file is refused: the trace names files, keys and pids), and is made mode 0640 whatever the "
            "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
            "and traces to standard error instead."),
     Option("EXIT", "", "not set",
