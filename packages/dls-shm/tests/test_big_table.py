@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import dls_shm.liveness
 import pytest
 from dls_shm import LOCAL_IP, Doorbell, Grant, LockTable, Owner, Queued, SlotState, geometry_for, modes
 from dls_shm.table import SCAN_BYTES, SWEEP_CHANGES
-
-from .conftest import MakeTable
 
 PER_OWNER = 10_000
 #: Keepable locks among a dead owner's (a lock server's for a remote client): kept, not freed.
@@ -56,7 +55,7 @@ class Held:
 
 @pytest.mark.slow
 def test_a_big_table_is_tidied_once_per_owner_and_batch(
-    make_table: MakeTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+    make_table: Callable[..., LockTable], children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     table = make_table(geometry_for(200_000, 50), lock_delay=60)
     filled, end_dead, end_live = pipes(), pipes(), pipes()
@@ -97,7 +96,12 @@ def test_a_big_table_is_tidied_once_per_owner_and_batch(
 
         asked: list[int] = []
         ask = dls_shm.liveness.started
-        monkeypatch.setattr(dls_shm.liveness, "started", lambda pid, booted: asked.append(pid) or ask(pid, booted))
+
+        def counted(pid: int, booted: float) -> float | None:
+            asked.append(pid)
+            return ask(pid, booted)
+
+        monkeypatch.setattr(dls_shm.liveness, "started", counted)
         held = Held(monkeypatch)
         began = time.monotonic()
         done = table.tidy()
