@@ -83,6 +83,11 @@ Record locks outstanding (-L), one row per used slot:
   age       (a -T table) how long the lock has been held or the request has waited
   Then the table's size, the locks in use, the fullest group, kept locks and waiting
   requests.
+The rows are by group, and in a group in queue order. Each is written as its group is
+read, a batch of groups at a time, the table's semaphore held only to copy each batch:
+a table of a million locks is listed as it is read, and a slow reader never holds up
+the lockers. The Memory line counts the slots in use just before the rows, the summary
+the rows shown: on a busy table they may differ by what changed meanwhile.
 Without a lock table (jdls -ibD: record locks are OS file locks) -d shows the monitor
   and listener, the lock directory (--lock-dir), with -v how many lock servers run, and
   with -L each OS record lock held, from /proc/locks joined with proc/info as
@@ -114,12 +119,15 @@ def display(
         print(f"jdls: {exc}", file=err)
         return ExitCode.FAILED
     try:
-        snapshot = report.Snapshot.read(table)
+        snapshot = report.Snapshot.streamed(table, count=bool(verbose))
+        for text in report.stream(snapshot, *_processes(instance, snapshot.header), details=bool(verbose),
+                                  very=verbose > 1, locks=locks):
+            print(text, file=out)
+    except TableError as exc:  # removed while it was read (jdls -K -o)
+        print(f"jdls: {exc}", file=err)
+        return ExitCode.FAILED
     finally:
         table.close()
-    for text in report.lines(snapshot, *_processes(instance, snapshot.header), details=bool(verbose), very=verbose > 1,
-                      locks=locks):
-        print(text, file=out)
     return ExitCode.OK
 
 

@@ -29,6 +29,7 @@ from .layout import (
     pack_ip,
     unpack_ip,
 )
+from .liveness import owner_gone
 from .mechanism import (
     Conflict,
     Grant,
@@ -57,7 +58,7 @@ from .occupancy import (
 from .oslocks import OsLockError, OsLocks, TableServes, key_offset, lock_file_name, table_serves
 from .pidfiles import AlreadyRunning, HeldPidFile, PidRecord
 from .proc_locks import OsLock, OsLockHolder, oslock_holders, oslocks_held
-from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied, owner_gone
+from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",

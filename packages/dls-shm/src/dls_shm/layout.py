@@ -12,6 +12,7 @@ Everything is native byte order: the table never leaves its host.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from typing import NamedTuple
@@ -211,8 +212,10 @@ def pack_ip(text: str) -> bytes:
     return addr.packed
 
 
+@functools.lru_cache(maxsize=4096)
 def unpack_ip(packed: bytes) -> str:
-    """The text form of a slot's address: dotted for IPv4, as jDLS prints it."""
+    """The text form of a slot's address: dotted for IPv4, as jDLS prints it (remembered: a table's many
+    locks come from few addresses, and a report of a million locks asks a million times)."""
     addr = ipaddress.IPv6Address(packed)
     mapped = addr.ipv4_mapped
     return str(mapped) if mapped is not None else str(addr)

@@ -6,11 +6,18 @@ for the same table, byte for byte: the monitor and listener, the header
 slot (``-L``) and the summary. The lines, their order and the columns are
 those of the jDLS user guide's ``jDLS -dvL`` example.
 
-A ``Snapshot`` is one consistent read of a table, taken while attached; the
-text is made from it after the table is closed. Whether the monitor and
-listener run is not in the table: each tool finds out in its own way (the
-daemon from its pid files, dls-dump read only) and passes a ``Process`` for
-each.
+A ``Snapshot`` is a table's header, and its used slots either read whole or
+read as the text is made (``Snapshot.streamed``, what the tools use): the
+table is then read a batch of groups at a time (``LockTable.scan``), each
+batch a consistent copy, and each row written as its group is read, so that
+a table of a million locks is listed without holding its semaphore for more
+than one batch's copy, and without its rows in memory. The rows keep their
+order (by group, then queue order); the Memory line of ``-v``, which comes
+before the rows, counts the slots in use in a quick pass of its own over the
+groups' values, and the summary counts the rows shown: on a busy table the two
+are a few moments apart. Whether the monitor and listener run is not in the
+table: each tool finds out in its own way (the daemon from its pid files,
+dls-dump read only) and passes a ``Process`` for each.
 
 A kept lock (its lock server ended while its client may live) is not in the
 jDLS guide: its row says so where a held lock shows its queue ("kept, 12 s
@@ -21,9 +28,11 @@ no kept lock shows exactly the jDLS text.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import time
-from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,43 +59,100 @@ class Process(NamedTuple):
     active: bool
 
 
+class Tally:
+    """The summary's counts, made group by group as the rows are read."""
+
+    def __init__(self) -> None:
+        self.used = self.granted = self.kept = self.waiting = self.max_in_group = 0
+
+    def add(self, group: list[Entry]) -> None:
+        """Count one group's used slots."""
+        self.used += len(group)
+        self.max_in_group = max(self.max_in_group, len(group))
+        for e in group:
+            state = e.slot.state
+            if state == SlotState.GRANTED:
+                self.granted += 1
+            elif state == SlotState.KEPT:
+                self.kept += 1
+            elif state == SlotState.WAITING:
+                self.waiting += 1
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """One consistent read of a table: header, used slots, ids and the time, taken while attached."""
+    """A table as a report shows it: the header, ids and the time, taken while attached, and its used slots,
+    either read whole (``read``: a tuple, the text made at leisure) or read as the text is made (``streamed``:
+    the table's ``scan``, each batch of groups a consistent copy, the table attached until the text is
+    written: a table of a million locks is listed without holding its semaphore more than a batch's copy at a
+    time, and without its rows in memory)."""
 
     key: int
     shm_id: int
     semaphore_ids: tuple[int, ...]
     header: Header
     geometry: Geometry
-    entries: tuple[Entry, ...]
+    #: In group order when streamed (``scan``'s); a tuple in any order.
+    entries: Iterable[Entry]
     #: When the slots were read: the ages of a time-stamped table are counted to it.
     now: float
+    #: The slots in use, counted before the rows (the Memory line of ``-v`` comes first); None: the entries'.
+    in_use: int | None = None
 
     @classmethod
     def read(cls, table: LockTable) -> Snapshot:
+        """Every used slot read now, whole."""
         header = table.header()
         entries = tuple(table.scan())
         now = time.time()
         return cls(table.key, table.shm_id, table.semaphore_ids, header, table.geometry, entries, now)
 
+    @classmethod
+    def streamed(cls, table: LockTable, *, count: bool = True) -> Snapshot:
+        """The header now, the used slots as the text is made (read once, ``table`` still attached); with
+        ``count`` the slots in use are counted first, from the groups' values (``slots_in_use``)."""
+        header = table.header()
+        in_use = table.slots_in_use() if count else None
+        return cls(table.key, table.shm_id, table.semaphore_ids, header, table.geometry, table.scan(), time.time(),
+                   in_use)
+
+    def groups(self) -> Iterator[list[Entry]]:
+        """Each group's used slots in queue (ticket) order, by group: a streamed snapshot's as they are read."""
+        entries = sorted(self.entries, key=_GROUP) if isinstance(self.entries, Sequence) else self.entries
+        for _group, members in itertools.groupby(entries, key=_GROUP):
+            yield sorted(members, key=_TICKET)
+
+    def tally(self) -> Tally:
+        """The counts of a snapshot read whole (a streamed one's are made as its rows are: ``stream``)."""
+        tally = Tally()
+        for group in self.groups():
+            tally.add(group)
+        return tally
+
+    @property
+    def used(self) -> int:
+        return self.in_use if self.in_use is not None else len(tuple(self.entries))
+
     @property
     def granted(self) -> int:
-        return sum(1 for e in self.entries if e.slot.state == SlotState.GRANTED)
+        return self.tally().granted
 
     @property
     def kept(self) -> int:
-        return sum(1 for e in self.entries if e.slot.state == SlotState.KEPT)
+        return self.tally().kept
 
     @property
     def waiting(self) -> int:
-        return sum(1 for e in self.entries if e.slot.state == SlotState.WAITING)
+        return self.tally().waiting
 
     @property
     def max_in_group(self) -> int:
-        return max(Counter(e.group for e in self.entries).values(), default=0)
+        return self.tally().max_in_group
 
 
+_GROUP = operator.attrgetter("group")
+_TIMESTAMPS = int(TableFlag.TIMESTAMPS)  # an int: a row tests it, and IntFlag's & costs a call
+_TICKET = operator.attrgetter("slot.ticket")
 
 
 def line(label: str, value: object) -> str:
@@ -145,7 +211,7 @@ def detail_lines(snapshot: Snapshot, very: bool = False) -> list[str]:
     """The rest of the header (``-v``): times, counters, semaphore ids, memory, CPU; ``very`` (``-vv``) adds
     the IPC key and the shared memory id."""
     h = snapshot.header
-    used_bytes, free_bytes = memory(h, len(snapshot.entries))
+    used_bytes, free_bytes = memory(h, snapshot.used)
     text = [
         line("Time last ran", when(h.last_ran)),
         line("Time last tidied up", when(h.last_tidy)),
@@ -162,57 +228,81 @@ def detail_lines(snapshot: Snapshot, very: bool = False) -> list[str]:
     return text
 
 
+def column_heads(snapshot: Snapshot) -> str:
+    """The heads of the lock rows (``age`` for a time-stamped table)."""
+    timestamps = bool(snapshot.header.flags & TableFlag.TIMESTAMPS)
+    return "\t".join(COLUMNS + ((AGE_COLUMN,) if timestamps else ()))
+
+
+def lock_row(snapshot: Snapshot, e: Entry) -> str:
+    """One used slot's tab-separated row."""
+    s = e.slot
+    queued = "waiting" if s.state == SlotState.WAITING else (str(s.queued) if s.queued else "None")
+    if s.state == SlotState.KEPT:
+        kept = kept_for(s.timestamp + snapshot.header.lock_delay, snapshot.now)
+        queued = f"{kept}, {s.queued} queued" if s.queued else kept
+    row = [
+        str(e.group), f"0x{e.value:08x}", str(s.pid), modes.DISPLAY[s.mode], str(s.port), f"{s.inode:08d}",
+        str(s.device), queued, unpack_ip(s.ip), printable(s.key[: s.key_len].decode("utf-8", "backslashreplace")),
+    ]
+    if snapshot.header.flags & _TIMESTAMPS:
+        row.append(age(snapshot.now - s.timestamp))
+    return "\t".join(row)
+
+
 def lock_rows(snapshot: Snapshot) -> list[str]:
     """The column heads and one tab-separated row per used slot, by group and then in queue order."""
-    timestamps = bool(snapshot.header.flags & TableFlag.TIMESTAMPS)
-    rows = ["\t".join(COLUMNS + ((AGE_COLUMN,) if timestamps else ()))]
-    for e in sorted(snapshot.entries, key=lambda e: (e.group, e.slot.ticket)):
-        s = e.slot
-        queued = "waiting" if s.state == SlotState.WAITING else (str(s.queued) if s.queued else "None")
-        if s.state == SlotState.KEPT:
-            kept = kept_for(s.timestamp + snapshot.header.lock_delay, snapshot.now)
-            queued = f"{kept}, {s.queued} queued" if s.queued else kept
-        row = [
-            str(e.group), f"0x{e.value:08x}", str(s.pid), modes.DISPLAY[s.mode], str(s.port), f"{s.inode:08d}",
-            str(s.device), queued, unpack_ip(s.ip), printable(s.key[: s.key_len].decode("utf-8", "backslashreplace")),
-        ]
-        if timestamps:
-            row.append(age(snapshot.now - s.timestamp))
-        rows.append("\t".join(row))
-    return rows
+    return [column_heads(snapshot), *(lock_row(snapshot, e) for group in snapshot.groups() for e in group)]
 
 
-def summary_lines(snapshot: Snapshot) -> list[str]:
-    """The summary after a blank line: the table's size, the locks in use, the fullest group, the waiters."""
+def summary_lines(snapshot: Snapshot, tally: Tally | None = None) -> list[str]:
+    """The summary after a blank line: the table's size, the locks in use, the fullest group, the waiters;
+    counted in ``tally`` (by default the snapshot's own, read whole)."""
     g = snapshot.geometry
+    t = tally or snapshot.tally()
     indent = " " * LABEL_WIDTH
     text = [
         "",
         f"{'Record locks:':<{SUMMARY_WIDTH}}{g.locks} locks maximum in {g.ngroups} groups of "
         f"{g.per_group} locks/group",
-        f"{indent}{snapshot.granted + snapshot.kept} locks currently in use",
-        f"{indent}{snapshot.max_in_group} is max. locks found in one group",
+        f"{indent}{t.granted + t.kept} locks currently in use",
+        f"{indent}{t.max_in_group} is max. locks found in one group",
     ]
-    if snapshot.kept:
-        text.append(f"{indent}{snapshot.kept} locks kept for their clients to reclaim "
+    if t.kept:
+        text.append(f"{indent}{t.kept} locks kept for their clients to reclaim "
                     f"(lock-delay {snapshot.header.lock_delay:g} s)")
-    if snapshot.waiting:
-        text.append(f"{indent}{snapshot.waiting} requests waiting")
+    if t.waiting:
+        text.append(f"{indent}{t.waiting} requests waiting")
     return text
+
+
+def stream(
+    snapshot: Snapshot, monitor: Process, listener: Process, *, details: bool = True, very: bool = False,
+    locks: bool = True,
+) -> Iterator[str]:
+    """The whole text, a line at a time (without newlines), each row made as its group is read: ``jdls -d``,
+    with ``details`` ``-dv`` (``very``: ``-dvv``), with ``locks`` ``-dL``; the defaults are ``jdls -dvL``."""
+    yield from process_lines(monitor, listener)
+    yield line("Program started", when(snapshot.header.created))
+    if details:
+        yield from detail_lines(snapshot, very)
+    if locks:
+        yield from ("", "Record locks outstanding", "", column_heads(snapshot))
+    tally = Tally()
+    for group in snapshot.groups():
+        tally.add(group)
+        if locks:
+            for e in group:
+                yield lock_row(snapshot, e)
+    yield from summary_lines(snapshot, tally)
 
 
 def lines(
     snapshot: Snapshot, monitor: Process, listener: Process, *, details: bool = True, very: bool = False,
     locks: bool = True,
 ) -> list[str]:
-    """The whole text, a line an item (without newlines): ``jdls -d``, with ``details`` ``-dv`` (``very``:
-    ``-dvv``), with ``locks`` ``-dL``; the defaults are ``jdls -dvL``."""
-    text = [*process_lines(monitor, listener), line("Program started", when(snapshot.header.created))]
-    if details:
-        text += detail_lines(snapshot, very)
-    if locks:
-        text += ["", "Record locks outstanding", "", *lock_rows(snapshot)]
-    return text + summary_lines(snapshot)
+    """``stream``'s text as a list."""
+    return list(stream(snapshot, monitor, listener, details=details, very=very, locks=locks))
 
 
 #: The columns of OS file locks (``oslock_lines``): a table's, less what OS locks do not have (group, queue).

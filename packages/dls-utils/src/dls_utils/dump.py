@@ -22,12 +22,13 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, report, service_processes
 
 from . import command
-from .source import emit
+from .source import emit_lines, json_items
 from .table_choice import TABLE_HELP, add_key_option, chosen_table
 
 PROG = "dls-dump"
@@ -37,18 +38,22 @@ The text is that of jdls -dvL (-v: jdls -dvvL, adding the IPC key and shared mem
 the monitor and listener, the table header, one line per used slot (Group, value,
 pid, type, port, i-node, dev, queued, ipaddr, key, and age for a -T table), and the
 summary. Only the lock table (and the pid files in $JBCRELEASEDIR/run) are read: the
-daemon need not run.
+daemon need not run. The rows (and the --json slots) are written as the table is read,
+a batch of groups at a time (its semaphore held only to copy each batch): a table of a
+million locks is dumped without holding up its lockers.
 
 {TABLE_HELP}
 With --key naming another instance's table, the pid files are unknown: the monitor
 and listener shown are the header's pids, Active when such a process exists.
 
---json: {{"instance", "key", "shm_id", "semaphore_ids", "header": {{...}}, "geometry":
-{{"ngroups", "per_group", "locks"}}, "counts": {{"used", "granted", "kept", "waiting",
-"max_in_group"}}, "processes": {{"monitor", "listener"}}, "slots": [{{"index", "group",
-"state", "key", "inode", "device", "pid", "port", "client_pid", "thread", "ip",
-"mode", "value", "waiters", ...}}]}}. A slot's state is granted, waiting or kept (a lock
-whose lock server ended, kept for its client to reclaim until "expires").
+--json: {{"instance", "key", "shm_id", "semaphore_ids", "header": {{...}}, "mechanism",
+"geometry": {{"ngroups", "per_group", "locks"}}, "processes": {{"monitor", "listener"}},
+"slots": [{{"index", "group", "state", "key", "inode", "device", "pid", "port",
+"client_pid", "thread", "ip", "mode", "value", "waiters", ...}}], "counts": {{"used",
+"granted", "kept", "waiting", "max_in_group"}}}}: the slots by group, in a group in queue
+order, and the counts, of the slots listed, after them. A slot's state is granted,
+waiting or kept (a lock whose lock server ended, kept for its client to reclaim until
+"expires").
 
 exit status:
   {command.OK}  the table was shown
@@ -71,27 +76,19 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def text(snapshot: report.Snapshot, procs: dict[str, report.Process], very: bool) -> list[str]:
-    """``jdls -dvL``'s lines (``very``: ``-dvvL``'s)."""
-    return report.lines(snapshot, procs["monitor"], procs["listener"], very=very)
+def text(snapshot: report.Snapshot, procs: dict[str, report.Process], very: bool) -> Iterator[str]:
+    """``jdls -dvL``'s lines (``very``: ``-dvvL``'s), each row as its group is read."""
+    return report.stream(snapshot, procs["monitor"], procs["listener"], very=very)
 
 
-def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, report.Process]) -> dict[str, Any]:
-    """The ``--json`` object."""
+def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, report.Process]) -> Iterator[str]:
+    """The ``--json`` object's text, as ``json.dumps(indent=2)`` writes it, the slots written as their groups
+    are read and the counts, made meanwhile, after them."""
     header = snapshot.header._asdict()
     header["magic"] = header["magic"].decode("ascii", "replace")
     header["flag_names"] = [f.name for f in TableFlag if f.name and header["flags"] & f]
-    waiters: dict[tuple[int, int, int, str], list[int]] = defaultdict(list)
-    entries = sorted(snapshot.entries, key=lambda e: (e.group, e.slot.ticket))
-    slots = [info.entry_json(e, snapshot.header.lock_delay) for e in entries]
-    for slot, entry in zip(slots, entries, strict=True):
-        slot["ticket"] = entry.slot.ticket
-        if slot["state"] == "waiting":
-            waiters[_resource(slot)].append(slot["port"])
-    for slot in slots:
-        slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] in ("granted", "kept") else []
     geometry = snapshot.geometry
-    return {
+    head = {
         "instance": str(instance.root),
         "key": f"0x{snapshot.key:08x}",
         "shm_id": snapshot.shm_id,
@@ -99,11 +96,32 @@ def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, rep
         "header": header,
         "mechanism": report.mechanism(snapshot.header.flags),
         "geometry": {"ngroups": geometry.ngroups, "per_group": geometry.per_group, "locks": geometry.locks},
-        "counts": {"used": len(snapshot.entries), "granted": snapshot.granted, "kept": snapshot.kept,
-                   "waiting": snapshot.waiting, "max_in_group": snapshot.max_in_group},
         "processes": {role: {"pid": pid, "active": active} for role, (pid, active) in procs.items()},
-        "slots": slots,
     }
+    tally = report.Tally()
+    yield json.dumps(head, indent=2)[:-2] + ","  # all but the closing brace
+    yield '  "slots": ['
+    yield from json_items(_slots(snapshot, tally), 4)
+    yield "  ],"
+    counts = {"used": tally.used, "granted": tally.granted, "kept": tally.kept, "waiting": tally.waiting,
+              "max_in_group": tally.max_in_group}
+    yield json.dumps({"counts": counts}, indent=2)[2:]  # its member and the closing brace
+
+
+def _slots(snapshot: report.Snapshot, tally: report.Tally) -> Iterator[dict[str, Any]]:
+    """Each used slot as JSON, group by group in queue order, with the ports waiting for each held lock (a
+    resource's slots are all in one group), counted in ``tally``."""
+    for group in snapshot.groups():
+        tally.add(group)
+        slots = [info.entry_json(e, snapshot.header.lock_delay) for e in group]
+        waiters: dict[tuple[int, int, int, str], list[int]] = defaultdict(list)
+        for slot, entry in zip(slots, group, strict=True):
+            slot["ticket"] = entry.slot.ticket
+            if slot["state"] == "waiting":
+                waiters[_resource(slot)].append(slot["port"])
+        for slot in slots:
+            slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] in ("granted", "kept") else []
+        yield from slots
 
 
 def _resource(slot: dict[str, Any]) -> tuple[int, int, int, str]:
@@ -122,18 +140,19 @@ def _main(args: argparse.Namespace) -> int:
     where = f"key 0x{instance.key:08x}" + (f" (JBCRELEASEDIR={instance.root})" if own_pid_files else "")
     try:
         table = LockTable.attach(instance.key)
-        try:
-            snapshot = report.Snapshot.read(table)
-        finally:
-            table.close()
     except TableMissing:
         return command.fail(PROG, f"there is no lock table with {where}: the lock monitor has not created one "
                             "(jdls -ib) or it was removed (jdls -K)", command.FAILED)
     except TableError as exc:
         return command.fail(PROG, f"cannot read the lock table with {where}: {exc}", command.FAILED)
-    procs = service_processes(instance, snapshot.header, tidy=False, pid_files=own_pid_files)
-    emit(json.dumps(document(instance, snapshot, procs), indent=2) if args.json
-         else "\n".join(text(snapshot, procs, args.verbose)))
+    try:
+        snapshot = report.Snapshot.streamed(table)
+        procs = service_processes(instance, snapshot.header, tidy=False, pid_files=own_pid_files)
+        emit_lines(document(instance, snapshot, procs) if args.json else text(snapshot, procs, args.verbose))
+    except TableError as exc:  # removed while it was read (jdls -K -o)
+        return command.fail(PROG, f"cannot read the lock table with {where}: {exc}", command.FAILED)
+    finally:
+        table.close()
     return command.OK
 
 

@@ -14,9 +14,10 @@ inode itself is shown.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
 from dls_shm import KEY_MAX, info, modes
@@ -38,6 +39,8 @@ def _slot_bytes(text: str) -> bytes:
 
 #: Column titles, as jDLS's SHOW-ITEM-LOCKS prints them.
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID")
+#: The column titles' line, tab separated as the rows.
+HEADINGS = "\t".join(COLUMNS)
 #: What the PORT/-PID column shows for a held lock nobody waits for.
 NO_WAITERS = "---"
 #: The states of a held lock: granted, or kept (its lock server ended; kept for its client to reclaim).
@@ -156,14 +159,55 @@ def _resource(entry: Document) -> tuple[int, int, int, str]:
     return entry["value"], entry["inode"], entry["device"], entry["key"]
 
 
+#: Up to this many rows are shown sorted by file name and key (the jDLS guide's order); more are shown in the
+#: table's order as it is read (``stream_rows``): a table of a million locks is listed as it is read, in the
+#: memory of this many rows.
+SORTED_ROWS = 10_000
+
+
 def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list[Row]:
-    """One row per held lock, sorted by file name then key; waiters go in the holders' rows.
+    """``stream_rows``'s rows as a list, ``in_order``."""
+    return list(in_order(stream_rows(locks, documents)))
+
+
+def in_order(rows: Iterable[Row]) -> Iterator[Row]:
+    """The rows sorted by file name, key, port and pid when there are at most SORTED_ROWS of them; else as
+    they come (the table's order, sorted within each group), the first as soon as SORTED_ROWS are read."""
+    it = iter(rows)
+    first = list(itertools.islice(it, SORTED_ROWS + 1))
+    if len(first) <= SORTED_ROWS:
+        yield from sorted(first, key=_row_order)
+        return
+    yield from first
+    yield from it
+
+
+def _row_order(row: Row) -> tuple[str, str, int, int]:
+    return row["filename"], row["key"], row["port"], row["pid"]
+
+
+
+def stream_rows(locks: Iterable[Document], documents: Iterable[Document]) -> Iterator[Row]:
+    """One row per held lock, waiters in the holders' rows, made a group of the table at a time, as the
+    table lists its locks (``scan``, group by group; the OS file locks after them, in a group of their own):
+    a lock and its waiters are always in one group. Within a group the rows are by file name, then key.
 
     A waiting request whose resource has no holder at this instant (the holder
     just left and the waiter has not yet woken) gets a row of its own marked
     ``waiting``, so that no slot of the table is hidden from the operator.
     """
     names = _Names(documents)
+    for _group, entries in itertools.groupby(locks, key=_group_of):
+        yield from _group_rows(list(entries), names)
+
+
+def _group_of(entry: object) -> object:
+    """The group of a lock entry (a malformed one is reported when its rows are made)."""
+    return entry.get("group") if isinstance(entry, Mapping) else None
+
+
+def _group_rows(locks: list[Document], names: _Names) -> list[Row]:
+    """The rows of one group's locks, by file name then key."""
     by_resource: dict[tuple[int, int, int, str], list[Document]] = defaultdict(list)
     try:
         for entry in locks:
@@ -179,7 +223,7 @@ def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list
                 rows.extend(_row(e, names, []) for e in queue)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"lock entry not understood: {exc!r}") from None
-    rows.sort(key=lambda r: (r["filename"], r["key"], r["port"], r["pid"]))
+    rows.sort(key=_row_order)
     return rows
 
 
@@ -210,14 +254,16 @@ def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
 def select_rows(
     rows: Iterable[Row], *, file: str | None = None, key: str | None = None, port: int | None = None
 ) -> list[Row]:
-    """The rows an operator asked for: file name containing ``file``, exactly ``key``, and
-    ``port`` holding the lock or waiting for it (so one port's whole story shows)."""
-    return [
-        r for r in rows
-        if (file is None or file in r["filename"])
-        and (key is None or r["key"] == key)
-        and (port is None or r["port"] == port or port in r["waiters"])
-    ]
+    """The rows an operator asked for (``wanted``)."""
+    return [r for r in rows if wanted(r, file=file, key=key, port=port)]
+
+
+def wanted(row: Row, *, file: str | None = None, key: str | None = None, port: int | None = None) -> bool:
+    """Whether an operator asked for ``row``: file name containing ``file``, exactly ``key``, and ``port``
+    holding the lock or waiting for it (so one port's whole story shows)."""
+    return ((file is None or file in row["filename"])
+            and (key is None or row["key"] == key)
+            and (port is None or row["port"] == port or port in row["waiters"]))
 
 
 def waiters_column(row: Row) -> str:
@@ -227,12 +273,12 @@ def waiters_column(row: Row) -> str:
 
 
 def format_rows(rows: Iterable[Row]) -> list[str]:
-    """The column titles and one line per row, tab separated as jDLS printed them
-    (a record key may contain spaces; a tab keeps ``cut -f`` and ``awk -F'\\t'`` working)."""
-    lines = ["\t".join(COLUMNS)]
-    for r in rows:
-        lines.append("\t".join(
-            (r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]), printable(r["key"]), r["lock"],
-             waiters_column(r))
-        ))
-    return lines
+    """The column titles and one line per row (``format_row``)."""
+    return [HEADINGS, *(format_row(r) for r in rows)]
+
+
+def format_row(r: Row) -> str:
+    """One row's line, tab separated as jDLS printed them (a record key may contain spaces; a tab keeps
+    ``cut -f`` and ``awk -F'\\t'`` working)."""
+    return "\t".join((r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]), printable(r["key"]),
+                      r["lock"], waiters_column(r)))

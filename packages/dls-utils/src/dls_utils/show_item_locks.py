@@ -14,20 +14,22 @@ wire protocol (see ``remote``), so it works from any application server.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from dls_proto import Server
 from dls_shm import LockTable, TableError, TableMissing, info, oslock_entries
 
 from . import command
-from .rows import Document, Row, SnapshotError, build_rows, format_rows, select_rows
+from .rows import HEADINGS, SORTED_ROWS, Document, Row, SnapshotError, format_row, in_order, stream_rows, wanted
 from .source import (
     Failure,
     add_source_options,
     chosen_server,
-    emit,
+    emit_lines,
+    json_items,
     local_instance,
     port_number,
     snapshot_of,
@@ -63,6 +65,12 @@ columns:
   PORT/-PID  the ports queued for the lock, in order, or --- when none waits
              ("waiting" on the row of a request whose lock has just been freed)
 
+order: by FILENAME, then RECORD KEY, PORT and PID, when at most {SORTED_ROWS} rows are
+shown; more (a big table) are written as the table is read, a batch of its groups at
+a time, the table's semaphore held only to copy each batch: in the table's order (by
+its hash group, the Group of jdls -dvL; in a group by FILENAME and RECORD KEY), then the
+OS file locks. sort -t "$(printf '\\t')" -k4,5 sorts them by file and key.
+
 The locks are those of the lock table, and the OS file locks held in the
 service's lock directory (all its record locks when it runs without a table,
 jdls -ibD; beside a table the clients with JDLS OSLOCKS lock in the table too,
@@ -86,17 +94,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
+def _local(stack: contextlib.ExitStack) -> tuple[str, Iterable[Document], Sequence[Document], str | None]:
     """Heading, lock entries and info documents of the local instance: the table's locks, and the OS record
     locks held in its lock directory (all its record locks under jdls -ibD; beside a table,
-    those an earlier version's lock server holds for OSLOCKS clients), each joined with proc/info."""
+    those an earlier version's lock server holds for OSLOCKS clients), each joined with proc/info. The table's
+    are read as they are used, a batch of groups at a time (``LockTable.scan``), the table attached until
+    ``stack`` closes."""
     instance = local_instance()
     try:
         documents = list(info.read_all(instance))
     except PermissionError:
         raise Failure(f"proc/info of JBCRELEASEDIR={instance.root}: permission denied (it is the lock service's "
                       "group's: run as a member of it)") from None
-    locks: list[Document] = []
     try:
         table = LockTable.attach(instance.key)
     except TableMissing:
@@ -104,29 +113,25 @@ def _local() -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
     except TableError as exc:
         raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
     if table is not None:
-        try:
-            locks = [info.entry_json(e) for e in table.scan()]
-        except TableError as exc:
-            raise Failure(f"lock table of JBCRELEASEDIR={instance.root}: {exc}") from None
-        finally:
-            table.close()
+        stack.callback(table.close)
     elif not instance.info_dir.is_dir():
         raise Failure(f"no lock table and no proc/info for JBCRELEASEDIR={instance.root} (is jdls running?)")
     lock_dir = instance.lock_dir()
     note = None if table is not None else f"(no lock table: the record locks are the OS file locks held in {lock_dir})"
     try:
-        locks += oslock_entries.entries_of(lock_dir, documents, waiting=table is None)
+        oslocks = oslock_entries.entries_of(lock_dir, documents, waiting=table is None)
     except OSError as exc:
         problem = f"OS file locks in {lock_dir} not read: {exc.strerror or exc}"
         if table is None:
             raise Failure(problem) from None
-        note = f"({problem})"
+        oslocks, note = [], f"({problem})"
     heading = (f"{PROG} information retrieved from the {'lock table' if table is not None else 'OS file locks'} "
                f"and proc/info of JBCRELEASEDIR={instance.root} on host {this_host()}")
-    return heading, locks, documents, note
+    locks = (info.entry_json(e) for e in table.scan()) if table is not None else ()
+    return heading, itertools.chain(locks, oslocks), documents, note
 
 
-def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document], str | None]:
+def _remote(server: Server) -> tuple[str, Iterable[Document], Sequence[Document], str | None]:
     """Heading, lock entries and info documents of a lock service, from its snapshot."""
     snapshot, host = snapshot_of(server)
     locks, documents = snapshot.get("locks", []), snapshot.get("info", [])
@@ -147,16 +152,21 @@ def _remote(server: Server) -> tuple[str, Sequence[Document], Sequence[Document]
     return heading, locks, documents, note
 
 
-def render(heading: str, rows: Sequence[Row], note: str | None = None) -> list[str]:
-    """The text display: heading, a blank line, then the columns (or a word that there are none)."""
-    lines = [heading, ""]
+def render(heading: str, rows: Iterable[Row], note: str | None = None) -> Iterator[str]:
+    """The text display: heading, a blank line, then the columns (or a word that there are none), each row
+    as it comes."""
+    yield heading
+    yield ""
     if note:
-        lines.append(note)
-    if rows:
-        lines.extend(format_rows(rows))
-    else:
-        lines.append(NO_LOCKS)
-    return lines
+        yield note
+    shown = False
+    for row in rows:
+        if not shown:
+            yield HEADINGS
+            shown = True
+        yield format_row(row)
+    if not shown:
+        yield NO_LOCKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,19 +174,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
-        server = chosen_server(args)
-        heading, locks, documents, note = _remote(server) if server is not None else _local()
+    with contextlib.ExitStack() as stack:
         try:
-            rows = build_rows(locks, documents)
-        except SnapshotError as exc:
-            raise Failure(str(exc)) from None
-    except Failure as exc:
-        return command.fail(PROG, exc, exc.status)
-    rows = select_rows(rows, file=args.file, key=args.key, port=args.port)
-    text = json.dumps(rows, indent=2) if args.json else "\n".join(render(heading, rows, note))
-    emit(text)
+            server = chosen_server(args)
+            rows: Iterable[Row]
+            if server is not None:
+                heading, locks, documents, note = _remote(server)
+                try:  # a snapshot from the network: checked whole before anything is shown
+                    rows = list(stream_rows(locks, documents))
+                except SnapshotError as exc:
+                    raise Failure(str(exc)) from None
+            else:
+                heading, locks, documents, note = _local(stack)
+                rows = stream_rows(locks, documents)
+        except Failure as exc:
+            return command.fail(PROG, exc, exc.status)
+        chosen = in_order(r for r in rows if wanted(r, file=args.file, key=args.key, port=args.port))
+        try:
+            emit_lines(_json(chosen) if args.json else render(heading, chosen, note))
+        except TableError as exc:  # removed while it was read (jdls -K -o)
+            return command.fail(PROG, f"lock table: {exc}", command.FAILED)
     return command.OK
+
+
+def _json(rows: Iterable[Row]) -> Iterator[str]:
+    """The rows as a JSON list, as ``json.dumps(indent=2)`` writes it, a row at a time."""
+    yield "["
+    yield from json_items(rows, 2)
+    yield "]"
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
+import json
 import os
 import socket
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from dls_proto import Server, environment, jdls, numerals
@@ -138,8 +141,15 @@ def snapshot_of(server: Server) -> tuple[dict[str, Any], str]:
 
 def emit(text: str) -> None:
     """Print ``text``; a reader that stopped reading (head, less) is not an error."""
+    emit_lines([text])
+
+
+def emit_lines(lines: Iterable[str]) -> None:
+    """Print each line as it comes (a table's rows as its groups are read, not once all are); a reader that
+    stopped reading (head, less) is not an error, and ends the reading."""
     try:
-        print(text)
+        for text in lines:
+            print(text)
         sys.stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -147,5 +157,26 @@ def emit(text: str) -> None:
         os.close(devnull)
 
 
-__all__ = ["ConfigFailure", "Failure", "add_source_options", "chosen_server", "emit", "host_label", "port_number",
-           "server_argument", "snapshot_of", "source_help", "this_host"]
+#: How many items ``json_items`` encodes in one call (json's indenting encoder pays per call: a slot at a time
+#: cost a third more than the whole list at once).
+JSON_CHUNK = 256
+
+
+def json_items(items: Iterable[Any], indent: int) -> Iterator[str]:
+    """A JSON list's items as ``json.dumps(..., indent=2)`` writes them at depth ``indent`` (2 or more), in
+    chunks of JSON_CHUNK items (their lines in one string) as they come, with the commas between them."""
+    margin = " " * (indent - 2)
+    newline = "\n" + margin
+    it = iter(items)
+    pending = None
+    while chunk := list(itertools.islice(it, JSON_CHUNK)):
+        if pending is not None:
+            yield pending + ","
+        text = json.dumps(chunk, indent=2)[2:-2]  # the items at depth 2, without the brackets' lines
+        pending = margin + text.replace("\n", newline)  # a string's own newlines are escaped
+    if pending is not None:
+        yield pending
+
+
+__all__ = ["ConfigFailure", "Failure", "add_source_options", "chosen_server", "emit", "emit_lines", "host_label",
+           "json_items", "port_number", "server_argument", "snapshot_of", "source_help", "this_host"]
