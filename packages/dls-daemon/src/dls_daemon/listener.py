@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from dls_proto import Error, ErrorCode, encode
 from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles, trusted
 
-from . import client_info, lockserver
+from . import capacity, client_info, lockserver
 from . import log as daemon_log
 from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
@@ -55,7 +55,9 @@ from .tls import TlsSetupError
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
-BACKLOG = 128
+#: Connections the kernel queues before the listener accepts them (capped by net.core.somaxconn): a burst of
+#: clients (every application server restarting at once) waits here rather than retrying its SYN a second later.
+BACKLOG = 4096
 #: Seconds to wait after accept fails for want of resources.
 ACCEPT_PAUSE = 0.1
 #: A refused client gets this long to read its Error before the connection is dropped.
@@ -124,6 +126,8 @@ class Listener(Daemon):
         self.per_address: Counter[str] = Counter()
         #: Refused connections, given a moment to read their Error: socket -> when to drop it.
         self.lingering: dict[socket.socket, float] = {}
+        #: This process's command name, which its lock servers inherit (their pid files name it).
+        self.command = ""
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -171,6 +175,7 @@ class Listener(Daemon):
             tls=tls_context,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
+        self.command = pidfiles.record_of(os.getpid()).command
         self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
                         if r is not None and r.alive()]
         self.log.info(
@@ -182,6 +187,10 @@ class Listener(Daemon):
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
             _tls_note(settings),
         )
+        room = capacity.room(limits.max_clients, self.table.geometry.locks if self.table is not None else None)
+        self.log.info("this host: %s", "; ".join(room.notes))
+        for warning in room.warnings:
+            self.log.warning(warning)
         if settings.allow:
             self.log.info("clients accepted from %s only; the lock snapshot served to %s",
                           ", ".join(map(str, settings.allow)), ", ".join(map(str, settings.admin_allow)))
@@ -334,7 +343,7 @@ class Listener(Daemon):
         self.addresses[pid] = peer[0]
         self.per_address[peer[0]] += 1
         try:
-            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
+            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid, self.command))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
@@ -344,9 +353,10 @@ class Listener(Daemon):
         daemon_log.set_role("server")
         pid_path = self.instance.server_pid_file(os.getpid())
         try:
-            pidfiles.write(pid_path, pidfiles.record_of(os.getpid()))
+            record = pidfiles.record_of(os.getpid(), self.command)
+            pidfiles.write(pid_path, record)
             assert self.ctx is not None
-            return lockserver.serve(conn, peer, self.ctx)
+            return lockserver.serve(conn, peer, self.ctx, record)
         finally:
             pidfiles.remove(pid_path)
 
