@@ -22,6 +22,10 @@ nothing, not even which protocol is spoken here), and logged; the log's rate
 limit keeps a flood of them from filling the disk, which is also why those
 lines name the address without the port.
 
+How many clients the host has room for is a matter of processes and memory, not of the listener's
+descriptors (it keeps none per client): at start it raises its descriptor limit and logs that room, with a
+warning for each limit below ``--max-clients`` (``capacity``).
+
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
 it after the listener has gone. The listener writes it right after the fork
 and removes it when it reaps the child, the child writes it again when it
