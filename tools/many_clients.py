@@ -1,25 +1,30 @@
 """Many clients at once: how long N clients take to connect and lock, and what each lock server costs.
 
 A real ``jdls -ib`` in a temporary instance (its table sized for the clients, ``--max-clients`` and
-``--max-per-address`` raised to let every one of them in from 127.0.0.1), then N clients, each a
-``dls_client.Client`` of its own (its own connection, hence its own lock server), spread over a few
-worker processes: each client connects and locks a record of its own, and holds it until every client
-has. The figures:
+``--max-per-address`` raised to let every one of them in from 127.0.0.1), then N clients, each with a
+connection of its own (hence a lock server of its own), spread over a few worker processes: each client
+connects and locks a record of its own, and holds it until every client has. A client says what
+``dls_client.Client`` says on the way: Hello, its lock information (InfoPut), the Lock, its lock information
+again. By default the workers speak the protocol themselves (dls_proto on plain sockets), so that thousands
+of clients cost this machine little beside the service; ``--library`` makes each a ``dls_client.Client``
+instead, whose watcher thread per client makes a worker of hundreds of them slow (a real application server
+has one Client per process).
 
-- the wall time from the first connection to the last grant, and the slowest client's connect+lock;
-- the private memory (USS: pages of the process's own, as ``smaps_rollup`` counts Private_Clean +
-  Private_Dirty) of a sample of lock servers and of the listener, and the machine's memory taken
-  (MemAvailable before and while every client holds its lock).
+The figures: the wall time from the first connection to the last grant, and the slowest client's
+connect+lock; the private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) of a sample of lock
+servers and of the listener; the machine's memory taken (MemAvailable before and while every client holds
+its lock, the clients' own included).
 
 Every process of this tool raises its own RLIMIT_NOFILE soft limit to the hard one (a worker holds a
 socket per client). Figures, not a test: nothing is asserted (tests/test_many_clients.py is the test).
 
-Usage: python tools/many_clients.py [--clients N ...] [--processes P] [--port PORT] [--sample K]
+Usage: python tools/many_clients.py [--clients N ...] [--processes P] [--port PORT] [--sample K] [--library]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import random
@@ -33,10 +38,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection as Connection_
 
 import psutil
 from dls_client import Client, Config, FileRef, Server
+from dls_proto import Connection, Granted, InfoPut, Lock, Mode, Role, Welcome, identity, receive
 from dls_shm import LISTENER, Instance
 
 FILE = FileRef(1483651, "ac/FBNK.ACCOUNT")
@@ -87,28 +93,60 @@ def service(root: str, port: int, clients: int) -> Iterator[Instance]:
         subprocess.run([*jdls, "-K"], env=env, stdout=subprocess.DEVNULL, timeout=60)
 
 
-def worker(port: int, first: int, count: int, go: Connection, out: Connection) -> None:
+def _document(key: bytes | None) -> bytes:
+    """The lock information a Client publishes: none held yet, then the lock it took (dls_client.lockinfo)."""
+    files = [{"path": FILE.path, "inode": FILE.inode}] if key else []
+    locks = [{"path": FILE.path, "inode": FILE.inode, "key": key.decode(), "mode": "EX", "state": "held",
+              "thread": 1}] if key else []
+    return json.dumps({"files": files, "locks": locks}).encode()
+
+
+def protocol_client(port: int, key: bytes) -> socket.socket:
+    """A connection that has said Hello, its lock information, and holds ``key`` (RuntimeError otherwise)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = Connection(Role.CLIENT)
+
+    def answer() -> object:
+        return receive(conn, lambda: sock.recv(65536))
+
+    sock.sendall(conn.send(identity.hello("many_clients", port=port)))
+    if not isinstance(welcome := answer(), Welcome):
+        raise RuntimeError(f"answered {welcome!r}")
+    sock.sendall(conn.send(InfoPut(1, _document(None))) + conn.send(
+        Lock(2, Mode.EX, 0, 0, 1, FILE.inode, 0, key, FILE.path)))
+    if not isinstance(granted := answer(), Granted):
+        raise RuntimeError(f"answered {granted!r}")
+    sock.sendall(conn.send(InfoPut(3, _document(key))))
+    return sock
+
+
+def worker(port: int, first: int, count: int, library: bool, go: Connection_, out: Connection_) -> None:
     """``count`` clients, each connected and locking its own record (keys from ``first``), when told to go;
     reports (seconds each took, error or None), then holds the locks until told to stop."""
     raise_nofile()
     config = Config(server=Server("127.0.0.1", port))
     go.recv()
-    clients: list[Client] = []
+    held: list[Client | socket.socket] = []
     times: list[float] = []
     error = None
     try:
         for i in range(first, first + count):
+            key = b"CLIENT%07d" % i
             started = time.monotonic()
-            client = Client(config)
-            clients.append(client)
-            client.lock(FILE, b"CLIENT%07d" % i)
+            if library:
+                client = Client(config)
+                held.append(client)
+                client.lock(FILE, key)
+            else:
+                held.append(protocol_client(port, key))
             times.append(time.monotonic() - started)
     except Exception as exc:  # reported to the parent, which prints it
         error = f"{type(exc).__name__}: {exc}"
     out.send((times, error))
     go.recv()  # stop
-    for client in clients:
-        client.close()
+    for one in held:
+        one.close()
 
 
 @dataclass
@@ -124,7 +162,7 @@ class Result:
     errors: list[str]
 
 
-def run(clients: int, processes: int, port: int, sample: int) -> Result:
+def run(clients: int, processes: int, port: int, sample: int, library: bool) -> Result:
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="dls-many-") as root, service(root, port, clients) as instance:
         listener_pid = int(instance.pid_file(LISTENER).read_text().split()[0])
@@ -136,7 +174,7 @@ def run(clients: int, processes: int, port: int, sample: int) -> Result:
             count = share + (p < extra)
             go_r, go_w = ctx.Pipe(duplex=False)
             out_r, out_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=worker, args=(port, first, count, go_r, out_w))
+            proc = ctx.Process(target=worker, args=(port, first, count, library, go_r, out_w))
             proc.start()
             pipes.append((go_w, out_r))
             workers.append(proc)
@@ -169,16 +207,19 @@ def run(clients: int, processes: int, port: int, sample: int) -> Result:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--processes", type=int, default=20, help="client processes (default 20)")
+    parser.add_argument("--processes", type=int, default=8, help="client processes (default 8)")
     parser.add_argument("--port", type=int, default=None, help="the service's port (default: a free one)")
     parser.add_argument("--sample", type=int, default=20, help="lock servers whose USS is read (default 20)")
+    parser.add_argument("--library", action="store_true", help="each client a dls_client.Client (default: the "
+                        "protocol spoken on a plain socket)")
     args = parser.parse_args(argv)
     limit = raise_nofile()
     print(f"RLIMIT_NOFILE {limit}; {os.cpu_count()} cores; MemAvailable {mem_available() / 2**30:.1f} GiB")
     mb = 1024 * 1024
     for n in args.clients:
-        r = run(n, args.processes, args.port or free_port(), args.sample)
-        print(f"{r.clients} clients ({args.processes} processes): {r.locked} locked in {r.wall:.1f} s "
+        r = run(n, args.processes, args.port or free_port(), args.sample, args.library)
+        kind = "Client objects" if args.library else "protocol clients"
+        print(f"{r.clients} {kind} ({args.processes} processes): {r.locked} locked in {r.wall:.1f} s "
               f"(connect+lock per client: median {r.p50 * 1000:.0f} ms, slowest {r.slowest:.2f} s)")
         if r.servers_uss:
             print(f"  lock server USS over {len(r.servers_uss)}: min {r.servers_uss[0] / mb:.2f} MB, median "

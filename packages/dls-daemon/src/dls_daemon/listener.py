@@ -366,12 +366,10 @@ class Listener(Daemon):
 
     def forget_own_in_child(self) -> None:
         """Drop what belongs to the listener, so that the child is a lock server and nothing else (the
-        table mapping stays: the lock server locks in it)."""
+        table mapping stays: the lock server locks in it). The books of the other lock servers (children,
+        addresses, adopted) are left as they are, never used here: clearing them would write to each entry's
+        reference count, copying into every lock server pages it otherwise shares, more the more clients."""
         self._close_sockets()
-        self.children.clear()
-        self.adopted.clear()
-        self.addresses.clear()
-        self.per_address.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one. One killed by a signal
