@@ -26,6 +26,22 @@ def test_text_and_read_round_trip(tmp_path: Path) -> None:
     assert abs(back.started - record.started) < 1e-6
 
 
+def test_record_of_a_process_whose_command_is_known_is_psutils() -> None:
+    """A forking daemon gives its children's command (theirs is its own): the start time read from /proc without
+    psutil's machinery is psutil's, to the digit, so that ``alive`` (psutil) never takes the child for another."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for pid in (os.getpid(), os.getppid(), child.pid):
+            full = pidfiles.record_of(pid)
+            assert pidfiles.record_of(pid, full.command) == full
+            assert pidfiles.record_of(pid, full.command).alive()
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(psutil.NoSuchProcess):
+        pidfiles.record_of(child.pid, "python")
+
+
 @pytest.mark.parametrize("content", ["", "123\n", "abc\n1.5\n", "12\nnot-a-time\n"])
 def test_read_of_an_incomplete_file_is_none(tmp_path: Path, content: str) -> None:
     path = tmp_path / "x.pid"

@@ -379,7 +379,10 @@ def get_parser() -> argparse.ArgumentParser:
                             f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     start_opts.add_argument("--max-clients", type=_count, default=None, metavar="N",
                             help=f"clients served at once; one more is told so and closed (default "
-                            f"{DEFAULT_MAX_CLIENTS})")
+                            f"{DEFAULT_MAX_CLIENTS}). Each is served by a process of its own: the listener raises its "
+                            "descriptor limit to the hard limit at start and logs how many clients the host has "
+                            "room for, with a warning naming each limit below N (processes, kernel.pid_max, "
+                            "memory, the table's locks) and how to raise it")
     start_opts.add_argument("--max-locks", type=_count, default=None, metavar="N",
                             help=f"locks one client may hold and wait for (default: 1/{TABLE_SHARE} of the table's "
                             f"lock slots, at least {MIN_TABLE_SHARE}, so that no client fills it; without a table "

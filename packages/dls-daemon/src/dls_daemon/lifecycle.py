@@ -21,6 +21,7 @@ signal is let through, and never returns into the daemon's loop.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -221,6 +222,9 @@ class Daemon:
 
     def _child_life(self, what: str, blocked: tuple[int, ...], child: Callable[[], int]) -> NoReturn:
         """The whole life of a forked child: it never returns into the daemon's loop."""
+        # What the child inherits is shared with the parent until either writes to it: a collection of the oldest
+        # generation would write to every object there, copying the whole heap into each lock server.
+        gc.freeze()
         status: int = ExitCode.CRASHED
         try:
             self.forget_in_child()

@@ -22,6 +22,10 @@ nothing, not even which protocol is spoken here), and logged; the log's rate
 limit keeps a flood of them from filling the disk, which is also why those
 lines name the address without the port.
 
+How many clients the host has room for is a matter of processes and memory, not of the listener's
+descriptors (it keeps none per client): at start it raises its descriptor limit and logs that room, with a
+warning for each limit below ``--max-clients`` (``capacity``).
+
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
 it after the listener has gone. The listener writes it right after the fork
 and removes it when it reaps the child, the child writes it again when it
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING
 from dls_proto import Error, ErrorCode, encode
 from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles, trusted
 
-from . import client_info, lockserver
+from . import capacity, client_info, lockserver
 from . import log as daemon_log
 from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
@@ -55,7 +59,9 @@ from .tls import TlsSetupError
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
-BACKLOG = 128
+#: Connections the kernel queues before the listener accepts them (capped by net.core.somaxconn): a burst of
+#: clients (every application server restarting at once) waits here rather than retrying its SYN a second later.
+BACKLOG = 4096
 #: Seconds to wait after accept fails for want of resources.
 ACCEPT_PAUSE = 0.1
 #: A refused client gets this long to read its Error before the connection is dropped.
@@ -124,6 +130,8 @@ class Listener(Daemon):
         self.per_address: Counter[str] = Counter()
         #: Refused connections, given a moment to read their Error: socket -> when to drop it.
         self.lingering: dict[socket.socket, float] = {}
+        #: This process's command name, which its lock servers inherit (their pid files name it).
+        self.command = ""
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -171,6 +179,7 @@ class Listener(Daemon):
             tls=tls_context,
         )
         self.instance.servers_dir.mkdir(parents=True, exist_ok=True)
+        self.command = pidfiles.record_of(os.getpid()).command
         self.adopted = [r for r in map(pidfiles.read, self.instance.servers_dir.glob("*.pid"))
                         if r is not None and r.alive()]
         self.log.info(
@@ -182,6 +191,10 @@ class Listener(Daemon):
             f"; {len(self.adopted)} lock server(s) of an earlier listener still serving" if self.adopted else "",
             _tls_note(settings),
         )
+        room = capacity.room(limits.max_clients, self.table.geometry.locks if self.table is not None else None)
+        self.log.info("this host: %s", "; ".join(room.notes))
+        for warning in room.warnings:
+            self.log.warning(warning)
         if settings.allow:
             self.log.info("clients accepted from %s only; the lock snapshot served to %s",
                           ", ".join(map(str, settings.allow)), ", ".join(map(str, settings.admin_allow)))
@@ -334,7 +347,7 @@ class Listener(Daemon):
         self.addresses[pid] = peer[0]
         self.per_address[peer[0]] += 1
         try:
-            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid))
+            pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid, self.command))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
@@ -344,20 +357,19 @@ class Listener(Daemon):
         daemon_log.set_role("server")
         pid_path = self.instance.server_pid_file(os.getpid())
         try:
-            pidfiles.write(pid_path, pidfiles.record_of(os.getpid()))
+            record = pidfiles.record_of(os.getpid(), self.command)
+            pidfiles.write(pid_path, record)
             assert self.ctx is not None
-            return lockserver.serve(conn, peer, self.ctx)
+            return lockserver.serve(conn, peer, self.ctx, record)
         finally:
             pidfiles.remove(pid_path)
 
     def forget_own_in_child(self) -> None:
         """Drop what belongs to the listener, so that the child is a lock server and nothing else (the
-        table mapping stays: the lock server locks in it)."""
+        table mapping stays: the lock server locks in it). The books of the other lock servers (children,
+        addresses, adopted) are left as they are, never used here: clearing them would write to each entry's
+        reference count, copying into every lock server pages it otherwise shares, more the more clients."""
         self._close_sockets()
-        self.children.clear()
-        self.adopted.clear()
-        self.addresses.clear()
-        self.per_address.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one. One killed by a signal

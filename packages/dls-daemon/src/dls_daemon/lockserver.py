@@ -230,7 +230,8 @@ class LockServer:
     requests.
     """
 
-    def __init__(self, sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], ctx: ServerContext,
+                 record: PidRecord | None = None) -> None:
         self.sock = sock
         self.peer = peer
         self.ctx = ctx
@@ -248,8 +249,9 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
-        #: This lock server's pid and start time, named in its client's document (found on its first InfoPut).
-        self._record: PidRecord | None = None
+        #: This lock server's pid and start time, named in its client's document (its pid file's, else found on its
+        #: first InfoPut).
+        self._record = record
         self.stats = Stats()
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
@@ -909,10 +911,11 @@ def _stop(signum: int, _frame: object) -> None:
     raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
 
-def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> int:
+def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext, record: PidRecord | None = None) -> int:
     """Serve one client connection until it goes away; release its locks; return an exit status.
 
-    SIGTERM ends the conversation: the handler raises in the main loop, whose
+    ``record`` is this process's pid record (its pid file's), when the caller has it. SIGTERM ends the
+    conversation: the handler raises in the main loop, whose
     ``finally`` keeps the client's locks for it to reclaim (the service is
     stopping or restarting; the client is not gone).
     """
@@ -920,4 +923,4 @@ def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext) -> int
     # A hang-up meant for the monitor or listener (log rotation, a closed terminal) must not end a client's
     # conversation; the log file is followed without it (a WatchedFileHandler).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    return LockServer(sock, (peer[0], peer[1]), ctx).run()
+    return LockServer(sock, (peer[0], peer[1]), ctx, record).run()

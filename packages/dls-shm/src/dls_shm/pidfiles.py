@@ -48,6 +48,8 @@ from . import trusted
 SAME_START = 0.05
 #: struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid) with its padding.
 _FLOCK = struct.Struct("hhqqi4x")
+#: The unit of /proc/PID/stat's start time.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,30 @@ class PidRecord:
         return f"{self.pid}\n{self.started:.6f}\n{self.command}\n"
 
 
-def record_of(pid: int) -> PidRecord:
-    """The record of a running process (``os.getpid()`` for this one)."""
-    proc = psutil.Process(pid)
-    return PidRecord(pid, proc.create_time(), proc.name())
+def record_of(pid: int, command: str | None = None) -> PidRecord:
+    """The record of a running process (``os.getpid()`` for this one).
+
+    A caller that knows the process's command (a forked child runs its parent's) gives it: the start time
+    is then read from ``/proc/PID/stat`` as psutil reads it, without psutil's machinery, which a listener
+    forking a lock server per client would otherwise run for each: every object it touches is a page the
+    lock server cannot share (see dls_daemon.listener).
+    """
+    if command is None:
+        proc = psutil.Process(pid)
+        return PidRecord(pid, proc.create_time(), proc.name())
+    return PidRecord(pid, _start_time(pid), command)
+
+
+def _start_time(pid: int) -> float:
+    """psutil's ``Process(pid).create_time()``: the start field of /proc/PID/stat (clock ticks since boot, the 20th
+    field after the command's closing parenthesis) plus the boot time; psutil.NoSuchProcess when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    ticks = int(data[data.rfind(b")") + 2:].split()[19])
+    return ticks / _CLOCK_TICKS + psutil.boot_time()
 
 
 def read(path: Path) -> PidRecord | None:
