@@ -450,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(str(exc))
         keeper.abandon()
         return int(args.conflict_exit_code)
+    except ConfigurationError as exc:  # found only when the services answered (SERVER2 naming SERVER's)
+        _tell(str(exc))
+        keeper.abandon()
+        return exitcodes.CONFIG
     except DlsError as exc:  # the service cannot be reached or was lost, or refused the request
         _tell(str(exc))
         keeper.abandon()

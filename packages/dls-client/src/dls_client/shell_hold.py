@@ -64,7 +64,7 @@ from dls_proto import Mode
 from . import exitcodes
 from .client import Client
 from .config import Config
-from .errors import DlsError, Holder, LockLost, LockRefused
+from .errors import ConfigurationError, DlsError, Holder, LockLost, LockRefused
 from .kept_connections import KeptConnections
 from .lease import Lease, Renewal, Watch, boottime, ran_out_message
 from .locks import FileRef
@@ -487,6 +487,9 @@ def _holding(request: HoldRequest, config: Config, shell: int, shell_fd: int, se
             if request.say:
                 request.say(str(exc))
             return _report(outcome, request.conflict)
+        except ConfigurationError as exc:  # found only when the services answered (SERVER2 naming SERVER's)
+            _tell(str(exc))
+            return _report(outcome, exitcodes.CONFIG)
         except DlsError as exc:
             _tell(str(exc))
             return _report(outcome, exitcodes.UNAVAILABLE)
