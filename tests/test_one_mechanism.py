@@ -459,3 +459,28 @@ def test_a_monitor_starting_while_a_local_process_takes_os_locks_never_gives_two
     assert outcomes.count("started") >= 2 and "refused" in outcomes, (outcomes, counts)
     # Started, the monitor's table was followed: the local process locked there, and with OS locks between.
     assert counts["table"] > 0 and counts["oslocks"] > 0, (outcomes, counts)
+
+
+def test_a_listener_without_a_table_refuses_while_lock_servers_lock_in_a_removed_table(
+        svc: Service, agents: list[Agent], data: Path) -> None:
+    """-ib, remote holder; -kD, -kA, -K -o (its lock server still maps the removed table and holds the lock
+    there); -ibD refused like -ib, naming that lock server and what to do (audit i12b F8: it used to start
+    and grant the record again); -k as it says: the holder is told; then -ibD starts."""
+    started(svc, "-ib")
+    remote = agent(agents, svc, "remote", data)
+    assert remote.ask(f"lock {KEY}") == "held remote"
+    (server,) = svc.server_pids()
+    started(svc, "-kD")
+    started(svc, "-kA")
+    started(svc, "-K", "-o")
+    assert f"lock servers (pid {server}) still lock in a lock table removed under them" in refused(svc, "-ib")
+    assert refused(svc, "-ibD") == (
+        f"jdls: lock servers (pid {server}) still lock in a lock table removed under them (jdls -K -o): their "
+        "clients hold locks there that OS file locks would grant again, a second mechanism beside them: stop them "
+        "(jdls -k: their clients are told their locks are lost), then start the listener again")
+    assert svc.pid("listener") is None
+    started(svc, "-k")
+    assert svc.server_pids() == set()
+    assert "OS file locks" in started(svc, "-ibD")
+    second = agent(agents, svc, "remote", data)
+    assert second.ask(f"lock {KEY}") == "held remote"

@@ -92,9 +92,12 @@ examples:
   Here it removes the lock table even while lock servers (left by jdls -kD, or serving
   after a crash) or other processes have it attached. They are named first; they keep
   their mapping but get errors on their next lock, and new processes no longer see the
-  table. It never removes the table while the monitor or the listener runs, -o or not:
-  stop them first (jdls -k, or -kA and -kD). Meant for an operator clearing up after a
-  crash.
+  table. A lock they hold stays held in the removed table, and its holder, which makes no
+  further request, is not told: it learns that its lock is lost only when its lock server
+  stops (jdls -k). Until then jdls -ib and jdls -ibD refuse (they name those lock servers),
+  so that no new mechanism grants those records again. It never removes the table while the
+  monitor or the listener runs, -o or not: stop them first (jdls -k, or -kA and -kD). Meant
+  for an operator clearing up after a crash.
 
 --lock-delay S: a lock that a remote client holds is not freed when its lock server ends
   while the client may still live (the lock server killed, jdls -k, the client's host gone
@@ -115,7 +118,9 @@ One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS f
   serve the instance: while the listener runs without a table, while lock servers run
   without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
   say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
-  and exits 1, having started nothing. Local processes that hold no OS lock follow a table
+  and exits 1, having started nothing. A listener that finds no table (-ibD) refuses the
+  same way while lock servers still lock in a table removed under them (jdls -K -o).
+  Local processes that hold no OS lock follow a table
   made later. Binary locks are outside this rule (a namespace of their own, OS file locks for
   every client). A record has one holder: a client with JDLS OSLOCKS has its record locks taken
   as OS file locks only where there is no table; beside one the table serves them like every
