@@ -364,8 +364,9 @@ def get_parser() -> argparse.ArgumentParser:
                             help="tidy period in seconds, overriding -t (for tests and tuning)")
     start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of records are kept without a table; a monitor that "
-                            f"would make a table refuses while one is held there (default "
-                            f"${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
+                            f"would make a table refuses while one is held there; the listener records it in "
+                            f"run/lock-dir, where local processes lock too, whatever their ${environment.LOCK_DIR} "
+                            f"(default ${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
