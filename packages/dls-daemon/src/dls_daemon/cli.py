@@ -45,7 +45,7 @@ from .context import (
 from .display import DISPLAY_HELP, display
 from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
-from .start import start
+from .start import os_problem, start
 from .stop import remove_ipc, stop_roles
 from .tls import TlsSetupError
 
@@ -620,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
             return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
         except trusted.Untrusted as exc:
             print(f"jdls: {exc}: refused", file=sys.stderr)
+            return ExitCode.FAILED
+        except OSError as exc:  # another user's instance (jdls -k as nobody): one line, not a traceback
+            print(f"jdls: {os_problem(exc, instance.root)}", file=sys.stderr)
             return ExitCode.FAILED
     try:
         return display(instance, verbose=args.verbose, locks=args.locks)
