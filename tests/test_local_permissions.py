@@ -238,8 +238,10 @@ def test_a_local_stranger_on_loopback_is_not_shown_the_lock_snapshot(grouped: Se
 
     code, output = as_user(stranger)
     assert code != 0 and code != 99, output
-    assert "not permitted from this address" in output, output
-    grouped.wait_for_log(r"asked for the lock snapshot, refused")
+    # The rule that refused it, not the address (audit i12b F7d: "not permitted from this address").
+    assert ("not permitted: a local user must be an operator: the service's user, root, or a member of the "
+            "service's group") in output, output
+    grouped.wait_for_log(r"asked for the lock snapshot, refused: a local user must be an operator")
     assert show_item_locks.main(["--server", server]) == 0  # root (the service's user here) is shown it
 
 

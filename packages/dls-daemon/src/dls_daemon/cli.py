@@ -132,8 +132,9 @@ Who may connect (the listener): with --allow only those networks connect; a conn
   port may connect, as with jDLS, and the log says so at start: give --allow on any network you do not
   trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot (every
   lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
-  to --admin-allow only (default this host). On a -P table a client port belongs to the one
-  connection that claimed it while that connection lives. Each address may have
+  to --admin-allow only (default this host); from loopback, which every local user connects from, only to
+  an operator: the service's user, root, or a member of the service's group (others are told so).
+  On a -P table a client port belongs to the one connection that claimed it while that connection lives. Each address may have
   --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
   peer is told a code and a short reason when refused; the log has the rest.
 
@@ -213,7 +214,10 @@ _minutes = _number(numerals.real, "tidy period (minutes)", 1 / 60, MAX_SECONDS /
                    "a day)")
 _seconds = _number(numerals.integer, "tidy period (seconds)", 1, int(MAX_SECONDS))
 _timeout = _number(numerals.real, "timeout (seconds)", 0.001, MAX_SECONDS)
-_port = _number(numerals.integer, "port", 0, 65535)
+#: Port 0 is refused, also for a listener: the system would choose one that jdls -d never shows and that
+#: no client's JDLS or JDLS_PORT could name, and -C cannot connect to it.
+_port = _number(numerals.integer, "port", 1, 65535,
+                bounds="1 to 65535 (0, a port of the system's choosing, is refused: clients must know it)")
 _frame = _number(numerals.integer, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
 _count = _number(numerals.integer, "count", 1)
 _bound = _number(numerals.real, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
@@ -354,8 +358,9 @@ def get_parser() -> argparse.ArgumentParser:
                             help="time-stamp every lock: -dL then shows each lock's age (set when the table is "
                             "created)")
     start_opts.add_argument("--port", type=_port, default=None,
-                            help=f"TCP port to listen on, with -C to connect to (default ${PORT_VARIABLE}, "
-                            f"else {DEFAULT_PORT})")
+                            help=f"TCP port to listen on, with -C to connect to, 1 to 65535 (default "
+                            f"${PORT_VARIABLE}, else {DEFAULT_PORT}); 0 is refused: a port of the system's "
+                            "choosing would be one no client knows")
     start_opts.add_argument("--bind", metavar="ADDR", default=None, type=_host_name,
                             help=f"address to listen on (default {DEFAULT_BIND})")
     start_opts.add_argument("--foreground", action="store_true",
