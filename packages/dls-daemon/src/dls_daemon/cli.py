@@ -134,8 +134,8 @@ Who may connect (the listener): with --allow only those networks connect; a conn
   lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
   to --admin-allow only (default this host); from loopback, which every local user connects from, only to
   an operator: the service's user, root, or a member of the service's group (others are told so).
-  On a -P table a client port belongs to the one connection that claimed it while that connection lives. Each address may have
-  --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
+  On a -P table a client port belongs to the one connection that claimed it while that connection
+  lives. Each address may have --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
   peer is told a code and a short reason when refused; the log has the rest.
 
 -C teststring: tests the client configuration of this host as dls-test does (the same code):
