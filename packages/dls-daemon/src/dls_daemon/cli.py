@@ -114,29 +114,29 @@ examples:
   can the binary locks (JDLS BINARY: OS file locks in --binary-lock-dir) beside one. A record
   lock of a client with JDLS OSLOCKS is a table lock beside a table, kept like the others.
 
-One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
-  serve the instance: while the listener runs without a table, while lock servers run
-  without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
-  say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
-  and exits 1, having started nothing. A listener that finds no table (-ibD) refuses the
-  same way while lock servers still lock in a table removed under them (jdls -K -o).
-  Local processes that hold no OS lock follow a table
-  made later. Binary locks are outside this rule (a namespace of their own, OS file locks for
-  every client). A record has one holder: a client with JDLS OSLOCKS has its record locks taken
-  as OS file locks only where there is no table; beside one the table serves them like every
-  other record lock, so that it and the clients without OSLOCKS exclude each other (the lock
-  server's log says so once per connection).
+One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks serve
+  the instance: while the listener runs without a table, while lock servers run without one
+  (left by -kD), or while an OS lock is held in --lock-dir (by a local process, say). It names
+  them and what to do (jdls -k, then jdls -ib; or have the holders release) and exits 1, having
+  started nothing. A listener that finds no table (-ibD) refuses the same way while lock
+  servers still lock in a table removed under them (jdls -K -o). Local processes that hold no
+  OS lock follow a table made later. Binary locks are outside this rule (a namespace of their
+  own, OS file locks for every client). A record has one holder: a client with JDLS OSLOCKS has
+  its record locks taken as OS file locks only where there is no table; beside one the table
+  serves them like every other record lock, so that it and the clients without OSLOCKS exclude
+  each other (the lock server's log says so once per connection).
 
 Who may connect (the listener): with --allow only those networks connect; a connection from
   elsewhere is closed at accept, unanswered, and logged. Without --allow anyone who can reach the
-  port may connect, as with jDLS, and the log says so at start: give --allow on any network you do not
-  trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot (every
-  lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
-  to --admin-allow only (default this host); from loopback, which every local user connects from, only to
-  an operator: the service's user, root, or a member of the service's group (others are told so).
-  On a -P table a client port belongs to the one connection that claimed it while that connection
-  lives. Each address may have --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
-  peer is told a code and a short reason when refused; the log has the rest.
+  port may connect, as with jDLS, and the log says so at start: give --allow on any network you do
+  not trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot
+  (every lock and client, as remote show-item-locks and list-open-files read it) and the server's
+  host name go to --admin-allow only (default this host); from loopback, which every local user
+  connects from, only to an operator: the service's user, root, or a member of the service's group
+  (others are told so). On a -P table a client port belongs to the one connection that claimed it
+  while that connection lives. Each address may have --max-per-address connections; each client
+  --max-locks locks (default a quarter of the table). A peer is told a code and a short reason when
+  refused; the log has the rest.
 
 -C teststring: tests the client configuration of this host as dls-test does (the same code):
   ${jdls.VARIABLE} and JBCPORTNO are read as every client reads them, and a value a client refuses
