@@ -70,6 +70,11 @@ every process the command started is killed (SIGKILL) at once: dls-lock runs as
 two processes, the one started, which holds the lock, and its keeper (ps shows
 it as "dls-lock keeper"), which runs the command and kills what is left when
 the first is gone. Only killing both at once leaves processes running.
+Killing the keeper alone kills the command with it (SIGKILL, tied to the
+keeper's death), and dls-lock then exits 137 as when the command is killed by
+SIGKILL, without a word: the command's status is all it has. Stopping the
+keeper (SIGSTOP) and killing dls-lock leaves the command running until the
+keeper is continued, and the lock is freed meanwhile: do not stop the keeper.
 
 If dls-lock is stopped (SIGSTOP, a debugger, a frozen process) it can no
 longer hear that its lock is lost, so it renews a lease with its keeper twice

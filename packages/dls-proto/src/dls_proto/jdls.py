@@ -106,7 +106,10 @@ OPTIONS = (
     Option("TRACE", "file", "none", "The trace information of VERBOSE appended to this file instead of standard "
            "error (overrides VERBOSE), one whole line per write. The file is not opened through a symbolic link, "
            "must be a regular file with one link that others cannot write, and is made mode 0640 whatever the "
-           "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
+           "umask; its owner is not checked: a file another user made (in a directory that user controls) is "
+           "appended to when this process may write it, and that user can read the trace, so keep traces in "
+           "a directory of your own; when it cannot be opened, the client says so once on standard error, "
+           "naming the file and why, "
            "and traces to standard error instead."),
     Option("EXIT", "", "not set",
            "dls's own (the guide has no such option): a process that can reach no lock service any more writes "
