@@ -67,7 +67,7 @@ def refusal(instance: Instance, lock_dir: Path) -> str | None:
         return (f"the {listener} runs without a lock table: it serves the instance with OS file locks, and a "
                 f"table now would be a second mechanism beside them: {WHAT_TO_DO}")
     servers = running_servers(instance, tidy=False)
-    on_removed = _on_a_table(servers)
+    on_removed = [s.pid for s in servers if maps_a_table(s.pid)]  # refused either way: only the words differ
     if on_removed:
         return (f"lock servers (pid {_pids(on_removed)}) still lock in a lock table removed under them (jdls -K -o): "
                 f"a new table now would be a second mechanism beside it: {WHAT_TO_DO}")
