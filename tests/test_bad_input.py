@@ -104,6 +104,19 @@ def test_a_host_on_the_command_line_is_checked_as_jdls_checks_it(env: dict[str, 
     assert "Traceback" not in done.stderr
 
 
+PORT_ZERO = ("invalid port '0': expected 1 to 65535 (0, a port of the system's choosing, is refused: clients must "
+             "know it)")
+
+
+@pytest.mark.parametrize("argv", [["jdls", "-Cx", "--port", "0"], ["jdls", "-ibD", "--port", "0"]], ids=" ".join)
+def test_port_0_is_a_usage_error_naming_the_option(env: dict[str, str], argv: list[str]) -> None:
+    """Audit i12b F7a/b: -C tried to connect to port 0; -ibD listened on a port of the system's choosing that
+    jdls -d never showed. Both are refused at once, nothing started."""
+    done = run(argv, {**env, "JDLS": "SERVER=localhost,47999"})
+    assert done.returncode == 2 and f"jdls: error: argument --port: {PORT_ZERO}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 # -- record keys and file names (a running service: they reach the wire) ------------------------------------
 
 

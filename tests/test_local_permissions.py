@@ -238,6 +238,25 @@ def test_a_local_stranger_on_loopback_is_not_shown_the_lock_snapshot(grouped: Se
 
     code, output = as_user(stranger)
     assert code != 0 and code != 99, output
-    assert "not permitted from this address" in output, output
-    grouped.wait_for_log(r"asked for the lock snapshot, refused")
+    # The rule that refused it, not the address (audit i12b F7d: "not permitted from this address").
+    assert ("not permitted: a local user must be an operator: the service's user, root, or a member of the "
+            "service's group") in output, output
+    grouped.wait_for_log(r"asked for the lock snapshot, refused: a local user must be an operator")
     assert show_item_locks.main(["--server", server]) == 0  # root (the service's user here) is shown it
+
+
+@pytest.mark.parametrize("action", ["-k", "-K"])
+def test_a_user_who_cannot_enter_the_instance_is_told_in_one_line(grouped: Service, action: str) -> None:
+    """``jdls -k`` / ``-K`` by a user outside the service's group: one line naming the directory and the
+    permission problem, exit 1 (audit i12b F5: a PermissionError traceback); the service runs on."""
+    from dls_daemon import cli
+
+    os.environ["JBCRELEASEDIR"] = str(grouped.root)  # the child's instance (the fixture restores it)
+    code, output = as_user(lambda: cli.main([action]))
+    assert code == 1, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in output, output
+    assert lines[0].startswith(f"jdls: {grouped.root}/") and ": permission denied: this user may not use the " \
+        f"instance directory {grouped.root} (run jdls as the service's user, or as a member of its group)" \
+        in lines[0], lines[0]
+    assert grouped.pid("listener") is not None

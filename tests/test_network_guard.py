@@ -122,9 +122,11 @@ def test_the_lock_snapshot_and_host_name_go_to_admin_addresses_only(svc: Service
     conn, welcome = greet(sock)
     assert welcome.server_host == ""
     refused = ask(sock, conn, InfoGet(2, 0), Error)
-    assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "not permitted from this address")
+    assert (refused.code, refused.reason) == (
+        ErrorCode.FORBIDDEN, "not permitted: this address is not in the service's --admin-allow")
     assert isinstance(ask(sock, conn, Echo(3, b"still here"), EchoReply), EchoReply)
-    svc.wait_for_log(r"127\.0\.0\.1:\d+ \(port 4242, pid \d+\) asked for the lock snapshot, refused")
+    svc.wait_for_log(r"127\.0\.0\.1:\d+ \(port 4242, pid \d+\) asked for the lock snapshot, refused: this address "
+                     r"is not in")
     admin = connect(svc, "127.0.0.3")
     conn, welcome = greet(admin, 4243)
     assert welcome.server_host == socket.gethostname()

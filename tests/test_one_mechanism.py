@@ -108,8 +108,8 @@ RACE_ROUNDS = 20
 class Agent:
     """A client process of the test (see AGENT); ``ask`` sends a command and returns its one-line answer."""
 
-    def __init__(self, svc: Service, kind: str, data: Path, *extra: str) -> None:
-        env = dict(svc.env)
+    def __init__(self, svc: Service, kind: str, data: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        env = dict(svc.env) if env is None else env
         self.proc = subprocess.Popen([sys.executable, "-c", AGENT, kind, str(data), *extra], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.pid = self.proc.pid
@@ -162,8 +162,9 @@ def data(tmp_path: Path) -> Path:
     return path
 
 
-def agent(made: list[Agent], svc: Service, kind: str, data: Path, *extra: str) -> Agent:
-    made.append(Agent(svc, kind, data, *extra))
+def agent(made: list[Agent], svc: Service, kind: str, data: Path, *extra: str,
+          env: dict[str, str] | None = None) -> Agent:
+    made.append(Agent(svc, kind, data, *extra, env=env))
     return made[-1]
 
 
@@ -459,3 +460,68 @@ def test_a_monitor_starting_while_a_local_process_takes_os_locks_never_gives_two
     assert outcomes.count("started") >= 2 and "refused" in outcomes, (outcomes, counts)
     # Started, the monitor's table was followed: the local process locked there, and with OS locks between.
     assert counts["table"] > 0 and counts["oslocks"] > 0, (outcomes, counts)
+
+
+def test_a_listener_without_a_table_refuses_while_lock_servers_lock_in_a_removed_table(
+        svc: Service, agents: list[Agent], data: Path) -> None:
+    """-ib, remote holder; -kD, -kA, -K -o (its lock server still maps the removed table and holds the lock
+    there); -ibD refused like -ib, naming that lock server and what to do (audit i12b F8: it used to start
+    and grant the record again); -k as it says: the holder is told; then -ibD starts."""
+    started(svc, "-ib")
+    remote = agent(agents, svc, "remote", data)
+    assert remote.ask(f"lock {KEY}") == "held remote"
+    (server,) = svc.server_pids()
+    started(svc, "-kD")
+    started(svc, "-kA")
+    started(svc, "-K", "-o")
+    assert f"lock servers (pid {server}) still lock in a lock table removed under them" in refused(svc, "-ib")
+    assert refused(svc, "-ibD") == (
+        f"jdls: lock servers (pid {server}) still lock in a lock table removed under them (jdls -K -o): their "
+        "clients hold locks there that OS file locks would grant again, a second mechanism beside them: stop them "
+        "(jdls -k: their clients are told their locks are lost), then start the listener again")
+    assert svc.pid("listener") is None
+    started(svc, "-k")
+    assert svc.server_pids() == set()
+    assert "OS file locks" in started(svc, "-ibD")
+    second = agent(agents, svc, "remote", data)
+    assert second.ask(f"lock {KEY}") == "held remote"
+
+
+def test_a_local_process_locks_in_the_lock_directory_the_listener_recorded(
+        svc: Service, agents: list[Agent], data: Path, tmp_path: Path) -> None:
+    """-ibD --lock-dir D, a remote holder: a local process excludes it, and is excluded, whether its
+    JDLS_LOCK_DIR names another directory (the record wins: said once in the error trace) or is unset
+    (audit i12b F12: both locked in their own directory and were granted the record beside the holder)."""
+    recorded = tmp_path / "service-locks"
+    assert "OS file locks" in started(svc, "-ibD", "--lock-dir", str(recorded))
+    remote = agent(agents, svc, "remote", data)
+    assert remote.ask(f"lock {KEY}") == "held remote"
+    (server,) = svc.server_pids()
+    disagreeing = agent(agents, svc, "local", data)  # JDLS_LOCK_DIR is the service's default, not D
+    exclusive(remote, disagreeing, server)
+    unset = agent(agents, svc, "local", data, env={k: v for k, v in svc.env.items() if k != "JDLS_LOCK_DIR"})
+    exclusive(remote, unset, server)
+    assert remote.ask(f"release {KEY}") == "released"
+    assert unset.ask(f"lock {KEY}") == "held oslocks"
+    assert not svc.lock_dir.exists()  # nobody locked in the directory JDLS_LOCK_DIR names
+    exclusive(unset, remote, unset.pid)
+    said = [line for line in (svc.root / "tmp" / "jbase_error_trace").read_text().splitlines()
+            if "disagrees with the lock directory" in line]
+    assert len(said) == 1 and f"locking in {recorded}," in said[0], said
+
+
+def test_a_local_process_refuses_a_recorded_lock_directory_not_to_be_trusted(
+        svc: Service, data: Path, tmp_path: Path) -> None:
+    """The listener's record names a symbolic link: a local process refuses it (ConfigurationError naming
+    it), rather than lock there or in a directory of its own."""
+    started(svc, "-ibD")
+    started(svc, "-k")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    (svc.root / "run" / "lock-dir").write_text(f"{link}\n")
+    result = subprocess.run([sys.executable, "-c", "from dls_client import LocalClient; LocalClient()"],
+                            env=svc.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "dls_client.errors.ConfigurationError: local direct locking: the lock directory the listener recorded in "
+        f"{svc.root / 'run' / 'lock-dir'} is not to be trusted: {link}: is a symbolic link")

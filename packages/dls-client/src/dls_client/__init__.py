@@ -89,8 +89,9 @@ def get_client() -> Client | LocalClient:
 
     With JDLS unset and dls-shm installed (``dls-client[local]``), a LocalClient
     locking directly on this host (shown as 0.0.0.0): in the instance's table when
-    it exists, else as OS file locks in $JDLS_LOCK_DIR (default /tmp/jbase), as a
-    lock service without a table does. Otherwise a Client through the listener
+    it exists, else as OS file locks where the lock servers take them: the
+    directory the instance's listener recorded (run/lock-dir), else
+    $JDLS_LOCK_DIR (default /tmp/jbase), as a lock service without a table does. Otherwise a Client through the listener
     JDLS names.
     """
     global _process_client, _process_pid

@@ -6,7 +6,8 @@ optional (``dls-client[local]``): without it the import below fails quietly,
 
 A LocalClient locks through the same mechanism as the instance's lock
 servers (one mechanism per instance): the table when the monitor made one,
-else OS file locks in the lock server's record lock directory (JDLS_LOCK_DIR).
+else OS file locks in the lock servers' record lock directory (the one the
+listener recorded, else JDLS_LOCK_DIR).
 It follows a table made later: its OS locks are dls-shm's OsLocks made with
 the instance's table key, which refuse (TableServes) once a table exists, and
 a client that then holds no OS lock switches to the table and asks again; one
@@ -87,6 +88,40 @@ def _instance() -> dls_shm.Instance:
         raise ConfigurationError(str(exc)) from None
 
 
+#: Said once per process: JDLS_LOCK_DIR names another directory than the instance's listener recorded.
+_disagreement_told = threading.Lock()
+
+
+def _lock_dir_of(instance: dls_shm.Instance | None) -> Path:
+    """Where this process takes OS record locks: the directory the instance's listener recorded in
+    run/lock-dir (the service's --lock-dir, where its lock servers lock for remote clients), else
+    JDLS_LOCK_DIR, else /tmp/jbase.
+
+    The record wins over JDLS_LOCK_DIR: a local process locking elsewhere than the lock servers would hold
+    a record that they grant again (two holders). A disagreement is written once to the error trace. A
+    record that is not to be trusted (a symbolic link, not a directory, owned by another user than root,
+    this user or the service's, writable by others) is a ConfigurationError: locking anywhere else would
+    not exclude the service's clients.
+    """
+    assert instance is not None  # OS locks only for a known instance
+    try:
+        recorded = instance.trusted_lock_dir()
+    except dls_shm.trusted.Untrusted as exc:
+        raise ConfigurationError(
+            f"local direct locking: the lock directory the listener recorded in {instance.lock_dir_file} is not "
+            f"to be trusted: {exc}") from None
+    chosen = environment.lock_dir()
+    if recorded is None:
+        return chosen
+    if os.environ.get(environment.LOCK_DIR) and os.path.abspath(chosen) != os.fspath(recorded) \
+            and _disagreement_told.acquire(blocking=False):
+        Tracer(Config()).error(  # the instance's error trace, where an operator looks
+            f"LocalClient: {environment.LOCK_DIR}={chosen} disagrees with the lock directory the instance's "
+            f"listener recorded ({recorded}, in {instance.lock_dir_file}): locking in {recorded}, as its lock "
+            "servers do")
+    return recorded
+
+
 def local_mechanism() -> Literal["table", "oslocks"] | None:
     """How a ``LocalClient()`` made now would lock: in the instance's table, with OS file locks, or
     None when it cannot (dls-shm is not installed)."""
@@ -104,8 +139,11 @@ class LocalClient(BaseClient):
     """Record locks taken directly on this host (needs ``dls-client[local]``), with the calls of Client.
 
     ``key`` names a table to use (it must exist); without it the instance's
-    table when it exists, else OS file locks in ``lock_dir`` (default
-    JDLS_LOCK_DIR, else /tmp/jbase). Threads may share one. Binary and execution
+    table when it exists, else OS file locks in ``lock_dir``: by default the
+    directory the instance's listener recorded (its --lock-dir, in
+    $JBCRELEASEDIR/run/lock-dir), which wins over JDLS_LOCK_DIR (a disagreement
+    is written once to the error trace), else JDLS_LOCK_DIR, else /tmp/jbase.
+    Threads may share one. Binary and execution
     locks are OS file locks on this host, as for a Client without JDLS BINARY.
     """
 
@@ -139,7 +177,7 @@ class LocalClient(BaseClient):
             except dls_shm.TableError as exc:
                 raise ServiceUnavailable(f"local direct locking: {exc}") from None
         else:
-            self.lock_dir = Path(lock_dir) if lock_dir is not None else environment.lock_dir()
+            self.lock_dir = Path(lock_dir) if lock_dir is not None else _lock_dir_of(instance)
             self.locks = self._oslocks = self._new_oslocks()
         self._port = (os.getpid(), port_number())
         #: Each thread's Owner (see _owner).

@@ -51,8 +51,9 @@ class Events(NamedTuple):
     connected: Callable[[Channel], None]
     #: These locks were just marked lost: forget them, and run their callbacks.
     lost: Callable[[list[HeldLock]], None]
-    #: No lock service can be reached any more (each was lost, and the attempt to reach it again failed): why.
-    #: Told once; the client may wrap up (JDLS EXIT).
+    #: No lock service can be reached any more (each was lost, and the attempts to reach it again failed for
+    #: longer than its locks could be reclaimed, or a lock was lost meanwhile): why. Told once; the client
+    #: may wrap up (JDLS EXIT).
     gone: Callable[[str], None] = lambda _why: None
 
 
@@ -102,6 +103,10 @@ class Route:
         self._closed = False
         #: Why no lock service can be reached any more, to be told (Events.gone); "" once told, None before.
         self._gone: str | None = None
+        #: Every service lost and none reached again: why, and until when (time.monotonic()) the services
+        #: keep this client's locks for it to reclaim (``_unreachable_until``); None while one answers. A
+        #: restart of the service (jdls -k, jdls -ib) within that time is survived: the watcher keeps trying.
+        self._unreachable: tuple[str, float] | None = None
 
     # -- where requests go ------------------------------------------------------------
 
@@ -339,6 +344,7 @@ class Route:
         try:
             for index in range(len(self.links)):
                 self._settle(index, eager=False)
+            self._give_up_when_due()
         finally:
             self._recovery.release()
             self._tell()
@@ -388,8 +394,13 @@ class Route:
         self._unsettled = self._needs_settle()
 
     def _wants_channel(self, index: int, stale: bool) -> bool:
-        """Whether the watcher should try to reach link ``index`` (one server: only to reclaim locks)."""
-        return stale
+        """Whether the watcher should try to reach link ``index`` (one server: to reclaim locks, or to find
+        the service back before JDLS EXIT gives up)."""
+        return stale or self._awaiting_service()
+
+    def _awaiting_service(self) -> bool:
+        """No service can be reached, and giving up (Events.gone) is not yet due: the watcher keeps trying."""
+        return self._unreachable is not None and self._gone is None and not self._closed
 
     def _complete(self, index: int, channel: Channel) -> bool:
         """What else link ``index`` needs once its locks are reclaimed through ``channel``; False if the
@@ -398,7 +409,7 @@ class Route:
 
     def _needs_settle(self) -> bool:
         """Whether the watcher's ticks still have something to do."""
-        return any(self._stale(index) for index in range(len(self.links)))
+        return self._awaiting_service() or any(self._stale(index) for index in range(len(self.links)))
 
     def _stale(self, index: int) -> list[tuple[int, Holding, Hold]]:
         """The locks held on link ``index`` through a channel that is not its live one."""
@@ -475,6 +486,7 @@ class Route:
                              "to be taken again there")
         else:
             self.trace.error(f"Client: lock {holding.what()} lost: {reason}")
+            self._give_up_when_due(lost=True)
 
     def _lose(self, handle: int, holding: Holding, reason: str) -> None:
         """The lock is lost although some service still holds it for this client: marked lost, and kept
@@ -513,14 +525,31 @@ class Route:
                 self._say_unreachable(link, exc, first=first)
             if self._gone is None and any(other.channel is not None for other in self.links) and all(
                     other.live() is None and other.unreachable is not None for other in self.links):
-                self._gone = "; ".join(f"{other.name()}: {other.unreachable}" for other in self.links)
+                why = "; ".join(f"{other.name()}: {other.unreachable}" for other in self.links)
+                self._unreachable = (why, self._unreachable[1] if self._unreachable else self._unreachable_until())
+                self._give_up_when_due()
             raise
         if not first:
             self.trace.error(f"Client: connected again to {link.name()}")
         self._gone = None  # a service answers: a later loss of them all is told again
+        self._unreachable = None
         with self._state:
             self._opened.append(channel)
         return channel
+
+    def _unreachable_until(self) -> float:
+        """Until when (time.monotonic()) a lock held through the lost channels could still be reclaimed: the
+        latest of their reclaim deadlines (lock-delay from the failure, less the dead-server bound)."""
+        return max(reclaim_deadline(link.channel) for link in self.links if link.channel is not None)
+
+    def _give_up_when_due(self, *, lost: bool = False) -> None:
+        """No service can be reached: once no lock of this client could be reclaimed any more (or one was
+        ``lost`` meanwhile), that is told (Events.gone); until then the watcher keeps trying."""
+        if self._unreachable is None or self._gone is not None:
+            return
+        why, until = self._unreachable
+        if lost or time.monotonic() >= until:
+            self._gone = why
 
     def _say_unreachable(self, link: Link, exc: ServiceUnavailable, *, first: bool) -> None:
         """Say, once, that ``link`` cannot be reached (``first``: it never could)."""

@@ -45,7 +45,7 @@ from .context import (
 from .display import DISPLAY_HELP, display
 from .exitcodes import ExitCode
 from .settings import DEFAULT_BIND, DEFAULT_LOCK_DELAY, DEFAULT_STOP_TIMEOUT, DEFAULT_TIDY_MINUTES, Settings
-from .start import start
+from .start import os_problem, start
 from .stop import remove_ipc, stop_roles
 from .tls import TlsSetupError
 
@@ -92,9 +92,12 @@ examples:
   Here it removes the lock table even while lock servers (left by jdls -kD, or serving
   after a crash) or other processes have it attached. They are named first; they keep
   their mapping but get errors on their next lock, and new processes no longer see the
-  table. It never removes the table while the monitor or the listener runs, -o or not:
-  stop them first (jdls -k, or -kA and -kD). Meant for an operator clearing up after a
-  crash.
+  table. A lock they hold stays held in the removed table, and its holder, which makes no
+  further request, is not told: it learns that its lock is lost only when its lock server
+  stops (jdls -k). Until then jdls -ib and jdls -ibD refuse (they name those lock servers),
+  so that no new mechanism grants those records again. It never removes the table while the
+  monitor or the listener runs, -o or not: stop them first (jdls -k, or -kA and -kD). Meant
+  for an operator clearing up after a crash.
 
 --lock-delay S: a lock that a remote client holds is not freed when its lock server ends
   while the client may still live (the lock server killed, jdls -k, the client's host gone
@@ -111,26 +114,29 @@ examples:
   can the binary locks (JDLS BINARY: OS file locks in --binary-lock-dir) beside one. A record
   lock of a client with JDLS OSLOCKS is a table lock beside a table, kept like the others.
 
-One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks
-  serve the instance: while the listener runs without a table, while lock servers run
-  without one (left by -kD), or while an OS lock is held in --lock-dir (by a local process,
-  say). It names them and what to do (jdls -k, then jdls -ib; or have the holders release)
-  and exits 1, having started nothing. Local processes that hold no OS lock follow a table
-  made later. Binary locks are outside this rule (a namespace of their own, OS file locks for
-  every client). A record has one holder: a client with JDLS OSLOCKS has its record locks taken
-  as OS file locks only where there is no table; beside one the table serves them like every
-  other record lock, so that it and the clients without OSLOCKS exclude each other (the lock
-  server's log says so once per connection).
+One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks serve
+  the instance: while the listener runs without a table, while lock servers run without one
+  (left by -kD), or while an OS lock is held in --lock-dir (by a local process, say). It names
+  them and what to do (jdls -k, then jdls -ib; or have the holders release) and exits 1, having
+  started nothing. A listener that finds no table (-ibD) refuses the same way while lock
+  servers still lock in a table removed under them (jdls -K -o). Local processes that hold no
+  OS lock follow a table made later. Binary locks are outside this rule (a namespace of their
+  own, OS file locks for every client). A record has one holder: a client with JDLS OSLOCKS has
+  its record locks taken as OS file locks only where there is no table; beside one the table
+  serves them like every other record lock, so that it and the clients without OSLOCKS exclude
+  each other (the lock server's log says so once per connection).
 
 Who may connect (the listener): with --allow only those networks connect; a connection from
   elsewhere is closed at accept, unanswered, and logged. Without --allow anyone who can reach the
-  port may connect, as with jDLS, and the log says so at start: give --allow on any network you do not
-  trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot (every
-  lock and client, as remote show-item-locks and list-open-files read it) and the server's host name go
-  to --admin-allow only (default this host). On a -P table a client port belongs to the one
-  connection that claimed it while that connection lives. Each address may have
-  --max-per-address connections; each client --max-locks locks (default a quarter of the table). A
-  peer is told a code and a short reason when refused; the log has the rest.
+  port may connect, as with jDLS, and the log says so at start: give --allow on any network you do
+  not trust (loopback is not implied: add 127.0.0.1 when local tools connect). The lock snapshot
+  (every lock and client, as remote show-item-locks and list-open-files read it) and the server's
+  host name go to --admin-allow only (default this host); from loopback, which every local user
+  connects from, only to an operator: the service's user, root, or a member of the service's group
+  (others are told so). On a -P table a client port belongs to the one connection that claimed it
+  while that connection lives. Each address may have --max-per-address connections; each client
+  --max-locks locks (default a quarter of the table). A peer is told a code and a short reason when
+  refused; the log has the rest.
 
 -C teststring: tests the client configuration of this host as dls-test does (the same code):
   ${jdls.VARIABLE} and JBCPORTNO are read as every client reads them, and a value a client refuses
@@ -208,7 +214,10 @@ _minutes = _number(numerals.real, "tidy period (minutes)", 1 / 60, MAX_SECONDS /
                    "a day)")
 _seconds = _number(numerals.integer, "tidy period (seconds)", 1, int(MAX_SECONDS))
 _timeout = _number(numerals.real, "timeout (seconds)", 0.001, MAX_SECONDS)
-_port = _number(numerals.integer, "port", 0, 65535)
+#: Port 0 is refused, also for a listener: the system would choose one that jdls -d never shows and that
+#: no client's JDLS or JDLS_PORT could name, and -C cannot connect to it.
+_port = _number(numerals.integer, "port", 1, 65535,
+                bounds="1 to 65535 (0, a port of the system's choosing, is refused: clients must know it)")
 _frame = _number(numerals.integer, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
 _count = _number(numerals.integer, "count", 1)
 _bound = _number(numerals.real, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
@@ -349,8 +358,9 @@ def get_parser() -> argparse.ArgumentParser:
                             help="time-stamp every lock: -dL then shows each lock's age (set when the table is "
                             "created)")
     start_opts.add_argument("--port", type=_port, default=None,
-                            help=f"TCP port to listen on, with -C to connect to (default ${PORT_VARIABLE}, "
-                            f"else {DEFAULT_PORT})")
+                            help=f"TCP port to listen on, with -C to connect to, 1 to 65535 (default "
+                            f"${PORT_VARIABLE}, else {DEFAULT_PORT}); 0 is refused: a port of the system's "
+                            "choosing would be one no client knows")
     start_opts.add_argument("--bind", metavar="ADDR", default=None, type=_host_name,
                             help=f"address to listen on (default {DEFAULT_BIND})")
     start_opts.add_argument("--foreground", action="store_true",
@@ -359,8 +369,9 @@ def get_parser() -> argparse.ArgumentParser:
                             help="tidy period in seconds, overriding -t (for tests and tuning)")
     start_opts.add_argument("--lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of records are kept without a table; a monitor that "
-                            f"would make a table refuses while one is held there (default "
-                            f"${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
+                            f"would make a table refuses while one is held there; the listener records it in "
+                            f"run/lock-dir, where local processes lock too, whatever their ${environment.LOCK_DIR} "
+                            f"(default ${environment.LOCK_DIR}, else {environment.DEFAULT_LOCK_DIR})")
     start_opts.add_argument("--binary-lock-dir", type=_directory, default=None, metavar="DIR",
                             help=f"where OS file locks of binary locks are kept, made on first use "
                             f"(default ${environment.BINARY_LOCK_DIR}, else {environment.DEFAULT_BINARY_LOCK_DIR})")
@@ -617,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             return stop_roles(instance, roles, servers=roles == ROLES, timeout=args.stop_timeout)
         except trusted.Untrusted as exc:
             print(f"jdls: {exc}: refused", file=sys.stderr)
+            return ExitCode.FAILED
+        except OSError as exc:  # another user's instance (jdls -k as nobody): one line, not a traceback
+            print(f"jdls: {os_problem(exc, instance.root)}", file=sys.stderr)
             return ExitCode.FAILED
     try:
         return display(instance, verbose=args.verbose, locks=args.locks)

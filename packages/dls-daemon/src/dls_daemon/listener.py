@@ -52,6 +52,7 @@ from . import capacity, client_info, lockserver
 from . import log as daemon_log
 from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
+from .one_mechanism import listener_refusal
 from .readiness import Report
 from .settings import Settings
 from .tls import TlsSetupError
@@ -158,6 +159,9 @@ class Listener(Daemon):
             self.table.set_header(listener_pid=os.getpid())
             mechanism = f"lock table 0x{self.instance.key:08x}"
         else:
+            problem = listener_refusal(self.instance)
+            if problem is not None:
+                raise StartFailed(problem)
             mechanism = f"OS file locks in {settings.lock_dir} (no lock table)"
         problem = self._make_lock_dirs()
         if problem is not None:

@@ -126,6 +126,11 @@ from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
 
+#: Why a peer is refused the lock snapshot: its address is not an operator's (--admin-allow), or it is a
+#: local user (loopback, which every local user connects from) who may not read the lock table itself.
+NOT_AN_OPERATOR_ADDRESS = "this address is not in the service's --admin-allow"
+NOT_AN_OPERATOR_USER = ("a local user must be an operator: the service's user, root, or a member of the "
+                        "service's group")
 #: The highest mode a Lock may ask for (the wire's field is unsigned, so that bounds it).
 _MAX_MODE = LOCK_MODES[-1]
 #: The OSLOCK flag as a plain int, for the lock path (IntFlag arithmetic is slower).
@@ -266,6 +271,8 @@ class LockServer:
         self._port_claim: int | None = None
         #: Whether the peer is an operator's (--admin-allow): it may read the lock snapshot.
         self._admin: bool | None = None  # found when first asked (see ``admin``)
+        #: Why the peer is not an operator (see ``admin``), as the refusal says it.
+        self._not_admin = NOT_AN_OPERATOR_ADDRESS
         self.mechanisms = Mechanisms(ctx.table, ctx.lock_dir, ctx.binary_lock_dir, ctx.instance.key, gid=ctx.gid)
         #: The connection's mechanism: the table if the listener has one, else OS record locks.
         self.main = self.mechanisms.main
@@ -803,14 +810,15 @@ class LockServer:
                     admin = local_peer.is_operator((ours[0], ours[1]), (self.peer[0], self.peer[1]), self.ctx.gid)
                 except OSError:
                     admin = False
+                self._not_admin = NOT_AN_OPERATOR_USER
             self._admin = admin
         return self._admin
 
     def _info_get(self, req: InfoGet) -> None:
         """The lock snapshot (every lock, every client): for operator addresses only (--admin-allow)."""
         if not self.admin:
-            self.log.warning("client %s asked for the lock snapshot, refused: not in --admin-allow", self._who())
-            self._send(Error(req.request_id, ErrorCode.FORBIDDEN, "not permitted from this address"))
+            self.log.warning("client %s asked for the lock snapshot, refused: %s", self._who(), self._not_admin)
+            self._send(Error(req.request_id, ErrorCode.FORBIDDEN, f"not permitted: {self._not_admin}"))
             return
         self._send(InfoSnapshot(req.request_id, snapshot(self.ctx)))
 

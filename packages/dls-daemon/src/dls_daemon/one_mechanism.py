@@ -26,13 +26,31 @@ LocalClient); anything else gets an error naming the table.
 ``jdls -i`` asks the same question before it starts a monitor
 (``start_refusal``), so that the usual refusal makes no table at all, not even
 for the moment between the monitor's create and its look.
+
+The other way round too: a listener that finds no table would serve the
+instance with OS file locks, so it refuses while lock servers of the instance
+still lock in a table (``listener_refusal``): one removed under them by
+``jdls -K -o``, which they still map and grant from. Their clients hold locks
+there that they are never told about (a holder sends no further request), and
+OS file locks would grant the same records again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from dls_shm import LISTENER, Instance, LockTable, command_line, oslock_holders, running_role, running_servers
+from dls_shm import (
+    LISTENER,
+    Instance,
+    LockTable,
+    Occupant,
+    command_line,
+    maps_a_table,
+    oslock_holders,
+    running_role,
+    running_servers,
+)
 
 from .lifecycle import StartFailed
 from .settings import Settings
@@ -49,10 +67,13 @@ def refusal(instance: Instance, lock_dir: Path) -> str | None:
         return (f"the {listener} runs without a lock table: it serves the instance with OS file locks, and a "
                 f"table now would be a second mechanism beside them: {WHAT_TO_DO}")
     servers = running_servers(instance, tidy=False)
+    on_removed = [s.pid for s in servers if maps_a_table(s.pid)]  # refused either way: only the words differ
+    if on_removed:
+        return (f"lock servers (pid {_pids(on_removed)}) still lock in a lock table removed under them (jdls -K -o): "
+                f"a new table now would be a second mechanism beside it: {WHAT_TO_DO}")
     if servers:
-        named = ", ".join(str(pid) for pid in sorted(s.pid for s in servers))
-        return (f"lock servers (pid {named}) run without a lock table: they serve their clients with OS file locks, "
-                f"and a table now would be a second mechanism beside them: {WHAT_TO_DO}")
+        return (f"lock servers (pid {_pids(s.pid for s in servers)}) run without a lock table: they serve their "
+                f"clients with OS file locks, and a table now would be a second mechanism beside them: {WHAT_TO_DO}")
     try:
         held = oslock_holders(lock_dir)
     except OSError as exc:
@@ -62,6 +83,31 @@ def refusal(instance: Instance, lock_dir: Path) -> str | None:
                 "instance without a table, and a table now would grant their records again: have them released "
                 "(or stop those processes), then start the monitor again")
     return None
+
+
+def listener_refusal(instance: Instance) -> str | None:
+    """Why a listener that found no table may not serve ``instance`` with OS file locks now, or None.
+
+    Lock servers of the instance that still have a table attached (removed by ``jdls -K -o``) grant from
+    it; their clients' locks there are unseen by OS file locks, which would grant the same records again.
+    Stopping them (``jdls -k``) ends their connections, so that their clients are told the locks are lost.
+    """
+    on_table = _on_a_table(running_servers(instance, tidy=False))
+    if not on_table:
+        return None
+    return (f"lock servers (pid {_pids(on_table)}) still lock in a lock table removed under them (jdls -K -o): "
+            "their clients hold locks there that OS file locks would grant again, a second mechanism beside "
+            "them: stop them (jdls -k: their clients are told their locks are lost), then start the listener "
+            "again")
+
+
+def _on_a_table(servers: Iterable[Occupant]) -> list[int]:
+    """The pids of ``servers`` that have a table attached, or whose maps cannot be read (assumed to)."""
+    return sorted(s.pid for s in servers if maps_a_table(s.pid) is not False)
+
+
+def _pids(pids: Iterable[int]) -> str:
+    return ", ".join(str(pid) for pid in sorted(pids))
 
 
 def _holders(pids: list[int]) -> str:

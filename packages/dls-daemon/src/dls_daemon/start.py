@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TextIO
 
 from dls_shm import LABELS, LISTENER, MONITOR, ROLES, pidfiles, trusted
@@ -36,6 +37,17 @@ from .settings import START_TIMEOUT, Settings
 from .stop import stop_roles
 
 Body = Callable[[Report], int]
+
+
+def os_problem(exc: OSError, where: Path) -> str:
+    """An OSError met in the instance directory as one line: the path and the problem, and for a
+    permission problem who may do it (the instance is its user's, and its group's for some)."""
+    path = exc.filename if exc.filename is not None else where
+    problem = (exc.strerror or str(exc)).lower() if exc.strerror else str(exc)
+    if isinstance(exc, PermissionError):
+        return (f"{path}: {problem}: this user may not use the instance directory {where} (run jdls as the "
+                "service's user, or as a member of its group)")
+    return f"{path}: {problem}"
 
 
 def start(
@@ -58,7 +70,8 @@ def start(
         print(f"jdls: {exc}: refused (see 'Local permissions' in the dls-daemon README)", file=err)
         return ExitCode.FAILED
     except OSError as exc:
-        print(f"jdls: cannot set up the instance directory {instance.root}: {exc}", file=err)
+        print(f"jdls: cannot set up the instance directory {instance.root}: {os_problem(exc, instance.root)}",
+              file=err)
         return ExitCode.FAILED
     if MONITOR in roles:
         problem = start_refusal(settings)

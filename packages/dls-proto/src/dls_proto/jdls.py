@@ -113,9 +113,14 @@ OPTIONS = (
            "umask; when it cannot be opened, the client says so once on standard error, naming the file and why, "
            "and traces to standard error instead."),
     Option("EXIT", "", "not set",
-           "dls's own (the guide has no such option): a process that can reach no lock service any more (each "
-           "service it uses lost, and the attempt to reach it again failed) writes why to the error trace and "
-           "sends itself SIGTERM, so its handler wraps up or it ends, as the guide's client does. Without it "
+           "dls's own (the guide has no such option): a process that can reach no lock service any more writes "
+           "why to the error trace and sends itself SIGTERM, so its handler wraps up or it ends, as the guide's "
+           "client does. No service any more means: each service it uses lost, and tried again every second "
+           "for as long as its locks could still be reclaimed (the service's lock-delay less the 5 s a lost "
+           "lock server may take to be noticed, counted from the loss), or a lock of the process lost meanwhile. "
+           "So a restart of the service within that time (jdls -k, then jdls -ib) is survived: the process "
+           "reconnects and takes its locks back; with a lock-delay of 5 s or less it ends at the first failed "
+           "attempt. Meanwhile requests raise ServiceUnavailable. Without it "
            "requests raise ServiceUnavailable until a service answers again. dls-lock ignores it: there a lost "
            "service is a lost lock, told and exit 75 (see dls-lock(1))."),
     Option("TLS", "", "not set",

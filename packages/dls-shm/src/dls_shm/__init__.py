@@ -51,6 +51,7 @@ from .occupancy import (
     Occupant,
     Refusal,
     command_line,
+    maps_a_table,
     running_role,
     running_servers,
     service_processes,
@@ -62,7 +63,7 @@ from .table import RECHECK_INTERVAL, Entry, LockTable, Tidied
 
 __all__ = [
     "LABELS", "LISTENER", "MONITOR", "ROLES",
-    "IpcObject", "Occupancy", "Occupant", "Refusal", "command_line", "running_role", "running_servers",
+    "IpcObject", "Occupancy", "Occupant", "Refusal", "command_line", "maps_a_table", "running_role", "running_servers",
     "service_processes",
     "AlreadyRunning", "HeldPidFile", "PidRecord",
     "OsLock", "OsLockError", "OsLockHolder", "OsLocks", "oslocks_held",

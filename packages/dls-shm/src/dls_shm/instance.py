@@ -150,6 +150,27 @@ class Instance:
             os.close(fd)
         return Path(text) if text.startswith("/") and "\n" not in text and len(text) <= 4096 else None
 
+    def trusted_lock_dir(self) -> Path | None:
+        """The recorded OS record-lock directory (``recorded_lock_dir``) for a process to lock in, or None when
+        none is recorded; ``trusted.Untrusted`` when the path there is not to be trusted: a symbolic link, not
+        a directory, another user's than root's, this user's or the service's (the instance directory's
+        owner), or writable by others. One not there (yet) is fine: OsLocks makes it, and checks it."""
+        recorded = self.recorded_lock_dir()
+        if recorded is None:
+            return None
+        try:
+            st = os.lstat(recorded)
+        except FileNotFoundError:
+            return recorded
+        except OSError as exc:
+            raise trusted.Untrusted(recorded, f"cannot be looked at: {exc.strerror or exc}") from None
+        problem = trusted.problem_of(st, shared=True, owners=self.owners())
+        if problem is None and not stat.S_ISDIR(st.st_mode):
+            problem = "is not a directory"
+        if problem is not None:
+            raise trusted.Untrusted(recorded, problem)
+        return recorded
+
     def lock_dir(self) -> Path:
         """The OS record-lock directory of the instance: the listener's, else where a local process would
         lock ($JDLS_LOCK_DIR, else /tmp/jbase)."""

@@ -237,6 +237,21 @@ def _mapping_pids(shm_id: int) -> list[int]:
     return sorted(found)
 
 
+def maps_a_table(pid: int) -> bool | None:
+    """Whether the process has a SysV shared memory segment attached (its maps show ``/SYSV``), None when
+    its maps cannot be read (another user's process, or gone).
+
+    A lock server attaches nothing but its instance's table, so this tells one that locks in a table,
+    also in one removed under it (``jdls -K -o``), whose key Linux then shows as 0: that table can no
+    longer be found by its key, only through the processes that still map it.
+    """
+    try:
+        with open(PROC / str(pid) / "maps", encoding="ascii", errors="replace") as maps:
+            return any(len(fields) >= 6 and fields[5].startswith("/SYSV") for fields in (line.split() for line in maps))
+    except OSError:
+        return None
+
+
 class Refusal(enum.Enum):
     """Why a table is not removed now, in the order both tools ask: each tool says it in its own words."""
 
