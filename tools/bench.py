@@ -651,7 +651,14 @@ def table(figures: dict[str, float], previous: dict[str, float], n: int) -> list
         text = shown(row.figure, value, figures, per_cycle=row.per_cycle)
         lines.append(f"{row.label:<44} {text:>22}  {against:<12} {ratio_text:>6}  "
                      f"{goal_text:<7} {verdict:4}  {prev_text:>14} {change:>8}".rstrip())
-    return lines
+    return [*lines, LEGEND]
+
+
+LEGEND = """\
+ratio: value / against's (a time per cycle: against's rate / value); goal: issue 13's for the ratio, or for
+the value itself. Spread (fairness): the largest distance of one process's rate from their mean, over the
+mean (lowest-highest rate beside). Wait: from asking for the lock to getting it; in hand-offs: p99 wait times
+the total rate (one over the mean hand-off time). N: --processes."""
 
 
 # -- the history -------------------------------------------------------------------------------------------
@@ -764,8 +771,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\r" + " " * 50 + "\r", end="", file=sys.stderr)
         end_load = os.getloadavg()
         if previous is not None:
-            print(f"previous run: {previous.get('date')}, commit {str(previous.get('commit'))[:10]}, "
-                  f"load {previous.get('load', ['?'])[0]}")
+            print(f"previous run: {previous.get('date')}, commit {str(previous.get('commit'))[:10]}, load "
+                  f"{(previous.get('load') or ['?'])[0]}, {previous.get('seconds', '?')} s per figure, "
+                  f"{previous.get('processes', '?')} processes{', quick' if previous.get('quick') else ''}")
         print("\n".join(table(figures, previous.get("figures", {}) if previous else {}, args.processes)))
         print(f"load at the end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}; "
               f"figures appended to {args.history}")
