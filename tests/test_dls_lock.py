@@ -645,3 +645,21 @@ def test_the_command_does_not_get_the_lock_connection(service: Service, witness:
     result = service.dls_lock(str(data), KEY, "sh", "-c", f"ls -l /proc/$$/fd > {shlex.quote(str(out))}")
     assert result.returncode == 0, result.stderr
     assert "socket:" not in out.read_text(), out.read_text()
+
+
+def test_a_kill_after_beyond_the_margin_is_warned_of(service: Service, tmp_path: Path) -> None:
+    data = data_file(tmp_path)
+    result = service.dls_lock("-k", "8", str(data), KEY, "true")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("dls-lock: warning: -k 8 is not less than the 5 s between a lost lock being told "
+                                    "and the service handing it on"), result.stderr
+
+
+def test_a_killed_keeper_is_said(service: Service, witness: Client, tmp_path: Path) -> None:
+    data, err = data_file(tmp_path), tmp_path / "err"
+    proc, _sleeps = _holding(service, data, err)
+    with running(proc):
+        keeper = _keeper(proc)
+        keeper.kill()
+        assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    assert f"dls-lock: the keeper (pid {keeper.pid}) was killed, and the command with it\n" in err.read_text()

@@ -578,3 +578,21 @@ def test_a_socket_left_by_a_killed_hold_process_is_replaced(service: Service, wi
 def test_hold_and_unlock_usage_errors(service: Service, argv: list[str], said: str) -> None:
     result = service.dls_lock(*argv)
     assert (result.returncode, result.stderr) == (2, f"{USAGE}dls-lock: error: {said}\n")
+
+
+def test_sigterm_to_the_hold_process_and_its_guard_leaves_the_guard_to_stop_the_shell(
+        service: Service, witness: Client, tmp_path: Path) -> None:
+    """`pkill dls-lock` TERMs the hold process and its guard at once (the third audit: nothing was left to stop
+    the shell, which ran on beside the next holder): the guard ignores TERM, finds the hold process gone, and
+    kills the shell before it lets the lock's connection go."""
+    data = data_file(tmp_path)
+    shell, err, sleep_pid = _holding_shell(service, tmp_path, data=data)
+    with running(shell):
+        hold = _hold_process(holder_of(witness, data, KEY).client_pid)
+        [guard] = hold.children()
+        guard.terminate()
+        hold.terminate()
+        assert shell.wait(timeout=10) in (-signal.SIGKILL, -signal.SIGTERM), err.read_text()
+        wait_for(lambda: not alive(guard.pid) and not alive(hold.pid), 10, "the guard and the hold process to end")
+    wait_for(lambda: not alive(int(sleep_pid.read_text())), 5, "what the shell started to be killed")
+    assert wait_free(witness, data, KEY, 5) < 5

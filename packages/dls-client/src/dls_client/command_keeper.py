@@ -97,6 +97,7 @@ class Keeper:
         self._grace = grace
         self._pidfd = os.pidfd_open(pid)
         self._lock = threading.Lock()  # signals are sent from other threads than the one that reaps
+        self.killed = False
 
     @classmethod
     def fork(cls, argv: list[str], *, passed_on: Collection[signal.Signals], command_mask: Collection[int],
@@ -193,6 +194,8 @@ class Keeper:
                 # Killed: the command died with it (its parent-death signal); its orphans came here.
                 orphans = status < 0
         assert status is not None, "the keeper was reaped by someone else"
+        #: Whether the keeper itself was killed (by a signal), rather than ending with the command's status.
+        self.killed = status < 0
         return exitcodes.killed_by(-status) if status < 0 else status
 
 

@@ -78,6 +78,15 @@ leaves processes running; or killing the keeper while dls-lock is stopped:
 what the command left is then unguarded until dls-lock is resumed (and kills
 it).
 
+What no process of dls-lock can guard against, written down: when dls-lock and
+its keeper are both stopped (or the keeper killed while dls-lock is stopped)
+and the lock is lost meanwhile (its lock server dies and the lock-delay
+passes), nothing is left to stop the command, which runs beside the next
+holder until dls-lock is resumed; and a job stopped whole (Ctrl-Z) whose lock
+was lost and handed on meanwhile runs for a moment when resumed, until
+dls-lock sees the loss (milliseconds). Do not stop dls-lock's processes for
+longer than the service's lock-delay.
+
 If dls-lock is stopped (SIGSTOP, a debugger, a frozen process) it can no
 longer hear that its lock is lost, so it renews a lease with its keeper twice
 a second: how long the lock is sure to stay its own should it do nothing more
@@ -388,6 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     import dataclasses
 
+    from .channel import DEAD_SERVER_BOUND
+
+    if args.kill_after >= DEAD_SERVER_BOUND:
+        _tell(f"warning: -k {args.kill_after:g} is not less than the {DEAD_SERVER_BOUND:g} s between a lost lock "
+              "being told and the service handing it on: a command that ignores TERM may run beside the next "
+              "holder")
+
     from .config import Config, port_number
     from .errors import ConfigurationError, DlsError
 
@@ -487,6 +503,8 @@ def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalR
     watch.ended()
     if keeper.lease.ran_out:
         watch.fell_silent()
+    elif keeper.killed:
+        _tell(f"the keeper (pid {keeper.pid}) was killed, and the command with it")
     from .errors import DlsError, LockLost
 
     try:

@@ -312,7 +312,9 @@ def fork_guard(shell: int, shell_fd: int, name: str, grace: float,
 def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lease: Watch,
            connections: KeptConnections) -> int:
     set_name("dls-lock guard")
-    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+    # TERM too: `pkill dls-lock` (or a service stop) must not take the guard with the hold process, or nothing
+    # would stop the shell; the guard ends when its work is done, and KILL ends it.
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     said = b""
     while True:
