@@ -21,21 +21,13 @@ from dls_proto import MAX_KEY
 from dls_proto.text import amount
 from dls_testkit import Service
 from dls_testkit.clients import client_for, data_file
+from dls_testkit.fixtures import tool_env  # noqa: F401 - the fixture env
 
 BIN = Path(sys.executable).parent
 CONFIG = 78
 #: The client tools that read JDLS (jdls -C tests it; dls-lock needs a file, a key and a command).
 CLIENT_TOOLS = (["dls-test"], ["dls-lock", "DATA", "KEY", "true"], ["show-item-locks"], ["list-open-files"],
                 ["jdls", "-C", "hello"])
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("JDLS", "JBCPORTNO", "DLS_IPC_KEY", "JDLS_PORT")}
-    data = tmp_path / "data"
-    data.write_text("")
-    return {**base, "JBCRELEASEDIR": str(tmp_path / "release"), "JDLS_LOCK_DIR": str(tmp_path / "jbase"),
-            "JDLS_BINARY_LOCK_DIR": str(tmp_path / "jbase_lock"), "DATA": str(data)}
 
 
 def run(argv: Sequence[str | bytes], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,9 @@ closed). A conftest makes them its own by importing them (``from dls_testkit.fix
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,14 @@ def pipes() -> Iterator[Callable[[], Pipe]]:
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture(name="env")
+def tool_env(tmp_path: Path) -> dict[str, str]:
+    """``env``: the environment for running a client tool with nothing of the caller's dls settings: its own
+    JBCRELEASEDIR and lock directories under ``tmp_path``, and DATA naming an empty file there."""
+    base = {k: v for k, v in os.environ.items() if k not in ("JDLS", "JBCPORTNO", "DLS_IPC_KEY", "JDLS_PORT")}
+    data = tmp_path / "data"
+    data.write_text("")
+    return {**base, "JBCRELEASEDIR": str(tmp_path / "release"), "JDLS_LOCK_DIR": str(tmp_path / "jbase"),
+            "JDLS_BINARY_LOCK_DIR": str(tmp_path / "jbase_lock"), "DATA": str(data)}

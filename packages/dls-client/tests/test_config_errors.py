@@ -7,24 +7,15 @@ programs, with JDLS naming a port nothing listens on (nothing is reached before 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from dls_testkit import free_port
+from dls_testkit.fixtures import tool_env  # noqa: F401 - the fixture env
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("JDLS", "JBCPORTNO", "DLS_IPC_KEY", "JDLS_PORT")}
-    data = tmp_path / "data"
-    data.write_text("")
-    return {**base, "JBCRELEASEDIR": str(tmp_path / "release"), "JDLS_LOCK_DIR": str(tmp_path / "jbase"),
-            "JDLS_BINARY_LOCK_DIR": str(tmp_path / "jbase_lock"), "DATA": str(data)}
 
 
 @pytest.mark.parametrize("jdls", [None, "SERVER=127.0.0.1"])
