@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -147,18 +148,22 @@ def test_a_listener_or_lock_servers_without_a_table_make_the_monitor_refuse(
             claim(settings, table, created)
         assert ipc_left(instance.key) == []
 
-    # A lock server listed in run/servers (of a listener stopped with jdls -kD) refuses it as well.
-    def listed() -> Path:
+    # A lock server listed in run/servers (of a listener stopped with jdls -kD) refuses it as well. A process
+    # of its own (exec'd: a forked child would inherit any table this test process has mapped, and be taken
+    # for a lock server of a removed table).
+    server = subprocess.Popen(["sleep", "60"])
+    try:
         instance.servers_dir.mkdir(parents=True, exist_ok=True)
-        path = instance.server_pid_file(os.getpid())
-        path.write_text(pidfiles.record_of(os.getpid()).text())
-        return path
-
-    with child_while(children, pipes, listed, Path.unlink) as server:
+        path = instance.server_pid_file(server.pid)
+        path.write_text(pidfiles.record_of(server.pid).text())
         assert start_refusal(settings) == (
-            f"lock servers (pid {server}) run without a lock table: they serve their clients with OS file locks, "
-            "and a table now would be a second mechanism beside them: stop the service (jdls -k), then start it "
-            "with its table (jdls -ib)")
+            f"lock servers (pid {server.pid}) run without a lock table: they serve their clients with OS file "
+            "locks, and a table now would be a second mechanism beside them: stop the service (jdls -k), then "
+            "start it with its table (jdls -ib)")
+        path.unlink()
+    finally:
+        server.kill()
+        server.wait()
     assert start_refusal(settings) is None
 
 
