@@ -87,14 +87,13 @@ Say = Callable[[str], None]
 class Keeper:
     """The holder's side of the keeper: start it, let it run the command, pass signals on, wait for it."""
 
-    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections, grace: float) -> None:
+    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections) -> None:
         self.pid = pid
         self._go = go
         #: The holder's lease with the keeper (see dls_client.lease): renew it before run_command.
         self.lease = lease
         #: Where the holder hands the keeper the lock's connections (``keep``) before run_command.
         self.connections = connections
-        self._grace = grace
         self._pidfd = os.pidfd_open(pid)
         self._lock = threading.Lock()  # signals are sent from other threads than the one that reaps
         self.killed = False
@@ -135,7 +134,7 @@ class Keeper:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         os.close(go_read)
         connections.holder_side()
-        return cls(pid, go_write, lease, connections, grace)
+        return cls(pid, go_write, lease, connections)
 
     def run_command(self) -> None:
         """The lock is held (and leased): start the command."""
@@ -160,11 +159,11 @@ class Keeper:
                 return  # reaped already
             pidfd = os.dup(self._pidfd)  # its own: wait() closes the keeper's when it reaps it
         try:
-            if select.select([pidfd], [], [], self._grace + _STOP_MARGIN)[0]:
+            if select.select([pidfd], [], [], self.lease.grace + _STOP_MARGIN)[0]:
                 return  # it ended
         finally:
             os.close(pidfd)
-        print(f"dls-lock: the keeper (pid {self.pid}) did not stop the command within {self._grace:g} s (is "
+        print(f"dls-lock: the keeper (pid {self.pid}) did not stop the command within {self.lease.grace:g} s (is "
               "it stopped?): killing it, and the command with it", file=sys.stderr, flush=True)
         self.send(signal.SIGKILL)
 

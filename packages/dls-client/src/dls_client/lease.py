@@ -106,6 +106,8 @@ class Watch:
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
+        #: The seconds between TERM and KILL when the lease runs out (the lease's).
+        self.grace = lease.grace
         #: When this watchdog found it had been stopped itself, and the lease's end it found then.
         self._resumed: tuple[float, float] | None = None
 

@@ -239,14 +239,15 @@ class Hold:
         shell should this process be killed next: that is told and acted on as a lost lock."""
         stopped = False
         guard_fd = os.pidfd_open(self.guard_pid)
+        watched = [self.shell_fd, self.server.fileno(), self._wake_read, guard_fd]
         while True:
-            ready = select.select([self.shell_fd, self.server.fileno(), self._wake_read, guard_fd], [], [])[0]
-            if guard_fd in ready and self.lost is None:
-                self.lost = (f"its guard, pid {self.guard_pid}, ended: nothing would stop the shell if the hold "
-                             "process were killed next")
+            ready = select.select(watched, [], [])[0]
             if guard_fd in ready:
+                watched.remove(guard_fd)
                 os.close(guard_fd)
-                guard_fd = self._wake_read  # looked at already: the loop goes on without it
+                if self.lost is None:
+                    self.lost = (f"its guard, pid {self.guard_pid}, ended: nothing would stop the shell if the "
+                                 "hold process were killed next")
             if self.lost is not None and not stopped:
                 stopped = True
                 _tell(f"lost the lock on {self.name} ({self.lost}): stopping the shell, pid {self.shell}, and "
@@ -321,8 +322,8 @@ def _guard(holder: int, read_end: int, shell: int, shell_fd: int, name: str, lea
         wait, kill_after = lease.due()
         if kill_after is not None:
             print(ran_out_message(holder, f"the shell, pid {shell}, and what it started",
-                                  min(lease.lease.grace, kill_after)), file=sys.stderr, flush=True)
-            stop_shell(shell_fd, shell, min(lease.lease.grace, kill_after), (os.getpid(), holder))
+                                  min(lease.grace, kill_after)), file=sys.stderr, flush=True)
+            stop_shell(shell_fd, shell, min(lease.grace, kill_after), (os.getpid(), holder))
             return exitcodes.LOST
         until = boottime() + wait
         readable = select.select([read_end, connections.fileno()], [], [], wait)[0]
