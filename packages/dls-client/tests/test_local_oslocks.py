@@ -24,7 +24,7 @@ import pytest
 from dls_client import Client, Holder, LocalClient, LockRefused, LockTimeout, Mode
 from dls_client.local import local_mechanism, local_table_key
 from dls_shm import Instance, LockTable, lock_file_name
-from dls_testkit import KEY
+from dls_testkit import KEY, wait_for
 from dls_testkit import Service as Daemon
 
 Holders = Callable[..., subprocess.Popen[str]]
@@ -110,8 +110,13 @@ def test_a_local_wait_times_out_and_is_granted_when_the_remote_releases(local: L
     waiter = threading.Thread(target=wait_for_it)
     waiter.start()
     assert waiting.wait(5)
-    published.append(json.loads((Instance.from_environment().info_dir / f"{local.port}@0.0.0.0").read_text()))
-    assert [lk["state"] for lk in published[0]["locks"]] == ["waiting"]
+    document = Instance.from_environment().info_dir / f"{local.port}@0.0.0.0"
+
+    def published_waiting() -> bool:  # once it has waited a moment (LONG_WAIT): most waits are shorter
+        published[:] = [json.loads(document.read_text())]
+        return [lk["state"] for lk in published[0]["locks"]] == ["waiting"]
+
+    wait_for(published_waiting, 2, "the wait published")
     time.sleep(0.3)
     assert not got
     released_at = time.monotonic()

@@ -153,12 +153,18 @@ def test_a_local_waiter_publishes_when_it_starts_and_stops_waiting(service: tupl
         held = holder.lock(data, KEY)
         states: list[list[str]] = []
 
+        def published_then_release() -> None:  # once it has waited a moment (LONG_WAIT): most waits are shorter
+            wait_for(lambda: [lk["state"] for lk in read_info(root, LOCAL_PORT)["locks"]] == ["waiting"], 5,
+                     "the wait published")
+            states.append(["waiting"])
+            held.release()
+
         def on_wait(_: object) -> None:
             states.append([lk["state"] for lk in read_info(root, LOCAL_PORT)["locks"]])
-            threading.Timer(0.1, held.release).start()
+            threading.Thread(target=published_then_release).start()
 
         with client.lock(data, KEY, timeout=10, on_wait=on_wait):
-            assert states == [["waiting"]]
+            assert states == [[], ["waiting"]]  # not written for a wait that may last microseconds
             assert [lk["state"] for lk in read_info(root, LOCAL_PORT)["locks"]] == ["held"]
     finally:
         client.close()

@@ -6,9 +6,11 @@ whose teardown fails the test if a process or IPC resource is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
@@ -465,3 +467,28 @@ def test_half_a_table_is_named_by_start_as_by_remove(service, removed, left, fla
     assert service.ipc_left() == [{"-m": "shared memory", "-s": "semaphore"}[flag]]
     assert subprocess.run(["ipcrm", flag, str(ident)]).returncode == 0
     assert service.jdls("-ibA").returncode == 0
+
+
+def test_a_table_of_the_previous_layout_is_refused_clearly_and_removed_by_jdls_K(service):
+    """dls-shm 0.8 changed the table's layout (version 3: a semaphore per set of groups, a ticket counter per
+    group): a table left by an older service is not read as if it were new. jdls -i names it and what to do;
+    jdls -K removes it; then the service starts."""
+    key = service.instance.key
+    sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 1)
+    shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, 4096 + 263 * 10_000)
+    try:
+        shm.write(struct.pack("=8sHH", b"DLSTABLE", 2, 4096))
+        shm.detach()  # not to count as a process still using it
+        start = service.jdls("-ibA")
+        assert start.returncode == 1, start
+        assert "has layout version 2" in start.stderr and "jdls -K" in start.stderr, start.stderr
+        assert "Traceback" not in start.stderr
+        removed = service.jdls("-K")
+        assert removed.returncode == 0, removed
+        assert service.ipc_left() == []
+        assert service.jdls("-ibA").returncode == 0
+        assert service.jdls("-kA").returncode == 0
+    finally:
+        for made in (sem, shm):
+            with contextlib.suppress(sysv_ipc.ExistentialError):
+                made.remove()

@@ -82,16 +82,16 @@ def test_too_many_locks_for_a_handle() -> None:
 def test_geometry_offsets() -> None:
     g = geometry_for(100, 10)
     assert g.values_size == 40
-    assert g.group_size == 40 + 10 * SLOT_SIZE
+    assert g.group_size == 8 + 40 + 10 * SLOT_SIZE  # the group's ticket counter, its values, its slots
     assert g.total_size == HEADER_SIZE + g.ngroups * g.group_size
     assert g.group_offset(0) == HEADER_SIZE
-    assert g.value_offset(0) == HEADER_SIZE
-    assert g.slot_offset(0) == HEADER_SIZE + 40
-    assert g.value_offset(13) == g.group_offset(1) + 4 * 3
-    assert g.slot_offset(13) == g.group_offset(1) + 40 + 3 * SLOT_SIZE
+    assert g.value_offset(0) == HEADER_SIZE + 8
+    assert g.slot_offset(0) == HEADER_SIZE + 8 + 40
+    assert g.value_offset(13) == g.group_offset(1) + 8 + 4 * 3
+    assert g.slot_offset(13) == g.group_offset(1) + 8 + 40 + 3 * SLOT_SIZE
     last = g.locks - 1
     assert g.slot_offset(last) + SLOT_SIZE == g.total_size
-    assert g.value_offset(last) + 4 == g.group_offset(g.ngroups - 1) + g.values_size
+    assert g.value_offset(last) + 4 == g.group_offset(g.ngroups - 1) + 8 + g.values_size
 
 
 def test_struct_sizes() -> None:

@@ -35,7 +35,7 @@ def header(flags: int = 0) -> Header:
         magic=MAGIC, layout_version=LAYOUT_VERSION, header_size=4096, flags=flags, ngroups=GEOMETRY.ngroups,
         per_group=GEOMETRY.per_group, slot_size=SLOT_SIZE, key_max=KEY_MAX, total_size=GEOMETRY.total_size,
         created=CREATED, monitor_pid=14960, listener_pid=14961, last_ran=0.0, last_tidy=0.0, tidy_period=300,
-        semid=1441792, lock_retries=0, tidy_ops=7, ticket=9, cpu_user=0.09, cpu_system=0.1,
+        semid=1441792, lock_retries=0, tidy_ops=7, semaphores=1, cpu_user=0.09, cpu_system=0.1,
         lock_delay=15.0, next_expiry=0.0,
     )
 
@@ -65,7 +65,7 @@ LISTENER = Process(14961, False)
 
 
 def test_the_whole_text_of_a_fixed_snapshot() -> None:
-    used = 4096 + 3 * (SLOT_SIZE + 4)
+    used = 4096 + 263 * 8 + 3 * (SLOT_SIZE + 4)  # the header, the groups' ticket counters, the slots in use
     free = (263 * 50 - 3) * (SLOT_SIZE + 4)
     assert report.lines(snapshot(), MONITOR, LISTENER, very=True) == [
         "Lock monitor at pid:    14960 - Active",

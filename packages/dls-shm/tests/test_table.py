@@ -12,6 +12,7 @@ from collections.abc import Callable
 from itertools import count, product
 from typing import Any
 
+import dls_shm.table
 import pytest
 import sysv_ipc
 from dls_shm import (
@@ -463,10 +464,33 @@ def test_cancel(table: LockTable, bells: MakeBell) -> None:
     assert table.cancel(q.handle) is False
     with pytest.raises(NotHeld, match="not a queued request"):
         table.retry(q.handle)
-    assert table.cancel(g.handle) is False  # a granted lock is not cancelled
     [entry] = entries(table)
     assert entry.slot.queued == 0
     table.unlock(g.handle)
+
+
+def test_a_freed_lock_is_handed_to_its_first_waiter_and_a_waiter_that_gives_up_gives_it_back(
+    table: LockTable, bells: MakeBell,
+) -> None:
+    """Hand-off: whoever frees a lock grants it to the first waiter that can have it (FIFO), under the
+    semaphore, and rings it; the waiter finds its slot granted. A waiter that gives up before it looked
+    (``cancel``: a timeout, its client gone) gives the lock on, to the next."""
+    g = grant(table, A)
+    b_bell, c_bell = bells(), bells()
+    b = queue(table, B, b_bell)
+    c = queue(table, C, c_bell)
+    table.unlock(g.handle)
+    assert rung(b_bell) and not rung(c_bell)
+    assert [(e.slot.thread, e.slot.state) for e in entries(table)] == [
+        (B.thread, SlotState.GRANTED), (C.thread, SlotState.WAITING)]
+    assert table.cancel(b.handle) is True  # B gave up without looking: the lock goes on to C
+    assert rung(c_bell)
+    granted = table.retry(c.handle)
+    assert isinstance(granted, Grant) and granted.handle == c.handle
+    assert lock(table, D) == Conflict(holder_of(C, EX))
+    assert table.cancel(b.handle) is False
+    table.unlock(c.handle)
+    assert entries(table) == []
 
 
 def test_cancel_lets_later_waiters_in(table: LockTable, bells: MakeBell) -> None:
@@ -613,7 +637,8 @@ def test_header_of_a_new_table(make_table: Callable[..., LockTable]) -> None:
     assert h.tidy_period == 60
     assert h.semid == table.semaphore_ids[0]
     assert before <= h.created <= time.time()
-    assert (h.lock_retries, h.tidy_ops, h.ticket, h.monitor_pid, h.listener_pid) == (0, 0, 0, 0, 0)
+    assert (h.lock_retries, h.tidy_ops, h.monitor_pid, h.listener_pid) == (0, 0, 0, 0)
+    assert 1 <= h.semaphores <= min(h.ngroups, 128)
     assert table.geometry == geometry_for(13000, 50)
     shm = sysv_ipc.SharedMemory(table.key)
     try:
@@ -682,31 +707,21 @@ def test_a_removed_table_is_missing(table: LockTable) -> None:
         other.close()
 
 
-class _RemovedWhileHeld:
-    """A table's semaphore removed (jdls -K -o) while this process holds it: taken, then gone."""
-
-    def __init__(self, sem: Any) -> None:
-        self.id = sem.id
-        self._sem = sem
-
-    def acquire(self) -> None:
-        self._sem.acquire()
-
-    def release(self) -> None:
-        self._sem.release()
-        raise sysv_ipc.ExistentialError("The semaphore was removed")
-
-
-def test_a_table_removed_during_a_request_gives_no_grant_and_no_traceback(table: LockTable) -> None:
+def test_a_table_removed_during_a_request_gives_no_grant_and_no_traceback(
+    table: LockTable, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Found by the one-mechanism race: sysv_ipc's ExistentialError escaped LocalClient's release. A lock
     written into a table removed meanwhile must not be granted; an unlock there is TableMissing too."""
     held = grant(table, owner(1))
-    real = table._sem
-    table._sem = _RemovedWhileHeld(real)
-    try:
-        with pytest.raises(TableMissing, match="was removed"):
-            table.lock(owner(2), 99, -1, b"OTHER", EX)
-        with pytest.raises(TableMissing, match="was removed"):
-            table.unlock(held.handle)
-    finally:
-        table._sem = real
+    semop = dls_shm.table._semop
+
+    def removed_while_held(semid: int, address: int, count: int) -> int:
+        if address in table._give_of:  # taken, then removed (jdls -K -o) before it is given back
+            table._sem.remove()
+        return int(semop(semid, address, count))
+
+    monkeypatch.setattr(dls_shm.table, "_semop", removed_while_held)
+    with pytest.raises(TableMissing, match="was removed"):
+        table.lock(owner(2), 99, -1, b"OTHER", EX)
+    with pytest.raises(TableMissing, match="was removed"):
+        table.unlock(held.handle)

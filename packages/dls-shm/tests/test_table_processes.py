@@ -29,6 +29,7 @@ from dls_shm import (
     Queued,
     SlotState,
     owner_gone,
+    resource_value,
 )
 from dls_testkit import wait_for
 
@@ -87,9 +88,12 @@ def test_a_killed_owner_s_lock_is_reclaimed(table: LockTable, children: Any, pip
     assert table.header().tidy_ops == 1
 
 
-@pytest.mark.slow
-def test_an_owner_killed_while_we_wait_is_reclaimed(table: LockTable, children: Any, pipes: Any) -> None:
-    """Nobody rings for a killed holder: the waiter finds it dead at its next look at the table."""
+def test_an_owner_killed_while_we_wait_is_reclaimed_at_once(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nobody rings for a killed holder: the waiter watches it (a pidfd) and looks again when it ends, not at
+    its next look at the table (made a minute away here)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
     locked = pipes()
     pid = children.fork(lambda: hold_forever(table, locked))
     locked.recv()
@@ -102,8 +106,38 @@ def test_an_owner_killed_while_we_wait_is_reclaimed(table: LockTable, children: 
     finally:
         killer.join()
     assert isinstance(result, Grant)
-    assert elapsed < 0.3 + RECHECK_INTERVAL + 0.5
+    assert elapsed < 0.3 + 0.5
     assert [s.pid for s in used(table)] == [os.getpid()]
+
+
+def test_a_waiter_killed_in_the_queue_is_passed_over(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release hands the lock to the first waiter that lives: one killed while it waited is not handed it
+    (it would hold the lock until someone noticed)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    locked, release, queued = pipes(), pipes(), pipes()
+    holder_pid = children.fork(lambda: hold_until_told(table, locked, release))
+    locked.recv()
+
+    def wait_in_the_queue() -> int:
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=60)
+        return 5 if isinstance(result, Grant) else 6
+
+    doomed = children.fork(wait_in_the_queue)
+    queued.recv()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 1, 5, "the first waiter")
+    os.kill(doomed, signal.SIGKILL)
+    assert children.wait(doomed) == -signal.SIGKILL
+    threading.Timer(0.3, release.send).start()
+    start = time.monotonic()
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=10)
+    assert isinstance(result, Grant), result
+    assert time.monotonic() - start < 0.3 + 0.5
+    assert children.wait(holder_pid) == 0
+    assert [(s.pid, s.state) for s in used(table)] == [(os.getpid(), SlotState.GRANTED)]
+    table.unlock(result.handle)
 
 
 @pytest.mark.slow
@@ -119,6 +153,24 @@ def test_a_killed_owner_not_yet_reaped_is_reclaimed(table: LockTable, children: 
     wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 5, "the killed holder to be a zombie")
     assert owner_gone(pid, time.time())  # the table's own idea of a gone owner
     result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=RECHECK_INTERVAL + 0.5)
+    assert isinstance(result, Grant), result
+    table.unlock(result.handle)
+    assert children.wait(pid) == -signal.SIGKILL
+
+
+def test_a_holder_killed_while_its_parent_waits_wakes_the_parent_at_once(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter is the holder's own parent, which cannot reap it while it waits: its end (a zombie) wakes
+    the waiter all the same."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    locked = pipes()
+    pid = children.fork(lambda: hold_forever(table, locked))
+    locked.recv()
+    threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=5)
+    assert time.monotonic() - start < 0.3 + 0.5
     assert isinstance(result, Grant), result
     assert children.wait(pid) == -signal.SIGKILL
 
@@ -157,8 +209,14 @@ def test_a_process_killed_holding_the_semaphore_does_not_wedge_the_table(
 ) -> None:
     held, go = pipes(), pipes()
 
+    group = resource_value(INODE, DEVICE, KEY) % table.geometry.ngroups
+    member = table._sems.member_of(group)
+
+    def value() -> int:
+        return table._sems.value(1 + member)
+
     def take_semaphore_and_die() -> int:
-        table._sem.acquire()
+        table._sems.take(table._sems.take_of[member])
         held.send()
         go.recv(timeout=60)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -166,10 +224,10 @@ def test_a_process_killed_holding_the_semaphore_does_not_wedge_the_table(
 
     pid = children.fork(take_semaphore_and_die)
     held.recv()
-    assert table._sem.value == 0  # the child holds the table
+    assert value() == 0  # the child holds the key's group
     go.send()
     assert children.wait(pid) == -signal.SIGKILL
-    assert table._sem.value == 1  # SEM_UNDO gave it back (checked first: a wedged lock() would hang)
+    assert value() == 1  # SEM_UNDO gave it back (checked first: a wedged lock() would hang)
     start = time.monotonic()
     result = table.lock(me(), INODE, DEVICE, KEY, EX)
     assert isinstance(result, Grant)

@@ -346,21 +346,27 @@ class LocalClient(BaseClient):
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
         owner = self._owner()
         waited: list[int] = []
+        published: list[bool] = []
 
-        def callback(holder: dls_shm.Holder) -> None:  # the request starts waiting: publish that
+        def callback(holder: dls_shm.Holder) -> None:  # the request starts waiting
             waited.append(self.info.wait_started(ref.path, ref.inode, key, mode, owner.thread))
-            self._publish_quietly()
             if on_wait is not None:
                 on_wait(_holder(holder))
+
+        def long_wait() -> None:  # still waiting: worth publishing for show-item-locks
+            published.append(True)
+            self._publish_quietly()
 
         result: dls_shm.Grant | dls_shm.Conflict | None = None
         new_file = False
         try:
             try:
-                result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback)
+                result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit,
+                                                   on_wait=callback, on_long_wait=long_wait)
             except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
                 result = self._again(
-                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback),
+                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback,
+                                             on_long_wait=long_wait),
                     describe(ref.path, key))
         except dls_shm.NotHeld:
             raise LockCancelled(f"{describe(ref.path, key)}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
@@ -371,10 +377,11 @@ class LocalClient(BaseClient):
         finally:
             if isinstance(result, dls_shm.Grant):
                 new_file = self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
-            if waited:  # no longer waiting, whatever the outcome: publish it
+            if waited:
                 self.info.wait_ended(waited[0])
-                self._publish_quietly()
-            elif new_file:  # the first lock in this file: its name is published once
+            # No longer waiting, whatever the outcome (once that was published); or the first lock in this file:
+            # its name is published once.
+            if published or new_file:
                 self._publish_quietly()
         if isinstance(result, dls_shm.Grant):
             return HeldLock(self, result.handle, ref, key, result.mode, result.value, thread=owner.thread,

@@ -54,11 +54,13 @@ The display (-d, -dv, -dvL), line by line:
   Tidy-up operations  how many locks of dead processes have been freed (or kept, see
                       --lock-delay), and kept locks freed when their delay ended
   Semaphore IDs       the id of the SysV semaphore set that guards the table. jDLS showed
-                      two ids; dls has one: a single semaphore (SEM_UNDO, so a process
-                      killed while holding it cannot wedge the table) guards the whole
-                      table, and waiters sleep on doorbells (datagram sockets), not on a
-                      second set of semaphores
-  Memory              bytes of the segment in use (header and used slots) and free
+                      two ids; dls has one set: one semaphore for the header and one for
+                      each set of lock groups (up to 128), so that requests for records
+                      of different groups do not wait for each other (SEM_UNDO, so a
+                      process killed while holding one cannot wedge the table); waiters
+                      sleep on doorbells (datagram sockets), not on a second set
+  Memory              bytes of the segment in use (header, the groups' ticket counters
+                      and used slots) and free
   CPU Usage           the monitor's user and system CPU seconds
   IPC key, Shared memory ID
                       (-vv) the table's SysV key and segment id, as ipcs shows them

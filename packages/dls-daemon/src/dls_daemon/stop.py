@@ -176,22 +176,19 @@ def remove_ipc(
     if refusal is not None:
         print(f"jdls: cannot remove the lock table 0x{key:08x}: {_refused(found, refusal)}", file=err)
         return ExitCode.FAILED
+    users = _users(found)
+    if users:
+        print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
+              "they get errors on their next lock", file=err)
     try:
-        table = LockTable.attach(key)
+        shm_id, sem_id = LockTable.remove_key(key)  # whatever its layout: one left by an older dls too
     except TableMissing:
         print(f"jdls: no lock table with key 0x{key:08x}: nothing to remove", file=out)
         return ExitCode.OK
     except TableError as exc:
         print(f"jdls: cannot remove the lock table: {exc}", file=err)
         return ExitCode.FAILED
-    users = _users(found)
-    if users:
-        print(f"jdls: warning: removing the lock table 0x{key:08x} although {'; '.join(users)}: "
-              "they get errors on their next lock", file=err)
-    shm_id, sem_ids = table.shm_id, table.semaphore_ids
-    table.remove()
-    sems = ", ".join(str(s) for s in sem_ids)
-    print(f"jdls: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sems})", file=out)
+    print(f"jdls: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sem_id})", file=out)
     return ExitCode.OK
 
 

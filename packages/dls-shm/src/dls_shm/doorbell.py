@@ -42,10 +42,12 @@ class Doorbell:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def wait(self, timeout: float | None) -> bool:
-        """Sleep until rung or ``timeout`` seconds pass; True when rung."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if ready:
+    def wait(self, timeout: float | None, also: int = -1) -> bool:
+        """Sleep until rung, or descriptor ``also`` is readable (-1: none), or ``timeout`` seconds pass; True
+        when woken before the timeout."""
+        mine = self.sock.fileno()
+        ready, _, _ = select.select([mine] if also < 0 else [mine, also], [], [], timeout)
+        if mine in ready:
             self.drain()
         return bool(ready)
 

@@ -1,9 +1,13 @@
 """The lock table's layout in shared memory: the contract between every process that maps it.
 
-One SysV segment holds a header page followed by G groups. A group is an array
-of N 32-bit resource values (0 marks a free slot) followed by its N slots; the
-values come first so that one ``unpack_from`` answers "is this resource in the
-group, and where is a free slot" on the lock path. A lock's group is its value
+One SysV segment holds a header page followed by G groups. A group is its ticket
+counter (64 bits: the last ticket given to a slot of the group), an array of N
+32-bit resource values (0 marks a free slot), then its N slots; the values come
+before the slots so that one ``unpack_from`` answers "is this resource in the
+group, and where is a free slot" on the lock path. The counter is the group's,
+not the table's, so that requests in different groups share nothing (each set of
+groups has its own semaphore: ``semaphores``); a resource lives in one group, so
+its tickets still tell its queue's order. A lock's group is its value
 mod G, G being prime so that values spread over the groups.
 
 Everything is native byte order: the table never leaves its host.
@@ -18,8 +22,9 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"DLSTABLE"
-#: Version 2 added the KEPT slot state, the KEEP slot flag and the header's lock_delay.
-LAYOUT_VERSION = 2
+#: Version 2 added the KEPT slot state, the KEEP slot flag and the header's lock_delay; version 3 a ticket
+#: counter per group (none in the header) and a semaphore per set of groups (the header's ``semaphores``).
+LAYOUT_VERSION = 3
 HEADER_SIZE = 4096
 #: Longest record key kept verbatim; longer keys keep a prefix and a digest.
 KEY_MAX = 120
@@ -29,6 +34,8 @@ INDEX_BITS = 24
 
 DEFAULT_RECORDS = 13000
 DEFAULT_PER_GROUP = 50
+#: A group's head: its ticket counter.
+GROUP_HEAD = struct.Struct("=Q")
 
 
 class SlotState(enum.IntEnum):
@@ -72,7 +79,7 @@ HEADER_FIELDS = (
     ("semid", "i"),
     ("lock_retries", "Q"),
     ("tidy_ops", "Q"),
-    ("ticket", "Q"),
+    ("semaphores", "I"),
     ("cpu_user", "d"),
     ("cpu_system", "d"),
     ("lock_delay", "d"),
@@ -106,7 +113,8 @@ class Header(NamedTuple):
     semid: int
     lock_retries: int
     tidy_ops: int
-    ticket: int
+    #: Members of the semaphore set that guard groups (its first member, besides them, guards the header).
+    semaphores: int
     cpu_user: float
     cpu_system: float
     #: Seconds a KEPT lock waits for its client to reclaim it before it is freed (0: nothing is kept).
@@ -160,7 +168,7 @@ class Geometry(NamedTuple):
 
     @property
     def group_size(self) -> int:
-        return self.values_size + SLOT_SIZE * self.per_group
+        return GROUP_HEAD.size + self.values_size + SLOT_SIZE * self.per_group
 
     @property
     def total_size(self) -> int:
@@ -175,11 +183,11 @@ class Geometry(NamedTuple):
 
     def slot_offset(self, index: int) -> int:
         group, pos = divmod(index, self.per_group)
-        return self.group_offset(group) + self.values_size + pos * SLOT_SIZE
+        return self.group_offset(group) + GROUP_HEAD.size + self.values_size + pos * SLOT_SIZE
 
     def value_offset(self, index: int) -> int:
         group, pos = divmod(index, self.per_group)
-        return self.group_offset(group) + 4 * pos
+        return self.group_offset(group) + GROUP_HEAD.size + 4 * pos
 
 
 def next_prime(n: int) -> int:

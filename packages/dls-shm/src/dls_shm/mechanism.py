@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from . import doorbell
+from .holder_watch import HolderWatch
 from .layout import KEY_DIGEST, KEY_MAX, SlotFlag
 
 
@@ -143,6 +144,10 @@ def resource_value(inode: int, device: int, key: bytes) -> int:
     return zlib.crc32(key, (inode * 0x9E3779B1 + device) & 0xFFFFFFFF) or 1
 
 
+#: How long a request waits before ``acquire`` calls its ``on_long_wait`` (seconds).
+LONG_WAIT = 0.05
+
+
 class LockMechanism(ABC):
     """A way of taking record locks: LockTable and OsLocks are the two, and derive from this.
 
@@ -206,10 +211,13 @@ class LockMechanism(ABC):
     def acquire(
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
         timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
+        on_long_wait: Callable[[], None] | None = None,
     ) -> Grant | Conflict:
         """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
 
-        ``on_wait`` is called once when the request starts waiting, with the holder.
+        ``on_wait`` is called once when the request starts waiting, with the holder; ``on_long_wait`` once
+        it has waited LONG_WAIT seconds (what is worth a write for others to see: most waits on a busy
+        lock are a few hand-offs, far shorter than anyone could look).
         A request still queued when the timeout ends (or when ``on_wait`` or the
         wait raises) is cancelled; one cancelled meanwhile by ``release_owner``
         makes ``retry`` raise NotHeld.
@@ -222,11 +230,22 @@ class LockMechanism(ABC):
         queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
         if not isinstance(queued, Queued):
             return queued
+        watch = HolderWatch()
+        ended = 0  # a blocking process found ended, whose lock is still in the way (kept for its client)
         try:
             if on_wait is not None:
                 on_wait(queued.holder)
             deadline = None if timeout is None else time.monotonic() + timeout
+            long_from = None if on_long_wait is None else time.monotonic() + LONG_WAIT
             for pause in self.pauses():
+                if long_from is not None:
+                    now = time.monotonic()
+                    if now >= long_from:
+                        assert on_long_wait is not None
+                        long_from = None
+                        on_long_wait()
+                    else:
+                        pause = min(pause, long_from - now)
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -235,14 +254,23 @@ class LockMechanism(ABC):
                     pause = min(pause, left)
                 if queued.expires:
                     pause = min(pause, max(0.0, queued.expires - time.time()))
-                bell.wait(pause)
+                # Woken by a ring, or by the blocking process's end: a lock nobody frees otherwise.
+                watched = -1 if queued.expires or queued.holder.pid == ended else watch.follow(queued.holder.pid)
+                if watched is None:
+                    ended = queued.holder.pid  # look again now, once: it clears the ended process's lock
+                else:
+                    bell.wait(pause, watched)
                 queued = self.retry(queued.handle)
                 if not isinstance(queued, Queued):
                     return queued
+                if queued.holder.pid == watch.pid and watch.ended():
+                    ended = watch.pid  # its lock stays (the system hides its end from the table): no busy loop
         except BaseException:
             if isinstance(queued, Queued):
                 self.cancel(queued.handle)
             raise
+        finally:
+            watch.close()
         raise AssertionError("pauses() ended")  # it never does
 
     def doorbell(self) -> doorbell.Doorbell:

@@ -178,7 +178,8 @@ def mechanism(flags: int) -> str:
 
 
 def memory(header: Header, used_slots: int) -> tuple[int, int]:
-    """(bytes used, bytes free): the header and the slots in use (each with its value word), and the rest."""
+    """(bytes used, bytes free): the header, the groups' ticket counters and the slots in use (each with its
+    value word), and the rest."""
     total_slots = header.ngroups * header.per_group
     free = (total_slots - used_slots) * (header.slot_size + 4)
     return header.total_size - free, free

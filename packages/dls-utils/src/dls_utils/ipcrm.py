@@ -110,25 +110,18 @@ def remove(instance: Instance, *, own_pid_files: bool, force: bool) -> tuple[lis
         return [], [f"{PROG}: no lock table with key 0x{key:08x}{where}: nothing to remove"]
     if refusal is not None:
         raise _refused(found, refusal, service)
+    users = _users(found)
     try:
-        table = LockTable.attach(key)
+        shm_id, sem_id = LockTable.remove_key(key)  # whatever its layout: one left by an older dls too
     except TableMissing:
         return [], [f"{PROG}: the lock table with key 0x{key:08x} has just been removed: nothing to remove"]
     except TableError as exc:
-        raise Refused(FAILED, f"cannot remove the lock table: {exc}") from None
-    users = _users(found)
-    shm_id, sem_ids = table.shm_id, table.semaphore_ids
-    try:
-        table.remove()
-    except Exception as exc:  # sysv_ipc's errors are not part of dls-shm's API; permission was checked above
-        table.close()
-        raise Refused(FAILED, f"cannot remove the lock table 0x{key:08x}: {exc}") from None
+        raise Refused(FAILED, str(exc)) from None
     warnings = []
     if users:
         warnings.append(f"{PROG}: warning: forced: removed the lock table 0x{key:08x} although {'; '.join(users)}: "
                         "they get errors on their next lock")
-    sems = ", ".join(str(s) for s in sem_ids)
-    return warnings, [f"{PROG}: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sems})"]
+    return warnings, [f"{PROG}: removed lock table 0x{key:08x} (shared memory id {shm_id}, semaphore id {sem_id})"]
 
 
 def _header_service(key: int) -> dict[str, int]:
