@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -403,3 +404,36 @@ def test_a_full_lock_group_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
         held[0].release()
         client.lock(data, same_group[2]).release()  # a slot is free again
         client.close()
+
+
+_LOCAL_HOLDER = """
+import sys, time
+from dls_client import LocalClient
+held = LocalClient().lock(sys.argv[1], sys.argv[2])
+print(LocalClient().mechanism, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_remote_waiter_is_served_at_once_when_a_local_holder_is_killed(service: Service, tmp_path: Path) -> None:
+    """A process killed holding a table lock rings nobody: the lock server of the waiting client watches it (a
+    pidfd) and takes the lock the moment it ends, not at its next look at the table a second later."""
+    data = data_file(tmp_path)
+    env = {k: v for k, v in service.env.items() if k != "JDLS"}
+    holder = subprocess.Popen([sys.executable, "-c", _LOCAL_HOLDER, str(data), KEY], env={**env, "JBCPORTNO": "2"},
+                              text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    with running(holder):
+        assert holder.stdout is not None and holder.stdout.readline() == "table\n"
+        client = service.client()
+        try:
+            with pytest.raises(LockRefused):
+                client.try_lock(data, KEY)
+            killer = threading.Timer(0.3, holder.kill)
+            killer.start()
+            start = time.monotonic()
+            with client.lock(data, KEY, timeout=10):
+                elapsed = time.monotonic() - start
+            killer.join()
+        finally:
+            client.close()
+    assert elapsed < 0.3 + 0.4, f"served {elapsed:.2f} s after asking, the holder killed at 0.3 s"

@@ -106,6 +106,7 @@ from dls_shm import (
     Grant,
     GroupFull,
     Holder,
+    HolderWatch,
     LockMechanism,
     NotHeld,
     Owner,
@@ -196,6 +197,8 @@ class _Pending:
     mechanism: LockMechanism
     pauses: Iterator[float]  # the mechanism's pauses between looks when not rung
     retry_at: float
+    #: A blocking process found ended whose lock stays in the way (kept for its client): not watched again.
+    ended: int = 0
 
 
 class Stats:
@@ -252,6 +255,8 @@ class LockServer:
         self._keep = False
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
+        #: The processes that block waiting requests, watched (pid -> its watch): their end wakes this one.
+        self._watches: dict[int, HolderWatch] = {}
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
         #: This lock server's pid and start time, named in its client's document (its pid file's, else found on its
@@ -474,16 +479,45 @@ class LockServer:
         now = time.monotonic()
         due = min(self._due(p) for p in self.pending.values())
         bell = self._doorbell()
-        watched: list[Any] = [self.sock, bell]
+        holders, ended = self._watch_holders()
+        watched: list[Any] = [self.sock, bell, *holders]
         # Bytes decrypted already (TLS) are data select does not see: do not sleep on them.
         decrypted = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        readable, _, _ = select.select(watched, [], [], 0.0 if decrypted else max(0.0, due - now))
+        readable, _, _ = select.select(watched, [], [], 0.0 if decrypted or ended else max(0.0, due - now))
         rung = bell in readable
         if rung:
             bell.drain()
-        self._retry_pending(rung)
+        for pid, watch in self._watches.items():
+            if watch.fd in readable:
+                self._ended(pid)
+                ended = True
+        self._retry_pending(rung or ended)
         if decrypted or self.sock in readable:
             self._read_ready()
+
+    def _watch_holders(self) -> tuple[list[int], bool]:
+        """Watch the processes that block the waiting requests (a lock nobody frees when its holder dies: the
+        table's waiters watch theirs the same way, ``LockMechanism.acquire``): the descriptors to select on,
+        and whether one has ended already (look again now, once per process)."""
+        wanted = {p.holder.pid for p in self.pending.values() if p.holder.pid != p.ended}
+        for pid in [pid for pid in self._watches if pid not in wanted]:
+            self._watches.pop(pid).close()
+        fds, ended = [], False
+        for pid in wanted:
+            fd = self._watches.setdefault(pid, HolderWatch()).follow(pid)
+            if fd is None:
+                self._ended(pid)
+                ended = True
+            elif fd >= 0:
+                fds.append(fd)
+        return fds, ended
+
+    def _ended(self, pid: int) -> None:
+        """``pid``, which blocks waiting requests, has ended: they look again now, and do not watch it again
+        (its lock may stay: kept for its client, or a zombie's the system hides)."""
+        for p in self.pending.values():
+            if p.holder.pid == pid:
+                p.ended = pid
 
     def _read_ready(self) -> None:
         """Read what select said is there, without blocking: over TLS a readable socket may hold only part

@@ -11,6 +11,7 @@ those locks as lock entries joined with proc/info (``oslock_entries``).
 from . import info, modes, oslock_entries, pidfiles, proc_locks, report, trusted
 from .__about__ import __version__
 from .doorbell import Doorbell, ring
+from .holder_watch import HolderWatch
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
 from .layout import (
     DEFAULT_PER_GROUP,
@@ -71,7 +72,7 @@ __all__ = [
     "table_serves",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "INDEX_BITS", "KEY_MAX", "LOCAL_IP",
     "RECHECK_INTERVAL",
-    "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder",
+    "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder", "HolderWatch",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
