@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dls_daemon import display
-from dls_shm import LOCAL_IP, Grant, Instance, LockTable, Owner, geometry_for, modes
+from dls_shm import LOCAL_IP, Grant, Instance, Owner, geometry_for, modes
+from dls_shm.semaphores import Semaphores
 from dls_testkit import free_key, own_table
 from dls_utils import dump, rows, show_item_locks
 
@@ -24,24 +26,34 @@ LOCKS = 20_000
 
 
 class Holds:
-    """This process's holds of a table's semaphore: how many have ended, and whether one is under way."""
+    """This process's holds of a table's semaphores: how many have ended, and whether one is under way."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ended = 0
-        self.now = False
-        acquire, release = LockTable._acquire, LockTable._release
+        self.depth = 0
+        for take, give in (("take", "give"), ("take_groups", "give_members"), ("take_header", "give_header")):
+            monkeypatch.setattr(Semaphores, take, self._taking(getattr(Semaphores, take)))
+            monkeypatch.setattr(Semaphores, give, self._giving(getattr(Semaphores, give)))
 
-        def counted_acquire(table: LockTable) -> None:
-            acquire(table)
-            self.now = True
+    @property
+    def now(self) -> bool:
+        return self.depth > 0
 
-        def counted_release(table: LockTable) -> None:
-            self.now = False
+    def _taking(self, take: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(sems: Semaphores, *args: Any) -> Any:
+            taken = take(sems, *args)
+            self.depth += 1
+            return taken
+
+        return counted
+
+    def _giving(self, give: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(sems: Semaphores, *args: Any) -> Any:
+            self.depth -= 1
             self.ended += 1
-            release(table)
+            return give(sems, *args)
 
-        monkeypatch.setattr(LockTable, "_acquire", counted_acquire)
-        monkeypatch.setattr(LockTable, "_release", counted_release)
+        return counted
 
 
 class Output:
