@@ -86,6 +86,59 @@ def test_no_poll_while_the_machine_has_no_core_to_spare(pair: tuple[socket.socke
 
 def test_runnable_reads_the_kernels_count() -> None:
     assert transport._runnable() >= 1  # this process is running while it asks
+    assert transport._runnable() >= 1  # and again, through the descriptor it keeps open
+
+
+def _fake_socket(reader: SpinningReader, *, ready: bool) -> list[str]:
+    """Fake ``reader``'s socket: a poll (MSG_DONTWAIT) always has data when ``ready``, never otherwise; a
+    sleeping read always has. What was done, in order ("poll", "recv")."""
+    done: list[str] = []
+
+    def fake_recv(size: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_DONTWAIT:
+            done.append("poll")
+            if not ready:
+                raise BlockingIOError
+        else:
+            done.append("recv")
+        return b"x"
+
+    reader._recv = fake_recv  # type: ignore[method-assign]
+    return done
+
+
+def test_the_poll_gives_the_core_to_others_between_two_looks(pair: tuple[socket.socket, socket.socket],
+                                                             idle_machine: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that needs the core (the lock server the reader waits for, another client) runs before the
+    reader looks again: the reader yields the processor after each empty poll."""
+    a, _b = pair
+    reader = SpinningReader(a, spin=2e-3)
+    done = _fake_socket(reader, ready=False)
+    monkeypatch.setattr(transport, "_yield", lambda: done.append("yield"))
+    assert reader.read() == b"x"
+    assert done.count("poll") >= 2, done
+    assert done[-1] == "recv"
+    assert "poll,poll" not in ",".join(done), done  # a yield between every two polls
+
+
+def test_a_machine_that_becomes_busy_stops_the_polls_within_a_few_reads(
+        pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """How busy the machine is, is looked at again every SAMPLE_EVERY reads (8; it was 64): once other
+    processes need the cores, a reader whose polls pay stops polling within that many reads."""
+    a, _b = pair
+    runnable = [1]
+    monkeypatch.setattr(transport, "_runnable", lambda: runnable[0])
+    reader = SpinningReader(a)
+    done = _fake_socket(reader, ready=True)
+    reader.read()
+    assert done == ["poll"]  # idle: it polls, and finds the data
+    runnable[0] = transport._CORES + 2
+    for _ in range(9):
+        reader.read()
+    done.clear()
+    reader.read()
+    assert done == ["recv"]
 
 
 # -- over TLS ---------------------------------------------------------------------------------------------------
