@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -87,6 +88,30 @@ def test_no_poll_while_the_machine_has_no_core_to_spare(pair: tuple[socket.socke
 def test_runnable_reads_the_kernels_count() -> None:
     assert transport._runnable() >= 1  # this process is running while it asks
     assert transport._runnable() >= 1  # and again, through the descriptor it keeps open
+
+
+def test_a_forked_child_keeps_no_copy_of_the_load_descriptor() -> None:
+    """A lock server is forked from its listener: it must not keep the listener's /proc/loadavg descriptor
+    beside its own (one descriptor more in each of thousands of lock servers)."""
+    transport._runnable()
+    inherited = transport._loadavg_fd
+    assert inherited >= 0
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            closed = transport._loadavg_fd == -1
+            try:
+                os.fstat(inherited)
+            except OSError:
+                pass
+            else:
+                closed = closed and os.readlink(f"/proc/self/fd/{inherited}") != "/proc/loadavg"
+            code = 0 if closed and transport._runnable() >= 1 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def _fake_socket(reader: SpinningReader, *, ready: bool) -> list[str]:

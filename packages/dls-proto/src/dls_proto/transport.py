@@ -34,6 +34,7 @@ Everything else about the conversation stays in the sans-IO ``Connection``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -59,22 +60,33 @@ SAMPLE_EVERY = 8
 _CORES = os.cpu_count() or 1
 #: Gives the processor to another process ready to run on it, if there is one (else returns at once).
 _yield = os.sched_yield
-#: /proc/loadavg kept open (by the process that opened it: a forked child opens its own), or -1.
+#: /proc/loadavg, opened on the first look and kept open (-1 until then).
 _loadavg_fd = -1
-_loadavg_pid = 0
 
 
 def _runnable() -> int:
     """Processes running or ready to run now (the kernel's procs_running), 0 if unknown. One pread of a
     descriptor kept open: cheap enough to look often."""
-    global _loadavg_fd, _loadavg_pid
+    global _loadavg_fd
     try:
-        if _loadavg_pid != os.getpid():
+        if _loadavg_fd < 0:
             _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
-            _loadavg_pid = os.getpid()
         return int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _forget_loadavg() -> None:
+    """A forked child (a lock server, say) closes the copy of its parent's descriptor, which it would otherwise
+    keep unused, and opens its own when it looks."""
+    global _loadavg_fd
+    if _loadavg_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(_loadavg_fd)
+        _loadavg_fd = -1
+
+
+os.register_at_fork(after_in_child=_forget_loadavg)
 
 
 def tls_socket(sock: socket.socket) -> ssl.SSLSocket | None:
