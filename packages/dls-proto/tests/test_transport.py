@@ -138,7 +138,7 @@ def test_the_poll_gives_the_core_to_others_between_two_looks(pair: tuple[socket.
     """A process that needs the core (the lock server the reader waits for, another client) runs before the
     reader looks again: the reader yields the processor after each empty poll."""
     a, _b = pair
-    reader = SpinningReader(a, spin=2e-3)
+    reader = SpinningReader(a, spin=0.02)  # long enough to poll more than once on a busy machine
     done = _fake_socket(reader, ready=False)
     monkeypatch.setattr(transport, "_yield", lambda: done.append("yield"))
     assert reader.read() == b"x"
