@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -86,6 +87,83 @@ def test_no_poll_while_the_machine_has_no_core_to_spare(pair: tuple[socket.socke
 
 def test_runnable_reads_the_kernels_count() -> None:
     assert transport._runnable() >= 1  # this process is running while it asks
+    assert transport._runnable() >= 1  # and again, through the descriptor it keeps open
+
+
+def test_a_forked_child_keeps_no_copy_of_the_load_descriptor() -> None:
+    """A lock server is forked from its listener: it must not keep the listener's /proc/loadavg descriptor
+    beside its own (one descriptor more in each of thousands of lock servers)."""
+    transport._runnable()
+    inherited = transport._loadavg_fd
+    assert inherited >= 0
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            closed = transport._loadavg_fd == -1
+            try:
+                os.fstat(inherited)
+            except OSError:
+                pass
+            else:
+                closed = closed and os.readlink(f"/proc/self/fd/{inherited}") != "/proc/loadavg"
+            code = 0 if closed and transport._runnable() >= 1 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _fake_socket(reader: SpinningReader, *, ready: bool) -> list[str]:
+    """Fake ``reader``'s socket: a poll (MSG_DONTWAIT) always has data when ``ready``, never otherwise; a
+    sleeping read always has. What was done, in order ("poll", "recv")."""
+    done: list[str] = []
+
+    def fake_recv(size: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_DONTWAIT:
+            done.append("poll")
+            if not ready:
+                raise BlockingIOError
+        else:
+            done.append("recv")
+        return b"x"
+
+    reader._recv = fake_recv  # type: ignore[method-assign]
+    return done
+
+
+def test_the_poll_gives_the_core_to_others_between_two_looks(pair: tuple[socket.socket, socket.socket],
+                                                             idle_machine: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that needs the core (the lock server the reader waits for, another client) runs before the
+    reader looks again: the reader yields the processor after each empty poll."""
+    a, _b = pair
+    reader = SpinningReader(a, spin=0.02)  # long enough to poll more than once on a busy machine
+    done = _fake_socket(reader, ready=False)
+    monkeypatch.setattr(transport, "_yield", lambda: done.append("yield"))
+    assert reader.read() == b"x"
+    assert done.count("poll") >= 2, done
+    assert done[-1] == "recv"
+    assert "poll,poll" not in ",".join(done), done  # a yield between every two polls
+
+
+def test_a_machine_that_becomes_busy_stops_the_polls_within_a_few_reads(
+        pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """How busy the machine is, is looked at again every SAMPLE_EVERY reads (8; it was 64): once other
+    processes need the cores, a reader whose polls pay stops polling within that many reads."""
+    a, _b = pair
+    runnable = [1]
+    monkeypatch.setattr(transport, "_runnable", lambda: runnable[0])
+    reader = SpinningReader(a)
+    done = _fake_socket(reader, ready=True)
+    reader.read()
+    assert done == ["poll"]  # idle: it polls, and finds the data
+    runnable[0] = transport._CORES + 2
+    for _ in range(9):
+        reader.read()
+    done.clear()
+    reader.read()
+    assert done == ["recv"]
 
 
 # -- over TLS ---------------------------------------------------------------------------------------------------

@@ -272,9 +272,9 @@ class Channel:
     def request(self, message: Message) -> Message:
         """Send a request and return its first reply."""
         rid = message.request_id
-        self.register(rid)
+        self._mail[rid] = []  # register(rid) and expect(rid), without their calls: this is the lock path
         self.send(message)
-        return self.expect(rid)
+        return self._expect(rid, None if self.ack_timeout is None else time.monotonic() + self.ack_timeout)
 
     def last_reply(self, rid: int, reply: Message, on_interim: Callable[[Waiting], None] | None = None) -> Message:
         """The last reply to request ``rid``, whose first reply was ``reply``: each interim Waiting before it
@@ -307,7 +307,7 @@ class Channel:
         while True:
             if box:
                 message = box.pop(0)
-                if not box and not _interim(message):
+                if not box and type(message) is not Waiting:  # the last reply to rid: nothing more comes
                     self._mail.pop(rid, None)
                 return message
             if self.failure is not None:
@@ -420,9 +420,6 @@ def _shut(sock: socket.socket) -> None:
 #: Requests answered only if they fail: the trace keeps no sending time for them.
 _UNANSWERED = frozenset({Unlock, InfoPut, Settings})
 
-
-def _interim(message: Message) -> bool:
-    return isinstance(message, Waiting)
 
 
 def _reason(exc: OSError) -> str:

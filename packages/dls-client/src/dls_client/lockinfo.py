@@ -7,7 +7,9 @@ record in memory (a dict insert or delete) and marks it changed; the record is
 published, and only when it changed, at the moments jDLS publishes it:
 
 - when the client is initialised (connected, or attached to the table);
-- when a lock request starts waiting, and when it stops waiting (granted or not);
+- when a lock request starts waiting, and when it stops waiting (granted or not): for a Client, when its
+  lock server says the request waits (its first Waiting message, 50 ms into the wait: a lock handed on
+  sooner publishes nothing) and when the wait ends;
 - when a lock is taken in a file this client had not locked in before: once per
   file and process, so that the file's name shows (show-item-locks' FILENAME,
   list-open-files) for a process that never calls ``publish_info()``, such as

@@ -168,7 +168,8 @@ class ResilientRoute(Route):
             channel = self._usable(index)
             if channel is None:
                 return None  # cannot be reached: the lock is held on the others alone, until it answers
-            # Interim messages even with WAIT: the first, at once, names the holder, which may be this very grant.
+            # Interim messages even with WAIT: the first (50 ms into the wait) names the holder, which may be this
+            # very grant.
             copy = request._replace(request_id=channel.next_id(), timeout_ms=_left(request.timeout_ms, started),
                                     flags=request.flags & ~LockFlag.NO_INTERIM)
 

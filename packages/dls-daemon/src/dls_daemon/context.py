@@ -33,6 +33,12 @@ INTERIMS_PER_ACK_TIMEOUT = 3
 #: The shortest period between interim messages, however short the client's acknowledgement timeout: what a
 #: client may make its lock server send is bounded.
 MIN_INTERIM_PERIOD = 0.1
+#: A waiting request's first interim message comes this long after it was queued (or one interim period, if
+#: that is shorter), not at once: a wait shorter than that (most waits for a lock handed on from process to
+#: process) costs no message, and its client no publication of its lock information (a client publishes
+#: when a wait starts and when it ends, the first Waiting being how it knows); a wait an operator could
+#: see in show-item-locks is announced all the same.
+FIRST_INTERIM_DELAY = 0.05
 #: Clients served at once by one listener.
 DEFAULT_MAX_CLIENTS = 1000
 #: Longest a client host may vanish without a word before its lock server gives it up (seconds); its locks are

@@ -122,7 +122,7 @@ from dls_shm import (
 from dls_shm.info import Written
 
 from . import client_info, local_peer, port_claims
-from .context import ServerContext, address_in, interim_period_for, peer_ip
+from .context import FIRST_INTERIM_DELAY, ServerContext, address_in, interim_period_for, peer_ip
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
@@ -675,12 +675,11 @@ class LockServer:
         deadline = None if req.timeout_ms == WAIT_FOREVER else now + req.timeout_ms / 1000
         interim = not req.flags & LockFlag.NO_INTERIM
         pauses = mechanism.pauses()
+        # The first interim message after FIRST_INTERIM_DELAY, not at once: a hand-off costs no message.
         pending = _Pending(req, queued.handle, queued.holder, now, deadline,
-                           now + self.interim_period if interim else None,
+                           now + min(FIRST_INTERIM_DELAY, self.interim_period) if interim else None,
                            mechanism, pauses, _sooner(now + next(pauses), queued.expires, now))
         self.pending[req.request_id] = pending
-        if interim:
-            self._send(self._waiting(pending, now))
 
     def _retry_pending(self, rung: bool = True) -> None:
         """Look at the waiting requests: every one when the doorbell rang, else those with a timer due."""

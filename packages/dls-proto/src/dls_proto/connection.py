@@ -124,7 +124,7 @@ class Connection:
         buf, pos = self._buf, self._pos
         avail = len(buf) - pos
         if avail < HEADER_SIZE:
-            return self._short(avail)
+            return NEED_DATA if not self._eof else self._short(avail)  # the test saves a call per read
         length, version, kind, _reserved, rid = HEADER_STRUCT.unpack_from(buf, pos)
         if version != FRAME_VERSION:
             raise RemoteProtocolError(f"frame version {version}, this side speaks {FRAME_VERSION}")

@@ -8,10 +8,14 @@ On the lock path an answer (a Granted, or a client's next request) comes back
 within tens of microseconds, sooner than a sleeping process is woken and
 scheduled again; polling the socket for a little while before sleeping in
 ``recv`` makes a round trip markedly shorter. Polling costs a core, though, so
-it is done only while it pays: while the machine has a core to spare (fewer
-runnable processes than cores, sampled from /proc/loadavg now and then) and
-while polls keep finding data (after ``MISSES`` empty polls in a row it rests
-for ``REST`` reads).
+it is done only while it pays: while the machine has a core to spare (no more
+runnable processes than cores, this one and the peer it waits for included,
+read from /proc/loadavg every ``SAMPLE_EVERY`` reads) and while polls keep
+finding data (after ``MISSES`` empty polls in a row it rests for ``REST``
+reads). And it never keeps a core from a process that needs it: between two
+polls it yields the processor (``sched_yield``), so that a process ready to
+run on this core (the lock server it waits for, say) runs first, and the poll
+goes on only while nobody else wants the core.
 
 Over TLS the socket is an ``ssl.SSLSocket``: bytes already decrypted wait in
 its SSL object (``pending()``), where poll and select cannot see them, so they
@@ -30,6 +34,7 @@ Everything else about the conversation stays in the sans-IO ``Connection``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -49,19 +54,39 @@ if TYPE_CHECKING:
 SPIN_SECONDS = 60e-6
 MISSES = 8
 REST = 256
-#: Reads between two looks at how busy the machine is.
-SAMPLE_EVERY = 64
+#: Reads between two looks at how busy the machine is (a look is one pread of /proc/loadavg, a few µs).
+SAMPLE_EVERY = 8
 
 _CORES = os.cpu_count() or 1
+#: Gives the processor to another process ready to run on it, if there is one (else returns at once).
+_yield = os.sched_yield
+#: /proc/loadavg, opened on the first look and kept open (-1 until then).
+_loadavg_fd = -1
 
 
 def _runnable() -> int:
-    """Processes running or ready to run now (the kernel's procs_running), 0 if unknown."""
+    """Processes running or ready to run now (the kernel's procs_running), 0 if unknown. One pread of a
+    descriptor kept open: cheap enough to look often."""
+    global _loadavg_fd
     try:
-        with open("/proc/loadavg", "rb") as f:
-            return int(f.read().split()[3].split(b"/")[0])
+        if _loadavg_fd < 0:
+            _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        return int(os.pread(_loadavg_fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _forget_loadavg() -> None:
+    """A forked child (a lock server, say) closes the copy of its parent's descriptor, which it would otherwise
+    keep unused, and opens its own when it looks."""
+    global _loadavg_fd
+    if _loadavg_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(_loadavg_fd)
+        _loadavg_fd = -1
+
+
+os.register_at_fork(after_in_child=_forget_loadavg)
 
 
 def tls_socket(sock: socket.socket) -> ssl.SSLSocket | None:
@@ -147,9 +172,10 @@ class SpinningReader:
 
     def _poll_tls(self) -> None:
         """Wait up to the spin for the descriptor to become readable (then ``recv`` does not sleep)."""
-        poll = self._poller.poll
+        poll, pause = self._poller.poll, _yield
         end = time.perf_counter() + self._spin
         while not poll(0):
+            pause()
             if time.perf_counter() >= end:
                 self._misses += 1
                 if self._misses >= MISSES:
@@ -168,13 +194,14 @@ class SpinningReader:
         return self._spare_core
 
     def _poll(self) -> bytes | None:
-        recv, size = self._recv, self._size
+        recv, size, pause = self._recv, self._size, _yield
         end = time.perf_counter() + self._spin
         while True:
             try:
                 data = recv(size, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if time.perf_counter() < end:
+                    pause()  # whoever else is ready to run on this core goes first
                     continue
                 self._misses += 1
                 if self._misses >= MISSES:
