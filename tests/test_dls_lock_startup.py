@@ -4,7 +4,10 @@ Start-up is most of what ``dls-lock -n FILE KEY true`` costs (flock(1) takes abo
 start-up is imports. A lock through a plain (not TLS) service with one SERVER needs neither ssl, nor the
 configuration test of ``jdls -C``/dls-test, nor the two-server route of SERVER2, nor construct: this test reads the
 process's own import list (``python -X importtime``), so that an import added at the top of a module
-cannot bring them back unnoticed.
+cannot bring them back unnoticed. Nor the standard library's modules that only some paths use, each a few
+milliseconds with what it imports (issue 13): dataclasses (with inspect, ast, tokenize, dis), pathlib (with
+urllib.parse and ipaddress), the idna codec (a host name looked up as text), shutil (with bz2 and lzma: the
+help's terminal width), textwrap and traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from dls_testkit import DLS_LOCK, KEY, Service, data_file
 
 #: Modules the plain lock path does without: ssl and dls-proto's TLS (only with JDLS TLS), the configuration
 #: test (only jdls -C and dls-test), the two-server route (only with SERVER2), construct and the definitions
-#: (the codec is generated from its written-down layouts).
-NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec")
+#: (the codec is generated from its written-down layouts); and the standard library's of the docstring.
+NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec",
+              "dataclasses", "inspect", "pathlib", "urllib.parse", "ipaddress", "encodings.idna", "shutil",
+              "textwrap", "traceback", "tokenize")
 
 
 def _imported(stderr: str) -> set[str]:
