@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import ForwardRef
 
 from dls_testkit import DLS_LOCK, KEY, Service, data_file
 
@@ -49,3 +50,13 @@ def test_the_submodules_imported_on_first_use_are_there() -> None:
             "from dls_proto import probe, tls\n"
             "assert tls is sys.modules['dls_proto.tls'] and probe is sys.modules['dls_proto.probe']\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_messages_are_made_without_compiling_their_annotations() -> None:
+    """typing.NamedTuple compiles each field's annotation given as a string (``from __future__ import
+    annotations``): about a hundred ``compile()`` calls at every client's start-up for the messages alone."""
+    from dls_proto.messages import CLASSES, ConnectionClosed, UnknownMessage
+
+    for cls in (*(cls for _, cls in CLASSES), UnknownMessage, ConnectionClosed):
+        compiled = [name for name, kind in cls.__annotations__.items() if isinstance(kind, str | ForwardRef)]
+        assert not compiled, f"{cls.__name__}: {compiled} annotated as strings"
