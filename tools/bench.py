@@ -466,8 +466,9 @@ def tls_files(directory: str) -> tuple[str, str, str]:
 
 
 #: Issue 13's goal for dls-lock's start-up until the service grants a free lock (milliseconds, .pyc kept):
-#: about what the interpreter (15 ms) and the imports taking a lock needs (socket, threading, argparse, the
-#: protocol's messages and codec, the client) cost on a quiet machine of 2 cores, with a little to spare.
+#: about what the interpreter (15 ms), the imports taking a lock needs (socket, threading, argparse, the
+#: protocol's messages and codec, the client) and the service's greeting of a new connection (its lock server
+#: forked: 8 ms or more) cost on a quiet machine of 2 cores (docs/benchmarks.md).
 GRANTED_GOAL_MS = 50.0
 
 
