@@ -60,3 +60,13 @@ def test_the_messages_are_made_without_compiling_their_annotations() -> None:
     for cls in (*(cls for _, cls in CLASSES), UnknownMessage, ConnectionClosed):
         compiled = [name for name, kind in cls.__annotations__.items() if isinstance(kind, str | ForwardRef)]
         assert not compiled, f"{cls.__name__}: {compiled} annotated as strings"
+
+
+def test_the_daemon_generates_every_codec_before_it_forks() -> None:
+    """dls-proto generates each kind's codec on first use (for a client's start-up); the daemon's listener has
+    them all made when it imports the lock server, so that no lock server it forks makes them again."""
+    code = ("from dls_proto import Kind, codec\n"
+            "assert not dict(codec.DECODERS)\n"
+            "import dls_daemon.listener\n"
+            "assert len(dict(codec.DECODERS)) == len(dict(codec.ENCODERS)) == len(Kind)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -193,6 +193,14 @@ ENCODERS: dict[type[Any], Encoder] = _OnFirstUse(KINDS)
 DECODERS: dict[int, Decoder] = _OnFirstUse({int(kind): kind for kind, _ in CLASSES})
 
 
+def generate_codecs() -> None:
+    """Generate every kind's encoder and decoder now, for a process that forks many children speaking the
+    protocol (the daemon's listener, before it forks its lock servers): each child would otherwise generate
+    and compile them again on its first messages, a few milliseconds of every new connection."""
+    for cls in KINDS:
+        ENCODERS[cls]  # looked up to be made (its decoder with it)
+
+
 def encode(event: Any) -> bytes:
     """The whole frame for one message event."""
     return ENCODERS[type(event)](event)
