@@ -4,7 +4,10 @@ Start-up is most of what ``dls-lock -n FILE KEY true`` costs (flock(1) takes abo
 start-up is imports. A lock through a plain (not TLS) service with one SERVER needs neither ssl, nor the
 configuration test of ``jdls -C``/dls-test, nor the two-server route of SERVER2, nor construct: this test reads the
 process's own import list (``python -X importtime``), so that an import added at the top of a module
-cannot bring them back unnoticed.
+cannot bring them back unnoticed. Nor the standard library's modules that only some paths use, each a few
+milliseconds with what it imports (issue 13): dataclasses (with inspect, ast, tokenize, dis), pathlib (with
+urllib.parse and ipaddress), the idna codec (a host name looked up as text), shutil (with bz2 and lzma: the
+help's terminal width), textwrap and traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import ForwardRef
 
 from dls_testkit import DLS_LOCK, KEY, Service, data_file
 
 #: Modules the plain lock path does without: ssl and dls-proto's TLS (only with JDLS TLS), the configuration
 #: test (only jdls -C and dls-test), the two-server route (only with SERVER2), construct and the definitions
-#: (the codec is generated from its written-down layouts).
-NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec")
+#: (the codec is generated from its written-down layouts); and the standard library's of the docstring.
+NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec",
+              "dataclasses", "inspect", "pathlib", "urllib.parse", "ipaddress", "encodings.idna", "shutil",
+              "textwrap", "traceback", "tokenize")
 
 
 def _imported(stderr: str) -> set[str]:
@@ -43,4 +49,24 @@ def test_the_submodules_imported_on_first_use_are_there() -> None:
             "assert dls_proto.tls.MIN_VERSION and dls_proto.probe.MAX_TEST_STRING\n"
             "from dls_proto import probe, tls\n"
             "assert tls is sys.modules['dls_proto.tls'] and probe is sys.modules['dls_proto.probe']\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_messages_are_made_without_compiling_their_annotations() -> None:
+    """typing.NamedTuple compiles each field's annotation given as a string (``from __future__ import
+    annotations``): about a hundred ``compile()`` calls at every client's start-up for the messages alone."""
+    from dls_proto.messages import CLASSES, ConnectionClosed, UnknownMessage
+
+    for cls in (*(cls for _, cls in CLASSES), UnknownMessage, ConnectionClosed):
+        compiled = [name for name, kind in cls.__annotations__.items() if isinstance(kind, str | ForwardRef)]
+        assert not compiled, f"{cls.__name__}: {compiled} annotated as strings"
+
+
+def test_the_daemon_generates_every_codec_before_it_forks() -> None:
+    """dls-proto generates each kind's codec on first use (for a client's start-up); the daemon's listener has
+    them all made when it imports the lock server, so that no lock server it forks makes them again."""
+    code = ("from dls_proto import Kind, codec\n"
+            "assert not dict(codec.DECODERS)\n"
+            "import dls_daemon.listener\n"
+            "assert len(dict(codec.DECODERS)) == len(dict(codec.ENCODERS)) == len(Kind)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -135,3 +135,27 @@ def test_every_option_of_the_table_is_parsed() -> None:
 
 def test_servers_print_in_the_jdls_spelling() -> None:
     assert str(jdls.parse("SERVER=[::1]:7").server) == "::1,7"
+
+
+def test_a_record_behaves_as_a_frozen_dataclass() -> None:
+    """Server and Config are frozen records made without dataclasses (dls-lock's start-up does without it):
+    equal by class and fields, hashable, refusing assignment, copied changed by ``replace``."""
+    server = jdls.Server("db1", 50010)
+    assert server == jdls.Server(host="db1", port=50010) and hash(server) == hash(jdls.Server("db1", 50010))
+    assert server != jdls.Server("db1") and jdls.Server("db1").port == jdls.DEFAULT_PORT
+    assert repr(server) == "Server(host='db1', port=50010)"
+    with pytest.raises(AttributeError):
+        server.port = 1  # type: ignore[misc]
+    config = jdls.Config(server=server, wait=True)
+    changed = config.replace(timeout=5.0)
+    assert (changed.server, changed.wait, changed.timeout, config.timeout) == (server, True, 5.0, jdls.DEFAULT_TIMEOUT)
+
+    class Sub(jdls.Config):
+        pass
+
+    assert Sub(server=server, wait=True) != config  # another class, as a dataclass's __eq__ says
+    assert type(Sub().replace(wait=True)) is Sub and Sub().replace(wait=True).wait
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        jdls.Config(colour="blue")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="missing required argument 'host'"):
+        jdls.Server()  # type: ignore[call-arg]

@@ -56,7 +56,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Collection
 
 from . import exitcodes
@@ -127,6 +126,8 @@ class Keeper:
                 code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say,
                                 all_processes, lease, connections).run(go_read)
             except BaseException:
+                import traceback  # only here: with linecache and tokenize, milliseconds of dls-lock's start-up
+
                 traceback.print_exc()
             finally:
                 sys.stderr.flush()

@@ -10,13 +10,14 @@ is killed). What the user sees is in DESCRIPTION; the exit statuses are in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import signal
 import sys
-import textwrap
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import exitcodes
 from .__about__ import __version__
@@ -144,17 +145,23 @@ flock(1) run it. A COMMAND that is not found exits 127, one that cannot be run
 69 is dls-lock's "service unavailable" and must not mean a mistyped command).
 """
 
-EPILOG = textwrap.fill(
-    f"Exit status: the command's (128+N when it died of signal N); {exitcodes.LOST} the lock was lost while the "
-    f"command ran (it was stopped); {exitcodes.FAILED} (or -E CODE) when the lock is held and -n or -w gives up; "
-    f"{exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service unreachable (or lost before the command "
-    f"ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command not runnable; "
-    f"{exitcodes.USAGE} usage error (a KEY longer than a request carries too).", 80)
+EPILOG = (
+    f"Exit status: the command's (128+N when it died of signal N); {exitcodes.LOST} the lock was\n"
+    f"lost while the command ran (it was stopped); {exitcodes.FAILED} (or -E CODE) when the lock is\n"
+    f"held and -n or -w gives up; {exitcodes.NOINPUT} FILE missing; {exitcodes.UNAVAILABLE} service unreachable "
+    "(or lost\n"
+    f"before the command ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command "
+    f"not runnable; {exitcodes.USAGE} usage\n"
+    "error (a KEY longer than a request carries too).")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dls-lock", description=DESCRIPTION, epilog=EPILOG,
-                                     usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Built with a formatter of a fixed width: argparse makes one for every argument added (to check its
+    # metavar), and one of the terminal's width imports shutil (with bz2, lzma) to ask it, milliseconds of
+    # dls-lock's start-up for nothing: the width matters only to the help, made with the real one (set below).
+    parser = argparse.ArgumentParser(prog="dls-lock", description=DESCRIPTION, epilog=EPILOG, usage=USAGE,
+                                     formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter,
+                                                                       width=80))
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-s", "--shared", action="store_const", dest="mode", const="PR",
                       help="take a shared (read, PR) lock")
@@ -193,6 +200,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="the record key: its bytes as the shell gives them, UTF-8 or not")
     parser.add_argument("command", nargs="?", metavar="COMMAND", help="the command to run with the lock held")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="its arguments")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -395,8 +403,6 @@ def wait_notice(name: str, verbose: bool) -> Callable[[Holder], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    import dataclasses
-
     from .channel import DEAD_SERVER_BOUND
 
     if args.kill_after >= DEAD_SERVER_BOUND:
@@ -411,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Not JDLS EXIT's SIGTERM to itself, which would end dls-lock without a word (143): a service it can
         # no longer reach is a lost lock here, told and stopped as one, or a request that fails.
-        config = dataclasses.replace(Config.from_environment() or Config(), exit=False)
+        config = (Config.from_environment() or Config()).replace(exit=False)
         port_number()  # JBCPORTNO, which the client reads: refused here like a malformed JDLS
     except ConfigurationError as exc:
         _tell(str(exc))
@@ -516,5 +522,19 @@ def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalR
     return exitcodes.LOST if watch.lost else status
 
 
+def run() -> NoReturn:
+    """The dls-lock command (its entry point): main's exit status, the process ended with it at once
+    (os._exit) once standard output and error are flushed. By then the lock is released, its connection
+    closed and the keeper reaped (or the hold process left running); what the interpreter's own exit would
+    add is taking its modules and objects apart, several milliseconds of a short dls-lock's run, which
+    nothing of dls-lock needs: it registers no atexit handler, its threads are daemons (ended either way),
+    its trace is written unbuffered. --help, a usage error and an exception end as any Python program."""
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing of dls-lock's was waiting in it
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -56,7 +56,6 @@ import struct
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 
 from dls_proto import Mode
@@ -423,6 +422,8 @@ def hold(request: HoldRequest, config: Config) -> int:
             os.close(outcome_read)
             code = _hold_process(request, config, foreground, shell, shell_fd, name, outcome_write)
         except BaseException:
+            import traceback  # only here: with linecache and tokenize, milliseconds of dls-lock's start-up
+
             traceback.print_exc()
         finally:
             sys.stderr.flush()

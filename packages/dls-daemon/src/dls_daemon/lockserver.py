@@ -95,6 +95,7 @@ from dls_proto import (
     Waiting,
     Welcome,
     choose_version,
+    generate_codecs,
     not_a_mode,
     receive,
     tls,
@@ -126,6 +127,10 @@ from .context import FIRST_INTERIM_DELAY, ServerContext, address_in, interim_per
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
+
+# dls-proto generates each message kind's codec on first use (a client's start-up needs few): here, in the
+# listener, before it forks the lock servers, rather than again in each lock server on its first messages.
+generate_codecs()
 
 #: Why a peer is refused the lock snapshot: its address is not an operator's (--admin-allow), or it is a
 #: local user (loopback, which every local user connects from) who may not read the lock table itself.

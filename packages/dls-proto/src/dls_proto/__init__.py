@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import environment, identity, jdls, numerals
 from .__about__ import __version__
-from .codec import encode
+from .codec import encode, generate_codecs
 from .connection import (
     CLIENT_MAX_FRAME,
     DEFAULT_MAX_FRAME,
@@ -110,5 +110,5 @@ __all__ = [
     "ProtocolError", "Reclaim", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "SpinningReader",
     "Settings", "State", "Status", "StatusReply", "UnknownMessage", "Unlock", "UnlockAll", "Unlocked", "Waiting",
     "Welcome",
-    "__version__", "choose_version", "encode",
+    "__version__", "choose_version", "encode", "generate_codecs",
 ]

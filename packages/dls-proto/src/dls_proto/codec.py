@@ -6,8 +6,8 @@ has the same shape (fixed fields, then variable fields whose lengths are in
 the fixed part), which a single ``struct.Struct`` call covers. ``LAYOUTS``
 writes down that shape for each message, as ``spec.layout`` reads it from the
 construct definitions (a test checks they agree, so the definitions stay the
-specification); this module generates from it, once at import, an encoder that
-produces the whole frame (header included) with one ``pack``, and a decoder
+specification); this module generates from it, for each kind on first use, an
+encoder that produces the whole frame (header included) with one ``pack``, and a decoder
 that reads a body with one ``unpack_from``. Reading the layouts rather than the
 definitions keeps construct (about 20 ms) out of a client's start-up. The tests
 check both paths give the same bytes.
@@ -160,16 +160,45 @@ def _generate(kind: Kind, cls: type[Any]) -> tuple[Encoder, Decoder]:
     return namespace[f"encode_{name}"], namespace[f"decode_{name}"]
 
 
-#: Encoder by event class: event -> whole frame.
-ENCODERS: dict[type[Any], Encoder] = {}
-#: Decoder by kind code: (request id, buffer, body offset, body length) -> event.
-DECODERS: dict[int, Decoder] = {}
 #: Kind code by event class.
-KINDS: dict[type[Any], Kind] = {}
+KINDS: dict[type[Any], Kind] = {cls: kind for kind, cls in CLASSES}
+_CLASS_OF: dict[int, type[Any]] = {int(kind): cls for kind, cls in CLASSES}
 
-for _kind, _cls in CLASSES:
-    ENCODERS[_cls], DECODERS[int(_kind)] = _generate(_kind, _cls)
-    KINDS[_cls] = _kind
+
+class _OnFirstUse(dict[Any, Any]):
+    """ENCODERS or DECODERS: each message kind's encoder and decoder generated (and compiled) when either is
+    first looked up, not at import: a client uses a few kinds of the twenty, and generating them all cost
+    dls-lock's start-up milliseconds. Looked up as a dict (``codec[key]``, ``key in codec``, which says
+    whether the kind is known); a value, once made, is a plain dict entry."""
+
+    def __init__(self, kind_of: dict[Any, Kind]) -> None:
+        super().__init__()
+        self._kind_of = kind_of
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._kind_of
+
+    def __missing__(self, key: Any) -> Any:
+        kind = self._kind_of[key]  # KeyError for a kind no message has
+        cls = _CLASS_OF[int(kind)]
+        encoder, decoder = _generate(kind, cls)
+        dict.__setitem__(ENCODERS, cls, encoder)
+        dict.__setitem__(DECODERS, int(kind), decoder)
+        return dict.__getitem__(self, key)
+
+
+#: Encoder by event class: event -> whole frame.
+ENCODERS: dict[type[Any], Encoder] = _OnFirstUse(KINDS)
+#: Decoder by kind code: (request id, buffer, body offset, body length) -> event.
+DECODERS: dict[int, Decoder] = _OnFirstUse({int(kind): kind for kind, _ in CLASSES})
+
+
+def generate_codecs() -> None:
+    """Generate every kind's encoder and decoder now, for a process that forks many children speaking the
+    protocol (the daemon's listener, before it forks its lock servers): each child would otherwise generate
+    and compile them again on its first messages, a few milliseconds of every new connection."""
+    for cls in KINDS:
+        ENCODERS[cls]  # looked up to be made (its decoder with it)
 
 
 def encode(event: Any) -> bytes:

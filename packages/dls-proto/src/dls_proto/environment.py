@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import numerals
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PORT_NUMBER = "JBCPORTNO"
 RELEASE_DIR = "JBCRELEASEDIR"
@@ -27,13 +30,21 @@ DEFAULT_RELEASE_DIR = "/var/tmp/dls"  # noqa: S108 - a documented fixed place, n
 DEFAULT_LOCK_DIR = "/tmp/jbase"  # noqa: S108
 DEFAULT_BINARY_LOCK_DIR = "/tmp/jbase_lock"  # noqa: S108
 #: The error trace of an instance, relative to its release directory: where jBASE sites look first.
-ERROR_TRACE = Path("tmp", "jbase_error_trace")
+ERROR_TRACE = "tmp/jbase_error_trace"
 #: Largest port number JBCPORTNO may give (it travels as 32 bits).
 MAX_PORT_NUMBER = (1 << 32) - 1
 
 
 def _get(name: str, environ: Mapping[str, str] | None) -> str:
     return (os.environ if environ is None else environ).get(name) or ""
+
+
+def _path(text: str) -> Path:
+    """``text`` as a Path, pathlib imported on first use: with urllib.parse and ipaddress it costs a client's
+    start-up (dls-lock's) milliseconds, and a client that takes no OS file lock needs none of these paths."""
+    from pathlib import Path
+
+    return Path(text)
 
 
 def port_number(environ: Mapping[str, str] | None = None) -> int:
@@ -49,7 +60,7 @@ def port_number(environ: Mapping[str, str] | None = None) -> int:
 
 def release_dir(environ: Mapping[str, str] | None = None) -> Path:
     """The instance's release directory: JBCRELEASEDIR, else DEFAULT_RELEASE_DIR."""
-    return Path(_get(RELEASE_DIR, environ) or DEFAULT_RELEASE_DIR)
+    return _path(_get(RELEASE_DIR, environ) or DEFAULT_RELEASE_DIR)
 
 
 def error_trace(environ: Mapping[str, str] | None = None) -> Path:
@@ -59,9 +70,9 @@ def error_trace(environ: Mapping[str, str] | None = None) -> Path:
 
 def lock_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where OS file locks of records are kept: JDLS_LOCK_DIR, else DEFAULT_LOCK_DIR."""
-    return Path(_get(LOCK_DIR, environ) or DEFAULT_LOCK_DIR)
+    return _path(_get(LOCK_DIR, environ) or DEFAULT_LOCK_DIR)
 
 
 def binary_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where OS file locks of binary locks are kept: JDLS_BINARY_LOCK_DIR, else DEFAULT_BINARY_LOCK_DIR."""
-    return Path(_get(BINARY_LOCK_DIR, environ) or DEFAULT_BINARY_LOCK_DIR)
+    return _path(_get(BINARY_LOCK_DIR, environ) or DEFAULT_BINARY_LOCK_DIR)

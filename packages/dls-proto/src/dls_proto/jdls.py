@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, dataclass_transform, overload
 
 from . import numerals
 from .errors import ConfigurationError
@@ -53,8 +52,72 @@ VERSION2_INTERIM_PERIOD = 5.0
 VERSION2_ACK_TIMEOUT = 1.5 * VERSION2_INTERIM_PERIOD
 
 
-@dataclass(frozen=True)
-class Option:
+@dataclass_transform(frozen_default=True)
+class Record:
+    """A frozen record, as ``@dataclass(frozen=True)`` makes one, without importing dataclasses: that module
+    (and inspect, ast, tokenize and dis with it) and the code it generates for each class cost a client's
+    start-up several milliseconds, dls-lock's included, for three classes.
+
+    A subclass's annotated names (no ClassVar) are its fields, in order (its bases' first), and a value set in
+    the class is a field's default. Instances are made by position or keyword, compare equal when of the same
+    class with the same fields, hash by their fields, repr as a dataclass does, refuse assignment
+    (AttributeError), and give a changed copy with ``replace``."""
+
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = tuple(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063 - inspect is what this does without
+        cls._fields = cls._fields + tuple(name for name in own if name not in cls._fields)
+        cls._defaults = {**cls._defaults, **{name: cls.__dict__[name] for name in own if name in cls.__dict__}}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        name = type(self).__name__
+        if len(args) > len(self._fields):
+            raise TypeError(f"{name}() takes at most {len(self._fields)} arguments ({len(args)} given)")
+        values = dict(zip(self._fields, args, strict=False))
+        for field, value in kwargs.items():
+            if field not in self._fields:
+                raise TypeError(f"{name}() got an unexpected keyword argument {field!r}")
+            if field in values:
+                raise TypeError(f"{name}() got multiple values for argument {field!r}")
+            values[field] = value
+        for field in self._fields:
+            if field in values:
+                object.__setattr__(self, field, values[field])
+            elif field in self._defaults:
+                object.__setattr__(self, field, self._defaults[field])
+            else:
+                raise TypeError(f"{name}() missing required argument {field!r}")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, field) for field in self._fields)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` made (as ``dataclasses.replace``)."""
+        return type(self)(**{**dict(zip(self._fields, self._values(), strict=True)), **changes})
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{field}={value!r}" for field, value in zip(self._fields, self._values(), strict=True))
+        return f"{type(self).__qualname__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: a {type(self).__name__} is frozen")
+
+
+class Option(Record):
     """One JDLS option: its name, the value it takes after ``=`` ("" for a flag, which takes none), what
     applies when it is not given, and what it does, as dls-jdls(7) says it."""
 
@@ -188,8 +251,12 @@ def connect(server: Server, timeout: float) -> socket.socket:
     import socket
 
     try:
-        return socket.create_connection((server.host, server.port), timeout=timeout)
-    except ValueError as exc:  # UnicodeError too
+        # An ASCII name goes as bytes: given text, the resolver encodes it with the idna codec, whose import
+        # (with stringprep and unicodedata) costs a client's start-up milliseconds; checked_host refuses what
+        # that encoding would of an ASCII name (an empty label, one over 63 characters).
+        host = checked_host(server.host, "server").encode("ascii") if server.host.isascii() else server.host
+        return socket.create_connection((host, server.port), timeout=timeout)  # type: ignore[arg-type] # bytes too
+    except ValueError as exc:  # UnicodeError and ConfigurationError too
         raise OSError(f"host name {server.host!r} cannot be looked up ({exc})") from None
 
 
@@ -210,8 +277,7 @@ def _host_port(text: str, what: str) -> tuple[str, int | None]:
     return checked_host(text, what), None
 
 
-@dataclass(frozen=True)
-class Server:
+class Server(Record):
     """A lock service's address; ``str()`` gives it in the JDLS spelling, ``host,port``."""
 
     host: str
@@ -234,8 +300,7 @@ class Server:
         return cls(host, _port(port.strip(), what) if comma else given or DEFAULT_PORT)
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Record):
     """Where a client finds the lock service and how it uses it, as JDLS gives it: the server (and
     SERVER2's secondary), whether a lock request waits silently (WAIT) and how long the service may stay
     silent (TIMEOUT), whether binary locks (BINARY) go to the service and record locks are asked for as OS file
