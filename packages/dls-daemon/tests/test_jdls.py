@@ -325,8 +325,7 @@ def test_connection_forks_a_lock_server_that_ends_with_its_client(service):
     with socket.create_connection(("127.0.0.1", service.port)) as client:
         wait_for(lambda: service.server_pids(), what="a lock server pid file")
         (server,) = service.server_pids()
-        # Forked by the fork server, the listener's child (forkserver), which the listener forks at start.
-        assert psutil.Process(server).parent().ppid() == listener
+        assert psutil.Process(server).ppid() == listener
         _, welcome = greet(client)
         assert welcome.server_pid == server
     wait_for(lambda: gone(server) and not service.server_pids(), what="the lock server to end")

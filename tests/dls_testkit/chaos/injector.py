@@ -219,10 +219,9 @@ def _port(address: object) -> int | None:
 
 
 def _children(listener: int | None, known: list[int]) -> list[int]:
-    """The listener's descendants (its fork server, and lock servers whose pid file is not written yet), if it is
-    among ``known``."""
+    """The listener's children (lock servers whose pid file is not written yet), if it is among ``known``."""
     if listener is None or listener not in known:
         return []
     with contextlib.suppress(psutil.Error):
-        return [c.pid for c in psutil.Process(listener).children(recursive=True)]
+        return [c.pid for c in psutil.Process(listener).children()]
     return []

@@ -57,53 +57,6 @@ def status_text(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def fork_child(what: str, blocked: tuple[int, ...], forget: Callable[[], None], child: Callable[[], int],
-               log: logging.Logger) -> int:
-    """Fork a process that runs ``child`` and exits with its status; its pid.
-
-    The ``blocked`` signals (the parent's, handled by its loop) stay blocked until the child has given them
-    their default action back and dropped the parent's pid file and resources (``forget``): a signal must
-    never run the parent's handlers there. The daemons fork this way, and so does the fork server.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    daemon_log.flush()
-    block(blocked)
-    try:
-        pid = os.fork()
-    except OSError:
-        unblock(blocked)
-        raise
-    if pid == 0:
-        _child_life(what, blocked, forget, child, log)
-    unblock(blocked)
-    return pid
-
-
-def _child_life(what: str, blocked: tuple[int, ...], forget: Callable[[], None], child: Callable[[], int],
-                log: logging.Logger) -> NoReturn:
-    """The whole life of a forked child: it never returns into its parent's loop."""
-    # What the child inherits is shared with the parent until either writes to it: a collection of the oldest
-    # generation would write to every object there, copying the whole heap into each lock server.
-    gc.freeze()
-    status: int = ExitCode.CRASHED
-    try:
-        forget()
-        unblock(blocked)
-        status = child()
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else ExitCode.CRASHED
-    except KeyboardInterrupt:
-        log.info("%s interrupted (SIGINT)", what)
-        status = killed_by(signal.SIGINT)
-    except BaseException as exc:
-        log.exception("%s failed: %r", what, exc)
-        status = ExitCode.CRASHED
-    finally:
-        daemon_log.flush()
-        os._exit(status)
-
-
 class Daemon:
     """A long-lived jdls process from start to exit: the part the monitor and the listener share.
 
@@ -246,10 +199,48 @@ class Daemon:
         """A child other than a companion has ended and was collected."""
 
     def fork(self, what: str, child: Callable[[], int]) -> int:
-        """Fork a process that runs ``child`` and exits with its status; its pid (``fork_child``, the daemon's
-        signals held back until its child has dropped the daemon's pid file and resources, ``forget_in_child``)."""
+        """Fork a process that runs ``child`` and exits with its status; its pid.
+
+        The daemon's signals stay blocked until the child has given them their
+        default action back and dropped the daemon's pid file and resources
+        (``forget_in_child``): a signal must never run the daemon's handlers there.
+        """
+        sys.stdout.flush()
+        sys.stderr.flush()
+        daemon_log.flush()
         watched = self.signals.signals if self.signals is not None else ()
-        return fork_child(what, watched, self.forget_in_child, child, self.log)
+        block(watched)
+        try:
+            pid = os.fork()
+        except OSError:
+            unblock(watched)
+            raise
+        if pid == 0:
+            self._child_life(what, watched, child)
+        unblock(watched)
+        return pid
+
+    def _child_life(self, what: str, blocked: tuple[int, ...], child: Callable[[], int]) -> NoReturn:
+        """The whole life of a forked child: it never returns into the daemon's loop."""
+        # What the child inherits is shared with the parent until either writes to it: a collection of the oldest
+        # generation would write to every object there, copying the whole heap into each lock server.
+        gc.freeze()
+        status: int = ExitCode.CRASHED
+        try:
+            self.forget_in_child()
+            unblock(blocked)
+            status = child()
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else ExitCode.CRASHED
+        except KeyboardInterrupt:
+            self.log.info("%s interrupted (SIGINT)", what)
+            status = killed_by(signal.SIGINT)
+        except BaseException as exc:
+            self.log.exception("%s failed: %r", what, exc)
+            status = ExitCode.CRASHED
+        finally:
+            daemon_log.flush()
+            os._exit(status)
 
     def fork_companion(self, what: str, body: Callable[[Report], int], timeout: float = START_TIMEOUT) -> Outcome:
         """Fork ``body`` as a companion, a child stopped with this daemon, and wait for its start report."""

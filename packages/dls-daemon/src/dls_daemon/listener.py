@@ -1,7 +1,4 @@
-"""The listener: accepts client connections and has one lock server forked for each.
-
-The forking is its fork server's (``forkserver``): a process forked once, at the end of the listener's
-start, to which each accepted connection is handed, so that a lock server copies little of the listener.
+"""The listener: accepts client connections and forks one lock server for each.
 
 A lock server needs nothing from the listener after the fork (its connection,
 the table mapping and a ServerContext are inherited), so stopping or restarting
@@ -30,30 +27,28 @@ descriptors (it keeps none per client): at start it raises its descriptor limit 
 warning for each limit below ``--max-clients`` (``capacity``).
 
 Each lock server has a pid file in ``run/servers`` so that ``jdls -k`` can find
-it after the listener has gone. The listener writes it when the fork server
-says it has forked the lock server and removes it when told (or finds) it has
-ended, the child writes it again when it starts and removes it when it ends:
-whichever outlives the other cleans up, and a lock server is never unlisted
-while it runs.
+it after the listener has gone. The listener writes it right after the fork
+and removes it when it reaps the child, the child writes it again when it
+starts and removes it when it ends: whichever outlives the other cleans up,
+and a lock server is never unlisted while it runs.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
-import signal
 import socket
 import time
 from collections import Counter
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from dls_proto import Error, ErrorCode, encode
 from dls_shm import LISTENER, LockTable, PidRecord, TableError, TableMissing, pidfiles, trusted
 
-from . import capacity, client_info, forkserver, lockserver
+from . import capacity, client_info, lockserver
 from . import log as daemon_log
 from .context import ServerContext, address_in
 from .lifecycle import Daemon, StartFailed, status_text
@@ -138,11 +133,6 @@ class Listener(Daemon):
         self.lingering: dict[socket.socket, float] = {}
         #: This process's command name, which its lock servers inherit (their pid files name it).
         self.command = ""
-        #: The fork server (None while there is none: the next connection starts one).
-        self.forker: forkserver.ForkServer | None = None
-        #: Connections handed to the fork server and not yet answered: token -> (peer, when handed).
-        self.handed: dict[int, tuple[tuple[str, int], float]] = {}
-        self.tokens = itertools.count(1)
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -215,11 +205,6 @@ class Listener(Daemon):
         else:
             self.log.warning("no --allow: accepting clients from any address (the lock snapshot only from %s)",
                              ", ".join(map(str, settings.admin_allow)))
-        try:
-            forkserver.become_subreaper()
-            self._start_forker()
-        except OSError as exc:
-            raise StartFailed(f"cannot start the {forkserver.NAME}: {exc.strerror or exc}") from None
         tls_said = " (TLS)" if tls_context is not None else ""
         return f"lock listener started at pid {os.getpid()} on {where(settings.bind, bound)}{tls_said}: {mechanism}"
 
@@ -246,23 +231,16 @@ class Listener(Daemon):
     # -- the loop's work ----------------------------------------------------------------
 
     def watched(self) -> list[FileDescriptorLike]:
-        """The listening socket (unless as many connections as may be wait for the fork server), the fork
-        server's end, the refused connections lingering."""
         assert self.sock is not None
-        accepting = [self.sock] if len(self.handed) < forkserver.MAX_HANDED else []
-        return [*accepting, *([self.forker] if self.forker is not None else []), *self.lingering]
+        return [self.sock, *self.lingering]
 
     def timeout(self) -> float | None:
-        due = [*self.lingering.values()]
-        if self.handed:
-            due.append(min(when for _, when in self.handed.values()) + forkserver.ANSWER_TIMEOUT)
-        return max(0.0, min(due) - time.monotonic()) if due else None
+        if self.lingering:
+            return max(0.0, min(self.lingering.values()) - time.monotonic())
+        return None
 
     def work(self, readable: list[FileDescriptorLike]) -> None:
-        """Hear the fork server; accept and hand over; drop the refused connections whose time is up."""
-        if self.forker is not None and self.forker in readable:
-            self._hear_forker()
-        self._check_forker_answers()
+        """Accept and fork; drop the refused connections whose time is up."""
         if self.sock in readable:
             self._accept_all()
         if self.lingering:
@@ -274,21 +252,19 @@ class Listener(Daemon):
     # -- the client limit -----------------------------------------------------------
 
     def clients(self) -> int:
-        """Lock servers running now, or being forked: this listener's and those of an earlier listener."""
+        """Lock servers running now: this listener's children and those of an earlier listener."""
         if self.adopted:
             self.adopted = [r for r in self.adopted if r.alive()]
-        return len(self.children) + len(self.handed) + len(self.adopted)
+        return len(self.children) + len(self.adopted)
 
     def _over_limit(self) -> bool:
         limit = self.settings.limits.max_clients
-        if len(self.children) + len(self.handed) + len(self.adopted) < limit:
+        if len(self.children) + len(self.adopted) < limit:
             return False
         self.reap()  # one that has just ended must not cost a client its place
-        self._hear_forker()
         return self.clients() >= limit
 
-    def _refuse(self, conn: socket.socket, peer: tuple[str, int], reason: str,
-                code: ErrorCode = ErrorCode.LIMIT) -> None:
+    def _refuse(self, conn: socket.socket, peer: tuple[str, int], reason: str) -> None:
         """Tell a client over a limit so, in a dls-proto Error, and let it go (logged by address only:
         see the module docstring)."""
         self.log.warning("refused connection from %s: %s", peer[0], reason)
@@ -299,7 +275,7 @@ class Listener(Daemon):
             return
         try:
             conn.setblocking(False)
-            conn.send(encode(Error(0, code, reason)))  # a few bytes: they fit the socket buffer
+            conn.send(encode(Error(0, ErrorCode.LIMIT, reason)))  # a few bytes: they fit the socket buffer
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
@@ -357,107 +333,28 @@ class Listener(Daemon):
             if self.per_address[peer[0]] >= limits.max_per_address:
                 self._refuse(conn, peer, f"limit of {limits.max_per_address} connections per address reached")
                 continue
-            if not self._hand_over(conn, peer):
-                self._refuse(conn, peer, "cannot start a lock server now", ErrorCode.INTERNAL)
-                continue
-            conn.close()
-            if len(self.handed) >= forkserver.MAX_HANDED:
-                return  # the rest wait in the backlog until the fork server has answered
+            try:
+                self._fork_server(conn, peer)
+            finally:
+                conn.close()
 
-    def _hand_over(self, conn: socket.socket, peer: tuple[str, int]) -> bool:
-        """Hand ``conn`` to the fork server, counted against the limits until it answers; False when there is
-        no fork server to take it (one that has gone is replaced first)."""
+    def _fork_server(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         conn.setblocking(True)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(2):
-            if self.forker is None:
-                try:
-                    self._start_forker()
-                except OSError as exc:
-                    self.log.error("cannot start a %s: %s", forkserver.NAME, exc)
-                    return False
-            assert self.forker is not None
-            token = next(self.tokens)
-            try:
-                self.forker.hand(token, conn, peer)
-            except OSError as exc:
-                self._forker_gone(f"cannot be reached ({exc.strerror or exc})")
-                continue
-            self.handed[token] = (peer, time.monotonic())
-            self.per_address[peer[0]] += 1
-            return True
-        return False
-
-    def _start_forker(self) -> None:
-        """Fork a fork server (a companion: stopped with the listener); OSError when it cannot be."""
-        self.forker = forkserver.start(self.fork, self._serve, self.log)
-        self.companions[self.forker.pid] = forkserver.NAME
-        self.log.debug("%s started at pid %d", forkserver.NAME, self.forker.pid)
-
-    def _hear_forker(self) -> None:
-        """Take the fork server's messages: a lock server started (its pid file, its books), one not (its
-        connection closed by the fork server), one ended; the fork server itself gone."""
-        if self.forker is None:
+        what = f"lock server for {where(*peer)}"
+        try:
+            pid = self.fork(what, partial(self._serve, conn, peer))
+        except OSError as exc:
+            self.log.error("cannot fork a %s: %s", what, exc)
             return
-        replies, gone = self.forker.replies()
-        for kind, first, second in replies:
-            if kind == forkserver.ENDED:
-                self.child_ended(first, second)
-                continue
-            handed = self.handed.pop(first, None)
-            if handed is None:
-                continue
-            peer = handed[0]
-            if kind == forkserver.STARTED:
-                self._started(second, peer)
-            else:
-                self._forget_address(peer[0])
-                self.log.error("cannot fork a lock server for %s: %s", where(*peer), os.strerror(second))
-        if gone:
-            self._forker_gone("ended")
-
-    def _started(self, pid: int, peer: tuple[str, int]) -> None:
-        """The fork server has forked lock server ``pid`` for ``peer``: listed and counted from now on."""
         self.children.add(pid)
         self.addresses[pid] = peer[0]
+        self.per_address[peer[0]] += 1
         try:
             pidfiles.write(self.instance.server_pid_file(pid), pidfiles.record_of(pid, self.command))
         except Exception:  # noqa: S110 - already gone (the reaper tidies) or the child writes it itself
             pass
         self.log.info("connection from %s: lock server pid %d", where(*peer), pid)
-
-    def _check_forker_answers(self) -> None:
-        """A fork server that has not answered a connection within ANSWER_TIMEOUT is taken for hung: killed
-        (its lock servers go on) and replaced at the next connection."""
-        if self.forker is None or not self.handed:
-            return
-        oldest = min(when for _, when in self.handed.values())
-        if time.monotonic() - oldest < forkserver.ANSWER_TIMEOUT:
-            return
-        try:
-            os.kill(self.forker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._forker_gone(f"did not answer within {forkserver.ANSWER_TIMEOUT:g} s: killed")
-
-    def _forker_gone(self, why: str) -> None:
-        """The fork server has gone: the connections it had not answered are lost (closed with it); its lock
-        servers go on, now this listener's children (it is their subreaper); the next connection starts another."""
-        assert self.forker is not None
-        self.log.error("%s (pid %d) %s; %d connection(s) it had not answered closed, its lock servers go on; "
-                       "another is started for the next connection", forkserver.NAME, self.forker.pid, why,
-                       len(self.handed))
-        self.forker.close()
-        self.forker = None
-        for peer, _ in self.handed.values():
-            self._forget_address(peer[0])
-        self.handed.clear()
-
-    def _forget_address(self, address: str) -> None:
-        """One connection fewer from ``address``."""
-        self.per_address[address] -= 1
-        if self.per_address[address] <= 0:
-            del self.per_address[address]
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> int:
         """A lock server's life, in the forked child: listed in run/servers while it runs."""
@@ -477,10 +374,6 @@ class Listener(Daemon):
         addresses, adopted) are left as they are, never used here: clearing them would write to each entry's
         reference count, copying into every lock server pages it otherwise shares, more the more clients."""
         self._close_sockets()
-        if self.forker is not None:
-            self.forker.close()
-            self.forker = None
-        self.handed.clear()
 
     def child_ended(self, pid: int, status: int) -> None:
         """A lock server has ended: forget it, and its pid file if it left one. One killed by a signal
@@ -489,7 +382,9 @@ class Listener(Daemon):
         self.children.discard(pid)
         address = self.addresses.pop(pid, None)
         if address is not None:
-            self._forget_address(address)
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
         pidfiles.remove(self.instance.server_pid_file(pid))
         if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
             self.log.warning("lock server %d %s", pid, status_text(status))
@@ -509,14 +404,6 @@ class Listener(Daemon):
 
     # -- the end ------------------------------------------------------------------------
 
-    def stop_companions(self) -> None:
-        """The fork server told first by closing its end (it may be waiting to tell us something), then
-        stopped as every companion is."""
-        if self.forker is not None:
-            self.forker.close()
-            self.forker = None
-        super().stop_companions()
-
     def last_work(self) -> None:
         """Collect the lock servers that have ended; the header no longer names this listener."""
         self.reap()
@@ -528,12 +415,8 @@ class Listener(Daemon):
                 self.log.warning("listener stopping: %s", exc)
 
     def release(self) -> None:
-        """Let go of the sockets, the fork server (its end closed, it ends) and the table (lock servers keep
-        theirs)."""
+        """Let go of the sockets and the table (lock servers keep theirs)."""
         self._close_sockets()
-        if self.forker is not None:
-            self.forker.close()
-            self.forker = None
         if self.table is not None:
             self.table.close()
             self.table = None
