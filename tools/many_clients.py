@@ -13,7 +13,10 @@ has one Client per process).
 The figures: the wall time from the first connection to the last grant, and the slowest client's
 connect+lock; the private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) of a sample of lock
 servers and of the listener; the machine's memory taken (MemAvailable before and while every client holds
-its lock, the clients' own included).
+its lock, the clients' own included); the CPU a client cost, each on the same 2 cores when the tool runs on
+the service's host: the listener's (/proc/PID/schedstat, over the run), a lock server's (the sample's
+median, from its fork to its client's last message) and the client side's (the worker processes', from
+getrusage), which a real client host would spend elsewhere.
 
 Every process of this tool raises its own RLIMIT_NOFILE soft limit to the hard one (a worker holds a
 socket per client). Figures, not a test: nothing is asserted (tests/test_many_clients.py is the test).
@@ -69,6 +72,18 @@ def mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time ``pid`` has had so far (the first field of /proc/PID/schedstat, in nanoseconds)."""
+    with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def children_cpu() -> float:
+    """The CPU time of this process's ended and collected children (the workers), user and system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def uss(pid: int) -> int:
@@ -160,6 +175,10 @@ class Result:
     listener_uss: int
     memory_taken: int
     errors: list[str]
+    #: CPU seconds: the listener's over the run, each sampled lock server's so far, the workers' in all.
+    listener_cpu: float
+    servers_cpu: list[float]
+    clients_cpu: float
 
 
 def run(clients: int, processes: int, port: int, sample: int, library: bool) -> Result:
@@ -167,6 +186,8 @@ def run(clients: int, processes: int, port: int, sample: int, library: bool) -> 
     with tempfile.TemporaryDirectory(prefix="dls-many-") as root, service(root, port, clients) as instance:
         listener_pid = int(instance.pid_file(LISTENER).read_text().split()[0])
         before = mem_available()
+        listener_cpu = cpu_seconds(listener_pid)
+        clients_cpu = children_cpu()
         share, extra = divmod(clients, processes)
         pipes, workers = [], []
         first = 0
@@ -192,16 +213,20 @@ def run(clients: int, processes: int, port: int, sample: int, library: bool) -> 
                     errors.append(error)
             wall = time.monotonic() - started
             taken = before - mem_available()
+            listener_cpu = cpu_seconds(listener_pid) - listener_cpu
             servers = [int(p.stem) for p in instance.servers_dir.glob("*.pid") if p.stem.isdigit()]
-            servers_uss = sorted(uss(pid) for pid in random.sample(servers, min(sample, len(servers))))
+            sampled = random.sample(servers, min(sample, len(servers)))
+            servers_uss = sorted(uss(pid) for pid in sampled)
+            servers_cpu = sorted(cpu_seconds(pid) for pid in sampled)
             listener_uss = uss(listener_pid)
         finally:
             for go_w, _ in pipes:
                 go_w.send("stop")
             for proc in workers:
                 proc.join(120)
+        clients_cpu = children_cpu() - clients_cpu
         return Result(clients, len(times), wall, max(times, default=0.0), statistics.median(times) if times else 0.0,
-                      servers_uss, listener_uss, taken, errors)
+                      servers_uss, listener_uss, taken, errors, listener_cpu, servers_cpu, clients_cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"listener USS {r.listener_uss / mb:.2f} MB")
         print(f"  memory taken (MemAvailable, clients included): {r.memory_taken / 2**30:.2f} GiB, "
               f"{r.memory_taken / max(1, r.locked) / mb:.2f} MB a client")
+        if r.servers_cpu:
+            per = 1000 / max(1, r.locked)
+            print(f"  CPU a client: listener {r.listener_cpu * per:.2f} ms, lock server (median of "
+                  f"{len(r.servers_cpu)}) {statistics.median(r.servers_cpu) * 1000:.2f} ms, client side "
+                  f"{r.clients_cpu * per:.2f} ms")
         for error in r.errors:
             print(f"  error: {error}")
     return 0
