@@ -8,6 +8,7 @@ leaves nothing running either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shlex
@@ -26,7 +27,7 @@ import psutil
 import pytest
 from dls_client import LockRefused, RequestFailed, ServiceUnavailable
 from dls_proto import PROTOCOL_VERSIONS, Connection, ErrorCode, Hello, Role
-from dls_shm import resource_value
+from dls_shm import SlotState, resource_value
 from dls_testkit import (
     DLS_LOCK,
     KEY,
@@ -437,3 +438,33 @@ def test_a_remote_waiter_is_served_at_once_when_a_local_holder_is_killed(service
         finally:
             client.close()
     assert elapsed < 0.3 + 0.4, f"served {elapsed:.2f} s after asking, the holder killed at 0.3 s"
+
+
+def test_a_lock_server_told_to_stop_while_it_releases_finishes_quietly(service: Service, tmp_path: Path) -> None:
+    """SIGTERM (jdls -k) reaching a lock server that is releasing the locks of its client, gone: the release
+    is finished, every lock freed, and nothing but the usual lines logged (it broke off half done, with a
+    traceback, when the signal came in the middle of a semaphore operation)."""
+    data = data_file(tmp_path)
+    before = service.server_pids()
+    client = service.client()
+    try:
+        for n in range(250):  # the most a client may hold (--max-locks)
+            client.lock(data, f"K{n}")
+        [server] = service.server_pids() - before
+    finally:
+        client.close()
+    while alive(server):  # signals while it releases, from the moment it begins
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGTERM)
+        time.sleep(0.0002)
+    wait_for(lambda: not alive(server), 10, "the lock server to end")
+    # Released, or kept for the client when the signal came before the end of its stream was seen.
+    ended = service.wait_for_log(r"(released|kept) 250 lock\(s\)")
+    log = service.log()
+    assert "Traceback" not in log and f"lock server {server} exited with status" not in log, log
+    table = service.table()
+    try:
+        left = {e.slot.state for e in table.scan()}
+        assert left == (set() if " released " in ended else {SlotState.KEPT}), (left, ended)
+    finally:
+        table.close()

@@ -260,6 +260,7 @@ class LockServer:
         self._keep = False
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
+        self._finished = False
         #: The processes that block waiting requests, watched (pid -> its watch): their end wakes this one.
         self._watches: dict[int, HolderWatch] = {}
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
@@ -309,37 +310,58 @@ class LockServer:
         self._deadline = time.monotonic() + self.ctx.limits.handshake_timeout
         keep = False
         try:
-            if self.ctx.tls is not None:
-                self._start_tls(self.ctx.tls)
-            self._greet()
-            self._loop()
-        except HandshakeFailed as exc:
-            self.log.warning("closing connection from %s: TLS handshake failed: %s", self._who(), exc)
-        except Stopped as stop:
-            keep = True
-            self.log.info("serving %s no more: %s", self._who(), stop)
-        except ClientGone as gone:
-            self.log.info("client %s closed: %s", self._who(), gone)
-        except RemoteProtocolError as exc:
-            self.log.warning("closing connection from %s: %s", self._who(), exc)
-            self._send_quietly(Error(0, ErrorCode.PROTOCOL, str(exc)))
-        except TimeoutError as exc:
-            if self.hello is None:
-                self.log.warning("closing connection from %s: no Hello within %s s", self._who(),
-                                 self.ctx.limits.handshake_timeout)
-            else:  # keepalive or unacknowledged data: the client's host is silent, the client may live
+            try:
+                self._serve()
+            except HandshakeFailed as exc:
+                self.log.warning("closing connection from %s: TLS handshake failed: %s", self._who(), exc)
+            except Stopped as stop:
                 keep = True
-                self.log.info("connection from %s lost: %s (its host is silent)", self._who(), exc)
-        except (ConnectionError, OSError) as exc:
-            keep = exc.errno in _UNREACHABLE
-            self.log.info("connection from %s lost: %s", self._who(), exc)
-        except BaseException:
-            keep = True  # an end the client had no part in: it may be alive and holding on
-            raise
-        finally:
-            self._end(keep)
-            self.sock.close()
+                self.log.info("serving %s no more: %s", self._who(), stop)
+            except ClientGone as gone:
+                self.log.info("client %s closed: %s", self._who(), gone)
+            except RemoteProtocolError as exc:
+                self.log.warning("closing connection from %s: %s", self._who(), exc)
+                self._send_quietly(Error(0, ErrorCode.PROTOCOL, str(exc)))
+            except TimeoutError as exc:
+                if self.hello is None:
+                    self.log.warning("closing connection from %s: no Hello within %s s", self._who(),
+                                     self.ctx.limits.handshake_timeout)
+                else:  # keepalive or unacknowledged data: the client's host is silent, the client may live
+                    keep = True
+                    self.log.info("connection from %s lost: %s (its host is silent)", self._who(), exc)
+            except (ConnectionError, OSError) as exc:
+                keep = exc.errno in _UNREACHABLE
+                self.log.info("connection from %s lost: %s", self._who(), exc)
+            except BaseException:
+                keep = True  # an end the client had no part in: it may be alive and holding on
+                raise
+            finally:
+                while True:
+                    try:
+                        self._finish(keep)
+                        break
+                    except Stopped:  # the signal came before the end began: the client may live on
+                        keep = True
+        except Stopped as late:  # a SIGTERM while the end above was being decided: that end is made
+            self.log.info("serving %s no more: %s", self._who(), late)
         return ExitCode.OK
+
+    def _serve(self) -> None:
+        if self.ctx.tls is not None:
+            self._start_tls(self.ctx.tls)
+        self._greet()
+        self._loop()
+
+    def _finish(self, keep: bool) -> None:
+        """End once: from now a SIGTERM (jdls -k reaching a lock server already ending) changes nothing; it
+        used to break the release off half done, with a traceback."""
+        global _ending
+        _ending = True  # first: from here on, _stop raises nothing
+        if self._finished:
+            return
+        self._finished = True
+        self._end(keep)
+        self.sock.close()
 
     def _end(self, keep: bool) -> None:
         """Let go of everything, keeping the table locks (``keep``) for a client that may live on; say so."""
@@ -907,20 +929,21 @@ class LockServer:
         as far as the table keeps them (``keep_owner``); its requests go all the same."""
         count = kept = 0
         try:
-            table = self.mechanisms.table
-            if keep and table is not None:
-                try:
-                    kept = table.keep_owner(self.pid)  # and its queued requests are gone
-                except TableError as exc:
-                    self.log.error("keeping the locks of %s: %s", self._who(), exc)
-                self.pending = {rid: p for rid, p in self.pending.items() if p.mechanism is not table}
-                self.held = {handle: thread for handle, thread in self.held.items() if handle in self.routes}
+            # The requests first: one handed its lock a moment ago, which the client never heard of, gives it on
+            # (cancel) rather than being kept for a client that cannot reclaim it.
             for p in self.pending.values():
                 try:
                     p.mechanism.cancel(p.handle)
                 except TableError as exc:
                     self.log.error("cancelling a request of %s: %s", self._who(), exc)
             self.pending.clear()
+            table = self.mechanisms.table
+            if keep and table is not None:
+                try:
+                    kept = table.keep_owner(self.pid)
+                except TableError as exc:
+                    self.log.error("keeping the locks of %s: %s", self._who(), exc)
+                self.held = {handle: thread for handle, thread in self.held.items() if handle in self.routes}
             for handle in self.held:
                 try:
                     self.routes.get(handle, self.main).unlock(handle)
@@ -952,9 +975,14 @@ class Stopped(ClientGone):
     """SIGTERM: the operator stops the service (jdls -k); keep the client's locks for it to reclaim, and go."""
 
 
+#: Set as the lock server begins to end (``LockServer._finish``): a SIGTERM then interrupts nothing.
+_ending = False
+
+
 def _stop(signum: int, _frame: object) -> None:
     signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the release short
-    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+    if not _ending:
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
 
 def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext, record: PidRecord | None = None) -> int:
