@@ -158,6 +158,50 @@ def test_a_killed_owner_not_yet_reaped_is_reclaimed(table: LockTable, children: 
     assert children.wait(pid) == -signal.SIGKILL
 
 
+def test_a_waiter_handed_the_lock_and_killed_holding_it_wakes_the_next_at_once(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next waiter queued while another held the lock: after the hand-off it must watch the new holder,
+    whose death then serves it at once (not at its next look, a minute away here)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    locked, release, queued, granted, end = pipes(), pipes(), pipes(), pipes(), pipes()
+
+    def hold_then_live_on() -> int:  # the first holder releases and lives on: its end wakes nobody here
+        status = hold_until_told(table, locked, release)
+        end.recv(timeout=60)
+        return status
+
+    first = children.fork(hold_then_live_on)
+    locked.recv()
+
+    def wait_then_hold() -> int:
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=60)
+        granted.send()
+        time.sleep(120)
+        return 5 if isinstance(result, Grant) else 6
+
+    second = children.fork(wait_then_hold)
+    queued.recv()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 1, 5, "the first waiter")
+    outcome: list[Any] = []
+    me_waiting = threading.Thread(target=lambda: outcome.append(table.acquire(me(), INODE, DEVICE, KEY, EX,
+                                                                                timeout=30)))
+    me_waiting.start()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 2, 5, "this process waiting")
+    release.send()
+    granted.recv()
+    os.kill(second, signal.SIGKILL)
+    killed = time.monotonic()
+    me_waiting.join(30)
+    end.send()
+    assert outcome and isinstance(outcome[0], Grant), outcome
+    assert time.monotonic() - killed < 0.5
+    assert children.wait(second) == -signal.SIGKILL
+    assert children.wait(first) == 0
+    table.unlock(outcome[0].handle)
+
+
 def test_a_holder_killed_while_its_parent_waits_wakes_the_parent_at_once(
     table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -973,12 +973,14 @@ class LockTable(LockMechanism):
 
     def _settle(self, group: int, value: int, like: Slot) -> list[int]:
         """After a change to a resource: hand it to the waiters that can have it now, in queue order, recount
-        its queue, and name the waiters to ring (those granted, and those that may now convert a lock they
-        hold, which they do themselves)."""
+        its queue, and name the waiters to ring (those granted, those that may now convert a lock they hold,
+        which they do themselves, and after a hand-off the first waiter left, which watches the process that
+        blocks it and must learn it is another now)."""
         granted, waiting = self._matching(group, value, like.inode, like.device, like.key[: like.key_len])
         ident = self._ident
         still: list[tuple[int, Slot]] = []
         tokens = []
+        handed = False
         for item in waiting:
             index, slot = item
             if _no_such_process(slot.pid):  # a waiter killed while it waited: not to be handed anything
@@ -998,6 +1000,10 @@ class LockTable(LockMechanism):
             struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
             _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
+            handed = True
+        if handed and still and still[0][1].doorbell not in (0, *tokens):
+            # The new first waiter looks again, to watch the new holder: its death must wake it at once.
+            tokens.append(still[0][1].doorbell)
         self._count_queued(granted, len(still))
         return tokens
 
