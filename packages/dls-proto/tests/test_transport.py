@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -217,3 +218,18 @@ def test_a_timeout_over_tls_is_the_blocking_error_of_a_plain_receive_timeout(
         reader.read()
     server.sendall(b"late")
     assert reader.read() == b"late"
+
+
+def test_a_socket_is_no_tls_one_while_ssl_is_half_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread importing ssl (a client's first connection failure) leaves it in sys.modules half made,
+    without SSLSocket yet: a reader made meanwhile for a plain socket must not fail (it raised AttributeError
+    to callers of lock(), audit of issue 13)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "ssl", types.ModuleType("ssl"))
+    a, b = socket.socketpair()
+    try:
+        assert transport.tls_socket(a) is None
+    finally:
+        a.close()
+        b.close()

@@ -400,3 +400,25 @@ def test_os_locks_keep_nothing_and_refuse_every_reclaim(tmp_path: Path) -> None:
             locks.unlock(g.handle)
     finally:
         locks.close()
+
+
+def test_a_lock_handed_to_a_lock_server_that_ends_before_sealing_it_is_freed_not_kept(
+    table: LockTable, bell: Any,
+) -> None:
+    """A hand-off grants the lock before the waiting lock server has seen it, let alone told its client: if
+    that lock server ends then (killed, or jdls -k), nobody could reclaim the lock, and keeping it would make
+    every waiter wait out the lock-delay (audit of issue 13). Once sealed (the lock server saw the grant and
+    tells its client) it is kept as any other."""
+    ending = os.getppid()  # a live process, so that its locks block until it is said to end
+    server = owner(ending)
+    for key, sealed in ((b"UNSEEN", False), (b"SEALED", True)):
+        held = grant(table, OTHER, key=key)
+        queued = lock(table, server, key=key, wait_token=bell.token)
+        assert isinstance(queued, Queued)
+        table.unlock(held.handle)  # handed to the lock server's request
+        assert bell.wait(1.0)
+        if sealed:
+            assert isinstance(table.retry(queued.handle), Grant)
+            table.seal(queued.handle, 0x5EA1)
+    assert table.keep_owner(ending) == 1
+    assert states(table) == [(b"SEALED", SlotState.KEPT)]

@@ -390,3 +390,30 @@ def test_mutual_exclusion_under_contention(table: LockTable, children: Any, pipe
     assert codes == [0] * workers
     assert int(counter.read_bytes()) == workers * rounds
     assert used(table) == []
+
+
+def test_a_waiter_with_more_than_1024_descriptors_open_waits(table: LockTable, children: Any, pipes: Any) -> None:
+    """select() refuses a descriptor numbered 1024 or more: a process with many files open (a busy application
+    server) got ValueError instead of its lock (audit of issue 13). The doorbell and the holder's pidfd are
+    waited on with poll."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.fail(f"the test needs a descriptor limit of 2048 or more (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    locked, release = pipes(), pipes()  # the test's own pipes below 1024: their select is not the product's
+    pid = children.fork(lambda: hold_until_told(table, locked, release))
+    locked.recv()
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        threading.Timer(0.2, release.send).start()
+        result = table.acquire(Owner(os.getpid(), 77, 0, os.getpid(), LOCAL_IP), INODE, DEVICE, KEY, EX, timeout=10)
+        assert isinstance(result, Grant), result
+        assert table.doorbell().fileno() > 1024
+        table.unlock(result.handle)
+        assert children.wait(pid) == 0
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

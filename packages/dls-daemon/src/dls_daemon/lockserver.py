@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import signal
 import socket
 import ssl
@@ -118,6 +117,7 @@ from dls_shm import (
     TableServes,
     pack_ip,
     pidfiles,
+    readable,
     unpack_ip,
 )
 from dls_shm.info import Written
@@ -507,19 +507,19 @@ class LockServer:
         due = min(self._due(p) for p in self.pending.values())
         bell = self._doorbell()
         holders, ended = self._watch_holders()
-        watched: list[Any] = [self.sock, bell, *holders]
-        # Bytes decrypted already (TLS) are data select does not see: do not sleep on them.
+        # Bytes decrypted already (TLS) are data poll does not see: do not sleep on them.
         decrypted = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        readable, _, _ = select.select(watched, [], [], 0.0 if decrypted or ended else max(0.0, due - now))
-        rung = bell in readable
+        ready = readable([self.sock.fileno(), bell.fileno(), *holders],
+                         0.0 if decrypted or ended else max(0.0, due - now))
+        rung = bell.fileno() in ready
         if rung:
             bell.drain()
         for pid, watch in self._watches.items():
-            if watch.fd in readable:
+            if watch.fd in ready:
                 self._ended(pid)
                 ended = True
         self._retry_pending(rung or ended)
-        if decrypted or self.sock in readable:
+        if decrypted or self.sock.fileno() in ready:
             self._read_ready()
 
     def _watch_holders(self) -> tuple[list[int], bool]:

@@ -92,9 +92,10 @@ os.register_at_fork(after_in_child=_forget_loadavg)
 def tls_socket(sock: socket.socket) -> ssl.SSLSocket | None:
     """``sock`` if it is a TLS socket, else None. ssl is looked at only when loaded (no TLS socket exists
     before it is), so that a process connecting without TLS never imports it: ssl costs a client's start-up
-    about a tenth of its time."""
-    ssl_module = sys.modules.get("ssl")
-    if ssl_module is not None and isinstance(sock, ssl_module.SSLSocket):
+    about a tenth of its time. Another thread may be importing it now: a module half made has no SSLSocket
+    yet, and then no socket is one."""
+    ssl_class = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    if ssl_class is not None and isinstance(sock, ssl_class):
         return cast("ssl.SSLSocket", sock)
     return None
 

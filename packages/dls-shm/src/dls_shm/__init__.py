@@ -10,7 +10,7 @@ those locks as lock entries joined with proc/info (``oslock_entries``).
 
 from . import info, modes, oslock_entries, pidfiles, proc_locks, report, trusted
 from .__about__ import __version__
-from .doorbell import Doorbell, ring
+from .doorbell import Doorbell, readable, ring
 from .holder_watch import HolderWatch
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
 from .layout import (
@@ -76,5 +76,6 @@ __all__ = [
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
-    "resource_value", "info", "oslock_entries", "pidfiles", "proc_locks", "report", "ring", "trusted", "unpack_ip",
+    "readable", "resource_value", "info", "oslock_entries", "pidfiles", "proc_locks", "report", "ring", "trusted",
+    "unpack_ip",
 ]

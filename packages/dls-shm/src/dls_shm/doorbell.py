@@ -11,14 +11,26 @@ waiter sleeps is not lost.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import select
 import socket
+from collections.abc import Iterable
 
 _PREFIX = b"\0dls-bell-"
 _ringer: socket.socket | None = None
 _ringer_pid = 0
+
+
+def readable(fds: Iterable[int], timeout: float | None) -> set[int]:
+    """Which of ``fds`` become readable within ``timeout`` seconds (None: no limit). poll, not select: a
+    process may have more than 1024 descriptors open (select refuses any numbered 1024 or more)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+    return {fd for fd, _ in poller.poll(ms)}
 
 
 def address(token: int) -> bytes:
@@ -46,7 +58,7 @@ class Doorbell:
         """Sleep until rung, or descriptor ``also`` is readable (-1: none), or ``timeout`` seconds pass; True
         when woken before the timeout."""
         mine = self.sock.fileno()
-        ready, _, _ = select.select([mine] if also < 0 else [mine, also], [], [], timeout)
+        ready = readable([mine] if also < 0 else [mine, also], timeout)
         if mine in ready:
             self.drain()
         return bool(ready)

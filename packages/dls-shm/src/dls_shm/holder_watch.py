@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
+
+from .doorbell import readable
 
 
 class HolderWatch:
@@ -42,7 +43,7 @@ class HolderWatch:
 
     def ended(self) -> bool:
         """Whether the watched process has ended (False when nothing is watched)."""
-        return self.fd >= 0 and bool(select.select([self.fd], [], [], 0)[0])
+        return self.fd >= 0 and bool(readable([self.fd], 0))
 
     def close(self) -> None:
         if self.fd >= 0:

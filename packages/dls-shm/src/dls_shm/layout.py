@@ -51,6 +51,9 @@ class SlotFlag(enum.IntFlag):
     NONE = 0
     LONG_KEY = 1  # the stored key is a prefix plus a digest of the real key
     KEEP = 2  # a lock server's lock for a remote client: kept (KEPT), not freed, when its lock server ends
+    #: Granted by a hand-off and not yet sealed by its lock server (``LockTable.seal``): its client has not
+    #: been told, so it is freed, not kept, when its lock server ends (the client could not reclaim it).
+    HANDED = 4
 
 
 class TableFlag(enum.IntFlag):

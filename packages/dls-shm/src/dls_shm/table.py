@@ -119,6 +119,8 @@ SWEEP_CHANGES = 64
 _INDEX_MASK = (1 << INDEX_BITS) - 1
 _T = TypeVar("_T")
 _KEEP = int(SlotFlag.KEEP)
+_HANDED = int(SlotFlag.HANDED)
+_FLAGS_OFFSET = 10
 _GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotState.WAITING, SlotState.KEPT,
                                                         SlotState.FREE))
 _U32 = struct.Struct("=I")
@@ -186,6 +188,11 @@ def _no_such_process(pid: int) -> bool:
     except PermissionError:
         pass
     return False
+
+
+def _keepable(slot: Slot) -> bool:
+    """A granted lock of a lock server whose client may reclaim it: one it was told of (not HANDED)."""
+    return slot.state == _GRANTED and slot.flags & (_KEEP | _HANDED) == _KEEP
 
 
 def _holder(slot: Slot) -> Holder:
@@ -602,7 +609,7 @@ class LockTable(LockMechanism):
         def decide(slot: Slot) -> int | None:
             if slot.pid != pid or slot.state == _KEPT:
                 return None
-            return _KEPT if delay > 0 and slot.state == _GRANTED and slot.flags & _KEEP else _FREE
+            return _KEPT if delay > 0 and _keepable(slot) else _FREE
 
         _, kept = self._sweep(decide)
         return kept
@@ -670,6 +677,9 @@ class LockTable(LockMechanism):
         ticket, state = _SEALED_HEAD.unpack_from(self._mv, soff)
         if ticket == handle >> INDEX_BITS and state == _GRANTED:
             _U64.pack_into(self._mv, soff + _SEAL_OFFSET, secret)
+            flags = self._mv[soff + _FLAGS_OFFSET]
+            if flags & _HANDED:  # its client is told now: keepable from here on
+                self._mv[soff + _FLAGS_OFFSET] = flags & ~_HANDED
 
     def tidy(self, gone: Callable[[int, float], bool] | None = None) -> Tidied:
         """Free the locks and requests of owners that no longer exist, but keep (KEPT) the keepable
@@ -694,7 +704,7 @@ class LockTable(LockMechanism):
                 return None
             if not gone(slot.pid, slot.timestamp):
                 return None
-            return _KEPT if delay > 0 and slot.state == _GRANTED and slot.flags & _KEEP else _FREE
+            return _KEPT if delay > 0 and _keepable(slot) else _FREE
 
         done = Tidied(*self._sweep(decide))
         self._bump("tidy_ops", done.freed + done.kept)
@@ -882,7 +892,7 @@ class LockTable(LockMechanism):
                 return expires
         elif not (_surely_dead(slot.pid) if thorough else _no_such_process(slot.pid)):
             return 0.0
-        elif slot.state == _GRANTED and slot.flags & _KEEP and self.lock_delay > 0:
+        elif _keepable(slot) and self.lock_delay > 0:
             self._bump("tidy_ops")
             expires = self._keep(index)
             self._note_expiry(expires)
@@ -998,6 +1008,8 @@ class LockTable(LockMechanism):
                 continue
             soff = self.geometry.slot_offset(index)
             struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
+            if slot.flags & _KEEP:
+                _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, slot.flags | _HANDED)
             _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
             handed = True
