@@ -38,6 +38,7 @@ from dls_shm import (
     unpack_ip,
 )
 from dls_shm.layout import MAGIC, SLOT_SIZE, SlotFlag
+from dls_shm.semaphores import Semaphores
 from dls_shm.table import INDEX_BITS, stored_key
 
 NL, CR, CW, PR, PW, EX = range(6)
@@ -726,3 +727,39 @@ def test_a_table_removed_during_a_request_gives_no_grant_and_no_traceback(
         table.lock(owner(2), 99, -1, b"OTHER", EX)
     with pytest.raises(TableMissing, match="was removed"):
         table.unlock(held.handle)
+
+
+def test_an_exception_as_a_take_returns_gives_the_semaphore_back(
+    table: LockTable, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C (an exception from a signal handler) as a semop that took a group's semaphore returns, before
+    the caller knew it had: given back, or this process's next request would wait for it forever, and every
+    other process until this one exits (audit of issue 13). Fast path and slow path."""
+    group = resource_value(INODE, DEVICE, b"K") % table.geometry.ngroups
+    member = table._sems.member_of(group)
+    semop = dls_shm.table._semop
+
+    def interrupted(semid: int, address: int, count: int) -> int:
+        done = int(semop(semid, address, count))
+        if address in table._take_of:
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(dls_shm.table, "_semop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        table.lock(A, INODE, DEVICE, b"K", EX)
+    assert table._sems.value(1 + member) == 1
+    monkeypatch.setattr(dls_shm.table, "_semop", semop)
+    take = Semaphores.take
+
+    def interrupted_slow(sems: Semaphores, address: int) -> None:
+        take(sems, address)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Semaphores, "take", interrupted_slow)
+    with pytest.raises(KeyboardInterrupt):
+        table.status(A, INODE, DEVICE, b"K")
+    assert table._sems.value(1 + member) == 1
+    monkeypatch.setattr(Semaphores, "take", take)
+    granted = grant(table, A, b"K")
+    table.unlock(granted.handle)

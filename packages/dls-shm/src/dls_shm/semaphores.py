@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterable
 
 import sysv_ipc
@@ -57,6 +58,7 @@ _semctl = _libc.semctl
 _semctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _semctl.restype = ctypes.c_int
 _GETVAL = 12
+_GETPID = 11
 _SIZE = ctypes.sizeof(_SemBuf)
 
 
@@ -139,6 +141,24 @@ class Semaphores:
             self._failed()
         return int(got)
 
+    def taken_here(self, numbers: Iterable[int]) -> bool:
+        """Whether this process holds each member of ``numbers`` (set numbers: 0 the header's, 1 + m group
+        member m): asked when an exception (Ctrl-C: a signal handler's) came as a take returned, before its
+        caller could know it had taken them. Known only in a process of one thread: in another, a thread of
+        the same process may hold them (the kernel records processes, not threads), and False is said."""
+        if threading.active_count() != 1:
+            return False
+        me = os.getpid()
+        try:
+            return all(self.value(n) == 0 and self._last_pid(n) == me for n in numbers)
+        except (OSError, SemaphoresGone):
+            return False
+
+    def _last_pid(self, number: int) -> int:
+        while (got := _semctl(self.id, number, _GETPID)) < 0:
+            self._failed()
+        return int(got)
+
     def open_all(self) -> None:
         """Set every member to 1 (not SEM_UNDO): the table is ready."""
         count = 1 + self.group_members
@@ -146,11 +166,18 @@ class Semaphores:
         while _semop(self.id, ctypes.addressof(ops), count) != 0:
             self._failed()
 
+    def give_numbers(self, numbers: tuple[int, ...]) -> None:
+        """Give back the set members ``numbers`` (0 the header's, 1 + m group member m), in one operation."""
+        self._ops(numbers, 1)
+
     def _many(self, members: tuple[int, ...], op: int) -> None:
-        if len(members) > BATCH_MEMBERS:
-            raise ValueError(f"{len(members)} semaphores in one operation: at most {BATCH_MEMBERS}")
-        ops = (_SemBuf * len(members))(*(_SemBuf(1 + m, op, _SEM_UNDO) for m in members))
-        while _semop(self.id, ctypes.addressof(ops), len(members)) != 0:
+        self._ops(tuple(1 + m for m in members), op)
+
+    def _ops(self, numbers: tuple[int, ...], op: int) -> None:
+        if len(numbers) > BATCH_MEMBERS + 1:
+            raise ValueError(f"{len(numbers)} semaphores in one operation: at most {BATCH_MEMBERS}")
+        ops = (_SemBuf * len(numbers))(*(_SemBuf(n, op, _SEM_UNDO) for n in numbers))
+        while _semop(self.id, ctypes.addressof(ops), len(numbers)) != 0:
             self._failed()
 
     def _failed(self) -> None:

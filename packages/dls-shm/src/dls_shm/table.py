@@ -481,8 +481,12 @@ class LockTable(LockMechanism):
         mv = self._mv
         member = group % self._nsems
         semid = self._sems.id
-        if _semop(semid, self._take_of[member], 1):  # the C call itself: the lock path's semaphore round trip
-            self._take(member)
+        try:
+            if _semop(semid, self._take_of[member], 1):  # the C call itself: the lock path's semaphore round trip
+                self._take(member)
+        except BaseException:
+            self._give_if_taken(member)
+            raise
         try:
             vals = self._vals.unpack_from(mv, goff + _G)
             if value in vals:
@@ -557,8 +561,12 @@ class LockTable(LockMechanism):
         tokens: list[int] = []
         member = group % self._nsems
         semid = self._sems.id
-        if _semop(semid, self._take_of[member], 1):
-            self._take(member)
+        try:
+            if _semop(semid, self._take_of[member], 1):
+                self._take(member)
+        except BaseException:
+            self._give_if_taken(member)
+            raise
         try:
             ticket, state, _mode, _flags, _klen, queued = SLOT_HEAD.unpack_from(mv, soff)
             if ticket != handle >> INDEX_BITS or state != 1:
@@ -777,6 +785,12 @@ class LockTable(LockMechanism):
         with self._told():
             self._sems.take(self._take_of[member])
 
+    def _give_if_taken(self, member: int) -> None:
+        """After an exception as a take of ``member`` returned (Ctrl-C then): give it back if this process took
+        it, or its own next request would wait for it forever, and every other process until it exits."""
+        if self._sems.taken_here((1 + member,)):
+            self._give(member)
+
     def _give(self, member: int) -> None:
         """Give a semaphore back. Removed meanwhile (jdls -K -o), the table is gone with every lock in it:
         what was just done in it counts for nothing, and a lock just written there must not be granted."""
@@ -794,9 +808,16 @@ class LockTable(LockMechanism):
             raise TableError(f"lock table 0x{self.key:08x}: {exc}") from None
 
     @contextlib.contextmanager
-    def _holding(self, take: Callable[[], _T], give: Callable[[_T], None]) -> Iterator[None]:
-        with self._told():
-            taken = take()
+    def _holding(self, take: Callable[[], _T], give: Callable[[_T], None], numbers: tuple[int, ...]) -> Iterator[None]:
+        """Hold what ``take`` takes (set members ``numbers``) while the body runs."""
+        try:
+            with self._told():
+                taken = take()
+        except BaseException:
+            if self._sems.taken_here(numbers):  # an exception as the take returned (see _give_if_taken)
+                with self._told():
+                    self._sems.give_numbers(numbers)
+            raise
         try:
             yield
         finally:
@@ -807,15 +828,17 @@ class LockTable(LockMechanism):
         """Hold the semaphore of ``group`` (the slow paths' way; the lock path takes and gives it inline)."""
         member = group % self._nsems
         return self._holding(lambda: self._sems.take(self._take_of[member]),
-                             lambda _: self._sems.give(self._give_of[member]))
+                             lambda _: self._sems.give(self._give_of[member]), (1 + member,))
 
     def _groups_held(self, groups: Iterable[int]) -> contextlib.AbstractContextManager[None]:
         """Hold the semaphores of several groups (at most BATCH_MEMBERS of them), taken in one operation."""
-        return self._holding(lambda: self._sems.take_groups(groups), self._sems.give_members)
+        groups = tuple(groups)
+        numbers = tuple(sorted({1 + self._sems.member_of(g) for g in groups}))
+        return self._holding(lambda: self._sems.take_groups(groups), self._sems.give_members, numbers)
 
     def _header_held(self) -> contextlib.AbstractContextManager[None]:
         """Hold the header's semaphore, for a moment, innermost (a group's may be held already)."""
-        return self._holding(self._sems.take_header, lambda _: self._sems.give_header())
+        return self._holding(self._sems.take_header, lambda _: self._sems.give_header(), (0,))
 
     def _full(self, group: int) -> GroupFull:
         return GroupFull(
