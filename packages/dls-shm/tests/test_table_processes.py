@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from dls_shm import (
     owner_gone,
     resource_value,
 )
+from dls_shm.table import _TIME_OFFSET
 from dls_testkit import wait_for
 
 EX, PR = 5, 3
@@ -417,3 +419,30 @@ def test_a_waiter_with_more_than_1024_descriptors_open_waits(table: LockTable, c
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_clock_stepped_forward_does_not_make_a_live_holder_a_stranger(
+    table: LockTable, children: Any, pipes: Any,
+) -> None:
+    """A lock's time and a process's start are wall-clock times: after the clock steps forward (NTP, a virtual
+    machine resumed) a holder looks younger than the lock it took, as a stranger that reused its pid would.
+    The tidy frees such a lock only if that process does not have the table attached: the holder keeps its
+    lock; a process that never attached the table (a stranger) does not (audit of issue 13: read in
+    liveness.py, a double holder after a clock step)."""
+    locked, release = pipes(), pipes()
+    holder_pid = children.fork(lambda: hold_until_told(table, locked, release))  # the table attached (forked)
+    locked.recv()
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        assert isinstance(table.lock(Owner(stranger.pid, 1, 0, stranger.pid, LOCAL_IP), INODE, DEVICE, b"OTHER",
+                                     EX), Grant)
+        for entry in table.scan():  # as if both locks were taken 100 s before their processes started
+            struct.pack_into("=d", table._mv, table.geometry.slot_offset(entry.index) + _TIME_OFFSET,
+                             time.time() - 100)
+        assert table.tidy().freed == 1
+        assert [s.pid for s in used(table)] == [holder_pid]
+    finally:
+        stranger.kill()
+        stranger.wait()
+        release.send()
+    assert children.wait(holder_pid) == 0

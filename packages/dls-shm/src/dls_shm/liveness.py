@@ -10,6 +10,12 @@ a tidy of 100,000 locks held by a few processes asks a few times, not 100,000 (`
 answers of one tidy; psutil, asked per lock, made a tidy of a million-lock table take 10 s). A process
 whose /proc entry cannot be read (hidepid) but which exists is taken as alive: a lock is never freed on a
 guess.
+
+The comparison is of wall-clock times (the boot time of /proc/stat follows the clock), so a step of the
+clock forward (NTP, a virtual machine resumed) makes every process look younger than the locks it took
+before the step. A process that looks younger than its lock is therefore judged a stranger only if it does
+not have the table's segment attached: whoever took a table lock has (a LocalClient, a lock server), and
+another dls process that reused the pid keeps the lock only until it ends.
 """
 
 from __future__ import annotations
@@ -56,6 +62,18 @@ def started(pid: int, booted: float) -> float | None:
     return booted + int(fields[19]) / _TICKS
 
 
+def maps_segment(pid: int, shm_id: int) -> bool | None:
+    """Whether process ``pid`` has SysV segment ``shm_id`` attached (its maps show it); None when its maps
+    cannot be read."""
+    wanted = b"%d" % shm_id
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            return any(len(fields) >= 6 and fields[5].startswith(b"/SYSV") and fields[4] == wanted
+                       for fields in (line.split() for line in maps))
+    except OSError:
+        return None
+
+
 class Liveness:
     """``gone(pid, since)`` for one tidy: each pid's start time read once, and the boot time once.
 
@@ -64,18 +82,30 @@ class Liveness:
     not; what died since is freed by the next tidy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shm_id: int | None = None) -> None:
         self._booted = boot_time()
         self._started: dict[int, float | None] = {}
+        self._shm_id = shm_id
+        self._mapping: dict[int, bool] = {}
 
     def __call__(self, pid: int, since: float) -> bool:
         try:
             start = self._started[pid]
         except KeyError:
             start = self._started[pid] = started(pid, self._booted)
-        return start is None or start > since + PID_REUSE_SLACK
+        if start is None:
+            return True
+        if start <= since + PID_REUSE_SLACK:
+            return False
+        if self._shm_id is None:
+            return True
+        mapping = self._mapping.get(pid)
+        if mapping is None:  # younger than its lock: a stranger with the pid, or the clock stepped forward
+            mapping = self._mapping[pid] = maps_segment(pid, self._shm_id) is not False
+        return not mapping
 
 
-def owner_gone(pid: int, since: float) -> bool:
-    """True when the process that took a lock at ``since`` no longer exists (one question, nothing kept)."""
-    return Liveness()(pid, since)
+def owner_gone(pid: int, since: float, shm_id: int | None = None) -> bool:
+    """True when the process that took a lock at ``since`` (in the table whose segment is ``shm_id``) no
+    longer exists (one question, nothing kept)."""
+    return Liveness(shm_id)(pid, since)

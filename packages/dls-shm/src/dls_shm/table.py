@@ -697,7 +697,7 @@ class LockTable(LockMechanism):
         ``gone(pid, since)`` says whether the owner of a lock taken at ``since`` has gone; by default a
         ``Liveness`` of this tidy, which asks the system once per pid (the start time guards against a
         reused pid)."""
-        gone = gone or Liveness()
+        gone = gone or Liveness(self.shm_id)
         delay = self.lock_delay
         now = time.time()
         with self._header_held():
