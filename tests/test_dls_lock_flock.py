@@ -556,6 +556,7 @@ def test_a_socket_left_by_a_killed_hold_process_is_replaced(service: Service, wi
         assert shell.poll() is None, err.read_text()
         hold = _hold_process(holder_of(witness, data, KEY).client_pid)
         [guard] = hold.children()
+        hold.suspend()  # at once: stopped first, the hold process cannot act on its guard's end in between
         guard.kill()
         hold.kill()
         wait_for(lambda: not alive(hold.pid) and not alive(guard.pid), 5, "the hold process and its guard to end")
