@@ -527,10 +527,43 @@ class LockTable(LockMechanism):
             ticket, state, mode, *_ = SLOT_HEAD.unpack_from(self._mv, soff)
             if ticket == handle >> INDEX_BITS and state == _GRANTED:
                 return Grant(handle, mode, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0])
+            if ticket == handle >> INDEX_BITS and state == _WAITING:
+                holder = self._live_holder_in_the_way(group, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
+                                                      Slot._make(SLOT_STRUCT.unpack_from(self._mv, soff)))
+                if holder is not None:
+                    return Queued(handle, holder, 0.0)
         with self._group_held(index // self._per_group if index < self.geometry.locks else 0):
             result, tokens = self._retry_locked(handle)
         _ring(tokens)
         return result
+
+    def _live_holder_in_the_way(self, group: int, value: int, me: Slot) -> Holder | None:
+        """Without the semaphore: a live process's granted lock that keeps waiting request ``me`` waiting, or
+        None (look under the semaphore). Such a request can be granted only by a hand-off, which its slot
+        shows: one rung to learn who holds the lock now (after a hand-off to another) need not queue for the
+        semaphore behind the new holder's release. Nothing is written; a torn read only sends it there."""
+        mv, goff = self._mv, HEADER_SIZE + group * self._group_size + _G
+        vals = self._vals.unpack_from(mv, goff)
+        ident, key = self._ident, me.key[: me.key_len]
+        mine = ident(me)
+        found: Slot | None = None
+        pos = -1
+        while True:
+            try:
+                pos = vals.index(value, pos + 1)
+            except ValueError:
+                break
+            slot = Slot._make(SLOT_STRUCT.unpack_from(mv, goff + self._values_size + pos * SLOT_SIZE))
+            if (slot.state != _GRANTED or slot.inode != me.inode or slot.device != me.device
+                    or slot.key[: slot.key_len] != key):
+                continue
+            if ident(slot) == mine:
+                return None  # a conversion: it looks under the semaphore
+            if found is None and not modes.compatible(me.mode, slot.mode):
+                found = slot
+        if found is None or _surely_dead(found.pid):  # a zombie too: the end a watching waiter was woken by
+            return None
+        return _holder(found)
 
     def cancel(self, handle: int) -> bool:
         """Withdraw a queued request, or give back the lock it was handed meanwhile (its requester gives up
