@@ -542,24 +542,16 @@ class LockTable(LockMechanism):
         None (look under the semaphore). Such a request can be granted only by a hand-off, which its slot
         shows: one rung to learn who holds the lock now (after a hand-off to another) need not queue for the
         semaphore behind the new holder's release. Nothing is written; a torn read only sends it there."""
-        mv, goff = self._mv, HEADER_SIZE + group * self._group_size + _G
-        vals = self._vals.unpack_from(mv, goff)
-        ident, key = self._ident, me.key[: me.key_len]
+        granted, _waiting = self._matching(group, value, me.inode, me.device, me.key[: me.key_len])
+        ident = self._ident
         mine = ident(me)
         found: Slot | None = None
-        pos = -1
-        while True:
-            try:
-                pos = vals.index(value, pos + 1)
-            except ValueError:
-                break
-            slot = Slot._make(SLOT_STRUCT.unpack_from(mv, goff + self._values_size + pos * SLOT_SIZE))
-            if (slot.state != _GRANTED or slot.inode != me.inode or slot.device != me.device
-                    or slot.key[: slot.key_len] != key):
-                continue
-            if ident(slot) == mine:
+        for _index, slot in granted:
+            if slot.state == _GRANTED and ident(slot) == mine:
                 return None  # a conversion: it looks under the semaphore
             if found is None and not modes.compatible(me.mode, slot.mode):
+                if slot.state != _GRANTED:
+                    return None  # kept for its client: when it expires is said under the semaphore
                 found = slot
         if found is None or _surely_dead(found.pid):  # a zombie too: the end a watching waiter was woken by
             return None
