@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dls_shm.liveness
 import dls_shm.table
 import psutil
 import pytest
@@ -436,9 +437,11 @@ def test_a_clock_stepped_forward_does_not_make_a_live_holder_a_stranger(
     try:
         assert isinstance(table.lock(Owner(stranger.pid, 1, 0, stranger.pid, LOCAL_IP), INODE, DEVICE, b"OTHER",
                                      EX), Grant)
+        booted = dls_shm.liveness.boot_time()
         for entry in table.scan():  # as if both locks were taken 100 s before their processes started
-            struct.pack_into("=d", table._mv, table.geometry.slot_offset(entry.index) + _TIME_OFFSET,
-                             time.time() - 100)
+            start = dls_shm.liveness.started(entry.slot.pid, booted)  # (from /proc: whatever the test's clock says)
+            assert start is not None
+            struct.pack_into("=d", table._mv, table.geometry.slot_offset(entry.index) + _TIME_OFFSET, start - 100)
         assert table.tidy().freed == 1
         assert [s.pid for s in used(table)] == [holder_pid]
     finally:
