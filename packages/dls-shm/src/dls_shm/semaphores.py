@@ -35,6 +35,7 @@ import sysv_ipc
 MOST_GROUP_MEMBERS = 128
 #: Most members one ``semop`` takes (the kernel's SEMOPM, 32 on the oldest kernels, 500 today).
 BATCH_MEMBERS = 32
+#: The set member that guards the header (a group member m is set member 1 + m).
 HEADER_MEMBER = 0
 
 _IPC_CREAT = 0o1000
@@ -48,9 +49,9 @@ class _SemBuf(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 #: semop(semid, address of the operations, how many): 0, or -1 with the error in ctypes.get_errno().
-semop = _semop = _libc.semop
-_semop.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_semop.restype = ctypes.c_int
+semop = _libc.semop
+semop.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+semop.restype = ctypes.c_int
 _semget = _libc.semget
 _semget.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _semget.restype = ctypes.c_int
@@ -112,18 +113,18 @@ class Semaphores:
 
     def take(self, address: int) -> None:
         """Take the member whose buffer is at ``address`` (``take_of``), waiting as long as it takes."""
-        while _semop(self.id, address, 1) != 0:
+        while semop(self.id, address, 1) != 0:
             self._failed()
 
     def give(self, address: int) -> None:
-        while _semop(self.id, address, 1) != 0:
+        while semop(self.id, address, 1) != 0:
             self._failed()
 
     def take_header(self) -> None:
-        self.take(ctypes.addressof(self._take))
+        self.take(ctypes.addressof(self._take) + _SIZE * HEADER_MEMBER)
 
     def give_header(self) -> None:
-        self.give(ctypes.addressof(self._give))
+        self.give(ctypes.addressof(self._give) + _SIZE * HEADER_MEMBER)
 
     def take_groups(self, groups: Iterable[int]) -> tuple[int, ...]:
         """Take, in one ``semop``, the members of ``groups`` (at most BATCH_MEMBERS distinct ones); what to
@@ -137,9 +138,7 @@ class Semaphores:
 
     def value(self, number: int) -> int:
         """The value of member ``number`` of the set (0: the header's; 1 + m: group member m): 1 free, 0 held."""
-        while (got := _semctl(self.id, number, _GETVAL)) < 0:
-            self._failed()
-        return int(got)
+        return self._ctl(number, _GETVAL)
 
     def taken_here(self, numbers: Iterable[int]) -> bool:
         """Whether this process holds each member of ``numbers`` (set numbers: 0 the header's, 1 + m group
@@ -150,12 +149,13 @@ class Semaphores:
             return False
         me = os.getpid()
         try:
-            return all(self.value(n) == 0 and self._last_pid(n) == me for n in numbers)
+            return all(self.value(n) == 0 and self._ctl(n, _GETPID) == me for n in numbers)
         except (OSError, SemaphoresGone):
             return False
 
-    def _last_pid(self, number: int) -> int:
-        while (got := _semctl(self.id, number, _GETPID)) < 0:
+    def _ctl(self, number: int, command: int) -> int:
+        """semctl's answer for member ``number`` (GETVAL: its value; GETPID: the last process to operate on it)."""
+        while (got := _semctl(self.id, number, command)) < 0:
             self._failed()
         return int(got)
 
@@ -163,7 +163,7 @@ class Semaphores:
         """Set every member to 1 (not SEM_UNDO): the table is ready."""
         count = 1 + self.group_members
         ops = (_SemBuf * count)(*(_SemBuf(n, 1, 0) for n in range(count)))
-        while _semop(self.id, ctypes.addressof(ops), count) != 0:
+        while semop(self.id, ctypes.addressof(ops), count) != 0:
             self._failed()
 
     def give_numbers(self, numbers: tuple[int, ...]) -> None:
@@ -177,7 +177,7 @@ class Semaphores:
         if len(numbers) > BATCH_MEMBERS + 1:
             raise ValueError(f"{len(numbers)} semaphores in one operation: at most {BATCH_MEMBERS}")
         ops = (_SemBuf * len(numbers))(*(_SemBuf(n, op, _SEM_UNDO) for n in numbers))
-        while _semop(self.id, ctypes.addressof(ops), len(numbers)) != 0:
+        while semop(self.id, ctypes.addressof(ops), len(numbers)) != 0:
             self._failed()
 
     def _failed(self) -> None:

@@ -485,7 +485,7 @@ class LockTable(LockMechanism):
             if _semop(semid, self._take_of[member], 1):  # the C call itself: the lock path's semaphore round trip
                 self._take(member)
         except BaseException:
-            self._give_if_taken(member)
+            self._give_if_taken((1 + member,))
             raise
         try:
             vals = self._vals.unpack_from(mv, goff + _G)
@@ -590,7 +590,7 @@ class LockTable(LockMechanism):
             if _semop(semid, self._take_of[member], 1):
                 self._take(member)
         except BaseException:
-            self._give_if_taken(member)
+            self._give_if_taken((1 + member,))
             raise
         try:
             ticket, state, _mode, _flags, _klen, queued = SLOT_HEAD.unpack_from(mv, soff)
@@ -810,11 +810,13 @@ class LockTable(LockMechanism):
         with self._told():
             self._sems.take(self._take_of[member])
 
-    def _give_if_taken(self, member: int) -> None:
-        """After an exception as a take of ``member`` returned (Ctrl-C then): give it back if this process took
-        it, or its own next request would wait for it forever, and every other process until it exits."""
-        if self._sems.taken_here((1 + member,)):
-            self._give(member)
+    def _give_if_taken(self, numbers: tuple[int, ...]) -> None:
+        """After an exception as a take of set members ``numbers`` returned (Ctrl-C then): give them back if
+        this process took them, or its own next request would wait for them forever, and every other process
+        until it exits."""
+        if self._sems.taken_here(numbers):
+            with self._told():
+                self._sems.give_numbers(numbers)
 
     def _give(self, member: int) -> None:
         """Give a semaphore back. Removed meanwhile (jdls -K -o), the table is gone with every lock in it:
@@ -839,9 +841,7 @@ class LockTable(LockMechanism):
             with self._told():
                 taken = take()
         except BaseException:
-            if self._sems.taken_here(numbers):  # an exception as the take returned (see _give_if_taken)
-                with self._told():
-                    self._sems.give_numbers(numbers)
+            self._give_if_taken(numbers)
             raise
         try:
             yield
@@ -863,7 +863,7 @@ class LockTable(LockMechanism):
 
     def _header_held(self) -> contextlib.AbstractContextManager[None]:
         """Hold the header's semaphore, for a moment, innermost (a group's may be held already)."""
-        return self._holding(self._sems.take_header, lambda _: self._sems.give_header(), (0,))
+        return self._holding(self._sems.take_header, lambda _: self._sems.give_header(), (semaphores.HEADER_MEMBER,))
 
     def _full(self, group: int) -> GroupFull:
         return GroupFull(
