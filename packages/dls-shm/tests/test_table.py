@@ -88,7 +88,7 @@ def entries(table: LockTable) -> list[Any]:
 
 
 def rung(bell: Doorbell) -> bool:
-    return bell.wait(0.5)
+    return bool(bell.wait(0.5))
 
 
 def quiet(bell: Doorbell) -> bool:
@@ -435,7 +435,7 @@ def test_fifo_an_exclusive_waiter_is_not_overtaken(table: LockTable, bells: Make
     assert reader_q.holder == holder_of(B, EX)
     table.unlock(reader.handle)
     assert rung(w_bell)
-    assert rung(r_bell)  # to look again: it is behind another holder now (the writer)
+    assert quiet(r_bell)  # the writer, just ahead of it, is its new holder: nothing new to watch
     still = table.retry(reader_q.handle)
     assert isinstance(still, Queued) and still.holder == holder_of(B, EX)
     writer = table.retry(writer_q.handle)
@@ -482,7 +482,7 @@ def test_a_freed_lock_is_handed_to_its_first_waiter_and_a_waiter_that_gives_up_g
     b = queue(table, B, b_bell)
     c = queue(table, C, c_bell)
     table.unlock(g.handle)
-    assert rung(b_bell) and rung(c_bell)  # C to look again: B holds it now
+    assert rung(b_bell) and quiet(c_bell)  # C watches B, just ahead of it, since it queued
     assert [(e.slot.thread, e.slot.state) for e in entries(table)] == [
         (B.thread, SlotState.GRANTED), (C.thread, SlotState.WAITING)]
     assert table.cancel(b.handle) is True  # B gave up without looking: the lock goes on to C

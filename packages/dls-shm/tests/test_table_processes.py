@@ -205,6 +205,113 @@ def test_a_waiter_handed_the_lock_and_killed_holding_it_wakes_the_next_at_once(
     table.unlock(outcome[0].handle)
 
 
+def test_a_hand_off_to_the_waiter_ahead_rings_nobody_else_and_its_death_wakes_the_next(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next waiter watches the waiters ahead of it from the start (``Queued.watch``): a hand-off to the
+    one just ahead wakes only that one, and its death as the new holder still wakes the next at once."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    locked, release, queued, granted, end = pipes(), pipes(), pipes(), pipes(), pipes()
+    first = children.fork(lambda: hold_until_told(table, locked, release))
+    locked.recv()
+
+    def wait_then_hold() -> int:
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=60)
+        granted.send()
+        end.recv(timeout=60)
+        return 5 if isinstance(result, Grant) else 6
+
+    second = children.fork(wait_then_hold)
+    queued.recv()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 1, 5, "the first waiter")
+    bell = table.doorbell()
+    mine = table.lock(me(), INODE, DEVICE, KEY, EX, wait_token=bell.token)
+    assert isinstance(mine, Queued) and set(mine.watch) == {first, second}, mine
+    release.send()
+    granted.recv()
+    assert not bell.wait(0.3), "the hand-off to the waiter ahead rang the next waiter too"
+    assert children.wait(first) == 0
+    os.kill(second, signal.SIGKILL)
+    killed = time.monotonic()
+    # As the waiter does (``acquire``): poll the doorbell and the watched processes, look again when either
+    # speaks (a process found ended already, the first holder here, is not watched again).
+    watch, ended, result = dls_shm.HolderWatch(), set(), mine
+    try:
+        for _look in range(4):
+            fds, gone = watch.follow([pid for pid in result.watched() if pid not in ended])
+            ended.update(gone if gone else watch.ended(bell.wait(5, fds)))
+            result = table.retry(mine.handle)
+            if isinstance(result, Grant):
+                break
+    finally:
+        watch.close()
+    assert isinstance(result, Grant), result
+    assert time.monotonic() - killed < 0.5, "the new holder's death did not wake the next waiter"
+    assert children.wait(second) == -signal.SIGKILL
+    table.unlock(result.handle)
+
+
+def test_a_holder_handed_the_lock_far_ahead_of_the_first_waiter_wakes_it_when_it_dies(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More readers handed the lock at once than a waiter watches ahead of it (WATCH_AHEAD): the first
+    waiter left is rung to look again, so that the death of the farthest one, the last to hold, wakes it
+    at once (not at its next look, a minute away here)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    monkeypatch.setattr(dls_shm.table, "WATCH_AHEAD", 2)  # the test's table has groups of 10 slots
+    readers = dls_shm.table.WATCH_AHEAD + 2
+    locked, release, queued, granted, done, end = pipes(), pipes(), pipes(), pipes(), pipes(), pipes()
+
+    def hold_then_live_on() -> int:  # its end would wake the waiter, which watches it
+        status = hold_until_told(table, locked, release)
+        end.recv(timeout=60)
+        return status
+
+    writer = children.fork(hold_then_live_on)
+    locked.recv()
+
+    def read(n: int) -> int:
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, PR, timeout=60)
+        if not isinstance(result, Grant):
+            return 6
+        granted.send()
+        if n == 0:  # the farthest ahead holds on until killed
+            time.sleep(120)
+            return 7
+        table.unlock(result.handle)
+        done.send()
+        end.recv(timeout=60)
+        return 0
+
+    pids = []
+    for n in range(readers):  # one after the other: their order in the queue is known
+        pids.append(children.fork(lambda n=n: read(n)))
+        queued.recv()
+        wait_for(lambda n=n: [s.state for s in used(table)].count(SlotState.WAITING) == n + 1, 5, "a reader")
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(table.acquire(me(), INODE, DEVICE, KEY, EX,
+                                                                            timeout=30)))
+    waiter.start()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == readers + 1, 5, "the writer")
+    release.send()
+    granted.recv(readers)
+    done.recv(readers - 1)
+    time.sleep(0.2)  # the waiter has looked again, if it was rung
+    assert not outcome, "the writer got the lock while a reader held it"
+    os.kill(pids[0], signal.SIGKILL)
+    killed = time.monotonic()
+    waiter.join(30)
+    end.send(b"." * readers)
+    assert outcome and isinstance(outcome[0], Grant), outcome
+    assert time.monotonic() - killed < 0.5
+    assert children.wait(pids[0]) == -signal.SIGKILL
+    assert [children.wait(pid) for pid in pids[1:]] == [0] * (readers - 1)
+    assert children.wait(writer) == 0
+    table.unlock(outcome[0].handle)
+
+
 def test_a_holder_killed_while_its_parent_waits_wakes_the_parent_at_once(
     table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

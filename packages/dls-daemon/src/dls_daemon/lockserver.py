@@ -54,7 +54,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dls_proto import ALL_THREADS as WIRE_ALL_THREADS
@@ -202,8 +202,10 @@ class _Pending:
     mechanism: LockMechanism
     pauses: Iterator[float]  # the mechanism's pauses between looks when not rung
     retry_at: float
-    #: A blocking process found ended whose lock stays in the way (kept for its client): not watched again.
-    ended: int = 0
+    #: The processes whose end may let it on (``Queued.watched``), watched while it waits.
+    watch: tuple[int, ...] = ()
+    #: Those found ended whose locks stay in the way (kept for their clients): not watched again.
+    ended: set[int] = field(default_factory=set)
 
 
 class Stats:
@@ -262,7 +264,7 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         self._finished = False
         #: The processes that block waiting requests, watched (pid -> its watch): their end wakes this one.
-        self._watches: dict[int, HolderWatch] = {}
+        self._watch = HolderWatch()
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
         #: This lock server's pid and start time, named in its client's document (its pid file's, else found on its
@@ -514,10 +516,9 @@ class LockServer:
         rung = bell.fileno() in ready
         if rung:
             bell.drain()
-        for pid, watch in self._watches.items():
-            if watch.fd in ready:
-                self._ended(pid)
-                ended = True
+        for pid in self._watch.ended(ready):
+            self._ended(pid)
+            ended = True
         self._retry_pending(rung or ended)
         if decrypted or self.sock.fileno() in ready:
             self._read_ready()
@@ -526,25 +527,18 @@ class LockServer:
         """Watch the processes that block the waiting requests (a lock nobody frees when its holder dies: the
         table's waiters watch theirs the same way, ``LockMechanism.acquire``): the descriptors to select on,
         and whether one has ended already (look again now, once per process)."""
-        wanted = {p.holder.pid for p in self.pending.values() if p.holder.pid != p.ended}
-        for pid in [pid for pid in self._watches if pid not in wanted]:
-            self._watches.pop(pid).close()
-        fds, ended = [], False
-        for pid in wanted:
-            fd = self._watches.setdefault(pid, HolderWatch()).follow(pid)
-            if fd is None:
-                self._ended(pid)
-                ended = True
-            elif fd >= 0:
-                fds.append(fd)
-        return fds, ended
+        wanted = {pid for p in self.pending.values() for pid in p.watch if pid not in p.ended}
+        fds, gone = self._watch.follow(wanted)
+        for pid in gone:
+            self._ended(pid)
+        return fds, bool(gone)
 
     def _ended(self, pid: int) -> None:
         """``pid``, which blocks waiting requests, has ended: they look again now, and do not watch it again
         (its lock may stay: kept for its client, or a zombie's the system hides)."""
         for p in self.pending.values():
-            if p.holder.pid == pid:
-                p.ended = pid
+            if pid in p.watch:
+                p.ended.add(pid)
 
     def _read_ready(self) -> None:
         """Read what select said is there, without blocking: over TLS a readable socket may hold only part
@@ -705,7 +699,7 @@ class LockServer:
         # The first interim message after FIRST_INTERIM_DELAY, not at once: a hand-off costs no message.
         pending = _Pending(req, queued.handle, queued.holder, now, deadline,
                            now + min(FIRST_INTERIM_DELAY, self.interim_period) if interim else None,
-                           mechanism, pauses, _sooner(now + next(pauses), queued.expires, now))
+                           mechanism, pauses, _sooner(now + next(pauses), queued.expires, now), queued.watched())
         self.pending[req.request_id] = pending
 
     def _retry_pending(self, rung: bool = True) -> None:
@@ -732,7 +726,7 @@ class LockServer:
                 self._send_unsolicited(Granted(rid, outer, result.mode, result.value))
                 continue
             self.stats.retries += 1
-            p.holder = result.holder
+            p.holder, p.watch = result.holder, result.watched()
             if now >= p.retry_at:
                 p.retry_at = now + next(p.pauses)
             p.retry_at = _sooner(p.retry_at, result.expires, now)

@@ -16,7 +16,7 @@ import os
 import secrets
 import select
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 _PREFIX = b"\0dls-bell-"
 _ringer: socket.socket | None = None
@@ -54,14 +54,14 @@ class Doorbell:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def wait(self, timeout: float | None, also: int = -1) -> bool:
-        """Sleep until rung, or descriptor ``also`` is readable (-1: none), or ``timeout`` seconds pass; True
-        when woken before the timeout."""
+    def wait(self, timeout: float | None, also: Collection[int] = ()) -> set[int]:
+        """Sleep until rung, or one of the descriptors ``also`` is readable, or ``timeout`` seconds pass: the
+        descriptors found readable (empty at the timeout), this doorbell's (drained) among them when rung."""
         mine = self.sock.fileno()
-        ready = readable([mine] if also < 0 else [mine, also], timeout)
+        ready = readable([mine, *also], timeout)
         if mine in ready:
             self.drain()
-        return bool(ready)
+        return ready
 
     def drain(self) -> None:
         try:

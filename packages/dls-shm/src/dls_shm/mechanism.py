@@ -119,11 +119,20 @@ class Queued(NamedTuple):
     """Not granted yet: the request waits under ``handle``, to be retried or cancelled.
 
     ``expires``: when the lock in the way (a kept lock) is freed by itself (``time.time()``), 0 when
-    it is not: a waiter looks again then rather than up to a pause later, as nobody rings for it."""
+    it is not: a waiter looks again then rather than up to a pause later, as nobody rings for it.
+    ``watch``: the processes whose end may let the request on, to be watched while it waits (the holders
+    in its way and the nearest waiters ahead of it, which may hold the lock when it is first in line;
+    see ``holder_watch``); empty: the holder's alone.
+    """
 
     handle: int
     holder: Holder
     expires: float = 0.0
+    watch: tuple[int, ...] = ()
+
+    def watched(self) -> tuple[int, ...]:
+        """The processes to watch while this request waits."""
+        return self.watch or (self.holder.pid,)
 
 
 def stored_key(key: bytes) -> tuple[bytes, int]:
@@ -230,8 +239,8 @@ class LockMechanism(ABC):
         queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
         if not isinstance(queued, Queued):
             return queued
-        watch = HolderWatch()
-        ended = 0  # a blocking process found ended, whose lock is still in the way (kept for its client)
+        watch = self._holder_watch()
+        ended: set[int] = set()  # processes found ended whose locks stay in the way (kept for their clients)
         try:
             if on_wait is not None:
                 on_wait(queued.holder)
@@ -254,23 +263,20 @@ class LockMechanism(ABC):
                     pause = min(pause, left)
                 if queued.expires:
                     pause = min(pause, max(0.0, queued.expires - time.time()))
-                # Woken by a ring, or by the blocking process's end: a lock nobody frees otherwise.
-                watched = -1 if queued.expires or queued.holder.pid == ended else watch.follow(queued.holder.pid)
-                if watched is None:
-                    ended = queued.holder.pid  # look again now, once: it clears the ended process's lock
+                # Woken by a ring, or by a watched process's end: a lock nobody frees otherwise.
+                fds, gone = watch.follow(() if queued.expires else
+                                         [pid for pid in queued.watched() if pid not in ended])
+                if gone:
+                    ended.update(gone)  # look again now, once: it clears the ended processes' locks
                 else:
-                    bell.wait(pause, watched)
+                    ended.update(watch.ended(bell.wait(pause, fds)))
                 queued = self.retry(queued.handle)
                 if not isinstance(queued, Queued):
                     return queued
-                if queued.holder.pid == watch.pid and watch.ended():
-                    ended = watch.pid  # its lock stays (the system hides its end from the table): no busy loop
         except BaseException:
             if isinstance(queued, Queued):
                 self.cancel(queued.handle)
             raise
-        finally:
-            watch.close()
         raise AssertionError("pauses() ended")  # it never does
 
     def doorbell(self) -> doorbell.Doorbell:
@@ -278,5 +284,14 @@ class LockMechanism(ABC):
         bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
         if bell is None or self._local.pid != os.getpid():
             bell = self._local.bell = doorbell.Doorbell()
+            self._local.watch = HolderWatch()
             self._local.pid = os.getpid()
         return bell
+
+    def _holder_watch(self) -> HolderWatch:
+        """This thread's watch of the processes its waits wait on, made with its doorbell. It is kept from
+        one wait to the next, its descriptors with it: a process on a busy lock waits on the same few
+        others again and again (a pidfd each, opened once, not at each wait)."""
+        self.doorbell()
+        watch: HolderWatch = self._local.watch
+        return watch

@@ -105,6 +105,10 @@ from .semaphores import semop as _semop
 #: Longest a waiter sleeps between looks at the table even if never rung: a
 #: safety net for a ring lost with a process killed between unlock and ring.
 RECHECK_INTERVAL = 1.0
+#: How many of the waiters ahead of it (those it cannot share the lock with) a waiting request watches,
+#: beside the holders in its way: a queue's first waiter always watches the holders it waits for, unless
+#: more than this many were handed the lock at once (then the hand-off rings it to look again).
+WATCH_AHEAD = 8
 #: The mode of the table's shared memory and semaphore: the service's group (jdls --group) and nobody else.
 TABLE_MODE = 0o660
 #: How much of the table a scan or sweep copies per hold of the semaphore (whole groups, at least one: 25
@@ -528,21 +532,21 @@ class LockTable(LockMechanism):
             if ticket == handle >> INDEX_BITS and state == _GRANTED:
                 return Grant(handle, mode, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0])
             if ticket == handle >> INDEX_BITS and state == _WAITING:
-                holder = self._live_holder_in_the_way(group, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
+                queued = self._live_holder_in_the_way(handle, group, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
                                                       Slot._make(SLOT_STRUCT.unpack_from(self._mv, soff)))
-                if holder is not None:
-                    return Queued(handle, holder, 0.0)
+                if queued is not None:
+                    return queued
         with self._group_held(index // self._per_group if index < self.geometry.locks else 0):
             result, tokens = self._retry_locked(handle)
         _ring(tokens)
         return result
 
-    def _live_holder_in_the_way(self, group: int, value: int, me: Slot) -> Holder | None:
+    def _live_holder_in_the_way(self, handle: int, group: int, value: int, me: Slot) -> Queued | None:
         """Without the semaphore: a live process's granted lock that keeps waiting request ``me`` waiting, or
         None (look under the semaphore). Such a request can be granted only by a hand-off, which its slot
         shows: one rung to learn who holds the lock now (after a hand-off to another) need not queue for the
         semaphore behind the new holder's release. Nothing is written; a torn read only sends it there."""
-        granted, _waiting = self._matching(group, value, me.inode, me.device, me.key[: me.key_len])
+        granted, waiting = self._matching(group, value, me.inode, me.device, me.key[: me.key_len])
         ident = self._ident
         mine = ident(me)
         found: Slot | None = None
@@ -555,7 +559,7 @@ class LockTable(LockMechanism):
                 found = slot
         if found is None or _surely_dead(found.pid):  # a zombie too: the end a watching waiter was woken by
             return None
-        return _holder(found)
+        return Queued(handle, _holder(found), 0.0, _watch(me, granted, waiting))
 
     def cancel(self, handle: int) -> bool:
         """Withdraw a queued request, or give back the lock it was handed meanwhile (its requester gives up
@@ -973,7 +977,9 @@ class LockTable(LockMechanism):
         if blocker is None:
             return Grant(ticket << INDEX_BITS | index, mode, value), []
         self._count_queued(granted, len(waiting) + 1)
-        return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0), []
+        me_slot = self._slot(index)
+        return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0,
+                      _watch(me_slot, granted, waiting)), []
 
     def _new_slot(
         self, group: int, value: int, owner: Owner, inode: int, device: int, key: bytes, kflags: int,
@@ -1015,7 +1021,7 @@ class LockTable(LockMechanism):
                 break
         if blocker is not None:
             self._bump("lock_retries")
-            return Queued(handle, _holder(blocker[1]), expires or 0.0), []
+            return Queued(handle, _holder(blocker[1]), expires or 0.0, _watch(me, granted, waiting)), []
         mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == who]
         if mine:  # a conversion: the held lock takes the new mode, the request goes
             held_index, held = mine[0]
@@ -1032,14 +1038,13 @@ class LockTable(LockMechanism):
     def _settle(self, group: int, value: int, like: Slot) -> list[int]:
         """After a change to a resource: hand it to the waiters that can have it now, in queue order, recount
         its queue, and name the waiters to ring (those granted, those that may now convert a lock they hold,
-        which they do themselves, and after a hand-off the first waiter left, which watches the process that
-        blocks it and must learn it is another now)."""
+        which they do themselves, and a new first waiter that may not watch every holder in its way)."""
         granted, waiting = self._matching(group, value, like.inode, like.device, like.key[: like.key_len])
         ident = self._ident
         still: list[tuple[int, Slot]] = []
         tokens = []
-        handed = False
-        for item in waiting:
+        handed: dict[int, int] = {}  # slot index -> its place in the queue, of each waiter handed the lock
+        for place, item in enumerate(waiting):
             index, slot = item
             if _no_such_process(slot.pid):  # a waiter killed while it waited: not to be handed anything
                 self._free(index)
@@ -1060,10 +1065,16 @@ class LockTable(LockMechanism):
                 _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, slot.flags | _HANDED)
             _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
-            handed = True
-        if handed and still and still[0][1].doorbell not in (0, *tokens):
-            # The new first waiter looks again, to watch the new holder: its death must wake it at once.
-            tokens.append(still[0][1].doorbell)
+            handed[index] = place
+        if still and still[0] is not waiting[0] and still[0][1].doorbell not in (0, *tokens):
+            first = still[0][1]
+            place = waiting.index(still[0])
+            if any(s.state == _GRANTED and s.pid != first.pid and not modes.compatible(first.mode, s.mode)
+                   and place - handed.get(index, -WATCH_AHEAD - 1) > WATCH_AHEAD for index, s in granted):
+                # A new first waiter in line behind a holder it may not watch (``_watch``: one handed the lock
+                # here from too far ahead of it, or one that held it before): it looks again, to watch it,
+                # as its death must wake it at once. A hand-off to the waiter just ahead rings nobody else.
+                tokens.append(first.doorbell)
         self._count_queued(granted, len(still))
         return tokens
 
@@ -1135,6 +1146,18 @@ class LockTable(LockMechanism):
             self._note_expiry(soonest)
         _ring(tokens)
         return freed, kept
+
+
+def _watch(me: Slot, granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]]) -> tuple[int, ...]:
+    """The processes waiting request ``me`` watches (``Queued.watch``): those of the live locks in its way
+    and of the nearest WATCH_AHEAD waiters ahead of it that it cannot share the lock with (granted first,
+    their release leads to it; a hand-off rings it only for a new holder farther ahead, ``_settle``)."""
+    mode, pid = me.mode, me.pid
+    pids = {s.pid for _, s in granted if s.state == _GRANTED and not modes.compatible(mode, s.mode)}
+    ahead = [s.pid for _, s in waiting if s.ticket < me.ticket and not modes.compatible(mode, s.mode)]
+    pids.update(ahead[-WATCH_AHEAD:])
+    pids.discard(pid)  # another thread's request of this same process
+    return tuple(pids)
 
 
 def _ring(tokens: list[int]) -> None:
