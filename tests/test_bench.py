@@ -23,13 +23,14 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 #: What every run measures (the cases of issue 13's item 1, the floors, the references), by name in the history.
 RATES = ["echo.single", "echo.parallel", "lockf.single", "lockf.parallel", "lockf.contended", "bare.single",
-         "raw.single", "remote.single", "remote.parallel", "remote.contended", "local.single", "local.parallel",
-         "local.contended", "server2.single", "tls.single"]
+         "bare.parallel", "raw.single", "raw.parallel", "remote.single", "remote.parallel", "remote.contended",
+         "local.single", "local.parallel", "local.contended", "server2.single", "tls.single"]
 PARALLEL = [".min", ".max", ".spread"]
 CONTENDED = [".p50_ms", ".p99_ms", ".p99_handoffs"]
 FIGURES = {
     *RATES,
-    *(case + tail for case in ("echo.parallel", "lockf.parallel", "remote.parallel", "local.parallel",
+    *(case + tail for case in ("echo.parallel", "lockf.parallel", "bare.parallel", "raw.parallel",
+                               "remote.parallel", "local.parallel",
                                "lockf.contended", "remote.contended", "local.contended") for tail in PARALLEL),
     *(case + tail for case in ("lockf.contended", "remote.contended", "local.contended") for tail in CONTENDED),
     "startup.help", "startup.lock", "startup.granted", "startup.lock_compiling",

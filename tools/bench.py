@@ -22,7 +22,9 @@ all processes on the same key, contended.
   lock and unlock) against LocalClient; the bare protocol round trip (Lock frames
   prebuilt with dls-proto's codec sent on one greeted connection to the same
   service, each Granted read with dls's own busy-poll reader and its handle put
-  into a prebuilt Unlock frame) against Client.
+  into a prebuilt Unlock frame) against Client. Both also with N processes (the
+  bare trip beside the echo's N, the raw table on own keys beside its 1): what the
+  service and the table alone allow N clients, the client library costing nothing.
 - Resilient cycles (SERVER2: each lock taken on two services) and TLS cycles (a
   service with --tls-cert, a throwaway trustme certificate), one process, against
   Client's one-process rate.
@@ -570,10 +572,12 @@ def measure_all(args: argparse.Namespace, root: str, progress: Callable[[str], N
     with service(root, next(ports)) as port:
         config = Config(server=Server("127.0.0.1", port))
         case("bare.single", partial(bare_prepare, port), 1)
+        case("bare.parallel", partial(bare_prepare, port), n)
         case("remote.single", partial(client_prepare, config), 1)
         case("remote.parallel", partial(client_prepare, config), n)
         case("remote.contended", partial(client_prepare, config), n, True)
         case("raw.single", partial(raw_prepare, Instance.from_environment(root).key), 1)
+        case("raw.parallel", partial(raw_prepare, Instance.from_environment(root).key), n)
         case("local.single", local_prepare, 1)
         case("local.parallel", local_prepare, n)
         case("local.contended", local_prepare, n, True)
@@ -631,10 +635,13 @@ def rows(n: int) -> list[Row]:
         Row("lockf.contended.p99_ms", "  its wait p99"),
         Row("lockf.contended.p99_handoffs", "  its wait p99 in hand-offs"),
         Row("bare.single", "reference: bare protocol round trip"),
+        Row("bare.parallel", f"reference: bare protocol round trip, {n} processes", "echo.parallel"),
         Row("raw.single", "reference: raw table (dls_shm)"),
+        Row("raw.parallel", f"reference: raw table, {n} processes, own keys", "raw.single"),
         Row("remote.single", "Client, 1 process", "echo.single"),
         Row("remote.single", "Client, 1 process, time per cycle", "bare.single", Goal("<=", 1.2), per_cycle=True),
         Row("remote.parallel", f"Client, {n} processes, own keys", "echo.parallel", Goal(">=", 0.5)),
+        Row("remote.parallel", f"Client, {n} processes, own keys", "bare.parallel"),
         Row("remote.parallel.spread", "  its fairness (spread)"),
         Row("remote.contended", f"Client, {n} processes, one key", "remote.single", Goal(">=", 0.5)),
         Row("remote.contended.spread", "  its fairness (spread)", goal=fair),
@@ -680,6 +687,7 @@ def shown(name: str, value: float, figures: dict[str, float] | None = None, *, p
 #: How the "against" column names a figure.
 SHORT = {"echo.single": "echo 1", "echo.parallel": "echo N", "lockf.single": "lockf 1", "lockf.parallel": "lockf N",
          "lockf.contended": "lockf 1 byte", "bare.single": "bare trip", "raw.single": "raw table",
+         "bare.parallel": "bare trip N",
          "remote.single": "Client 1", "local.single": "Local 1", "flock.help": "flock(1)", "flock.lock": "flock(1)"}
 
 
