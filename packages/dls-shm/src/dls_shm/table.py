@@ -1046,13 +1046,13 @@ class LockTable(LockMechanism):
         handed: dict[int, int] = {}  # slot index -> its place in the queue, of each waiter handed the lock
         for place, item in enumerate(waiting):
             index, slot = item
+            who = ident(slot)
+            if self._blocker(who, slot.mode, slot.ticket, granted, still) is not None:
+                still.append(item)  # alive or not: looked at when its turn comes (a system call a waiter)
+                continue
             if _no_such_process(slot.pid):  # a waiter killed while it waited: not to be handed anything
                 self._free(index)
                 self._bump("tidy_ops")
-                continue
-            who = ident(slot)
-            if self._blocker(who, slot.mode, slot.ticket, granted, still) is not None:
-                still.append(item)
                 continue
             if slot.doorbell:
                 tokens.append(slot.doorbell)
