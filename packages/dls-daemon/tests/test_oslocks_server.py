@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,6 +226,29 @@ def test_without_a_table_locks_are_jlock_files_and_exclude_other_clients(servers
     a.unlock(g.handle)
     assert isinstance(b.lock(EX), Granted)
     from_lock_server(refused(a.lock(EX)), b.server_pid, EX)
+
+
+def test_a_lock_server_runs_no_ipaddress_code(servers: Servers, tmp_path: Path) -> None:
+    """Greeting, locking and unlocking run no function of the ipaddress module (issue 13): in a lock server each
+    Python object touched costs the 4 KiB page it is on, copied from the listener for its reference count, and
+    ipaddress ran through about 0.1 MiB of them. The forked lock server inherits this process's profile hook."""
+    calls = tmp_path / "ipaddress-calls"
+    parent = os.getpid()
+
+    def hook(frame: types.FrameType, event: str, _arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith("ipaddress.py") and os.getpid() != parent:
+            with calls.open("a") as out:
+                out.write(f"{frame.f_code.co_qualname}\n")
+
+    sys.setprofile(hook)
+    try:
+        peer = servers.connect()
+    finally:
+        sys.setprofile(None)
+    peer.unlock(peer.granted(EX).handle)
+    peer.close()
+    assert servers.wait(peer.server_pid) == 0
+    assert not calls.exists(), calls.read_text()
 
 
 def test_welcome_tells_the_mechanism(servers: Servers, table_servers: Servers) -> None:
