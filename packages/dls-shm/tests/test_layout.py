@@ -136,7 +136,7 @@ def test_an_ipv6_zone_is_dropped() -> None:
 
 
 @pytest.mark.parametrize("text", ["", "localhost", "10.0.0", "10.0.0.256", "1::2::3", "010.0.0.1", " 10.0.0.1",
-                                  "%eth0"])
+                                  "%eth0", "10.0.0.1%eth0", "fe80::1%", "fe80::1%a%b"])
 def test_bad_ip(text: str) -> None:
     with pytest.raises(ValueError):
         pack_ip(text)

@@ -228,15 +228,18 @@ def pack_ip(text: str) -> bytes:
     Python objects ipaddress runs through would cost each of them the pages they are on (copy-on-write after
     the fork, for their reference counts), about 0.1 MiB a lock server.
     """
-    address = text.split("%", 1)[0]
+    address, percent, zone = text.partition("%")
     try:
-        return V4_MAPPED + socket.inet_pton(socket.AF_INET, address)
+        if not percent:
+            return V4_MAPPED + socket.inet_pton(socket.AF_INET, address)
     except OSError:
         pass
     try:
-        return socket.inet_pton(socket.AF_INET6, address)
+        if not percent or (zone and "%" not in zone):  # a zone as ipaddress takes it: IPv6 only, not empty
+            return socket.inet_pton(socket.AF_INET6, address)
     except OSError:
-        raise ValueError(f"{text!r} does not appear to be an IPv4 or IPv6 address") from None
+        pass
+    raise ValueError(f"{text!r} does not appear to be an IPv4 or IPv6 address")
 
 
 @functools.lru_cache(maxsize=4096)
