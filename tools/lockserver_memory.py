@@ -10,7 +10,8 @@ the child's own work (the listener's writes after the fork copy pages into the c
 for one lock server, the functions it called from its ``first`` point to served and how many distinct pages
 they are on, by module.
 
-Figures, not a test: see docs/benchmarks.md, "Issue 13, third round: a lock server's memory".
+The probe is a ``sitecustomize`` put first on the service's PYTHONPATH: it shadows any other for that
+service. Figures, not a test: see docs/benchmarks.md, "Issue 13, third round: a lock server's memory".
 
 Usage: python tools/lockserver_memory.py [--clients N] [--port PORT] [--pause S] [--calls]
 """
