@@ -128,3 +128,17 @@ def test_clients_beyond_what_the_kernel_allows_are_named(tmp_path: Path) -> None
         svc.start("--max-clients", str(pid_max + 1))
         line = svc.wait_for_log(r"kernel\.pid_max \(")
         assert f"fewer than --max-clients {pid_max + 1}" in line and "sysctl -w kernel.pid_max=N" in line
+
+
+def test_the_memory_probe_marks_each_point_of_a_lock_servers_start() -> None:
+    """``tools/lockserver_memory.py`` (docs/benchmarks.md, "Issue 13, third round"): its probe reaches every point
+    of a real lock server's start, and names the functions it called."""
+    tool = Path(__file__).resolve().parent.parent / "tools" / "lockserver_memory.py"
+    done = subprocess.run([sys.executable, str(tool), "--clients", "3", "--calls"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("3 lock servers;"), done.stdout
+    points = re.findall(r"^  (\w+) +\d+\.\d\d", done.stdout, re.MULTILINE)
+    assert points == ["atfork0", "atfork_last", "fork", "first", "made0", "made", "prehello", "welcomed", "info1",
+                      "locked", "info2"], done.stdout
+    assert re.search(r"^ +\d+\.\d lockserver\.py: .*LockServer\._greet", done.stdout, re.MULTILINE), done.stdout

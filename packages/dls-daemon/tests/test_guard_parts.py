@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from dls_daemon import client_info, port_claims
 from dls_daemon.cli import get_parser, settings_from
-from dls_daemon.context import DEFAULT_ADMIN_ALLOW, MAX_INFO_DEPTH, Limits, address_in, interim_period_for
+from dls_daemon.context import (
+    DEFAULT_ADMIN_ALLOW,
+    MAX_INFO_DEPTH,
+    Limits,
+    address_in,
+    in_ranges,
+    interim_period_for,
+    ranges,
+)
 from dls_daemon.log import RateLimit
 from dls_shm import Instance
 
@@ -26,6 +34,14 @@ NETS = (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("2001:db8::/32
 ])
 def test_address_in(address: str, inside: bool) -> None:
     assert address_in(address, NETS) is inside
+    assert in_ranges(address, ranges(NETS)) is inside  # a lock server's way: no ipaddress object touched
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.255.0.9", "::1", "::ffff:127.0.0.1", "::2", "128.0.0.1",
+                                     "fe80::1%lo", "0.0.0.0", "", "1.2.3", "01.2.3.4"])
+def test_in_ranges_agrees_with_address_in(address: str) -> None:
+    for networks in (DEFAULT_ADMIN_ALLOW, NETS, (ipaddress.ip_network("0.0.0.0/0"),), (ipaddress.ip_network("::/0"),)):
+        assert in_ranges(address, ranges(networks)) is address_in(address, networks), (address, networks)
 
 
 def test_admin_default_is_this_host_only() -> None:

@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from dls_proto import (
     Event,
     Granted,
     Hello,
+    InfoPut,
     Lock,
     LockFlag,
     Mechanism,
@@ -224,6 +227,40 @@ def test_without_a_table_locks_are_jlock_files_and_exclude_other_clients(servers
     a.unlock(g.handle)
     assert isinstance(b.lock(EX), Granted)
     from_lock_server(refused(a.lock(EX)), b.server_pid, EX)
+
+
+#: Python code a lock server has no need of from fork to serving its client: ipaddress (its client's address is
+#: packed by inet_pton, --admin-allow matched as integers) and the random module's SystemRandom (its doorbell's
+#: token is read from os.urandom). Random.seed runs all the same: the random module's own at-fork handler.
+NOT_ON_THE_WAY = ("ipaddress.py:", "random.py:SystemRandom.")
+
+
+def test_a_lock_server_runs_no_code_it_can_do_without(servers: Servers, tmp_path: Path) -> None:
+    """Greeting, a lock information document, locking and unlocking run no function of the modules above (issue
+    13): in a lock server each Python object touched costs the 4 KiB page it is on, copied from the listener for
+    its reference count, and those modules ran through about 0.2 MiB of them. The forked lock server inherits
+    this process's profile hook."""
+    calls = tmp_path / "calls"
+    parent = os.getpid()
+
+    def hook(frame: types.FrameType, event: str, _arg: object) -> None:
+        code = frame.f_code
+        where = f"{os.path.basename(code.co_filename)}:{code.co_qualname}"
+        if event == "call" and where.startswith(NOT_ON_THE_WAY) and os.getpid() != parent:
+            with calls.open("a") as out:
+                out.write(f"{where}\n")
+
+    sys.setprofile(hook)
+    try:
+        peer = servers.connect()
+    finally:
+        sys.setprofile(None)
+    peer.send(InfoPut(peer.rid(), b'{"files": [], "locks": []}'))
+    peer.unlock(peer.granted(EX).handle)
+    peer.close()
+    assert servers.wait(peer.server_pid) == 0
+    assert not calls.exists(), calls.read_text()
+    assert not list((tmp_path / "release").rglob("*@*")), "the document is removed as its client goes"
 
 
 def test_welcome_tells_the_mechanism(servers: Servers, table_servers: Servers) -> None:

@@ -131,7 +131,12 @@ def test_mapped_v6_text_comes_back_dotted() -> None:
     assert unpack_ip(pack_ip("::ffff:10.1.2.3")) == "10.1.2.3"
 
 
-@pytest.mark.parametrize("text", ["", "localhost", "10.0.0", "10.0.0.256", "1::2::3"])
+def test_an_ipv6_zone_is_dropped() -> None:
+    assert pack_ip("fe80::1%eth0") == pack_ip("fe80::1")  # as accept gives a link-local peer
+
+
+@pytest.mark.parametrize("text", ["", "localhost", "10.0.0", "10.0.0.256", "1::2::3", "010.0.0.1", " 10.0.0.1",
+                                  "%eth0", "10.0.0.1%eth0", "fe80::1%", "fe80::1%a%b"])
 def test_bad_ip(text: str) -> None:
     with pytest.raises(ValueError):
         pack_ip(text)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dls_proto import DEFAULT_MAX_FRAME, environment
-from dls_shm import Instance, LockTable
+from dls_shm import Instance, LockTable, pack_ip
 
 #: Defaults of the limits below; each has a jdls long option (a frame's: dls-proto's DEFAULT_MAX_FRAME).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -80,6 +80,30 @@ def address_in(address: str, networks: tuple[Network, ...]) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
+#: A network as ``in_ranges`` matches it: (IP version, its first address, its netmask), integers.
+Range = tuple[int, int, int]
+#: What ``pack_ip`` puts before an IPv4 address (mapped into IPv6).
+_V4_MAPPED = pack_ip("0.0.0.0")[:12]  # noqa: S104 - an address to compare with, not to bind
+
+
+def ranges(networks: tuple[Network, ...]) -> tuple[Range, ...]:
+    """``networks`` as ``in_ranges`` takes them (made once, in the listener)."""
+    return tuple((net.version, int(net.network_address), int(net.netmask)) for net in networks)
+
+
+def in_ranges(address: str, networks: tuple[Range, ...]) -> bool:
+    """``address_in`` for a lock server: the address read by ``inet_pton`` (``pack_ip``) and matched against
+    integers the listener prepared (``ranges``), so that no ipaddress object is touched: each one would cost
+    every lock server the page it is on (copy-on-write after the fork, if only for its reference count)."""
+    try:
+        packed = pack_ip(address)
+    except ValueError:
+        return False
+    version, bits = (4, int.from_bytes(packed[12:], "big")) if packed[:12] == _V4_MAPPED else (
+        6, int.from_bytes(packed, "big"))
+    return any(version == v and bits & mask == first for v, first, mask in networks)
+
+
 @dataclass
 class Limits:
     """What one client may ask of its lock server, and how many clients the listener serves."""
@@ -118,6 +142,11 @@ class ServerContext:
     binary_lock_dir: Path = Path(environment.DEFAULT_BINARY_LOCK_DIR)
     #: Peers that may read the lock snapshot (InfoGet): --admin-allow.
     admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
+    #: ``admin_allow`` as ``in_ranges`` takes it, made here in the listener (``__post_init__``).
+    admin_ranges: tuple[Range, ...] = field(init=False, default=())
     #: The service's group (jdls --group): a lock directory made on first use belongs to it.
     gid: int | None = None
     tls: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        self.admin_ranges = ranges(self.admin_allow)

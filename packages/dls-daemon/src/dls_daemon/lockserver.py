@@ -123,7 +123,7 @@ from dls_shm import (
 from dls_shm.info import Written
 
 from . import client_info, local_peer, port_claims
-from .context import FIRST_INTERIM_DELAY, ServerContext, address_in, interim_period_for, peer_ip
+from .context import FIRST_INTERIM_DELAY, ServerContext, in_ranges, interim_period_for, peer_ip
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
 from .service_snapshot import snapshot
@@ -442,7 +442,7 @@ class LockServer:
         self._keep = delay > 0
         # What jdls -C shows an operator's address; nobody else's business (the user is looked up only for the
         # snapshot: a greeting costs no scan of the system's connections).
-        host = socket.gethostname() if address_in(self.peer[0], self.ctx.admin_allow) else ""
+        host = socket.gethostname() if in_ranges(self.peer[0], self.ctx.admin_ranges) else ""
         self._send(Welcome(event.request_id, version, self.mechanisms.kind, 0, self.pid, self.ctx.limits.max_frame,
                            min(round(delay * 1000), 0xFFFFFFFF), self.peer[0], host))
         self.log.info("client %s connected", self._who())
@@ -856,7 +856,7 @@ class LockServer:
         """Whether the peer is an operator: its address is in --admin-allow, and a loopback peer's user may
         read the lock table on this host anyway (local_peer); every local user connects from loopback."""
         if self._admin is None:
-            admin = address_in(self.peer[0], self.ctx.admin_allow)
+            admin = in_ranges(self.peer[0], self.ctx.admin_ranges)
             ip = peer_ip(self.peer[0])
             if admin and ip is not None and ip.is_loopback:
                 try:
