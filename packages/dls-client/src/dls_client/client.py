@@ -203,13 +203,15 @@ class Client(BaseClient):
         def attempt(channel: Channel) -> HeldLock:
             new_file = False
             granted: Granted
+            # The lock and its maker made before the request goes, while the service works on it: from the
+            # grant's arrival to the application, as little as can be (the maker fills in what the grant says).
+            held = HeldLock(self, 0, ref, key, mode, 0, thread, on_lost)
 
-            # Made before the request goes, while nothing waits on it: from the grant's arrival to the
-            # application, as little as can be.
             def make(handle: int) -> HeldLock:
                 nonlocal new_file
                 new_file = self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
-                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread, on_lost)
+                held.handle, held.mode, held.value = handle, granted.mode, granted.value
+                return held
 
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
             reply = channel.request(request)
