@@ -233,13 +233,14 @@ class Channel:
             raise self.failure
         if self._trace is not None:
             self._trace_sent(message)
-        encode = self._encoders.get(type(message), self._encode)
-        try:
-            data = encode(message)
-        except InvalidRequest:
-            raise
-        except Exception:  # the lock path's encoder: a field no frame can carry
-            data = self._encode(message)  # which says which (InvalidRequest)
+        encode = self._encoders.get(type(message))
+        if encode is None:
+            data = self._encode(message)
+        else:
+            try:
+                data = encode(message)
+            except Exception:  # a field no frame can carry
+                data = self._encode(message)  # which says which (InvalidRequest)
         if len(data) - HEADER_SIZE > self.max_frame:  # the server would drop the connection, every lock with it
             raise InvalidRequest(f"a {type(message).__name__} request of {len(data) - HEADER_SIZE} bytes is more "
                                  f"than lock service {self.server} takes ({self.max_frame}, its --max-frame)")
@@ -359,7 +360,9 @@ class Channel:
     def _expect(self, rid: int, deadline: float | None, allowed: float | None = None) -> Message:
         """``expect``, until ``deadline``; the AcknowledgementTimeout then says ``allowed`` seconds (default:
         ack_timeout) were given."""
-        box = self._mail.setdefault(rid, [])
+        box = self._mail.get(rid)
+        if box is None:  # not registered by its caller
+            box = self._mail[rid] = []
         while True:
             if box:
                 message = box.pop(0)
