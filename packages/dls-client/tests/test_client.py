@@ -180,6 +180,28 @@ def test_threads_share_the_connection_without_blocking_each_other(client: Client
     assert client.async_errors == []
 
 
+def test_threads_lock_and_release_at_once_through_the_shared_connection(client: Client, data: Path) -> None:
+    """Eight threads cycle at once through one connection (one reads while others send and look at the
+    socket at their releases): every cycle of every thread completes, and nothing is reported."""
+    failures: list[BaseException] = []
+
+    def cycles(n: int) -> None:
+        try:
+            for i in range(300):
+                client.lock(data, f"T{n}-{i % 7}").release()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=cycles, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:3]
+    assert client.echo(b"sync")[0] == b"sync"
+    assert client.async_errors == []
+
+
 def test_asyncio_through_worker_threads(client: Client, data: Path, daemon: Daemon) -> None:
     """The documented asyncio use: ``asyncio.to_thread``. A coroutine waiting for a held lock does not
     stop the event loop, nor another coroutine's lock."""

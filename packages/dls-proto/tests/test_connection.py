@@ -599,3 +599,38 @@ def test_settings_are_not_sent_in_version_2_and_are_unknown_there() -> None:
         client.send(Settings(5, 0, 2000))
     server.receive_data(encode(Settings(5, 0, 2000)))
     assert server.next_event() == UnknownMessage(5, int(Kind.SETTINGS))
+
+
+# -- the lock path's encoders, checked once ---------------------------------------------------------------
+
+
+def test_an_encoder_and_a_packer_make_the_frames_send_makes() -> None:
+    """A client's lock path encodes its Locks and packs its Unlocks without ``send``'s checks at every message:
+    the same bytes, and the server reads them as the same messages."""
+    client, server = open_pair()
+    unlock = Unlock(2, 0x100000003)
+    lock_frame, unlock_frame = client.encoder(Lock)(LOCK), client.packer(Unlock)(*unlock)
+    assert (lock_frame, unlock_frame) == (encode(LOCK), encode(unlock))
+    server.receive_data(lock_frame + unlock_frame)
+    assert drain(server) == [LOCK, unlock]
+
+
+def test_an_encoder_only_for_what_this_side_may_send_once_open() -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="may not send Lock in state opening"):
+        client.encoder(Lock)  # before the greeting: every message goes through send's checks
+    client, server = open_pair()
+    with pytest.raises(LocalProtocolError, match="the client may not send Granted"):
+        client.encoder(Granted)
+    with pytest.raises(LocalProtocolError, match="the server may not send Unlock"):
+        server.packer(Unlock)
+    with pytest.raises(TypeError, match="Lock has fields that are not numbers"):
+        client.packer(Lock)  # a key and a path: only its encoder makes its frame
+
+
+def test_decoded_messages_are_the_message_classes() -> None:
+    """The decoders make their tuples directly (not through the classes' own __new__): still the classes."""
+    client, server = open_pair()
+    client.receive_data(server.send(GRANTED))
+    (granted,) = drain(client)
+    assert type(granted) is Granted and granted == GRANTED and granted.handle == GRANTED.handle

@@ -33,11 +33,14 @@ from dls_proto import (
     Connection,
     ConnectionClosed,
     Error,
+    Event,
     Granted,
     Hello,
     InfoPut,
     LocalProtocolError,
+    Lock,
     Message,
+    NeedData,
     RemoteProtocolError,
     Role,
     Server,
@@ -48,7 +51,6 @@ from dls_proto import (
     Waiting,
     Welcome,
     jdls,
-    receive,
 )
 from dls_proto.text import amount
 
@@ -73,6 +75,12 @@ _KEEPALIVE = (2, 1, 3)  # idle, interval, probes (seconds, seconds, count)
 #: while something sent stays unacknowledged. A client must reclaim its locks this long before the
 #: service's lock-delay ends, since the service may have counted the delay from the failure itself.
 DEAD_SERVER_BOUND = float(_KEEPALIVE[0] + _KEEPALIVE[1] * _KEEPALIVE[2])
+#: What a look for a hang-up polls a socket for: a hang-up or an error, never data (a live connection never
+#: reports these, however many replies wait on it).
+HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: The messages of the lock path, whose encoders a channel checks once (``Connection.encoder``), not at
+#: every message: in every protocol version, once greeted.
+_LOCK_PATH = (Lock, Unlock)
 
 
 def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
@@ -152,6 +160,13 @@ class Channel:
                                                                                     int(slice_ % 1 * 1e6)))
         self.conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._read_socket = SpinningReader(self.sock, guard=self._tls_guard, slice_=slice_).read
+        #: ``hung_up``'s poll, made once: the lock path looks at every release (Route.release).
+        self._hangup = select.poll()
+        self._hangup.register(self.sock.fileno(), HANGUP)
+        #: The encoders of the lock path's messages, and the packer of its Unlock frames (``unlock``), checked
+        #: once greeted (until then, every message goes through the connection's checks).
+        self._encoders: dict[type[Message], Callable[[Message], bytes]] = {}
+        self._pack_unlock: Callable[..., bytes] | None = None
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -168,6 +183,8 @@ class Channel:
             greeting_timeout
         self.welcome = self._greet(hello, greeting)
         self.max_frame = self.welcome.max_frame or CLIENT_MAX_FRAME
+        self._encoders = {cls: self.conn.encoder(cls) for cls in _LOCK_PATH}
+        self._pack_unlock = self.conn.packer(Unlock)
 
     @property
     def lock_delay(self) -> float:
@@ -216,21 +233,61 @@ class Channel:
             raise self.failure
         if self._trace is not None:
             self._trace_sent(message)
-        try:
-            data = self.conn.send(message)
-        except LocalProtocolError as exc:  # a field no frame can carry (a FileRef's name that is not text)
-            raise InvalidRequest(f"cannot send a {type(message).__name__} request: {exc}") from None
+        encode = self._encoders.get(type(message))
+        if encode is None:
+            data = self._encode(message)
+        else:
+            try:
+                data = encode(message)
+            except Exception:  # a field no frame can carry
+                data = self._encode(message)  # which says which (InvalidRequest)
         if len(data) - HEADER_SIZE > self.max_frame:  # the server would drop the connection, every lock with it
             raise InvalidRequest(f"a {type(message).__name__} request of {len(data) - HEADER_SIZE} bytes is more "
                                  f"than lock service {self.server} takes ({self.max_frame}, its --max-frame)")
-        with self._send_lock:
-            try:
-                if self._tls_guard is None:
-                    self.sock.sendall(data)
-                else:
-                    self._send_tls(data)
-            except OSError as exc:
-                raise self.fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
+        self._write(data)
+
+    def unlock(self, handle: int) -> None:
+        """Send an Unlock of the service's lock ``handle`` (unanswered unless it fails): ``send``'s, without the
+        message (the lock path's; its frame packed from the fields once greeted)."""
+        pack = self._pack_unlock
+        if pack is None or self._trace is not None:
+            self.send(Unlock(self.next_id(), handle))
+            return
+        if self.failure is not None:
+            raise self.failure
+        self._write(pack(self.next_id(), handle))
+
+    def _write(self, data: bytes) -> None:
+        """Write a whole frame (threads one at a time: frames are never interleaved); the channel fails if the
+        connection does."""
+        self._send_lock.acquire()  # not ``with``: its calls cost more than the lock (twice per lock/unlock cycle)
+        try:
+            if self._tls_guard is None:
+                self.sock.sendall(data)
+            else:
+                self._send_tls(data)
+        except OSError as exc:
+            raise self.fail(f"sending to lock service {self.server} failed: {_reason(exc)}") from None
+        finally:
+            self._send_lock.release()
+
+    def _encode(self, message: Message) -> bytes:
+        """The frame of ``message``, through the connection's checks; InvalidRequest for a field no frame can
+        carry (a FileRef's name that is not text)."""
+        try:
+            return self.conn.send(message)
+        except LocalProtocolError as exc:
+            raise InvalidRequest(f"cannot send a {type(message).__name__} request: {exc}") from None
+
+    def hung_up(self) -> bool:
+        """Whether the socket says now that the service hung up or failed (a poll that does not wait; the
+        first look of a closed socket says so too): no round trip, one system call."""
+        try:
+            return bool(self._hangup.poll(0))
+        except RuntimeError:  # another thread is looking through it this instant (threads share a channel)
+            poller = select.poll()
+            poller.register(self.sock.fileno(), HANGUP)
+            return bool(poller.poll(0))
 
     def _send_tls(self, data: bytes) -> None:
         """``sendall`` over TLS on the non-blocking socket, touching the SSL object only under the guard; a
@@ -303,7 +360,9 @@ class Channel:
     def _expect(self, rid: int, deadline: float | None, allowed: float | None = None) -> Message:
         """``expect``, until ``deadline``; the AcknowledgementTimeout then says ``allowed`` seconds (default:
         ack_timeout) were given."""
-        box = self._mail.setdefault(rid, [])
+        box = self._mail.get(rid)
+        if box is None:  # not registered by its caller
+            box = self._mail[rid] = []
         while True:
             if box:
                 message = box.pop(0)
@@ -315,12 +374,16 @@ class Channel:
                 raise self.failure
             if self._read_lock.acquire(blocking=False):
                 try:
-                    self._read(rid, box, deadline)
+                    read = self._read(rid, box, deadline)
                 finally:
                     self._read_lock.release()
                     if self._followers:
                         with self._cond:
                             self._cond.notify_all()
+                if read is not None:  # read by this thread, nothing before it: the box stays empty
+                    if type(read) is not Waiting:
+                        self._mail.pop(rid, None)
+                    return read
             else:
                 with self._cond:
                     self._followers += 1
@@ -338,12 +401,17 @@ class Channel:
                 timeout.channel = self
                 raise timeout
 
-    def _read(self, rid: int, box: list[Message], deadline: float | None) -> None:
-        """Read until a message for ``rid`` arrives, the deadline passes, or the service is lost."""
-        conn, read = self.conn, self._read_socket
+    def _read(self, rid: int, box: list[Message], deadline: float | None) -> Message | None:
+        """Read until a message for ``rid`` arrives (returned, or found in ``box``: None), the deadline passes
+        (None), or the service is lost."""
+        next_event, feed, read = self.conn.next_event, self.conn.receive_data, self._read_socket
+        event: Event | NeedData | None
         while not box:
-            try:
-                event = receive(conn, read)
+            try:  # dls_proto.receive, without its call: this is the lock path
+                event = next_event()
+                while isinstance(event, NeedData):
+                    feed(read())
+                    event = next_event()
             except BlockingIOError:  # a receive-timeout slice passed: look at the deadline
                 event = None
             except RemoteProtocolError as exc:
@@ -357,18 +425,18 @@ class Channel:
                     self._trace_received(event)
                 target = event.request_id
                 if target == rid:
-                    box.append(event)
-                    return
+                    return event
                 self._deliver(target, event)
             if deadline is not None and time.monotonic() >= deadline:
-                return
+                return None
+        return None
 
     def _deliver(self, target: int, event: Message) -> None:
         """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
         other = self._mail.get(target)
         if other is None:
             if type(event) is Granted:  # a grant nobody awaits (its request gave up): no lock held for nobody
-                self.send(Unlock(self.next_id(), event.handle))
+                self.unlock(event.handle)
             self._unsolicited(event)
             return
         other.append(event)

@@ -201,6 +201,18 @@ class Client(BaseClient):
         started = time.monotonic() if 0 < limit < WAIT_FOREVER else 0.0  # what a second service may still wait
 
         def attempt(channel: Channel) -> HeldLock:
+            new_file = False
+            granted: Granted
+            # The lock and its maker made before the request goes, while the service works on it: from the
+            # grant's arrival to the application, as little as can be (the maker fills in what the grant says).
+            held = HeldLock(self, 0, ref, key, mode, 0, thread, on_lost)
+
+            def make(handle: int) -> HeldLock:
+                nonlocal new_file
+                new_file = self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
+                held.handle, held.mode, held.value = handle, granted.mode, granted.value
+                return held
+
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
             reply = channel.request(request)
             waited = type(reply) is Waiting
@@ -210,14 +222,6 @@ class Client(BaseClient):
                 raise failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
                                     describe(ref.path, key))
             granted = reply
-
-            new_file = False
-
-            def make(handle: int) -> HeldLock:
-                nonlocal new_file
-                new_file = self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
-                return HeldLock(self, handle, ref, key, granted.mode, granted.value, thread, on_lost)
-
             held = route.held(channel, request, granted, make, started)
             if waited or new_file:
                 self._publish_quietly()  # the wait ended, or a first lock in this file: publish the lock now held
@@ -284,8 +288,7 @@ class Client(BaseClient):
         handle = held.handle
         # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
         # than the lock-delay releases a lock it lost meanwhile, and must be told (LockLost), not "released".
-        self._route.verify(handle)
-        self._route.unlock(handle)
+        self._route.release(handle)
         self.info.released(handle)
 
     def let_go(self, held: HeldLock) -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple, TypeVar
 
-from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Reclaim, Server, Unlock, UnlockAll
+from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
 from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
@@ -209,7 +209,8 @@ class Route:
         gives for the handle the application will hold (the service's), recorded so that it can be
         reclaimed; LockLost if it was lost before this returned. On the lock path: kept short."""
         handle = granted.handle
-        with self._state:
+        self._state.acquire()  # not ``with`` (the lock path: its calls cost more than the lock)
+        try:
             holding = self._holdings.get(handle)
             held = make(handle)
             if holding is not None and (hold := holding.holds[0]) is not None and hold[0] is channel:
@@ -220,6 +221,8 @@ class Route:
                     self._drop(handle, holding, "the lock service gave its handle to another lock: it no longer "
                                "holds it")
                 self._holdings[handle] = Holding(request, granted.mode, held, [(channel, handle)])
+        finally:
+            self._state.release()
         if channel is not self.links[0].channel or channel.failure is not None or self._lost:
             self._settle_grant([(channel, handle)], held)
         return held
@@ -238,31 +241,49 @@ class Route:
         """Forget lock ``handle`` (under the state lock); its holding, if it was held."""
         return self._holdings.pop(handle, None)
 
+    def release(self, handle: int) -> None:
+        """HeldLock.release's: ``verify`` then ``unlock``, with one look at the lock's holds while their sockets
+        are well (the lock path: a poll() per hold, and nothing else before the Unlock goes)."""
+        holding = self._holdings.get(handle)  # a look without the state lock: ``verify`` and ``unlock`` take it
+        if holding is not None:
+            links = self.links
+            for index, hold in enumerate(holding.holds):
+                if hold is not None and ((channel := hold[0]).failure is not None
+                                         or channel is not links[index].channel or channel.hung_up()):
+                    self.verify(handle)  # a hold to settle first: it may be lost (LockLost, not "released")
+                    break
+        self.unlock(handle)
+
     def unlock(self, handle: int) -> None:
         """Release lock ``handle`` on every service holding it; unanswered unless it fails (the failure comes
         as an unsolicited Error). A lock held through a failed channel is left to its service, which frees
         it when its lock-delay ends."""
-        with self._state:
+        self._state.acquire()  # not ``with`` (the lock path: its calls cost more than the lock)
+        try:
             holding = self._remove(handle)
+        finally:
+            self._state.release()
         if holding is None:
             return  # released already (by release_all, a conversion's other lock, close), or lost
-        for held in holding.locks:
-            held.released = True
-        for hold in holding.holds:
-            if hold is not None:
-                channel, server_handle = hold
-                if channel.failure is None:
-                    try:
-                        channel.send(Unlock(channel.next_id(), server_handle))
-                    except ServiceUnavailable:
-                        self.failed(channel)
+        try:
+            for hold in holding.holds:
+                if hold is not None:
+                    channel, server_handle = hold
+                    if channel.failure is None:
+                        try:
+                            channel.unlock(server_handle)
+                        except ServiceUnavailable:
+                            self.failed(channel)
+        finally:
+            for held in holding.locks:  # once the Unlock went: the service works on it meanwhile
+                held.released = True
 
     @staticmethod
     def _send_unlock(channel: Channel, server_handle: int) -> None:
         """Send an Unlock during a recovery (a failure found doing so is for the recovery to see)."""
         if channel.failure is None:
             try:
-                channel.send(Unlock(channel.next_id(), server_handle))
+                channel.unlock(server_handle)
             except ServiceUnavailable:
                 pass
 

@@ -26,10 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-from .channel import Channel
-
-#: What the watcher polls for: a hang-up or an error, never data.
-HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+from .channel import HANGUP, Channel
 
 
 class Watched(Protocol):
@@ -155,13 +152,10 @@ def _register(poller: select.poll, channels: list[Channel]) -> dict[int, weakref
 
 def hung_up(channel: Channel) -> str | None:
     """Why ``channel`` hung up, if its socket says so now (a poll that does not wait); None while it is well."""
-    fd = channel.sock.fileno()
-    if fd < 0:
+    if channel.sock.fileno() < 0:
         return f"lock service {channel.server}: connection closed"
-    poller = select.poll()
-    poller.register(fd, HANGUP)
     try:
-        hung = bool(poller.poll(0))
+        hung = channel.hung_up()
     except InterruptedError:
         return None
     return _why(channel) if hung else None

@@ -11,9 +11,10 @@ and closes); from then on the client sends requests and the server replies.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any, Final
 
-from .codec import DECODERS, ENCODERS, HEADER_STRUCT
+from .codec import DECODERS, ENCODERS, HEADER_STRUCT, Encoder, packer
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
     CLASSES,
@@ -195,7 +196,7 @@ class Connection:
         """The bytes to write for one event; raises LocalProtocolError if not allowed now."""
         cls = type(event)
         if cls not in self._may_send:
-            raise LocalProtocolError(f"the {self.role.value} may not send {cls.__name__} in state {self.state.value}")
+            raise self._may_not_send(cls)
         try:
             data = ENCODERS[cls](event)
         except Exception as exc:  # struct.error, AttributeError, UnicodeError: a bad field value
@@ -203,6 +204,26 @@ class Connection:
         if self.state is not State.READY:
             self._sent_in_greeting(event)
         return data
+
+    def encoder(self, cls: type[Message]) -> Encoder:
+        """``send`` for the messages of class ``cls``, its checks made once: the function from such a message to
+        its bytes, for a caller that sends many (a client's lock path). Once the conversation is open (READY)
+        what this side may send no longer changes, so it holds from then on; it raises what the codec raises
+        for a field no frame can carry, where ``send`` says LocalProtocolError. LocalProtocolError if this
+        side may not send ``cls`` now, or the conversation is not open yet."""
+        if self.state is not State.READY or cls not in self._may_send:
+            raise self._may_not_send(cls)
+        encoder: Encoder = ENCODERS[cls]
+        return encoder
+
+    def packer(self, cls: type[Message]) -> Callable[..., bytes]:
+        """``encoder``'s for a message of fixed fields only (an Unlock), taking its fields (request id first)
+        rather than a message: no message made (see ``codec.packer``)."""
+        self.encoder(cls)  # its checks
+        return packer(cls)
+
+    def _may_not_send(self, cls: type[Message]) -> LocalProtocolError:
+        return LocalProtocolError(f"the {self.role.value} may not send {cls.__name__} in state {self.state.value}")
 
     def _sent_in_greeting(self, event: Message) -> None:
         if isinstance(event, Hello):
