@@ -42,6 +42,31 @@ def test_a_free_lock_imports_only_what_its_path_needs(service: Service, tmp_path
     assert imported.isdisjoint(NOT_NEEDED), sorted(imported.intersection(NOT_NEEDED))
 
 
+#: dls-lock run as its entry point runs it, every call of compile() written to standard error.
+_COMPILES = """\
+import builtins, sys
+compile = builtins.compile
+def counted(source, filename, *args, **kwargs):
+    print("compile:", filename, repr(source)[:60], file=sys.stderr, flush=True)
+    return compile(source, filename, *args, **kwargs)
+builtins.compile = counted
+from dls_client.lock_command import run
+sys.argv[0] = "dls-lock"
+run()
+"""
+
+
+def test_a_free_lock_compiles_nothing(service: Service, tmp_path: Path) -> None:
+    """The first compile() of a process makes the ast module's classes (about 2 ms; exec() of a text does not),
+    and each NamedTuple field annotated as a string is compiled (typing's ForwardRef): neither on the lock
+    path, whose codecs are made with exec() and whose NamedTuples' modules do without the future import."""
+    data = data_file(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _COMPILES, "-n", str(data), KEY, "true"],
+                            env=service.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "compile:" not in result.stderr, result.stderr
+
+
 def test_the_submodules_imported_on_first_use_are_there() -> None:
     """dls_proto's ``probe`` and ``tls`` are not imported with the package, yet are its attributes when asked."""
     code = ("import sys, dls_proto\n"
