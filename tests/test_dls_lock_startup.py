@@ -42,6 +42,34 @@ def test_a_free_lock_imports_only_what_its_path_needs(service: Service, tmp_path
     assert imported.isdisjoint(NOT_NEEDED), sorted(imported.intersection(NOT_NEEDED))
 
 
+#: dls-lock run as its entry point runs it, with an audit hook that writes to standard error, in order, its
+#: connections, its forks and the imports of the client's and the keeper's modules.
+_AUDITED = """\
+import sys
+WATCHED = {"dls_client.client", "dls_client.command_keeper"}
+def audit(event, args):
+    if event in ("socket.connect", "os.fork") or (event == "import" and args[0] in WATCHED):
+        print("audit:", event, args[0] if event == "import" else "", file=sys.stderr, flush=True)
+sys.addaudithook(audit)
+from dls_client.lock_command import run
+sys.argv[0] = "dls-lock"
+run()
+"""
+
+
+def test_dls_lock_connects_before_the_rest_of_its_start(service: Service, tmp_path: Path) -> None:
+    """The service forks a new connection's lock server, which then starts (milliseconds): dls-lock connects
+    as soon as it knows the service and the lock, and imports the client, forks its keeper and starts its
+    threads meanwhile, rather than connecting after them and waiting for the lock server then."""
+    data = data_file(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _AUDITED, "-n", str(data), KEY, "true"],
+                            env=service.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [line.split(None, 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("audit:")]
+    assert events[0] == "socket.connect", events
+    assert {"import dls_client.client", "import dls_client.command_keeper", "os.fork"} <= set(events[1:]), events
+
+
 #: dls-lock run as its entry point runs it, every call of compile() written to standard error.
 _COMPILES = """\
 import builtins, sys

@@ -2,8 +2,9 @@
 
 dls-lock is two processes. The holder (the one the caller started) takes the
 lock, keeps the connection that holds it and passes signals on; the keeper,
-which the holder forks before it connects, starts the command once the lock is
-held and ends only when the last process the command started has ended, as
+which the holder forks before it asks for the lock (and which closes at once
+its copy of the connection the holder made before the fork), starts the command
+once the lock is held and ends only when the last process the command started has ended, as
 flock(1)'s lock lasts while any process holding its file lives
 (``dls-lock F K sh -c 'work &'`` keeps the lock while ``work`` runs):
 
@@ -86,9 +87,10 @@ Say = Callable[[str], None]
 class Keeper:
     """The holder's side of the keeper: start it, let it run the command, pass signals on, wait for it."""
 
-    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections) -> None:
+    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections, subreaper: bool) -> None:
         self.pid = pid
         self._go = go
+        self._subreaper = subreaper
         #: The holder's lease with the keeper (see dls_client.lease): renew it before run_command.
         self.lease = lease
         #: Where the holder hands the keeper the lock's connections (``keep``) before run_command.
@@ -99,7 +101,7 @@ class Keeper:
 
     @classmethod
     def fork(cls, argv: list[str], *, passed_on: Collection[signal.Signals], command_mask: Collection[int],
-             grace: float, say: Say | None, all_processes: bool = True) -> Keeper:
+             grace: float, say: Say | None, all_processes: bool = True, holder_only: Collection[int] = ()) -> Keeper:
         """Fork the keeper of ``argv``. Call it while this process has one thread: a fork copies only the
         calling thread, and a lock another thread held would stay held in the child.
 
@@ -108,9 +110,9 @@ class Keeper:
         ``grace``: the seconds between TERM and KILL when told to ``stop``; ``say``: -v's messages;
         ``all_processes``: keep the lock until every process the command started has ended, else (-o) only
         until the command itself has (then neither process is a subreaper: what the command leaves goes to
-        init, free, and is no part of the tree)."""
-        if all_processes:
-            become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
+        init, free, and is no part of the tree); ``holder_only``: descriptors the keeper closes at once (a
+        connection the holder made before the fork: the keeper keeps only what it is handed, see
+        ``kept_connections``)."""
         holder = os.getpid()
         go_read, go_write = os.pipe()
         lease = Lease(grace)  # shared with the keeper
@@ -121,7 +123,8 @@ class Keeper:
         if pid == 0:
             code = exitcodes.SOFTWARE
             try:
-                os.close(go_write)
+                for fd in (go_write, *holder_only):
+                    os.close(fd)
                 connections.watchdog_side()
                 code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say,
                                 all_processes, lease, connections).run(go_read)
@@ -135,10 +138,14 @@ class Keeper:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         os.close(go_read)
         connections.holder_side()
-        return cls(pid, go_write, lease, connections)
+        return cls(pid, go_write, lease, connections, all_processes)
 
     def run_command(self) -> None:
         """The lock is held (and leased): start the command."""
+        if self._subreaper:
+            # Should the keeper be killed, what it kept is reparented here (see wait). Only now: nothing of the
+            # command's runs before the go below, and the lock's request went without waiting for it.
+            become_subreaper()
         with contextlib.suppress(BrokenPipeError):  # a keeper that ended already is found by wait()
             os.write(self._go, b"!")
         os.close(self._go)
