@@ -7,7 +7,8 @@ process's own import list (``python -X importtime``), so that an import added at
 cannot bring them back unnoticed. Nor the standard library's modules that only some paths use, each a few
 milliseconds with what it imports (issue 13): dataclasses (with inspect, ast, tokenize, dis), pathlib (with
 urllib.parse and ipaddress), the idna codec (a host name looked up as text), shutil (with bz2 and lzma: the
-help's terminal width), textwrap and traceback.
+help's terminal width), textwrap and traceback; json (the client's lock information is written without it) and
+locale (argparse's translations, which dls-lock does not look up).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dls_testkit import DLS_LOCK, KEY, Service, data_file
 #: (the codec is generated from its written-down layouts); and the standard library's of the docstring.
 NOT_NEEDED = ("ssl", "_ssl", "dls_proto.tls", "dls_proto.probe", "dls_client.resilience", "construct", "dls_proto.spec",
               "dataclasses", "inspect", "pathlib", "urllib.parse", "ipaddress", "encodings.idna", "shutil",
-              "textwrap", "traceback", "tokenize")
+              "textwrap", "traceback", "tokenize", "json", "locale")
 
 
 def _imported(stderr: str) -> set[str]:

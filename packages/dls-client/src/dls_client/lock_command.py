@@ -159,7 +159,17 @@ EPILOG = (
     "error (a KEY longer than a request carries too).")
 
 
+def _untranslated() -> None:
+    """argparse's own words (usage:, options, its errors) as they are written, in English like dls-lock's:
+    argparse asks gettext for each one's translation as it builds a parser, and the first lookup imports
+    locale (its tables, regular expressions): a millisecond and more of every start, for message catalogs
+    Python does not ship. Only the dls-lock process (or whatever builds its parser) is concerned."""
+    argparse._ = str  # type: ignore[attr-defined]
+    argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+
+
 def get_parser() -> argparse.ArgumentParser:
+    _untranslated()
     # Built with a formatter of a fixed width: argparse makes one for every argument added (to check its
     # metavar), and one of the terminal's width imports shutil (with bz2, lzma) to ask it, milliseconds of
     # dls-lock's start-up for nothing: the width matters only to the help, made with the real one (set below).
