@@ -124,3 +124,13 @@ def test_the_daemon_generates_every_codec_before_it_forks() -> None:
             "import dls_daemon.listener\n"
             "assert len(dict(codec.DECODERS)) == len(dict(codec.ENCODERS)) == len(Kind)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_text_escapes_are_compiled_on_first_use() -> None:
+    """dls_proto.text's pattern of the characters to escape (a millisecond to compile) is made when first
+    needed, not when a client imports it before it connects."""
+    code = ("import dls_client.channel\n"
+            "from dls_proto import text\n"
+            "assert text._controls.cache_info().currsize == 0\n"
+            "assert text.printable('a\\x1bb') == 'a\\\\x1bb'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
