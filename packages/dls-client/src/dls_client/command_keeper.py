@@ -87,10 +87,9 @@ Say = Callable[[str], None]
 class Keeper:
     """The holder's side of the keeper: start it, let it run the command, pass signals on, wait for it."""
 
-    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections, subreaper: bool) -> None:
+    def __init__(self, pid: int, go: int, lease: Lease, connections: KeptConnections) -> None:
         self.pid = pid
         self._go = go
-        self._subreaper = subreaper
         #: The holder's lease with the keeper (see dls_client.lease): renew it before run_command.
         self.lease = lease
         #: Where the holder hands the keeper the lock's connections (``keep``) before run_command.
@@ -113,6 +112,8 @@ class Keeper:
         init, free, and is no part of the tree); ``holder_only``: descriptors the keeper closes at once (a
         connection the holder made before the fork: the keeper keeps only what it is handed, see
         ``kept_connections``)."""
+        if all_processes:
+            become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
         holder = os.getpid()
         go_read, go_write = os.pipe()
         lease = Lease(grace)  # shared with the keeper
@@ -138,14 +139,10 @@ class Keeper:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         os.close(go_read)
         connections.holder_side()
-        return cls(pid, go_write, lease, connections, all_processes)
+        return cls(pid, go_write, lease, connections)
 
     def run_command(self) -> None:
         """The lock is held (and leased): start the command."""
-        if self._subreaper:
-            # Should the keeper be killed, what it kept is reparented here (see wait). Only now: nothing of the
-            # command's runs before the go below, and the lock's request went without waiting for it.
-            become_subreaper()
         with contextlib.suppress(BrokenPipeError):  # a keeper that ended already is found by wait()
             os.write(self._go, b"!")
         os.close(self._go)

@@ -15,6 +15,7 @@ what ties a process's life to its parent's.
 # No ``from __future__ import annotations`` (as in dls_proto.messages): the NamedTuple's fields would be
 # strings, each compiled when the class is made, and the first compile() of a process costs about 2 ms.
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -27,8 +28,6 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 
 def _prctl(option: int, value: int | bytes) -> None:
-    import ctypes  # here: dls-lock's holder needs it only once the lock is held (Keeper.run_command)
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         error = ctypes.get_errno()
