@@ -36,6 +36,7 @@ from dls_testkit import (
     Service,
     alive,
     data_file,
+    free_port,
     holder_of,
     lock_holder,
     running,
@@ -325,7 +326,7 @@ FAKE_CLIENT = textwrap.dedent("""
                 raise LockLost("FILE", b"KEY", self.lost_reason)
 
     class FakeClient:
-        def __init__(self, config):
+        def __init__(self, config, **_):
             pass
 
         def lock(self, ref, key, mode, *, on_lost, **_):
@@ -365,7 +366,8 @@ STUBBORN = textwrap.dedent("""
 
 
 def _fake_dls_lock(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    environ = {k: v for k, v in os.environ.items() if k not in ("JDLS", "JBCPORTNO")}
+    # A service nobody listens for: dls-lock connects before it makes its (fake) client.
+    environ = {k: v for k, v in os.environ.items() if k != "JBCPORTNO"} | {"JDLS": f"SERVER=127.0.0.1,{free_port()}"}
     return subprocess.Popen([sys.executable, "-c", FAKE_CLIENT, *args], env={**environ, **env},
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -616,6 +618,33 @@ def test_a_stopped_keeper_keeps_the_lock_of_a_killed_dls_lock(service: Service, 
             keeper.resume()
         wait_for(lambda: bool(granted), 15, "the witness to be granted the lock")
     assert _last_beat(log) < granted[0], "the command ran after the lock was handed on"
+
+
+def test_a_keeper_keeps_no_connection_before_the_lock_is_held(service: Service, witness: Client,
+                                                             tmp_path: Path) -> None:
+    """dls-lock connects before it forks its keeper (the service starts the connection's lock server
+    meanwhile), and the keeper closes its copy of that connection at once: it keeps one only once handed it,
+    the lock held. So a dls-lock killed while it waits for the lock, its keeper stopped, leaves no request
+    behind: the lock goes to whoever asks next, not to the dead dls-lock's connection held open by the
+    stopped keeper."""
+    data, err = data_file(tmp_path), tmp_path / "err"
+    held = witness.lock(data, KEY)
+    with err.open("wb") as stderr:
+        waiter = service.dls_lock_popen(str(data), KEY, "true", stderr=stderr)
+    with running(waiter):
+        wait_for(lambda: "waiting for" in err.read_text() or waiter.poll() is not None, 10,
+                 "the waiter to say it waits")
+        keeper = _keeper(waiter)
+        keeper.suspend()
+        try:
+            waiter.kill()
+            waiter.wait(timeout=10)
+            held.release()
+            with service.client(timeout=10) as other:
+                assert wait_free(other, data, KEY, 5) < 5, "the lock went to the killed dls-lock's request"
+        finally:
+            keeper.resume()
+    wait_for(lambda: not alive(keeper.pid), 10, "the keeper to end")
 
 
 def test_a_stopped_keeper_is_killed_with_the_command_when_the_lock_is_lost(tmp_path: Path) -> None:

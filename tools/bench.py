@@ -469,8 +469,9 @@ def tls_files(directory: str) -> tuple[str, str, str]:
 
 #: Issue 13's goal for dls-lock's start-up until the service grants a free lock (milliseconds, .pyc kept):
 #: about what the interpreter (15 ms), the imports taking a lock needs (socket, threading, argparse, the
-#: protocol's messages and codec, the client) and the service's greeting of a new connection (its lock server
-#: forked: 8 ms or more) cost on a quiet machine of 2 cores (docs/benchmarks.md).
+#: protocol's messages and codec, the client) and the service's start of a new connection's lock server (a fork
+#: and its start: 5 ms or more, which dls-lock spends on the rest of its own start, having connected first)
+#: cost on a quiet machine of 2 cores (docs/benchmarks.md).
 GRANTED_GOAL_MS = 50.0
 
 

@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 from dls_client import Client, Config, LocalClient, Server
-from dls_client.lockinfo import LockInfo
+from dls_client.lockinfo import LockInfo, to_json
 from dls_testkit import KEY, wait_for
 from dls_utils import show_item_locks
+from hypothesis import given
+from hypothesis import strategies as st
 
 HOLDER_PORT, WAITER_PORT, LOCAL_PORT = 71001, 71002, 71003
 
@@ -196,3 +198,24 @@ def test_the_record_is_cheap_and_marks_changes() -> None:
     assert info.publish(written.append) and written[-1]["locks"] == []
     info.released(7)  # not held: no change
     assert not info.publish(written.append)
+
+
+_DOCUMENTS = st.recursive(st.text() | st.integers(), lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                          max_leaves=30)
+
+
+@given(_DOCUMENTS)
+def test_a_document_is_written_as_json_writes_it(document: Any) -> None:
+    """The client writes its InfoPut's document without the json module, the very text json.dumps gives."""
+    assert to_json(document) == json.dumps(document)
+
+
+def test_odd_text_is_written_as_json_writes_it() -> None:
+    """A path that is not UTF-8 (os.fsdecode's surrogates), control characters, quotes, non-ASCII text."""
+    info = LockInfo()
+    info.granted(1, "/d/caf\udce9 \"é\"\n\t\x00\u2028", 1 << 63, b"K\xff\\", 5, 2**64 - 1)
+    document = info.document()
+    assert to_json(document) == json.dumps(document)
+    assert json.loads(to_json(document)) == document
+    with pytest.raises(TypeError):
+        to_json({"x": 1.5})

@@ -12,7 +12,6 @@ finding a failure while the application makes no call is the watcher's
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -43,7 +42,7 @@ from .binary import LocalBinaryLock, execution_number
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
 from .errors import DlsError, Holder, describe
-from .lockinfo import LockInfo
+from .lockinfo import LockInfo, to_json
 from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
 from .replies import failure, holder
 from .route import Events, Route
@@ -176,7 +175,7 @@ class Client(BaseClient):
         return self.info.publish(self._send_info)
 
     def _send_info(self, document: dict[str, object]) -> None:
-        self._route.publish(json.dumps(document).encode())
+        self._route.publish(to_json(document).encode())
 
     def _publish_quietly(self) -> None:
         """Publish at the moments jDLS does; a failure here shows in the request that follows."""

@@ -2,8 +2,9 @@
 
 dls-lock is two processes. The holder (the one the caller started) takes the
 lock, keeps the connection that holds it and passes signals on; the keeper,
-which the holder forks before it connects, starts the command once the lock is
-held and ends only when the last process the command started has ended, as
+which the holder forks before it asks for the lock (and which closes at once
+its copy of the connection the holder made before the fork), starts the command
+once the lock is held and ends only when the last process the command started has ended, as
 flock(1)'s lock lasts while any process holding its file lives
 (``dls-lock F K sh -c 'work &'`` keeps the lock while ``work`` runs):
 
@@ -99,7 +100,7 @@ class Keeper:
 
     @classmethod
     def fork(cls, argv: list[str], *, passed_on: Collection[signal.Signals], command_mask: Collection[int],
-             grace: float, say: Say | None, all_processes: bool = True) -> Keeper:
+             grace: float, say: Say | None, all_processes: bool = True, holder_only: Collection[int] = ()) -> Keeper:
         """Fork the keeper of ``argv``. Call it while this process has one thread: a fork copies only the
         calling thread, and a lock another thread held would stay held in the child.
 
@@ -108,7 +109,9 @@ class Keeper:
         ``grace``: the seconds between TERM and KILL when told to ``stop``; ``say``: -v's messages;
         ``all_processes``: keep the lock until every process the command started has ended, else (-o) only
         until the command itself has (then neither process is a subreaper: what the command leaves goes to
-        init, free, and is no part of the tree)."""
+        init, free, and is no part of the tree); ``holder_only``: descriptors the keeper closes at once (a
+        connection the holder made before the fork: the keeper keeps only what it is handed, see
+        ``kept_connections``)."""
         if all_processes:
             become_subreaper()  # should the keeper be killed, what it kept is reparented here (see wait)
         holder = os.getpid()
@@ -121,7 +124,8 @@ class Keeper:
         if pid == 0:
             code = exitcodes.SOFTWARE
             try:
-                os.close(go_write)
+                for fd in (go_write, *holder_only):
+                    os.close(fd)
                 connections.watchdog_side()
                 code = _Keeping(holder, argv, set(passed_on), set(command_mask), grace, say,
                                 all_processes, lease, connections).run(go_read)

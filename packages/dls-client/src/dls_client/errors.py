@@ -1,6 +1,8 @@
-"""The exceptions of dls-client: one hierarchy, so callers catch as broadly as they need."""
+"""The exceptions of dls-client: one hierarchy, so callers catch as broadly as they need.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here, as in dls_proto.messages: Holder's fields would be strings,
+each compiled when the class is made, at every client's start (dls-lock's before it connects).
+"""
 
 from typing import NamedTuple
 

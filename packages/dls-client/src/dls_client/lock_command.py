@@ -26,6 +26,10 @@ from .__about__ import __version__
 # answer in a few milliseconds. The client (dls_proto's codecs, construct, ssl) comes in main, when a
 # lock is to be taken; dls-shm and psutil never (dls-lock locks through the service).
 if TYPE_CHECKING:
+    import socket
+
+    from dls_proto import Server
+
     from .client import Client
     from .command_keeper import Keeper
     from .errors import Holder
@@ -155,7 +159,17 @@ EPILOG = (
     "error (a KEY longer than a request carries too).")
 
 
+def _untranslated() -> None:
+    """argparse's own words (usage:, options, its errors) as they are written, in English like dls-lock's:
+    argparse asks gettext for each one's translation as it builds a parser, and the first lookup imports
+    locale (its tables, regular expressions): a millisecond and more of every start, for message catalogs
+    Python does not ship. Only the dls-lock process (or whatever builds its parser) is concerned."""
+    argparse._ = str  # type: ignore[attr-defined]
+    argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+
+
 def get_parser() -> argparse.ArgumentParser:
+    _untranslated()
     # Built with a formatter of a fixed width: argparse makes one for every argument added (to check its
     # metavar), and one of the terminal's width imports shutil (with bz2, lzma) to ask it, milliseconds of
     # dls-lock's start-up for nothing: the width matters only to the help, made with the real one (set below).
@@ -281,6 +295,46 @@ def _passed_on() -> list[signal.Signals]:
     """The signals dls-lock passes on: those of PASSED_ON it was not started with ignored (a shell starts a
     background job with INT and QUIT ignored; the command then keeps them ignored, as a shell's would)."""
     return [signum for signum in PASSED_ON if signal.getsignal(signum) != signal.SIG_IGN]
+
+
+class _EarlyConnection:
+    """The connection to the service, made as soon as dls-lock knows which service and what to lock, and
+    handed to the client's first connection to that server (``connect``; any other connects as usual).
+
+    The service answers a new connection by forking it a lock server, which starts before it reads the
+    greeting: milliseconds (more on a busy machine), which dls-lock spends meanwhile on the rest of its
+    start (its keeper, its threads, the client's imports) instead of waiting for them after it. The
+    connection is made before the keeper is forked, so the keeper closes its copy at once (``fds``): it
+    keeps only the duplicates it is handed once the lock is held (``kept_connections``). A connection
+    that failed is that first connection's failure, told as it would have been."""
+
+    def __init__(self, server: Server) -> None:
+        from .channel import tcp_connect
+
+        self.server = server
+        self._connect = tcp_connect
+        self._sock: socket.socket | None = None
+        self._error: OSError | None = None
+        try:
+            self._sock = tcp_connect(server)
+        except OSError as exc:
+            self._error = exc
+
+    def fds(self) -> list[int]:
+        """The descriptor of the connection while it waits for the client (for the keeper to close)."""
+        return [self._sock.fileno()] if self._sock is not None else []
+
+    def connect(self, server: Server, timeout: float) -> socket.socket:
+        """The client's ``connect``: the connection made early (or its failure) the first time it is asked
+        for its server; a new one otherwise."""
+        if server == self.server:
+            sock, error = self._sock, self._error
+            self._sock = self._error = None
+            if error is not None:
+                raise error
+            if sock is not None:
+                return sock
+        return self._connect(server, timeout)
 
 
 class _SignalRelay:
@@ -445,23 +499,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=args.file, key=args.key, ref=ref, mode=Mode[args.mode], nonblock=args.nonblock,
             timeout=args.timeout, conflict=args.conflict_exit_code, grace=args.kill_after, say=say,
             on_wait=wait_notice(f"{args.file} {args.key}", args.verbose)), config)
+    passed_on = _passed_on()
+    if signal.SIGINT in passed_on:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's KeyboardInterrupt: dls-lock dies of it instead
+    early = _EarlyConnection(config.server)
     from .client import Client
     from .command_keeper import Keeper
     from .errors import LockRefused
 
     # Before any thread exists (the keeper is forked, the relay's thread and the client's inherit the mask).
-    passed_on = _passed_on()
+    # Until then a signal of PASSED_ON ends dls-lock by its default action, as the relay does.
     command_mask = signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
-    if signal.SIGINT in passed_on:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's KeyboardInterrupt: dls-lock dies of it instead
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not ignored (inherited so): children must stay to be reaped
     keeper = Keeper.fork(args.argv, passed_on=passed_on, command_mask=command_mask,
-                         grace=args.kill_after, say=say, all_processes=not args.close)
+                         grace=args.kill_after, say=say, all_processes=not args.close, holder_only=early.fds())
     relay = _SignalRelay(passed_on)
     watch = _LostWatch(args.file, args.key, args.kill_after)
 
     waiting = wait_notice(f"{args.file} {args.key}", args.verbose)
-    client = Client(config)
+    client = Client(config, connect=early.connect)
     try:
         if say:
             say(f"using lock service {config.server}")

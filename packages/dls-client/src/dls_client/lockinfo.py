@@ -33,6 +33,11 @@ from typing import Any
 
 from dls_proto import Mode
 
+try:
+    from _json import encode_basestring_ascii as _json_text  # what json.dumps writes a string with
+except ImportError:  # a Python without the json module's C part
+    from json.encoder import encode_basestring_ascii as _json_text
+
 #: One lock of the record: (path, inode, key, mode, thread).
 Entry = tuple[str, int, bytes, int, int]
 
@@ -130,10 +135,25 @@ class LockInfo:
             return True
 
 
+def to_json(value: Any) -> str:
+    """``json.dumps(value)`` (the same text) for what a document holds: objects with text keys, lists, text,
+    integers. Not json itself: importing it (its decoder's and encoder's regular expressions) cost every
+    client's start-up a millisecond, for the one call a document needs."""
+    if isinstance(value, str):
+        return _json_text(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int.__repr__(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json_text(key)}: {to_json(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(to_json, value)) + "]"
+    raise TypeError(f"a lock information document holds no {type(value).__name__}")
+
+
 def _lock(entry: Entry, state: str) -> dict[str, Any]:
     path, inode, key, mode, thread = entry
     return {"path": path, "inode": inode, "key": _key_text(key), "mode": _MODE_NAMES.get(mode, str(mode)),
             "state": state, "thread": thread}
 
 
-__all__ = ["LockInfo"]
+__all__ = ["LockInfo", "to_json"]

@@ -6,8 +6,9 @@ whether it was lost, which the client marks; so connection, retry, reclaim and
 failover stay in the client (the shape of kazoo's lock recipe and redis-py's lock).
 """
 
-from __future__ import annotations
 
+# No ``from __future__ import annotations`` (as in dls_proto.messages): the NamedTuple's fields would be
+# strings, each compiled when the class is made, and the first compile() of a process costs about 2 ms.
 import os
 from collections.abc import Callable
 from types import TracebackType
@@ -33,7 +34,7 @@ class FileRef(NamedTuple):
     path: str
 
     @classmethod
-    def of(cls, file: FileLike) -> FileRef:
+    def of(cls, file: "FileLike") -> "FileRef":
         """``file`` itself if a FileRef, else the FileRef of the path (DlsError when it cannot be stat'ed)."""
         if isinstance(file, FileRef):
             return file
@@ -72,11 +73,11 @@ class Unlocker(Protocol):
     """What a held lock needs of the client that took it: a way to let it go, and to look whether it is
     still there when that costs no round trip."""
 
-    def unlock_held(self, held: HeldLock) -> None: ...
+    def unlock_held(self, held: "HeldLock") -> None: ...
 
-    def verify(self, held: HeldLock) -> None: ...
+    def verify(self, held: "HeldLock") -> None: ...
 
-    def let_go(self, held: HeldLock) -> None: ...
+    def let_go(self, held: "HeldLock") -> None: ...
 
 
 #: Told, with the lock, that a lock was lost (``client.lock(..., on_lost=...)``).
@@ -152,7 +153,7 @@ class HeldLock:
     def lost_error(self) -> LockLost:
         return LockLost(self.file.path, self.key, self.lost_reason or "lost")
 
-    def __enter__(self) -> HeldLock:
+    def __enter__(self) -> "HeldLock":
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:

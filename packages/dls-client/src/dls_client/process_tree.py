@@ -11,8 +11,9 @@ what makes the tree complete (a subreaper adopts the orphans of its tree) and
 what ties a process's life to its parent's.
 """
 
-from __future__ import annotations
 
+# No ``from __future__ import annotations`` (as in dls_proto.messages): the NamedTuple's fields would be
+# strings, each compiled when the class is made, and the first compile() of a process costs about 2 ms.
 import contextlib
 import ctypes
 import errno

@@ -6,7 +6,7 @@ has the same shape (fixed fields, then variable fields whose lengths are in
 the fixed part), which a single ``struct.Struct`` call covers. ``LAYOUTS``
 writes down that shape for each message, as ``spec.layout`` reads it from the
 construct definitions (a test checks they agree, so the definitions stay the
-specification); this module generates from it, for each kind on first use, an
+specification); this module generates from it, for each kind, on first use, an
 encoder that produces the whole frame (header included) with one ``pack``, and a decoder
 that reads a body with one ``unpack_from``. Reading the layouts rather than the
 definitions keeps construct (about 20 ms) out of a client's start-up. The tests
@@ -113,22 +113,43 @@ class _Plan:
             self.values.append(name)
 
 
-def _generate(kind: Kind, cls: type[Any]) -> tuple[Encoder, Decoder]:
+def _compiled(kind: Kind, cls: type[Any], role: str, lines: list[str], **names: Any) -> Callable[..., Any]:
+    """The function ``role``_``kind`` that ``lines`` define, compiled with ``names`` (and ``cls``) as globals.
+
+    exec() of the text, not of compile()'s code: the first compile() call of a process makes the ast module's
+    classes, about 2 ms, which a client's start-up otherwise never needs (a traceback names the file
+    "<string>"; the function's name, encode_KIND or decode_KIND, says which)."""
+    namespace: dict[str, Any] = {"_cls": cls, "RemoteProtocolError": RemoteProtocolError, **names}
+    exec("\n".join(lines), namespace)  # noqa: S102
+    function: Callable[..., Any] = namespace[f"{role}_{kind.name.lower()}"]
+    return function
+
+
+def _plan(kind: Kind, cls: type[Any]) -> _Plan:
     plan = _Plan(LAYOUTS[kind])
     if tuple(cls._fields) != ("request_id", *plan.values):
         raise TypeError(f"{cls.__name__} fields {cls._fields} do not follow its definition")
-    body = struct.Struct(">" + plan.fmt)
-    frame = struct.Struct(">" + _HEADER_FMT + plan.fmt)
-    fixed = body.size
-    name = kind.name.lower()
-    lines = [f"def encode_{name}(ev):"]
+    return plan
+
+
+def _encoder(kind: Kind, cls: type[Any]) -> Encoder:
+    plan = _plan(kind, cls)
+    fixed = struct.calcsize(">" + plan.fmt)
+    lines = [f"def encode_{kind.name.lower()}(ev):"]
     for tail, is_text in plan.tails:
         source = f"ev.{tail}.encode('utf-8')" if is_text else f"ev.{tail}"
         lines.append(f"    _t_{tail} = {source}")
     length = " + ".join([str(fixed), *(f"len(_t_{t})" for t, _ in plan.tails)])
     args = ", ".join([length, str(FRAME_VERSION), str(int(kind)), "0", "ev.request_id", *plan.encode_args])
     lines.append(f"    return _frame_pack({args})" + "".join(f" + _t_{t}" for t, _ in plan.tails))
-    lines.append(f"def decode_{name}(rid, buf, off, length):")
+    return _compiled(kind, cls, "encode", lines, _frame_pack=struct.Struct(">" + _HEADER_FMT + plan.fmt).pack)
+
+
+def _decoder(kind: Kind, cls: type[Any]) -> Decoder:
+    plan = _plan(kind, cls)
+    body = struct.Struct(">" + plan.fmt)
+    fixed = body.size
+    lines = [f"def decode_{kind.name.lower()}(rid, buf, off, length):"]
     lines.append(f"    if length < {fixed}:")
     lines.append(f"        raise RemoteProtocolError('{kind.name} body of %d bytes, at least {fixed} needed' % length)")
     if plan.unpacked:
@@ -152,15 +173,7 @@ def _generate(kind: Kind, cls: type[Any]) -> tuple[Encoder, Decoder]:
         lines.append(f"        raise RemoteProtocolError('{kind.name} body of %d bytes, {fixed} expected' % length)")
     # The tuple made directly: a NamedTuple's own __new__ is a Python function, a third of a Granted's decoding.
     lines.append(f"    return _new(_cls, (rid, {''.join(value + ', ' for value in plan.values)}))")
-    namespace: dict[str, Any] = {
-        "_frame_pack": frame.pack,
-        "_body_unpack": body.unpack_from,
-        "_cls": cls,
-        "_new": tuple.__new__,
-        "RemoteProtocolError": RemoteProtocolError,
-    }
-    exec(compile("\n".join(lines), f"<dls_proto codec {kind.name}>", "exec"), namespace)  # noqa: S102
-    return namespace[f"encode_{name}"], namespace[f"decode_{name}"]
+    return _compiled(kind, cls, "decode", lines, _body_unpack=body.unpack_from, _new=tuple.__new__)
 
 
 #: Kind code by event class.
@@ -169,39 +182,37 @@ _CLASS_OF: dict[int, type[Any]] = {int(kind): cls for kind, cls in CLASSES}
 
 
 class _OnFirstUse(dict[Any, Any]):
-    """ENCODERS or DECODERS: each message kind's encoder and decoder generated (and compiled) when either is
-    first looked up, not at import: a client uses a few kinds of the twenty, and generating them all cost
-    dls-lock's start-up milliseconds. Looked up as a dict (``codec[key]``, ``key in codec``, which says
-    whether the kind is known); a value, once made, is a plain dict entry."""
+    """ENCODERS or DECODERS: each message kind's encoder, or decoder, generated (and compiled) when first
+    looked up, not at import: a client encodes a few kinds of the twenty and decodes a few others, and
+    generating them all cost dls-lock's start-up milliseconds. Looked up as a dict (``codec[key]``, ``key
+    in codec``, which says whether the kind is known); a value, once made, is a plain dict entry."""
 
-    def __init__(self, kind_of: dict[Any, Kind]) -> None:
+    def __init__(self, kind_of: dict[Any, Kind], make: Callable[[Kind, type[Any]], Any]) -> None:
         super().__init__()
         self._kind_of = kind_of
+        self._make = make
 
     def __contains__(self, key: object) -> bool:
         return key in self._kind_of
 
     def __missing__(self, key: Any) -> Any:
         kind = self._kind_of[key]  # KeyError for a kind no message has
-        cls = _CLASS_OF[int(kind)]
-        encoder, decoder = _generate(kind, cls)
-        dict.__setitem__(ENCODERS, cls, encoder)
-        dict.__setitem__(DECODERS, int(kind), decoder)
-        return dict.__getitem__(self, key)
+        made = self[key] = self._make(kind, _CLASS_OF[int(kind)])
+        return made
 
 
 #: Encoder by event class: event -> whole frame.
-ENCODERS: dict[type[Any], Encoder] = _OnFirstUse(KINDS)
+ENCODERS: dict[type[Any], Encoder] = _OnFirstUse(KINDS, _encoder)
 #: Decoder by kind code: (request id, buffer, body offset, body length) -> event.
-DECODERS: dict[int, Decoder] = _OnFirstUse({int(kind): kind for kind, _ in CLASSES})
+DECODERS: dict[int, Decoder] = _OnFirstUse({int(kind): kind for kind, _ in CLASSES}, _decoder)
 
 
 def generate_codecs() -> None:
     """Generate every kind's encoder and decoder now, for a process that forks many children speaking the
     protocol (the daemon's listener, before it forks its lock servers): each child would otherwise generate
     and compile them again on its first messages, a few milliseconds of every new connection."""
-    for cls in KINDS:
-        ENCODERS[cls]  # looked up to be made (its decoder with it)
+    for kind, cls in CLASSES:
+        ENCODERS[cls], DECODERS[int(kind)]  # looked up to be made
 
 
 def packer(cls: type[Any]) -> Callable[..., bytes]:
