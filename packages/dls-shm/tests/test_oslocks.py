@@ -512,6 +512,22 @@ def mine(lock_dir: Path) -> list[OsLockHolder]:
     return [h for h in oslock_holders(lock_dir) if h.pid == os.getpid()]
 
 
+def test_table_serves_not_a_table_removed_between_its_lookup_and_the_attach(
+        tmp_path: Path, make_table: MakeTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jdls -K between shmget and shmat: sysv_ipc says ValueError (EINVAL), which must not escape to a lock
+    request (found racing a monitor's start against a local process's OS lock, 2026-12-01)."""
+    table = make_table()
+    try:
+        def removed(*_args: object) -> None:
+            raise ValueError("Invalid id, address, or flags")
+
+        monkeypatch.setattr(sysv_ipc, "SharedMemory", removed)
+        assert not table_serves(table.key)
+    finally:
+        monkeypatch.undo()
+        table.remove()
+
+
 def test_table_serves_once_the_table_exists_and_not_while_its_semaphore_alone_is_being_made(
         tmp_path: Path, make_table: MakeTable) -> None:
     key = free_key(tmp_path)

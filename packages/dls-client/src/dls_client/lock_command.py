@@ -163,13 +163,13 @@ def _untranslated() -> None:
     """argparse's own words (usage:, options, its errors) as they are written, in English like dls-lock's:
     argparse asks gettext for each one's translation as it builds a parser, and the first lookup imports
     locale (its tables, regular expressions): a millisecond and more of every start, for message catalogs
-    Python does not ship. Only the dls-lock process (or whatever builds its parser) is concerned."""
+    Python does not ship. Done by ``main`` alone: the dls-lock process, not a program that builds the parser
+    (the man pages, an application)."""
     argparse._ = str  # type: ignore[attr-defined]
     argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
 
 
 def get_parser() -> argparse.ArgumentParser:
-    _untranslated()
     # Built with a formatter of a fixed width: argparse makes one for every argument added (to check its
     # metavar), and one of the terminal's width imports shutil (with bz2, lzma) to ask it, milliseconds of
     # dls-lock's start-up for nothing: the width matters only to the help, made with the real one (set below).
@@ -456,6 +456,7 @@ def wait_notice(name: str, verbose: bool) -> Callable[[Holder], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _untranslated()
     args = _parse(argv)
     from .channel import DEAD_SERVER_BOUND
 

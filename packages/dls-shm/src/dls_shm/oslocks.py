@@ -157,6 +157,8 @@ def table_serves(key: int) -> bool:
         sysv_ipc.SharedMemory(key).detach()
     except sysv_ipc.ExistentialError:
         return False
+    except ValueError:  # shmat's EINVAL: removed (jdls -K) between its lookup and the attach
+        return False
     except sysv_ipc.PermissionsError:
         pass
     return True
