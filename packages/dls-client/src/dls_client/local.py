@@ -208,7 +208,7 @@ class LocalClient(BaseClient):
 
     def _mechanism(self) -> dls_shm.LockMechanism:
         """The locks of this process: OS locks are the process's own, so a forked child makes new ones."""
-        if self._oslocks is not None and self._oslocks.pid != os.getpid():
+        if self._oslocks is not None and self._oslocks.pid != dls_shm.this_process.pid:
             # The parent's locks are not the child's: none held.
             self.locks = self._oslocks = self._new_oslocks()
         return self.locks
@@ -321,7 +321,7 @@ class LocalClient(BaseClient):
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
         owner: dls_shm.Owner | None = getattr(self._owners, "owner", None)
-        pid = os.getpid()
+        pid = dls_shm.this_process.pid
         if owner is None or owner.pid != pid:
             owner = self._owners.owner = dls_shm.Owner(pid=pid, thread=threading.get_native_id(),
                                                        port=self._port_of(pid), client_pid=pid,

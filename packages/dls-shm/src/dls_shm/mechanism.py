@@ -26,7 +26,6 @@ cannot, since the kernel frees them with their process, and say so.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 import zlib
@@ -34,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from . import doorbell
+from . import doorbell, this_process
 from .holder_watch import HolderWatch
 from .layout import KEY_DIGEST, KEY_MAX, SlotFlag
 
@@ -282,10 +281,10 @@ class LockMechanism(ABC):
     def doorbell(self) -> doorbell.Doorbell:
         """This thread's doorbell, made on first use (and again in a forked child)."""
         bell: doorbell.Doorbell | None = getattr(self._local, "bell", None)
-        if bell is None or self._local.pid != os.getpid():
+        if bell is None or self._local.pid != this_process.pid:
             bell = self._local.bell = doorbell.Doorbell()
             self._local.watch = HolderWatch()
-            self._local.pid = os.getpid()
+            self._local.pid = this_process.pid
         return bell
 
     def _holder_watch(self) -> HolderWatch:
