@@ -312,6 +312,116 @@ def test_a_holder_handed_the_lock_far_ahead_of_the_first_waiter_wakes_it_when_it
     table.unlock(outcome[0].handle)
 
 
+def _served_at_once_after(kill: int, outcome: list[Any], waiter: threading.Thread) -> None:
+    """SIGKILL ``kill``, then the waiter's thread must have its Grant well within a second."""
+    os.kill(kill, signal.SIGKILL)
+    killed = time.monotonic()
+    waiter.join(30)
+    assert outcome and isinstance(outcome[0], Grant), outcome
+    assert time.monotonic() - killed < 0.5, f"served {time.monotonic() - killed:.2f} s after the holder's death"
+
+
+def test_a_waiter_whose_far_ahead_thinned_out_watches_the_one_handed_the_lock_before_it(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """W queued with more waiters ahead than it watches, the nearest of them gave up (timeouts): the first,
+    A, is handed the lock and killed, and W, first now, is served at once. W never watched A: the hand-off
+    rings it to look again, as it did not watch every waiter ahead of it (found by the audit of issue 13)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    monkeypatch.setattr(dls_shm.table, "WATCH_AHEAD", 2)
+    locked, release, queued, granted, gave_up, end = pipes(), pipes(), pipes(), pipes(), pipes(), pipes()
+
+    def hold_then_live_on() -> int:
+        status = hold_until_told(table, locked, release)
+        end.recv(timeout=60)
+        return status
+
+    holder_pid = children.fork(hold_then_live_on)
+    locked.recv()
+
+    def first_waiter() -> int:
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=60)
+        granted.send()
+        time.sleep(120)
+        return 5 if isinstance(result, Grant) else 6
+
+    def giving_up() -> int:  # and living on: its end would wake W, which watches it, to look again
+        queued.send()
+        result = table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=0.5)
+        gave_up.send()
+        end.recv(timeout=60)
+        return 0 if isinstance(result, Conflict) else 7
+
+    waiters = [children.fork(first_waiter)]
+    queued.recv()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 1, 5, "the first waiter")
+    for n in range(3):
+        waiters.append(children.fork(giving_up))
+        queued.recv()
+        wait_for(lambda n=n: [s.state for s in used(table)].count(SlotState.WAITING) == n + 2, 5, "a waiter")
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=30)))
+    waiter.start()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 5, 5, "this process waiting")
+    gave_up.recv(3)
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 2, 5, "the others giving up")
+    release.send()
+    granted.recv()
+    _served_at_once_after(waiters[0], outcome, waiter)
+    end.send(b"....")
+    assert [children.wait(pid) for pid in waiters[1:]] == [0, 0, 0]
+    assert children.wait(waiters[0]) == -signal.SIGKILL
+    assert children.wait(holder_pid) == 0
+    table.unlock(outcome[0].handle)
+
+
+def test_a_lock_converted_into_the_first_waiter_s_way_wakes_it_when_its_holder_dies(
+    table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """C holds NL, which is in nobody's way, so the EX waiter does not watch it; C converts to CR (granted at
+    once, beside a PR), which is in its way: the waiter is rung to look again and watch C, whose death then
+    serves it at once once the PR is gone (found by the audit of issue 13)."""
+    monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
+    nl, cr = 0, 1
+    locked, release, convert, converted, end = pipes(), pipes(), pipes(), pipes(), pipes()
+
+    def read_then_live_on() -> int:  # its end would wake the waiter, which watches it, to look again
+        status = hold_until_told(table, locked, release, PR)
+        end.recv(timeout=60)
+        return status
+
+    reader = children.fork(read_then_live_on)
+    locked.recv()
+
+    def hold_then_convert() -> int:
+        first = table.lock(me(), INODE, DEVICE, KEY, nl)
+        locked.send()
+        convert.recv(timeout=60)
+        second = table.lock(me(), INODE, DEVICE, KEY, cr)
+        converted.send()
+        end.recv(timeout=60)
+        return 0 if isinstance(first, Grant) and isinstance(second, Grant) else 8
+
+    converter = children.fork(hold_then_convert)
+    locked.recv()
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(table.acquire(me(), INODE, DEVICE, KEY, EX, timeout=30)))
+    waiter.start()
+    wait_for(lambda: [s.state for s in used(table)].count(SlotState.WAITING) == 1, 5, "this process waiting")
+    convert.send()
+    converted.recv()
+    release.send()
+    wait_for(lambda: [s.mode for s in used(table) if s.state == SlotState.GRANTED] == [cr], 5, "the PR released")
+    time.sleep(0.2)
+    assert not outcome, "the writer got the lock beside a CR"
+    _served_at_once_after(converter, outcome, waiter)
+    end.send(b"..")
+    assert children.wait(reader) == 0
+    assert children.wait(converter) == -signal.SIGKILL
+    table.unlock(outcome[0].handle)
+
+
 def test_a_holder_killed_while_its_parent_waits_wakes_the_parent_at_once(
     table: LockTable, children: Any, pipes: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

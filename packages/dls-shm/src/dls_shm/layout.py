@@ -55,6 +55,11 @@ class SlotFlag(enum.IntFlag):
     #: Granted by a hand-off and not yet sealed by its lock server (``LockTable.seal``): its client has not
     #: been told, so it is freed, not kept, when its lock server ends (the client could not reclaim it).
     HANDED = 4
+    #: A waiting request that had no more than WATCH_AHEAD waiters in its way ahead of it at a look under the
+    #: semaphore, so watches every one of them (``Queued.watch``): once first in line, it watches whoever was
+    #: handed the lock before it, and the hand-off need not ring it to look again. Once true, true (nobody
+    #: joins a queue ahead of a waiter); an older table's waiter without it is rung, as before.
+    WATCHES_ALL = 8
 
 
 class TableFlag(enum.IntFlag):

@@ -106,8 +106,9 @@ from .semaphores import semop as _semop
 #: safety net for a ring lost with a process killed between unlock and ring.
 RECHECK_INTERVAL = 1.0
 #: How many of the waiters ahead of it (those it cannot share the lock with) a waiting request watches,
-#: beside the holders in its way: a queue's first waiter always watches the holders it waits for, unless
-#: more than this many were handed the lock at once (then the hand-off rings it to look again).
+#: beside the holders in its way. One that had no more than this many ahead at a look watches every one
+#: (SlotFlag.WATCHES_ALL), so whoever is handed the lock before it; others are rung to look again when they
+#: come first in line (``_may_not_watch``).
 WATCH_AHEAD = 8
 #: The mode of the table's shared memory and semaphore: the service's group (jdls --group) and nobody else.
 TABLE_MODE = 0o660
@@ -124,6 +125,7 @@ _INDEX_MASK = (1 << INDEX_BITS) - 1
 _T = TypeVar("_T")
 _KEEP = int(SlotFlag.KEEP)
 _HANDED = int(SlotFlag.HANDED)
+_WATCHES_ALL = int(SlotFlag.WATCHES_ALL)
 _FLAGS_OFFSET = 10
 _GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotState.WAITING, SlotState.KEPT,
                                                         SlotState.FREE))
@@ -968,11 +970,14 @@ class LockTable(LockMechanism):
         if blocker is None and mine:
             index, slot = mine[0]
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
-            # A conversion down may let waiters in.
-            return Grant(slot.ticket << INDEX_BITS | index, mode, value), self._settle(group, value, slot)
+            # A conversion down may let waiters in; one up may newly be in the first waiter's way.
+            return Grant(slot.ticket << INDEX_BITS | index, mode, value), self._settle(
+                group, value, slot, converted=slot._replace(mode=mode))
         if blocker is not None and not wait_token:
             return Conflict(_holder(blocker[1])), []
         state = SlotState.GRANTED if blocker is None else SlotState.WAITING
+        if blocker is not None and len(_ahead_in_way(mode, None, waiting)) <= WATCH_AHEAD:
+            kflags |= _WATCHES_ALL
         index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token)
         if blocker is None:
             return Grant(ticket << INDEX_BITS | index, mode, value), []
@@ -1021,6 +1026,8 @@ class LockTable(LockMechanism):
                 break
         if blocker is not None:
             self._bump("lock_retries")
+            if not me.flags & _WATCHES_ALL and len(_ahead_in_way(me.mode, me.ticket, waiting)) <= WATCH_AHEAD:
+                _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET, me.flags | _WATCHES_ALL)
             return Queued(handle, _holder(blocker[1]), expires or 0.0, _watch(me, granted, waiting)), []
         mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == who]
         if mine:  # a conversion: the held lock takes the new mode, the request goes
@@ -1028,23 +1035,22 @@ class LockTable(LockMechanism):
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
             self._free(index)
             grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value)
-        else:
-            soff = self.geometry.slot_offset(index)
-            _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)
-            struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
-            grant = Grant(handle, me.mode, value)
-        return grant, self._settle(group, value, me)
+            return grant, self._settle(group, value, me, converted=held._replace(mode=me.mode))
+        soff = self.geometry.slot_offset(index)
+        _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)
+        struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
+        return Grant(handle, me.mode, value), self._settle(group, value, me)
 
-    def _settle(self, group: int, value: int, like: Slot) -> list[int]:
-        """After a change to a resource: hand it to the waiters that can have it now, in queue order, recount
-        its queue, and name the waiters to ring (those granted, those that may now convert a lock they hold,
-        which they do themselves, and a new first waiter that may not watch every holder in its way)."""
+    def _settle(self, group: int, value: int, like: Slot, *, converted: Slot | None = None) -> list[int]:
+        """After a change to a resource (``converted``: a granted lock's new mode): hand it to the waiters that
+        can have it now, in queue order, recount its queue, and name the waiters to ring (those granted, those
+        that may now convert a lock they hold, which they do themselves, and a first waiter that may not watch
+        every holder in its way, ``_may_not_watch``)."""
         granted, waiting = self._matching(group, value, like.inode, like.device, like.key[: like.key_len])
         ident = self._ident
         still: list[tuple[int, Slot]] = []
         tokens = []
-        handed: dict[int, int] = {}  # slot index -> its place in the queue, of each waiter handed the lock
-        for place, item in enumerate(waiting):
+        for item in waiting:
             index, slot = item
             who = ident(slot)
             if self._blocker(who, slot.mode, slot.ticket, granted, still) is not None:
@@ -1065,16 +1071,16 @@ class LockTable(LockMechanism):
                 _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, slot.flags | _HANDED)
             _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
-            handed[index] = place
-        if still and still[0] is not waiting[0] and still[0][1].doorbell not in (0, *tokens):
-            first = still[0][1]
-            place = waiting.index(still[0])
-            if any(s.state == _GRANTED and s.pid != first.pid and not modes.compatible(first.mode, s.mode)
-                   and place - handed.get(index, -WATCH_AHEAD - 1) > WATCH_AHEAD for index, s in granted):
-                # A new first waiter in line behind a holder it may not watch (``_watch``: one handed the lock
-                # here from too far ahead of it, or one that held it before): it looks again, to watch it,
-                # as its death must wake it at once. A hand-off to the waiter just ahead rings nobody else.
-                tokens.append(first.doorbell)
+        if converted is not None:
+            for index, slot in still:  # no longer sure to watch every holder in their way: rung when first
+                if slot.flags & _WATCHES_ALL and not modes.compatible(slot.mode, converted.mode):
+                    _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET,
+                                    slot.flags & ~_WATCHES_ALL)
+        if still and still[0][1].doorbell not in (0, *tokens) and _may_not_watch(
+                still[0][1], still[0] is not waiting[0], granted, converted):
+            # The first waiter may not watch a holder in its way: it looks again, to watch it, as that holder's
+            # death must wake it at once. A hand-off to the waiters just ahead of it rings nobody else.
+            tokens.append(still[0][1].doorbell)
         self._count_queued(granted, len(still))
         return tokens
 
@@ -1148,16 +1154,36 @@ class LockTable(LockMechanism):
         return freed, kept
 
 
+def _ahead_in_way(mode: int, ticket: int | None, waiting: list[tuple[int, Slot]]) -> list[int]:
+    """The pids of the waiters ahead of a request of ``mode`` (queued under ``ticket``; None: not yet, all are
+    ahead) that it cannot share the lock with, in queue order."""
+    return [s.pid for _, s in waiting if (ticket is None or s.ticket < ticket) and not modes.compatible(mode, s.mode)]
+
+
 def _watch(me: Slot, granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]]) -> tuple[int, ...]:
     """The processes waiting request ``me`` watches (``Queued.watch``): those of the live locks in its way
     and of the nearest WATCH_AHEAD waiters ahead of it that it cannot share the lock with (granted first,
-    their release leads to it; a hand-off rings it only for a new holder farther ahead, ``_settle``)."""
+    their release leads to it). With no more than that ahead it watches them all (``SlotFlag.WATCHES_ALL``)."""
     mode, pid = me.mode, me.pid
     pids = {s.pid for _, s in granted if s.state == _GRANTED and not modes.compatible(mode, s.mode)}
-    ahead = [s.pid for _, s in waiting if s.ticket < me.ticket and not modes.compatible(mode, s.mode)]
-    pids.update(ahead[-WATCH_AHEAD:])
+    pids.update(_ahead_in_way(mode, me.ticket, waiting)[-WATCH_AHEAD:])
     pids.discard(pid)  # another thread's request of this same process
     return tuple(pids)
+
+
+def _may_not_watch(first: Slot, new_first: bool, granted: list[tuple[int, Slot]], converted: Slot | None) -> bool:
+    """Whether the first waiter of a resource may not watch a live holder in its way, after a change: a lock
+    that converted into its way (compatible with it before, so unwatched), or, for a waiter new at the head of
+    the queue that did not watch every waiter ahead of it (SlotFlag.WATCHES_ALL), any holder in its way (it
+    may have been handed the lock from farther ahead than the waiter watched). A waiter watches every holder in
+    its way at each look, and the waiters ahead when they were few enough: whoever gets the lock before it
+    comes from there, or converts."""
+    if converted is not None and converted.pid != first.pid and not modes.compatible(first.mode, converted.mode):
+        return True
+    if not new_first or first.flags & _WATCHES_ALL:
+        return False
+    return any(s.state == _GRANTED and s.pid != first.pid and not modes.compatible(first.mode, s.mode)
+               for _, s in granted)
 
 
 def _ring(tokens: list[int]) -> None:
