@@ -60,6 +60,14 @@ def hold_until_told(table: LockTable, locked: Any, release: Any, mode: int = EX)
     return 0
 
 
+def hold_then_live_on(table: LockTable, locked: Any, release: Any, end: Any, mode: int = EX) -> int:
+    """Child body: ``hold_until_told``, then live on until told to end: the end of a process wakes whoever
+    watches it, which a test of who is woken by what must not let happen by the way."""
+    status = hold_until_told(table, locked, release, mode)
+    end.recv(timeout=60)
+    return status
+
+
 def hold_forever(table: LockTable, locked: Any) -> int:
     g = table.lock(me(), INODE, DEVICE, KEY, EX)
     if not isinstance(g, Grant):
@@ -169,12 +177,7 @@ def test_a_waiter_handed_the_lock_and_killed_holding_it_wakes_the_next_at_once(
     monkeypatch.setattr(dls_shm.table, "RECHECK_INTERVAL", 60.0)
     locked, release, queued, granted, end = pipes(), pipes(), pipes(), pipes(), pipes()
 
-    def hold_then_live_on() -> int:  # the first holder releases and lives on: its end wakes nobody here
-        status = hold_until_told(table, locked, release)
-        end.recv(timeout=60)
-        return status
-
-    first = children.fork(hold_then_live_on)
+    first = children.fork(lambda: hold_then_live_on(table, locked, release, end))
     locked.recv()
 
     def wait_then_hold() -> int:
@@ -263,12 +266,7 @@ def test_a_holder_handed_the_lock_far_ahead_of_the_first_waiter_wakes_it_when_it
     readers = dls_shm.table.WATCH_AHEAD + 2
     locked, release, queued, granted, done, end = pipes(), pipes(), pipes(), pipes(), pipes(), pipes()
 
-    def hold_then_live_on() -> int:  # its end would wake the waiter, which watches it
-        status = hold_until_told(table, locked, release)
-        end.recv(timeout=60)
-        return status
-
-    writer = children.fork(hold_then_live_on)
+    writer = children.fork(lambda: hold_then_live_on(table, locked, release, end))
     locked.recv()
 
     def read(n: int) -> int:
@@ -331,12 +329,7 @@ def test_a_waiter_whose_far_ahead_thinned_out_watches_the_one_handed_the_lock_be
     monkeypatch.setattr(dls_shm.table, "WATCH_AHEAD", 2)
     locked, release, queued, granted, gave_up, end = pipes(), pipes(), pipes(), pipes(), pipes(), pipes()
 
-    def hold_then_live_on() -> int:
-        status = hold_until_told(table, locked, release)
-        end.recv(timeout=60)
-        return status
-
-    holder_pid = children.fork(hold_then_live_on)
+    holder_pid = children.fork(lambda: hold_then_live_on(table, locked, release, end))
     locked.recv()
 
     def first_waiter() -> int:
@@ -386,12 +379,7 @@ def test_a_lock_converted_into_the_first_waiter_s_way_wakes_it_when_its_holder_d
     nl, cr = 0, 1
     locked, release, convert, converted, end = pipes(), pipes(), pipes(), pipes(), pipes()
 
-    def read_then_live_on() -> int:  # its end would wake the waiter, which watches it, to look again
-        status = hold_until_told(table, locked, release, PR)
-        end.recv(timeout=60)
-        return status
-
-    reader = children.fork(read_then_live_on)
+    reader = children.fork(lambda: hold_then_live_on(table, locked, release, end, PR))
     locked.recv()
 
     def hold_then_convert() -> int:
