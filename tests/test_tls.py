@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import trustme
-from dls_client import Client, LockLost, ServiceUnavailable
+from dls_client import Client, DlsError, LockLost, ServiceUnavailable
 from dls_client.config import parse
 from dls_proto import Welcome, jdls
 from dls_testkit import Service, data_file, dribble, greet, running_service
@@ -135,6 +135,39 @@ def test_threads_share_one_tls_connection(tls_service: Service, pki: Pki) -> Non
         assert not failures, failures
         assert len(client._route.channels()) == 1
 
+
+
+def test_threads_of_a_tls_client_whose_lock_server_is_killed_see_only_dls_errors(
+        tls_service: Service, pki: Pki) -> None:
+    """Eight threads lock and release over one TLS connection while its lock server is SIGKILLed, again and again: each
+    call ends in a grant or a DlsError (the lost service, a lost lock), never another exception. A thread
+    sending as another closed the failed connection met its closed socket (ValueError from poll's register
+    of descriptor -1: audit of issue 13)."""
+    data = data_file(tls_service.root.parent)
+    strays: list[BaseException] = []
+    stop = time.monotonic() + 4.0
+
+    def cycles(client: Client, n: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                client.lock(data, f"{KEY}-{n}", timeout=2).release()
+            except DlsError:
+                pass
+            except BaseException as exc:
+                strays.append(exc)
+
+    with client_of(pki.jdls(tls_service)) as client:
+        threads = [threading.Thread(target=cycles, args=(client, n)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for _ in range(5):
+            time.sleep(0.6)
+            for pid in tls_service.server_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+    assert not strays, [f"{type(exc).__name__}: {exc}" for exc in strays[:5]]
 
 
 def test_no_two_threads_use_the_ssl_object_at_once(tls_service: Service, pki: Pki,

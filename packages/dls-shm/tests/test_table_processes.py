@@ -654,3 +654,28 @@ def test_a_clock_stepped_forward_does_not_make_a_live_holder_a_stranger(
         stranger.wait()
         release.send()
     assert children.wait(holder_pid) == 0
+
+
+def test_a_watch_kept_from_an_earlier_wait_lets_go_of_processes_that_ended(children: Any) -> None:
+    """A thread's watch outlives its waits; a pid whose process ended meanwhile may be given to another
+    process, which must then be watched anew, not taken for the one that ended (its old pidfd says ended at
+    once, and the waiter would stop watching that pid: audit of issue 13, a reused pid's holder's death
+    noticed only at the next look)."""
+    pid = children.fork(lambda: time.sleep(60) or 0)
+    watch = dls_shm.HolderWatch()
+    try:
+        fds, gone = watch.follow([pid])
+        assert len(fds) == 1 and not gone
+        os.kill(pid, signal.SIGKILL)
+        assert children.wait(pid) == -signal.SIGKILL  # reaped: the pid is free for another process
+        watch.drop_ended()  # as a wait begins
+        fds, gone = watch.follow([pid])
+        assert (fds, gone) == ([], [pid]), "the ended process's descriptor was kept"
+        alive = children.fork(lambda: time.sleep(60) or 0)
+        fds, gone = watch.follow([alive])
+        watch.drop_ended()
+        assert watch.follow([alive]) == (fds, []), "a live process's watch was dropped"
+        os.kill(alive, signal.SIGKILL)
+        assert children.wait(alive) == -signal.SIGKILL
+    finally:
+        watch.close()

@@ -17,6 +17,7 @@ until when the service keeps the locks held through it.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import select
 import socket
@@ -285,8 +286,11 @@ class Channel:
         try:
             return bool(self._hangup.poll(0))
         except RuntimeError:  # another thread is looking through it this instant (threads share a channel)
+            fd = self.sock.fileno()
+            if fd < 0:
+                return True  # closed by another thread as the channel failed
             poller = select.poll()
-            poller.register(self.sock.fileno(), HANGUP)
+            poller.register(fd, HANGUP)
             return bool(poller.poll(0))
 
     def _send_tls(self, data: bytes) -> None:
@@ -298,8 +302,11 @@ class Channel:
         guard = self._tls_guard
         assert guard is not None
         view = memoryview(data)
+        fd = self.sock.fileno()
+        if fd < 0:  # closed by another thread as the channel failed: an OSError, as a send on it would be
+            raise OSError(errno.EBADF, "the connection was closed")
         poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLOUT)
+        poller.register(fd, select.POLLOUT)
         while view:
             with guard:
                 try:

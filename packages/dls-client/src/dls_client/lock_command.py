@@ -456,6 +456,10 @@ def wait_notice(name: str, verbose: bool) -> Callable[[Holder], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        # Ctrl-C ends dls-lock by its default action, as the signal relay passes it on later: not Python's
+        # KeyboardInterrupt, a traceback from wherever the start-up is (its imports, its connection).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     _untranslated()
     args = _parse(argv)
     from .channel import DEAD_SERVER_BOUND

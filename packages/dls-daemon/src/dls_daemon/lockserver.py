@@ -701,6 +701,7 @@ class LockServer:
                            now + min(FIRST_INTERIM_DELAY, self.interim_period) if interim else None,
                            mechanism, pauses, _sooner(now + next(pauses), queued.expires, now), queued.watched())
         self.pending[req.request_id] = pending
+        self._watch.drop_ended()
 
     def _retry_pending(self, rung: bool = True) -> None:
         """Look at the waiting requests: every one when the doorbell rang, else those with a timer due."""

@@ -21,6 +21,8 @@ import contextlib
 import os
 from collections.abc import Collection
 
+from .doorbell import readable
+
 
 class HolderWatch:
     """pidfds of the processes one waiter (a waiting request, or all a lock server's) waits on."""
@@ -46,6 +48,14 @@ class HolderWatch:
             if fd >= 0:
                 fds.append(fd)
         return fds, ended
+
+    def drop_ended(self) -> None:
+        """Close the descriptors of the processes that have ended since they were watched (one poll): a
+        watch kept from an earlier wait would take a new process given an ended one's pid for the one that
+        ended, and never watch it. Called as a wait begins."""
+        if self._pids:
+            for fd in readable(list(self._pids), 0):
+                self._close(self._pids[fd])
 
     def ended(self, ready: Collection[int]) -> list[int]:
         """The watched pids whose descriptors are among ``ready`` (poll's answer): they have ended."""

@@ -239,6 +239,7 @@ class LockMechanism(ABC):
         if not isinstance(queued, Queued):
             return queued
         watch = self._holder_watch()
+        watch.drop_ended()
         ended: set[int] = set()  # processes found ended whose locks stay in the way (kept for their clients)
         try:
             if on_wait is not None:
