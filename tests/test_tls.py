@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,14 @@ def test_a_tls_client_locks_and_unlocks(tls_service: Service, pki: Pki) -> None:
     assert "TLS with" in tls_service.log()  # the listener's start line
 
 
+def _started(body: Callable[[int], None], count: int = 8) -> list[threading.Thread]:
+    """``body(n)`` run in ``count`` threads, each started."""
+    threads = [threading.Thread(target=body, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def test_threads_share_one_tls_connection(tls_service: Service, pki: Pki) -> None:
     """Threads of one client read and write the one SSL socket at once (one reads while another sends):
     every cycle of every thread completes."""
@@ -127,22 +135,18 @@ def test_threads_share_one_tls_connection(tls_service: Service, pki: Pki) -> Non
             failures.append(exc)
 
     with client_of(pki.jdls(tls_service)) as client:
-        threads = [threading.Thread(target=cycles, args=(client, n)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
+        for t in _started(lambda n: cycles(client, n)):
             t.join(60)
         assert not failures, failures
         assert len(client._route.channels()) == 1
 
 
-
 def test_threads_of_a_tls_client_whose_lock_server_is_killed_see_only_dls_errors(
         tls_service: Service, pki: Pki) -> None:
-    """Eight threads lock and release over one TLS connection while its lock server is SIGKILLed, again and again: each
-    call ends in a grant or a DlsError (the lost service, a lost lock), never another exception. A thread
-    sending as another closed the failed connection met its closed socket (ValueError from poll's register
-    of descriptor -1: audit of issue 13)."""
+    """Eight threads lock and release over one TLS connection while its lock server is SIGKILLed, again and
+    again: each call ends in a grant or a DlsError (the lost service, a lost lock), never another exception.
+    A thread sending as another closed the failed connection met its closed socket (ValueError from poll's
+    register of descriptor -1: audit of issue 13)."""
     data = data_file(tls_service.root.parent)
     strays: list[BaseException] = []
     stop = time.monotonic() + 4.0
@@ -157,9 +161,7 @@ def test_threads_of_a_tls_client_whose_lock_server_is_killed_see_only_dls_errors
                 strays.append(exc)
 
     with client_of(pki.jdls(tls_service)) as client:
-        threads = [threading.Thread(target=cycles, args=(client, n)) for n in range(8)]
-        for t in threads:
-            t.start()
+        threads = _started(lambda n: cycles(client, n))
         for _ in range(5):
             time.sleep(0.6)
             for pid in tls_service.server_pids():
