@@ -679,3 +679,22 @@ def test_a_watch_kept_from_an_earlier_wait_lets_go_of_processes_that_ended(child
         assert children.wait(alive) == -signal.SIGKILL
     finally:
         watch.close()
+
+
+def test_a_holder_reaped_between_the_two_looks_is_dead(children: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_surely_dead`` asks kill(pid, 0), then reads /proc/PID/stat for a zombie: a zombie reaped between the
+    two (by its parent) left no stat to read, and was taken for alive; a waiter woken by its end then stopped
+    watching it and waited for its next look (audit of issue 13, once in nine runs). Here the reaping is made
+    to fall exactly between them."""
+    pid = children.fork(lambda: time.sleep(60) or 0)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 5, "the child a zombie")
+    real_open = open
+
+    def reaped_first(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path == f"/proc/{pid}/stat":
+            assert children.wait(pid) == -signal.SIGKILL
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dls_shm.table, "open", reaped_first, raising=False)
+    assert dls_shm.table._surely_dead(pid)

@@ -181,7 +181,9 @@ def _surely_dead(pid: int) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
+        # Gone between the two looks (its zombie reaped): dead. A waiter woken by its end that took it for
+        # alive stopped watching it and waited for its next look (seen once in the audit of issue 13).
+        return _no_such_process(pid)
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
