@@ -974,7 +974,7 @@ class LockTable(LockMechanism):
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
             # A conversion down may let waiters in; one up may newly be in the first waiter's way.
             return Grant(slot.ticket << INDEX_BITS | index, mode, value), self._settle(
-                group, value, slot, converted=slot._replace(mode=mode))
+                group, value, slot, converted=(slot.mode, slot._replace(mode=mode)))
         if blocker is not None and not wait_token:
             return Conflict(_holder(blocker[1])), []
         state = SlotState.GRANTED if blocker is None else SlotState.WAITING
@@ -1037,14 +1037,15 @@ class LockTable(LockMechanism):
             _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
             self._free(index)
             grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value)
-            return grant, self._settle(group, value, me, converted=held._replace(mode=me.mode))
+            return grant, self._settle(group, value, me, converted=(held.mode, held._replace(mode=me.mode)))
         soff = self.geometry.slot_offset(index)
         _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)
         struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
         return Grant(handle, me.mode, value), self._settle(group, value, me)
 
-    def _settle(self, group: int, value: int, like: Slot, *, converted: Slot | None = None) -> list[int]:
-        """After a change to a resource (``converted``: a granted lock's new mode): hand it to the waiters that
+    def _settle(self, group: int, value: int, like: Slot, *, converted: tuple[int, Slot] | None = None) -> list[int]:
+        """After a change to a resource (``converted``: a granted lock's mode before, and the lock in its mode
+        now): hand it to the waiters that
         can have it now, in queue order, recount its queue, and name the waiters to ring (those granted, those
         that may now convert a lock they hold, which they do themselves, and a first waiter that may not watch
         every holder in its way, ``_may_not_watch``)."""
@@ -1075,7 +1076,7 @@ class LockTable(LockMechanism):
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
         if converted is not None:
             for index, slot in still:  # no longer sure to watch every holder in their way: rung when first
-                if slot.flags & _WATCHES_ALL and not modes.compatible(slot.mode, converted.mode):
+                if slot.flags & _WATCHES_ALL and _into_the_way(slot, converted):
                     _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET,
                                     slot.flags & ~_WATCHES_ALL)
         if still and still[0][1].doorbell not in (0, *tokens) and _may_not_watch(
@@ -1173,14 +1174,24 @@ def _watch(me: Slot, granted: list[tuple[int, Slot]], waiting: list[tuple[int, S
     return tuple(pids)
 
 
-def _may_not_watch(first: Slot, new_first: bool, granted: list[tuple[int, Slot]], converted: Slot | None) -> bool:
+def _into_the_way(waiter: Slot, converted: tuple[int, Slot]) -> bool:
+    """Whether a conversion (the lock's mode before, the lock now) put another process's lock in the way of
+    ``waiter`` that was not before: one the waiter had no reason to watch."""
+    before, lock = converted
+    return (lock.pid != waiter.pid and modes.compatible(waiter.mode, before)
+            and not modes.compatible(waiter.mode, lock.mode))
+
+
+def _may_not_watch(
+    first: Slot, new_first: bool, granted: list[tuple[int, Slot]], converted: tuple[int, Slot] | None,
+) -> bool:
     """Whether the first waiter of a resource may not watch a live holder in its way, after a change: a lock
     that converted into its way (compatible with it before, so unwatched), or, for a waiter new at the head of
     the queue that did not watch every waiter ahead of it (SlotFlag.WATCHES_ALL), any holder in its way (it
     may have been handed the lock from farther ahead than the waiter watched). A waiter watches every holder in
     its way at each look, and the waiters ahead when they were few enough: whoever gets the lock before it
     comes from there, or converts."""
-    if converted is not None and converted.pid != first.pid and not modes.compatible(first.mode, converted.mode):
+    if converted is not None and _into_the_way(first, converted):
         return True
     if not new_first or first.flags & _WATCHES_ALL:
         return False
