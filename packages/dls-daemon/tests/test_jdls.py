@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -240,6 +241,41 @@ def test_stop_kills_what_ignores_sigterm(service):
     finally:
         stubborn.kill()
         stubborn.wait()
+
+
+def test_killed_processes_are_given_time_to_end_by_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of lock servers SIGKILLed at once take the system seconds to end (their memory torn down,
+    on two cores): jdls waits for that beyond the stop timeout, a little per process, saying so, instead of
+    calling them "still there after SIGKILL" (seen stopping 5,000 clients' lock servers)."""
+    import io
+
+    from dls_daemon import stop
+    from dls_shm import Occupant
+
+    stubborn = [subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                  "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    waits: list[float] = []
+
+    def wait_gone(targets: list[Occupant], timeout: float) -> list[Occupant]:
+        waits.append(timeout)
+        return [] if len(waits) > 1 else list(targets)  # none stops at SIGTERM
+
+    try:
+        for process in stubborn:
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        monkeypatch.setattr(stop, "_wait_gone", wait_gone)
+        out = io.StringIO()
+        targets = [Occupant("lock server", p.pid, Path("/nowhere"), None) for p in stubborn]
+        assert stop.terminate(targets, 0.3, out) == 0
+        teardown = 0.3 + 3 * stop.KILL_TEARDOWN
+        assert waits == [0.3, teardown]
+        assert f"waiting up to {teardown:g} s for the system to end 3 killed processes" in out.getvalue()
+        assert [p.wait(timeout=5) for p in stubborn] == [-signal.SIGKILL] * 3
+    finally:
+        for process in stubborn:
+            process.kill()
+            process.wait()
 
 
 # -- signals and the foreground --------------------------------------------------------

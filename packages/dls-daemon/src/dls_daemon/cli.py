@@ -434,8 +434,9 @@ def get_parser() -> argparse.ArgumentParser:
                       help="the distributed lock listener only: do not start/stop the monitor (-ibD: the lock "
                       "servers use the lock table if one exists, else OS file locks)")
     both.add_argument("--stop-timeout", type=_timeout, default=None, metavar="S",
-                      help="seconds to wait for a process to stop before killing it "
-                      f"(default {DEFAULT_STOP_TIMEOUT:g})")
+                      help="seconds to wait for a process to stop before killing it, and for killed ones to "
+                      "end (plus 2 ms for each: thousands of lock servers killed at once take the system "
+                      f"seconds) (default {DEFAULT_STOP_TIMEOUT:g})")
     other = parser.add_argument_group("with -K, -d, -C")
     other.add_argument("-o", dest="override", action="store_true",
                        help="with -K: override, remove the table even while lock servers or other processes "

@@ -48,6 +48,9 @@ from dls_shm import (
 from .exitcodes import ExitCode
 
 POLL = 0.02
+#: What the system may take to end one SIGKILLed process on a busy host (its memory torn down), on top of the
+#: stop timeout: thousands of lock servers killed at once take seconds to go, which is not a failure to stop.
+KILL_TEARDOWN = 0.002
 
 
 def stop_roles(
@@ -116,7 +119,11 @@ def terminate(targets: list[Occupant], timeout: float, out: TextIO) -> int:
                 os.kill(target.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        left = _wait_gone(left, timeout)
+        teardown = timeout + KILL_TEARDOWN * len(left)
+        if len(left) > 1:
+            print(f"jdls: waiting up to {teardown:g} s for the system to end {len(left)} killed processes", file=out,
+                  flush=True)
+        left = _wait_gone(left, teardown)
         for target in left:
             print(f"jdls: {target} is still there after SIGKILL", file=sys.stderr)
             status = ExitCode.FAILED
