@@ -161,7 +161,7 @@ class Route:
             if hold is None:
                 continue
             channel = hold[0]
-            if channel.failure is None and channel is self.links[index].channel:
+            if self._through_working(index, channel):
                 reason = hung_up(channel)
                 if reason is None:
                     continue  # the common case: one poll() of the socket
@@ -183,7 +183,7 @@ class Route:
             flags = 0 if holding is None else holding.request.flags
         until = now
         for index, (channel, _handle) in holds:
-            if channel.failure is not None or channel is not self.links[index].channel:
+            if not self._through_working(index, channel):
                 until = max(until, reclaim_deadline(channel, flags))
             elif hung_up(channel) is None:
                 until = max(until, now + kept_after_silence(channel, flags))
@@ -247,13 +247,15 @@ class Route:
         are well (the lock path: a poll() per hold, and nothing else before the Unlock goes)."""
         holding = self._holdings.get(handle)  # a look without the state lock: ``verify`` and ``unlock`` take it
         if holding is not None:
-            links = self.links
             for index, hold in enumerate(holding.holds):
-                if hold is not None and ((channel := hold[0]).failure is not None
-                                         or channel is not links[index].channel or channel.hung_up()):
+                if hold is not None and (not self._through_working(index, channel := hold[0]) or channel.hung_up()):
                     self.verify(handle)  # a hold to settle first: it may be lost (LockLost, not "released")
                     break
         self.unlock(handle)
+
+    def _through_working(self, index: int, channel: Channel) -> bool:
+        """Whether a hold through link ``index`` is through its working channel (not failed, not replaced)."""
+        return channel.failure is None and channel is self.links[index].channel
 
     def unlock(self, handle: int) -> None:
         """Release lock ``handle`` on every service holding it; unanswered unless it fails (the failure comes

@@ -263,7 +263,7 @@ class LockServer:
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
         self._finished = False
-        #: The processes that block waiting requests, watched (pid -> its watch): their end wakes this one.
+        #: The processes that waiting requests wait on, watched: the end of one wakes this lock server.
         self._watch = HolderWatch()
         self.ip = pack_ip(peer[0]) if peer[0] else pack_ip("0.0.0.0")  # noqa: S104 - an address to display, not to bind
         self.info_path: Written | None = None
