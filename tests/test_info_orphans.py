@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -78,7 +77,8 @@ def test_a_killed_lock_servers_document_goes_and_no_other(svc: Service, tmp_path
     assert kept.exists(), "a live lock server's document was removed"
     assert unjudged.path.exists(), "a document that could not be judged was removed"
     assert planted.is_symlink() and outside.exists()
-    assert re.search(r"removed \d proc/info document\(s\) of dead lock servers: .*1000@127\.0\.0\.1", svc.log())
+    # The document goes first and the line that says so follows: wait for the line, not only the file.
+    svc.wait_for_log(r"removed \d proc/info document\(s\) of dead lock servers: .*1000@127\.0\.0\.1", MARGIN)
     planted.unlink()
 
 
@@ -93,7 +93,7 @@ def test_the_monitor_removes_the_document_of_a_lock_server_no_listener_reaps(svc
     os.kill(killed, signal.SIGKILL)
     wait_for(lambda: not gone.exists(), TIDY + MARGIN, "the monitor to remove the killed lock server's document")
     assert kept.exists(), "a live lock server's document was removed"
-    assert "removed 1 proc/info document(s) of dead lock servers: 1000@127.0.0.1" in svc.log()
+    svc.wait_for_log(r"removed 1 proc/info document\(s\) of dead lock servers: 1000@127\.0\.0\.1$", MARGIN)
     os.kill(living, signal.SIGKILL)  # no listener to stop it
     wait_for(lambda: not psutil.pid_exists(living), 5, "the other lock server to die")
 
