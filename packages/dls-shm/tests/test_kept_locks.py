@@ -99,9 +99,9 @@ def reclaim(table: LockTable, handle: int, o: Owner, mode: int = EX, key: bytes 
     return table.reclaim(handle, o, inode, device, key, mode)
 
 
-def test_layout_version_3_has_a_kept_state_a_keep_flag_and_a_lock_delay(table: LockTable) -> None:
+def test_layout_version_4_has_a_kept_state_a_keep_flag_and_a_lock_delay(table: LockTable) -> None:
     header = table.header()
-    assert header.layout_version == LAYOUT_VERSION == 3
+    assert header.layout_version == LAYOUT_VERSION == 4
     assert (header.lock_delay, header.next_expiry) == (DELAY, 0.0)
     assert table.lock_delay == DELAY
     assert (SlotState.KEPT, SlotFlag.KEEP) == (3, 2)

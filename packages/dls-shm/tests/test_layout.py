@@ -16,6 +16,7 @@ from dls_shm import (
     unpack_ip,
 )
 from dls_shm.layout import (
+    BLOCK_MAX,
     HEADER_SIZE,
     HEADER_STRUCT,
     INDEX_BITS,
@@ -101,7 +102,8 @@ def test_struct_sizes() -> None:
     assert SLOT_HEAD.size == 16
     assert SLOT_MODE_OFFSET == 9
     assert SLOT_QUEUED_OFFSET == 14
-    assert SLOT_SIZE == SLOT_HEAD.size + 4 + 4 + 4 + 16 + 8 + 8 + 8 + 8 + 8 + KEY_MAX
+    # ... the key, then the fencing token, the notice doorbell and the value block
+    assert SLOT_SIZE == SLOT_HEAD.size + 4 + 4 + 4 + 16 + 8 + 8 + 8 + 8 + 8 + KEY_MAX + 8 + 8 + BLOCK_MAX
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_with_the_flag_a_queued_request_joins_its_port_s_lock(port_table: LockTa
     port_table.unlock(other.handle)
     assert bell.wait(1.0)
     granted = port_table.retry(queued.handle)
-    assert granted == Grant(mine.handle, EX, mine.value)  # the held lock took the new mode
+    assert granted == Grant(mine.handle, EX, mine.value, granted.token)  # the held lock took the new mode
     [entry] = port_table.scan()
     assert (entry.slot.state, entry.slot.mode, entry.slot.pid, entry.slot.port) == (SlotState.GRANTED, EX, PARENT, 8)
 

@@ -411,7 +411,8 @@ def test_queued_then_granted_after_unlock(table: LockTable, bells: MakeBell) -> 
     table.unlock(g.handle)
     assert rung(bell)
     granted = table.retry(q.handle)
-    assert granted == Grant(q.handle, EX, g.value)
+    assert granted == Grant(q.handle, EX, g.value, granted.token)
+    assert granted.token > g.token, "a hand-off's fencing token is greater than its resource's earlier ones"
     [entry] = entries(table)
     assert (entry.slot.state, entry.slot.thread, entry.slot.doorbell) == (SlotState.GRANTED, 2, 0)
     table.unlock(granted.handle)
@@ -542,7 +543,8 @@ def test_conversion_up_waits_for_the_other_holders(table: LockTable, bells: Make
     table.unlock(theirs.handle)
     assert rung(bell)
     converted = table.retry(q.handle)
-    assert converted == Grant(mine.handle, EX, mine.value)  # the held lock takes the new mode
+    assert converted == Grant(mine.handle, EX, mine.value, converted.token)  # the held lock takes the new mode
+    assert converted.token > max(mine.token, theirs.token), "a conversion up takes a new fencing token"
     [entry] = entries(table)
     assert entry.slot.mode == EX
     table.unlock(mine.handle)

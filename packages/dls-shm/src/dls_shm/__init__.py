@@ -14,6 +14,8 @@ from .doorbell import Doorbell, readable, ring
 from .holder_watch import HolderWatch
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
 from .layout import (
+    BLOCK_MAX,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_PER_GROUP,
     DEFAULT_RECORDS,
     INDEX_BITS,
@@ -33,16 +35,19 @@ from .layout import (
 from .liveness import owner_gone
 from .mechanism import (
     Conflict,
+    Deadlock,
     Grant,
     GroupFull,
     HalfTable,
     Holder,
     LockMechanism,
     NotHeld,
+    NotWritable,
     Owner,
     Queued,
     TableError,
     TableMissing,
+    Unsupported,
     UntrustedTable,
     resource_value,
 )
@@ -70,8 +75,10 @@ __all__ = [
     "OsLock", "OsLockError", "OsLockHolder", "OsLocks", "oslocks_held",
     "TableServes", "key_offset", "lock_file_name", "oslock_holders",
     "table_serves",
+    "BLOCK_MAX", "DEFAULT_BLOCK_SIZE",
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "INDEX_BITS", "KEY_MAX", "LOCAL_IP",
     "RECHECK_INTERVAL",
+    "Deadlock", "NotWritable", "Unsupported",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder", "HolderWatch",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",

@@ -24,12 +24,17 @@ from typing import NamedTuple
 
 MAGIC = b"DLSTABLE"
 #: Version 2 added the KEPT slot state, the KEEP slot flag and the header's lock_delay; version 3 a ticket
-#: counter per group (none in the header) and a semaphore per set of groups (the header's ``semaphores``).
-LAYOUT_VERSION = 3
+#: counter per group (none in the header) and a semaphore per set of groups (the header's ``semaphores``);
+#: version 4 a lock's fencing token and the resource's value block in each slot, the CONVERTING and
+#: BLOCK_NOT_VALID slot flags, the DEADLOCK slot state and the header's ``block_size``.
+LAYOUT_VERSION = 4
 HEADER_SIZE = 4096
 #: Longest record key kept verbatim; longer keys keep a prefix and a digest.
 KEY_MAX = 120
 KEY_DIGEST = 16
+#: Room for a resource's value block in each slot; a table's own size (``block_size``) is chosen when it is made.
+BLOCK_MAX = 64
+DEFAULT_BLOCK_SIZE = 32
 #: Largest slot index a handle can carry.
 INDEX_BITS = 24
 
@@ -46,6 +51,9 @@ class SlotState(enum.IntEnum):
     #: A lock whose lock server ended while its client may live: it conflicts as a granted lock does, owned
     #: by nobody, until its client reclaims it or ``lock_delay`` seconds from its timestamp have passed.
     KEPT = 3
+    #: A waiting request chosen as the one to refuse in a cycle of waiters (a deadlock): it blocks nobody, and
+    #: its waiter's next look frees it and raises ``mechanism.Deadlock``.
+    DEADLOCK = 4
 
 
 class SlotFlag(enum.IntFlag):
@@ -60,6 +68,12 @@ class SlotFlag(enum.IntFlag):
     #: handed the lock before it, and the hand-off need not ring it to look again. Once true, true (nobody
     #: joins a queue ahead of a waiter); an older table's waiter without it is rung, as before.
     WATCHES_ALL = 8
+    #: A waiting request of an owner that holds the resource already: a conversion of its lock (the slot's
+    #: mode is the mode wanted). Conversions form the convert queue, served before the other waiters.
+    CONVERTING = 16
+    #: The resource's value block is not valid (VALNOTVALID): a PW or EX holder ended abnormally or released
+    #: with "invalidate" since it was last written. Kept, as the block itself, in every slot of the resource.
+    BLOCK_NOT_VALID = 32
 
 
 class TableFlag(enum.IntFlag):
@@ -93,6 +107,7 @@ HEADER_FIELDS = (
     ("cpu_system", "d"),
     ("lock_delay", "d"),
     ("next_expiry", "d"),
+    ("block_size", "I"),
 )
 HEADER_STRUCT = struct.Struct("=" + "".join(f for _, f in HEADER_FIELDS))
 HEADER_OFFSETS = {}
@@ -130,13 +145,16 @@ class Header(NamedTuple):
     lock_delay: float
     #: When the first kept lock is due to be freed (time.time()), 0 when none is known: the monitor's cue.
     next_expiry: float
+    #: The size of every resource's value block in this table, in bytes (at most BLOCK_MAX).
+    block_size: int
 
 
 assert Header._fields == tuple(n for n, _ in HEADER_FIELDS)
 
 #: A slot: ticket, state, mode, flags, key length, queued count, owner (pid, port,
-#: client pid, client ip, thread), file (inode, device), timestamp, doorbell, key.
-SLOT_STRUCT = struct.Struct(f"=QBBBxHHiII16sQQqdQ{KEY_MAX}s")
+#: client pid, client ip, thread), file (inode, device), timestamp, doorbell, key, the lock's fencing token,
+#: the holder's blocking-notice doorbell, the resource's value block.
+SLOT_STRUCT = struct.Struct(f"=QBBBxHHiII16sQQqdQ{KEY_MAX}sQQ{BLOCK_MAX}s")
 SLOT_SIZE = SLOT_STRUCT.size
 #: The leading part of a slot that unlock checks: ticket, state, mode, flags, key length, queued.
 SLOT_HEAD = struct.Struct("=QBBBxHH")
@@ -163,6 +181,13 @@ class Slot(NamedTuple):
     timestamp: float  # when it was granted (or queued); of a KEPT lock, when it was kept
     doorbell: int
     key: bytes
+    #: The fencing token of a granted lock: a number taken from its group's ticket counter when it was granted
+    #: or converted up, so strictly increasing per resource for the table's life.
+    token: int
+    #: The doorbell token to ring when this granted lock blocks a request (0: its holder did not ask).
+    notify: int
+    #: The resource's value block (BLOCK_MAX bytes; the header's ``block_size`` of them count).
+    block: bytes
 
 
 class Geometry(NamedTuple):

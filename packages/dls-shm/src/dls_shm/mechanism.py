@@ -70,6 +70,46 @@ class NotHeld(TableError):
     """The handle names no lock (or no waiting request) of this mechanism any more."""
 
 
+class Deadlock(TableError):
+    """The request was chosen to be refused in a cycle of waiters (a deadlock), so that the others go on: its
+    owner still holds what it held (a conversion's lock in its old mode)."""
+
+
+class Unsupported(TableError):
+    """The mechanism cannot do what was asked (OS file locks: no value blocks, conversions queue or deadlock
+    detection); the message says what."""
+
+
+class NotWritable(TableError):
+    """Only a PW or EX holder writes (or invalidates) a resource's value block."""
+
+
+class Cancelled(TableError):
+    """The waiting request was withdrawn by its ``Cancel`` (another thread's, say)."""
+
+
+class Cancel:
+    """Withdraws a waiting request from any thread: calling it makes the wait it was given to (``acquire``,
+    ``change``) cancel the request and raise Cancelled, at once (it rings the waiter's doorbell), or, called
+    before the wait begins, as soon as it begins. It does nothing to a request already granted."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._bell = 0
+
+    def __call__(self) -> None:
+        self._event.set()
+        if self._bell:
+            doorbell.ring(self._bell)
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def _watching(self, bell: int) -> None:
+        self._bell = bell
+
+
 class Owner(NamedTuple):
     """Who a lock belongs to. ``pid`` is the process in the table (a lock server for a
     remote client); ``client_pid``, ``port`` and ``ip`` say who it acts for. The owner
@@ -101,11 +141,15 @@ class Holder(NamedTuple):
 
 
 class Grant(NamedTuple):
-    """Granted: ``handle`` releases it, ``value`` is the resource's value (the same in every mechanism)."""
+    """Granted: ``handle`` releases it, ``value`` is the resource's value (the same in every mechanism).
+
+    ``token``: the lock's fencing token, strictly increasing per resource for the table's life (a new one at
+    each grant and each conversion up); 0 from a mechanism that has none (OS file locks)."""
 
     handle: int
     mode: int
     value: int
+    token: int = 0
 
 
 class Conflict(NamedTuple):
@@ -193,8 +237,26 @@ class LockMechanism(ABC):
         """Who holds a resource: (dls-proto's HolderState: FREE, MINE or OTHER; the holder)."""
 
     @abstractmethod
-    def release_owner(self, pid: int, thread: int | None = None) -> int:
-        """Free every lock and queued request of a process (or of one of its threads); how many."""
+    def release_owner(self, pid: int, thread: int | None = None, *, lost: bool = False) -> int:
+        """Free every lock and queued request of a process (or of one of its threads); how many. ``lost``: the
+        holder ended abnormally (value blocks of its PW and EX locks become not valid, where there are any)."""
+
+    def abandon(self, handle: int) -> None:
+        """Release the lock of a holder that ended abnormally; as ``unlock`` where there are no value blocks."""
+        self.unlock(handle)
+
+    def convert(
+        self, handle: int, mode: int, *, wait_token: int = 0, block: bytes | None = None, invalidate: bool = False,
+    ) -> Grant | Conflict | Queued:
+        """Convert a granted lock in place (see ``LockTable.convert``); Unsupported where it cannot be done."""
+        raise Unsupported(f"{self.name} cannot convert a lock in place (no convert queue): the lock table can")
+
+    def value_block(self, handle: int) -> tuple[bytes, bool]:
+        """The value block of a granted lock's resource and whether it is valid; Unsupported where none."""
+        raise Unsupported(f"{self.name} cannot keep value blocks: the lock table does")
+
+    #: What the mechanism is called in the errors it gives.
+    name = "this lock mechanism"
 
     @abstractmethod
     def keep_owner(self, pid: int) -> int:
@@ -219,7 +281,7 @@ class LockMechanism(ABC):
     def acquire(
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
         timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
-        on_long_wait: Callable[[], None] | None = None,
+        on_long_wait: Callable[[], None] | None = None, cancel: Cancel | None = None,
     ) -> Grant | Conflict:
         """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
 
@@ -228,16 +290,41 @@ class LockMechanism(ABC):
         lock are a few hand-offs, far shorter than anyone could look).
         A request still queued when the timeout ends (or when ``on_wait`` or the
         wait raises) is cancelled; one cancelled meanwhile by ``release_owner``
-        makes ``retry`` raise NotHeld.
+        makes ``retry`` raise NotHeld, one refused to break a deadlock Deadlock, and one withdrawn by its
+        ``cancel`` (from any thread) Cancelled.
         """
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and timeout <= 0 and cancel is None:
             result = self.lock(owner, inode, device, key, mode)
             assert not isinstance(result, Queued)
             return result
         bell = self.doorbell()
-        queued: Grant | Conflict | Queued = self.lock(owner, inode, device, key, mode, wait_token=bell.token)
+        return self._wait(self.lock(owner, inode, device, key, mode, wait_token=bell.token), bell, timeout,
+                          on_wait, on_long_wait, cancel)
+
+    def change(
+        self, handle: int, mode: int, timeout: float | None = None, *, block: bytes | None = None,
+        invalidate: bool = False, on_wait: Callable[[Holder], None] | None = None,
+        on_long_wait: Callable[[], None] | None = None, cancel: Cancel | None = None,
+    ) -> Grant | Conflict:
+        """Convert granted lock ``handle`` to ``mode``, waiting at most ``timeout`` seconds, as ``acquire``
+        waits (a Conflict when not granted in time: the lock stays held in its old mode)."""
+        if timeout is not None and timeout <= 0 and cancel is None:
+            result = self.convert(handle, mode, block=block, invalidate=invalidate)
+            assert not isinstance(result, Queued)
+            return result
+        bell = self.doorbell()
+        return self._wait(self.convert(handle, mode, wait_token=bell.token, block=block, invalidate=invalidate),
+                          bell, timeout, on_wait, on_long_wait, cancel)
+
+    def _wait(
+        self, queued: Grant | Conflict | Queued, bell: doorbell.Doorbell, timeout: float | None,
+        on_wait: Callable[[Holder], None] | None, on_long_wait: Callable[[], None] | None, cancel: Cancel | None,
+    ) -> Grant | Conflict:
+        """Wait for a request just made with this thread's doorbell (``acquire``, ``change``)."""
         if not isinstance(queued, Queued):
             return queued
+        if cancel is not None:
+            cancel._watching(bell.token)
         watch = self._holder_watch()
         watch.drop_ended()
         ended: set[int] = set()  # processes found ended whose locks stay in the way (kept for their clients)
@@ -247,6 +334,12 @@ class LockMechanism(ABC):
             deadline = None if timeout is None else time.monotonic() + timeout
             long_from = None if on_long_wait is None else time.monotonic() + LONG_WAIT
             for pause in self.pauses():
+                if cancel is not None and cancel.requested:
+                    if self.cancel(queued.handle):
+                        raise Cancelled(f"the request {queued.handle:#x} was cancelled while it waited")
+                    queued = self.retry(queued.handle)  # granted meanwhile: the grant stands
+                    if not isinstance(queued, Queued):
+                        return queued
                 if long_from is not None:
                     now = time.monotonic()
                     if now >= long_from:

@@ -36,3 +36,10 @@ def parse(text: str) -> int:
         return NAMES.index(text.upper())
     except ValueError:
         raise ValueError(f"unknown lock mode {text!r}: expected one of {', '.join(NAMES)}") from None
+
+
+def covers(weaker: int, stronger: int) -> bool:
+    """True when ``weaker`` may be held beside everything ``stronger`` may: converting a lock from
+    ``stronger`` to ``weaker`` is a conversion down, granted at once (EX to PR, PR to NL; not CW to PR,
+    which is sideways and waits as a conversion up does)."""
+    return _COMPAT[weaker] & _COMPAT[stronger] == _COMPAT[stronger]

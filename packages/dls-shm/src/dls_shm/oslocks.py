@@ -233,6 +233,8 @@ class OsLocks(LockMechanism):
     table exists under that key (see the module).
     """
 
+    name = "OS file locks (jdls -ibD)"
+
     #: The pauses between looks at a queued request (``pauses()``, seconds): the first, and the longest.
     retry_first = RETRY_FIRST
     retry_max = RETRY_MAX
@@ -366,7 +368,7 @@ class OsLocks(LockMechanism):
                 os.close(fd)
             return (HolderState.FREE, None) if h is None or h.pid == _OFD_PID else (HolderState.OTHER, h)
 
-    def release_owner(self, pid: int, thread: int | None = None) -> int:
+    def release_owner(self, pid: int, thread: int | None = None, *, lost: bool = False) -> int:
         """Free every lock and queued request of an owner process (or one of its threads); how many."""
         tokens: list[int] = []
         count = 0

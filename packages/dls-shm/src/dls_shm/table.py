@@ -64,6 +64,8 @@ from dls_proto.text import amount
 
 from . import doorbell, modes, semaphores
 from .layout import (
+    BLOCK_MAX,
+    DEFAULT_BLOCK_SIZE,
     GROUP_HEAD,
     HEADER_FIELDS,
     HEADER_OFFSETS,
@@ -86,12 +88,14 @@ from .layout import (
 from .liveness import Liveness
 from .mechanism import (
     Conflict,
+    Deadlock,
     Grant,
     GroupFull,
     HalfTable,
     Holder,
     LockMechanism,
     NotHeld,
+    NotWritable,
     Owner,
     Queued,
     TableError,
@@ -126,6 +130,11 @@ _T = TypeVar("_T")
 _KEEP = int(SlotFlag.KEEP)
 _HANDED = int(SlotFlag.HANDED)
 _WATCHES_ALL = int(SlotFlag.WATCHES_ALL)
+_CONVERTING = int(SlotFlag.CONVERTING)
+_NOT_VALID = int(SlotFlag.BLOCK_NOT_VALID)
+_DEADLOCK = int(SlotState.DEADLOCK)
+#: The modes whose holder writes the value block, and whose abnormal end makes it not valid.
+_WRITERS = (modes.PW, modes.EX)
 _FLAGS_OFFSET = 10
 _GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotState.WAITING, SlotState.KEPT,
                                                         SlotState.FREE))
@@ -139,7 +148,9 @@ _STATE_OFFSET = 8
 _QUEUED_OFFSET = 14
 _MODE_OFFSET = 9
 _PID_OFFSET = SLOT_HEAD.size  # the owner pid follows the head
-_TIME_OFFSET = SLOT_STRUCT.size - KEY_MAX - 16  # timestamp, then doorbell, then key
+_TOKEN_OFFSET = SLOT_STRUCT.size - BLOCK_MAX - 16  # the fencing token, then the notice doorbell, then the block
+_BLOCK_OFFSET = _TOKEN_OFFSET + 16
+_TIME_OFFSET = _TOKEN_OFFSET - KEY_MAX - 16  # timestamp, then doorbell, then key
 _SEAL_OFFSET = _TIME_OFFSET + 8  # a granted or kept lock's seal is in its doorbell field
 _SEALED_HEAD = struct.Struct("=QB")  # ticket, state
 _TICKET = GROUP_HEAD  # a group's ticket counter, at its start
@@ -224,6 +235,8 @@ class LockTable(LockMechanism):
     """A process's view of one lock table. Not to be shared between threads for
     waiting (each thread gets its own doorbell); the lock calls themselves are safe."""
 
+    name = "the lock table"
+
     def __init__(self, shm: sysv_ipc.SharedMemory, sem: sysv_ipc.Semaphore) -> None:
         self._shm = shm
         self._sem = sem  # sysv_ipc's view of the set: its id, owner, mode, removal
@@ -238,6 +251,8 @@ class LockTable(LockMechanism):
                 f"{SLOT_SIZE} bytes): stop the service that made it and remove the table (jdls -k, then jdls -K), "
                 "then start the service again"
             )
+        if not 1 <= header.block_size <= BLOCK_MAX:
+            raise TableError(f"lock table 0x{shm.key:08x}: its header names value blocks of {header.block_size} bytes")
         if not 1 <= header.semaphores < semaphores.kernel_members_limit():
             raise TableError(f"lock table 0x{shm.key:08x}: its header names {header.semaphores} group semaphores")
         self._sems = semaphores.Semaphores(sem.id, header.semaphores)
@@ -257,6 +272,8 @@ class LockTable(LockMechanism):
         #: whichever process (a reconnected client's new lock server, say) sends them.
         self.port_owners = bool(header.flags & TableFlag.PORT_OWNERS)
         self._ident: Callable[[Any], tuple[Any, ...]] = _BY_PORT if self.port_owners else _BY_PID
+        #: How many bytes of a resource's value block count in this table (chosen when it was made).
+        self.block_size = header.block_size
 
     # -- creating, attaching, removing --------------------------------------------
 
@@ -264,6 +281,7 @@ class LockTable(LockMechanism):
     def create(
         cls, key: int, geometry: Geometry, *, flags: int = 0, tidy_period: int = 300, mode: int = TABLE_MODE,
         gid: int | None = None, lock_delay: float = 0.0, owners: frozenset[int] | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> tuple[LockTable, bool]:
         """Create the table, or attach the existing one as it is: (table, created).
 
@@ -273,6 +291,8 @@ class LockTable(LockMechanism):
         exists under ``key``. An existing table is attached only when ``owners``
         made and own it (see ``attach``).
         """
+        if not 1 <= block_size <= BLOCK_MAX:
+            raise ValueError(f"value block size {block_size}: it must be 1 to {BLOCK_MAX} bytes")
         group_members = semaphores.members_for(geometry.ngroups)
         try:
             sem = semaphores.create(key, group_members)
@@ -311,6 +331,7 @@ class LockTable(LockMechanism):
             total_size=geometry.total_size, created=time.time(), tidy_period=tidy_period, semid=sem.id,
             semaphores=group_members,
             cpu_user=0.0, cpu_system=0.0, last_ran=0.0, last_tidy=0.0, lock_delay=lock_delay, next_expiry=0.0,
+            block_size=block_size,
         )
         mv = memoryview(shm)
         HEADER_STRUCT.pack_into(mv, 0, *(values[name] for name in Header._fields))
@@ -511,10 +532,10 @@ class LockTable(LockMechanism):
                 SLOT_STRUCT.pack_into(
                     mv, goff + _G + self._values_size + pos * SLOT_SIZE, ticket, 1, mode, kflags, len(key), 0,
                     owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device,
-                    time.time(), 0, key,
+                    time.time(), 0, key, ticket, 0, b"",  # its fencing token: its ticket, the group's newest
                 )
                 _U32.pack_into(mv, goff + _G + 4 * pos, value)
-                return Grant(ticket << INDEX_BITS | (group * self._per_group + pos), mode, value)
+                return Grant(ticket << INDEX_BITS | (group * self._per_group + pos), mode, value, ticket)
         finally:
             if _semop(semid, self._give_of[member], 1):
                 self._give(member)
@@ -534,7 +555,8 @@ class LockTable(LockMechanism):
             soff = goff + _G + self._values_size + pos * SLOT_SIZE
             ticket, state, mode, *_ = SLOT_HEAD.unpack_from(self._mv, soff)
             if ticket == handle >> INDEX_BITS and state == _GRANTED:
-                return Grant(handle, mode, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0])
+                return Grant(handle, mode, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
+                             _U64.unpack_from(self._mv, soff + _TOKEN_OFFSET)[0])
             if ticket == handle >> INDEX_BITS and state == _WAITING:
                 queued = self._live_holder_in_the_way(handle, group, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
                                                       Slot._make(SLOT_STRUCT.unpack_from(self._mv, soff)))
@@ -574,7 +596,7 @@ class LockTable(LockMechanism):
         group = index // self._per_group
         with self._group_held(group):
             slot = self._slot(index)
-            if slot.ticket != handle >> INDEX_BITS or slot.state not in (_WAITING, _GRANTED):
+            if slot.ticket != handle >> INDEX_BITS or slot.state not in (_WAITING, _GRANTED, _DEADLOCK):
                 return False
             value = self._value(index)
             self._free(index)
@@ -582,8 +604,13 @@ class LockTable(LockMechanism):
         _ring(tokens)
         return True
 
-    def unlock(self, handle: int) -> None:
-        """Release a granted lock; NotHeld when the handle names none."""
+    def unlock(self, handle: int, *, block: bytes | None = None, invalidate: bool = False) -> None:
+        """Release a granted lock; NotHeld when the handle names none. A PW or EX holder may write the
+        resource's value block as it goes (``block``), or mark it not valid (``invalidate``): NotWritable for
+        another mode, ValueError for a block longer than the table's, and the lock is still held then."""
+        if block is not None or invalidate:
+            self._release(handle, block, invalidate, lost=False)
+            return
         index = handle & _INDEX_MASK
         if index >= self._ngroups * self._per_group:
             raise NotHeld(f"handle {handle:#x} names no slot of this table")
@@ -615,6 +642,139 @@ class LockTable(LockMechanism):
         if tokens:
             _ring(tokens)
 
+    def abandon(self, handle: int) -> None:
+        """Release the lock of a holder that ended abnormally (a lock server's client lost while it held it):
+        a PW or EX lock leaves the resource's value block not valid, as its holder may have been half-way
+        through what the block describes. NotHeld when the handle names none."""
+        self._release(handle, None, False, lost=True)
+
+    def _release(self, handle: int, block: bytes | None, invalidate: bool, *, lost: bool) -> None:
+        """``unlock`` with a value block written or invalidated, or ``abandon``: under the semaphore."""
+        index = self._index_of(handle)
+        group = index // self._per_group
+        with self._group_held(group):
+            held = self._held(handle, index)
+            value = self._value(index)
+            if lost:
+                if held.mode in _WRITERS and not held.flags & _HANDED:
+                    self._write_block(group, value, held, None, invalidate=True)
+            else:
+                self._write_block(group, value, held, block, invalidate)
+            self._free(index)
+            tokens = self._settle(group, value, held) if held.queued else []
+        _ring(tokens)
+
+    def convert(
+        self, handle: int, mode: int, *, wait_token: int = 0, block: bytes | None = None, invalidate: bool = False,
+    ) -> Grant | Conflict | Queued:
+        """Convert the granted lock ``handle`` to ``mode`` in place (it is never released meanwhile).
+
+        A conversion down (``modes.covers``) is granted at once. One up is granted when ``mode`` goes with
+        every other granted lock and with every conversion queued before it (the convert queue, served before
+        the other waiters; FIFO); otherwise a Conflict, or with ``wait_token`` a Queued conversion, retried as
+        any queued request is: its Grant names the lock's own ``handle``. A conversion up takes a new fencing
+        token. ``block``/``invalidate``: as ``unlock``, written before the conversion (a PW or EX holder's).
+        NotHeld when the handle names no granted lock."""
+        index = self._index_of(handle)
+        group = index // self._per_group
+        with self._group_held(group):
+            result, tokens = self._convert_locked(handle, index, group, mode, wait_token, block, invalidate)
+        _ring(tokens)
+        return result
+
+    def _convert_locked(
+        self, handle: int, index: int, group: int, mode: int, wait_token: int, block: bytes | None, invalidate: bool,
+    ) -> tuple[Grant | Conflict | Queued, list[int]]:
+        held = self._held(handle, index)
+        value = self._value(index)
+        if block is not None or invalidate:
+            self._write_block(group, value, held, block, invalidate)
+            held = self._slot(index)
+        converted = (held.mode, held._replace(mode=mode))
+        if modes.covers(mode, held.mode):  # down (or the same mode): at once, the token kept
+            _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
+            return Grant(handle, mode, value, held.token), self._settle(group, value, held, converted=converted)
+        me = self._ident(held)
+        key = held.key[: held.key_len]
+        expires: float | None = 0.0
+        while True:
+            granted, waiting = self._matching(group, value, held.inode, held.device, key)
+            blocker = self._blocker(me, mode, None, granted, waiting)
+            if blocker is None or (expires := self._clear_blocker(blocker, thorough=not wait_token)) is not None:
+                break
+        if blocker is None:
+            token = self._set_mode(index, group, held, mode)
+            return Grant(handle, mode, value, token), self._settle(group, value, held, converted=converted)
+        if not wait_token:
+            return Conflict(_holder(blocker[1])), []
+        owner = Owner(held.pid, held.thread, held.port, held.client_pid, held.ip)
+        kflags = held.flags & (SlotFlag.LONG_KEY | _KEEP) | _CONVERTING
+        if len(_ahead_in_way(mode, None, waiting)) <= WATCH_AHEAD:
+            kflags |= _WATCHES_ALL
+        queued, ticket = self._new_slot(group, value, owner, held.inode, held.device, key, kflags, mode, _WAITING,
+                                        wait_token, like=held)
+        self._count_queued(granted, len(waiting) + 1)
+        return Queued(ticket << INDEX_BITS | queued, _holder(blocker[1]), expires or 0.0,
+                      _watch(self._slot(queued), granted, waiting)), []
+
+    def value_block(self, handle: int) -> tuple[bytes, bool]:
+        """The value block of the resource of granted lock ``handle``, and whether it is valid (False:
+        VALNOTVALID, the last value written before a PW or EX holder ended abnormally or invalidated it).
+        All zero until first written. Read under the semaphore: a CR or NL holder's block may be written
+        meanwhile by a PW holder beside it. NotHeld when the handle names no granted lock."""
+        index = self._index_of(handle)
+        with self._group_held(index // self._per_group):
+            held = self._held(handle, index)
+        return held.block[: self.block_size], not held.flags & _NOT_VALID
+
+    def _index_of(self, handle: int) -> int:
+        index = handle & _INDEX_MASK
+        if index >= self.geometry.locks:
+            raise NotHeld(f"handle {handle:#x} names no slot of this table")
+        return index
+
+    def _held(self, handle: int, index: int) -> Slot:
+        """The granted slot ``handle`` names (its group's semaphore held); NotHeld otherwise."""
+        slot = self._slot(index)
+        if slot.ticket != handle >> INDEX_BITS or slot.state != _GRANTED or not self._value(index):
+            raise NotHeld(f"handle {handle:#x} holds no lock")
+        return slot
+
+    def _set_mode(self, index: int, group: int, held: Slot, mode: int) -> int:
+        """Give granted slot ``held`` the mode ``mode``: a conversion up takes a new fencing token (the group's
+        next ticket), one down keeps its own; the token it has now."""
+        soff = self.geometry.slot_offset(index)
+        _BYTE.pack_into(self._mv, soff + _MODE_OFFSET, mode)
+        if modes.covers(mode, held.mode):
+            return held.token
+        token = self._next_ticket(HEADER_SIZE + group * self._group_size)
+        _U64.pack_into(self._mv, soff + _TOKEN_OFFSET, token)
+        return token
+
+    def _write_block(self, group: int, value: int, held: Slot, block: bytes | None, invalidate: bool) -> None:
+        """Write ``block`` as the value block of ``held``'s resource, or mark it not valid, in every slot of the
+        resource (the block lives with the resource's slots, and a new one copies it from them)."""
+        if held.mode not in _WRITERS:
+            raise NotWritable(f"a {modes.NAMES[held.mode]} lock cannot write the value block: only a PW or EX "
+                              "holder does")
+        if block is not None and len(block) > self.block_size:
+            raise ValueError(f"a value block of {len(block)} bytes: this table's are {self.block_size} bytes")
+        granted, waiting = self._matching(group, value, held.inode, held.device, held.key[: held.key_len])
+        for index, slot in granted + waiting:
+            soff = self.geometry.slot_offset(index)
+            if block is not None:
+                struct.pack_into(f"{BLOCK_MAX}s", self._mv, soff + _BLOCK_OFFSET, block)
+            flags = slot.flags | _NOT_VALID if invalidate else slot.flags & ~_NOT_VALID
+            _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, flags)
+
+    def _lost_writer(self, group: int, value: int, slot: Slot) -> None:
+        """A lock freed because its holder ended abnormally (``slot`` as it was): if it was a PW or EX lock its
+        holder was told of, the resource's value block is left not valid (in its remaining slots)."""
+        if slot.state in (_GRANTED, _KEPT) and slot.mode in _WRITERS and not slot.flags & _HANDED:
+            granted, waiting = self._matching(group, value, slot.inode, slot.device, slot.key[: slot.key_len])
+            for index, other in granted + waiting:
+                _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET, other.flags | _NOT_VALID)
+
     def pauses(self) -> Iterator[float]:
         """A waiter is rung when its lock may be granted; it looks every RECHECK_INTERVAL as a safety net."""
         return itertools.repeat(RECHECK_INTERVAL)
@@ -634,11 +794,12 @@ class LockTable(LockMechanism):
             return HolderState.OTHER, _holder(granted[0][1])
         return HolderState.FREE, None
 
-    def release_owner(self, pid: int, thread: int | None = None) -> int:
+    def release_owner(self, pid: int, thread: int | None = None, *, lost: bool = False) -> int:
         """Free every lock and queued request of a process (or of one of its threads). Kept locks are
-        nobody's any more, whatever pid they show: they are left for their client to reclaim."""
+        nobody's any more, whatever pid they show: they are left for their client to reclaim. ``lost``: its
+        holder ended abnormally (its PW and EX locks leave their value blocks not valid), not released them."""
         freed, _ = self._sweep(lambda slot: _FREE if slot.pid == pid and slot.state != _KEPT
-                               and (thread is None or slot.thread == thread) else None)
+                               and (thread is None or slot.thread == thread) else None, lost=lost)
         return freed
 
     def keep_owner(self, pid: int) -> int:
@@ -689,12 +850,13 @@ class LockTable(LockMechanism):
             now = time.time()
             own = slot.ticket << INDEX_BITS | index  # the lock's handle (``handle`` may be a sealed one)
             if slot.state == _GRANTED and slot.pid == owner.pid:
-                return Grant(own, slot.mode, value)  # asked twice: it is this lock server's already
+                return Grant(own, slot.mode, value, slot.token)  # asked twice: it is this lock server's already
             if slot.state == _GRANTED and not _surely_dead(slot.pid):
                 raise NotHeld(f"the lock under handle {handle:#x} is still held by the lock server that took it "
                               f"(pid {slot.pid}), which has not ended")
             if slot.state == _KEPT and now >= slot.timestamp + delay:
                 self._free(index)
+                self._lost_writer(index // self._per_group, value, slot)
                 self._bump("tidy_ops")
                 tokens = self._settle(index // self._per_group, value, slot)
             else:
@@ -702,9 +864,9 @@ class LockTable(LockMechanism):
                     self._mv, self.geometry.slot_offset(index), slot.ticket, _GRANTED, slot.mode,
                     slot.flags & ~_KEEP | (_KEEP if owner.keep else 0), slot.key_len, slot.queued, owner.pid,
                     slot.port, slot.client_pid, owner.ip, owner.thread, slot.inode, slot.device, now, slot.doorbell,
-                    slot.key,
+                    slot.key, slot.token, slot.notify, slot.block,
                 )
-                return Grant(own, slot.mode, value)
+                return Grant(own, slot.mode, value, slot.token)
         _ring(tokens)
         raise NotHeld(f"the lock under handle {handle:#x} was kept {delay:g} s for its client to reclaim, "
                       "and has been freed")
@@ -891,7 +1053,8 @@ class LockTable(LockMechanism):
     def _matching(
         self, group: int, value: int, inode: int, device: int, key: bytes
     ) -> tuple[list[tuple[int, Slot]], list[tuple[int, Slot]]]:
-        """Granted and waiting slots of one resource, waiters in ticket (FIFO) order."""
+        """Granted and waiting slots of one resource, waiters in queue order: the convert queue, then the wait
+        queue, each FIFO (by ticket)."""
         goff = HEADER_SIZE + group * self._group_size + _G
         vals = self._vals.unpack_from(self._mv, goff)
         granted: list[tuple[int, Slot]] = []
@@ -906,15 +1069,21 @@ class LockTable(LockMechanism):
             if slot.inode != inode or slot.device != device or slot.key[: slot.key_len] != key:
                 continue  # another resource with the same value
             index = group * self._per_group + pos
+            if slot.state == _DEADLOCK:
+                continue  # refused, in nobody's way: its waiter frees it when it looks
             (waiting if slot.state == _WAITING else granted).append((index, slot))  # a kept lock is held
-        waiting.sort(key=lambda item: item[1].ticket)
+        waiting.sort(key=_queue_order)
         return granted, waiting
 
     def _blocker(
         self, me: tuple[Any, ...], mode: int, ticket: int | None,
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
-        """The first lock or earlier waiter that keeps the request of owner ``me`` from being granted.
+        """The first lock or earlier waiter that keeps the request of owner ``me`` (queued under ``ticket``;
+        None: not yet) from being granted: a granted lock of another owner it cannot go with, or a request
+        ahead of it in queue order that it cannot go with. A conversion (``me`` holds the resource) is behind
+        the conversions queued before it only; any other request is behind every conversion and the requests
+        queued before it (``_matching``'s order).
 
         A kept lock is nobody's, whoever it names: it blocks its own client too until reclaimed.
         """
@@ -923,12 +1092,17 @@ class LockTable(LockMechanism):
             slot = item[1]
             if (slot.state == _KEPT or ident(slot) != me) and not modes.compatible(mode, slot.mode):
                 return item
-        if any(s.state == _GRANTED and ident(s) == me for _, s in granted):
-            return None  # a conversion goes before the queue
-        for item in waiting:
+        converting = any(s.state == _GRANTED and ident(s) == me for _, s in granted)
+        for item in waiting:  # in queue order: conversions first
             slot = item[1]
-            if ticket is not None and slot.ticket >= ticket:
-                break
+            if slot.flags & _CONVERTING:
+                # The convert queue goes before every other request, and before later conversions.
+                if converting and ticket is not None and slot.ticket >= ticket:
+                    return None
+                if slot.ticket == ticket:
+                    continue
+            elif converting or (ticket is not None and slot.ticket >= ticket):
+                return None  # a conversion is not behind the wait queue; a request is not behind later ones
             if not modes.compatible(mode, slot.mode):
                 return item
         return None
@@ -953,7 +1127,9 @@ class LockTable(LockMechanism):
             expires = self._keep(index)
             self._note_expiry(expires)
             return expires
+        value = self._value(index)
         self._free(index)
+        self._lost_writer(index // self._per_group, value, slot)
         self._bump("tidy_ops")
         return None
 
@@ -971,18 +1147,22 @@ class LockTable(LockMechanism):
         mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == me]
         if blocker is None and mine:
             index, slot = mine[0]
-            _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
+            token = self._set_mode(index, group, slot, mode)
             # A conversion down may let waiters in; one up may newly be in the first waiter's way.
-            return Grant(slot.ticket << INDEX_BITS | index, mode, value), self._settle(
+            return Grant(slot.ticket << INDEX_BITS | index, mode, value, token), self._settle(
                 group, value, slot, converted=(slot.mode, slot._replace(mode=mode)))
         if blocker is not None and not wait_token:
             return Conflict(_holder(blocker[1])), []
         state = SlotState.GRANTED if blocker is None else SlotState.WAITING
         if blocker is not None and len(_ahead_in_way(mode, None, waiting)) <= WATCH_AHEAD:
             kflags |= _WATCHES_ALL
-        index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token)
+        if blocker is not None and mine:
+            kflags |= _CONVERTING
+        like = granted[0][1] if granted else waiting[0][1] if waiting else None
+        index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token,
+                                       like=like)
         if blocker is None:
-            return Grant(ticket << INDEX_BITS | index, mode, value), []
+            return Grant(ticket << INDEX_BITS | index, mode, value, ticket), []
         self._count_queued(granted, len(waiting) + 1)
         me_slot = self._slot(index)
         return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0,
@@ -990,8 +1170,11 @@ class LockTable(LockMechanism):
 
     def _new_slot(
         self, group: int, value: int, owner: Owner, inode: int, device: int, key: bytes, kflags: int,
-        mode: int, state: int, token: int,
+        mode: int, state: int, token: int, *, like: Slot | None = None,
     ) -> tuple[int, int]:
+        """A new slot (the group's semaphore held): its index and ticket. A granted one's fencing token is its
+        ticket; the resource's value block and its validity are copied from ``like``, a slot of the resource
+        (none: a new resource's block, all zero)."""
         goff = HEADER_SIZE + group * self._group_size
         vals = self._vals.unpack_from(self._mv, goff + _G)
         try:
@@ -1002,8 +1185,10 @@ class LockTable(LockMechanism):
         SLOT_STRUCT.pack_into(
             self._mv, goff + _G + self._values_size + pos * SLOT_SIZE, ticket, state, mode, kflags, len(key), 0,
             owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device, time.time(),
-            token, key,
+            token, key, ticket if state == _GRANTED else 0, 0, b"" if like is None else like.block,
         )
+        if like is not None and like.flags & _NOT_VALID:
+            self._mv[goff + _G + self._values_size + pos * SLOT_SIZE + _FLAGS_OFFSET] = kflags | _NOT_VALID
         _U32.pack_into(self._mv, goff + _G + 4 * pos, value)
         return group * self._per_group + pos, ticket
 
@@ -1013,7 +1198,11 @@ class LockTable(LockMechanism):
             raise NotHeld(f"handle {handle:#x} names no slot of this table")
         me = self._slot(index)
         if me.ticket == handle >> INDEX_BITS and me.state == _GRANTED:  # handed its lock meanwhile
-            return Grant(handle, me.mode, self._value(index)), []
+            return Grant(handle, me.mode, self._value(index), me.token), []
+        if me.ticket == handle >> INDEX_BITS and me.state == _DEADLOCK:
+            self._free(index)
+            raise Deadlock(f"the request {handle:#x} would have waited in a cycle of waiters (a deadlock): it was "
+                           "chosen to be refused so that the others go on")
         if me.ticket != handle >> INDEX_BITS or me.state != SlotState.WAITING:
             raise NotHeld(f"handle {handle:#x} is not a queued request (tidied away?)")
         group = index // self._per_group
@@ -1034,14 +1223,24 @@ class LockTable(LockMechanism):
         mine = [item for item in granted if item[1].state == _GRANTED and self._ident(item[1]) == who]
         if mine:  # a conversion: the held lock takes the new mode, the request goes
             held_index, held = mine[0]
-            _BYTE.pack_into(self._mv, self.geometry.slot_offset(held_index) + _MODE_OFFSET, me.mode)
+            token = self._set_mode(held_index, group, held, me.mode)
             self._free(index)
-            grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value)
+            grant = Grant(held.ticket << INDEX_BITS | held_index, me.mode, value, token)
             return grant, self._settle(group, value, me, converted=(held.mode, held._replace(mode=me.mode)))
+        token = self._grant_waiter(index, group, me)
+        return Grant(handle, me.mode, value, token), self._settle(group, value, me)
+
+    def _grant_waiter(self, index: int, group: int, slot: Slot) -> int:
+        """Grant waiting slot ``slot`` (its group's semaphore held), from now and with a new fencing token (the
+        group's next ticket, so greater than every token its resource had); that token."""
         soff = self.geometry.slot_offset(index)
-        _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)
+        token = self._next_ticket(HEADER_SIZE + group * self._group_size)
         struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
-        return Grant(handle, me.mode, value), self._settle(group, value, me)
+        _U64.pack_into(self._mv, soff + _TOKEN_OFFSET, token)
+        if slot.flags & _KEEP:
+            _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, slot.flags | _HANDED)
+        _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
+        return token
 
     def _settle(self, group: int, value: int, like: Slot, *, converted: tuple[int, Slot] | None = None) -> list[int]:
         """After a change to a resource (``converted``: a granted lock's mode before, and the lock in its mode
@@ -1068,11 +1267,7 @@ class LockTable(LockMechanism):
             if any(s.state == _GRANTED and ident(s) == who for _, s in granted):
                 still.append(item)  # a conversion: rung, and it converts on its own
                 continue
-            soff = self.geometry.slot_offset(index)
-            struct.pack_into("=dQ", self._mv, soff + _TIME_OFFSET, time.time(), 0)
-            if slot.flags & _KEEP:
-                _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, slot.flags | _HANDED)
-            _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
+            self._grant_waiter(index, group, slot)
             granted.append((index, slot._replace(state=_GRANTED, doorbell=0)))
         if converted is not None:
             for index, slot in still:  # no longer sure to watch every holder in their way: rung when first
@@ -1108,9 +1303,10 @@ class LockTable(LockMechanism):
             if not noted or when < noted:
                 _F64.pack_into(self._mv, _NEXT_EXPIRY_OFFSET, when)
 
-    def _sweep(self, decide: Callable[[Slot], int | None]) -> tuple[int, int]:
+    def _sweep(self, decide: Callable[[Slot], int | None], *, lost: bool = True) -> tuple[int, int]:
         """Free (FREE) or keep (KEPT) every slot as ``decide`` says (None: leave it), ringing the waiters
-        that can go on; (freed, kept).
+        that can go on; (freed, kept). ``lost``: the slots freed are of holders that ended abnormally, whose
+        PW and EX locks leave their resources' value blocks not valid.
 
         ``decide`` sees the scan's copy, outside the semaphore (it may ask the system about the owner), a
         batch of groups at a time; the changes it asks for are made ``SWEEP_CHANGES`` at a time under the
@@ -1121,12 +1317,12 @@ class LockTable(LockMechanism):
         for first, data in self._copies():
             changes = [(entry, new) for entry in self._decode(first, data) if (new := decide(entry.slot)) is not None]
             for start in range(0, len(changes), SWEEP_CHANGES):
-                f, k = self._change(changes[start : start + SWEEP_CHANGES])
+                f, k = self._change(changes[start : start + SWEEP_CHANGES], lost)
                 freed += f
                 kept += k
         return freed, kept
 
-    def _change(self, changes: list[tuple[Entry, int]]) -> tuple[int, int]:
+    def _change(self, changes: list[tuple[Entry, int]], lost: bool) -> tuple[int, int]:
         """Make ``_sweep``'s changes to slots still as the scan saw them, under one hold; (freed, kept)."""
         freed = kept = 0
         soonest = 0.0
@@ -1147,6 +1343,8 @@ class LockTable(LockMechanism):
                     continue
                 self._free(index)
                 freed += 1
+                if lost:
+                    self._lost_writer(entry.group, entry.value, seen)
                 if state == _WAITING or queued:  # as unlock: nobody waits for a lock nobody queued for (now)
                     settle[(entry.group, entry.value, seen.inode, seen.device, seen.key)] = seen
             tokens = [token for (group, value, *_), slot in settle.items()
@@ -1157,10 +1355,17 @@ class LockTable(LockMechanism):
         return freed, kept
 
 
+def _queue_order(item: tuple[int, Slot]) -> tuple[bool, int]:
+    """Where a waiting slot stands in its resource's queue: conversions first, then the rest, each by ticket."""
+    slot = item[1]
+    return not slot.flags & _CONVERTING, slot.ticket
+
+
 def _ahead_in_way(mode: int, ticket: int | None, waiting: list[tuple[int, Slot]]) -> list[int]:
     """The pids of the waiters ahead of a request of ``mode`` (queued under ``ticket``; None: not yet, all are
-    ahead) that it cannot share the lock with, in queue order."""
-    return [s.pid for _, s in waiting if (ticket is None or s.ticket < ticket) and not modes.compatible(mode, s.mode)]
+    ahead) that it cannot share the lock with, in queue order (a conversion is ahead of every other request)."""
+    return [s.pid for _, s in waiting if (ticket is None or s.ticket < ticket or s.flags & _CONVERTING)
+            and s.ticket != ticket and not modes.compatible(mode, s.mode)]
 
 
 def _watch(me: Slot, granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]]) -> tuple[int, ...]:
