@@ -38,7 +38,12 @@ from dls_proto import (
     PROTOCOL_VERSIONS,
     SINCE,
     WAIT_FOREVER,
+    Acquired,
+    Blocking,
+    BlockStatus,
+    Cancel,
     Connection,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -58,6 +63,7 @@ from dls_proto import (
     Reclaim,
     Refused,
     RefuseReason,
+    Release,
     Role,
     Settings,
     Status,
@@ -65,6 +71,7 @@ from dls_proto import (
     Unlock,
     UnlockAll,
     Unlocked,
+    ValueFlag,
     Waiting,
     Welcome,
     encode,
@@ -89,6 +96,10 @@ SAMPLES: dict[Kind, Any] = {
     Kind.RECLAIM: Reclaim(14, 0x0000123400000042, Mode.PW, 0x0102030405060708, 0x00000000DEADBEEF, -1,
                           b"USD163170001"),
     Kind.SETTINGS: Settings(17, 0, 2000),
+    Kind.CONVERT: Convert(18, 0x0000123400000042, Mode.PW, LockFlag.VALUE_BLOCK | LockFlag.NOTIFY, ValueFlag.WRITE,
+                          0x00012345, b"\x00balance=1234.56\xff"),
+    Kind.RELEASE: Release(19, 0x0000123400000042, ValueFlag.INVALIDATE, bytes(range(64))),
+    Kind.CANCEL: Cancel(20, 0x01020304),
     Kind.UNLOCK_ALL: UnlockAll(9, ALL_THREADS),
     Kind.STATUS: Status(10, 0x1122334455667788, 0xCAFEBABE, -2, LONG_KEY),
     Kind.INFO_PUT: InfoPut(11, b'{"files": [{"inode": 3735928559, "path": "/data/F\xc3\xa9"}]}'),
@@ -102,12 +113,15 @@ SAMPLES: dict[Kind, Any] = {
     Kind.INFO_SNAPSHOT: InfoSnapshot(12, b'{"locks": [], "info": []}'),
     Kind.ECHO_REPLY: EchoReply(13, b""),
     Kind.UNLOCKED: Unlocked(9, 0x00010203),
+    Kind.ACQUIRED: Acquired(18, 0x0000123400000042, Mode.PW, 0x89ABCDEF, 0x0102030405060708, BlockStatus.NOT_VALID,
+                            b"\x00balance=1234.56\xff"),
+    Kind.BLOCKING: Blocking(7, 0x0000123400000042, Mode.CW),
     Kind.ERROR: Error(16, ErrorCode.VERSION, "client speaks versions 2..3, server speaks 1..1 — bye"),
 }
 
 #: Kinds a client sends (a server Connection receives them once open); the rest a server sends.
 FROM_CLIENT = {Kind.HELLO, Kind.LOCK, Kind.UNLOCK, Kind.UNLOCK_ALL, Kind.STATUS, Kind.INFO_PUT, Kind.INFO_GET,
-               Kind.ECHO, Kind.RECLAIM, Kind.SETTINGS}
+               Kind.ECHO, Kind.RECLAIM, Kind.SETTINGS, Kind.CONVERT, Kind.RELEASE, Kind.CANCEL}
 
 
 def plain(message: Any) -> Any:

@@ -7,6 +7,8 @@ Against a real daemon (``jdls -ib``), in raw bytes over TCP:
   is closed; the daemon goes on serving other clients;
 - a Hello of an older client (a range reaching below the daemon's) or of a newer one (a
   range reaching above) is answered with Welcome and the highest common version;
+- a client of an older version (today's 3, or 2) is served in that version as before: its Lock is
+  answered with Granted, never with a message a later version added (Acquired);
 - after Welcome, a frame of a kind the daemon does not know is answered with Error
   (UNKNOWN_MESSAGE, same request id) and the conversation goes on (an Echo is answered);
 - a frame that breaks the protocol (a reply kind sent by a client, a frame longer than
@@ -39,11 +41,16 @@ from dls_proto import (
     EchoReply,
     Error,
     ErrorCode,
+    Granted,
     Hello,
     Kind,
+    Lock,
+    LockFlag,
+    Mode,
     NeedData,
     RemoteProtocolError,
     Role,
+    Unlock,
     Welcome,
     choose_version,
     encode,
@@ -175,6 +182,26 @@ def test_hello_with_a_common_version_gets_welcome_with_the_highest(
         assert raw.conn.version == HIGH
         raw.send(encode(Echo(2, b"ping")))
         assert raw.event() == EchoReply(2, b"ping")
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("version", range(LOW, HIGH), ids=lambda v: f"version-{v}")
+def test_a_client_of_an_older_version_is_served_in_it(
+    daemon: Service, witness: object, tmp_path: Path, version: int
+) -> None:
+    """A client that speaks at most ``version`` (3: today's clients) gets that version, and its lock as before:
+    a Granted, nothing of a later version (its Connection would read an Acquired as an UnknownMessage)."""
+    raw, welcome = welcome_for(daemon, (LOW, version))
+    try:
+        assert welcome.version == version == raw.conn.version
+        data = data_file(tmp_path)
+        lock = Lock(2, Mode.EX, LockFlag.NO_INTERIM, 0, 1, data.stat().st_ino, -1, b"OLD", str(data))
+        raw.send(raw.conn.send(lock))
+        granted = raw.event()
+        assert type(granted) is Granted and granted.request_id == 2 and granted.mode == Mode.EX, granted
+        raw.send(raw.conn.send(Unlock(3, granted.handle)) + raw.conn.send(Echo(4, b"after")))
+        assert raw.event() == EchoReply(4, b"after")  # the Unlock is answered only when it fails
     finally:
         raw.close()
 

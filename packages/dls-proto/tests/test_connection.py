@@ -6,13 +6,20 @@ import itertools
 import struct
 from typing import Any
 
+import dls_proto
 import pytest
 from dls_proto import (
     DEFAULT_MAX_FRAME,
+    MAX_VALUE_BLOCK,
     NEED_DATA,
     PROTOCOL_VERSIONS,
+    Acquired,
+    Blocking,
+    BlockStatus,
+    Cancel,
     Connection,
     ConnectionClosed,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -25,8 +32,11 @@ from dls_proto import (
     Kind,
     LocalProtocolError,
     Lock,
+    LockFlag,
+    Mode,
     ProtocolError,
     Refused,
+    Release,
     RemoteProtocolError,
     Role,
     Settings,
@@ -37,6 +47,7 @@ from dls_proto import (
     Unlock,
     UnlockAll,
     Unlocked,
+    ValueFlag,
     Waiting,
     Welcome,
     choose_version,
@@ -45,6 +56,7 @@ from dls_proto import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+KIND_OF = dls_proto.codec.KINDS
 HELLO = Hello(0, 2, 2, 0, 7001, 4242, 1, "client-host", "jsh")
 WELCOME = Welcome(0, 2, 1, 0, 99, DEFAULT_MAX_FRAME, 10000, "127.0.0.1", "server-host")
 LOCK = Lock(1, 5, 0, 1000, 1, 42, 7, b"CUST*1", "/data/CUST")
@@ -634,3 +646,155 @@ def test_decoded_messages_are_the_message_classes() -> None:
     client.receive_data(server.send(GRANTED))
     (granted,) = drain(client)
     assert type(granted) is Granted and granted == GRANTED and granted.handle == GRANTED.handle
+
+
+# -- version 4: conversions, value blocks, fencing tokens, cancel, blocking notices -------------------------
+
+CONVERT = Convert(21, 0x100000003, Mode.PR, LockFlag.VALUE_BLOCK | LockFlag.NOTIFY, ValueFlag.WRITE, 0, b"v" * 64)
+RELEASE = Release(22, 0x100000003, ValueFlag.INVALIDATE, b"")
+CANCEL = Cancel(23, 21)
+ACQUIRED = Acquired(21, 0x100000003, Mode.PR, 12345, 1 << 40, BlockStatus.NOT_VALID, b"v" * 64)
+BLOCKING = Blocking(1, 0x100000003, Mode.EX)
+V4_REQUESTS = [CONVERT, RELEASE, CANCEL]
+V4_REPLIES = [ACQUIRED, BLOCKING]
+
+
+def _greeted(client_versions: tuple[int, int], server_versions: tuple[int, int]) -> tuple[Connection, Connection]:
+    """A client offering ``client_versions`` and a server speaking ``server_versions`` (both sides this
+    package's Connection: an older peer is one whose Hello offers, or whose Welcome chooses, no more)."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    hello = HELLO._replace(min_version=client_versions[0], max_version=client_versions[1])
+    server.receive_data(client.send(hello))
+    assert server.next_event() == hello
+    version = choose_version(hello, server_versions)
+    assert version is not None
+    client.receive_data(server.send(WELCOME._replace(version=version)))
+    assert isinstance(client.next_event(), Welcome)
+    assert client.version == server.version == version
+    return client, server
+
+
+def test_version_4_is_spoken_and_2_and_3_still_are() -> None:
+    assert PROTOCOL_VERSIONS == (2, 4)
+    for version in (2, 3, 4):
+        client, _server = _greeted((version, version), PROTOCOL_VERSIONS)
+        assert client.version == version
+
+
+@pytest.mark.parametrize("event", V4_REQUESTS, ids=name)
+def test_version_4_requests_travel_in_version_4(event: Any) -> None:
+    client, server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    assert client.version == 4
+    server.receive_data(client.send(event) + client.encoder(type(event))(event))
+    assert drain(server) == [event, event]
+
+
+@pytest.mark.parametrize("event", [*V4_REPLIES, GRANTED], ids=name)
+def test_version_4_replies_travel_in_version_4(event: Any) -> None:
+    """Acquired and Blocking; and Granted still (the answer to a Reclaim, and a lock server's until it
+    answers a Lock with Acquired)."""
+    client, server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    client.receive_data(server.send(event))
+    assert drain(client) == [event]
+
+
+@pytest.mark.parametrize("event", V4_REPLIES, ids=name)
+def test_a_client_of_version_3_never_sees_acquired_or_blocking(event: Any) -> None:
+    """A client of today (versions 2..3) against a server side of version 4: they agree on 3, the server may
+    not send what version 4 added, and a client of version 3 takes such a kind as one it does not know."""
+    client, server = _greeted((2, 3), PROTOCOL_VERSIONS)
+    assert server.version == 3
+    message = f"the client speaks protocol version 3: {name(event)} needs version 4"
+    with pytest.raises(LocalProtocolError, match=message):
+        server.send(event)
+    with pytest.raises(LocalProtocolError, match=f"{name(event)} needs version 4"):
+        server.encoder(type(event))
+    client.receive_data(encode(event) + server.send(GRANTED))
+    assert drain(client) == [UnknownMessage(event.request_id, int(KIND_OF[type(event)])), GRANTED]
+    assert server.state is client.state is State.READY
+
+
+@pytest.mark.parametrize("event", V4_REQUESTS, ids=name)
+def test_a_client_of_version_4_against_a_server_of_version_3(event: Any) -> None:
+    """A new client against today's service (versions 2..3): they agree on 3, and the client's Connection
+    refuses Convert, Release and Cancel saying what the peer lacks (the client library tells its user the
+    service lacks value blocks or conversions); a server of version 3 would not know their kinds."""
+    client, server = _greeted(PROTOCOL_VERSIONS, (2, 3))
+    assert client.version == 3
+    message = f"the server speaks protocol version 3: {name(event)} needs version 4"
+    with pytest.raises(LocalProtocolError, match=message):
+        client.send(event)
+    with pytest.raises(LocalProtocolError, match=message):
+        client.encoder(type(event))
+    server.receive_data(encode(event) + client.send(LOCK))
+    assert drain(server) == [UnknownMessage(event.request_id, int(KIND_OF[type(event)])), LOCK]
+
+
+def test_version_2_says_settings_needs_version_3() -> None:
+    client, _server = _greeted((2, 2), PROTOCOL_VERSIONS)
+    with pytest.raises(LocalProtocolError, match="the server speaks protocol version 2: Settings needs version 3"):
+        client.send(Settings(5, 0, 2000))
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (CONVERT._replace(block=b"v" * (MAX_VALUE_BLOCK + 1)), "value block of 65 bytes, at most 64"),
+        (CONVERT._replace(mode=6), "lock mode 6 is not one of 0..5"),
+        (CONVERT._replace(value_flags=4), "value flags 0x04: bits 0x04 are not defined"),
+        (CONVERT._replace(value_flags=0x83), "value flags 0x83: bits 0x80 are not defined"),
+        (RELEASE._replace(block=b"v" * 255), "value block of 255 bytes, at most 64"),
+        (RELEASE._replace(value_flags=8), "value flags 0x08"),
+        (ACQUIRED._replace(block=b"v" * (MAX_VALUE_BLOCK + 1)), "value block of 65 bytes"),
+    ],
+    ids=lambda e: f"{e!r:.40}",
+)
+def test_version_4_bounds_on_send_and_on_receipt(event: Any, message: str) -> None:
+    """What the fields' widths carry but the protocol does not allow: a LocalProtocolError to send (the
+    encoder's, for a caller of ``encoder``, too), and a RemoteProtocolError naming it when a peer sends it."""
+    client, server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    sender, receiver = (client, server) if type(event) in (Convert, Release) else (server, client)
+    with pytest.raises(LocalProtocolError, match=f"cannot encode {name(event)}: {message}"):
+        sender.send(event)
+    with pytest.raises(LocalProtocolError, match=message):
+        sender.encoder(type(event))(event)
+    assert sender.state is State.READY
+    spec = dls_proto.spec.DEFINITIONS[KIND_OF[type(event)]]
+    fields = event._asdict()
+    del fields["request_id"]
+    body = spec.build(fields)  # the specification's bytes: the width allows them
+    receiver.receive_data(frame(KIND_OF[type(event)], body, rid=event.request_id))
+    with pytest.raises(RemoteProtocolError, match=f"{KIND_OF[type(event)].name}: {message}"):
+        receiver.next_event()
+
+
+def test_version_4_bounds_reach_their_limits() -> None:
+    """A block of MAX_VALUE_BLOCK bytes, EX, and every value flag pass."""
+    client, server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    most = CONVERT._replace(mode=Mode.EX, value_flags=ValueFlag.WRITE | ValueFlag.INVALIDATE)
+    assert len(most.block) == MAX_VALUE_BLOCK
+    server.receive_data(client.send(most) + client.send(RELEASE._replace(block=most.block)))
+    assert drain(server) == [most, RELEASE._replace(block=most.block)]
+    client.receive_data(server.send(ACQUIRED))
+    assert drain(client) == [ACQUIRED]
+
+
+def test_version_4_flags_and_constants() -> None:
+    """The new LockFlag bits leave the old ones as they were, and fit Lock's (and Convert's) 8-bit flags."""
+    assert [int(f) for f in (LockFlag.NO_INTERIM, LockFlag.OSLOCK, LockFlag.BINARY)] == [1, 2, 4]
+    assert (int(LockFlag.VALUE_BLOCK), int(LockFlag.NOTIFY)) == (8, 16)
+    assert (int(ValueFlag.NONE), int(ValueFlag.WRITE), int(ValueFlag.INVALIDATE)) == (0, 1, 2)
+    assert [int(s) for s in BlockStatus] == [0, 1, 2]
+    assert MAX_VALUE_BLOCK == 64
+    client, server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    every = LOCK._replace(flags=int(LockFlag.NO_INTERIM | LockFlag.OSLOCK | LockFlag.BINARY | LockFlag.VALUE_BLOCK
+                                    | LockFlag.NOTIFY))
+    server.receive_data(client.send(every))
+    assert drain(server) == [every]
+
+
+def test_packer_refuses_a_bounded_message() -> None:
+    client, _server = _greeted(PROTOCOL_VERSIONS, PROTOCOL_VERSIONS)
+    with pytest.raises(TypeError, match="only its encoder"):
+        client.packer(Convert)
+    assert client.packer(Cancel)(*CANCEL) == encode(CANCEL)

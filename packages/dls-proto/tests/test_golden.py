@@ -23,7 +23,11 @@ from dls_proto import (
     HEADER_SIZE,
     MESSAGES,
     PROTOCOL_VERSIONS,
+    Acquired,
+    Blocking,
+    Cancel,
     Connection,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -35,6 +39,7 @@ from dls_proto import (
     Lock,
     Reclaim,
     Refused,
+    Release,
     Role,
     Settings,
     Status,
@@ -46,6 +51,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_proto.codec import DECODERS, LAYOUTS
+from dls_proto.messages import BOUNDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -117,6 +123,21 @@ GOLDEN: list[tuple[Any, str]] = [
         "00000006 01 18 0000 0000000a | 0000 000007d0",
     ),
     (
+        Convert(request_id=18, handle=0x0000000200000003, mode=3, flags=8, value_flags=1, timeout_ms=0, block=b"v1"),
+        # length 18 = handle 8 + mode 1 + flags 1 + value_flags 1 + timeout 4 + block_len 1 + 2; a conversion
+        # down to PR that writes the value block "v1" and reads it back (VALUE_BLOCK), without waiting
+        "00000012 01 19 0000 00000012 | 0000000200000003 03 08 01 00000000 02 7631",
+    ),
+    (
+        Release(request_id=19, handle=0x0000000200000003, value_flags=1, block=b"\x00\x01\xff"),
+        # length 13 = handle 8 + value_flags 1 + block_len 1 + 3
+        "0000000d 01 1a 0000 00000013 | 0000000200000003 01 03 0001ff",
+    ),
+    (
+        Cancel(request_id=20, target=2),
+        "00000004 01 1b 0000 00000014 | 00000002",
+    ),
+    (
         Granted(request_id=2, handle=0x0000000200000003, mode=5, value=0xDEADBEEF),
         "0000000d 01 20 0000 00000002 | 0000000200000003 05 deadbeef",
     ),
@@ -153,14 +174,26 @@ GOLDEN: list[tuple[Any, str]] = [
         "00000004 01 26 0000 00000004 | 00000003",
     ),
     (
+        Acquired(request_id=2, handle=0x0000000200000003, mode=5, value=0xDEADBEEF, token=0x0000000100000002,
+                 block_status=2, block=b"last"),
+        # length 27 = handle 8 + mode 1 + value 4 + token 8 + block_status 1 + block_len 1 + 4; NOT_VALID (2)
+        "0000001b 01 27 0000 00000002 | 0000000200000003 05 deadbeef 0000000100000002 02 04 6c617374",
+    ),
+    (
+        Blocking(request_id=2, handle=0x0000000200000003, mode=3),
+        # length 9 = handle 8 + mode 1: the lock taken by request 2 blocks a request for PR
+        "00000009 01 28 0000 00000002 | 0000000200000003 03",
+    ),
+    (
         Error(request_id=9, code=6, reason="not held: \u00e9"),
         # the reason is 12 bytes of UTF-8: "é" is c3 a9
         "00000010 01 2f 0000 00000009 | 0006 000c 6e6f742068656c643a20c3a9",
     ),
 ]
 
-REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings}
-REPLY_CLASSES = {Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error}
+REQUEST_CLASSES = {Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings, Convert, Release,
+                   Cancel}
+REPLY_CLASSES = {Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error, Acquired, Blocking}
 
 
 def golden_bytes(text: str) -> bytes:
@@ -196,7 +229,7 @@ def golden_id(item: tuple[Any, str]) -> str:
 
 
 def test_golden_covers_every_message() -> None:
-    assert len(MESSAGES) == 19
+    assert len(MESSAGES) == 24
     assert [type(event) for event, _ in GOLDEN] == [cls for _, _, cls in MESSAGES]
     assert REQUEST_CLASSES | REPLY_CLASSES | {Hello, Welcome} == set(SPECS)
 
@@ -253,8 +286,10 @@ def test_codec_decodes_the_golden_body(item: tuple[Any, str]) -> None:
 # -- property: random field values, fast codec against the construct definition -----------------------
 
 
-def _field_strategies(spec: Any) -> dict[str, st.SearchStrategy[Any]]:
-    """A strategy per event field, read off the construct definition (so a new field is covered too)."""
+def _field_strategies(spec: Any, cls: type[Any]) -> dict[str, st.SearchStrategy[Any]]:
+    """A strategy per event field, read off the construct definition (so a new field is covered too), within
+    the message's bounds (``messages.BOUNDS``: the codec refuses the rest, checked in test_connection)."""
+    bounds = {bound.field: bound for bound in BOUNDS.get(cls, ())}
     limits: dict[str, int] = {}
     strategies: dict[str, st.SearchStrategy[Any]] = {}
     for sub in spec.subcons:
@@ -277,11 +312,19 @@ def _field_strategies(spec: Any) -> dict[str, st.SearchStrategy[Any]]:
             )
         else:  # a bytes field whose length is in the fixed part
             strategies[name] = st.binary(max_size=min(limits[name], 600))
+        if name in bounds:
+            most = bounds[name].most
+            if bounds[name].check == "length":
+                strategies[name] = st.binary(max_size=most)
+            elif bounds[name].check == "bits":
+                strategies[name] = st.integers(0, most).map(lambda v, most=most: v & most)
+            else:  # "mode"
+                strategies[name] = st.integers(0, most)
     return strategies
 
 
 EVENTS = {
-    cls: st.builds(cls, request_id=st.integers(0, 0xFFFFFFFF), **_field_strategies(spec))
+    cls: st.builds(cls, request_id=st.integers(0, 0xFFFFFFFF), **_field_strategies(spec, cls))
     for _kind, spec, cls in MESSAGES
 }
 
@@ -303,7 +346,7 @@ def test_the_package_imports_no_construct() -> None:
 
 def test_strategies_cover_every_field() -> None:
     for _kind, spec, cls in MESSAGES:
-        assert ["request_id", *_field_strategies(spec)] == list(cls._fields)
+        assert ["request_id", *_field_strategies(spec, cls)] == list(cls._fields)
 
 
 @pytest.mark.parametrize("cls", [cls for _, _, cls in MESSAGES], ids=lambda cls: cls.__name__)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .errors import RemoteProtocolError
-from .messages import CLASSES, FRAME_VERSION, HEADER_SIZE, Kind
+from .errors import LocalProtocolError, RemoteProtocolError
+from .messages import BOUNDS, CLASSES, FRAME_VERSION, HEADER_SIZE, Bound, Kind
 
 Encoder = Callable[[Any], bytes]
 Decoder = Callable[[int, Any, int, int], Any]
@@ -74,7 +74,18 @@ LAYOUTS: dict[Kind, tuple[tuple[str, str], ...]] = {
     ),
     Kind.INFO_SNAPSHOT: (("payload_len", "#L"), ("payload", "bytes"),),
     Kind.ECHO_REPLY: (("data_len", "#H"), ("data", "bytes"),),
+    Kind.CONVERT: (
+        ("handle", "Q"), ("mode", "B"), ("flags", "B"), ("value_flags", "B"), ("timeout_ms", "L"), ("block_len", "#B"),
+        ("block", "bytes"),
+    ),
+    Kind.RELEASE: (("handle", "Q"), ("value_flags", "B"), ("block_len", "#B"), ("block", "bytes"),),
+    Kind.CANCEL: (("target", "L"),),
     Kind.UNLOCKED: (("count", "L"),),
+    Kind.ACQUIRED: (
+        ("handle", "Q"), ("mode", "B"), ("value", "L"), ("token", "Q"), ("block_status", "B"), ("block_len", "#B"),
+        ("block", "bytes"),
+    ),
+    Kind.BLOCKING: (("handle", "Q"), ("mode", "B"),),
     Kind.ERROR: (("code", "H"), ("reason_len", "#H"), ("reason", "text"),),
 }
 
@@ -113,13 +124,30 @@ class _Plan:
             self.values.append(name)
 
 
+def _bound_lines(cls: type[Any], plan: _Plan, value_of: Callable[[str, bool], str], error: str) -> list[str]:
+    """The lines that raise ``error`` (the text of a call, its last argument left open) with the problem's text
+    when a field of a ``cls`` message is out of its bound (``messages.BOUNDS``: values its width carries but
+    the protocol does not allow). ``value_of(field, is_bytes)`` is the expression of the value tested, of a
+    bytes field its length. One comparison a bound, inline: the lock path's Acquired pays no call for it."""
+    bytes_fields = {tail for tail, is_text in plan.tails if not is_text}
+    bounds: tuple[Bound, ...] = BOUNDS.get(cls, ())
+    lines = []
+    for number, bound in enumerate(bounds):
+        value = value_of(bound.field, bound.field in bytes_fields)
+        test = f"{value} & {~bound.most}" if bound.check == "bits" else f"{value} > {bound.most}"
+        lines.append(f"    if {test}:")
+        lines.append(f"        raise {error}_bounds[{number}].problem({value}))")
+    return lines
+
+
 def _compiled(kind: Kind, cls: type[Any], role: str, lines: list[str], **names: Any) -> Callable[..., Any]:
     """The function ``role``_``kind`` that ``lines`` define, compiled with ``names`` (and ``cls``) as globals.
 
     exec() of the text, not of compile()'s code: the first compile() call of a process makes the ast module's
     classes, about 2 ms, which a client's start-up otherwise never needs (a traceback names the file
     "<string>"; the function's name, encode_KIND or decode_KIND, says which)."""
-    namespace: dict[str, Any] = {"_cls": cls, "RemoteProtocolError": RemoteProtocolError, **names}
+    namespace: dict[str, Any] = {"_cls": cls, "RemoteProtocolError": RemoteProtocolError,
+                                 "LocalProtocolError": LocalProtocolError, "_bounds": BOUNDS.get(cls, ()), **names}
     exec("\n".join(lines), namespace)  # noqa: S102
     function: Callable[..., Any] = namespace[f"{role}_{kind.name.lower()}"]
     return function
@@ -139,6 +167,8 @@ def _encoder(kind: Kind, cls: type[Any]) -> Encoder:
     for tail, is_text in plan.tails:
         source = f"ev.{tail}.encode('utf-8')" if is_text else f"ev.{tail}"
         lines.append(f"    _t_{tail} = {source}")
+    lines += _bound_lines(cls, plan, lambda field, is_bytes: f"len(_t_{field})" if is_bytes else f"ev.{field}",
+                          f"LocalProtocolError('cannot encode {cls.__name__}: ' + ")
     length = " + ".join([str(fixed), *(f"len(_t_{t})" for t, _ in plan.tails)])
     args = ", ".join([length, str(FRAME_VERSION), str(int(kind)), "0", "ev.request_id", *plan.encode_args])
     lines.append(f"    return _frame_pack({args})" + "".join(f" + _t_{t}" for t, _ in plan.tails))
@@ -154,6 +184,8 @@ def _decoder(kind: Kind, cls: type[Any]) -> Decoder:
     lines.append(f"        raise RemoteProtocolError('{kind.name} body of %d bytes, at least {fixed} needed' % length)")
     if plan.unpacked:
         lines.append(f"    {', '.join(plan.unpacked)}, = _body_unpack(buf, off)")
+    lines += _bound_lines(cls, plan, lambda field, is_bytes: f"{field}_len" if is_bytes else field,
+                          f"RemoteProtocolError('{kind.name}: ' + ")
     for var, value in plan.consts:
         lines.append(f"    if {var} != {value!r}:")
         lines.append(f"        raise RemoteProtocolError('{kind.name} with bad magic %r' % ({var},))")
@@ -221,8 +253,8 @@ def packer(cls: type[Any]) -> Callable[..., bytes]:
     only (an Unlock's, on a client's lock path). TypeError for a message with text, bytes or a constant."""
     kind = KINDS[cls]
     plan = _Plan(LAYOUTS[kind])
-    if plan.tails or plan.consts:
-        raise TypeError(f"{cls.__name__} has fields that are not numbers: only its encoder makes its frame")
+    if plan.tails or plan.consts or cls in BOUNDS:
+        raise TypeError(f"{cls.__name__} has fields that are not numbers, or bounds: only its encoder makes its frame")
     frame = struct.Struct(">" + _HEADER_FMT + plan.fmt)
     return partial(frame.pack, frame.size - HEADER_SIZE, FRAME_VERSION, int(kind), 0)
 

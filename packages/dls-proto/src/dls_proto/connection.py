@@ -199,6 +199,8 @@ class Connection:
             raise self._may_not_send(cls)
         try:
             data = ENCODERS[cls](event)
+        except LocalProtocolError:  # a field out of its bounds (messages.BOUNDS): the encoder says which
+            raise
         except Exception as exc:  # struct.error, AttributeError, UnicodeError: a bad field value
             raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from None
         if self.state is not State.READY:
@@ -223,6 +225,11 @@ class Connection:
         return packer(cls)
 
     def _may_not_send(self, cls: type[Message]) -> LocalProtocolError:
+        since = SINCE.get(cls, 0)
+        if self.state is State.READY and self.version is not None and since > self.version:
+            # A message the peer's version lacks: a client library tells its user what the service lacks.
+            return LocalProtocolError(f"the {self._peer_name()} speaks protocol version {self.version}: "
+                                      f"{cls.__name__} needs version {since}")
         return LocalProtocolError(f"the {self.role.value} may not send {cls.__name__} in state {self.state.value}")
 
     def _sent_in_greeting(self, event: Message) -> None:

@@ -25,13 +25,20 @@ FRAME_VERSION = 1
 #: Version 2 (dls-proto 0.3) added the lock-delay to Welcome and the Reclaim request; version 1 is no longer spoken.
 #: Version 3 (dls-proto 0.5) added the Settings request, by which a client tells its acknowledgement timeout (JDLS
 #: TIMEOUT) so that its lock server sends interim Waiting messages often enough; nothing else differs.
-PROTOCOL_VERSIONS = (2, 3)
+#: Version 4 (dls-proto 0.6) added conversions, value blocks, fencing tokens, cancel and blocking notices: the
+#: requests Convert, Release and Cancel, the replies Acquired (a v4 lock server's answer to Lock and Convert,
+#: Granted with a fencing token and the value block) and Blocking; the layouts of the other messages are unchanged.
+#: The lowest and the highest version, as a Hello offers them (every version between is spoken too).
+PROTOCOL_VERSIONS = (2, 4)
 #: Magic that opens every Hello, so that a stray client is recognised at once.
 HELLO_MAGIC = b"jDLS"
 #: A lock request's ``timeout_ms`` meaning "wait as long as it takes".
 WAIT_FOREVER = 0xFFFFFFFF
 #: The longest record key a request carries, in bytes: its length travels in 16 bits (``key_len``).
 MAX_KEY = 0xFFFF
+#: The longest value block a resource has, in bytes (a table chooses its size, up to this; the DLM's is 32 or 64).
+#: Its length travels in 8 bits: a longer block is a protocol error received and a LocalProtocolError to send.
+MAX_VALUE_BLOCK = 64
 #: An ``UnlockAll`` thread id meaning "every thread of the client".
 ALL_THREADS = 0xFFFFFFFFFFFFFFFF
 
@@ -67,6 +74,27 @@ class LockFlag(enum.IntFlag):
     NO_INTERIM = 1  # the client's JDLS WAIT: no interim Waiting messages
     OSLOCK = 2  # take the record lock as an OS file lock on the server
     BINARY = 4  # a binary (file, execution) lock rather than a record lock
+    # Version 4 on (in a Lock or a Convert):
+    VALUE_BLOCK = 8  # return the resource's value block with the grant (Acquired's block_status and block)
+    NOTIFY = 16  # send Blocking notices while this lock is held and blocks another request
+
+
+class ValueFlag(enum.IntFlag):
+    """What a Convert or a Release does to the resource's value block (version 4 on)."""
+
+    NONE = 0
+    WRITE = 1  # write the message's block as the value block (the holder holds PW or EX)
+    INVALIDATE = 2  # mark the value block not valid (BlockStatus.NOT_VALID until someone writes)
+
+
+class BlockStatus(enum.IntEnum):
+    """The state of the value block an Acquired carries."""
+
+    NONE = 0  # not asked for (no LockFlag.VALUE_BLOCK), or not available (a mechanism without value blocks)
+    VALID = 1
+    # The DLM's VALNOTVALID: the last value written, after a PW or EX holder ended abnormally or released with
+    # ValueFlag.INVALIDATE; it stays so until someone writes a new value.
+    NOT_VALID = 2
 
 
 class RefuseReason(enum.IntEnum):
@@ -121,6 +149,9 @@ class Kind(enum.IntEnum):
     ECHO = 0x16
     RECLAIM = 0x17
     SETTINGS = 0x18
+    CONVERT = 0x19
+    RELEASE = 0x1A
+    CANCEL = 0x1B
     GRANTED = 0x20
     REFUSED = 0x21
     WAITING = 0x22
@@ -128,6 +159,8 @@ class Kind(enum.IntEnum):
     INFO_SNAPSHOT = 0x24
     ECHO_REPLY = 0x25
     UNLOCKED = 0x26
+    ACQUIRED = 0x27
+    BLOCKING = 0x28
     ERROR = 0x2F
 
 
@@ -160,7 +193,10 @@ class Welcome(NamedTuple):
 
 
 class Lock(NamedTuple):
-    """Take a record lock on (inode, device, key); ``path`` travels for display only."""
+    """Take a record lock on (inode, device, key); ``path`` travels for display only. ``timeout_ms`` is how
+    long the request may wait: 0 means not at all (the DLM's NOQUEUE: refused BUSY at once when it cannot be
+    granted), WAIT_FOREVER as long as it takes. A lock server of version 4 answers with Acquired, an older one
+    with Granted."""
 
     request_id: int
     mode: int
@@ -203,6 +239,46 @@ class Settings(NamedTuple):
     request_id: int
     flags: int
     ack_timeout_ms: int
+
+
+class Convert(NamedTuple):
+    """Convert the held lock ``handle`` to ``mode`` in place (version 4 on): a conversion down (or to the same
+    mode) is granted at once; one up waits in the resource's convert queue, ahead of its waiting requests,
+    unless ``timeout_ms`` is 0 (refused BUSY at once; WAIT_FOREVER: as long as it takes).
+
+    ``flags``: LockFlag.VALUE_BLOCK (the answer carries the value block) and LockFlag.NOTIFY (Blocking notices
+    from now on); ``value_flags``: ValueFlag.WRITE (``block`` becomes the value block: a conversion down from PW
+    or EX) or ValueFlag.INVALIDATE. Answered with Acquired (the same handle, the new mode, a new fencing token
+    when up), Refused (BUSY, TIMEOUT, CANCELLED, DEADLOCK: the lock stays held in its old mode), Waiting while it
+    waits, or Error."""
+
+    request_id: int
+    handle: int
+    mode: int
+    flags: int
+    value_flags: int
+    timeout_ms: int
+    block: bytes
+
+
+class Release(NamedTuple):
+    """Unlock with a value block (version 4 on): ``value_flags`` ValueFlag.WRITE writes ``block`` as the value
+    block first (the holder holds PW or EX), ValueFlag.INVALIDATE marks it not valid. Answered only if it
+    fails, as Unlock."""
+
+    request_id: int
+    handle: int
+    value_flags: int
+    block: bytes
+
+
+class Cancel(NamedTuple):
+    """Withdraw the waiting Lock or Convert whose request id is ``target`` (version 4 on). Not answered itself:
+    the target is, with Refused CANCELLED, or with its grant if that won the race (a target no longer waiting
+    is no error: nothing to cancel)."""
+
+    request_id: int
+    target: int
 
 
 class UnlockAll(NamedTuple):
@@ -250,6 +326,32 @@ class Granted(NamedTuple):
     handle: int
     mode: int
     value: int
+
+
+class Acquired(NamedTuple):
+    """The lock is held (version 4 on: a lock server's answer to Lock and Convert, where an older one says
+    Granted): Granted's fields, then a fencing token, a 64-bit number strictly increasing per resource for the
+    life of the service's table (every grant and every conversion up gets a new one, so that a resource can
+    refuse the writes of a stale holder), and the value block when the request asked for it (LockFlag.
+    VALUE_BLOCK; otherwise ``block_status`` BlockStatus.NONE and ``block`` empty)."""
+
+    request_id: int
+    handle: int
+    mode: int
+    value: int
+    token: int
+    block_status: int
+    block: bytes
+
+
+class Blocking(NamedTuple):
+    """Unsolicited (version 4 on): the held lock ``handle``, taken with LockFlag.NOTIFY, blocks a request for
+    ``mode``. ``request_id`` is the id of the Lock that took the lock, by which its client finds it as by the
+    handle. Sent once per holder until the situation changes."""
+
+    request_id: int
+    handle: int
+    mode: int
 
 
 class Refused(NamedTuple):
@@ -344,6 +446,9 @@ CLASSES: tuple[tuple[Kind, type[Any]], ...] = (
     (Kind.ECHO, Echo),
     (Kind.RECLAIM, Reclaim),
     (Kind.SETTINGS, Settings),
+    (Kind.CONVERT, Convert),
+    (Kind.RELEASE, Release),
+    (Kind.CANCEL, Cancel),
     (Kind.GRANTED, Granted),
     (Kind.REFUSED, Refused),
     (Kind.WAITING, Waiting),
@@ -351,6 +456,8 @@ CLASSES: tuple[tuple[Kind, type[Any]], ...] = (
     (Kind.INFO_SNAPSHOT, InfoSnapshot),
     (Kind.ECHO_REPLY, EchoReply),
     (Kind.UNLOCKED, Unlocked),
+    (Kind.ACQUIRED, Acquired),
+    (Kind.BLOCKING, Blocking),
     (Kind.ERROR, Error),
 )
 
@@ -366,6 +473,9 @@ Message = (
     | Echo
     | Reclaim
     | Settings
+    | Convert
+    | Release
+    | Cancel
     | Granted
     | Refused
     | Waiting
@@ -373,13 +483,50 @@ Message = (
     | InfoSnapshot
     | EchoReply
     | Unlocked
+    | Acquired
+    | Blocking
     | Error
 )
 Event = Message | UnknownMessage | ConnectionClosed
 
+class Bound(NamedTuple):
+    """A limit on one field of a message beyond what its width carries: a message outside it is a protocol
+    error received (RemoteProtocolError) and is never sent (LocalProtocolError), as a field too wide for its
+    width is. ``check`` says what ``most`` is: the highest ``mode`` ("mode"), the most bytes of a bytes field
+    ("length"), the bits a flags field may have ("bits")."""
+
+    field: str
+    most: int
+    check: str
+    name: str  # the field as a person reads it
+
+    def problem(self, value: int) -> str:
+        """What is wrong with ``value`` (of a bytes field: its length), for the error."""
+        if self.check == "mode":
+            return not_a_mode(value)
+        if self.check == "length":
+            return f"{self.name} of {value} bytes, at most {self.most}"
+        return f"{self.name} 0x{value:02x}: bits 0x{value & ~self.most:02x} are not defined (only 0x{self.most:02x})"
+
+
+_MODE_BOUND = Bound("mode", LOCK_MODES[-1], "mode", "lock mode")
+_VALUE_FLAGS_BOUND = Bound("value_flags", int(ValueFlag.WRITE | ValueFlag.INVALIDATE), "bits", "value flags")
+_BLOCK_BOUND = Bound("block", MAX_VALUE_BLOCK, "length", "value block")
+#: The bounds of the messages that have some, checked by the codec both ways (an encoder raises
+#: LocalProtocolError, a decoder RemoteProtocolError). A Lock's mode has none, for the peers of older versions:
+#: a lock server answers one out of range with Error BAD_REQUEST (``not_a_mode``) and the conversation goes on;
+#: a Convert's, like its value flags and block, is a protocol error from the start, with the same text.
+BOUNDS: dict[type[Any], tuple[Bound, ...]] = {
+    Convert: (_MODE_BOUND, _VALUE_FLAGS_BOUND, _BLOCK_BOUND),
+    Release: (_VALUE_FLAGS_BOUND, _BLOCK_BOUND),
+    Acquired: (_BLOCK_BOUND,),
+}
+
 #: What a client may send once the conversation is open, and what a server may.
-REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings})
+REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, Reclaim, Settings, Convert, Release,
+                      Cancel})
 #: The messages a protocol version after the lowest added, and that version: in a conversation of an older
 #: version they are not sent, and one received is a kind unknown to that version (UnknownMessage).
-SINCE: dict[type[Any], int] = {Settings: 3}
-REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error})
+SINCE: dict[type[Any], int] = {Settings: 3, Convert: 4, Release: 4, Cancel: 4, Acquired: 4, Blocking: 4}
+REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error, Acquired,
+                     Blocking})

@@ -122,6 +122,20 @@ RECLAIM = Struct(
 )
 UNLOCK_ALL = Struct("thread_id" / Int64ub)
 SETTINGS = Struct("flags" / Int16ub, "ack_timeout_ms" / Int32ub)
+# Version 4. A value block travels with its length in 8 bits; messages.BOUNDS limits it to MAX_VALUE_BLOCK bytes,
+# a Convert's mode to the six modes and the value flags to ValueFlag's bits (the codec checks them both ways).
+_block_len, _block = _blob("block", Int8ub)
+CONVERT = Struct(
+    "handle" / Int64ub,
+    "mode" / Int8ub,
+    "flags" / Int8ub,  # LockFlag, as Lock's
+    "value_flags" / Int8ub,
+    "timeout_ms" / Int32ub,
+    _block_len,
+    _block,
+)
+RELEASE = Struct("handle" / Int64ub, "value_flags" / Int8ub, _block_len, _block)
+CANCEL = Struct("target" / Int32ub)
 STATUS = Struct(
     "thread_id" / Int64ub,
     "inode" / Int64ub,
@@ -137,6 +151,16 @@ _data_len, _data = _blob("data", Int16ub)
 ECHO = Struct(_data_len, _data)
 
 GRANTED = Struct("handle" / Int64ub, "mode" / Int8ub, "value" / Int32ub)
+ACQUIRED = Struct(
+    "handle" / Int64ub,
+    "mode" / Int8ub,
+    "value" / Int32ub,
+    "token" / Int64ub,
+    "block_status" / Int8ub,
+    _block_len,
+    _block,
+)
+BLOCKING = Struct("handle" / Int64ub, "mode" / Int8ub)
 _ip_len, _ip = _text("holder_ip", Int8ub)
 REFUSED = Struct("reason" / Int8ub, *_HOLDER_FIXED, _ip_len, _ip)
 WAITING = Struct("waited_ms" / Int32ub, *_HOLDER_FIXED, _ip_len, _ip)
@@ -160,6 +184,9 @@ DEFINITIONS: dict[Kind, Struct[Any, Any]] = {
     Kind.ECHO: ECHO,
     Kind.RECLAIM: RECLAIM,
     Kind.SETTINGS: SETTINGS,
+    Kind.CONVERT: CONVERT,
+    Kind.RELEASE: RELEASE,
+    Kind.CANCEL: CANCEL,
     Kind.GRANTED: GRANTED,
     Kind.REFUSED: REFUSED,
     Kind.WAITING: WAITING,
@@ -167,6 +194,8 @@ DEFINITIONS: dict[Kind, Struct[Any, Any]] = {
     Kind.INFO_SNAPSHOT: INFO_SNAPSHOT,
     Kind.ECHO_REPLY: ECHO_REPLY,
     Kind.UNLOCKED: UNLOCKED,
+    Kind.ACQUIRED: ACQUIRED,
+    Kind.BLOCKING: BLOCKING,
     Kind.ERROR: ERROR,
 }
 #: Every message: kind, construct definition, event class (in the order of ``messages.CLASSES``).
