@@ -35,7 +35,6 @@ from dls_proto import (
     ConnectionClosed,
     Error,
     Event,
-    Granted,
     Hello,
     InfoPut,
     LocalProtocolError,
@@ -56,6 +55,7 @@ from dls_proto import (
 from dls_proto.text import amount
 
 from .errors import AcknowledgementTimeout, InvalidRequest, ServiceUnavailable
+from .replies import is_grant
 from .trace import Tracer, reply_line, request_line
 
 if TYPE_CHECKING:
@@ -442,7 +442,7 @@ class Channel:
         """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
         other = self._mail.get(target)
         if other is None:
-            if type(event) is Granted:  # a grant nobody awaits (its request gave up): no lock held for nobody
+            if is_grant(event):  # a grant nobody awaits (its request gave up): no lock held for nobody
                 self.unlock(event.handle)
             self._unsolicited(event)
             return

@@ -24,7 +24,6 @@ from dls_proto import (
     Echo,
     EchoReply,
     Error,
-    Granted,
     Lock,
     LockFlag,
     Message,
@@ -44,7 +43,7 @@ from .config import Config, port_number
 from .errors import DlsError, Holder, describe
 from .lockinfo import LockInfo, to_json
 from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
-from .replies import failure, holder
+from .replies import Grant, failure, holder, is_grant
 from .route import Events, Route
 from .trace import Tracer
 from .watcher import Watched, Watcher
@@ -201,7 +200,7 @@ class Client(BaseClient):
 
         def attempt(channel: Channel) -> HeldLock:
             new_file = False
-            granted: Granted
+            granted: Grant
             # The lock and its maker made before the request goes, while the service works on it: from the
             # grant's arrival to the application, as little as can be (the maker fills in what the grant says).
             held = HeldLock(self, 0, ref, key, mode, 0, thread, on_lost)
@@ -217,7 +216,7 @@ class Client(BaseClient):
             waited = type(reply) is Waiting
             if waited:
                 reply = self._wait(channel, request, reply, on_wait)
-            if type(reply) is not Granted:
+            if not is_grant(reply):
                 raise failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
                                     describe(ref.path, key))
             granted = reply
@@ -238,7 +237,7 @@ class Client(BaseClient):
                                        None if on_wait is None else lambda waiting: on_wait(holder(waiting)))
         finally:
             self.info.wait_ended(token)
-            if type(reply) is not Granted and channel.failure is None:
+            if not is_grant(reply) and channel.failure is None:
                 self._publish_quietly()
         return reply
 

@@ -7,9 +7,22 @@ both services granted it).
 
 from __future__ import annotations
 
-from dls_proto import Error, Message, Refused, RefuseReason, StatusReply, Waiting
+from typing import TypeGuard
+
+from dls_proto import Acquired, Error, Granted, Message, Refused, RefuseReason, StatusReply, Waiting
 
 from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
+
+#: The answers that grant a lock: Granted, and Acquired (a lock server of protocol version 4 answers Lock and
+#: Convert with it: Granted's fields, a fencing token and the value block). Tested ``type(reply) in GRANTS``.
+GRANTS = frozenset({Granted, Acquired})
+#: A grant, of either kind.
+Grant = Granted | Acquired
+
+
+def is_grant(reply: Message) -> TypeGuard[Grant]:
+    """Whether ``reply`` grants a lock (Granted, or Acquired)."""
+    return type(reply) in GRANTS
 
 
 def holder(reply: Refused | Waiting | StatusReply) -> Holder:

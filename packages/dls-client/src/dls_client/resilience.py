@@ -32,13 +32,13 @@ import itertools
 import time
 from collections.abc import Callable
 
-from dls_proto import WAIT_FOREVER, Granted, Lock, LockFlag, Message, Reclaim, Refused, Server, UnlockAll, Waiting
+from dls_proto import WAIT_FOREVER, Lock, LockFlag, Message, Reclaim, Refused, Server, UnlockAll, Waiting
 
 from .channel import Channel
 from .errors import AcknowledgementTimeout, ConfigurationError, ServiceUnavailable, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
-from .replies import failure
+from .replies import Grant, failure, is_grant
 from .route import Events, Hold, Holding, Route
 from .trace import Tracer, outcome
 
@@ -113,7 +113,7 @@ class ResilientRoute(Route):
 
     # -- locks -------------------------------------------------------------------------
 
-    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+    def held(self, channel: Channel, request: Lock, granted: Grant, make: Callable[[int], HeldLock],
              started: float = 0.0) -> HeldLock:
         """Granted by ``channel``: taken on the other service too (``_hold_everywhere``), then recorded under
         a handle of the client's own."""
@@ -145,7 +145,7 @@ class ResilientRoute(Route):
                 del self._records[record]
         return holding
 
-    def _hold_everywhere(self, channel: Channel, request: Lock, granted: Granted, started: float) -> list[Hold | None]:
+    def _hold_everywhere(self, channel: Channel, request: Lock, granted: Grant, started: float) -> list[Hold | None]:
         """Granted by ``channel`` (the primary, or the secondary when the primary cannot be reached): take
         the lock on the services after it too. Their refusal releases what was granted and is raised."""
         holds: list[Hold | None] = [None] * len(self.links)
@@ -158,7 +158,7 @@ class ResilientRoute(Route):
             holds[index] = self._also(index, request, (self.links[first], granted), started, granting)
         return holds
 
-    def _also(self, index: int, request: Lock, first: tuple[Link, Granted], started: float,
+    def _also(self, index: int, request: Lock, first: tuple[Link, Grant], started: float,
               holds: list[Hold | None]) -> Hold | None:
         """Take ``request`` on link ``index`` too, waiting as long as the request may still wait; its hold,
         or None when the service cannot be reached. A refusal releases ``holds`` and is raised; an answer other
@@ -190,9 +190,9 @@ class ResilientRoute(Route):
                     raise exc from None
                 self.failed(channel)
                 continue
-            if type(reply) is not Granted or (reply.mode, reply.value) != (granted.mode, granted.value):
+            if not is_grant(reply) or (reply.mode, reply.value) != (granted.mode, granted.value):
                 self._differ(describe(request.path, request.key), first, (self.links[index], reply))
-            if type(reply) is Granted:
+            if is_grant(reply):
                 return channel, reply.handle
             self._release(holds)
             raise failure(reply, f"{describe(request.path, request.key)} ({self.links[index].name()})")
@@ -302,7 +302,7 @@ class ResilientRoute(Route):
 def _with_value(reply: Message) -> str:
     """What a service answered, its lock value too when it granted (the value is compared as well)."""
     said = outcome(reply)
-    return f"{said}, value 0x{reply.value:08x}" if type(reply) is Granted else said
+    return f"{said}, value 0x{reply.value:08x}" if is_grant(reply) else said
 
 
 def _left(timeout_ms: int, started: float) -> int:

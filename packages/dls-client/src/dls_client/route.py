@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple, TypeVar
 
-from dls_proto import ALL_THREADS, Error, Granted, InfoPut, Lock, Message, Reclaim, Server, UnlockAll
+from dls_proto import ALL_THREADS, Error, InfoPut, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
 from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
 from .link import Link, OpenChannel, exchange_all, kept_after_silence, reclaim_deadline, unkept_reason
 from .locks import HeldLock
+from .replies import Grant, is_grant
 from .trace import Tracer
 from .watcher import hung_up
 
@@ -204,7 +205,7 @@ class Route:
 
     # -- what the client asks -----------------------------------------------------------
 
-    def held(self, channel: Channel, request: Lock, granted: Granted, make: Callable[[int], HeldLock],
+    def held(self, channel: Channel, request: Lock, granted: Grant, make: Callable[[int], HeldLock],
              started: float = 0.0) -> HeldLock:
         """``channel`` granted ``request`` (asked at ``started``, time.monotonic()): the HeldLock ``make``
         gives for the handle the application will hold (the service's), recorded so that it can be
@@ -479,7 +480,7 @@ class Route:
             return False
         granted = 0
         for (handle, holding, _), reply in zip(asks, replies, strict=True):
-            if type(reply) is Granted:
+            if is_grant(reply):
                 with self._state:
                     wanted = self._holdings.get(handle) is holding
                     if wanted:

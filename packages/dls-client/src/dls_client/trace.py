@@ -36,7 +36,11 @@ import time
 
 from dls_proto import (
     WAIT_FOREVER,
+    Acquired,
+    BlockStatus,
+    Cancel,
     Config,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -55,6 +59,7 @@ from dls_proto import (
     Reclaim,
     Refused,
     RefuseReason,
+    Release,
     Settings,
     Status,
     StatusReply,
@@ -169,7 +174,9 @@ def _key(key: bytes) -> str:
     return f"'{printable(key.decode('utf-8', 'backslashreplace'))}'"
 
 
-_FLAG_NAMES = ((LockFlag.NO_INTERIM, "no interim"), (LockFlag.OSLOCK, "OS lock"), (LockFlag.BINARY, "binary"))
+_FLAG_NAMES = ((LockFlag.NO_INTERIM, "no interim"), (LockFlag.OSLOCK, "OS lock"), (LockFlag.BINARY, "binary"),
+               (LockFlag.VALUE_BLOCK, "value block"), (LockFlag.NOTIFY, "notify"))
+_BLOCK_STATES: dict[int, str] = {BlockStatus.VALID: "value block valid", BlockStatus.NOT_VALID: "value block NOT VALID"}
 
 
 _STATES: dict[int, str] = {HolderState.FREE: "free", HolderState.MINE: "held by this client", HolderState.OTHER: "held"}
@@ -200,6 +207,12 @@ def request_line(message: Message) -> str:
         flags = [name for flag, name in _FLAG_NAMES if message.flags & flag]
         extra = f", {'+'.join(flags)}" if flags else ""
         return f"{head} {record(message.path, message.inode, message.key)} {mode_name(message.mode)}, {wait}{extra}"
+    if isinstance(message, Convert):
+        return f"{head} handle {message.handle:#x} to {mode_name(message.mode)}, value flags {message.value_flags}"
+    if isinstance(message, Release):
+        return f"{head} handle {message.handle:#x}, value flags {message.value_flags}"
+    if isinstance(message, Cancel):
+        return f"{head} of #{message.target}"
     if isinstance(message, Reclaim):
         mode = mode_name(message.mode)
         return f"{head} handle {message.handle:#x} inode {message.inode} key {_key(message.key)} {mode}"
@@ -233,6 +246,10 @@ def outcome(message: Message) -> str:
     error trace's when two services of SERVER2 answered one request differently."""
     if isinstance(message, Granted):
         return f"granted {mode_name(message.mode)}, handle {message.handle:#x}"
+    if isinstance(message, Acquired):
+        block = _BLOCK_STATES.get(message.block_status)
+        return (f"granted {mode_name(message.mode)}, handle {message.handle:#x}, token {message.token}"
+                + (f", {block}" if block else ""))
     if isinstance(message, Refused):
         why = _REASONS.get(message.reason, f"reason {message.reason}")
         return f"refused ({why}), {_holder(message)}"

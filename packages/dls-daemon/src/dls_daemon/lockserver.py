@@ -63,8 +63,12 @@ from dls_proto import (
     NEED_DATA,
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
+    Acquired,
+    BlockStatus,
+    Cancel,
     Connection,
     ConnectionClosed,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -81,6 +85,7 @@ from dls_proto import (
     Reclaim,
     Refused,
     RefuseReason,
+    Release,
     RemoteProtocolError,
     Role,
     Settings,
@@ -91,6 +96,7 @@ from dls_proto import (
     Unlock,
     UnlockAll,
     Unlocked,
+    ValueFlag,
     Waiting,
     Welcome,
     choose_version,
@@ -102,6 +108,7 @@ from dls_proto import (
 from dls_shm import (
     INDEX_BITS,
     Conflict,
+    Deadlock,
     Doorbell,
     Grant,
     GroupFull,
@@ -109,12 +116,14 @@ from dls_shm import (
     HolderWatch,
     LockMechanism,
     NotHeld,
+    NotWritable,
     Owner,
     PidRecord,
     Queued,
     TableError,
     TableMissing,
     TableServes,
+    Unsupported,
     pack_ip,
     pidfiles,
     readable,
@@ -141,6 +150,13 @@ NOT_AN_OPERATOR_USER = ("a local user must be an operator: the service's user, r
 _MAX_MODE = LOCK_MODES[-1]
 #: The OSLOCK flag as a plain int, for the lock path (IntFlag arithmetic is slower).
 _OSLOCK = int(LockFlag.OSLOCK)
+#: The Lock flags of version 4, and VALUE_BLOCK alone, as plain ints (the lock path tests them).
+_V4_FLAGS = int(LockFlag.VALUE_BLOCK | LockFlag.NOTIFY)
+_VALUE_BLOCK = int(LockFlag.VALUE_BLOCK)
+#: The value flags a Convert or a Release may carry.
+_VALUE_FLAGS = int(ValueFlag.WRITE | ValueFlag.INVALIDATE)
+#: The protocol version from which Lock and Convert are answered with Acquired (fencing token, value block).
+ACQUIRED_VERSION = 4
 #: TCP keepalive probes a silent client gets before it is given up (the times follow from the bound).
 KEEPALIVE_PROBES = 5
 #: The shortest time data sent to a client may stay unacknowledged (ms), however long it was silent.
@@ -191,9 +207,12 @@ class HandshakeFailed(ClientGone):
 
 @dataclass
 class _Pending:
-    """A Lock that waits: looked at again when the doorbell rings or one of its timers is due."""
+    """A Lock, or a Convert, that waits: looked at again when the doorbell rings or one of its timers is due.
+    ``handle`` is the waiting request's (a conversion waits in a slot of its own, the lock held meanwhile in
+    its old mode); ``thread`` is the owner thread (a Convert's is its lock's)."""
 
-    request: Lock
+    request: Lock | Convert
+    thread: int
     handle: int
     holder: Holder
     started: float
@@ -297,7 +316,10 @@ class LockServer:
             Lock: self._lock, Unlock: self._unlock, UnlockAll: self._unlock_all, Status: self._status,
             Echo: self._echo, InfoPut: self._info_put, InfoGet: self._info_get, UnknownMessage: self._unknown,
             ConnectionClosed: self._closed, Reclaim: self._reclaim, Settings: self._settings,
+            Convert: self._convert, Release: self._release, Cancel: self._cancel,
         }
+        #: Whether Lock and Convert are answered with Acquired (the conversation's version is 4 or later).
+        self._acquired = False
         #: Seconds between interim Waiting messages: the limits', or shorter for a client whose
         #: acknowledgement timeout is short (protocol version 3's Settings).
         self.interim_period = ctx.limits.interim_period
@@ -435,6 +457,7 @@ class LockServer:
                              f"{PROTOCOL_VERSIONS[0]}..{PROTOCOL_VERSIONS[1]}"))
             raise ClientGone("no common protocol version")
         self.hello = event
+        self._acquired = version >= ACQUIRED_VERSION
         table = self.mechanisms.table
         if table is not None and table.port_owners:
             self._claim_port(event)
@@ -611,6 +634,8 @@ class LockServer:
             mechanism = self.mechanisms.for_flags(req.flags)
         else:
             mechanism = self.main
+        if req.flags & _V4_FLAGS and self._acquired and self._unserved(req.request_id, mechanism, req.flags, 0):
+            return
         thread = req.thread_id
         try:
             result = mechanism.lock(self.owners.get(thread) or self._owner(thread), req.inode, req.device,
@@ -620,13 +645,101 @@ class LockServer:
             return
         if isinstance(result, Grant):
             self.stats.granted += 1
-            self._send(Granted(req.request_id, self._granted(result, thread, mechanism), result.mode, result.value))
+            outer = self._granted(result, thread, mechanism)
+            self._send(self._answer(req.request_id, outer, result, req.flags, mechanism) if self._acquired else
+                       Granted(req.request_id, outer, result.mode, result.value))
         elif isinstance(result, Conflict):
             self.stats.refused += 1
             self._send(self._refusal(req.request_id, RefuseReason.BUSY, result.holder))
         else:
             self.stats.waited += 1
-            self._queue(req, result, mechanism)
+            self._queue(req, thread, result, mechanism)
+
+    def _answer(self, rid: int, outer: int, grant: Grant, flags: int, mechanism: LockMechanism) -> Acquired:
+        """A grant as a conversation of version 4 is told it (Acquired): with its fencing token, and the value
+        block when the request asked for it (read now, right after the grant, as it is what the grant gives)."""
+        if not flags & _VALUE_BLOCK:
+            return Acquired(rid, outer, grant.mode, grant.value, grant.token, BlockStatus.NONE, b"")
+        try:
+            block, valid = mechanism.value_block(grant.handle)
+        except TableError as exc:  # gone the moment it was granted (tidied, the table removed): said as not read
+            self.log.error("client %s: the value block of lock %#x not read: %s", self._who(), grant.handle, exc)
+            return Acquired(rid, outer, grant.mode, grant.value, grant.token, BlockStatus.NONE, b"")
+        return Acquired(rid, outer, grant.mode, grant.value, grant.token,
+                        BlockStatus.VALID if valid else BlockStatus.NOT_VALID, block)
+
+    def _unserved(self, rid: int, mechanism: LockMechanism, flags: int, value_flags: int, *,
+                  convert: bool = False) -> bool:
+        """Refuse (Error BAD_REQUEST, saying why) what a request of version 4 asks that cannot be done: value
+        flags unknown, blocking notices (not served yet), or a conversion or value block of a lock that is an OS
+        file lock (a binary lock, or a service without a table, jdls -ibD), which has neither; True if refused."""
+        why = None
+        if value_flags & ~_VALUE_FLAGS:
+            why = f"unknown value flags 0x{value_flags:02x}"
+        elif flags & LockFlag.NOTIFY:
+            why = "blocking notices (NOTIFY) are not served by this lock service yet"
+        elif mechanism is not self.mechanisms.table and (convert or flags & _VALUE_BLOCK or value_flags):
+            what = "convert a lock in place" if convert else "keep value blocks"
+            why = (f"OS file locks cannot {what} (this lock is an OS file lock: a binary lock, or a service run "
+                   "without a lock table, jdls -ibD); the lock table can")
+        if why is None:
+            return False
+        self.log.warning("client %s: request %d refused: %s", self._who(), rid, why)
+        self._send(Error(rid, ErrorCode.BAD_REQUEST, why))
+        return True
+
+    def _convert(self, req: Convert) -> None:
+        """Convert a lock this client holds, in place: Acquired at once (down, or up when nothing is in the
+        way), Refused BUSY (``timeout_ms`` 0), or queued to wait as a Lock waits (``_queue``), the lock held in
+        its old mode meanwhile; Error when the lock is not this client's, or what is asked cannot be done."""
+        rid = req.request_id
+        handle = self._inner.get(req.handle, req.handle)
+        thread = self.held.get(handle)
+        if thread is None:
+            self.log.warning("client %s: conversion of lock handle %#x, which it does not hold", self._who(), handle)
+            self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
+            return
+        if req.mode > _MAX_MODE:
+            self._send(Error(rid, ErrorCode.BAD_REQUEST, not_a_mode(req.mode)))
+            return
+        mechanism = self.routes.get(handle, self.main)
+        if self._unserved(rid, mechanism, req.flags, req.value_flags, convert=True):
+            return
+        if any(isinstance(p.request, Convert) and p.request.handle == req.handle for p in self.pending.values()):
+            self._send(Error(rid, ErrorCode.BAD_REQUEST, "a conversion of this lock waits already"))
+            return
+        try:
+            result = mechanism.convert(handle, req.mode, wait_token=self._token if req.timeout_ms else 0,
+                                       block=req.block if req.value_flags & ValueFlag.WRITE else None,
+                                       invalidate=bool(req.value_flags & ValueFlag.INVALIDATE))
+        except (NotWritable, Unsupported, ValueError) as exc:  # the lock stays held as it was
+            self._send(Error(rid, ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        except NotHeld:
+            self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
+            return
+        if isinstance(result, Grant):
+            self.stats.granted += 1
+            self._send(self._answer(rid, req.handle, result, req.flags, mechanism))
+        elif isinstance(result, Conflict):
+            self.stats.refused += 1
+            self._send(self._refusal(rid, RefuseReason.BUSY, result.holder))
+        else:
+            self.stats.waited += 1
+            self._queue(req, thread, result, mechanism)
+
+    def _cancel(self, req: Cancel) -> None:
+        """Withdraw the waiting request ``target``: answered Refused CANCELLED. A target that waits no more (its
+        answer went, or never asked) is no error: nothing to cancel. One handed its lock a moment ago, which
+        the client was not told yet, gives it back (the table's ``cancel``): it is cancelled all the same."""
+        p = self.pending.get(req.target)
+        if p is None:
+            return
+        if p.mechanism.cancel(p.handle):
+            del self.pending[req.target]
+            self._send(self._refusal(req.target, RefuseReason.CANCELLED, p.holder))
+        else:  # neither waiting nor handed its lock (tidied away, refused to break a deadlock): looked at now
+            p.retry_at = 0.0
 
     def _refuse_request(self, req: Lock | Reclaim) -> None:
         """A Lock (or Reclaim) that is not even tried: a mode out of range, or the client over its limit of
@@ -691,13 +804,13 @@ class LockServer:
         else:
             self._send(Error(rid, ErrorCode.INTERNAL, "the lock service failed this request (see its log)"))
 
-    def _queue(self, req: Lock, queued: Queued, mechanism: LockMechanism) -> None:
+    def _queue(self, req: Lock | Convert, thread: int, queued: Queued, mechanism: LockMechanism) -> None:
         now = time.monotonic()
         deadline = None if req.timeout_ms == WAIT_FOREVER else now + req.timeout_ms / 1000
         interim = not req.flags & LockFlag.NO_INTERIM
         pauses = mechanism.pauses()
         # The first interim message after FIRST_INTERIM_DELAY, not at once: a hand-off costs no message.
-        pending = _Pending(req, queued.handle, queued.holder, now, deadline,
+        pending = _Pending(req, thread, queued.handle, queued.holder, now, deadline,
                            now + min(FIRST_INTERIM_DELAY, self.interim_period) if interim else None,
                            mechanism, pauses, _sooner(now + next(pauses), queued.expires, now), queued.watched())
         self.pending[req.request_id] = pending
@@ -714,7 +827,11 @@ class LockServer:
             except NotHeld:
                 # Tidied away under us: take the request again from the top.
                 del self.pending[rid]
-                self._lock(p.request)
+                self._handlers[type(p.request)](p.request)
+                continue
+            except Deadlock:  # chosen to be refused, so that the other members of a cycle of waiters go on
+                del self.pending[rid]
+                self._send_unsolicited(self._refusal(rid, RefuseReason.DEADLOCK, p.holder))
                 continue
             except TableError as exc:  # a table now serves the instance, say: the request ends
                 del self.pending[rid]
@@ -723,8 +840,13 @@ class LockServer:
             if isinstance(result, Grant):
                 del self.pending[rid]
                 self.stats.granted += 1
-                outer = self._granted(result, p.request.thread_id, p.mechanism)
-                self._send_unsolicited(Granted(rid, outer, result.mode, result.value))
+                request = p.request
+                if isinstance(request, Convert):  # the held lock, in its new mode: the handle the client has
+                    outer = request.handle
+                else:
+                    outer = self._granted(result, p.thread, p.mechanism)
+                self._send_unsolicited(self._answer(rid, outer, result, request.flags, p.mechanism) if
+                                       self._acquired else Granted(rid, outer, result.mode, result.value))
                 continue
             self.stats.retries += 1
             p.holder, p.watch = result.holder, result.watched()
@@ -791,8 +913,11 @@ class LockServer:
         self._send(Granted(req.request_id, outer, grant.mode, grant.value))
 
     def _unlock(self, req: Unlock) -> None:
-        """Release a lock; Error when the handle is not one this client holds. No answer otherwise."""
+        """Release a lock; Error when the handle is not one this client holds. No answer otherwise. A
+        conversion of it that waits is withdrawn first (Refused CANCELLED)."""
         outer = req.handle
+        if self.pending:
+            self._withdraw_conversion(outer)
         handle = self._inner.pop(outer, outer)
         if handle != outer:
             del self._outer[handle]
@@ -807,12 +932,52 @@ class LockServer:
             self.log.warning("client %s: %s", self._who(), exc)
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, "not held"))
 
+    def _withdraw_conversion(self, outer: int) -> None:
+        """Withdraw the waiting conversion of lock ``outer`` (the client's handle), if one waits: its lock is
+        being released, and must not be left to the table as a request of its own."""
+        for rid, p in list(self.pending.items()):
+            if isinstance(p.request, Convert) and p.request.handle == outer:
+                del self.pending[rid]
+                p.mechanism.cancel(p.handle)
+                self._send(self._refusal(rid, RefuseReason.CANCELLED, p.holder))
+
+    def _release(self, req: Release) -> None:
+        """Unlock with the value block written (ValueFlag.WRITE) or marked not valid (INVALIDATE) as the lock
+        goes; Error when it cannot be (not this client's lock, not PW or EX: still held then). No answer
+        otherwise, as Unlock."""
+        if not req.value_flags:
+            self._unlock(Unlock(req.request_id, req.handle))
+            return
+        rid = req.request_id
+        handle = self._inner.get(req.handle, req.handle)
+        if handle not in self.held:
+            self.log.warning("client %s: release of lock handle %#x, which it does not hold", self._who(), handle)
+            self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
+            return
+        table = self.mechanisms.table
+        if self._unserved(rid, self.routes.get(handle, self.main), 0, req.value_flags):
+            return
+        assert table is not None  # _unserved refuses value flags on any other mechanism
+        self._withdraw_conversion(req.handle)
+        try:
+            table.unlock(handle, block=req.block if req.value_flags & ValueFlag.WRITE else None,
+                         invalidate=bool(req.value_flags & ValueFlag.INVALIDATE))
+        except (NotWritable, ValueError) as exc:  # still held: the client may release it plainly
+            self._send(Error(rid, ErrorCode.BAD_REQUEST, f"{exc} (the lock is still held)"))
+            return
+        except NotHeld as exc:
+            self.log.warning("client %s: %s", self._who(), exc)
+            self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
+        del self.held[handle]
+        self._forget_handle(handle)
+        self.stats.released += 1
+
     def _unlock_all(self, req: UnlockAll) -> None:
         """Withdraw the waiting requests and release the locks of one thread, or of all; say how many."""
         thread = None if req.thread_id == WIRE_ALL_THREADS else req.thread_id
         count = 0
         for rid, p in list(self.pending.items()):
-            if thread is None or p.request.thread_id == thread:
+            if thread is None or p.thread == thread:
                 del self.pending[rid]
                 p.mechanism.cancel(p.handle)
                 self._send(self._refusal(rid, RefuseReason.CANCELLED, p.holder))
@@ -940,8 +1105,8 @@ class LockServer:
                     self.log.error("keeping the locks of %s: %s", self._who(), exc)
                 self.held = {handle: thread for handle, thread in self.held.items() if handle in self.routes}
             for handle in self.held:
-                try:
-                    self.routes.get(handle, self.main).unlock(handle)
+                try:  # the client ended holding it: a PW or EX lock leaves its value block not valid
+                    self.routes.get(handle, self.main).abandon(handle)
                     count += 1
                 except NotHeld:
                     pass
@@ -951,7 +1116,7 @@ class LockServer:
             self.routes.clear()
             if self.mechanisms.table is not None:
                 try:
-                    count += self.main.release_owner(self.pid)  # the safety net: anything we lost track of
+                    count += self.main.release_owner(self.pid, lost=True)  # the safety net: anything we lost track of
                 except TableError as exc:
                     self.log.error("releasing the locks of %s: %s", self._who(), exc)
             count += self.mechanisms.close()  # closing the lock files drops any OS lock left
