@@ -9,6 +9,8 @@ Against a real daemon (``jdls -ib``), in raw bytes over TCP:
   range reaching above) is answered with Welcome and the highest common version;
 - a client of an older version (today's 3, or 2) is served in that version as before: its Lock is
   answered with Granted, never with a message a later version added (Acquired);
+- a client of version 4 gets Acquired (with a fencing token); a request kind of version 4 (Convert) sent in a
+  conversation of version 3 is unknown there (Error UNKNOWN_MESSAGE), and the conversation goes on;
 - after Welcome, a frame of a kind the daemon does not know is answered with Error
   (UNKNOWN_MESSAGE, same request id) and the conversation goes on (an Echo is answered);
 - a frame that breaks the protocol (a reply kind sent by a client, a frame longer than
@@ -36,7 +38,9 @@ from dls_client import Client, Config, LockRefused, Server, ServiceUnavailable
 from dls_proto import (
     FRAME_VERSION,
     PROTOCOL_VERSIONS,
+    Acquired,
     ConnectionClosed,
+    Convert,
     Echo,
     EchoReply,
     Error,
@@ -202,6 +206,34 @@ def test_a_client_of_an_older_version_is_served_in_it(
         assert type(granted) is Granted and granted.request_id == 2 and granted.mode == Mode.EX, granted
         raw.send(raw.conn.send(Unlock(3, granted.handle)) + raw.conn.send(Echo(4, b"after")))
         assert raw.event() == EchoReply(4, b"after")  # the Unlock is answered only when it fails
+    finally:
+        raw.close()
+
+
+def test_a_client_of_version_4_gets_acquired_and_an_older_one_no_version_4_request(
+    daemon: Service, witness: object, tmp_path: Path
+) -> None:
+    """Version 4 answers a Lock with Acquired (a fencing token); in a conversation of version 3 a request kind of
+    version 4 (Convert) is unknown: Error UNKNOWN_MESSAGE, and the conversation goes on as before."""
+    data = data_file(tmp_path)
+    raw, welcome = welcome_for(daemon, (LOW, 4))
+    try:
+        assert welcome.version == 4
+        raw.send(raw.conn.send(Lock(2, Mode.EX, LockFlag.NO_INTERIM, 0, 1, data.stat().st_ino, -1, b"NEW", str(data))))
+        acquired = raw.event()
+        assert type(acquired) is Acquired and acquired.request_id == 2 and acquired.token > 0, acquired
+        raw.send(raw.conn.send(Unlock(3, acquired.handle)))
+    finally:
+        raw.close()
+    raw, welcome = welcome_for(daemon, (LOW, 3))
+    try:
+        assert welcome.version == 3
+        convert = Convert(5, 1, Mode.PR, 0, 0, 0, b"")
+        raw.send(encode(convert))  # encoded outside the conversation: its Connection would refuse it
+        event = raw.event()
+        assert isinstance(event, Error) and event.code == ErrorCode.UNKNOWN_MESSAGE and event.request_id == 5, event
+        raw.send(encode(Echo(6, b"after")))
+        assert raw.event() == EchoReply(6, b"after")
     finally:
         raw.close()
 
