@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
 
 from .base import BaseClient
+from .cancel import Cancel
 from .config import Config, port_number
 from .errors import (
     ConfigurationError,
@@ -42,10 +43,11 @@ from .errors import (
     LockTimeout,
     RequestFailed,
     ServiceUnavailable,
+    Unsupported,
     describe,
 )
 from .lockinfo import LockInfo
-from .locks import REMOTE_DEVICE, FileRef, HeldLock, OnLost, tell_lost
+from .locks import REMOTE_DEVICE, FileRef, HeldLock, OnBlocking, OnLost, tell_lost
 from .trace import Tracer
 
 try:
@@ -340,7 +342,10 @@ class LocalClient(BaseClient):
     # -- locks -----------------------------------------------------------------------
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None, *, value_block: bool = False,
+              cancel: Cancel | None = None, on_blocking: OnBlocking | None = None) -> HeldLock:
+        if value_block or cancel is not None or on_blocking is not None:
+            raise Unsupported("not yet")
         if mode not in _MODES or mode.__class__ is bool:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
@@ -405,8 +410,10 @@ class LocalClient(BaseClient):
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"unlock: {exc}") from None
 
-    def unlock_held(self, held: HeldLock) -> None:
+    def unlock_held(self, held: HeldLock, block: bytes | None = None, invalidate: bool = False) -> None:
         """Release ``held``; a table removed under it lost it (HeldLock.release then raises LockLost)."""
+        if block is not None or invalidate:
+            raise Unsupported("not yet")
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
         self.info.released(held.handle)
