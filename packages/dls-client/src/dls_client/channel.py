@@ -33,6 +33,7 @@ from dls_proto import (
     SINCE,
     Connection,
     ConnectionClosed,
+    Echo,
     Error,
     Event,
     Hello,
@@ -348,6 +349,19 @@ class Channel:
                 on_interim(reply)
             reply = self.expect(rid)
         return reply
+
+    def confirmed(self, message: Message) -> Message | None:
+        """Send ``message``, a request answered only when it fails (a Release), and learn whether it failed: its
+        answer (an Error), or None. An Echo follows it, whose reply comes after any answer of the request (the
+        service answers in order): one round trip, for a request that must not fail unseen."""
+        rid = message.request_id
+        self.register(rid)
+        try:
+            self.send(message)
+            self.request(Echo(self.next_id(), b""))
+        finally:
+            box = self._mail.pop(rid, None)
+        return box[0] if box else None
 
     def register(self, rid: int) -> None:
         """Announce that replies to ``rid`` will be awaited (call before sending)."""

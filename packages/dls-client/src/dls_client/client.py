@@ -21,33 +21,47 @@ from collections.abc import Callable
 from dls_proto import (
     ALL_THREADS,
     WAIT_FOREVER,
+    Acquired,
+    BlockStatus,
+    Convert,
     Echo,
     EchoReply,
     Error,
+    ErrorCode,
     Lock,
     LockFlag,
+    Mechanism,
     Message,
     Mode,
+    Refused,
+    RefuseReason,
+    Release,
     Server,
     Status,
     StatusReply,
     Unlocked,
+    ValueFlag,
     Waiting,
     identity,
 )
+from dls_proto import Cancel as CancelRequest
 
 from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
 from .cancel import Cancel
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
-from .errors import DlsError, Holder, Unsupported, describe
+from .errors import Cancelled, DlsError, Holder, InvalidRequest, NotWritable, ServiceUnavailable, Unsupported, describe
 from .lockinfo import LockInfo, to_json
 from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnBlocking, OnLost, tell_lost
 from .replies import Grant, failure, holder, is_grant
 from .route import Events, Route
 from .trace import Tracer
 from .watcher import Watched, Watcher
+
+#: The protocol version from which a lock service converts locks, keeps value blocks, gives fencing tokens and
+#: takes Cancel.
+LOCK_MANAGER_VERSION = 4
 
 #: Which record-lock kinds each JDLS LOCK= value sends to the service.
 _KINDS_OF = {"ALL": ALL_KINDS, "INTERNAL": frozenset(("internal",)), "EXTERNAL": frozenset(("external",))}
@@ -192,12 +206,14 @@ class Client(BaseClient):
               on_blocking: OnBlocking | None = None) -> HeldLock:
         """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
         the lock (or raise); the Route asks again when the server fails under it."""
-        if value_block or cancel is not None or on_blocking is not None:
-            raise Unsupported("value blocks, cancel and blocking notices through the service are not available yet")
+        if on_blocking is not None:
+            raise Unsupported("blocking notices are not available yet")
         if flags is None:
             flags = self._flags
-        limit = 0 if not wait else WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)),
-                                                                             WAIT_FOREVER - 1)
+        if value_block:
+            flags |= LockFlag.VALUE_BLOCK
+        extras = value_block or cancel is not None
+        limit = _limit(wait, timeout, cancel)
         thread = identity.thread_id()
         route = self._route
         started = time.monotonic() if 0 < limit < WAIT_FOREVER else 0.0  # what a second service may still wait
@@ -213,16 +229,24 @@ class Client(BaseClient):
                 nonlocal new_file
                 new_file = self.info.granted(handle, ref.path, ref.inode, key, granted.mode, thread)
                 held.handle, held.mode, held.value = handle, granted.mode, granted.value
+                if type(granted) is Acquired:
+                    held.token = granted.token
+                    if value_block:
+                        _read_block(held, granted)
                 return held
 
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
-            reply = channel.request(request)
-            waited = type(reply) is Waiting
-            if waited:
-                reply = self._wait(channel, request, reply, on_wait)
+            if extras:
+                reply, waited = self._request(channel, request, cancel, "value blocks" if value_block else "cancel",
+                                              on_wait)
+            else:
+                reply = channel.request(request)
+                waited = type(reply) is Waiting
+                if waited:
+                    reply = self._wait(channel, request, reply, on_wait)
             if not is_grant(reply):
-                raise failure(reply, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
-                                    describe(ref.path, key))
+                raise _refusal(reply, cancel, f"binary lock {ref.path}" if flags & LockFlag.BINARY else
+                               describe(ref.path, key))
             granted = reply
             held = route.held(channel, request, granted, make, started)
             if waited or new_file:
@@ -231,9 +255,82 @@ class Client(BaseClient):
 
         return route.ask(attempt)
 
-    def _wait(self, channel: Channel, request: Lock, reply: Message,
+    def _request(self, channel: Channel, request: Lock | Convert, cancel: Cancel | None, what: str,
+                 on_wait: Callable[[Holder], None] | None) -> tuple[Message, bool]:
+        """Send a request that needs the lock manager of protocol version 4 (``what`` it needs: Unsupported
+        from a service that lacks it) and take its replies up to the last: (that reply, whether it waited).
+        With ``cancel``, calling it (from any thread) sends a Cancel of the request, once the request is sent."""
+        self._lock_manager(channel, what)
+        rid = request.request_id
+        if cancel is None:
+            reply = channel.request(request)
+        else:
+            sent = False
+
+            def withdraw() -> None:
+                if sent:  # a Cancel before its request would be ignored: the request itself looks, once sent
+                    try:
+                        channel.send(CancelRequest(channel.next_id(), rid))
+                    except ServiceUnavailable:
+                        pass  # the connection is lost: the request goes with it
+            with cancel.hooked(withdraw):
+                channel.register(rid)
+                channel.send(request)
+                sent = True
+                if cancel.requested:  # called meanwhile, perhaps before ``sent`` was set: said now (twice is harmless)
+                    withdraw()
+                reply = channel.expect(rid)
+                waited = type(reply) is Waiting
+                if waited:
+                    reply = self._wait(channel, request, reply, on_wait)
+                return reply, waited
+        waited = type(reply) is Waiting
+        if waited:
+            reply = self._wait(channel, request, reply, on_wait)
+        return reply, waited
+
+    def _lock_manager(self, channel: Channel, what: str) -> None:
+        """Unsupported unless ``channel``'s service can do ``what``: it speaks protocol version 4, and (but for
+        a cancel) it locks in a lock table: OS file locks have neither conversions nor value blocks."""
+        welcome = channel.welcome
+        if welcome.version < LOCK_MANAGER_VERSION:
+            raise Unsupported(f"lock service {channel.server} speaks protocol version {welcome.version}, which lacks "
+                              f"{what} (conversions, value blocks, fencing tokens and cancel came with version "
+                              f"{LOCK_MANAGER_VERSION}): upgrade the service")
+        if welcome.mechanism == Mechanism.OSLOCKS and what != "cancel":
+            raise Unsupported(f"lock service {channel.server} locks with OS file locks (jdls -ibD), which cannot do "
+                              f"{what}: a service with a lock table can")
+
+    def convert_held(self, held: HeldLock, mode: int, wait: bool, timeout: float | None, block: bytes | None,
+                     invalidate: bool, cancel: Cancel | None) -> None:
+        """Convert ``held`` in place through the service that holds it (see HeldLock.convert): a Convert,
+        waiting as a lock waits; its mode, token and value block (when it reads it) set from the answer.
+        Unsupported with two services (SERVER2) or a service that lacks conversions."""
+        channel, server_handle = self._route.hold(held.handle)
+        flags = LockFlag.NONE if held.value_block is None else LockFlag.VALUE_BLOCK
+        flags |= self._flags & LockFlag.NO_INTERIM
+        value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (
+            ValueFlag.INVALIDATE if invalidate else ValueFlag.NONE)
+        request = Convert(channel.next_id(), server_handle, mode, flags, value_flags, _limit(wait, timeout, cancel),
+                          block or b"")
+        reply, _waited = self._request(channel, request, cancel, "conversions", None)
+        what = f"conversion of {describe(held.file.path, held.key)} to {Mode(mode).name}"
+        if not is_grant(reply):
+            raise _refusal(reply, cancel, what, writing=block is not None or invalidate)
+        held.mode = reply.mode
+        if type(reply) is Acquired:
+            held.token = reply.token
+            if held.value_block is not None:
+                _read_block(held, reply)
+        self._route.converted(held.handle, reply.mode)
+        self.info.granted(held.handle, held.file.path, held.file.inode, held.key, reply.mode, held.thread)
+
+    def _wait(self, channel: Channel, request: Lock | Convert, reply: Message,
               on_wait: Callable[[Holder], None] | None) -> Message:
         """The request waits: publish that, and take the replies up to the last (published by the caller if granted)."""
+        if isinstance(request, Convert):  # the lock is published as held: nothing more to say while it converts
+            return channel.last_reply(request.request_id, reply,
+                                      None if on_wait is None else lambda waiting: on_wait(holder(waiting)))
         token = self.info.wait_started(request.path, request.inode, request.key, request.mode, request.thread_id)
         self._publish_quietly()
         try:
@@ -288,12 +385,41 @@ class Client(BaseClient):
 
     def unlock_held(self, held: HeldLock, block: bytes | None = None, invalidate: bool = False) -> None:
         if block is not None or invalidate:
-            raise Unsupported("value blocks through the service are not available yet")
+            self._release_writing(held, block, invalidate)
+            return
         handle = held.handle
         # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
         # than the lock-delay releases a lock it lost meanwhile, and must be told (LockLost), not "released".
         self._route.release(handle)
         self.info.released(handle)
+
+    def _release_writing(self, held: HeldLock, block: bytes | None, invalidate: bool) -> None:
+        """Release ``held`` writing its value block (``block``) or marking it not valid, on every service that
+        holds it (SERVER2: both, so that the block stays in step), each Release confirmed (a round trip): one
+        refused by the first service leaves the lock held (NotWritable, InvalidRequest); by a later one, it is
+        released there plainly, and said in the error trace."""
+        self._route.verify(held.handle)  # a hold that hung up is settled first (LockLost, not "released")
+        if held.lost:
+            return  # HeldLock.release says LockLost
+        value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (
+            ValueFlag.INVALIDATE if invalidate else ValueFlag.NONE)
+        what = f"release of {describe(held.file.path, held.key)}"
+
+        def release(holds: list[tuple[Channel, int]]) -> None:
+            for channel, _ in holds:
+                self._lock_manager(channel, "value blocks")
+            for index, (channel, server_handle) in enumerate(holds):
+                answer = channel.confirmed(Release(channel.next_id(), server_handle, value_flags, block or b""))
+                if answer is None:
+                    continue
+                if index == 0:
+                    raise _refusal(answer, None, what, writing=True)
+                self.trace.error(f"Client: {what} on {channel.server}: {_refusal(answer, None, what, writing=True)}; "
+                                 "released there without the value block")
+                channel.unlock(server_handle)
+
+        self._route.release_with(held.handle, release)
+        self.info.released(held.handle)
 
     def let_go(self, held: HeldLock) -> None:
         self._route.let_go(held.handle)
@@ -323,6 +449,36 @@ class Client(BaseClient):
         if isinstance(reply, EchoReply):
             return reply.data, time.perf_counter() - start
         raise failure(reply, "echo")
+
+
+def _limit(wait: bool, timeout: float | None, cancel: Cancel | None) -> int:
+    """A request's ``timeout_ms``: 0 without waiting (or with a Cancel called already: withdrawn as soon as it
+    would wait), WAIT_FOREVER without a timeout."""
+    if not wait or (cancel is not None and cancel.requested):
+        return 0
+    return WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
+
+
+def _read_block(held: HeldLock, acquired: Acquired) -> None:
+    """The value block an Acquired carries, into ``held`` (None when the service sent none)."""
+    if acquired.block_status == BlockStatus.NONE:
+        held.value_block = None
+        return
+    held.value_block = acquired.block
+    held.value_block_valid = acquired.block_status != BlockStatus.NOT_VALID
+
+
+def _refusal(reply: Message, cancel: Cancel | None, what: str, *, writing: bool = False) -> Exception:
+    """The exception for a request's answer other than a grant: ``failure``'s, but Cancelled for a request its
+    Cancel withdrew, NotWritable or InvalidRequest for a value block refused (``writing``: the lock still held)."""
+    if cancel is not None and cancel.requested and isinstance(reply, Refused) and reply.reason in (
+            RefuseReason.CANCELLED, RefuseReason.BUSY):
+        return Cancelled(f"{what}: cancelled while it waited")
+    if writing and isinstance(reply, Error) and reply.code == ErrorCode.BAD_REQUEST:
+        if "PW or EX" in reply.reason:
+            return NotWritable(f"{what}: {reply.reason}")
+        return InvalidRequest(f"{what}: {reply.reason}")
+    return failure(reply, what)
 
 
 def _route_of(ref: weakref.ref[Client]) -> Watched | None:

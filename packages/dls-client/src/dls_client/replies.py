@@ -11,7 +11,7 @@ from typing import TypeGuard
 
 from dls_proto import Acquired, Error, Granted, Message, Refused, RefuseReason, StatusReply, Waiting
 
-from .errors import DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
+from .errors import Deadlock, DlsError, Holder, LockCancelled, LockRefused, LockTimeout, RequestFailed
 
 #: The answers that grant a lock: Granted, and Acquired (a lock server of protocol version 4 answers Lock and
 #: Convert with it: Granted's fields, a fencing token and the value block). Tested ``type(reply) in GRANTS``.
@@ -37,6 +37,9 @@ def failure(reply: Message, what: str) -> DlsError:
         who = holder(reply)
         if reply.reason == RefuseReason.TIMEOUT:
             return LockTimeout(f"{what}: still held by {who.describe()} when the wait ended", who)
+        if reply.reason == RefuseReason.DEADLOCK:
+            return Deadlock(f"{what}: refused to break a deadlock (a cycle of waiters, this request one of them); "
+                            f"waiting behind {who.describe()}")
         if reply.reason == RefuseReason.CANCELLED:
             return LockCancelled(f"{what}: request cancelled", who)
         return LockRefused(f"{what}: held by {who.describe()}", who)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dls_proto import WAIT_FOREVER, Lock, LockFlag, Message, Reclaim, Refused, Server, UnlockAll, Waiting
 
 from .channel import Channel
-from .errors import AcknowledgementTimeout, ConfigurationError, ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, ConfigurationError, ServiceUnavailable, Unsupported, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
 from .replies import Grant, failure, is_grant
@@ -135,6 +135,11 @@ class ResilientRoute(Route):
             self._unsettled = True  # a service that lacks it is given it by the watcher
         self._settle_grant(holds, held)
         return held
+
+    def hold(self, handle: int) -> Hold:
+        """Not with two services: a conversion would have to be granted by both, or undone on the one that
+        granted it (not done yet)."""
+        raise Unsupported("conversions are not available with two lock services (JDLS SERVER2) yet")
 
     def _remove(self, handle: int) -> Holding | None:
         holding = self._holdings.pop(handle, None)

@@ -32,7 +32,7 @@ from typing import ClassVar, NamedTuple, TypeVar
 from dls_proto import ALL_THREADS, Error, InfoPut, Lock, Message, Reclaim, Server, UnlockAll
 
 from .channel import Channel
-from .errors import AcknowledgementTimeout, ServiceUnavailable, describe
+from .errors import AcknowledgementTimeout, DlsError, ServiceUnavailable, describe
 from .link import Link, OpenChannel, exchange_all, kept_after_silence, reclaim_deadline, unkept_reason
 from .locks import HeldLock
 from .replies import Grant, is_grant
@@ -253,6 +253,41 @@ class Route:
                     self.verify(handle)  # a hold to settle first: it may be lost (LockLost, not "released")
                     break
         self.unlock(handle)
+
+    def hold(self, handle: int) -> Hold:
+        """Where lock ``handle`` is held, for a request about it (a conversion): its channel, which works, and
+        the service's handle. DlsError when it is not held; the channel's failure when it failed."""
+        with self._state:
+            holding = self._holdings.get(handle)
+            hold = None if holding is None else holding.holds[0]
+        if hold is None:
+            raise DlsError("the lock is not held")
+        if hold[0].failure is not None:
+            raise hold[0].failure
+        return hold
+
+    def converted(self, handle: int, mode: int) -> None:
+        """Lock ``handle`` was converted to ``mode``: the mode it is reclaimed in from now on."""
+        with self._state:
+            holding = self._holdings.get(handle)
+            if holding is not None:
+                holding.mode = mode
+
+    def release_with(self, handle: int, release: Callable[[list[Hold]], None]) -> None:
+        """Release lock ``handle`` by ``release``, given its holds through working channels, which it releases
+        on each service (a Release with a value block, say); if it raises, the lock is still held. A hold
+        through a failed channel is left to its service, as ``unlock`` leaves it."""
+        with self._state:
+            holding = self._holdings.get(handle)
+        if holding is None:
+            return  # released already, or lost
+        release([hold for index, hold in enumerate(holding.holds)
+                 if hold is not None and self._through_working(index, hold[0])])
+        with self._state:
+            if self._holdings.get(handle) is holding:
+                self._remove(handle)
+        for held in holding.locks:
+            held.released = True
 
     def _through_working(self, index: int, channel: Channel) -> bool:
         """Whether a hold through link ``index`` is through its working channel (not failed, not replaced)."""

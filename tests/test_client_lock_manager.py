@@ -1,0 +1,267 @@
+"""Issue 14 through the service with dls_client.Client: a real daemon (``jdls -ib``), a lock server per client.
+
+- ``held.convert``: PR held by two clients, one converts to EX and waits ahead of a newer EX waiter, granted
+  when the other PR goes; a conversion chosen as a deadlock victim raises Deadlock, the lock still PR;
+- value blocks: written under EX at release, read by another client's PR (``value_block=True``); a PR may not
+  write (NotWritable, still held); the EX holder process SIGKILLed mid-hold: the waiting reader gets
+  ``value_block_valid`` False and the last value;
+- fencing tokens strictly increasing across grants and conversions up;
+- a Cancel called from another thread withdraws a waiting lock within 100 ms (Cancelled);
+- Unsupported, saying why, from a service of protocol 3 (a fake lock server) and from OS file locks (-ibD).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dls_client import (
+    Cancel,
+    Cancelled,
+    Client,
+    Config,
+    Deadlock,
+    HeldLock,
+    LockRefused,
+    NotWritable,
+    Server,
+    Unsupported,
+)
+from dls_proto import Hello, Mechanism, Mode, Welcome
+from dls_shm import SlotState, doorbell
+from dls_testkit import Service, client_for, data_file, make_service
+from dls_testkit.clients import attached
+from dls_testkit.fake_service import SERVER_PID, FakeService
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = make_service(tmp_path_factory.mktemp("lock-manager"))
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop_and_check()
+
+
+@pytest.fixture
+def clients(daemon: Service) -> Iterator[Callable[[], Client]]:
+    """Clients of the daemon, each its own connection (and lock server); closed at the end."""
+    made: list[Client] = []
+
+    def make() -> Client:
+        made.append(client_for(daemon))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(4) as executor:
+        yield executor
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return data_file(tmp_path)
+
+
+def waiting(future: Future[Any], seconds: float = 0.3) -> bool:
+    """The call behind ``future`` still waits after ``seconds``."""
+    time.sleep(seconds)
+    return not future.done()
+
+
+def test_conversion_waits_in_the_convert_queue_ahead_of_a_newer_waiter(
+    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+) -> None:
+    a, b, c = clients(), clients(), clients()
+    held_a = a.lock(data, "QUEUE", Mode.PR, timeout=5)
+    held_b = b.lock(data, "QUEUE", Mode.PR, timeout=5)
+    first_token = held_a.token
+    converting = pool.submit(held_a.convert, Mode.EX, timeout=10)
+    assert waiting(converting)
+    assert held_a.mode == Mode.PR  # the lock stays PR while it waits
+    newer = pool.submit(c.lock, data, "QUEUE", Mode.EX, timeout=10)
+    assert waiting(newer)
+    held_b.release()
+    converting.result(5)
+    assert held_a.mode == Mode.EX and held_a.token > first_token
+    assert waiting(newer), "the newer EX waiter was granted beside the converted lock"
+    held_a.release()
+    held_c: HeldLock = newer.result(5)
+    assert held_c.token > held_a.token
+    held_c.convert(Mode.NL)  # down: at once, its token kept
+    assert (held_c.mode, held_c.token) == (Mode.NL, held_c.token)
+    held_c.release()
+
+
+def test_noqueue_conversion_refused_and_lock_kept(clients: Callable[[], Client], data: Path) -> None:
+    a, b = clients(), clients()
+    held_a = a.lock(data, "NOQUEUE", Mode.PR, timeout=5)
+    held_b = b.lock(data, "NOQUEUE", Mode.PR, timeout=5)
+    with pytest.raises(LockRefused):
+        held_a.convert(Mode.EX, wait=False)
+    assert held_a.mode == Mode.PR and not held_a.released
+    held_b.release()
+    held_a.convert(Mode.EX, wait=False)
+    assert held_a.mode == Mode.EX
+    held_a.release()
+
+
+def test_a_deadlock_victim_raises_deadlock_and_keeps_its_lock(
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+) -> None:
+    """Two PR holders: one converts to EX and waits; its waiting slot is marked DEADLOCK in the table and rung,
+    as the monitor's detector does to its victim (the real cycle's test comes with the detector)."""
+    a, b = clients(), clients()
+    held_a = a.lock(data, "CYCLE", Mode.PR, timeout=5)
+    held_b = b.lock(data, "CYCLE", Mode.PR, timeout=5)
+    converting = pool.submit(held_a.convert, Mode.EX)
+    assert waiting(converting, 0.2)
+    with attached(daemon) as table:
+        entry = next(e for e in table.scan() if e.slot.state == SlotState.WAITING and e.slot.key.startswith(b"CYCLE"))
+        with table._group_held(entry.group):
+            table._mv[table.geometry.slot_offset(entry.index) + 8] = SlotState.DEADLOCK  # the slot's state byte
+        doorbell.ring(entry.slot.doorbell)
+    with pytest.raises(Deadlock, match="deadlock"):
+        converting.result(5)
+    assert held_a.mode == Mode.PR
+    held_b.release()
+    held_a.convert(Mode.EX, timeout=5)
+    held_a.release()
+
+
+def test_value_block_written_at_release_read_by_another_client(clients: Callable[[], Client], data: Path) -> None:
+    keeper, writer, reader = clients(), clients(), clients()
+    kept = keeper.lock(data, "LVB", Mode.NL, timeout=5)  # the block lives while a lock of its resource does
+    held = writer.lock(data, "LVB", Mode.EX, value_block=True, timeout=5)
+    assert held.value_block is not None and held.value_block.strip(b"\0") == b"" and held.value_block_valid
+    held.release(value_block=b"balance=42")
+    read = reader.lock(data, "LVB", Mode.PR, value_block=True, timeout=5)
+    assert read.value_block is not None and read.value_block.rstrip(b"\0") == b"balance=42"
+    assert read.value_block_valid
+    with pytest.raises(NotWritable):
+        read.release(value_block=b"nope")
+    assert not read.released
+    read.release()
+    kept.release()
+
+
+def test_value_block_not_valid_after_the_ex_holder_is_killed(
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    holder = textwrap.dedent("""
+        import sys, time
+        from dls_client import Client, Mode
+        client = Client()
+        held = client.lock(sys.argv[1], "KILLED", Mode.EX, timeout=5)
+        held.convert(Mode.EX, value_block=b"last value")
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(data)], env=daemon.env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        reader = clients()
+        reading = pool.submit(reader.lock, data, "KILLED", Mode.PR, value_block=True, timeout=10)
+        assert waiting(reading)
+        proc.send_signal(signal.SIGKILL)
+        read: HeldLock = reading.result(10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert read.value_block is not None and read.value_block.rstrip(b"\0") == b"last value"
+    assert read.value_block_valid is False
+    read.convert(Mode.EX, timeout=5)
+    read.convert(Mode.PR, value_block=b"new value")  # a writer writes: valid again
+    assert read.value_block_valid and read.value_block.rstrip(b"\0") == b"new value"
+    read.release()
+
+
+def test_tokens_strictly_increase_across_grants_and_conversions(clients: Callable[[], Client], data: Path) -> None:
+    a, b = clients(), clients()
+    tokens = []
+    for _ in range(3):
+        held = a.lock(data, "TOKENS", Mode.NL, timeout=5)
+        tokens.append(held.token)
+        held.convert(Mode.EX, timeout=5)
+        tokens.append(held.token)
+        held.convert(Mode.PR)  # down: keeps its token
+        assert held.token == tokens[-1]
+        other = b.lock(data, "TOKENS", Mode.PR, timeout=5)
+        tokens.append(other.token)
+        other.release()
+        held.release()
+    assert tokens == sorted(set(tokens)) and tokens[0] > 0, tokens
+
+
+def test_cancel_from_another_thread_within_100_ms(
+    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+) -> None:
+    a, b = clients(), clients()
+    held = a.lock(data, "CANCEL", Mode.EX, timeout=5)
+    cancel = Cancel()
+    locking = pool.submit(b.lock, data, "CANCEL", Mode.EX, cancel=cancel, timeout=30)
+    assert waiting(locking)
+    started = time.monotonic()
+    threading.Thread(target=cancel).start()
+    with pytest.raises(Cancelled):
+        locking.result(5)
+    assert time.monotonic() - started < 0.1
+    # A Cancel called already withdraws the request as soon as it would wait; the lock is free once released.
+    with pytest.raises(Cancelled):
+        b.lock(data, "CANCEL", Mode.EX, cancel=cancel, timeout=30)
+    held.release()
+    b.lock(data, "CANCEL", Mode.EX, cancel=Cancel(), timeout=5).release()
+
+
+def test_a_service_of_protocol_3_is_unsupported_saying_so(data: Path) -> None:
+    def greeting(hello: Any) -> list[Welcome]:
+        assert isinstance(hello, Hello)
+        return [Welcome(hello.request_id, 3, Mechanism.TABLE, 0, SERVER_PID, 65536, 0, "127.0.0.1", "fake")]
+
+    with FakeService(greeting=greeting) as fake:
+        client = Client(Config(server=Server("127.0.0.1", 1)), connect=lambda _server, _timeout: fake.client_socket)
+        try:
+            for call in (lambda: client.lock(data, "K", value_block=True),
+                         lambda: client.lock(data, "K", cancel=Cancel())):
+                with pytest.raises(Unsupported, match="protocol version 3"):
+                    call()
+            assert fake.received == [], "a request reached a service that cannot do it"
+        finally:
+            client.close()
+
+
+def test_os_file_locks_are_unsupported_saying_so(tmp_path: Path, data: Path) -> None:
+    with make_service(tmp_path, start_options=("-ibD",)).checked() as svc:
+        svc.start("--lock-dir", str(svc.lock_dir), "--binary-lock-dir", str(svc.binary_lock_dir))
+        client = client_for(svc)
+        try:
+            with pytest.raises(Unsupported, match="OS file locks"):
+                client.lock(data, "OS", value_block=True)
+            held = client.lock(data, "OS", Mode.EX, timeout=5)
+            assert held.token == 0
+            with pytest.raises(Unsupported, match="OS file locks"):
+                held.convert(Mode.PR)
+            with pytest.raises(Unsupported, match="OS file locks"):
+                held.release(value_block=b"x")
+            assert not held.released
+            held.release()
+        finally:
+            client.close()
