@@ -231,6 +231,53 @@ def test_cancel_from_another_thread_within_100_ms(
     b.lock(data, "CANCEL", Mode.EX, cancel=Cancel(), timeout=5).release()
 
 
+def test_cancel_of_a_waiting_conversion_keeps_the_lock(
+    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+) -> None:
+    a, b = clients(), clients()
+    held_a = a.lock(data, "CANCEL-CONVERT", Mode.PR, timeout=5)
+    held_b = b.lock(data, "CANCEL-CONVERT", Mode.PR, timeout=5)
+    cancel = Cancel()
+    converting = pool.submit(held_b.convert, Mode.EX, cancel=cancel)
+    assert waiting(converting)
+    cancel()
+    with pytest.raises(Cancelled):
+        converting.result(5)
+    assert held_b.mode == Mode.PR and not held_b.released
+    held_a.release()
+    held_b.convert(Mode.EX, timeout=5)  # nothing of the cancelled conversion is left in the way
+    held_b.release()
+
+
+def test_server2_keeps_the_value_block_in_step_on_both_services(tmp_path: Path, data: Path) -> None:
+    """With SERVER2 a Release with a value block writes it on both services: a client of either alone reads it.
+    Conversions with two services are not available yet: Unsupported, saying so, the lock untouched."""
+    with make_service(tmp_path / "primary").checked() as primary, \
+            make_service(tmp_path / "secondary").checked() as secondary:
+        primary.start()
+        secondary.start()
+        pair = Config(server=Server("127.0.0.1", primary.port), server2=Server("127.0.0.1", secondary.port),
+                      timeout=10)
+        keeper, writer = Client(pair), Client(pair)
+        readers = [client_for(primary), client_for(secondary)]
+        try:
+            kept = keeper.lock(data, "PAIR", Mode.NL, timeout=5)  # keeps the resource, and its block, on both
+            held = writer.lock(data, "PAIR", Mode.EX, value_block=True, timeout=5)
+            assert held.token > 0 and held.value_block is not None
+            with pytest.raises(Unsupported, match="SERVER2"):
+                held.convert(Mode.PR)
+            assert held.mode == Mode.EX
+            held.release(value_block=b"in step")
+            for reader in readers:
+                read = reader.lock(data, "PAIR", Mode.PR, value_block=True, timeout=5)
+                assert read.value_block is not None and read.value_block.rstrip(b"\0") == b"in step"
+                read.release()
+            kept.release()
+        finally:
+            for client in (keeper, writer, *readers):
+                client.close()
+
+
 def test_a_service_of_protocol_3_is_unsupported_saying_so(data: Path) -> None:
     def greeting(hello: Any) -> list[Welcome]:
         assert isinstance(hello, Hello)

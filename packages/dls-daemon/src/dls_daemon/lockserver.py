@@ -646,8 +646,12 @@ class LockServer:
         if isinstance(result, Grant):
             self.stats.granted += 1
             outer = self._granted(result, thread, mechanism)
-            self._send(self._answer(req.request_id, outer, result, req.flags, mechanism) if self._acquired else
-                       Granted(req.request_id, outer, result.mode, result.value))
+            if not self._acquired:
+                self._send(Granted(req.request_id, outer, result.mode, result.value))
+            elif req.flags & _VALUE_BLOCK:
+                self._send(self._answer(req.request_id, outer, result, req.flags, mechanism))
+            else:  # the common case of version 4, made here: the lock path
+                self._send(Acquired(req.request_id, outer, result.mode, result.value, result.token, 0, b""))
         elif isinstance(result, Conflict):
             self.stats.refused += 1
             self._send(self._refusal(req.request_id, RefuseReason.BUSY, result.holder))
