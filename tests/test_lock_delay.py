@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from dls_proto import (
     WAIT_FOREVER,
+    Acquired,
     ConnectionClosed,
     Error,
     ErrorCode,
@@ -88,10 +89,10 @@ class Raw:
         self.send(Lock(rid, mode, LockFlag.NO_INTERIM, timeout_ms, self.thread, INODE, DEVICE, key, "FBNK.ACCOUNT"))
         return rid
 
-    def lock(self, key: bytes = KEY, mode: int = EX) -> Granted:
-        """A lock that must be granted at once."""
+    def lock(self, key: bytes = KEY, mode: int = EX) -> Acquired:
+        """A lock that must be granted at once (protocol 4: Acquired)."""
         rid = self.ask_lock(key, mode)
-        answer: Granted = self.answer(Granted)
+        answer: Acquired = self.answer(Acquired)
         assert answer.request_id == rid
         return answer
 
@@ -198,7 +199,7 @@ def test_without_a_table_nothing_is_kept_and_every_reclaim_is_refused(tmp_path: 
         waiter = Raw(service, WAITER)
         started = time.monotonic()
         rid = waiter.ask_lock(timeout_ms=10_000)
-        assert waiter.answer(Granted).request_id == rid
+        assert waiter.answer(Acquired).request_id == rid
         assert time.monotonic() - started < 1.5, "an OS lock outlived its lock server"
 
 
@@ -237,7 +238,7 @@ def test_the_locks_of_a_killed_lock_server_are_kept_for_the_lock_delay(delayed: 
     wait_for(lambda: kept_since(service) is not None, 2, "the lock to be kept")
     kept = kept_since(service)
     assert kept is not None and killed <= kept <= asked + 0.5
-    assert waiter.answer(Granted, timeout=DELAY + 10).request_id == rid
+    assert waiter.answer(Acquired, timeout=DELAY + 10).request_id == rid
     granted = time.time()
     assert granted >= kept + DELAY, f"granted {kept + DELAY - granted:.2f} s before the lock-delay ended"
     assert granted <= kept + DELAY + LATE, f"granted only {granted - kept - DELAY:.2f} s after the lock-delay"
@@ -296,7 +297,7 @@ def test_lock_delay_0_frees_a_killed_lock_servers_locks_at_once(tmp_path: Path) 
         assert waiter.quiet_for(0.3)
         os.kill(holder.server, signal.SIGKILL)
         killed = time.monotonic()
-        assert waiter.answer(Granted).request_id == rid
+        assert waiter.answer(Acquired).request_id == rid
         assert time.monotonic() - killed < 1.0
 
 
@@ -304,7 +305,7 @@ def test_lock_delay_0_frees_a_killed_lock_servers_locks_at_once(tmp_path: Path) 
 
 GONE_CLIENT = textwrap.dedent("""
     import os, socket, sys, time
-    from dls_proto import Connection, Granted, Hello, Lock, LockFlag, PROTOCOL_VERSIONS, Role, receive
+    from dls_proto import Acquired, Connection, Hello, Lock, LockFlag, PROTOCOL_VERSIONS, Role, receive
 
     port, inode, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
     sock = socket.create_connection(("127.0.0.1", port))
@@ -312,7 +313,7 @@ GONE_CLIENT = textwrap.dedent("""
     sock.sendall(conn.send(Hello(1, *PROTOCOL_VERSIONS, 0, 1111, os.getpid(), 1, "gone", "test")))
     receive(conn, lambda: sock.recv(65536))
     sock.sendall(conn.send(Lock(2, 5, LockFlag.NO_INTERIM, 0, 1, inode, -1, key, "")))
-    assert isinstance(receive(conn, lambda: sock.recv(65536)), Granted)
+    assert isinstance(receive(conn, lambda: sock.recv(65536)), Acquired)
     print("held", flush=True)
     time.sleep(600)
 """)
@@ -331,7 +332,7 @@ def test_a_killed_client_frees_its_locks_at_once(delayed: Service) -> None:
         assert waiter.quiet_for(0.3)
         proc.kill()
         killed = time.monotonic()
-        assert waiter.answer(Granted).request_id == rid
+        assert waiter.answer(Acquired).request_id == rid
         assert time.monotonic() - killed < 1.0
     service.wait_for_log(r"server INFO released 1 lock\(s\) of 127\.0\.0\.1:\d+ \(port 1111, pid " + str(proc.pid))
 
@@ -344,7 +345,7 @@ def test_a_connection_reset_frees_its_locks_at_once(delayed: Service) -> None:
     rid = waiter.ask_lock(timeout_ms=30_000)
     holder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
     holder.close()
-    assert waiter.answer(Granted, timeout=2).request_id == rid
+    assert waiter.answer(Acquired, timeout=2).request_id == rid
     assert not any("kept" in line for line in service.log().splitlines() if " server " in line)
 
 
@@ -401,7 +402,7 @@ def test_a_restarted_service_keeps_the_locks_for_their_clients_to_reclaim(tmp_pa
         stranger.lock(b"B")
 
         again.unlock(a.handle)
-        assert waiter.answer(Granted, timeout=2).request_id == rid
+        assert waiter.answer(Acquired, timeout=2).request_id == rid
 
 
 def test_a_reclaim_after_the_delay_is_refused_even_before_the_lock_was_freed(tmp_path: Path) -> None:

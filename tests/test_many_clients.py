@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dls_proto import Granted, Lock, Mode
+from dls_proto import Acquired, Lock, Mode
 from dls_testkit import Service, data_file, greet, make_service, receive
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_three_hundred_clients_connect_and_lock(tmp_path: Path) -> None:
             svc.sockets.append(sock)
             conn, welcome = greet(sock, port=10000 + i)
             sock.sendall(conn.send(Lock(1, Mode.EX, 0, 0, 1, 4242, 0, b"CLIENT%05d" % i, "FBNK.ACCOUNT")))
-            receive(sock, conn, Granted)
+            receive(sock, conn, Acquired)
             servers.append(welcome.server_pid)
         elapsed = time.monotonic() - started
         assert len(set(servers)) == CLIENTS, "a lock server per client"

@@ -30,12 +30,12 @@ from typing import Any
 import netns
 import pytest
 from dls_proto import (
+    Acquired,
     Connection,
     Echo,
     EchoReply,
     Error,
     ErrorCode,
-    Granted,
     HolderState,
     InfoGet,
     InfoPut,
@@ -157,7 +157,7 @@ def test_a_live_port_cannot_be_claimed_from_another_address(svc: Service) -> Non
     svc.start("-P")
     owner = connect(svc, "127.0.0.1")
     conn, _ = greet(owner, 4242)
-    granted = ask(owner, conn, lock(2), Granted)
+    granted = ask(owner, conn, lock(2), Acquired)
     thief = connect(svc, "127.0.0.2")
     _c, refused = greet(thief, 4242, expect=Error)
     assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "port 4242 is in use by another client")
@@ -212,7 +212,7 @@ def test_no_frame_lets_one_client_release_reclaim_convert_or_see_anothers_lock(s
     svc.start(*options)
     owner = connect(svc, "127.0.0.1")
     oconn, _ = greet(owner, 5001)
-    granted = ask(owner, oconn, lock(2, mode=Mode.PR), Granted)
+    granted = ask(owner, oconn, lock(2, mode=Mode.PR), Acquired)
     other = connect(svc, "127.0.0.2")
     conn, _ = greet(other, 5002)
     gone = ask(other, conn, Unlock(2, granted.handle), Error)
@@ -228,7 +228,7 @@ def test_no_frame_lets_one_client_release_reclaim_convert_or_see_anothers_lock(s
     assert ask(owner, oconn, Status(3, 1, INODE, DEVICE, KEY), StatusReply).state == HolderState.MINE
     owner.sendall(oconn.send(Unlock(4, granted.handle)))
     assert isinstance(ask(owner, oconn, Echo(5, b""), EchoReply), EchoReply)
-    assert isinstance(ask(other, conn, lock(6), Granted), Granted)
+    assert isinstance(ask(other, conn, lock(6), Acquired), Acquired)
 
 
 def test_a_deeply_nested_info_put_is_refused_and_the_conversation_goes_on(svc: Service) -> None:
@@ -253,8 +253,8 @@ def test_os_lock_requests_are_refused_when_the_service_says_so(svc: Service) -> 
     refused = ask(sock, conn, lock(3, flags=LockFlag.BINARY), Error)
     assert (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "OS file locks are not served here")
     # Record locks are served, OSLOCK ones too: beside a table they are table locks like the others.
-    assert isinstance(ask(sock, conn, lock(4, key=b"oslock", flags=LockFlag.OSLOCK), Granted), Granted)
-    assert isinstance(ask(sock, conn, lock(5), Granted), Granted)
+    assert isinstance(ask(sock, conn, lock(4, key=b"oslock", flags=LockFlag.OSLOCK), Acquired), Acquired)
+    assert isinstance(ask(sock, conn, lock(5), Acquired), Acquired)
 
 
 def test_max_locks_defaults_to_a_quarter_of_the_table(svc: Service) -> None:
@@ -268,10 +268,10 @@ def test_waiting_requests_count_against_max_locks(svc: Service) -> None:
     svc.start("--max-locks", "3")
     holder = connect(svc)
     hconn, _ = greet(holder, 7001)
-    ask(holder, hconn, lock(2), Granted)
+    ask(holder, hconn, lock(2), Acquired)
     waiter = connect(svc)
     conn, _ = greet(waiter, 7002)
-    ask(waiter, conn, lock(2, b"mine"), Granted)
+    ask(waiter, conn, lock(2, b"mine"), Acquired)
     for rid, thread in ((3, 2), (4, 3)):  # two requests waiting behind the holder
         waiter.sendall(conn.send(Lock(rid, Mode.EX, LockFlag.NO_INTERIM, 60000, thread, INODE, DEVICE, KEY,
                                       "/data/FBNK.ACCOUNT")))
@@ -349,7 +349,7 @@ def test_a_key_with_control_characters_cannot_forge_rows_in_the_operators_tools(
     forged = b"KEY\n127.0.0.1\t1\t1\tFAKE\x1b[2J"
     client = connect(svc)
     conn, _ = greet(client, 7100)
-    ask(client, conn, lock(2, forged), Granted)
+    ask(client, conn, lock(2, forged), Acquired)
     env = {**os.environ, "JBCRELEASEDIR": str(svc.root)}
     shown = svc.jdls("-dL").stdout
     tool = subprocess.run([str(Path(sys.executable).with_name("show-item-locks")), "--server",

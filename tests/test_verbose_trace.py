@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from dls_proto import PROTOCOL_VERSIONS
 from dls_testkit import DLS_LOCK, KEY, Service, data_file, lock_holder, make_service, running
 
 pytestmark = pytest.mark.slow
@@ -45,14 +46,16 @@ def test_verbose_shows_each_request_and_reply_escaped(service: Service, tmp_path
         assert found, f"no line matching {pattern!r} in:\n{err}"
         return found[0]
 
-    line(rf"^Client: to {re.escape(where)}: Hello #\d+ versions 2\.\.3, port \d+")
-    line(rf"^Client: from {re.escape(where)}: Welcome #\d+ protocol version 3, lock server pid \d+, lock table, "
+    low, high = PROTOCOL_VERSIONS
+    line(rf"^Client: to {re.escape(where)}: Hello #\d+ versions {low}\.\.{high}, port \d+")
+    line(rf"^Client: from {re.escape(where)}: Welcome #\d+ protocol version {high}, lock server pid \d+, lock table, "
          r"lock-delay [\d.]+ s after [\d.]+ ms$")
     line(rf"^Client: to {re.escape(where)}: Settings #\d+ acknowledgement timeout 30 s$")
     lock = line(rf"^Client: to {re.escape(where)}: Lock #(\d+) {re.escape(str(data))} \(inode {inode}\) key "
                 r"'CUST\\x1b\[2J\\x0aFORGED' EX, wait forever$")
     rid = re.search(r"Lock #(\d+)", lock).group(1)  # type: ignore[union-attr]
-    line(rf"^Client: from {re.escape(where)}: Granted #{rid} granted EX, handle 0x[0-9a-f]+ after [\d.]+ ms$")
+    line(rf"^Client: from {re.escape(where)}: Acquired #{rid} granted EX, handle 0x[0-9a-f]+, token \d+ "
+         r"after [\d.]+ ms$")
     line(rf"^Client: to {re.escape(where)}: Unlock #\d+ handle 0x[0-9a-f]+$")
 
 
@@ -67,7 +70,7 @@ def test_trace_file_shows_the_wait_and_its_interim_messages(service: Service, tm
     waits = [line for line in text.splitlines() if re.search(r"Waiting #\d+ still waiting after [\d.]+ s, held EX "
                                                                 r"by port \d+, pid \d+ on ", line)]
     assert len(waits) >= 2, text  # at once, then about every second (TIMEOUT=3)
-    assert re.search(r"Granted #\d+ granted EX, handle 0x[0-9a-f]+ after \d{4,}\.\d+ ms", text), text
+    assert re.search(r"Acquired #\d+ granted EX, handle 0x[0-9a-f]+, token \d+ after \d{4,}\.\d+ ms", text), text
 
 
 def test_trace_file_is_not_followed_through_a_planted_symlink(service: Service, tmp_path: Path) -> None:

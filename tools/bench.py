@@ -21,7 +21,7 @@ all processes on the same key, contended.
 - References for the client library's cost: the raw table (dls_shm's LockTable
   lock and unlock) against LocalClient; the bare protocol round trip (Lock frames
   prebuilt with dls-proto's codec sent on one greeted connection to the same
-  service, each Granted read with dls's own busy-poll reader and its handle put
+  service, each Acquired read with dls's own busy-poll reader and its handle put
   into a prebuilt Unlock frame) against Client. Both also with N processes (the
   bare trip beside the echo's N, the raw table on own keys beside its 1): what the
   service and the table alone allow N clients, the client library costing nothing.
@@ -79,8 +79,8 @@ from dls_client import REMOTE_DEVICE, Client, Config, FileRef, HeldLock, LocalCl
 from dls_proto import (
     CLIENT_MAX_FRAME,
     WAIT_FOREVER,
+    Acquired,
     Connection,
-    Granted,
     Lock,
     Mode,
     Role,
@@ -339,8 +339,9 @@ def lockf_prepare(path: str, index: int, processes: int, contended: bool) -> Cyc
 
 
 class UnlockFrame(NamedTuple):
-    """Where a Granted frame carries its handle, and an Unlock frame around a handle, from dls-proto's codec:
-    the bare round trip copies the handle from one to the other without decoding or encoding."""
+    """Where a grant's frame (Acquired: the service speaks protocol 4 with the bench) carries its handle, and an
+    Unlock frame around a handle, from dls-proto's codec: the bare round trip copies the handle from one to the
+    other without decoding or encoding."""
 
     granted_size: int
     handle_at: int
@@ -350,18 +351,18 @@ class UnlockFrame(NamedTuple):
     @classmethod
     def from_codec(cls) -> UnlockFrame:
         marker = 0x0123456789ABCDEF
-        granted = encode(Granted(1, marker, Mode.EX, 0))
+        granted = encode(Acquired(1, marker, Mode.EX, 0, 1, 0, b""))
         unlock = encode(Unlock(2, marker))
         for raw in (marker.to_bytes(8, "big"), marker.to_bytes(8, "little")):
             at, u_at = granted.find(raw), unlock.find(raw)
             if at >= 0 and u_at >= 0:
                 return cls(len(granted), at, unlock[:u_at], unlock[u_at + 8:])
-        raise BenchError("dls-proto's Granted and Unlock frames do not carry the handle as 8 bytes")
+        raise BenchError("dls-proto's Acquired and Unlock frames do not carry the handle as 8 bytes")
 
 
 def bare_prepare(port: int, index: int, processes: int, contended: bool) -> Cycle:
     """The bare protocol round trip: a greeted connection to the service; per cycle a prebuilt Lock frame
-    sent, its Granted read (dls's busy-poll reader, as the client's), an Unlock frame sent (unanswered)."""
+    sent, its Acquired read (dls's busy-poll reader, as the client's), an Unlock frame sent (unanswered)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
@@ -387,7 +388,7 @@ def bare_prepare(port: int, index: int, processes: int, contended: bool) -> Cycl
     draws = [frames[k] for k in draws_of(KEYS, index, processes, contended)]
     first = lock(draws[0])
     conn.receive_data(first)
-    if not isinstance(granted := conn.next_event(), Granted):
+    if not isinstance(granted := conn.next_event(), Acquired):
         raise BenchError(f"the service answered a bare Lock with {granted!r}")
     unlock(first)
     return Cycle(lock, unlock, draws, sock.close)

@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection as Connection_
 
 import psutil
 from dls_client import Client, Config, FileRef, Server
-from dls_proto import Connection, Granted, InfoPut, Lock, Mode, Role, Welcome, identity, receive
+from dls_proto import Acquired, Connection, Granted, InfoPut, Lock, Mode, Role, Welcome, identity, receive
 from dls_shm import LISTENER, Instance
 
 FILE = FileRef(1483651, "ac/FBNK.ACCOUNT")
@@ -130,7 +130,7 @@ def protocol_client(port: int, key: bytes) -> socket.socket:
         raise RuntimeError(f"answered {welcome!r}")
     sock.sendall(conn.send(InfoPut(1, _document(None))) + conn.send(
         Lock(2, Mode.EX, 0, 0, 1, FILE.inode, 0, key, FILE.path)))
-    if not isinstance(granted := answer(), Granted):
+    if not isinstance(granted := answer(), (Granted, Acquired)):  # Acquired from a service of protocol 4
         raise RuntimeError(f"answered {granted!r}")
     sock.sendall(conn.send(InfoPut(3, _document(key))))
     return sock

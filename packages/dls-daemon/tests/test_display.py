@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from dls_proto import Granted, Lock, Welcome
+from dls_proto import Acquired, Lock, Welcome
 from dls_shm import LOCAL_IP, Grant, Header, Owner, modes, resource_value
 from dls_shm.report import age, memory
 from dls_testkit import greet, receive
@@ -63,7 +63,7 @@ def remote_lock(service, port: int, key: bytes) -> tuple[socket.socket, int]:
     sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
     conn, welcome = greet(sock, port, pid=7000 + port, host="app-server")
     sock.sendall(conn.send(Lock(2, modes.EX, 0, 0, 1, INODE, -1, key, FILE)))
-    receive(sock, conn, Granted)
+    receive(sock, conn, Acquired)
     assert isinstance(welcome, Welcome)
     return sock, welcome.server_pid
 

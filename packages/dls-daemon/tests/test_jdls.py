@@ -19,7 +19,7 @@ import psutil
 import pytest
 import sysv_ipc
 from dls_daemon.cli import main
-from dls_proto import Granted, Lock
+from dls_proto import Acquired, Lock
 from dls_shm import SlotState
 from dls_testkit import gone, greet, receive, wait_for
 
@@ -393,7 +393,7 @@ def test_stop_keeps_the_locks_of_the_lock_servers_it_stops_for_the_lock_delay(se
     with socket.create_connection(("127.0.0.1", service.port)) as client:
         conn, welcome = greet(client)
         client.sendall(conn.send(Lock(2, 5, 0, 0, 1, 11, 12, b"REC1", "/data/FILE")))
-        receive(client, conn, Granted)
+        receive(client, conn, Acquired)
         shown = service.jdls("-dL").stdout
         assert f"{welcome.server_pid}\tWRITE\t4242" in shown and "127.0.0.1\tREC1" in shown
         assert "1 locks currently in use" in shown

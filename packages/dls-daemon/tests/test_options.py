@@ -20,12 +20,12 @@ from dls_client import Client, Config, RequestFailed, Server
 from dls_daemon.cli import main, unit_file
 from dls_proto import (
     PROTOCOL_VERSIONS,
+    Acquired,
     Connection,
     ConnectionClosed,
     Echo,
     Error,
     ErrorCode,
-    Granted,
     Lock,
     Refused,
     RefuseReason,
@@ -44,9 +44,9 @@ def start(service, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def lock(sock: socket.socket, conn: Connection, rid: int, key: bytes, thread: int = 1) -> Granted | Refused | Error:
+def lock(sock: socket.socket, conn: Connection, rid: int, key: bytes, thread: int = 1) -> Acquired | Refused | Error:
     sock.sendall(conn.send(Lock(rid, EX, 0, 0, thread, 11, -1, key, "/data/FILE")))
-    return receive(sock, conn, Granted | Refused | Error)
+    return receive(sock, conn, Acquired | Refused | Error)
 
 
 def connect(service) -> socket.socket:
@@ -420,7 +420,7 @@ def test_remove_override_with_a_lock_server_left(service) -> None:
     with connect(service) as sock:
         conn, welcome = greet(sock, expect=HELLO_ANSWERS)
         assert isinstance(welcome, Welcome)
-        assert isinstance(lock(sock, conn, 2, b"REC"), Granted)
+        assert isinstance(lock(sock, conn, 2, b"REC"), Acquired)
         start(service, "-kD")
         start(service, "-kA")
         assert service.jdls("-K").returncode == 1
@@ -448,7 +448,7 @@ def test_port_based_owners(service, port_based: bool) -> None:
         conn_c, _ = greet(c, 1001, expect=HELLO_ANSWERS)
         assert isinstance(welcome_a, Welcome)
         first = lock(a, conn_a, 2, b"33537")
-        assert isinstance(first, Granted)
+        assert isinstance(first, Acquired)
         if port_based:  # a port names one client: a second connection claiming it is refused
             assert isinstance(welcome_b, Error) and welcome_b.code == ErrorCode.FORBIDDEN
         else:
@@ -464,7 +464,7 @@ def test_time_stamped_locks_show_their_age(service) -> None:
     assert service.header().flags & TableFlag.TIMESTAMPS
     with connect(service) as sock:
         conn, _ = greet(sock, expect=HELLO_ANSWERS)
-        assert isinstance(lock(sock, conn, 2, b"OLD"), Granted)
+        assert isinstance(lock(sock, conn, 2, b"OLD"), Acquired)
         time.sleep(1.2)
         shown = service.jdls("-dvL").stdout
     assert "Locking mechanism:      IPC semaphores based on THREAD id, locks time stamped" in shown

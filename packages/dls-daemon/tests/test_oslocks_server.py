@@ -28,13 +28,13 @@ from dls_daemon.context import Limits, ServerContext
 from dls_proto import (
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
+    Acquired,
     Connection,
     Echo,
     EchoReply,
     Error,
     ErrorCode,
     Event,
-    Granted,
     Hello,
     InfoPut,
     Lock,
@@ -95,16 +95,16 @@ class Peer:
 
     def lock(self, mode: int = EX, *, thread: int = 1, timeout_ms: int = 0, flags: int = 0, key: bytes = KEY,
              inode: int = INODE) -> Event:
-        """Send a Lock and return its first answer (Granted, Refused, Waiting or Error)."""
+        """Send a Lock and return its first answer (Acquired, Refused, Waiting or Error)."""
         rid = self.rid()
         self.send(Lock(rid, mode, flags, timeout_ms, thread, inode, DEVICE, key, "ac/FBNK.ACCOUNT"))
         event = self.next()
         assert getattr(event, "request_id", rid) == rid, event
         return event
 
-    def granted(self, mode: int = EX, **kwargs: object) -> Granted:
+    def granted(self, mode: int = EX, **kwargs: object) -> Acquired:
         event = self.lock(mode, **kwargs)  # type: ignore[arg-type]
-        assert isinstance(event, Granted), event
+        assert isinstance(event, Acquired), event
         return event
 
     def unlock(self, handle: int) -> None:
@@ -222,10 +222,10 @@ def test_without_a_table_locks_are_jlock_files_and_exclude_other_clients(servers
     assert [p.name for p in (tmp_path / "jbase").iterdir()] == [FILE]
     assert not (tmp_path / "jbase_lock").exists()
     from_lock_server(refused(b.lock(PR)), a.server_pid, EX)
-    assert isinstance(b.lock(EX, key=b"another key"), Granted)
-    assert isinstance(b.lock(EX, inode=INODE + 1), Granted)
+    assert isinstance(b.lock(EX, key=b"another key"), Acquired)
+    assert isinstance(b.lock(EX, inode=INODE + 1), Acquired)
     a.unlock(g.handle)
-    assert isinstance(b.lock(EX), Granted)
+    assert isinstance(b.lock(EX), Acquired)
     from_lock_server(refused(a.lock(EX)), b.server_pid, EX)
 
 
@@ -285,7 +285,7 @@ def test_readers_share_across_clients_and_a_writer_is_refused(servers: Servers) 
     from_lock_server(refused(c.lock(PW, thread=2)), b.server_pid, PR)
     b.unlock(rb.handle)
     assert c.status(thread=2).state == 0
-    assert isinstance(c.lock(EX, thread=2), Granted)
+    assert isinstance(c.lock(EX, thread=2), Acquired)
 
 
 def test_threads_of_one_client_exclude_each_other_as_in_the_table(servers: Servers) -> None:
@@ -294,9 +294,10 @@ def test_threads_of_one_client_exclude_each_other_as_in_the_table(servers: Serve
     r = refused(a.lock(PR, thread=2))
     assert (r.holder_mode, r.holder_pid, r.holder_port, r.holder_client_pid, r.holder_thread, r.holder_ip) == \
         (EX, a.server_pid, 77, 4321, 1, "127.0.0.1")
-    assert a.lock(EX, thread=1) == Granted(r.request_id + 1, g.handle, EX, g.value)  # a conversion: same handle
+    # A conversion: the same handle (OS file locks have no fencing tokens: 0).
+    assert a.lock(EX, thread=1) == Acquired(r.request_id + 1, g.handle, EX, g.value, 0, 0, b"")
     a.unlock(g.handle)
-    assert isinstance(a.lock(PR, thread=2), Granted)
+    assert isinstance(a.lock(PR, thread=2), Acquired)
 
 
 def test_a_waiting_request_gets_interim_messages_then_times_out(servers: Servers) -> None:
@@ -318,7 +319,7 @@ def test_a_waiting_request_gets_interim_messages_then_times_out(servers: Servers
     took = time.monotonic() - started
     assert 0.65 <= took < 1.5, took
     assert interims >= 2  # every 0.2 s
-    assert isinstance(b.lock(EX, key=b"free"), Granted), "the lock server carries on"
+    assert isinstance(b.lock(EX, key=b"free"), Acquired), "the lock server carries on"
 
 
 def test_a_waiting_request_is_granted_soon_after_release_and_costs_almost_no_cpu(servers: Servers) -> None:
@@ -336,7 +337,7 @@ def test_a_waiting_request_is_granted_soon_after_release_and_costs_almost_no_cpu
     released = time.monotonic()
     a.unlock(g.handle)
     event = b.next()
-    assert isinstance(event, Granted) and event.request_id == rid, event
+    assert isinstance(event, Acquired) and event.request_id == rid, event
     assert time.monotonic() - released < 0.5
 
 
@@ -350,7 +351,7 @@ def test_a_waiting_thread_is_granted_at_once_when_a_thread_of_its_client_release
     released = time.monotonic()
     a.send(Unlock(a.rid(), g.handle))
     event = a.next()
-    assert isinstance(event, Granted) and event.request_id == rid, event
+    assert isinstance(event, Acquired) and event.request_id == rid, event
     assert time.monotonic() - released < 0.1, "not rung: served by the next poll only"
 
 
@@ -362,8 +363,8 @@ def test_a_client_that_goes_releases_everything_and_its_lock_server_ends(servers
     refused(b.lock(EX))
     a.close()
     assert servers.wait(a.server_pid) == 0
-    assert isinstance(b.lock(EX), Granted)
-    assert isinstance(b.lock(EX, key=b"second"), Granted)
+    assert isinstance(b.lock(EX), Acquired)
+    assert isinstance(b.lock(EX, key=b"second"), Acquired)
 
 
 def test_a_lock_server_killed_with_sigkill_leaves_no_lock(servers: Servers) -> None:
@@ -375,7 +376,7 @@ def test_a_lock_server_killed_with_sigkill_leaves_no_lock(servers: Servers) -> N
     os.kill(a.server_pid, signal.SIGKILL)
     assert servers.wait(a.server_pid) == -signal.SIGKILL
     event = b.next()
-    assert isinstance(event, Granted) and event.request_id == rid, event
+    assert isinstance(event, Acquired) and event.request_id == rid, event
 
 
 def test_status_unlock_all_and_bad_handles(servers: Servers) -> None:
@@ -422,12 +423,12 @@ def test_with_a_table_binary_locks_are_os_locks_and_every_record_lock_a_table_lo
     # Handles of every mechanism unlock, in any order, the table's still the fast way.
     a.unlock(os_lock.handle)
     taken = b.lock(EX)
-    assert isinstance(taken, Granted)
+    assert isinstance(taken, Acquired)
     b.unlock(taken.handle)
     a.unlock(in_table.handle)
     assert list(table.scan()) == []
     a.unlock(binary.handle)
-    assert isinstance(b.lock(EX, flags=LockFlag.BINARY, key=b""), Granted)
+    assert isinstance(b.lock(EX, flags=LockFlag.BINARY, key=b""), Acquired)
     again = a.granted(EX, key=b"in the table")
     a.unlock(again.handle)
     assert list(table.scan()) == []
@@ -443,7 +444,7 @@ def test_with_a_table_a_client_that_goes_releases_its_os_locks_too(
     assert table_servers.wait(a.server_pid) == 0
     assert list(table.scan()) == []
     for flags in (0, LockFlag.OSLOCK, LockFlag.BINARY):
-        assert isinstance(b.lock(EX, flags=flags), Granted)
+        assert isinstance(b.lock(EX, flags=flags), Acquired)
 
 
 # -- the dead-client bound (the lock server's socket settings) ----------------------------------

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from dls_proto import (
     WAIT_FOREVER,
+    Acquired,
     Connection,
     Echo,
     EchoReply,
-    Granted,
     InfoPut,
     Lock,
     LockFlag,
@@ -77,7 +77,7 @@ def test_a_lock_through_the_listener(service: Daemon, tmp_path: Path, capsys: py
     inode = data.stat().st_ino
     sock, conn, welcome = client(service, 4)
     sock.sendall(conn.send(Lock(2, Mode.EX, 0, 0, 1, inode, -1, KEY.encode(), str(data))))
-    receive(sock, conn, Granted)
+    receive(sock, conn, Acquired)
     describe(sock, conn, data)
     lock_no = f"0x{resource_value(inode, -1, KEY.encode()):08x},W"
     server = f"127.0.0.1,{service.port}"
