@@ -36,11 +36,12 @@ from dls_client import (
     Server,
     Unsupported,
 )
-from dls_proto import Hello, Mechanism, Mode, Welcome
+from dls_proto import Granted, Hello, InfoPut, Lock, Mechanism, Mode, Unlock, Welcome
 from dls_shm import SlotState, doorbell
 from dls_testkit import Service, client_for, data_file, make_service
 from dls_testkit.clients import attached
 from dls_testkit.fake_service import SERVER_PID, FakeService
+from dls_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -279,18 +280,33 @@ def test_server2_keeps_the_value_block_in_step_on_both_services(tmp_path: Path, 
 
 
 def test_a_service_of_protocol_3_is_unsupported_saying_so(data: Path) -> None:
+    """A lock server of version 3 (a fake, as today's daemon speaks): value blocks, cancel and conversions raise
+    Unsupported naming the version, and nothing of them is sent; the lock itself works as before."""
     def greeting(hello: Any) -> list[Welcome]:
         assert isinstance(hello, Hello)
         return [Welcome(hello.request_id, 3, Mechanism.TABLE, 0, SERVER_PID, 65536, 0, "127.0.0.1", "fake")]
 
-    with FakeService(greeting=greeting) as fake:
+    def answer(request: Any) -> list[Granted]:
+        return [Granted(request.request_id, 77, request.mode, 1)] if isinstance(request, Lock) else []
+
+    with FakeService(greeting=greeting, answer=answer) as fake:
         client = Client(Config(server=Server("127.0.0.1", 1)), connect=lambda _server, _timeout: fake.client_socket)
         try:
             for call in (lambda: client.lock(data, "K", value_block=True),
                          lambda: client.lock(data, "K", cancel=Cancel())):
                 with pytest.raises(Unsupported, match="protocol version 3"):
                     call()
-            assert fake.received == [], "a request reached a service that cannot do it"
+            held = client.lock(data, "K", Mode.EX)
+            assert held.token == 0 and held.value_block is None
+            with pytest.raises(Unsupported, match="protocol version 3"):
+                held.convert(Mode.PR)
+            with pytest.raises(Unsupported, match="protocol version 3"):
+                held.release(value_block=b"x")
+            assert held.mode == Mode.EX and not held.released
+            held.release()
+            wait_for(lambda: any(isinstance(r, Unlock) for r in fake.received), 2, "the Unlock")
+            assert [type(r).__name__ for r in fake.received if not isinstance(r, InfoPut)] == ["Lock", "Unlock"], \
+                fake.received
         finally:
             client.close()
 
