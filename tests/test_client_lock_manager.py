@@ -6,12 +6,14 @@
   write (NotWritable, still held); the EX holder process SIGKILLed mid-hold: the waiting reader gets
   ``value_block_valid`` False and the last value;
 - fencing tokens strictly increasing across grants and conversions up;
+- a converted lock whose lock server is killed is reclaimed in its new mode;
 - a Cancel called from another thread withdraws a waiting lock within 100 ms (Cancelled);
 - Unsupported, saying why, from a service of protocol 3 (a fake lock server) and from OS file locks (-ibD).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -109,6 +111,24 @@ def test_conversion_waits_in_the_convert_queue_ahead_of_a_newer_waiter(
     held_c.convert(Mode.NL)  # down: at once, its token kept
     assert (held_c.mode, held_c.token) == (Mode.NL, held_c.token)
     held_c.release()
+
+
+def test_a_converted_lock_is_reclaimed_in_its_new_mode(
+    clients: Callable[[], Client], data: Path
+) -> None:
+    """The lock server of a client that converted a lock is killed: the client reclaims the lock, in the mode it
+    was converted to, through a new lock server, and goes on converting it there."""
+    a, b = clients(), clients()
+    held = a.lock(data, "RECLAIM", Mode.PR, timeout=5)
+    held.convert(Mode.EX)
+    os.kill(a.connect().welcome.server_pid, signal.SIGKILL)
+    wait_for(lambda: held.ensure_held() is None and a.connect().welcome.server_pid, 5, "the lock reclaimed")
+    assert held.mode == Mode.EX and not held.lost
+    with pytest.raises(LockRefused):
+        b.try_lock(data, "RECLAIM", Mode.PR)  # still EX
+    held.convert(Mode.PR)
+    b.lock(data, "RECLAIM", Mode.PR, timeout=5).release()
+    held.release()
 
 
 def test_noqueue_conversion_refused_and_lock_kept(clients: Callable[[], Client], data: Path) -> None:
