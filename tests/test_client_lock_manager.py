@@ -83,6 +83,15 @@ def data(tmp_path: Path) -> Path:
     return data_file(tmp_path)
 
 
+def queued(daemon: Service, key: bytes, count: int = 1) -> None:
+    """Wait until ``count`` requests for ``key`` wait in the daemon's table (a conversion among them)."""
+    def waiters() -> bool:
+        with attached(daemon) as table:
+            return sum(e.slot.state == SlotState.WAITING and e.slot.key[:e.slot.key_len] == key
+                       for e in table.scan()) >= count
+    wait_for(waiters, 5, f"{count} request(s) for {key!r} queued")
+
+
 def waiting(future: Future[Any], seconds: float = 0.3) -> bool:
     """The call behind ``future`` still waits after ``seconds``."""
     time.sleep(seconds)
@@ -90,16 +99,18 @@ def waiting(future: Future[Any], seconds: float = 0.3) -> bool:
 
 
 def test_conversion_waits_in_the_convert_queue_ahead_of_a_newer_waiter(
-    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
 ) -> None:
     a, b, c = clients(), clients(), clients()
     held_a = a.lock(data, "QUEUE", Mode.PR, timeout=5)
     held_b = b.lock(data, "QUEUE", Mode.PR, timeout=5)
     first_token = held_a.token
     converting = pool.submit(held_a.convert, Mode.EX, timeout=10)
+    queued(daemon, b"QUEUE")
     assert waiting(converting)
     assert held_a.mode == Mode.PR  # the lock stays PR while it waits
     newer = pool.submit(c.lock, data, "QUEUE", Mode.EX, timeout=10)
+    queued(daemon, b"QUEUE", 2)
     assert waiting(newer)
     held_b.release()
     converting.result(5)
@@ -138,8 +149,8 @@ def test_noqueue_conversion_refused_and_lock_kept(clients: Callable[[], Client],
     with pytest.raises(LockRefused):
         held_a.convert(Mode.EX, wait=False)
     assert held_a.mode == Mode.PR and not held_a.released
-    held_b.release()
-    held_a.convert(Mode.EX, wait=False)
+    held_b.release()  # unanswered: its lock server may take a moment
+    held_a.convert(Mode.EX, timeout=5)
     assert held_a.mode == Mode.EX
     held_a.release()
 
@@ -153,6 +164,7 @@ def test_a_deadlock_victim_raises_deadlock_and_keeps_its_lock(
     held_a = a.lock(data, "CYCLE", Mode.PR, timeout=5)
     held_b = b.lock(data, "CYCLE", Mode.PR, timeout=5)
     converting = pool.submit(held_a.convert, Mode.EX)
+    queued(daemon, b"CYCLE")
     assert waiting(converting, 0.2)
     with attached(daemon) as table:
         entry = next(e for e in table.scan() if e.slot.state == SlotState.WAITING and e.slot.key.startswith(b"CYCLE"))
@@ -201,7 +213,7 @@ def test_value_block_not_valid_after_the_ex_holder_is_killed(
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         reader = clients()
         reading = pool.submit(reader.lock, data, "KILLED", Mode.PR, value_block=True, timeout=10)
-        assert waiting(reading)
+        queued(daemon, b"KILLED")
         proc.send_signal(signal.SIGKILL)
         read: HeldLock = reading.result(10)
     finally:
@@ -233,13 +245,14 @@ def test_tokens_strictly_increase_across_grants_and_conversions(clients: Callabl
 
 
 def test_cancel_from_another_thread_within_100_ms(
-    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
 ) -> None:
     a, b = clients(), clients()
     held = a.lock(data, "CANCEL", Mode.EX, timeout=5)
     cancel = Cancel()
     locking = pool.submit(b.lock, data, "CANCEL", Mode.EX, cancel=cancel, timeout=30)
-    assert waiting(locking)
+    queued(daemon, b"CANCEL")
+    assert waiting(locking, 0.1)
     started = time.monotonic()
     threading.Thread(target=cancel).start()
     with pytest.raises(Cancelled):
@@ -253,14 +266,15 @@ def test_cancel_from_another_thread_within_100_ms(
 
 
 def test_cancel_of_a_waiting_conversion_keeps_the_lock(
-    clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
 ) -> None:
     a, b = clients(), clients()
     held_a = a.lock(data, "CANCEL-CONVERT", Mode.PR, timeout=5)
     held_b = b.lock(data, "CANCEL-CONVERT", Mode.PR, timeout=5)
     cancel = Cancel()
     converting = pool.submit(held_b.convert, Mode.EX, cancel=cancel)
-    assert waiting(converting)
+    queued(daemon, b"CANCEL-CONVERT")
+    assert waiting(converting, 0.1)
     cancel()
     with pytest.raises(Cancelled):
         converting.result(5)

@@ -168,9 +168,10 @@ def test_conversion_up_waits_ahead_of_a_newer_waiter(daemon: Service, data: Path
     held_a = a.take(data, b"QUEUE", Mode.PR)
     held_b = b.take(data, b"QUEUE", Mode.PR)
     up = a.convert(held_a.handle, Mode.EX)
-    assert a.silent(0.3)
+    a.echo()  # queued: answered before the Echo after it otherwise
     waiter = c.lock(data, b"QUEUE", Mode.EX, timeout_ms=WAIT_FOREVER)
-    assert c.silent(0.3)
+    c.echo()
+    assert a.silent(0.2) and c.silent(0.2)
     b.unlock(held_b.handle)
     granted = a.answer(up, Acquired)
     assert (granted.handle, granted.mode) == (held_a.handle, Mode.EX)
@@ -210,7 +211,7 @@ def test_deadlock_victim_refused_deadlock_lock_kept(daemon: Service, data: Path)
     held_a = a.take(data, b"CYCLE", Mode.PR)
     held_b = b.take(data, b"CYCLE", Mode.PR)
     up = a.convert(held_a.handle, Mode.EX)
-    assert a.silent(0.2)
+    a.echo()  # queued
     with attached(daemon) as table:
         waiting = [entry for entry in table.scan()
                    if entry.slot.state == SlotState.WAITING and entry.slot.key.startswith(b"CYCLE")]
@@ -250,6 +251,7 @@ def test_value_block_written_at_release_and_read(daemon: Service, data: Path) ->
     assert held.block_status == BlockStatus.VALID and held.block == bytes(len(held.block))  # zero, never written
     size = len(held.block)
     a.send(Release(a.next_id(), held.handle, ValueFlag.WRITE, b"balance=42"))
+    a.echo()  # a Release is answered only when it fails: done once the Echo after it is answered
     read = b.take(data, b"LVB", Mode.PR, flags=LockFlag.VALUE_BLOCK)
     assert read.block_status == BlockStatus.VALID
     assert read.block == b"balance=42".ljust(size, b"\0")
@@ -264,7 +266,7 @@ def test_value_block_written_at_release_and_read(daemon: Service, data: Path) ->
     writer = a.take(data, b"LVB", Mode.EX)
     reader = b.lock(data, b"LVB", Mode.PR, flags=LockFlag.VALUE_BLOCK | LockFlag.NO_INTERIM,
                     timeout_ms=WAIT_FOREVER)
-    assert b.silent(0.2)
+    b.echo()  # queued
     down = a.answer(a.convert(writer.handle, Mode.NL, flags=LockFlag.VALUE_BLOCK, value_flags=ValueFlag.WRITE,
                               block=b"balance=43"), Acquired)
     assert (down.block_status, down.block) == (BlockStatus.VALID, b"balance=43".ljust(size, b"\0"))
@@ -281,7 +283,7 @@ def test_lost_ex_holder_leaves_the_block_not_valid(daemon: Service, data: Path) 
     held = a.take(data, b"LOST", Mode.EX)
     reader = b.lock(data, b"LOST", Mode.PR, flags=LockFlag.VALUE_BLOCK | LockFlag.NO_INTERIM,
                     timeout_ms=WAIT_FOREVER)
-    assert b.silent(0.2)
+    b.echo()  # queued
     same = a.answer(a.convert(held.handle, Mode.EX, value_flags=ValueFlag.WRITE, block=b"v1"), Acquired)
     assert same.token == held.token  # written, still EX: no conversion up
     a.sock.close()  # the client is gone holding EX
@@ -296,6 +298,7 @@ def test_lost_ex_holder_leaves_the_block_not_valid(daemon: Service, data: Path) 
     again = b.take(data, b"LOST", Mode.EX, flags=LockFlag.VALUE_BLOCK)
     assert again.block_status == BlockStatus.NOT_VALID  # nobody wrote since
     b.send(Release(b.next_id(), again.handle, ValueFlag.WRITE, b"v2"))
+    b.echo()
     assert c.answer(c.convert(c_held.handle, Mode.PR, flags=LockFlag.VALUE_BLOCK), Acquired).block_status == \
         BlockStatus.VALID
 
