@@ -62,7 +62,7 @@ import sysv_ipc
 from dls_proto import HolderState
 from dls_proto.text import amount
 
-from . import doorbell, modes, semaphores
+from . import deadlocks, doorbell, modes, semaphores
 from .layout import (
     BLOCK_MAX,
     DEFAULT_BLOCK_SIZE,
@@ -140,6 +140,7 @@ _GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotStat
                                                         SlotState.FREE))
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
+_WAITING_BYTE = bytes([int(SlotState.WAITING)])
 _F64 = struct.Struct("=d")
 _U64 = struct.Struct("=Q")
 _BYTE = struct.Struct("=B")
@@ -917,6 +918,54 @@ class LockTable(LockMechanism):
             self._note_expiry(min(staying))
         return done
 
+    def break_deadlocks(self) -> list[Entry]:
+        """Refuse one request of each cycle of waiters (``deadlocks``): its slot becomes DEADLOCK, in nobody's
+        way, and its waiter is rung, to raise Deadlock. The cycles are found in a copy of the groups that have
+        waiters, and each is confirmed, with the semaphores of all its groups held, before its victim is
+        refused: a cycle seen in copies made at different moments may have gone meanwhile, one still there
+        cannot go by itself. The requests refused, as they were."""
+        entries = [(e.index, e.group, e.value, e.slot) for first, data in self._copies() if _WAITING_BYTE in data
+                   for e in self._decode_waiting(first, data)]
+        refused = []
+        for cycle in deadlocks.cycles(deadlocks.wait_for(entries, self._ident)):
+            groups = sorted({w.group for w in cycle.waiters})
+            tokens = []
+            with self._groups_held(groups[: semaphores.BATCH_MEMBERS]):
+                if len(groups) <= semaphores.BATCH_MEMBERS and self._still_a_cycle(cycle):
+                    victim = cycle.victim
+                    _BYTE.pack_into(self._mv, self.geometry.slot_offset(victim.at) + _STATE_OFFSET, _DEADLOCK)
+                    tokens.append(victim.slot.doorbell)
+                    refused.append(Entry(victim.at, victim.group, victim.value, victim.slot))
+            _ring([t for t in tokens if t])
+        return refused
+
+    def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
+        """Whether every request of ``cycle`` still waits, unchanged, for the next one's owner (the semaphores of
+        their groups held)."""
+        ring = cycle.waiters
+        for n, waiter in enumerate(ring):
+            slot = self._slot(waiter.at)
+            if (slot.ticket, slot.state, slot.mode) != (waiter.slot.ticket, _WAITING, waiter.slot.mode) \
+                    or self._value(waiter.at) != waiter.value:
+                return False
+            granted, waiting = self._matching(waiter.group, waiter.value, slot.inode, slot.device,
+                                              slot.key[: slot.key_len])
+            after = ring[(n + 1) % len(ring)].owner
+            if not any(self._ident(b) == after and b.state != _KEPT for _, b in
+                       deadlocks.blockers(self._ident, waiter.owner, slot.mode, slot.ticket, granted, waiting)):
+                return False
+        return True
+
+    def _decode_waiting(self, first: int, data: bytes) -> list[Entry]:
+        """The used slots of the groups of a batch (``_copies``) that have a waiting request."""
+        size, values_size, per_group = self._group_size, self._values_size, self._per_group
+        found = []
+        for n in range(len(data) // size):
+            states = n * size + _G + values_size + _STATE_OFFSET
+            if _WAITING_BYTE in data[states : states + per_group * SLOT_SIZE : SLOT_SIZE]:
+                found.extend(self._decode(first + n, data[n * size : (n + 1) * size]))
+        return found
+
     def scan(self) -> Iterator[Entry]:
         """Every used slot, by group and in a group by position, each batch of groups a consistent snapshot.
 
@@ -1080,32 +1129,12 @@ class LockTable(LockMechanism):
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
         """The first lock or earlier waiter that keeps the request of owner ``me`` (queued under ``ticket``;
-        None: not yet) from being granted: a granted lock of another owner it cannot go with, or a request
-        ahead of it in queue order that it cannot go with. A conversion (``me`` holds the resource) is behind
-        the conversions queued before it only; any other request is behind every conversion and the requests
-        queued before it (``_matching``'s order).
+        None: not yet) from being granted (``deadlocks.blockers`` says which: the one rule of who waits for
+        whom, which the deadlock detector follows too).
 
         A kept lock is nobody's, whoever it names: it blocks its own client too until reclaimed.
         """
-        ident = self._ident
-        for item in granted:
-            slot = item[1]
-            if (slot.state == _KEPT or ident(slot) != me) and not modes.compatible(mode, slot.mode):
-                return item
-        converting = any(s.state == _GRANTED and ident(s) == me for _, s in granted)
-        for item in waiting:  # in queue order: conversions first
-            slot = item[1]
-            if slot.flags & _CONVERTING:
-                # The convert queue goes before every other request, and before later conversions.
-                if converting and ticket is not None and slot.ticket >= ticket:
-                    return None
-                if slot.ticket == ticket:
-                    continue
-            elif converting or (ticket is not None and slot.ticket >= ticket):
-                return None  # a conversion is not behind the wait queue; a request is not behind later ones
-            if not modes.compatible(mode, slot.mode):
-                return item
-        return None
+        return next(deadlocks.blockers(self._ident, me, mode, ticket, granted, waiting), None)
 
     def _clear_blocker(self, item: tuple[int, Slot], *, thorough: bool = True) -> float | None:
         """Settle a blocking slot left by a process that is gone, counted as a tidy-up: a keepable lock is
