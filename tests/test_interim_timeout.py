@@ -110,7 +110,7 @@ def test_a_version_3_client_that_tells_its_timeout_gets_interims_within_it(servi
     with running(lock_holder(service, data, tmp_path / "held", seconds=HOLD)), \
             socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         assert PROTOCOL_VERSIONS[1] >= 3
-        conn, welcome = greet(sock, 4713)
+        conn, welcome = greet(sock, 4713, max_version=3)
         assert welcome.version == 3
         sock.sendall(conn.send(Settings(1, 0x8000, 1500)))  # a flag this service does not know: refused
         refused = receive(sock, conn, Error)

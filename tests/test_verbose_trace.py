@@ -45,8 +45,8 @@ def test_verbose_shows_each_request_and_reply_escaped(service: Service, tmp_path
         assert found, f"no line matching {pattern!r} in:\n{err}"
         return found[0]
 
-    line(rf"^Client: to {re.escape(where)}: Hello #\d+ versions 2\.\.3, port \d+")
-    line(rf"^Client: from {re.escape(where)}: Welcome #\d+ protocol version 3, lock server pid \d+, lock table, "
+    line(rf"^Client: to {re.escape(where)}: Hello #\d+ versions 2\.\.4, port \d+")
+    line(rf"^Client: from {re.escape(where)}: Welcome #\d+ protocol version 4, lock server pid \d+, lock table, "
          r"lock-delay [\d.]+ s after [\d.]+ ms$")
     line(rf"^Client: to {re.escape(where)}: Settings #\d+ acknowledgement timeout 30 s$")
     lock = line(rf"^Client: to {re.escape(where)}: Lock #(\d+) {re.escape(str(data))} \(inode {inode}\) key "
