@@ -45,26 +45,33 @@ class Cancel:
         """Whether this Cancel was called."""
         return self._requested
 
-    @contextmanager
-    def hooked(self, action: Callable[[], None]) -> Iterator[None]:
-        """For a client: ``action`` withdraws the request made inside the ``with`` block; it is run (in the
-        thread that calls this Cancel) if this Cancel is called while the block runs, and at once, before the
-        block, if it was called already. ``action`` must be quick, safe from any thread and harmless once the
-        request is granted or gone."""
+    def hook(self, action: Callable[[], None]) -> None:
+        """For a client: ``action`` withdraws the request it is about to make; it is run (in the thread that
+        calls this Cancel) when this Cancel is called, at once if it was called already, until ``unhook``.
+        ``action`` must be quick, safe from any thread and harmless once the request is granted or gone."""
         with self._guard:
             already = self._requested
             if not already:
                 self._actions.append(action)
         if already:
             action()
+
+    def unhook(self, action: Callable[[], None]) -> None:
+        """The request ``action`` withdraws is over (granted, refused, withdrawn): forget it."""
+        with self._guard:
+            for index, hooked in enumerate(self._actions):
+                if hooked is action:
+                    del self._actions[index]
+                    return
+
+    @contextmanager
+    def hooked(self, action: Callable[[], None]) -> Iterator[None]:
+        """``hook(action)`` for the ``with`` block, in which the client makes and waits for the request."""
+        self.hook(action)
         try:
             yield
         finally:
-            with self._guard:
-                for index, hooked in enumerate(self._actions):
-                    if hooked is action:
-                        del self._actions[index]
-                        break
+            self.unhook(action)
 
     def __repr__(self) -> str:
         return f"<Cancel{' requested' if self._requested else ''}>"
