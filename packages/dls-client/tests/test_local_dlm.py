@@ -507,6 +507,22 @@ def test_cancel_withdraws_a_waiting_conversion_and_the_lock_stays_in_its_old_mod
     held.release()
 
 
+def test_a_cancel_runs_each_hooked_withdrawal_once_and_a_late_hook_at_once() -> None:
+    """The contract a client relies on (Client hooks a wire Cancel the same way)."""
+    cancel, ran = Cancel(), []
+    first, second = (lambda: ran.append("first")), (lambda: ran.append("second"))
+    cancel.hook(first)
+    cancel.hook(second)
+    cancel.unhook(second)  # its request ended: not withdrawn
+    assert not cancel.requested and not ran
+    cancel()
+    cancel.cancel()  # again: nothing more
+    assert cancel.requested and ran == ["first"]
+    with cancel.hooked(lambda: ran.append("late")):
+        assert ran == ["first", "late"]  # called before the request waited: withdrawn at once
+    assert repr(cancel) == "<Cancel requested>"
+
+
 # -- deadlock victims -----------------------------------------------------------------------------------
 
 

@@ -417,11 +417,11 @@ class LocalClient(BaseClient):
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
         owner = self._owner()
         notes = _WaitNotes(self, ref, key, mode, owner.thread, on_wait)
-        withdraw = None if cancel is None or not wait else dls_shm.mechanism.Cancel()
+        withdraw: dls_shm.mechanism.Cancel | None = None
         result: dls_shm.Grant | dls_shm.Conflict | None = None
         new_file = False
-        if withdraw is not None:
-            assert cancel is not None
+        if cancel is not None and wait:  # a request that does not wait has nothing to withdraw
+            withdraw = dls_shm.mechanism.Cancel()
             cancel.hook(withdraw)
         try:
             try:
@@ -435,8 +435,7 @@ class LocalClient(BaseClient):
         except dls_shm.TableError as exc:
             raise _failure(exc, describe(ref.path, key)) from None
         finally:
-            if withdraw is not None:
-                assert cancel is not None
+            if cancel is not None and withdraw is not None:
                 cancel.unhook(withdraw)
             if isinstance(result, dls_shm.Grant):
                 new_file = self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
@@ -492,9 +491,9 @@ class LocalClient(BaseClient):
             block = self._written(held, block)[1]
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
         notes = _WaitNotes(self, held.file, held.key, mode, held.thread, None)
-        withdraw = None if cancel is None or not wait else dls_shm.mechanism.Cancel()
-        if withdraw is not None:
-            assert cancel is not None
+        withdraw: dls_shm.mechanism.Cancel | None = None
+        if cancel is not None and wait:  # a request that does not wait has nothing to withdraw
+            withdraw = dls_shm.mechanism.Cancel()
             cancel.hook(withdraw)
         try:
             result = self._mechanism().change(held.handle, mode, limit, block=block, invalidate=invalidate,
@@ -507,16 +506,18 @@ class LocalClient(BaseClient):
         except dls_shm.TableError as exc:
             raise _failure(exc, what) from None
         finally:
-            if withdraw is not None:
-                assert cancel is not None
+            if cancel is not None and withdraw is not None:
                 cancel.unhook(withdraw)
             notes.ended(False)
         if isinstance(result, dls_shm.Conflict):
             raise _refusal(f"{what}: conversion to {Mode(mode).name}", result, wait)
         held.mode, held.token = result.mode, result.token
         self.info.granted(held.handle, held.file.path, held.file.inode, held.key, result.mode, held.thread)
-        if held.value_block is not None:
-            held.value_block, held.value_block_valid = self._table_for(what).value_block(held.handle)
+        if held.value_block is not None:  # a lock that reads its block reads it at each conversion
+            try:
+                held.value_block, held.value_block_valid = self._table_for(what).value_block(held.handle)
+            except dls_shm.TableError as exc:
+                raise _failure(exc, what) from None
 
     def unlock(self, handle: int) -> None:
         """Release a lock by its handle; one no longer held (released by release_all) is no error."""
