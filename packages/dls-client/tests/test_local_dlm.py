@@ -442,18 +442,18 @@ def test_a_grant_that_won_the_race_with_cancel_stays_granted(
     holder = actors()
     holder.do("lock", mode="EX")
     cancel = Cancel()
-    granted = threading.Event()
+    waits = threading.Event()
     result: list[object] = []
 
     def wait() -> None:
         try:
-            result.append(client.lock(data, KEY, timeout=10, cancel=cancel, on_wait=lambda _: granted.set()))
+            result.append(client.lock(data, KEY, timeout=10, cancel=cancel, on_wait=lambda _: waits.set()))
         except Cancelled as exc:
             result.append(exc)
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    assert granted.wait(5)
+    assert waits.wait(5)
     holder.do("release")
     wait_for(lambda: result, 5, "the waiter to be granted")
     cancel()  # too late: the lock was granted and returned

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 
 class Cancel:
     """Withdraws the waiting request it is given to (``lock(..., cancel=c)``, ``held.convert(..., cancel=c)``):
-    calling it, from any thread, makes that request's call raise Cancelled at once, or, a request already
-    granted (a grant that won the race), leaves it granted. A Cancel once called stays called: a request
-    given it afterwards is withdrawn as soon as it would wait. One not called may serve request after request.
+    calling it, from any thread, makes that request's call raise Cancelled at once. A call that returned its
+    lock keeps it; one handed the lock just as the Cancel came ends either way, never half (the lock held, or
+    Cancelled and the lock given back). A Cancel once called stays called: a request given it afterwards is
+    withdrawn as soon as it would wait (one granted at once is granted). One not called may serve request
+    after request.
     """
 
     __slots__ = ("_actions", "_guard", "_requested")
