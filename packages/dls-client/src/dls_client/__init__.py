@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from dls_proto import Mode
 
     from .binary import LocalBinaryLock
+    from .cancel import Cancel
     from .client import Client
     from .config import DEFAULT_PORT, Config, Server, parse
     from .errors import (
         AcknowledgementTimeout,
+        Cancelled,
         ConfigurationError,
+        Deadlock,
         DlsError,
         Holder,
         InvalidRequest,
@@ -32,18 +35,22 @@ if TYPE_CHECKING:
         LockLost,
         LockRefused,
         LockTimeout,
+        NotWritable,
         RequestFailed,
         ServiceLost,
         ServiceUnavailable,
+        Unsupported,
     )
     from .local import LocalClient, LocalHeldLock
     from .locks import REMOTE_DEVICE, FileRef, HeldLock
 
 __all__ = [
-    "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Client", "Config", "ConfigurationError",
+    "DEFAULT_PORT", "REMOTE_DEVICE", "AcknowledgementTimeout", "Cancel", "Cancelled", "Client", "Config",
+    "ConfigurationError", "Deadlock",
     "DlsError", "FileRef", "HeldLock", "Holder", "InvalidRequest", "LocalBinaryLock", "LocalClient", "LocalHeldLock",
     "LockCancelled", "LockLost", "LockRefused", "LockTimeout",
-    "Mode", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "__version__", "get_client", "parse",
+    "Mode", "NotWritable", "RequestFailed", "Server", "ServiceLost", "ServiceUnavailable", "Unsupported",
+    "__version__", "get_client", "parse",
 ]
 
 #: Where each public name lives. They are imported when first asked for, so that importing a submodule
@@ -54,10 +61,11 @@ _HOMES = {
     "Mode": "dls_proto",
     "LocalBinaryLock": ".binary",
     "Client": ".client",
+    "Cancel": ".cancel",
     **dict.fromkeys(("DEFAULT_PORT", "Config", "Server", "parse"), ".config"),
-    **dict.fromkeys(("AcknowledgementTimeout", "ConfigurationError", "DlsError", "Holder", "InvalidRequest",
-                     "LockCancelled", "LockLost", "LockRefused", "LockTimeout", "RequestFailed", "ServiceLost",
-                     "ServiceUnavailable"), ".errors"),
+    **dict.fromkeys(("AcknowledgementTimeout", "Cancelled", "ConfigurationError", "Deadlock", "DlsError", "Holder",
+                     "InvalidRequest", "LockCancelled", "LockLost", "LockRefused", "LockTimeout", "NotWritable",
+                     "RequestFailed", "ServiceLost", "ServiceUnavailable", "Unsupported"), ".errors"),
     **dict.fromkeys(("LocalClient", "LocalHeldLock"), ".local"),
     **dict.fromkeys(("REMOTE_DEVICE", "FileRef", "HeldLock"), ".locks"),
 }

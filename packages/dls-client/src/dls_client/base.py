@@ -17,8 +17,9 @@ from typing import Self
 from dls_proto import Mode
 
 from . import binary
-from .errors import DlsError, Holder
-from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnLost, key_bytes
+from .cancel import Cancel
+from .errors import DlsError, Holder, Unsupported
+from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnBlocking, OnLost, key_bytes
 
 #: Every lock kind; a Client's JDLS LOCK= may send fewer of them to the service.
 ALL_KINDS = frozenset(("internal", "external"))
@@ -34,6 +35,7 @@ class BaseClient(ABC):
     def lock(
         self, file: FileLike, key: Key, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
         on_wait: Callable[[Holder], None] | None = None, kind: LockKind = "internal", on_lost: OnLost | None = None,
+        value_block: bool = False, cancel: Cancel | None = None, on_blocking: OnBlocking | None = None,
     ) -> HeldLock:
         """Take a record lock; wait for it unless ``wait`` is False, at most ``timeout`` seconds.
 
@@ -48,12 +50,20 @@ class BaseClient(ABC):
         ``on_lost`` is called with the lock if it is lost for any reason other than its own release
         (see HeldLock): promptly, from the thread that found the loss (a Client's watcher thread when
         the application makes no call), so it must be quick and must not block.
+
+        ``value_block``: read the resource's value block at the grant (``held.value_block``, and
+        ``held.value_block_valid``). ``cancel``: a dls_client.Cancel that withdraws the request while it
+        waits, called from any thread (the call raises Cancelled). ``on_blocking``: not available yet
+        (Unsupported). Each raises Unsupported where the mechanism cannot do it (OS file locks, an older
+        service), nothing taken. The lock's fencing token is ``held.token``.
         """
         if kind not in self._kinds:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)  # the test saves a call on the lock path
-        return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait,
-                          on_lost)
+        if value_block or cancel is not None or on_blocking is not None:
+            return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost, value_block=value_block,
+                              cancel=cancel, on_blocking=on_blocking)
+        return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost)  # the common path, as it was
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX, *, on_lost: OnLost | None = None) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
@@ -86,7 +96,8 @@ class BaseClient(ABC):
 
     @abstractmethod
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None) -> HeldLock:
+              on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None, *, value_block: bool = False,
+              cancel: Cancel | None = None, on_blocking: OnBlocking | None = None) -> HeldLock:
         raise NotImplementedError
 
     @abstractmethod
@@ -98,9 +109,17 @@ class BaseClient(ABC):
         """Release a lock by its handle."""
         raise NotImplementedError
 
-    def unlock_held(self, held: HeldLock) -> None:
-        """Release ``held`` (HeldLock.release calls it); a client that can find a loss here marks it."""
+    def unlock_held(self, held: HeldLock, block: bytes | None = None, invalidate: bool = False) -> None:
+        """Release ``held`` (HeldLock.release calls it), writing ``block`` or invalidating the value block (a
+        PW or EX lock's); a client that can find a loss here marks it."""
+        if block is not None or invalidate:
+            raise Unsupported("this client cannot write value blocks")
         self.unlock(held.handle)
+
+    def convert_held(self, held: HeldLock, mode: int, wait: bool, timeout: float | None, block: bytes | None,
+                     invalidate: bool, cancel: Cancel | None) -> None:
+        """Convert ``held`` in place (HeldLock.convert calls it; see ``locks.Unlocker.convert_held``)."""
+        raise Unsupported("this client cannot convert locks")
 
     def verify(self, held: HeldLock) -> None:  # noqa: B027 - a default: a client with nothing to look at
         """Mark ``held`` lost if a look that costs no round trip says it is (HeldLock.ensure_held calls

@@ -39,11 +39,12 @@ from dls_proto import (
 
 from .base import ALL_KINDS, BaseClient
 from .binary import LocalBinaryLock, execution_number
+from .cancel import Cancel
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
-from .errors import DlsError, Holder, describe
+from .errors import DlsError, Holder, Unsupported, describe
 from .lockinfo import LockInfo, to_json
-from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnLost, tell_lost
+from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnBlocking, OnLost, tell_lost
 from .replies import failure, holder
 from .route import Events, Route
 from .trace import Tracer
@@ -188,9 +189,12 @@ class Client(BaseClient):
 
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
               on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None = None,
-              flags: int | None = None) -> HeldLock:
+              flags: int | None = None, *, value_block: bool = False, cancel: Cancel | None = None,
+              on_blocking: OnBlocking | None = None) -> HeldLock:
         """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
         the lock (or raise); the Route asks again when the server fails under it."""
+        if value_block or cancel is not None or on_blocking is not None:
+            raise Unsupported("value blocks, cancel and blocking notices through the service are not available yet")
         if flags is None:
             flags = self._flags
         limit = 0 if not wait else WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)),
@@ -283,7 +287,9 @@ class Client(BaseClient):
         self._route.unlock(handle)
         self.info.released(handle)
 
-    def unlock_held(self, held: HeldLock) -> None:
+    def unlock_held(self, held: HeldLock, block: bytes | None = None, invalidate: bool = False) -> None:
+        if block is not None or invalidate:
+            raise Unsupported("value blocks through the service are not available yet")
         handle = held.handle
         # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
         # than the lock-delay releases a lock it lost meanwhile, and must be told (LockLost), not "released".

@@ -100,6 +100,29 @@ class LockCancelled(LockRefused):
     """The request was withdrawn (release-all while it waited)."""
 
 
+class Cancelled(DlsError):
+    """The waiting request (``lock`` or ``HeldLock.convert``) was withdrawn by its ``dls_client.Cancel``, called
+    from another thread (or before it waited). A conversion's lock stays held in its old mode. (LockCancelled
+    is the withdrawal by a ``release_all``, which gives up every lock; this one gives up only the request.)"""
+
+
+class Deadlock(DlsError):
+    """The waiting request (a lock or a conversion) closed a cycle of waiters and was chosen to be refused
+    so that the others go on: its owner still holds what it held, a conversion's lock in its old mode. Let go
+    of something (or retry later): waiting again at once may close the same cycle."""
+
+
+class Unsupported(DlsError):
+    """The lock mechanism or the service in use cannot do what was asked; the message says what: OS file
+    locks (a service run with ``-ibD``) have no conversions or value blocks, a service speaking an older
+    protocol neither. Nothing was done."""
+
+
+class NotWritable(DlsError):
+    """A lock of a mode other than PW or EX asked to write (or invalidate) the resource's value block:
+    only a PW or EX holder writes it. Nothing was done: the lock is still held, in its mode."""
+
+
 class RequestFailed(DlsError):
     """The service answered with an error (limit reached, group full, bad request...)."""
 

@@ -1,9 +1,10 @@
 """A granted lock, and how the client names what it locks: the vocabulary every client shares.
 
 The clients (remote ``Client``, ``LocalClient``) are factories of ``HeldLock``:
-a HeldLock knows only how to be released, through the client that took it, and
-whether it was lost, which the client marks; so connection, retry, reclaim and
-failover stay in the client (the shape of kazoo's lock recipe and redis-py's lock).
+a HeldLock knows only how to be converted and released, through the client that
+took it, and whether it was lost, which the client marks; so connection, retry,
+reclaim and failover stay in the client (the shape of kazoo's lock recipe and
+redis-py's lock).
 """
 
 
@@ -16,7 +17,8 @@ from typing import Literal, NamedTuple, Protocol
 
 from dls_proto import MAX_KEY, Mode
 
-from .errors import DlsError, InvalidRequest, LockLost, describe
+from .cancel import Cancel
+from .errors import DlsError, InvalidRequest, LockLost, NotWritable, Unsupported, describe
 
 #: The device number of every record lock: device numbers of a shared file differ from host to
 #: host, so only the inode names the file (the table shows the device as -1).
@@ -69,11 +71,21 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-class Unlocker(Protocol):
-    """What a held lock needs of the client that took it: a way to let it go, and to look whether it is
-    still there when that costs no round trip."""
+#: The modes whose holder writes (or invalidates) the resource's value block.
+WRITERS = frozenset((Mode.PW, Mode.EX))
 
-    def unlock_held(self, held: "HeldLock") -> None: ...
+
+class Unlocker(Protocol):
+    """What a held lock needs of the client that took it: a way to let it go (writing the value block as
+    it goes), to convert it, and to look whether it is still there when that costs no round trip."""
+
+    def unlock_held(self, held: "HeldLock", block: bytes | None = None, invalidate: bool = False) -> None: ...
+
+    def convert_held(self, held: "HeldLock", mode: int, wait: bool, timeout: float | None, block: bytes | None,
+                     invalidate: bool, cancel: Cancel | None) -> None:
+        """Convert ``held`` (held, not lost, ``block``/``invalidate`` asked of a PW or EX lock only) and set its
+        ``mode``, ``token`` and, when it reads them, ``value_block`` and ``value_block_valid``; raise as
+        ``HeldLock.convert`` says, the lock unchanged but for a block written."""
 
     def verify(self, held: "HeldLock") -> None: ...
 
@@ -82,6 +94,9 @@ class Unlocker(Protocol):
 
 #: Told, with the lock, that a lock was lost (``client.lock(..., on_lost=...)``).
 OnLost = Callable[["HeldLock"], None]
+#: Told, with the lock and the mode another request wants, that the lock blocks someone
+#: (``client.lock(..., on_blocking=...)``; not available yet).
+OnBlocking = Callable[["HeldLock", int], None]
 
 
 class HeldLock:
@@ -91,19 +106,34 @@ class HeldLock:
     dls_client.route) says so: ``lost`` is true, ``ensure_held()`` raises LockLost, and so does the
     first ``release()`` and the end of a ``with`` block whose body raised nothing (the body's own
     exception is never replaced). ``on_lost`` is run once, by whichever thread found the loss.
+
+    ``mode`` is the lock's mode now (``convert`` changes it); ``token`` its fencing token, which strictly
+    increases per resource at each grant and each conversion up (0 where the mechanism has none: OS file
+    locks), for a store to refuse the writes of a holder older than the last it saw. ``value_block`` is the
+    resource's value block as read at the grant and at each conversion when the lock was asked with
+    ``value_block=True`` (None otherwise), and ``value_block_valid`` False when that block is not valid
+    (VALNOTVALID: the last value written, read after a PW or EX holder ended abnormally or invalidated it).
     """
 
     __slots__ = ("client", "file", "handle", "key", "lost_reason", "mode", "on_lost", "released", "thread",
-                 "value")
+                 "token", "value", "value_block", "value_block_valid")
 
     def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int,
-                 thread: int = 0, on_lost: OnLost | None = None) -> None:
+                 thread: int = 0, on_lost: OnLost | None = None, *, token: int = 0, value_block: bytes | None = None,
+                 value_block_valid: bool = True) -> None:
         self.client = client
         self.handle = handle
         self.file = file
         self.key = key
+        #: The lock's mode now.
         self.mode = mode
         self.value = value
+        #: The fencing token of the lock's latest grant or conversion up (0: the mechanism has none).
+        self.token = token
+        #: The resource's value block as last read (None: the lock does not read it).
+        self.value_block = value_block
+        #: False when the value block read is not valid (VALNOTVALID); True when valid or not read.
+        self.value_block_valid = value_block_valid
         #: The owner thread (its native id), as the service knows it.
         self.thread = thread
         self.on_lost = on_lost
@@ -128,15 +158,57 @@ class HeldLock:
         if self.released:
             raise DlsError(f"lock {describe(self.file.path, self.key)} was released")
 
-    def release(self) -> None:
-        """Release the lock; LockLost (once) if it had been lost meanwhile. Releasing again does nothing."""
+    def convert(self, mode: int, *, wait: bool = True, timeout: float | None = None, value_block: bytes | None = None,
+                invalidate: bool = False, cancel: Cancel | None = None) -> None:
+        """Convert the lock to ``mode`` in place: it is never released meanwhile (the DLM's conversion).
+
+        A conversion down (to a mode that goes with everything the old one does: EX to PR, PR to NL) is
+        granted at once, and lets in the waiters it no longer blocks. One up (or sideways, CW to PR) is
+        granted when ``mode`` goes with every other holder's; otherwise it waits, unless ``wait`` is False, at
+        most ``timeout`` seconds, in the resource's convert queue, which is served before the requests
+        waiting for a new lock (both first come, first served). A conversion up takes a new ``token``.
+
+        A PW or EX holder may write the value block as it converts (``value_block``: at most the table's or
+        the service's block size, 32 bytes by default), or mark it not valid (``invalidate``), before the
+        conversion, whether or not that is granted; another mode raises NotWritable and nothing is done.
+        A lock asked with ``value_block=True`` reads the block again at the conversion.
+
+        Raises, the lock still held in its old mode: LockRefused (``wait`` False and not grantable now),
+        LockTimeout, Deadlock (the conversion closed a cycle of waiters and was chosen to be refused),
+        Cancelled (``cancel`` was called), Unsupported (OS file locks, an older service: nothing done);
+        LockLost if the lock was lost, DlsError if it was released.
+        """
+        self.ensure_held()
+        if value_block is not None or invalidate:
+            self._may_write()
+        self.client.convert_held(self, mode, wait, timeout, value_block, invalidate, cancel)
+
+    def _may_write(self) -> None:
+        """NotWritable unless the lock's mode writes the value block."""
+        if self.mode not in WRITERS:
+            raise NotWritable(f"lock {describe(self.file.path, self.key)} is held in {Mode(self.mode).name}: only a "
+                              "PW or EX holder writes or invalidates the value block")
+
+    def release(self, value_block: bytes | None = None, invalidate: bool = False) -> None:
+        """Release the lock; LockLost (once) if it had been lost meanwhile. Releasing again does nothing.
+
+        A PW or EX holder may write the resource's value block as it goes (``value_block``), or mark it not
+        valid (``invalidate``: what it describes may be half done); another mode raises NotWritable, and a
+        mechanism without value blocks (OS file locks, an older service) Unsupported: the lock is still
+        held then, nothing done.
+        """
         if self.released:
             return
         if self.lost_reason is None:
+            if value_block is not None or invalidate:
+                self._may_write()
             try:
-                self.client.unlock_held(self)  # which may find the loss itself
-            finally:
+                self.client.unlock_held(self, value_block, invalidate)  # which may find the loss itself
+            except (NotWritable, Unsupported, InvalidRequest):
+                raise  # refused before anything was done: the lock is still held
+            except BaseException:
                 self.released = True
+                raise
         else:
             self.client.let_go(self)  # what a service may still hold of it for this holder goes only now
         self.released = True
@@ -167,7 +239,8 @@ class HeldLock:
 
     def __repr__(self) -> str:
         state = " LOST" if self.lost else " released" if self.released else ""
-        return f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x}{state}>"
+        return (f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x} "
+                f"token {self.token}{state}>")
 
 
 def tell_lost(locks: list[HeldLock], log: Callable[[str], None]) -> None:
