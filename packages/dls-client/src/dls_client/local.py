@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 from dls_proto import LOCK_MODES, ErrorCode, Mode, environment, identity, not_a_mode
 
 from .base import BaseClient
+from .blocking import BlockingNotices
 from .cancel import Cancel
 from .config import Config, port_number
 from .errors import (
@@ -238,6 +239,10 @@ class LocalClient(BaseClient):
         self._instance = instance
         #: Held while this client switches from OS locks to a table that now serves the instance.
         self._switching = threading.Lock()
+        #: Blocking notices (made with the first lock taken with on_blocking): the doorbell the table sends
+        #: them to, the thread that hears it, and the callbacks' own thread (``blocking``).
+        self._notices: _LocalNotices | None = None
+        self._notices_made = threading.Lock()
         if key is not None:
             try:
                 self.table = self.locks = dls_shm.LockTable.attach(
@@ -402,6 +407,8 @@ class LocalClient(BaseClient):
         if not self._closed:
             self._closed = True
             self._remove_info()
+            if self._notices is not None:
+                self._notices.close()
             if self._oslocks is None or self._oslocks.pid == os.getpid():
                 self.locks.close()
 
@@ -412,8 +419,10 @@ class LocalClient(BaseClient):
               cancel: Cancel | None = None, on_blocking: OnBlocking | None = None) -> HeldLock:
         if mode not in _MODES or mode.__class__ is bool:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
+        notify = 0
         if on_blocking is not None:
-            raise Unsupported("blocking notices are not available yet")
+            self._table_for(describe(ref.path, key))  # OS file locks send none: refused before anything is taken
+            notify = self._notice_bell()
         if value_block:
             self._table_for(describe(ref.path, key))  # before anything is taken
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
@@ -440,11 +449,12 @@ class LocalClient(BaseClient):
         try:
             try:
                 result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit,
-                                                   on_wait=started, on_long_wait=long, cancel=withdraw)
+                                                   on_wait=started, on_long_wait=long, cancel=withdraw,
+                                                   notify=notify)
             except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
                 result = self._again(
                     exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=started,
-                                             on_long_wait=long, cancel=withdraw),
+                                             on_long_wait=long, cancel=withdraw, notify=notify),
                     describe(ref.path, key))
         except dls_shm.TableError as exc:
             raise _failure(exc, describe(ref.path, key)) from None
@@ -464,6 +474,8 @@ class LocalClient(BaseClient):
                             token=result.token)
             if value_block:
                 self._read_block(held)
+            if on_blocking is not None and self._notices is not None:
+                self._notices.callbacks.watch(held, on_blocking)
             return held
         assert result is not None
         raise _refusal(describe(ref.path, key), result, wait)
@@ -560,6 +572,8 @@ class LocalClient(BaseClient):
         if block is not None or invalidate:
             table, block = self._written(held, block)  # refused before the lock is let go
         self.info.released(held.handle)
+        if self._notices is not None:
+            self._notices.callbacks.forget(held.handle)
         try:
             if table is None:
                 self._mechanism().unlock(held.handle)
@@ -583,6 +597,13 @@ class LocalClient(BaseClient):
             self._lose(held, exc)
         except dls_shm.TableError:
             pass  # another trouble with the table is for the next call to say
+
+    def _notice_bell(self) -> int:
+        """The token of this process's notice doorbell, made (with its thread) on first use."""
+        with self._notices_made:
+            if self._notices is None or self._notices.pid != os.getpid():
+                self._notices = _LocalNotices(Tracer(Config()).error)
+            return self._notices.bell.token
 
     def _lose(self, held: HeldLock, exc: dls_shm.TableError) -> None:
         if held.lose(f"{exc}: every lock in it went with it"):
@@ -615,3 +636,31 @@ class LocalClient(BaseClient):
 
 
 __all__ = ["HAVE_SHM", "LOCAL_ADDRESS", "LocalClient", "LocalHeldLock", "local_mechanism", "local_table_key"]
+
+
+class _LocalNotices:
+    """A LocalClient's blocking notices: the doorbell its locks name to the table (``lock(notify=)``), a thread
+    that hears it, and the callbacks' own thread (``blocking.BlockingNotices``). The hearing thread looks at
+    its closed flag every HEAR_PAUSE seconds: a doorbell's socket closed under a poll is not noticed."""
+
+    HEAR_PAUSE = 0.5
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.pid = os.getpid()
+        self.bell = dls_shm.Doorbell()
+        self.callbacks = BlockingNotices(report)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._hear, name="dls-notice-doorbell", daemon=True)
+        self._thread.start()
+
+    def _hear(self) -> None:
+        fd = self.bell.fileno()
+        while not self._closed.is_set():
+            if dls_shm.readable([fd], self.HEAR_PAUSE):
+                for handle, mode in self.bell.notices():
+                    self.callbacks.deliver(handle, mode)
+        self.bell.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.callbacks.close()
