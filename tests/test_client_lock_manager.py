@@ -1,7 +1,9 @@
 """Issue 14 through the service with dls_client.Client: a real daemon (``jdls -ib``), a lock server per client.
 
 - ``held.convert``: PR held by two clients, one converts to EX and waits ahead of a newer EX waiter, granted
-  when the other PR goes; a conversion chosen as a deadlock victim raises Deadlock, the lock still PR;
+  when the other PR goes; a conversion chosen as a deadlock victim raises Deadlock, the lock still PR (marked
+  in the table by hand, and a real conversion deadlock of two PR holders found by the monitor: one refused
+  within a second, the other granted);
 - value blocks: written under EX at release, read by another client's PR (``value_block=True``); a PR may not
   write (NotWritable, still held); the EX holder process SIGKILLed mid-hold: the waiting reader gets
   ``value_block_valid`` False and the last value;
@@ -83,12 +85,13 @@ def data(tmp_path: Path) -> Path:
     return data_file(tmp_path)
 
 
-def queued(daemon: Service, key: bytes, count: int = 1) -> None:
-    """Wait until ``count`` requests for ``key`` wait in the daemon's table (a conversion among them)."""
+def queued(daemon: Service, key: bytes, count: int = 1, unless: Callable[[], object] = lambda: False) -> None:
+    """Wait until ``count`` requests for ``key`` wait in the daemon's table (a conversion among them), or
+    ``unless()`` says that what was waited for is past already."""
     def waiters() -> bool:
         with attached(daemon) as table:
             return sum(e.slot.state == SlotState.WAITING and e.slot.key[:e.slot.key_len] == key
-                       for e in table.scan()) >= count
+                       for e in table.scan()) >= count or bool(unless())
     wait_for(waiters, 5, f"{count} request(s) for {key!r} queued")
 
 
@@ -177,6 +180,36 @@ def test_a_deadlock_victim_raises_deadlock_and_keeps_its_lock(
     held_b.release()
     held_a.convert(Mode.EX, timeout=5)
     held_a.release()
+
+
+def test_two_pr_holders_converting_to_ex_one_deadlock_one_granted(
+    daemon: Service, clients: Callable[[], Client], data: Path, pool: ThreadPoolExecutor
+) -> None:
+    """A conversion deadlock through the service, found by the monitor's detector: one of the two is refused
+    (Deadlock) within a second of the cycle forming, its lock still PR; it lets go, and the other is granted."""
+    a, b = clients(), clients()
+    held = [a.lock(data, "BOTH", Mode.PR, timeout=5), b.lock(data, "BOTH", Mode.PR, timeout=5)]
+    refused: list[float] = []
+
+    def convert_or_give_up(lock: HeldLock) -> str:
+        try:
+            lock.convert(Mode.EX, timeout=10)
+        except Deadlock:
+            refused.append(time.monotonic())
+            assert lock.mode == Mode.PR
+            lock.release()
+            return "deadlock"
+        return "granted"
+
+    first = pool.submit(convert_or_give_up, held[0])
+    queued(daemon, b"BOTH")
+    second = pool.submit(convert_or_give_up, held[1])
+    queued(daemon, b"BOTH", 2, unless=lambda: refused)  # the cycle formed (or was broken already)
+    formed = time.monotonic()
+    assert sorted((first.result(10), second.result(10))) == ["deadlock", "granted"]
+    assert refused[0] - formed < 1.0, refused[0] - formed
+    for lock in held:
+        lock.release()
 
 
 def test_value_block_written_at_release_read_by_another_client(clients: Callable[[], Client], data: Path) -> None:

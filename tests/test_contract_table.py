@@ -71,12 +71,13 @@ def label(value: int, mode: int) -> str:
 
 
 def row(owner: Owner, path: str, key: str, value: int, mode: int, inode: int, waiters: list[int],
-        state: str = "granted") -> dict[str, Any]:
+        token: int, state: str = "granted") -> dict[str, Any]:
     return {
         "ipaddr": {LOCAL_IP: "0.0.0.0"}.get(owner.ip) or IPS[owner.ip],
         "port": owner.port, "pid": owner.pid, "filename": path, "key": key, "lock": label(value, mode),
         "value": value, "mode": modes.NAMES[mode], "state": state, "waiters": waiters, "inode": inode,
         "device": DEVICE, "client_pid": owner.client_pid, "thread": owner.thread,
+        "token": token, "converting": False, "held_mode": None, "block_valid": True,
     }
 
 
@@ -148,13 +149,13 @@ def test_show_item_locks_reads_what_dls_shm_wrote(tmp_path: Path, other_process:
         rows = show_item_locks(env)
         assert len(rows) == 6, json.dumps(rows, indent=1)
         expected = [
-            row(local, "/data/FBNK.ACCOUNT", "USD163170001", held.value, EX, account, [404, 303]),
-            row(local_t2, "/data/FBNK.CUSTOMER", "Cüstomer 42", shared1.value, PR, customer, []),
-            row(remote, "/remote/FBNK.ACCOUNT", long_key, longest.value, CR, account, []),
-            row(remote, "/remote/FBNK.CUSTOMER", "Cüstomer 42", shared1.value, PR, customer, []),
-            row(local, f"inode {nameless:08d}", "K1", unnamed.value, PR, nameless, []),
+            row(local, "/data/FBNK.ACCOUNT", "USD163170001", held.value, EX, account, [404, 303], held.token),
+            row(local_t2, "/data/FBNK.CUSTOMER", "Cüstomer 42", shared1.value, PR, customer, [], shared2.token),
+            row(remote, "/remote/FBNK.ACCOUNT", long_key, longest.value, CR, account, [], longest.token),
+            row(remote, "/remote/FBNK.CUSTOMER", "Cüstomer 42", shared1.value, PR, customer, [], shared1.token),
+            row(local, f"inode {nameless:08d}", "K1", unnamed.value, PR, nameless, [], unnamed.token),
             row(remote6, f"inode {nameless:08d}", orphan_long[: KEY_MAX - 16] + "...", orphan.value, EX,
-                nameless, []),
+                nameless, [], orphan.token),
         ]
         assert sorted(rows, key=_order) == sorted(expected, key=_order)
         assert [(r["filename"], r["key"]) for r in rows] == sorted((r["filename"], r["key"]) for r in rows), \
@@ -172,7 +173,8 @@ def test_show_item_locks_reads_what_dls_shm_wrote(tmp_path: Path, other_process:
         granted = table.retry(q1.handle)
         assert isinstance(granted, Grant)
         after = [r for r in show_item_locks(env) if r["key"] == "USD163170001"]
-        assert after == [row(waiter1, f"inode {account:08d}", "USD163170001", held.value, PR, account, [303])]
+        assert after == [row(waiter1, f"inode {account:08d}", "USD163170001", held.value, PR, account, [303],
+                             granted.token)]
 
         assert table.cancel(q2.handle)
         bell.close()
@@ -198,7 +200,7 @@ def test_port_owner_table_is_read_by_show_item_locks(tmp_path: Path, other_proce
         assert isinstance(other, Conflict) and other.holder.port == 700
         info.write(instance, 700, {"pid": 777, "files": [{"path": "/p/FILE", "inode": inode}], "locks": []})
         rows = show_item_locks(env)
-        assert rows == [row(before, "/p/FILE", "P-KEY", first.value, EX, inode, [])]
+        assert rows == [row(before, "/p/FILE", "P-KEY", first.value, EX, inode, [], again.token)]
 
 
 def test_long_key_cut_inside_a_character_is_still_named_in_full(tmp_path: Path) -> None:
@@ -273,14 +275,15 @@ def test_dls_dump_reads_what_dls_shm_wrote(tmp_path: Path, other_process: int, f
         for slot in doc["slots"]:
             assert slot["port"] not in by_port or slot["port"] == 802
             by_port.setdefault(slot["port"], []).append(slot)
-        # Each slot is the entry dls-shm gives for it, plus its ticket and the ports waiting for it.
+        # Each slot is the entry dls-shm gives for it, plus its ticket, the ports waiting for it and the mode a
+        # conversion's owner holds.
         scanned = {e.index: e for e in table.scan()}
         assert sorted(s["index"] for s in doc["slots"]) == sorted(scanned)
         for slot in doc["slots"]:
             entry = scanned[slot["index"]]
             expected = {**info.entry_json(entry), "ticket": entry.slot.ticket}
             assert {k: slot[k] for k in expected} == expected
-            assert set(slot) == {*expected, "waiters"}
+            assert set(slot) == {*expected, "waiters", "held_mode"}
         (h,) = by_port[801]
         assert (h["state"], h["mode"], h["pid"], h["client_pid"], h["thread"], h["ip"], h["inode"], h["device"],
                 h["key"], h["long_key"], h["value"], h["queued"], h["waiters"]) == (

@@ -36,7 +36,7 @@ from dls_proto import (
     encode,
 )
 from dls_testkit import DLS_LOCK, KEY, Service, data_file, lock_holder, running
-from dls_testkit.wire import receive
+from dls_testkit.wire import greet, receive
 
 pytestmark = pytest.mark.slow
 
@@ -110,9 +110,8 @@ def test_a_version_3_client_that_tells_its_timeout_gets_interims_within_it(servi
     with running(lock_holder(service, data, tmp_path / "held", seconds=HOLD)), \
             socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         assert PROTOCOL_VERSIONS[1] >= 3
-        conn = Connection(Role.CLIENT)  # a client of version 3 (today's), as it speaks: answered as before
-        sock.sendall(conn.send(Hello(1, PROTOCOL_VERSIONS[0], 3, 0, 4713, 4713, 1, "v3-host", "v3-client")))
-        assert receive(sock, conn, Welcome).version == 3
+        conn, welcome = greet(sock, 4713, max_version=3)
+        assert welcome.version == 3
         sock.sendall(conn.send(Settings(1, 0x8000, 1500)))  # a flag this service does not know: refused
         refused = receive(sock, conn, Error)
         assert (refused.request_id, refused.code) == (1, ErrorCode.BAD_REQUEST)

@@ -21,9 +21,12 @@ def receive(sock: socket.socket, conn: Connection, kind: Any, timeout: float = 1
     return event
 
 
-def hello(port: int = 4242, *, thread: int = 1, pid: int | None = None, host: str = "test-host") -> Hello:
-    """The Hello of a test client that says it is ``port`` (the versions this dls-proto speaks)."""
-    return Hello(1, *PROTOCOL_VERSIONS, 0, port, os.getpid() if pid is None else pid, thread, host, "pytest")
+def hello(port: int = 4242, *, thread: int = 1, pid: int | None = None, host: str = "test-host",
+          max_version: int = PROTOCOL_VERSIONS[1]) -> Hello:
+    """The Hello of a test client that says it is ``port`` (the versions this dls-proto speaks, up to
+    ``max_version``: a client of an earlier version)."""
+    return Hello(1, PROTOCOL_VERSIONS[0], max_version, 0, port, os.getpid() if pid is None else pid, thread, host,
+                 "pytest")
 
 
 def greet(sock: socket.socket, port: int = 4242, *, thread: int = 1, expect: Any = Welcome,

@@ -22,6 +22,7 @@ from typing import Any
 
 import dls_client as client_module
 import dls_client.local as local_module
+import dls_shm
 import pytest
 from dls_client import (
     Client,
@@ -243,3 +244,29 @@ def test_a_local_lock_is_lost_only_when_its_table_is_removed(local_env: Path, da
         with pytest.raises(LockLost, match=f"{data} other"):
             kept.release()  # found by the release itself
     assert f"lock {data} {KEY} lost" in trace()
+
+
+
+def test_the_lock_manager_works_in_the_table_the_service_made(
+    local: LocalClient, data: Path, daemon: Daemon, local_holder: Callable[..., subprocess.Popen[str]],
+) -> None:
+    """Conversions, value blocks and tokens in the instance's own table (jdls made it; its value blocks are
+    of the default size), beside another local process; the rest is tests/test_local_dlm.py's, in tables of
+    their own."""
+    held = local.lock(data, KEY, Mode.NL, value_block=True)
+    assert held.value_block == bytes(dls_shm.DEFAULT_BLOCK_SIZE) and held.value_block_valid
+    held.convert(Mode.EX)
+    token = held.token
+    held.convert(Mode.NL, value_block=b"v1")
+    held.convert(Mode.PR)
+    assert held.value_block == b"v1".ljust(dls_shm.DEFAULT_BLOCK_SIZE, b"\0") and held.token > token
+    held.convert(Mode.NL)
+    proc = local_holder(data, KEY)  # EX in another process, beside the NL lock
+    try:
+        with pytest.raises(LockRefused) as refused:
+            held.convert(Mode.PR, wait=False)
+        assert refused.value.holder.client_pid == proc.pid and held.mode == Mode.NL
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    held.release()

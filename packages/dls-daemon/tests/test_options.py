@@ -32,7 +32,7 @@ from dls_proto import (
     Welcome,
 )
 from dls_shm import TableFlag
-from dls_testkit import free_port, gone, greet, receive, wait_for
+from dls_testkit import free_port, gone, greet, receive, running_service, wait_for
 
 EX = 5
 #: What a Hello may be answered with.
@@ -106,6 +106,10 @@ def connect(service) -> socket.socket:
         (["-ibA", "--refuse-os-locks"], "--refuse-os-locks concerns the lock listener"),
         (["-i", "--max-per-address", "0"], "invalid count '0'"),
         (["-b"], "one of the arguments"),
+        (["-i", "--value-block-size", "65"], "invalid value block size (bytes) '65': expected 1 to 64"),
+        (["-i", "--value-block-size", "0"], "invalid value block size (bytes) '0'"),
+        (["-k", "--value-block-size", "16"], "--value-block-size applies only to -i"),
+        (["-ibD", "--value-block-size", "16"], "--value-block-size"),
     ],
 )
 def test_combinations_that_make_no_sense_exit_2(argv: list[str], says: str, capsys) -> None:
@@ -548,3 +552,13 @@ def test_a_short_tidy_period_in_fractions_of_a_minute(service) -> None:
     assert "Tidy-up time:           3 seconds" in display.stdout, display.stdout
     refused = service.jdls("-ibA", "-t", "0")
     assert refused.returncode == 2 and "tidy period (minutes)" in refused.stderr
+
+
+def test_the_value_block_size_is_the_tables_and_stays_with_it(tmp_path: Path) -> None:
+    """--value-block-size makes the table's blocks that size; a service started again on that table with
+    another size says it is ignored (the size is the table's, as -s is)."""
+    with running_service(tmp_path / "release", "--value-block-size", "16") as svc:
+        assert svc.header().block_size == 16
+        assert svc.jdls("-k").returncode == 0
+        svc.start("--value-block-size", "40")
+        svc.wait_for_log(r"value blocks of 16 bytes: --value-block-size 40 is ignored")

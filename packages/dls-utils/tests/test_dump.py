@@ -127,7 +127,7 @@ def test_json(daemon: Any, bells: list[Doorbell]) -> None:
     assert doc["key"] == f"0x{daemon.instance.key:08x}" and doc["instance"] == str(daemon.instance.root)
     assert doc["header"]["flag_names"] == ["PORT_OWNERS"] and doc["header"]["magic"] == "DLSTABLE"
     assert doc["geometry"]["locks"] == doc["geometry"]["ngroups"] * doc["geometry"]["per_group"]
-    assert doc["counts"] == {"used": 6, "granted": 4, "kept": 0, "waiting": 2,
+    assert doc["counts"] == {"used": 6, "granted": 4, "kept": 0, "waiting": 2, "converting": 0, "refused": 0,
                              "max_in_group": doc["counts"]["max_in_group"]}
     assert doc["processes"]["monitor"]["active"] and doc["processes"]["listener"]["active"]
     by_port = {s["port"]: s for s in doc["slots"]}

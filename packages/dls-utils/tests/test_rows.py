@@ -144,3 +144,21 @@ def test_malformed_documents_are_skipped() -> None:
     rows = build_rows(GUIDE_LOCKS[:1], [{"port": "x"}, {"port": 1000, "files": "no"}, {"port": 1000, "files": [3]}])
     assert rows[0]["filename"] == "inode 01483651"
 
+
+
+def test_queues_of_an_earlier_services_entries() -> None:
+    """Entries of a service before issue 14 (no token, converting nor block_valid) read as plain requests on
+    a valid block, in queue order; the default rows keep the guide's columns."""
+    locks = [entry(5, 7, 70, "0.0.0.0", "K", state="waiting", timestamp=3.0, index=3),
+             entry(5, 2, 20, "0.0.0.0", "K", timestamp=1.0, index=1),
+             entry(5, 9, 90, "0.0.0.0", "K", state="waiting", timestamp=2.0, index=2)]
+    rows = build_rows(locks, [], every=True)
+    assert [(r["port"], r["state"], r["token"], r["converting"], r["held_mode"], r["block_valid"]) for r in rows] == [
+        (2, "granted", None, False, None, True), (9, "waiting", None, False, None, True),
+        (7, "waiting", None, False, None, True)]
+    assert format_rows(rows, every=True)[1:] == [
+        "0.0.0.0\t2\t20\tinode 01483651\tK\t0x00000005,W\t9,7\tgranted\tEX\t-\tvalid",
+        "0.0.0.0\t9\t90\tinode 01483651\tK\t0x00000005,W\twaiting\twaiting\tEX\t-\tvalid",
+        "0.0.0.0\t7\t70\tinode 01483651\tK\t0x00000005,W\twaiting\twaiting\tEX\t-\tvalid",
+    ]
+    assert format_rows(build_rows(locks, []))[1:] == ["0.0.0.0\t2\t20\tinode 01483651\tK\t0x00000005,W\t9,7"]

@@ -53,9 +53,12 @@ class BaseClient(ABC):
 
         ``value_block``: read the resource's value block at the grant (``held.value_block``, and
         ``held.value_block_valid``). ``cancel``: a dls_client.Cancel that withdraws the request while it
-        waits, called from any thread (the call raises Cancelled). ``on_blocking``: not available yet
-        (Unsupported). Each raises Unsupported where the mechanism cannot do it (OS file locks, an older
-        service), nothing taken. The lock's fencing token is ``held.token``.
+        waits, called from any thread (the call raises Cancelled). ``on_blocking(held, mode)``: called when
+        the lock blocks another request (``mode``: the mode it wants), once until nobody waits for the record
+        or the lock converts, on a thread of the client's own (a slow callback holds up only later notices):
+        what lets an application keep a lock while nobody else wants it. Each raises Unsupported where the
+        mechanism cannot do it (OS file locks, an older service), nothing taken. The lock's fencing token
+        is ``held.token``.
         """
         if kind not in self._kinds:
             raise self._kind_refused(kind)

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 
 class Cancel:
     """Withdraws the waiting request it is given to (``lock(..., cancel=c)``, ``held.convert(..., cancel=c)``):
-    calling it, from any thread, makes that request's call raise Cancelled at once, or, a request already
-    granted (a grant that won the race), leaves it granted. A Cancel once called stays called: a request
-    given it afterwards is withdrawn as soon as it would wait. One not called may serve request after request.
+    calling it, from any thread, makes that request's call raise Cancelled at once. A call that returned its
+    lock keeps it; one handed the lock just as the Cancel came ends either way, never half (the lock held, or
+    Cancelled and the lock given back). A Cancel once called stays called: a request given it afterwards is
+    withdrawn as soon as it would wait (one granted at once is granted). One not called may serve request
+    after request.
     """
 
     __slots__ = ("_actions", "_guard", "_requested")
@@ -45,26 +47,33 @@ class Cancel:
         """Whether this Cancel was called."""
         return self._requested
 
-    @contextmanager
-    def hooked(self, action: Callable[[], None]) -> Iterator[None]:
-        """For a client: ``action`` withdraws the request made inside the ``with`` block; it is run (in the
-        thread that calls this Cancel) if this Cancel is called while the block runs, and at once, before the
-        block, if it was called already. ``action`` must be quick, safe from any thread and harmless once the
-        request is granted or gone."""
+    def hook(self, action: Callable[[], None]) -> None:
+        """For a client: ``action`` withdraws the request it is about to make; it is run (in the thread that
+        calls this Cancel) when this Cancel is called, at once if it was called already, until ``unhook``.
+        ``action`` must be quick, safe from any thread and harmless once the request is granted or gone."""
         with self._guard:
             already = self._requested
             if not already:
                 self._actions.append(action)
         if already:
             action()
+
+    def unhook(self, action: Callable[[], None]) -> None:
+        """The request ``action`` withdraws is over (granted, refused, withdrawn): forget it."""
+        with self._guard:
+            for index, hooked in enumerate(self._actions):
+                if hooked is action:
+                    del self._actions[index]
+                    return
+
+    @contextmanager
+    def hooked(self, action: Callable[[], None]) -> Iterator[None]:
+        """``hook(action)`` for the ``with`` block, in which the client makes and waits for the request."""
+        self.hook(action)
         try:
             yield
         finally:
-            with self._guard:
-                for index, hooked in enumerate(self._actions):
-                    if hooked is action:
-                        del self._actions[index]
-                        break
+            self.unhook(action)
 
     def __repr__(self) -> str:
         return f"<Cancel{' requested' if self._requested else ''}>"

@@ -30,17 +30,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from dls_proto import LOCK_MODES, ErrorCode, environment, identity, not_a_mode
+from dls_proto import LOCK_MODES, ErrorCode, Mode, environment, identity, not_a_mode
 
 from .base import BaseClient
+from .blocking import BlockingNotices
 from .cancel import Cancel
 from .config import Config, port_number
 from .errors import (
+    Cancelled,
     ConfigurationError,
+    Deadlock,
+    DlsError,
     Holder,
+    InvalidRequest,
     LockCancelled,
     LockRefused,
     LockTimeout,
+    NotWritable,
     RequestFailed,
     ServiceUnavailable,
     Unsupported,
@@ -137,6 +143,67 @@ def _holder(holder: dls_shm.Holder) -> Holder:
                   dls_shm.unpack_ip(holder.ip))
 
 
+#: The holder a LockCancelled names: nobody (the request was withdrawn, not refused by a holder).
+_NOBODY = Holder(0, 0, 0, 0, 0, "")
+
+
+def _failure(exc: dls_shm.TableError, what: str) -> DlsError:
+    """The client's exception for the mechanism's ``exc`` about a request for ``what`` (a lock or a
+    conversion), outside the table's own vanishing (which the callers handle first)."""
+    if isinstance(exc, dls_shm.NotHeld):
+        return LockCancelled(f"{what}: request cancelled", _NOBODY)
+    if isinstance(exc, dls_shm.mechanism.Cancelled):
+        return Cancelled(f"{what}: request cancelled by its Cancel")
+    if isinstance(exc, dls_shm.Deadlock):
+        return Deadlock(f"{what}: {exc}")
+    if isinstance(exc, dls_shm.Unsupported):
+        return Unsupported(f"{what}: {exc}")
+    if isinstance(exc, dls_shm.NotWritable):
+        return NotWritable(f"{what}: {exc}")
+    if isinstance(exc, dls_shm.GroupFull):
+        return RequestFailed(f"{what}: {exc}", ErrorCode.GROUP_FULL)
+    return ServiceUnavailable(f"{what}: {exc}")
+
+
+def _refusal(what: str, conflict: dls_shm.Conflict, waited: bool) -> LockRefused:
+    """A request not granted: LockTimeout when it waited, LockRefused when it would not."""
+    holder = _holder(conflict.holder)
+    if waited:
+        return LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
+    return LockRefused(f"{what}: held by {holder.describe()}", holder)
+
+
+class _WaitNotes:
+    """What a conversion's wait tells the client's lock information (show-item-locks): that it waits (and the
+    caller's ``on_wait``), published once it has waited LONG_WAIT, and its end (published if the start was,
+    or if the lock granted is the first in its file). ``LocalClient._lock`` does the same with closures, made
+    without a call: its path is the common lock's (opcodes per lock/release cycle, 2026-12-01: 729 before
+    issue 14, 800 with a _WaitNotes, 772 with the closures)."""
+
+    __slots__ = ("client", "key", "mode", "on_wait", "published", "ref", "thread", "token")
+
+    def __init__(self, client: LocalClient, ref: FileRef, key: bytes, mode: int, thread: int,
+                 on_wait: Callable[[Holder], None] | None) -> None:
+        self.client, self.ref, self.key, self.mode, self.thread, self.on_wait = client, ref, key, mode, thread, on_wait
+        self.token: int | None = None
+        self.published = False
+
+    def started(self, holder: dls_shm.Holder) -> None:
+        self.token = self.client.info.wait_started(self.ref.path, self.ref.inode, self.key, self.mode, self.thread)
+        if self.on_wait is not None:
+            self.on_wait(_holder(holder))
+
+    def long(self) -> None:
+        self.published = True
+        self.client._publish_quietly()
+
+    def ended(self, new_file: bool) -> None:
+        if self.token is not None:
+            self.client.info.wait_ended(self.token)
+        if self.published or new_file:
+            self.client._publish_quietly()
+
+
 class LocalClient(BaseClient):
     """Record locks taken directly on this host (needs ``dls-client[local]``), with the calls of Client.
 
@@ -172,6 +239,10 @@ class LocalClient(BaseClient):
         self._instance = instance
         #: Held while this client switches from OS locks to a table that now serves the instance.
         self._switching = threading.Lock()
+        #: Blocking notices (made with the first lock taken with on_blocking): the doorbell the table sends
+        #: them to, the thread that hears it, and the callbacks' own thread (``blocking``).
+        self._notices: _LocalNotices | None = None
+        self._notices_made = threading.Lock()
         if key is not None:
             try:
                 self.table = self.locks = dls_shm.LockTable.attach(
@@ -336,6 +407,8 @@ class LocalClient(BaseClient):
         if not self._closed:
             self._closed = True
             self._remove_info()
+            if self._notices is not None:
+                self._notices.close()
             if self._oslocks is None or self._oslocks.pid == os.getpid():
                 self.locks.close()
 
@@ -344,42 +417,50 @@ class LocalClient(BaseClient):
     def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
               on_wait: Callable[[Holder], None] | None, on_lost: OnLost | None, *, value_block: bool = False,
               cancel: Cancel | None = None, on_blocking: OnBlocking | None = None) -> HeldLock:
-        if value_block or cancel is not None or on_blocking is not None:
-            raise Unsupported("not yet")
         if mode not in _MODES or mode.__class__ is bool:
             raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
+        notify = 0
+        if on_blocking is not None:
+            self._table_for(describe(ref.path, key))  # OS file locks send none: refused before anything is taken
+            notify = self._notice_bell()
+        if value_block:
+            self._table_for(describe(ref.path, key))  # before anything is taken
         limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
         owner = self._owner()
+        # What _WaitNotes does, as closures: a _WaitNotes would cost the common lock path two calls.
         waited: list[int] = []
         published: list[bool] = []
 
-        def callback(holder: dls_shm.Holder) -> None:  # the request starts waiting
+        def started(holder: dls_shm.Holder) -> None:  # the request starts waiting
             waited.append(self.info.wait_started(ref.path, ref.inode, key, mode, owner.thread))
             if on_wait is not None:
                 on_wait(_holder(holder))
 
-        def long_wait() -> None:  # still waiting: worth publishing for show-item-locks
+        def long() -> None:  # still waiting: worth publishing for show-item-locks
             published.append(True)
             self._publish_quietly()
 
+        withdraw: dls_shm.mechanism.Cancel | None = None
         result: dls_shm.Grant | dls_shm.Conflict | None = None
         new_file = False
+        if cancel is not None and wait:  # a request that does not wait has nothing to withdraw
+            withdraw = dls_shm.mechanism.Cancel()
+            cancel.hook(withdraw)
         try:
             try:
                 result = self._mechanism().acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit,
-                                                   on_wait=callback, on_long_wait=long_wait)
+                                                   on_wait=started, on_long_wait=long, cancel=withdraw,
+                                                   notify=notify)
             except (dls_shm.TableServes, dls_shm.TableMissing) as exc:
                 result = self._again(
-                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=callback,
-                                             on_long_wait=long_wait),
+                    exc, lambda m: m.acquire(owner, ref.inode, REMOTE_DEVICE, key, mode, limit, on_wait=started,
+                                             on_long_wait=long, cancel=withdraw, notify=notify),
                     describe(ref.path, key))
-        except dls_shm.NotHeld:
-            raise LockCancelled(f"{describe(ref.path, key)}: request cancelled", Holder(0, 0, 0, 0, 0, "")) from None
-        except dls_shm.GroupFull as exc:
-            raise RequestFailed(f"{describe(ref.path, key)}: {exc}", ErrorCode.GROUP_FULL) from None
         except dls_shm.TableError as exc:
-            raise ServiceUnavailable(f"{describe(ref.path, key)}: {exc}") from None
+            raise _failure(exc, describe(ref.path, key)) from None
         finally:
+            if cancel is not None and withdraw is not None:
+                cancel.unhook(withdraw)
             if isinstance(result, dls_shm.Grant):
                 new_file = self.info.granted(result.handle, ref.path, ref.inode, key, result.mode, owner.thread)
             if waited:
@@ -389,14 +470,85 @@ class LocalClient(BaseClient):
             if published or new_file:
                 self._publish_quietly()
         if isinstance(result, dls_shm.Grant):
-            return HeldLock(self, result.handle, ref, key, result.mode, result.value, thread=owner.thread,
-                            on_lost=on_lost)
+            held = HeldLock(self, result.handle, ref, key, result.mode, result.value, owner.thread, on_lost,
+                            token=result.token)
+            if value_block:
+                self._read_block(held)
+            if on_blocking is not None and self._notices is not None:
+                self._notices.callbacks.watch(held, on_blocking)
+            return held
         assert result is not None
-        holder = _holder(result.holder)
-        what = describe(ref.path, key)
-        if wait:
-            raise LockTimeout(f"{what}: still held by {holder.describe()} when the wait ended", holder)
-        raise LockRefused(f"{what}: held by {holder.describe()}", holder)
+        raise _refusal(describe(ref.path, key), result, wait)
+
+    def _table_for(self, what: str) -> dls_shm.LockTable:
+        """The table, for what only it does (value blocks); Unsupported with OS file locks."""
+        if self.table is None:
+            raise Unsupported(f"{what}: OS file locks (a lock service run with jdls -ibD) cannot keep value blocks: "
+                              "only the lock table does")
+        return self.table
+
+    def _read_block(self, held: HeldLock) -> None:
+        """Read the value block of ``held``'s resource into it (granted just now in the table): the lock is
+        given up if that fails, as if never granted."""
+        try:
+            held.value_block, held.value_block_valid = self._table_for(describe(held.file.path, held.key)) \
+                .value_block(held.handle)
+        except BaseException as exc:
+            self.unlock(held.handle)
+            if isinstance(exc, dls_shm.TableError):
+                raise _failure(exc, describe(held.file.path, held.key)) from None
+            raise
+
+    def _written(self, held: HeldLock, block: bytes | None) -> tuple[dls_shm.LockTable, bytes | None]:
+        """The table and the block to write as ``held``'s resource's value block (the caller checked its mode):
+        Unsupported with OS file locks, InvalidRequest for a block longer than the table's."""
+        table = self._table_for(describe(held.file.path, held.key))
+        if block is not None:
+            block = bytes(block)
+            if len(block) > table.block_size:
+                raise InvalidRequest(f"a value block of {len(block)} bytes for {describe(held.file.path, held.key)}: "
+                                     f"this lock table's are {table.block_size} bytes")
+        return table, block
+
+    def convert_held(self, held: HeldLock, mode: int, wait: bool, timeout: float | None, block: bytes | None,
+                     invalidate: bool, cancel: Cancel | None) -> None:
+        """Convert ``held`` in the table (see HeldLock.convert); OS file locks cannot (Unsupported)."""
+        if self._closed:
+            raise ServiceUnavailable("this LocalClient is closed")
+        if mode not in _MODES or mode.__class__ is bool:
+            raise RequestFailed(not_a_mode(mode), ErrorCode.BAD_REQUEST)
+        what = describe(held.file.path, held.key)
+        if block is not None or invalidate:
+            block = self._written(held, block)[1]
+        limit: float | None = 0 if not wait else (None if timeout is None else max(timeout, 0.001))
+        notes = _WaitNotes(self, held.file, held.key, mode, held.thread, None)
+        withdraw: dls_shm.mechanism.Cancel | None = None
+        if cancel is not None and wait:  # a request that does not wait has nothing to withdraw
+            withdraw = dls_shm.mechanism.Cancel()
+            cancel.hook(withdraw)
+        try:
+            result = self._mechanism().change(held.handle, mode, limit, block=block, invalidate=invalidate,
+                                              on_wait=notes.started, on_long_wait=notes.long, cancel=withdraw)
+        except dls_shm.TableMissing as exc:
+            self._lose(held, exc)
+            raise held.lost_error() from None
+        except dls_shm.NotHeld:
+            raise LockCancelled(f"{what}: not held any more (released by release_all?)", _NOBODY) from None
+        except dls_shm.TableError as exc:
+            raise _failure(exc, what) from None
+        finally:
+            if cancel is not None and withdraw is not None:
+                cancel.unhook(withdraw)
+            notes.ended(False)
+        if isinstance(result, dls_shm.Conflict):
+            raise _refusal(f"{what}: conversion to {Mode(mode).name}", result, wait)
+        held.mode, held.token = result.mode, result.token
+        self.info.granted(held.handle, held.file.path, held.file.inode, held.key, result.mode, held.thread)
+        if held.value_block is not None:  # a lock that reads its block reads it at each conversion
+            try:
+                held.value_block, held.value_block_valid = self._table_for(what).value_block(held.handle)
+            except dls_shm.TableError as exc:
+                raise _failure(exc, what) from None
 
     def unlock(self, handle: int) -> None:
         """Release a lock by its handle; one no longer held (released by release_all) is no error."""
@@ -411,14 +563,22 @@ class LocalClient(BaseClient):
             raise ServiceUnavailable(f"unlock: {exc}") from None
 
     def unlock_held(self, held: HeldLock, block: bytes | None = None, invalidate: bool = False) -> None:
-        """Release ``held``; a table removed under it lost it (HeldLock.release then raises LockLost)."""
-        if block is not None or invalidate:
-            raise Unsupported("not yet")
+        """Release ``held``, writing ``block`` or invalidating the value block as it goes (the lock table's: a
+        PW or EX lock, HeldLock checked); a table removed under it lost it (HeldLock.release then raises
+        LockLost)."""
         if self._closed:
             raise ServiceUnavailable("this LocalClient is closed")
+        table = None
+        if block is not None or invalidate:
+            table, block = self._written(held, block)  # refused before the lock is let go
         self.info.released(held.handle)
+        if self._notices is not None:
+            self._notices.callbacks.forget(held.handle)
         try:
-            self._mechanism().unlock(held.handle)
+            if table is None:
+                self._mechanism().unlock(held.handle)
+            else:
+                table.unlock(held.handle, block=block, invalidate=invalidate)
         except dls_shm.NotHeld:
             pass
         except dls_shm.TableMissing as exc:
@@ -437,6 +597,13 @@ class LocalClient(BaseClient):
             self._lose(held, exc)
         except dls_shm.TableError:
             pass  # another trouble with the table is for the next call to say
+
+    def _notice_bell(self) -> int:
+        """The token of this process's notice doorbell, made (with its thread) on first use."""
+        with self._notices_made:
+            if self._notices is None or self._notices.pid != os.getpid():
+                self._notices = _LocalNotices(Tracer(Config()).error)
+            return self._notices.bell.token
 
     def _lose(self, held: HeldLock, exc: dls_shm.TableError) -> None:
         if held.lose(f"{exc}: every lock in it went with it"):
@@ -469,3 +636,31 @@ class LocalClient(BaseClient):
 
 
 __all__ = ["HAVE_SHM", "LOCAL_ADDRESS", "LocalClient", "LocalHeldLock", "local_mechanism", "local_table_key"]
+
+
+class _LocalNotices:
+    """A LocalClient's blocking notices: the doorbell its locks name to the table (``lock(notify=)``), a thread
+    that hears it, and the callbacks' own thread (``blocking.BlockingNotices``). The hearing thread looks at
+    its closed flag every HEAR_PAUSE seconds: a doorbell's socket closed under a poll is not noticed."""
+
+    HEAR_PAUSE = 0.5
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.pid = os.getpid()
+        self.bell = dls_shm.Doorbell()
+        self.callbacks = BlockingNotices(report)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._hear, name="dls-notice-doorbell", daemon=True)
+        self._thread.start()
+
+    def _hear(self) -> None:
+        fd = self.bell.fileno()
+        while not self._closed.is_set():
+            if dls_shm.readable([fd], self.HEAR_PAUSE):
+                for handle, mode in self.bell.notices():
+                    self.callbacks.deliver(handle, mode)
+        self.bell.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.callbacks.close()

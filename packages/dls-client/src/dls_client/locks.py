@@ -95,7 +95,7 @@ class Unlocker(Protocol):
 #: Told, with the lock, that a lock was lost (``client.lock(..., on_lost=...)``).
 OnLost = Callable[["HeldLock"], None]
 #: Told, with the lock and the mode another request wants, that the lock blocks someone
-#: (``client.lock(..., on_blocking=...)``; not available yet).
+#: (``client.lock(..., on_blocking=...)``), on the client's notice thread (``blocking``).
 OnBlocking = Callable[["HeldLock", int], None]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
-from dls_shm import LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
+from dls_shm import BLOCK_MAX, DEFAULT_BLOCK_SIZE, LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from .__about__ import __version__
 from .context import (
@@ -222,6 +222,7 @@ _frame = _number(numerals.integer, "frame size (bytes)", MIN_FRAME, MAX_FRAME)
 _count = _number(numerals.integer, "count", 1)
 _bound = _number(numerals.real, "dead-client bound (seconds)", 1.0, MAX_SECONDS)
 _delay = _number(numerals.real, "lock-delay (seconds)", 0.0, MAX_LOCK_DELAY)
+_block_size = _number(numerals.integer, "value block size (bytes)", 1, BLOCK_MAX)
 
 
 def _network(text: str) -> Network:
@@ -350,6 +351,9 @@ def get_parser() -> argparse.ArgumentParser:
                             help="keep the locks of a client whose lock server ended without it (killed, jdls "
                             "-k, its host silent) for S seconds, for the client to reclaim; 0: free them at once "
                             f"(default {DEFAULT_LOCK_DELAY:g}; see below)")
+    start_opts.add_argument("--value-block-size", type=_block_size, default=None, metavar="N",
+                            help=f"every resource's lock value block has N bytes, 1 to {BLOCK_MAX} (default "
+                            f"{DEFAULT_BLOCK_SIZE}; set when the table is created)")
     start_opts.add_argument("-P", dest="port_owners", action="store_true",
                             help="port based locks: a lock belongs to a port number, thread and client address "
                             "(local processes: 0.0.0.0) rather than a process id and thread (set when the table is "
@@ -455,7 +459,8 @@ def get_parser() -> argparse.ArgumentParser:
 #: Where each option makes sense: the actions it goes with.
 ALLOWED: dict[str, frozenset[str]] = {
     **{o: frozenset({"start"}) for o in (
-        "-b", "-s", "-t", "--lock-delay", "-P", "-T", "--bind", "--foreground", "--tidy-seconds", "--lock-dir",
+        "-b", "-s", "-t", "--lock-delay", "--value-block-size", "-P", "-T", "--bind", "--foreground",
+        "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
         "--dead-client", "--syslog", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
         "--group", "--tls-cert", "--tls-key", "--tls-client-ca",
@@ -466,7 +471,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "-o": frozenset({"remove"}), "-L": frozenset({"display"}), "-v": frozenset({"start", "display", "test"}),
 }
 #: Options of the table and the monitor: meaningless with -D, which starts neither.
-MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay")
+MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay", "--value-block-size")
 #: Options of the listener: meaningless with -A, which does not start it. (--lock-dir is both's: the
 #: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
@@ -482,7 +487,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "-b": args.background, "-s": args.size is not None, "-t": args.tidy_minutes is not None,
         "-P": args.port_owners, "-T": args.timestamps, "--bind": args.bind is not None,
         "--foreground": args.foreground, "--tidy-seconds": args.tidy_seconds is not None,
-        "--lock-delay": args.lock_delay is not None,
+        "--lock-delay": args.lock_delay is not None, "--value-block-size": args.value_block_size is not None,
         "--lock-dir": args.lock_dir is not None, "--binary-lock-dir": args.binary_lock_dir is not None,
         "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
@@ -579,6 +584,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
     return Settings(
         instance, size=args.size, tidy_seconds=tidy, port_owners=args.port_owners, timestamps=args.timestamps,
         lock_delay=DEFAULT_LOCK_DELAY if args.lock_delay is None else args.lock_delay,
+        block_size=args.value_block_size,
         bind=args.bind or DEFAULT_BIND, port=args.port, verbosity=args.verbose,
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 
-from dls_shm import MONITOR, LockTable, TableError, TableFlag, TableMissing, trusted
+from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFlag, TableMissing, modes, trusted
 
 from . import client_info
 from .lifecycle import Daemon, StartFailed
@@ -42,6 +42,9 @@ from .settings import Settings
 
 #: The monitor updates the header at least this often (seconds).
 TICK = 1.0
+#: How often the monitor looks for deadlocks (seconds): a cycle of waiters is broken within about this long
+#: of forming (the issue asks for a second). A look copies only the groups that have a waiting request.
+DEADLOCK_PERIOD = 0.25
 
 
 def describe_table(table: LockTable) -> str:
@@ -60,6 +63,7 @@ class Monitor(Daemon):
         self.table: LockTable | None = None
         self._next_tick = 0.0
         self._next_tidy = 0.0
+        self._next_deadlock_look = 0.0
 
     def setup(self, report: Report) -> str:
         """Create or attach the table, and say so."""
@@ -68,6 +72,7 @@ class Monitor(Daemon):
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
                 tidy_period=self.settings.tidy_seconds, lock_delay=self.settings.lock_delay, gid=self.settings.gid,
                 owners=trusted.trusted_owners(),
+                block_size=self.settings.block_size or DEFAULT_BLOCK_SIZE,
             )
         except (TableError, ValueError) as exc:
             raise StartFailed(f"cannot create the lock table: {exc}") from None
@@ -107,6 +112,10 @@ class Monitor(Daemon):
                 f"the requested size ({wanted.locks} locks in {wanted.ngroups} groups of {wanted.per_group}) "
                 "is ignored (remove the table with jdls -K to resize it)"
             )
+        wanted_block = self.settings.block_size
+        if wanted_block is not None and wanted_block != table.block_size:
+            out.append(f"the lock table exists with value blocks of {table.block_size} bytes: --value-block-size "
+                       f"{wanted_block} is ignored (remove the table with jdls -K to change it)")
         flags = table.header().flags
         # Only an option given now can be ignored: a table made with -P or -T simply keeps it (the log and
         # jdls -dv say so), as it keeps its size when -s is not given.
@@ -129,7 +138,7 @@ class Monitor(Daemon):
     # -- the loop's work ----------------------------------------------------------------
 
     def timeout(self) -> float:
-        return max(0.0, self._next_tick - time.monotonic())
+        return max(0.0, min(self._next_tick, self._next_deadlock_look) - time.monotonic())
 
     def work(self, readable: object) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
@@ -144,6 +153,9 @@ class Monitor(Daemon):
             if now >= self._next_tidy:
                 self._tidy("periodic")
                 self._next_tidy = now + period
+            if now >= self._next_deadlock_look:
+                self._break_deadlocks()
+                self._next_deadlock_look = time.monotonic() + DEADLOCK_PERIOD
         except TableMissing as exc:
             self.fail(exc)
 
@@ -158,6 +170,17 @@ class Monitor(Daemon):
         assert self.table is not None
         due = self.table.header().next_expiry
         return bool(due) and due <= time.time()
+
+    def _break_deadlocks(self) -> None:
+        """Refuse one request of each cycle of waiters (the one that closed it: see dls_shm.deadlocks), and
+        say whose."""
+        assert self.table is not None
+        for entry in self.table.break_deadlocks():
+            slot = entry.slot
+            who = f"port {slot.port}" if self.table.port_owners else f"pid {slot.pid}"
+            self.log.info("deadlock: refused the %s request of %s thread %d for key %r (inode %d): it closed a "
+                          "cycle of waiters", modes.NAMES[slot.mode], who, slot.thread,
+                          slot.key[: slot.key_len].decode("utf-8", "replace"), slot.inode)
 
     def _tidy(self, why: str) -> None:
         assert self.table is not None

@@ -42,6 +42,9 @@ class Settings:
     tidy_seconds: int = DEFAULT_TIDY_MINUTES * 60
     #: --lock-delay: seconds a lost client's locks are kept for it to reclaim (0: freed at once).
     lock_delay: float = DEFAULT_LOCK_DELAY
+    #: --value-block-size: the bytes of every resource's value block in a table made now (None: not given,
+    #: the default size).
+    block_size: int | None = None
     port_owners: bool = False  # -P
     timestamps: bool = False  # -T
     bind: str = DEFAULT_BIND

@@ -8,7 +8,7 @@ both print, who holds OS file locks in a lock directory (``proc_locks``), and
 those locks as lock entries joined with proc/info (``oslock_entries``).
 """
 
-from . import info, modes, oslock_entries, pidfiles, proc_locks, report, this_process, trusted
+from . import deadlocks, info, modes, oslock_entries, pidfiles, proc_locks, queues, report, this_process, trusted
 from .__about__ import __version__
 from .doorbell import Doorbell, readable, ring
 from .holder_watch import HolderWatch
@@ -83,7 +83,8 @@ __all__ = [
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",
     "__version__", "geometry_for", "ipc_key_for", "modes", "next_prime", "owner_gone", "pack_ip", "parse_ipc_key",
-    "readable", "resource_value", "info", "oslock_entries", "pidfiles", "proc_locks", "report", "ring", "this_process",
+    "readable", "resource_value", "deadlocks", "info", "oslock_entries", "pidfiles", "proc_locks", "queues", "report",
+    "ring", "this_process",
     "trusted",
     "unpack_ip",
 ]

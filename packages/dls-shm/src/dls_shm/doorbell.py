@@ -7,6 +7,11 @@ lock server can wait on its client's socket and its doorbell in one
 ``select``; nothing is left behind when a process dies, unlike a semaphore.
 Rings are counted by the kernel's socket queue, so a ring sent before the
 waiter sleeps is not lost.
+
+A holder that asked to be told when its lock blocks someone (a blocking notice)
+gives the token of a doorbell of its own, not a waiter's: a notice is a datagram
+that names the lock (its handle) and the mode wanted (``notice``), read with
+``Doorbell.notices``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import math
 import os
 import select
 import socket
+import struct
 from collections.abc import Collection, Iterable
 
 _PREFIX = b"\0dls-bell-"
 _ringer: socket.socket | None = None
 _ringer_pid = 0
+#: A blocking notice: its mark, the blocking lock's handle, the mode wanted.
+_NOTICE = struct.Struct("=cQB")
 
 
 def readable(fds: Iterable[int], timeout: float | None) -> set[int]:
@@ -73,18 +81,42 @@ class Doorbell:
         except BlockingIOError:
             pass
 
+    def notices(self) -> list[tuple[int, int]]:
+        """The blocking notices that came (``notice``), each (the blocking lock's handle, the mode wanted), in
+        the order sent; other rings are dropped."""
+        got = []
+        try:
+            while True:
+                data = self.sock.recv(64)
+                if len(data) == _NOTICE.size and data[:1] == b"B":
+                    _, handle, mode = _NOTICE.unpack(data)
+                    got.append((handle, mode))
+        except BlockingIOError:
+            pass
+        return got
+
     def close(self) -> None:
         self.sock.close()
 
 
 def ring(token: int) -> None:
     """Wake the waiter behind ``token``; a waiter that has gone is no error."""
+    _send(token, b"!")
+
+
+def notice(token: int, handle: int, mode: int) -> None:
+    """Tell the holder behind ``token`` that its lock ``handle`` blocks a request for ``mode``; a holder that
+    has gone, or whose queue is full, is no error (it is told again when the situation next changes)."""
+    _send(token, _NOTICE.pack(b"B", handle, mode))
+
+
+def _send(token: int, data: bytes) -> None:
     global _ringer, _ringer_pid
     if _ringer is None or _ringer_pid != os.getpid():
         _ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         _ringer.setblocking(False)
         _ringer_pid = os.getpid()
     try:
-        _ringer.sendto(b"!", address(token))
+        _ringer.sendto(data, address(token))
     except OSError:
         pass  # gone (ECONNREFUSED) or already has rings queued (EAGAIN)

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from . import modes, pidfiles, trusted
+from . import modes, pidfiles, queues, trusted
 from .instance import Instance
 from .layout import SlotFlag, SlotState, pack_ip, unpack_ip
 from .table import Entry
@@ -188,7 +188,11 @@ def _read(path: Path | str, directory: int | None = None) -> tuple[bytes, os.sta
 
 def entry_json(entry: Entry, lock_delay: float = 0.0) -> dict[str, Any]:
     """A table entry as plain JSON values (for snapshots and dls-dump --json); a kept lock (state "kept")
-    also says when it is freed unless reclaimed (``expires``, from the table's ``lock_delay``)."""
+    also says when it is freed unless reclaimed (``expires``, from the table's ``lock_delay``). ``state`` is
+    the slot's (granted, waiting, kept, deadlock: what a reader of an earlier version knows); ``request``
+    says what it is in its resource's queues (``queues.STATES``: a waiting slot that converts its owner's
+    lock is "converting", a deadlock's "refused"), ``converting`` and ``block_valid`` the slot's flags,
+    ``token`` a granted lock's fencing token."""
     s = entry.slot
     document: dict[str, Any] = {
         "index": entry.index,
@@ -207,7 +211,11 @@ def entry_json(entry: Entry, lock_delay: float = 0.0) -> dict[str, Any]:
         "timestamp": s.timestamp,
         "key": s.key[: s.key_len].decode("utf-8", "backslashreplace"),
         "long_key": bool(s.flags & SlotFlag.LONG_KEY),
+        "token": s.token,
+        "converting": bool(s.flags & SlotFlag.CONVERTING),
+        "block_valid": not s.flags & SlotFlag.BLOCK_NOT_VALID,
     }
+    document["request"] = queues.request_state(document)
     if s.state == SlotState.KEPT:
         document["expires"] = s.timestamp + lock_delay
     return document

@@ -74,6 +74,9 @@ class SlotFlag(enum.IntFlag):
     #: The resource's value block is not valid (VALNOTVALID): a PW or EX holder ended abnormally or released
     #: with "invalidate" since it was last written. Kept, as the block itself, in every slot of the resource.
     BLOCK_NOT_VALID = 32
+    #: A granted lock whose holder asked for blocking notices (its ``notify`` doorbell) and has been sent one
+    #: since the resource last had nobody waiting: it is not sent another until then (or until it converts).
+    NOTIFIED = 64
 
 
 class TableFlag(enum.IntFlag):

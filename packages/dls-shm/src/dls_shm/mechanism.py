@@ -216,9 +216,10 @@ class LockMechanism(ABC):
 
     @abstractmethod
     def lock(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0, notify: int = 0,
     ) -> Grant | Conflict | Queued:
-        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued; with ``notify``
+        (a doorbell's token) the lock's holder is sent blocking notices there (Unsupported where none are)."""
 
     @abstractmethod
     def retry(self, handle: int) -> Grant | Queued:
@@ -281,7 +282,7 @@ class LockMechanism(ABC):
     def acquire(
         self, owner: Owner, inode: int, device: int, key: bytes, mode: int,
         timeout: float | None = None, on_wait: Callable[[Holder], None] | None = None,
-        on_long_wait: Callable[[], None] | None = None, cancel: Cancel | None = None,
+        on_long_wait: Callable[[], None] | None = None, cancel: Cancel | None = None, notify: int = 0,
     ) -> Grant | Conflict:
         """Take a lock, waiting at most ``timeout`` seconds (None: as long as it takes, 0: not at all).
 
@@ -294,12 +295,12 @@ class LockMechanism(ABC):
         ``cancel`` (from any thread) Cancelled.
         """
         if timeout is not None and timeout <= 0 and cancel is None:
-            result = self.lock(owner, inode, device, key, mode)
+            result = self.lock(owner, inode, device, key, mode, notify=notify)
             assert not isinstance(result, Queued)
             return result
         bell = self.doorbell()
-        return self._wait(self.lock(owner, inode, device, key, mode, wait_token=bell.token), bell, timeout,
-                          on_wait, on_long_wait, cancel)
+        return self._wait(self.lock(owner, inode, device, key, mode, wait_token=bell.token, notify=notify), bell,
+                          timeout, on_wait, on_long_wait, cancel)
 
     def change(
         self, handle: int, mode: int, timeout: float | None = None, *, block: bytes | None = None,

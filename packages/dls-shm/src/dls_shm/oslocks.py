@@ -86,6 +86,7 @@ from .mechanism import (
     Owner,
     Queued,
     TableError,
+    Unsupported,
     resource_value,
     stored_key,
 )
@@ -264,9 +265,12 @@ class OsLocks(LockMechanism):
     # -- the table's calls -------------------------------------------------------
 
     def lock(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0, notify: int = 0,
     ) -> Grant | Conflict | Queued:
-        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued (to retry)."""
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued (to retry). No
+        blocking notices (``notify``): Unsupported, as nobody here knows who waits."""
+        if notify:
+            raise Unsupported(f"{self.name} cannot send blocking notices: the lock table can")
         if mode not in LOCK_MODES:
             raise ValueError(not_a_mode(mode))
         if os.getpid() != self.pid:

@@ -24,6 +24,15 @@ jDLS guide: its row says so where a held lock shows its queue ("kept, 12 s
 left", then the queue if any), and the summary counts it among the locks in
 use and then on a line of its own, with the table's lock-delay. A table with
 no kept lock shows exactly the jDLS text.
+
+Neither are conversions and deadlocks (issue 14): a conversion's slot is a
+waiting request ("waiting" in its row, counted among the requests waiting),
+and the summary ends with how many of them convert; a request refused to break
+a deadlock shows "refused" where a waiter shows "waiting", and the summary ends
+with how many there are. Each resource's queues (``queues``: its granted locks
+and fencing tokens, conversions, waiters, refused requests, and whether its value
+block is valid) are a section of their own after the summary, only on request
+(``stream(show_queues=True)``, dls-dump --queues): the guide's lines stay as they are.
 """
 
 from __future__ import annotations
@@ -34,13 +43,13 @@ import operator
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from dls_proto.text import amount
 from dls_proto.text import printable as printable  # the reports' name for it, where the utilities find it
 
-from . import modes
-from .layout import Geometry, Header, SlotState, TableFlag, unpack_ip
+from . import info, modes, queues
+from .layout import Geometry, Header, SlotFlag, SlotState, TableFlag, unpack_ip
 from .table import Entry, LockTable
 
 #: Where the values of the header lines start.
@@ -48,6 +57,10 @@ LABEL_WIDTH = 24
 #: The summary's first line puts its figure one column to the left, as jDLS does.
 SUMMARY_WIDTH = 23
 COLUMNS = ("Group", "value", "pid", "type", "port", "i-node", "dev", "queued", "ipaddr", "key")
+#: The columns of the resource queues section (``queue_rows``).
+QUEUE_COLUMNS = ("Group", "value", "i-node", "dev", "key", "block", "granted", "converting", "waiting", "refused")
+#: The title of that section.
+QUEUES_TITLE = "Resource queues"
 #: The extra column of a time-stamped table (jdls -iT): how long each lock has been held (or waited).
 AGE_COLUMN = "age"
 
@@ -64,6 +77,8 @@ class Tally:
 
     def __init__(self) -> None:
         self.used = self.granted = self.kept = self.waiting = self.max_in_group = 0
+        #: Of the waiting requests, the conversions; the requests refused to break a deadlock.
+        self.converting = self.refused = 0
 
     def add(self, group: list[Entry]) -> None:
         """Count one group's used slots."""
@@ -77,6 +92,10 @@ class Tally:
                 self.kept += 1
             elif state == SlotState.WAITING:
                 self.waiting += 1
+                if e.slot.flags & SlotFlag.CONVERTING:
+                    self.converting += 1
+            elif state == SlotState.DEADLOCK:
+                self.refused += 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,8 @@ class Snapshot:
 
 
 _GROUP = operator.attrgetter("group")
+#: What a lock row's queued column says of a request not granted.
+_WAITING_WORDS = {int(SlotState.WAITING): "waiting", int(SlotState.DEADLOCK): "refused"}
 _TIMESTAMPS = int(TableFlag.TIMESTAMPS)  # an int: a row tests it, and IntFlag's & costs a call
 _TICKET = operator.attrgetter("slot.ticket")
 
@@ -238,7 +259,7 @@ def column_heads(snapshot: Snapshot) -> str:
 def lock_row(snapshot: Snapshot, e: Entry) -> str:
     """One used slot's tab-separated row."""
     s = e.slot
-    queued = "waiting" if s.state == SlotState.WAITING else (str(s.queued) if s.queued else "None")
+    queued = _WAITING_WORDS.get(s.state) or (str(s.queued) if s.queued else "None")
     if s.state == SlotState.KEPT:
         kept = kept_for(s.timestamp + snapshot.header.lock_delay, snapshot.now)
         queued = f"{kept}, {s.queued} queued" if s.queued else kept
@@ -274,15 +295,45 @@ def summary_lines(snapshot: Snapshot, tally: Tally | None = None) -> list[str]:
                     f"(lock-delay {snapshot.header.lock_delay:g} s)")
     if t.waiting:
         text.append(f"{indent}{t.waiting} requests waiting")
+    if t.converting:
+        text.append(f"{indent}{t.converting} of them converting a lock held")
+    if t.refused:
+        text.append(f"{indent}{amount(t.refused, 'request')} refused to break a deadlock")
     return text
+
+
+def queue_rows(group: list[Entry]) -> list[str]:
+    """One tab-separated row per resource of a group's used slots (``queues``): its group, value, i-node,
+    dev and key as the lock rows show them, whether its value block is valid, and its requests by state,
+    each "port mode" in queue order, a held lock's with its fencing token ("#12"), a kept one's "kept", a
+    conversion's mode as held->wanted, "-" for none."""
+    by_resource: dict[tuple[int, int, int, str], list[dict[str, Any]]] = {}
+    for e in group:
+        entry = info.entry_json(e)
+        by_resource.setdefault(queues.resource(entry), []).append(entry)
+    rows = []
+    for (value, inode, device, key), entries in by_resource.items():
+        parts: dict[str, list[str]] = {"granted": [], "converting": [], "waiting": [], "refused": []}
+        for request in queues.in_queue_order(entries):
+            state = queues.request_state(request)
+            token = queues.token(request)
+            word = f"{request['port']} {queues.mode_change(str(request['mode']), queues.held_mode(request, entries))}"
+            word += (f" #{token}" if token is not None else "") + (" kept" if state == "kept" else "")
+            parts.get("granted" if state in queues.HELD else state, parts["waiting"]).append(word)
+        rows.append("\t".join((str(entries[0]["group"]), f"0x{value:08x}", f"{inode:08d}", str(device), printable(key),
+                               queues.block_word(queues.block_valid(entries)),
+                               *(", ".join(words) or "-" for words in parts.values()))))
+    return rows
 
 
 def stream(
     snapshot: Snapshot, monitor: Process, listener: Process, *, details: bool = True, very: bool = False,
-    locks: bool = True,
+    locks: bool = True, show_queues: bool = False,
 ) -> Iterator[str]:
     """The whole text, a line at a time (without newlines), each row made as its group is read: ``jdls -d``,
-    with ``details`` ``-dv`` (``very``: ``-dvv``), with ``locks`` ``-dL``; the defaults are ``jdls -dvL``."""
+    with ``details`` ``-dv`` (``very``: ``-dvv``), with ``locks`` ``-dL``; the defaults are ``jdls -dvL``.
+    ``show_queues`` adds each resource's queues after the summary (``queue_rows``: made as the groups are read,
+    kept until the summary is written, a line per resource)."""
     yield from process_lines(monitor, listener)
     yield line("Program started", when(snapshot.header.created))
     if details:
@@ -290,12 +341,17 @@ def stream(
     if locks:
         yield from ("", "Record locks outstanding", "", column_heads(snapshot))
     tally = Tally()
+    resources: list[str] = []
     for group in snapshot.groups():
         tally.add(group)
         if locks:
             for e in group:
                 yield lock_row(snapshot, e)
+        if show_queues:
+            resources += queue_rows(group)
     yield from summary_lines(snapshot, tally)
+    if show_queues:
+        yield from ("", QUEUES_TITLE, "", "\t".join(QUEUE_COLUMNS), *resources)
 
 
 def lines(

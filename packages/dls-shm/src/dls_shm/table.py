@@ -55,14 +55,14 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import sysv_ipc
 from dls_proto import HolderState
 from dls_proto.text import amount
 
-from . import doorbell, modes, semaphores
+from . import deadlocks, doorbell, modes, semaphores
 from .layout import (
     BLOCK_MAX,
     DEFAULT_BLOCK_SIZE,
@@ -126,12 +126,16 @@ SCAN_BYTES = 1 << 18
 SWEEP_CHANGES = 64
 
 _INDEX_MASK = (1 << INDEX_BITS) - 1
+#: What is sent when a semaphore is given back: a waiter's doorbell token to ring, or a blocking notice
+#: (the holder's notice doorbell token, the blocking lock's handle, the mode wanted).
+Ring = int | tuple[int, int, int]
 _T = TypeVar("_T")
 _KEEP = int(SlotFlag.KEEP)
 _HANDED = int(SlotFlag.HANDED)
 _WATCHES_ALL = int(SlotFlag.WATCHES_ALL)
 _CONVERTING = int(SlotFlag.CONVERTING)
 _NOT_VALID = int(SlotFlag.BLOCK_NOT_VALID)
+_NOTIFIED = int(SlotFlag.NOTIFIED)
 _DEADLOCK = int(SlotState.DEADLOCK)
 #: The modes whose holder writes the value block, and whose abnormal end makes it not valid.
 _WRITERS = (modes.PW, modes.EX)
@@ -140,6 +144,7 @@ _GRANTED, _WAITING, _KEPT, _FREE = (int(s) for s in (SlotState.GRANTED, SlotStat
                                                         SlotState.FREE))
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
+_WAITING_BYTE = bytes([int(SlotState.WAITING)])
 _F64 = struct.Struct("=d")
 _U64 = struct.Struct("=Q")
 _BYTE = struct.Struct("=B")
@@ -495,9 +500,11 @@ class LockTable(LockMechanism):
     # -- locking ---------------------------------------------------------------
 
     def lock(
-        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0
+        self, owner: Owner, inode: int, device: int, key: bytes, mode: int, *, wait_token: int = 0, notify: int = 0,
     ) -> Grant | Conflict | Queued:
-        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued."""
+        """Take a lock, or say who holds it; with ``wait_token`` a blocked request is queued. ``notify``: the
+        token of the doorbell that hears this lock's blocking notices (``doorbell.notice``: once it blocks a
+        request, once until nobody waits for the resource or the lock converts)."""
         if len(key) >= KEY_MAX:
             key, kflags = stored_key(key)
             if owner.keep:
@@ -519,7 +526,8 @@ class LockTable(LockMechanism):
         try:
             vals = self._vals.unpack_from(mv, goff + _G)
             if value in vals:
-                result, tokens = self._lock_slow(owner, inode, device, key, kflags, mode, wait_token, value, group)
+                result, tokens = self._lock_slow(owner, inode, device, key, kflags, mode, wait_token, value, group,
+                                                 notify)
             else:
                 try:
                     pos = vals.index(0)
@@ -532,7 +540,7 @@ class LockTable(LockMechanism):
                 SLOT_STRUCT.pack_into(
                     mv, goff + _G + self._values_size + pos * SLOT_SIZE, ticket, 1, mode, kflags, len(key), 0,
                     owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device,
-                    time.time(), 0, key, ticket, 0, b"",  # its fencing token: its ticket, the group's newest
+                    time.time(), 0, key, ticket, notify, b"",  # its fencing token: its ticket, the group's newest
                 )
                 _U32.pack_into(mv, goff + _G + 4 * pos, value)
                 return Grant(ticket << INDEX_BITS | (group * self._per_group + pos), mode, value, ticket)
@@ -618,7 +626,7 @@ class LockTable(LockMechanism):
         goff = HEADER_SIZE + group * self._group_size + _G
         soff = goff + self._values_size + pos * SLOT_SIZE
         mv = self._mv
-        tokens: list[int] = []
+        tokens: list[Ring] = []
         member = group % self._nsems
         semid = self._sems.id
         try:
@@ -684,7 +692,7 @@ class LockTable(LockMechanism):
 
     def _convert_locked(
         self, handle: int, index: int, group: int, mode: int, wait_token: int, block: bytes | None, invalidate: bool,
-    ) -> tuple[Grant | Conflict | Queued, list[int]]:
+    ) -> tuple[Grant | Conflict | Queued, list[Ring]]:
         held = self._held(handle, index)
         value = self._value(index)
         if block is not None or invalidate:
@@ -692,7 +700,7 @@ class LockTable(LockMechanism):
             held = self._slot(index)
         converted = (held.mode, held._replace(mode=mode))
         if modes.covers(mode, held.mode):  # down (or the same mode): at once, the token kept
-            _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _MODE_OFFSET, mode)
+            self._set_mode(index, group, held, mode)
             return Grant(handle, mode, value, held.token), self._settle(group, value, held, converted=converted)
         me = self._ident(held)
         key = held.key[: held.key_len]
@@ -714,8 +722,9 @@ class LockTable(LockMechanism):
         queued, ticket = self._new_slot(group, value, owner, held.inode, held.device, key, kflags, mode, _WAITING,
                                         wait_token, like=held)
         self._count_queued(granted, len(waiting) + 1)
+        me_slot = self._slot(queued)
         return Queued(ticket << INDEX_BITS | queued, _holder(blocker[1]), expires or 0.0,
-                      _watch(self._slot(queued), granted, waiting)), []
+                      _watch(me_slot, granted, waiting)), self._notices(granted, [(queued, me_slot)])
 
     def value_block(self, handle: int) -> tuple[bytes, bool]:
         """The value block of the resource of granted lock ``handle``, and whether it is valid (False:
@@ -745,6 +754,8 @@ class LockTable(LockMechanism):
         next ticket), one down keeps its own; the token it has now."""
         soff = self.geometry.slot_offset(index)
         _BYTE.pack_into(self._mv, soff + _MODE_OFFSET, mode)
+        if held.flags & _NOTIFIED:  # converted: the situation changed, a request it still blocks is told of again
+            _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, held.flags & ~_NOTIFIED)
         if modes.covers(mode, held.mode):
             return held.token
         token = self._next_ticket(HEADER_SIZE + group * self._group_size)
@@ -835,7 +846,7 @@ class LockTable(LockMechanism):
         if index >= self.geometry.locks:
             raise NotHeld(unknown)
         delay = self.lock_delay
-        tokens: list[int] = []
+        tokens: list[Ring] = []
         with self._group_held(index // self._per_group):
             slot = self._slot(index)
             value = self._value(index)
@@ -916,6 +927,54 @@ class LockTable(LockMechanism):
         if staying:
             self._note_expiry(min(staying))
         return done
+
+    def break_deadlocks(self) -> list[Entry]:
+        """Refuse one request of each cycle of waiters (``deadlocks``): its slot becomes DEADLOCK, in nobody's
+        way, and its waiter is rung, to raise Deadlock. The cycles are found in a copy of the groups that have
+        waiters, and each is confirmed, with the semaphores of all its groups held, before its victim is
+        refused: a cycle seen in copies made at different moments may have gone meanwhile, one still there
+        cannot go by itself. The requests refused, as they were."""
+        entries = [(e.index, e.group, e.value, e.slot) for first, data in self._copies() if _WAITING_BYTE in data
+                   for e in self._decode_waiting(first, data)]
+        refused = []
+        for cycle in deadlocks.cycles(deadlocks.wait_for(entries, self._ident)):
+            groups = sorted({w.group for w in cycle.waiters})
+            tokens = []
+            with self._groups_held(groups[: semaphores.BATCH_MEMBERS]):
+                if len(groups) <= semaphores.BATCH_MEMBERS and self._still_a_cycle(cycle):
+                    victim = cycle.victim
+                    _BYTE.pack_into(self._mv, self.geometry.slot_offset(victim.at) + _STATE_OFFSET, _DEADLOCK)
+                    tokens.append(victim.slot.doorbell)
+                    refused.append(Entry(victim.at, victim.group, victim.value, victim.slot))
+            _ring([t for t in tokens if t])
+        return refused
+
+    def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
+        """Whether every request of ``cycle`` still waits, unchanged, for the next one's owner (the semaphores of
+        their groups held)."""
+        ring = cycle.waiters
+        for n, waiter in enumerate(ring):
+            slot = self._slot(waiter.at)
+            if (slot.ticket, slot.state, slot.mode) != (waiter.slot.ticket, _WAITING, waiter.slot.mode) \
+                    or self._value(waiter.at) != waiter.value:
+                return False
+            granted, waiting = self._matching(waiter.group, waiter.value, slot.inode, slot.device,
+                                              slot.key[: slot.key_len])
+            after = ring[(n + 1) % len(ring)].owner
+            if not any(self._ident(b) == after and b.state != _KEPT for _, b in
+                       deadlocks.blockers(self._ident, waiter.owner, slot.mode, slot.ticket, granted, waiting)):
+                return False
+        return True
+
+    def _decode_waiting(self, first: int, data: bytes) -> list[Entry]:
+        """The used slots of the groups of a batch (``_copies``) that have a waiting request."""
+        size, values_size, per_group = self._group_size, self._values_size, self._per_group
+        found = []
+        for n in range(len(data) // size):
+            states = n * size + _G + values_size + _STATE_OFFSET
+            if _WAITING_BYTE in data[states : states + per_group * SLOT_SIZE : SLOT_SIZE]:
+                found.extend(self._decode(first + n, data[n * size : (n + 1) * size]))
+        return found
 
     def scan(self) -> Iterator[Entry]:
         """Every used slot, by group and in a group by position, each batch of groups a consistent snapshot.
@@ -1080,32 +1139,12 @@ class LockTable(LockMechanism):
         granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]],
     ) -> tuple[int, Slot] | None:
         """The first lock or earlier waiter that keeps the request of owner ``me`` (queued under ``ticket``;
-        None: not yet) from being granted: a granted lock of another owner it cannot go with, or a request
-        ahead of it in queue order that it cannot go with. A conversion (``me`` holds the resource) is behind
-        the conversions queued before it only; any other request is behind every conversion and the requests
-        queued before it (``_matching``'s order).
+        None: not yet) from being granted (``deadlocks.blockers`` says which: the one rule of who waits for
+        whom, which the deadlock detector follows too).
 
         A kept lock is nobody's, whoever it names: it blocks its own client too until reclaimed.
         """
-        ident = self._ident
-        for item in granted:
-            slot = item[1]
-            if (slot.state == _KEPT or ident(slot) != me) and not modes.compatible(mode, slot.mode):
-                return item
-        converting = any(s.state == _GRANTED and ident(s) == me for _, s in granted)
-        for item in waiting:  # in queue order: conversions first
-            slot = item[1]
-            if slot.flags & _CONVERTING:
-                # The convert queue goes before every other request, and before later conversions.
-                if converting and ticket is not None and slot.ticket >= ticket:
-                    return None
-                if slot.ticket == ticket:
-                    continue
-            elif converting or (ticket is not None and slot.ticket >= ticket):
-                return None  # a conversion is not behind the wait queue; a request is not behind later ones
-            if not modes.compatible(mode, slot.mode):
-                return item
-        return None
+        return next(deadlocks.blockers(self._ident, me, mode, ticket, granted, waiting), None)
 
     def _clear_blocker(self, item: tuple[int, Slot], *, thorough: bool = True) -> float | None:
         """Settle a blocking slot left by a process that is gone, counted as a tidy-up: a keepable lock is
@@ -1135,8 +1174,8 @@ class LockTable(LockMechanism):
 
     def _lock_slow(
         self, owner: Owner, inode: int, device: int, key: bytes, kflags: int, mode: int,
-        wait_token: int, value: int, group: int,
-    ) -> tuple[Grant | Conflict | Queued, list[int]]:
+        wait_token: int, value: int, group: int, notify: int,
+    ) -> tuple[Grant | Conflict | Queued, list[Ring]]:
         me = self._ident(owner)
         expires: float | None = 0.0
         while True:
@@ -1160,17 +1199,17 @@ class LockTable(LockMechanism):
             kflags |= _CONVERTING
         like = granted[0][1] if granted else waiting[0][1] if waiting else None
         index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token,
-                                       like=like)
+                                       like=like, notify=notify)
         if blocker is None:
             return Grant(ticket << INDEX_BITS | index, mode, value, ticket), []
         self._count_queued(granted, len(waiting) + 1)
         me_slot = self._slot(index)
         return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0,
-                      _watch(me_slot, granted, waiting)), []
+                      _watch(me_slot, granted, waiting)), self._notices(granted, [(index, me_slot)])
 
     def _new_slot(
         self, group: int, value: int, owner: Owner, inode: int, device: int, key: bytes, kflags: int,
-        mode: int, state: int, token: int, *, like: Slot | None = None,
+        mode: int, state: int, token: int, *, like: Slot | None = None, notify: int = 0,
     ) -> tuple[int, int]:
         """A new slot (the group's semaphore held): its index and ticket. A granted one's fencing token is its
         ticket; the resource's value block and its validity are copied from ``like``, a slot of the resource
@@ -1185,14 +1224,14 @@ class LockTable(LockMechanism):
         SLOT_STRUCT.pack_into(
             self._mv, goff + _G + self._values_size + pos * SLOT_SIZE, ticket, state, mode, kflags, len(key), 0,
             owner.pid, owner.port, owner.client_pid, owner.ip, owner.thread, inode, device, time.time(),
-            token, key, ticket if state == _GRANTED else 0, 0, b"" if like is None else like.block,
+            token, key, ticket if state == _GRANTED else 0, notify, b"" if like is None else like.block,
         )
         if like is not None and like.flags & _NOT_VALID:
             self._mv[goff + _G + self._values_size + pos * SLOT_SIZE + _FLAGS_OFFSET] = kflags | _NOT_VALID
         _U32.pack_into(self._mv, goff + _G + 4 * pos, value)
         return group * self._per_group + pos, ticket
 
-    def _retry_locked(self, handle: int) -> tuple[Grant | Queued, list[int]]:
+    def _retry_locked(self, handle: int) -> tuple[Grant | Queued, list[Ring]]:
         index = handle & _INDEX_MASK
         if index >= self.geometry.locks:
             raise NotHeld(f"handle {handle:#x} names no slot of this table")
@@ -1242,7 +1281,7 @@ class LockTable(LockMechanism):
         _BYTE.pack_into(self._mv, soff + _STATE_OFFSET, _GRANTED)  # the last write: now it is granted
         return token
 
-    def _settle(self, group: int, value: int, like: Slot, *, converted: tuple[int, Slot] | None = None) -> list[int]:
+    def _settle(self, group: int, value: int, like: Slot, *, converted: tuple[int, Slot] | None = None) -> list[Ring]:
         """After a change to a resource (``converted``: a granted lock's mode before, and the lock in its mode
         now): hand it to the waiters that
         can have it now, in queue order, recount its queue, and name the waiters to ring (those granted, those
@@ -1251,7 +1290,7 @@ class LockTable(LockMechanism):
         granted, waiting = self._matching(group, value, like.inode, like.device, like.key[: like.key_len])
         ident = self._ident
         still: list[tuple[int, Slot]] = []
-        tokens = []
+        tokens: list[Ring] = []
         for item in waiting:
             index, slot = item
             who = ident(slot)
@@ -1280,13 +1319,34 @@ class LockTable(LockMechanism):
             # death must wake it at once. A hand-off to the waiters just ahead of it rings nobody else.
             tokens.append(still[0][1].doorbell)
         self._count_queued(granted, len(still))
+        if still:
+            tokens.extend(self._notices(granted, still))
         return tokens
+
+    def _notices(self, granted: list[tuple[int, Slot]], waiting: list[tuple[int, Slot]]) -> list[Ring]:
+        """The blocking notices due (the semaphore held): to each granted lock whose holder asked for them and
+        has not been sent one yet, that blocks one of ``waiting`` (the first in queue order it cannot go with);
+        each is marked NOTIFIED as it is sent."""
+        found: list[Ring] = []
+        ident = self._ident
+        for index, slot in granted:
+            if not slot.notify or slot.flags & _NOTIFIED or slot.state != _GRANTED:
+                continue
+            owner = ident(slot)
+            for _, waiter in waiting:
+                if not modes.compatible(waiter.mode, slot.mode) and ident(waiter) != owner:
+                    _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET, slot.flags | _NOTIFIED)
+                    found.append((slot.notify, slot.ticket << INDEX_BITS | index, waiter.mode))
+                    break
+        return found
 
     def _count_queued(self, granted: list[tuple[int, Slot]], queued: int) -> None:
         """Write into each held lock of a resource how many requests wait for it (the display's 'queued')."""
         for index, slot in granted:
             if slot.queued != queued:
                 _H.pack_into(self._mv, self.geometry.slot_offset(index) + _QUEUED_OFFSET, min(queued, 0xFFFF))
+            if not queued and slot.flags & _NOTIFIED:  # nobody waits now: the next to wait is told of again
+                _BYTE.pack_into(self._mv, self.geometry.slot_offset(index) + _FLAGS_OFFSET, slot.flags & ~_NOTIFIED)
 
     def _keep(self, index: int) -> float:
         """Make a granted slot KEPT from now; when it expires (for the caller to note: ``_note_expiry``)."""
@@ -1404,12 +1464,15 @@ def _may_not_watch(
                for _, s in granted)
 
 
-def _ring(tokens: list[int]) -> None:
+def _ring(tokens: Sequence[Ring]) -> None:
     """Ring the waiters handed a lock (or to convert one), then give the processor up once: the scheduler
     tends to wake a rung process on the ringer's own processor, where it would wait until the ringer sleeps
     or its time slice ends (a hand-off took 165 µs on two cores, 24 µs with the yield; 8 processes on one
     key, 6,051 against 42,733 locks a second, 2026-12-01). Only a release that hands a lock on pays it."""
     for token in tokens:
-        doorbell.ring(token)
+        if type(token) is int:
+            doorbell.ring(token)
+        else:
+            doorbell.notice(*token)  # type: ignore[misc]
     if tokens:
         os.sched_yield()

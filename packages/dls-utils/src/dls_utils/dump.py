@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, report, service_processes
+from dls_shm import Instance, LockTable, TableError, TableFlag, TableMissing, info, queues, report, service_processes
 
 from . import command
 from .source import emit_lines, json_items
@@ -49,11 +49,23 @@ and listener shown are the header's pids, Active when such a process exists.
 --json: {{"instance", "key", "shm_id", "semaphore_ids", "header": {{...}}, "mechanism",
 "geometry": {{"ngroups", "per_group", "locks"}}, "processes": {{"monitor", "listener"}},
 "slots": [{{"index", "group", "state", "key", "inode", "device", "pid", "port",
-"client_pid", "thread", "ip", "mode", "value", "waiters", ...}}], "counts": {{"used",
-"granted", "kept", "waiting", "max_in_group"}}}}: the slots by group, in a group in queue
-order, and the counts, of the slots listed, after them. A slot's state is granted,
-waiting or kept (a lock whose lock server ended, kept for its client to reclaim until
-"expires").
+"client_pid", "thread", "ip", "mode", "value", "waiters", "request", "converting",
+"held_mode", "token", "block_valid", ...}}], "counts": {{"used", "granted", "kept",
+"waiting", "converting", "refused", "max_in_group"}}}}: the slots by group, in a group in
+queue order, and the counts, of the slots listed, after them. A slot's state is granted,
+waiting, kept (a lock whose lock server ended, kept for its client to reclaim until
+"expires") or deadlock; its "request" says what it is in its resource's queues:
+granted, kept, converting (a holder's conversion waiting in the convert queue, "mode"
+the mode it wants, "held_mode" the mode its lock has), waiting, or refused (chosen
+to break a deadlock). "token" is a granted lock's fencing token, "block_valid" whether
+the resource's value block is valid (false: VALNOTVALID).
+
+--queues (-q) adds a section after the summary (jdls -dvL has none): a line per
+resource, its Group, value, i-node, dev and key as the rows show them, its value
+block (valid or "not valid"), and its requests by state, granted (each with its
+fencing token, #N), converting (held->wanted), waiting and refused, each as
+"port mode", in queue order. Its lines are kept until the summary is written (one
+per resource).
 
 exit status:
   {command.OK}  the table was shown
@@ -71,14 +83,18 @@ def get_parser() -> argparse.ArgumentParser:
     add_key_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the IPC key and shared memory id (as jdls -dvvL)")
+    parser.add_argument("-q", "--queues", action="store_true",
+                        help="also show each resource's queues and value block, after the summary")
     parser.add_argument("--json", action="store_true",
                         help="print the header and every slot as one JSON object, for tools")
     return parser
 
 
-def text(snapshot: report.Snapshot, procs: dict[str, report.Process], very: bool) -> Iterator[str]:
-    """``jdls -dvL``'s lines (``very``: ``-dvvL``'s), each row as its group is read."""
-    return report.stream(snapshot, procs["monitor"], procs["listener"], very=very)
+def text(snapshot: report.Snapshot, procs: dict[str, report.Process], very: bool,
+         show_queues: bool = False) -> Iterator[str]:
+    """``jdls -dvL``'s lines (``very``: ``-dvvL``'s), each row as its group is read; ``show_queues``: the
+    resource queues after them."""
+    return report.stream(snapshot, procs["monitor"], procs["listener"], very=very, show_queues=show_queues)
 
 
 def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, report.Process]) -> Iterator[str]:
@@ -104,7 +120,7 @@ def document(instance: Instance, snapshot: report.Snapshot, procs: dict[str, rep
     yield from json_items(_slots(snapshot, tally), 4)
     yield "  ],"
     counts = {"used": tally.used, "granted": tally.granted, "kept": tally.kept, "waiting": tally.waiting,
-              "max_in_group": tally.max_in_group}
+              "converting": tally.converting, "refused": tally.refused, "max_in_group": tally.max_in_group}
     yield json.dumps({"counts": counts}, indent=2)[2:]  # its member and the closing brace
 
 
@@ -115,17 +131,17 @@ def _slots(snapshot: report.Snapshot, tally: report.Tally) -> Iterator[dict[str,
         tally.add(group)
         slots = [info.entry_json(e, snapshot.header.lock_delay) for e in group]
         waiters: dict[tuple[int, int, int, str], list[int]] = defaultdict(list)
+        resources: dict[tuple[int, int, int, str], list[dict[str, Any]]] = defaultdict(list)
         for slot, entry in zip(slots, group, strict=True):
             slot["ticket"] = entry.slot.ticket
+            resources[queues.resource(slot)].append(slot)
             if slot["state"] == "waiting":
-                waiters[_resource(slot)].append(slot["port"])
+                waiters[queues.resource(slot)].append(slot["port"])
         for slot in slots:
-            slot["waiters"] = waiters.get(_resource(slot), []) if slot["state"] in ("granted", "kept") else []
+            resource = queues.resource(slot)
+            slot["waiters"] = waiters.get(resource, []) if slot["state"] in queues.HELD else []
+            slot["held_mode"] = queues.held_mode(slot, resources[resource])
         yield from slots
-
-
-def _resource(slot: dict[str, Any]) -> tuple[int, int, int, str]:
-    return slot["value"], slot["inode"], slot["device"], slot["key"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +164,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         snapshot = report.Snapshot.streamed(table)
         procs = service_processes(instance, snapshot.header, tidy=False, pid_files=own_pid_files)
-        emit_lines(document(instance, snapshot, procs) if args.json else text(snapshot, procs, args.verbose))
+        emit_lines(document(instance, snapshot, procs) if args.json
+                   else text(snapshot, procs, args.verbose, args.queues))
     except TableError as exc:  # removed while it was read (jdls -K -o)
         return command.fail(PROG, f"cannot read the lock table with {where}: {exc}", command.FAILED)
     finally:

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
-from dls_shm import KEY_MAX, info, modes
+from dls_shm import KEY_MAX, info, modes, queues
 from dls_shm.report import printable
 
 #: The \xNN escapes dls_shm.info's backslashreplace leaves for bytes that are not UTF-8 (the digest of a long
@@ -41,10 +41,16 @@ def _slot_bytes(text: str) -> bytes:
 COLUMNS = ("IPADDR", "PORT", "PID", "FILENAME", "RECORD KEY", "LOCK#", "PORT/-PID")
 #: The column titles' line, tab separated as the rows.
 HEADINGS = "\t".join(COLUMNS)
-#: What the PORT/-PID column shows for a held lock nobody waits for.
+#: The columns --queues adds after them: each request's state, mode, fencing token, and its resource's value
+#: block.
+QUEUE_COLUMNS = ("STATE", "MODE", "TOKEN", "BLOCK")
+#: The column titles' line of --queues.
+QUEUE_HEADINGS = "\t".join(COLUMNS + QUEUE_COLUMNS)
+#: What the PORT/-PID column shows for a held lock nobody waits for, and TOKEN for a request not granted.
 NO_WAITERS = "---"
+NO_TOKEN = "-"  # noqa: S105 - a fencing token's column, not a password
 #: The states of a held lock: granted, or kept (its lock server ended; kept for its client to reclaim).
-HELD = ("granted", "kept")
+HELD = queues.HELD
 #: What the PORT/-PID column shows for a request that waits on a lock no longer held.
 WAITING = "waiting"
 #: A long key keeps this many leading bytes verbatim in its slot (the rest is a digest of the
@@ -65,12 +71,20 @@ class Row(TypedDict):
     lock: str
     value: int
     mode: str
+    #: The request's state (``dls_shm.queues.STATES``): granted, kept, converting, waiting, refused.
     state: str
     waiters: list[int]
     inode: int
     device: int
     client_pid: int
     thread: int
+    #: A held lock's fencing token (None: not granted).
+    token: int | None
+    #: A conversion waiting in the convert queue: ``mode`` is the mode it wants, ``held_mode`` the one held.
+    converting: bool
+    held_mode: str | None
+    #: Whether the resource's value block is valid (False: VALNOTVALID).
+    block_valid: bool
 
 
 class SnapshotError(ValueError):
@@ -154,29 +168,25 @@ def _items(doc: Document, name: str) -> list[Mapping[str, Any]]:
     return [item for item in value if isinstance(item, Mapping)]
 
 
-def _resource(entry: Document) -> tuple[int, int, int, str]:
-    """What makes two slots the same lock: value, file and key (values can collide)."""
-    return entry["value"], entry["inode"], entry["device"], entry["key"]
-
-
 #: Up to this many rows are shown sorted by file name and key (the jDLS guide's order); more are shown in the
 #: table's order as it is read (``stream_rows``): a table of a million locks is listed as it is read, in the
 #: memory of this many rows.
 SORTED_ROWS = 10_000
 
 
-def build_rows(locks: Iterable[Document], documents: Iterable[Document]) -> list[Row]:
+def build_rows(locks: Iterable[Document], documents: Iterable[Document], *, every: bool = False) -> list[Row]:
     """``stream_rows``'s rows as a list, ``in_order``."""
-    return list(in_order(stream_rows(locks, documents)))
+    return list(in_order(stream_rows(locks, documents, every=every), every=every))
 
 
-def in_order(rows: Iterable[Row]) -> Iterator[Row]:
-    """The rows sorted by file name, key, port and pid when there are at most SORTED_ROWS of them; else as
-    they come (the table's order, sorted within each group), the first as soon as SORTED_ROWS are read."""
+def in_order(rows: Iterable[Row], *, every: bool = False) -> Iterator[Row]:
+    """The rows sorted by file name, key, port and pid (``every``: by file name and key, a resource's rows
+    kept in their queue order) when there are at most SORTED_ROWS of them; else as they come (the table's
+    order, sorted within each group), the first as soon as SORTED_ROWS are read."""
     it = iter(rows)
     first = list(itertools.islice(it, SORTED_ROWS + 1))
     if len(first) <= SORTED_ROWS:
-        yield from sorted(first, key=_row_order)
+        yield from sorted(first, key=_queue_order if every else _row_order)
         return
     yield from first
     yield from it
@@ -186,8 +196,12 @@ def _row_order(row: Row) -> tuple[str, str, int, int]:
     return row["filename"], row["key"], row["port"], row["pid"]
 
 
+def _queue_order(row: Row) -> tuple[str, str, int, int, int]:
+    """A resource's rows together (a stable sort keeps their queue order), by file name and key."""
+    return row["filename"], row["key"], row["value"], row["inode"], row["device"]
 
-def stream_rows(locks: Iterable[Document], documents: Iterable[Document]) -> Iterator[Row]:
+
+def stream_rows(locks: Iterable[Document], documents: Iterable[Document], *, every: bool = False) -> Iterator[Row]:
     """One row per held lock, waiters in the holders' rows, made a group of the table at a time, as the
     table lists its locks (``scan``, group by group; the OS file locks after them, in a group of their own):
     a lock and its waiters are always in one group. Within a group the rows are by file name, then key.
@@ -195,10 +209,13 @@ def stream_rows(locks: Iterable[Document], documents: Iterable[Document]) -> Ite
     A waiting request whose resource has no holder at this instant (the holder
     just left and the waiter has not yet woken) gets a row of its own marked
     ``waiting``, so that no slot of the table is hidden from the operator.
+
+    ``every`` (show-item-locks --queues): a row for every request, a resource's in queue order
+    (``dls_shm.queues``: granted and kept, converting, waiting, refused), the waiters still in the held rows.
     """
     names = _Names(documents)
     for _group, entries in itertools.groupby(locks, key=_group_of):
-        yield from _group_rows(list(entries), names)
+        yield from _group_rows(list(entries), names, every)
 
 
 def _group_of(entry: object) -> object:
@@ -206,28 +223,32 @@ def _group_of(entry: object) -> object:
     return entry.get("group") if isinstance(entry, Mapping) else None
 
 
-def _group_rows(locks: list[Document], names: _Names) -> list[Row]:
-    """The rows of one group's locks, by file name then key."""
+def _group_rows(locks: list[Document], names: _Names, every: bool = False) -> list[Row]:
+    """The rows of one group's locks, by file name then key (``every``: each resource's in queue order)."""
     by_resource: dict[tuple[int, int, int, str], list[Document]] = defaultdict(list)
     try:
         for entry in locks:
-            by_resource[_resource(entry)].append(entry)
+            by_resource[queues.resource(entry)].append(entry)
         rows: list[Row] = []
         for entries in by_resource.values():
+            valid = queues.block_valid(entries)
             held = [e for e in entries if e["state"] in HELD]
             queue = sorted((e for e in entries if e["state"] == "waiting"), key=lambda e: (e["timestamp"], e["index"]))
             waiters = [int(e["port"]) for e in queue]
-            if held:
-                rows.extend(_row(e, names, waiters) for e in held)
+            if every:
+                rows.extend(_row(e, names, waiters if e["state"] in HELD else [], valid, entries)
+                            for e in queues.in_queue_order(entries))
+            elif held:
+                rows.extend(_row(e, names, waiters, valid, entries) for e in held)
             else:
-                rows.extend(_row(e, names, []) for e in queue)
+                rows.extend(_row(e, names, [], valid, entries) for e in queue)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"lock entry not understood: {exc!r}") from None
-    rows.sort(key=_row_order)
+    rows.sort(key=_queue_order if every else _row_order)
     return rows
 
 
-def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
+def _row(entry: Document, names: _Names, waiters: list[int], block_valid: bool, resource: list[Document]) -> Row:
     port, inode, ip = int(entry["port"]), int(entry["inode"]), _address(entry["ip"])
     # As jDLS shows it: PID is the process holding the lock in the table, which for a
     # client served through the listener is its lock server; the client's own pid
@@ -242,12 +263,16 @@ def _row(entry: Document, names: _Names, waiters: list[int]) -> Row:
         lock=lock_label(int(entry["value"]), str(entry["mode"])),
         value=int(entry["value"]),
         mode=str(entry["mode"]),
-        state=str(entry["state"]),
+        state=queues.request_state(entry),
         waiters=waiters,
         inode=inode,
         device=int(entry["device"]),
         client_pid=int(entry.get("client_pid") or 0) or pid,
         thread=int(entry.get("thread") or 0),
+        token=queues.token(entry),
+        converting=bool(entry.get("converting")),
+        held_mode=queues.held_mode(entry, resource),
+        block_valid=block_valid,
     )
 
 
@@ -267,18 +292,29 @@ def wanted(row: Row, *, file: str | None = None, key: str | None = None, port: i
 
 
 def waiters_column(row: Row) -> str:
-    if row["state"] == "waiting":
-        return WAITING
+    """The PORT/-PID column: a held lock's queue; a request's state ("waiting": today's only one without
+    --queues, a request whose lock has just been freed)."""
+    if row["state"] not in HELD:
+        return row["state"]
     return ",".join(str(p) for p in row["waiters"]) or NO_WAITERS
 
 
-def format_rows(rows: Iterable[Row]) -> list[str]:
+def mode_column(row: Row) -> str:
+    """The MODE column of --queues: the request's mode; a conversion's as held->wanted ("PR->EX")."""
+    return queues.mode_change(row["mode"], row["held_mode"])
+
+
+def format_rows(rows: Iterable[Row], *, every: bool = False) -> list[str]:
     """The column titles and one line per row (``format_row``)."""
-    return [HEADINGS, *(format_row(r) for r in rows)]
+    return [QUEUE_HEADINGS if every else HEADINGS, *(format_row(r, every=every) for r in rows)]
 
 
-def format_row(r: Row) -> str:
+def format_row(r: Row, *, every: bool = False) -> str:
     """One row's line, tab separated as jDLS printed them (a record key may contain spaces; a tab keeps
-    ``cut -f`` and ``awk -F'\\t'`` working)."""
-    return "\t".join((r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]), printable(r["key"]),
-                      r["lock"], waiters_column(r)))
+    ``cut -f`` and ``awk -F'\\t'`` working); ``every`` (--queues) adds QUEUE_COLUMNS at the end."""
+    columns = [r["ipaddr"], str(r["port"]), str(r["pid"]), printable(r["filename"]), printable(r["key"]), r["lock"],
+               waiters_column(r)]
+    if every:
+        columns += [r["state"], mode_column(r), NO_TOKEN if r["token"] is None else str(r["token"]),
+                    queues.block_word(r["block_valid"])]
+    return "\t".join(columns)

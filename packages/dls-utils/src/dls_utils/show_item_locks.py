@@ -23,7 +23,18 @@ from dls_proto import Server
 from dls_shm import LockTable, TableError, TableMissing, info, oslock_entries
 
 from . import command
-from .rows import HEADINGS, SORTED_ROWS, Document, Row, SnapshotError, format_row, in_order, stream_rows, wanted
+from .rows import (
+    HEADINGS,
+    QUEUE_HEADINGS,
+    SORTED_ROWS,
+    Document,
+    Row,
+    SnapshotError,
+    format_row,
+    in_order,
+    stream_rows,
+    wanted,
+)
 from .source import (
     Failure,
     add_source_options,
@@ -63,7 +74,26 @@ columns:
              r  concurrent read (CR)
              N  null (NL)
   PORT/-PID  the ports queued for the lock, in order, or --- when none waits
-             ("waiting" on the row of a request whose lock has just been freed)
+             ("waiting" on the row of a request whose lock has just been freed;
+             with --queues, a request's row names its state)
+
+--queues (-q): a line for every request, not only for each held lock: a resource's
+granted (and kept) locks, then its conversions (the convert queue, served first),
+then the other waiters, then the requests refused to break a deadlock, each in
+queue order, with four columns more at the end:
+  STATE      granted, kept (its lock server ended: kept for its client to reclaim),
+             converting (a holder waiting to convert its lock), waiting, or
+             refused (DEADLOCK: the request chosen to break a cycle of waiters)
+  MODE       the request's mode (NL, CR, CW, PR, PW, EX); a conversion's as the
+             mode held and the mode wanted: PR->EX
+  TOKEN      a held lock's fencing token, - for a request not granted
+  BLOCK      the resource's value block: valid, or "not valid" (VALNOTVALID: a PW or
+             EX holder ended abnormally or released it invalidated, and nobody has
+             written it since)
+Without --queues the columns are the jDLS guide's. --json gives every row's
+"state" (as STATE), "mode" (wanted), "held_mode" (a conversion's, else null),
+"converting", "token" (null when not granted) and "block_valid", with or without
+--queues, which decides the rows.
 
 order: by FILENAME, then RECORD KEY, PORT and PID, when at most {SORTED_ROWS} rows are
 shown; more (a big table) are written as the table is read, a batch of its groups at
@@ -89,6 +119,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", metavar="KEY", help="only locks of exactly this record key")
     parser.add_argument("--port", metavar="N", type=port_number,
                         help="only locks that port N holds or waits for")
+    parser.add_argument("-q", "--queues", action="store_true",
+                        help="a line for every request of each resource (granted, converting, waiting, refused) "
+                             "with its state, mode, fencing token and whether the value block is valid")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
     add_source_options(parser, "read the local lock table even when $JDLS names a server")
     return parser
@@ -152,9 +185,9 @@ def _remote(server: Server) -> tuple[str, Iterable[Document], Sequence[Document]
     return heading, locks, documents, note
 
 
-def render(heading: str, rows: Iterable[Row], note: str | None = None) -> Iterator[str]:
+def render(heading: str, rows: Iterable[Row], note: str | None = None, *, every: bool = False) -> Iterator[str]:
     """The text display: heading, a blank line, then the columns (or a word that there are none), each row
-    as it comes."""
+    as it comes; ``every`` (--queues): every request, with the queue columns."""
     yield heading
     yield ""
     if note:
@@ -162,9 +195,9 @@ def render(heading: str, rows: Iterable[Row], note: str | None = None) -> Iterat
     shown = False
     for row in rows:
         if not shown:
-            yield HEADINGS
+            yield QUEUE_HEADINGS if every else HEADINGS
             shown = True
-        yield format_row(row)
+        yield format_row(row, every=every)
     if not shown:
         yield NO_LOCKS
 
@@ -181,17 +214,18 @@ def _main(args: argparse.Namespace) -> int:
             if server is not None:
                 heading, locks, documents, note = _remote(server)
                 try:  # a snapshot from the network: checked whole before anything is shown
-                    rows = list(stream_rows(locks, documents))
+                    rows = list(stream_rows(locks, documents, every=args.queues))
                 except SnapshotError as exc:
                     raise Failure(str(exc)) from None
             else:
                 heading, locks, documents, note = _local(stack)
-                rows = stream_rows(locks, documents)
+                rows = stream_rows(locks, documents, every=args.queues)
         except Failure as exc:
             return command.fail(PROG, exc, exc.status)
-        chosen = in_order(r for r in rows if wanted(r, file=args.file, key=args.key, port=args.port))
+        chosen = in_order((r for r in rows if wanted(r, file=args.file, key=args.key, port=args.port)),
+                          every=args.queues)
         try:
-            emit_lines(_json(chosen) if args.json else render(heading, chosen, note))
+            emit_lines(_json(chosen) if args.json else render(heading, chosen, note, every=args.queues))
         except TableError as exc:  # removed while it was read (jdls -K -o)
             return command.fail(PROG, f"lock table: {exc}", command.FAILED)
     return command.OK

@@ -1,0 +1,131 @@
+"""Deadlocks through a running service (issue 14, item 3): the monitor finds a cycle of waiters within a
+second of its forming and refuses one request of it, the one that closed it; the rest of the cycle goes on.
+
+Real processes: a real ``jdls -ib``; local owners are forked processes on the service's table, remote ones
+raw protocol connections through their lock servers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+from dls_client.locks import REMOTE_DEVICE
+from dls_proto import (
+    WAIT_FOREVER,
+    Acquired,
+    Connection,
+    Echo,
+    EchoReply,
+    Lock,
+    Mode,
+    Refused,
+    RefuseReason,
+    Unlock,
+    Waiting,
+)
+from dls_shm import LOCAL_IP, Deadlock, Grant, LockTable, Owner, SlotState
+from dls_testkit import Service, wait_for
+from dls_testkit.wire import greet, receive
+
+INODE = 4242
+#: How soon after a cycle forms one of its requests must be refused (the issue: within a second).
+WITHIN = 1.0
+
+
+def me() -> Owner:
+    return Owner(os.getpid(), 1, 0, os.getpid(), LOCAL_IP)
+
+
+def waiting(table: LockTable) -> int:
+    return sum(1 for e in table.scan() if e.slot.state == SlotState.WAITING)
+
+
+def local_member(key: str, first: bytes, second: bytes, pipes: tuple[Any, Any, Any]) -> int:
+    """Child body on the service's table: hold ``first``, say so, on the word wait for ``second``; report
+    G (granted) or D and the seconds from the word to the refusal."""
+    ready, go, done = pipes
+    table = LockTable.attach(int(key, 16))
+    held = table.lock(me(), INODE, REMOTE_DEVICE, first, Mode.EX)
+    assert isinstance(held, Grant)
+    ready.send()
+    go.recv(timeout=30)
+    try:
+        got = table.acquire(me(), INODE, REMOTE_DEVICE, second, Mode.EX, timeout=30)
+    except Deadlock:
+        done.send(b"D")
+        table.unlock(held.handle)
+        return 7
+    assert isinstance(got, Grant)
+    done.send(b"G")
+    table.unlock(got.handle)
+    table.unlock(held.handle)
+    return 0
+
+
+def _lock(rid: int, key: bytes) -> Lock:
+    return Lock(rid, Mode.EX, 0, WAIT_FOREVER, 1, INODE, REMOTE_DEVICE, key, "deadlock.dat")
+
+
+@pytest.mark.parametrize("locals_", [2, 3])
+def test_a_cycle_of_local_processes_loses_its_newest_request_within_a_second(
+    service: Service, children: Any, pipes: Any, locals_: int,
+) -> None:
+    table = LockTable.attach(service.instance.key)
+    try:
+        keys = [f"CYCLE*{n}".encode() for n in range(locals_)]
+        members = []
+        for n in range(locals_):
+            p = (pipes(), pipes(), pipes())
+            pid = children.fork(lambda n=n, p=p: local_member(f"{service.instance.key:x}", keys[n],
+                                                              keys[(n + 1) % locals_], p))
+            p[0].recv(timeout=10)
+            members.append((pid, p))
+        for n, (_, p) in enumerate(members):
+            p[1].send()
+            wait_for(lambda n=n: waiting(table) == n + 1, 10, f"{n + 1} requests waiting")
+            time.sleep(0.01)
+        closed = time.monotonic()
+        refused = members[-1][1][2].recv(timeout=5)
+        took = time.monotonic() - closed
+        assert refused == b"D" and took < WITHIN, (refused, took)
+        assert [p[2].recv(timeout=10) for _, p in members[:-1]] == [b"G"] * (locals_ - 1)
+        assert [children.wait(pid) for pid, _ in members] == [0] * (locals_ - 1) + [7]
+        service.wait_for_log(r"deadlock: refused the EX request of pid \d+ thread 1 for key 'CYCLE\*")
+    finally:
+        table.close()
+
+
+def test_a_cycle_of_a_local_process_and_a_remote_client_refuses_the_remote_request(
+    service: Service, children: Any, pipes: Any,
+) -> None:
+    table = LockTable.attach(service.instance.key)
+    remote = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    try:
+        p = (pipes(), pipes(), pipes())
+        local = children.fork(lambda: local_member(f"{service.instance.key:x}", b"MIXED*L", b"MIXED*R", p))
+        p[0].recv(timeout=10)
+        conn: Connection
+        conn, _ = greet(remote, 4401)
+        remote.sendall(conn.send(_lock(2, b"MIXED*R")))
+        mine = receive(remote, conn, Acquired)
+        p[1].send()  # the local process waits for the remote client's lock
+        wait_for(lambda: waiting(table) == 1, 10, "the local request to wait")
+        time.sleep(0.01)
+        remote.sendall(conn.send(_lock(3, b"MIXED*L")) + conn.send(Echo(4, b"")))
+        receive(remote, conn, EchoReply)  # queued: the cycle is closed
+        closed = time.monotonic()
+        answer = receive(remote, conn, Refused | Waiting)
+        while isinstance(answer, Waiting):  # interim messages while it waits
+            answer = receive(remote, conn, Refused | Waiting)
+        took = time.monotonic() - closed
+        assert (answer.request_id, answer.reason) == (3, RefuseReason.DEADLOCK) and took < WITHIN, (answer, took)
+        remote.sendall(conn.send(Unlock(5, mine.handle)))  # the victim lets go: the local process goes on
+        assert p[2].recv(timeout=10) == b"G"
+        assert children.wait(local) == 0
+    finally:
+        remote.close()
+        table.close()
