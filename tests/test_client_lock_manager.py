@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import dls_client
 import pytest
 from dls_client import (
     Cancel,
@@ -395,3 +397,26 @@ def test_os_file_locks_are_unsupported_saying_so(tmp_path: Path, data: Path) -> 
             held.release()
         finally:
             client.close()
+
+
+def test_the_readme_examples_run_through_the_service(
+    daemon: Service, clients: Callable[[], Client], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's section on the lock manager runs as it is with get_client() a Client of the service."""
+    readme = Path(__file__).parents[1] / "packages" / "dls-client" / "README.md"
+    text = readme.read_text()
+    section = text[text.index("## Conversions, value blocks"):text.index("## Lock information")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert blocks
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "FBNK.ACCOUNT").touch()
+    monkeypatch.chdir(tmp_path)
+    client = clients()
+    monkeypatch.setattr(dls_client, "get_client", lambda: client)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "reading under PR\nwriting under EX\n" in out and "got it" in out
+    assert "reload" not in out and "rebuild" not in out
