@@ -27,6 +27,14 @@ short reason, the detail (paths, geometry, the mechanism's words) going to
 the log only. Nothing is shared with the listener after the fork, so the listener may
 stop or restart under it.
 
+In a conversation of protocol version 4 the lock server is a lock manager
+(issue 14): Lock and Convert are answered with Acquired (a fencing token, and
+the value block when asked), a Convert waits as a Lock waits (below), Release
+writes the value block, Cancel withdraws a waiting request, a deadlock's victim
+is refused DEADLOCK, and a client lost while holding locks has them released as
+abandoned (a PW or EX lock leaves its value block not valid). Conversations of
+versions 2 and 3 go on exactly as before (Granted).
+
 One thread: requests are answered in the order they came, each by the handler
 of its message kind. A Lock that must wait is kept in ``pending`` rather than
 blocking: while none waits the server sleeps in ``recv``; while some do, in
@@ -969,7 +977,7 @@ class LockServer:
         except (NotWritable, ValueError) as exc:  # still held: the client may release it plainly
             self._send(Error(rid, ErrorCode.BAD_REQUEST, f"{exc} (the lock is still held)"))
             return
-        except NotHeld as exc:
+        except NotHeld as exc:  # gone from the table (tidied): not held any more, forgotten below all the same
             self.log.warning("client %s: %s", self._who(), exc)
             self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
         del self.held[handle]
