@@ -38,6 +38,7 @@ from dls_client import (
     Deadlock,
     HeldLock,
     LockRefused,
+    LockTimeout,
     NotWritable,
     Server,
     Unsupported,
@@ -319,9 +320,10 @@ def test_cancel_of_a_waiting_conversion_keeps_the_lock(
     held_b.release()
 
 
-def test_server2_keeps_the_value_block_in_step_on_both_services(tmp_path: Path, data: Path) -> None:
-    """With SERVER2 a Release with a value block writes it on both services: a client of either alone reads it.
-    Conversions with two services are not available yet: Unsupported, saying so, the lock untouched."""
+def test_server2_converts_on_both_and_keeps_the_value_block_in_step(tmp_path: Path, data: Path) -> None:
+    """With SERVER2 a conversion is made on both services: one the secondary refuses (another client holds the
+    record there) is undone on the primary and raised, the lock PR on both; granted by both, the lock is EX on
+    both. A Release with a value block writes it on both: a client of either alone reads it."""
     with make_service(tmp_path / "primary").checked() as primary, \
             make_service(tmp_path / "secondary").checked() as secondary:
         primary.start()
@@ -332,11 +334,19 @@ def test_server2_keeps_the_value_block_in_step_on_both_services(tmp_path: Path, 
         readers = [client_for(primary), client_for(secondary)]
         try:
             kept = keeper.lock(data, "PAIR", Mode.NL, timeout=5)  # keeps the resource, and its block, on both
-            held = writer.lock(data, "PAIR", Mode.EX, value_block=True, timeout=5)
+            held = writer.lock(data, "PAIR", Mode.PR, value_block=True, timeout=5)
             assert held.token > 0 and held.value_block is not None
-            with pytest.raises(Unsupported, match="SERVER2"):
-                held.convert(Mode.PR)
+            other = readers[1].lock(data, "PAIR", Mode.PR, timeout=5)  # a reader of the secondary alone
+            with pytest.raises(LockTimeout):
+                held.convert(Mode.EX, timeout=0.5)  # the primary grants it, the secondary does not
+            assert held.mode == Mode.PR and not held.lost
+            readers[0].lock(data, "PAIR", Mode.PR, timeout=5).release()  # PR again on the primary: undone
+            other.release()
+            held.convert(Mode.EX, timeout=5)
             assert held.mode == Mode.EX
+            for reader in readers:
+                with pytest.raises(LockRefused):
+                    reader.try_lock(data, "PAIR", Mode.PR)
             held.release(value_block=b"in step")
             for reader in readers:
                 read = reader.lock(data, "PAIR", Mode.PR, value_block=True, timeout=5)

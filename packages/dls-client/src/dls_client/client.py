@@ -303,20 +303,35 @@ class Client(BaseClient):
 
     def convert_held(self, held: HeldLock, mode: int, wait: bool, timeout: float | None, block: bytes | None,
                      invalidate: bool, cancel: Cancel | None) -> None:
-        """Convert ``held`` in place through the service that holds it (see HeldLock.convert): a Convert,
-        waiting as a lock waits; its mode, token and value block (when it reads it) set from the answer.
-        Unsupported with two services (SERVER2) or a service that lacks conversions."""
-        channel, server_handle = self._route.hold(held.handle)
-        flags = LockFlag.NONE if held.value_block is None else LockFlag.VALUE_BLOCK
-        flags |= self._flags & LockFlag.NO_INTERIM
-        value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (
-            ValueFlag.INVALIDATE if invalidate else ValueFlag.NONE)
-        request = Convert(channel.next_id(), server_handle, mode, flags, value_flags, _limit(wait, timeout, cancel),
-                          block or b"")
-        reply, _waited = self._request(channel, request, cancel, "conversions", None)
+        """Convert ``held`` in place through the services that hold it (see HeldLock.convert): a Convert,
+        waiting as a lock waits; its mode, token and value block (when it reads it) set from the (primary's)
+        answer. With SERVER2, on the primary and then on the secondary with what is left of the wait: a
+        refusal there undoes the primary's conversion (a Convert back, not waiting) and is raised; if that
+        cannot be undone (a conversion sideways, CW and PR), the services disagree and the lock is lost (kept
+        where it is held until released). Unsupported from a service that lacks conversions."""
+        holds = self._route.holds(held.handle)
+        for channel, _ in holds:
+            self._lock_manager(channel, "conversions")
         what = f"conversion of {describe(held.file.path, held.key)} to {Mode(mode).name}"
-        if not is_grant(reply):
-            raise _refusal(reply, cancel, what, writing=block is not None or invalidate)
+        old = held.mode
+        started = time.monotonic()
+        reply = self._convert(holds[0], mode, held.value_block is not None, wait, timeout, block, invalidate, cancel,
+                              what)
+        for done, hold in enumerate(holds[1:], 1):
+            left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
+            try:
+                self._convert(hold, mode, False, wait, left, block, invalidate, cancel, what)
+            except ServiceUnavailable:
+                self._route.failed(hold[0])  # given the lock in its new mode when it answers again
+            except DlsError as exc:
+                undo = f"undoing the {what} on {holds[0][0].server}"
+                try:
+                    for earlier in holds[:done]:
+                        self._convert(earlier, old, False, False, None, None, False, None, undo)
+                except DlsError as failed:
+                    self._route.disagree(held.handle, f"{exc} on {hold[0].server}, and {failed}: the services hold "
+                                                      "it in different modes")
+                raise exc from None
         held.mode = reply.mode
         if type(reply) is Acquired:
             held.token = reply.token
@@ -324,6 +339,21 @@ class Client(BaseClient):
                 _read_block(held, reply)
         self._route.converted(held.handle, reply.mode)
         self.info.granted(held.handle, held.file.path, held.file.inode, held.key, reply.mode, held.thread)
+
+    def _convert(self, hold: tuple[Channel, int], mode: int, read: bool, wait: bool, timeout: float | None,
+                 block: bytes | None, invalidate: bool, cancel: Cancel | None, what: str) -> Grant:
+        """A Convert of the lock ``hold`` names, to ``mode`` (``read``: with its value block); its grant, or the
+        refusal raised (see ``_refusal``)."""
+        channel, server_handle = hold
+        flags = (LockFlag.VALUE_BLOCK if read else LockFlag.NONE) | (self._flags & LockFlag.NO_INTERIM)
+        value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (
+            ValueFlag.INVALIDATE if invalidate else ValueFlag.NONE)
+        request = Convert(channel.next_id(), server_handle, mode, flags, value_flags, _limit(wait, timeout, cancel),
+                          block or b"")
+        reply, _waited = self._request(channel, request, cancel, "conversions", None)
+        if not is_grant(reply):
+            raise _refusal(reply, cancel, what, writing=block is not None or invalidate)
+        return reply
 
     def _wait(self, channel: Channel, request: Lock | Convert, reply: Message,
               on_wait: Callable[[Holder], None] | None) -> Message:

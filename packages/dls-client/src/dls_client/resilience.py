@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dls_proto import WAIT_FOREVER, Lock, LockFlag, Message, Reclaim, Refused, Server, UnlockAll, Waiting
 
 from .channel import Channel
-from .errors import AcknowledgementTimeout, ConfigurationError, ServiceUnavailable, Unsupported, describe
+from .errors import AcknowledgementTimeout, ConfigurationError, DlsError, ServiceUnavailable, describe
 from .link import Link, OpenChannel
 from .locks import HeldLock
 from .replies import Grant, failure, is_grant
@@ -136,10 +136,20 @@ class ResilientRoute(Route):
         self._settle_grant(holds, held)
         return held
 
-    def hold(self, handle: int) -> Hold:
-        """Not with two services: a conversion would have to be granted by both, or undone on the one that
-        granted it (not done yet)."""
-        raise Unsupported("conversions are not available with two lock services (JDLS SERVER2) yet")
+    def holds(self, handle: int) -> list[Hold]:
+        """Every working hold of lock ``handle``, the primary's first: a conversion is made on each in turn
+        (one that cannot be reached now is given the lock in its new mode when it answers again, as any lock it
+        lacks). DlsError when it is not held; ServiceUnavailable when no service holding it can be reached."""
+        with self._state:
+            holding = self._holdings.get(handle)
+            holds = [] if holding is None else [(index, hold) for index, hold in enumerate(holding.holds)
+                                                if hold is not None]
+        if holding is None:
+            raise DlsError("the lock is not held")
+        working = [hold for index, hold in holds if self._through_working(index, hold[0])]
+        if not working:
+            raise ServiceUnavailable("no lock service holding the lock can be reached now")
+        return working
 
     def _remove(self, handle: int) -> Holding | None:
         holding = self._holdings.pop(handle, None)

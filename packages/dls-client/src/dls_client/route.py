@@ -254,9 +254,10 @@ class Route:
                     break
         self.unlock(handle)
 
-    def hold(self, handle: int) -> Hold:
-        """Where lock ``handle`` is held, for a request about it (a conversion): its channel, which works, and
-        the service's handle. DlsError when it is not held; the channel's failure when it failed."""
+    def holds(self, handle: int) -> list[Hold]:
+        """Where lock ``handle`` is held, for a request about it that every service holding it must grant (a
+        conversion), in the order of the links: its channel, which works, and the service's handle. DlsError
+        when it is not held; the channel's failure when it failed (one server)."""
         with self._state:
             holding = self._holdings.get(handle)
             hold = None if holding is None else holding.holds[0]
@@ -264,7 +265,16 @@ class Route:
             raise DlsError("the lock is not held")
         if hold[0].failure is not None:
             raise hold[0].failure
-        return hold
+        return [hold]
+
+    def disagree(self, handle: int, reason: str) -> None:
+        """The services hold lock ``handle`` in different modes (a conversion granted by one, refused by
+        another, and not undone): it is lost, kept where it is held until its holder releases it (``_lose``)."""
+        with self._state:
+            holding = self._holdings.get(handle)
+        if holding is not None:
+            self._lose(handle, holding, reason)
+        self._tell()
 
     def converted(self, handle: int, mode: int) -> None:
         """Lock ``handle`` was converted to ``mode``: the mode it is reclaimed in from now on."""
