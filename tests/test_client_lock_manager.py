@@ -45,7 +45,7 @@ from dls_client import (
 )
 from dls_proto import Granted, Hello, InfoPut, Lock, Mechanism, Mode, Unlock, Welcome
 from dls_shm import SlotState, doorbell
-from dls_testkit import Service, client_for, data_file, make_service
+from dls_testkit import DLS_LOCK, Service, client_for, data_file, make_service
 from dls_testkit.clients import attached
 from dls_testkit.fake_service import SERVER_PID, FakeService
 from dls_testkit.waiting import wait_for
@@ -407,6 +407,11 @@ def test_os_file_locks_are_unsupported_saying_so(tmp_path: Path, data: Path) -> 
             held.release()
         finally:
             client.close()
+        # dls-lock's command gets no token from OS file locks, nor an outer dls-lock's (another lock's).
+        done = subprocess.run([DLS_LOCK, str(data), "OS", "sh", "-c", 'echo "[${DLS_FENCING_TOKEN-unset}]"'],
+                              env={**svc.env, "DLS_FENCING_TOKEN": "999"}, capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+        assert (done.returncode, done.stdout) == (0, "[unset]\n"), done
 
 
 def test_the_readme_examples_run_through_the_service(
@@ -430,3 +435,19 @@ def test_the_readme_examples_run_through_the_service(
     out = capsys.readouterr().out
     assert "reading under PR\nwriting under EX\n" in out and "got it" in out
     assert "reload" not in out and "rebuild" not in out
+
+
+def test_dls_lock_passes_the_fencing_token_to_its_command(daemon: Service, data: Path) -> None:
+    """dls-lock's command gets the lock's fencing token in DLS_FENCING_TOKEN: a number, greater at each run; an
+    outer one's (a dls-lock inside another's command) is replaced, never passed on."""
+    tokens = []
+    for _ in range(2):
+        done = daemon.dls_lock(str(data), "TOKEN", "sh", "-c", 'echo "$DLS_FENCING_TOKEN"')
+        assert done.returncode == 0, done.stderr
+        tokens.append(int(done.stdout))
+    nested = daemon.dls_lock(str(data), "OUTER", "sh", "-c",
+                             f'echo "$DLS_FENCING_TOKEN"; {DLS_LOCK} {data} TOKEN sh -c \'echo "$DLS_FENCING_TOKEN"\'')
+    assert nested.returncode == 0, nested.stderr
+    outer, inner = map(int, nested.stdout.split())
+    tokens.append(inner)
+    assert 0 < tokens[0] < tokens[1] < tokens[2] and outer > 0, (tokens, outer)

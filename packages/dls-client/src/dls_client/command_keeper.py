@@ -54,6 +54,7 @@ import errno
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -70,6 +71,11 @@ STOP = signal.SIGUSR1
 HOLDER_GONE = signal.SIGUSR2
 #: si_code of a signal the kernel sent: from a terminal (Ctrl-C, Ctrl-\, a hangup), to a whole process group.
 SI_KERNEL = 0x80
+#: The environment variable that tells the command its lock's fencing token (issue 14): a number that strictly
+#: increases per record at each grant, for a store to refuse the writes of a holder older than the last it saw.
+FENCING_VARIABLE = "DLS_FENCING_TOKEN"
+#: How the holder's go carries the token to the keeper.
+_TOKEN = struct.Struct("=Q")
 #: The signals Python sets to "ignore" for itself, put back to the default for the command (as subprocess does).
 _PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 #: How long the keeper sleeps when nothing happens (a SIGCHLD or a signal wakes it at once); it then takes
@@ -141,10 +147,11 @@ class Keeper:
         connections.holder_side()
         return cls(pid, go_write, lease, connections)
 
-    def run_command(self) -> None:
-        """The lock is held (and leased): start the command."""
+    def run_command(self, token: int = 0) -> None:
+        """The lock is held (and leased): start the command, with the lock's fencing token ``token`` in its
+        environment (FENCING_VARIABLE; 0: none, and none inherited either)."""
         with contextlib.suppress(BrokenPipeError):  # a keeper that ended already is found by wait()
-            os.write(self._go, b"!")
+            os.write(self._go, b"!" + _TOKEN.pack(token))  # one write, within PIPE_BUF: read whole
         os.close(self._go)
 
     def abandon(self) -> None:
@@ -216,6 +223,8 @@ class _Keeping:
         self.say = say
         self.all_processes = all_processes
         self.me = os.getpid()
+        #: The lock's fencing token, told with the go (0: none).
+        self.token = 0
         #: When KILL follows the TERM of a stop (monotonic), once told to stop.
         self.kill_at: float | None = None
         self.killing = False
@@ -227,9 +236,11 @@ class _Keeping:
         if self.all_processes:
             become_subreaper()  # not inherited from the holder's
         die_with_parent(HOLDER_GONE)
-        if os.getppid() != self.holder or os.read(go, 1) != b"!":
+        said = os.read(go, 1 + _TOKEN.size)
+        if os.getppid() != self.holder or said[:1] != b"!":
             return exitcodes.OK  # the holder ended, or gave up, before it had the lock: nothing ran
         os.close(go)
+        self.token = _TOKEN.unpack(said[1:])[0] if len(said) == 1 + _TOKEN.size else 0
         self.connections.take()  # handed over before the go: held from before the command runs
         command = self._start()
         return -command if command < 0 else self._keep(command)
@@ -246,6 +257,10 @@ class _Keeping:
                     for signum in _PYTHON_IGNORES:
                         signal.signal(signum, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, self.command_mask)
+                    if self.token:
+                        os.environ[FENCING_VARIABLE] = str(self.token)
+                    else:  # none: not an outer dls-lock's either, which would be another lock's
+                        os.environ.pop(FENCING_VARIABLE, None)
                     exec_command(self.argv)
             except OSError as exc:
                 os.write(report_write, str(exc.errno).encode())

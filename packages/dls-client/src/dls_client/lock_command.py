@@ -54,6 +54,13 @@ session of its own or forked twice keeps the lock too. dls-lock is their
 subreaper (they are reparented to it, not to init); -v says which ones it waits
 for once the command has ended. The exit status is still the command's.
 
+The command runs with DLS_FENCING_TOKEN set to the lock's fencing token, a
+number that strictly increases per record at each grant: whatever the command
+writes to can refuse the writes of a holder older than the last it saw (one
+that lost its lock while it was stopped, say). It is unset where the service
+gives none (OS file locks, a service of protocol version 2 or 3). --hold
+cannot set it in the calling shell.
+
 The signals TERM, INT, HUP and QUIT sent to dls-lock are passed on to every
 process the command started, once each: one the terminal sends (Ctrl-C,
 Ctrl-\\) reaches the processes in dls-lock's process group by itself, so
@@ -563,7 +570,7 @@ def _run_holding(client: Client, held: HeldLock, keeper: Keeper, relay: _SignalR
 
     renewal = Renewal(keeper.lease, lambda: client.held_until(held),
                       also=lambda: keeper.connections.keep(client.held_through(held)))
-    keeper.run_command()
+    keeper.run_command(held.token)
     status = keeper.wait()
     renewal.stop()
     relay.keeper = None
