@@ -319,7 +319,7 @@ FAKE_CLIENT = textwrap.dedent("""
     from dls_client import LockLost, Mode, client, lock_command
 
     class FakeHeld:
-        mode, value, lost, lost_reason = Mode.EX, 0, False, None
+        mode, value, token, lost, lost_reason = Mode.EX, 0, 0, False, None
 
         def release(self):
             if self.lost:
