@@ -8,7 +8,11 @@ What it shows, in about fifteen seconds and with nothing left behind:
    transfers through the service; the locks held at one instant are shown;
    the total is unchanged because every transfer locked both its records;
 4. the same processes without locks: updates are lost and the total is wrong;
-5. the service stopped and its shared memory removed, and a check that no
+5. a cache kept coherent between processes by a lock value block: readers keep a
+   rate in memory and read the file again only when the version in the record's
+   value block changed, or when the block is NOT VALID because a writer was killed
+   while it held the record;
+6. the service stopped and its shared memory removed, and a check that no
    process and no IPC resource of the instance remains.
 
 Usage: ./dev demo   (or .venv/bin/python tools/demo.py); exit status 0 only if
@@ -21,6 +25,7 @@ import argparse
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +45,10 @@ from demo_transfer import RECORD, account_id, format_record  # tools/ is no pack
 
 TOOLS = Path(__file__).resolve().parent
 TRANSFER = TOOLS / "demo_transfer.py"
+CACHE = TOOLS / "demo_cache.py"
+#: Processes of the cache step that read the rate, and how many updates each writer makes.
+READERS = 3
+UPDATES = 20
 JDLS = [sys.executable, "-m", "dls_daemon"]
 #: dls-utils' tool, installed beside this Python; without it the demo asks jdls -dL.
 SHOW_ITEM_LOCKS = Path(sys.executable).parent / "show-item-locks"
@@ -223,6 +232,75 @@ class Demo:
         extra = f"; {waits} lock requests had to wait for another process" if locks else ""
         say(f"All {CLIENTS} finished: {CLIENTS * self.transfers} transfers in {elapsed:.1f} s{extra}.")
 
+    # -- the cache kept coherent by a value block --------------------------------------------------------
+
+    def cache_process(self, n: int, *args: str) -> subprocess.Popen[str]:
+        env = {**self.env, "JDLS": f"SERVER=127.0.0.1,{self.port}", "JBCPORTNO": str(100 + n)}
+        proc = subprocess.Popen([sys.executable, str(CACHE), str(self.rates), *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.clients.append(proc)
+        return proc
+
+    @property
+    def rates(self) -> Path:
+        return self.root / "data" / "FBNK.CURRENCY"
+
+    def finish(self, proc: subprocess.Popen[str], what: str) -> tuple[int, list[str]]:
+        """Wait for one process of the cache step: its status and the words it printed last."""
+        try:
+            out, err = proc.communicate(timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail_clients(f"{what} (pid {proc.pid}) did not finish in {STEP_TIMEOUT:g} s")
+        if proc.returncode not in (0, -signal.SIGKILL):
+            show(err)
+            self.fail_clients(f"{what} (pid {proc.pid}) failed with status {proc.returncode}")
+        self.clients.remove(proc)
+        return proc.returncode, (out.splitlines() or [""])[-1].split()
+
+    def cache_step(self) -> bool:
+        """Step 5; True if no reader ever used a stale rate, and the killed writer's block was seen NOT VALID."""
+        self.rates.write_bytes(b"1.0000         \n")
+        stop = self.root / "data" / "stop-readers"
+        say(f"A cache kept coherent by a lock value block: {READERS} processes keep the USD rate of "
+            f"{self.rates.relative_to(self.root)} in memory; a writer changes it {UPDATES} times.")
+        readers = [self.cache_process(n, "reader", str(stop)) for n in range(1, READERS + 1)]
+        self.wait_ready_of(readers)
+        status, _ = self.finish(self.cache_process(10, "writer", str(UPDATES), "--die"), "the first writer")
+        say(f"  the writer made {UPDATES} updates, then was killed (SIGKILL) holding the record in EX "
+            f"(status {status})")
+        time.sleep(0.3)  # the readers see the block NOT VALID meanwhile
+        self.finish(self.cache_process(11, "writer", str(UPDATES)), "the second writer")
+        say(f"  a second writer made {UPDATES} more updates")
+        time.sleep(0.2)
+        stop.touch()
+        coherent = seen = True
+        for n, proc in enumerate(readers, 1):
+            _, words = self.finish(proc, f"reader {n}")
+            if len(words) != 5 or words[0] != "done":
+                self.fail_clients(f"reader {n} said {' '.join(words)!r}")
+            reads, refreshes, not_valid, stale = map(int, words[1:])
+            say(f"  reader {n}: {reads} uses of the rate, {reads - refreshes} from its cache, {refreshes} read "
+                f"from the file ({not_valid} times the block was NOT VALID), {stale} stale")
+            coherent = coherent and stale == 0
+            seen = seen and not_valid > 0
+        if coherent and seen:
+            say("  No reader ever used a stale rate, and none read the file more than the versions required,")
+            say("  except after the killed writer: its lock's value block was NOT VALID until the next write.")
+        elif not coherent:
+            say("  A reader used a stale rate: WRONG: the value block failed to keep the caches coherent.")
+        else:
+            say("  A reader never saw the killed writer's block NOT VALID: WRONG.")
+        return coherent and seen
+
+    def wait_ready_of(self, procs: list[subprocess.Popen[str]]) -> None:
+        for proc in procs:
+            assert proc.stdout is not None
+            if not select.select([proc.stdout], [], [], STEP_TIMEOUT)[0]:
+                self.fail_clients(f"a cache process (pid {proc.pid}) did not start in {STEP_TIMEOUT:g} s")
+            line = proc.stdout.readline()
+            if line != "ready\n":
+                self.fail_clients(f"a cache process (pid {proc.pid}) did not start: {line!r}")
+
     def show_locks(self) -> None:
         """The locks held at this instant: show-item-locks when installed, else jdls -dL."""
         tool = SHOW_ITEM_LOCKS
@@ -269,7 +347,7 @@ def _last_line(text: str) -> str:
 
 
 def tour(demo: Demo) -> bool:
-    """Steps 1-4; True if the locked run kept the total."""
+    """Steps 1-5; True if the locked run kept the total and the value block kept the caches coherent."""
     demo.start_service()
     say()
     demo.create_accounts()
@@ -300,7 +378,9 @@ def tour(demo: Demo) -> bool:
         say(f"  total {unlocked_total}: this time the races happened to cancel out; run again "
             "(the total is wrong almost every time).")
     say()
-    return kept
+    cached = demo.cache_step()
+    say()
+    return kept and cached
 
 
 def main(argv: list[str] | None = None) -> int:
