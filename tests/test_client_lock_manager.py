@@ -397,6 +397,8 @@ def test_os_file_locks_are_unsupported_saying_so(tmp_path: Path, data: Path) -> 
         try:
             with pytest.raises(Unsupported, match="OS file locks"):
                 client.lock(data, "OS", value_block=True)
+            with pytest.raises(Unsupported, match="OS file locks"):
+                client.lock(data, "OS", on_blocking=lambda held, mode: None)
             held = client.lock(data, "OS", Mode.EX, timeout=5)
             assert held.token == 0
             with pytest.raises(Unsupported, match="OS file locks"):
@@ -451,3 +453,31 @@ def test_dls_lock_passes_the_fencing_token_to_its_command(daemon: Service, data:
     outer, inner = map(int, nested.stdout.split())
     tokens.append(inner)
     assert 0 < tokens[0] < tokens[1] < tokens[2] and outer > 0, (tokens, outer)
+
+
+def test_a_blocking_notice_reaches_an_idle_holder_within_100_ms(clients: Callable[[], Client], data: Path) -> None:
+    """Blocking notices through the service: the holder makes no request (nobody reads its connection but the
+    notice reader), another client's request queues behind its lock: the holder's callback is called within
+    100 ms, once, on a thread of its own, with the mode wanted; converting down to NL lets the other in."""
+    holder, other = clients(), clients()
+    told: list[tuple[HeldLock, int, str, float]] = []
+    notified = threading.Event()
+
+    def on_blocking(held: HeldLock, mode: int) -> None:
+        told.append((held, mode, threading.current_thread().name, time.monotonic()))
+        notified.set()
+
+    held = holder.lock(data, "RATE", mode=Mode.PW, on_blocking=on_blocking)
+    with ThreadPoolExecutor(1) as pool:
+        waiter: Future[HeldLock] = pool.submit(other.lock, data, "RATE", mode=Mode.EX, timeout=30)
+        asked = time.monotonic()
+        assert notified.wait(5), "no blocking notice"
+        (notice, mode, thread, when), = told
+        assert (notice, mode) == (held, Mode.EX) and thread != threading.current_thread().name
+        assert when - asked < 0.1, f"told {when - asked:.3f} s after the request was sent"
+        assert not waiter.done()
+        held.convert(Mode.NL)
+        waiter.result(timeout=10).release()
+    assert len(told) == 1, "told once"
+    held.release()
+

@@ -23,6 +23,7 @@ import pytest
 from dls_proto import (
     WAIT_FOREVER,
     Acquired,
+    Blocking,
     BlockStatus,
     Cancel,
     Convert,
@@ -30,6 +31,7 @@ from dls_proto import (
     EchoReply,
     Error,
     ErrorCode,
+    Granted,
     Lock,
     LockFlag,
     Message,
@@ -301,6 +303,35 @@ def test_lost_ex_holder_leaves_the_block_not_valid(daemon: Service, data: Path) 
     b.echo()
     assert c.answer(c.convert(c_held.handle, Mode.PR, flags=LockFlag.VALUE_BLOCK), Acquired).block_status == \
         BlockStatus.VALID
+
+
+def test_blocking_notice_names_the_lock_and_the_mode_once_and_not_to_an_older_client(
+    daemon: Service, data: Path,
+) -> None:
+    """A Lock with NOTIFY: a request queued behind it sends its client a Blocking (the Lock's id, the handle it
+    was given, the mode wanted), once until nobody waits; a version-3 client's NOTIFY bit means nothing (it
+    would not know a Blocking: none is sent)."""
+    holder, waiter = Peer(daemon, 7101), Peer(daemon, 7102)
+    rid = holder.lock(data, b"NOTICE", Mode.PW, flags=LockFlag.NOTIFY)
+    held = holder.answer(rid, Acquired)
+    waiter.lock(data, b"NOTICE", Mode.EX, flags=LockFlag.NO_INTERIM, timeout_ms=WAIT_FOREVER)
+    notice = holder.event(Blocking)
+    assert (notice.request_id, notice.handle, notice.mode) == (rid, held.handle, Mode.EX)
+    waiter.lock(data, b"NOTICE", Mode.PR, flags=LockFlag.NO_INTERIM, timeout_ms=WAIT_FOREVER)
+    assert holder.silent(0.3), "told once"
+    old = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    daemon.sockets.append(old)
+    conn, welcome = greet(old, 7103, max_version=3)
+    assert welcome.version == 3
+    old.sendall(conn.send(Lock(2, Mode.EX, LockFlag.NOTIFY, 0, 1, data.stat().st_ino, -1, b"OLD", str(data))))
+    granted = receive(old, conn, Granted)
+    other = Peer(daemon, 7104)
+    other.lock(data, b"OLD", Mode.EX, flags=LockFlag.NO_INTERIM, timeout_ms=WAIT_FOREVER)
+    old.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        old.recv(1)  # nothing: no Blocking for a client of version 3
+    old.sendall(conn.send(Unlock(3, granted.handle)))
+    holder.send(Unlock(holder.next_id(), held.handle))
 
 
 @pytest.fixture

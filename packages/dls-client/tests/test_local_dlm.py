@@ -602,7 +602,7 @@ def test_the_readme_examples_run(table: LockTable, tmp_path: Path, monkeypatch: 
     text = (Path(__file__).parents[1] / "README.md").read_text()
     section = text[text.index("## Conversions, value blocks"):text.index("## Lock information")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "FBNK.ACCOUNT").touch()
     monkeypatch.chdir(tmp_path)

@@ -50,6 +50,10 @@ class BlockingNotices:
         if early is not None:
             self._queue.put((held, callback, early))
 
+    def watching(self) -> bool:
+        """Whether any lock is watched."""
+        return bool(self._watched)
+
     def forget(self, handle: int) -> None:
         """No more notices about this lock (released, lost)."""
         with self._lock:

@@ -452,6 +452,56 @@ class Channel:
                 return None
         return None
 
+    def read_idle(self) -> bool:
+        """Read what has come while no request thread reads the connection (a blocking notice, say), without
+        waiting for more: each message goes where a reader would send it (``_deliver``). False when a request
+        thread reads now (it delivers them itself) or the connection failed; True when what was there is read.
+        Only a client with locks that asked for blocking notices calls it (``notice_reader``)."""
+        if self.failure is not None or not self._read_lock.acquire(blocking=False):
+            return False
+        try:
+            while True:
+                event = self.conn.next_event()
+                if isinstance(event, NeedData):
+                    data = self._recv_now()
+                    if data is None:
+                        return True
+                    self.conn.receive_data(data)
+                    continue
+                if isinstance(event, ConnectionClosed):
+                    self.fail(f"lock service {self.server} closed the connection")
+                    return False
+                if not isinstance(event, UnknownMessage):
+                    if self._trace is not None:
+                        self._trace_received(event)
+                    self._deliver(event.request_id, event)
+        except RemoteProtocolError as exc:
+            self.fail(f"lock service {self.server} sent bad data: {exc}")
+            return False
+        except OSError as exc:
+            self.fail(f"connection to lock service {self.server} failed: {_reason(exc)}")
+            return False
+        finally:
+            self._read_lock.release()
+            if self._followers:
+                with self._cond:
+                    self._cond.notify_all()
+
+    def _recv_now(self) -> bytes | None:
+        """What the socket holds now (b"" at its end), None when nothing: never waits."""
+        if self._tls_guard is None:
+            try:
+                return self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+        import ssl  # imported already with TLS in use (dls_proto.tls); a client without TLS does without it
+
+        with self._tls_guard:  # the SSL socket is non-blocking already
+            try:
+                return self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+
     def _deliver(self, target: int, event: Message) -> None:
         """Hand a reply to the thread awaiting it, or to ``unsolicited`` when none does."""
         other = self._mail.get(target)

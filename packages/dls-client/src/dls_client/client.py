@@ -17,11 +17,13 @@ import signal
 import time
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dls_proto import (
     ALL_THREADS,
     WAIT_FOREVER,
     Acquired,
+    Blocking,
     BlockStatus,
     Convert,
     Echo,
@@ -59,6 +61,10 @@ from .route import Events, Route
 from .trace import Tracer
 from .watcher import Watched, Watcher
 
+if TYPE_CHECKING:
+    from .blocking import BlockingNotices
+    from .notice_reader import NoticeReader
+
 #: The protocol version from which a lock service converts locks, keeps value blocks, gives fencing tokens and
 #: takes Cancel.
 LOCK_MANAGER_VERSION = 4
@@ -94,6 +100,10 @@ class Client(BaseClient):
         #: What this client knows of its locks, for proc/info (see dls_client.lockinfo).
         self.info = LockInfo()
         self._route = self._new_route()
+        #: The callbacks of locks taken with on_blocking, and the thread that reads their notices (made with
+        #: the first such lock).
+        self._notices: BlockingNotices | None = None
+        self._notice_reader: NoticeReader | None = None
         ref = weakref.ref(self)
         self._watcher = Watcher(lambda: _route_of(ref), self.trace.error)
 
@@ -153,7 +163,25 @@ class Client(BaseClient):
         of them keeps the lock until it lets them go (see dls_client.kept_connections)."""
         return self._route.held_through(held.handle)
 
+    def _watch_notices(self, held: HeldLock, callback: OnBlocking) -> None:
+        """Tell ``callback`` of the blocking notices about ``held`` (on the notices' own thread), and read the
+        connection for them while the application makes no request (``notice_reader``)."""
+        if self._notices is None:
+            from .blocking import BlockingNotices  # only with notices: a client's start-up does without them
+            from .notice_reader import NoticeReader
+
+            notices = self._notices = BlockingNotices(self.trace.error)
+            route = self._route
+            self._notice_reader = NoticeReader(lambda: route.channels(), notices.watching)
+        self._notices.watch(held, callback)
+        assert self._notice_reader is not None
+        self._notice_reader.start()
+
     def _unsolicited(self, message: Message) -> None:
+        if type(message) is Blocking:
+            if self._notices is not None:
+                self._notices.deliver(message.handle, message.mode)
+            return
         if isinstance(message, Error):
             self.async_errors.append(message)
             self.trace.error(f"Client: lock service reported for request {message.request_id}: {message.reason}")
@@ -172,6 +200,9 @@ class Client(BaseClient):
         """Close the connection: the service releases every lock of this client (their HeldLocks count as
         released). Used again, the client connects again."""
         self._watcher.stop()
+        if self._notices is not None:
+            self._notices.close()
+            self._notices = self._notice_reader = None
         route, self._route = self._route, self._new_route()
         route.close()
         self.info.released_all()
@@ -206,13 +237,15 @@ class Client(BaseClient):
               on_blocking: OnBlocking | None = None) -> HeldLock:
         """Send a lock request (with ``flags``, else JDLS's), take its answers up to the last, and return
         the lock (or raise); the Route asks again when the server fails under it."""
-        if on_blocking is not None:
-            raise Unsupported("blocking notices are not available yet")
         if flags is None:
             flags = self._flags
         if value_block:
             flags |= LockFlag.VALUE_BLOCK
-        extras = value_block or cancel is not None
+        if on_blocking is not None:
+            if self.config.server2 is not None:
+                raise Unsupported("blocking notices are not available with SERVER2 (a resilient client) yet")
+            flags |= LockFlag.NOTIFY
+        extras = value_block or cancel is not None or on_blocking is not None
         limit = _limit(wait, timeout, cancel)
         thread = identity.thread_id()
         route = self._route
@@ -237,8 +270,8 @@ class Client(BaseClient):
 
             request = Lock(channel.next_id(), mode, flags, limit, thread, ref.inode, REMOTE_DEVICE, key, ref.path)
             if extras:
-                reply, waited = self._request(channel, request, cancel, "value blocks" if value_block else "cancel",
-                                              on_wait)
+                what = "value blocks" if value_block else "blocking notices" if on_blocking else "cancel"
+                reply, waited = self._request(channel, request, cancel, what, on_wait)
             else:
                 reply = channel.request(request)
                 waited = type(reply) is Waiting
@@ -249,6 +282,8 @@ class Client(BaseClient):
                                describe(ref.path, key))
             granted = reply
             held = route.held(channel, request, granted, make, started)
+            if on_blocking is not None:
+                self._watch_notices(held, on_blocking)
             if waited or new_file:
                 self._publish_quietly()  # the wait ended, or a first lock in this file: publish the lock now held
             return held
@@ -418,6 +453,8 @@ class Client(BaseClient):
             self._release_writing(held, block, invalidate)
             return
         handle = held.handle
+        if self._notices is not None:
+            self._notices.forget(handle)
         # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
         # than the lock-delay releases a lock it lost meanwhile, and must be told (LockLost), not "released".
         self._route.release(handle)
@@ -429,6 +466,8 @@ class Client(BaseClient):
         refused by the first service leaves the lock held (NotWritable, InvalidRequest); by a later one, it is
         released there plainly, and said in the error trace."""
         self._route.verify(held.handle)  # a hold that hung up is settled first (LockLost, not "released")
+        if self._notices is not None:
+            self._notices.forget(held.handle)
         if held.lost:
             return  # HeldLock.release says LockLost
         value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (

@@ -72,6 +72,7 @@ from dls_proto import (
     PROTOCOL_VERSIONS,
     WAIT_FOREVER,
     Acquired,
+    Blocking,
     BlockStatus,
     Cancel,
     Connection,
@@ -161,6 +162,7 @@ _OSLOCK = int(LockFlag.OSLOCK)
 #: The Lock flags of version 4, and VALUE_BLOCK alone, as plain ints (the lock path tests them).
 _V4_FLAGS = int(LockFlag.VALUE_BLOCK | LockFlag.NOTIFY)
 _VALUE_BLOCK = int(LockFlag.VALUE_BLOCK)
+_NOTIFY = int(LockFlag.NOTIFY)
 #: The value flags a Convert or a Release may carry.
 _VALUE_FLAGS = int(ValueFlag.WRITE | ValueFlag.INVALIDATE)
 #: The protocol version from which Lock and Convert are answered with Acquired (fencing token, value block).
@@ -289,6 +291,10 @@ class LockServer:
         self._keep = False
         self._bell: Doorbell | None = None
         self._token = 0  # the doorbell's, once made
+        #: The doorbell the table sends this client's blocking notices to (made with the first Lock asking for
+        #: them, NOTIFY), and the locks that asked: their handle and the id of the Lock that took each.
+        self._notices: Doorbell | None = None
+        self._notice_ids: dict[int, int] = {}
         self._finished = False
         #: The processes that waiting requests wait on, watched: the end of one wakes this lock server.
         self._watch = HolderWatch()
@@ -521,6 +527,8 @@ class LockServer:
             if event is NEED_DATA:
                 if self.pending:
                     self._wait_with_pending()
+                elif self._notice_ids:
+                    self._wait_with_notices()
                 else:
                     receive(read())
                 continue
@@ -542,8 +550,11 @@ class LockServer:
         holders, ended = self._watch_holders()
         # Bytes decrypted already (TLS) are data poll does not see: do not sleep on them.
         decrypted = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        ready = readable([self.sock.fileno(), bell.fileno(), *holders],
+        notices = [self._notices.fileno()] if self._notices is not None else []
+        ready = readable([self.sock.fileno(), bell.fileno(), *holders, *notices],
                          0.0 if decrypted or ended else max(0.0, due - now))
+        if notices and notices[0] in ready:
+            self._send_notices()
         rung = bell.fileno() in ready
         if rung:
             bell.drain()
@@ -553,6 +564,32 @@ class LockServer:
         self._retry_pending(rung or ended)
         if decrypted or self.sock.fileno() in ready:
             self._read_ready()
+
+    def _wait_with_notices(self) -> None:
+        """Nothing waits, but locks asked for blocking notices: sleep on the socket and the notice doorbell,
+        sending each notice as it comes (the common path, with neither, reads the socket alone)."""
+        assert self._notices is not None
+        decrypted = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+        ready = readable([self.sock.fileno(), self._notices.fileno()], 0.0 if decrypted else None)
+        if self._notices.fileno() in ready:
+            self._send_notices()
+        if decrypted or self.sock.fileno() in ready:
+            self._read_ready()
+
+    def _notice_token(self) -> int:
+        """The token of this lock server's notice doorbell, made on first use."""
+        if self._notices is None:
+            self._notices = Doorbell()
+        return self._notices.token
+
+    def _send_notices(self) -> None:
+        """Tell the client of each blocking notice that came for a lock it still holds (Blocking, named by the
+        request that took the lock and the handle the client knows): once each, as the table sends them."""
+        assert self._notices is not None
+        for handle, mode in self._notices.notices():
+            rid = self._notice_ids.get(handle)
+            if rid is not None and handle in self.held:
+                self._send_unsolicited(Blocking(rid, self._outer.get(handle, handle), mode))
 
     def _watch_holders(self) -> tuple[list[int], bool]:
         """Watch the processes that block the waiting requests (a lock nobody frees when its holder dies: the
@@ -645,15 +682,20 @@ class LockServer:
         if req.flags & _V4_FLAGS and self._acquired and self._unserved(req.request_id, mechanism, req.flags, 0):
             return
         thread = req.thread_id
+        # Blocking notices are version 4's: the bit from an older client means nothing.
+        notify = self._notice_token() if req.flags & _NOTIFY and self._acquired else 0
         try:
             result = mechanism.lock(self.owners.get(thread) or self._owner(thread), req.inode, req.device,
-                                    req.key, req.mode, wait_token=self._token if req.timeout_ms else 0)
+                                    req.key, req.mode, wait_token=self._token if req.timeout_ms else 0,
+                                    notify=notify)
         except TableError as exc:
             self._table_error(req.request_id, exc)
             return
         if isinstance(result, Grant):
             self.stats.granted += 1
             outer = self._granted(result, thread, mechanism)
+            if notify:
+                self._notice_ids[result.handle] = req.request_id
             if not self._acquired:
                 self._send(Granted(req.request_id, outer, result.mode, result.value))
             elif req.flags & _VALUE_BLOCK:
@@ -688,8 +730,9 @@ class LockServer:
         why = None
         if value_flags & ~_VALUE_FLAGS:
             why = f"unknown value flags 0x{value_flags:02x}"
-        elif flags & LockFlag.NOTIFY:
-            why = "blocking notices (NOTIFY) are not served by this lock service yet"
+        elif flags & LockFlag.NOTIFY and mechanism is not self.mechanisms.table:
+            why = ("OS file locks cannot send blocking notices (this lock is an OS file lock: a binary lock, or a "
+                   "service run without a lock table, jdls -ibD); the lock table can")
         elif mechanism is not self.mechanisms.table and (convert or flags & _VALUE_BLOCK or value_flags):
             what = "convert a lock in place" if convert else "keep value blocks"
             why = (f"OS file locks cannot {what} (this lock is an OS file lock: a binary lock, or a service run "
@@ -798,6 +841,7 @@ class LockServer:
                 return seal
 
     def _forget_handle(self, handle: int) -> None:
+        self._notice_ids.pop(handle, None)
         outer = self._outer.pop(handle, None)
         if outer is not None:
             del self._inner[outer]
@@ -857,6 +901,8 @@ class LockServer:
                     outer = request.handle
                 else:
                     outer = self._granted(result, p.thread, p.mechanism)
+                    if request.flags & _NOTIFY and self._acquired:
+                        self._notice_ids[result.handle] = rid
                 self._send_unsolicited(self._answer(rid, outer, result, request.flags, p.mechanism) if
                                        self._acquired else Granted(rid, outer, result.mode, result.value))
                 continue
@@ -1140,6 +1186,8 @@ class LockServer:
                 self._port_claim = None
             if self._bell is not None:
                 self._bell.close()
+            if self._notices is not None:
+                self._notices.close()
         return count, kept
 
 
