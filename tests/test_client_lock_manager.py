@@ -42,6 +42,7 @@ from dls_client import (
     NotWritable,
     Server,
     Unsupported,
+    exitcodes,
 )
 from dls_proto import Granted, Hello, InfoPut, Lock, Mechanism, Mode, Unlock, Welcome
 from dls_shm import SlotState, doorbell
@@ -96,6 +97,16 @@ def queued(daemon: Service, key: bytes, count: int = 1, unless: Callable[[], obj
             return sum(e.slot.state == SlotState.WAITING and e.slot.key[:e.slot.key_len] == key
                        for e in table.scan()) >= count or bool(unless())
     wait_for(waiters, 5, f"{count} request(s) for {key!r} queued")
+
+
+def refuse_as_deadlocked(daemon: Service, key: bytes) -> None:
+    """Mark the request waiting for ``key`` DEADLOCK in the table and ring it, as the monitor's detector does to
+    the victim of a cycle (the detector's own tests make real cycles)."""
+    with attached(daemon) as table:
+        entry = next(e for e in table.scan() if e.slot.state == SlotState.WAITING and e.slot.key.startswith(key))
+        with table._group_held(entry.group):
+            table._mv[table.geometry.slot_offset(entry.index) + 8] = SlotState.DEADLOCK  # the slot's state byte
+        doorbell.ring(entry.slot.doorbell)
 
 
 def waiting(future: Future[Any], seconds: float = 0.3) -> bool:
@@ -172,11 +183,7 @@ def test_a_deadlock_victim_raises_deadlock_and_keeps_its_lock(
     converting = pool.submit(held_a.convert, Mode.EX)
     queued(daemon, b"CYCLE")
     assert waiting(converting, 0.2)
-    with attached(daemon) as table:
-        entry = next(e for e in table.scan() if e.slot.state == SlotState.WAITING and e.slot.key.startswith(b"CYCLE"))
-        with table._group_held(entry.group):
-            table._mv[table.geometry.slot_offset(entry.index) + 8] = SlotState.DEADLOCK  # the slot's state byte
-        doorbell.ring(entry.slot.doorbell)
+    refuse_as_deadlocked(daemon, b"CYCLE")
     with pytest.raises(Deadlock, match="deadlock"):
         converting.result(5)
     assert held_a.mode == Mode.PR
@@ -453,6 +460,24 @@ def test_dls_lock_passes_the_fencing_token_to_its_command(daemon: Service, data:
     outer, inner = map(int, nested.stdout.split())
     tokens.append(inner)
     assert 0 < tokens[0] < tokens[1] < tokens[2] and outer > 0, (tokens, outer)
+
+
+def test_dls_lock_refused_as_a_deadlock_victim_exits_with_its_own_code(daemon: Service, data: Path) -> None:
+    """dls-lock waiting for a lock that its request is refused to break a deadlock: it says so and exits with
+    EDEADLK (35), the command never run; another status than any other outcome of dls-lock's."""
+    holder = client_for(daemon)
+    try:
+        held = holder.lock(data, "DEADLOCKED", Mode.EX, timeout=5)
+        waiter = daemon.dls_lock_popen(str(data), "DEADLOCKED", "sh", "-c", "echo ran", stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+        queued(daemon, b"DEADLOCKED")
+        refuse_as_deadlocked(daemon, b"DEADLOCKED")
+        out, err = waiter.communicate(timeout=10)
+        assert (waiter.returncode, out) == (exitcodes.DEADLOCK, b"") and exitcodes.DEADLOCK == 35, err
+        assert b"deadlock" in err
+        held.release()
+    finally:
+        holder.close()
 
 
 def test_a_blocking_notice_reaches_an_idle_holder_within_100_ms(clients: Callable[[], Client], data: Path) -> None:

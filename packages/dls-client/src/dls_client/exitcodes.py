@@ -7,6 +7,7 @@ command dls-lock cannot run.
 
 from __future__ import annotations
 
+import errno
 import os
 
 OK = os.EX_OK
@@ -25,6 +26,9 @@ CONFIG = os.EX_CONFIG
 #: again. No other outcome of dls-lock gives it: after 1 (or -E's), 66, 69 or 78 the command never ran
 #: (a lock lost before the command started is 69, the service lost).
 LOST = os.EX_TEMPFAIL
+#: dls-lock: the lock request was refused to break a deadlock (it closed a cycle of waiting requests): the
+#: errno of a deadlock (EDEADLK), as the DLM's lock call returns it. The command never ran; run it again.
+DEADLOCK = errno.EDEADLK
 #: dls-lock --hold: the socket -u reaches the hold process through cannot be made (its directory, under /tmp).
 CANT_CREATE = os.EX_CANTCREAT
 #: dls-lock: an internal error (its traceback says where).

@@ -163,7 +163,8 @@ EPILOG = (
     "(or lost\n"
     f"before the command ran); {exitcodes.CONFIG} bad JDLS; {exitcodes.CANNOT_RUN}/{exitcodes.NOT_FOUND} command "
     f"not runnable; {exitcodes.USAGE} usage\n"
-    "error (a KEY longer than a request carries too).")
+    f"error (a KEY longer than a request carries too); {exitcodes.DEADLOCK} (EDEADLK) the request was refused to\n"
+    "break a deadlock (the command did not run).")
 
 
 def _untranslated() -> None:
@@ -517,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     early = _EarlyConnection(config.server)
     from .client import Client
     from .command_keeper import Keeper
-    from .errors import LockRefused
+    from .errors import Deadlock, LockRefused
 
     # Before any thread exists (the keeper is forked, the relay's thread and the client's inherit the mask).
     # Until then a signal of PASSED_ON ends dls-lock by its default action, as the relay does.
@@ -544,6 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _tell(str(exc))
         keeper.abandon()
         return exitcodes.CONFIG
+    except Deadlock as exc:  # chosen as the one request of a cycle of waiters to refuse
+        _tell(str(exc))
+        keeper.abandon()
+        return exitcodes.DEADLOCK
     except DlsError as exc:  # the service cannot be reached or was lost, or refused the request
         _tell(str(exc))
         keeper.abandon()
