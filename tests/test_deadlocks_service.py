@@ -129,3 +129,51 @@ def test_a_cycle_of_a_local_process_and_a_remote_client_refuses_the_remote_reque
     finally:
         remote.close()
         table.close()
+
+
+def test_a_three_way_cycle_of_a_local_process_and_two_remote_clients_refuses_only_the_newest(
+    service: Service, children: Any, pipes: Any,
+) -> None:
+    """L (local) holds A and waits for B; R1 (remote) holds B and waits for C; R2 (remote) holds C and closes
+    the cycle asking for A: only R2's request is refused, within a second; once R2 lets C go, R1 and then L go on."""
+    table = LockTable.attach(service.instance.key)
+    r1 = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    r2 = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    try:
+        p = (pipes(), pipes(), pipes())
+        local = children.fork(lambda: local_member(f"{service.instance.key:x}", b"THREE*A", b"THREE*B", p))
+        p[0].recv(timeout=10)
+        c1: Connection
+        c2: Connection
+        c1, _ = greet(r1, 4501)
+        c2, _ = greet(r2, 4502)
+        r1.sendall(c1.send(_lock(2, b"THREE*B")))
+        b = receive(r1, c1, Acquired)
+        r2.sendall(c2.send(_lock(2, b"THREE*C")))
+        c = receive(r2, c2, Acquired)
+        p[1].send()  # L waits for B
+        wait_for(lambda: waiting(table) == 1, 10, "L's request to wait")
+        r1.sendall(c1.send(_lock(3, b"THREE*C")) + c1.send(Echo(4, b"")))  # R1 waits for C
+        receive(r1, c1, EchoReply)
+        time.sleep(0.01)
+        r2.sendall(c2.send(_lock(3, b"THREE*A")) + c2.send(Echo(4, b"")))  # R2 waits for A: the cycle is closed
+        receive(r2, c2, EchoReply)
+        closed = time.monotonic()
+        answer = receive(r2, c2, Refused | Waiting)
+        while isinstance(answer, Waiting):
+            answer = receive(r2, c2, Refused | Waiting)
+        took = time.monotonic() - closed
+        assert (answer.request_id, answer.reason) == (3, RefuseReason.DEADLOCK) and took < WITHIN, (answer, took)
+        r2.sendall(c2.send(Unlock(5, c.handle)))  # the victim lets C go: R1 gets it, then lets B go for L
+        got = receive(r1, c1, Acquired | Waiting)
+        while isinstance(got, Waiting):
+            got = receive(r1, c1, Acquired | Waiting)
+        assert got.request_id == 3
+        r1.sendall(c1.send(Unlock(5, got.handle)) + c1.send(Unlock(6, b.handle)))
+        assert p[2].recv(timeout=10) == b"G"
+        assert children.wait(local) == 0
+        assert waiting(table) == 0
+    finally:
+        r1.close()
+        r2.close()
+        table.close()
