@@ -35,3 +35,15 @@ def service(tmp_path: Path) -> Iterator[Service]:
     with make_service(tmp_path).checked() as svc:
         svc.start()
         yield svc
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One running service shared by the tests of a module, which do not disturb one another (each its own
+    records); stopped and checked after the module's last test."""
+    svc = make_service(tmp_path_factory.mktemp("daemon"))
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop_and_check()

@@ -54,16 +54,6 @@ from dls_testkit.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = make_service(tmp_path_factory.mktemp("lock-manager"))
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop_and_check()
-
-
 @pytest.fixture
 def clients(daemon: Service) -> Iterator[Callable[[], Client]]:
     """Clients of the daemon, each its own connection (and lock server); closed at the end."""

@@ -60,7 +60,7 @@ from dls_proto import (
     encode,
 )
 from dls_proto import Connection as ProtoConnection
-from dls_testkit import Service, client_for, data_file, make_service
+from dls_testkit import Service, client_for, data_file
 
 pytestmark = pytest.mark.slow
 
@@ -108,17 +108,6 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """One daemon for the daemon-side tests of this module (they do not disturb one another)."""
-    svc = make_service(tmp_path_factory.mktemp("negotiation"))
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop_and_check()
 
 
 @pytest.fixture

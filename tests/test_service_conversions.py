@@ -128,16 +128,6 @@ class Peer:
         assert self.answer(rid, EchoReply).data == b"sync"
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = make_service(tmp_path_factory.mktemp("conversions"))
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop_and_check()
-
-
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     return data_file(tmp_path)
