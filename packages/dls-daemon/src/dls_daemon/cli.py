@@ -114,6 +114,15 @@ examples:
   can the binary locks (JDLS BINARY: OS file locks in --binary-lock-dir) beside one. A record
   lock of a client with JDLS OSLOCKS is a table lock beside a table, kept like the others.
 
+Deadlocks: every 0.25 s the monitor looks for cycles of waiting requests (each waits for
+  the owner of a lock or of a request ahead of it: a process and thread, or with -P a port,
+  thread and address), across local processes and remote clients, files and conversions.
+  One request of each cycle is refused, the one that joined it last (it closed the cycle):
+  its client gets DEADLOCK (dls-lock exits 35) and keeps what it held, a conversion's lock
+  in its old mode; the rest of the cycle goes on. Each refusal is logged. Without a lock
+  table (jdls -ibD) there is no detection. --value-block-size sets the size of the value
+  block every resource of a new table has (see dls-client's README).
+
 One mechanism per instance: a monitor (-ibA, -ib) makes no lock table while OS file locks serve
   the instance: while the listener runs without a table, while lock servers run without one
   (left by -kD), or while an OS lock is held in --lock-dir (by a local process, say). It names
