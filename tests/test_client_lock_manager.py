@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -496,3 +497,49 @@ def test_a_blocking_notice_reaches_an_idle_holder_within_100_ms(clients: Callabl
     assert len(told) == 1, "told once"
     held.release()
 
+
+
+#: A contender through the service: takes PW, records (token, time), converts up to EX (a new token),
+#: records again, releases; at its iteration HANG it keeps PW until killed.
+CONTENDER = textwrap.dedent("""
+    import sys, time
+    from dls_client import Client, Mode
+    data, record, out, rounds, hang = sys.argv[1:6]
+    with Client() as client, open(out, "a") as f:
+        for i in range(int(rounds)):
+            held = client.lock(data, record, Mode.PW, timeout=30)
+            f.write(f"{held.token} {time.monotonic_ns()}\\n"); f.flush()
+            if i == int(hang):
+                time.sleep(3600)
+            held.convert(Mode.EX, timeout=30)
+            f.write(f"{held.token} {time.monotonic_ns()}\\n"); f.flush()
+            held.release()
+""")
+
+
+def test_fencing_tokens_strictly_increase_through_the_service_across_a_contended_run_with_a_kill(
+    daemon: Service, data: Path, tmp_path: Path,
+) -> None:
+    """Four client processes through the service take PW, convert up to EX and release, again and again; one
+    is SIGKILLed holding PW. The recorded history (each grant's and conversion's token, in the order they
+    happened) has strictly increasing tokens, the killed holder's followed by greater ones."""
+    rounds, hang = 25, 4
+    outs = [tmp_path / f"contender-{n}" for n in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(data), "FENCED", str(out), str(rounds),
+                               str(hang if n == 0 else rounds)], env=daemon.env) for n, out in enumerate(outs)]
+    try:
+        wait_for(lambda: outs[0].exists() and len(outs[0].read_text().splitlines()) == 2 * hang + 1, 30,
+                 "the first contender to hold PW at its hanging round")
+        procs[0].send_signal(signal.SIGKILL)
+        for proc in procs[1:]:
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+    history = sorted((int(stamp), int(token), n) for n, out in enumerate(outs)
+                     for token, stamp in (line.split() for line in out.read_text().splitlines()))
+    assert len(history) == 2 * hang + 1 + 3 * 2 * rounds
+    tokens = [token for _, token, _ in history]
+    assert all(a < b for a, b in itertools.pairwise(tokens)), history
+    assert max(i for i, (_, _, n) in enumerate(history) if n == 0) < len(history) - 1
