@@ -183,7 +183,7 @@ def test_age(seconds: float, shown: str) -> None:
 
 def test_memory_used_and_free_add_up() -> None:
     header = Header(b"", 1, 4096, 0, 263, 50, 200, 120, 4096 + 263 * 50 * 204, 0.0, 0, 0, 0.0, 0.0, 300, 0, 0, 0, 0,
-                    0.0, 0.0, 15.0, 0.0, 32)
+                    0.0, 0.0, 15.0, 0.0, 32, 0)
     assert memory(header, 0) == (4096, 263 * 50 * 204)
     assert memory(header, 3) == (4096 + 3 * 204, (263 * 50 - 3) * 204)
 

@@ -170,3 +170,30 @@ def test_the_search_on_a_conversion_deadlock_and_compatible_waiters() -> None:
     assert [c.victim.slot.pid for c in found] == [2]
     readers = [(0, 0, 10, slot(1, g, PR, 1, b"A")), (1, 0, 10, slot(2, w, PR, 2, b"A"))]
     assert deadlocks.cycles(deadlocks.wait_for(readers, owner_of)) == []
+
+
+def test_the_detector_copies_nothing_until_a_wait_begins_or_a_lock_converts_up(
+    table: LockTable, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A look copies the groups only when the header's ``waits_begun`` moved since the last look that confirmed
+    what it found: a table of a million locks is not copied four times a second for nothing."""
+    copies: list[int] = []
+    real = table._copies
+
+    def counted() -> Any:
+        copies.append(1)
+        return real()
+
+    monkeypatch.setattr(table, "_copies", counted)
+    assert table.break_deadlocks() == [] and len(copies) == 1  # the first look
+    held = table.lock(me(), INODE, DEVICE, b"EPOCH", PR)
+    assert isinstance(held, Grant)
+    assert table.break_deadlocks() == [] and len(copies) == 1, "a lock granted at once waits for nobody"
+    begun = table.header().waits_begun
+    table.convert(held.handle, CR)  # down: nobody newly in its way
+    assert table.header().waits_begun == begun
+    table.convert(held.handle, EX)  # up: it may now be in the way of requests that wait
+    assert table.header().waits_begun == begun + 1
+    assert table.break_deadlocks() == [] and len(copies) == 2
+    assert table.break_deadlocks(always=True) == [] and len(copies) == 3
+    table.unlock(held.handle)

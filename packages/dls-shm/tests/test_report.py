@@ -36,7 +36,7 @@ def header(flags: int = 0) -> Header:
         per_group=GEOMETRY.per_group, slot_size=SLOT_SIZE, key_max=KEY_MAX, total_size=GEOMETRY.total_size,
         created=CREATED, monitor_pid=14960, listener_pid=14961, last_ran=0.0, last_tidy=0.0, tidy_period=300,
         semid=1441792, lock_retries=0, tidy_ops=7, semaphores=1, cpu_user=0.09, cpu_system=0.1,
-        lock_delay=15.0, next_expiry=0.0, block_size=32,
+        lock_delay=15.0, next_expiry=0.0, block_size=32, waits_begun=0,
     )
 
 

@@ -111,6 +111,7 @@ HEADER_FIELDS = (
     ("lock_delay", "d"),
     ("next_expiry", "d"),
     ("block_size", "I"),
+    ("waits_begun", "Q"),
 )
 HEADER_STRUCT = struct.Struct("=" + "".join(f for _, f in HEADER_FIELDS))
 HEADER_OFFSETS = {}
@@ -150,6 +151,10 @@ class Header(NamedTuple):
     next_expiry: float
     #: The size of every resource's value block in this table, in bytes (at most BLOCK_MAX).
     block_size: int
+    #: Counts the changes that can close a cycle of waiters: a request that starts to wait, a granted lock
+    #: that converts up or is reclaimed by a new lock server. The deadlock detector looks again only when it
+    #: moved: without one, no cycle can form (a lock granted at once goes with every waiting request).
+    waits_begun: int
 
 
 assert Header._fields == tuple(n for n, _ in HEADER_FIELDS)

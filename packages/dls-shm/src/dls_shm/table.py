@@ -162,6 +162,7 @@ _TICKET = GROUP_HEAD  # a group's ticket counter, at its start
 _G = GROUP_HEAD.size  # where a group's values start, from the group's start
 _LOCK_DELAY_OFFSET = HEADER_OFFSETS["lock_delay"]
 _NEXT_EXPIRY_OFFSET = HEADER_OFFSETS["next_expiry"]
+_WAITS_BEGUN_OFFSET = HEADER_OFFSETS["waits_begun"]
 #: Who owns a lock, read from a Slot or an Owner: (pid, thread) by default, (port, thread, address) with jdls -P.
 _BY_PID = operator.attrgetter("pid", "thread")
 #: With -P the client's address is part of the owner: a port names a client of one host (a local process
@@ -279,6 +280,8 @@ class LockTable(LockMechanism):
         self._ident: Callable[[Any], tuple[Any, ...]] = _BY_PORT if self.port_owners else _BY_PID
         #: How many bytes of a resource's value block count in this table (chosen when it was made).
         self.block_size = header.block_size
+        #: The header's ``waits_begun`` at this object's last look for deadlocks that confirmed what it found.
+        self._waits_seen: int | None = None
 
     # -- creating, attaching, removing --------------------------------------------
 
@@ -336,7 +339,7 @@ class LockTable(LockMechanism):
             total_size=geometry.total_size, created=time.time(), tidy_period=tidy_period, semid=sem.id,
             semaphores=group_members,
             cpu_user=0.0, cpu_system=0.0, last_ran=0.0, last_tidy=0.0, lock_delay=lock_delay, next_expiry=0.0,
-            block_size=block_size,
+            block_size=block_size, waits_begun=0,
         )
         mv = memoryview(shm)
         HEADER_STRUCT.pack_into(mv, 0, *(values[name] for name in Header._fields))
@@ -721,6 +724,7 @@ class LockTable(LockMechanism):
             kflags |= _WATCHES_ALL
         queued, ticket = self._new_slot(group, value, owner, held.inode, held.device, key, kflags, mode, _WAITING,
                                         wait_token, like=held)
+        self._bump("waits_begun")
         self._count_queued(granted, len(waiting) + 1)
         me_slot = self._slot(queued)
         return Queued(ticket << INDEX_BITS | queued, _holder(blocker[1]), expires or 0.0,
@@ -758,6 +762,7 @@ class LockTable(LockMechanism):
             _BYTE.pack_into(self._mv, soff + _FLAGS_OFFSET, held.flags & ~_NOTIFIED)
         if modes.covers(mode, held.mode):
             return held.token
+        self._bump("waits_begun")  # a lock converted up may now be in the way of requests that wait
         token = self._next_ticket(HEADER_SIZE + group * self._group_size)
         _U64.pack_into(self._mv, soff + _TOKEN_OFFSET, token)
         return token
@@ -871,6 +876,7 @@ class LockTable(LockMechanism):
                 self._bump("tidy_ops")
                 tokens = self._settle(index // self._per_group, value, slot)
             else:
+                self._bump("waits_begun")  # its owner is another process now: whoever waits for it waits for it
                 SLOT_STRUCT.pack_into(
                     self._mv, self.geometry.slot_offset(index), slot.ticket, _GRANTED, slot.mode,
                     slot.flags & ~_KEEP | (_KEEP if owner.keep else 0), slot.key_len, slot.queued, owner.pid,
@@ -928,12 +934,19 @@ class LockTable(LockMechanism):
             self._note_expiry(min(staying))
         return done
 
-    def break_deadlocks(self) -> list[Entry]:
+    def break_deadlocks(self, *, always: bool = False) -> list[Entry]:
         """Refuse one request of each cycle of waiters (``deadlocks``): its slot becomes DEADLOCK, in nobody's
         way, and its waiter is rung, to raise Deadlock. The cycles are found in a copy of the groups that have
         waiters, and each is confirmed, with the semaphores of all its groups held, before its victim is
         refused: a cycle seen in copies made at different moments may have gone meanwhile, one still there
-        cannot go by itself. The requests refused, as they were."""
+        cannot go by itself. The requests refused, as they were.
+
+        Nothing is copied when the header's ``waits_begun`` has not moved since the last look of this object
+        that confirmed every cycle it found (none can have formed since); ``always`` looks all the same."""
+        begun = int(_U64.unpack_from(self._mv, _WAITS_BEGUN_OFFSET)[0])
+        if begun == self._waits_seen and not always:
+            return []
+        unconfirmed = False
         entries = [(e.index, e.group, e.value, e.slot) for first, data in self._copies() if _WAITING_BYTE in data
                    for e in self._decode_waiting(first, data)]
         refused = []
@@ -946,7 +959,10 @@ class LockTable(LockMechanism):
                     _BYTE.pack_into(self._mv, self.geometry.slot_offset(victim.at) + _STATE_OFFSET, _DEADLOCK)
                     tokens.append(victim.slot.doorbell)
                     refused.append(Entry(victim.at, victim.group, victim.value, victim.slot))
+                else:
+                    unconfirmed = True  # gone meanwhile, or in too many groups at once: looked at again next time
             _ring([t for t in tokens if t])
+        self._waits_seen = None if unconfirmed else begun
         return refused
 
     def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
@@ -1202,6 +1218,7 @@ class LockTable(LockMechanism):
                                        like=like, notify=notify)
         if blocker is None:
             return Grant(ticket << INDEX_BITS | index, mode, value, ticket), []
+        self._bump("waits_begun")
         self._count_queued(granted, len(waiting) + 1)
         me_slot = self._slot(index)
         return Queued(ticket << INDEX_BITS | index, _holder(blocker[1]), expires or 0.0,
