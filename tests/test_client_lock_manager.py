@@ -543,3 +543,19 @@ def test_fencing_tokens_strictly_increase_through_the_service_across_a_contended
     tokens = [token for _, token, _ in history]
     assert all(a < b for a, b in itertools.pairwise(tokens)), history
     assert max(i for i, (_, _, n) in enumerate(history) if n == 0) < len(history) - 1
+
+
+def test_the_same_thread_locking_a_record_again_through_the_service_gets_the_lock_it_holds(
+    clients: Callable[[], Client], data: Path,
+) -> None:
+    """Through the service as locally: a second lock() of the record by the thread that holds it is the same
+    HeldLock, converted; once released, nothing says it is still held."""
+    mine, other = clients(), clients()
+    first = mine.lock(data, "AGAIN", Mode.EX)
+    again = mine.lock(data, "AGAIN", Mode.PR)
+    assert again is first and first.mode == Mode.PR
+    other.lock(data, "AGAIN", Mode.PR, wait=False).release()
+    first.release()
+    with pytest.raises(dls_client.DlsError, match="released"):
+        again.ensure_held()
+    other.lock(data, "AGAIN", Mode.EX, wait=False).release()

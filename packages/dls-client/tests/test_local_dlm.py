@@ -615,3 +615,24 @@ def test_the_readme_examples_run(table: LockTable, tmp_path: Path, monkeypatch: 
     assert "reading under PR\nwriting under EX\n" in out and "got it" in out
     assert "reload" not in out and "rebuild" not in out
     assert not slots(table)
+
+
+def test_the_same_thread_locking_a_record_again_gets_the_lock_it_holds_in_its_new_mode(
+    client: LocalClient, data: Path, actors: Callable[[], Actor],
+) -> None:
+    """A second lock() of a record by the thread that holds it converts the lock (as jDLS does): it returns the
+    HeldLock the application has already, in its new mode, so that no stale object says EX once it is gone."""
+    first = client.lock(data, KEY, mode=Mode.EX)
+    again = client.lock(data, KEY, mode=Mode.PR)
+    assert again is first and first.mode == Mode.PR
+    other = actors()
+    assert other.do("lock", mode="PR")  # PR goes with PR now
+    other.do("release")
+    first.release()
+    assert first.released and not first.lost
+    with pytest.raises(dls_client.DlsError, match="released"):
+        again.ensure_held()
+    assert other.do("lock", mode="EX", wait=False)["mode"] == "EX"
+    fresh = client.lock(data, "OTHER", mode=Mode.EX)  # another lock, another object
+    assert fresh is not first
+    fresh.release()

@@ -29,6 +29,10 @@ class BaseClient(ABC):
     """The calls common to Client and LocalClient; subclasses supply ``_lock``, ``unlock``, ``_status``,
     ``release_all``, ``publish_info`` and ``close``."""
 
+    #: The locks this client holds, by handle (``lock`` fills it, releases empty it): a grant under the handle
+    #: of one of them is that lock, converted (``_locked_again``). Each subclass's ``__init__`` makes it.
+    _live: dict[int, HeldLock]
+
     #: The record-lock kinds this client takes (the others are refused, see ``lock``).
     _kinds: frozenset[str] = ALL_KINDS
 
@@ -64,9 +68,38 @@ class BaseClient(ABC):
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)  # the test saves a call on the lock path
         if value_block or cancel is not None or on_blocking is not None:
-            return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost, value_block=value_block,
+            held = self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost, value_block=value_block,
                               cancel=cancel, on_blocking=on_blocking)
-        return self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost)  # the common path, as it was
+        else:
+            held = self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost)  # the common path
+        live = self._live
+        old = live.get(held.handle)
+        if old is None:
+            live[held.handle] = held
+            return held
+        return self._locked_again(old, held)
+
+    def _locked_again(self, old: HeldLock, new: HeldLock) -> HeldLock:
+        """A grant under the handle of a lock this client holds already: the same thread locked the record
+        again, which converts the lock it holds (as jDLS does). The application gets the HeldLock it has
+        already, in its new mode (and token, and value block when read), not a second one that would leave
+        the first saying the old mode, and held after the second's release."""
+        if old is new or old.released or old.lost:
+            self._live[new.handle] = new
+            return new
+        old.mode, old.token, old.value = new.mode, new.token, new.value
+        if new.value_block is not None:
+            old.value_block, old.value_block_valid = new.value_block, new.value_block_valid
+        return old
+
+    def _forget_all(self, thread: int | None) -> None:
+        """Every lock (of ``thread``; None: of every thread) was released at once (``release_all``)."""
+        self._live = {} if thread is None else {h: held for h, held in self._live.items() if held.thread != thread}
+
+    def _forget(self, held: HeldLock) -> None:
+        """``held`` is released: a later grant under its handle is another lock."""
+        if self._live.get(held.handle) is held:
+            del self._live[held.handle]
 
     def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX, *, on_lost: OnLost | None = None) -> HeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""

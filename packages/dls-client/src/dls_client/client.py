@@ -104,6 +104,7 @@ class Client(BaseClient):
         #: the first such lock).
         self._notices: BlockingNotices | None = None
         self._notice_reader: NoticeReader | None = None
+        self._live = {}
         ref = weakref.ref(self)
         self._watcher = Watcher(lambda: _route_of(ref), self.trace.error)
 
@@ -453,6 +454,7 @@ class Client(BaseClient):
             self._release_writing(held, block, invalidate)
             return
         handle = held.handle
+        self._forget(held)
         if self._notices is not None:
             self._notices.forget(handle)
         # A socket that hung up is settled first (one poll() while all is well): a process stopped longer
@@ -466,6 +468,7 @@ class Client(BaseClient):
         refused by the first service leaves the lock held (NotWritable, InvalidRequest); by a later one, it is
         released there plainly, and said in the error trace."""
         self._route.verify(held.handle)  # a hold that hung up is settled first (LockLost, not "released")
+        self._forget(held)
         if self._notices is not None:
             self._notices.forget(held.handle)
         if held.lost:
@@ -499,6 +502,7 @@ class Client(BaseClient):
         reply = self._route.release_all(thread)
         if isinstance(reply, Unlocked):
             self.info.released_all(None if all_threads else thread)
+            self._forget_all(None if all_threads else thread)
             return reply.count
         raise failure(reply, "release of all locks")
 

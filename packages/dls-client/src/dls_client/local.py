@@ -243,6 +243,7 @@ class LocalClient(BaseClient):
         #: them to, the thread that hears it, and the callbacks' own thread (``blocking``).
         self._notices: _LocalNotices | None = None
         self._notices_made = threading.Lock()
+        self._live = {}
         if key is not None:
             try:
                 self.table = self.locks = dls_shm.LockTable.attach(
@@ -572,6 +573,7 @@ class LocalClient(BaseClient):
         if block is not None or invalidate:
             table, block = self._written(held, block)  # refused before the lock is let go
         self.info.released(held.handle)
+        self._forget(held)
         if self._notices is not None:
             self._notices.callbacks.forget(held.handle)
         try:
@@ -620,6 +622,7 @@ class LocalClient(BaseClient):
         except dls_shm.TableError as exc:
             raise ServiceUnavailable(f"release of all locks: {exc}") from None
         self.info.released_all(None if all_threads else owner.thread)
+        self._forget_all(None if all_threads else owner.thread)
         return count
 
     def _status(self, ref: FileRef, key: bytes) -> tuple[int, Holder | None]:
