@@ -20,6 +20,7 @@ from dls_proto import (
     Connection,
     Echo,
     EchoReply,
+    Granted,
     Lock,
     Mode,
     Refused,
@@ -176,4 +177,38 @@ def test_a_three_way_cycle_of_a_local_process_and_two_remote_clients_refuses_onl
     finally:
         r1.close()
         r2.close()
+        table.close()
+
+
+def test_a_cycle_closed_by_a_client_of_protocol_3_refuses_the_other_member(
+    service: Service, children: Any, pipes: Any,
+) -> None:
+    """A client of version 3 does not know DEADLOCK (it was promised "exactly as before"): when its request
+    closes a cycle, the local process's request, older, is refused instead; the old client then gets its lock."""
+    table = LockTable.attach(service.instance.key)
+    old = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    try:
+        p = (pipes(), pipes(), pipes())
+        local = children.fork(lambda: local_member(f"{service.instance.key:x}", b"OLD*L", b"OLD*R", p))
+        p[0].recv(timeout=10)
+        conn: Connection
+        conn, welcome = greet(old, 4601, max_version=3)
+        assert welcome.version == 3
+        old.sendall(conn.send(_lock(2, b"OLD*R")))
+        mine = receive(old, conn, Granted)
+        p[1].send()  # the local process waits for the old client's lock
+        wait_for(lambda: waiting(table) == 1, 10, "the local request to wait")
+        time.sleep(0.01)
+        old.sendall(conn.send(_lock(3, b"OLD*L")))  # the old client closes the cycle
+        closed = time.monotonic()
+        assert p[2].recv(timeout=5) == b"D", "the local (protocol 4) member is refused"
+        assert time.monotonic() - closed < WITHIN
+        got = receive(old, conn, Granted | Waiting)
+        while isinstance(got, Waiting):
+            got = receive(old, conn, Granted | Waiting)
+        assert got.request_id == 3  # the local process let its lock go when refused
+        assert children.wait(local) == 7
+        old.sendall(conn.send(Unlock(4, got.handle)) + conn.send(Unlock(5, mine.handle)))
+    finally:
+        old.close()
         table.close()

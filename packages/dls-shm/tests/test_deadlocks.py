@@ -197,3 +197,21 @@ def test_the_detector_copies_nothing_until_a_wait_begins_or_a_lock_converts_up(
     assert table.break_deadlocks() == [] and len(copies) == 2
     assert table.break_deadlocks(always=True) == [] and len(copies) == 3
     table.unlock(held.handle)
+
+
+def test_a_request_of_a_client_that_does_not_know_deadlock_is_refused_only_when_all_are() -> None:
+    g, w = SlotState.GRANTED, SlotState.WAITING
+    legacy = int(SlotFlag.LEGACY)
+
+    def cycle(newest_flags: int, older_flags: int) -> int:
+        entries = [
+            (0, 0, 10, slot(1, g, EX, 1, b"A")), (1, 0, 10, slot(2, w, EX, 5, b"A", at=5, flags=newest_flags)),
+            (2, 0, 11, slot(2, g, EX, 2, b"B")), (3, 0, 11, slot(1, w, EX, 4, b"B", at=4, flags=older_flags)),
+        ]
+        found = deadlocks.cycles(deadlocks.wait_for(entries, owner_of))
+        assert len(found) == 1
+        return found[0].victim.slot.pid
+
+    assert cycle(0, 0) == 2  # the newest
+    assert cycle(legacy, 0) == 1  # the newest does not know DEADLOCK: the other is refused
+    assert cycle(legacy, legacy) == 2  # none does: the newest all the same (a cycle never ends by itself)

@@ -117,9 +117,10 @@ examples:
 Deadlocks: every 0.25 s the monitor looks for cycles of waiting requests (each waits for
   the owner of a lock or of a request ahead of it: a process and thread, or with -P a port,
   thread and address), across local processes and remote clients, files and conversions.
-  One request of each cycle is refused, the one that joined it last (it closed the cycle):
-  its client gets DEADLOCK (dls-lock exits 35) and keeps what it held, a conversion's lock
-  in its old mode; the rest of the cycle goes on. Each refusal is logged. Without a lock
+  One request of each cycle is refused, the one that joined it last (it closed the cycle),
+  of a client that knows DEADLOCK (protocol 4) if there is one: its client gets DEADLOCK
+  (dls-lock exits 35) and keeps what it held, a conversion's lock in its old mode; the rest
+  of the cycle goes on. Each refusal is logged. Without a lock
   table (jdls -ibD) there is no detection. --value-block-size sets the size of the value
   block every resource of a new table has (see dls-client's README).
 

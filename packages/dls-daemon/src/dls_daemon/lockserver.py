@@ -655,7 +655,9 @@ class LockServer:
         if owner is None:
             hello = self.hello
             assert hello is not None
-            owner = self.owners[thread] = Owner(self.pid, thread, hello.port, hello.pid, self.ip, self._keep)
+            # A client of a version before 4 does not know DEADLOCK: another member of a cycle is refused first.
+            owner = self.owners[thread] = Owner(self.pid, thread, hello.port, hello.pid, self.ip, self._keep,
+                                                not self._acquired)
         return owner
 
     def _lock(self, req: Lock) -> None:

@@ -9,7 +9,8 @@ requests is refused.
 
 The victim of a cycle is the request in it that joined the queue last (the newest ``timestamp``; the higher
 ticket between two of the same moment): it closed the cycle, the others were there before it; one refusal
-breaks it, and the rest of the cycle goes on. The owner of a refused conversion keeps its lock in its old
+breaks it, and the rest of the cycle goes on. A request of a client that does not know DEADLOCK (protocol
+version 2 or 3: SlotFlag.LEGACY) is chosen only when every member of the cycle is one. The owner of a refused conversion keeps its lock in its old
 mode. This module only reads: ``LockTable.break_deadlocks`` finds the cycles in a copy of the table and
 refuses each victim after checking, with the semaphores of every group involved held, that its cycle is
 still there.
@@ -24,6 +25,7 @@ from . import modes
 from .layout import Slot, SlotFlag, SlotState
 
 _CONVERTING = int(SlotFlag.CONVERTING)
+_LEGACY = int(SlotFlag.LEGACY)
 _GRANTED, _WAITING, _KEPT = int(SlotState.GRANTED), int(SlotState.WAITING), int(SlotState.KEPT)
 
 Item = tuple[int, Slot]
@@ -72,8 +74,10 @@ class Cycle(NamedTuple):
 
     @property
     def victim(self) -> Waiter:
-        """The request that joined the cycle last: queued last (timestamp, then ticket)."""
-        return max(self.waiters, key=lambda w: (w.slot.timestamp, w.slot.ticket))
+        """The request that joined the cycle last: queued last (timestamp, then ticket); of the requests whose
+        clients know DEADLOCK when there are some (a client of an older protocol was promised "exactly as
+        before": it is refused only when every member of the cycle is such a client)."""
+        return max(self.waiters, key=lambda w: (not w.slot.flags & _LEGACY, w.slot.timestamp, w.slot.ticket))
 
 
 def resource_of(group: int, value: int, slot: Slot) -> tuple[int, int, int, int, bytes]:

@@ -77,6 +77,9 @@ class SlotFlag(enum.IntFlag):
     #: A granted lock whose holder asked for blocking notices (its ``notify`` doorbell) and has been sent one
     #: since the resource last had nobody waiting: it is not sent another until then (or until it converts).
     NOTIFIED = 64
+    #: A waiting request of a client that does not know DEADLOCK (protocol version 2 or 3, from ``Owner.legacy``):
+    #: the deadlock detector refuses another member of its cycle when there is one (``deadlocks.Cycle.victim``).
+    LEGACY = 128
 
 
 class TableFlag(enum.IntFlag):

@@ -127,6 +127,9 @@ class Owner(NamedTuple):
     client_pid: int
     ip: bytes
     keep: bool = False
+    #: The owner's client does not know DEADLOCK (a client of protocol version 2 or 3): its request is refused
+    #: to break a deadlock only when every member of the cycle is such a client (SlotFlag.LEGACY).
+    legacy: bool = False
 
 
 class Holder(NamedTuple):

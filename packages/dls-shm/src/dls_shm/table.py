@@ -136,6 +136,7 @@ _WATCHES_ALL = int(SlotFlag.WATCHES_ALL)
 _CONVERTING = int(SlotFlag.CONVERTING)
 _NOT_VALID = int(SlotFlag.BLOCK_NOT_VALID)
 _NOTIFIED = int(SlotFlag.NOTIFIED)
+_LEGACY = int(SlotFlag.LEGACY)
 _DEADLOCK = int(SlotState.DEADLOCK)
 #: The modes whose holder writes the value block, and whose abnormal end makes it not valid.
 _WRITERS = (modes.PW, modes.EX)
@@ -1213,6 +1214,8 @@ class LockTable(LockMechanism):
             kflags |= _WATCHES_ALL
         if blocker is not None and mine:
             kflags |= _CONVERTING
+        if blocker is not None and owner.legacy:
+            kflags |= _LEGACY
         like = granted[0][1] if granted else waiting[0][1] if waiting else None
         index, ticket = self._new_slot(group, value, owner, inode, device, key, kflags, mode, state, wait_token,
                                        like=like, notify=notify)
