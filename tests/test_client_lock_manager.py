@@ -559,3 +559,50 @@ def test_the_same_thread_locking_a_record_again_through_the_service_gets_the_loc
     with pytest.raises(dls_client.DlsError, match="released"):
         again.ensure_held()
     other.lock(data, "AGAIN", Mode.EX, wait=False).release()
+
+
+def test_a_burst_of_blocking_notices_through_the_service_loses_none(
+    daemon: Service, clients: Callable[[], Client], data: Path,
+) -> None:
+    """A Client holds 30 locks asking for notices; another process queues a request behind each while the
+    lock server is stopped: its notice doorbell (a queue of 10) overflows, the lock server asks the table which
+    notices stand, and the client is told of every lock, once."""
+    from dls_client.locks import REMOTE_DEVICE
+
+    count = 30
+    holder = clients()
+    told: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def on_blocking(held: HeldLock, mode: int) -> None:
+        told.append((held.handle, mode))
+        if len(told) >= count:
+            done.set()
+
+    held = [holder.lock(data, f"BURST{n}", Mode.PR, on_blocking=on_blocking) for n in range(count)]
+    script = textwrap.dedent(f"""
+        import os, time
+        from dls_shm import LOCAL_IP, Doorbell, LockTable, Owner
+        table, bell = LockTable.attach({daemon.instance.key}), Doorbell()
+        me = Owner(os.getpid(), 1, 0, os.getpid(), LOCAL_IP)
+        for n in range({count}):
+            table.lock(me, {data.stat().st_ino}, {REMOTE_DEVICE}, b"BURST%d" % n, 5, wait_token=bell.token)
+        print("queued", flush=True)
+        time.sleep(3600)
+    """)
+    server = holder.connect().welcome.server_pid
+    os.kill(server, signal.SIGSTOP)  # it reads nothing while the burst comes: its doorbell's queue fills up
+    try:
+        burst = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=daemon.env)
+        assert burst.stdout is not None and burst.stdout.readline() == "queued\n"
+    finally:
+        os.kill(server, signal.SIGCONT)
+    try:
+        assert done.wait(5), f"{len(told)} of {count} notices"
+        time.sleep(0.3)
+        assert sorted(told) == sorted((h.handle, Mode.EX) for h in held), "each told once"
+    finally:
+        burst.kill()
+        burst.wait(timeout=10)
+    for h in held:
+        h.release()

@@ -636,3 +636,58 @@ def test_the_same_thread_locking_a_record_again_gets_the_lock_it_holds_in_its_ne
     fresh = client.lock(data, "OTHER", mode=Mode.EX)  # another lock, another object
     assert fresh is not first
     fresh.release()
+
+
+#: Queues a request (EX, not waiting for it) behind each of KEYS at once, then sleeps until killed: a burst of
+#: blocking notices larger than a doorbell's queue (net.unix.max_dgram_qlen, 10 by default).
+BURST = textwrap.dedent("""
+    import os, sys, time
+    from dls_shm import LOCAL_IP, Doorbell, LockTable, Owner
+    key, inode, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    table, bell = LockTable.attach(key), Doorbell()
+    me = Owner(os.getpid(), 1, 0, os.getpid(), LOCAL_IP)
+    for n in range(count):
+        table.lock(me, inode, -1, b"BURST%d" % n, 5, wait_token=bell.token)
+    print("queued", flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_a_burst_of_blocking_notices_larger_than_the_doorbell_queue_loses_none(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """30 locks asking for notices, 30 requests queued behind them by another process while the holder is
+    busy (its notice thread held at its next look): the table sends 30 notices to one doorbell, whose queue
+    holds 10; the holder asks the table which stand, and every lock's callback is called, once. (A table of
+    its own, roomy enough for 60 slots in any groups.)"""
+    busy = threading.Event()
+    real = dls_shm.readable
+
+    def held_up(fds: Any, timeout: float | None) -> set[int]:
+        busy.wait(10)
+        return real(fds, timeout)
+
+    monkeypatch.setattr(dls_shm, "readable", held_up)  # what the notice thread of LocalClient sleeps on
+    with own_table(free_key(tmp_path), geometry_for(2000, 50)) as table, LocalClient(table.key) as client:
+        _burst_of_notices(table, client, data, busy)
+
+
+def _burst_of_notices(table: LockTable, client: LocalClient, data: Path, busy: threading.Event) -> None:
+    count = 30
+    told: queue.Queue[tuple[int, int]] = queue.Queue()
+    held = [client.lock(data, f"BURST{n}", mode=Mode.PR, on_blocking=lambda h, m: told.put((h.handle, m)))
+            for n in range(count)]
+    burst = subprocess.Popen([sys.executable, "-c", BURST, str(table.key), str(data.stat().st_ino), str(count)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert burst.stdout is not None and burst.stdout.readline() == "queued\n"
+        busy.set()
+        got = [told.get(timeout=5) for _ in range(count)]
+        assert sorted(got) == sorted((h.handle, Mode.EX) for h in held)
+        time.sleep(0.3)
+        assert told.empty(), "each told once"
+    finally:
+        burst.kill()
+        burst.wait(timeout=10)
+    for h in held:
+        h.release()

@@ -54,6 +54,11 @@ class BlockingNotices:
         """Whether any lock is watched."""
         return bool(self._watched)
 
+    def handles(self) -> list[int]:
+        """The handles of the locks watched."""
+        with self._lock:
+            return list(self._watched)
+
     def forget(self, handle: int) -> None:
         """No more notices about this lock (released, lost)."""
         with self._lock:

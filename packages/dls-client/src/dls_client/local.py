@@ -484,8 +484,8 @@ class LocalClient(BaseClient):
     def _table_for(self, what: str) -> dls_shm.LockTable:
         """The table, for what only it does (value blocks); Unsupported with OS file locks."""
         if self.table is None:
-            raise Unsupported(f"{what}: OS file locks (a lock service run with jdls -ibD) cannot keep value blocks: "
-                              "only the lock table does")
+            raise Unsupported(f"{what}: OS file locks (a lock service run with jdls -ibD) cannot keep value blocks "
+                              "or send blocking notices: only the lock table does")
         return self.table
 
     def _read_block(self, held: HeldLock) -> None:
@@ -604,7 +604,7 @@ class LocalClient(BaseClient):
         """The token of this process's notice doorbell, made (with its thread) on first use."""
         with self._notices_made:
             if self._notices is None or self._notices.pid != os.getpid():
-                self._notices = _LocalNotices(Tracer(Config()).error)
+                self._notices = _LocalNotices(self._table_for("blocking notices").notices_due, Tracer(Config()).error)
             return self._notices.bell.token
 
     def _lose(self, held: HeldLock, exc: dls_shm.TableError) -> None:
@@ -648,10 +648,13 @@ class _LocalNotices:
 
     HEAR_PAUSE = 0.5
 
-    def __init__(self, report: Callable[[str], None]) -> None:
+    def __init__(self, due: Callable[[list[int]], list[tuple[int, int]]], report: Callable[[str], None]) -> None:
         self.pid = os.getpid()
         self.bell = dls_shm.Doorbell()
         self.callbacks = BlockingNotices(report)
+        #: Which of the watched locks' notices stand (the table's ``notices_due``), and those told of.
+        self._due = due
+        self._told: set[int] = set()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._hear, name="dls-notice-doorbell", daemon=True)
         self._thread.start()
@@ -660,7 +663,18 @@ class _LocalNotices:
         fd = self.bell.fileno()
         while not self._closed.is_set():
             if dls_shm.readable([fd], self.HEAR_PAUSE):
-                for handle, mode in self.bell.notices():
+                notices = self.bell.notices()
+                if self.bell.overflowed:  # some may have been lost: the table says which stand
+                    try:
+                        due = self._due(self.callbacks.handles())
+                    except dls_shm.TableError:
+                        due = []
+                    self._told &= {handle for handle, _ in due}
+                    named = {handle for handle, _ in notices}
+                    notices += [(handle, mode) for handle, mode in due
+                                if handle not in self._told and handle not in named]
+                for handle, mode in notices:
+                    self._told.add(handle)
                     self.callbacks.deliver(handle, mode)
         self.bell.close()
 

@@ -295,6 +295,8 @@ class LockServer:
         #: them, NOTIFY), and the locks that asked: their handle and the id of the Lock that took each.
         self._notices: Doorbell | None = None
         self._notice_ids: dict[int, int] = {}
+        #: The locks whose Blocking was sent, while the table says it stands (``_send_notices``).
+        self._told: set[int] = set()
         self._finished = False
         #: The processes that waiting requests wait on, watched: the end of one wakes this lock server.
         self._watch = HolderWatch()
@@ -584,11 +586,25 @@ class LockServer:
 
     def _send_notices(self) -> None:
         """Tell the client of each blocking notice that came for a lock it still holds (Blocking, named by the
-        request that took the lock and the handle the client knows): once each, as the table sends them."""
+        request that took the lock and the handle the client knows): once each, as the table sends them. A
+        doorbell whose queue was full may have lost some: the table then says which are due, and those not
+        told yet are told (``_told``: the locks told of while their notice stands)."""
         assert self._notices is not None
-        for handle, mode in self._notices.notices():
+        notices = self._notices.notices()
+        table = self.mechanisms.table
+        if self._notices.overflowed and table is not None:
+            try:
+                due = table.notices_due(list(self._notice_ids))
+            except TableError as exc:
+                self.log.error("client %s: blocking notices not looked up: %s", self._who(), exc)
+                due = []
+            self._told &= {handle for handle, _ in due}
+            named = {handle for handle, _ in notices}
+            notices += [(handle, mode) for handle, mode in due if handle not in self._told and handle not in named]
+        for handle, mode in notices:
             rid = self._notice_ids.get(handle)
             if rid is not None and handle in self.held:
+                self._told.add(handle)
                 self._send_unsolicited(Blocking(rid, self._outer.get(handle, handle), mode))
 
     def _watch_holders(self) -> tuple[list[int], bool]:
@@ -844,6 +860,7 @@ class LockServer:
 
     def _forget_handle(self, handle: int) -> None:
         self._notice_ids.pop(handle, None)
+        self._told.discard(handle)
         outer = self._outer.pop(handle, None)
         if outer is not None:
             del self._inner[outer]

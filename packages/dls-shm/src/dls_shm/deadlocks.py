@@ -10,10 +10,10 @@ requests is refused.
 The victim of a cycle is the request in it that joined the queue last (the newest ``timestamp``; the higher
 ticket between two of the same moment): it closed the cycle, the others were there before it; one refusal
 breaks it, and the rest of the cycle goes on. A request of a client that does not know DEADLOCK (protocol
-version 2 or 3: SlotFlag.LEGACY) is chosen only when every member of the cycle is one. The owner of a refused conversion keeps its lock in its old
-mode. This module only reads: ``LockTable.break_deadlocks`` finds the cycles in a copy of the table and
-refuses each victim after checking, with the semaphores of every group involved held, that its cycle is
-still there.
+version 2 or 3: SlotFlag.LEGACY) is chosen only when every member of the cycle is one. The owner of a
+refused conversion keeps its lock in its old mode. This module only reads: ``LockTable.break_deadlocks``
+finds the cycles in a copy of the table and refuses each victim after checking, with the semaphores of
+every group involved held, that its cycle is still there.
 """
 
 from __future__ import annotations

@@ -30,6 +30,19 @@ _ringer_pid = 0
 _NOTICE = struct.Struct("=cQB")
 
 
+def _queue_limit() -> int:
+    """How many datagrams a unix socket queues before the next sent is dropped (net.unix.max_dgram_qlen)."""
+    try:
+        with open("/proc/sys/net/unix/max_dgram_qlen", "rb") as f:
+            return max(1, int(f.read()))
+    except (OSError, ValueError):
+        return 10
+
+
+#: Datagrams a doorbell's queue holds (10 by default): a burst of more notices loses some (``overflowed``).
+QUEUE_LIMIT = _queue_limit()
+
+
 def readable(fds: Iterable[int], timeout: float | None) -> set[int]:
     """Which of ``fds`` become readable within ``timeout`` seconds (None: no limit). poll, not select: a
     process may have more than 1024 descriptors open (select refuses any numbered 1024 or more)."""
@@ -61,6 +74,8 @@ class Doorbell:
             except OSError:
                 continue
         self.sock.setblocking(False)
+        #: Whether the last ``notices`` read a full queue (see there).
+        self.overflowed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -83,16 +98,20 @@ class Doorbell:
 
     def notices(self) -> list[tuple[int, int]]:
         """The blocking notices that came (``notice``), each (the blocking lock's handle, the mode wanted), in
-        the order sent; other rings are dropped."""
+        the order sent; other rings are dropped. ``overflowed`` then says whether the queue may have been full,
+        notices sent meanwhile lost (the holder asks the table which are due: ``LockTable.notices_due``)."""
         got = []
+        read = 0
         try:
             while True:
                 data = self.sock.recv(64)
+                read += 1
                 if len(data) == _NOTICE.size and data[:1] == b"B":
                     _, handle, mode = _NOTICE.unpack(data)
                     got.append((handle, mode))
         except BlockingIOError:
             pass
+        self.overflowed = read >= QUEUE_LIMIT
         return got
 
     def close(self) -> None:

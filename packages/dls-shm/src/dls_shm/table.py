@@ -741,6 +741,29 @@ class LockTable(LockMechanism):
             held = self._held(handle, index)
         return held.block[: self.block_size], not held.flags & _NOT_VALID
 
+    def notices_due(self, handles: Iterable[int]) -> list[tuple[int, int]]:
+        """Of the granted locks ``handles`` (their holder's, which asked for notices), those whose notice was
+        sent (NOTIFIED), with the mode wanted by the first request each blocks: what a holder whose notice
+        doorbell overflowed asks (``Doorbell.overflowed``), since a notice lost there is not sent again."""
+        due = []
+        for handle in handles:
+            index = handle & _INDEX_MASK
+            if index >= self.geometry.locks:
+                continue
+            group = index // self._per_group
+            with self._group_held(group):
+                slot = self._slot(index)
+                if slot.ticket != handle >> INDEX_BITS or slot.state != _GRANTED or not slot.flags & _NOTIFIED:
+                    continue
+                _granted, waiting = self._matching(group, self._value(index), slot.inode, slot.device,
+                                                  slot.key[: slot.key_len])
+            owner = self._ident(slot)
+            wanted = next((w.mode for _, w in waiting
+                           if not modes.compatible(w.mode, slot.mode) and self._ident(w) != owner), None)
+            if wanted is not None:
+                due.append((handle, wanted))
+        return due
+
     def _index_of(self, handle: int) -> int:
         index = handle & _INDEX_MASK
         if index >= self.geometry.locks:
