@@ -221,6 +221,7 @@ def test_a_client_of_version_4_gets_acquired_and_an_older_one_no_version_4_reque
         raw.send(encode(convert))  # encoded outside the conversation: its Connection would refuse it
         event = raw.event()
         assert isinstance(event, Error) and event.code == ErrorCode.UNKNOWN_MESSAGE and event.request_id == 5, event
+        assert event.reason == "message kind 0x19 needs protocol version 4; this conversation speaks version 3"
         raw.send(encode(Echo(6, b"after")))
         assert raw.event() == EchoReply(6, b"after")
     finally:

@@ -196,6 +196,25 @@ def test_conversion_of_a_lock_not_held_is_an_error(daemon: Service) -> None:
     assert error.code == ErrorCode.NOT_HELD
 
 
+def test_a_conversion_with_flags_it_cannot_use_or_a_block_not_to_write_is_refused(daemon: Service, data: Path) -> None:
+    """Lock flags that mean nothing to a conversion (OSLOCK, BINARY, undefined bits), and a value block sent
+    without the WRITE value flag (to Convert or Release), are refused BAD_REQUEST saying why; the lock stays
+    held in its mode (found by the outside attack: they were taken silently)."""
+    a = Peer(daemon, 47225)
+    held = a.take(data, b"FLAGS", Mode.EX)
+    for flags in (LockFlag.OSLOCK, LockFlag.BINARY, 0xE0):
+        error = a.answer(a.convert(held.handle, Mode.PR, flags=flags), Error)
+        assert error.code == ErrorCode.BAD_REQUEST and "mean nothing to a conversion" in error.reason, error
+    error = a.answer(a.convert(held.handle, Mode.PR, block=b"ignored?"), Error)
+    assert error.code == ErrorCode.BAD_REQUEST and "without the WRITE value flag" in error.reason, error
+    rid = a.next_id()
+    a.send(Release(rid, held.handle, 0, b"ignored?"))
+    error = a.answer(rid, Error)
+    assert error.code == ErrorCode.BAD_REQUEST and "without the WRITE value flag" in error.reason, error
+    assert a.answer(a.convert(held.handle, Mode.PR), Acquired).mode == Mode.PR  # held all along
+    a.unlock(held.handle)
+
+
 def test_deadlock_victim_refused_deadlock_lock_kept(daemon: Service, data: Path) -> None:
     """A waiting conversion marked DEADLOCK in the table (as the monitor's detector marks its victim) and rung
     is refused DEADLOCK; its lock stays held in its old mode."""

@@ -166,7 +166,8 @@ class HeldLock:
         granted at once, and lets in the waiters it no longer blocks. One up (or sideways, CW to PR) is
         granted when ``mode`` goes with every other holder's; otherwise it waits, unless ``wait`` is False, at
         most ``timeout`` seconds, in the resource's convert queue, which is served before the requests
-        waiting for a new lock (both first come, first served). A conversion up takes a new ``token``.
+        waiting for a new lock (both first come, first served). A conversion up takes a new ``token``; one
+        down, or to the mode it has, keeps it.
 
         A PW or EX holder may write the value block as it converts (``value_block``: at most the table's or
         the service's block size, 32 bytes by default), or mark it not valid (``invalidate``), before the
@@ -175,8 +176,9 @@ class HeldLock:
 
         Raises, the lock still held in its old mode: LockRefused (``wait`` False and not grantable now),
         LockTimeout, Deadlock (the conversion closed a cycle of waiters and was chosen to be refused),
-        Cancelled (``cancel`` was called), Unsupported (OS file locks, an older service: nothing done);
-        LockLost if the lock was lost, DlsError if it was released.
+        Cancelled (``cancel`` was called), Unsupported (OS file locks, an older service: nothing done),
+        ServiceUnavailable (a Client's connection lost while the conversion waited: the lock is reclaimed, if
+        it is, in its old mode, or said lost); LockLost if the lock was lost, DlsError if it was released.
         """
         self.ensure_held()
         if value_block is not None or invalidate:

@@ -106,7 +106,8 @@ examples:
   through a new connection, proving it with what its grant gave it, also after jdls -k and
   jdls -ib on the same table; what is not taken back in time is freed, and a client that comes
   back later is told it lost the lock. A client whose process ended (the kernel closed its
-  connection) frees its locks at once, as does a local process. The default, {DEFAULT_LOCK_DELAY:g} s
+  connection) frees its locks at once; a local process's are freed, not kept, as soon as a
+  request they block finds it gone, else by the next tidy. The default, {DEFAULT_LOCK_DELAY:g} s
   (Consul's), is longer than a client takes to find its lock server gone (5 s) plus a restart of
   the service, so a live client reclaims in time; the price is that a request behind a crashed
   lock server's lock waits that long. 0 keeps nothing. The monitor writes it into the table,

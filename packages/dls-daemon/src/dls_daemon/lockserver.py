@@ -110,6 +110,7 @@ from dls_proto import (
     Welcome,
     choose_version,
     generate_codecs,
+    kind_since,
     not_a_mode,
     receive,
     tls,
@@ -163,6 +164,8 @@ _OSLOCK = int(LockFlag.OSLOCK)
 _V4_FLAGS = int(LockFlag.VALUE_BLOCK | LockFlag.NOTIFY)
 _VALUE_BLOCK = int(LockFlag.VALUE_BLOCK)
 _NOTIFY = int(LockFlag.NOTIFY)
+#: The Lock flags a Convert may carry: the value block read at the grant, notices, no interim messages.
+_CONVERT_FLAGS = int(LockFlag.VALUE_BLOCK | LockFlag.NOTIFY | LockFlag.NO_INTERIM)
 #: The value flags a Convert or a Release may carry.
 _VALUE_FLAGS = int(ValueFlag.WRITE | ValueFlag.INVALIDATE)
 #: The protocol version from which Lock and Convert are answered with Acquired (fencing token, value block).
@@ -741,13 +744,17 @@ class LockServer:
                         BlockStatus.VALID if valid else BlockStatus.NOT_VALID, block)
 
     def _unserved(self, rid: int, mechanism: LockMechanism, flags: int, value_flags: int, *,
-                  convert: bool = False) -> bool:
+                  convert: bool = False, block: bytes = b"") -> bool:
         """Refuse (Error BAD_REQUEST, saying why) what a request of version 4 asks that cannot be done: value
         flags unknown, blocking notices (not served yet), or a conversion or value block of a lock that is an OS
         file lock (a binary lock, or a service without a table, jdls -ibD), which has neither; True if refused."""
         why = None
         if value_flags & ~_VALUE_FLAGS:
             why = f"unknown value flags 0x{value_flags:02x}"
+        elif convert and flags & ~_CONVERT_FLAGS:
+            why = f"lock flags 0x{flags & ~_CONVERT_FLAGS:02x} mean nothing to a conversion"
+        elif block and not value_flags & ValueFlag.WRITE:
+            why = "a value block came without the WRITE value flag: nothing would be written"
         elif flags & LockFlag.NOTIFY and mechanism is not self.mechanisms.table:
             why = ("OS file locks cannot send blocking notices (this lock is an OS file lock: a binary lock, or a "
                    "service run without a lock table, jdls -ibD); the lock table can")
@@ -776,7 +783,7 @@ class LockServer:
             self._send(Error(rid, ErrorCode.BAD_REQUEST, not_a_mode(req.mode)))
             return
         mechanism = self.routes.get(handle, self.main)
-        if self._unserved(rid, mechanism, req.flags, req.value_flags, convert=True):
+        if self._unserved(rid, mechanism, req.flags, req.value_flags, convert=True, block=req.block):
             return
         if any(isinstance(p.request, Convert) and p.request.handle == req.handle for p in self.pending.values()):
             self._send(Error(rid, ErrorCode.BAD_REQUEST, "a conversion of this lock waits already"))
@@ -870,7 +877,7 @@ class LockServer:
         INTERNAL) that says no more than the client needs: not the table's geometry, nor a path."""
         self.log.error("client %s: %s", self._who(), exc)
         if isinstance(exc, GroupFull):
-            self._send(Error(rid, ErrorCode.GROUP_FULL, "lock table full"))
+            self._send(Error(rid, ErrorCode.GROUP_FULL, "lock table full (the group of this record's lock)"))
         elif isinstance(exc, TableMissing):
             self._send(Error(rid, ErrorCode.INTERNAL, "the lock table was removed"))
         elif isinstance(exc, TableServes):
@@ -1022,7 +1029,7 @@ class LockServer:
         """Unlock with the value block written (ValueFlag.WRITE) or marked not valid (INVALIDATE) as the lock
         goes; Error when it cannot be (not this client's lock, not PW or EX: still held then). No answer
         otherwise, as Unlock."""
-        if not req.value_flags:
+        if not req.value_flags and not req.block:
             self._unlock(Unlock(req.request_id, req.handle))
             return
         rid = req.request_id
@@ -1032,7 +1039,7 @@ class LockServer:
             self._send(Error(rid, ErrorCode.NOT_HELD, "not held"))
             return
         table = self.mechanisms.table
-        if self._unserved(rid, self.routes.get(handle, self.main), 0, req.value_flags):
+        if self._unserved(rid, self.routes.get(handle, self.main), 0, req.value_flags, block=req.block):
             return
         assert table is not None  # _unserved refuses value flags on any other mechanism
         self._withdraw_conversion(req.handle)
@@ -1138,8 +1145,13 @@ class LockServer:
 
     def _unknown(self, event: UnknownMessage) -> None:
         self.log.warning("client %s sent unknown message kind 0x%02x", self._who(), event.kind)
-        self._send(Error(event.request_id, ErrorCode.UNKNOWN_MESSAGE,
-                         f"message kind 0x{event.kind:02x} is not known to this server"))
+        since = kind_since(event.kind)
+        if since is not None:  # a kind of a later version than this conversation's: the client's mistake
+            said = (f"message kind 0x{event.kind:02x} needs protocol version {since}; this conversation speaks "
+                    f"version {self.conn.version}")
+        else:
+            said = f"message kind 0x{event.kind:02x} is not known to this server"
+        self._send(Error(event.request_id, ErrorCode.UNKNOWN_MESSAGE, said))
 
     @staticmethod
     def _closed(_event: ConnectionClosed) -> None:

@@ -82,6 +82,7 @@ from .messages import (
     ValueFlag,
     Waiting,
     Welcome,
+    kind_since,
     not_a_mode,
 )
 from .transport import SpinningReader, exchange, receive
@@ -113,7 +114,8 @@ __all__ = [
     "CLIENT_MAX_FRAME", "DEFAULT_MAX_FRAME", "Config", "ConfigurationError", "Server", "environment",
     "exchange", "identity", "jdls", "numerals", "probe", "receive", "spec", "tls", "trusted", "FRAME_VERSION",
     "HEADER", "HEADER_SIZE", "HELLO_MAGIC", "MESSAGES",
-    "NEED_DATA", "PROTOCOL_VERSIONS", "SINCE", "WAIT_FOREVER", "Connection", "ConnectionClosed", "Echo", "EchoReply",
+    "NEED_DATA", "PROTOCOL_VERSIONS", "SINCE", "kind_since", "WAIT_FOREVER", "Connection", "ConnectionClosed",
+    "Echo", "EchoReply",
     "Error", "ErrorCode", "Event", "Granted", "Hello", "HolderState", "InfoGet", "InfoPut", "InfoSnapshot",
     "Kind", "LocalProtocolError", "Lock", "LockFlag", "Mechanism", "Message", "Mode", "NeedData",
     "ProtocolError", "Reclaim", "RefuseReason", "Refused", "RemoteProtocolError", "Role", "SpinningReader",

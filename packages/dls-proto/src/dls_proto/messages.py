@@ -528,5 +528,11 @@ REQUESTS = frozenset({Lock, Unlock, UnlockAll, Status, InfoPut, InfoGet, Echo, R
 #: The messages a protocol version after the lowest added, and that version: in a conversation of an older
 #: version they are not sent, and one received is a kind unknown to that version (UnknownMessage).
 SINCE: dict[type[Any], int] = {Settings: 3, Convert: 4, Release: 4, Cancel: 4, Acquired: 4, Blocking: 4}
+
+
+def kind_since(kind: int) -> int | None:
+    """The protocol version that added the message of ``kind``, when a version after the lowest did (None:
+    every version has it, or no version does): what a peer that sent it in an older conversation is told."""
+    return next((SINCE[cls] for k, cls in CLASSES if k == kind and cls in SINCE), None)
 REPLIES = frozenset({Granted, Refused, Waiting, StatusReply, InfoSnapshot, EchoReply, Unlocked, Error, Acquired,
                      Blocking})
