@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import signal
@@ -50,6 +49,7 @@ from dls_shm import SlotState, doorbell
 from dls_testkit import DLS_LOCK, Service, client_for, data_file, make_service
 from dls_testkit.clients import attached
 from dls_testkit.fake_service import SERVER_PID, FakeService
+from dls_testkit.tokens import contended_run_with_a_kill
 from dls_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -525,24 +525,9 @@ def test_fencing_tokens_strictly_increase_through_the_service_across_a_contended
     happened) has strictly increasing tokens, the killed holder's followed by greater ones."""
     rounds, hang = 25, 4
     outs = [tmp_path / f"contender-{n}" for n in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(data), "FENCED", str(out), str(rounds),
-                               str(hang if n == 0 else rounds)], env=daemon.env) for n, out in enumerate(outs)]
-    try:
-        wait_for(lambda: outs[0].exists() and len(outs[0].read_text().splitlines()) == 2 * hang + 1, 30,
-                 "the first contender to hold PW at its hanging round")
-        procs[0].send_signal(signal.SIGKILL)
-        for proc in procs[1:]:
-            assert proc.wait(timeout=60) == 0
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-    history = sorted((int(stamp), int(token), n) for n, out in enumerate(outs)
-                     for token, stamp in (line.split() for line in out.read_text().splitlines()))
-    assert len(history) == 2 * hang + 1 + 3 * 2 * rounds
-    tokens = [token for _, token, _ in history]
-    assert all(a < b for a, b in itertools.pairwise(tokens)), history
-    assert max(i for i, (_, _, n) in enumerate(history) if n == 0) < len(history) - 1
+    contended_run_with_a_kill(lambda out, hang_at: subprocess.Popen(
+        [sys.executable, "-c", CONTENDER, str(data), "FENCED", str(out), str(rounds), str(hang_at)], env=daemon.env),
+        outs, rounds, hang)
 
 
 def test_the_same_thread_locking_a_record_again_through_the_service_gets_the_lock_it_holds(

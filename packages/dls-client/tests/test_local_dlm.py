@@ -8,12 +8,10 @@ answering each when it returns (so a request that waits is seen not answering), 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -40,6 +38,7 @@ from dls_client import (
 )
 from dls_shm import LockTable, SlotFlag, SlotState, geometry_for, modes
 from dls_testkit import KEY, free_key, own_table, wait_for
+from dls_testkit.tokens import contended_run_with_a_kill
 
 #: The other process: a LocalClient of the table (or of OS file locks, "os") taking requests as JSON lines.
 ACTOR = textwrap.dedent("""
@@ -352,26 +351,9 @@ def test_fencing_tokens_strictly_increase_across_a_contended_run_with_a_kill(
 ) -> None:
     rounds, hang = 40, 5
     outs = [tmp_path / f"contender-{n}" for n in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(table.key), str(data), KEY, str(out),
-                               str(rounds), str(hang if n == 0 else rounds)]) for n, out in enumerate(outs)]
-    try:
-        wait_for(lambda: outs[0].exists() and len(outs[0].read_text().splitlines()) == 2 * hang + 1, 30,
-                 "the first contender to hold PW at its hanging round")
-        procs[0].send_signal(signal.SIGKILL)
-        for proc in procs[1:]:
-            assert proc.wait(timeout=60) == 0
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-    history = sorted((int(stamp), int(token), n) for n, out in enumerate(outs)
-                     for token, stamp in (line.split() for line in out.read_text().splitlines()))
-    assert len(history) == 2 * hang + 1 + 3 * 2 * rounds
-    tokens = [token for _, token, _ in history]
-    assert all(a < b for a, b in itertools.pairwise(tokens)), history
-    # the killed holder's last token is followed by greater ones from the others
-    last_killed = max(i for i, (_, _, n) in enumerate(history) if n == 0)
-    assert last_killed < len(history) - 1
+    contended_run_with_a_kill(lambda out, hang_at: subprocess.Popen(
+        [sys.executable, "-c", CONTENDER, str(table.key), str(data), KEY, str(out), str(rounds), str(hang_at)]),
+        outs, rounds, hang)
 
 
 def test_a_lock_without_a_table_has_token_0_and_cannot_convert_or_keep_value_blocks(
