@@ -89,8 +89,14 @@ def kill_group(service: Service) -> None:
     for group in groups:
         os.killpg(group, signal.SIGKILL)
 
+    def ended(p: psutil.Process) -> bool:
+        try:
+            return bool(p.status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:  # reaped between the listing and the look (seen in a fresh-clone run)
+            return True
+
     def gone() -> bool:
-        return all(p.status() == psutil.STATUS_ZOMBIE for p in psutil.process_iter() if _pgid(p.pid) in groups)
+        return all(ended(p) for p in psutil.process_iter() if _pgid(p.pid) in groups)
     wait_for(gone, 5, f"the processes of the service on port {service.port} to end")
 
 
