@@ -673,3 +673,20 @@ def _burst_of_notices(table: LockTable, client: LocalClient, data: Path, busy: t
         burst.wait(timeout=10)
     for h in held:
         h.release()
+
+
+def test_the_locks_a_client_remembers_drop_the_lost_ones(client: LocalClient, data: Path) -> None:
+    """A client remembers its locks by handle (a record locked again by its holder is the same HeldLock); the
+    lost ones, never released through it, are dropped once it remembers more than it prunes at."""
+    held = [client.lock(data, f"R{n}") for n in range(5)]
+    for h in held[:3]:
+        h.lose("lost for the test")
+    client._prune_at = 5
+    more = client.lock(data, "R5")
+    assert sorted(client._live) == sorted(h.handle for h in [*held[3:], more])
+    assert client._prune_at >= 5
+    for h in [*held, more]:
+        if not h.lost:
+            h.release()
+        else:
+            client.unlock(h.handle)

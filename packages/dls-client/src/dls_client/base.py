@@ -21,6 +21,8 @@ from .cancel import Cancel
 from .errors import DlsError, Holder, Unsupported
 from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnBlocking, OnLost, key_bytes
 
+#: How many locks a client remembers (``BaseClient._live``) before it drops the lost ones.
+PRUNE_AT = 1024
 #: Every lock kind; a Client's JDLS LOCK= may send fewer of them to the service.
 ALL_KINDS = frozenset(("internal", "external"))
 
@@ -32,6 +34,8 @@ class BaseClient(ABC):
     #: The locks this client holds, by handle (``lock`` fills it, releases empty it): a grant under the handle
     #: of one of them is that lock, converted (``_locked_again``). Each subclass's ``__init__`` makes it.
     _live: dict[int, HeldLock]
+    #: How many ``_live`` may hold before the lost among them are dropped (``_prune``).
+    _prune_at: int = PRUNE_AT
 
     #: The record-lock kinds this client takes (the others are refused, see ``lock``).
     _kinds: frozenset[str] = ALL_KINDS
@@ -76,8 +80,17 @@ class BaseClient(ABC):
         old = live.get(held.handle)
         if old is None:
             live[held.handle] = held
+            if len(live) > self._prune_at:
+                self._prune()
             return held
         return self._locked_again(old, held)
+
+    def _prune(self) -> None:
+        """Drop the locks lost (never released by their holders: a lost lock's release lets go of nothing
+        here) from ``_live``; prune next at twice the locks held then, so that a process holding many pays
+        for it rarely."""
+        self._live = {h: held for h, held in self._live.items() if not held.released and not held.lost}
+        self._prune_at = max(PRUNE_AT, 2 * len(self._live))
 
     def _locked_again(self, old: HeldLock, new: HeldLock) -> HeldLock:
         """A grant under the handle of a lock this client holds already: the same thread locked the record
