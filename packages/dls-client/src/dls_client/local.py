@@ -650,11 +650,10 @@ class _LocalNotices:
 
     def __init__(self, due: Callable[[list[int]], list[tuple[int, int]]], report: Callable[[str], None]) -> None:
         self.pid = os.getpid()
-        self.bell = dls_shm.Doorbell()
+        self.bell = dls_shm.NoticeBell()
         self.callbacks = BlockingNotices(report)
-        #: Which of the watched locks' notices stand (the table's ``notices_due``), and those told of.
+        #: Which of the watched locks' notices stand (the table's ``notices_due``).
         self._due = due
-        self._told: set[int] = set()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._hear, name="dls-notice-doorbell", daemon=True)
         self._thread.start()
@@ -663,20 +662,16 @@ class _LocalNotices:
         fd = self.bell.fileno()
         while not self._closed.is_set():
             if dls_shm.readable([fd], self.HEAR_PAUSE):
-                notices = self.bell.notices()
-                if self.bell.overflowed:  # some may have been lost: the table says which stand
-                    try:
-                        due = self._due(self.callbacks.handles())
-                    except dls_shm.TableError:
-                        due = []
-                    self._told &= {handle for handle, _ in due}
-                    named = {handle for handle, _ in notices}
-                    notices += [(handle, mode) for handle, mode in due
-                                if handle not in self._told and handle not in named]
-                for handle, mode in notices:
-                    self._told.add(handle)
+                for handle, mode in self.bell.heard(self._standing):
                     self.callbacks.deliver(handle, mode)
         self.bell.close()
+
+    def _standing(self) -> list[tuple[int, int]]:
+        """Which of the watched locks' notices stand (the table's word; none when it cannot be asked)."""
+        try:
+            return self._due(self.callbacks.handles())
+        except dls_shm.TableError:
+            return []
 
     def close(self) -> None:
         self._closed.set()

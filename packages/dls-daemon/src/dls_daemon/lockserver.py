@@ -126,6 +126,7 @@ from dls_shm import (
     HolderWatch,
     LockMechanism,
     NotHeld,
+    NoticeBell,
     NotWritable,
     Owner,
     PidRecord,
@@ -296,10 +297,8 @@ class LockServer:
         self._token = 0  # the doorbell's, once made
         #: The doorbell the table sends this client's blocking notices to (made with the first Lock asking for
         #: them, NOTIFY), and the locks that asked: their handle and the id of the Lock that took each.
-        self._notices: Doorbell | None = None
+        self._notices: NoticeBell | None = None
         self._notice_ids: dict[int, int] = {}
-        #: The locks whose Blocking was sent, while the table says it stands (``_send_notices``).
-        self._told: set[int] = set()
         self._finished = False
         #: The processes that waiting requests wait on, watched: the end of one wakes this lock server.
         self._watch = HolderWatch()
@@ -584,31 +583,26 @@ class LockServer:
     def _notice_token(self) -> int:
         """The token of this lock server's notice doorbell, made on first use."""
         if self._notices is None:
-            self._notices = Doorbell()
+            self._notices = NoticeBell()
         return self._notices.token
 
     def _send_notices(self) -> None:
         """Tell the client of each blocking notice that came for a lock it still holds (Blocking, named by the
-        request that took the lock and the handle the client knows): once each, as the table sends them. A
-        doorbell whose queue was full may have lost some: the table then says which are due, and those not
-        told yet are told (``_told``: the locks told of while their notice stands)."""
+        request that took the lock and the handle the client knows): once each, none lost (``NoticeBell``)."""
         assert self._notices is not None
-        notices = self._notices.notices()
-        table = self.mechanisms.table
-        if self._notices.overflowed and table is not None:
-            try:
-                due = table.notices_due(list(self._notice_ids))
-            except TableError as exc:
-                self.log.error("client %s: blocking notices not looked up: %s", self._who(), exc)
-                due = []
-            self._told &= {handle for handle, _ in due}
-            named = {handle for handle, _ in notices}
-            notices += [(handle, mode) for handle, mode in due if handle not in self._told and handle not in named]
-        for handle, mode in notices:
+        for handle, mode in self._notices.heard(self._notices_due):
             rid = self._notice_ids.get(handle)
             if rid is not None and handle in self.held:
-                self._told.add(handle)
                 self._send_unsolicited(Blocking(rid, self._outer.get(handle, handle), mode))
+
+    def _notices_due(self) -> list[tuple[int, int]]:
+        """Which of this client's locks that asked for notices have one standing (the table's word)."""
+        table = self.mechanisms.table
+        try:
+            return [] if table is None else table.notices_due(list(self._notice_ids))
+        except TableError as exc:
+            self.log.error("client %s: blocking notices not looked up: %s", self._who(), exc)
+            return []
 
     def _watch_holders(self) -> tuple[list[int], bool]:
         """Watch the processes that block the waiting requests (a lock nobody frees when its holder dies: the
@@ -866,8 +860,8 @@ class LockServer:
                 return seal
 
     def _forget_handle(self, handle: int) -> None:
-        self._notice_ids.pop(handle, None)
-        self._told.discard(handle)
+        if self._notice_ids.pop(handle, None) is not None and self._notices is not None:
+            self._notices.forget(handle)
         outer = self._outer.pop(handle, None)
         if outer is not None:
             del self._inner[outer]

@@ -10,7 +10,7 @@ those locks as lock entries joined with proc/info (``oslock_entries``).
 
 from . import deadlocks, info, modes, oslock_entries, pidfiles, proc_locks, queues, report, this_process, trusted
 from .__about__ import __version__
-from .doorbell import Doorbell, readable, ring
+from .doorbell import Doorbell, NoticeBell, readable, ring
 from .holder_watch import HolderWatch
 from .instance import DEFAULT_RELEASE_DIR, LABELS, LISTENER, MONITOR, ROLES, Instance, ipc_key_for, parse_ipc_key
 from .layout import (
@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_PER_GROUP", "DEFAULT_RECORDS", "DEFAULT_RELEASE_DIR", "INDEX_BITS", "KEY_MAX", "LOCAL_IP",
     "RECHECK_INTERVAL",
     "Deadlock", "NotWritable", "Unsupported",
+    "NoticeBell",
     "Conflict", "Doorbell", "Entry", "Geometry", "Grant", "GroupFull", "HalfTable", "Header", "Holder", "HolderWatch",
     "Instance", "LockMechanism", "LockTable", "NotHeld", "Owner", "Queued", "Slot", "SlotFlag", "SlotState",
     "TableError", "TableFlag", "TableMissing", "Tidied", "UntrustedTable",

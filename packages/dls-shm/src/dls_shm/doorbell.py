@@ -21,7 +21,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 _PREFIX = b"\0dls-bell-"
 _ringer: socket.socket | None = None
@@ -116,6 +116,33 @@ class Doorbell:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class NoticeBell(Doorbell):
+    """A holder's doorbell of blocking notices, which knows the notices it has passed on: the holder (a lock
+    server, a LocalClient's notice thread) hears them with ``heard`` and tells each on, none lost, none twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The locks whose notice was passed on, while the table says it stands.
+        self._told: set[int] = set()
+
+    def heard(self, due: Callable[[], list[tuple[int, int]]]) -> list[tuple[int, int]]:
+        """The notices to pass on now, each (handle, mode wanted). After a full queue, which may have lost some,
+        ``due()`` (the table's ``notices_due`` of the holder's locks) says which stand; those not passed on yet
+        are added (and a lock no longer due may be told of again)."""
+        notices = self.notices()
+        if self.overflowed:
+            stand = due()
+            self._told &= {handle for handle, _ in stand}
+            named = {handle for handle, _ in notices}
+            notices += [(handle, mode) for handle, mode in stand if handle not in self._told and handle not in named]
+        self._told.update(handle for handle, _ in notices)
+        return notices
+
+    def forget(self, handle: int) -> None:
+        """The lock ``handle`` is gone: a later notice under its handle is another's."""
+        self._told.discard(handle)
 
 
 def ring(token: int) -> None:
