@@ -26,11 +26,10 @@ from dls_proto import (
     Refused,
     RefuseReason,
     Unlock,
-    Waiting,
 )
 from dls_shm import LOCAL_IP, Deadlock, Grant, LockTable, Owner, SlotState
 from dls_testkit import Service, wait_for
-from dls_testkit.wire import greet, receive
+from dls_testkit.wire import greet, receive, receive_final
 
 INODE = 4242
 #: How soon after a cycle forms one of its requests must be refused (the issue: within a second).
@@ -119,9 +118,7 @@ def test_a_cycle_of_a_local_process_and_a_remote_client_refuses_the_remote_reque
         remote.sendall(conn.send(_lock(3, b"MIXED*L")) + conn.send(Echo(4, b"")))
         receive(remote, conn, EchoReply)  # queued: the cycle is closed
         closed = time.monotonic()
-        answer = receive(remote, conn, Refused | Waiting)
-        while isinstance(answer, Waiting):  # interim messages while it waits
-            answer = receive(remote, conn, Refused | Waiting)
+        answer = receive_final(remote, conn, Refused)
         took = time.monotonic() - closed
         assert (answer.request_id, answer.reason) == (3, RefuseReason.DEADLOCK) and took < WITHIN, (answer, took)
         remote.sendall(conn.send(Unlock(5, mine.handle)))  # the victim lets go: the local process goes on
@@ -160,15 +157,11 @@ def test_a_three_way_cycle_of_a_local_process_and_two_remote_clients_refuses_onl
         r2.sendall(c2.send(_lock(3, b"THREE*A")) + c2.send(Echo(4, b"")))  # R2 waits for A: the cycle is closed
         receive(r2, c2, EchoReply)
         closed = time.monotonic()
-        answer = receive(r2, c2, Refused | Waiting)
-        while isinstance(answer, Waiting):
-            answer = receive(r2, c2, Refused | Waiting)
+        answer = receive_final(r2, c2, Refused)
         took = time.monotonic() - closed
         assert (answer.request_id, answer.reason) == (3, RefuseReason.DEADLOCK) and took < WITHIN, (answer, took)
         r2.sendall(c2.send(Unlock(5, c.handle)))  # the victim lets C go: R1 gets it, then lets B go for L
-        got = receive(r1, c1, Acquired | Waiting)
-        while isinstance(got, Waiting):
-            got = receive(r1, c1, Acquired | Waiting)
+        got = receive_final(r1, c1, Acquired)
         assert got.request_id == 3
         r1.sendall(c1.send(Unlock(5, got.handle)) + c1.send(Unlock(6, b.handle)))
         assert p[2].recv(timeout=10) == b"G"
@@ -203,9 +196,7 @@ def test_a_cycle_closed_by_a_client_of_protocol_3_refuses_the_other_member(
         closed = time.monotonic()
         assert p[2].recv(timeout=5) == b"D", "the local (protocol 4) member is refused"
         assert time.monotonic() - closed < WITHIN
-        got = receive(old, conn, Granted | Waiting)
-        while isinstance(got, Waiting):
-            got = receive(old, conn, Granted | Waiting)
+        got = receive_final(old, conn, Granted)
         assert got.request_id == 3  # the local process let its lock go when refused
         assert children.wait(local) == 7
         old.sendall(conn.send(Unlock(4, got.handle)) + conn.send(Unlock(5, mine.handle)))

@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Any
 
-from dls_proto import PROTOCOL_VERSIONS, Connection, Hello, Role, Welcome
+from dls_proto import PROTOCOL_VERSIONS, Connection, Hello, Role, Waiting, Welcome
 from dls_proto import receive as proto_receive
 
 
@@ -18,6 +18,14 @@ def receive(sock: socket.socket, conn: Connection, kind: Any, timeout: float = 1
     sock.settimeout(timeout)
     event = proto_receive(conn, lambda: sock.recv(65536))
     assert isinstance(event, kind), f"unexpected {event!r}"
+    return event
+
+
+def receive_final(sock: socket.socket, conn: Connection, kind: Any, timeout: float = 10.0) -> Any:
+    """The next event on ``conn`` but interim Waiting messages, which must be of ``kind``: a waiting request's
+    answer."""
+    while isinstance(event := receive(sock, conn, kind | Waiting, timeout), Waiting):
+        pass
     return event
 
 
