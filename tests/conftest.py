@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from dls_testkit import Service, make_service
-from dls_testkit.fixtures import children, pipes  # noqa: F401 - fixtures of these tests too
+from dls_testkit.fixtures import children, pipes, signals_left_alone  # noqa: F401 - fixtures of these tests too
 
 
 @pytest.fixture(autouse=True)

@@ -285,7 +285,8 @@ def kept_then_freed_by_the_monitor(service: Service) -> None:
     wait_for(lambda: not slot_states(service), DELAY + 5, "the kept lock to be freed", poll=0.05)
     freed = time.time()
     assert kept + DELAY <= freed <= kept + DELAY + LATE, f"freed {freed - kept:.2f} s after it was kept"
-    service.wait_for_log(r"monitor INFO tidy \(a kept lock is due\): freed 1 orphaned lock\(s\)")
+    # The tidy every second may be the one that finds it due: the time above is what this test is about.
+    service.wait_for_log(r"monitor INFO tidy \((a kept lock is due|periodic)\): freed 1 orphaned lock\(s\)")
 
 
 def test_lock_delay_0_frees_a_killed_lock_servers_locks_at_once(tmp_path: Path) -> None:

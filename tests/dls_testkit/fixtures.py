@@ -4,6 +4,8 @@ closed). A conftest makes them its own by importing them (``from dls_testkit.fix
 from __future__ import annotations
 
 import os
+import signal
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,3 +47,26 @@ def tool_env(tmp_path: Path) -> dict[str, str]:
     data.write_text("")
     return {**base, "JBCRELEASEDIR": str(tmp_path / "release"), "JDLS_LOCK_DIR": str(tmp_path / "jbase"),
             "JDLS_BINARY_LOCK_DIR": str(tmp_path / "jbase_lock"), "DATA": str(data)}
+
+
+#: What a test's programs inherit from the test process: a disposition of SIG_IGN and the signal mask
+#: survive exec, so a test that left them changed would change every later program of its worker.
+_INHERITED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
+
+
+@pytest.fixture(autouse=True)
+def signals_left_alone() -> Iterator[None]:
+    """A test that leaves a signal ignored or blocked in the test process is warned of, and its change undone:
+    a dls-lock started later by the same worker would otherwise ignore Ctrl-C, as a background job does."""
+    dispositions = {signum: signal.getsignal(signum) for signum in _INHERITED}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    changed = [signal.Signals(signum).name for signum, was in dispositions.items() if signal.getsignal(signum) != was]
+    if changed:
+        for signum, was in dispositions.items():
+            signal.signal(signum, was)
+    now = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if now != mask:
+        changed.append(f"mask {sorted(signal.Signals(s).name for s in now)}")
+    if changed:
+        warnings.warn(f"the test changed the test process's signals ({', '.join(changed)}); undone", stacklevel=1)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from dls_client import Client, LocalClient
 from dls_testkit import Service, running_service
+from dls_testkit.fixtures import signals_left_alone  # noqa: F401 - the fixture of every test
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dls_shm import Geometry, LockTable, geometry_for
 from dls_testkit import free_key, ipc_left, own_table
-from dls_testkit.fixtures import children, pipes  # noqa: F401 - fixtures of these tests too
+from dls_testkit.fixtures import children, pipes, signals_left_alone  # noqa: F401 - fixtures of these tests too
 
 #: Every key this test process made a table under, checked once more at the end of the session.
 _KEYS: list[int] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from dls_shm import Instance, LockTable, geometry_for, ipc_key_for
 from dls_testkit import Service, ipc_left, own_table
+from dls_testkit.fixtures import signals_left_alone  # noqa: F401 - the fixture of every test
 
 
 @pytest.fixture
