@@ -18,6 +18,7 @@ On the root pytest ``pythonpath``, so any test module or conftest imports it by 
   connection code without a daemon;
 - ``fake_lock_service``: fake services of many connections sharing one lock table, with the lock-delay and
   Reclaim, for the client's recovery rules without a daemon;
+- ``tools``: ``load_tool``, a script of tools/ loaded as a module (tools/ is no package);
 - ``chaos`` (a subpackage, imported as ``dls_testkit.chaos``): fault injection with a history checker, worker
   processes, the chaos loop and the checker of their logs (tests/test_chaos.py, ``./dev chaos``).
 """
@@ -41,6 +42,7 @@ from .ipc import free_key, ipc_left, ipcs_lines, own_table, remove_ipc
 from .ports import free_port
 from .processes import Children, Pipe, alive, gone, processes_of, running
 from .service import DLS_LOCK, FOREIGN, Service, instance_env, make_service, running_service
+from .tools import load_tool
 from .users import NOBODY, SERVICE_GID, as_user, reachable_dir
 from .waiting import wait_for
 from .wire import dribble, greet, hello, receive
@@ -50,6 +52,7 @@ __all__ = [
     "DLS_LOCK", "FOREIGN", "KEY", "LOAD_SECONDS", "Children", "Crew", "FakeLockService", "FakeService", "Pipe",
     "Service", "alive", "assert_exact", "attached", "client_for", "crew", "data_file", "free_key", "free_port", "gone",
     "dribble", "greet", "header_line", "hello", "holder_of", "instance_env", "ipc_left", "ipcs_lines", "lock_holder",
+    "load_tool",
     "make_service",
     "own_table", "processes_of", "read_counter", "receive", "remove_ipc", "running", "running_service", "slots_of",
     "wait_for", "wait_free",
