@@ -1,10 +1,13 @@
-"""Contract: every package installs alone, from its wheel, with only what it declares.
+"""Contract: what is released is what installs and runs. Every package installs alone, from its wheel, with
+only what it declares; the five together make a working service; the archives hold what they must.
 
-The five wheels are built once per test session (``pip wheel --no-deps``), into one
-directory shared by the xdist workers (built under a file lock by whichever worker
-comes first). Then, for each package, a fresh venv in tmp_path gets that one wheel
-(``pip install <wheel> --find-links <wheel dir>``: siblings from the wheel dir,
-third-party dependencies from the usual index and cache), and:
+The wheels are those of the release: built once per test session by ``tools/release.py``'s ``release`` (what
+``./dev release`` runs: ``python -m build``, an sdist and a wheel from it for each package, ``twine check
+--strict``), into one directory shared by the xdist workers (built under a file lock by whichever worker comes
+first); or, when $DLS_RELEASE_DIR names a directory, exactly the files of the release there (made by
+``./dev release --out DIR``), which are then the ones these tests pass or fail. Then, for each package, a fresh
+venv in tmp_path gets that one wheel (``pip install <wheel> --find-links <release dir>``: siblings from the
+release, third-party dependencies from the usual index and cache), and:
 
 - ``pip check`` finds nothing wrong, and the installed distributions are the package,
   the siblings it declares (transitively) and third-party packages, nothing else;
@@ -13,7 +16,10 @@ third-party dependencies from the usual index and cache), and:
   output starts with ``usage:``.
 
 And dls-client, which is all an application server installs, must not bring dls-shm,
-sysv_ipc or psutil with it.
+sysv_ipc or psutil with it. All five wheels in one venv run the whole: its jdls starts a service, its
+dls-lock locks a record, its show-item-locks shows it, and the service stops leaving nothing. Each sdist holds
+every file git keeps of its package (what a build needs: sources, py.typed, data, man pages, README,
+CHANGELOG), and each wheel its modules, data and man pages.
 """
 
 from __future__ import annotations
@@ -24,18 +30,26 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from dls_testkit import Service, load_tool, make_service, wait_for
 
-pytestmark = pytest.mark.slow
+#: The first test that asks for the release waits for its build (about 40 s alone, longer on a busy machine) as
+#: well as doing its own work.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
 #: What an application server must not get with dls-client (normalised names).
 NOT_WITH_THE_CLIENT = {"dls-shm", "sysv-ipc", "psutil", "dls-daemon", "dls-utils"}
+#: Names a directory holding a release (./dev release --out DIR) for these tests to install instead of building one.
+RELEASE_DIR_VARIABLE = "DLS_RELEASE_DIR"
 
 
 def normalise(name: str) -> str:
@@ -77,21 +91,32 @@ def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 1
     return result
 
 
+#: tools/release.py, the one way a release is built.
+release_tool = load_tool("release")
+
+
 @pytest.fixture(scope="session")
 def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The five wheels, built once for all the xdist workers of this session."""
+    """The release the tests install: $DLS_RELEASE_DIR's, else one built once for all the xdist workers of
+    this session (a failed build is told to every worker, not tried again by each)."""
+    given = os.environ.get(RELEASE_DIR_VARIABLE)
+    if given:
+        if not Path(given).is_dir():
+            pytest.fail(f"${RELEASE_DIR_VARIABLE}={given}: not a directory (make one with ./dev release --out DIR)")
+        return Path(given)
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    directory = shared / "dls-wheels"
-    directory.mkdir(exist_ok=True)
-    with open(shared / "dls-wheels.lock", "w") as lock:
+    directory, failed = shared / "dls-release", shared / "dls-release.failed"
+    with open(shared / "dls-release.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = directory / ".built"
+        if failed.exists():
+            pytest.fail(failed.read_text())
         if not done.exists():
-            for package in PACKAGES:
-                result = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", ROOT / "packages" / package,
-                             "-w", directory)
-                assert result.returncode == 0, f"building the wheel of {package} failed:\n{result.stderr}"
+            made = release_tool.release(directory)
+            if not made.ok:
+                failed.write_text("the release build failed:\n" + "\n".join(made.problems))
+                pytest.fail(failed.read_text())
             done.touch()
     return directory
 
@@ -100,6 +125,12 @@ def wheel_of(directory: Path, package: str) -> Path:
     wheels = sorted(directory.glob(f"{package.replace('-', '_')}-*.whl"))
     assert len(wheels) == 1, f"wheels of {package} in {directory}: {wheels}"
     return wheels[0]
+
+
+def sdist_of(directory: Path, package: str) -> Path:
+    sdists = sorted(directory.glob(f"{package.replace('-', '_')}-*.tar.gz"))
+    assert len(sdists) == 1, f"sdists of {package} in {directory}: {sdists}"
+    return sdists[0]
 
 
 def version_of(package: str) -> str:
@@ -154,8 +185,6 @@ def test_show_item_locks_on_a_client_host_with_only_dls_client_and_dls_utils(whe
     """An application server with dls-client and dls-utils installed (from their wheels, nothing else of dls
     but what they declare) asks a running lock service for its locks, as an operator would from there;
     the man pages came with the wheels and man finds them from the venv's bin on PATH."""
-    from dls_testkit import make_service, wait_for
-
     venv = tmp_path / "venv"
     assert run(sys.executable, "-m", "venv", venv).returncode == 0
     pip = [venv / "bin" / "python", "-m", "pip"]
@@ -201,3 +230,107 @@ def test_show_item_locks_on_a_client_host_with_only_dls_client_and_dls_utils(whe
     for page in ("show-item-locks", "dls-lock", "list-open-files"):
         where = run("man", "-w", page, env=man_env)
         assert where.returncode == 0 and where.stdout.strip().startswith(str(venv)), (page, where)
+
+
+def tracked(package: str) -> list[str]:
+    """The files git keeps of ``package``, relative to its directory."""
+    result = subprocess.run(["git", "ls-files", "-z", "."], cwd=ROOT / "packages" / package, capture_output=True,
+                            check=True)
+    return sorted(name for name in result.stdout.decode().split("\0") if name)
+
+
+def compiled(members: list[str]) -> list[str]:
+    return [m for m in members if "__pycache__" in m or m.endswith(".pyc")]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_sdist_holds_every_file_of_its_package(package: str, wheel_dir: Path) -> None:
+    """What a build needs (the sources with py.typed and data, the man pages the wheel maps, README, CHANGELOG,
+    pyproject.toml) and its tests: everything git keeps of the package, under ``<name>-<version>/``; no bytecode.
+    (The release's wheels are built from these sdists, so a file a build needs and the sdist lacks fails there.)"""
+    with tarfile.open(sdist_of(wheel_dir, package)) as sdist:
+        members = [m.name for m in sdist.getmembers() if m.isfile()]
+    top = f"{package.replace('-', '_')}-{version_of(package)}/"
+    assert all(m.startswith(top) for m in members), [m for m in members if not m.startswith(top)]
+    inside = {m[len(top):] for m in members}
+    missing = [name for name in tracked(package) if name not in inside]
+    assert not missing, f"the sdist of {package} lacks {missing}"
+    assert {"PKG-INFO", "README.md", "CHANGELOG.md", "pyproject.toml"} <= inside
+    assert not compiled(members), compiled(members)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_wheel_carries_its_modules_data_and_man_pages(package: str, wheel_dir: Path) -> None:
+    """Every file of the package's source tree (modules, py.typed, data such as dls-daemon's unit file) and
+    every man page its pyproject maps into share/man, and nothing compiled."""
+    with zipfile.ZipFile(wheel_of(wheel_dir, package)) as wheel:
+        members = wheel.namelist()
+    module = package.replace("-", "_")
+    source = f"src/{module}/"
+    wanted = [name[len("src/"):] for name in tracked(package) if name.startswith(source)]
+    data = f"{module}-{version_of(package)}.data/data/"
+    with open(ROOT / "packages" / package / "pyproject.toml", "rb") as f:
+        shared = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"].get("shared-data", {})
+    wanted += [data + destination for destination in shared.values()]
+    assert f"{module}/py.typed" in wanted
+    missing = [name for name in wanted if name not in members]
+    assert not missing, f"the wheel of {package} lacks {missing}"
+    assert not compiled(members), compiled(members)
+    if package == "dls-daemon":
+        assert "dls_daemon/data/dls-daemon.service" in members
+    if package in ("dls-daemon", "dls-client", "dls-utils"):
+        assert any(m.startswith(data + "share/man/man1/") for m in members), members
+
+
+def test_all_five_wheels_in_one_venv_run_the_service_and_its_tools(wheel_dir: Path, tmp_path: Path) -> None:
+    """The whole, as released: the five wheels in one fresh venv; its jdls starts a service (its own instance
+    and port), its dls-lock holds a record there while its show-item-locks shows the lock (from the service,
+    as from another host, and from the table, as on the lock server), the lock ends with the command, and the
+    service stops (jdls -k, -K from the venv) leaving no process and no IPC object."""
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", venv).returncode == 0
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    result = run(python, "-m", "pip", "install", "-q", *(wheel_of(wheel_dir, p) for p in PACKAGES))
+    assert result.returncode == 0, f"pip install of the five wheels failed:\n{result.stdout}{result.stderr}"
+    result = run(python, "-m", "pip", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = run(python, "-m", "pip", "list", "--format=freeze").stdout
+    versions = dict(line.split("==") for line in listed.splitlines() if "==" in line)
+    assert {normalise(name): version for name, version in versions.items() if normalise(name).startswith("dls-")} \
+        == {p: version_of(p) for p in PACKAGES}, listed
+
+    service = Service(tmp_path / "server" / "release", env=clean_env(HOME=str(tmp_path)),
+                      program=[str(bin_dir / "jdls")])
+    with service.checked():
+        service.start()
+        for role in ("monitor", "listener"):
+            pid = service.pid(role)
+            assert pid, f"no {role} pid file"
+            command = psutil.Process(pid).cmdline()
+            assert command[0].startswith(str(venv)), f"the {role} runs {command}, not the venv's jdls"
+
+        data = tmp_path / "FBNK.ACCOUNT"
+        data.touch()
+        done = tmp_path / "done"
+        wait = f"until [ -e {done} ]; do sleep 0.05; done"
+        holder = subprocess.Popen([str(bin_dir / "dls-lock"), str(data), "USD163170001", "sh", "-c", wait],
+                                  env=service.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def shown(*how: str) -> list[dict[str, Any]]:
+                out = run(bin_dir / "show-item-locks", "--json", *how, env=service.env, timeout=30)
+                assert out.returncode == 0, out.stderr
+                return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+            wait_for(lambda: bool(shown()), 15, "show-item-locks (from the service) to list the held lock", poll=0.1)
+            for how in ((), ("--local",)):
+                rows = shown(*how)
+                assert [(r["filename"], r["key"], r["client_pid"], r["mode"]) for r in rows] \
+                    == [(str(data), "USD163170001", holder.pid, "EX")], (how, rows)
+            done.touch()
+            _, err = holder.communicate(timeout=30)
+            assert holder.returncode == 0, f"dls-lock exited {holder.returncode}: {err}"
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
+        wait_for(lambda: not shown(), 10, "show-item-locks to list no lock after dls-lock ended", poll=0.1)

@@ -51,11 +51,15 @@ def instance_env(root: Path, base: Mapping[str, str] | None = None) -> dict[str,
 class Service:
     """A jdls (monitor and listener, or what ``start_options`` ask for) of the test's own instance at
     ``root``; see the module docstring. ``env`` is the base environment (default: this process's);
-    ``client_jdls`` says whether ``self.env`` carries JDLS=SERVER=127.0.0.1,port for clients."""
+    ``client_jdls`` says whether ``self.env`` carries JDLS=SERVER=127.0.0.1,port for clients; ``program`` is
+    the command that is jdls (default: this interpreter's ``-m dls_daemon``, the checkout's code), another one
+    for a test of an installed jdls (a venv's ``bin/jdls``)."""
 
     def __init__(self, root: Path, *, env: Mapping[str, str] | None = None, start_options: Sequence[str] = SMALL,
-                 remove_options: Sequence[str] = (), client_jdls: bool = True) -> None:
+                 remove_options: Sequence[str] = (), client_jdls: bool = True,
+                 program: Sequence[str] = (sys.executable, "-m", "dls_daemon")) -> None:
         self.root = root
+        self.program = tuple(program)
         self.instance = Instance.from_environment(root)
         self.lock_dir = root.parent / "jbase"
         self.binary_lock_dir = root.parent / "jbase_lock"
@@ -130,13 +134,13 @@ class Service:
     # -- programs ---------------------------------------------------------------------
 
     def jdls(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run ``jdls ARGS`` (``python -m dls_daemon``) to the end."""
-        return subprocess.run([sys.executable, "-m", "dls_daemon", *args], env=self.env, capture_output=True,
+        """Run ``jdls ARGS`` (``self.program``) to the end."""
+        return subprocess.run([*self.program, *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """Start ``jdls ARGS`` (its output piped); the caller must see it ends."""
-        return subprocess.Popen([sys.executable, "-m", "dls_daemon", *args], env=self.env, stdout=subprocess.PIPE,
+        return subprocess.Popen([*self.program, *args], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
     def dls_lock(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
