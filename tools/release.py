@@ -135,7 +135,7 @@ def summary(made: Release) -> str:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="./dev release", description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 0 built and checked; 1 a build or the check failed; "
-                                            "2 usage error (--out names something not a directory).")
+                                            "2 usage error (--out not a directory that can be made, --jobs below 1).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="the directory for the sdists and wheels (default: dist/ at the top of the repository)")
     parser.add_argument("--jobs", type=int, default=JOBS, metavar="N", help=f"packages built at once (default {JOBS})")
