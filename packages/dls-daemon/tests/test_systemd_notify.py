@@ -159,12 +159,15 @@ def test_the_monitor_tells_systemd_ready_status_watchdog_and_stopping(service, f
         again = systemd.until("WATCHDOG=1", timeout=2 * PERIOD + 1)
         assert again[-1][1] == proc.pid
 
-        # jdls -k: STOPPING=1, and the service ends well.
-        stop = service.jdls("-k")
-        assert stop.returncode == 0, stop.stderr
+        # jdls -k: STOPPING=1, and the service ends well. Read meanwhile, as systemd does: the socket's queue
+        # is short (net.unix.max_dgram_qlen), and the service drops what does not fit rather than wait.
+        stop = subprocess.Popen([sys.executable, "-m", "dls_daemon", "-k"], env=service.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         stopping = systemd.until("STOPPING=1", timeout=10)
+        assert stop.wait(timeout=30) == 0
         assert stopping[-1][1] == proc.pid
         assert proc.wait(timeout=10) == 0
+        assert "cannot notify" not in service.log()
     finally:
         systemd.close()
 
@@ -196,5 +199,25 @@ def test_in_the_background_nothing_is_sent(service, tmp_path):
         result = service.jdls("-ibs1000,10")
         assert result.returncode == 0, result.stderr
         assert systemd.next(5 * PERIOD) is None
+    finally:
+        systemd.close()
+
+
+def test_a_receiver_that_does_not_read_never_holds_up_the_monitor(service, foreground, tmp_path):
+    """A full notify socket (systemd busy: the queue holds net.unix.max_dgram_qlen datagrams) drops a notification
+    rather than stop the monitor's loop in a send: the service still stops at once when told."""
+    address = str(tmp_path / "notify")
+    systemd = Systemd(address)  # never read until the end
+    try:
+        proc = foreground(NOTIFY_SOCKET=address, WATCHDOG_USEC=str(WATCHDOG_USEC))
+        wait_for(lambda: accepts(service.port), 30, "the listener to accept")
+        queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        time.sleep((queue + 5) * PERIOD)  # more watchdog notifications than the queue holds
+        stop = service.jdls("-k")
+        assert stop.returncode == 0, stop.stderr
+        assert "killing" not in stop.stderr + stop.stdout
+        assert proc.wait(timeout=10) == 0
+        said = [line for line in service.log().splitlines() if "cannot notify systemd" in line]
+        assert len(said) == 1, said
     finally:
         systemd.close()

@@ -13,8 +13,9 @@ Only the service's main process sends (``NotifyAccess=main``): the ``Notifier``
 is made there and takes the variables out of the environment, so that the
 processes it forks (the listener, the lock servers) neither inherit nor use
 them, as sd_notify's ``unset_environment`` does. Without ``$NOTIFY_SOCKET``
-nothing is sent. Sending never stops the service: a notification that cannot
-be sent is logged, once, and the rest are dropped quietly as well.
+nothing is sent. Sending never stops the service, nor holds up its loop (a
+full socket queue drops the notification rather than wait): a notification
+that cannot be sent is logged, once, and the rest are dropped quietly as well.
 
 No library: the protocol is one ``sendto`` of a datagram, and the packages on
 PyPI for it add nothing but a dependency.
@@ -91,7 +92,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(data, _address(self.address))
+            # Never wait: a receiver whose queue is full (max_dgram_qlen) would otherwise stop the monitor's loop.
+            self._sock.sendto(data, socket.MSG_DONTWAIT, _address(self.address))
         except OSError as exc:
             if not self._failed:
                 self._failed = True
