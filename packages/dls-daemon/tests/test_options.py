@@ -124,7 +124,8 @@ def test_help_names_every_option_and_what_o_means(capsys) -> None:
     out = capsys.readouterr().out
     for option in ("-i", "-k", "-K", "-d", "-C teststring", "-b", "-s r,g", "-t nn", "-P", "-T", "-A", "-D", "-o",
                    "-L", "-v", "--port", "--bind", "--foreground", "--lock-dir", "--binary-lock-dir", "--max-frame",
-                   "--handshake-timeout", "--max-clients", "--max-locks", "--dead-client", "--syslog", "--host"):
+                   "--handshake-timeout", "--max-clients", "--max-locks", "--dead-client", "--syslog",
+                   "--log-format", "--host"):
         assert f"  {option}" in out, option
     assert "-o (override, with -K only)" in out
 

@@ -25,6 +25,17 @@ def test_the_unit_runs_the_service_as_its_own_user_in_a_sandbox() -> None:
     assert "DynamicUser" not in text.replace("Do not use DynamicUser=", "")
 
 
+def test_the_unit_waits_for_readiness_and_watches_the_monitor() -> None:
+    """Type=notify: the service is started when the listener accepts (READY=1), only the monitor (the main
+    process) is heard, and a monitor whose loop hangs is killed by the watchdog; the comments say so."""
+    text = unit_file()
+    for line in ("Type=notify\n", "NotifyAccess=main\n", "WatchdogSec=30\n"):
+        assert f"\n{line}" in text, line
+    assert "Type=simple" not in text
+    comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "READY=1" in comments and "WatchdogSec=30" in comments and "NotifyAccess=main" in comments
+
+
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

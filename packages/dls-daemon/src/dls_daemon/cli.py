@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
 from dls_shm import BLOCK_MAX, DEFAULT_BLOCK_SIZE, LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
+from . import log as daemon_log
 from .__about__ import __version__
 from .context import (
     DEFAULT_ADMIN_ALLOW,
@@ -168,6 +169,23 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
   the certificate. The handshake is done by each connection's lock server, within
   --handshake-timeout; a failed one (a plain client, a certificate not accepted or missing) is
   closed and logged with the reason.
+
+Logs: log/jdls.log has a line per event of the monitor, the listener and each lock server, also
+  on standard error with --foreground. --log-format json makes each line one JSON object: time
+  (ISO 8601 UTC, milliseconds), level, role (monitor, listener, server), pid, client (a lock
+  server's client address:port, else null), message, and exception (a traceback) when there is
+  one; everything in it escaped, so a client's bytes quoted in a message keep to their line and
+  field. Errors also go to {environment.ERROR_TRACE} in jBASE's text, and with --syslog every line
+  to syslog as text (syslog stamps time and host itself), whatever --log-format says.
+
+systemd (jdls --unit prints the unit): under a Type=notify unit (NOTIFY_SOCKET set) the process
+  started with --foreground tells systemd STATUS=starting, then READY=1 once the listener accepts
+  (with -A once the table is made; with -D once the port is bound), every 10 s a STATUS= line of the
+  locks held and waiting and the lock servers, and STOPPING=1 when it stops. With WatchdogSec= set
+  (WATCHDOG_USEC), its loop (the monitor's: the one that tidies and breaks deadlocks) sends
+  WATCHDOG=1 every half period: a loop that hangs gets the service killed and restarted. Only
+  that process sends (NotifyAccess=main); a notification that cannot be sent is logged once and
+  never stops the service. In the background (-b) nothing is sent.
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
@@ -441,7 +459,11 @@ def get_parser() -> argparse.ArgumentParser:
     start_opts.add_argument("--tls-client-ca", type=_file, default=None, metavar="FILE",
                             help="require a client certificate signed by this CA (PEM); needs --tls-cert")
     start_opts.add_argument("--syslog", action="store_true",
-                            help="log to syslog (/dev/log) too, besides the instance's log file")
+                            help="log to syslog (/dev/log) too, besides the instance's log file (in syslog's "
+                            "text format, whatever --log-format says)")
+    start_opts.add_argument("--log-format", choices=daemon_log.FORMATS, default=None,
+                            help="the lines of the log file (and of standard error with --foreground): text "
+                            "(default) or json, one object a line (see Logs below)")
     both = parser.add_argument_group("with -i or -k")
     both.add_argument("-A", dest="monitor_only", action="store_true",
                       help="the lock monitor (arbiter) only: do not start/stop the listener")
@@ -473,7 +495,8 @@ ALLOWED: dict[str, frozenset[str]] = {
         "-b", "-s", "-t", "--lock-delay", "--value-block-size", "-P", "-T", "--bind", "--foreground",
         "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
-        "--dead-client", "--syslog", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
+        "--dead-client", "--syslog", "--log-format", "--allow", "--admin-allow", "--max-per-address",
+        "--refuse-os-locks",
         "--group", "--tls-cert", "--tls-key", "--tls-client-ca",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
@@ -503,6 +526,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--max-frame": args.max_frame is not None, "--handshake-timeout": args.handshake_timeout is not None,
         "--max-clients": args.max_clients is not None, "--max-locks": args.max_locks is not None,
         "--dead-client": args.dead_client is not None, "--syslog": args.syslog,
+        "--log-format": args.log_format is not None,
         "--allow": args.allow is not None, "--admin-allow": args.admin_allow is not None,
         "--max-per-address": args.max_per_address is not None, "--refuse-os-locks": args.refuse_os_locks,
         "--group": args.group is not None,
@@ -600,7 +624,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         stop_timeout=args.stop_timeout, limits=limits,
         lock_dir=args.lock_dir or environment.lock_dir(), binary_lock_dir=args.binary_lock_dir
         or environment.binary_lock_dir(),
-        syslog=args.syslog, allow=tuple(args.allow or ()),
+        syslog=args.syslog, log_format=args.log_format or "text", allow=tuple(args.allow or ()),
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
         group=args.group, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )

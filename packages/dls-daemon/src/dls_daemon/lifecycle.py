@@ -10,6 +10,13 @@ companions within the stop timeout and lets go of everything.
 Signal handlers only note a signal (``signals.SignalWatch``): the work is
 done by the main loop, between two of its rounds, never in the middle of one.
 
+systemd. The service's main process, in the foreground under a ``Type=notify``
+unit, is given a ``sd_notify.Notifier`` (``notify``; every other daemon's is
+inert): its loop sends WATCHDOG=1 after each round of work when due, and wakes
+for it, so that a loop stuck in its work (the monitor's tidy, its deadlock
+look) stops the watchdog; a STATUS= line of what the role does now every
+STATUS_PERIOD; and STOPPING=1 when it begins to stop.
+
 Children. A daemon reaps every child that ends with ``waitpid(-1, WNOHANG)``
 on SIGCHLD. A companion (the listener forked by a foreground monitor) is
 stopped with its daemon, and one that ends on its own is logged; other
@@ -36,6 +43,7 @@ from dls_shm import LABELS, AlreadyRunning, HeldPidFile
 from . import log as daemon_log
 from .exitcodes import ExitCode, killed_by
 from .readiness import Outcome, PipeReport, Report, collect
+from .sd_notify import Notifier
 from .settings import START_TIMEOUT, Settings
 from .signals import SignalWatch, block, unblock
 
@@ -44,6 +52,8 @@ if TYPE_CHECKING:
 
 #: How often a stop looks whether its companions have gone.
 STOP_POLL = 0.01
+#: How often the main process under systemd says what it does (STATUS=, seconds).
+STATUS_PERIOD = 10.0
 
 
 class StartFailed(Exception):
@@ -79,6 +89,9 @@ class Daemon:
         self.status = ExitCode.OK
         #: Children stopped with this daemon: pid -> what it is.
         self.companions: dict[int, str] = {}
+        #: What systemd is told (inert but in the service's main process under systemd: see start.py).
+        self.notify = Notifier(log)
+        self._next_status = 0.0
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -103,6 +116,7 @@ class Daemon:
 
     def _fail(self, report: Report, text: str) -> bool:
         self.log.error(text)
+        self.notify.status(f"not started: {text}")
         report.fail(text)
         self.close()
         return False
@@ -123,6 +137,7 @@ class Daemon:
                     self.handle(signum)
                 if self.running:
                     self.work(readable)
+                    self.tell_systemd()
         finally:
             self.stop()
         return self.status
@@ -130,8 +145,33 @@ class Daemon:
     def sleep(self) -> list[FileDescriptorLike]:
         """Wait until a signal comes, a watched descriptor is readable or the role's timeout passes."""
         assert self.signals is not None
-        readable, _, _ = select.select([self.signals.fileno(), *self.watched()], [], [], self.timeout())
+        timeout = self.timeout()
+        if self.notify.active:  # wake for the watchdog and the status line too
+            watchdog = self.notify.watchdog_due()
+            status = max(0.0, self._next_status - time.monotonic())
+            timeout = min(t for t in (timeout, watchdog, status) if t is not None)
+        readable, _, _ = select.select([self.signals.fileno(), *self.watched()], [], [], timeout)
         return list(readable)
+
+    def tell_systemd(self) -> None:
+        """After a round of work: WATCHDOG=1 when due (the round came to an end), and now and then what the role
+        does (STATUS=). Nothing unless this is the service's main process under systemd."""
+        if not self.notify.active:
+            return
+        self.notify.keep_alive()
+        now = time.monotonic()
+        if now >= self._next_status:
+            self._next_status = now + STATUS_PERIOD
+            self.notify.status(self.status_line())
+
+    def status_line(self) -> str:
+        """What the role does now, in a line for systemctl status (the first one is sent with READY=1)."""
+        return f"{self.role} running"
+
+    def notify_ready(self) -> None:
+        """READY=1: the service serves (for a monitor with its listener: once the listener accepts)."""
+        self._next_status = time.monotonic() + STATUS_PERIOD
+        self.notify.ready(f"ready: {self.status_line()}")
 
     def watched(self) -> list[FileDescriptorLike]:
         """The role's descriptors the loop wakes for (besides signals)."""
@@ -166,11 +206,13 @@ class Daemon:
     def halt(self, signame: str) -> None:
         """Stop after this round, as asked by a signal."""
         self.log.info("%s stopping (%s)%s", self.role, signame, self.stopping_note())
+        self.notify.stopping(f"stopping ({signame})")
         self.running = False
 
     def fail(self, why: object) -> None:
         """Stop after this round because the role cannot go on; the exit status says it failed."""
         self.log.error("%s stopping: %s", self.role, why)
+        self.notify.stopping(f"stopping: {why}")
         self.status = ExitCode.FAILED
         self.running = False
 
@@ -318,6 +360,7 @@ class Daemon:
             self.pidfile.close_in_child()
             self.pidfile = None
         self.companions.clear()
+        self.notify.close()  # only the main process talks to systemd
         self.forget_own_in_child()
 
     def forget_own_in_child(self) -> None:

@@ -249,6 +249,10 @@ class Listener(Daemon):
     def stopping_note(self) -> str:
         return f"; {len(self.children)} lock server(s) go on"
 
+    def status_line(self) -> str:
+        """For systemctl status (the listener is the main process with jdls -i -D --foreground)."""
+        return f"{self.clients()} lock server(s); port {self.settings.port}"
+
     # -- the client limit -----------------------------------------------------------
 
     def clients(self) -> int:
@@ -358,7 +362,7 @@ class Listener(Daemon):
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> int:
         """A lock server's life, in the forked child: listed in run/servers while it runs."""
-        daemon_log.set_role("server")
+        daemon_log.set_role("server", client=where(*peer))
         pid_path = self.instance.server_pid_file(os.getpid())
         try:
             record = pidfiles.record_of(os.getpid(), self.command)

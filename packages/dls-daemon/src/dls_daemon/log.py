@@ -11,6 +11,16 @@ With ``--syslog`` the same lines also go to the system log (facility daemon,
 ident ``jdls``) through ``/dev/log``, when the system has one; otherwise the
 log file says that syslog is not available and logging goes on without it.
 
+``--log-format json`` writes the log file and standard error as JSON lines
+(``JsonFormatter``), one object per line, for log collectors: ``time`` (ISO
+8601, UTC, milliseconds), ``level``, ``role``, ``pid``, ``client`` (the
+address and port a lock server serves, null in the other processes),
+``message`` and, when there is one, ``exception``. Everything is escaped by
+the JSON encoder (to ASCII), so a client's bytes quoted in a message can
+neither end the line nor add a field. The error trace keeps jBASE's text, and
+syslog its own text format (syslog stamps time and host itself and has no
+fields to fill).
+
 The files are WatchedFileHandlers: when logrotate moves or removes the log,
 each process opens the new file at its next line (no signal needed; the
 monitor and the listener also reopen on SIGHUP, see ``reopen``). Warnings
@@ -23,6 +33,7 @@ says how many were left out.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import logging.handlers
 import os
@@ -41,18 +52,49 @@ SYSLOG_FORMAT = "jdls[%(process)d]: %(role)s %(levelname)s %(message)s"
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_VARIABLE = "JDLS_SYSLOG_SOCKET"
 
+#: --log-format: the text lines of FORMAT (the default), or JSON objects (JsonFormatter).
+FORMATS = ("text", "json")
+
 _role = "jdls"
+#: The client a lock server serves ("address:port"), None in the other processes.
+_client: str | None = None
 #: Warnings and errors of one message template: at most BURST lines in WINDOW seconds, per process.
 BURST = 10
 WINDOW = 10.0
 
 
 class _RoleFilter(logging.Filter):
-    """Stamps each record with the role of the process that wrote it (changed by ``set_role`` after a fork)."""
+    """Stamps each record with the role of the process that wrote it, and the client a lock server serves
+    (changed by ``set_role`` after a fork)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
+        record.client = _client
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON object on one line (``--log-format json``): the fields the module's docstring
+    lists. ``ensure_ascii`` escapes every control character and line separator a message may carry."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.gmtime(record.created)
+        entry: dict[str, object] = {
+            "time": f"{time.strftime('%Y-%m-%dT%H:%M:%S', created)}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "role": getattr(record, "role", _role),
+            "pid": record.process,
+            "client": getattr(record, "client", None),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True)
 
 
 class RateLimit(logging.Filter):
@@ -98,10 +140,12 @@ class RateLimit(logging.Filter):
         return False
 
 
-def set_role(role: str) -> None:
-    """Name this process in log lines from now on (a forked lock server is no longer the listener)."""
-    global _role
+def set_role(role: str, client: str | None = None) -> None:
+    """Name this process in log lines from now on (a forked lock server is no longer the listener), and the
+    client it serves (a lock server's)."""
+    global _role, _client
     _role = role
+    _client = client
 
 
 def syslog_socket() -> str:
@@ -140,10 +184,12 @@ class TrustedFileHandler(logging.handlers.WatchedFileHandler):
 
 def setup(
     instance: Instance, role: str, *, verbosity: int = 0, to_stderr: bool = False, syslog: bool = False,
+    log_format: str = "text",
 ) -> logging.Logger:
     """Send the ``jdls`` loggers to the instance's log file (and stderr in the foreground, and syslog).
 
-    ``verbosity`` 0 logs INFO and above, 1 or more DEBUG.
+    ``verbosity`` 0 logs INFO and above, 1 or more DEBUG; ``log_format`` is one of FORMATS, for the log
+    file and stderr (the error trace and syslog keep their text).
     """
     set_role(role)
     instance.make_dirs()
@@ -153,17 +199,20 @@ def setup(
         handler.close()
     logger.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
     logger.propagate = False
-    formatter = logging.Formatter(FORMAT)
+    text = logging.Formatter(FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else text
     role_filter = _RoleFilter()
     limit = RateLimit()
     handlers: list[logging.Handler] = [TrustedFileHandler(instance.log_file)]
     trace = TrustedFileHandler(instance.error_trace, mode=trusted.GROUP_FILE)
     trace.setLevel(logging.ERROR)
+    trace.setFormatter(text)  # jBASE's error trace is read by people and jBASE's tools: always text
     handlers.append(trace)
     if to_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
-        handler.setFormatter(formatter)
+        if handler is not trace:
+            handler.setFormatter(formatter)
         handler.addFilter(limit)
         handler.addFilter(role_filter)
         logger.addHandler(handler)

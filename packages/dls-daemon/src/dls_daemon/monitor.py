@@ -32,7 +32,17 @@ import logging
 import os
 import time
 
-from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFlag, TableMissing, modes, trusted
+from dls_shm import (
+    DEFAULT_BLOCK_SIZE,
+    MONITOR,
+    LockTable,
+    SlotState,
+    TableError,
+    TableFlag,
+    TableMissing,
+    modes,
+    trusted,
+)
 
 from . import client_info
 from .lifecycle import Daemon, StartFailed
@@ -64,6 +74,8 @@ class Monitor(Daemon):
         self._next_tick = 0.0
         self._next_tidy = 0.0
         self._next_deadlock_look = 0.0
+        #: The listener's port, when this monitor started it (the foreground service): what systemd is told.
+        self.port: int | None = None
 
     def setup(self, report: Report) -> str:
         """Create or attach the table, and say so."""
@@ -195,6 +207,28 @@ class Monitor(Daemon):
         elif not done.kept:
             self.log.debug("tidy (%s): nothing to free (%.3f s)", why, took)
         client_info.remove_orphans(self.instance, self.log, f"tidy ({why})")
+
+    def status_line(self) -> str:
+        """For systemctl status: the locks held and waited for, the lock servers, the port and the table. Reads
+        the table a batch of groups at a time (``scan``), every STATUS_PERIOD only."""
+        if self.table is None:
+            return "monitor without a table"
+        held = waiting = 0
+        try:
+            for entry in self.table.scan():
+                if entry.slot.state == SlotState.WAITING:
+                    waiting += 1
+                elif entry.slot.state in (SlotState.GRANTED, SlotState.KEPT):
+                    held += 1
+        except TableError as exc:  # removed under the monitor: its loop stops on it
+            return f"lock table unreadable: {exc}"
+        try:
+            servers = sum(1 for _ in self.instance.servers_dir.glob("*.pid"))
+        except OSError:
+            servers = 0
+        port = f"port {self.port}, " if self.port is not None else ""
+        return (f"{held} lock(s) held, {waiting} waiting, {servers} lock server(s); {port}"
+                f"{describe_table(self.table)}")
 
     # -- the end ------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class Settings:
     admin_allow: tuple[Network, ...] = DEFAULT_ADMIN_ALLOW
     #: Log to syslog too (--syslog).
     syslog: bool = False
+    #: --log-format: "text" or "json" lines in the log file and on standard error (log.FORMATS).
+    log_format: str = "text"
     #: --group: the gid of the table's IPC objects and the instance's directories; None: the instance's.
     group: int | None = None
     #: TLS on the port: the certificate and its key (--tls-cert, --tls-key), and the CA client certificates

@@ -13,6 +13,13 @@ In the foreground with both roles, the process is the monitor and forks the
 listener as its companion (``lifecycle``), stopped with it. Either way the
 daemons hold their pid files locked, which is what makes a second start of
 the same instance refuse.
+
+Under systemd (``Type=notify``: ``$NOTIFY_SOCKET`` set), the foreground
+process is the service's main process and the only one to notify
+(``sd_notify``): STATUS=starting, then READY=1 once the service accepts
+clients (the monitor hears it from its listener's ready report), with -A once
+the table is made, with -D once the port is bound. In the background (-b)
+nothing is sent: the started daemons are not the process systemd watches.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .listener import Listener, listen_problem
 from .monitor import Monitor
 from .one_mechanism import start_refusal
 from .readiness import Outcome, PipeReport, PrintReport, Report, collect
+from .sd_notify import Notifier
 from .settings import START_TIMEOUT, Settings
 from .stop import stop_roles
 
@@ -106,17 +114,21 @@ def _roll_back(settings: Settings, started: list[str], out: TextIO) -> None:
     stop_roles(settings.instance, tuple(started), servers=False, timeout=settings.stop_timeout, out=out)
 
 
-def _daemon(role: str, settings: Settings, *, foreground: bool) -> Daemon:
-    """The daemon of ``role``, its logging set up (OSError when the log cannot be written)."""
+def _daemon(role: str, settings: Settings, *, foreground: bool, main: bool = False) -> Daemon:
+    """The daemon of ``role``, its logging set up (OSError when the log cannot be written); the service's
+    ``main`` process (the foreground command itself) is the one that notifies systemd."""
     logger = daemon_log.setup(settings.instance, role, verbosity=settings.verbosity, to_stderr=foreground,
-                              syslog=settings.syslog)
-    return Monitor(settings, logger) if role == MONITOR else Listener(settings, logger)
+                              syslog=settings.syslog, log_format=settings.log_format)
+    daemon: Daemon = Monitor(settings, logger) if role == MONITOR else Listener(settings, logger)
+    if main:
+        daemon.notify = Notifier.from_environment(logger)
+    return daemon
 
 
-def run_daemon(role: str, settings: Settings, report: Report, *, foreground: bool = False) -> int:
+def run_daemon(role: str, settings: Settings, report: Report, *, foreground: bool = False, main: bool = False) -> int:
     """The life of one daemon process: set up logging, start, run; its exit status."""
     try:
-        daemon = _daemon(role, settings, foreground=foreground)
+        daemon = _daemon(role, settings, foreground=foreground, main=main)
     except OSError as exc:
         report.fail(f"{LABELS[role]}: cannot write its log: {exc}")
         return ExitCode.FAILED
@@ -124,11 +136,13 @@ def run_daemon(role: str, settings: Settings, report: Report, *, foreground: boo
 
 
 def _live(daemon: Daemon, report: Report, started: Callable[[], bool] | None = None) -> int:
-    """Start ``daemon``, then ``started()`` (False: it did not go on), run it; the exit status. An
-    unexpected exception is logged with its traceback and ends it with CRASHED."""
+    """Start ``daemon``, then ``started()`` (False: it did not go on), tell systemd it is ready, run it; the
+    exit status. An unexpected exception is logged with its traceback and ends it with CRASHED."""
     try:
+        daemon.notify.status("starting")
         if not daemon.start(report) or (started is not None and not started()):
             return ExitCode.FAILED
+        daemon.notify_ready()
         return daemon.run()
     except Exception as exc:
         daemon.log.exception("%s failed: %r", LABELS[daemon.role], exc)
@@ -174,12 +188,13 @@ def run_foreground(settings: Settings, roles: tuple[str, ...]) -> int:
     """This process becomes the daemon; with both roles it is the monitor and forks the listener."""
     report = PrintReport()
     if roles != ROLES:
-        return run_daemon(roles[0], settings, report, foreground=True)
+        return run_daemon(roles[0], settings, report, foreground=True, main=True)
     try:
-        monitor = _daemon(MONITOR, settings, foreground=True)
+        monitor = _daemon(MONITOR, settings, foreground=True, main=True)
     except OSError as exc:
         report.fail(f"cannot write the log: {exc}")
         return ExitCode.FAILED
+    assert isinstance(monitor, Monitor)
 
     def with_listener() -> bool:
         listener = monitor.fork_companion(LABELS[LISTENER], partial(run_daemon, LISTENER, settings, foreground=True))
@@ -187,10 +202,12 @@ def run_foreground(settings: Settings, roles: tuple[str, ...]) -> int:
             report.warn(warning)
         if not listener.ok:
             report.fail(listener.text)
+            monitor.notify.status(f"not started: {listener.text}")
             monitor.stop_companions()
             monitor.close()
             return False
         report.ready(listener.text)
+        monitor.port = settings.port  # the listener accepts on it now: READY=1 may say so
         return True
 
     return _live(monitor, report, with_listener)
