@@ -132,6 +132,8 @@ class _Link:
         self._boxes: dict[int, _Box] = {}
         self._encoders: dict[type[Message], Callable[[Message], bytes]] = {}
         self._reading: asyncio.Task[None] | None = None
+        #: Frames sent since the loop last ran its callbacks, written together by ``_flush``.
+        self._outgoing: list[bytes] = []
 
     @classmethod
     async def open(cls, server: Server, hello: Hello, config: Config, stray: Callable[[_Link, Message], None],
@@ -217,7 +219,20 @@ class _Link:
                                  f"than lock service {self.server} takes ({self.max_frame}, its --max-frame)")
         if self.writer.is_closing():
             raise self.fail(f"connection to lock service {self.server} was closed")
-        self.writer.write(data)
+        outgoing = self._outgoing
+        if not outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        outgoing.append(data)
+
+    def _flush(self) -> None:
+        """Write the frames sent meanwhile in one write (one system call): the requests of many tasks cost one
+        send, for one turn of the loop (nothing when ``flush`` wrote them already)."""
+        if not self._outgoing:
+            return
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        if self.failure is None:
+            self.writer.write(data)
 
     async def _drained(self) -> None:
         """Let the write buffer drain when it grew large (a service slower to read than the loop writes)."""
@@ -230,6 +245,12 @@ class _Link:
     def unlock(self, handle: int) -> None:
         """An Unlock of the server's lock ``handle``: unanswered unless it fails (a failure is stray)."""
         self.send(Unlock(self.next_id(), handle))
+
+    def flush(self) -> None:
+        """Write what was sent now, not at the loop's next turn: a release that returned has left this process,
+        whatever the caller does next (blocks the loop, ends it)."""
+        if self._outgoing:
+            self._flush()
 
     async def ask(self, request: Message) -> Message:
         """Send ``request`` and return its last reply (the interim Waiting ones passed over). If the caller is
@@ -632,6 +653,7 @@ class AsyncClient:
         if block is None and not invalidate:
             del self._live[held.handle]
             link.unlock(held.handle)
+            link.flush()
             return
         self._lock_manager(link, "value blocks")
         value_flags = (ValueFlag.WRITE if block is not None else ValueFlag.NONE) | (
