@@ -1,7 +1,8 @@
 """Issue 15: the asyncio client (dls_client.aio.AsyncClient) through a real daemon (``jdls -ib``).
 
 - lock, release, convert, value blocks, fencing tokens; a refusal without waiting, a service timeout;
-- tasks are owners: two tasks of one loop conflict, one task locking again converts its lock;
+- tasks are owners: two tasks of one loop conflict, one task locking again converts its lock; two tasks in a
+  cycle of waiters: one refused (Deadlock), the other granted;
 - cancelling a waiting task (task.cancel(), asyncio.timeout) withdraws the request on the service, and a grant
   that won the race is released: the lock of a cancelled task is never left held;
 - 1,000 tasks of one loop wait at once (each for a record a threaded Client holds) while a ticker task keeps
@@ -28,6 +29,7 @@ import pytest_asyncio
 from dls_client import (
     Client,
     Config,
+    Deadlock,
     LockLost,
     LockRefused,
     LockTimeout,
@@ -133,6 +135,25 @@ async def test_refusal_timeout_and_tasks_as_owners(aclient: AsyncClient, daemon:
         threaded.lock(data, "AIO-OWN", Mode.EX, timeout=5).release()  # the release is unanswered: a moment
     finally:
         threaded.close()
+
+
+async def test_two_tasks_in_a_cycle_one_is_refused_as_a_deadlock(aclient: AsyncClient, data: Path) -> None:
+    """Each task holds a record and waits for the other's: the service's detector refuses one (Deadlock, the
+    exception a Client raises), whose lock goes as its block ends, and the other is granted."""
+    both = asyncio.Barrier(2)
+
+    async def cross(mine: str, theirs: str) -> str:
+        async with aclient.lock(data, mine):
+            await both.wait()
+            try:
+                async with aclient.lock(data, theirs, timeout=20):
+                    return "granted"
+            except Deadlock:
+                return "deadlock"
+
+    async with asyncio.timeout(20):
+        outcomes = await asyncio.gather(cross("AIO-DL1", "AIO-DL2"), cross("AIO-DL2", "AIO-DL1"))
+    assert sorted(outcomes) == ["deadlock", "granted"]
 
 
 async def test_a_cancelled_wait_is_withdrawn_on_the_service(aclient: AsyncClient, daemon: Service,
