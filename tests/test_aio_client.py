@@ -303,6 +303,18 @@ async def test_a_lost_connection_fails_the_waiting_and_loses_the_held(aclient: A
         threaded.close()
 
 
+async def test_verbose_traces_each_request_and_reply(daemon: Service, data: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """JDLS VERBOSE: the asyncio client's requests and replies on standard error, as a Client's."""
+    async with AsyncClient(daemon.config(timeout=10, verbose=True)) as client:
+        await (await client.lock(data, "AIO-TRACE")).release()
+    err = capsys.readouterr().err
+    where = re.escape(f"127.0.0.1,{daemon.port}")
+    assert re.search(rf"AsyncClient: to {where}: Lock #\d+ .*AIO-TRACE", err), err
+    assert re.search(rf"AsyncClient: from {where}: Acquired #\d+ granted EX", err), err
+    assert re.search(rf"AsyncClient: to {where}: Unlock #\d+ handle 0x", err), err
+
+
 async def test_server2_is_refused_saying_so() -> None:
     config = Config(server=Server("127.0.0.1", 1), server2=Server("127.0.0.1", 2))
     with pytest.raises(Unsupported, match="SERVER2"):

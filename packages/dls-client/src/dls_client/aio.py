@@ -92,7 +92,7 @@ from .errors import (
 )
 from .locks import REMOTE_DEVICE, FileLike, FileRef, Key, LockKind, LockState, key_bytes
 from .replies import Grant, failure, holder, is_grant
-from .trace import Tracer
+from .trace import Tracer, reply_line, request_line
 
 #: The first owner number a client gives a task: far above every native thread id (Linux's pid_max is at most
 #: 2**22), so that the service's tables and an operator never take a task for a thread.
@@ -117,8 +117,10 @@ class _Link:
 
     def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  ack_timeout: float | None, stray: Callable[[_Link, Message], None],
-                 lost: Callable[[_Link, str, bool], None]) -> None:
+                 lost: Callable[[_Link, str, bool], None], tracer: Tracer) -> None:
         self.server = server
+        #: The trace's line writer while the trace is on (JDLS VERBOSE or TRACE=), else None: a Client's lines.
+        self._trace = tracer.verbose if tracer.enabled else None
         self.reader = reader
         self.writer = writer
         self.ack_timeout = ack_timeout
@@ -137,7 +139,7 @@ class _Link:
 
     @classmethod
     async def open(cls, server: Server, hello: Hello, config: Config, stray: Callable[[_Link, Message], None],
-                   lost: Callable[[_Link, str, bool], None]) -> _Link:
+                   lost: Callable[[_Link, str, bool], None], tracer: Tracer) -> _Link:
         """Connect to ``server`` (within CONNECT_TIMEOUT, TLS as ``config`` says), greet it (within the
         acknowledgement timeout, JDLS TIMEOUT), and start reading; ServiceUnavailable says why not."""
         context = config.ssl_context()
@@ -149,7 +151,7 @@ class _Link:
             raise ServiceUnavailable(f"connection failed for host '{server.host}', service '{server.port}', "
                                      f"error {_reason(exc)}") from None
         tune(writer.get_extra_info("socket"))
-        link = cls(server, reader, writer, None if config.wait else config.timeout, stray, lost)
+        link = cls(server, reader, writer, None if config.wait else config.timeout, stray, lost, tracer)
         try:
             await link._greet(hello, config.timeout)
         except BaseException:
@@ -204,6 +206,8 @@ class _Link:
         frame, or this server, takes; the link's ServiceUnavailable once it failed."""
         if self.failure is not None:
             raise self.failure
+        if self._trace is not None:
+            self._trace(f"AsyncClient: to {self.server}: {request_line(message)}")
         encode = self._encoders.get(type(message))
         try:
             if encode is None:
@@ -342,6 +346,8 @@ class _Link:
                         return
                     if isinstance(event, UnknownMessage):
                         continue
+                    if self._trace is not None:
+                        self._trace(f"AsyncClient: from {self.server}: {reply_line(event)}")
                     box = boxes.get(event.request_id)
                     if box is None:
                         self._stray(self, event)
@@ -526,7 +532,7 @@ class AsyncClient:
                 server = self.config.server
                 self.trace.verbose(f"AsyncClient: Using host '{server.host}', service '{server.port}'")
                 link = self._link = await _Link.open(server, identity.hello(port=self.port), self.config,
-                                                     self._stray, self._lost)
+                                                     self._stray, self._lost, self.trace)
             return link
 
     def _lost(self, link: _Link, why: str, closing: bool) -> None:
