@@ -27,6 +27,7 @@ import dls_client
 import pytest
 import pytest_asyncio
 from dls_client import (
+    AcknowledgementTimeout,
     Client,
     Config,
     Deadlock,
@@ -39,10 +40,11 @@ from dls_client import (
     Unsupported,
 )
 from dls_client.aio import AsyncClient
-from dls_proto import Mode
+from dls_proto import Connection, Hello, Mode, NeedData, Role
 from dls_shm import SlotState
 from dls_testkit import Service, client_for, data_file, make_service
 from dls_testkit.clients import attached
+from dls_testkit.fake_service import welcome
 from dls_testkit.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="function")]
@@ -50,6 +52,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="function")]
 #: Tasks of the big test, and how many of them are cancelled.
 TASKS = 1000
 CANCELLED = TASKS // 2
+#: The silent lock server's port (of this task's range).
+SILENT_PORT = 47541
 
 
 @pytest.fixture
@@ -313,6 +317,30 @@ async def test_verbose_traces_each_request_and_reply(daemon: Service, data: Path
     assert re.search(rf"AsyncClient: to {where}: Lock #\d+ .*AIO-TRACE", err), err
     assert re.search(rf"AsyncClient: from {where}: Acquired #\d+ granted EX", err), err
     assert re.search(rf"AsyncClient: to {where}: Unlock #\d+ handle 0x", err), err
+
+
+async def test_a_silent_service_is_given_up_after_timeout(data: Path) -> None:
+    """A lock server that greets and then answers nothing: the request raises AcknowledgementTimeout after JDLS
+    TIMEOUT, and the connection is given up (its locks lost), as a Client does."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(Role.SERVER)
+        while received := await reader.read(65536):
+            conn.receive_data(received)
+            while not isinstance(event := conn.next_event(), NeedData):
+                if isinstance(event, Hello):
+                    writer.write(b"".join(conn.send(reply) for reply in welcome(event)))  # type: ignore[arg-type]
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", SILENT_PORT)
+    async with server:
+        client = AsyncClient(Config(server=Server("127.0.0.1", SILENT_PORT), timeout=0.5))
+        await client.connect()
+        started = time.monotonic()
+        with pytest.raises(AcknowledgementTimeout, match="did not answer within"):
+            await client.lock(data, "AIO-SILENT")
+        assert 0.4 < time.monotonic() - started < 3
+        assert not client.connected
+        await client.close()
 
 
 async def test_server2_is_refused_saying_so() -> None:

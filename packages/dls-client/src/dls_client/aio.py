@@ -291,7 +291,9 @@ class _Link:
         return box.messages[0] if box.messages else None
 
     async def _next(self, box: _Box) -> Message:
-        """The next reply in ``box``; AcknowledgementTimeout after the acknowledgement timeout of silence."""
+        """The next reply in ``box``; AcknowledgementTimeout after the acknowledgement timeout of silence (JDLS
+        TIMEOUT), when the connection is given up, as a Client gives it up: its lock server frees what it held
+        when it closes (a request left waiting there with it), so its locks are lost."""
         if box.messages:
             return box.messages.popleft()
         if self.failure is not None:
@@ -304,9 +306,9 @@ class _Link:
             async with asyncio.timeout(self.ack_timeout):
                 return await waiter
         except TimeoutError:
-            timeout = AcknowledgementTimeout(f"lock service {self.server} did not answer within "
-                                             f"{amount(self.ack_timeout, 'second')}")
-            raise timeout from None
+            said = f"lock service {self.server} did not answer within {amount(self.ack_timeout, 'second')}"
+            self.fail(f"{said}: connection given up")
+            raise AcknowledgementTimeout(said) from None
 
     def _abandon(self, rid: int, box: _Box) -> None:
         """Nobody awaits request ``rid`` any more: its replies from now on are stray (a grant released, see
