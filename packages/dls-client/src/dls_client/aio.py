@@ -175,8 +175,10 @@ class _Link:
         except TimeoutError:
             raise ServiceUnavailable(f"lock service {self.server} did not answer within "
                                      f"{amount(timeout, 'second')}") from None
-        except (OSError, RemoteProtocolError) as exc:
-            raise ServiceUnavailable(f"lock service {self.server} failed in the greeting: {exc}") from None
+        except OSError as exc:
+            raise ServiceUnavailable(f"connection to lock service {self.server} failed: {_reason(exc)}") from None
+        except RemoteProtocolError as exc:
+            raise ServiceUnavailable(f"lock service {self.server} sent bad data: {exc}") from None
         if isinstance(reply, Error):
             raise ServiceUnavailable(f"lock service {self.server} refused the connection: {reply.reason}")
         if not isinstance(reply, Welcome):
@@ -336,7 +338,7 @@ class _Link:
     async def _read_loop(self) -> None:
         """Read the connection to its end, each reply to the box of its request (or stray)."""
         conn, read, boxes = self.conn, self.reader.read, self._boxes
-        why = f"lock service {self.server} closed the connection"
+        why, closed = f"lock service {self.server} closed the connection", False
         try:
             while True:
                 conn.receive_data(await read(65536))
@@ -363,8 +365,11 @@ class _Link:
             why = f"lock service {self.server} sent bad data: {exc}"
         except OSError as exc:
             why = f"connection to lock service {self.server} failed: {_reason(exc)}"
+        except asyncio.CancelledError:  # close(), or the loop ending (asyncio.run cancels what is left)
+            why, closed = f"connection to lock service {self.server} was closed", True
+            raise
         finally:
-            self.fail(why)
+            self.fail(why, closed=closed)
 
     def fail(self, why: str, *, closed: bool = False) -> ServiceUnavailable:
         """The connection is lost (``closed``: closed by the client): every request waiting on it fails with
