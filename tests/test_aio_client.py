@@ -39,7 +39,7 @@ from dls_client import (
     ServiceUnavailable,
     Unsupported,
 )
-from dls_client.aio import AsyncClient
+from dls_client.aio import AsyncClient, AsyncHeldLock
 from dls_proto import Connection, Hello, Mode, NeedData, Role
 from dls_shm import SlotState
 from dls_testkit import Service, client_for, data_file, make_service
@@ -341,6 +341,21 @@ async def test_a_silent_service_is_given_up_after_timeout(data: Path) -> None:
         assert 0.4 < time.monotonic() - started < 3
         assert not client.connected
         await client.close()
+
+
+async def test_a_loop_that_ends_releases_the_clients_locks(daemon: Service, data: Path) -> None:
+    """asyncio.run ends with a lock held: the client's connection is closed with the loop (the lock released,
+    not said lost), and the same client serves a later loop on a new connection."""
+    client = AsyncClient(daemon.config(timeout=10))
+
+    async def take(**options: Any) -> AsyncHeldLock:
+        return await client.lock(data, "AIO-LOOPS", **options)
+
+    first = await asyncio.to_thread(asyncio.run, take())  # a loop of its own, in a thread of its own
+    assert first.released and not first.lost
+    second = await asyncio.to_thread(asyncio.run, take(timeout=5))
+    assert second.token > first.token
+    assert not client.connected  # that loop ended too
 
 
 async def test_server2_is_refused_saying_so() -> None:
