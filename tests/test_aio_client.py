@@ -8,8 +8,10 @@
 - 1,000 tasks of one loop wait at once (each for a record a threaded Client holds) while a ticker task keeps
   ticking; half of them cancelled: CancelledError, none of their requests left waiting in the table, the other
   half granted when the holder lets go, none of the cancelled ones' records held;
-- a lost connection: the waiting request fails with ServiceUnavailable, the lock held is lost (LockLost);
-- SERVER2 refused (Unsupported); the README's example runs.
+- a lost connection: the waiting request fails with ServiceUnavailable, the lock held is lost (LockLost); a
+  service silent for JDLS TIMEOUT: AcknowledgementTimeout, the connection given up; a loop that ends closes the
+  connection (its locks released), a later loop is served;
+- JDLS VERBOSE traces requests and replies; SERVER2 refused (Unsupported); the README's example runs.
 """
 
 from __future__ import annotations
