@@ -24,7 +24,8 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 #: What every run measures (the cases of issue 13's item 1, the floors, the references), by name in the history.
 RATES = ["echo.single", "echo.parallel", "lockf.single", "lockf.parallel", "lockf.contended", "bare.single",
          "bare.parallel", "raw.single", "raw.parallel", "remote.single", "remote.parallel", "remote.contended",
-         "local.single", "local.parallel", "local.contended", "server2.single", "tls.single"]
+         "local.single", "local.parallel", "local.contended", "server2.single", "tls.single", "remote.threads",
+         "aio.single", "aio.tasks"]
 PARALLEL = [".min", ".max", ".spread"]
 CONTENDED = [".p50_ms", ".p99_ms", ".p99_handoffs"]
 FIGURES = {

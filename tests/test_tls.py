@@ -7,6 +7,7 @@ serving a good client afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -316,6 +317,30 @@ def test_a_plain_client_on_the_tls_port_is_refused_and_others_are_served(tls_ser
     with pytest.raises(ServiceUnavailable), client_of(f"SERVER=127.0.0.1,{tls_service.port}") as client:
         client.lock(data_file(tls_service.root.parent), KEY)
     assert_serves(tls_service, pki)
+
+
+@pytest.mark.asyncio
+async def test_the_asyncio_client_speaks_tls(tls_service: Service, pki: Pki) -> None:
+    """dls_client.aio.AsyncClient made from the same JDLS (TLS, CA) locks over TLS, two tasks conflicting on
+    the one connection; a certificate of another CA is refused as a Client refuses it."""
+    from dls_client.aio import AsyncClient, AsyncHeldLock
+
+    data = data_file(tls_service.root.parent)
+    async with AsyncClient(parse(pki.jdls(tls_service))) as client:
+        held = await client.lock(data, KEY)
+        async def another_task() -> AsyncHeldLock:
+            return await client.lock(data, KEY, timeout=10)
+
+        second = asyncio.create_task(another_task())
+        await asyncio.sleep(0.2)
+        assert not second.done()
+        await held.release()
+        granted = await asyncio.wait_for(second, 10)
+        assert granted.token > held.token
+        await granted.release()
+    with pytest.raises(ServiceUnavailable, match="certificate not accepted"):
+        async with AsyncClient(parse(pki.jdls(tls_service, ca=pki.other_ca))) as refused:
+            await refused.lock(data, KEY)
 
 
 def test_a_server_certificate_of_another_ca_is_refused(tls_service: Service, pki: Pki) -> None:

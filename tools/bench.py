@@ -25,6 +25,9 @@ all processes on the same key, contended.
   into a prebuilt Unlock frame) against Client. Both also with N processes (the
   bare trip beside the echo's N, the raw table on own keys beside its 1): what the
   service and the table alone allow N clients, the client library costing nothing.
+- The asyncio client (``dls_client.aio.AsyncClient``, one connection, no thread): one task, and N tasks of
+  one loop on their own keys, beside Client's one process, N threads of one process sharing its Client (on
+  their own keys too) and N processes.
 - Resilient cycles (SERVER2: each lock taken on two services) and TLS cycles (a
   service with --tls-cert, a throwaway trustme certificate), one process, against
   Client's one-process rate.
@@ -118,12 +121,14 @@ class BenchError(Exception):
 
 class Cycle(NamedTuple):
     """What one worker runs: ``unlock(lock(draw))`` is a cycle, for each of ``draws`` in turn; ``close``
-    lets go of what the worker set up."""
+    lets go of what the worker set up. ``timed``, when given, measures instead of ``measure`` (a worker whose
+    cycles run in several threads or tasks of its own): given the seconds, (cycles, seconds they took)."""
 
     lock: Callable[[Any], Any]
     unlock: Callable[[Any], object]
     draws: Sequence[Any]
     close: Callable[[], object]
+    timed: Callable[[float], tuple[int, float]] | None = None
 
 
 #: Sets up a worker's Cycle in the worker itself (after the fork): given its index, how many workers
@@ -187,7 +192,7 @@ def _worker(prepare: Prepare, index: int, processes: int, contended: bool, secon
                 cycle.unlock(cycle.lock(draw))
             barrier.wait(SETUP_TIMEOUT)
             waits = array("d") if contended else None
-            count, elapsed = measure(cycle, seconds, waits)
+            count, elapsed = measure(cycle, seconds, waits) if cycle.timed is None else cycle.timed(seconds)
         finally:
             cycle.close()
         results.put((index, count, elapsed, waits.tobytes() if waits is not None else b"", None))
@@ -417,6 +422,75 @@ def client_prepare(config: Config, index: int, processes: int, contended: bool) 
                  client.close)
 
 
+def own_draws(index: int, processes: int, owners: int) -> list[list[bytes]]:
+    """The draws of each of a worker's ``owners`` (threads or tasks), each on keys of its own."""
+    return [draws_of(KEYS, index * owners + i, processes * owners, False) for i in range(owners)]
+
+
+def threads_prepare(config: Config, threads: int, index: int, processes: int, contended: bool) -> Cycle:
+    """``threads`` threads of one process sharing one ``Client(config)`` (its one connection), each its own
+    keys: Client's figure beside the asyncio client's tasks."""
+    client = Client(config)
+    shares = own_draws(index, processes, threads)
+
+    def timed(seconds: float) -> tuple[int, float]:
+        results: list[tuple[int, float]] = []
+
+        def run(draws: list[bytes]) -> None:
+            results.append(measure(Cycle(partial(client.lock, FILE), HeldLock.release, draws, client.close), seconds,
+                                   None))
+        workers = [threading.Thread(target=run, args=(draws,)) for draws in shares]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if len(results) < threads:
+            raise BenchError("a thread of the Client's threads case failed")
+        return sum(count for count, _ in results), max(took for _, took in results)
+
+    return Cycle(partial(client.lock, FILE), HeldLock.release, shares[0], client.close, timed)
+
+
+def aio_prepare(config: Config, tasks: int, index: int, processes: int, contended: bool) -> Cycle:
+    """``tasks`` asyncio tasks of one loop sharing one ``AsyncClient(config)``, each its own keys: per cycle
+    ``await client.lock(FILE, key)`` then ``await held.release()``."""
+    import asyncio
+
+    from dls_client.aio import AsyncClient, AsyncHeldLock
+
+    loop = asyncio.new_event_loop()
+    client = AsyncClient(config)
+    shares = own_draws(index, processes, tasks)
+    clock = time.perf_counter
+
+    async def take(key: bytes) -> AsyncHeldLock:
+        return await client.lock(FILE, key)
+
+    async def cycles(draws: list[bytes], end: float) -> int:
+        lock, count = client.lock, 0
+        chunks = [draws[i:i + 16] for i in range(0, len(draws), 16)]
+        while True:
+            for chunk in chunks:
+                for key in chunk:
+                    await (await lock(FILE, key)).release()
+                count += len(chunk)
+                if clock() >= end:
+                    return count
+
+    async def together(seconds: float) -> tuple[int, float]:
+        start = clock()
+        counts = await asyncio.gather(*(cycles(draws, start + seconds) for draws in shares))
+        return sum(counts), clock() - start
+
+    def close() -> None:
+        loop.run_until_complete(client.close())
+        loop.close()
+
+    return Cycle(lambda key: loop.run_until_complete(take(key)),
+                 lambda held: loop.run_until_complete(held.release()), shares[0], close,
+                 lambda seconds: loop.run_until_complete(together(seconds)))
+
+
 def local_prepare(index: int, processes: int, contended: bool) -> Cycle:
     """``LocalClient().lock(FILE, key)`` (the table of JBCRELEASEDIR's instance) then ``release()``."""
     client = LocalClient()
@@ -578,6 +652,9 @@ def measure_all(args: argparse.Namespace, root: str, progress: Callable[[str], N
         case("remote.single", partial(client_prepare, config), 1)
         case("remote.parallel", partial(client_prepare, config), n)
         case("remote.contended", partial(client_prepare, config), n, True)
+        case("remote.threads", partial(threads_prepare, config, n), 1)
+        case("aio.single", partial(aio_prepare, config, 1), 1)
+        case("aio.tasks", partial(aio_prepare, config, n), 1)
         case("raw.single", partial(raw_prepare, Instance.from_environment(root).key), 1)
         case("raw.parallel", partial(raw_prepare, Instance.from_environment(root).key), n)
         case("local.single", local_prepare, 1)
@@ -650,6 +727,11 @@ def rows(n: int) -> list[Row]:
         Row("remote.contended.p50_ms", "  its wait p50"),
         Row("remote.contended.p99_ms", "  its wait p99"),
         Row("remote.contended.p99_handoffs", "  its wait p99 in hand-offs", goal=p99),
+        Row("remote.threads", f"Client, {n} threads of 1 process, own keys", "remote.single"),
+        Row("aio.single", "AsyncClient (asyncio), 1 task", "remote.single"),
+        Row("aio.tasks", f"AsyncClient, {n} tasks of 1 loop, own keys", "aio.single"),
+        Row("aio.tasks", f"AsyncClient, {n} tasks of 1 loop, own keys", "remote.threads"),
+        Row("aio.tasks", f"AsyncClient, {n} tasks of 1 loop, own keys", "remote.parallel"),
         Row("local.single", "LocalClient, 1 process", "lockf.single"),
         Row("local.single", "LocalClient, 1 process", "raw.single", Goal(">=", 1 / 1.5)),
         Row("local.parallel", f"LocalClient, {n} processes, own keys", "local.single", Goal(">=", 1.0)),
@@ -690,7 +772,8 @@ def shown(name: str, value: float, figures: dict[str, float] | None = None, *, p
 SHORT = {"echo.single": "echo 1", "echo.parallel": "echo N", "lockf.single": "lockf 1", "lockf.parallel": "lockf N",
          "lockf.contended": "lockf 1 byte", "bare.single": "bare trip", "raw.single": "raw table",
          "bare.parallel": "bare trip N",
-         "remote.single": "Client 1", "local.single": "Local 1", "flock.help": "flock(1)", "flock.lock": "flock(1)"}
+         "remote.single": "Client 1", "remote.threads": "Client N thr", "remote.parallel": "Client N proc",
+         "aio.single": "Async 1", "local.single": "Local 1", "flock.help": "flock(1)", "flock.lock": "flock(1)"}
 
 
 def table(figures: dict[str, float], previous: dict[str, float], n: int) -> list[str]:

@@ -100,9 +100,7 @@ class BaseClient(ABC):
         if old is new or old.released or old.lost:
             self._live[new.handle] = new
             return new
-        old.mode, old.token, old.value = new.mode, new.token, new.value
-        if new.value_block is not None:
-            old.value_block, old.value_block_valid = new.value_block, new.value_block_valid
+        old.took_over(new)
         return old
 
     def _forget_all(self, thread: int | None) -> None:
@@ -199,7 +197,14 @@ class BaseClient(ABC):
         raise NotImplementedError
 
     def _kind_refused(self, kind: str) -> Exception:
-        if kind not in ALL_KINDS:
-            return ValueError(f"lock kind {kind!r} is not 'internal' or 'external'")
-        return DlsError(f"record locks of kind {kind!r} are not handled by the lock service; the caller's own "
-                        "lock handler must take them")
+        return kind_refused(kind)
+
+
+def kind_refused(kind: str, setting: str | None = None) -> Exception:
+    """Why a record lock of ``kind`` is not taken: not a kind at all (ValueError), or one the lock service is
+    not sent (JDLS LOCK=``setting``, when a client of the service says it)."""
+    if kind not in ALL_KINDS:
+        return ValueError(f"lock kind {kind!r} is not 'internal' or 'external'")
+    told = "" if setting is None else f" (JDLS LOCK={setting})"
+    return DlsError(f"record locks of kind {kind!r} are not handled by the lock service{told}; the caller's own "
+                    "lock handler must take them")

@@ -89,6 +89,13 @@ def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.sock
     """A TCP connection to ``server`` within ``timeout`` seconds, without Nagle's delay, found dead within
     DEAD_SERVER_BOUND if the server goes silent (OSError when it cannot be made)."""
     sock = jdls.connect(server, timeout)
+    tune(sock)
+    return sock
+
+
+def tune(sock: socket.socket) -> None:
+    """A connection to a lock server without Nagle's delay, found dead within DEAD_SERVER_BOUND if the server
+    goes silent (``tcp_connect``'s, and the asyncio client's, dls_client.aio)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle, interval, probes = _KEEPALIVE
@@ -96,7 +103,6 @@ def tcp_connect(server: Server, timeout: float = CONNECT_TIMEOUT) -> socket.sock
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(DEAD_SERVER_BOUND * 1000))
-    return sock
 
 
 #: How a channel reaches its server within a timeout: a connected socket, or OSError (tests give one end of

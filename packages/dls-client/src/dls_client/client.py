@@ -48,14 +48,14 @@ from dls_proto import (
 )
 from dls_proto import Cancel as CancelRequest
 
-from .base import ALL_KINDS, BaseClient
+from .base import ALL_KINDS, BaseClient, kind_refused
 from .binary import LocalBinaryLock, execution_number
 from .cancel import Cancel
 from .channel import Channel, Connect, tcp_connect
 from .config import Config, port_number
 from .errors import Cancelled, DlsError, Holder, InvalidRequest, NotWritable, ServiceUnavailable, Unsupported, describe
 from .lockinfo import LockInfo, to_json
-from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, OnBlocking, OnLost, tell_lost
+from .locks import REMOTE_DEVICE, FileLike, FileRef, HeldLock, LockState, OnBlocking, OnLost, tell_lost
 from .replies import Grant, failure, holder, is_grant
 from .route import Events, Route
 from .trace import Tracer
@@ -409,10 +409,7 @@ class Client(BaseClient):
         return reply
 
     def _kind_refused(self, kind: str) -> Exception:
-        if kind not in ALL_KINDS:
-            return super()._kind_refused(kind)
-        return DlsError(f"record locks of kind {kind!r} are not handled by the lock service "
-                        f"(JDLS LOCK={self.config.lock}); the caller's own lock handler must take them")
+        return kind_refused(kind, self.config.lock)
 
     def binary_lock(
         self, file: FileLike, mode: int = Mode.EX, *, wait: bool = True, timeout: float | None = None,
@@ -532,7 +529,7 @@ def _limit(wait: bool, timeout: float | None, cancel: Cancel | None) -> int:
     return WAIT_FOREVER if timeout is None else min(max(1, int(timeout * 1000)), WAIT_FOREVER - 1)
 
 
-def _read_block(held: HeldLock, acquired: Acquired) -> None:
+def _read_block(held: LockState, acquired: Acquired) -> None:
     """The value block an Acquired carries, into ``held`` (None when the service sent none)."""
     if acquired.block_status == BlockStatus.NONE:
         held.value_block = None

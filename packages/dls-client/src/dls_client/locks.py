@@ -99,7 +99,73 @@ OnLost = Callable[["HeldLock"], None]
 OnBlocking = Callable[["HeldLock", int], None]
 
 
-class HeldLock:
+class LockState:
+    """What a granted lock is, whichever client took it: its names, mode, token, value block, and whether
+    it was released or lost. ``HeldLock`` (a thread's) and ``dls_client.aio.AsyncHeldLock`` (an asyncio
+    task's) add the calls, blocking or awaited; the state and its rules are kept here once."""
+
+    __slots__ = ("file", "handle", "key", "lost_reason", "mode", "on_lost", "released", "thread", "token", "value",
+                 "value_block", "value_block_valid")
+
+    def __init__(self, handle: int, file: FileRef, key: bytes, mode: int, value: int, thread: int = 0,
+                 on_lost: OnLost | None = None, *, token: int = 0, value_block: bytes | None = None,
+                 value_block_valid: bool = True) -> None:
+        self.handle = handle
+        self.file = file
+        self.key = key
+        #: The lock's mode now.
+        self.mode = mode
+        self.value = value
+        #: The fencing token of the lock's latest grant or conversion up (0: the mechanism has none).
+        self.token = token
+        #: The resource's value block as last read (None: the lock does not read it).
+        self.value_block = value_block
+        #: False when the value block read is not valid (VALNOTVALID); True when valid or not read.
+        self.value_block_valid = value_block_valid
+        #: The owner thread (its native id; an asyncio task's own number), as the service knows it.
+        self.thread = thread
+        self.on_lost = on_lost
+        self.released = False
+        #: Why the lock was lost; None while it is held (or once released by its owner).
+        self.lost_reason: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Whether the lock was lost (not released by its owner): nobody may rely on it any more."""
+        return self.lost_reason is not None
+
+    def _may_write(self) -> None:
+        """NotWritable unless the lock's mode writes the value block."""
+        if self.mode not in WRITERS:
+            raise NotWritable(f"lock {describe(self.file.path, self.key)} is held in {Mode(self.mode).name}: only a "
+                              "PW or EX holder writes or invalidates the value block")
+
+    def lose(self, reason: str) -> bool:
+        """Mark the lock lost (its client found out); False if it was released or lost already."""
+        if self.released or self.lost_reason is not None:
+            return False
+        self.lost_reason = reason
+        return True
+
+    def lost_error(self) -> LockLost:
+        return LockLost(self.file.path, self.key, self.lost_reason or "lost")
+
+    def took_over(self, new: "LockState") -> None:
+        """``new`` is a grant under this lock's handle to the same owner: the record locked again, which
+        converts the lock it holds (as jDLS does). This lock takes the new mode (and token, and value block
+        when read), so that the application keeps one lock object, not a second one that would leave the
+        first saying the old mode, and held after the second's release."""
+        self.mode, self.token, self.value = new.mode, new.token, new.value
+        if new.value_block is not None:
+            self.value_block, self.value_block_valid = new.value_block, new.value_block_valid
+
+    def __repr__(self) -> str:
+        state = " LOST" if self.lost else " released" if self.released else ""
+        return (f"<{type(self).__name__} {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x} "
+                f"token {self.token}{state}>")
+
+
+class HeldLock(LockState):
     """A granted lock. Release it with ``release()`` or by leaving its ``with`` block.
 
     A lock lost for any reason other than its own release (the client finds that out, see
@@ -115,36 +181,14 @@ class HeldLock:
     (VALNOTVALID: the last value written, read after a PW or EX holder ended abnormally or invalidated it).
     """
 
-    __slots__ = ("client", "file", "handle", "key", "lost_reason", "mode", "on_lost", "released", "thread",
-                 "token", "value", "value_block", "value_block_valid")
+    __slots__ = ("client",)
 
     def __init__(self, client: Unlocker, handle: int, file: FileRef, key: bytes, mode: int, value: int,
                  thread: int = 0, on_lost: OnLost | None = None, *, token: int = 0, value_block: bytes | None = None,
                  value_block_valid: bool = True) -> None:
         self.client = client
-        self.handle = handle
-        self.file = file
-        self.key = key
-        #: The lock's mode now.
-        self.mode = mode
-        self.value = value
-        #: The fencing token of the lock's latest grant or conversion up (0: the mechanism has none).
-        self.token = token
-        #: The resource's value block as last read (None: the lock does not read it).
-        self.value_block = value_block
-        #: False when the value block read is not valid (VALNOTVALID); True when valid or not read.
-        self.value_block_valid = value_block_valid
-        #: The owner thread (its native id), as the service knows it.
-        self.thread = thread
-        self.on_lost = on_lost
-        self.released = False
-        #: Why the lock was lost; None while it is held (or once released by its owner).
-        self.lost_reason: str | None = None
-
-    @property
-    def lost(self) -> bool:
-        """Whether the lock was lost (not released by its owner): nobody may rely on it any more."""
-        return self.lost_reason is not None
+        super().__init__(handle, file, key, mode, value, thread, on_lost, token=token, value_block=value_block,
+                         value_block_valid=value_block_valid)
 
     def ensure_held(self) -> None:
         """Raise LockLost if the lock was lost, DlsError if it was released; costs no round trip.
@@ -185,12 +229,6 @@ class HeldLock:
             self._may_write()
         self.client.convert_held(self, mode, wait, timeout, value_block, invalidate, cancel)
 
-    def _may_write(self) -> None:
-        """NotWritable unless the lock's mode writes the value block."""
-        if self.mode not in WRITERS:
-            raise NotWritable(f"lock {describe(self.file.path, self.key)} is held in {Mode(self.mode).name}: only a "
-                              "PW or EX holder writes or invalidates the value block")
-
     def release(self, value_block: bytes | None = None, invalidate: bool = False) -> None:
         """Release the lock; LockLost (once) if it had been lost meanwhile. Releasing again does nothing.
 
@@ -217,16 +255,6 @@ class HeldLock:
         if self.lost_reason is not None:  # lost before, or found by the unlock
             raise self.lost_error()
 
-    def lose(self, reason: str) -> bool:
-        """Mark the lock lost (its client found out); False if it was released or lost already."""
-        if self.released or self.lost_reason is not None:
-            return False
-        self.lost_reason = reason
-        return True
-
-    def lost_error(self) -> LockLost:
-        return LockLost(self.file.path, self.key, self.lost_reason or "lost")
-
     def __enter__(self) -> "HeldLock":
         return self
 
@@ -238,11 +266,6 @@ class HeldLock:
             self.release()
         except DlsError:
             pass  # the body's own exception is the one the caller must see
-
-    def __repr__(self) -> str:
-        state = " LOST" if self.lost else " released" if self.released else ""
-        return (f"<HeldLock {self.file.path}:{self.key!r} {Mode(self.mode).name} 0x{self.value:08x} "
-                f"token {self.token}{state}>")
 
 
 def tell_lost(locks: list[HeldLock], log: Callable[[str], None]) -> None:
