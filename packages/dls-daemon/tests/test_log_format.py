@@ -91,3 +91,21 @@ def test_a_bad_log_format_is_a_usage_error(capsys) -> None:
     err = capsys.readouterr().err
     assert "--log-format" in err and "'xml'" in err
     assert main(["-k", "--log-format", "json"]) == 2
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_message_with_bytes_that_are_not_text_is_logged_all_the_same(tmp_path: Path, log_format: str) -> None:
+    """A client's bytes decoded with surrogateescape (a key that is not UTF-8) are written escaped, in the log
+    file and the error trace alike, rather than the line being lost to an encoding error."""
+    instance = Instance.from_environment(tmp_path / "release")
+    logger = daemon_log.setup(instance, "server", log_format=log_format)
+    try:
+        logger.error("bad key %s from a client", b"K\xff\xfe".decode("utf-8", "surrogateescape"))
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        daemon_log.set_role("jdls")
+    for path in (instance.log_file, instance.error_trace):
+        lines = path.read_bytes().splitlines()
+        assert len(lines) == 1 and b"bad key K" in lines[0] and b"udcff" in lines[0], (path.name, lines)

@@ -179,7 +179,7 @@ class TrustedFileHandler(logging.handlers.WatchedFileHandler):
         shared = self.file_mode == trusted.GROUP_FILE  # the error trace: any process of the group may make it
         fd = trusted.open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=self.file_mode,
                                shared=shared, owners=trusted.ANY_OWNER if shared else None)
-        return open(fd, "a", encoding="utf-8")
+        return open(fd, "a", encoding="utf-8", errors="backslashreplace")  # a client's undecodable bytes, escaped
 
 
 def setup(
