@@ -178,6 +178,10 @@ HTTP (--http ADDR:PORT): the lock monitor serves /metrics, in the Prometheus tex
   delays the monitor's tidying or deadlock detection. A port in use fails the start, as the lock port
   does. The server runs in the monitor: with -D there is none (a usage error); with -A, --admin-allow
   applies to it.
+  /metrics: the table's locks held and waiting by mode, its size and fullest group; grants by mode,
+  refusals by reason, cancels and errors by code, wait and hand-off time histograms (from the lock
+  servers, which send their counts to the monitor's run/metrics.sock at most once a second and as
+  they end); tidy-ups, the locks they freed, deadlocks broken, lock servers running. Each has its HELP.
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in

@@ -37,6 +37,7 @@ from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFla
 from . import client_info
 from .lifecycle import Daemon, StartFailed
 from .listener import listen_socket
+from .metrics import Metrics, Receiver, Totals
 from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
@@ -83,6 +84,10 @@ class Monitor(Daemon):
         self._next_deadlock_look = 0.0
         #: The HTTP server of --http (bound in setup, served from ``run``); None without --http.
         self.web: WebServer | None = None
+        #: The figures /metrics adds up (the lock servers' and the monitor's own), and where the lock servers'
+        #: come in (with --http only).
+        self.totals = Totals()
+        self.receiver: Receiver | None = None
 
     def setup(self, report: Report) -> str:
         """Bind the HTTP port (--http) first, then create or attach the table, and say so."""
@@ -102,6 +107,12 @@ class Monitor(Daemon):
             raise StartFailed(f"cannot create the lock table: {exc}") from None
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
+        if self.web is not None:
+            try:
+                self.receiver = Receiver(self.instance, self.totals, self.log)
+            except OSError as exc:
+                raise StartFailed(f"cannot make the metrics socket in {self.instance.run_dir}: {exc}") from None
+            self.web.add("/metrics", Metrics(self.instance, table, self.totals).handler)
         if not created:
             try:
                 if table.set_access(self.settings.gid):
@@ -173,6 +184,9 @@ class Monitor(Daemon):
 
     # -- the loop's work ----------------------------------------------------------------
 
+    def watched(self) -> list[Receiver]:  # type: ignore[override]
+        return [self.receiver] if self.receiver is not None else []
+
     def timeout(self) -> float:
         return max(0.0, min(self._next_tick, self._next_deadlock_look) - time.monotonic())
 
@@ -180,6 +194,8 @@ class Monitor(Daemon):
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
         now = time.monotonic()
         period = self.settings.tidy_seconds
+        if self.receiver is not None and self.receiver in readable:  # type: ignore[operator]
+            self.receiver.drain()
         try:
             if now >= self._next_tick:
                 self._tick()
@@ -212,6 +228,8 @@ class Monitor(Daemon):
         say whose."""
         assert self.table is not None
         for entry in self.table.break_deadlocks():
+            with self.totals.lock:
+                self.totals.deadlocks += 1
             slot = entry.slot
             who = f"port {slot.port}" if self.table.port_owners else f"pid {slot.pid}"
             self.log.info("deadlock: refused the %s request of %s thread %d for key %r (inode %d): it closed a "
@@ -223,6 +241,10 @@ class Monitor(Daemon):
         started = time.monotonic()
         done = self.table.tidy()
         took = time.monotonic() - started
+        with self.totals.lock:
+            self.totals.tidies += 1
+            self.totals.tidy_freed += done.freed
+            self.totals.tidy_kept += done.kept
         if done.kept:
             self.log.info("tidy (%s): kept %d lock(s) of dead lock servers for their clients to reclaim "
                           "(lock-delay %g s)", why, done.kept, self.table.lock_delay)
@@ -251,6 +273,9 @@ class Monitor(Daemon):
         if self.web is not None:
             self.web.close()
             self.web = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -258,5 +283,12 @@ class Monitor(Daemon):
     def forget_own_in_child(self) -> None:
         """A child (the foreground listener) does not use the monitor's mapping, and must not write the
         header as the monitor: detach it. Detaching touches nothing the monitor sees, and the table's
-        attach count (what jdls -K checks) then counts the child once, for its own attach."""
+        attach count (what jdls -K checks) then counts the child once, for its own attach. The HTTP port and the
+        metrics socket are closed, not removed: they stay the monitor's."""
+        if self.receiver is not None:
+            self.receiver.sock.close()
+            self.receiver = None
+        if self.web is not None:
+            self.web.server.server_close()
+            self.web = None
         self.release()
