@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from dls_shm import (
     DEFAULT_BLOCK_SIZE,
@@ -46,15 +47,36 @@ from dls_shm import (
 
 from . import client_info
 from .lifecycle import Daemon, StartFailed
+from .listener import listen_socket
+from .metrics import Metrics, Receiver, Totals
 from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
+from .web import WebServer, shown
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 #: The monitor updates the header at least this often (seconds).
 TICK = 1.0
 #: How often the monitor looks for deadlocks (seconds): a cycle of waiters is broken within about this long
 #: of forming (the issue asks for a second). A look copies only the groups that have a waiting request.
 DEADLOCK_PERIOD = 0.25
+
+
+def cannot_serve(address: tuple[str, int], exc: OSError) -> str:
+    """How a failure to listen on the --http address is told."""
+    return f"cannot serve HTTP on {shown(*address)} (--http): {exc.strerror or exc}"
+
+
+def http_problem(address: tuple[str, int]) -> str | None:
+    """Why the monitor could not serve HTTP on ``address`` right now (checked before anything starts, as the
+    lock port is), or None if it could."""
+    try:
+        listen_socket(*address).close()
+    except OSError as exc:
+        return cannot_serve(address, exc)
+    return None
 
 
 def describe_table(table: LockTable) -> str:
@@ -76,9 +98,20 @@ class Monitor(Daemon):
         self._next_deadlock_look = 0.0
         #: The listener's port, when this monitor started it (the foreground service): what systemd is told.
         self.port: int | None = None
+        #: The HTTP server of --http (bound in setup, served from ``run``); None without --http.
+        self.web: WebServer | None = None
+        #: The figures /metrics adds up (the lock servers' and the monitor's own), and where the lock servers'
+        #: come in (with --http only).
+        self.totals = Totals()
+        self.receiver: Receiver | None = None
 
     def setup(self, report: Report) -> str:
-        """Create or attach the table, and say so."""
+        """Bind the HTTP port (--http) first, then create or attach the table, and say so."""
+        if self.settings.http is not None:
+            try:
+                self.web = WebServer(self.settings.http, self.settings.admin_allow, self.log)
+            except OSError as exc:
+                raise StartFailed(cannot_serve(self.settings.http, exc)) from None
         try:
             table, created = LockTable.create(
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
@@ -90,6 +123,12 @@ class Monitor(Daemon):
             raise StartFailed(f"cannot create the lock table: {exc}") from None
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
+        if self.web is not None:
+            try:
+                self.receiver = Receiver(self.instance, self.totals, self.log)
+            except OSError as exc:
+                raise StartFailed(f"cannot make the metrics socket in {self.instance.run_dir}: {exc}") from None
+            self.web.add("/metrics", Metrics(self.instance, table, self.totals).handler)
         if not created:
             try:
                 if table.set_access(self.settings.gid):
@@ -111,7 +150,19 @@ class Monitor(Daemon):
         how = "created" if created else "attached"
         self.log.info("monitor started: %s %s, tidy every %d s, lock-delay %g s", how, describe_table(table), period,
                       table.lock_delay)
-        return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}"
+        serving = ""
+        if self.web is not None:
+            serving = f", HTTP on {shown(*self.web.address)}"
+            self.log.info("serving HTTP (/metrics, the status page) on %s to --admin-allow %s",
+                          shown(*self.web.address), ", ".join(map(str, self.settings.admin_allow)))
+        return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}{serving}"
+
+    def run(self) -> int:
+        """The HTTP server's thread starts here, once the monitor has forked its companion (a fork copies no
+        thread in the middle of a request), then the loop."""
+        if self.web is not None:
+            self.web.start()
+        return super().run()
 
     def _ignored_settings(self, table: LockTable) -> list[str]:
         """What was asked for but cannot apply to a table that already exists."""
@@ -149,13 +200,18 @@ class Monitor(Daemon):
 
     # -- the loop's work ----------------------------------------------------------------
 
+    def watched(self) -> list[FileDescriptorLike]:
+        return [self.receiver] if self.receiver is not None else []
+
     def timeout(self) -> float:
         return max(0.0, min(self._next_tick, self._next_deadlock_look) - time.monotonic())
 
-    def work(self, readable: object) -> None:
+    def work(self, readable: list[FileDescriptorLike]) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
         now = time.monotonic()
         period = self.settings.tidy_seconds
+        if self.receiver is not None and self.receiver in readable:
+            self.receiver.drain()
         try:
             if now >= self._next_tick:
                 self._tick()
@@ -188,6 +244,8 @@ class Monitor(Daemon):
         say whose."""
         assert self.table is not None
         for entry in self.table.break_deadlocks():
+            with self.totals.lock:
+                self.totals.deadlocks += 1
             slot = entry.slot
             who = f"port {slot.port}" if self.table.port_owners else f"pid {slot.pid}"
             self.log.info("deadlock: refused the %s request of %s thread %d for key %r (inode %d): it closed a "
@@ -199,6 +257,10 @@ class Monitor(Daemon):
         started = time.monotonic()
         done = self.table.tidy()
         took = time.monotonic() - started
+        with self.totals.lock:
+            self.totals.tidies += 1
+            self.totals.tidy_freed += done.freed
+            self.totals.tidy_kept += done.kept
         if done.kept:
             self.log.info("tidy (%s): kept %d lock(s) of dead lock servers for their clients to reclaim "
                           "(lock-delay %g s)", why, done.kept, self.table.lock_delay)
@@ -245,7 +307,13 @@ class Monitor(Daemon):
             self.log.warning("monitor stopping: %s", exc)
 
     def release(self) -> None:
-        """Detach from the table (the table itself stays)."""
+        """Stop serving HTTP; detach from the table (the table itself stays)."""
+        if self.web is not None:
+            self.web.close()
+            self.web = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -253,5 +321,12 @@ class Monitor(Daemon):
     def forget_own_in_child(self) -> None:
         """A child (the foreground listener) does not use the monitor's mapping, and must not write the
         header as the monitor: detach it. Detaching touches nothing the monitor sees, and the table's
-        attach count (what jdls -K checks) then counts the child once, for its own attach."""
+        attach count (what jdls -K checks) then counts the child once, for its own attach. The HTTP port and the
+        metrics socket are closed, not removed: they stay the monitor's."""
+        if self.receiver is not None:
+            self.receiver.sock.close()
+            self.receiver = None
+        if self.web is not None:
+            self.web.server.server_close()
+            self.web = None
         self.release()
