@@ -971,10 +971,8 @@ class LockTable(LockMechanism):
         if begun == self._waits_seen and not always:
             return []
         unconfirmed = False
-        entries = [(e.index, e.group, e.value, e.slot) for first, data in self._copies() if _WAITING_BYTE in data
-                   for e in self._decode_waiting(first, data)]
         refused = []
-        for cycle in deadlocks.cycles(deadlocks.wait_for(entries, self._ident)):
+        for cycle in deadlocks.cycles(self.wait_for(self.waiting_entries())):
             groups = sorted({w.group for w in cycle.waiters})
             tokens = []
             with self._groups_held(groups[: semaphores.BATCH_MEMBERS]):
@@ -988,6 +986,28 @@ class LockTable(LockMechanism):
             _ring([t for t in tokens if t])
         self._waits_seen = None if unconfirmed else begun
         return refused
+
+    def waiting_entries(self) -> list[Entry]:
+        """The used slots of the groups that have a waiting request (copied a batch of groups at a time, as
+        ``scan`` copies them; a batch without one is not decoded): all the wait-for graph is made of."""
+        return [e for first, data in self._copies() if _WAITING_BYTE in data for e in self._decode_waiting(first, data)]
+
+    def wait_for(self, entries: Iterable[Entry]) -> list[tuple[deadlocks.Waiter, frozenset[deadlocks.Owner]]]:
+        """Who waits for whom among ``entries`` (``deadlocks.wait_for``, with this table's owner identity):
+        each waiting request and the owners it waits for, by the one rule the lock path and the detector use."""
+        return deadlocks.wait_for(((e.index, e.group, e.value, e.slot) for e in entries), self._ident)
+
+    def owner_of(self, slot: Slot) -> tuple[Any, ...]:
+        """The owner identity of ``slot`` in this table: (pid, thread), or (port, thread, ip) with jdls -P."""
+        return self._ident(slot)
+
+    def tickets_issued(self) -> int:
+        """The sum of the groups' ticket counters: every lock granted at once, every request queued, every
+        grant of a waiter and every conversion up takes one. Read without the semaphores (each counter is one
+        aligned word, and a figure a moment old is what a rate wants): never in the lock path's way."""
+        mv, size = self._mv, self._group_size
+        unpack = _TICKET.unpack_from
+        return sum(unpack(mv, off)[0] for off in range(HEADER_SIZE, HEADER_SIZE + self._ngroups * size, size))
 
     def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
         """Whether every request of ``cycle`` still waits, unchanged, for the next one's owner (the semaphores of
