@@ -34,7 +34,7 @@ import time
 
 from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFlag, TableMissing, modes, trusted
 
-from . import client_info
+from . import client_info, status_page
 from .lifecycle import Daemon, StartFailed
 from .one_mechanism import claim
 from .readiness import Report
@@ -64,6 +64,8 @@ class Monitor(Daemon):
         self._next_tick = 0.0
         self._next_tidy = 0.0
         self._next_deadlock_look = 0.0
+        #: The last hour of the table, for the status page (``/api/history``): sampled in this loop.
+        self.history = status_page.History()
 
     def setup(self, report: Report) -> str:
         """Create or attach the table, and say so."""
@@ -138,7 +140,7 @@ class Monitor(Daemon):
     # -- the loop's work ----------------------------------------------------------------
 
     def timeout(self) -> float:
-        return max(0.0, min(self._next_tick, self._next_deadlock_look) - time.monotonic())
+        return max(0.0, min(self._next_tick, self._next_deadlock_look, self.history.next_due) - time.monotonic())
 
     def work(self, readable: object) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
@@ -156,6 +158,9 @@ class Monitor(Daemon):
             if now >= self._next_deadlock_look:
                 self._break_deadlocks()
                 self._next_deadlock_look = time.monotonic() + DEADLOCK_PERIOD
+            if self.history.due(now):
+                assert self.table is not None
+                self.history.sample(self.table)
         except TableMissing as exc:
             self.fail(exc)
 

@@ -1,0 +1,41 @@
+"""The status page's figures from plain data (issue 15): the history's lock rate and contended records, the
+hottest records now, and the page itself in the package."""
+
+from __future__ import annotations
+
+from dls_daemon import status_page
+from dls_daemon.status_page import History, Sample
+
+
+def test_the_history_gives_the_rate_between_samples_and_counts_the_samples_a_record_waited_in() -> None:
+    history = History(period=5.0, span=15.0)
+    waited = (1, 2, "K1")
+    for n, (grants, contended) in enumerate([(10, ()), (60, (waited,)), (60, (waited,)), (160, ()), (170, ())]):
+        history.samples.append(Sample(1000.0 + 5 * n, grants, 1, len(contended), 2.0, 1.0, contended))
+    document = history.document()
+    assert len(document["samples"]) == 4  # the ring keeps the last span: 15 s at 5 s, and the one before
+    assert [p["rate"] for p in document["samples"]] == [None, 0.0, 20.0, 2.0]
+    assert document["contended"] == [{"inode": 1, "device": 2, "key": "K1", "samples": 2}]
+
+
+def test_a_sample_is_due_once_a_period() -> None:
+    history = History(period=5.0)
+    assert history.due(100.0) and not history.due(104.0) and history.due(105.0)
+
+
+def test_the_hottest_now_counts_requests_not_refused_most_first() -> None:
+    def row(key: str, state: str) -> dict[str, object]:
+        return {"filename": "f", "key": key, "state": state}
+
+    rows = [row("A", "granted"), row("B", "granted"), row("B", "waiting"), row("B", "converting"),
+            row("A", "refused")]
+    assert status_page.hottest_now(rows) == [  # type: ignore[arg-type]
+        {"filename": "f", "key": "B", "requests": 3, "waiting": 2},
+        {"filename": "f", "key": "A", "requests": 1, "waiting": 0},
+    ]
+
+
+def test_the_page_is_in_the_package_and_fetches_nothing_from_elsewhere() -> None:
+    page = status_page.page().decode()
+    assert page.startswith("<!DOCTYPE html>") and "api/locks" in page and "api/history" in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
