@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dls_daemon import status_page
 from dls_daemon.status_page import History, Sample
+from dls_shm import LOCAL_IP, Entry, Slot, SlotState
 
 
 def test_the_history_gives_the_rate_between_samples_and_counts_the_samples_a_record_waited_in() -> None:
@@ -24,14 +25,15 @@ def test_a_sample_is_due_once_a_period() -> None:
 
 
 def test_the_hottest_now_counts_requests_not_refused_most_first() -> None:
-    def row(key: str, state: str) -> dict[str, object]:
-        return {"filename": "f", "key": key, "state": state}
+    def entry(key: bytes, state: SlotState, inode: int = 7) -> Entry:
+        return Entry(0, 0, 1, Slot(1, state, 5, 0, len(key), 0, 1, 0, 1, LOCAL_IP, 1, inode, 3, 0.0, 0, key, 0, 0, b""))
 
-    rows = [row("A", "granted"), row("B", "granted"), row("B", "waiting"), row("B", "converting"),
-            row("A", "refused")]
-    assert status_page.hottest_now(rows) == [  # type: ignore[arg-type]
+    entries = [entry(b"A", SlotState.GRANTED), entry(b"B", SlotState.GRANTED), entry(b"B", SlotState.WAITING),
+               entry(b"B", SlotState.WAITING), entry(b"A", SlotState.DEADLOCK), entry(b"C", SlotState.GRANTED, 8)]
+    assert status_page.hottest_now(entries, [{"inode": 7, "device": 3, "filename": "f"}]) == [
         {"filename": "f", "key": "B", "requests": 3, "waiting": 2},
         {"filename": "f", "key": "A", "requests": 1, "waiting": 0},
+        {"filename": "inode 00000008", "key": "C", "requests": 1, "waiting": 0},
     ]
 
 

@@ -20,6 +20,7 @@ the monitor's tick, which also tidies and breaks deadlocks, stays cheap.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
@@ -37,6 +38,9 @@ SAMPLE_PERIOD = 5.0
 HISTORY_SPAN = 3600.0
 #: How many resources the hottest lists name.
 HOTTEST = 10
+#: At most this many requests are sent (the table's order beyond rows.SORTED_ROWS): a browser that refreshes every
+#: 2 s is no place for a million rows (the graph and the hottest records are made of them all).
+MAX_REQUESTS = 5000
 #: The page, in the package's data.
 PAGE = "status.html"
 
@@ -62,14 +66,17 @@ def owner_label(pid: int, thread: int, port: int, ip: str, client_pid: int) -> s
 
 
 def locks_document(table: LockTable, instance: Instance) -> dict[str, Any]:
-    """``/api/locks``: every request (``rows``), the wait-for graph (``graph``) and the hottest resources now."""
+    """``/api/locks``: the requests (``rows``; ``total`` says how many there are when MAX_REQUESTS is less), the
+    wait-for graph (``graph``) and the hottest resources now."""
     entries = list(table.scan())
     now = time.time()
     delay = table.lock_delay
     documents = list(info.read_all(instance))
     port_owners = table.port_owners
     requests: list[dict[str, Any]] = []
-    for row in rows.build_rows((info.entry_json(e, delay) for e in entries), documents, every=True):
+    every = rows.in_order(rows.stream_rows((info.entry_json(e, delay) for e in entries), documents, every=True),
+                          every=True)
+    for row in itertools.islice(every, MAX_REQUESTS):
         requests.append({**row, "owner": owner_name(port_owners, row["pid"], row["thread"], row["port"], row["ipaddr"]),
                          "owner_label": owner_label(row["pid"], row["thread"], row["port"], row["ipaddr"],
                                                     row["client_pid"])})
@@ -78,8 +85,10 @@ def locks_document(table: LockTable, instance: Instance) -> dict[str, Any]:
         "host": socket.gethostname(),
         "port_owners": port_owners,
         "requests": requests,
+        #: The requests in the table; more than MAX_REQUESTS are cut to that many (the page says so).
+        "total": len(entries),
         "graph": wait_graph(table, entries),
-        "hottest": hottest_now(requests),
+        "hottest": hottest_now(entries, requests),
     }
 
 
@@ -112,19 +121,23 @@ def wait_graph(table: LockTable, entries: list[Any]) -> dict[str, Any]:
     return {"nodes": nodes, "edges": out}
 
 
-def hottest_now(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The resources with the most requests now (granted, kept, converting or waiting; refused ones are on
-    their way out), most first."""
-    counts: Counter[tuple[str, str]] = Counter()
-    waiting: Counter[tuple[str, str]] = Counter()
-    for r in requests:
-        if r["state"] == "refused":
+def hottest_now(entries: list[Any], requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources with the most requests now (granted, kept or waiting, a conversion too; refused ones are
+    on their way out), most first, counted over every slot of the table; named as the requests name them
+    (a resource not among the requests sent: by its inode)."""
+    counts: Counter[tuple[int, int, str]] = Counter()
+    waiting: Counter[tuple[int, int, str]] = Counter()
+    for e in entries:
+        s = e.slot
+        if s.state == _DEADLOCK:
             continue
-        counts[r["filename"], r["key"]] += 1
-        if r["state"] in ("waiting", "converting"):
-            waiting[r["filename"], r["key"]] += 1
-    return [{"filename": f, "key": k, "requests": n, "waiting": waiting[f, k]}
-            for (f, k), n in counts.most_common(HOTTEST)]
+        resource = (s.inode, s.device, s.key[: s.key_len].decode("utf-8", "backslashreplace"))
+        counts[resource] += 1
+        if s.state == _WAITING:
+            waiting[resource] += 1
+    names = {(r["inode"], r["device"]): r["filename"] for r in requests}
+    return [{"filename": names.get((i, d)) or rows.inode_name(i), "key": printable(k), "requests": n,
+             "waiting": waiting[i, d, k]} for (i, d, k), n in counts.most_common(HOTTEST)]
 
 
 @dataclass(frozen=True)
