@@ -193,7 +193,7 @@ class History:
         points = []
         before: Sample | None = None
         contended: Counter[tuple[int, int, str]] = Counter()
-        for s in self.samples:
+        for s in tuple(self.samples):  # a copy: the monitor's loop appends while a request thread reads
             rate = None
             if before is not None and s.time > before.time:
                 rate = max(0, s.grants - before.grants) / (s.time - before.time)
