@@ -3,7 +3,7 @@ hottest records now, and the page itself in the package."""
 
 from __future__ import annotations
 
-from dls_daemon import status_page
+from dls_daemon import status_page, web
 from dls_daemon.status_page import History, Sample
 from dls_shm import LOCAL_IP, Entry, Slot, SlotState
 
@@ -38,6 +38,6 @@ def test_the_hottest_now_counts_requests_not_refused_most_first() -> None:
 
 
 def test_the_page_is_in_the_package_and_fetches_nothing_from_elsewhere() -> None:
-    page = status_page.page().decode()
+    page = web.status_page({}).body.decode()
     assert page.startswith("<!DOCTYPE html>") and "api/locks" in page and "api/history" in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page

@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
 from dls_shm import BLOCK_MAX, DEFAULT_BLOCK_SIZE, LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
+from . import web
 from .__about__ import __version__
 from .context import (
     DEFAULT_ADMIN_ALLOW,
@@ -168,6 +169,15 @@ TLS: --tls-cert FILE --tls-key FILE make the port speak TLS only (1.2 or later; 
   the certificate. The handshake is done by each connection's lock server, within
   --handshake-timeout; a failed one (a plain client, a certificate not accepted or missing) is
   closed and logged with the reason.
+
+HTTP (--http ADDR:PORT): the lock monitor serves /metrics, in the Prometheus text format, and a
+  status page at /, on ADDR:PORT (an IP address: 127.0.0.1:9102, [::1]:9102, 0.0.0.0:9102 for every
+  interface). Only the --admin-allow networks may load anything (default this host); others get 403
+  and the log names them. GET only (others 405). Each connection has {web.REQUEST_TIMEOUT:g} s for its request and
+  at most {web.MAX_CONNECTIONS} are served at once (one more is closed unanswered): a slow or hostile client never
+  delays the monitor's tidying or deadlock detection. A port in use fails the start, as the lock port
+  does. The server runs in the monitor: with -D there is none (a usage error); with -A, --admin-allow
+  applies to it.
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
@@ -421,6 +431,10 @@ def get_parser() -> argparse.ArgumentParser:
                             help="the networks that may read the lock snapshot (every lock and client, as "
                             "remote show-item-locks and list-open-files read it; repeatable); others are "
                             "refused (default: this host only, 127.0.0.0/8 and ::1)")
+    start_opts.add_argument("--http", type=web.parse_address, default=None, metavar="ADDR:PORT",
+                            help="the monitor serves HTTP on this address: /metrics (Prometheus text format) and "
+                            "a status page at /, to the --admin-allow networks only (others get 403); e.g. "
+                            "127.0.0.1:9102 or [::1]:9102. Not with -D (the monitor serves it). See HTTP below")
     start_opts.add_argument("--max-per-address", type=_count, default=None, metavar="N",
                             help="connections one client address may have open at once; one more is closed at "
                             f"accept and logged (default {DEFAULT_MAX_PER_ADDRESS})")
@@ -474,7 +488,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "--tidy-seconds", "--lock-dir",
         "--binary-lock-dir", "--max-frame", "--handshake-timeout", "--max-clients", "--max-locks",
         "--dead-client", "--syslog", "--allow", "--admin-allow", "--max-per-address", "--refuse-os-locks",
-        "--group", "--tls-cert", "--tls-key", "--tls-client-ca",
+        "--group", "--tls-cert", "--tls-key", "--tls-client-ca", "--http",
     )},
     "-A": frozenset({"start", "stop"}), "-D": frozenset({"start", "stop"}),
     "--stop-timeout": frozenset({"start", "stop"}),
@@ -482,7 +496,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "-o": frozenset({"remove"}), "-L": frozenset({"display"}), "-v": frozenset({"start", "display", "test"}),
 }
 #: Options of the table and the monitor: meaningless with -D, which starts neither.
-MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay", "--value-block-size")
+MONITOR_OPTIONS = ("-s", "-t", "-T", "--tidy-seconds", "--lock-delay", "--value-block-size", "--http")
 #: Options of the listener: meaningless with -A, which does not start it. (--lock-dir is both's: the
 #: monitor looks there for OS file locks held before it makes a table.)
 LISTENER_OPTIONS = (
@@ -507,7 +521,7 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--max-per-address": args.max_per_address is not None, "--refuse-os-locks": args.refuse_os_locks,
         "--group": args.group is not None,
         "--tls-cert": args.tls_cert is not None, "--tls-key": args.tls_key is not None,
-        "--tls-client-ca": args.tls_client_ca is not None,
+        "--tls-client-ca": args.tls_client_ca is not None, "--http": args.http is not None,
         "-A": args.monitor_only, "-D": args.listener_only, "--stop-timeout": args.stop_timeout is not None,
         "--port": args.port is not None, "--host": args.host is not None, "-o": args.override,
         "-L": args.locks, "-v": args.verbose > 0,
@@ -539,6 +553,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 parser.error(f"{option} concerns the lock table and its monitor, which -D does not start")
     if args.action == "start" and args.monitor_only:
         for option in LISTENER_OPTIONS:
+            if option == "--admin-allow" and args.http is not None:
+                continue  # who may load the monitor's HTTP pages too
             if option in given:
                 parser.error(f"{option} concerns the lock listener, which -A does not start")
     jdls_set = os.environ.get(jdls.VARIABLE) is not None
@@ -603,6 +619,7 @@ def settings_from(args: argparse.Namespace, instance: Instance) -> Settings:
         syslog=args.syslog, allow=tuple(args.allow or ()),
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
         group=args.group, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        http=args.http,
     )
 
 

@@ -36,15 +36,32 @@ from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFla
 
 from . import client_info, status_page
 from .lifecycle import Daemon, StartFailed
+from .listener import listen_socket
 from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
+from .web import WebServer, shown
 
 #: The monitor updates the header at least this often (seconds).
 TICK = 1.0
 #: How often the monitor looks for deadlocks (seconds): a cycle of waiters is broken within about this long
 #: of forming (the issue asks for a second). A look copies only the groups that have a waiting request.
 DEADLOCK_PERIOD = 0.25
+
+
+def cannot_serve(address: tuple[str, int], exc: OSError) -> str:
+    """How a failure to listen on the --http address is told."""
+    return f"cannot serve HTTP on {shown(*address)} (--http): {exc.strerror or exc}"
+
+
+def http_problem(address: tuple[str, int]) -> str | None:
+    """Why the monitor could not serve HTTP on ``address`` right now (checked before anything starts, as the
+    lock port is), or None if it could."""
+    try:
+        listen_socket(*address).close()
+    except OSError as exc:
+        return cannot_serve(address, exc)
+    return None
 
 
 def describe_table(table: LockTable) -> str:
@@ -64,11 +81,18 @@ class Monitor(Daemon):
         self._next_tick = 0.0
         self._next_tidy = 0.0
         self._next_deadlock_look = 0.0
+        #: The HTTP server of --http (bound in setup, served from ``run``); None without --http.
+        self.web: WebServer | None = None
         #: The last hour of the table, for the status page (``/api/history``): sampled in this loop.
         self.history = status_page.History()
 
     def setup(self, report: Report) -> str:
-        """Create or attach the table, and say so."""
+        """Bind the HTTP port (--http) first, then create or attach the table, and say so."""
+        if self.settings.http is not None:
+            try:
+                self.web = WebServer(self.settings.http, self.settings.admin_allow, self.log)
+            except OSError as exc:
+                raise StartFailed(cannot_serve(self.settings.http, exc)) from None
         try:
             table, created = LockTable.create(
                 self.instance.key, self.settings.geometry, flags=self.settings.table_flags,
@@ -80,6 +104,8 @@ class Monitor(Daemon):
             raise StartFailed(f"cannot create the lock table: {exc}") from None
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
+        if self.web is not None:
+            status_page.add_routes(self.web, lambda: self.table, self.instance, self.history)
         if not created:
             try:
                 if table.set_access(self.settings.gid):
@@ -101,7 +127,19 @@ class Monitor(Daemon):
         how = "created" if created else "attached"
         self.log.info("monitor started: %s %s, tidy every %d s, lock-delay %g s", how, describe_table(table), period,
                       table.lock_delay)
-        return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}"
+        serving = ""
+        if self.web is not None:
+            serving = f", HTTP on {shown(*self.web.address)}"
+            self.log.info("serving HTTP (/metrics, the status page) on %s to --admin-allow %s",
+                          shown(*self.web.address), ", ".join(map(str, self.settings.admin_allow)))
+        return f"lock monitor started at pid {os.getpid()}: {how} {describe_table(table)}{serving}"
+
+    def run(self) -> int:
+        """The HTTP server's thread starts here, once the monitor has forked its companion (a fork copies no
+        thread in the middle of a request), then the loop."""
+        if self.web is not None:
+            self.web.start()
+        return super().run()
 
     def _ignored_settings(self, table: LockTable) -> list[str]:
         """What was asked for but cannot apply to a table that already exists."""
@@ -216,7 +254,10 @@ class Monitor(Daemon):
             self.log.warning("monitor stopping: %s", exc)
 
     def release(self) -> None:
-        """Detach from the table (the table itself stays)."""
+        """Stop serving HTTP; detach from the table (the table itself stays)."""
+        if self.web is not None:
+            self.web.close()
+            self.web = None
         if self.table is not None:
             self.table.close()
             self.table = None

@@ -69,6 +69,8 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: --http: the address and port the monitor serves /metrics and the status page on; None: no HTTP server.
+    http: tuple[str, int] | None = None
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The port's TLS context, None without --tls-cert; TlsSetupError names the file that cannot be used."""

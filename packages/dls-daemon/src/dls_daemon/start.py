@@ -30,7 +30,7 @@ from . import log as daemon_log
 from .exitcodes import ExitCode
 from .lifecycle import Daemon
 from .listener import Listener, listen_problem
-from .monitor import Monitor
+from .monitor import Monitor, http_problem
 from .one_mechanism import start_refusal
 from .readiness import Outcome, PipeReport, PrintReport, Report, collect
 from .settings import START_TIMEOUT, Settings
@@ -75,6 +75,11 @@ def start(
         return ExitCode.FAILED
     if MONITOR in roles:
         problem = start_refusal(settings)
+        if problem is not None:
+            print(f"jdls: {problem}", file=err)
+            return ExitCode.FAILED
+    if MONITOR in roles and settings.http is not None:
+        problem = http_problem(settings.http)
         if problem is not None:
             print(f"jdls: {problem}", file=err)
             return ExitCode.FAILED

@@ -1,4 +1,4 @@
-"""The live status page's data (issue 15): the JSON of ``/api/locks`` and ``/api/history``, and the page.
+"""The live status page's data (issue 15): the JSON of ``/api/locks`` and ``/api/history``.
 
 The page itself is one self-contained file, ``data/status.html`` (HTML, CSS, plain JS drawing SVG; nothing
 fetched from elsewhere: the operator installs nothing and may have no Internet); it asks these two routes every
@@ -25,12 +25,14 @@ import json
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from dls_shm import Instance, LockTable, SlotState, deadlocks, info, modes, rows, unpack_ip
 from dls_shm.report import printable
+
+from .web import Query, Reply, WebServer, text
 
 #: Seconds between the monitor's samples of the history.
 SAMPLE_PERIOD = 5.0
@@ -41,15 +43,8 @@ HOTTEST = 10
 #: At most this many requests are sent (the table's order beyond rows.SORTED_ROWS): a browser that refreshes every
 #: 2 s is no place for a million rows (the graph and the hottest records are made of them all).
 MAX_REQUESTS = 5000
-#: The page, in the package's data.
-PAGE = "status.html"
 
 _WAITING, _DEADLOCK = int(SlotState.WAITING), int(SlotState.DEADLOCK)
-
-
-def page() -> bytes:
-    """The status page (``data/status.html``), as the route ``/`` serves it."""
-    return resources.files("dls_daemon").joinpath("data", PAGE).read_bytes()
 
 
 def owner_name(port_owners: bool, pid: int, thread: int, port: int, ip: str) -> str:
@@ -135,7 +130,10 @@ def hottest_now(entries: list[Any], requests: list[dict[str, Any]]) -> list[dict
         counts[resource] += 1
         if s.state == _WAITING:
             waiting[resource] += 1
-    names = {(r["inode"], r["device"]): r["filename"] for r in requests}
+    names: dict[tuple[int, int], str] = {}
+    for r in requests:  # a file's name where some request has it (a local process's has none: its inode)
+        if (r["inode"], r["device"]) not in names or r["filename"] != rows.inode_name(r["inode"]):
+            names[r["inode"], r["device"]] = r["filename"]
     return [{"filename": names.get((i, d)) or rows.inode_name(i), "key": printable(k), "requests": n,
              "waiting": waiting[i, d, k]} for (i, d, k), n in counts.most_common(HOTTEST)]
 
@@ -209,5 +207,19 @@ class History:
         }
 
 
-def as_json(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+def add_routes(web: WebServer, table: Callable[[], LockTable | None], instance: Instance, history: History) -> None:
+    """Serve ``/api/locks`` (from the table ``table()`` gives: the monitor's, None once it has let go of it)
+    and ``/api/history`` on ``web``, the monitor's HTTP server (``/`` serves the page)."""
+
+    def locks(query: Query) -> Reply:
+        now = table()
+        if now is None:
+            return text(503, "503 the lock monitor has no lock table (stopping)")
+        return json_reply(locks_document(now, instance))
+
+    web.add("/api/locks", locks)
+    web.add("/api/history", lambda query: json_reply(history.document()))
+
+
+def json_reply(document: dict[str, Any]) -> Reply:
+    return Reply(200, "application/json", json.dumps(document, separators=(",", ":")).encode())

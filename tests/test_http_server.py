@@ -1,0 +1,167 @@
+"""The monitor's HTTP server (issue 15): ``jdls -i --http ADDR:PORT``, who may load it, what it refuses, and
+that no HTTP client, slow, hostile or many, stalls the monitor's loop.
+
+Real processes: a real ``jdls -ib --http``; clients are raw sockets and http.client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from dls_client.locks import REMOTE_DEVICE
+from dls_proto import Mode
+from dls_shm import MONITOR, Deadlock, Grant, LockTable
+from dls_testkit import Service, make_service, wait_for
+from test_deadlocks_service import INODE, me, waiting
+
+#: This helper's ports (a test's own HTTP port is picked among them).
+HTTP_PORTS = range(47200, 47300)
+
+
+def http_port() -> int:
+    """A free port of HTTP_PORTS (tried in a random order: tests run side by side)."""
+    for port in random.sample(HTTP_PORTS, len(HTTP_PORTS)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 47200-47299")
+
+
+def get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of ``method path`` on 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        reply = conn.getresponse()
+        return reply.status, reply.getheader("Content-Type") or "", reply.read().decode()
+    finally:
+        conn.close()
+
+
+def started_with_http(tmp_path: Path, *options: str) -> tuple[Service, int]:
+    svc = make_service(tmp_path)
+    port = http_port()
+    svc.start("--http", f"127.0.0.1:{port}", *options)
+    return svc, port
+
+
+def test_the_status_page_placeholder_and_refusals(tmp_path: Path) -> None:
+    svc, port = started_with_http(tmp_path)
+    with svc.checked():
+        assert f"HTTP on 127.0.0.1:{port}" in " ".join(svc.started)
+        status, kind, body = get(port, "/")
+        assert (status, kind) == (200, "text/html; charset=utf-8") and "<html" in body
+        status, _, body = get(port, "/nowhere")
+        assert status == 404 and "Traceback" not in body
+        for method in ("POST", "PUT", "DELETE", "BREW"):
+            status, kind, body = get(port, "/", method)
+            assert status == 405, (method, status, body)
+            assert kind.startswith("text/plain") and len(body) < 200
+
+
+def test_an_address_outside_admin_allow_gets_403_and_is_logged(tmp_path: Path) -> None:
+    svc, port = started_with_http(tmp_path, "--admin-allow", "10.9.9.0/24")
+    with svc.checked():
+        for path in ("/", "/metrics", "/nowhere"):
+            status, _, body = get(port, path)
+            assert status == 403 and "forbidden" in body and len(body) < 200, (path, status, body)
+        svc.wait_for_log(r"http: 127\.0\.0\.1 refused: not in --admin-allow")
+
+
+def test_bad_http_values_are_usage_errors(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    for value in ("9102", "localhost:9102", "127.0.0.1:0", "127.0.0.1:70000", "::1:9102", "127.0.0.1:", "[::1]"):
+        result = svc.jdls("-ib", "--http", value)
+        assert result.returncode == 2, (value, result)
+        assert "invalid HTTP address" in result.stderr and value in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    result = svc.jdls("-ibD", "--http", "127.0.0.1:9102")
+    assert result.returncode == 2 and "--http" in result.stderr and "-D" in result.stderr, result.stderr
+    assert svc.processes() == []
+
+
+def test_an_http_port_in_use_fails_the_start_clearly(tmp_path: Path) -> None:
+    port = http_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with make_service(tmp_path).checked() as svc:
+            result = svc.jdls("-ib", "--http", f"127.0.0.1:{port}", "--port", str(svc.port))
+            assert result.returncode == 1, result
+            assert f"cannot serve HTTP on 127.0.0.1:{port} (--http): Address already in use" in result.stderr
+            assert "Traceback" not in result.stderr
+            assert svc.processes() == []
+
+
+def local_cycle_member(key: int, first: bytes, second: bytes, pipes: tuple[Any, Any, Any]) -> int:
+    """Hold ``first``; on the word wait for ``second``: 7 if refused as a deadlock, 0 if granted."""
+    ready, go, _ = pipes
+    table = LockTable.attach(key)
+    held = table.lock(me(), INODE, REMOTE_DEVICE, first, Mode.EX)
+    assert isinstance(held, Grant)
+    ready.send()
+    go.recv(timeout=30)
+    try:
+        got = table.acquire(me(), INODE, REMOTE_DEVICE, second, Mode.EX, timeout=30)
+    except Deadlock:
+        table.unlock(held.handle)
+        return 7
+    table.unlock(got.handle)
+    table.unlock(held.handle)
+    return 0
+
+
+def test_idle_half_and_garbage_http_connections_do_not_stall_the_monitor(
+    tmp_path: Path, children: Any, pipes: Any,
+) -> None:
+    svc, port = started_with_http(tmp_path)
+    with svc.checked():
+        monitor = svc.pid(MONITOR)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
+        half = socket.create_connection(("127.0.0.1", port), timeout=10)
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        garbage = socket.create_connection(("127.0.0.1", port), timeout=10)
+        garbage.sendall(os.urandom(4096) + b"\r\n\r\n")
+        try:
+            table = LockTable.attach(svc.key)
+            try:
+                members = []
+                for n in range(2):
+                    p = (pipes(), pipes(), pipes())
+                    keys = (f"HTTPCYCLE*{n}".encode(), f"HTTPCYCLE*{1 - n}".encode())
+                    members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
+                    p[0].recv(timeout=10)
+                members[0][1][1].send()
+                wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
+                members[1][1][1].send()
+                closed = time.monotonic()
+                statuses = sorted(children.wait(pid) for pid, _ in members)
+                took = time.monotonic() - closed
+                assert statuses == [0, 7] and took < 1.5, (statuses, took)
+            finally:
+                table.close()
+            # The garbage was answered 400 (HTTP/0.9's way, a body alone: it had no version) and closed, without
+            # a traceback and without the garbage echoed.
+            answer = garbage.recv(4096)
+            assert answer == b"400 Bad Request\n", answer
+            # Served still, while 50 idle connections are open.
+            status, _, _ = get(port, "/")
+            assert status == 200
+            # The half request is cut off within the request timeout.
+            half.settimeout(15)
+            assert half.recv(4096) == b""
+        finally:
+            for s in (*idle, half, garbage):
+                s.close()
+        assert svc.pid(MONITOR) == monitor
+        header = svc.header()
+        assert time.time() - header.last_ran < 3
