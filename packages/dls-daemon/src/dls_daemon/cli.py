@@ -29,7 +29,7 @@ from typing import NoReturn, TypeVar
 from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, numerals, probe
 from dls_shm import BLOCK_MAX, DEFAULT_BLOCK_SIZE, LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
-from . import web
+from . import status_page, web
 from .__about__ import __version__
 from .context import (
     DEFAULT_ADMIN_ALLOW,
@@ -178,6 +178,17 @@ HTTP (--http ADDR:PORT): the lock monitor serves /metrics, in the Prometheus tex
   delays the monitor's tidying or deadlock detection. A port in use fails the start, as the lock port
   does. The server runs in the monitor: with -D there is none (a usage error); with -A, --admin-allow
   applies to it.
+
+The status page (/ of --http) is for the operator in a hurry, in any browser, with nothing to install
+  and nothing fetched from elsewhere: the locks now as show-item-locks --queues shows them (held,
+  converting, waiting and refused requests, owners, fencing tokens, value blocks), with a filter box
+  (file, key or owner; /?filter=TEXT in a link); who waits for whom drawn as a graph (an arrow from
+  each waiter to every owner in its way, a cycle in red: the monitor breaks it within a moment); the
+  hottest records (the most requests now, the most often waited on in the last hour); plots of the
+  last hour's lock rate (grants per second) and wait times (the longest and mean age of the waiting
+  requests), which the monitor samples every {status_page.SAMPLE_PERIOD:g} s. It refreshes every 2 s from /api/locks
+  and /api/history, JSON that scripts may read too (at most {status_page.MAX_REQUESTS} requests are listed; "total"
+  says how many there are).
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in
