@@ -96,6 +96,21 @@ def http_port() -> int:
     raise AssertionError(f"no free port in {HTTP_PORTS}")
 
 
+def start_with_http(service: Service, *options: str) -> int:
+    """Start ``service`` with ``--http 127.0.0.1:PORT`` and ``options``; PORT, another if the one chosen was
+    taken meanwhile (HTTP_PORTS are in the kernel's range of outgoing connections' ports)."""
+    for _ in range(5):
+        port = http_port()
+        try:
+            service.start("--http", f"127.0.0.1:{port}", *options)
+        except AssertionError as exc:
+            if "cannot serve HTTP" not in str(exc):
+                raise
+            continue
+        return port
+    raise AssertionError("no port of HTTP_PORTS could be served")
+
+
 def get(url: str, source: str | None = None) -> tuple[int, bytes]:
     """GET ``url`` (from the address ``source``, if given): the status and the body."""
     host, _, port = url.split("/")[2].partition(":")
@@ -118,9 +133,8 @@ def get_json(url: str) -> Any:
 @pytest.fixture
 def http_service(tmp_path: Path) -> Iterator[tuple[Service, str]]:
     """A service of the test's own with ``--http 127.0.0.1:PORT``, and the page's URL."""
-    port = http_port()
     with make_service(tmp_path).checked() as svc:
-        svc.start("--http", f"127.0.0.1:{port}")
+        port = start_with_http(svc)
         yield svc, f"http://127.0.0.1:{port}/"
 
 
@@ -220,9 +234,8 @@ def test_the_page_shows_the_locks_the_waits_the_hottest_records_and_the_plots_in
 def test_an_address_outside_admin_allow_gets_no_lock_information(tmp_path: Path) -> None:
     """--admin-allow 127.0.0.1/32: the page and its data are refused to 127.0.0.2 (another address of this
     host) and given to 127.0.0.1, while a lock is held."""
-    port = http_port()
     with make_service(tmp_path).checked() as service:
-        service.start("--http", f"127.0.0.1:{port}", "--admin-allow", "127.0.0.1/32")
+        port = start_with_http(service, "--admin-allow", "127.0.0.1/32")
         data = data_file(tmp_path)
         holder = lock_holder(service, data, tmp_path / "held", key=HELD_BY_CLIENT)
         with running(holder):

@@ -83,8 +83,9 @@ class Monitor(Daemon):
         self._next_deadlock_look = 0.0
         #: The HTTP server of --http (bound in setup, served from ``run``); None without --http.
         self.web: WebServer | None = None
-        #: The last hour of the table, for the status page (``/api/history``): sampled in this loop.
-        self.history = status_page.History()
+        #: The last hour of the table, for the status page (``/api/history``), sampled in this loop; None
+        #: without --http (nobody would read it).
+        self.history: status_page.History | None = None
 
     def setup(self, report: Report) -> str:
         """Bind the HTTP port (--http) first, then create or attach the table, and say so."""
@@ -105,6 +106,7 @@ class Monitor(Daemon):
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
         if self.web is not None:
+            self.history = status_page.History()
             status_page.add_routes(self.web, lambda: self.table, self.instance, self.history)
         if not created:
             try:
@@ -178,7 +180,8 @@ class Monitor(Daemon):
     # -- the loop's work ----------------------------------------------------------------
 
     def timeout(self) -> float:
-        return max(0.0, min(self._next_tick, self._next_deadlock_look, self.history.next_due) - time.monotonic())
+        sample = self.history.next_due if self.history is not None else self._next_tick
+        return max(0.0, min(self._next_tick, self._next_deadlock_look, sample) - time.monotonic())
 
     def work(self, readable: object) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
@@ -196,7 +199,7 @@ class Monitor(Daemon):
             if now >= self._next_deadlock_look:
                 self._break_deadlocks()
                 self._next_deadlock_look = time.monotonic() + DEADLOCK_PERIOD
-            if self.history.due(now):
+            if self.history is not None and self.history.due(now):
                 assert self.table is not None
                 self.history.sample(self.table)
         except TableMissing as exc:
