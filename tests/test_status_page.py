@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from dls_client.locks import REMOTE_DEVICE
+from dls_daemon import meter
 from dls_proto import Mode
 from dls_shm import LOCAL_IP, Grant, LockTable, Owner, SlotState
 from dls_testkit import Service, browser, make_service, wait_for
@@ -169,6 +170,14 @@ def test_the_page_shows_the_locks_the_waits_the_hottest_records_and_the_plots_in
     browser.command()  # a clear failure, not a skip, when there is no Chromium
     service, url = http_service
     data = data_file(tmp_path)
+    # A wait that ends, for the metrics' wait-time histogram.
+    first = lock_holder(service, data, tmp_path / "first", key="ACCOUNT*W")
+    with running(first):
+        waited = service.dls_lock_popen(str(data), "ACCOUNT*W", "true")
+        with running(waited):
+            wait_for(lambda: ("ACCOUNT*W", "waiting") in owners_by_key(service), 15, "a request waiting")
+            first.terminate()  # its sleep ends: the lock goes to the waiter
+            assert waited.wait(timeout=15) == 0
     ready, go = pipes(), pipes()
     local = children.fork(lambda: local_holder(service.key, data.stat().st_ino, (ready, go)))
     ready.recv(timeout=10)
@@ -183,8 +192,12 @@ def test_the_page_shows_the_locks_the_waits_the_hottest_records_and_the_plots_in
             wait_for(both_waiting, 15, "both clients waiting")
             owners = owners_by_key(service)
             # The monitor samples every few seconds: the plots need two samples with the waits in them.
-            wait_for(lambda: sum(s["waiting"] == 2 for s in get_json(url + "api/history")["samples"]) >= 2, 30,
-                     "two samples of the history with both waits")
+            def sampled() -> bool:
+                history = get_json(url + "api/history")
+                return (sum(s["waiting"] == 2 for s in history["samples"]) >= 2
+                        and sum(history["wait_histogram"]["counts"]) >= 1)
+
+            wait_for(sampled, 30, "two samples of the history with both waits, and the ended wait counted")
 
             dom = Dom(browser.dump_dom(url))
             shot = browser.screenshot(url, artefact_dir() / "status-page.png")
@@ -223,6 +236,11 @@ def test_the_page_shows_the_locks_the_waits_the_hottest_records_and_the_plots_in
         least = 1 if series == "rate" else 2  # a rate needs two samples
         assert int(line.attrs["data-points"]) >= least, (plot, series, line.attrs)
         assert len(dom.find("circle", plot, data_series=series)) == int(line.attrs["data-points"])
+
+    # The metrics' wait-time histogram: a bar for each bucket, the wait that ended in one.
+    bars = dom.find("rect", "wait-histogram")
+    counts = [float(b.attrs["data-count"]) for b in bars]
+    assert len(counts) == len(meter.BUCKETS) + 1 and sum(counts) >= 1, counts
 
     # The filter box (given in the link) keeps only the matching rows.
     assert {r.attrs["data-key"] for r in filtered.find("tr", "locks") if "data-key" in r.attrs} == {HELD_LOCALLY}

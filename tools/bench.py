@@ -25,6 +25,9 @@ all processes on the same key, contended.
   into a prebuilt Unlock frame) against Client. Both also with N processes (the
   bare trip beside the echo's N, the raw table on own keys beside its 1): what the
   service and the table alone allow N clients, the client library costing nothing.
+- Scraped: Client's cases again on a service started with ``--http``, each measured without and then with
+  its /metrics loaded every 100 ms (SCRAPE_PERIOD) by a process of its own (issue 15: scraping never
+  slows the lock path measurably).
 - Resilient cycles (SERVER2: each lock taken on two services) and TLS cycles (a
   service with --tls-cert, a throwaway trustme certificate), one process, against
   Client's one-process rate.
@@ -45,6 +48,7 @@ history file) and the ratio to it. Each run appends one JSON line to the history
 read the ratios within one run; compare runs only at the same load.
 
 Usage: ./dev bench [--seconds S] [--processes N] [--history FILE] [--port P] [--quick]
+(--port P: P to P+5 are used)
 (figures, not a test: nothing is asserted; exit 0 whatever the goals say)
 """
 
@@ -451,6 +455,43 @@ def service(root: str, port: int, *options: str) -> Iterator[int]:
             subprocess.run([*jdls, "-K"], env=env, stdout=subprocess.DEVNULL, check=False)
 
 
+#: How often the scraped cases load /metrics (seconds).
+SCRAPE_PERIOD = 0.1
+#: The scraper: loads its URL every period until SIGTERM, then prints how many loads succeeded and failed.
+SCRAPER = """
+import signal, sys, time, urllib.request
+url, period = sys.argv[1], float(sys.argv[2])
+done = failed = 0
+def stop(*_):
+    print(done, failed, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    began = time.monotonic()
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+        done += 1
+    except OSError:
+        failed += 1
+    time.sleep(max(0.0, period - (time.monotonic() - began)))
+"""
+
+
+@contextlib.contextmanager
+def scraping(url: str, period: float) -> Iterator[None]:
+    """A process that loads ``url`` every ``period`` seconds while the block runs; BenchError when no load
+    succeeded."""
+    scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(period)], stdout=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        scraper.terminate()
+        out, _ = scraper.communicate(timeout=30)
+    done, failed = (int(x) for x in (out.split() or ["0", "0"]))
+    if not done or failed:
+        raise BenchError(f"scraping {url}: {done} loads succeeded, {failed} failed")
+
+
 def tls_files(directory: str) -> tuple[str, str, str]:
     """A throwaway CA and a certificate for 127.0.0.1 it signed, as PEM files: (ca, cert, key)."""
     import trustme  # a dev dependency (requirements-dev.txt): only the benchmark needs it
@@ -554,7 +595,7 @@ def startup_figures(root: str, port: int, seconds: float, runs: int) -> dict[str
 def measure_all(args: argparse.Namespace, root: str, progress: Callable[[str], None]) -> dict[str, float]:
     """Every figure of the run, by name (see FIGURES)."""
     seconds, n = args.seconds, args.processes
-    ports = iter(range(args.port, args.port + 4)) if args.port else itertools.repeat(0)
+    ports = iter(range(args.port, args.port + 6)) if args.port else itertools.repeat(0)
     figures: dict[str, float] = {}
 
     def case(name: str, prepare: Prepare, processes: int, contended: bool = False) -> None:
@@ -590,6 +631,16 @@ def measure_all(args: argparse.Namespace, root: str, progress: Callable[[str], N
         with service(secondary, next(ports)) as port2:
             pair = Config(server=Server("127.0.0.1", port), server2=Server("127.0.0.1", port2))
             case("server2.single", partial(client_prepare, pair), 1)
+    scraped_root = os.path.join(root, "scraped")
+    os.makedirs(scraped_root)
+    lock_port, http_port = next(ports), next(ports) or free_port()
+    with service(scraped_root, lock_port, "--http", f"127.0.0.1:{http_port}") as port:
+        config = Config(server=Server("127.0.0.1", port))
+        for name, processes, contended in (("single", 1, False), ("parallel", n, False), ("contended", n, True)):
+            # Each case without, then with, the scraper, side by side: the machine's load changes less between.
+            case(f"http.{name}", partial(client_prepare, config), processes, contended)
+            with scraping(f"http://127.0.0.1:{http_port}/metrics", SCRAPE_PERIOD):
+                case(f"scraped.{name}", partial(client_prepare, config), processes, contended)
     tls_root = os.path.join(root, "tls")
     os.makedirs(tls_root)
     ca, cert, key = tls_files(tls_root)
@@ -661,6 +712,14 @@ def rows(n: int) -> list[Row]:
         Row("local.contended.p50_ms", "  its wait p50"),
         Row("local.contended.p99_ms", "  its wait p99"),
         Row("local.contended.p99_handoffs", "  its wait p99 in hand-offs", goal=p99),
+        Row("http.single", "Client, 1 process, service with --http", "remote.single"),
+        Row("scraped.single", "  /metrics scraped every 100 ms", "http.single"),
+        Row("http.parallel", f"Client, {n} processes, own keys, --http", "remote.parallel"),
+        Row("scraped.parallel", "  /metrics scraped every 100 ms", "http.parallel"),
+        Row("http.contended", f"Client, {n} processes, one key, --http", "remote.contended"),
+        Row("scraped.contended", "  /metrics scraped every 100 ms", "http.contended"),
+        Row("http.contended.p99_ms", "  its wait p99"),
+        Row("scraped.contended.p99_ms", "  its wait p99, scraped", "http.contended.p99_ms"),
         Row("server2.single", "Client, SERVER2 (resilient), 1 process", "remote.single"),
         Row("tls.single", "Client, TLS, 1 process", "remote.single"),
         Row("startup.help", "start-up: dls-lock --help", "flock.help"),
@@ -689,7 +748,9 @@ def shown(name: str, value: float, figures: dict[str, float] | None = None, *, p
 #: How the "against" column names a figure.
 SHORT = {"echo.single": "echo 1", "echo.parallel": "echo N", "lockf.single": "lockf 1", "lockf.parallel": "lockf N",
          "lockf.contended": "lockf 1 byte", "bare.single": "bare trip", "raw.single": "raw table",
-         "bare.parallel": "bare trip N",
+         "bare.parallel": "bare trip N", "remote.parallel": "Client N", "remote.contended": "Client 1 key",
+         "http.single": "--http 1", "http.parallel": "--http N", "http.contended": "--http 1 key",
+         "http.contended.p99_ms": "unscraped",
          "remote.single": "Client 1", "local.single": "Local 1", "flock.help": "flock(1)", "flock.lock": "flock(1)"}
 
 
@@ -799,7 +860,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="the runs' figures, one JSON line a run, appended to and compared with "
                              "(default .bench/history.jsonl in the repository)")
     parser.add_argument("--port", type=port_number, default=0, metavar="P",
-                        help="the ports to use: P to P+3 (the echo, three services); default: free ones")
+                        help="the ports to use: P to P+5 (the echo, four services, an HTTP port); default: free "
+                        "ones")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run (the test's): start-up figures from 2 runs each")
     return parser

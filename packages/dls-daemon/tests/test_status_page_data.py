@@ -19,6 +19,14 @@ def test_the_history_gives_the_rate_between_samples_and_counts_the_samples_a_rec
     assert document["contended"] == [{"inode": 1, "device": 2, "key": "K1", "samples": 2}]
 
 
+def test_the_wait_histogram_counts_the_waits_that_ended_within_the_samples() -> None:
+    history = History()
+    for n, waits in enumerate([(1.0, 0.0, 5.0), (3.0, 1.0, 9.0)]):
+        history.samples.append(Sample(1000.0 + n, 0, 0, 0, 0.0, 0.0, (), waits))
+    assert status_page.wait_histogram(tuple(history.samples))["counts"] == [2.0, 1.0, 4.0]
+    assert status_page.wait_histogram(())["counts"] == []
+
+
 def test_a_sample_is_due_once_a_period() -> None:
     history = History(period=5.0)
     assert history.due(100.0) and not history.due(104.0) and history.due(105.0)

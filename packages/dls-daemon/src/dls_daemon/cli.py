@@ -178,6 +178,10 @@ HTTP (--http ADDR:PORT): the lock monitor serves /metrics, in the Prometheus tex
   delays the monitor's tidying or deadlock detection. A port in use fails the start, as the lock port
   does. The server runs in the monitor: with -D there is none (a usage error); with -A, --admin-allow
   applies to it.
+  /metrics: the table's locks held and waiting by mode, its size and fullest group; grants by mode,
+  refusals by reason, cancels and errors by code, wait and hand-off time histograms (from the lock
+  servers, which send their counts to the monitor's run/metrics.sock at most once a second and as
+  they end); tidy-ups, the locks they freed, deadlocks broken, lock servers running. Each has its HELP.
 
 The status page (/ of --http) is for the operator in a hurry, in any browser, with nothing to install
   and nothing fetched from elsewhere: the locks now as show-item-locks --queues shows them (held,
@@ -186,9 +190,10 @@ The status page (/ of --http) is for the operator in a hurry, in any browser, wi
   each waiter to every owner in its way, a cycle in red: the monitor breaks it within a moment); the
   hottest records (the most requests now, the most often waited on in the last hour); plots of the
   last hour's lock rate (grants per second) and wait times (the longest and mean age of the waiting
-  requests), which the monitor samples every {status_page.SAMPLE_PERIOD:g} s. It refreshes every 2 s from /api/locks
-  and /api/history, JSON that scripts may read too (at most {status_page.MAX_REQUESTS} requests are listed; "total"
-  says how many there are).
+  requests, and the waits that ended by how long they took, from the metrics' histogram), which the
+  monitor samples every {status_page.SAMPLE_PERIOD:g} s. It refreshes every 2 s from /api/locks and /api/history,
+  JSON that scripts may read too (at most {status_page.MAX_REQUESTS} requests are listed; "total" says how many
+  there are).
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in

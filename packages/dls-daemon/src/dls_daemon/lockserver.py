@@ -146,6 +146,7 @@ from . import client_info, local_peer, port_claims
 from .context import FIRST_INTERIM_DELAY, ServerContext, in_ranges, interim_period_for, peer_ip
 from .exitcodes import ExitCode
 from .mechanisms import Mechanisms
+from .meter import Meter
 from .service_snapshot import snapshot
 
 # dls-proto generates each message kind's codec on first use (a client's start-up needs few): here, in the
@@ -308,6 +309,10 @@ class LockServer:
         #: first InfoPut).
         self._record = record
         self.stats = Stats()
+        #: What /metrics counts of this lock server, sent to the monitor at most once a second (``meter``).
+        self.meter = Meter(ctx.instance.run_dir)
+        #: When the doorbell last woke this lock server for its waiting requests (0: not in that round).
+        self._rang_at = 0.0
         self._deadline = 0.0  # of the greeting, set when the conversation starts (run)
         #: Reclaims refused on this connection (past FREE_RECLAIM_FAILURES, each answer is delayed).
         self._failed_reclaims = 0
@@ -402,7 +407,10 @@ class LockServer:
         if self._finished:
             return
         self._finished = True
-        self._end(keep)
+        try:
+            self._end(keep)
+        finally:
+            self.meter.stop()  # the last counts to the monitor
         self.sock.close()
 
     def _end(self, keep: bool) -> None:
@@ -561,11 +569,13 @@ class LockServer:
             self._send_notices()
         rung = bell.fileno() in ready
         if rung:
+            self._rang_at = time.monotonic()
             bell.drain()
         for pid in self._watch.ended(ready):
             self._ended(pid)
             ended = True
         self._retry_pending(rung or ended)
+        self._rang_at = 0.0
         if decrypted or self.sock.fileno() in ready:
             self._read_ready()
 
@@ -648,6 +658,8 @@ class LockServer:
         return due
 
     def _send(self, message: Message) -> None:
+        if type(message) is Error:  # counted for /metrics by its code
+            self.meter.error(message.code)
         self.sock.sendall(self.conn.send(message))
 
     def _send_quietly(self, message: Message) -> None:
@@ -708,6 +720,7 @@ class LockServer:
             return
         if isinstance(result, Grant):
             self.stats.granted += 1
+            self.meter.granted(result.mode)
             outer = self._granted(result, thread, mechanism)
             if notify:
                 self._notice_ids[result.handle] = req.request_id
@@ -794,6 +807,7 @@ class LockServer:
             return
         if isinstance(result, Grant):
             self.stats.granted += 1
+            self.meter.granted(result.mode)
             self._send(self._answer(rid, req.handle, result, req.flags, mechanism))
         elif isinstance(result, Conflict):
             self.stats.refused += 1
@@ -811,6 +825,7 @@ class LockServer:
             return
         if p.mechanism.cancel(p.handle):
             del self.pending[req.target]
+            self.meter.cancelled()
             self._send(self._refusal(req.target, RefuseReason.CANCELLED, p.holder))
         else:  # neither waiting nor handed its lock (tidied away, refused to break a deadlock): looked at now
             p.retry_at = 0.0
@@ -925,6 +940,7 @@ class LockServer:
                         self._notice_ids[result.handle] = rid
                 self._send_unsolicited(self._answer(rid, outer, result, request.flags, p.mechanism) if
                                        self._acquired else Granted(rid, outer, result.mode, result.value))
+                self._metered_grant(result.mode, p.started)
                 continue
             self.stats.retries += 1
             p.holder, p.watch = result.holder, result.watched()
@@ -939,6 +955,15 @@ class LockServer:
             elif p.next_interim is not None and now >= p.next_interim:
                 p.next_interim = now + self.interim_period
                 self._send_unsolicited(self._waiting(p, now))
+
+    def _metered_grant(self, mode: int, started: float) -> None:
+        """A waiting request's grant, sent: its wait, and its hand-off when the doorbell woke this round."""
+        now = time.monotonic()
+        meter = self.meter
+        meter.granted(mode)
+        meter.waited(now - started)
+        if self._rang_at:
+            meter.handed_off(now - self._rang_at)
 
     def _send_unsolicited(self, message: Message) -> None:
         """Send what the client did not just ask for (an answer after a wait, an interim message).
@@ -986,6 +1011,7 @@ class LockServer:
             self._send(Error(req.request_id, ErrorCode.NOT_HELD, said))
             return
         self.stats.granted += 1
+        self.meter.granted(grant.mode)
         outer = self._granted(grant, req.thread_id, self.main, sealed=req.handle)  # the client keeps its handle
         self.log.info("client %s reclaimed lock %#x", self._who(), grant.handle)
         self._send(Granted(req.request_id, outer, grant.mode, grant.value))
@@ -1155,8 +1181,9 @@ class LockServer:
     def _unexpected(event: Event) -> None:
         raise RemoteProtocolError(f"unexpected {type(event).__name__}")
 
-    @staticmethod
-    def _refusal(rid: int, reason: int, h: Holder) -> Refused:
+    def _refusal(self, rid: int, reason: int, h: Holder) -> Refused:
+        """A Refused answer (counted for /metrics by its reason)."""
+        self.meter.refused(reason)
         return Refused(rid, reason, *_holder_fields(h))
 
     @staticmethod
@@ -1242,4 +1269,6 @@ def serve(sock: socket.socket, peer: tuple[str, int], ctx: ServerContext, record
     # A hang-up meant for the monitor or listener (log rotation, a closed terminal) must not end a client's
     # conversation; the log file is followed without it (a WatchedFileHandler).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    return LockServer(sock, (peer[0], peer[1]), ctx, record).run()
+    server = LockServer(sock, (peer[0], peer[1]), ctx, record)
+    server.meter.start()
+    return server.run()

@@ -37,6 +37,7 @@ from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFla
 from . import client_info, status_page
 from .lifecycle import Daemon, StartFailed
 from .listener import listen_socket
+from .metrics import Metrics, Receiver, Totals
 from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
@@ -83,6 +84,10 @@ class Monitor(Daemon):
         self._next_deadlock_look = 0.0
         #: The HTTP server of --http (bound in setup, served from ``run``); None without --http.
         self.web: WebServer | None = None
+        #: The figures /metrics adds up (the lock servers' and the monitor's own), and where the lock servers'
+        #: come in (with --http only).
+        self.totals = Totals()
+        self.receiver: Receiver | None = None
         #: The last hour of the table, for the status page (``/api/history``), sampled in this loop; None
         #: without --http (nobody would read it).
         self.history: status_page.History | None = None
@@ -106,6 +111,11 @@ class Monitor(Daemon):
         claim(self.settings, table, created)  # one mechanism per instance: refused (table removed) beside OS locks
         self.table = table
         if self.web is not None:
+            try:
+                self.receiver = Receiver(self.instance, self.totals, self.log)
+            except OSError as exc:
+                raise StartFailed(f"cannot make the metrics socket in {self.instance.run_dir}: {exc}") from None
+            self.web.add("/metrics", Metrics(self.instance, table, self.totals).handler)
             self.history = status_page.History()
             status_page.add_routes(self.web, lambda: self.table, self.instance, self.history)
         if not created:
@@ -179,6 +189,9 @@ class Monitor(Daemon):
 
     # -- the loop's work ----------------------------------------------------------------
 
+    def watched(self) -> list[Receiver]:  # type: ignore[override]
+        return [self.receiver] if self.receiver is not None else []
+
     def timeout(self) -> float:
         sample = self.history.next_due if self.history is not None else self._next_tick
         return max(0.0, min(self._next_tick, self._next_deadlock_look, sample) - time.monotonic())
@@ -187,6 +200,8 @@ class Monitor(Daemon):
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
         now = time.monotonic()
         period = self.settings.tidy_seconds
+        if self.receiver is not None and self.receiver in readable:  # type: ignore[operator]
+            self.receiver.drain()
         try:
             if now >= self._next_tick:
                 self._tick()
@@ -201,7 +216,9 @@ class Monitor(Daemon):
                 self._next_deadlock_look = time.monotonic() + DEADLOCK_PERIOD
             if self.history is not None and self.history.due(now):
                 assert self.table is not None
-                self.history.sample(self.table)
+                with self.totals.lock:
+                    waits = list(self.totals.wait)
+                self.history.sample(self.table, waits)
         except TableMissing as exc:
             self.fail(exc)
 
@@ -222,6 +239,8 @@ class Monitor(Daemon):
         say whose."""
         assert self.table is not None
         for entry in self.table.break_deadlocks():
+            with self.totals.lock:
+                self.totals.deadlocks += 1
             slot = entry.slot
             who = f"port {slot.port}" if self.table.port_owners else f"pid {slot.pid}"
             self.log.info("deadlock: refused the %s request of %s thread %d for key %r (inode %d): it closed a "
@@ -233,6 +252,10 @@ class Monitor(Daemon):
         started = time.monotonic()
         done = self.table.tidy()
         took = time.monotonic() - started
+        with self.totals.lock:
+            self.totals.tidies += 1
+            self.totals.tidy_freed += done.freed
+            self.totals.tidy_kept += done.kept
         if done.kept:
             self.log.info("tidy (%s): kept %d lock(s) of dead lock servers for their clients to reclaim "
                           "(lock-delay %g s)", why, done.kept, self.table.lock_delay)
@@ -261,6 +284,9 @@ class Monitor(Daemon):
         if self.web is not None:
             self.web.close()
             self.web = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -268,5 +294,12 @@ class Monitor(Daemon):
     def forget_own_in_child(self) -> None:
         """A child (the foreground listener) does not use the monitor's mapping, and must not write the
         header as the monitor: detach it. Detaching touches nothing the monitor sees, and the table's
-        attach count (what jdls -K checks) then counts the child once, for its own attach."""
+        attach count (what jdls -K checks) then counts the child once, for its own attach. The HTTP port and the
+        metrics socket are closed, not removed: they stay the monitor's."""
+        if self.receiver is not None:
+            self.receiver.sock.close()
+            self.receiver = None
+        if self.web is not None:
+            self.web.server.server_close()
+            self.web = None
         self.release()

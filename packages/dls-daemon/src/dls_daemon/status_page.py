@@ -25,13 +25,14 @@ import json
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dls_shm import Instance, LockTable, SlotState, deadlocks, info, modes, rows, unpack_ip
 from dls_shm.report import printable
 
+from . import meter
 from .web import Query, Reply, WebServer, text
 
 #: Seconds between the monitor's samples of the history.
@@ -150,6 +151,9 @@ class Sample:
     wait_mean: float
     #: The resources that had a waiting request: (inode, device, key).
     contended: tuple[tuple[int, int, str], ...]
+    #: The metrics' wait-time histogram so far (its count in each of meter.BUCKETS and above them; the
+    #: lock servers' figures): empty when there is none.
+    waits: tuple[float, ...] = ()
 
 
 class History:
@@ -168,9 +172,9 @@ class History:
         self.next_due = now + self.period
         return True
 
-    def sample(self, table: LockTable) -> Sample:
+    def sample(self, table: LockTable, waits: Sequence[float] = ()) -> Sample:
         """Look at the table now: its grants, held locks and waiting requests (only the groups with one are
-        copied), and keep it."""
+        copied), and keep it, with ``waits``, the metrics' wait-time histogram so far (meter.BUCKETS' counts)."""
         grants = table.tickets_issued() - table.header().waits_begun
         used = table.slots_in_use()
         waiting = table.waiting_entries()
@@ -181,17 +185,21 @@ class History:
                                                                                                 "backslashreplace"))
                             for e in waiting if e.slot.state == _WAITING})
         taken = Sample(now, grants, max(0, used - not_held), len(ages), max(ages, default=0.0),
-                       sum(ages) / len(ages) if ages else 0.0, tuple(contended))
+                       sum(ages) / len(ages) if ages else 0.0, tuple(contended),
+                       tuple(waits[: len(meter.BUCKETS) + 1]))
         self.samples.append(taken)
         return taken
 
     def document(self) -> dict[str, Any]:
-        """``/api/history``: each sample with the lock rate since the one before (grants a second), and the
-        resources most often contended (in how many samples they had a waiter)."""
+        """``/api/history``: each sample with the lock rate since the one before (grants a second), the
+        resources most often contended (in how many samples they had a waiter), and the waits that ended in
+        the span by how long they took (``wait_histogram``: the metrics' histogram, the first sample's counts
+        taken from the last's; ``le`` the buckets' upper bounds, null the last, unbounded)."""
         points = []
         before: Sample | None = None
         contended: Counter[tuple[int, int, str]] = Counter()
-        for s in tuple(self.samples):  # a copy: the monitor's loop appends while a request thread reads
+        samples = tuple(self.samples)  # a copy: the monitor's loop appends while a request thread reads
+        for s in samples:
             rate = None
             if before is not None and s.time > before.time:
                 rate = max(0, s.grants - before.grants) / (s.time - before.time)
@@ -204,7 +212,16 @@ class History:
             "samples": points,
             "contended": [{"inode": i, "device": d, "key": printable(k), "samples": n}
                           for (i, d, k), n in contended.most_common(HOTTEST)],
+            "wait_histogram": wait_histogram(samples),
         }
+
+
+def wait_histogram(samples: Sequence[Sample]) -> dict[str, Any]:
+    """The waits that ended between the first and the last of ``samples``, by bucket (see ``document``)."""
+    first = samples[0].waits if samples else ()
+    last = samples[-1].waits if samples else ()
+    counts = [max(0.0, b - a) for a, b in zip(first, last, strict=True)] if len(first) == len(last) else []
+    return {"le": [*meter.BUCKETS, None], "counts": counts}
 
 
 def add_routes(web: WebServer, table: Callable[[], LockTable | None], instance: Instance, history: History) -> None:

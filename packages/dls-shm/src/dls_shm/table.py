@@ -1001,14 +1001,6 @@ class LockTable(LockMechanism):
         """The owner identity of ``slot`` in this table: (pid, thread), or (port, thread, ip) with jdls -P."""
         return self._ident(slot)
 
-    def tickets_issued(self) -> int:
-        """The sum of the groups' ticket counters: every lock granted at once, every request queued, every
-        grant of a waiter and every conversion up takes one. Read without the semaphores (each counter is one
-        aligned word, and a figure a moment old is what a rate wants): never in the lock path's way."""
-        mv, size = self._mv, self._group_size
-        unpack = _TICKET.unpack_from
-        return sum(unpack(mv, off)[0] for off in range(HEADER_SIZE, HEADER_SIZE + self._ngroups * size, size))
-
     def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
         """Whether every request of ``cycle`` still waits, unchanged, for the next one's owner (the semaphores of
         their groups held)."""
@@ -1056,6 +1048,15 @@ class LockTable(LockMechanism):
                 values = b"".join([mv[at + _G : at + _G + values_size] for at in range(start, end, size)])
             free += array.array("I", values).count(0)
         return self.geometry.locks - free
+
+    def tickets_issued(self) -> int:
+        """The tickets (fencing tokens) the groups have issued since the table was made: one for every lock granted
+        at once, request queued, grant to a waiter and conversion up, local processes' included (the metrics'
+        count of the table's grants). Each group's counter is
+        read without its semaphore: one aligned 8-byte word that a writer changes whole, so a figure at most a
+        grant behind, never a torn one; nothing is decided on it."""
+        mv, size, ticket = self._mv, self._group_size, _TICKET
+        return sum(ticket.unpack_from(mv, HEADER_SIZE + g * size)[0] for g in range(self._ngroups))
 
     def _batches(self) -> Iterator[tuple[int, int, int]]:
         """The groups in batches of SCAN_BYTES (whole groups, at least one): (first group, start, end offset)."""
