@@ -3,9 +3,16 @@ hottest records now, and the page itself in the package."""
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
 from dls_daemon import status_page, web
 from dls_daemon.status_page import History, Sample
-from dls_shm import LOCAL_IP, Entry, Slot, SlotState
+from dls_proto import Mode
+from dls_shm import LOCAL_IP, Entry, Grant, Instance, Owner, Slot, SlotState, geometry_for
+from dls_testkit import free_key, own_table
 
 
 def test_the_history_gives_the_rate_between_samples_and_counts_the_samples_a_record_waited_in() -> None:
@@ -38,7 +45,11 @@ def test_the_hottest_now_counts_requests_not_refused_most_first() -> None:
 
     entries = [entry(b"A", SlotState.GRANTED), entry(b"B", SlotState.GRANTED), entry(b"B", SlotState.WAITING),
                entry(b"B", SlotState.WAITING), entry(b"A", SlotState.DEADLOCK), entry(b"C", SlotState.GRANTED, 8)]
-    assert status_page.hottest_now(entries, [{"inode": 7, "device": 3, "filename": "f"}]) == [
+    hottest = status_page.Hottest()
+    for e in entries:
+        hottest.add(e)
+    assert hottest.top([{"inode": 7, "device": 3, "filename": "inode 00000007"},
+                        {"inode": 7, "device": 3, "filename": "f"}]) == [
         {"filename": "f", "key": "B", "requests": 3, "waiting": 2},
         {"filename": "f", "key": "A", "requests": 1, "waiting": 0},
         {"filename": "inode 00000008", "key": "C", "requests": 1, "waiting": 0},
@@ -49,3 +60,22 @@ def test_the_page_is_in_the_package_and_fetches_nothing_from_elsewhere() -> None
     page = web.status_page({}).body.decode()
     assert page.startswith("<!DOCTYPE html>") and "api/locks" in page and "api/history" in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+
+
+def test_the_locks_document_lists_at_most_max_requests_in_whole_groups_and_counts_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table of more requests than MAX_REQUESTS: the page gets the first groups' (never half a group: a
+    resource's queue is in one group), ``total`` all of them, and the hottest records count them all."""
+    monkeypatch.setattr(status_page, "MAX_REQUESTS", 3)
+    with own_table(free_key(tmp_path), geometry_for(1000, 10)) as table:
+        me = Owner(os.getpid(), 1, 0, os.getpid(), LOCAL_IP)
+        for n in range(40):
+            assert isinstance(table.lock(me, 5, 6, f"K{n}".encode(), Mode.EX), Grant)
+        group_of = {e.value: e.group for e in table.scan()}
+        document = status_page.locks_document(table, Instance.from_environment(tmp_path / "release"))
+    per_group = Counter(group_of.values())
+    listed = Counter(group_of[r["value"]] for r in document["requests"])
+    assert document["total"] == 40 and 0 < len(document["requests"]) <= 3
+    assert all(per_group[g] == n for g, n in listed.items())  # whole groups
+    assert len(document["hottest"]) == status_page.HOTTEST  # counted beyond the requests listed

@@ -20,7 +20,6 @@ the monitor's tick, which also tidies and breaks deadlocks, stays cheap.
 
 from __future__ import annotations
 
-import itertools
 import json
 import socket
 import time
@@ -29,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dls_shm import Instance, LockTable, SlotState, deadlocks, info, modes, rows, unpack_ip
+from dls_shm import Entry, Instance, LockTable, SlotState, deadlocks, info, modes, rows, unpack_ip
 from dls_shm.report import printable
 
 from . import meter
@@ -41,8 +40,8 @@ SAMPLE_PERIOD = 5.0
 HISTORY_SPAN = 3600.0
 #: How many resources the hottest lists name.
 HOTTEST = 10
-#: At most this many requests are sent (the table's order beyond rows.SORTED_ROWS): a browser that refreshes every
-#: 2 s is no place for a million rows (the graph and the hottest records are made of them all).
+#: At most this many requests are sent (the first groups'): a browser that refreshes every 2 s is no place for a
+#: million rows (the graph and the hottest records are made of them all).
 MAX_REQUESTS = 5000
 
 _WAITING, _DEADLOCK = int(SlotState.WAITING), int(SlotState.DEADLOCK)
@@ -63,32 +62,42 @@ def owner_label(pid: int, thread: int, port: int, ip: str, client_pid: int) -> s
 
 def locks_document(table: LockTable, instance: Instance) -> dict[str, Any]:
     """``/api/locks``: the requests (``rows``; ``total`` says how many there are when MAX_REQUESTS is less), the
-    wait-for graph (``graph``) and the hottest resources now."""
-    entries = list(table.scan())
-    now = time.time()
+    wait-for graph (``graph``) and the hottest resources now.
+
+    One pass of ``scan`` counts every request for the hottest records and keeps at most the first MAX_REQUESTS,
+    in whole groups (a resource's queue is in one group); the graph is made from the groups that have a waiting request
+    (``waiting_entries``). Neither holds more than that in memory, whatever the table's size."""
     delay = table.lock_delay
-    documents = list(info.read_all(instance))
+    hottest = Hottest()
+    kept: list[dict[str, Any]] = []
+    total = 0
+    cut = -1  # the group of the first request left out
+    for e in table.scan():
+        total += 1
+        hottest.add(e)
+        if len(kept) < MAX_REQUESTS:
+            kept.append(info.entry_json(e, delay))
+        elif cut < 0:
+            cut = e.group
+    kept = [entry for entry in kept if entry["group"] != cut]  # a group's requests all, or none
+    now = time.time()
     port_owners = table.port_owners
-    requests: list[dict[str, Any]] = []
-    every = rows.in_order(rows.stream_rows((info.entry_json(e, delay) for e in entries), documents, every=True),
-                          every=True)
-    for row in itertools.islice(every, MAX_REQUESTS):
-        requests.append({**row, "owner": owner_name(port_owners, row["pid"], row["thread"], row["port"], row["ipaddr"]),
-                         "owner_label": owner_label(row["pid"], row["thread"], row["port"], row["ipaddr"],
-                                                    row["client_pid"])})
+    requests = [{**row, "owner": owner_name(port_owners, row["pid"], row["thread"], row["port"], row["ipaddr"]),
+                 "owner_label": owner_label(row["pid"], row["thread"], row["port"], row["ipaddr"], row["client_pid"])}
+                for row in rows.build_rows(kept, list(info.read_all(instance)), every=True)]
     return {
         "time": now,
         "host": socket.gethostname(),
         "port_owners": port_owners,
         "requests": requests,
         #: The requests in the table; more than MAX_REQUESTS are cut to that many (the page says so).
-        "total": len(entries),
-        "graph": wait_graph(table, entries),
-        "hottest": hottest_now(entries, requests),
+        "total": total,
+        "graph": wait_graph(table, table.waiting_entries()),
+        "hottest": hottest.top(requests),
     }
 
 
-def wait_graph(table: LockTable, entries: list[Any]) -> dict[str, Any]:
+def wait_graph(table: LockTable, entries: list[Entry]) -> dict[str, Any]:
     """Owners as nodes, an edge from each waiting request's owner to every owner that blocks it (``wait_for``),
     and the owners of any cycle (the monitor refuses one request of a cycle within a moment: one seen here is
     about to be broken)."""
@@ -117,26 +126,32 @@ def wait_graph(table: LockTable, entries: list[Any]) -> dict[str, Any]:
     return {"nodes": nodes, "edges": out}
 
 
-def hottest_now(entries: list[Any], requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+class Hottest:
     """The resources with the most requests now (granted, kept or waiting, a conversion too; refused ones are
-    on their way out), most first, counted over every slot of the table; named as the requests name them
-    (a resource not among the requests sent: by its inode)."""
-    counts: Counter[tuple[int, int, str]] = Counter()
-    waiting: Counter[tuple[int, int, str]] = Counter()
-    for e in entries:
-        s = e.slot
+    on their way out), counted a slot at a time (``add``) over the whole table."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[int, int, str]] = Counter()
+        self.waiting: Counter[tuple[int, int, str]] = Counter()
+
+    def add(self, entry: Entry) -> None:
+        s = entry.slot
         if s.state == _DEADLOCK:
-            continue
+            return
         resource = (s.inode, s.device, s.key[: s.key_len].decode("utf-8", "backslashreplace"))
-        counts[resource] += 1
+        self.counts[resource] += 1
         if s.state == _WAITING:
-            waiting[resource] += 1
-    names: dict[tuple[int, int], str] = {}
-    for r in requests:  # a file's name where some request has it (a local process's has none: its inode)
-        if (r["inode"], r["device"]) not in names or r["filename"] != rows.inode_name(r["inode"]):
-            names[r["inode"], r["device"]] = r["filename"]
-    return [{"filename": names.get((i, d)) or rows.inode_name(i), "key": printable(k), "requests": n,
-             "waiting": waiting[i, d, k]} for (i, d, k), n in counts.most_common(HOTTEST)]
+            self.waiting[resource] += 1
+
+    def top(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The HOTTEST most requested, most first, named as ``requests`` name their files (a resource not among
+        them, or only a local process's request, which names no file: by its inode)."""
+        names: dict[tuple[int, int], str] = {}
+        for r in requests:
+            if (r["inode"], r["device"]) not in names or r["filename"] != rows.inode_name(r["inode"]):
+                names[r["inode"], r["device"]] = r["filename"]
+        return [{"filename": names.get((i, d)) or rows.inode_name(i), "key": printable(k), "requests": n,
+                 "waiting": self.waiting[i, d, k]} for (i, d, k), n in self.counts.most_common(HOTTEST)]
 
 
 @dataclass(frozen=True)
