@@ -79,3 +79,22 @@ def test_the_locks_document_lists_at_most_max_requests_in_whole_groups_and_count
     assert document["total"] == 40 and 0 < len(document["requests"]) <= 3
     assert all(per_group[g] == n for g, n in listed.items())  # whole groups
     assert len(document["hottest"]) == status_page.HOTTEST  # counted beyond the requests listed
+
+
+def test_the_graph_draws_a_cycle_of_waiters_in_red(tmp_path: Path) -> None:
+    """Two owners (threads 1 and 2 of this process), each holding what the other asks for: the graph has both
+    edges and both nodes marked as a cycle (which the monitor, not running here, would break at once)."""
+    with own_table(free_key(tmp_path), geometry_for(1000, 10)) as table:
+        a, b = (Owner(os.getpid(), thread, 0, os.getpid(), LOCAL_IP) for thread in (1, 2))
+        bell = table.doorbell()
+        try:
+            held = [table.lock(a, 5, 6, b"ONE", Mode.EX), table.lock(b, 5, 6, b"TWO", Mode.EX)]
+            asked = [table.lock(a, 5, 6, b"TWO", Mode.EX, wait_token=bell.token),
+                     table.lock(b, 5, 6, b"ONE", Mode.EX, wait_token=bell.token)]
+            assert all(isinstance(h, Grant) for h in held) and not any(isinstance(q, Grant) for q in asked)
+            graph = status_page.wait_graph(table, table.waiting_entries())
+        finally:
+            bell.close()
+    one, two = f"{os.getpid()}/1", f"{os.getpid()}/2"
+    assert {(e["from"], e["to"], e["cycle"]) for e in graph["edges"]} == {(one, two, True), (two, one, True)}
+    assert {(n["id"], n["cycle"]) for n in graph["nodes"]} == {(one, True), (two, True)}
