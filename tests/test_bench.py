@@ -1,7 +1,7 @@
 """``./dev bench`` in its smoke mode: every figure measured, the run appended to the history and compared
 with the previous one, and nothing left behind (no process, no SysV IPC, no temporary directory).
 
-The bench picks free ports itself; DLS_TEST_BENCH_PORT=P makes it use P to P+3 instead (for a machine
+The bench picks free ports itself; DLS_TEST_BENCH_PORT=P makes it use P to P+5 instead (for a machine
 where each user has a range of ports).
 """
 

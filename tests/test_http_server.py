@@ -165,3 +165,30 @@ def test_idle_half_and_garbage_http_connections_do_not_stall_the_monitor(
         assert svc.pid(MONITOR) == monitor
         header = svc.header()
         assert time.time() - header.last_ran < 3
+
+
+def test_more_connections_than_served_are_closed_and_the_server_recovers(tmp_path: Path) -> None:
+    """300 connections at once, beyond MAX_CONNECTIONS (64): the rest are closed unanswered (logged, rate-limited),
+    the monitor goes on tidying, and once they go the server serves again."""
+    svc, port = started_with_http(tmp_path)
+    with svc.checked():
+        monitor = svc.pid(MONITOR)
+        crowd = []
+        try:
+            for _ in range(300):
+                crowd.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            svc.wait_for_log(r"http: 64 connections open already: one from 127\.0\.0\.1 closed unanswered")
+            ran = svc.header().last_ran
+            wait_for(lambda: svc.header().last_ran > ran, 5, "the monitor's tick while the crowd is there")
+        finally:
+            for s in crowd:
+                s.close()
+        def served() -> bool:
+            try:
+                return get(port, "/")[0] == 200
+            except OSError:  # closed unanswered while the crowd's threads end
+                return False
+
+        wait_for(served, 15, "the page served again once the crowd went")
+        assert svc.pid(MONITOR) == monitor
+        assert "Traceback" not in svc.log()

@@ -8,6 +8,7 @@ granted, refusals and errors by code, lock servers alive as connections are open
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_metrics_follow_a_contended_load(tmp_path: Path, children: Any, pipes: A
                 assert w.wait(30) == 0
             local_pipes[1].send()
             assert children.wait(local) == 0
+            local = 0
 
             def granted() -> bool:
                 s = scrape(port)
@@ -134,6 +136,9 @@ def test_metrics_follow_a_contended_load(tmp_path: Path, children: Any, pipes: A
             assert value(after, "dls_metrics_bad_datagrams_total") == 0
         finally:
             raw.close()
+            if local:  # the test failed before the local process let go: it must not keep the table attached
+                os.kill(local, signal.SIGKILL)
+                children.wait(local)
             for p in (holder, *waiters):
                 if p.poll() is None:
                     p.kill()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from dls_shm import DEFAULT_BLOCK_SIZE, MONITOR, LockTable, TableError, TableFlag, TableMissing, modes, trusted
 
@@ -42,6 +43,9 @@ from .one_mechanism import claim
 from .readiness import Report
 from .settings import Settings
 from .web import WebServer, shown
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 #: The monitor updates the header at least this often (seconds).
 TICK = 1.0
@@ -189,18 +193,18 @@ class Monitor(Daemon):
 
     # -- the loop's work ----------------------------------------------------------------
 
-    def watched(self) -> list[Receiver]:  # type: ignore[override]
+    def watched(self) -> list[FileDescriptorLike]:
         return [self.receiver] if self.receiver is not None else []
 
     def timeout(self) -> float:
         sample = self.history.next_due if self.history is not None else self._next_tick
         return max(0.0, min(self._next_tick, self._next_deadlock_look, sample) - time.monotonic())
 
-    def work(self, readable: object) -> None:
+    def work(self, readable: list[FileDescriptorLike]) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
         now = time.monotonic()
         period = self.settings.tidy_seconds
-        if self.receiver is not None and self.receiver in readable:  # type: ignore[operator]
+        if self.receiver is not None and self.receiver in readable:
             self.receiver.drain()
         try:
             if now >= self._next_tick:

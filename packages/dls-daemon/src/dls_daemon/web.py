@@ -51,7 +51,7 @@ from .context import Network, address_in
 REQUEST_TIMEOUT = 5.0
 #: Connections served at once; one more is closed at accept.
 MAX_CONNECTIONS = 64
-#: The longest request line and header line read (http.server refuses longer with 414/431).
+#: The status page, in the package's data (dls_daemon/data).
 STATUS_PAGE = "status.html"
 
 
