@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 from dls_daemon import display
-from dls_shm import LOCAL_IP, Grant, Instance, Owner, geometry_for, modes
+from dls_shm import LOCAL_IP, Grant, Instance, Owner, geometry_for, modes, rows
 from dls_shm.semaphores import Semaphores
 from dls_testkit import free_key, own_table
-from dls_utils import dump, rows, show_item_locks
+from dls_utils import dump, show_item_locks
 
 LOCKS = 20_000
 

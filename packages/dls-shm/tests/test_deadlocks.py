@@ -215,3 +215,32 @@ def test_a_request_of_a_client_that_does_not_know_deadlock_is_refused_only_when_
     assert cycle(0, 0) == 2  # the newest
     assert cycle(legacy, 0) == 1  # the newest does not know DEADLOCK: the other is refused
     assert cycle(legacy, legacy) == 2  # none does: the newest all the same (a cycle never ends by itself)
+
+
+def test_the_wait_for_graph_and_the_tickets_issued_as_the_status_page_reads_them(
+    table: LockTable, children: Any, pipes: Any,
+) -> None:
+    """Issue 15: ``wait_for`` draws a chain of waiters from ``waiting_entries`` (only the groups with a waiter)
+    by the detector's own rule, and ``tickets_issued`` less ``waits_begun`` counts each grant once: one granted
+    at once, and one granted after a wait."""
+    assert table.tickets_issued() == 0 and table.wait_for(table.waiting_entries()) == []
+    held = table.lock(me(), INODE, DEVICE, b"CHAIN*0", EX)
+    assert isinstance(held, Grant)
+    ready, go, done = pipes(), pipes(), pipes()
+    pid = children.fork(lambda: cycle_member(table, b"CHAIN*1", b"CHAIN*0", (ready, go, done)))
+    ready.recv(timeout=10)
+    go.send()
+    wait_for(lambda: len(waiting_slots(table)) == 1, 10, "the child's request waiting")
+    entries = table.waiting_entries()
+    assert {e.slot.key.rstrip(b"\0") for e in entries} >= {b"CHAIN*0"}
+    [(waiter, owners)] = table.wait_for(entries)
+    assert waiter.owner == (pid, 1) and owners == {table.owner_of(held_slot(table, b"CHAIN*0"))}
+    assert table.tickets_issued() - table.header().waits_begun == 2  # my lock and the child's first
+    table.unlock(held.handle)
+    assert done.recv(timeout=10) == b"G"
+    assert children.wait(pid) == 0
+    assert table.tickets_issued() - table.header().waits_begun == 3  # and the child's grant after its wait
+
+
+def held_slot(table: LockTable, key: bytes) -> Slot:
+    return next(e.slot for e in table.scan() if e.slot.key.rstrip(b"\0") == key and e.slot.state == SlotState.GRANTED)

@@ -30,7 +30,7 @@ from dls_proto import DEFAULT_MAX_FRAME, ConfigurationError, environment, jdls, 
 from dls_shm import BLOCK_MAX, DEFAULT_BLOCK_SIZE, LISTENER, MONITOR, ROLES, Instance, geometry_for, trusted
 
 from . import log as daemon_log
-from . import web
+from . import status_page, web
 from .__about__ import __version__
 from .context import (
     DEFAULT_ADMIN_ALLOW,
@@ -200,6 +200,18 @@ HTTP (--http ADDR:PORT): the lock monitor serves /metrics, in the Prometheus tex
   refusals by reason, cancels and errors by code, wait and hand-off time histograms (from the lock
   servers, which send their counts to the monitor's run/metrics.sock at most once a second and as
   they end); tidy-ups, the locks they freed, deadlocks broken, lock servers running. Each has its HELP.
+
+The status page (/ of --http) is for the operator in a hurry, in any browser, with nothing to install
+  and nothing fetched from elsewhere: the locks now as show-item-locks --queues shows them (held,
+  converting, waiting and refused requests, owners, fencing tokens, value blocks), with a filter box
+  (file, key or owner; /?filter=TEXT in a link); who waits for whom drawn as a graph (an arrow from
+  each waiter to every owner in its way, a cycle in red: the monitor breaks it within a moment); the
+  hottest records (the most requests now, the most often waited on in the last hour); plots of the
+  last hour's lock rate (grants per second) and wait times (the longest and mean age of the waiting
+  requests, and the waits that ended by how long they took, from the metrics' histogram), which the
+  monitor samples every {status_page.SAMPLE_PERIOD:g} s. It refreshes every 2 s from /api/locks and /api/history,
+  JSON that scripts may read too (at most {status_page.MAX_REQUESTS} requests are listed; "total" says how many
+  there are).
 
 {DISPLAY_HELP}
 The instance is $JBCRELEASEDIR (pid files in run/, log in log/jdls.log, errors also in

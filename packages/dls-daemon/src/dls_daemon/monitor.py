@@ -45,7 +45,7 @@ from dls_shm import (
     trusted,
 )
 
-from . import client_info
+from . import client_info, status_page
 from .lifecycle import Daemon, StartFailed
 from .listener import listen_socket
 from .metrics import Metrics, Receiver, Totals
@@ -104,6 +104,9 @@ class Monitor(Daemon):
         #: come in (with --http only).
         self.totals = Totals()
         self.receiver: Receiver | None = None
+        #: The last hour of the table, for the status page (``/api/history``), sampled in this loop; None
+        #: without --http (nobody would read it).
+        self.history: status_page.History | None = None
 
     def setup(self, report: Report) -> str:
         """Bind the HTTP port (--http) first, then create or attach the table, and say so."""
@@ -129,6 +132,8 @@ class Monitor(Daemon):
             except OSError as exc:
                 raise StartFailed(f"cannot make the metrics socket in {self.instance.run_dir}: {exc}") from None
             self.web.add("/metrics", Metrics(self.instance, table, self.totals).handler)
+            self.history = status_page.History()
+            status_page.add_routes(self.web, lambda: self.table, self.instance, self.history)
         if not created:
             try:
                 if table.set_access(self.settings.gid):
@@ -204,7 +209,8 @@ class Monitor(Daemon):
         return [self.receiver] if self.receiver is not None else []
 
     def timeout(self) -> float:
-        return max(0.0, min(self._next_tick, self._next_deadlock_look) - time.monotonic())
+        sample = self.history.next_due if self.history is not None else self._next_tick
+        return max(0.0, min(self._next_tick, self._next_deadlock_look, sample) - time.monotonic())
 
     def work(self, readable: list[FileDescriptorLike]) -> None:
         """Tick and tidy when due; a table removed under the monitor (jdls -K -o) stops it."""
@@ -224,6 +230,11 @@ class Monitor(Daemon):
             if now >= self._next_deadlock_look:
                 self._break_deadlocks()
                 self._next_deadlock_look = time.monotonic() + DEADLOCK_PERIOD
+            if self.history is not None and self.history.due(now):
+                assert self.table is not None
+                with self.totals.lock:
+                    waits = list(self.totals.wait)
+                self.history.sample(self.table, waits)
         except TableMissing as exc:
             self.fail(exc)
 

@@ -971,10 +971,8 @@ class LockTable(LockMechanism):
         if begun == self._waits_seen and not always:
             return []
         unconfirmed = False
-        entries = [(e.index, e.group, e.value, e.slot) for first, data in self._copies() if _WAITING_BYTE in data
-                   for e in self._decode_waiting(first, data)]
         refused = []
-        for cycle in deadlocks.cycles(deadlocks.wait_for(entries, self._ident)):
+        for cycle in deadlocks.cycles(self.wait_for(self.waiting_entries())):
             groups = sorted({w.group for w in cycle.waiters})
             tokens = []
             with self._groups_held(groups[: semaphores.BATCH_MEMBERS]):
@@ -988,6 +986,20 @@ class LockTable(LockMechanism):
             _ring([t for t in tokens if t])
         self._waits_seen = None if unconfirmed else begun
         return refused
+
+    def waiting_entries(self) -> list[Entry]:
+        """The used slots of the groups that have a waiting request (copied a batch of groups at a time, as
+        ``scan`` copies them; a batch without one is not decoded): all the wait-for graph is made of."""
+        return [e for first, data in self._copies() if _WAITING_BYTE in data for e in self._decode_waiting(first, data)]
+
+    def wait_for(self, entries: Iterable[Entry]) -> list[tuple[deadlocks.Waiter, frozenset[deadlocks.Owner]]]:
+        """Who waits for whom among ``entries`` (``deadlocks.wait_for``, with this table's owner identity):
+        each waiting request and the owners it waits for, by the one rule the lock path and the detector use."""
+        return deadlocks.wait_for(((e.index, e.group, e.value, e.slot) for e in entries), self._ident)
+
+    def owner_of(self, slot: Slot) -> tuple[Any, ...]:
+        """The owner identity of ``slot`` in this table: (pid, thread), or (port, thread, ip) with jdls -P."""
+        return self._ident(slot)
 
     def _still_a_cycle(self, cycle: deadlocks.Cycle) -> bool:
         """Whether every request of ``cycle`` still waits, unchanged, for the next one's owner (the semaphores of

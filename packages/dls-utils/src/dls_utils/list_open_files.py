@@ -21,9 +21,9 @@ from typing import Any, TypedDict
 from dls_proto import Server
 from dls_shm import info
 from dls_shm.report import printable
+from dls_shm.rows import Document
 
 from . import command
-from .rows import Document
 from .source import (
     Failure,
     add_source_options,

@@ -21,9 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from dls_proto import Server
 from dls_shm import LockTable, TableError, TableMissing, info, oslock_entries
-
-from . import command
-from .rows import (
+from dls_shm.rows import (
     HEADINGS,
     QUEUE_HEADINGS,
     SORTED_ROWS,
@@ -35,6 +33,8 @@ from .rows import (
     stream_rows,
     wanted,
 )
+
+from . import command
 from .source import (
     Failure,
     add_source_options,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from dls_shm import KEY_MAX
-from dls_utils.rows import SnapshotError, build_rows, format_rows, inode_name, select_rows
+from dls_shm.rows import SnapshotError, build_rows, format_rows, inode_name, select_rows
 
 INODE = 1483651
 

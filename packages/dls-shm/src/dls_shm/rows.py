@@ -20,8 +20,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
-from dls_shm import KEY_MAX, info, modes, queues
-from dls_shm.report import printable
+from . import info, modes, queues
+from .layout import KEY_MAX
+from .report import printable
 
 #: The \xNN escapes dls_shm.info's backslashreplace leaves for bytes that are not UTF-8 (the digest of a long
 #: key, a character cut at the end of its prefix).
