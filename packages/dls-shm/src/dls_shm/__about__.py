@@ -1,3 +1,3 @@
 """The version of dls-shm, kept in one place for the build and the code."""
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
