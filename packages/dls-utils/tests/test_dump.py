@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,9 +29,13 @@ def dump(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 TICKING = ("Time last ran", "CPU Usage")
 
 
+#: A lock's age (-T), the last column of its row: it grows by a second between two commands of a busy machine.
+AGE = re.compile(r"\t\d+:\d\d(:\d\d)?$")
+
+
 def untick(text: str) -> str:
-    """``text`` with the values of the lines a monitor's tick changes blanked."""
-    return "\n".join(line.split(":", 1)[0] + ": (tick)" if line.startswith(TICKING) else line
+    """``text`` with the values of the lines a monitor's tick changes, and the locks' ages, blanked."""
+    return "\n".join(line.split(":", 1)[0] + ": (tick)" if line.startswith(TICKING) else AGE.sub("\t(age)", line)
                      for line in text.split("\n"))
 
 
@@ -44,7 +50,8 @@ def same_as_jdls(daemon: Any, jdls_args: tuple[str, ...] = ("-dvL",), dump_args:
         assert before.returncode == ours.returncode == 0, (before.stderr, ours.stderr)
         if ours.stdout in (before.stdout, after.stdout):
             return ours.stdout
-    assert untick(ours.stdout) in (untick(before.stdout), untick(after.stdout)), (ours.stdout, after.stdout)
+    assert untick(ours.stdout) in (untick(before.stdout), untick(after.stdout)), "\n".join(difflib.unified_diff(
+        untick(after.stdout).split("\n"), untick(ours.stdout).split("\n"), "jdls -dvL", "dls-dump", lineterm=""))
     return ours.stdout
 
 
