@@ -44,6 +44,7 @@ from dls_testkit import (
     wait_for,
     wait_free,
 )
+from dls_testkit.fixtures import kernel_signals
 
 #: A process that counts the signals it is sent (TERM, INT, HUP), each delivery apart (it takes them with
 #: sigtimedwait, not a handler, so two deliveries are never merged into one call): it touches OUT.ready, and
@@ -203,6 +204,7 @@ def test_ctrl_c_reaches_every_process_once(service: Service, tmp_path: Path) -> 
                   service.env)
     try:
         wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), 15, "the counters to start")
+        assert signal.SIGINT not in kernel_signals(pid)[0], "the job's shell was started with SIGINT ignored"
         os.write(terminal, b"\x03")
         status = _wait_draining(pid, terminal, 15)
     finally:
@@ -242,8 +244,14 @@ def test_a_signal_while_waiting_for_the_lock_ends_dls_lock(service: Service, tmp
             wait_for(lambda: "waiting for" in err.read_text() or waiter.poll() is not None, 10,
                      "the waiter to say it waits")
             keeper = _keeper(waiter)
+            assert signum not in kernel_signals(waiter.pid)[0], "dls-lock was started with the signal ignored"
             waiter.send_signal(signum)
-            assert waiter.wait(timeout=10) == -signum, err.read_text()
+            try:
+                assert waiter.wait(timeout=10) == -signum, err.read_text()
+            except subprocess.TimeoutExpired:
+                ignored, blocked = kernel_signals(waiter.pid)
+                raise AssertionError(f"dls-lock still runs 10 s after {signum.name} (ignored {sorted(ignored)}, "
+                                     f"blocked {sorted(blocked)}): {err.read_text()}") from None
             wait_for(lambda: not alive(keeper.pid), 5, "the waiter's keeper to end with it")
     assert not ran.exists()
     assert "Traceback" not in err.read_text()

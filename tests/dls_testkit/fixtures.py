@@ -54,14 +54,31 @@ def tool_env(tmp_path: Path) -> dict[str, str]:
 _INHERITED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
 
 
+def kernel_signals(pid: int | str = "self") -> tuple[set[int], set[int]]:
+    """The signals the kernel has ignored and blocked for ``pid`` (its main thread): what a program started
+    from it inherits, whatever Python's own record (``signal.getsignal``) says, which C code can bypass."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if line.startswith(("SigIgn:", "SigBlk:")))
+
+    def members(mask: str) -> set[int]:
+        bits = int(mask, 16)
+        return {n for n in range(1, 65) if bits >> (n - 1) & 1}
+
+    return members(fields["SigIgn"]), members(fields["SigBlk"])
+
+
 @pytest.fixture(autouse=True)
 def signals_left_alone() -> Iterator[None]:
     """A test that leaves a signal ignored or blocked in the test process is warned of, and its change undone:
     a dls-lock started later by the same worker would otherwise ignore Ctrl-C, as a background job does."""
     dispositions = {signum: signal.getsignal(signum) for signum in _INHERITED}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    ignored, _ = kernel_signals()
     yield
     changed = [signal.Signals(signum).name for signum, was in dispositions.items() if signal.getsignal(signum) != was]
+    now_ignored, _ = kernel_signals()
+    changed += [f"{signal.Signals(signum).name} ignored in the kernel" for signum in _INHERITED
+                if signum in now_ignored - ignored]
     if changed:
         for signum, was in dispositions.items():
             signal.signal(signum, was)
