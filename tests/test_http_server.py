@@ -192,3 +192,93 @@ def test_more_connections_than_served_are_closed_and_the_server_recovers(tmp_pat
         wait_for(served, 15, "the page served again once the crowd went")
         assert svc.pid(MONITOR) == monitor
         assert "Traceback" not in svc.log()
+
+
+def stranger_connection(port: int, source: str = "127.0.0.2") -> socket.socket:
+    """A connection to 127.0.0.1:port from another loopback address (outside --admin-allow 127.0.0.1/32)."""
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def test_strangers_never_take_the_operators_connections(tmp_path: Path) -> None:
+    """100 connections of an address outside --admin-allow, each a request begun and never finished, take none
+    of the 64 connections served to the allowed: the operator's scrapes are answered meanwhile; what a stranger
+    sends, any method, is answered 403."""
+    svc, port = started_with_http(tmp_path, "--admin-allow", "127.0.0.1/32")
+    with svc.checked():
+        poster = stranger_connection(port)
+        poster.sendall(b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        assert poster.recv(4096).startswith(b"HTTP/1.0 403 ")
+        poster.close()
+        crowd = []
+        try:
+            for _ in range(100):
+                try:
+                    s = stranger_connection(port)
+                    s.sendall(b"GET /metrics HTTP/1.1\r\n")
+                    crowd.append(s)
+                except OSError:  # closed at once: strangers' connections beyond their own bound
+                    pass
+            svc.wait_for_log(r"http: 127\.0\.0\.2 refused: not in --admin-allow \(closed")
+            for _ in range(5):
+                status, kind, body = get(port, "/metrics")
+                assert status == 200 and "dls_" in body, (status, body[:200])
+        finally:
+            for s in crowd:
+                s.close()
+        assert "Traceback" not in svc.log()
+
+
+def test_a_crowd_of_status_page_loads_leaves_the_monitor_its_deadlock_detection(
+    tmp_path: Path, children: Any, pipes: Any,
+) -> None:
+    """32 clients loading /api/locks and /metrics in a loop on a table of 6000 locks: each answer is computed
+    once and shared while fresh, so the monitor still refuses a deadlock within a second and a half."""
+    import threading
+
+    svc, port = started_with_http(tmp_path, "-s", "20000,400")
+    with svc.checked():
+        table = LockTable.attach(svc.key)
+        try:
+            owner = me()
+            for n in range(6000):
+                assert isinstance(table.lock(owner, INODE, REMOTE_DEVICE, f"MANY*{n}".encode(), Mode.PR), Grant)
+            stop = threading.Event()
+            served: list[int] = []
+
+            def load(path: str) -> None:
+                while not stop.is_set():
+                    try:
+                        served.append(get(port, path)[0])
+                    except OSError:
+                        pass
+
+            crowd = [threading.Thread(target=load, args=("/api/locks" if n % 2 else "/metrics",)) for n in range(32)]
+            for t in crowd:
+                t.start()
+            try:
+                time.sleep(1)
+                members = []
+                for n in range(2):
+                    p = (pipes(), pipes(), pipes())
+                    keys = (f"CROWDCYCLE*{n}".encode(), f"CROWDCYCLE*{1 - n}".encode())
+                    members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
+                    p[0].recv(timeout=10)
+                members[0][1][1].send()
+                wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
+                members[1][1][1].send()
+                closed = time.monotonic()
+                statuses = sorted(children.wait(pid) for pid, _ in members)
+                took = time.monotonic() - closed
+            finally:
+                stop.set()
+                for t in crowd:
+                    t.join(30)
+            assert statuses == [0, 7] and took < 1.5, (statuses, took)
+            assert served.count(200) > 32, served[:50]
+            table.release_owner(owner.pid)
+        finally:
+            table.close()

@@ -26,6 +26,21 @@ the lock snapshot; default this host). Others get 403 and a short body, and
 the log names their address (rate-limited by the log's filter). Only GET (and
 HEAD) are served; others get 405.
 
+Why a request cannot make the monitor work without bound: the bounds above
+limit connections, not the CPU a handler takes (the GIL is the monitor's
+too). So each route's answer is computed by one request at a time and shared
+(``_Shared``): requests that come meanwhile wait for it, and one that comes
+while the last answer is fresh gets it again. An answer stays fresh for
+FRESH seconds, or twice what it took to compute if that is longer: however
+many clients scrape or keep the page open, a route costs the monitor at
+most about a third of the CPU, and a client that leaves leaves no
+computation of its own behind.
+
+A stranger (an address outside ``--admin-allow``) never takes one of the
+MAX_CONNECTIONS the operator's scrapes need: its connections are counted
+apart (at most STRANGERS at once, each with STRANGER_TIMEOUT for its request),
+and whatever it sends is answered 403.
+
 Routes: ``WebServer.add(path, handler)``; a handler gets the query parameters
 (``urllib.parse.parse_qs``'s dict) and returns a Reply (status, content type,
 body bytes). ``/`` serves the package's ``data/status.html``.
@@ -51,6 +66,11 @@ from .context import Network, address_in
 REQUEST_TIMEOUT = 5.0
 #: Connections served at once; one more is closed at accept.
 MAX_CONNECTIONS = 64
+#: Connections of addresses outside --admin-allow served (answered 403) at once, and the seconds each has.
+STRANGERS = 16
+STRANGER_TIMEOUT = 1.0
+#: Seconds a route's answer is given again to the requests that come after it (see ``_Shared``).
+FRESH = 1.0
 #: The status page, in the package's data (dls_daemon/data).
 STATUS_PAGE = "status.html"
 
@@ -65,6 +85,32 @@ class Reply(NamedTuple):
 
 Query = dict[str, list[str]]
 Handler = Callable[[Query], Reply]
+
+
+class _Shared:
+    """One route's answers, computed one at a time and shared while fresh (the module docstring says why)."""
+
+    #: Different queries remembered at once (the page asks for one or two).
+    KEPT = 8
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.answers: dict[tuple[tuple[str, tuple[str, ...]], ...], tuple[float, Reply]] = {}
+
+    def __call__(self, query: Query) -> Reply:
+        key = tuple(sorted((name, tuple(values)) for name, values in query.items()))
+        with self.lock:
+            now = time.monotonic()
+            kept = self.answers.get(key)
+            if kept is not None and now < kept[0]:
+                return kept[1]
+            reply = self.handler(query)
+            took = time.monotonic() - now
+            if len(self.answers) >= self.KEPT:
+                self.answers.clear()
+            self.answers[key] = (now + took + max(FRESH, 2 * took), reply)
+            return reply
 
 
 def text(status: int, message: str) -> Reply:
@@ -107,20 +153,29 @@ class _Server(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.web = web
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.stranger_slots = threading.BoundedSemaphore(STRANGERS)
         super().__init__(address, _RequestHandler)
 
+    def _slots_of(self, peer: str) -> threading.BoundedSemaphore:
+        return self.slots if address_in(peer, self.web.allow) else self.stranger_slots
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        if self.slots.acquire(blocking=False):
+        slots = self._slots_of(client_address[0])
+        if slots.acquire(blocking=False):
             return True
-        self.web.log.warning("http: %s connections open already: one from %s closed unanswered", MAX_CONNECTIONS,
-                             client_address[0])
+        if slots is self.slots:
+            self.web.log.warning("http: %s connections open already: one from %s closed unanswered",
+                                 MAX_CONNECTIONS, client_address[0])
+        else:
+            self.web.log.warning("http: %s refused: not in --admin-allow (closed: %s such connections open)",
+                                 client_address[0], STRANGERS)
         return False
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._slots_of(client_address[0]).release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.web.log.warning("http: request from %s failed", client_address[0], exc_info=True)
@@ -136,12 +191,14 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
+        self.stranger = not address_in(self.client_address[0], self.server.web.allow)
+        self.limit = STRANGER_TIMEOUT if self.stranger else REQUEST_TIMEOUT
         super().setup()
-        self._deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.connection.settimeout(self.limit)
 
     def handle_one_request(self) -> None:
-        # The whole request line and headers within REQUEST_TIMEOUT, not each read: a trickle is cut off.
-        watchdog = threading.Timer(REQUEST_TIMEOUT, self._cut_off)
+        # The whole request line and headers within the timeout, not each read: a trickle is cut off.
+        watchdog = threading.Timer(self.limit, self._cut_off)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -165,17 +222,24 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def _refuse_method(self) -> None:
-        self._send(text(405, "405 only GET is served here"), extra={"Allow": "GET, HEAD"})
+        if self._refused_stranger():
+            return
+        self._send(text(405, "405 only GET and HEAD are served here"), extra={"Allow": "GET, HEAD"})
+
+    def _refused_stranger(self) -> bool:
+        """An address outside --admin-allow is answered 403, whatever it asked, and logged."""
+        if not self.stranger:
+            return False
+        self.server.web.log.warning("http: %s refused: not in --admin-allow", self.client_address[0])
+        self._send(text(403, "403 forbidden: this address may not read the lock service's state"))
+        return True
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method
 
     def _serve(self, *, head: bool) -> None:
-        web = self.server.web
-        peer = self.client_address[0]
-        if not address_in(peer, web.allow):
-            web.log.warning("http: %s refused: not in --admin-allow", peer)
-            self._send(text(403, "403 forbidden: this address may not read the lock service's state"))
+        if self._refused_stranger():
             return
+        web = self.server.web
         parts = urlsplit(self.path)
         handler = web.routes.get(parts.path)
         if handler is None:
@@ -206,6 +270,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if code == 501:
             code = 405
+        if self.stranger:
+            code = 403
         try:
             self._send(text(code, f"{code} {self.responses.get(code, ('error',))[0]}"),
                        head=self.command == "HEAD")
@@ -234,8 +300,8 @@ class WebServer:
         return str(host), int(port)
 
     def add(self, path: str, handler: Handler) -> None:
-        """Serve GET ``path`` (the URL's path, exact) with ``handler``."""
-        self.routes[path] = handler
+        """Serve GET ``path`` (the URL's path, exact) with ``handler``, its answers shared (``_Shared``)."""
+        self.routes[path] = _Shared(handler)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
