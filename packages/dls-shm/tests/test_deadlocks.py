@@ -244,3 +244,28 @@ def test_the_wait_for_graph_and_the_tickets_issued_as_the_status_page_reads_them
 
 def held_slot(table: LockTable, key: bytes) -> Slot:
     return next(e.slot for e in table.scan() if e.slot.key.rstrip(b"\0") == key and e.slot.state == SlotState.GRANTED)
+
+
+def test_the_tickets_issued_never_go_backwards_while_a_group_counts(table: LockTable, children: Any) -> None:
+    """A writer moves group 0's counter (under its semaphore, as a grant does) by steps that change all of its
+    bytes at once; ``tickets_issued`` read meanwhile never goes backwards (a reader without the semaphore could see
+    a word half written: /metrics' counter would seem reset)."""
+    from dls_shm import table as table_module
+
+    step, rounds = 0x0101010101010101 >> 8, 20_000
+    offset = table_module.HEADER_SIZE
+
+    def writer() -> int:
+        for n in range(1, rounds + 1):
+            with table._groups_held(range(1)):
+                table_module._TICKET.pack_into(table._mv, offset, n * step)
+        return 0
+
+    pid = children.fork(writer)
+    last, deadline = 0, time.monotonic() + 20
+    while last < rounds * step and time.monotonic() < deadline:
+        now = table.tickets_issued()
+        assert now >= last, f"{now:#x} after {last:#x}"
+        last = now
+    assert children.wait(pid) == 0
+    assert table.tickets_issued() == rounds * step

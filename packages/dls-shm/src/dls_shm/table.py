@@ -1052,11 +1052,15 @@ class LockTable(LockMechanism):
     def tickets_issued(self) -> int:
         """The tickets (fencing tokens) the groups have issued since the table was made: one for every lock granted
         at once, request queued, grant to a waiter and conversion up, local processes' included (the metrics'
-        count of the table's grants). Each group's counter is
-        read without its semaphore: one aligned 8-byte word that a writer changes whole, so a figure at most a
-        grant behind, never a torn one; nothing is decided on it."""
+        count of the table's grants). Each group's counter is read with its batch's semaphores held, as a scan
+        copies them (for no longer than the reads): CPython's struct does not read an 8-byte word whole, and a
+        counter read half way through a write could go backwards (a counter reset, to Prometheus)."""
         mv, size, ticket = self._mv, self._group_size, _TICKET
-        return sum(ticket.unpack_from(mv, HEADER_SIZE + g * size)[0] for g in range(self._ngroups))
+        total = 0
+        for first, start, end in self._batches():
+            with self._groups_held(range(first, first + (end - start) // size)):
+                total += sum(ticket.unpack_from(mv, offset)[0] for offset in range(start, end, size))
+        return total
 
     def _batches(self) -> Iterator[tuple[int, int, int]]:
         """The groups in batches of SCAN_BYTES (whole groups, at least one): (first group, start, end offset)."""
