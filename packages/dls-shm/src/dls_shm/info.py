@@ -166,7 +166,33 @@ def read_all(instance: Instance) -> Iterator[dict[str, Any]]:
         except (OSError, ValueError, RecursionError):
             continue  # being replaced, not ours, or not to be trusted
         if isinstance(document, dict):
-            yield document
+            yield _text_only(document)
+
+
+def _text_only(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with every string that is not text (a lone surrogate, which JSON's ``\\ud800`` escape makes)
+    replaced by one that is (U+FFFD for each): the tools print the documents, the status page sends them to a
+    browser, and neither may fail on what a client wrote. Walked with a stack of its own, not recursion."""
+    todo: list[Any] = [document]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(items):
+            if isinstance(value, str):
+                if not value.isascii():
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        node[key] = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            elif isinstance(value, (dict, list)):
+                todo.append(value)
+        if isinstance(node, dict):
+            for key in [k for k in node if not k.isascii()]:
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    node[key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")] = node.pop(key)
+    return document
 
 
 def _read(path: Path | str, directory: int | None = None) -> tuple[bytes, os.stat_result]:
