@@ -60,6 +60,11 @@ def test_the_status_page_placeholder_and_refusals(tmp_path: Path) -> None:
         assert f"HTTP on 127.0.0.1:{port}" in " ".join(svc.started)
         status, kind, body = get(port, "/")
         assert (status, kind) == (200, "text/html; charset=utf-8") and "<html" in body
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        policy = conn.getresponse().getheader("Content-Security-Policy") or ""
+        conn.close()
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, policy
         status, _, body = get(port, "/nowhere")
         assert status == 404 and "Traceback" not in body
         for method in ("POST", "PUT", "DELETE", "BREW"):
@@ -224,7 +229,7 @@ def test_strangers_never_take_the_operators_connections(tmp_path: Path) -> None:
                     pass
             svc.wait_for_log(r"http: 127\.0\.0\.2 refused: not in --admin-allow \(closed")
             for _ in range(5):
-                status, kind, body = get(port, "/metrics")
+                status, _, body = get(port, "/metrics")
                 assert status == 200 and "dls_" in body, (status, body[:200])
         finally:
             for s in crowd:

@@ -71,6 +71,11 @@ STRANGERS = 16
 STRANGER_TIMEOUT = 1.0
 #: Seconds a route's answer is given again to the requests that come after it (see ``_Shared``).
 FRESH = 1.0
+#: What a browser may do with what is served: the page's own inline script and style, its data from this
+#: address, nothing else (no other origin, no frame around it, no form, no plug-in).
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                           "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
 #: The status page, in the package's data (dls_daemon/data).
 STATUS_PAGE = "status.html"
 
@@ -258,6 +263,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(reply.body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         for name, value in (extra or {}).items():
             self.send_header(name, value)
         self.end_headers()
