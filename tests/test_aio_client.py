@@ -33,6 +33,7 @@ from dls_client import (
     Client,
     Config,
     Deadlock,
+    InvalidRequest,
     LockLost,
     LockRefused,
     LockTimeout,
@@ -141,6 +142,53 @@ async def test_refusal_timeout_and_tasks_as_owners(aclient: AsyncClient, daemon:
         threaded.lock(data, "AIO-OWN", Mode.EX, timeout=5).release()  # the release is unanswered: a moment
     finally:
         threaded.close()
+
+
+async def test_wait_for_create_task_and_shield_keep_the_callers_ownership(aclient: AsyncClient, data: Path) -> None:
+    """Issue 15 (L4): the owner is the task that called ``client.lock``, even when a helper runs the request in
+    a task of its own (wait_for does on Python 3.11): the caller locking the record again converts its lock,
+    where it used to be refused by its own lock; create_task takes ``client.lock(...)`` (it used to be a
+    TypeError); ``async with`` still works."""
+    held = await asyncio.wait_for(aclient.lock(data, "AIO-WF"), 5)
+    assert (await aclient.status(data, "AIO-WF"))[0] == 1
+    assert await aclient.lock(data, "AIO-WF", Mode.PR, wait=False) is held and held.mode == Mode.PR
+    task = asyncio.create_task(aclient.lock(data, "AIO-CT"))
+    created = await task
+    assert created.thread == held.thread
+    assert await aclient.lock(data, "AIO-CT", wait=False, timeout=1) is created
+    shielded = await asyncio.shield(aclient.lock(data, "AIO-SH"))
+    assert shielded.thread == held.thread
+    async with aclient.lock(data, "AIO-AW") as entered:
+        assert entered.thread == held.thread
+    assert entered.released
+    for lock in (held, created, shielded):
+        await lock.release()
+
+
+@pytest.mark.parametrize("timeout", ["1", True, float("nan"), float("inf"), -float("inf"), 10 ** 400, b"1"])
+async def test_a_timeout_that_is_not_seconds_is_refused_saying_so(aclient: AsyncClient, daemon: Service,
+                                                                  data: Path, timeout: Any) -> None:
+    """Issue 15 (L5): ``timeout="1"`` used to wait about 49 days, True 1 s, NaN and infinity raised a bare
+    ValueError or OverflowError: each is an InvalidRequest naming the value, from every client, nothing sent."""
+    with pytest.raises(InvalidRequest, match=re.escape(f"timeout {timeout!r}"[:40])):
+        await aclient.lock(data, "AIO-TO", timeout=timeout)
+    threaded = client_for(daemon)
+    try:
+        with pytest.raises(InvalidRequest, match="seconds"):
+            threaded.lock(data, "AIO-TO", timeout=timeout)
+        held = threaded.lock(data, "AIO-TO", timeout=2.5)  # a number still is
+        with pytest.raises(InvalidRequest, match="seconds"):
+            held.convert(Mode.PR, timeout=timeout)
+        held.release()
+    finally:
+        threaded.close()
+
+
+@pytest.mark.parametrize("key", [5, None, 1.5, ["k"]])
+async def test_a_key_of_the_wrong_type_is_refused_saying_so(aclient: AsyncClient, data: Path, key: Any) -> None:
+    """Issue 15 (L5): an int or None key used to raise a bare TypeError (len() of an int)."""
+    with pytest.raises(InvalidRequest, match="a str or bytes is expected"):
+        await aclient.lock(data, key)
 
 
 async def test_two_tasks_in_a_cycle_one_is_refused_as_a_deadlock(aclient: AsyncClient, data: Path) -> None:

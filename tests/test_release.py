@@ -6,6 +6,9 @@ tool); here, packages made to fail in a temporary directory.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,20 @@ def package(root: Path, name: str, pyproject: str, readme: bool = True) -> Path:
     (directory / "pyproject.toml").write_text(pyproject)
     if readme:
         (directory / "README.md").write_text(f"# {name}\n\nA package of the test.\n")
+    commit_all(root)
     return directory
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def commit_all(root: Path) -> None:
+    """``root`` a git repository with everything in it committed: a release builds only what git tracks."""
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "test", "--allow-empty")
 
 
 HATCHLING = """[build-system]
@@ -83,3 +99,27 @@ def test_out_not_a_directory_is_a_usage_error(tmp_path: Path, capsys: pytest.Cap
         release_tool.main(["--out", str(afile)])
     assert exit_.value.code == 2
     assert f"--out {afile}: not a directory" in capsys.readouterr().err
+
+
+def test_untracked_or_changed_files_in_a_package_refuse_the_release(tmp_path: Path) -> None:
+    """A clone of this repository (its committed state, with this checkout's release tool), an untracked secret
+    and a changed file in dls-proto: ./dev release refuses, exit 1, naming both, and builds nothing (the
+    untracked files used to end up in the sdist and the wheel)."""
+    root = Path(release_tool.__file__).resolve().parent.parent
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(root), str(clone)], check=True, capture_output=True)
+    shutil.copy(root / "tools" / "release.py", clone / "tools" / "release.py")
+    proto = clone / "packages" / "dls-proto"
+    (proto / ".env").write_text("AWS_SECRET=xyz\n")
+    (proto / "src" / "dls_proto" / "local_settings.txt").write_text("password\n")
+    with (proto / "README.md").open("a") as readme:
+        readme.write("changed\n")
+    out = tmp_path / "dist"
+    result = subprocess.run([sys.executable, str(clone / "tools" / "release.py"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 1, result
+    assert "release: refused" in result.stderr, result.stderr
+    for line in ("?? packages/dls-proto/.env", "?? packages/dls-proto/src/dls_proto/local_settings.txt",
+                 " M packages/dls-proto/README.md"):
+        assert line in result.stderr, result.stderr
+    assert not out.exists() or list(out.iterdir()) == []

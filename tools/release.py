@@ -10,9 +10,15 @@ All of them go into one directory, DIR (default: dist/ at the top of the reposit
 an earlier release left there for these packages are removed first, so the directory holds exactly one release.
 Then ``twine check --strict`` checks every file (the metadata and the README as PyPI would render it).
 
-It prints what it made, a line per file with its size, and exits 0; 1 when a build or the check failed (saying
-which, with the tool's own output); 2 for a usage error. The contract tests (tests/test_contract_wheels.py) call
-``release`` itself, so the wheels they install are built exactly as a release's are.
+A release holds what git tracks, nothing else: before building, it refuses (exit 1, naming them) when a package's
+directory holds files git does not track (a stray ``.env`` or key would end up in the sdist, even the wheel) or
+tracked files changed since the last commit (the release would not be the commit it claims to be). Files git
+ignores (``__pycache__``, build output) are left out of the builds by the packages' own settings.
+
+It prints what it made, a line per file with its size, and exits 0; 1 when a package's directory is not clean, a
+build or the check failed (saying which, with the tool's own output); 2 for a usage error. The contract tests
+(tests/test_contract_wheels.py) call ``release`` itself, so the wheels they install are built exactly as a
+release's are (from the checkout as it is: the clean-tree check is the command's, not the function's).
 """
 
 from __future__ import annotations
@@ -92,6 +98,20 @@ def build(package: Path, out: Path, python: str = sys.executable) -> str | None:
     return None
 
 
+def unclean(package_dirs: Sequence[Path]) -> list[str]:
+    """What in ``package_dirs`` git does not have as committed: a line per untracked or changed file
+    (``git status --porcelain``: ``?? path`` untracked, `` M path`` modified, ...; ignored files are not listed),
+    or why git could not tell (a package outside a git work tree cannot be checked, so is not released)."""
+    lines: list[str] = []
+    for package in package_dirs:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "."],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=package, check=False)
+        if result.returncode != 0:
+            lines.append(f"{package}: git status failed (exit {result.returncode}): {result.stderr.strip()}")
+        lines += result.stdout.splitlines()
+    return lines
+
+
 def release(out: Path, package_dirs: Sequence[Path] | None = None, python: str = sys.executable, jobs: int = JOBS,
             progress: Callable[[str], None] = lambda _: None) -> Release:
     """Build each package's sdist and wheel into ``out`` (made if missing; these packages' earlier files there
@@ -134,7 +154,8 @@ def summary(made: Release) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="./dev release", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 built and checked; 1 a build or the check failed; "
+                                     epilog="Exit status: 0 built and checked; 1 a package directory holds untracked "
+                                            "or uncommitted files (listed), or a build or the check failed; "
                                             "2 usage error (--out not a directory that can be made, --jobs below 1).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="the directory for the sdists and wheels (default: dist/ at the top of the repository)")
@@ -150,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out {args.out}: not a directory")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be 1 or more")
+    dirty = unclean(packages())
+    if dirty:
+        print("release: refused: the package directories hold files that are untracked or changed since the last "
+              "commit (commit or remove them: a release is what git tracks):", file=sys.stderr)
+        for line in dirty:
+            print(f"    {line}", file=sys.stderr)
+        return 1
     try:
         made = release(out, jobs=args.jobs, progress=lambda text: print(f"release: {text}", file=sys.stderr,
                                                                           flush=True))

@@ -47,7 +47,7 @@ class Systemd:
     def __init__(self, address: str) -> None:
         self.variable = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
+        self.sock.bind(b"\0" + os.fsencode(address[1:]) if address.startswith("@") else address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
     def next(self, timeout: float) -> tuple[float, int, list[str]] | None:
@@ -221,3 +221,68 @@ def test_a_receiver_that_does_not_read_never_holds_up_the_monitor(service, foreg
         assert len(said) == 1, said
     finally:
         systemd.close()
+
+
+def test_an_abstract_name_that_is_not_utf8_is_used_as_the_bytes_it_is(service, foreground):
+    """Issue 15 (L1): ``NOTIFY_SOCKET=@<bytes that are not UTF-8>`` used to crash the monitor at start (exit 70,
+    a traceback): the name is the environment's bytes (os.fsencode), and READY=1 comes there."""
+    address = os.fsdecode(b"@dls-test-\xff\xfe-" + str(time.time_ns()).encode())
+    systemd = Systemd(address)
+    try:
+        proc = foreground(NOTIFY_SOCKET=address)
+        ready = systemd.until("READY=1", timeout=30)
+        assert ready[-1][1] == proc.pid
+        assert "Traceback" not in service.log()
+    finally:
+        systemd.close()
+
+
+def test_a_tiny_watchdog_usec_is_held_to_the_floor(service, foreground, tmp_path):
+    """Issue 15 (L2): ``WATCHDOG_USEC=1`` used to make the monitor's loop send WATCHDOG=1 without pause (tens of
+    thousands a second, a core burnt): no more often than every 50 ms (WATCHDOG_FLOOR)."""
+    address = str(tmp_path / "notify")
+    systemd = Systemd(address)
+    try:
+        foreground(NOTIFY_SOCKET=address, WATCHDOG_USEC="1")
+        systemd.until("READY=1", timeout=30)
+        systemd.drain()
+        time.sleep(1)
+        beats = [at for at, _, lines in systemd.drain() if "WATCHDOG=1" in lines]
+        assert 5 <= len(beats) <= 1 / 0.05 + 3, len(beats)
+    finally:
+        systemd.close()
+
+
+@pytest.mark.parametrize(("variable", "value"), [("WATCHDOG_USEC", "abc"), ("WATCHDOG_USEC", "-5"),
+                                                 ("WATCHDOG_PID", "x1")])
+def test_a_watchdog_variable_not_understood_is_logged_once(service, foreground, tmp_path, variable, value):
+    """Issue 15 (L2): a WATCHDOG_USEC or WATCHDOG_PID that is not a number used to turn the watchdog off without
+    a word: one line says so (a mistake in the unit's WatchdogSec= is seen in the journal)."""
+    address = str(tmp_path / "notify")
+    systemd = Systemd(address)
+    try:
+        environment = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": str(WATCHDOG_USEC), variable: value}
+        foreground(**environment)
+        systemd.until("READY=1", timeout=30)
+        time.sleep(3 * PERIOD)
+        assert not [lines for _, _, lines in systemd.drain() if "WATCHDOG=1" in lines]
+        said = [line for line in service.log().splitlines() if "not understood" in line]
+        assert len(said) == 1 and f"{variable}={value!r}" in said[0] and "no watchdog" in said[0], said
+    finally:
+        systemd.close()
+
+
+def test_jdls_k_of_a_foreground_service_logs_no_warning(service, foreground):
+    """Issue 15 (L7): ``jdls -k`` stops the listener first, a moment before the monitor that forked it: the
+    monitor used to log "lock listener ... ended on its own" as a WARNING at every normal stop."""
+    proc = foreground()
+    wait_for(lambda: accepts(service.port), 30, "the listener to accept")
+    stop = service.jdls("-k")
+    assert stop.returncode == 0, stop.stderr
+    assert proc.wait(timeout=10) == 0
+    log = service.log()
+    assert "stopping" in log, log
+    assert "stopped when told to" in log, log
+    warnings = [line for line in log.splitlines() if ("WARNING" in line or "ERROR" in line)
+                and "no --allow" not in line]  # the listener's word on its open port, at start
+    assert warnings == [], log

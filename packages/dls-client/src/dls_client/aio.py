@@ -35,7 +35,7 @@ import asyncio
 import itertools
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Self
 
@@ -90,7 +90,7 @@ from .errors import (
     Unsupported,
     describe,
 )
-from .locks import REMOTE_DEVICE, FileLike, FileRef, Key, LockKind, LockState, key_bytes
+from .locks import REMOTE_DEVICE, FileLike, FileRef, Key, LockKind, LockState, check_timeout, key_bytes
 from .replies import Grant, failure, holder, is_grant
 from .trace import Tracer, reply_line, request_line
 
@@ -423,6 +423,7 @@ class AsyncHeldLock(LockState):
         """Convert the lock to ``mode`` in place, as ``HeldLock.convert`` (the same rules and exceptions);
         cancelling the task withdraws a conversion that waits, the lock still held in its old mode (unless the
         conversion was granted that instant: ``mode`` says which)."""
+        check_timeout(timeout)
         self.ensure_held()
         if value_block is not None or invalidate:
             self._may_write()
@@ -461,22 +462,43 @@ class AsyncHeldLock(LockState):
             pass  # the body's own exception is the one the caller must see
 
 
-class Locking:
+class Locking(Coroutine[Any, Any, "AsyncHeldLock"]):
     """``client.lock(...)``: awaited, the lock (``held = await client.lock(...)``); entered, the lock until
-    the block ends (``async with client.lock(...) as held``)."""
+    the block ends (``async with client.lock(...) as held``); a coroutine too, so ``asyncio.create_task``,
+    ``asyncio.wait_for`` and ``asyncio.shield`` take it. Its owner is the task that called ``client.lock``,
+    fixed then: those helpers run it in a task of their own (wait_for does on Python 3.11), whose lock it
+    would otherwise be, so that the caller would then wait for its own lock."""
 
-    __slots__ = ("_args", "_client", "_held")
+    __slots__ = ("_args", "_client", "_coro", "_held")
 
-    def __init__(self, client: AsyncClient, args: tuple[FileRef, bytes, int, bool, float | None, bool]) -> None:
+    def __init__(self, client: AsyncClient,
+                 args: tuple[FileRef, bytes, int, bool, float | None, bool, int | None]) -> None:
         self._client = client
         self._args = args
         self._held: AsyncHeldLock | None = None
+        # Made when first used: a Locking only entered (async with) never makes it, so no "never awaited".
+        self._coro: Coroutine[Any, Any, AsyncHeldLock] | None = None
+
+    def _request(self) -> Coroutine[Any, Any, AsyncHeldLock]:
+        if self._coro is None:
+            self._coro = self._client._lock(*self._args)
+        return self._coro
 
     def __await__(self) -> Generator[Any, None, AsyncHeldLock]:
-        return self._client._lock(*self._args).__await__()
+        return self._request().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._request().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        return self._request().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> AsyncHeldLock:
-        self._held = await self._client._lock(*self._args)
+        self._held = await self._request()
         return self._held
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -623,21 +645,26 @@ class AsyncClient:
         while it waits withdraws the request (CancelledError; the lock never left held)."""
         if kind not in self._kinds:
             raise kind_refused(kind, self.config.lock)
+        check_timeout(timeout)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)
-        return Locking(self, (ref, key_bytes(key), mode, wait, timeout, value_block))
+        try:  # the caller's, not that of a task a helper (wait_for, create_task) runs the request in
+            owner: int | None = self._owner()
+        except (RuntimeError, DlsError):  # called out of a task: the task that awaits it, then
+            owner = None
+        return Locking(self, (ref, key_bytes(key), mode, wait, timeout, value_block, owner))
 
     async def try_lock(self, file: FileLike, key: Key, mode: int = Mode.EX) -> AsyncHeldLock:
         """Take a record lock only if it is free now (LockRefused otherwise)."""
         return await self.lock(file, key, mode, wait=False)
 
     async def _lock(self, ref: FileRef, key: bytes, mode: int, wait: bool, timeout: float | None,
-                    value_block: bool) -> AsyncHeldLock:
+                    value_block: bool, owner: int | None) -> AsyncHeldLock:
         link = await self._connected()
         flags = self._flags
         if value_block:
             self._lock_manager(link, "value blocks")
             flags |= LockFlag.VALUE_BLOCK
-        thread = self._owner()
+        thread = self._owner() if owner is None else owner
         reply = await link.ask(Lock(link.next_id(), mode, flags, _limit(wait, timeout, None), thread, ref.inode,
                                     REMOTE_DEVICE, key, ref.path))
         if not is_grant(reply):

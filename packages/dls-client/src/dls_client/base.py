@@ -19,7 +19,7 @@ from dls_proto import Mode
 from . import binary
 from .cancel import Cancel
 from .errors import DlsError, Holder, Unsupported
-from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnBlocking, OnLost, key_bytes
+from .locks import FileLike, FileRef, HeldLock, Key, LockKind, OnBlocking, OnLost, check_timeout, key_bytes
 
 #: How many locks a client remembers (``BaseClient._live``) before it drops the lost ones.
 PRUNE_AT = 1024
@@ -71,6 +71,8 @@ class BaseClient(ABC):
         if kind not in self._kinds:
             raise self._kind_refused(kind)
         ref = file if isinstance(file, FileRef) else FileRef.of(file)  # the test saves a call on the lock path
+        if timeout is not None:
+            check_timeout(timeout)
         if value_block or cancel is not None or on_blocking is not None:
             held = self._lock(ref, key_bytes(key), mode, wait, timeout, on_wait, on_lost, value_block=value_block,
                               cancel=cancel, on_blocking=on_blocking)

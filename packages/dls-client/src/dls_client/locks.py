@@ -10,6 +10,7 @@ redis-py's lock).
 
 # No ``from __future__ import annotations`` (as in dls_proto.messages): the NamedTuple's fields would be
 # strings, each compiled when the class is made, and the first compile() of a process costs about 2 ms.
+import math
 import os
 from collections.abc import Callable
 from types import TracebackType
@@ -60,9 +61,27 @@ def key_bytes(key: Key) -> bytes:
             raise InvalidRequest(f"record key {text.encode('utf-8', 'backslashreplace').decode()!r} is not text "
                                  "(bytes that are not UTF-8, decoded with surrogates): give the key as bytes "
                                  "(os.fsencode)") from None
+    elif not isinstance(key, bytes):
+        raise InvalidRequest(f"record key {key!r}: a str or bytes is expected, not {type(key).__name__}")
     if len(key) > MAX_KEY:
         raise InvalidRequest(f"record key of {len(key)} bytes: a key is at most {MAX_KEY} bytes")
     return key
+
+
+def check_timeout(timeout: object) -> None:
+    """InvalidRequest unless ``timeout`` is None (no limit) or a finite number of seconds, an int or a float:
+    not a bool (True would be 1 s), not a str (``"1"`` used to be read as 1000 digits of milliseconds, about 49
+    days), not NaN or infinity (which used to raise a bare ValueError or OverflowError). Checked where a
+    request is made, by every client, before anything is sent or taken."""
+    if timeout is None:
+        return
+    if timeout.__class__ is not bool and isinstance(timeout, (int, float)):
+        try:
+            if math.isfinite(float(timeout)):
+                return
+        except OverflowError:
+            pass
+    raise InvalidRequest(f"timeout {timeout!r}: seconds (an int or a float, finite) or None for no limit expected")
 
 
 def display_path(path: str) -> str:
@@ -227,6 +246,7 @@ class HeldLock(LockState):
         self.ensure_held()
         if value_block is not None or invalidate:
             self._may_write()
+        check_timeout(timeout)
         self.client.convert_held(self, mode, wait, timeout, value_block, invalidate, cancel)
 
     def release(self, value_block: bytes | None = None, invalidate: bool = False) -> None:

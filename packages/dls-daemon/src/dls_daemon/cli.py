@@ -184,7 +184,9 @@ systemd (jdls --unit prints the unit): under a Type=notify unit (NOTIFY_SOCKET s
   (with -A once the table is made; with -D once the port is bound), every 10 s a STATUS= line of the
   locks held and waiting and the lock servers, and STOPPING=1 when it stops. With WatchdogSec= set
   (WATCHDOG_USEC), its loop (the monitor's: the one that tidies and breaks deadlocks) sends
-  WATCHDOG=1 every half period: a loop that hangs gets the service killed and restarted. Only
+  WATCHDOG=1 every half period (never more often than every 50 ms; a WATCHDOG_USEC or
+  WATCHDOG_PID that is not a number is logged and means no watchdog): a loop that hangs gets the
+  service killed and restarted. Only
   that process sends (NotifyAccess=main); a notification that cannot be sent is logged once and
   never stops the service. In the background (-b) nothing is sent.
 

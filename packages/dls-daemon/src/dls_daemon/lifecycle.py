@@ -19,7 +19,8 @@ STATUS_PERIOD; and STOPPING=1 when it begins to stop.
 
 Children. A daemon reaps every child that ends with ``waitpid(-1, WNOHANG)``
 on SIGCHLD. A companion (the listener forked by a foreground monitor) is
-stopped with its daemon, and one that ends on its own is logged; other
+stopped with its daemon, and one that ends on its own is logged (a warning, but for one
+that was told to stop, exit status 0: ``jdls -k`` stops the listener first); other
 children (the listener's lock servers) are the role's to account for and
 are left running when it stops. Every child is forked by ``fork``, which
 drops the daemon's handlers, pid file and resources in the child before a
@@ -234,6 +235,10 @@ class Daemon:
             what = self.companions.pop(pid, None)
             if what is None:
                 self.child_ended(pid, status)
+            elif self.running and os.waitstatus_to_exitcode(status) == ExitCode.OK:
+                # A role exits 0 only when a signal told it to stop: ``jdls -k`` stops the listener first (so
+                # that no new lock server is forked), a moment before this daemon, and that is no warning.
+                self.log.info("%s (pid %d) stopped when told to: %s", what, pid, status_text(status))
             elif self.running:
                 self.log.warning("%s (pid %d) ended on its own: %s", what, pid, status_text(status))
 

@@ -167,7 +167,7 @@ class Listener(Daemon):
         if problem is not None:
             raise StartFailed(problem)
         try:  # where show-item-locks and jdls -dvL look for this service's OS record locks
-            trusted.write_new(self.instance.lock_dir_file, f"{settings.lock_dir.absolute()}\n".encode())
+            trusted.write_new(self.instance.lock_dir_file, os.fsencode(settings.lock_dir.absolute()) + b"\n")
         except OSError as exc:
             self.log.warning("cannot record the lock directory in %s: %s", self.instance.lock_dir_file, exc)
         try:

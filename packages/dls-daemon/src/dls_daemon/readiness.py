@@ -55,7 +55,9 @@ class PipeReport:
     def _line(self, kind: str, text: str) -> None:
         if self._fd < 0:
             return
-        data = f"{kind}\t{' '.join(text.splitlines())}\n".encode()
+        # A path that is not UTF-8 (a --lock-dir of os.fsdecode's surrogates) goes as its bytes: the reader shows
+        # them replaced, rather than the report failing the start.
+        data = f"{kind}\t{' '.join(text.splitlines())}\n".encode("utf-8", "surrogateescape")
         try:
             os.write(self._fd, data)
         except OSError:

@@ -32,25 +32,37 @@ from collections.abc import MutableMapping
 SOCKET_VARIABLE = "NOTIFY_SOCKET"
 WATCHDOG_USEC = "WATCHDOG_USEC"
 WATCHDOG_PID = "WATCHDOG_PID"
+#: The shortest time between two WATCHDOG=1: a tiny $WATCHDOG_USEC (1 µs, say) would otherwise make the monitor's
+#: loop send keep-alives without pause and burn a core. systemd cannot check a watchdog that finely anyway.
+WATCHDOG_FLOOR = 0.05
 
 
 def _address(name: str) -> str | bytes:
     """The socket address of ``$NOTIFY_SOCKET``: a path, or ``@name`` for the abstract name ``\\0name``."""
     if name.startswith("@"):
-        return b"\0" + name[1:].encode()
+        return b"\0" + os.fsencode(name[1:])  # the bytes the environment held, even when they are not UTF-8
     return name
 
 
-def _watchdog_period(environ: MutableMapping[str, str]) -> float | None:
-    """Seconds between two WATCHDOG=1: half of $WATCHDOG_USEC (sd_watchdog_enabled(3)'s advice), when it is set
-    and $WATCHDOG_PID is unset or this process's; None otherwise."""
+def _watchdog_period(environ: MutableMapping[str, str], log: logging.Logger) -> float | None:
+    """Seconds between two WATCHDOG=1: half of $WATCHDOG_USEC (sd_watchdog_enabled(3)'s advice), at least
+    WATCHDOG_FLOOR, when it is set and $WATCHDOG_PID is unset or this process's; None otherwise. A value that is
+    not understood is logged (one line) rather than ignored silently: it is a mistake in the unit's settings."""
     usec = environ.get(WATCHDOG_USEC, "")
     pid = environ.get(WATCHDOG_PID, "")
-    if not usec.isdecimal() or int(usec) == 0:
+    if not usec:
         return None
-    if pid and (not pid.isdecimal() or int(pid) != os.getpid()):
+    if not (usec.isascii() and usec.isdecimal()):
+        log.warning("%s=%r not understood (microseconds expected): no watchdog", WATCHDOG_USEC, usec)
         return None
-    return int(usec) / 2e6
+    if int(usec) == 0:
+        return None
+    if pid and not (pid.isascii() and pid.isdecimal()):
+        log.warning("%s=%r not understood (a process id expected): no watchdog", WATCHDOG_PID, pid)
+        return None
+    if pid and int(pid) != os.getpid():
+        return None
+    return max(WATCHDOG_FLOOR, int(usec) / 2e6)
 
 
 def _one_line(text: str) -> str:
@@ -75,7 +87,7 @@ class Notifier:
         """The notifier systemd's variables describe, which are taken out of ``environ`` (os.environ)."""
         env = os.environ if environ is None else environ
         address = env.get(SOCKET_VARIABLE) or None
-        watchdog = _watchdog_period(env) if address is not None else None
+        watchdog = _watchdog_period(env, log) if address is not None else None
         for name in (SOCKET_VARIABLE, WATCHDOG_USEC, WATCHDOG_PID):
             env.pop(name, None)
         return cls(log, address, watchdog)
