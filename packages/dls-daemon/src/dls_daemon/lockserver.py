@@ -574,7 +574,7 @@ class LockServer:
         for pid in self._watch.ended(ready):
             self._ended(pid)
             ended = True
-        self._retry_pending(rung or ended)
+        self._retry_pending(rung, every=ended)
         self._rang_at = 0.0
         if decrypted or self.sock.fileno() in ready:
             self._read_ready()
@@ -907,11 +907,16 @@ class LockServer:
         self.pending[req.request_id] = pending
         self._watch.drop_ended()
 
-    def _retry_pending(self, rung: bool = True) -> None:
-        """Look at the waiting requests: every one when the doorbell rang, else those with a timer due."""
+    def _retry_pending(self, rung: bool, *, every: bool = False) -> None:
+        """Look at the waiting requests: those with a timer due, those the doorbell's ring may be for when it
+        rang (``_rung``), and ``every`` one when a watched process ended (its locks may be in anyone's way).
+
+        Not every one at each ring: the doorbell is the connection's, and N waiters of one resource, each
+        looked at, cost N scans of N slots a hand-off (500: 2 hand-offs a second)."""
         now = time.monotonic()
+        concerned = self._rung() if rung and not every else set()
         for rid, p in list(self.pending.items()):
-            if not rung and now < self._due(p):
+            if not every and rid not in concerned and now < self._due(p):
                 continue
             try:
                 result = p.mechanism.retry(p.handle)
@@ -955,6 +960,21 @@ class LockServer:
             elif p.next_interim is not None and now >= p.next_interim:
                 p.next_interim = now + self.interim_period
                 self._send_unsolicited(self._waiting(p, now))
+
+    def _rung(self) -> set[int]:
+        """The waiting requests (their ids) that a ring of the doorbell may be for, as their mechanisms say
+        (``LockMechanism.rung``); every one of a mechanism that fails to say (its retry says why)."""
+        waiting: dict[int, tuple[LockMechanism, dict[int, int]]] = {}
+        for rid, p in self.pending.items():
+            waiting.setdefault(id(p.mechanism), (p.mechanism, {}))[1][p.handle] = rid
+        concerned: set[int] = set()
+        for mechanism, rids in waiting.values():
+            try:
+                handles = mechanism.rung(list(rids))
+            except TableError:
+                handles = rids.keys()
+            concerned.update(rids[handle] for handle in handles if handle in rids)
+        return concerned
 
     def _metered_grant(self, mode: int, started: float) -> None:
         """A waiting request's grant, sent: its wait, and its hand-off when the doorbell woke this round."""

@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import NamedTuple
 
 from . import doorbell, this_process
@@ -227,6 +227,12 @@ class LockMechanism(ABC):
     @abstractmethod
     def retry(self, handle: int) -> Grant | Queued:
         """Look again at a queued request: granted now, or still queued (behind whom); NotHeld when gone."""
+
+    def rung(self, handles: Sequence[int]) -> Collection[int]:
+        """Of the queued requests ``handles``, that all wait on one doorbell which rang, those the ring may be
+        for: to ``retry`` now (the others wait on as at their last look). Here every one; the lock table,
+        which knows whom it rings, says fewer (``LockTable.rung``)."""
+        return handles
 
     @abstractmethod
     def cancel(self, handle: int) -> bool:

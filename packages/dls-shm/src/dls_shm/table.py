@@ -557,18 +557,21 @@ class LockTable(LockMechanism):
     def retry(self, handle: int) -> Grant | Queued:
         """Look again at a queued request: granted now, or still queued (behind whom).
 
-        A request handed its lock by whoever freed it is seen granted without the semaphore: its slot, under
-        its ticket, went from WAITING to GRANTED, which only a hand-off does, and nothing but its owner (or the
-        tidy of a dead owner) changes it after that."""
+        A request still waiting behind a live holder is told so without the semaphore
+        (``_live_holder_in_the_way``, which never answers a grant). A grant is read under the semaphore only:
+        CPython reads and writes a slot's fields a byte at a time, so a slot read without it can be torn, and a
+        waiting slot freed under its waiter (a LocalClient's release_all from another of its threads) and taken
+        at once by another process's lock could read as this request's ticket (the old bytes) with that lock's
+        GRANTED state (the new byte): a lock it does not hold. Under the semaphore a slot is whole. That costs
+        the woken waiter one hold of the semaphore, which its ringer gave back before it rang. The state is one
+        byte, written last by a hand-off, which rings after giving the semaphore back: a WAITING read just
+        before a grant is followed by a ring, and a look after it reads GRANTED; none is missed."""
         index = handle & _INDEX_MASK
         if index < self._ngroups * self._per_group:
             group, pos = divmod(index, self._per_group)
             goff = HEADER_SIZE + group * self._group_size
             soff = goff + _G + self._values_size + pos * SLOT_SIZE
-            ticket, state, mode, *_ = SLOT_HEAD.unpack_from(self._mv, soff)
-            if ticket == handle >> INDEX_BITS and state == _GRANTED:
-                return Grant(handle, mode, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
-                             _U64.unpack_from(self._mv, soff + _TOKEN_OFFSET)[0])
+            ticket, state, *_ = SLOT_HEAD.unpack_from(self._mv, soff)
             if ticket == handle >> INDEX_BITS and state == _WAITING:
                 queued = self._live_holder_in_the_way(handle, group, _U32.unpack_from(self._mv, goff + _G + 4 * pos)[0],
                                                       Slot._make(SLOT_STRUCT.unpack_from(self._mv, soff)))
@@ -578,6 +581,58 @@ class LockTable(LockMechanism):
             result, tokens = self._retry_locked(handle)
         _ring(tokens)
         return result
+
+    def rung(self, handles: Sequence[int]) -> set[int]:
+        """Of the queued requests ``handles``, that all wait on one doorbell which rang (a lock server's, for
+        every request of its client), those the ring may be for: to look at again now.
+
+        The table rings (``_settle``, ``break_deadlocks``) a request handed its lock (its slot GRANTED),
+        refused (DEADLOCK), free to convert a lock its owner holds (nothing in its way, ``deadlocks.blockers``),
+        or first in its resource's queue (to watch a holder in its way: ``_may_not_watch``). So these are the
+        requests whose slot is not WAITING under their ticket, and, of each resource, the first of them in queue
+        order and those nothing blocks, found under the group's semaphore: one hold and one scan a resource.
+        Looking at each of N waiters of one resource costs N scans of N slots a hand-off instead (500 waiters
+        of one connection: 2 hand-offs a second). The others wait on as at their last look: a change that
+        concerns them rings again, or is due at one of their timers (a kept lock's expiry, the next pause)."""
+        look: set[int] = set()
+        waiting_on: dict[tuple[int, int], set[int]] = {}  # (group, value) -> handles: a resource, or a few
+        mv, per_group, locks = self._mv, self._per_group, self.geometry.locks
+        for handle in handles:
+            index = handle & _INDEX_MASK
+            if index >= locks:
+                look.add(handle)  # its retry says what is wrong
+                continue
+            group, pos = divmod(index, per_group)
+            goff = HEADER_SIZE + group * self._group_size
+            # No semaphore yet: the state is one byte, and what else is misread is read again under it.
+            ticket, state, *_ = SLOT_HEAD.unpack_from(mv, goff + _G + self._values_size + pos * SLOT_SIZE)
+            if ticket != handle >> INDEX_BITS or state != _WAITING:
+                look.add(handle)
+                continue
+            waiting_on.setdefault((group, _U32.unpack_from(mv, goff + _G + 4 * pos)[0]), set()).add(handle)
+        for (group, value), mine in waiting_on.items():
+            with self._group_held(group):
+                while mine:
+                    seen = mine.pop()
+                    index = seen & _INDEX_MASK
+                    me = self._slot(index)
+                    if me.ticket != seen >> INDEX_BITS or me.state != _WAITING or self._value(index) != value:
+                        look.add(seen)
+                        continue
+                    look.add(seen)  # found below, as it ought to be; if not, looked at all the same
+                    granted, waiting = self._matching(group, value, me.inode, me.device, me.key[: me.key_len])
+                    first = True
+                    for index, slot in waiting:  # in queue order
+                        handle = slot.ticket << INDEX_BITS | index
+                        if handle == seen:
+                            look.discard(seen)
+                        elif handle not in mine:
+                            continue
+                        mine.discard(handle)
+                        if first or self._blocker(self._ident(slot), slot.mode, slot.ticket, granted, waiting) is None:
+                            look.add(handle)
+                        first = False
+        return look
 
     def _live_holder_in_the_way(self, handle: int, group: int, value: int, me: Slot) -> Queued | None:
         """Without the semaphore: a live process's granted lock that keeps waiting request ``me`` waiting, or
