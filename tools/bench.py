@@ -531,7 +531,8 @@ def service(root: str, port: int, *options: str) -> Iterator[int]:
 
 #: How often the scraped cases load /metrics (seconds).
 SCRAPE_PERIOD = 0.1
-#: The scraper: loads its URL every period until SIGTERM, then prints how many loads succeeded and failed.
+#: The scraper: loads its URL every period until SIGTERM, then prints how many loads succeeded and failed. It
+#: says "ready" once its first load is done (and its SIGTERM handler in place), and the measure begins then.
 SCRAPER = """
 import signal, sys, time, urllib.request
 url, period = sys.argv[1], float(sys.argv[2])
@@ -540,6 +541,12 @@ def stop(*_):
     print(done, failed, flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
+try:
+    urllib.request.urlopen(url, timeout=5).read()
+    done += 1
+except OSError:
+    failed += 1
+print("ready", flush=True)
 while True:
     began = time.monotonic()
     try:
@@ -557,6 +564,8 @@ def scraping(url: str, period: float) -> Iterator[None]:
     succeeded."""
     scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(period)], stdout=subprocess.PIPE, text=True)
     try:
+        assert scraper.stdout is not None
+        scraper.stdout.readline()  # "ready": its first load done (or "" if it died: said below)
         yield
     finally:
         scraper.terminate()

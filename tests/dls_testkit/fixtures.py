@@ -71,9 +71,16 @@ def kernel_signals(pid: int | str = "self") -> tuple[set[int], set[int]]:
 def signals_left_alone() -> Iterator[None]:
     """A test that leaves a signal ignored or blocked in the test process is warned of, and its change undone:
     a dls-lock started later by the same worker would otherwise ignore Ctrl-C, as a background job does."""
+    ignored, _ = kernel_signals()
+    if signal.SIGINT in ignored or signal.SIGQUIT in ignored:
+        # The tests' programs start as a terminal's foreground job's would, whatever the runner was started as:
+        # a shell starts a background job (``./dev test &``) with INT and QUIT ignored, and so every program
+        # of ours it starts (a dls-lock would rightly leave Ctrl-C alone, as a background job does).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        ignored, _ = kernel_signals()
     dispositions = {signum: signal.getsignal(signum) for signum in _INHERITED}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    ignored, _ = kernel_signals()
     yield
     changed = [signal.Signals(signum).name for signum, was in dispositions.items() if signal.getsignal(signum) != was]
     now_ignored, _ = kernel_signals()
