@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import random
 import socket
 import time
 from pathlib import Path
@@ -17,23 +16,13 @@ from typing import Any
 from dls_client.locks import REMOTE_DEVICE
 from dls_proto import Mode
 from dls_shm import MONITOR, Deadlock, Grant, LockTable
-from dls_testkit import Service, make_service, wait_for
+from dls_testkit import Service, free_port, make_service, wait_for
 from test_deadlocks_service import INODE, me, waiting
-
-#: This helper's ports (a test's own HTTP port is picked among them).
-HTTP_PORTS = range(47200, 47300)
 
 
 def http_port() -> int:
-    """A free port of HTTP_PORTS (tried in a random order: tests run side by side)."""
-    for port in random.sample(HTTP_PORTS, len(HTTP_PORTS)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in 47200-47299")
+    """A free port for the HTTP server (below the ephemeral range: no outgoing connection takes it meanwhile)."""
+    return free_port()
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
@@ -125,6 +114,23 @@ def local_cycle_member(key: int, first: bytes, second: bytes, pipes: tuple[Any, 
     return 0
 
 
+def cycle_refused(svc: Service, table: LockTable, children: Any, pipes: Any, name: str) -> tuple[list[int], float]:
+    """Two local processes close a cycle of waiters on records ``name``*0 and *1: their statuses (sorted: 0
+    granted, 7 refused as a deadlock) and the seconds from the cycle's closing to both ending."""
+    members = []
+    for n in range(2):
+        p = (pipes(), pipes(), pipes())
+        keys = (f"{name}*{n}".encode(), f"{name}*{1 - n}".encode())
+        members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
+        p[0].recv(timeout=10)
+    members[0][1][1].send()
+    wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
+    members[1][1][1].send()
+    closed = time.monotonic()
+    statuses = sorted(children.wait(pid) for pid, _ in members)
+    return statuses, time.monotonic() - closed
+
+
 def test_idle_half_and_garbage_http_connections_do_not_stall_the_monitor(
     tmp_path: Path, children: Any, pipes: Any,
 ) -> None:
@@ -139,18 +145,7 @@ def test_idle_half_and_garbage_http_connections_do_not_stall_the_monitor(
         try:
             table = LockTable.attach(svc.key)
             try:
-                members = []
-                for n in range(2):
-                    p = (pipes(), pipes(), pipes())
-                    keys = (f"HTTPCYCLE*{n}".encode(), f"HTTPCYCLE*{1 - n}".encode())
-                    members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
-                    p[0].recv(timeout=10)
-                members[0][1][1].send()
-                wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
-                members[1][1][1].send()
-                closed = time.monotonic()
-                statuses = sorted(children.wait(pid) for pid, _ in members)
-                took = time.monotonic() - closed
+                statuses, took = cycle_refused(svc, table, children, pipes, "HTTPCYCLE")
                 assert statuses == [0, 7] and took < 1.5, (statuses, took)
             finally:
                 table.close()
@@ -266,18 +261,7 @@ def test_a_crowd_of_status_page_loads_leaves_the_monitor_its_deadlock_detection(
                 t.start()
             try:
                 time.sleep(1)
-                members = []
-                for n in range(2):
-                    p = (pipes(), pipes(), pipes())
-                    keys = (f"CROWDCYCLE*{n}".encode(), f"CROWDCYCLE*{1 - n}".encode())
-                    members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
-                    p[0].recv(timeout=10)
-                members[0][1][1].send()
-                wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
-                members[1][1][1].send()
-                closed = time.monotonic()
-                statuses = sorted(children.wait(pid) for pid, _ in members)
-                took = time.monotonic() - closed
+                statuses, took = cycle_refused(svc, table, children, pipes, "CROWDCYCLE")
             finally:
                 stop.set()
                 for t in crowd:

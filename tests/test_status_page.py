@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from dls_client.locks import REMOTE_DEVICE
 from dls_daemon import meter
 from dls_proto import Mode
 from dls_shm import LOCAL_IP, Grant, LockTable, Owner, SlotState
-from dls_testkit import Service, browser, make_service, wait_for
+from dls_testkit import Service, browser, free_port, make_service, wait_for
 from dls_testkit.clients import data_file, lock_holder
 from dls_testkit.processes import running
 
@@ -81,27 +80,11 @@ def artefact_dir() -> Path:
     return path
 
 
-#: The ports these tests serve HTTP on (a range of their own; the listener's port is any free one).
-HTTP_PORTS = range(47300, 47400)
-
-
-def http_port() -> int:
-    """A free port of HTTP_PORTS."""
-    for port in random.sample(HTTP_PORTS, len(HTTP_PORTS)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free port in {HTTP_PORTS}")
-
-
 def start_with_http(service: Service, *options: str) -> int:
     """Start ``service`` with ``--http 127.0.0.1:PORT`` and ``options``; PORT, another if the one chosen was
-    taken meanwhile (HTTP_PORTS are in the kernel's range of outgoing connections' ports)."""
+    taken meanwhile (by another test's listener)."""
     for _ in range(5):
-        port = http_port()
+        port = free_port()
         try:
             service.start("--http", f"127.0.0.1:{port}", *options)
         except AssertionError as exc:
@@ -109,7 +92,7 @@ def start_with_http(service: Service, *options: str) -> int:
                 raise
             continue
         return port
-    raise AssertionError("no port of HTTP_PORTS could be served")
+    raise AssertionError("no free port could be served")
 
 
 def get(url: str, source: str | None = None) -> tuple[int, bytes]:
