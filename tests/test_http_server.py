@@ -15,9 +15,9 @@ from typing import Any
 
 from dls_client.locks import REMOTE_DEVICE
 from dls_proto import Mode
-from dls_shm import MONITOR, Deadlock, Grant, LockTable
+from dls_shm import MONITOR, Grant, LockTable
 from dls_testkit import Service, free_port, make_service, wait_for
-from test_deadlocks_service import INODE, me, waiting
+from test_deadlocks_service import INODE, local_member, me, waiting
 
 
 def http_port() -> int:
@@ -96,24 +96,6 @@ def test_an_http_port_in_use_fails_the_start_clearly(tmp_path: Path) -> None:
             assert svc.processes() == []
 
 
-def local_cycle_member(key: int, first: bytes, second: bytes, pipes: tuple[Any, Any, Any]) -> int:
-    """Hold ``first``; on the word wait for ``second``: 7 if refused as a deadlock, 0 if granted."""
-    ready, go, _ = pipes
-    table = LockTable.attach(key)
-    held = table.lock(me(), INODE, REMOTE_DEVICE, first, Mode.EX)
-    assert isinstance(held, Grant)
-    ready.send()
-    go.recv(timeout=30)
-    try:
-        got = table.acquire(me(), INODE, REMOTE_DEVICE, second, Mode.EX, timeout=30)
-    except Deadlock:
-        table.unlock(held.handle)
-        return 7
-    table.unlock(got.handle)
-    table.unlock(held.handle)
-    return 0
-
-
 def cycle_refused(svc: Service, table: LockTable, children: Any, pipes: Any, name: str) -> tuple[list[int], float]:
     """Two local processes close a cycle of waiters on records ``name``*0 and *1: their statuses (sorted: 0
     granted, 7 refused as a deadlock) and the seconds from the cycle's closing to both ending."""
@@ -121,7 +103,7 @@ def cycle_refused(svc: Service, table: LockTable, children: Any, pipes: Any, nam
     for n in range(2):
         p = (pipes(), pipes(), pipes())
         keys = (f"{name}*{n}".encode(), f"{name}*{1 - n}".encode())
-        members.append((children.fork(lambda k=keys, p=p: local_cycle_member(svc.key, *k, p)), p))
+        members.append((children.fork(lambda k=keys, p=p: local_member(f"{svc.key:x}", *k, p)), p))
         p[0].recv(timeout=10)
     members[0][1][1].send()
     wait_for(lambda: waiting(table) == 1, 10, "the first request to wait")
