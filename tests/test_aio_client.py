@@ -277,6 +277,10 @@ def _free(client: Client, data: Path, key: str) -> bool:
     return True
 
 
+#: Seconds the holder keeps the last 500 tasks waiting once the others are cancelled.
+HELD_ON = 4.0
+
+
 async def test_a_thousand_tasks_wait_in_one_loop_half_cancelled(tmp_path: Path) -> None:
     svc = make_service(tmp_path, start_options=("-ibs20000,50", "--max-locks", str(4 * TASKS)))
     with svc.checked():
@@ -319,6 +323,7 @@ async def test_a_thousand_tasks_wait_in_one_loop_half_cancelled(tmp_path: Path) 
             kept = {key.encode() for key in keys[CANCELLED:]}
             await until(lambda: slots(svc, SlotState.WAITING, b"MANY") == kept, "the cancelled requests withdrawn")
             assert not any(tasks[CANCELLED:][i].done() for i in range(TASKS - CANCELLED))
+            await asyncio.sleep(HELD_ON)  # the holder keeps them waiting: a wait that blocked the loop would stall it
             await asyncio.to_thread(holder.release_all)
             async with asyncio.timeout(15):
                 await asyncio.gather(*tasks[CANCELLED:])
@@ -327,7 +332,10 @@ async def test_a_thousand_tasks_wait_in_one_loop_half_cancelled(tmp_path: Path) 
             await ticking
             worst = max(gaps)
             print(f"{TASKS} tasks waiting after {waited:.2f} s; the ticker's worst gap {worst * 1000:.1f} ms")
-            assert worst < 0.5, f"the loop stalled {worst:.3f} s"
+            # Well below HELD_ON (a request whose wait blocked the loop would stall it that long at least), and
+            # above what a busy machine's scheduler takes from a process now and then (0.8 s seen: 4 workers on 2
+            # cores).
+            assert worst < HELD_ON / 2, f"the loop stalled {worst:.3f} s"
             await until(lambda: not slots(svc, SlotState.GRANTED, b"MANY") & cancelled
                         and not slots(svc, SlotState.WAITING, b"MANY"), "nothing of the cancelled tasks held")
         finally:
