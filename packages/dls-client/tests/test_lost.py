@@ -361,7 +361,7 @@ def test_one_watcher_thread_per_client_from_its_first_connection_to_close(servic
     assert len(_watchers()) == 1
     del client
     gc.collect()
-    wait_for(lambda: not _watchers(), 10, "the watcher of a client nobody holds to end")  # a busy machine: 3 s seen short
+    wait_for(lambda: not _watchers(), 10, "the watcher of a client nobody holds to end")  # 3 s: short when busy
 
 
 def test_a_silent_server_is_found_within_the_dead_server_bound() -> None:
