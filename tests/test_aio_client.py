@@ -45,7 +45,7 @@ from dls_client import (
 from dls_client.aio import AsyncClient, AsyncHeldLock
 from dls_proto import Connection, Hello, Mode, NeedData, Role
 from dls_shm import SlotState
-from dls_testkit import Service, client_for, data_file, make_service
+from dls_testkit import Service, client_for, data_file, make_service, readme
 from dls_testkit.clients import attached
 from dls_testkit.fake_service import welcome
 from dls_testkit.waiting import wait_for
@@ -425,14 +425,8 @@ async def test_server2_is_refused_saying_so() -> None:
 async def test_the_readme_example_runs(daemon: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """The README's asyncio example, as it is, with JDLS naming the test's daemon."""
-    readme = Path(__file__).parents[1] / "packages" / "dls-client" / "README.md"
-    text = readme.read_text()
-    section = text[text.index("## Threads and asyncio"):text.index("## Local direct locking")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    blocks = readme.examples("## Threads and asyncio", "## Local direct locking", tmp_path, monkeypatch)
     assert blocks
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "FBNK.ACCOUNT").touch()
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("JDLS", daemon.env["JDLS"])
     namespace: dict[str, Any] = {"__name__": "readme"}
     for block in blocks:

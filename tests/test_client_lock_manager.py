@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from dls_client import (
 )
 from dls_proto import Granted, Hello, InfoPut, Lock, Mechanism, Mode, Unlock, Welcome
 from dls_shm import SlotState, doorbell
-from dls_testkit import DLS_LOCK, Service, client_for, data_file, make_service
+from dls_testkit import DLS_LOCK, Service, client_for, data_file, make_service, readme
 from dls_testkit.clients import attached
 from dls_testkit.fake_service import SERVER_PID, FakeService
 from dls_testkit.tokens import contended_run_with_a_kill
@@ -420,14 +419,8 @@ def test_the_readme_examples_run_through_the_service(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The README's section on the lock manager runs as it is with get_client() a Client of the service."""
-    readme = Path(__file__).parents[1] / "packages" / "dls-client" / "README.md"
-    text = readme.read_text()
-    section = text[text.index("## Conversions, value blocks"):text.index("## Lock information")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    blocks = readme.examples("## Conversions, value blocks", "## Lock information", tmp_path, monkeypatch)
     assert blocks
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "FBNK.ACCOUNT").touch()
-    monkeypatch.chdir(tmp_path)
     client = clients()
     monkeypatch.setattr(dls_client, "get_client", lambda: client)
     namespace: dict[str, Any] = {}

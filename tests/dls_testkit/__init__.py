@@ -19,6 +19,7 @@ On the root pytest ``pythonpath``, so any test module or conftest imports it by 
 - ``fake_lock_service``: fake services of many connections sharing one lock table, with the lock-delay and
   Reclaim, for the client's recovery rules without a daemon;
 - ``tools``: ``load_tool``, a script of tools/ loaded as a module (tools/ is no package);
+- ``readme``: the client README's examples of a section, for a test to run as they are written;
 - ``chaos`` (a subpackage, imported as ``dls_testkit.chaos``): fault injection with a history checker, worker
   processes, the chaos loop and the checker of their logs (tests/test_chaos.py, ``./dev chaos``).
 """

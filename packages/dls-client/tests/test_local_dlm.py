@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import subprocess
 import sys
 import textwrap
@@ -37,7 +36,7 @@ from dls_client import (
     Unsupported,
 )
 from dls_shm import LockTable, SlotFlag, SlotState, geometry_for, modes
-from dls_testkit import KEY, free_key, own_table, wait_for
+from dls_testkit import KEY, free_key, own_table, readme, wait_for
 from dls_testkit.tokens import contended_run_with_a_kill
 
 #: The other process: a LocalClient of the table (or of OS file locks, "os") taking requests as JSON lines.
@@ -587,13 +586,8 @@ def test_a_lock_refused_as_a_deadlock_victim_raises_deadlock(
 def test_the_readme_examples_run(table: LockTable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The README's section runs as it is, its blocks one after the other, with get_client() a LocalClient."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("## Conversions, value blocks"):text.index("## Lock information")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    blocks = readme.examples("## Conversions, value blocks", "## Lock information", tmp_path, monkeypatch)
     assert len(blocks) == 5
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "FBNK.ACCOUNT").touch()
-    monkeypatch.chdir(tmp_path)
     with LocalClient(table.key) as local:
         monkeypatch.setattr(dls_client, "get_client", lambda: local)
         namespace: dict[str, Any] = {}
